@@ -1,0 +1,30 @@
+# Set-up and the everyday commands. Every target creates .venv and installs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; GPU users install their CUDA build into the venv first (README).
+TORCH ?= torch==2.13.0
+SHARED_DATA := $(abspath ../shared/data)
+ifneq ($(wildcard $(SHARED_DATA)/.),)
+export LMFORGE_DATA_DIR ?= $(SHARED_DATA)
+endif
+DEMO_OUT ?= out
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/lmforge prepare tinyshakespeare --tokenizer char --out $(DEMO_OUT)/data/shakespeare-char --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -1,0 +1,125 @@
+"""Read prepared token shards: random training windows and the full validation split."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import LmforgeError
+
+REQUIRED_META_KEYS = ("vocab_size", "dtype", "train_tokens", "val_tokens", "tokenizer")
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A folder written by `lmforge prepare`, its shards opened as read-only memmaps."""
+
+    dir: Path
+    meta: dict
+    train: np.memmap
+    val: np.memmap
+
+    @classmethod
+    def open(cls, directory: Path | str) -> PreparedData:
+        directory = Path(directory)
+        meta_path = directory / "meta.json"
+        if not meta_path.is_file():
+            raise LmforgeError(f"{directory}: not a prepared data folder (no meta.json; run `lmforge prepare`)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LmforgeError(f"{meta_path}: not valid JSON ({exc})") from None
+        missing = [key for key in REQUIRED_META_KEYS if key not in meta]
+        if missing:
+            raise LmforgeError(f"{meta_path}: missing key(s) {', '.join(missing)}")
+        if meta["dtype"] not in ("uint16", "uint32"):
+            raise LmforgeError(f"{meta_path}: dtype must be uint16 or uint32, got {meta['dtype']!r}")
+        shards = {name: _open_shard(directory / f"{name}.bin", meta, f"{name}_tokens") for name in ("train", "val")}
+        return cls(dir=directory, meta=meta, train=shards["train"], val=shards["val"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.dir / "tokenizer.json")
+
+    def bytes_per_token(self, split: str = "val") -> float | None:
+        """UTF-8 bytes per token of a split, for bits-per-byte; None when unknown."""
+        text_bytes = self.meta.get(f"{split}_bytes")
+        tokens = self.meta[f"{split}_tokens"]
+        return text_bytes / tokens if text_bytes and tokens else None
+
+
+def _open_shard(path: Path, meta: dict, count_key: str) -> np.memmap:
+    dtype = np.dtype(meta["dtype"])
+    if not path.is_file():
+        raise LmforgeError(f"{path}: missing token shard")
+    expected = int(meta[count_key]) * dtype.itemsize
+    if path.stat().st_size != expected:
+        raise LmforgeError(f"{path}: {path.stat().st_size} bytes, meta.json {count_key} implies {expected}")
+    if expected == 0:
+        raise LmforgeError(f"{path}: empty token shard")
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class RandomWindows:
+    """Seeded, resumable sampler of (input, target) batches of `block_size` windows.
+
+    Offsets come from a `torch.Generator`, whose state (a uint8 tensor) goes into a
+    checkpoint unchanged, so a resumed run draws exactly the batches it would have drawn.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int) -> None:
+        if len(tokens) <= block_size:
+            raise LmforgeError(f"block_size {block_size} needs more than {block_size} tokens, the split has {len(tokens)}")
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_drawn = 0
+        self._window = np.arange(block_size + 1)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        offsets = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
+        rows = torch.from_numpy(self.tokens[offsets.numpy()[:, None] + self._window].astype(np.int64))
+        self.batches_drawn += 1
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def eval_windows(
+    tokens: np.ndarray, block_size: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every token of a split exactly once as a target, in non-overlapping windows.
+
+    Full `block_size` windows come in batches of `batch_size`; the leftover tail, if any,
+    comes last as one shorter window, so no token is left out.
+    """
+    n_targets = len(tokens) - 1
+    full = n_targets // block_size
+    for start in range(0, full, batch_size):
+        count = min(batch_size, full - start)
+        begin, end = start * block_size, (start + count) * block_size
+        rows = torch.from_numpy(np.asarray(tokens[begin : end + 1], dtype=np.int64))
+        yield rows[:-1].view(count, block_size), rows[1:].view(count, block_size)
+    tail = n_targets - full * block_size
+    if tail:
+        rows = torch.from_numpy(np.asarray(tokens[full * block_size :], dtype=np.int64))
+        yield rows[:-1].unsqueeze(0), rows[1:].unsqueeze(0)

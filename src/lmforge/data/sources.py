@@ -1,0 +1,234 @@
+"""Where text comes from: files, folders and named datasets, read as a stream of documents.
+
+A corpus is a sorted list of files. Each `.txt`/`.md`/`.raw`/`.text` file is one document;
+each line of a `.jsonl` file is one document (its `text` field). Documents are read in
+chunks of about `CHUNK_BYTES`, cut after a newline where possible, so memory stays bounded
+whatever the size of a file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+
+CHUNK_BYTES = 1 << 16  # small enough that encode_batch spreads a batch over all cores
+TEXT_SUFFIXES = (".txt", ".md", ".raw", ".text")
+JSONL_SUFFIXES = (".jsonl",)
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    """A public text corpus that `lmforge prepare NAME` finds locally or downloads."""
+
+    name: str
+    filename: str
+    url: str
+    sha256: str
+    size: int
+
+
+NAMED_DATASETS: dict[str, NamedDataset] = {
+    "tinyshakespeare": NamedDataset(
+        name="tinyshakespeare",
+        filename="input.txt",
+        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        size=1_115_394,
+    ),
+}
+
+
+def data_dir() -> Path | None:
+    """The folder of local named datasets (`$LMFORGE_DATA_DIR`), if set."""
+    value = os.environ.get("LMFORGE_DATA_DIR")
+    return Path(value) if value else None
+
+
+def cache_dir() -> Path:
+    """Where downloaded datasets are kept (`$LMFORGE_CACHE_DIR`, else the XDG cache)."""
+    if value := os.environ.get("LMFORGE_CACHE_DIR"):
+        return Path(value)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmforge"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_named_dataset(dataset: NamedDataset) -> Path:
+    """Find a named dataset in the data dir, then the cache, else download and verify it."""
+    local = data_dir()
+    if local is not None and (local / dataset.name / dataset.filename).is_file():
+        path = local / dataset.name / dataset.filename
+        _verify(path, dataset)
+        return path
+    cached = cache_dir() / "datasets" / dataset.name / dataset.filename
+    if cached.is_file():
+        _verify(cached, dataset)
+        return cached
+    if os.environ.get("LMFORGE_OFFLINE") == "1":
+        raise LmforgeError(
+            f"dataset {dataset.name!r} is not in $LMFORGE_DATA_DIR or {cached.parent} "
+            "and LMFORGE_OFFLINE=1 forbids downloading it"
+        )
+    _download(dataset, cached)
+    return cached
+
+
+def _verify(path: Path, dataset: NamedDataset) -> None:
+    actual = file_sha256(path)
+    if actual != dataset.sha256:
+        raise LmforgeError(
+            f"{path}: sha256 {actual} does not match the pinned {dataset.sha256} of {dataset.name!r}"
+        )
+
+
+def _download(dataset: NamedDataset, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {dataset.name} from {dataset.url}", file=sys.stderr)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(dataset.url, timeout=60) as response:
+            shutil.copyfileobj(response, out)
+        actual = file_sha256(tmp)
+        if actual != dataset.sha256:
+            raise LmforgeError(
+                f"download of {dataset.name!r} from {dataset.url} has sha256 {actual}, "
+                f"expected {dataset.sha256}"
+            )
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise LmforgeError(f"could not download {dataset.name!r} from {dataset.url}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """The files of one input, in a fixed order, and a name for `meta.json`."""
+
+    source: str
+    files: tuple[Path, ...]
+    invalid_utf8: str = "error"  # "error" or "replace"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def sha256(self) -> str:
+        """sha256 of a single file; for several, of the list of (relative path, file sha256)."""
+        if len(self.files) == 1:
+            return file_sha256(self.files[0])
+        root = Path(os.path.commonpath([f.parent for f in self.files]))
+        listing = "".join(f"{f.relative_to(root).as_posix()}\t{file_sha256(f)}\n" for f in self.files)
+        return hashlib.sha256(listing.encode()).hexdigest()
+
+    def documents(self) -> Iterator[Iterator[str]]:
+        """Yield each document as an iterator of non-empty text chunks."""
+        for path in self.files:
+            if path.suffix in JSONL_SUFFIXES:
+                yield from _jsonl_documents(path, self.invalid_utf8)
+            else:
+                yield _text_chunks(path, self.invalid_utf8)
+
+
+def open_corpus(spec: str, invalid_utf8: str = "error") -> Corpus:
+    """Turn the INPUT argument (file, folder or dataset name) into a Corpus."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        files: tuple[Path, ...] = (path.resolve(),)
+        source = str(path.resolve())
+    elif path.is_dir():
+        suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
+        files = tuple(sorted(p.resolve() for p in path.rglob("*") if p.is_file() and p.suffix in suffixes))
+        if not files:
+            raise LmforgeError(f"{path}: no {', '.join(suffixes)} files in this folder")
+        source = str(path.resolve())
+    elif spec in NAMED_DATASETS:
+        files = (resolve_named_dataset(NAMED_DATASETS[spec]),)
+        source = spec
+    elif os.sep in spec or "." in spec:
+        raise LmforgeError(f"{spec}: no such file or folder")
+    else:
+        known = ", ".join(sorted(NAMED_DATASETS))
+        raise LmforgeError(f"{spec!r} is neither a file, a folder nor a known dataset ({known})")
+    if sum(f.stat().st_size for f in files) == 0:
+        raise LmforgeError(f"{spec}: input is empty")
+    return Corpus(source=source, files=files, invalid_utf8=invalid_utf8)
+
+
+def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
+    """Decode a file in chunks, each cut after its last newline when it has one."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    consumed = 0
+    carry = ""
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(CHUNK_BYTES)
+            final = not raw
+            try:
+                text = decoder.decode(raw, final=final)
+            except UnicodeDecodeError as exc:
+                pending = len(decoder.getstate()[0])
+                offset = consumed - pending + exc.start
+                if invalid_utf8 != "replace":
+                    raise LmforgeError(
+                        f"{path}: invalid UTF-8 at byte {offset} "
+                        "(use --invalid-utf8 replace to substitute U+FFFD)"
+                    ) from None
+                print(f"warning: {path}: invalid UTF-8 from byte {offset} replaced with U+FFFD", file=sys.stderr)
+                buffered = decoder.getstate()[0]
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                text = decoder.decode(buffered + raw, final=final)
+            consumed += len(raw)
+            text = carry + text
+            if final:
+                if text:
+                    yield text
+                return
+            cut = text.rfind("\n") + 1
+            if cut == 0 and len(text) < 4 * CHUNK_BYTES:
+                carry = text
+                continue
+            cut = cut or len(text)
+            carry = text[cut:]
+            if cut:
+                yield text[:cut]
+
+
+def _jsonl_documents(path: Path, invalid_utf8: str) -> Iterator[Iterator[str]]:
+    errors = "replace" if invalid_utf8 == "replace" else "strict"
+    with open(path, encoding="utf-8", errors=errors) as f:
+        line_no = 0
+        try:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise LmforgeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise LmforgeError(f"{path}:{line_no}: expected an object with a string 'text' field")
+                if record["text"]:
+                    yield iter((record["text"],))
+        except UnicodeDecodeError:
+            raise LmforgeError(
+                f"{path}:{line_no + 1}: invalid UTF-8 (use --invalid-utf8 replace to substitute U+FFFD)"
+            ) from None
