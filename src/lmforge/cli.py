@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from lmforge import __version__
 from lmforge.errors import LmforgeError
@@ -17,7 +18,7 @@ EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
-def _prepare(args: argparse.Namespace) -> None:
+def _prepare(args: argparse.Namespace) -> int:
     from lmforge.data.prepare import prepare
 
     prepare(
@@ -31,6 +32,7 @@ def _prepare(args: argparse.Namespace) -> None:
         invalid_utf8=args.invalid_utf8,
         progress=not args.quiet,
     )
+    return 0
 
 
 def _add_prepare(verbs: argparse._SubParsersAction) -> None:
@@ -58,7 +60,148 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_prepare)
 
 
-VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_prepare,)
+def _train(args: argparse.Namespace) -> int:
+    import signal
+
+    from lmforge.config import load_config
+    from lmforge.train.trainer import TrainingInterrupted, train
+
+    if args.config is None:
+        if not (args.resume and args.out):
+            raise LmforgeError("CONFIG is required (it may be left out only with --resume --out RUN_DIR)")
+        config_path = Path(args.out) / "config.toml"
+    else:
+        config_path = Path(args.config)
+    config = load_config(config_path, args.set)
+    run_dir = Path(args.out) if args.out else Path("runs") / config_path.stem
+    try:
+        summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as stop:
+        print(f"lmforge train: {stop}; checkpoint saved to {stop.checkpoint}; continue with "
+              f"`lmforge train --resume --out {run_dir}`", file=sys.stderr)
+        return 128 + stop.signum if stop.signum in (signal.SIGINT, signal.SIGTERM) else 1
+    result = summary.final_eval
+    bpb = f", {result.bpb:.3f} bpb" if result and result.bpb else ""
+    print(
+        f"done: {summary.steps} steps in {summary.elapsed_s:.1f} s, {summary.tokens_per_s:,.0f} tokens/s, "
+        f"MFU {summary.mfu:.1%}; val loss {result.loss:.4f} (ppl {result.ppl:.2f}{bpb}); "
+        f"checkpoint {summary.checkpoint}"
+    )
+    return 0
+
+
+def _add_train(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("train", help="train a model from a TOML config", description="Train a model.")
+    p.add_argument("config", nargs="?", help="TOML config (optional with --resume: RUN_DIR/config.toml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.n_layer=6 (repeatable)")
+    p.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+    p.set_defaults(run=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.data.loader import PreparedData
+    from lmforge.eval.lm import evaluate_lm
+    from lmforge.train.checkpoint import load_for_inference
+    from lmforge.train.runtime import autocast, resolve_device
+
+    device = resolve_device(args.device)
+    loaded = load_for_inference(Path(args.target), args.checkpoint, device)
+    data_dir = Path(args.data or loaded.config.data.dir)
+    data = PreparedData.open(data_dir)
+    if (data_dir / "tokenizer.json").read_bytes() != loaded.tokenizer_file.read_bytes():
+        raise LmforgeError(f"{data_dir}: its tokenizer differs from the one of checkpoint {loaded.path}")
+    block_size = loaded.config.model.block_size
+    result = evaluate_lm(loaded.model, data.val, block_size, args.batch_size, device,
+                         autocast(device, args.dtype), data.bytes_per_token("val"))
+    if args.json:
+        print(json.dumps({**result.as_dict(), "checkpoint": str(loaded.path), "step": loaded.step, "data": str(data_dir)}))
+    else:
+        bpb = f", {result.bpb:.4f} bpb" if result.bpb else ""
+        print(f"{loaded.path} (step {loaded.step}) on {data_dir} val: loss {result.loss:.4f}, "
+              f"ppl {result.ppl:.3f}{bpb} over {result.tokens:,} tokens")
+    return 0
+
+
+def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="a run folder or a checkpoint folder")
+    p.add_argument("--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+
+
+def _add_eval(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("eval", help="loss, perplexity and bits per byte on a val split",
+                         description="Evaluate a checkpoint over the whole val split of prepared data.")
+    _add_checkpoint_args(p)
+    p.add_argument("--data", help="prepared data folder (default: the run's data.dir)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_eval)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import torch
+    from tokenizers.decoders import DecodeStream
+
+    from lmforge.data.tokenizer import eot_id, load_tokenizer
+    from lmforge.model.generate import generate
+    from lmforge.train.checkpoint import load_for_inference
+    from lmforge.train.runtime import autocast, resolve_device
+
+    if args.temperature < 0:
+        raise LmforgeError(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise LmforgeError(f"--top-k must be >= 1, got {args.top_k}")
+    device = resolve_device(args.device)
+    loaded = load_for_inference(Path(args.target), args.checkpoint, device)
+    tokenizer = load_tokenizer(loaded.tokenizer_file)
+    eot = eot_id(tokenizer)
+    if args.prompt:
+        ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
+        if tokenizer.decode(ids, skip_special_tokens=False) != args.prompt:
+            raise LmforgeError("--prompt has characters that this model's tokenizer cannot represent")
+    else:  # no prompt: start from <|endoftext|>, else a newline, else token 0
+        newline = tokenizer.encode("\n", add_special_tokens=False).ids
+        ids = [eot] if eot is not None else newline[-1:] or [0]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    prompt = torch.tensor([ids], dtype=torch.long, device=device)
+    for n in range(args.num_samples):
+        stream = DecodeStream(skip_special_tokens=True)
+        sys.stdout.write(args.prompt or "")
+        with autocast(device, args.dtype):
+            for token in generate(loaded.model, prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                  args.top_p, generator, stop_token=eot):
+                piece = stream.step(tokenizer, int(token[0]))
+                if piece:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+        sys.stdout.write("\n" if n == args.num_samples - 1 else "\n---------------\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _add_sample(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("sample", help="generate text from a checkpoint",
+                         description="Generate text autoregressively with a KV cache, streaming it as it comes.")
+    _add_checkpoint_args(p)
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.set_defaults(run=_sample)
+
+
+VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_prepare, _add_train, _add_eval, _add_sample)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,14 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except LmforgeError as exc:
         print(f"lmforge {args.verb}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"lmforge {args.verb}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,253 @@
+"""The one typed configuration tree of a run, loaded from TOML with dotted overrides.
+
+Every section is a dataclass; the field types drive validation, so a key added here is
+automatically accepted in TOML and by `--set section.key=value`, with one-line errors for
+unknown keys, wrong types and impossible values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # a folder written by `lmforge prepare`
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # < n_head for GQA, 1 for MQA; None means n_head
+    d_model: int = 128
+    block_size: int = 64
+    vocab_size: int | None = None  # None: taken from the prepared data
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    mlp_hidden: int | None = None  # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    bias: bool = True
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd", "muon"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    momentum: float = 0.9  # sgd
+    muon_lr: float = 0.02  # muon: learning rate of the hidden matrices
+    muon_momentum: float = 0.95
+    decay_embeddings: bool = False  # weight decay on embeddings and head too
+
+
+@dataclass
+class ScheduleConfig:
+    name: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    min_lr: float = 0.0  # absolute floor for optim.lr; other groups scale in proportion
+    decay_steps: int | None = None  # None: until train.max_steps
+    wsd_decay_fraction: float = 0.2  # wsd: final share of the steps spent decaying
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 12
+    grad_accum_steps: int = 1
+    eval_interval: int = 250  # 0: evaluate only at the end
+    eval_batch_size: int = 64
+    checkpoint_interval: int = 500  # 0: checkpoint only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept, besides the best
+    seed: int = 1337
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    on_nan: Literal["stop", "skip"] = "stop"
+    deterministic: bool = False  # torch.use_deterministic_algorithms
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10  # steps between progress-bar updates
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """TOML text that `load_config` reads back to an equal Config (None values are left out)."""
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def load_config(path: Path | str | None, overrides: list[str] = (), origin: str | None = None) -> Config:
+    """Read a TOML file (or defaults when None), apply `a.b=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    origin = origin or str(path)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise LmforgeError(f"{path}: config file not found")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise LmforgeError(f"{path}: not valid TOML ({exc})") from None
+    for override in overrides:
+        key, value = _parse_override(override)
+        section, _, name = key.partition(".")
+        if not name or "." in name:
+            raise LmforgeError(f"--set {override}: expected SECTION.KEY=VALUE, e.g. model.n_layer=6")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise LmforgeError(f"--set {override}: {section} is not a section")
+        table[name] = value
+    config = _build(Config, raw, origin, prefix="")
+    validate(config, origin)
+    return config
+
+
+def _parse_override(override: str) -> tuple[str, Any]:
+    key, sep, text = override.partition("=")
+    if not sep or not key.strip():
+        raise LmforgeError(f"--set {override}: expected SECTION.KEY=VALUE")
+    try:  # a TOML value: 6, 3e-4, true, "text", [0.9, 0.95]
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word such as rope or cuda:0
+    return key.strip(), value
+
+
+def _build(cls: type, raw: Any, origin: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise LmforgeError(f"{origin}: {prefix.rstrip('.') or 'config'} must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise LmforgeError(f"{origin}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(names))})")
+    values = {}
+    for name, value in raw.items():
+        kind = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value, origin, prefix=f"{key}.")
+        else:
+            values[name] = _coerce(value, kind, origin, key)
+    return cls(**values)
+
+
+def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
+    """Check `value` against a field type, converting int→float and list→tuple."""
+    origin_type = typing.get_origin(kind)
+    if origin_type in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _coerce(value, inner[0], origin, key)
+    if origin_type is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise LmforgeError(f"{origin}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin_type is tuple:
+        items = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise LmforgeError(f"{origin}: {key} must be a list of {len(items)} numbers; got {value!r}")
+        return tuple(_coerce(v, t, origin, key) for v, t in zip(value, items))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise LmforgeError(f"{origin}: {key} must be true or false; got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise LmforgeError(f"{origin}: {key} must be an integer; got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LmforgeError(f"{origin}: {key} must be a number; got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise LmforgeError(f"{origin}: {key} must be a string; got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {kind} for {key}")  # a programming error, not user input
+
+
+def validate(config: Config, origin: str) -> None:
+    """Reject values that type-check but cannot work, naming the key."""
+
+    def need(condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise LmforgeError(f"{origin}: {key} {message}")
+
+    m, o, s, t = config.model, config.optim, config.schedule, config.train
+    for key in ("n_layer", "n_head", "d_model", "block_size"):
+        need(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    need(m.d_model % m.n_head == 0, "model.d_model", f"({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    if m.n_kv_head is not None:
+        need(m.n_kv_head > 0, "model.n_kv_head", "must be positive")
+        need(m.n_head % m.n_kv_head == 0, "model.n_head", f"({m.n_head}) must be divisible by model.n_kv_head ({m.n_kv_head})")
+    if m.position == "rope":
+        need((m.d_model // m.n_head) % 2 == 0, "model.d_model", "/ n_head must be even for rope")
+    need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive")
+    need(m.mlp_hidden is None or m.mlp_hidden > 0, "model.mlp_hidden", "must be positive")
+    need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    need(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    need(o.lr > 0, "optim.lr", "must be positive")
+    need(o.muon_lr > 0, "optim.muon_lr", "must be positive")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "must be in [0, 1)")
+    need(0.0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr={o.lr}]")
+    need(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+    need(s.decay_steps is None or s.decay_steps > 0, "schedule.decay_steps", "must be positive")
+    need(0.0 < s.wsd_decay_fraction <= 1.0, "schedule.wsd_decay_fraction", "must be in (0, 1]")
+    for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_batch_size", "keep_checkpoints"):
+        need(getattr(t, key) > 0, f"train.{key}", "must be positive")
+    need(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
+    need(t.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
+    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
+         "train.device", f"must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
+    need(config.log.interval > 0, "log.interval", "must be positive")

@@ -1,0 +1,62 @@
+"""Loss over a whole split, in deterministic non-overlapping windows."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.data.loader import eval_windows
+
+
+@dataclass(frozen=True)
+class LMEval:
+    loss: float  # mean cross-entropy per target token, in nats
+    tokens: int  # target tokens scored
+    bytes_per_token: float | None  # UTF-8 bytes per token of the split, when known
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+    @property
+    def bpb(self) -> float | None:
+        """Bits per UTF-8 byte: comparable across tokenizers."""
+        return self.loss / math.log(2) / self.bytes_per_token if self.bytes_per_token else None
+
+    def as_dict(self) -> dict:
+        result = {"val_loss": self.loss, "val_ppl": self.ppl, "tokens": self.tokens}
+        if self.bpb is not None:
+            result["bpb"] = self.bpb
+        return result
+
+
+@torch.no_grad()
+def evaluate_lm(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    block_size: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager | None = None,
+    bytes_per_token: float | None = None,
+) -> LMEval:
+    """Token-weighted mean loss of `model` over every token of `tokens` as a target."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    try:
+        for x, y in eval_windows(tokens, block_size, batch_size):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast or contextlib.nullcontext():
+                logits, _ = model(x)
+            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    return LMEval(loss=total.item() / count, tokens=count, bytes_per_token=bytes_per_token)

@@ -1,0 +1,6 @@
+"""The Transformer and autoregressive generation."""
+
+from lmforge.model.generate import generate
+from lmforge.model.gpt import GPT, KVCache
+
+__all__ = ["GPT", "KVCache", "generate"]

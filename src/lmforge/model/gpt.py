@@ -1,0 +1,216 @@
+"""A decoder-only Transformer, top to bottom in one file.
+
+GPT-2's architecture by default (learned positions, LayerNorm, GELU MLP, tied head), with
+the modern options behind config switches: RoPE, RMSNorm, SwiGLU / ReLU², grouped-query
+attention and QK-norm. Parallelism, checkpointing and data live outside the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+def mlp_hidden_size(config: ModelConfig) -> int:
+    if config.mlp_hidden is not None:
+        return config.mlp_hidden
+    if config.mlp == "swiglu":  # 8/3 d keeps the parameter count of a 4 d GELU MLP
+        return 64 * math.ceil(8 * config.d_model / 3 / 64)
+    return 4 * config.d_model
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: rotates pairs of q/k channels by position-dependent angles."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: [B, H, T, D]; positions start..start+T-1."""
+        T = x.size(-2)
+        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer, preallocated to max_len."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def allocate(cls, model: GPT, batch_size: int, max_len: int) -> KVCache:
+        c = model.config
+        kv_heads = c.n_kv_head or c.n_head
+        param = next(model.parameters())
+        shape = (batch_size, kv_heads, max_len, c.d_model // c.n_head)
+        make = lambda: torch.zeros(shape, dtype=param.dtype, device=param.device)  # noqa: E731
+        return cls([make() for _ in range(c.n_layer)], [make() for _ in range(c.n_layer)])
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.head_dim = config.d_model // config.n_head
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.proj.residual = True  # scaled init
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        start = cache.length if cache is not None else 0
+        if rotary is not None:
+            q, k = rotary(q, start), rotary(k, start)
+        mask, causal = None, True
+        if cache is not None:
+            cache.keys[self.layer][:, :, start : start + T] = k
+            cache.values[self.layer][:, :, start : start + T] = v
+            k, v = cache.keys[self.layer][:, :, : start + T], cache.values[self.layer][:, :, : start + T]
+            if start > 0:  # new queries see every cached position and the causal part of their own
+                causal = False
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden = mlp_hidden_size(config)
+        self.kind = config.mlp
+        self.up = nn.Linear(config.d_model, (2 if config.mlp == "swiglu" else 1) * hidden, bias=config.bias)
+        self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.down.residual = True  # scaled init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config, config.d_model)
+        self.attn = Attention(config, layer)
+        self.norm2 = make_norm(config, config.d_model)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rotary: Rotary | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rotary, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set before building the model")
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.block_size, config.d_model) if config.position == "learned" else None
+        self.rotary = (
+            Rotary(config.d_model // config.n_head, config.block_size, config.rope_theta)
+            if config.position == "rope" else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config, config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: [B, T] token ids. Returns (logits [B, T, V], mean cross-entropy or None)."""
+        T = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        x = self.embed(idx)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, self.rotary, cache)
+        if cache is not None:
+            cache.length += T
+        logits = self.head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self) -> int:
+        """All trainable parameters, a tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def matmul_params(self) -> int:
+        """Parameters that take part in a matmul per token: not the embedding lookups."""
+        n = self.num_params()
+        if self.pos_embed is not None:
+            n -= self.pos_embed.weight.numel()
+        if not self.config.tie_embeddings:  # the input embedding is a lookup; the head is the matmul
+            n -= self.embed.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the weights plus 12·L·d·T for attention (PaLM, appendix B)."""
+        T = seq_len or self.config.block_size
+        return 6 * self.matmul_params() + 12 * self.config.n_layer * self.config.d_model * T

@@ -1,0 +1,201 @@
+"""The one checkpoint format: a self-contained folder per step, written atomically.
+
+    RUN/checkpoints/step-0000500/
+        model.safetensors   weights (safetensors: no code is unpickled on load)
+        state.pt            optimizer, loader, RNG and loop state (torch.load weights_only=True)
+        config.toml         the resolved run config (model architecture included)
+        tokenizer.json      so the checkpoint alone can encode and decode
+        meta.json           step, val_loss and the sha256 of every file above
+
+A checkpoint is assembled in a hidden temporary folder and renamed into place, so a kill
+at any moment leaves either the whole new checkpoint or none of it; the sha256 list
+catches files truncated or altered afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from lmforge.config import Config, load_config
+from lmforge.errors import LmforgeError
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+FILES = ("model.safetensors", "state.pt", "config.toml", "tokenizer.json")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    step: int
+    val_loss: float | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    state: dict[str, Any],
+    config: Config,
+    tokenizer_file: Path,
+    val_loss: float | None,
+) -> Path:
+    """Write checkpoint `step` atomically and return its folder."""
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    try:
+        save_model(model, str(staging / "model.safetensors"))
+        torch.save(state, staging / "state.pt")
+        (staging / "config.toml").write_text(config.to_toml())
+        shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
+        meta = {"step": step, "val_loss": val_loss, "sha256": {name: _sha256(staging / name) for name in FILES}}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for name in (*FILES, "meta.json"):
+            _fsync(staging / name)
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        _fsync(root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    found = []
+    root = run_dir / CHECKPOINTS
+    for path in sorted(root.glob(f"{PREFIX}*")) if root.is_dir() else []:
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            found.append(CheckpointInfo(path, int(meta["step"]), meta.get("val_loss")))
+        except (OSError, ValueError, KeyError, TypeError):
+            found.append(CheckpointInfo(path, int(path.name[len(PREFIX):]) if path.name[len(PREFIX):].isdigit() else -1, None))
+    return sorted(found, key=lambda c: c.step)
+
+
+def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
+    scored = [c for c in checkpoints if c.val_loss is not None]
+    return min(scored, key=lambda c: (c.val_loss, -c.step)) if scored else None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints and the best one; clear stale temp folders."""
+    checkpoints = list_checkpoints(run_dir)
+    keep = {c.path for c in checkpoints[-keep_last:]}
+    if (best := best_checkpoint(checkpoints)) is not None:
+        keep.add(best.path)
+    for c in checkpoints:
+        if c.path not in keep:
+            shutil.rmtree(c.path, ignore_errors=True)
+    for stale in (run_dir / CHECKPOINTS).glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve_checkpoint(target: Path, which: str = "best") -> Path:
+    """A checkpoint folder from a run folder (`best` or `last`) or a checkpoint path."""
+    if (target / "meta.json").is_file() and (target / "model.safetensors").exists():
+        return target
+    if which not in ("best", "last"):
+        path = Path(which)
+        if not (path / "meta.json").is_file():
+            raise LmforgeError(f"{path}: not a checkpoint folder (no meta.json)")
+        return path
+    checkpoints = list_checkpoints(target)
+    if not checkpoints:
+        raise LmforgeError(f"{target}: no checkpoint found (expected {target / CHECKPOINTS}/{PREFIX}NNNNNNN)")
+    chosen = best_checkpoint(checkpoints) if which == "best" else None
+    return (chosen or checkpoints[-1]).path
+
+
+def verify_checkpoint(path: Path) -> dict:
+    """Check every file against the sha256 in meta.json; return the meta."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        expected = meta["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LmforgeError(f"{path}: corrupted checkpoint (meta.json unreadable: {exc})") from None
+    for name in FILES:
+        file = path / name
+        if not file.is_file():
+            raise LmforgeError(f"{path}: corrupted checkpoint ({name} is missing)")
+        if _sha256(file) != expected.get(name):
+            raise LmforgeError(f"{path}: corrupted checkpoint ({name} does not match its sha256; truncated or altered)")
+    return meta
+
+
+def load_config_of(path: Path) -> Config:
+    """The run config saved with a checkpoint."""
+    return load_config(path / "config.toml")
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load model.safetensors into `model`, with a clear error when the architecture differs."""
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except (SafetensorError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise LmforgeError(f"{path}: weights do not fit this model ({reason})") from None
+    if missing or unexpected:
+        raise LmforgeError(
+            f"{path}: weights do not fit this model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path / "state.pt", weights_only=True, map_location="cpu")
+    except Exception as exc:  # a damaged pickle can raise nearly anything; none of it is trusted
+        raise LmforgeError(f"{path / 'state.pt'}: cannot be loaded ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    config: Config
+    model: torch.nn.Module
+    tokenizer_file: Path
+
+
+def load_for_inference(target: Path, which: str, device: torch.device) -> LoadedCheckpoint:
+    """Verify and load a checkpoint (from a run folder or a checkpoint folder) in eval mode."""
+    from lmforge.model.gpt import GPT  # the model depends on config only; keep this module light
+
+    if not target.exists():
+        raise LmforgeError(f"{target}: no such run or checkpoint folder")
+    path = resolve_checkpoint(target, which)
+    meta = verify_checkpoint(path)
+    config = load_config_of(path)
+    model = GPT(config.model)
+    load_weights(path, model)
+    return LoadedCheckpoint(path, int(meta["step"]), config, model.to(device).eval(), path / "tokenizer.json")

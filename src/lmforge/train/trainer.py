@@ -1,0 +1,331 @@
+"""The training loop: data → forward → loss → backward → optimizer update, with exact resume.
+
+One loop serves pretraining and (later) fine-tuning. Everything a resumed run needs to
+continue bit-identically is in the checkpoint: weights, optimizer moments, grad scaler,
+the data sampler's generator, every RNG state and the loop counters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import torch
+from tqdm import tqdm
+
+from lmforge.config import Config, ModelConfig
+from lmforge.data.loader import PreparedData, RandomWindows
+from lmforge.errors import LmforgeError
+from lmforge.eval.lm import LMEval, evaluate_lm
+from lmforge.model.gpt import GPT
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.optim import build_optimizers, set_lr_factor
+from lmforge.train.runtime import autocast, matmul_peak_flops, resolve_device, rng_state, seed_everything, set_rng_state
+from lmforge.train.schedule import lr_factor
+
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a SIGINT/SIGTERM once the checkpoint is safely written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer updates done
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    best_val_loss: float | None = None
+    skipped_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    steps: int
+    elapsed_s: float
+    tokens_per_s: float
+    mfu: float
+    final_eval: LMEval | None
+    checkpoint: Path
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per step and per eval, flushed as written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, entry: dict) -> None:
+        self.file.write(json.dumps(entry) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+    @staticmethod
+    def truncate(path: Path, step: int) -> None:
+        """Drop entries after `step` (and a torn last line), so a resumed run continues the log exactly."""
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                break
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+
+
+class StopSignals:
+    """Turn the first SIGINT/SIGTERM into a flag checked between steps; a second one interrupts."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def open_data(config: Config) -> PreparedData:
+    """Open `data.dir` and reconcile the model's vocabulary and block size with it."""
+    if not config.data.dir:
+        raise LmforgeError("data.dir is not set (a folder written by `lmforge prepare`)")
+    data = PreparedData.open(config.data.dir)
+    model = config.model
+    if model.vocab_size is None:
+        model.vocab_size = data.vocab_size
+    elif model.vocab_size < data.vocab_size:
+        raise LmforgeError(
+            f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary "
+            f"({data.vocab_size} in {data.dir / 'meta.json'})"
+        )
+    if model.block_size >= len(data.train):
+        raise LmforgeError(f"model.block_size {model.block_size} is larger than the train split ({len(data.train)} tokens)")
+    if len(data.val) < 2:
+        raise LmforgeError(f"{data.dir}: the val split needs at least 2 tokens to evaluate")
+    return data
+
+
+def check_same_architecture(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:
+    ignore = {"dropout"}  # regularisation, not architecture: may change on resume
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(wanted)
+    diffs = [f"model.{k}: {a[k]!r} in the checkpoint, {b[k]!r} in the config" for k in a if k not in ignore and a[k] != b[k]]
+    if diffs:
+        raise LmforgeError(f"{where}: checkpoint of another architecture ({'; '.join(diffs)})")
+
+
+def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Return the checkpoint to resume from; refuse to clobber an existing run."""
+    if resume and overwrite:
+        raise LmforgeError("--resume and --overwrite exclude each other")
+    if resume:
+        checkpoints = ckpt.list_checkpoints(run_dir)
+        if not checkpoints:
+            raise LmforgeError(f"--resume: no checkpoint in {run_dir / ckpt.CHECKPOINTS}")
+        latest = checkpoints[-1].path
+        ckpt.verify_checkpoint(latest)
+        return latest
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+        raise LmforgeError(f"{run_dir} exists; pass --resume to continue that run or --overwrite to start over")
+    return None
+
+
+def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False) -> TrainSummary:
+    """Train per `config` into `run_dir`; see the module docstring for what is saved."""
+    run_dir = Path(run_dir)
+    start_wall = time.perf_counter()
+    resume_from = _check_run_dir(run_dir, resume, overwrite)
+    data = open_data(config)
+    if resume_from is not None:
+        saved = ckpt.load_config_of(resume_from)
+        check_same_architecture(saved.model, config.model, resume_from)
+        if (resume_from / "tokenizer.json").read_bytes() != (data.dir / "tokenizer.json").read_bytes():
+            raise LmforgeError(f"{data.dir}: its tokenizer differs from the one of checkpoint {resume_from}")
+
+    t = config.train
+    device = resolve_device(t.device)
+    amp = autocast(device, t.dtype)
+    torch.use_deterministic_algorithms(t.deterministic)
+    seed_everything(t.seed)
+    model = GPT(config.model).to(device)
+    optimizers = build_optimizers(model, config.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "fp16")
+    batches = RandomWindows(data.train, config.model.block_size, t.batch_size, seed=t.seed)
+    state = LoopState()
+
+    if resume_from is not None:
+        ckpt.load_weights(resume_from, model)
+        saved_state = ckpt.load_state(resume_from)
+        for optimizer, optimizer_state in zip(optimizers, saved_state["optimizers"], strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        scaler.load_state_dict(saved_state["scaler"])
+        batches.load_state_dict(saved_state["batches"])
+        set_rng_state(saved_state["rng"])
+        state = LoopState(**saved_state["loop"])
+        MetricsLog.truncate(run_dir / "metrics.jsonl", state.step)
+    elif run_dir.is_dir():  # --overwrite (checked above): start afresh
+        shutil.rmtree(run_dir)
+    elif run_dir.exists():
+        run_dir.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config.to_toml())
+    shutil.copyfile(data.dir / "tokenizer.json", run_dir / "tokenizer.json")
+
+    forward = torch.compile(model) if t.compile else model
+    tokens_per_step = t.batch_size * t.grad_accum_steps * config.model.block_size
+    flops_per_step = model.flops_per_token() * tokens_per_step
+    peak_flops = matmul_peak_flops(device, t.dtype)
+    bytes_per_token = data.bytes_per_token("val")
+    max_steps = t.max_steps
+    last_eval: LMEval | None = None
+    last_eval_step = last_saved_step = -1
+    latest_checkpoint = resume_from
+    consecutive_skips = 0
+    max_grad_norm = config.optim.grad_clip or math.inf  # inf: measure the norm, never clip
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    wall_offset = state.elapsed_s - (time.perf_counter() - start_wall)
+
+    def evaluate() -> LMEval:
+        return evaluate_lm(model, data.val, config.model.block_size, t.eval_batch_size, device, amp, bytes_per_token)
+
+    def save(val_loss: float | None) -> Path:
+        state.elapsed_s = time.perf_counter() - start_wall + wall_offset
+        training_state = {
+            "optimizers": [o.state_dict() for o in optimizers],
+            "scaler": scaler.state_dict(),
+            "batches": batches.state_dict(),
+            "rng": rng_state(),
+            "loop": dataclasses.asdict(state),
+        }
+        path = ckpt.save_checkpoint(run_dir, state.step, model, training_state, config, data.dir / "tokenizer.json", val_loss)
+        ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
+        return path
+
+    bar = tqdm(total=max_steps, initial=state.step, unit="step", disable=not config.log.progress, dynamic_ncols=True)
+    model.train()
+    try:
+        with StopSignals() as stop:
+            while state.step < max_steps:
+                step_start = time.perf_counter()
+                factor = lr_factor(state.step, config.schedule, max_steps, config.optim.lr)
+                set_lr_factor(optimizers, factor)
+                loss_sum = torch.zeros((), device=device)
+                for _ in range(t.grad_accum_steps):
+                    x, y = next(batches)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with amp:
+                        _, loss = forward(x, y)
+                    scaler.scale(loss / t.grad_accum_steps).backward()
+                    loss_sum += loss.detach()
+                loss_value = loss_sum.item() / t.grad_accum_steps
+                for optimizer in optimizers:
+                    scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                grad_norm_value = grad_norm.item()
+                finite = math.isfinite(loss_value) and (math.isfinite(grad_norm_value) or scaler.is_enabled())
+                if not finite:
+                    if t.on_nan == "stop":
+                        where = f"; the last good checkpoint is {latest_checkpoint}" if latest_checkpoint else ""
+                        raise LmforgeError(
+                            f"loss is {loss_value} (grad norm {grad_norm_value}) at step {state.step + 1}; "
+                            f"stopped without saving{where} (set train.on_nan = \"skip\" to skip such batches)"
+                        )
+                    consecutive_skips += 1
+                    if consecutive_skips > MAX_CONSECUTIVE_SKIPS:
+                        raise LmforgeError(f"{consecutive_skips} non-finite losses in a row up to step {state.step + 1}; stopping")
+                    state.skipped_steps += 1
+                else:
+                    consecutive_skips = 0
+                    for optimizer in optimizers:
+                        scaler.step(optimizer)
+                scaler.update()
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.tokens_seen += tokens_per_step
+                step_seconds = time.perf_counter() - step_start
+                entry = {
+                    "step": state.step,
+                    "loss": loss_value,
+                    "lr": config.optim.lr * factor,
+                    "grad_norm": grad_norm_value,
+                    "tokens_per_s": tokens_per_step / step_seconds,
+                    "mfu": flops_per_step / step_seconds / peak_flops,
+                    "elapsed_s": time.perf_counter() - start_wall + wall_offset,
+                }
+                if not finite:
+                    entry["skipped"] = True
+                metrics.write(entry)
+                bar.update(1)
+                if state.step % config.log.interval == 0 or state.step == max_steps:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{entry['tokens_per_s']:,.0f}", mfu=f"{entry['mfu']:.0%}")
+
+                val_loss = None
+                if (t.eval_interval and state.step % t.eval_interval == 0) or state.step == max_steps:
+                    last_eval, last_eval_step = evaluate(), state.step
+                    val_loss = last_eval.loss
+                    metrics.write({"step": state.step, **_eval_entry(last_eval)})
+                    bar.write(f"step {state.step}: val loss {last_eval.loss:.4f}, ppl {last_eval.ppl:.2f}"
+                              + (f", {last_eval.bpb:.3f} bpb" if last_eval.bpb else ""))
+                improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
+                if improved:
+                    state.best_val_loss = val_loss
+                periodic = t.checkpoint_interval and state.step % t.checkpoint_interval == 0
+                if periodic or improved or state.step == max_steps:
+                    latest_checkpoint, last_saved_step = save(val_loss), state.step
+                if stop.received is not None:
+                    if last_saved_step != state.step:
+                        latest_checkpoint, last_saved_step = save(None), state.step
+                    raise TrainingInterrupted(stop.received, state.step, latest_checkpoint)
+    finally:
+        bar.close()
+        metrics.close()
+
+    if last_eval_step != state.step:  # a resumed run that had already finished
+        last_eval = evaluate()
+    if last_saved_step != state.step and latest_checkpoint is None:
+        latest_checkpoint = save(last_eval.loss)
+    elapsed = time.perf_counter() - start_wall + wall_offset
+    tokens_per_s = state.tokens_seen / max(elapsed, 1e-9)
+    return TrainSummary(
+        steps=state.step,
+        elapsed_s=elapsed,
+        tokens_per_s=tokens_per_s,
+        mfu=tokens_per_s * model.flops_per_token() / peak_flops,
+        final_eval=last_eval,
+        checkpoint=latest_checkpoint,
+    )
+
+
+def _eval_entry(result: LMEval) -> dict:
+    entry = {"val_loss": result.loss, "val_ppl": result.ppl}
+    if result.bpb is not None:
+        entry["val_bpb"] = result.bpb
+    return entry

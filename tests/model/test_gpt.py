@@ -1,0 +1,152 @@
+import math
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.model import GPT, KVCache, generate
+from lmforge.model.gpt import Attention, Rotary
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = dict(n_layer=2, n_head=4, d_model=32, block_size=16, vocab_size=50)
+    return ModelConfig(**(base | overrides))
+
+
+OPTIONS = [
+    {},
+    {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "tie_embeddings": False, "bias": False},
+    {"n_kv_head": 2, "mlp": "relu2"},
+    {"n_kv_head": 1, "position": "rope"},
+]
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k) + causal mask) V, written out."""
+    d_k = q.size(-1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)
+    T, S = q.size(-2), k.size(-2)
+    future = torch.ones(T, S, dtype=torch.bool).triu(diagonal=S - T + 1)
+    scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("options", [{}, {"n_kv_head": 2}, {"qk_norm": True, "position": "rope"}])
+def test_attention_matches_the_formula(options: dict) -> None:
+    torch.manual_seed(0)
+    config = tiny(**options)
+    attn = Attention(config, layer=0).eval()
+    rotary = Rotary(8, 16, 10000.0) if config.position == "rope" else None
+    x = torch.randn(3, 10, 32)
+    # Recompute the same projections by hand and apply the formula per head.
+    n_kv = config.n_kv_head or 4
+    q, k, v = attn.qkv(x).split([32, n_kv * 8, n_kv * 8], dim=-1)
+    q = q.view(3, 10, 4, 8).transpose(1, 2)
+    k = k.view(3, 10, n_kv, 8).transpose(1, 2)
+    v = v.view(3, 10, n_kv, 8).transpose(1, 2)
+    if config.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    if rotary is not None:
+        q, k = rotary(q, 0), rotary(k, 0)
+    k, v = k.repeat_interleave(4 // n_kv, dim=1), v.repeat_interleave(4 // n_kv, dim=1)
+    expected = attn.proj(explicit_attention(q, k, v).transpose(1, 2).reshape(3, 10, 32))
+    torch.testing.assert_close(attn(x, rotary, None), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_no_peeking() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    idx = torch.randint(0, 50, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 50
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :8], b[:, :8])
+    assert not torch.allclose(a[:, 8:], b[:, 8:])
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_kv_cache_logits_equal_full_recompute(options: dict) -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(**options)).eval()
+    idx = torch.randint(0, 50, (2, 16))
+    full, _ = model(idx)
+    cache = KVCache.allocate(model, 2, 16)
+    pieces = [model(idx[:, :5], cache=cache)[0]]  # prefill, then a chunk, then one token at a time
+    pieces.append(model(idx[:, 5:9], cache=cache)[0])
+    pieces += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(9, 16)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_every_option_trains(options: dict) -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(**options))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, 50, (4, 16))
+    losses = []
+    for _ in range(20):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(50), rel=0.1)  # ~uniform at init
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_options_change_the_architecture() -> None:
+    gqa = GPT(tiny(n_kv_head=1))
+    assert gqa.blocks[0].attn.qkv.weight.shape == ((4 + 2) * 8, 32)
+    untied = GPT(tiny(tie_embeddings=False))
+    assert untied.head.weight is not untied.embed.weight
+    tied = GPT(tiny())
+    assert tied.head.weight is tied.embed.weight
+    assert GPT(tiny(position="rope")).pos_embed is None
+    assert isinstance(GPT(tiny(norm="rmsnorm")).norm, torch.nn.RMSNorm)
+    assert GPT(tiny(mlp="swiglu")).blocks[0].mlp.up.weight.shape == (2 * 128, 32)
+    assert GPT(tiny(bias=False)).blocks[0].attn.qkv.bias is None
+
+
+def test_init_scales_residual_projections() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=8, d_model=256, n_head=4))
+    assert model.blocks[0].mlp.up.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].mlp.down.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+
+
+def test_param_count_and_flops_match_nanogpt_formula() -> None:
+    config = ModelConfig(n_layer=4, n_head=4, d_model=128, block_size=64, vocab_size=65)
+    model = GPT(config)
+    d, L, V, T = 128, 4, 65, 64
+    per_layer = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    assert model.num_params() == V * d + T * d + L * per_layer + 2 * d
+    n = model.num_params() - T * d  # nanoGPT's get_num_params(): without position embeddings
+    assert model.flops_per_token() == 6 * n + 12 * L * d * T
+
+
+def test_generate_greedy_matches_argmax_of_full_forward() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    prompt = torch.randint(0, 50, (2, 4))
+    produced = torch.stack(list(generate(model, prompt, max_new_tokens=30, temperature=0)), dim=1)
+    assert produced.shape == (2, 30)  # continues past block_size (16)
+    tokens = prompt
+    for _ in range(12):  # up to block_size: a full recompute per token, as nanoGPT does
+        logits, _ = model(tokens)
+        tokens = torch.cat([tokens, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(produced[:, :12], tokens[:, 4:])
+
+
+def test_sampling_filters() -> None:
+    from lmforge.model.generate import sample_next
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    g = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, 1, None, g).item() for _ in range(20)} == {3}
+    assert {sample_next(logits, 1.0, 2, None, g).item() for _ in range(100)} == {2, 3}
+    # top_p 0.5: p(3) = 0.64 already reaches it, so only token 3 remains.
+    assert {sample_next(logits, 1.0, None, 0.5, g).item() for _ in range(20)} == {3}
+    assert {sample_next(logits, 1.0, None, 0.85, g).item() for _ in range(200)} == {2, 3}  # 0.64 + 0.24
+    assert sample_next(logits, 0.0, None, None, g).item() == 3

@@ -1,0 +1,70 @@
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import Config, load_config
+from lmforge.errors import LmforgeError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_and_file_and_overrides(tmp_path: Path) -> None:
+    assert load_config(None) == Config()
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nn_layer = 6\nposition = "rope"\n[optim]\nbetas = [0.8, 0.9]\nlr = 1\n')
+    config = load_config(path, ["model.d_model=256", "train.compile=true", "optim.name=muon", "train.device=cuda:1",
+                                "optim.betas=[0.9, 0.99]", "schedule.min_lr=1e-4"])
+    assert config.model.n_layer == 6 and config.model.position == "rope" and config.model.d_model == 256
+    assert config.train.compile is True and config.optim.name == "muon" and config.train.device == "cuda:1"
+    assert config.optim.betas == (0.9, 0.99) and config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.schedule.min_lr == 1e-4
+
+
+def test_to_toml_round_trips(tmp_path: Path) -> None:
+    config = load_config(None, ["model.n_kv_head=2", "model.vocab_size=65", "optim.betas=[0.8, 0.9]"])
+    path = tmp_path / "saved.toml"
+    path.write_text(config.to_toml())
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
+def test_shipped_configs_load(name: str) -> None:
+    load_config(CONFIGS / name)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.n_layers=4"], "unknown key model.n_layers"),
+        (["modle.n_layer=4"], "unknown key modle"),
+        (["model.n_layer=four"], "model.n_layer must be an integer; got 'four'"),
+        (["model.n_layer=2.5"], "model.n_layer must be an integer"),
+        (["train.compile=1"], "train.compile must be true or false"),
+        (["optim.betas=[0.9]"], "optim.betas must be a list of 2 numbers"),
+        (["model.position=alibi"], "model.position must be one of learned, rope; got 'alibi'"),
+        (["model.d_model=100", "model.n_head=3"], "model.d_model (100) must be divisible by model.n_head (3)"),
+        (["model.n_kv_head=3"], "model.n_head (4) must be divisible by model.n_kv_head (3)"),
+        (["model.n_layer=0"], "model.n_layer must be positive"),
+        (["schedule.min_lr=0.1"], "schedule.min_lr must be in [0, optim.lr=0.001]"),
+        (["model.dropout=1.0"], "model.dropout must be in [0, 1)"),
+        (["train.device=tpu"], "train.device must be auto, cpu, cuda, cuda:N or mps"),
+        (["model"], "expected SECTION.KEY=VALUE"),
+        (["model=3"], "expected SECTION.KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(LmforgeError) as info:
+        load_config(None, overrides, origin="cfg")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(LmforgeError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    (tmp_path / "bad.toml").write_text("[model\nn_layer=")
+    with pytest.raises(LmforgeError, match="not valid TOML"):
+        load_config(tmp_path / "bad.toml")
+    (tmp_path / "flat.toml").write_text("model = 3\n")
+    with pytest.raises(LmforgeError, match="model must be a table"):
+        load_config(tmp_path / "flat.toml")

@@ -1,0 +1,242 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import load_config
+from lmforge.errors import LmforgeError
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.trainer import train
+from tests.train.conftest import TINY, lmforge, read_metrics, wait_for_step
+
+
+def run_train(cli, config_file: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    args = ["train", config_file, "--out", out]
+    for item in [*TINY, *extra]:
+        args += ["--set", item]
+    return cli(*args)
+
+
+def test_loss_decreases_and_everything_is_logged(cli, config_file: Path, tmp_path: Path) -> None:
+    code, out, err = run_train(cli, config_file, tmp_path / "run")
+    assert code == 0, err
+    assert "done: 40 steps" in out and "val loss" in out
+    steps, evals = read_metrics(tmp_path / "run")
+    assert [e["step"] for e in steps] == list(range(1, 41))
+    assert set(steps[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}
+    assert [e["step"] for e in evals] == [10, 20, 30, 40]
+    assert set(evals[0]) == {"step", "val_loss", "val_ppl", "val_bpb"}
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(59)
+    assert sum(e["loss"] for e in steps[-5:]) < sum(e["loss"] for e in steps[:5]) - 5 * 0.5
+    assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
+    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))  # ASCII: 1 byte per token
+    assert steps[0]["lr"] == pytest.approx(3e-3 / 6)  # warmup (step + 1) / (warmup + 1)
+    saved = load_config(tmp_path / "run" / "config.toml")
+    assert saved.model.n_layer == 2 and saved.model.vocab_size == 59  # resolved from the data
+    # keep_checkpoints=2 keeps the two newest; val loss fell at every eval, so best is the newest
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-0000030", "step-0000040"]
+
+
+def test_eval_cli_matches_training_eval(cli, config_file: Path, tmp_path: Path) -> None:
+    assert run_train(cli, config_file, tmp_path / "run")[0] == 0
+    _, evals = read_metrics(tmp_path / "run")
+    code, out, err = cli("eval", tmp_path / "run", "--checkpoint", "last", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-6)
+    assert result["tokens"] == 6000 - 1 and result["step"] == 40
+    assert {"val_loss", "val_ppl", "tokens", "bpb"} <= set(result)
+    code, out, _ = cli("eval", tmp_path / "run" / "checkpoints" / "step-0000030")
+    assert code == 0 and "(step 30)" in out and "loss" in out
+
+
+def test_sample_cli(cli, config_file: Path, tmp_path: Path) -> None:
+    assert run_train(cli, config_file, tmp_path / "run")[0] == 0
+    code, out, err = cli("sample", tmp_path / "run", "--prompt", "ROMEO:", "--max-new-tokens", "50", "--temperature", "0")
+    assert code == 0, err
+    assert out.startswith("ROMEO:") and len(out) == len("ROMEO:") + 50 + 1
+    assert cli("sample", tmp_path / "run", "--prompt", "ROMEO:", "--max-new-tokens", "50", "--temperature", "0")[1] == out
+    code, out, _ = cli("sample", tmp_path / "run", "--max-new-tokens", "20", "--num-samples", "2", "--top-p", "0.9")
+    assert code == 0 and out.count("---------------") == 1
+    code, _, err = cli("sample", tmp_path / "run", "--prompt", "日本")
+    assert code == 1 and "cannot represent" in err
+
+
+def resume_run(config_file: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "lmforge", "train", str(config_file), "--out", str(run), "--resume"]
+    for item in [*TINY, *extra]:
+        args += ["--set", item]
+    return subprocess.run(args, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_exact_resume(cli, config_file: Path, tmp_path: Path, how: str) -> None:
+    longer = ["model.dropout=0.1", "train.max_steps=150"]  # dropout: the RNG state must resume too
+    assert run_train(cli, config_file, tmp_path / "reference", *longer)[0] == 0
+    run = tmp_path / "interrupted"
+    args = ["train", config_file, "--out", run]
+    for item in [*TINY, *longer]:
+        args += ["--set", item]
+    process = lmforge(*args)
+    wait_for_step(run, 25, process)
+    process.send_signal(getattr(signal, how))
+    _, err = process.communicate(timeout=60)
+    if how == "SIGTERM":
+        assert process.returncode == 128 + signal.SIGTERM
+        assert "SIGTERM at step" in err and "continue with" in err
+        stopped_at = int(err.split("SIGTERM at step ")[1].split(";")[0])
+        assert 25 <= stopped_at < 150
+        assert max(c.step for c in ckpt.list_checkpoints(run)) == stopped_at  # saved on the signal
+    else:
+        assert process.returncode == -signal.SIGKILL
+    resumed = resume_run(config_file, run, *longer)
+    assert resumed.returncode == 0, resumed.stderr
+    ref_steps, ref_evals = read_metrics(tmp_path / "reference")
+    steps, evals = read_metrics(run)
+    assert [e["step"] for e in steps] == list(range(1, 151))
+    for key in ("loss", "grad_norm", "lr"):  # bit-identical on CPU in fp32
+        assert [e[key] for e in steps] == [e[key] for e in ref_steps], key
+    assert [(e["step"], e["val_loss"]) for e in evals] == [(e["step"], e["val_loss"]) for e in ref_evals]
+
+
+DYING_SAVE = """
+import os, signal, sys, torch
+from lmforge.train import checkpoint
+real_save, calls = torch.save, []
+def dying_save(obj, f, *args, **kwargs):
+    calls.append(f)
+    real_save(obj, f, *args, **kwargs)
+    if len(calls) == 2:  # the second checkpoint: killed after writing part of it
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.torch.save = dying_save
+from lmforge.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_save_keeps_previous_checkpoint(cli, config_file: Path, tmp_path: Path) -> None:
+    assert run_train(cli, config_file, tmp_path / "reference")[0] == 0
+    run = tmp_path / "run"
+    args = [sys.executable, "-c", DYING_SAVE, "train", str(config_file), "--out", str(run)]
+    for item in TINY:
+        args += ["--set", item]
+    killed = subprocess.run(args, capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL
+    checkpoints = ckpt.list_checkpoints(run)
+    assert [c.step for c in checkpoints] == [10]  # the half-written step 20 never appeared
+    assert list((run / "checkpoints").glob(".tmp-*"))  # its staging folder is what was left
+    ckpt.verify_checkpoint(checkpoints[0].path)
+    resumed = resume_run(config_file, run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert [e["loss"] for e in read_metrics(run)[0]] == [e["loss"] for e in read_metrics(tmp_path / "reference")[0]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["model.block_size=100000"], "model.block_size 100000 is larger than the train split"),
+        (["model.vocab_size=10"], "model.vocab_size 10 is smaller than the data's vocabulary (59 in"),
+        (["data.dir=/nonexistent/data"], "/nonexistent/data: not a prepared data folder"),
+        (["model.n_head=3"], "model.d_model (32) must be divisible by model.n_head (3)"),
+        (["train.max_stepz=3"], "unknown key train.max_stepz"),
+        (["train.dtype=fp16"], "train.dtype fp16 needs CUDA"),
+    ],
+)
+def test_bad_training_input(cli, config_file: Path, tmp_path: Path, extra: list[str], message: str) -> None:
+    code, _, err = run_train(cli, config_file, tmp_path / "run", *extra)
+    assert code == 1
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_dir_protection_and_resume_errors(cli, config_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    code, _, err = run_train(cli, config_file, run)
+    assert code == 0, err
+    before = (run / "metrics.jsonl").read_bytes()
+    code, _, err = run_train(cli, config_file, run)
+    assert code == 1 and "exists; pass --resume to continue that run or --overwrite" in err
+    assert (run / "metrics.jsonl").read_bytes() == before
+    code, _, err = cli("train", config_file, "--out", tmp_path / "fresh", "--resume")
+    assert code == 1 and "--resume: no checkpoint in" in err
+    # Another architecture cannot resume this run.
+    code, _, err = cli("train", config_file, "--out", run, "--resume", *sum((["--set", s] for s in TINY), []),
+                       "--set", "model.n_layer=3")
+    assert code == 1 and "checkpoint of another architecture (model.n_layer: 2 in the checkpoint, 3 in the config)" in err
+    # A truncated checkpoint is detected, not loaded.
+    last = ckpt.list_checkpoints(run)[-1].path
+    weights = last / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, _, err = cli("train", "--out", run, "--resume")
+    assert code == 1 and "corrupted checkpoint (model.safetensors does not match its sha256" in err
+    code, _, err = cli("sample", last)
+    assert code == 1 and "corrupted checkpoint" in err
+    # --overwrite starts over.
+    code, _, err = cli("train", config_file, "--out", run, "--overwrite", *sum((["--set", s] for s in TINY), []))
+    assert code == 0, err
+
+
+def test_nan_loss_stops_without_saving_over_a_good_checkpoint(config_file: Path, tmp_path: Path) -> None:
+    config = load_config(config_file, [*TINY, "optim.name=sgd", "optim.lr=1e12", "schedule.min_lr=0",
+                                       "optim.grad_clip=0", "schedule.warmup_steps=0", "train.checkpoint_interval=1"])
+    with pytest.raises(LmforgeError, match=r"loss is (nan|inf) .* at step (\d+); stopped without saving") as info:
+        train(config, tmp_path / "run")
+    for c in ckpt.list_checkpoints(tmp_path / "run"):
+        model = ckpt.load_for_inference(c.path, "last", torch.device("cpu")).model
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "the last good checkpoint is" in str(info.value)
+
+
+def test_on_nan_skip_skips_the_batch(config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.nn.functional as F
+
+    from lmforge.model import gpt
+
+    calls = {"n": 0}
+    real = F.cross_entropy
+
+    def poisoned(*args, **kwargs):  # the loss of the 3rd training step is NaN
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(gpt.F, "cross_entropy", poisoned)
+    config = load_config(config_file, [*TINY, "train.on_nan=skip", "train.max_steps=5", "train.eval_interval=0"])
+    summary = train(config, tmp_path / "run")
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [e.get("skipped", False) for e in steps] == [False, False, True, False, False]
+    assert summary.steps == 5 and math.isfinite(summary.final_eval.loss)
+
+
+def test_bf16_autocast_trains(config_file: Path, tmp_path: Path) -> None:
+    config = load_config(config_file, [*TINY, "train.dtype=bf16", "train.max_steps=20"])
+    summary = train(config, tmp_path / "run")
+    steps, evals = read_metrics(tmp_path / "run")
+    assert steps[-1]["loss"] < steps[0]["loss"] - 0.5 and math.isfinite(summary.final_eval.loss)
+
+
+def test_grad_accumulation_matches_a_bigger_batch(config_file: Path, tmp_path: Path) -> None:
+    """Two micro-batches of 4 per step: the logged loss is their mean, not their sum."""
+    config = load_config(config_file, [*TINY, "train.batch_size=4", "train.grad_accum_steps=2", "train.max_steps=10"])
+    summary = train(config, tmp_path / "run")
+    steps, _ = read_metrics(tmp_path / "run")
+    assert summary.steps == 10 and steps[0]["loss"] == pytest.approx(math.log(59), rel=0.1)
+    assert steps[-1]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_compile_trains(config_file: Path, tmp_path: Path) -> None:
+    config = load_config(config_file, [*TINY, "train.compile=true", "train.max_steps=8", "train.eval_interval=0"])
+    summary = train(config, tmp_path / "run")
+    steps, _ = read_metrics(tmp_path / "run")
+    assert summary.steps == 8 and steps[-1]["loss"] < steps[0]["loss"]
