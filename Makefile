@@ -22,6 +22,9 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/lmforge prepare tinyshakespeare --tokenizer char --out $(DEMO_OUT)/data/shakespeare-char --overwrite
+	$(BIN)/lmforge train configs/shakespeare-char.toml --set data.dir=$(DEMO_OUT)/data/shakespeare-char \
+		--out $(DEMO_OUT)/runs/shakespeare-char --overwrite
+	$(BIN)/lmforge sample $(DEMO_OUT)/runs/shakespeare-char --num-samples 2 --max-new-tokens 400
 
 test: install
 	$(BIN)/python -m pytest -q
