@@ -18,6 +18,17 @@ EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from lmforge.data.prepare import prepare
 
@@ -46,7 +57,7 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tokenizer", required=True, metavar="{char,byte,bpe,PATH}", help="a built-in kind or a tokenizer.json"
     )
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 8192)")
+    p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE vocabulary size (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed for the choice of validation documents")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -139,7 +150,7 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
                          description="Evaluate a checkpoint over the whole val split of prepared data.")
     _add_checkpoint_args(p)
     p.add_argument("--data", help="prepared data folder (default: the run's data.dir)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_eval)
 
@@ -157,8 +168,6 @@ def _sample(args: argparse.Namespace) -> int:
         raise LmforgeError(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 1:
-        raise LmforgeError(f"--top-k must be >= 1, got {args.top_k}")
     device = resolve_device(args.device)
     loaded = load_for_inference(Path(args.target), args.checkpoint, device)
     tokenizer = load_tokenizer(loaded.tokenizer_file)
@@ -192,12 +201,12 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
                          description="Generate text autoregressively with a KV cache, streaming it as it comes.")
     _add_checkpoint_args(p)
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--max-new-tokens", type=positive_int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-k", type=positive_int, default=200)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=positive_int, default=1)
     p.set_defaults(run=_sample)
 
 
