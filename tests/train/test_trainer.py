@@ -186,6 +186,18 @@ def test_run_dir_protection_and_resume_errors(cli, config_file: Path, tmp_path: 
     assert code == 0, err
 
 
+def test_data_with_another_tokenizer_is_refused(cli, config_file: Path, char_data: Path, tmp_path: Path) -> None:
+    assert run_train(cli, config_file, tmp_path / "run")[0] == 0
+    (tmp_path / "other.txt").write_text("completely different text, other characters: XYZ 123\n" * 200)
+    code, _, err = cli("prepare", tmp_path / "other.txt", "--tokenizer", "char", "--out", tmp_path / "other", "-q")
+    assert code == 0, err
+    code, _, err = cli("eval", tmp_path / "run", "--data", tmp_path / "other")
+    assert code == 1 and "its tokenizer differs from the one of checkpoint" in err
+    code, _, err = cli("train", "--out", tmp_path / "run", "--resume", "--set", f"data.dir={tmp_path / 'other'}",
+                       "--set", "train.max_steps=50")
+    assert code == 1 and "its tokenizer differs" in err
+
+
 def test_nan_loss_stops_without_saving_over_a_good_checkpoint(config_file: Path, tmp_path: Path) -> None:
     config = load_config(config_file, [*TINY, "optim.name=sgd", "optim.lr=1e12", "schedule.min_lr=0",
                                        "optim.grad_clip=0", "schedule.warmup_steps=0", "train.checkpoint_interval=1"])

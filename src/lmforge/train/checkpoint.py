@@ -14,7 +14,6 @@ catches files truncated or altered afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from lmforge.config import Config, load_config
+from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
 
 CHECKPOINTS = "checkpoints"
@@ -40,14 +40,6 @@ class CheckpointInfo:
     path: Path
     step: int
     val_loss: float | None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -77,7 +69,7 @@ def save_checkpoint(
         torch.save(state, staging / "state.pt")
         (staging / "config.toml").write_text(config.to_toml())
         shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
-        meta = {"step": step, "val_loss": val_loss, "sha256": {name: _sha256(staging / name) for name in FILES}}
+        meta = {"step": step, "val_loss": val_loss, "sha256": {name: file_sha256(staging / name) for name in FILES}}
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         for name in (*FILES, "meta.json"):
             _fsync(staging / name)
@@ -148,7 +140,7 @@ def verify_checkpoint(path: Path) -> dict:
         file = path / name
         if not file.is_file():
             raise LmforgeError(f"{path}: corrupted checkpoint ({name} is missing)")
-        if _sha256(file) != expected.get(name):
+        if file_sha256(file) != expected.get(name):
             raise LmforgeError(f"{path}: corrupted checkpoint ({name} does not match its sha256; truncated or altered)")
     return meta
 
