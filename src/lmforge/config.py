@@ -48,6 +48,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     bias: bool = True
     dropout: float = 0.0
+    zero_init_residual: bool = False  # start attention and MLP output projections at zero
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     on_nan: Literal["stop", "skip"] = "stop"
+    stop_at_val_loss: float | None = None  # end the run at the first eval at or below this loss
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
 
@@ -235,6 +238,7 @@ def validate(config: Config, origin: str) -> None:
     need(m.mlp_hidden is None or m.mlp_hidden > 0, "model.mlp_hidden", "must be positive")
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     need(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    need(m.logit_softcap is None or m.logit_softcap > 0, "model.logit_softcap", "must be positive")
     need(o.lr > 0, "optim.lr", "must be positive")
     need(o.muon_lr > 0, "optim.muon_lr", "must be positive")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")

@@ -150,3 +150,36 @@ def test_sampling_filters() -> None:
     assert {sample_next(logits, 1.0, None, 0.5, g).item() for _ in range(20)} == {3}
     assert {sample_next(logits, 1.0, None, 0.85, g).item() for _ in range(200)} == {2, 3}  # 0.64 + 0.24
     assert sample_next(logits, 0.0, None, None, g).item() == 3
+
+
+def test_zero_init_residual_starts_every_block_as_identity() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(zero_init_residual=True))
+    for block in model.blocks:
+        assert block.attn.proj.weight.abs().sum() == 0 and block.mlp.down.weight.abs().sum() == 0
+    x = torch.randn(2, 5, 32)
+    assert torch.equal(model.blocks[0](x, None, None), x)
+    assert GPT(tiny()).blocks[0].mlp.down.weight.abs().sum() > 0
+
+
+def test_logit_softcap_bounds_the_logits() -> None:
+    torch.manual_seed(0)
+    plain, capped = GPT(tiny()), GPT(tiny(logit_softcap=0.5))
+    capped.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 50, (2, 8))
+    raw, _ = plain(idx)
+    logits, _ = capped(idx)
+    assert logits.abs().max() < 0.5
+    torch.testing.assert_close(logits, 0.5 * torch.tanh(raw / 0.5))
+
+
+def test_bf16_autocast_attention_runs_in_fp32_on_cpu() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(qk_norm=True, position="rope"))
+    idx = torch.randint(0, 50, (2, 16))
+    reference, _ = model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, idx)
+    assert logits.dtype == torch.bfloat16
+    loss.backward()
+    torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05)

@@ -252,3 +252,22 @@ def test_compile_trains(config_file: Path, tmp_path: Path) -> None:
     summary = train(config, tmp_path / "run")
     steps, _ = read_metrics(tmp_path / "run")
     assert summary.steps == 8 and steps[-1]["loss"] < steps[0]["loss"]
+
+
+def test_stop_at_val_loss_ends_the_run_early(config_file: Path, tmp_path: Path) -> None:
+    config = load_config(config_file, [*TINY, "train.max_steps=200", "train.stop_at_val_loss=3.0"])
+    summary = train(config, tmp_path / "run")
+    _, evals = read_metrics(tmp_path / "run")
+    assert summary.steps < 200 and evals[-1]["val_loss"] <= 3.0
+    assert all(e["val_loss"] > 3.0 for e in evals[:-1])  # it stopped at the first eval that reached it
+    assert summary.steps == evals[-1]["step"] and ckpt.list_checkpoints(tmp_path / "run")[-1].step == summary.steps
+
+
+def test_speedrun_recipe_loads_and_trains(char_data: Path, tmp_path: Path) -> None:
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    config = load_config(configs / "speedrun-shakespeare-char-cpu.toml",
+                         [f"data.dir={char_data}", "train.max_steps=6", "log.progress=false", "train.eval_interval=3"])
+    assert config.optim.name == "muon" and config.model.zero_init_residual and config.train.dtype == "bf16"
+    summary = train(config, tmp_path / "run")
+    steps, evals = read_metrics(tmp_path / "run")
+    assert summary.steps == 6 and evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(59) + 0.1

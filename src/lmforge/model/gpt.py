@@ -7,6 +7,7 @@ attention and QK-norm. Parallelism, checkpointing and data live outside the mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -32,21 +33,22 @@ def mlp_hidden_size(config: ModelConfig) -> int:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding: rotates pairs of q/k channels by position-dependent angles."""
+    """Rotary position embedding in the rotate-half layout (GPT-NeoX, Llama): channel i of
+    the first half pairs with channel i of the second half, rotated by a position-dependent angle."""
 
     def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq).repeat(1, 2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: [B, H, T, D]; positions start..start+T-1."""
-        T = x.size(-2)
+        T, half = x.size(-2), x.size(-1) // 2
         cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
 
 
 @dataclass
@@ -89,8 +91,9 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.q_norm is not None:  # weights cast to the input's dtype: mixed dtypes miss the fused kernel
+            q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
+            k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
         start = cache.length if cache is not None else 0
         if rotary is not None:
             q, k = rotary(q, start), rotary(k, start)
@@ -102,12 +105,16 @@ class Attention(nn.Module):
             if start > 0:  # new queries see every cached position and the causal part of their own
                 causal = False
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )
-        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+        dtype, fp32_attention = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
+        if fp32_attention:  # PyTorch's CPU flash-attention backward is ~4x slower in bf16 than in fp32
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )
+        return self.proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -168,7 +175,10 @@ class GPT(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            residual = getattr(module, "residual", False)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
+            if residual and self.config.zero_init_residual:  # each block starts as the identity
+                std = 0.0
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -192,6 +202,9 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         logits = self.head(self.norm(x))
+        if self.config.logit_softcap is not None:  # bounds the logits smoothly (Gemma 2, modded-nanogpt)
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))

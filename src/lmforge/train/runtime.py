@@ -61,7 +61,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(device: torch.device, dtype: str, seconds: float = 0.3) -> float:
+def matmul_peak_flops(device: torch.device, dtype: str, seconds: float = 0.15) -> float:
     """Measured dense-matmul FLOP/s for this device and dtype: the denominator of MFU."""
     n = 4096 if device.type == "cuda" else 1024
     a = torch.full((n, n), 0.5, device=device, dtype=DTYPES[dtype])  # no RNG use: seeding stays exact

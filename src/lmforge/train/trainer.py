@@ -172,7 +172,8 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     t = config.train
     device = resolve_device(t.device)
     amp = autocast(device, t.dtype)
-    torch.use_deterministic_algorithms(t.deterministic)
+    if t.deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._dynamo: ~1 s
+        torch.use_deterministic_algorithms(t.deterministic)
     seed_everything(t.seed)
     model = GPT(config.model).to(device)
     optimizers = build_optimizers(model, config.optim)
@@ -297,9 +298,13 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
                 improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
                 if improved:
                     state.best_val_loss = val_loss
+                reached = val_loss is not None and t.stop_at_val_loss is not None and val_loss <= t.stop_at_val_loss
                 periodic = t.checkpoint_interval and state.step % t.checkpoint_interval == 0
-                if periodic or improved or state.step == max_steps:
+                if periodic or improved or reached or state.step == max_steps:
                     latest_checkpoint, last_saved_step = save(val_loss), state.step
+                if reached:
+                    bar.write(f"step {state.step}: val loss {val_loss:.4f} <= train.stop_at_val_loss; stopping")
+                    break
                 if stop.received is not None:
                     if last_saved_step != state.step:
                         latest_checkpoint, last_saved_step = save(None), state.step
