@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
+from lmforge.data import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
@@ -41,3 +42,24 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return code, captured.out, captured.err
 
     return run
+
+
+TINY = [
+    "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=32",
+    "train.batch_size=8", "train.max_steps=40", "train.eval_interval=10", "train.checkpoint_interval=10",
+    "train.eval_batch_size=64", "schedule.warmup_steps=5", "optim.lr=3e-3", "schedule.min_lr=3e-4",
+    "train.device=cpu", "log.progress=false",
+]
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 60 kB of TinyShakespeare, char-level (falls back to a local text without shared data)."""
+    data_dir = Path(os.environ.get("LMFORGE_DATA_DIR", DEFAULT_DATA_DIR))
+    source = data_dir / "tinyshakespeare" / "input.txt"
+    if not source.is_file():
+        pytest.skip(f"shared data not found at {data_dir}")
+    root = tmp_path_factory.mktemp("chardata")
+    (root / "text.txt").write_text(source.read_text()[:60_000])
+    prepare(str(root / "text.txt"), root / "data", tokenizer="char", progress=False)
+    return root / "data"

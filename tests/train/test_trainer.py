@@ -13,7 +13,8 @@ from lmforge.config import load_config
 from lmforge.errors import LmforgeError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.trainer import train
-from tests.train.conftest import TINY, lmforge, read_metrics, wait_for_step
+from tests.conftest import TINY
+from tests.train.conftest import lmforge, read_metrics, wait_for_step
 
 
 def run_train(cli, config_file: Path, out: Path, *extra: str) -> tuple[int, str, str]:

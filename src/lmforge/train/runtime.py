@@ -63,7 +63,7 @@ def synchronize(device: torch.device) -> None:
 
 def matmul_peak_flops(device: torch.device, dtype: str, seconds: float = 0.15) -> float:
     """Measured dense-matmul FLOP/s for this device and dtype: the denominator of MFU."""
-    n = 4096 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048  # big enough to reach the plateau of the curve
     a = torch.full((n, n), 0.5, device=device, dtype=DTYPES[dtype])  # no RNG use: seeding stays exact
     b = torch.full((n, n), 0.25, device=device, dtype=DTYPES[dtype])
     a @ b  # warm-up

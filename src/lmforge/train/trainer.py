@@ -7,6 +7,7 @@ the data sampler's generator, every RNG state and the loop counters.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -113,6 +114,46 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+class Stepper:
+    """One optimizer update: forward and backward over the micro-batches, unscale, clip, step.
+
+    Split in two so the loop can inspect the loss and grad norm before deciding to apply
+    the update; benchmarks call it as it is, so they time the real training step.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
+                 amp: contextlib.AbstractContextManager, device: torch.device, grad_accum_steps: int,
+                 grad_clip: float, compile: bool = False) -> None:
+        self.model, self.optimizers, self.scaler, self.amp, self.device = model, optimizers, scaler, amp, device
+        self.forward = torch.compile(model) if compile else model
+        self.grad_accum_steps = grad_accum_steps
+        self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
+
+    def gradients(self, batches: RandomWindows) -> tuple[float, float]:
+        """Accumulate gradients; return (mean loss, global grad norm before clipping)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(self.grad_accum_steps):
+            x, y = next(batches)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.amp:
+                _, loss = self.forward(x, y)
+            self.scaler.scale(loss / self.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        return loss_sum.item() / self.grad_accum_steps, grad_norm.item()
+
+    def update(self, apply: bool = True) -> None:
+        """Step the optimizers (unless told to skip this batch) and clear the gradients."""
+        if apply:
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
+        self.scaler.update()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+
 def open_data(config: Config) -> PreparedData:
     """Open `data.dir` and reconcile the model's vocabulary and block size with it."""
     if not config.data.dir:
@@ -199,7 +240,7 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     (run_dir / "config.toml").write_text(config.to_toml())
     shutil.copyfile(data.dir / "tokenizer.json", run_dir / "tokenizer.json")
 
-    forward = torch.compile(model) if t.compile else model
+    stepper = Stepper(model, optimizers, scaler, amp, device, t.grad_accum_steps, config.optim.grad_clip, t.compile)
     tokens_per_step = t.batch_size * t.grad_accum_steps * config.model.block_size
     flops_per_step = model.flops_per_token() * tokens_per_step
     peak_flops = matmul_peak_flops(device, t.dtype)
@@ -209,7 +250,6 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     last_eval_step = last_saved_step = -1
     latest_checkpoint = resume_from
     consecutive_skips = 0
-    max_grad_norm = config.optim.grad_clip or math.inf  # inf: measure the norm, never clip
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     wall_offset = state.elapsed_s - (time.perf_counter() - start_wall)
 
@@ -237,19 +277,7 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
                 step_start = time.perf_counter()
                 factor = lr_factor(state.step, config.schedule, max_steps, config.optim.lr)
                 set_lr_factor(optimizers, factor)
-                loss_sum = torch.zeros((), device=device)
-                for _ in range(t.grad_accum_steps):
-                    x, y = next(batches)
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with amp:
-                        _, loss = forward(x, y)
-                    scaler.scale(loss / t.grad_accum_steps).backward()
-                    loss_sum += loss.detach()
-                loss_value = loss_sum.item() / t.grad_accum_steps
-                for optimizer in optimizers:
-                    scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-                grad_norm_value = grad_norm.item()
+                loss_value, grad_norm_value = stepper.gradients(batches)
                 finite = math.isfinite(loss_value) and (math.isfinite(grad_norm_value) or scaler.is_enabled())
                 if not finite:
                     if t.on_nan == "stop":
@@ -264,11 +292,7 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
                     state.skipped_steps += 1
                 else:
                     consecutive_skips = 0
-                    for optimizer in optimizers:
-                        scaler.step(optimizer)
-                scaler.update()
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
+                stepper.update(apply=finite)
                 state.step += 1
                 state.tokens_seen += tokens_per_step
                 step_seconds = time.perf_counter() - step_start

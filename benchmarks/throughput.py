@@ -1,0 +1,171 @@
+"""Steady-state training throughput: tokens/s, ms/step, MFU and peak memory.
+
+Each measurement runs in a fresh process (so peak memory and compile caches are its own)
+and times the real training step (`lmforge.train.trainer.Stepper`) on random tokens,
+after warm-up steps. MFU divides the model's FLOPs by the matmul peak measured in the
+same process for the dtype in use.
+
+    .venv/bin/python benchmarks/throughput.py                      # nanoGPT recipe: fp32 / bf16 / compile
+    .venv/bin/python benchmarks/throughput.py --sweep --plot out/throughput.png   # d_model x block_size
+    .venv/bin/python benchmarks/throughput.py --config configs/speedrun-shakespeare-char-cpu.toml --modes bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "nanogpt-shakespeare-char-cpu.toml"
+MODES = {"fp32": ["train.dtype=fp32"], "bf16": ["train.dtype=bf16"],
+         "fp32+compile": ["train.dtype=fp32", "train.compile=true"], "bf16+compile": ["train.dtype=bf16", "train.compile=true"]}
+
+
+def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, budget_s: float = 1e9) -> dict:
+    """Time up to `steps` training steps (at least 3, at most `budget_s` seconds) after `warmup` ones."""
+    import numpy as np
+    import torch
+
+    from lmforge.config import load_config
+    from lmforge.data.loader import RandomWindows
+    from lmforge.model import GPT
+    from lmforge.train.optim import build_optimizers
+    from lmforge.train.runtime import autocast, matmul_peak_flops, resolve_device, synchronize
+    from lmforge.train.trainer import Stepper
+
+    config = load_config(config_path, overrides)
+    m, t = config.model, config.train
+    m.vocab_size = m.vocab_size or 65
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=max(200_000, 4 * m.block_size * t.batch_size),
+                                               dtype=np.int64).astype(np.uint32)
+    batches = RandomWindows(tokens, m.block_size, t.batch_size, seed=t.seed)
+    model = GPT(m).to(device)
+    optimizers = build_optimizers(model, config.optim)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "fp16")
+    stepper = Stepper(model, optimizers, scaler, autocast(device, t.dtype), device, t.grad_accum_steps,
+                      config.optim.grad_clip, t.compile)
+    peak = matmul_peak_flops(device, t.dtype, seconds=0.5)
+    times: list[float] = []
+    while len(times) < warmup + steps and (len(times) < warmup + 3 or sum(times[warmup:]) < budget_s):
+        start = time.perf_counter()
+        stepper.gradients(batches)
+        stepper.update()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times[warmup:])
+    tokens_per_step = t.batch_size * t.grad_accum_steps * m.block_size
+    tokens_per_s = tokens_per_step / step_s
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"params": model.num_params(), "tokens_per_step": tokens_per_step, "first_step_s": times[0],
+            "ms_per_step": 1000 * step_s, "tokens_per_s": tokens_per_s,
+            "mfu": model.flops_per_token() * tokens_per_s / peak, "peak_gflops": peak / 1e9,
+            "peak_memory_mb": memory / 2**20}
+
+
+def run_child(config: Path, overrides: list[str], steps: int, warmup: int, budget_s: float = 1e9) -> dict:
+    spec = {"config": str(config), "overrides": overrides, "steps": steps, "warmup": warmup, "budget_s": budget_s}
+    args = [sys.executable, __file__, "--child", json.dumps(spec)]
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"measurement failed ({overrides}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def line(label: str, r: dict) -> str:
+    return (f"{label:<28} {r['ms_per_step']:8.1f} ms/step {r['tokens_per_s']:10,.0f} tok/s  MFU {r['mfu']:6.1%} "
+            f"(peak {r['peak_gflops']:.0f} GFLOP/s)  first step {r['first_step_s']:5.1f} s  peak mem {r['peak_memory_mb']:,.0f} MB")
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for block in args.blocks:
+        for d_model in args.d_models:
+            batch = max(1, args.tokens_per_step // block)
+            overrides = [f"model.d_model={d_model}", f"model.n_head={max(1, d_model // 64)}", f"model.block_size={block}",
+                         f"train.batch_size={batch}", f"train.dtype={args.dtype}", *args.set]
+            r = run_child(args.config, overrides, args.steps, warmup=1, budget_s=args.budget_s)
+            r.update(d_model=d_model, block_size=block, batch_size=batch)
+            rows.append(r)
+            print(line(f"d_model {d_model} block {block}", r), flush=True)
+    return rows
+
+
+def plot(rows: list[dict], path: Path, dtype: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tok, ax_mfu) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for block in sorted({r["block_size"] for r in rows}):
+        points = sorted((r["d_model"], r["tokens_per_s"], r["mfu"]) for r in rows if r["block_size"] == block)
+        ax_tok.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"block {block}")
+        ax_mfu.plot([p[0] for p in points], [100 * p[2] for p in points], marker="o", label=f"block {block}")
+    ax_tok.set(xlabel="d_model", ylabel="tokens/s", yscale="log", title=f"Training throughput ({dtype})")
+    ax_mfu.set(xlabel="d_model", ylabel="MFU (%)", title="MFU vs in-process matmul peak")
+    for ax in (ax_tok, ax_mfu):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["fp32", "bf16", "fp32+compile"])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--budget-s", type=float, default=8.0, help="sweep: timed seconds per point (>= 3 steps)")
+    parser.add_argument("--set", action="append", default=[], help="config override for every measurement")
+    parser.add_argument("--sweep", action="store_true", help="sweep d_model x block_size instead of modes")
+    parser.add_argument("--d-models", type=int, nargs="+", default=[128, 256, 512, 768])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--tokens-per-step", type=int, default=4096)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--table", type=Path, help="write the sweep as JSON lines here")
+    parser.add_argument("--plot", type=Path, help="write the sweep plot (PNG) here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(measure(Path(spec["config"]), spec["overrides"], spec["steps"], spec["warmup"], spec["budget_s"])))
+        return
+    import torch
+
+    print(f"{args.config.name}: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpus, "
+          f"{torch.get_num_threads()} threads")
+    if args.sweep:
+        rows = sweep(args)
+        if args.table:
+            args.table.parent.mkdir(parents=True, exist_ok=True)
+            args.table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if args.plot:
+            plot(rows, args.plot, args.dtype)
+        return
+    results = {}
+    for mode in args.modes:
+        results[mode] = run_child(args.config, [*MODES[mode], *args.set], args.steps, args.warmup)
+        print(line(mode, results[mode]), flush=True)
+    if "fp32" in results:
+        for mode, r in results.items():
+            if mode != "fp32":
+                print(f"{mode} / fp32 speed: {results['fp32']['ms_per_step'] / r['ms_per_step']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end on tiny settings and print/write what they promise."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.slow
+def test_throughput_modes_and_sweep_with_plot(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text("[model]\nn_layer = 1\nn_head = 1\nd_model = 32\nblock_size = 16\n[train]\nbatch_size = 2\n")
+    run = [sys.executable, str(BENCHMARKS / "throughput.py"), "--config", str(config), "--steps", "2", "--warmup", "1"]
+    modes = subprocess.run([*run, "--modes", "fp32", "bf16"], capture_output=True, text=True, check=True).stdout
+    assert "fp32" in modes and "bf16 / fp32 speed:" in modes and "tok/s" in modes and "MFU" in modes
+    sweep = subprocess.run([*run, "--sweep", "--d-models", "32", "64", "--blocks", "8", "16", "--tokens-per-step", "32",
+                            "--table", str(tmp_path / "sweep.jsonl"), "--plot", str(tmp_path / "sweep.png")],
+                           capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
+    assert [(r["d_model"], r["block_size"]) for r in rows] == [(32, 8), (64, 8), (32, 16), (64, 16)]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in rows)
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written" in sweep
+
+
+@pytest.mark.slow
+def test_speedrun_reports_time_to_target_and_ratio(char_data: Path, tmp_path: Path) -> None:
+    configs = []
+    for name, lr in [("slow", "1e-3"), ("fast", "3e-3")]:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f"[optim]\nlr = {lr}\n")
+        configs.append(str(path))
+    overrides = sum((["--set", item] for item in TINY if not item.startswith("optim.lr")), [])
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "speedrun.py"), "--configs", *configs, "--target", "3.5",
+                             "--data", str(char_data), *overrides], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("slow.toml: reached val loss") and lines[2].startswith("fast.toml: reached")
+    assert lines[3].startswith("ratio fast.toml / slow.toml:")
