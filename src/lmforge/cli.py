@@ -210,7 +210,47 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_sample)
 
 
-VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_prepare, _add_train, _add_eval, _add_sample)
+def _export(args: argparse.Namespace) -> int:
+    from lmforge.interop.hf import export_checkpoint
+
+    out = export_checkpoint(Path(args.target), Path(args.out), args.checkpoint, args.dtype,
+                            int(args.max_shard_size_gb * 10**9), args.overwrite)
+    print(f"exported {args.target} to {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _add_export(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face transformers folder",
+                         description="Export a checkpoint as a standard transformers model folder (Llama, Qwen3 or GPT-2).")
+    p.add_argument("target", help="a run folder or a checkpoint folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="shard the weights above this size")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(run=_export)
+
+
+def _import(args: argparse.Namespace) -> int:
+    from lmforge.interop.hf import import_folder
+
+    out = import_folder(Path(args.hf_dir), Path(args.out), args.overwrite)
+    print(f"imported {args.hf_dir} into {out} (sample, eval, or train with train.init_from = \"{out}\")")
+    return 0
+
+
+def _add_import(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("import", help="turn a local Hugging Face model folder into an lmforge run",
+                         description="Import a local transformers folder (Llama, Mistral, Qwen2, Qwen3, GPT-2).")
+    p.add_argument("hf_dir", help="a local folder with config.json, weights and tokenizer.json")
+    p.add_argument("--out", required=True, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(run=_import)
+
+
+VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_prepare, _add_train, _add_eval, _add_sample, _add_export, _add_import,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,7 +42,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"  # gelu_tanh: GPT-2's approximation
     mlp_hidden: int | None = None  # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
     qk_norm: bool = False
     tie_embeddings: bool = True
@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     on_nan: Literal["stop", "skip"] = "stop"
     stop_at_val_loss: float | None = None  # end the run at the first eval at or below this loss
+    init_from: str = ""  # start from the weights of a run or checkpoint folder (e.g. `lmforge import`)
     deterministic: bool = False  # torch.use_deterministic_algorithms
 
 

@@ -10,10 +10,7 @@ when it is complete, so a failed run never damages existing work.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +25,7 @@ from lmforge import __version__
 from lmforge.data import tokenizer as tok
 from lmforge.data.sources import Corpus, open_corpus
 from lmforge.errors import LmforgeError
+from lmforge.staging import check_out, staged_folder
 
 DEFAULT_BPE_VOCAB = 8192
 BATCH_CHARS = 4 << 20  # text handed to one encode_batch call
@@ -81,7 +79,7 @@ def prepare(
     """Tokenize INPUT into OUT/{train,val}.bin, OUT/tokenizer.json and OUT/meta.json."""
     out = Path(out)
     _check_arguments(tokenizer, vocab_size, val_fraction, invalid_utf8)
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
     user_tokenizer = None if tokenizer in tok.BUILTIN_KINDS else tok.load_tokenizer(tokenizer)
     corpus = open_corpus(input, invalid_utf8)
     if any(out.resolve() in f.parents for f in corpus.files):
@@ -111,12 +109,7 @@ def prepare(
     split_char = int(scan.chars * (1.0 - val_fraction)) if is_val is None else None
     eot = tok.eot_id(tokenizer_obj) if scan.documents > 1 else None  # separators only between documents
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the folder's mode
-    try:
+    with staged_folder(out, overwrite) as staging:
         with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
             splits = {"train": _Split(train_file), "val": _Split(val_file)}
             _encode(corpus, tokenizer_obj, dtype, splits, is_val, split_char, eot, scan.text_bytes, progress)
@@ -147,9 +140,6 @@ def prepare(
             "lmforge_version": __version__,
         }
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
     report = PrepareReport(meta, scan.text_bytes, scan_seconds, time.perf_counter() - start - scan_seconds)
     print(
@@ -171,13 +161,6 @@ def _check_arguments(tokenizer: str, vocab_size: int | None, val_fraction: float
         raise LmforgeError(f"--invalid-utf8 must be 'error' or 'replace', got {invalid_utf8!r}")
     if tokenizer == "bpe" and vocab_size is not None:
         tok.check_bpe_vocab_size(vocab_size)
-
-
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LmforgeError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LmforgeError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
 
 
 def _scan(corpus: Corpus, scan: _Scan, collect_alphabet: bool, progress: bool) -> Iterator[str]:
@@ -276,14 +259,3 @@ def _encode(
                 in_val = is_val[index] if is_val is not None else position > split_char
                 batch.append(("val" if in_val else "train", None))
         flush()
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished folder into place, replacing `out` only now that it is complete."""
-    if out.exists():
-        retired = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, retired)
-        os.replace(staging, out)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, out)

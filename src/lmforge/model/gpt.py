@@ -134,7 +134,7 @@ class MLP(nn.Module):
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return self.down(h)
 
 

@@ -203,7 +203,15 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     run_dir = Path(run_dir)
     start_wall = time.perf_counter()
     resume_from = _check_run_dir(run_dir, resume, overwrite)
+    init_from = None
+    if config.train.init_from and resume_from is None:
+        init_from = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
+        ckpt.verify_checkpoint(init_from)
+        dropout = config.model.dropout  # the architecture is the checkpoint's; regularisation stays the config's
+        config.model = dataclasses.replace(ckpt.load_config_of(init_from).model, dropout=dropout)
     data = open_data(config)
+    if init_from is not None and (init_from / "tokenizer.json").read_bytes() != (data.dir / "tokenizer.json").read_bytes():
+        raise LmforgeError(f"{data.dir}: its tokenizer differs from the one of train.init_from {init_from}")
     if resume_from is not None:
         saved = ckpt.load_config_of(resume_from)
         check_same_architecture(saved.model, config.model, resume_from)
@@ -222,9 +230,14 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     batches = RandomWindows(data.train, config.model.block_size, t.batch_size, seed=t.seed)
     state = LoopState()
 
+    if init_from is not None:
+        ckpt.load_weights(init_from, model)
     if resume_from is not None:
         ckpt.load_weights(resume_from, model)
         saved_state = ckpt.load_state(resume_from)
+        if "optimizers" not in saved_state:
+            raise LmforgeError(f"{resume_from}: has no training state to resume (an imported checkpoint?); "
+                               f"start a new run with train.init_from = \"{resume_from}\"")
         for optimizer, optimizer_state in zip(optimizers, saved_state["optimizers"], strict=True):
             optimizer.load_state_dict(optimizer_state)
         scaler.load_state_dict(saved_state["scaler"])
