@@ -77,13 +77,13 @@ def _train(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
     from lmforge.train.trainer import TrainingInterrupted, train
 
-    if args.config is None:
-        if not (args.resume and args.out):
-            raise LmforgeError("CONFIG is required (it may be left out only with --resume --out RUN_DIR)")
-        config_path = Path(args.out) / "config.toml"
+    if args.config is not None:
+        config_path: Path | None = Path(args.config)
+    elif args.out:  # --resume: the run's own config; otherwise the defaults plus --set
+        config_path = Path(args.out) / "config.toml" if args.resume else None
     else:
-        config_path = Path(args.config)
-    config = load_config(config_path, args.set)
+        raise LmforgeError("give a CONFIG file, or --out RUN_DIR (with --set overrides or --resume)")
+    config = load_config(config_path, args.set, origin=str(config_path or "--set"))
     run_dir = Path(args.out) if args.out else Path("runs") / config_path.stem
     try:
         summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
@@ -101,14 +101,51 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("train", help="train a model from a TOML config", description="Train a model.")
-    p.add_argument("config", nargs="?", help="TOML config (optional with --resume: RUN_DIR/config.toml)")
+def _finetune(args: argparse.Namespace) -> int:
+    args.set = ["data.kind=sft", *args.set]  # the same loop as `train`, on prompt/completion data
+    return _train(args)
+
+
+def _add_finetune(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("finetune", help="fine-tune on prompt/completion JSONL (the train loop, prompt masked)",
+                         description="Fine-tune a model on DIR/train.jsonl, evaluating on DIR/eval.jsonl "
+                                     "(data.dir); start from a checkpoint with train.init_from.")
+    _add_run_args(p)
+    p.set_defaults(run=_finetune)
+
+
+def _tasks_prepare(args: argparse.Namespace) -> int:
+    from lmforge.data.tasks import prepare_task
+
+    counts = prepare_task(args.task, Path(args.out), Path(args.data_dir) if args.data_dir else None, args.overwrite)
+    print(f"{args.task}: " + ", ".join(f"{n:,} {split}" for split, n in counts.items()) + f" examples -> {args.out}")
+    return 0
+
+
+def _add_tasks(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("tasks", help="task datasets (sst2, multi30k, squad) as JSONL for finetune")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("prepare", help="write a task's train/eval JSONL files",
+                           description="Convert a shared task dataset into prompt/completion JSONL files.")
+    q.add_argument("task", choices=("sst2", "multi30k", "squad"))
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    q.set_defaults(run=_tasks_prepare)
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="TOML config (default: RUN_DIR/config.toml with --resume, else the defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.n_layer=6 (repeatable)")
     p.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+
+
+def _add_train(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("train", help="train a model from a TOML config", description="Train a model.")
+    _add_run_args(p)
     p.set_defaults(run=_train)
 
 
@@ -127,7 +164,7 @@ def _eval(args: argparse.Namespace) -> int:
     if (data_dir / "tokenizer.json").read_bytes() != loaded.tokenizer_file.read_bytes():
         raise LmforgeError(f"{data_dir}: its tokenizer differs from the one of checkpoint {loaded.path}")
     block_size = loaded.config.model.block_size
-    result = evaluate_lm(loaded.model, data.val, block_size, args.batch_size, device,
+    result = evaluate_lm(loaded.model, data.eval_batches(block_size, args.batch_size), device,
                          autocast(device, args.dtype), data.bytes_per_token("val"))
     if args.json:
         print(json.dumps({**result.as_dict(), "checkpoint": str(loaded.path), "step": loaded.step, "data": str(data_dir)}))
@@ -249,7 +286,7 @@ def _add_import(verbs: argparse._SubParsersAction) -> None:
 
 
 VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_prepare, _add_train, _add_eval, _add_sample, _add_export, _add_import,
+    _add_prepare, _add_train, _add_finetune, _add_eval, _add_sample, _add_export, _add_import, _add_tasks,
 )
 
 

@@ -27,7 +27,10 @@ from lmforge.errors import LmforgeError
 
 @dataclass
 class DataConfig:
-    dir: str = ""  # a folder written by `lmforge prepare`
+    dir: str = ""  # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and eval.jsonl
+    kind: Literal["tokens", "sft"] = "tokens"
+    tokenizer: str = ""  # sft: a tokenizer.json (default: train.init_from's)
+    on_bad_line: Literal["error", "skip"] = "error"  # sft: malformed JSONL lines
 
 
 @dataclass

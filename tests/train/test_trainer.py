@@ -146,7 +146,7 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(cli, config_file:
     ("extra", "message"),
     [
         (["model.block_size=100000"], "model.block_size 100000 is larger than the train split"),
-        (["model.vocab_size=10"], "model.vocab_size 10 is smaller than the data's vocabulary (59 in"),
+        (["model.vocab_size=10"], "model.vocab_size 10 is smaller than the data's vocabulary (59, tokenizer"),
         (["data.dir=/nonexistent/data"], "/nonexistent/data: not a prepared data folder"),
         (["model.n_head=3"], "model.d_model (32) must be divisible by model.n_head (3)"),
         (["train.max_stepz=3"], "unknown key train.max_stepz"),

@@ -51,6 +51,16 @@ class PreparedData:
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.dir / "tokenizer.json")
 
+    def train_batches(self, block_size: int, batch_size: int, seed: int) -> RandomWindows:
+        return RandomWindows(self.train, block_size, batch_size, seed)
+
+    def eval_batches(self, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return eval_windows(self.val, block_size, batch_size)
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.dir / "tokenizer.json"
+
     def bytes_per_token(self, split: str = "val") -> float | None:
         """UTF-8 bytes per token of a split, for bits-per-byte; None when unknown."""
         text_bytes = self.meta.get(f"{split}_bytes")

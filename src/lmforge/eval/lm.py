@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.data.loader import eval_windows
 
 
 @dataclass(frozen=True)
@@ -38,25 +37,23 @@ class LMEval:
 @torch.no_grad()
 def evaluate_lm(
     model: torch.nn.Module,
-    tokens: np.ndarray,
-    block_size: int,
-    batch_size: int,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
     bytes_per_token: float | None = None,
 ) -> LMEval:
-    """Token-weighted mean loss of `model` over every token of `tokens` as a target."""
+    """Token-weighted mean loss of `model` over every target of `batches` (targets of -100 are skipped)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     try:
-        for x, y in eval_windows(tokens, block_size, batch_size):
+        for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
                 logits, _ = model(x)
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-            count += y.numel()
+            count += int((y != -100).sum())
     finally:
         model.train(was_training)
     return LMEval(loss=total.item() / count, tokens=count, bytes_per_token=bytes_per_token)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from lmforge.config import Config, ModelConfig
 from lmforge.data.loader import PreparedData, RandomWindows
+from lmforge.data.sft import ExampleBatches, SFTData
 from lmforge.errors import LmforgeError
 from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
@@ -129,7 +130,7 @@ class Stepper:
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
 
-    def gradients(self, batches: RandomWindows) -> tuple[float, float]:
+    def gradients(self, batches: RandomWindows | ExampleBatches) -> tuple[float, float]:
         """Accumulate gradients; return (mean loss, global grad norm before clipping)."""
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(self.grad_accum_steps):
@@ -154,23 +155,28 @@ class Stepper:
             optimizer.zero_grad(set_to_none=True)
 
 
-def open_data(config: Config) -> PreparedData:
-    """Open `data.dir` and reconcile the model's vocabulary and block size with it."""
-    if not config.data.dir:
-        raise LmforgeError("data.dir is not set (a folder written by `lmforge prepare`)")
-    data = PreparedData.open(config.data.dir)
+def open_data(config: Config, init_from: Path | None = None) -> PreparedData | SFTData:
+    """Open the configured data and reconcile the model's vocabulary and block size with it."""
     model = config.model
+    if not config.data.dir:
+        raise LmforgeError("data.dir is not set (a folder written by `lmforge prepare` or `lmforge tasks prepare`)")
+    if config.data.kind == "sft":
+        tokenizer = config.data.tokenizer or (str(init_from / "tokenizer.json") if init_from else "")
+        if not tokenizer:
+            raise LmforgeError("data.tokenizer is not set (fine-tuning data needs a tokenizer.json or train.init_from)")
+        data: PreparedData | SFTData = SFTData(Path(config.data.dir), Path(tokenizer), model.block_size,
+                                               config.data.on_bad_line)
+    else:
+        data = PreparedData.open(config.data.dir)
+        if model.block_size >= len(data.train):
+            raise LmforgeError(f"model.block_size {model.block_size} is larger than the train split ({len(data.train)} tokens)")
+        if len(data.val) < 2:
+            raise LmforgeError(f"{data.dir}: the val split needs at least 2 tokens to evaluate")
     if model.vocab_size is None:
         model.vocab_size = data.vocab_size
     elif model.vocab_size < data.vocab_size:
-        raise LmforgeError(
-            f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary "
-            f"({data.vocab_size} in {data.dir / 'meta.json'})"
-        )
-    if model.block_size >= len(data.train):
-        raise LmforgeError(f"model.block_size {model.block_size} is larger than the train split ({len(data.train)} tokens)")
-    if len(data.val) < 2:
-        raise LmforgeError(f"{data.dir}: the val split needs at least 2 tokens to evaluate")
+        raise LmforgeError(f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary "
+                           f"({data.vocab_size}, tokenizer {data.tokenizer_file})")
     return data
 
 
@@ -209,13 +215,13 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
         ckpt.verify_checkpoint(init_from)
         dropout = config.model.dropout  # the architecture is the checkpoint's; regularisation stays the config's
         config.model = dataclasses.replace(ckpt.load_config_of(init_from).model, dropout=dropout)
-    data = open_data(config)
-    if init_from is not None and (init_from / "tokenizer.json").read_bytes() != (data.dir / "tokenizer.json").read_bytes():
+    data = open_data(config, init_from)
+    if init_from is not None and (init_from / "tokenizer.json").read_bytes() != data.tokenizer_file.read_bytes():
         raise LmforgeError(f"{data.dir}: its tokenizer differs from the one of train.init_from {init_from}")
     if resume_from is not None:
         saved = ckpt.load_config_of(resume_from)
         check_same_architecture(saved.model, config.model, resume_from)
-        if (resume_from / "tokenizer.json").read_bytes() != (data.dir / "tokenizer.json").read_bytes():
+        if (resume_from / "tokenizer.json").read_bytes() != data.tokenizer_file.read_bytes():
             raise LmforgeError(f"{data.dir}: its tokenizer differs from the one of checkpoint {resume_from}")
 
     t = config.train
@@ -227,7 +233,7 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     model = GPT(config.model).to(device)
     optimizers = build_optimizers(model, config.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "fp16")
-    batches = RandomWindows(data.train, config.model.block_size, t.batch_size, seed=t.seed)
+    batches = data.train_batches(config.model.block_size, t.batch_size, seed=t.seed)
     state = LoopState()
 
     if init_from is not None:
@@ -251,13 +257,13 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
         run_dir.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config.to_toml())
-    shutil.copyfile(data.dir / "tokenizer.json", run_dir / "tokenizer.json")
+    shutil.copyfile(data.tokenizer_file, run_dir / "tokenizer.json")
 
     stepper = Stepper(model, optimizers, scaler, amp, device, t.grad_accum_steps, config.optim.grad_clip, t.compile)
     tokens_per_step = t.batch_size * t.grad_accum_steps * config.model.block_size
     flops_per_step = model.flops_per_token() * tokens_per_step
     peak_flops = matmul_peak_flops(device, t.dtype)
-    bytes_per_token = data.bytes_per_token("val")
+    bytes_per_token = data.bytes_per_token("val") if isinstance(data, PreparedData) else None
     max_steps = t.max_steps
     last_eval: LMEval | None = None
     last_eval_step = last_saved_step = -1
@@ -267,7 +273,8 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     wall_offset = state.elapsed_s - (time.perf_counter() - start_wall)
 
     def evaluate() -> LMEval:
-        return evaluate_lm(model, data.val, config.model.block_size, t.eval_batch_size, device, amp, bytes_per_token)
+        return evaluate_lm(model, data.eval_batches(config.model.block_size, t.eval_batch_size), device, amp,
+                           bytes_per_token)
 
     def save(val_loss: float | None) -> Path:
         state.elapsed_s = time.perf_counter() - start_wall + wall_offset
@@ -278,7 +285,7 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
             "rng": rng_state(),
             "loop": dataclasses.asdict(state),
         }
-        path = ckpt.save_checkpoint(run_dir, state.step, model, training_state, config, data.dir / "tokenizer.json", val_loss)
+        path = ckpt.save_checkpoint(run_dir, state.step, model, training_state, config, data.tokenizer_file, val_loss)
         ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
         return path
 

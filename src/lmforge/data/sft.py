@@ -1,0 +1,167 @@
+"""Supervised fine-tuning data: prompt/completion (or chat) JSONL with the prompt masked out.
+
+Every example is tokenized once at start-up. Targets of prompt tokens are -100, which
+`cross_entropy` ignores, so only completion tokens (and the `<|endoftext|>` that ends them,
+when the tokenizer has one) contribute to the loss. Batches are padded to their longest
+example; right padding cannot affect earlier positions under causal attention.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from lmforge.data.tokenizer import eot_id, load_tokenizer, vocab_size
+from lmforge.errors import LmforgeError
+
+IGNORE = -100
+CHAT_TURN = "{role}: {content}\n"  # messages are rendered turn by turn; the last assistant turn is the completion
+
+
+@dataclass(frozen=True)
+class Example:
+    ids: list[int]
+    prompt_tokens: int  # how many leading ids are prompt (masked)
+
+
+def render_messages(messages: object, where: str) -> tuple[str, str]:
+    """Chat `messages` → (prompt, completion): every turn but the last, which must be the assistant's."""
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise ValueError("'messages' must be a non-empty list of {role, content} strings")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's")
+    prompt = "".join(CHAT_TURN.format(**m) for m in messages[:-1]) + "assistant:"
+    return prompt, " " + messages[-1]["content"]
+
+
+def read_examples(path: Path, on_bad_line: str) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs of a JSONL file; bad lines raise or are skipped with a count."""
+    if not path.is_file():
+        raise LmforgeError(f"{path}: not found")
+    pairs, skipped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    raise ValueError("expected a JSON object")
+                if "messages" in record:
+                    prompt, completion = render_messages(record["messages"], f"{path}:{line_no}")
+                else:
+                    prompt, completion = record.get("prompt"), record.get("completion")
+                    if not isinstance(prompt, str) or not isinstance(completion, str):
+                        raise ValueError("expected string fields 'prompt' and 'completion' (or 'messages')")
+                if not completion.strip():
+                    raise ValueError("empty completion")
+            except (ValueError, json.JSONDecodeError) as exc:
+                if on_bad_line != "skip":
+                    raise LmforgeError(f"{path}:{line_no}: {exc} (set data.on_bad_line = \"skip\" to skip such lines)") from None
+                skipped += 1
+                continue
+            pairs.append((prompt, completion))
+    if skipped:
+        print(f"warning: {path}: skipped {skipped} bad line(s)", file=sys.stderr)
+    if not pairs:
+        raise LmforgeError(f"{path}: no examples")
+    return pairs
+
+
+def tokenize_examples(pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_tokens: int, where: Path) -> list[Example]:
+    """Tokenize prompt and completion separately; cut over-long examples from the prompt's start, counted."""
+    eot = eot_id(tokenizer)
+    prompts = tokenizer.encode_batch([p for p, _ in pairs], add_special_tokens=False)
+    completions = tokenizer.encode_batch([c for _, c in pairs], add_special_tokens=False)
+    decoded = tokenizer.decode_batch([p.ids + c.ids for p, c in zip(prompts, completions)], skip_special_tokens=False)
+    for (prompt, completion), text in zip(pairs, decoded):
+        if text != prompt + completion:  # e.g. a character outside a char tokenizer's alphabet
+            raise LmforgeError(f"{where}: an example has text the tokenizer cannot represent: {prompt[:60]!r}")
+    examples, truncated = [], 0
+    for p, c in zip(prompts, completions):
+        answer = c.ids + ([eot] if eot is not None else [])
+        ids = p.ids + answer
+        prompt_tokens = len(p.ids)
+        if len(ids) > max_tokens:
+            truncated += 1
+            keep_prompt = max(1, max_tokens - len(answer))
+            ids = p.ids[-keep_prompt:] + answer
+            ids, prompt_tokens = ids[:max_tokens], keep_prompt
+        examples.append(Example(ids, prompt_tokens))
+    if truncated:
+        print(f"warning: {where}: {truncated} of {len(pairs)} examples were longer than block_size + 1 = "
+              f"{max_tokens} tokens and were truncated (the prompt's start is cut first)", file=sys.stderr)
+    return examples
+
+
+def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and targets; targets of prompt and padding positions are IGNORE."""
+    length = max(len(e.ids) for e in examples) - 1
+    x = torch.zeros(len(examples), length, dtype=torch.long)
+    y = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    for row, e in enumerate(examples):
+        ids = torch.tensor(e.ids, dtype=torch.long)
+        n = len(e.ids) - 1
+        x[row, :n] = ids[:-1]
+        y[row, :n] = ids[1:]
+        y[row, : max(0, e.prompt_tokens - 1)] = IGNORE  # position t predicts token t + 1
+    return x, y
+
+
+class ExampleBatches:
+    """Seeded, resumable batches of examples, reshuffled every epoch."""
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int) -> None:
+        self.examples, self.batch_size = examples, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(len(examples), generator=self.generator)
+        self.position, self.epoch = 0, 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen = []
+        while len(chosen) < self.batch_size:
+            if self.position == len(self.order):
+                self.order = torch.randperm(len(self.examples), generator=self.generator)
+                self.position, self.epoch = 0, self.epoch + 1
+            chosen.append(self.examples[int(self.order[self.position])])
+            self.position += 1
+        return collate(chosen)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position, self.epoch = state["order"], int(state["position"]), int(state["epoch"])
+
+
+class SFTData:
+    """`train.jsonl` and `eval.jsonl` of a folder, tokenized with a given tokenizer.json."""
+
+    def __init__(self, directory: Path, tokenizer_file: Path, block_size: int, on_bad_line: str = "error") -> None:
+        self.dir, self.tokenizer_file = directory, tokenizer_file
+        tokenizer = load_tokenizer(tokenizer_file)
+        self.vocab_size = vocab_size(tokenizer)
+        self.train = tokenize_examples(read_examples(directory / "train.jsonl", on_bad_line), tokenizer,
+                                       block_size + 1, directory / "train.jsonl")
+        self.eval = tokenize_examples(read_examples(directory / "eval.jsonl", on_bad_line), tokenizer,
+                                      block_size + 1, directory / "eval.jsonl")
+
+    def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
+        return ExampleBatches(self.train, batch_size, seed)
+
+    def eval_batches(self, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.eval), batch_size):
+            yield collate(self.eval[start : start + batch_size])

@@ -1,0 +1,114 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.data.sft import IGNORE, ExampleBatches, SFTData, collate, read_examples, tokenize_examples
+from lmforge.data.tokenizer import EOT, char_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.model import GPT
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz :\n?!.,'"
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_prompt_is_masked_and_eot_ends_the_completion() -> None:
+    tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
+    (example,) = tokenize_examples([("q: hi\na:", " yo")], tokenizer, 100, Path("x"))
+    assert example.prompt_tokens == len("q: hi\na:") and example.ids[-1] == tokenizer.token_to_id(EOT)
+    x, y = collate([example])
+    assert x.shape == (1, len(example.ids) - 1)
+    assert (y[0, : example.prompt_tokens - 1] == IGNORE).all()
+    assert y[0, example.prompt_tokens - 1 :].tolist() == example.ids[example.prompt_tokens :]
+
+
+def test_prompt_tokens_contribute_nothing_to_the_gradient() -> None:
+    tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
+    examples = tokenize_examples([("question: what is it?\nanswer:", " a cat"), ("q: no\na:", " yes indeed")],
+                                 tokenizer, 64, Path("x"))
+    x, y = collate(examples)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=64, vocab_size=tokenizer.get_vocab_size()))
+    logits, _ = model(x)
+    logits.retain_grad()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    loss.backward()
+    grad_per_position = logits.grad.abs().sum(-1)
+    assert (grad_per_position[y == IGNORE] == 0).all()  # prompt and padding positions
+    assert (grad_per_position[y != IGNORE] > 0).all()
+    _, model_loss = model(x, y)  # the model's own loss ignores the same positions
+    assert model_loss.item() == pytest.approx(loss.item())
+
+
+def test_padding_does_not_change_the_loss_of_an_example() -> None:
+    tokenizer = char_tokenizer(ALPHABET)
+    short, long = tokenize_examples([("a:", " b"), ("question number two:", " a longer answer")], tokenizer, 64, Path("x"))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=64, vocab_size=tokenizer.get_vocab_size())).eval()
+    alone = model(*collate([short]))[1]
+    x, y = collate([short, long])
+    logits, _ = model(x)
+    padded = torch.nn.functional.cross_entropy(logits[0], y[0])
+    assert padded.item() == pytest.approx(alone.item(), rel=1e-5)
+
+
+def test_chat_messages_use_the_template(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "hello"}]}])
+    assert read_examples(path, "error") == [("user: hi\nassistant:", " hello")]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "bad.jsonl:2: Expecting property name"),
+        ({"prompt": "p"}, "bad.jsonl:2: expected string fields 'prompt' and 'completion'"),
+        ({"prompt": "p", "completion": "  "}, "bad.jsonl:2: empty completion"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "bad.jsonl:2: the last message must be the assistant's"),
+        ([1, 2], "bad.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_bad_lines_are_errors_or_counted_skips(tmp_path: Path, capsys, line, message: str) -> None:
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": " b"}, line])
+    with pytest.raises(LmforgeError, match=message.replace("(", r"\(")):
+        read_examples(path, "error")
+    assert read_examples(path, "skip") == [("a", " b")]
+    assert "skipped 1 bad line(s)" in capsys.readouterr().err
+
+
+def test_long_examples_are_truncated_with_a_count(capsys) -> None:
+    tokenizer = char_tokenizer(ALPHABET)
+    (example,) = tokenize_examples([("x" * 50 + ":", " answer")], tokenizer, 20, Path("f.jsonl"))
+    assert len(example.ids) == 20 and tokenizer.decode(example.ids).endswith(": answer")
+    assert "1 of 1 examples were longer than block_size + 1 = 20 tokens" in capsys.readouterr().err
+
+
+def test_text_outside_the_vocabulary_is_an_error() -> None:
+    with pytest.raises(LmforgeError, match="cannot represent"):
+        tokenize_examples([("Ünïcode:", " x")], char_tokenizer(ALPHABET), 50, Path("f.jsonl"))
+
+
+def test_example_batches_resume_exactly() -> None:
+    tokenizer = char_tokenizer(ALPHABET)
+    examples = tokenize_examples([(f"q{'a' * i}:", " b" * (i % 3 + 1)) for i in range(7)], tokenizer, 50, Path("x"))
+    a, b = ExampleBatches(examples, 3, seed=1), ExampleBatches(examples, 3, seed=1)
+    for _ in range(4):  # crosses an epoch boundary
+        next(a)
+    b.load_state_dict(a.state_dict())
+    for _ in range(5):
+        (xa, ya), (xb, yb) = next(a), next(b)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert a.epoch >= 2
+
+
+def test_sft_data_needs_both_files(tmp_path: Path) -> None:
+    char_tokenizer(ALPHABET).save(str(tmp_path / "tok.json"))
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a:", "completion": " b"}])
+    with pytest.raises(LmforgeError, match="eval.jsonl: not found"):
+        SFTData(tmp_path, tmp_path / "tok.json", 32)

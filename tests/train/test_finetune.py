@@ -1,0 +1,65 @@
+"""`lmforge finetune`: the training loop on prompt/completion data, from scratch or a checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.data.tokenizer import EOT, char_tokenizer
+from tests.conftest import TINY
+from tests.train.conftest import read_metrics
+
+
+@pytest.fixture
+def sst2_small(shared_data: Path, tmp_path: Path) -> Path:
+    """300 training and 100 held-out SST-2 examples, and a char tokenizer that covers them."""
+    from lmforge.data.tasks import prepare_task
+
+    prepare_task("sst2", tmp_path / "full")
+    folder = tmp_path / "sst2"
+    folder.mkdir()
+    for split, n in [("train", 300), ("eval", 100)]:
+        kept = (tmp_path / "full" / f"{split}.jsonl").read_text().splitlines()[:n]
+        (folder / f"{split}.jsonl").write_text("\n".join(kept) + "\n")
+    text = "".join(json.loads(line)["prompt"] + json.loads(line)["completion"]
+                   for split in ("train", "eval") for line in (folder / f"{split}.jsonl").read_text().splitlines())
+    char_tokenizer(text, specials=[EOT]).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def finetune_args(data: Path, out: Path, *extra: str) -> list[str]:
+    args = ["finetune", "--out", str(out), "--set", f"data.dir={data}", "--set", f"data.tokenizer={data / 'tokenizer.json'}"]
+    for item in [*TINY, "model.block_size=128", "train.eval_interval=15", "train.max_steps=30", *extra]:
+        args += ["--set", item]
+    return args
+
+
+def test_finetune_from_scratch_learns_the_completions(cli, sst2_small: Path, tmp_path: Path) -> None:
+    code, out, err = cli(*finetune_args(sst2_small, tmp_path / "run"))
+    assert code == 0, err
+    steps, evals = read_metrics(tmp_path / "run")
+    assert [e["step"] for e in evals] == [15, 30]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] and "val_bpb" not in evals[0]
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
+    code, out, err = cli(*finetune_args(sst2_small, tmp_path / "run", "train.max_steps=40"), "--resume")
+    assert code == 0, err
+    assert [e["step"] for e in read_metrics(tmp_path / "run")[0]] == list(range(1, 41))
+
+
+def test_finetune_from_a_pretrained_checkpoint(cli, sst2_small: Path, tmp_path: Path) -> None:
+    # "Pretrain" on the raw review text with the same tokenizer, then fine-tune from it.
+    reviews = "".join(json.loads(line)["prompt"] + "\n" for line in (sst2_small / "train.jsonl").read_text().splitlines())
+    (tmp_path / "reviews.txt").write_text(reviews * 3)
+    code, _, err = cli("prepare", tmp_path / "reviews.txt", "--tokenizer", sst2_small / "tokenizer.json",
+                       "--out", tmp_path / "lm", "-q")
+    assert code == 0, err
+    args = ["train", "--out", tmp_path / "pretrained", "--set", f"data.dir={tmp_path / 'lm'}"]
+    for item in [*TINY, "model.block_size=128", "model.vocab_size=" + str(json.loads((tmp_path / "lm" / "meta.json").read_text())["vocab_size"])]:
+        args += ["--set", item]
+    assert cli(*args)[0] == 0
+    code, _, err = cli("finetune", "--out", tmp_path / "tuned", "--set", f"data.dir={sst2_small}",
+                       "--set", f"train.init_from={tmp_path / 'pretrained'}", *sum((["--set", s] for s in TINY), []),
+                       "--set", "train.max_steps=10")
+    assert code == 0, err
+    _, evals = read_metrics(tmp_path / "tuned")
+    assert evals[-1]["step"] == 10
