@@ -98,6 +98,14 @@ class TrainConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0  # 0: full fine-tuning; > 0: train only rank-r adapters (peft) on `targets`
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("qkv", "proj", "up", "down")  # Linear layers of the model's blocks
+
+
+@dataclass
 class LogConfig:
     interval: int = 10  # steps between progress-bar updates
     progress: bool = True
@@ -110,6 +118,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -198,6 +207,10 @@ def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
         if value not in choices:
             raise LmforgeError(f"{origin}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
         return value
+    if origin_type is tuple and typing.get_args(kind)[-1] is Ellipsis:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise LmforgeError(f"{origin}: {key} must be a non-empty list; got {value!r}")
+        return tuple(_coerce(v, typing.get_args(kind)[0], origin, key) for v in value)
     if origin_type is tuple:
         items = typing.get_args(kind)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
@@ -259,3 +272,7 @@ def validate(config: Config, origin: str) -> None:
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
          "train.device", f"must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
     need(config.log.interval > 0, "log.interval", "must be positive")
+    need(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
+    need(0.0 <= config.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    known = {"qkv", "proj", "up", "down"}
+    need(set(config.lora.targets) <= known, "lora.targets", f"must name layers among {', '.join(sorted(known))}")

@@ -63,3 +63,41 @@ def test_finetune_from_a_pretrained_checkpoint(cli, sst2_small: Path, tmp_path: 
     assert code == 0, err
     _, evals = read_metrics(tmp_path / "tuned")
     assert evals[-1]["step"] == 10
+
+
+def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    import torch
+    from safetensors.torch import load_file
+
+    from lmforge.train import checkpoint as ckpt
+
+    base_args = finetune_args(sst2_small, tmp_path / "base", "train.max_steps=5")
+    assert cli(*base_args)[0] == 0
+    code, _, err = cli("finetune", "--out", tmp_path / "lora", "--set", f"data.dir={sst2_small}",
+                       "--set", f"train.init_from={tmp_path / 'base'}", *sum((["--set", s] for s in TINY), []),
+                       "--set", "train.max_steps=10", "--set", "lora.rank=4", "--set", "optim.lr=1e-2")
+    assert code == 0, err
+    base = ckpt.load_for_inference(tmp_path / "base", "best", torch.device("cpu")).model.state_dict()
+    raw = load_file(ckpt.list_checkpoints(tmp_path / "lora")[-1].path / "model.safetensors")
+    adapters = {k: v for k, v in raw.items() if "lora_" in k}
+    assert adapters and any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # B starts at zero
+    for key, value in raw.items():  # every base weight is exactly the starting one
+        if "lora_" not in key:
+            name = key.removeprefix("base_model.model.").replace(".base_layer", "")
+            assert torch.equal(value, base[name]), key
+    merged = ckpt.load_for_inference(tmp_path / "lora", "last", torch.device("cpu")).model
+    assert type(merged).__name__ == "GPT"
+    # The merged model computes what the adapted model computes.
+    from lmforge.config import load_config
+    from lmforge.model import GPT
+    from lmforge.train.lora import apply_lora
+
+    config = load_config(tmp_path / "lora" / "config.toml")
+    adapted = apply_lora(GPT(config.model), config.lora)
+    ckpt.load_weights(ckpt.list_checkpoints(tmp_path / "lora")[-1].path, adapted)
+    idx = torch.randint(0, config.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx)[0], adapted.eval()(idx)[0], rtol=1e-5, atol=1e-5)
+        base_model = ckpt.load_for_inference(tmp_path / "base", "best", torch.device("cpu")).model
+        assert not torch.allclose(merged(idx)[0], base_model(idx)[0])  # the adapters changed the function

@@ -188,6 +188,13 @@ def load_for_inference(target: Path, which: str, device: torch.device) -> Loaded
     path = resolve_checkpoint(target, which)
     meta = verify_checkpoint(path)
     config = load_config_of(path)
-    model = GPT(config.model)
-    load_weights(path, model)
+    model: torch.nn.Module = GPT(config.model)
+    if config.lora.rank > 0:  # weights are stored with their adapters: load, then merge
+        from lmforge.train.lora import apply_lora, merge_lora
+
+        model = apply_lora(model, config.lora)
+        load_weights(path, model)
+        model = merge_lora(model)
+    else:
+        load_weights(path, model)
     return LoadedCheckpoint(path, int(meta["step"]), config, model.to(device).eval(), path / "tokenizer.json")

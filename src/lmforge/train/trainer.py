@@ -28,6 +28,7 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
+from lmforge.train.lora import apply_lora
 from lmforge.train.optim import build_optimizers, set_lr_factor
 from lmforge.train.runtime import autocast, matmul_peak_flops, resolve_device, rng_state, seed_everything, set_rng_state
 from lmforge.train.schedule import lr_factor
@@ -230,14 +231,16 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     if t.deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._dynamo: ~1 s
         torch.use_deterministic_algorithms(t.deterministic)
     seed_everything(t.seed)
-    model = GPT(config.model).to(device)
+    model: torch.nn.Module = GPT(config.model).to(device)
+    if init_from is not None:  # through the inference loader, so a LoRA source arrives merged
+        model.load_state_dict(ckpt.load_for_inference(init_from, "best", device).model.state_dict())
+    if config.lora.rank > 0:
+        model = apply_lora(model, config.lora)
     optimizers = build_optimizers(model, config.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "fp16")
     batches = data.train_batches(config.model.block_size, t.batch_size, seed=t.seed)
     state = LoopState()
 
-    if init_from is not None:
-        ckpt.load_weights(init_from, model)
     if resume_from is not None:
         ckpt.load_weights(resume_from, model)
         saved_state = ckpt.load_state(resume_from)
