@@ -159,7 +159,19 @@ def _eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     loaded = load_for_inference(Path(args.target), args.checkpoint, device)
+    if not (args.data or loaded.config.data.dir):
+        raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
     data_dir = Path(args.data or loaded.config.data.dir)
+    if args.task != "lm":
+        from lmforge.data.tokenizer import load_tokenizer
+        from lmforge.eval.tasks import evaluate_task, format_table
+
+        with autocast(device, args.dtype):
+            result = evaluate_task(args.task, loaded.model, load_tokenizer(loaded.tokenizer_file), data_dir, device,
+                                   args.limit, args.beam_size, args.max_new_tokens)
+        result.update(checkpoint=str(loaded.path), step=loaded.step)
+        print(json.dumps(result) if args.json else format_table(result))
+        return 0
     data = PreparedData.open(data_dir)
     if (data_dir / "tokenizer.json").read_bytes() != loaded.tokenizer_file.read_bytes():
         raise LmforgeError(f"{data_dir}: its tokenizer differs from the one of checkpoint {loaded.path}")
@@ -183,11 +195,17 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("eval", help="loss, perplexity and bits per byte on a val split",
-                         description="Evaluate a checkpoint over the whole val split of prepared data.")
+    p = verbs.add_parser("eval", help="loss/perplexity/bits per byte, or task metrics (accuracy, BLEU, EM/F1, ROUGE)",
+                         description="Evaluate a checkpoint over the whole val split of prepared data, "
+                                     "or on a task's eval.jsonl with --task.")
     _add_checkpoint_args(p)
-    p.add_argument("--data", help="prepared data folder (default: the run's data.dir)")
+    p.add_argument("--task", default="lm", choices=("lm", "sst2", "multi30k", "squad", "generate"),
+                   help="lm: loss/ppl/bpb on prepared data; others: task metrics on DATA/eval.jsonl")
+    p.add_argument("--data", help="prepared data folder, or a task folder (default: the run's data.dir)")
     p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--limit", type=positive_int, help="tasks: evaluate only the first N examples")
+    p.add_argument("--beam-size", type=positive_int, default=1, help="tasks that decode: 1 is greedy")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tasks that decode: answer length cap")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_eval)
 

@@ -183,3 +183,24 @@ def test_bf16_autocast_attention_runs_in_fp32_on_cpu() -> None:
     assert logits.dtype == torch.bfloat16
     loss.backward()
     torch.testing.assert_close(logits.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_beam_search_of_width_one_is_greedy_and_wider_beams_score_higher() -> None:
+    from lmforge.model.generate import beam_search
+
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    prompt = torch.randint(0, 50, (1, 4))
+    greedy = [int(t) for t in generate(model, prompt, 8, temperature=0)]
+    assert beam_search(model, prompt, beam_size=1, max_new_tokens=8, stop_tokens=set()) == greedy
+
+    def log_prob(tokens: list[int]) -> float:
+        full = torch.cat([prompt, torch.tensor([tokens])], dim=1)
+        logits, _ = model(full[:, :-1])
+        return torch.log_softmax(logits[0, 3:], -1).gather(1, full[0, 4:, None]).sum().item()
+
+    wide = beam_search(model, prompt, beam_size=4, max_new_tokens=8, stop_tokens=set(), length_penalty=0.0)
+    assert len(wide) == 8 and log_prob(wide) >= log_prob(greedy) - 1e-4
+    assert beam_search(model, prompt, beam_size=1, max_new_tokens=8, stop_tokens={greedy[0]}) == []  # stops at once
+    unused = next(t for t in range(50) if t not in greedy)
+    assert beam_search(model, prompt, beam_size=1, max_new_tokens=8, stop_tokens={unused}) == greedy

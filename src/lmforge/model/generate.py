@@ -59,3 +59,53 @@ def generate(
             logits, _ = model(tokens, cache=cache)
         else:
             logits, _ = model(next_token, cache=cache)
+
+
+@torch.inference_mode()
+def beam_search(
+    model: GPT, prompt: torch.Tensor, beam_size: int, max_new_tokens: int, stop_tokens: set[int],
+    length_penalty: float = 1.0,
+) -> list[int]:
+    """The highest-scoring continuation of `prompt` [1, T] (log-probability / length**length_penalty).
+
+    Beams share one KV cache whose rows are reordered as beams are chosen; a beam ends when it
+    emits a stop token or reaches max_new_tokens.
+    """
+    room = model.config.block_size - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in block_size")
+    prompt = prompt[:, -room:]
+    cache = KVCache.allocate(model, beam_size, prompt.size(1) + max_new_tokens)
+    logits, _ = model(prompt.expand(beam_size, -1).contiguous(), cache=cache)
+    scores = torch.full((beam_size,), float("-inf"), device=prompt.device)
+    scores[0] = 0.0  # the beams start identical: expand only the first
+    beams: list[list[int]] = [[] for _ in range(beam_size)]
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(max_new_tokens):
+        log_probs = torch.log_softmax(logits[:, -1].float(), dim=-1)
+        candidates = (scores[:, None] + log_probs).flatten()
+        top_scores, top_ids = candidates.topk(min(2 * beam_size, candidates.numel()))
+        keep_rows, keep_tokens, keep_scores = [], [], []
+        for score, flat in zip(top_scores.tolist(), top_ids.tolist()):
+            if score == float("-inf"):
+                break
+            row, token = divmod(flat, log_probs.size(1))
+            tokens = beams[row] + [token]
+            if token in stop_tokens or step == max_new_tokens - 1:
+                finished.append((score / len(tokens) ** length_penalty, tokens[:-1] if token in stop_tokens else tokens))
+            elif len(keep_rows) < beam_size:
+                keep_rows.append(row)
+                keep_tokens.append(token)
+                keep_scores.append(score)
+            if len(keep_rows) == beam_size:
+                break
+        best_finished = max((s for s, _ in finished), default=float("-inf"))
+        if not keep_rows or (len(finished) >= beam_size and best_finished >= max(keep_scores) / (step + 1) ** length_penalty):
+            break
+        index = torch.tensor(keep_rows, device=prompt.device)
+        cache.keys = [k.index_select(0, index) for k in cache.keys]
+        cache.values = [v.index_select(0, index) for v in cache.values]
+        beams = [beams[r] + [t] for r, t in zip(keep_rows, keep_tokens)]
+        scores = torch.tensor(keep_scores, device=prompt.device)
+        logits, _ = model(torch.tensor(keep_tokens, device=prompt.device)[:, None], cache=cache)
+    return max(finished, key=lambda f: f[0])[1] if finished else beams[0]
