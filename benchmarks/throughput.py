@@ -58,12 +58,11 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     times: list[float] = []
     while len(times) < warmup + steps and (len(times) < warmup + 3 or sum(times[warmup:]) < budget_s):
         start = time.perf_counter()
-        stepper.gradients(batches)
+        _, _, tokens_per_step = stepper.gradients(batches)
         stepper.update()
         synchronize(device)
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times[warmup:])
-    tokens_per_step = t.batch_size * t.grad_accum_steps * m.block_size
     tokens_per_s = tokens_per_step / step_s
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -172,10 +172,15 @@ def _eval(args: argparse.Namespace) -> int:
         result.update(checkpoint=str(loaded.path), step=loaded.step)
         print(json.dumps(result) if args.json else format_table(result))
         return 0
-    data = PreparedData.open(data_dir)
-    if (data_dir / "tokenizer.json").read_bytes() != loaded.tokenizer_file.read_bytes():
-        raise LmforgeError(f"{data_dir}: its tokenizer differs from the one of checkpoint {loaded.path}")
     block_size = loaded.config.model.block_size
+    if (data_dir / "eval.jsonl").is_file() and not (data_dir / "meta.json").is_file():
+        from lmforge.data.sft import SFTData  # fine-tuning data: the loss of the completions
+
+        data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True)
+    else:
+        data = PreparedData.open(data_dir)
+        if data.tokenizer_file.read_bytes() != loaded.tokenizer_file.read_bytes():
+            raise LmforgeError(f"{data_dir}: its tokenizer differs from the one of checkpoint {loaded.path}")
     result = evaluate_lm(loaded.model, data.eval_batches(block_size, args.batch_size), device,
                          autocast(device, args.dtype), data.bytes_per_token("val"))
     if args.json:

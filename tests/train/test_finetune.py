@@ -101,3 +101,14 @@ def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_pat
         torch.testing.assert_close(merged(idx)[0], adapted.eval()(idx)[0], rtol=1e-5, atol=1e-5)
         base_model = ckpt.load_for_inference(tmp_path / "base", "best", torch.device("cpu")).model
         assert not torch.allclose(merged(idx)[0], base_model(idx)[0])  # the adapters changed the function
+
+
+def test_eval_without_task_reports_the_completion_loss(cli, sst2_small: Path, tmp_path: Path) -> None:
+    assert cli(*finetune_args(sst2_small, tmp_path / "run"))[0] == 0
+    _, evals = read_metrics(tmp_path / "run")
+    steps, _ = read_metrics(tmp_path / "run")
+    assert steps[0]["tokens_per_s"] > 0
+    code, out, err = cli("eval", tmp_path / "run", "--checkpoint", "last", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-6) and "bpb" not in result

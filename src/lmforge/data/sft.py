@@ -150,17 +150,21 @@ class ExampleBatches:
 class SFTData:
     """`train.jsonl` and `eval.jsonl` of a folder, tokenized with a given tokenizer.json."""
 
-    def __init__(self, directory: Path, tokenizer_file: Path, block_size: int, on_bad_line: str = "error") -> None:
+    def __init__(self, directory: Path, tokenizer_file: Path, block_size: int, on_bad_line: str = "error",
+                 eval_only: bool = False) -> None:
         self.dir, self.tokenizer_file = directory, tokenizer_file
         tokenizer = load_tokenizer(tokenizer_file)
         self.vocab_size = vocab_size(tokenizer)
-        self.train = tokenize_examples(read_examples(directory / "train.jsonl", on_bad_line), tokenizer,
-                                       block_size + 1, directory / "train.jsonl")
+        self.train = [] if eval_only else tokenize_examples(
+            read_examples(directory / "train.jsonl", on_bad_line), tokenizer, block_size + 1, directory / "train.jsonl")
         self.eval = tokenize_examples(read_examples(directory / "eval.jsonl", on_bad_line), tokenizer,
                                       block_size + 1, directory / "eval.jsonl")
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
         return ExampleBatches(self.train, batch_size, seed)
+
+    def bytes_per_token(self, split: str = "eval") -> None:
+        return None  # completion bytes are not tracked: no bits-per-byte for fine-tuning data
 
     def eval_batches(self, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.eval), batch_size):

@@ -131,11 +131,13 @@ class Stepper:
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
 
-    def gradients(self, batches: RandomWindows | ExampleBatches) -> tuple[float, float]:
-        """Accumulate gradients; return (mean loss, global grad norm before clipping)."""
+    def gradients(self, batches: RandomWindows | ExampleBatches) -> tuple[float, float, int]:
+        """Accumulate gradients; return (mean loss, global grad norm before clipping, input tokens)."""
         loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
         for _ in range(self.grad_accum_steps):
             x, y = next(batches)
+            tokens += x.numel()  # padded fine-tuning batches vary in length
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.amp:
                 _, loss = self.forward(x, y)
@@ -144,7 +146,7 @@ class Stepper:
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        return loss_sum.item() / self.grad_accum_steps, grad_norm.item()
+        return loss_sum.item() / self.grad_accum_steps, grad_norm.item(), tokens
 
     def update(self, apply: bool = True) -> None:
         """Step the optimizers (unless told to skip this batch) and clear the gradients."""
@@ -263,10 +265,8 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     shutil.copyfile(data.tokenizer_file, run_dir / "tokenizer.json")
 
     stepper = Stepper(model, optimizers, scaler, amp, device, t.grad_accum_steps, config.optim.grad_clip, t.compile)
-    tokens_per_step = t.batch_size * t.grad_accum_steps * config.model.block_size
-    flops_per_step = model.flops_per_token() * tokens_per_step
     peak_flops = matmul_peak_flops(device, t.dtype)
-    bytes_per_token = data.bytes_per_token("val") if isinstance(data, PreparedData) else None
+    bytes_per_token = data.bytes_per_token("val")
     max_steps = t.max_steps
     last_eval: LMEval | None = None
     last_eval_step = last_saved_step = -1
@@ -300,7 +300,7 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
                 step_start = time.perf_counter()
                 factor = lr_factor(state.step, config.schedule, max_steps, config.optim.lr)
                 set_lr_factor(optimizers, factor)
-                loss_value, grad_norm_value = stepper.gradients(batches)
+                loss_value, grad_norm_value, step_tokens = stepper.gradients(batches)
                 finite = math.isfinite(loss_value) and (math.isfinite(grad_norm_value) or scaler.is_enabled())
                 if not finite:
                     if t.on_nan == "stop":
@@ -317,15 +317,15 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
                     consecutive_skips = 0
                 stepper.update(apply=finite)
                 state.step += 1
-                state.tokens_seen += tokens_per_step
+                state.tokens_seen += step_tokens
                 step_seconds = time.perf_counter() - step_start
                 entry = {
                     "step": state.step,
                     "loss": loss_value,
                     "lr": config.optim.lr * factor,
                     "grad_norm": grad_norm_value,
-                    "tokens_per_s": tokens_per_step / step_seconds,
-                    "mfu": flops_per_step / step_seconds / peak_flops,
+                    "tokens_per_s": step_tokens / step_seconds,
+                    "mfu": model.flops_per_token() * step_tokens / step_seconds / peak_flops,
                     "elapsed_s": time.perf_counter() - start_wall + wall_offset,
                 }
                 if not finite:
