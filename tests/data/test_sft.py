@@ -112,3 +112,15 @@ def test_sft_data_needs_both_files(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a:", "completion": " b"}])
     with pytest.raises(LmforgeError, match="eval.jsonl: not found"):
         SFTData(tmp_path, tmp_path / "tok.json", 32)
+
+
+def test_batches_group_similar_lengths_and_cover_every_example_each_epoch() -> None:
+    tokenizer = char_tokenizer(ALPHABET)
+    pairs = [(f"q{'a' * (i * 7 % 40)}:", " b") for i in range(200)]
+    examples = tokenize_examples(pairs, tokenizer, 100, Path("x"))
+    batches = ExampleBatches(examples, 10, seed=0)
+    assert sorted(batches.order.tolist()) == list(range(200))  # a permutation: each example once per epoch
+    padded = sum(next(batches)[0].numel() for _ in range(20))
+    unbucketed = sum(collate([examples[i] for i in torch.randperm(200)[k * 10:(k + 1) * 10].tolist()])[0].numel()
+                     for k in range(20))
+    assert padded < 0.8 * unbucketed  # far less padding than random batches

@@ -117,13 +117,29 @@ def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ExampleBatches:
-    """Seeded, resumable batches of examples, reshuffled every epoch."""
+    """Seeded, resumable batches of examples, reshuffled every epoch.
+
+    Each epoch's random order is cut into pools of BUCKET_BATCHES batches; a pool is sorted by
+    length and split into batches, and the batches are shuffled, so a batch holds examples of
+    similar length (little padding) while the epoch stays random.
+    """
+
+    BUCKET_BATCHES = 50
 
     def __init__(self, examples: list[Example], batch_size: int, seed: int) -> None:
         self.examples, self.batch_size = examples, batch_size
+        self.lengths = torch.tensor([len(e.ids) for e in examples])
         self.generator = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(len(examples), generator=self.generator)
+        self.order = self._epoch_order()
         self.position, self.epoch = 0, 0
+
+    def _epoch_order(self) -> torch.Tensor:
+        order = torch.randperm(len(self.examples), generator=self.generator)
+        pool = self.BUCKET_BATCHES * self.batch_size
+        pools = [chunk[self.lengths[chunk].argsort(stable=True)] for chunk in order.split(pool)]
+        batches = torch.cat(pools).split(self.batch_size)
+        shuffled = torch.randperm(len(batches), generator=self.generator)
+        return torch.cat([batches[i] for i in shuffled.tolist()])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
@@ -132,7 +148,7 @@ class ExampleBatches:
         chosen = []
         while len(chosen) < self.batch_size:
             if self.position == len(self.order):
-                self.order = torch.randperm(len(self.examples), generator=self.generator)
+                self.order = self._epoch_order()
                 self.position, self.epoch = 0, self.epoch + 1
             chosen.append(self.examples[int(self.order[self.position])])
             self.position += 1
