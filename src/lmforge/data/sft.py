@@ -30,7 +30,7 @@ class Example:
     prompt_tokens: int  # how many leading ids are prompt (masked)
 
 
-def render_messages(messages: object, where: str) -> tuple[str, str]:
+def render_messages(messages: object) -> tuple[str, str]:
     """Chat `messages` → (prompt, completion): every turn but the last, which must be the assistant's."""
     if not isinstance(messages, list) or not messages or not all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
@@ -56,7 +56,7 @@ def read_examples(path: Path, on_bad_line: str) -> list[tuple[str, str]]:
                 if not isinstance(record, dict):
                     raise ValueError("expected a JSON object")
                 if "messages" in record:
-                    prompt, completion = render_messages(record["messages"], f"{path}:{line_no}")
+                    prompt, completion = render_messages(record["messages"])
                 else:
                     prompt, completion = record.get("prompt"), record.get("completion")
                     if not isinstance(prompt, str) or not isinstance(completion, str):
