@@ -23,9 +23,12 @@ def test_prompt_is_masked_and_eot_ends_the_completion() -> None:
     (example,) = tokenize_examples([("q: hi\na:", " yo")], tokenizer, 100, Path("x"))
     assert example.prompt_tokens == len("q: hi\na:") and example.ids[-1] == tokenizer.token_to_id(EOT)
     x, y = collate([example])
-    assert x.shape == (1, len(example.ids) - 1)
+    n = len(example.ids) - 1
+    assert x.shape == (1, 16) and n < 16  # padded up to LENGTH_MULTIPLE
     assert (y[0, : example.prompt_tokens - 1] == IGNORE).all()
-    assert y[0, example.prompt_tokens - 1 :].tolist() == example.ids[example.prompt_tokens :]
+    assert y[0, example.prompt_tokens - 1 : n].tolist() == example.ids[example.prompt_tokens :]
+    assert (y[0, n:] == IGNORE).all()
+    assert collate([example], max_length=n)[0].shape == (1, n)  # never past the block size
 
 
 def test_prompt_tokens_contribute_nothing_to_the_gradient() -> None:

@@ -30,6 +30,7 @@ def test_choice_log_probs_are_the_sum_over_the_choice_tokens() -> None:
 
 def test_first_sentence_baseline() -> None:
     assert first_sentence("Context: One two. Three four.\nQuestion: q?\nAnswer:") == "One two."
+    assert first_sentence("Question: q?\nContext: One two. Three four.\nQuestion: q?\nAnswer:") == "One two."
 
 
 def write(folder: Path, records: list[dict]) -> None:

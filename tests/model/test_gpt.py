@@ -204,3 +204,24 @@ def test_beam_search_of_width_one_is_greedy_and_wider_beams_score_higher() -> No
     assert beam_search(model, prompt, beam_size=1, max_new_tokens=8, stop_tokens={greedy[0]}) == []  # stops at once
     unused = next(t for t in range(50) if t not in greedy)
     assert beam_search(model, prompt, beam_size=1, max_new_tokens=8, stop_tokens={unused}) == greedy
+
+
+def test_head_only_at_targets_gives_the_same_loss_and_gradients() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(position="rope", logit_softcap=30.0))
+    idx = torch.randint(0, 50, (3, 12))
+    targets = torch.randint(0, 50, (3, 12))
+    targets[:, :7] = -100  # a masked prompt
+    targets[0, 10:] = -100  # padding
+    results = []
+    for only_targets in (False, True):
+        model.zero_grad()
+        logits, loss = model(idx, targets, only_targets=only_targets)
+        loss.backward()
+        results.append((logits, loss, [p.grad.clone() for p in model.parameters()]))
+    (full_logits, full_loss, full_grads), (logits, loss, grads) = results
+    assert logits.shape == (int((targets != -100).sum()), 50)
+    torch.testing.assert_close(logits, full_logits[targets != -100])
+    torch.testing.assert_close(loss, full_loss)
+    for a, b in zip(grads, full_grads):
+        torch.testing.assert_close(a, b)

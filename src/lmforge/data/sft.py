@@ -21,6 +21,7 @@ from lmforge.data.tokenizer import eot_id, load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
 
 IGNORE = -100
+LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
 CHAT_TURN = "{role}: {content}\n"  # messages are rendered turn by turn; the last assistant turn is the completion
 
 
@@ -102,9 +103,16 @@ def tokenize_examples(pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_to
     return examples
 
 
-def collate(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded inputs and targets; targets of prompt and padding positions are IGNORE."""
-    length = max(len(e.ids) for e in examples) - 1
+def collate(examples: list[Example], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and targets; targets of prompt and padding positions are IGNORE.
+
+    The length is rounded up to a multiple of LENGTH_MULTIPLE (at most `max_length`, the block
+    size): few distinct shapes keep CPU oneDNN's per-shape kernel caches, and with them the
+    process's memory, small.
+    """
+    longest = max(len(e.ids) for e in examples) - 1
+    rounded = longest + -longest % LENGTH_MULTIPLE
+    length = rounded if max_length is None else max(longest, min(rounded, max_length))
     x = torch.zeros(len(examples), length, dtype=torch.long)
     y = torch.full((len(examples), length), IGNORE, dtype=torch.long)
     for row, e in enumerate(examples):
@@ -126,8 +134,8 @@ class ExampleBatches:
 
     BUCKET_BATCHES = 50
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int) -> None:
-        self.examples, self.batch_size = examples, batch_size
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, max_length: int | None = None) -> None:
+        self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
         self.lengths = torch.tensor([len(e.ids) for e in examples])
         self.generator = torch.Generator().manual_seed(seed)
         self.order = self._epoch_order()
@@ -152,7 +160,7 @@ class ExampleBatches:
                 self.position, self.epoch = 0, self.epoch + 1
             chosen.append(self.examples[int(self.order[self.position])])
             self.position += 1
-        return collate(chosen)
+        return collate(chosen, self.max_length)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "order": self.order, "position": self.position,
@@ -177,11 +185,11 @@ class SFTData:
                                       block_size + 1, directory / "eval.jsonl")
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
-        return ExampleBatches(self.train, batch_size, seed)
+        return ExampleBatches(self.train, batch_size, seed, max_length=block_size)
 
     def bytes_per_token(self, split: str = "eval") -> None:
         return None  # completion bytes are not tracked: no bits-per-byte for fine-tuning data
 
     def eval_batches(self, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.eval), batch_size):
-            yield collate(self.eval[start : start + batch_size])
+            yield collate(self.eval[start : start + batch_size], block_size)

@@ -29,7 +29,10 @@ def translation_prompt(english: str) -> str:
 
 
 def squad_prompt(context: str, question: str) -> str:
-    return f"Context: {context.strip()}\nQuestion: {question.strip()}\nAnswer:"
+    # The question comes first too: a causal model reads the context already knowing what it
+    # looks for. It is repeated at the end, where it survives when a long context is cut.
+    question = question.strip()
+    return f"Question: {question}\nContext: {context.strip()}\nQuestion: {question}\nAnswer:"
 
 
 def _read_tsv(path: Path) -> Iterator[dict[str, str]]:

@@ -86,7 +86,7 @@ def decode(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_to
 
 
 def first_sentence(prompt: str) -> str:
-    context = prompt.split("\nQuestion:")[0].removeprefix("Context:").strip()
+    context = prompt.split("Context:", 1)[-1].split("\nQuestion:")[0].strip()
     return re.split(r"(?<=[.!?])\s", context, maxsplit=1)[0]
 
 

@@ -17,6 +17,8 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 
+ROW_MULTIPLE = 128  # `only_targets` pads the rows it keeps to a multiple of this
+
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
@@ -186,9 +188,15 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+        only_targets: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: [B, T] token ids. Returns (logits [B, T, V], mean cross-entropy or None)."""
+        """idx: [B, T] token ids. Returns (logits [B, T, V], mean cross-entropy or None).
+
+        `only_targets` runs the head only where `targets` is not -100 and returns those logits
+        as [N, V]: fine-tuning batches are mostly masked prompt and padding, and the head is the
+        most expensive matmul of a small model.
+        """
         T = idx.size(1)
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
@@ -201,6 +209,15 @@ class GPT(nn.Module):
             x = block(x, self.rotary, cache)
         if cache is not None:
             cache.length += T
+        kept = None
+        if only_targets and targets is not None:
+            keep = targets != -100
+            x, targets = x[keep], targets[keep]
+            # Round the row count up (padding rows are ignored): every new matmul shape costs
+            # CPU oneDNN a cached kernel and its memory, and a count that varies per batch
+            # would make the process grow by gigabytes.
+            kept, pad = x.size(0), -x.size(0) % ROW_MULTIPLE
+            x, targets = F.pad(x, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=-100)
         logits = self.head(self.norm(x))
         if self.config.logit_softcap is not None:  # bounds the logits smoothly (Gemma 2, modded-nanogpt)
             cap = self.config.logit_softcap
@@ -208,7 +225,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        return (logits if kept is None else logits[:kept]), loss
 
     def num_params(self) -> int:
         """All trainable parameters, a tied embedding counted once."""

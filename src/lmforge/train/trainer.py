@@ -125,8 +125,9 @@ class Stepper:
 
     def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
                  amp: contextlib.AbstractContextManager, device: torch.device, grad_accum_steps: int,
-                 grad_clip: float, compile: bool = False) -> None:
+                 grad_clip: float, compile: bool = False, only_targets: bool = False) -> None:
         self.model, self.optimizers, self.scaler, self.amp, self.device = model, optimizers, scaler, amp, device
+        self.only_targets = only_targets  # masked (fine-tuning) targets: run the head only where they count
         self.forward = torch.compile(model) if compile else model
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
@@ -140,7 +141,7 @@ class Stepper:
             tokens += x.numel()  # padded fine-tuning batches vary in length
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.amp:
-                _, loss = self.forward(x, y)
+                _, loss = self.forward(x, y, only_targets=self.only_targets)
             self.scaler.scale(loss / self.grad_accum_steps).backward()
             loss_sum += loss.detach()
         for optimizer in self.optimizers:
@@ -264,7 +265,8 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     (run_dir / "config.toml").write_text(config.to_toml())
     shutil.copyfile(data.tokenizer_file, run_dir / "tokenizer.json")
 
-    stepper = Stepper(model, optimizers, scaler, amp, device, t.grad_accum_steps, config.optim.grad_clip, t.compile)
+    stepper = Stepper(model, optimizers, scaler, amp, device, t.grad_accum_steps, config.optim.grad_clip, t.compile,
+                      only_targets=config.data.kind == "sft")
     peak_flops = matmul_peak_flops(device, t.dtype)
     bytes_per_token = data.bytes_per_token("val")
     max_steps = t.max_steps
