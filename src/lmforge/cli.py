@@ -348,7 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_collective_failure(exc: Exception) -> bool:
     import torch.distributed as dist
 
-    return isinstance(exc, dist.DistError) or "Connection closed by peer" in str(exc)
+    # gloo reports a dead peer as a plain RuntimeError from its transport ("Connection closed/reset by peer").
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))
 
 
 def _exit(message: str, code: int, world: int) -> int:

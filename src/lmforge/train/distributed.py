@@ -36,11 +36,6 @@ def launched_by_torchrun() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def env_rank() -> int:
-    """This process's rank under torchrun (0 otherwise): who prints."""
-    return int(os.environ.get("RANK", "0"))
-
-
 @dataclass
 class Distributed:
     """This process's place in the job, and the few collectives the training loop needs."""
