@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,7 +272,9 @@ def load_sharded(folder: Path, model: nn.Module, optimizers: list[torch.optim.Op
     model_state, optimizer_state = get_state_dict(model, optimizers)
     state = {"model": model_state, "optimizers": optimizer_state}
     try:
-        dcp.load(state, checkpoint_id=folder)
+        with warnings.catch_warnings():  # without a process group DCP loads in this one process, as intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=folder)
     except Exception as exc:  # DCP reports a damaged or foreign folder in many ways
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LmforgeError(f"{folder}: cannot load the sharded training state ({reason})") from None
