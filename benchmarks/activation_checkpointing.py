@@ -8,7 +8,7 @@ adds on top of that steady state: on CUDA `torch.cuda.max_memory_allocated` afte
 (`ru_maxrss`) over its resident set before the measured steps, with warm-up steps run at
 a smaller batch so they do not set the peak themselves.
 
-    .venv/bin/python benchmarks/activation_checkpointing.py                       # 8 layers, d 384, 8 x 512 tokens
+    .venv/bin/python benchmarks/activation_checkpointing.py                       # 8 layers, d 384, 8 x 256 tokens
     .venv/bin/python benchmarks/activation_checkpointing.py --n-layer 12 --batch-size 16 --device cuda
 """
 
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--n-layer", type=int, default=8)
     parser.add_argument("--n-head", type=int, default=6)
     parser.add_argument("--d-model", type=int, default=384)
-    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vocab-size", type=int, default=65)
     parser.add_argument("--steps", type=int, default=2, help="measured steps per mode (after one warm-up)")
