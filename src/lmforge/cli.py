@@ -7,6 +7,7 @@ Each verb is a function taking parsed arguments; errors the user can fix are rai
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,12 +86,16 @@ def _train(args: argparse.Namespace) -> int:
         raise LmforgeError("give a CONFIG file, or --out RUN_DIR (with --set overrides or --resume)")
     config = load_config(config_path, args.set, origin=str(config_path or "--set"))
     run_dir = Path(args.out) if args.out else Path("runs") / config_path.stem
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for the job
     try:
         summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
-        print(f"lmforge train: {stop}; checkpoint saved to {stop.checkpoint}; continue with "
-              f"`lmforge train --resume --out {run_dir}`", file=sys.stderr)
+        if main_rank:
+            print(f"lmforge train: {stop}; checkpoint saved to {stop.checkpoint}; continue with "
+                  f"`lmforge train --resume --out {run_dir}`", file=sys.stderr)
         return 128 + stop.signum if stop.signum in (signal.SIGINT, signal.SIGTERM) else 1
+    if not main_rank:
+        return 0
     result = summary.final_eval
     bpb = f", {result.bpb:.3f} bpb" if result and result.bpb else ""
     print(
@@ -324,14 +329,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1: one of several processes started by torchrun
+    where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
     try:
         return args.run(args) or 0
     except LmforgeError as exc:
-        print(f"lmforge {args.verb}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _exit(f"lmforge {args.verb}: error{where}: {exc}", EXIT_USER_ERROR, world)
     except KeyboardInterrupt:
-        print(f"lmforge {args.verb}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _exit(f"lmforge {args.verb}: interrupted{where}", EXIT_INTERRUPTED, world)
+    except Exception as exc:
+        if world > 1 and _is_collective_failure(exc):  # another rank died first; its message is the one that counts
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            return _exit(f"lmforge {args.verb}: error{where}: another process of the job failed "
+                         f"({type(exc).__name__}: {first[:200]})", EXIT_USER_ERROR, world)
+        raise
+
+
+def _is_collective_failure(exc: Exception) -> bool:
+    import torch.distributed as dist
+
+    # gloo reports a dead peer as a plain RuntimeError from its transport ("Connection closed/reset by peer").
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))
+
+
+def _exit(message: str, code: int, world: int) -> int:
+    """Print the one-line message; in a multi-process job leave at once, without waiting for ranks
+    that may be blocked in a collective: torchrun sees the exit and stops the whole job."""
+    print(message, file=sys.stderr)
+    if world > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

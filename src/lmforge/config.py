@@ -95,6 +95,7 @@ class TrainConfig:
     stop_at_val_loss: float | None = None  # end the run at the first eval at or below this loss
     init_from: str = ""  # start from the weights of a run or checkpoint folder (e.g. `lmforge import`)
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
 
 
 @dataclass
@@ -103,6 +104,14 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("qkv", "proj", "up", "down")  # Linear layers of the model's blocks
+
+
+@dataclass
+class ParallelConfig:
+    # none: one process. ddp / fsdp: data parallel over the processes started by torchrun (one per device),
+    # replicated (DDP) or sharded (FSDP2) weights, gradients and optimizer state; the global batch is
+    # train.batch_size x train.grad_accum_steps sequences whatever the world size.
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
 
 
 @dataclass
@@ -119,6 +128,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -271,6 +281,10 @@ def validate(config: Config, origin: str) -> None:
     need(t.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
     need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
          "train.device", f"must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
+    if config.parallel.strategy == "fsdp":
+        # Sharded gradients would need a sharded grad scaler; Muon orthogonalizes whole matrices, not shards.
+        need(t.dtype != "fp16", "train.dtype", "fp16 is not supported with parallel.strategy = \"fsdp\"; use bf16")
+        need(o.name != "muon", "optim.name", "muon is not supported with parallel.strategy = \"fsdp\"; use ddp")
     need(config.log.interval > 0, "log.interval", "must be positive")
     need(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
     need(0.0 <= config.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")

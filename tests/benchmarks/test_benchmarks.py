@@ -42,3 +42,12 @@ def test_speedrun_reports_time_to_target_and_ratio(char_data: Path, tmp_path: Pa
     lines = result.stdout.splitlines()
     assert lines[1].startswith("slow.toml: reached val loss") and lines[2].startswith("fast.toml: reached")
     assert lines[3].startswith("ratio fast.toml / slow.toml:")
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_benchmark_prints_both_modes() -> None:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "activation_checkpointing.py"), "--n-layer", "2",
+                          "--d-model", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "2", "--steps", "1"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "activation checkpointing off: peak memory of a step" in out
+    assert "activation checkpointing on : peak memory of a step" in out and "saving:" in out

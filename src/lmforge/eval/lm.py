@@ -41,19 +41,42 @@ def evaluate_lm(
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
     bytes_per_token: float | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> LMEval:
-    """Token-weighted mean loss of `model` over every target of `batches` (targets of -100 are skipped)."""
+    """Token-weighted mean loss of `model` over every target of `batches` (targets of -100 are skipped).
+
+    With `world` > 1 (a data-parallel run) rank r scores batches r, r + world, ... and the sums
+    are all-reduced, so every rank returns the same result for the whole split.
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
+    seen = scored = 0
+    first = None
     try:
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
+            seen += 1
+            first = first or (x, y)
+            if i % world != rank:
+                continue
+            scored += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
                 logits, _ = model(x)
             total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
             count += int((y != -100).sum())
+        if world > 1:
+            # An FSDP forward is collective: ranks short of a batch run an unscored one so all run as many.
+            for _ in range(-(-seen // world) - scored):
+                with autocast or contextlib.nullcontext():
+                    model(first[0].to(device))
+            import torch.distributed as dist
+
+            sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
+            dist.all_reduce(sums)
+            total, count = sums[0], int(sums[1].item())
     finally:
         model.train(was_training)
     return LMEval(loss=total.item() / count, tokens=count, bytes_per_token=bytes_per_token)

@@ -6,6 +6,9 @@
         config.toml         the resolved run config (model architecture included)
         tokenizer.json      so the checkpoint alone can encode and decode
         meta.json           step, val_loss and the sha256 of every file above
+        train_state/        distributed runs only: model and optimizer shards written by DCP
+                            (torch.distributed.checkpoint), loadable at any world size; state.pt
+                            then holds the loader, RNG and loop state without the optimizer
 
 A checkpoint is assembled in a hidden temporary folder and renamed into place, so a kill
 at any moment leaves either the whole new checkpoint or none of it; the sha256 list
@@ -20,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -30,9 +33,33 @@ from lmforge.config import Config, load_config
 from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
 
+if TYPE_CHECKING:
+    from lmforge.train.distributed import ShardedCheckpoint
+
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 FILES = ("model.safetensors", "state.pt", "config.toml", "tokenizer.json")
+TRAIN_STATE = "train_state"  # DCP folder of a distributed run
+
+
+class _Weights:
+    """A state dict posing as a module for safetensors' `save_model` (which keeps shared tensors once)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self.weights = weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.weights)
+
+
+def _sharded_files(path: Path) -> list[str]:
+    """Relative names of the DCP files of a checkpoint, sorted (none for a single-process one)."""
+    folder = path / TRAIN_STATE
+    return sorted(str(f.relative_to(path)) for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+
+
+def has_sharded_state(path: Path) -> bool:
+    return (path / TRAIN_STATE).is_dir()
 
 
 @dataclass(frozen=True)
@@ -53,32 +80,51 @@ def _fsync(path: Path) -> None:
 def save_checkpoint(
     run_dir: Path,
     step: int,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     state: dict[str, Any],
     config: Config,
     tokenizer_file: Path,
     val_loss: float | None,
+    sharded: ShardedCheckpoint | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and return its folder."""
+    """Write checkpoint `step` atomically and return its folder.
+
+    With `sharded` (a distributed run) every rank calls this: all ranks write their DCP shards
+    into rank 0's staging folder and gather the full weights to rank 0, which writes the other
+    files and renames the folder into place; the others wait for that before going on.
+    """
+    main = sharded is None or sharded.is_main
     root = run_dir / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:07d}"
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
+    staging = None
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
     try:
-        save_model(model, str(staging / "model.safetensors"))
-        torch.save(state, staging / "state.pt")
-        (staging / "config.toml").write_text(config.to_toml())
-        shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
-        meta = {"step": step, "val_loss": val_loss, "sha256": {name: file_sha256(staging / name) for name in FILES}}
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for name in (*FILES, "meta.json"):
-            _fsync(staging / name)
-        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        _fsync(root)
+        weights = model
+        if sharded is not None:
+            staging = sharded.broadcast(staging)
+            sharded.save(staging / TRAIN_STATE)
+            weights = _Weights(sharded.full_weights())
+        if main:
+            save_model(weights, str(staging / "model.safetensors"))
+            torch.save(state, staging / "state.pt")
+            (staging / "config.toml").write_text(config.to_toml())
+            shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
+            names = (*FILES, *_sharded_files(staging))
+            meta = {"step": step, "val_loss": val_loss, "sha256": {name: file_sha256(staging / name) for name in names}}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            for name in (*names, "meta.json"):
+                _fsync(staging / name)
+            if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(staging, final)
+            _fsync(root)
+        if sharded is not None:
+            sharded.barrier()  # nobody reads or prunes the checkpoint before it is in place
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
@@ -136,7 +182,8 @@ def verify_checkpoint(path: Path) -> dict:
         expected = meta["sha256"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LmforgeError(f"{path}: corrupted checkpoint (meta.json unreadable: {exc})") from None
-    for name in FILES:
+    sharded = sorted({*_sharded_files(path), *(n for n in expected if n.startswith(f"{TRAIN_STATE}/"))})
+    for name in (*FILES, *sharded):
         file = path / name
         if not file.is_file():
             raise LmforgeError(f"{path}: corrupted checkpoint ({name} is missing)")

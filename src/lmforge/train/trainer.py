@@ -1,8 +1,9 @@
 """The training loop: data → forward → loss → backward → optimizer update, with exact resume.
 
-One loop serves pretraining and (later) fine-tuning. Everything a resumed run needs to
-continue bit-identically is in the checkpoint: weights, optimizer moments, grad scaler,
-the data sampler's generator, every RNG state and the loop counters.
+One loop serves pretraining and fine-tuning, in one process or data-parallel under torchrun
+(`parallel.strategy`; see `distributed.py`). Everything a resumed run needs to continue
+bit-identically is in the checkpoint: weights, optimizer moments, grad scaler, the data
+sampler's generator, every RNG state and the loop counters.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
+from lmforge.train import distributed
+from lmforge.train.distributed import Distributed
 from lmforge.train.lora import apply_lora
 from lmforge.train.optim import build_optimizers, set_lr_factor
-from lmforge.train.runtime import autocast, matmul_peak_flops, resolve_device, rng_state, seed_everything, set_rng_state
+from lmforge.train.runtime import autocast, matmul_peak_flops, rng_state, seed_everything, set_rng_state
 from lmforge.train.schedule import lr_factor
 
 MAX_CONSECUTIVE_SKIPS = 10
@@ -64,18 +67,21 @@ class TrainSummary:
 
 
 class MetricsLog:
-    """`metrics.jsonl`: one JSON object per step and per eval, flushed as written."""
+    """`metrics.jsonl`: one JSON object per step and per eval, flushed as written (None: write nothing,
+    as on every rank but 0)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8") if path is not None else None
 
     def write(self, entry: dict) -> None:
-        self.file.write(json.dumps(entry) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
     @staticmethod
     def truncate(path: Path, step: int) -> None:
@@ -120,34 +126,42 @@ class Stepper:
     """One optimizer update: forward and backward over the micro-batches, unscale, clip, step.
 
     Split in two so the loop can inspect the loss and grad norm before deciding to apply
-    the update; benchmarks call it as it is, so they time the real training step.
+    the update; benchmarks call it as it is, so they time the real training step. In a
+    data-parallel run each rank takes its share of every micro-batch and gradients are
+    synchronised on the last one only; the loss and norm returned are those of the global batch.
     """
 
     def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
                  amp: contextlib.AbstractContextManager, device: torch.device, grad_accum_steps: int,
-                 grad_clip: float, compile: bool = False, only_targets: bool = False) -> None:
+                 grad_clip: float, compile: bool = False, dist: Distributed | None = None,
+                 only_targets: bool = False) -> None:
         self.model, self.optimizers, self.scaler, self.amp, self.device = model, optimizers, scaler, amp, device
         self.only_targets = only_targets  # masked (fine-tuning) targets: run the head only where they count
         self.forward = torch.compile(model) if compile else model
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
+        self.dist = dist or Distributed()
 
     def gradients(self, batches: RandomWindows | ExampleBatches) -> tuple[float, float, int]:
-        """Accumulate gradients; return (mean loss, global grad norm before clipping, input tokens)."""
+        """Accumulate gradients; return (mean loss, global grad norm before clipping, input tokens of all ranks)."""
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for _ in range(self.grad_accum_steps):
+        for micro in range(self.grad_accum_steps):
             x, y = next(batches)
             tokens += x.numel()  # padded fine-tuning batches vary in length
+            x, y, share = self.dist.shard(x, y)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.amp:
-                _, loss = self.forward(x, y, only_targets=self.only_targets)
-            self.scaler.scale(loss / self.grad_accum_steps).backward()
+            with self.dist.gradient_sync(self.model, micro == self.grad_accum_steps - 1):
+                with self.amp:
+                    _, loss = self.forward(x, y, only_targets=self.only_targets)
+                if share != 1.0:  # this rank's part of the global mean (see Distributed.shard)
+                    loss = loss * share
+                self.scaler.scale(loss / self.grad_accum_steps).backward()
             loss_sum += loss.detach()
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-        return loss_sum.item() / self.grad_accum_steps, grad_norm.item(), tokens
+        grad_norm = distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm)
+        return self.dist.mean(loss_sum).item() / self.grad_accum_steps, grad_norm.item(), tokens
 
     def update(self, apply: bool = True) -> None:
         """Step the optimizers (unless told to skip this batch) and clear the gradients."""
@@ -209,9 +223,21 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
 
 
 def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False) -> TrainSummary:
-    """Train per `config` into `run_dir`; see the module docstring for what is saved."""
-    run_dir = Path(run_dir)
+    """Train per `config` into `run_dir`; see the module docstring for what is saved.
+
+    Under torchrun with parallel.strategy ddp or fsdp every process calls this; rank 0 alone
+    writes the run folder (but for its share of a checkpoint's DCP shards).
+    """
+    with distributed.process_group(config.parallel.strategy, config.train.device) as (dist, device):
+        return _train(config, Path(run_dir), resume, overwrite, dist, device)
+
+
+def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: Distributed,
+           device: torch.device) -> TrainSummary:
     start_wall = time.perf_counter()
+    if config.train.batch_size % dist.world:
+        raise LmforgeError(f"train.batch_size ({config.train.batch_size}) must be divisible by the number of processes "
+                           f"({dist.world}): each takes an equal share of every micro-batch")
     resume_from = _check_run_dir(run_dir, resume, overwrite)
     init_from = None
     if config.train.init_from and resume_from is None:
@@ -229,72 +255,97 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
             raise LmforgeError(f"{data.dir}: its tokenizer differs from the one of checkpoint {resume_from}")
 
     t = config.train
-    device = resolve_device(t.device)
     amp = autocast(device, t.dtype)
     if t.deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._dynamo: ~1 s
         torch.use_deterministic_algorithms(t.deterministic)
-    seed_everything(t.seed)
-    model: torch.nn.Module = GPT(config.model).to(device)
+    seed_everything(t.seed)  # the same on every rank: identical initial weights, identical batches drawn
+    module: torch.nn.Module = GPT(config.model).to(device)
     if init_from is not None:  # through the inference loader, so a LoRA source arrives merged
-        model.load_state_dict(ckpt.load_for_inference(init_from, "best", device).model.state_dict())
+        module.load_state_dict(ckpt.load_for_inference(init_from, "best", device).model.state_dict())
     if config.lora.rank > 0:
-        model = apply_lora(model, config.lora)
-    optimizers = build_optimizers(model, config.optim)
+        module = apply_lora(module, config.lora)
+    saved_state: dict | None = None
+    full_optimizer_state = None
+    if resume_from is not None:
+        ckpt.load_weights(resume_from, module)  # full weights, before any sharding
+        saved_state = ckpt.load_state(resume_from)
+        if "optimizers" not in saved_state and not ckpt.has_sharded_state(resume_from):
+            raise LmforgeError(f"{resume_from}: has no training state to resume (an imported checkpoint?); "
+                               f"start a new run with train.init_from = \"{resume_from}\"")
+        if "optimizers" in saved_state and dist.enabled:
+            # A single-process checkpoint resumed in parallel: name its moments by parameter so they can be sharded.
+            plain = build_optimizers(module, config.optim)
+            _load_optimizer_states(plain, saved_state["optimizers"])
+            full_optimizer_state = distributed.full_optimizer_state(module, plain)
+            del plain
+    # `model` runs forward and backward (DDP wraps `module`; FSDP2 shards it in place); `module` is the
+    # model itself, for evaluation, FLOP counts and the optimizers' parameter groups.
+    model = distributed.parallelize(module, dist, device, t.dtype, t.activation_checkpointing)
+    optimizers = build_optimizers(module, config.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "fp16")
     batches = data.train_batches(config.model.block_size, t.batch_size, seed=t.seed)
     state = LoopState()
 
-    if resume_from is not None:
-        ckpt.load_weights(resume_from, model)
-        saved_state = ckpt.load_state(resume_from)
-        if "optimizers" not in saved_state:
-            raise LmforgeError(f"{resume_from}: has no training state to resume (an imported checkpoint?); "
-                               f"start a new run with train.init_from = \"{resume_from}\"")
-        for optimizer, optimizer_state in zip(optimizers, saved_state["optimizers"], strict=True):
-            optimizer.load_state_dict(optimizer_state)
+    dist.barrier()  # every rank has checked the run folder before rank 0 changes it
+    if saved_state is not None:
+        if ckpt.has_sharded_state(resume_from):
+            distributed.load_sharded(resume_from / ckpt.TRAIN_STATE, model, optimizers)
+        elif full_optimizer_state is not None:
+            distributed.set_full_optimizer_state(model, optimizers, full_optimizer_state)
+        else:
+            _load_optimizer_states(optimizers, saved_state["optimizers"])
         scaler.load_state_dict(saved_state["scaler"])
         batches.load_state_dict(saved_state["batches"])
         set_rng_state(saved_state["rng"])
         state = LoopState(**saved_state["loop"])
-        MetricsLog.truncate(run_dir / "metrics.jsonl", state.step)
-    elif run_dir.is_dir():  # --overwrite (checked above): start afresh
+        if dist.is_main:
+            MetricsLog.truncate(run_dir / "metrics.jsonl", state.step)
+    elif dist.is_main and run_dir.is_dir():  # --overwrite (checked above): start afresh
         shutil.rmtree(run_dir)
-    elif run_dir.exists():
+    elif dist.is_main and run_dir.exists():
         run_dir.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config.to_toml())
-    shutil.copyfile(data.tokenizer_file, run_dir / "tokenizer.json")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config.to_toml())
+        shutil.copyfile(data.tokenizer_file, run_dir / "tokenizer.json")
+    dist.barrier()
 
     stepper = Stepper(model, optimizers, scaler, amp, device, t.grad_accum_steps, config.optim.grad_clip, t.compile,
-                      only_targets=config.data.kind == "sft")
-    peak_flops = matmul_peak_flops(device, t.dtype)
+                      dist, only_targets=config.data.kind == "sft")
+    peak_flops = matmul_peak_flops(device, t.dtype) * dist.world  # MFU of the whole job
     bytes_per_token = data.bytes_per_token("val")
     max_steps = t.max_steps
     last_eval: LMEval | None = None
     last_eval_step = last_saved_step = -1
     latest_checkpoint = resume_from
     consecutive_skips = 0
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl" if dist.is_main else None)
     wall_offset = state.elapsed_s - (time.perf_counter() - start_wall)
 
-    def evaluate() -> LMEval:
-        return evaluate_lm(model, data.eval_batches(config.model.block_size, t.eval_batch_size), device, amp,
-                           bytes_per_token)
+    def evaluate() -> LMEval:  # each rank scores a share of the batches; the result is the same on all
+        return evaluate_lm(module, data.eval_batches(config.model.block_size, t.eval_batch_size), device, amp,
+                           bytes_per_token, rank=dist.rank, world=dist.world)
 
     def save(val_loss: float | None) -> Path:
         state.elapsed_s = time.perf_counter() - start_wall + wall_offset
         training_state = {
-            "optimizers": [o.state_dict() for o in optimizers],
+            # distributed: the optimizer state goes, sharded, into the checkpoint's DCP folder
+            **({} if dist.enabled else {"optimizers": [o.state_dict() for o in optimizers]}),
             "scaler": scaler.state_dict(),
             "batches": batches.state_dict(),
             "rng": rng_state(),
             "loop": dataclasses.asdict(state),
         }
-        path = ckpt.save_checkpoint(run_dir, state.step, model, training_state, config, data.tokenizer_file, val_loss)
-        ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
+        sharded = distributed.ShardedCheckpoint(dist, model, module, optimizers) if dist.enabled else None
+        path = ckpt.save_checkpoint(run_dir, state.step, module, training_state, config, data.tokenizer_file, val_loss,
+                                    sharded)
+        if dist.is_main:
+            ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
         return path
 
-    bar = tqdm(total=max_steps, initial=state.step, unit="step", disable=not config.log.progress, dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=state.step, unit="step", disable=not config.log.progress or not dist.is_main,
+               dynamic_ncols=True)
+    say = bar.write if dist.is_main else (lambda text: None)
     model.train()
     try:
         with StopSignals() as stop:
@@ -327,7 +378,7 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
                     "lr": config.optim.lr * factor,
                     "grad_norm": grad_norm_value,
                     "tokens_per_s": step_tokens / step_seconds,
-                    "mfu": model.flops_per_token() * step_tokens / step_seconds / peak_flops,
+                    "mfu": module.flops_per_token() * step_tokens / step_seconds / peak_flops,
                     "elapsed_s": time.perf_counter() - start_wall + wall_offset,
                 }
                 if not finite:
@@ -342,7 +393,7 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
                     last_eval, last_eval_step = evaluate(), state.step
                     val_loss = last_eval.loss
                     metrics.write({"step": state.step, **_eval_entry(last_eval)})
-                    bar.write(f"step {state.step}: val loss {last_eval.loss:.4f}, ppl {last_eval.ppl:.2f}"
+                    say(f"step {state.step}: val loss {last_eval.loss:.4f}, ppl {last_eval.ppl:.2f}"
                               + (f", {last_eval.bpb:.3f} bpb" if last_eval.bpb else ""))
                 improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
                 if improved:
@@ -352,12 +403,12 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
                 if periodic or improved or reached or state.step == max_steps:
                     latest_checkpoint, last_saved_step = save(val_loss), state.step
                 if reached:
-                    bar.write(f"step {state.step}: val loss {val_loss:.4f} <= train.stop_at_val_loss; stopping")
+                    say(f"step {state.step}: val loss {val_loss:.4f} <= train.stop_at_val_loss; stopping")
                     break
-                if stop.received is not None:
+                if dist.any(stop.received is not None):  # all ranks stop at the same step
                     if last_saved_step != state.step:
                         latest_checkpoint, last_saved_step = save(None), state.step
-                    raise TrainingInterrupted(stop.received, state.step, latest_checkpoint)
+                    raise TrainingInterrupted(stop.received or signal.SIGTERM, state.step, latest_checkpoint)
     finally:
         bar.close()
         metrics.close()
@@ -372,10 +423,15 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
         steps=state.step,
         elapsed_s=elapsed,
         tokens_per_s=tokens_per_s,
-        mfu=tokens_per_s * model.flops_per_token() / peak_flops,
+        mfu=tokens_per_s * module.flops_per_token() / peak_flops,
         final_eval=last_eval,
         checkpoint=latest_checkpoint,
     )
+
+
+def _load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
+    for optimizer, optimizer_state in zip(optimizers, states, strict=True):
+        optimizer.load_state_dict(optimizer_state)
 
 
 def _eval_entry(result: LMEval) -> dict:

@@ -1,0 +1,295 @@
+"""Data parallelism on PyTorch's own engine: torchrun processes, DDP or FSDP2, DCP checkpoints.
+
+Parallelism is applied from outside the model (as in torchtitan): `parallelize` wraps the
+plain `GPT` with activation checkpointing per block and then DDP, or FSDP2's `fully_shard`
+per block and on the root. The training loop stays the one loop of `trainer.py`; it asks a
+`Distributed` for its share of each batch, for gradient sync on the last micro-batch only,
+and for cross-rank means of what it logs.
+
+Global batch: every rank draws the same micro-batch of `train.batch_size` sequences from
+the same seeded sampler and keeps its own `batch_size / world` rows, so the optimizer sees
+`batch_size x grad_accum_steps` sequences at any world size, the shares are disjoint and
+deterministic, and the sampler state in a checkpoint is the same on every rank (a run
+resumes at another world size exactly where it stopped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmforge.data.sft import IGNORE
+from lmforge.errors import LmforgeError
+from lmforge.train.runtime import resolve_device
+
+
+def launched_by_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job, and the few collectives the training loop needs."""
+
+    strategy: str = "none"
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False  # we created the process group, so we destroy it
+
+    @property
+    def enabled(self) -> bool:
+        return self.strategy != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """This rank's rows of a global micro-batch, and the factor that turns its mean loss into
+        its part of the global mean (x world, as gradients are averaged over ranks).
+
+        The factor is (this rank's scored targets x world) / (all scored targets): exactly 1 for
+        token windows; padded fine-tuning batches score different numbers of tokens per row.
+        """
+        if self.world == 1:
+            return x, y, 1.0
+        rows = x.size(0) // self.world
+        mine = slice(self.rank * rows, (self.rank + 1) * rows)
+        scored, total = int((y[mine] != IGNORE).sum()), int((y != IGNORE).sum())
+        return x[mine], y[mine], scored * self.world / max(total, 1)
+
+    @contextlib.contextmanager
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:
+        """All-reduce gradients only on the last micro-batch of an accumulation."""
+        if self.strategy == "ddp" and not enabled:
+            with model.no_sync():
+                yield
+            return
+        if self.strategy == "fsdp":
+            model.set_requires_gradient_sync(enabled)
+        yield
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks of a per-rank scalar (identical on every rank afterwards)."""
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)  # a sum: gloo has no AVG
+            value /= self.world
+        return value
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any: ranks must agree when to stop and save."""
+        if self.world == 1:
+            return flag
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        value = torch.tensor(float(flag), device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank (a path chosen by rank 0, for instance)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+@contextlib.contextmanager
+def process_group(strategy: str, device_name: str) -> Iterator[tuple[Distributed, torch.device]]:
+    """Join the torchrun job (or make a one-process group without torchrun) and pick the device.
+
+    Backend NCCL on CUDA, gloo on CPU; under torchrun each process takes `cuda:LOCAL_RANK`.
+    Strategy "none" under a multi-process torchrun is refused: every process would train
+    the whole model on the whole batch and write the same run folder.
+    """
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if strategy == "none":
+        if world_env > 1:
+            raise LmforgeError(f"started as {world_env} processes (torchrun) but parallel.strategy is \"none\"; "
+                               f"set parallel.strategy = \"ddp\" or \"fsdp\"")
+        yield Distributed(), resolve_device(device_name)
+        return
+    device = resolve_device(device_name)
+    if device.type not in ("cpu", "cuda"):
+        raise LmforgeError(f"parallel.strategy {strategy} needs train.device cpu or cuda; got {device_name!r}")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    owns = not dist.is_initialized()
+    if owns and launched_by_torchrun():
+        if device.type == "cuda":
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank >= torch.cuda.device_count():
+                raise LmforgeError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} "
+                                   f"CUDA device(s); pass torchrun --nproc-per-node <= that")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    elif owns:  # not launched by torchrun: a group of one, so the same code path runs at world size 1
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    state = Distributed(strategy, dist.get_rank(), dist.get_world_size(), owns)
+    try:
+        yield state, device
+    except BaseException:
+        # Another rank may be waiting in a collective: leave the group to die with the process
+        # (the CLI exits at once, and torchrun stops the other ranks). A group of one is safe to close.
+        if owns and state.world == 1:
+            dist.destroy_process_group()
+        raise
+    if owns:
+        dist.destroy_process_group()
+
+
+def gpt_of(model: nn.Module) -> nn.Module:
+    """The lmforge GPT inside `model` (itself, or under a peft/DDP wrapper)."""
+    from lmforge.model.gpt import GPT
+
+    return next(m for m in model.modules() if isinstance(m, GPT))
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every block's activations during backward instead of keeping them (non-reentrant,
+    so RNG state such as dropout masks is replayed and gradients are unchanged).
+
+    The wrapper's state-dict hooks drop its `_checkpoint_wrapped_module.` prefix, so checkpoints
+    keep the plain parameter names.
+    """
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    blocks = gpt_of(model).blocks
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+
+
+def parallelize(model: nn.Module, dist_state: Distributed, device: torch.device, dtype: str,
+                activation_checkpointing: bool) -> nn.Module:
+    """Activation checkpointing, then DDP or FSDP2; returns the module to run forward/backward on.
+
+    FSDP2 shards each block as its own unit (gathered just before it runs, freed after) and the
+    root for the embeddings, final norm and head; with bf16 it computes in bf16 and reduces
+    gradients in fp32. Every rank built the same initial weights from the same seed.
+    """
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if dist_state.strategy == "ddp":
+        # Buffers are rotary tables derived from the config: no need to broadcast them every forward
+        # (`forward_sync_buffers` replaces `broadcast_buffers` in recent PyTorch).
+        ddp = nn.parallel.DistributedDataParallel
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+            else "broadcast_buffers"
+        return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
+    if dist_state.strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (dist_state.world,))
+        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                  if dtype == "bf16" else MixedPrecisionPolicy())
+        for block in gpt_of(model).blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def clip_grad_norm(parameters: Iterator[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`clip_grad_norm_` that also takes FSDP2's sharded (DTensor) gradients: the norm is global."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    total = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if isinstance(total, DTensor):  # a partial norm per shard: reduce it across ranks
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+class ShardedCheckpoint:
+    """What `checkpoint.save_checkpoint` needs when several ranks write one checkpoint.
+
+    Rank 0 writes the usual files, model.safetensors gathered in full, so `sample`, `eval` and
+    `export` read it as any other checkpoint; every rank writes its shard of model and optimizer
+    through DCP into `train_state/`, which any world size can load (DCP reshards).
+    """
+
+    def __init__(self, dist_state: Distributed, model: nn.Module, module: nn.Module,
+                 optimizers: list[torch.optim.Optimizer]) -> None:
+        self.dist, self.model, self.module, self.optimizers = dist_state, model, module, optimizers
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def broadcast(self, obj: Any) -> Any:
+        return self.dist.broadcast(obj)
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights on rank 0 (an empty dict elsewhere), tied weights shared again."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if weights:  # gathering copies a tied weight once per name; safetensors stores shared tensors once
+            names: dict[int, list[str]] = {}
+            for name, param in self.module.named_parameters(remove_duplicate=False):
+                names.setdefault(id(param), []).append(name.replace("_checkpoint_wrapped_module.", ""))
+            for first, *aliases in names.values():
+                if aliases:  # own storage: a gathered tensor may be a view into a larger buffer
+                    weights[first] = weights[first].clone()
+                for alias in aliases:
+                    weights[alias] = weights[first]
+        return weights
+
+    def save(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizers)
+        dcp.save({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=folder)
+
+
+def load_sharded(folder: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+    """Model and optimizer state from a DCP folder, resharded to this job (or one plain process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizers)
+    state = {"model": model_state, "optimizers": optimizer_state}
+    try:
+        with warnings.catch_warnings():  # without a process group DCP loads in this one process, as intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=folder)
+    except Exception as exc:  # DCP reports a damaged or foreign folder in many ways
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LmforgeError(f"{folder}: cannot load the sharded training state ({reason})") from None
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
+
+
+def full_optimizer_state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict:
+    """Optimizer state keyed by parameter name with full tensors: what a single-process checkpoint
+    holds, in the form `set_full_optimizer_state` can shard onto a parallelized model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizers, options=StateDictOptions(full_state_dict=True))
+
+
+def set_full_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))
