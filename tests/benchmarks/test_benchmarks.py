@@ -42,3 +42,15 @@ def test_speedrun_reports_time_to_target_and_ratio(char_data: Path, tmp_path: Pa
     lines = result.stdout.splitlines()
     assert lines[1].startswith("slow.toml: reached val loss") and lines[2].startswith("fast.toml: reached")
     assert lines[3].startswith("ratio fast.toml / slow.toml:")
+
+
+@pytest.mark.slow
+def test_memory_estimate_within_20_percent_of_measured_peak() -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "estimate_memory.py"), "--only", "tiny", "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["checkpointing"] for r in rows] == [False, True]
+    for r in rows:  # the bar: within 20% of the measured peak
+        assert 0.8 <= r["ratio"] <= 1.2, r
+        assert r["measured"] > r["baseline"] > 0

@@ -15,9 +15,11 @@ memory, any size). Memory is a model of what one training step holds at its peak
 DDP replicates everything; FSDP (FSDP2, each block then the root) divides weights,
 gradients and optimizer state by the number of devices. With `grad_accum_steps` = 1 and
 gradients freed after each update, gradients and activations are never all alive together:
-backward frees activations as it allocates gradients, so the peak is
-weights + optimizer + buffers + max(activations, gradients). With accumulation the
-gradients of the previous micro-batches live through the next forward, and all add up.
+backward frees a block's activations as it allocates its gradients, so the peak is weights +
+optimizer + buffers + the largest of: the activations at the start of backward, and the
+activations still alive plus the gradients made so far while backward works through the
+last and the first block. With accumulation the gradients of the previous micro-batches
+live through the next forward and add to all of these.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class ParamCounts:
     per_block: int
     root: int  # outside the blocks: embeddings, final norm, head (FSDP's root unit)
     linear: int  # weights and biases of nn.Linear layers: what autocast copies to bf16
+    linear_per_block: int
     matrices: int  # Muon's share (hidden matrices); the rest is AdamW's under Muon
     flops_per_token: float  # training (forward + backward), from GPT.flops_per_token
     recompute_flops_per_token: float  # one more forward of the blocks: activation checkpointing's price
@@ -66,11 +69,13 @@ def count_parameters(model: ModelConfig) -> ParamCounts:
         gpt = GPT(model)
     linear = {id(p): p.numel() for m in gpt.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
     per_block = sum(p.numel() for p in gpt.blocks[0].parameters())
+    linear_per_block = sum(p.numel() for m in gpt.blocks[0].modules() if isinstance(m, nn.Linear) for p in m.parameters())
     total = gpt.num_params()
     # forward of the blocks: 2 FLOPs per weight and 4·d·T for attention, a third of GPT.flops_per_token's 12·L·d·T
     recompute = model.n_layer * (2 * per_block + 4 * model.d_model * model.block_size)
     return ParamCounts(
         total=total, per_block=per_block, root=total - model.n_layer * per_block, linear=sum(linear.values()),
+        linear_per_block=linear_per_block,
         matrices=sum(p.numel() for p in split_parameters(gpt)["matrices"]),
         flops_per_token=gpt.flops_per_token(), recompute_flops_per_token=float(recompute),
     )
@@ -150,14 +155,6 @@ def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -
     return saved, held, 2 * FP32 * V
 
 
-@dataclass(frozen=True)
-class Activations:
-    """Peak activation bytes per device, without and with per-block activation checkpointing."""
-
-    full: float
-    checkpointed: float
-
-
 def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool) -> float:
     """Bytes autograd saves in a training forward of `micro_batch` sequences of block_size tokens."""
     tokens = micro_batch * model.block_size
@@ -168,20 +165,41 @@ def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu
     return per_token * tokens + rope_tables
 
 
-def activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool) -> Activations:
-    """Peak activation bytes of one micro-batch of `micro_batch` sequences of block_size tokens.
+@dataclass(frozen=True)
+class Activations:
+    """Activation bytes of one micro-batch over the backward pass.
+
+    `peak`: the highest, at the start of backward or in the last block's. While backward works through block i (L down to 1),
+    `i * per_block + working` are alive: what the blocks not yet done keep, plus the held
+    logits and the working set of the block in progress.
+    """
+
+    peak: float
+    per_block: float
+    working: float
+
+
+def activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool, checkpointing: bool) -> Activations:
+    """Activation bytes of `micro_batch` sequences of block_size tokens, with or without per-block checkpointing.
 
     Without checkpointing the peak is at the start of backward: every saved tensor, the held
-    logits and the cross-entropy transients. With it, only each block's fp32 input is kept;
-    backward recomputes one block at a time, after the cross-entropy's transients are freed.
+    logits and the cross-entropy's two vocab-sized gradients. With it, each block keeps only
+    its fp32 input; backward recomputes one block at a time, after the cross-entropy is done.
+    A block's backward also holds one gradient of the MLP's up-projection output (the saved
+    tensors it replaces are freed as it goes) and two of the residual stream.
     """
     tokens = micro_batch * model.block_size
+    c, d, F = compute_bytes(dtype), model.d_model, mlp_hidden_size(model)
     block = block_activation_bytes(model, dtype, cpu)
     saved, held, transient = outside_activation_bytes(model, dtype, micro_batch)
-    full = saved_activation_bytes(model, dtype, micro_batch, cpu) + (held + transient) * tokens
-    kept = model.n_layer * FP32 * model.d_model
-    checkpointed = (kept + saved + held + max(transient, block)) * tokens
-    return Activations(full=full, checkpointed=checkpointed)
+    backward = c * ((2 if model.mlp == "swiglu" else 1) * F) + 2 * FP32 * d
+    if checkpointing:
+        per_block, working = FP32 * d * tokens, (held + block + backward) * tokens
+        start = model.n_layer * per_block + (saved + held + transient) * tokens
+    else:
+        per_block, working = block * tokens, (held + backward) * tokens
+        start = saved_activation_bytes(model, dtype, micro_batch, cpu) + (held + transient) * tokens
+    return Activations(peak=max(start, model.n_layer * per_block + working), per_block=per_block, working=working)
 
 
 def optimizer_bytes(config: Config, params: ParamCounts) -> float:
@@ -212,8 +230,7 @@ def memory(config: Config, params: ParamCounts, strategy: str, devices: int, che
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
     m, t = config.model, config.train
-    acts = activation_bytes(m, t.dtype, t.batch_size, cpu)
-    activations = acts.checkpointed if checkpointing else acts.full
+    acts = activation_bytes(m, t.dtype, t.batch_size, cpu, checkpointing)
     weights, gradients, optimizer = FP32 * params.total, FP32 * params.total, optimizer_bytes(config, params)
     c = compute_bytes(t.dtype)
     if strategy == "fsdp":
@@ -222,14 +239,24 @@ def memory(config: Config, params: ParamCounts, strategy: str, devices: int, che
         # step, two blocks (one prefetched); their unsharded gradients before the reduce-scatter
         buffers = c * (params.root + 2 * params.per_block) + FP32 * (params.root + params.per_block)
     else:
-        buffers = float(2 * params.linear if t.dtype != "fp32" else 0)  # autocast's bf16 weight copies
+        # autocast's bf16 weight copies, saved for backward; with checkpointing they are dropped when the
+        # forward's autocast ends, and backward recasts one block's at a time (the head's stay saved)
+        linear = params.linear
+        if checkpointing:
+            linear -= (m.n_layer - 1) * params.linear_per_block
+        buffers = float(2 * linear if t.dtype != "fp32" else 0)
         if strategy == "ddp":
             buffers += FP32 * params.total  # gradient buckets (gradient_as_bucket_view=False, the default)
-    if t.grad_accum_steps == 1:
-        peak = weights + optimizer + buffers + max(activations, gradients)
-    else:
-        peak = weights + optimizer + buffers + activations + gradients
-    return Memory(weights, gradients, optimizer, activations, buffers, peak)
+    # backward frees activations block by block while it allocates the gradients: the peak is at its start,
+    # or while it does the last block (L), with the root's gradients, or the first, with all of them
+    last = m.n_layer * acts.per_block + acts.working
+    first = acts.per_block + acts.working
+    if t.grad_accum_steps == 1:  # gradients are freed after each update (zero_grad(set_to_none=True))
+        dynamic = max(acts.peak, last + gradients * params.root / params.total, first + gradients)
+    else:  # the previous micro-batches' gradients are alive throughout
+        dynamic = gradients + acts.peak
+    peak = weights + optimizer + buffers + dynamic
+    return Memory(weights, gradients, optimizer, acts.peak, buffers, peak)
 
 
 def training_seconds(tokens: float, flops_per_token: float, devices: int, peak_flops: float, mfu: float) -> float:
@@ -358,8 +385,9 @@ def format_table(e: Estimate) -> str:
     for row in ("weights", "gradients", "optimizer", "activations", "buffers", "peak"):
         lines.append(f"{row:<18}" + "".join(f"{format_bytes(getattr(m, row)):>12}" for m in e.memory.values()))
     lines += [
-        "(+ac: activation checkpointing per block; peak = weights + optimizer + buffers + max(activations, gradients)"
-        " with grad_accum_steps 1, else their sum; buffers: bf16 autocast copies, DDP buckets, FSDP unsharded units)",
+        "+ac: activation checkpointing per block. activations: at the start of backward. buffers: bf16 autocast",
+        "copies, DDP gradient buckets, FSDP unsharded units. peak: the step's highest point, not the sum of the",
+        "rows: backward frees activations as it makes gradients, and recomputes a block at a time with +ac.",
         "",
         f"time at MFU {e.mfu:.0%} of {e.devices} x {e.peak_flops / 1e12:,.3g} TFLOP/s ({e.peak_flops_source}):",
         f"  budget      {e.budget_tokens:,.0f} tokens ({e.budget_source}): {format_duration(e.budget_seconds)}"
