@@ -185,3 +185,18 @@ def test_cli_without_vocab_size_names_the_key(cli, tmp_path: Path) -> None:
     code, _, err = cli("estimate", path)
     assert code == 1 and err.count("\n") == 1
     assert "model.vocab_size is not set" in err and "has no prepared data" in err
+
+
+def test_init_from_gives_the_checkpoints_architecture(cli, char_data: Path, tmp_path: Path) -> None:
+    from tests.conftest import TINY
+
+    overrides = sum((["--set", item] for item in [*TINY, "train.max_steps=2", f"data.dir={char_data}"]), [])
+    code, _, err = cli("train", *overrides, "--out", tmp_path / "run")
+    assert code == 0, err
+    path = tmp_path / "finetune.toml"
+    path.write_text(f'[model]\nn_layer = 12\n[train]\ninit_from = "{tmp_path / "run"}"\n')
+    code, out, err = cli("estimate", path, "--json", "--peak-flops", "1e11")
+    assert code == 0, err
+    trained = load_config(tmp_path / "run" / "config.toml").model
+    assert json.loads(out)["params"]["total"] == GPT(trained).num_params()
+    assert "architecture of train.init_from" in json.loads(out)["notes"][0]

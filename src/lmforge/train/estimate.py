@@ -24,6 +24,7 @@ live through the next forward and add to all of these.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -305,6 +306,7 @@ class Estimate:
     budget_seconds_ac: float
     chinchilla_tokens: float
     chinchilla_seconds: float
+    notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -323,6 +325,16 @@ def estimate(config: Config, devices: int = 1, device_type: str = "cpu", mfu: fl
         raise LmforgeError(f"--tokens must be positive, got {tokens}")
     if peak_flops is not None and not (peak_flops > 0 and math.isfinite(peak_flops)):
         raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
+    notes = []
+    if config.train.init_from:  # as `train` does: the architecture is the checkpoint's, the dropout the config's
+        from lmforge.train import checkpoint as ckpt
+
+        source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
+        config.model = dataclasses.replace(ckpt.load_config_of(source).model, dropout=config.model.dropout)
+        notes.append(f"architecture of train.init_from {source}")
+    if config.lora.rank > 0:
+        notes.append("lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
+                     "(an upper bound)")
     config.model.vocab_size = resolve_vocab_size(config)
     params = count_parameters(config.model)
     t, cpu = config.train, device_type == "cpu"
@@ -354,6 +366,7 @@ def estimate(config: Config, devices: int = 1, device_type: str = "cpu", mfu: fl
         budget_seconds_ac=seconds * (1 + params.recompute_flops_per_token / params.flops_per_token),
         chinchilla_tokens=chinchilla,
         chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak_flops, mfu),
+        notes=tuple(notes),
     )
 
 
@@ -362,6 +375,10 @@ def format_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def format_flops(flops: float) -> str:
+    return f"{flops / 1e12:,.4g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.4g} GFLOP/s"
 
 
 def format_duration(seconds: float) -> str:
@@ -389,10 +406,11 @@ def format_table(e: Estimate) -> str:
         "copies, DDP gradient buckets, FSDP unsharded units. peak: the step's highest point, not the sum of the",
         "rows: backward frees activations as it makes gradients, and recomputes a block at a time with +ac.",
         "",
-        f"time at MFU {e.mfu:.0%} of {e.devices} x {e.peak_flops / 1e12:,.3g} TFLOP/s ({e.peak_flops_source}):",
+        f"time at MFU {e.mfu:.0%} of {e.devices} x {format_flops(e.peak_flops)} ({e.peak_flops_source}):",
         f"  budget      {e.budget_tokens:,.0f} tokens ({e.budget_source}): {format_duration(e.budget_seconds)}"
         f" ({format_duration(e.budget_seconds_ac)} with activation checkpointing)",
         f"  Chinchilla  {e.chinchilla_tokens:,.0f} tokens ({CHINCHILLA_TOKENS_PER_PARAM} per parameter): "
         f"{format_duration(e.chinchilla_seconds)}",
+        *(f"note: {note}" for note in e.notes),
     ]
     return "\n".join(lines)
