@@ -402,7 +402,7 @@ def format_table(e: Estimate) -> str:
     for row in ("weights", "gradients", "optimizer", "activations", "buffers", "peak"):
         lines.append(f"{row:<18}" + "".join(f"{format_bytes(getattr(m, row)):>12}" for m in e.memory.values()))
     lines += [
-        "+ac: activation checkpointing per block. activations: at the start of backward. buffers: bf16 autocast",
+        "+ac: activation checkpointing per block. activations: their peak, early in backward. buffers: bf16 autocast",
         "copies, DDP gradient buckets, FSDP unsharded units. peak: the step's highest point, not the sum of the",
         "rows: backward frees activations as it makes gradients, and recomputes a block at a time with +ac.",
         "",
