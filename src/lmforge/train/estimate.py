@@ -321,7 +321,7 @@ def estimate(config: Config, devices: int = 1, device_type: str = "cpu", mfu: fl
         raise LmforgeError(f"--mfu must be in (0, 1], got {mfu}")
     if devices < 1:
         raise LmforgeError(f"--devices must be at least 1, got {devices}")
-    if tokens is not None and tokens <= 0:
+    if tokens is not None and not (tokens > 0 and math.isfinite(tokens)):
         raise LmforgeError(f"--tokens must be positive, got {tokens}")
     if peak_flops is not None and not (peak_flops > 0 and math.isfinite(peak_flops)):
         raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
