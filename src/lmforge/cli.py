@@ -7,6 +7,7 @@ Each verb is a function taking parsed arguments; errors the user can fix are rai
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -152,6 +153,53 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("train", help="train a model from a TOML config", description="Train a model.")
     _add_run_args(p)
     p.set_defaults(run=_train)
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from lmforge.config import load_config
+    from lmforge.train.estimate import estimate, format_table
+
+    devices = _parse_number(args.devices, "--devices", int)
+    mfu = _parse_number(args.mfu, "--mfu", float)
+    tokens = None if args.tokens is None else _parse_number(args.tokens, "--tokens", float)
+    peak = None if args.peak_flops is None else _parse_number(args.peak_flops, "--peak-flops", float)
+    config = load_config(args.config, args.set)
+    result = estimate(config, devices=devices, device_type=args.device_type, mfu=mfu, tokens=tokens, peak_flops=peak)
+    print(json.dumps({"config": args.config, **result.as_dict()}) if args.json
+          else f"{args.config}: {config.model.n_layer} layers, d_model {config.model.d_model}, "
+               f"vocab {config.model.vocab_size}\n{format_table(result)}")
+    return 0
+
+
+def _parse_number(text: str, option: str, kind: type) -> float:
+    """Option values checked here rather than by argparse, so a bad one is a one-line error."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value) or (kind is int and not value.is_integer()):
+        raise LmforgeError(f"{option} expects {'an integer' if kind is int else 'a number'}, got {text!r}")
+    return kind(value)
+
+
+def _add_estimate(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("estimate", help="parameters, FLOPs, memory per device and training time of a config",
+                         description="Estimate a training run before starting it: exact parameter count, FLOPs "
+                                     "per token, per-device memory for no parallelism / DDP / FSDP with and without "
+                                     "activation checkpointing, and the time for the token budget at a given MFU.")
+    p.add_argument("config", help="TOML config (as for `lmforge train`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.n_layer=12 (repeatable)")
+    p.add_argument("--devices", default="1", help="number of devices (default 1)")
+    p.add_argument("--device-type", default="cpu", metavar="{cpu,a100,h100,h200}",
+                   help="device kind for the peak FLOP/s (cpu: measured here; default cpu)")
+    p.add_argument("--mfu", default="0.4", help="model FLOPs utilisation in (0, 1] (default 0.4)")
+    p.add_argument("--tokens", help="token budget (default: max_steps x batch_size x grad_accum_steps x block_size)")
+    p.add_argument("--peak-flops", help="peak FLOP/s of one device, instead of the device type's")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_estimate)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -314,7 +362,7 @@ def _add_import(verbs: argparse._SubParsersAction) -> None:
 
 
 VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_prepare, _add_train, _add_finetune, _add_eval, _add_sample, _add_export, _add_import, _add_tasks,
+    _add_prepare, _add_train, _add_finetune, _add_estimate, _add_eval, _add_sample, _add_export, _add_import, _add_tasks,
 )
 
 

@@ -51,3 +51,15 @@ def test_activation_checkpointing_benchmark_prints_both_modes() -> None:
                          capture_output=True, text=True, check=True).stdout
     assert "activation checkpointing off: peak memory of a step" in out
     assert "activation checkpointing on : peak memory of a step" in out and "saving:" in out
+
+
+@pytest.mark.slow
+def test_memory_estimate_within_20_percent_of_measured_peak() -> None:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "estimate_memory.py"), "--only", "tiny", "--json"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [r["checkpointing"] for r in rows] == [False, True]
+    for r in rows:  # the bar: within 20% of the measured peak
+        assert 0.8 <= r["ratio"] <= 1.2, r
+        assert r["measured"] > r["baseline"] > 0

@@ -1,0 +1,137 @@
+"""`lmforge estimate`'s memory model against the measured peak of a real training step on CPU.
+
+Each configuration runs in a fresh process: the real training step (`Stepper`: forward,
+backward, clip, AdamW) once to materialise the optimizer state, then once more under
+`torch.profiler` with `profile_memory=True`. The measured peak is the bytes of live tensors
+before that step (weights and optimizer state, counted from the tensors) plus the highest
+running sum of the profiler's allocation and free events during it: tensor memory only,
+free of allocator caching and RSS noise. `--checkpointing` wraps each block in
+`torch.utils.checkpoint` here (the trainer's switch lives on another branch) to check the
+activation-checkpointing formula too. (Peak RSS is no good here: memory freed after the
+first step stays in the allocator and is reused, so RSS barely moves.)
+
+    .venv/bin/python benchmarks/estimate_memory.py                 # the default configurations, AC off and on
+    .venv/bin/python benchmarks/estimate_memory.py --only tiny --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO / "configs" / "shakespeare-char.toml"
+# name: (config file, overrides); sizes span ~0.8M to ~60M parameters and three architectures
+CONFIGS: dict[str, tuple[Path, list[str]]] = {
+    "tiny": (SHAKESPEARE, ["model.vocab_size=65"]),  # rope, rmsnorm, gelu, tied: 0.8M
+    "small": (SHAKESPEARE, ["model.vocab_size=65", "model.n_layer=6", "model.n_head=6", "model.d_model=384",
+                            "model.block_size=256", "model.position=learned", "model.norm=layernorm",
+                            "model.bias=true", "train.batch_size=8"]),  # GPT-2 style: 10.7M
+    "small-bf16": (SHAKESPEARE, ["model.vocab_size=65", "model.n_layer=6", "model.n_head=6", "model.d_model=384",
+                                 "model.block_size=256", "model.position=learned", "model.norm=layernorm",
+                                 "model.bias=true", "train.batch_size=8", "train.dtype=bf16"]),
+    "medium": (SHAKESPEARE, ["model.vocab_size=8192", "model.n_layer=8", "model.n_head=12", "model.n_kv_head=4",
+                             "model.d_model=768", "model.block_size=256", "model.mlp=swiglu",
+                             "model.tie_embeddings=false", "train.batch_size=4"]),  # Llama style, GQA: 63M
+}
+
+
+def _live_bytes(tensors: list) -> int:
+    """Bytes of the distinct storages behind `tensors`."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dict:
+    """Peak tensor bytes of a steady-state training step, next to the estimate for it."""
+    import gc
+
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.checkpoint import checkpoint
+
+    from lmforge.config import load_config
+    from lmforge.data.loader import RandomWindows
+    from lmforge.model import GPT
+    from lmforge.train.estimate import count_parameters, memory
+    from lmforge.train.optim import build_optimizers
+    from lmforge.train.runtime import autocast
+    from lmforge.train.trainer import Stepper
+
+    config = load_config(config_path, [*overrides, "train.device=cpu"])
+    m, t = config.model, config.train
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=8 * m.block_size * t.batch_size).astype(np.uint32)
+    batches = RandomWindows(tokens, m.block_size, t.batch_size, seed=0)
+    model = GPT(m)
+    if checkpointing:  # per block, non-reentrant: what train.activation_checkpointing does
+        for block in model.blocks:
+            block.forward = lambda x, rotary, cache, f=block.forward: checkpoint(f, x, rotary, cache, use_reentrant=False)
+    optimizers = build_optimizers(model, config.optim)
+    stepper = Stepper(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), autocast(device, t.dtype),
+                      device, t.grad_accum_steps, config.optim.grad_clip)
+    model.train()
+    stepper.gradients(batches)  # a first step creates AdamW's moments
+    stepper.update()
+    gc.collect()
+    state = [v for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
+    baseline = _live_bytes([*model.parameters(), *model.buffers(), *state])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        stepper.gradients(batches)
+        stepper.update()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    running = highest = 0
+    for _, nbytes in events:
+        running += nbytes
+        highest = max(highest, running)
+    params = count_parameters(m)
+    est = memory(config, params, "none", 1, checkpointing, cpu=True)
+    measured = baseline + highest
+    return {"params": params.total, "dtype": t.dtype, "checkpointing": checkpointing, "estimate": est.peak,
+            "estimate_split": {k: getattr(est, k) for k in ("weights", "gradients", "optimizer", "activations", "buffers")},
+            "measured": measured, "ratio": est.peak / measured, "baseline": baseline}
+
+
+def run_child(name: str, checkpointing: bool) -> dict:
+    """`measure` in a fresh interpreter, so nothing of an earlier measurement is alive."""
+    config, overrides = CONFIGS[name]
+    spec = json.dumps({"config": str(config), "overrides": overrides, "checkpointing": checkpointing})
+    result = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name}: measurement failed:\n{result.stderr[-3000:]}")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"config": name, **row}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="configurations to measure (default all)")
+    parser.add_argument("--no-checkpointing", action="store_true", help="skip the activation-checkpointing runs")
+    parser.add_argument("--json", action="store_true", help="one JSON object per measurement")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        print(json.dumps(measure(Path(spec["config"]), spec["overrides"], spec["checkpointing"])))
+        return
+    mib = 2**20
+    if not args.json:
+        print(f"{'config':<12}{'params':>12}{'dtype':>6}{'AC':>5}{'estimate MiB':>14}{'measured MiB':>14}"
+              f"{'ratio':>7}")
+    for name in args.only or CONFIGS:
+        for checkpointing in (False,) if args.no_checkpointing else (False, True):
+            r = run_child(name, checkpointing)
+            if args.json:
+                print(json.dumps(r), flush=True)
+                continue
+            print(f"{name:<12}{r['params']:>12,}{r['dtype']:>6}{'on' if checkpointing else 'off':>5}"
+                  f"{r['estimate'] / mib:14,.1f}{r['measured'] / mib:14,.1f}{r['ratio']:7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,416 @@
+"""`lmforge estimate`: parameters, FLOPs, per-device memory and training time before a run.
+
+The parameter count and FLOPs come from the real `GPT`, built on the `meta` device (no
+memory, any size). Memory is a model of what one training step holds at its peak:
+
+- weights, gradients: fp32 (4 bytes per parameter; bf16 autocast keeps fp32 master weights);
+- optimizer state: AdamW 2 fp32 moments, SGD 1 momentum buffer (none without momentum),
+  Muon 1 momentum buffer for the hidden matrices plus AdamW's 2 for the rest;
+- activations: what autograd saves in this model's forward (derived op by op below and
+  checked against `saved_tensors_hooks` in the tests), the logits the caller holds, and
+  the cross-entropy backward's two vocab-sized gradients;
+- buffers: bf16 weight copies under autocast, DDP's gradient buckets, FSDP's unsharded
+  (all-gathered) parameters and gradients.
+
+DDP replicates everything; FSDP (FSDP2, each block then the root) divides weights,
+gradients and optimizer state by the number of devices. With `grad_accum_steps` = 1 and
+gradients freed after each update, gradients and activations are never all alive together:
+backward frees a block's activations as it allocates its gradients, so the peak is weights +
+optimizer + buffers + the largest of: the activations at the start of backward, and the
+activations still alive plus the gradients made so far while backward works through the
+last and the first block. With accumulation the gradients of the previous micro-batches
+live through the next forward and add to all of these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.config import Config, ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.model.gpt import GPT, mlp_hidden_size
+from lmforge.train.optim import split_parameters
+
+FP32 = 4  # bytes
+INDEX = 8  # int64 token ids
+STRATEGIES = ("none", "ddp", "fsdp")
+# Dense peak FLOP/s per device and dtype (tensor cores; fp32 is true fp32: lmforge leaves TF32 off).
+DEVICE_PEAK_FLOPS = {
+    "a100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "h100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
+    "h200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+}
+DEVICE_TYPES = ("cpu", *DEVICE_PEAK_FLOPS)
+CHINCHILLA_TOKENS_PER_PARAM = 20
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Parameter counts of a model by role, from the model itself."""
+
+    total: int  # trainable parameters, a tied embedding once
+    per_block: int
+    root: int  # outside the blocks: embeddings, final norm, head (FSDP's root unit)
+    linear: int  # weights and biases of nn.Linear layers: what autocast copies to bf16
+    linear_per_block: int
+    matrices: int  # Muon's share (hidden matrices); the rest is AdamW's under Muon
+    flops_per_token: float  # training (forward + backward), from GPT.flops_per_token
+    recompute_flops_per_token: float  # one more forward of the blocks: activation checkpointing's price
+
+
+def count_parameters(model: ModelConfig) -> ParamCounts:
+    """Build the model on the meta device (no memory) and count its parameters and FLOPs."""
+    with torch.device("meta"):
+        gpt = GPT(model)
+    linear = {id(p): p.numel() for m in gpt.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    per_block = sum(p.numel() for p in gpt.blocks[0].parameters())
+    linear_per_block = sum(p.numel() for m in gpt.blocks[0].modules() if isinstance(m, nn.Linear) for p in m.parameters())
+    total = gpt.num_params()
+    # forward of the blocks: 2 FLOPs per weight and 4·d·T for attention, a third of GPT.flops_per_token's 12·L·d·T
+    recompute = model.n_layer * (2 * per_block + 4 * model.d_model * model.block_size)
+    return ParamCounts(
+        total=total, per_block=per_block, root=total - model.n_layer * per_block, linear=sum(linear.values()),
+        linear_per_block=linear_per_block,
+        matrices=sum(p.numel() for p in split_parameters(gpt)["matrices"]),
+        flops_per_token=gpt.flops_per_token(), recompute_flops_per_token=float(recompute),
+    )
+
+
+def compute_bytes(dtype: str) -> int:
+    """Bytes per element of activations in the training dtype (autocast's lower precision)."""
+    return FP32 if dtype == "fp32" else 2
+
+
+def _norm_saved(model: ModelConfig, c: int) -> float:
+    """Bytes per token a norm keeps: its fp32 input and statistics, its output cast for the next linear."""
+    d = model.d_model
+    if model.norm == "layernorm":  # fused kernel: input, mean, rstd
+        return FP32 * d + 2 * FP32 + c * d
+    return FP32 * d + FP32 + FP32 * d + c * d  # rms_norm: input, rstd, input·rstd (for the weight's grad)
+
+
+def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
+    """Bytes per token that autograd saves in one block's training forward.
+
+    The residual stream stays fp32 under autocast (fp32 embedding plus bf16 branches); the
+    linears save their input in the compute dtype. SDPA saves q, k, v, its output and the
+    log-sum-exp; q and k are views of the qkv output unless rope/QK-norm made new tensors,
+    and v keeps the whole qkv output alive. On CPU in bf16 the model runs attention in fp32,
+    so SDPA saves fp32 copies of q, k, v and its output, and the proj linear a bf16 copy.
+    """
+    c = compute_bytes(dtype)
+    d, H = model.d_model, model.n_head
+    Hkv, hd = model.n_kv_head or H, model.d_model // H
+    F = mlp_hidden_size(model)
+    qkv, qk = (H + 2 * Hkv) * hd, (H + Hkv) * hd
+    fp32_attention = cpu and dtype != "fp32"
+    a = FP32 if fp32_attention else c  # dtype of SDPA's inputs and output
+    if cpu and model.dropout > 0:
+        # CPU flash attention has no dropout: the math path saves q, k, v (k and v repeated to n_head),
+        # per head T x T softmax output, dropout mask and dropped probabilities (fp32); proj's input is a copy
+        attn = a * 3 * d + 3 * FP32 * H * model.block_size + c * d
+        if model.qk_norm and not fp32_attention:
+            attn += c * qkv  # rms_norm's saved inputs are views of the qkv output
+    elif fp32_attention:
+        attn = FP32 * qkv + FP32 * d + FP32 * H + c * d  # fp32 copies of q, k, v; output, log-sum-exp; bf16 copy
+    else:
+        # v keeps the whole qkv output alive; rope or QK-norm feed SDPA new q and k; with QK-norm they are
+        # contiguous clones, so SDPA's output is laid out [B, H, T, hd] and proj's input becomes a copy
+        attn = c * qkv + FP32 * H + c * d
+        if model.position == "rope" or model.qk_norm:
+            attn += c * qk
+        if model.qk_norm:
+            attn += c * d
+    if model.qk_norm:  # rms_norm on q and k saves q·rstd, k·rstd and the rstds (in fp32 on CPU under bf16)
+        attn += a * qk + FP32 * (H + Hkv)
+        if fp32_attention:
+            attn += FP32 * qk  # autocast runs rms_norm in fp32: it saves fp32 casts of q and k
+    mlp = (4 if model.mlp == "swiglu" else 2) * F * c  # gelu/relu²: input, output; swiglu: up output, silu, product
+    dropout = 2 * c * d if model.dropout > 0 else 0  # masks of the two residual branches
+    return 2 * _norm_saved(model, c) + attn + mlp + dropout
+
+
+def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -> tuple[float, float, float]:
+    """Bytes per token outside the blocks: (saved by autograd, held logits, cross-entropy backward transients).
+
+    Saved: token ids and targets, the embedding dropout mask, the final norm, and
+    log_softmax's fp32 output (vocab-sized). The caller holds the logits through backward;
+    the backward of nll_loss and log_softmax each make an fp32 vocab-sized gradient.
+    """
+    c, V, d = compute_bytes(dtype), model.vocab_size, model.d_model
+    saved = 2 * INDEX + _norm_saved(model, c) + FP32 * V
+    if model.position == "learned":
+        saved += INDEX / micro_batch  # the positions 0..T-1, once per sequence
+    if model.dropout > 0:
+        saved += FP32 * d
+    held = c * V
+    if model.logit_softcap is not None:  # tanh saves its fp32 output; the held logits are the fp32 capped ones
+        saved += FP32 * V
+        held = FP32 * V
+    return saved, held, 2 * FP32 * V
+
+
+def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool) -> float:
+    """Bytes autograd saves in a training forward of `micro_batch` sequences of block_size tokens."""
+    tokens = micro_batch * model.block_size
+    per_token = model.n_layer * block_activation_bytes(model, dtype, cpu) + outside_activation_bytes(model, dtype, micro_batch)[0]
+    rope_tables = 0
+    if model.position == "rope" and dtype != "fp32":  # cos and sin cast per call: q and k in each block
+        rope_tables = model.n_layer * 4 * compute_bytes(dtype) * model.block_size * (model.d_model // model.n_head)
+    return per_token * tokens + rope_tables
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Activation bytes of one micro-batch over the backward pass.
+
+    `peak`: the highest, at the start of backward or in the last block's. While backward works through block i (L down to 1),
+    `i * per_block + working` are alive: what the blocks not yet done keep, plus the held
+    logits and the working set of the block in progress.
+    """
+
+    peak: float
+    per_block: float
+    working: float
+
+
+def activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool, checkpointing: bool) -> Activations:
+    """Activation bytes of `micro_batch` sequences of block_size tokens, with or without per-block checkpointing.
+
+    Without checkpointing the peak is at the start of backward: every saved tensor, the held
+    logits and the cross-entropy's two vocab-sized gradients. With it, each block keeps only
+    its fp32 input; backward recomputes one block at a time, after the cross-entropy is done.
+    A block's backward also holds one gradient of the MLP's up-projection output (the saved
+    tensors it replaces are freed as it goes) and two of the residual stream.
+    """
+    tokens = micro_batch * model.block_size
+    c, d, F = compute_bytes(dtype), model.d_model, mlp_hidden_size(model)
+    block = block_activation_bytes(model, dtype, cpu)
+    saved, held, transient = outside_activation_bytes(model, dtype, micro_batch)
+    backward = c * ((2 if model.mlp == "swiglu" else 1) * F) + 2 * FP32 * d
+    if checkpointing:
+        per_block, working = FP32 * d * tokens, (held + block + backward) * tokens
+        start = model.n_layer * per_block + (saved + held + transient) * tokens
+    else:
+        per_block, working = block * tokens, (held + backward) * tokens
+        start = saved_activation_bytes(model, dtype, micro_batch, cpu) + (held + transient) * tokens
+    return Activations(peak=max(start, model.n_layer * per_block + working), per_block=per_block, working=working)
+
+
+def optimizer_bytes(config: Config, params: ParamCounts) -> float:
+    """fp32 optimizer state: AdamW 2 moments, SGD 1 momentum buffer, Muon 1 for matrices + AdamW for the rest."""
+    o = config.optim
+    if o.name == "adamw":
+        return 2 * FP32 * params.total
+    if o.name == "sgd":
+        return FP32 * params.total if o.momentum > 0 else 0.0
+    return FP32 * params.matrices + 2 * FP32 * (params.total - params.matrices)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per device; `peak` is not the plain sum when gradients and activations don't coexist."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    buffers: float
+    peak: float
+
+
+def memory(config: Config, params: ParamCounts, strategy: str, devices: int, checkpointing: bool,
+           cpu: bool) -> Memory:
+    """Per-device memory of one training step under `strategy` (none, ddp, fsdp) on `devices` devices."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    m, t = config.model, config.train
+    acts = activation_bytes(m, t.dtype, t.batch_size, cpu, checkpointing)
+    weights, gradients, optimizer = FP32 * params.total, FP32 * params.total, optimizer_bytes(config, params)
+    c = compute_bytes(t.dtype)
+    if strategy == "fsdp":
+        weights, gradients, optimizer = weights / devices, gradients / devices, optimizer / devices
+        # unsharded in the compute dtype (FSDP2's mixed precision): the root's parameters for the whole
+        # step, two blocks (one prefetched); their unsharded gradients before the reduce-scatter
+        buffers = c * (params.root + 2 * params.per_block) + FP32 * (params.root + params.per_block)
+    else:
+        # autocast's bf16 weight copies, saved for backward; with checkpointing they are dropped when the
+        # forward's autocast ends, and backward recasts one block's at a time (the head's stay saved)
+        linear = params.linear
+        if checkpointing:
+            linear -= (m.n_layer - 1) * params.linear_per_block
+        buffers = float(2 * linear if t.dtype != "fp32" else 0)
+        if strategy == "ddp":
+            buffers += FP32 * params.total  # gradient buckets (gradient_as_bucket_view=False, the default)
+    # backward frees activations block by block while it allocates the gradients: the peak is at its start,
+    # or while it does the last block (L), with the root's gradients, or the first, with all of them
+    last = m.n_layer * acts.per_block + acts.working
+    first = acts.per_block + acts.working
+    if t.grad_accum_steps == 1:  # gradients are freed after each update (zero_grad(set_to_none=True))
+        dynamic = max(acts.peak, last + gradients * params.root / params.total, first + gradients)
+    else:  # the previous micro-batches' gradients are alive throughout
+        dynamic = gradients + acts.peak
+    peak = weights + optimizer + buffers + dynamic
+    return Memory(weights, gradients, optimizer, acts.peak, buffers, peak)
+
+
+def training_seconds(tokens: float, flops_per_token: float, devices: int, peak_flops: float, mfu: float) -> float:
+    """Wall time to train on `tokens` tokens at `mfu` of `devices` devices' peak."""
+    return tokens * flops_per_token / (devices * peak_flops * mfu)
+
+
+def resolve_vocab_size(config: Config) -> int:
+    """model.vocab_size, else the prepared data's (or the fine-tuning tokenizer's) vocabulary."""
+    if config.model.vocab_size is not None:
+        return config.model.vocab_size
+    from lmforge.data.tokenizer import load_tokenizer, vocab_size
+
+    data = Path(config.data.dir) if config.data.dir else None
+    if config.data.kind == "tokens" and data is not None and (data / "meta.json").is_file():
+        from lmforge.data.loader import PreparedData
+
+        return PreparedData.open(data).vocab_size
+    tokenizer = Path(config.data.tokenizer) if config.data.kind == "sft" and config.data.tokenizer else None
+    if tokenizer is None and data is not None and (data / "tokenizer.json").is_file():
+        tokenizer = data / "tokenizer.json"
+    if tokenizer is not None and tokenizer.is_file():
+        return vocab_size(load_tokenizer(tokenizer))
+    where = f"data.dir {config.data.dir!r} has no prepared data" if config.data.dir else "data.dir is not set"
+    raise LmforgeError(f"model.vocab_size is not set and {where}; set it, e.g. --set model.vocab_size=50304")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Everything `lmforge estimate` prints; `as_dict` is its JSON."""
+
+    params: ParamCounts
+    devices: int
+    device_type: str
+    dtype: str
+    micro_batch: int
+    block_size: int
+    optimizer: str
+    memory: dict[str, Memory]  # keys: none, none+ac, ddp, ddp+ac, fsdp, fsdp+ac
+    peak_flops: float
+    peak_flops_source: str
+    mfu: float
+    budget_tokens: float
+    budget_source: str
+    budget_seconds: float
+    budget_seconds_ac: float
+    chinchilla_tokens: float
+    chinchilla_seconds: float
+    notes: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate(config: Config, devices: int = 1, device_type: str = "cpu", mfu: float = 0.4,
+             tokens: float | None = None, peak_flops: float | None = None) -> Estimate:
+    """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
+    if device_type not in DEVICE_TYPES:
+        raise LmforgeError(f"--device-type must be one of {', '.join(DEVICE_TYPES)}; got {device_type!r}")
+    if not 0 < mfu <= 1:
+        raise LmforgeError(f"--mfu must be in (0, 1], got {mfu}")
+    if devices < 1:
+        raise LmforgeError(f"--devices must be at least 1, got {devices}")
+    if tokens is not None and not (tokens > 0 and math.isfinite(tokens)):
+        raise LmforgeError(f"--tokens must be positive, got {tokens}")
+    if peak_flops is not None and not (peak_flops > 0 and math.isfinite(peak_flops)):
+        raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
+    notes = []
+    if config.train.init_from:  # as `train` does: the architecture is the checkpoint's, the dropout the config's
+        from lmforge.train import checkpoint as ckpt
+
+        source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
+        config.model = dataclasses.replace(ckpt.load_config_of(source).model, dropout=config.model.dropout)
+        notes.append(f"architecture of train.init_from {source}")
+    if config.lora.rank > 0:
+        notes.append("lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
+                     "(an upper bound)")
+    config.model.vocab_size = resolve_vocab_size(config)
+    params = count_parameters(config.model)
+    t, cpu = config.train, device_type == "cpu"
+    table = {}
+    for strategy in STRATEGIES:
+        table[strategy] = memory(config, params, strategy, devices, False, cpu)
+        table[f"{strategy}+ac"] = memory(config, params, strategy, devices, True, cpu)
+    if peak_flops is not None:
+        source = "given"
+    elif cpu:
+        from lmforge.train.runtime import matmul_peak_flops
+
+        peak_flops, source = matmul_peak_flops(torch.device("cpu"), "fp32" if t.dtype == "fp32" else "bf16"), "measured"
+    else:
+        peak_flops, source = DEVICE_PEAK_FLOPS[device_type][t.dtype], f"{device_type} {t.dtype} dense"
+    if tokens is None:
+        tokens = float(t.max_steps * t.batch_size * t.grad_accum_steps * config.model.block_size)
+        budget = f"train.max_steps {t.max_steps} x batch_size {t.batch_size} x grad_accum_steps " \
+                 f"{t.grad_accum_steps} x block_size {config.model.block_size}"
+    else:
+        budget = "--tokens"
+    seconds = training_seconds(tokens, params.flops_per_token, devices, peak_flops, mfu)
+    chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
+    return Estimate(
+        params=params, devices=devices, device_type=device_type, dtype=t.dtype, micro_batch=t.batch_size,
+        block_size=config.model.block_size, optimizer=config.optim.name, memory=table,
+        peak_flops=peak_flops, peak_flops_source=source, mfu=mfu,
+        budget_tokens=tokens, budget_source=budget, budget_seconds=seconds,
+        budget_seconds_ac=seconds * (1 + params.recompute_flops_per_token / params.flops_per_token),
+        chinchilla_tokens=chinchilla,
+        chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak_flops, mfu),
+        notes=tuple(notes),
+    )
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_flops(flops: float) -> str:
+    return f"{flops / 1e12:,.4g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.4g} GFLOP/s"
+
+
+def format_duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def format_table(e: Estimate) -> str:
+    """The human-readable report: counts, a memory table (rows: parts; columns: strategies ± AC), times."""
+    p = e.params
+    lines = [
+        f"parameters        {p.total:,} (exact, from the model)",
+        f"FLOPs per token   {p.flops_per_token:,.0f} (training: 6 x matmul params + 12 x layers x d_model x block_size)",
+        f"micro-batch       {e.micro_batch} x {e.block_size} = {e.micro_batch * e.block_size:,} tokens per device; "
+        f"{e.devices} x {e.device_type}, {e.dtype}, {e.optimizer}",
+        "",
+        f"memory per device {''.join(f'{k:>12}' for k in e.memory)}",
+    ]
+    for row in ("weights", "gradients", "optimizer", "activations", "buffers", "peak"):
+        lines.append(f"{row:<18}" + "".join(f"{format_bytes(getattr(m, row)):>12}" for m in e.memory.values()))
+    lines += [
+        "+ac: activation checkpointing per block. activations: their peak, early in backward. buffers: bf16 autocast",
+        "copies, DDP gradient buckets, FSDP unsharded units. peak: the step's highest point, not the sum of the",
+        "rows: backward frees activations as it makes gradients, and recomputes a block at a time with +ac.",
+        "",
+        f"time at MFU {e.mfu:.0%} of {e.devices} x {format_flops(e.peak_flops)} ({e.peak_flops_source}):",
+        f"  budget      {e.budget_tokens:,.0f} tokens ({e.budget_source}): {format_duration(e.budget_seconds)}"
+        f" ({format_duration(e.budget_seconds_ac)} with activation checkpointing)",
+        f"  Chinchilla  {e.chinchilla_tokens:,.0f} tokens ({CHINCHILLA_TOKENS_PER_PARAM} per parameter): "
+        f"{format_duration(e.chinchilla_seconds)}",
+        *(f"note: {note}" for note in e.notes),
+    ]
+    return "\n".join(lines)

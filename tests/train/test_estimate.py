@@ -1,0 +1,202 @@
+"""`lmforge estimate`: exact counts, an activation model that matches autograd, memory and time arithmetic, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import load_config
+from lmforge.model.gpt import GPT
+from lmforge.train.estimate import (
+    FP32,
+    activation_bytes,
+    count_parameters,
+    estimate,
+    memory,
+    optimizer_bytes,
+    saved_activation_bytes,
+    training_seconds,
+)
+from lmforge.train.optim import split_parameters
+from lmforge.train.runtime import autocast
+
+SMALL = ["model.vocab_size=96", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.block_size=32"]
+VARIANTS = [
+    [],
+    ["model.tie_embeddings=false", "model.bias=false"],
+    ["model.position=rope", "model.norm=rmsnorm", "model.n_kv_head=2", "model.mlp=swiglu"],
+    ["model.n_kv_head=1", "model.qk_norm=true", "model.mlp=relu2", "model.mlp_hidden=100"],
+    ["model.position=rope", "model.qk_norm=true", "model.dropout=0.1", "model.n_kv_head=2", "model.logit_softcap=30.0"],
+]
+
+
+def config_of(*overrides: str):
+    return load_config(None, [*SMALL, *overrides])
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_parameter_count_and_flops_are_the_models(overrides: list[str]) -> None:
+    m = config_of(*overrides).model
+    model = GPT(m)
+    counts = count_parameters(m)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.flops_per_token == model.flops_per_token()
+    assert counts.matrices == sum(p.numel() for p in split_parameters(model)["matrices"])
+    assert counts.root + m.n_layer * counts.per_block == counts.total
+
+
+def test_parameter_count_of_a_huge_model_costs_nothing() -> None:
+    m = config_of("model.n_layer=80", "model.d_model=8192", "model.n_head=64", "model.vocab_size=128256").model
+    assert count_parameters(m).total > 60e9  # built on the meta device: would need 260 GB otherwise
+
+
+def _is_weight_copy(t: torch.Tensor) -> bool:
+    """A bf16 copy of a parameter made by autocast (t() of a cast of a leaf): counted as a buffer, not here."""
+    fn = t.grad_fn
+    while fn is not None and fn.name() in ("TBackward0", "ToCopyBackward0"):
+        fn = next((f for f, _ in fn.next_functions if f is not None), None)
+        if fn is not None and fn.name() == "torch::autograd::AccumulateGrad":
+            return True
+    return False
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_saved_activations_match_what_autograd_saves(overrides: list[str], dtype: str) -> None:
+    m = config_of(*overrides).model
+    model = GPT(m).train()
+    skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in skip and not _is_weight_copy(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randint(0, m.vocab_size, (3, m.block_size))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), dtype):
+        model(x, x.clone())
+    assert saved_activation_bytes(m, dtype, 3, cpu=True) == pytest.approx(sum(saved.values()), rel=1e-3)
+
+
+def test_optimizer_state_per_optimizer() -> None:
+    config = config_of()
+    counts = count_parameters(config.model)
+    assert optimizer_bytes(config, counts) == 2 * FP32 * counts.total
+    config.optim.name = "sgd"
+    assert optimizer_bytes(config, counts) == FP32 * counts.total
+    config.optim.momentum = 0.0
+    assert optimizer_bytes(config, counts) == 0
+    config.optim.name = "muon"
+    assert optimizer_bytes(config, counts) == FP32 * counts.matrices + 2 * FP32 * (counts.total - counts.matrices)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("accum", [1, 4])
+def test_memory_split_per_strategy(dtype: str, accum: int) -> None:
+    config = config_of("model.n_layer=6", "model.d_model=256", f"train.dtype={dtype}", f"train.grad_accum_steps={accum}")
+    counts = count_parameters(config.model)
+    full = activation_bytes(config.model, dtype, 12, cpu=False, checkpointing=False)
+    for ac in (False, True):
+        none, ddp, fsdp = (memory(config, counts, s, 4, ac, cpu=False) for s in ("none", "ddp", "fsdp"))
+        for mem in (none, ddp, fsdp):
+            fixed = mem.weights + mem.optimizer + mem.buffers
+            assert fixed + max(mem.activations, mem.gradients) <= mem.peak
+            assert mem.peak <= fixed + mem.gradients + full.peak  # never more than everything at once
+        assert none.weights == ddp.weights == FP32 * counts.total and none.gradients == FP32 * counts.total
+        assert fsdp.weights == none.weights / 4 and fsdp.gradients == none.gradients / 4
+        assert fsdp.optimizer == none.optimizer / 4 == 2 * FP32 * counts.total / 4
+        assert ddp.buffers - none.buffers == FP32 * counts.total  # the gradient buckets
+        copies = counts.linear - (5 * counts.linear_per_block if ac else 0)  # one block recast at a time with AC
+        assert none.buffers == (2 * copies if dtype == "bf16" else 0)  # autocast's weight copies
+        assert none.activations == ddp.activations == fsdp.activations
+        if accum > 1:  # gradients of earlier micro-batches live through the forward
+            assert none.peak >= none.weights + none.optimizer + none.gradients + none.activations
+    checkpointed = activation_bytes(config.model, dtype, 12, cpu=False, checkpointing=True)
+    assert checkpointed.peak < full.peak and checkpointed.per_block < full.per_block
+
+
+def test_time_arithmetic() -> None:
+    assert training_seconds(1e9, 6e8, 8, 1e15, 0.5) == pytest.approx(1e9 * 6e8 / (8 * 1e15 * 0.5))
+    config = config_of("train.max_steps=100", "train.batch_size=4", "train.grad_accum_steps=2")
+    e = estimate(config, devices=2, device_type="h100", mfu=0.5)
+    assert e.budget_tokens == 100 * 4 * 2 * 32 and e.peak_flops == 67e12  # fp32: no tensor cores
+    assert e.budget_seconds == pytest.approx(e.budget_tokens * e.params.flops_per_token / (2 * 67e12 * 0.5))
+    assert e.budget_seconds < e.budget_seconds_ac < 4 / 3 * e.budget_seconds * 1.01
+    assert e.chinchilla_tokens == 20 * e.params.total
+    assert e.chinchilla_seconds / e.budget_seconds == pytest.approx(e.chinchilla_tokens / e.budget_tokens)
+    bf16 = estimate(config_of("train.dtype=bf16"), device_type="a100", tokens=1e6, peak_flops=None)
+    assert bf16.peak_flops == 312e12 and bf16.budget_tokens == 1e6 and bf16.budget_source == "--tokens"
+    given = estimate(config_of(), device_type="cpu", peak_flops=1e11)
+    assert given.peak_flops == 1e11 and given.peak_flops_source == "given"
+
+
+def test_vocab_size_comes_from_prepared_data(char_data: Path) -> None:
+    config = load_config(None, [f"data.dir={char_data}"])
+    e = estimate(config, peak_flops=1e11)
+    assert config.model.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
+    assert e.params.total == GPT(config.model).num_params()
+
+
+def test_cli_prints_the_table_and_json(cli, tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[model]\nvocab_size = 96\nn_layer = 2\nd_model = 64\nn_head = 4\nblock_size = 32\n")
+    code, out, err = cli("estimate", path, "--set", "train.max_steps=10", "--devices", "2")
+    assert code == 0, err
+    params = GPT(load_config(path).model).num_params()
+    assert f"parameters        {params:,} (exact" in out
+    for word in ("FLOPs per token", "weights", "gradients", "optimizer", "activations", "peak", "fsdp+ac",
+                 "Chinchilla", "measured"):
+        assert word in out
+    code, out, err = cli("estimate", path, "--json", "--device-type", "h200", "--mfu", "0.3", "--tokens", "1e9")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["params"]["total"] == params and result["budget_tokens"] == 1e9 and result["mfu"] == 0.3
+    assert set(result["memory"]) == {"none", "none+ac", "ddp", "ddp+ac", "fsdp", "fsdp+ac"}
+    assert result["peak_flops"] == 67e12  # fp32 on an H200: no tensor cores
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing.toml"], "missing.toml: config file not found"),
+    (["{cfg}", "--mfu", "0"], "--mfu must be in (0, 1], got 0.0"),
+    (["{cfg}", "--mfu", "2"], "--mfu must be in (0, 1], got 2.0"),
+    (["{cfg}", "--mfu", "fast"], "--mfu expects a number, got 'fast'"),
+    (["{cfg}", "--devices", "0"], "--devices must be at least 1, got 0"),
+    (["{cfg}", "--devices", "1.5"], "--devices expects an integer, got '1.5'"),
+    (["{cfg}", "--device-type", "tpu"], "--device-type must be one of cpu, a100, h100, h200; got 'tpu'"),
+    (["{cfg}", "--tokens", "-5"], "--tokens must be positive, got -5.0"),
+    (["{cfg}", "--set", "model.vocab_size=0"], "model.vocab_size must be positive"),
+    (["{cfg}", "--set", "model.vocab_size=null_"], "model.vocab_size must be an integer"),
+])
+def test_cli_bad_input_is_one_line(cli, tmp_path: Path, args: list[str], message: str) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[model]\nvocab_size = 96\n")
+    code, out, err = cli("estimate", *[a.replace("{cfg}", str(path)) for a in args])
+    assert code == 1 and out == ""
+    assert err.startswith("lmforge estimate: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_cli_without_vocab_size_names_the_key(cli, tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text(f"[data]\ndir = \"{tmp_path / 'nothing'}\"\n")
+    code, _, err = cli("estimate", path)
+    assert code == 1 and err.count("\n") == 1
+    assert "model.vocab_size is not set" in err and "has no prepared data" in err
+
+
+def test_init_from_gives_the_checkpoints_architecture(cli, char_data: Path, tmp_path: Path) -> None:
+    from tests.conftest import TINY
+
+    overrides = sum((["--set", item] for item in [*TINY, "train.max_steps=2", f"data.dir={char_data}"]), [])
+    code, _, err = cli("train", *overrides, "--out", tmp_path / "run")
+    assert code == 0, err
+    path = tmp_path / "finetune.toml"
+    path.write_text(f'[model]\nn_layer = 12\n[train]\ninit_from = "{tmp_path / "run"}"\n')
+    code, out, err = cli("estimate", path, "--json", "--peak-flops", "1e11")
+    assert code == 0, err
+    trained = load_config(tmp_path / "run" / "config.toml").model
+    assert json.loads(out)["params"]["total"] == GPT(trained).num_params()
+    assert "architecture of train.init_from" in json.loads(out)["notes"][0]
