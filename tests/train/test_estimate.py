@@ -112,7 +112,10 @@ def test_memory_split_per_strategy(dtype: str, accum: int) -> None:
         assert ddp.buffers - none.buffers == FP32 * counts.total  # the gradient buckets
         copies = counts.linear - (5 * counts.linear_per_block if ac else 0)  # one block recast at a time with AC
         assert none.buffers == (2 * copies if dtype == "bf16" else 0)  # autocast's weight copies
-        assert none.activations == ddp.activations == fsdp.activations
+        # train.batch_size (12) is the global micro-batch: DDP and FSDP split it over the 4 devices
+        assert none.activations == activation_bytes(config.model, dtype, 12, cpu=False, checkpointing=ac).peak
+        assert ddp.activations == fsdp.activations == activation_bytes(config.model, dtype, 3, cpu=False,
+                                                                       checkpointing=ac).peak
         if accum > 1:  # gradients of earlier micro-batches live through the forward
             assert none.peak >= none.weights + none.optimizer + none.gradients + none.activations
     checkpointed = activation_bytes(config.model, dtype, 12, cpu=False, checkpointing=True)

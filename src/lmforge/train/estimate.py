@@ -231,7 +231,9 @@ def memory(config: Config, params: ParamCounts, strategy: str, devices: int, che
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
     m, t = config.model, config.train
-    acts = activation_bytes(m, t.dtype, t.batch_size, cpu, checkpointing)
+    # under DDP/FSDP train.batch_size is the global micro-batch: each device takes its share (trainer.py)
+    micro_batch = t.batch_size if strategy == "none" else math.ceil(t.batch_size / devices)
+    acts = activation_bytes(m, t.dtype, micro_batch, cpu, checkpointing)
     weights, gradients, optimizer = FP32 * params.total, FP32 * params.total, optimizer_bytes(config, params)
     c = compute_bytes(t.dtype)
     if strategy == "fsdp":
@@ -394,7 +396,8 @@ def format_table(e: Estimate) -> str:
     lines = [
         f"parameters        {p.total:,} (exact, from the model)",
         f"FLOPs per token   {p.flops_per_token:,.0f} (training: 6 x matmul params + 12 x layers x d_model x block_size)",
-        f"micro-batch       {e.micro_batch} x {e.block_size} = {e.micro_batch * e.block_size:,} tokens per device; "
+        f"micro-batch       {e.micro_batch} x {e.block_size} = {e.micro_batch * e.block_size:,} tokens "
+        f"(DDP/FSDP: split over the devices); "
         f"{e.devices} x {e.device_type}, {e.dtype}, {e.optimizer}",
         "",
         f"memory per device {''.join(f'{k:>12}' for k in e.memory)}",
