@@ -127,6 +127,8 @@ def process_group(strategy: str, device_name: str) -> Iterator[tuple[Distributed
     device = resolve_device(device_name)
     if device.type not in ("cpu", "cuda"):
         raise LmforgeError(f"parallel.strategy {strategy} needs train.device cpu or cuda; got {device_name!r}")
+    if device.type == "cuda" and device.index is None:  # set_device and DDP's device_ids need an index
+        device = torch.device("cuda", torch.cuda.current_device())
     backend = "nccl" if device.type == "cuda" else "gloo"
     owns = not dist.is_initialized()
     if owns and launched_by_torchrun():
@@ -145,10 +147,13 @@ def process_group(strategy: str, device_name: str) -> Iterator[tuple[Distributed
     state = Distributed(strategy, dist.get_rank(), dist.get_world_size(), owns)
     try:
         yield state, device
-    except BaseException:
+    except BaseException as error:
         # Another rank may be waiting in a collective: leave the group to die with the process
-        # (the CLI exits at once, and torchrun stops the other ranks). A group of one is safe to close.
-        if owns and state.world == 1:
+        # (the CLI exits at once, and torchrun stops the other ranks). A group of one is safe to
+        # close, and so is any group after a signal stop, which every rank agreed on.
+        from lmforge.train.trainer import TrainingInterrupted
+
+        if owns and (state.world == 1 or isinstance(error, TrainingInterrupted)):
             dist.destroy_process_group()
         raise
     if owns:
