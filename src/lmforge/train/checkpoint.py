@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
-from lmforge.config import Config, load_config
+from lmforge.config import Config, ModelConfig, load_config
 from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
 
@@ -195,6 +196,12 @@ def verify_checkpoint(path: Path) -> dict:
 def load_config_of(path: Path) -> Config:
     """The run config saved with a checkpoint."""
     return load_config(path / "config.toml")
+
+
+def init_model_config(source: Path, config: ModelConfig) -> ModelConfig:
+    """The model config of a run started from checkpoint `source` (`train.init_from`): the
+    architecture is the checkpoint's, the regularisation (dropout) stays `config`'s."""
+    return dataclasses.replace(load_config_of(source).model, dropout=config.dropout)
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:

@@ -24,7 +24,6 @@ live through the next forward and add to all of these.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -328,11 +327,11 @@ def estimate(config: Config, devices: int = 1, device_type: str = "cpu", mfu: fl
     if peak_flops is not None and not (peak_flops > 0 and math.isfinite(peak_flops)):
         raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
     notes = []
-    if config.train.init_from:  # as `train` does: the architecture is the checkpoint's, the dropout the config's
+    if config.train.init_from:  # the model `train` would build
         from lmforge.train import checkpoint as ckpt
 
         source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
-        config.model = dataclasses.replace(ckpt.load_config_of(source).model, dropout=config.model.dropout)
+        config.model = ckpt.init_model_config(source, config.model)
         notes.append(f"architecture of train.init_from {source}")
     if config.lora.rank > 0:
         notes.append("lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "

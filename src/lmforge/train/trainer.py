@@ -243,8 +243,7 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: D
     if config.train.init_from and resume_from is None:
         init_from = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
         ckpt.verify_checkpoint(init_from)
-        dropout = config.model.dropout  # the architecture is the checkpoint's; regularisation stays the config's
-        config.model = dataclasses.replace(ckpt.load_config_of(init_from).model, dropout=dropout)
+        config.model = ckpt.init_model_config(init_from, config.model)
     data = open_data(config, init_from)
     if init_from is not None and (init_from / "tokenizer.json").read_bytes() != data.tokenizer_file.read_bytes():
         raise LmforgeError(f"{data.dir}: its tokenizer differs from the one of train.init_from {init_from}")
