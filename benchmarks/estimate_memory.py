@@ -5,9 +5,9 @@ backward, clip, AdamW) once to materialise the optimizer state, then once more u
 `torch.profiler` with `profile_memory=True`. The measured peak is the bytes of live tensors
 before that step (weights and optimizer state, counted from the tensors) plus the highest
 running sum of the profiler's allocation and free events during it: tensor memory only,
-free of allocator caching and RSS noise. `--checkpointing` wraps each block in
-`torch.utils.checkpoint` here (the trainer's switch lives on another branch) to check the
-activation-checkpointing formula too. (Peak RSS is no good here: memory freed after the
+free of allocator caching and RSS noise. The checkpointing runs use the
+trainer's own `train.activation_checkpointing` mechanism (`apply_activation_checkpointing`)
+to check that formula too. (Peak RSS is no good here: memory freed after the
 first step stays in the allocator and is reused, so RSS barely moves.)
 
     .venv/bin/python benchmarks/estimate_memory.py                 # the default configurations, AC off and on
@@ -52,11 +52,11 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
-    from torch.utils.checkpoint import checkpoint
 
     from lmforge.config import load_config
     from lmforge.data.loader import RandomWindows
     from lmforge.model import GPT
+    from lmforge.train.distributed import apply_activation_checkpointing
     from lmforge.train.estimate import count_parameters, memory
     from lmforge.train.optim import build_optimizers
     from lmforge.train.runtime import autocast
@@ -69,9 +69,8 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=8 * m.block_size * t.batch_size).astype(np.uint32)
     batches = RandomWindows(tokens, m.block_size, t.batch_size, seed=0)
     model = GPT(m)
-    if checkpointing:  # per block, non-reentrant: what train.activation_checkpointing does
-        for block in model.blocks:
-            block.forward = lambda x, rotary, cache, f=block.forward: checkpoint(f, x, rotary, cache, use_reentrant=False)
+    if checkpointing:  # what train.activation_checkpointing does: per block, non-reentrant
+        apply_activation_checkpointing(model)
     optimizers = build_optimizers(model, config.optim)
     stepper = Stepper(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), autocast(device, t.dtype),
                       device, t.grad_accum_steps, config.optim.grad_clip)
