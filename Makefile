@@ -10,7 +10,7 @@ export LMFORGE_DATA_DIR ?= $(SHARED_DATA)
 endif
 DEMO_OUT ?= out
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# House style: ruff's linter and formatter (configured in pyproject.toml); CI runs this before the tests.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -8,7 +8,7 @@ adds on top of that steady state: on CUDA `torch.cuda.max_memory_allocated` afte
 (`ru_maxrss`) over its resident set before the measured steps, with warm-up steps run at
 a smaller batch so they do not set the peak themselves.
 
-    .venv/bin/python benchmarks/activation_checkpointing.py                       # 8 layers, d 384, 8 x 256 tokens
+    .venv/bin/python benchmarks/activation_checkpointing.py   # 8 layers, d 384, 8 x 256 tokens
     .venv/bin/python benchmarks/activation_checkpointing.py --n-layer 12 --batch-size 16 --device cuda
 """
 
@@ -42,14 +42,26 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    config = ModelConfig(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, block_size=args.block_size,
-                         vocab_size=args.vocab_size)
+    config = ModelConfig(
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        d_model=args.d_model,
+        block_size=args.block_size,
+        vocab_size=args.vocab_size,
+    )
     model = GPT(config).to(device)
     if checkpointing:
         apply_activation_checkpointing(model)
     optimizers = build_optimizers(model, OptimConfig())
-    stepper = Stepper(model, optimizers, torch.amp.GradScaler(device.type, enabled=False), contextlib.nullcontext(),
-                      device, grad_accum_steps=1, grad_clip=1.0)
+    stepper = Stepper(
+        model,
+        optimizers,
+        torch.amp.GradScaler(device.type, enabled=False),
+        contextlib.nullcontext(),
+        device,
+        grad_accum_steps=1,
+        grad_clip=1.0,
+    )
 
     def batches(rows: int):
         while True:
@@ -73,13 +85,22 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) - before
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before  # ru_maxrss is in KiB on Linux
-    return {"activation_checkpointing": checkpointing, "peak_step_bytes": peak, "step_s": min(times),
-            "params": model.num_params(), "device": str(device)}
+        peak = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        )  # ru_maxrss is in KiB on Linux
+    return {
+        "activation_checkpointing": checkpointing,
+        "peak_step_bytes": peak,
+        "step_s": min(times),
+        "params": model.num_params(),
+        "device": str(device),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n-layer", type=int, default=8)
     parser.add_argument("--n-head", type=int, default=6)
     parser.add_argument("--d-model", type=int, default=384)
@@ -93,19 +114,31 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args, args.child == "on")))
         return
-    print(f"{args.n_layer} layers, d_model {args.d_model}, {args.batch_size} x {args.block_size} tokens per step, "
-          f"fp32, {args.device}; {platform.processor() or platform.machine()}")
+    print(
+        f"{args.n_layer} layers, d_model {args.d_model}, "
+        f"{args.batch_size} x {args.block_size} tokens per step, "
+        f"fp32, {args.device}; {platform.processor() or platform.machine()}"
+    )
     results = {}
     for mode in ("off", "on"):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", mode],
-                               capture_output=True, text=True, check=True)
+        child = subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--child", mode],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[mode] = r = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"activation checkpointing {mode:3}: peak memory of a step {r['peak_step_bytes'] / 2**20:8.1f} MiB, "
-              f"{r['step_s'] * 1000:7.0f} ms/step ({r['params']:,} parameters)")
+        print(
+            f"activation checkpointing {mode:3}: "
+            f"peak memory of a step {r['peak_step_bytes'] / 2**20:8.1f} MiB, "
+            f"{r['step_s'] * 1000:7.0f} ms/step ({r['params']:,} parameters)"
+        )
     off, on = results["off"], results["on"]
-    print(f"saving: {(off['peak_step_bytes'] - on['peak_step_bytes']) / 2**20:.1f} MiB "
-          f"({1 - on['peak_step_bytes'] / off['peak_step_bytes']:.0%} of the step's peak); "
-          f"time x{on['step_s'] / off['step_s']:.2f}")
+    print(
+        f"saving: {(off['peak_step_bytes'] - on['peak_step_bytes']) / 2**20:.1f} MiB "
+        f"({1 - on['peak_step_bytes'] / off['peak_step_bytes']:.0%} of the step's peak); "
+        f"time x{on['step_s'] / off['step_s']:.2f}"
+    )
 
 
 if __name__ == "__main__":

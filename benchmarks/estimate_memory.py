@@ -27,15 +27,49 @@ SHAKESPEARE = REPO / "configs" / "shakespeare-char.toml"
 # name: (config file, overrides); sizes span ~0.8M to ~60M parameters and three architectures
 CONFIGS: dict[str, tuple[Path, list[str]]] = {
     "tiny": (SHAKESPEARE, ["model.vocab_size=65"]),  # rope, rmsnorm, gelu, tied: 0.8M
-    "small": (SHAKESPEARE, ["model.vocab_size=65", "model.n_layer=6", "model.n_head=6", "model.d_model=384",
-                            "model.block_size=256", "model.position=learned", "model.norm=layernorm",
-                            "model.bias=true", "train.batch_size=8"]),  # GPT-2 style: 10.7M
-    "small-bf16": (SHAKESPEARE, ["model.vocab_size=65", "model.n_layer=6", "model.n_head=6", "model.d_model=384",
-                                 "model.block_size=256", "model.position=learned", "model.norm=layernorm",
-                                 "model.bias=true", "train.batch_size=8", "train.dtype=bf16"]),
-    "medium": (SHAKESPEARE, ["model.vocab_size=8192", "model.n_layer=8", "model.n_head=12", "model.n_kv_head=4",
-                             "model.d_model=768", "model.block_size=256", "model.mlp=swiglu",
-                             "model.tie_embeddings=false", "train.batch_size=4"]),  # Llama style, GQA: 63M
+    "small": (
+        SHAKESPEARE,
+        [
+            "model.vocab_size=65",
+            "model.n_layer=6",
+            "model.n_head=6",
+            "model.d_model=384",
+            "model.block_size=256",
+            "model.position=learned",
+            "model.norm=layernorm",
+            "model.bias=true",
+            "train.batch_size=8",
+        ],
+    ),  # GPT-2 style: 10.7M
+    "small-bf16": (
+        SHAKESPEARE,
+        [
+            "model.vocab_size=65",
+            "model.n_layer=6",
+            "model.n_head=6",
+            "model.d_model=384",
+            "model.block_size=256",
+            "model.position=learned",
+            "model.norm=layernorm",
+            "model.bias=true",
+            "train.batch_size=8",
+            "train.dtype=bf16",
+        ],
+    ),
+    "medium": (
+        SHAKESPEARE,
+        [
+            "model.vocab_size=8192",
+            "model.n_layer=8",
+            "model.n_head=12",
+            "model.n_kv_head=4",
+            "model.d_model=768",
+            "model.block_size=256",
+            "model.mlp=swiglu",
+            "model.tie_embeddings=false",
+            "train.batch_size=4",
+        ],
+    ),  # Llama style, GQA: 63M
 }
 
 
@@ -66,14 +100,25 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     m, t = config.model, config.train
     device = torch.device("cpu")
     torch.manual_seed(0)
-    tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=8 * m.block_size * t.batch_size).astype(np.uint32)
+    tokens = (
+        np.random.default_rng(0)
+        .integers(0, m.vocab_size, size=8 * m.block_size * t.batch_size)
+        .astype(np.uint32)
+    )
     batches = RandomWindows(tokens, m.block_size, t.batch_size, seed=0)
     model = GPT(m)
     if checkpointing:  # what train.activation_checkpointing does: per block, non-reentrant
         apply_activation_checkpointing(model)
     optimizers = build_optimizers(model, config.optim)
-    stepper = Stepper(model, optimizers, torch.amp.GradScaler("cpu", enabled=False), autocast(device, t.dtype),
-                      device, t.grad_accum_steps, config.optim.grad_clip)
+    stepper = Stepper(
+        model,
+        optimizers,
+        torch.amp.GradScaler("cpu", enabled=False),
+        autocast(device, t.dtype),
+        device,
+        t.grad_accum_steps,
+        config.optim.grad_clip,
+    )
     model.train()
     stepper.gradients(batches)  # a first step creates AdamW's moments
     stepper.update()
@@ -83,7 +128,9 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         stepper.gradients(batches)
         stepper.update()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
     running = highest = 0
     for _, nbytes in events:
         running += nbytes
@@ -91,9 +138,18 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     params = count_parameters(m)
     est = memory(config, params, "none", 1, checkpointing, cpu=True)
     measured = baseline + highest
-    return {"params": params.total, "dtype": t.dtype, "checkpointing": checkpointing, "estimate": est.peak,
-            "estimate_split": {k: getattr(est, k) for k in ("weights", "gradients", "optimizer", "activations", "buffers")},
-            "measured": measured, "ratio": est.peak / measured, "baseline": baseline}
+    return {
+        "params": params.total,
+        "dtype": t.dtype,
+        "checkpointing": checkpointing,
+        "estimate": est.peak,
+        "estimate_split": {
+            k: getattr(est, k) for k in ("weights", "gradients", "optimizer", "activations", "buffers")
+        },
+        "measured": measured,
+        "ratio": est.peak / measured,
+        "baseline": baseline,
+    }
 
 
 def run_child(name: str, checkpointing: bool) -> dict:
@@ -108,9 +164,15 @@ def run_child(name: str, checkpointing: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="+", choices=sorted(CONFIGS), help="configurations to measure (default all)")
-    parser.add_argument("--no-checkpointing", action="store_true", help="skip the activation-checkpointing runs")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=sorted(CONFIGS), help="configurations to measure (default all)"
+    )
+    parser.add_argument(
+        "--no-checkpointing", action="store_true", help="skip the activation-checkpointing runs"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per measurement")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,16 +182,21 @@ def main() -> None:
         return
     mib = 2**20
     if not args.json:
-        print(f"{'config':<12}{'params':>12}{'dtype':>6}{'AC':>5}{'estimate MiB':>14}{'measured MiB':>14}"
-              f"{'ratio':>7}")
+        print(
+            f"{'config':<12}{'params':>12}{'dtype':>6}{'AC':>5}{'estimate MiB':>14}{'measured MiB':>14}"
+            f"{'ratio':>7}"
+        )
     for name in args.only or CONFIGS:
         for checkpointing in (False,) if args.no_checkpointing else (False, True):
             r = run_child(name, checkpointing)
             if args.json:
                 print(json.dumps(r), flush=True)
                 continue
-            print(f"{name:<12}{r['params']:>12,}{r['dtype']:>6}{'on' if checkpointing else 'off':>5}"
-                  f"{r['estimate'] / mib:14,.1f}{r['measured'] / mib:14,.1f}{r['ratio']:7.3f}", flush=True)
+            print(
+                f"{name:<12}{r['params']:>12,}{r['dtype']:>6}{'on' if checkpointing else 'off':>5}"
+                f"{r['estimate'] / mib:14,.1f}{r['measured'] / mib:14,.1f}{r['ratio']:7.3f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -23,17 +23,24 @@ from pathlib import Path
 CHILD = """
 import json, resource, sys
 from lmforge.data.prepare import prepare
-report = prepare(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3], vocab_size=None if sys.argv[4] == "-" else int(sys.argv[4]),
-                 overwrite=True, progress=False)
-print(json.dumps({"text_mb": report.text_bytes / 1e6, "scan_s": report.scan_seconds, "encode_s": report.encode_seconds,
-                  "encode_mb_s": report.encode_mb_per_s, "tokens": report.meta["train_tokens"] + report.meta["val_tokens"],
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+vocab_size = None if sys.argv[4] == "-" else int(sys.argv[4])
+report = prepare(
+    sys.argv[1], sys.argv[2], tokenizer=sys.argv[3], vocab_size=vocab_size, overwrite=True, progress=False
+)
+print(json.dumps({
+    "text_mb": report.text_bytes / 1e6, "scan_s": report.scan_seconds, "encode_s": report.encode_seconds,
+    "encode_mb_s": report.encode_mb_per_s, "tokens": report.meta["train_tokens"] + report.meta["val_tokens"],
+    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+}))
 """
 
 
 def build_corpus(path: Path, size_mb: int, data_dir: Path) -> int:
-    sources = [data_dir / "tinyshakespeare" / "input.txt", data_dir / "wikitext-2" / "wiki.valid.raw",
-               data_dir / "wikitext-2" / "wiki.test.raw"]
+    sources = [
+        data_dir / "tinyshakespeare" / "input.txt",
+        data_dir / "wikitext-2" / "wiki.valid.raw",
+        data_dir / "wikitext-2" / "wiki.test.raw",
+    ]
     block = b"".join(p.read_bytes() for p in sources)
     written = 0
     with open(path, "wb") as f:
@@ -50,10 +57,14 @@ def run(corpus: Path, out: Path, tokenizer: str, vocab_size: int | None) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=int, default=200)
     parser.add_argument("--vocab-size", type=int, default=8192)
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("LMFORGE_DATA_DIR", "../shared/data")))
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("LMFORGE_DATA_DIR", "../shared/data"))
+    )
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = parser.parse_args()
 
@@ -63,16 +74,22 @@ def main() -> None:
         size = build_corpus(corpus, args.size_mb, args.data_dir)
         import torch  # noqa: F401  (only to report the version)
 
-        print(f"corpus: {size / 1e6:.1f} MB ({corpus}), {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cpus, python {platform.python_version()}, torch {torch.__version__}")
+        print(
+            f"corpus: {size / 1e6:.1f} MB ({corpus}), {platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cpus, python {platform.python_version()}, torch {torch.__version__}"
+        )
         trained = run(corpus, work / "bpe", "bpe", args.vocab_size)
-        print(f"bpe train+encode: {trained['text_mb']:.1f} MB, scan+train {trained['scan_s']:.1f} s, "
-              f"encode {trained['encode_s']:.1f} s = {trained['encode_mb_s']:.2f} MB/s, "
-              f"{trained['tokens']:,} tokens, peak RSS {trained['peak_rss_mb']:.0f} MB")
+        print(
+            f"bpe train+encode: {trained['text_mb']:.1f} MB, scan+train {trained['scan_s']:.1f} s, "
+            f"encode {trained['encode_s']:.1f} s = {trained['encode_mb_s']:.2f} MB/s, "
+            f"{trained['tokens']:,} tokens, peak RSS {trained['peak_rss_mb']:.0f} MB"
+        )
         encoded = run(corpus, work / "again", str(work / "bpe" / "tokenizer.json"), None)
-        print(f"bpe encode only:  {encoded['text_mb']:.1f} MB, scan {encoded['scan_s']:.1f} s, "
-              f"encode {encoded['encode_s']:.1f} s = {encoded['encode_mb_s']:.2f} MB/s, "
-              f"{encoded['tokens']:,} tokens, peak RSS {encoded['peak_rss_mb']:.0f} MB")
+        print(
+            f"bpe encode only:  {encoded['text_mb']:.1f} MB, scan {encoded['scan_s']:.1f} s, "
+            f"encode {encoded['encode_s']:.1f} s = {encoded['encode_mb_s']:.2f} MB/s, "
+            f"{encoded['tokens']:,} tokens, peak RSS {encoded['peak_rss_mb']:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

@@ -29,14 +29,41 @@ SPEEDRUN = REPO / "configs" / "speedrun-shakespeare-char-cpu.toml"
 
 def ensure_data(data_dir: Path) -> None:
     if not (data_dir / "meta.json").is_file():
-        subprocess.run([sys.executable, "-m", "lmforge", "prepare", "tinyshakespeare", "--tokenizer", "char",
-                        "--out", str(data_dir), "-q"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lmforge",
+                "prepare",
+                "tinyshakespeare",
+                "--tokenizer",
+                "char",
+                "--out",
+                str(data_dir),
+                "-q",
+            ],
+            check=True,
+        )
 
 
 def run(config: Path, data_dir: Path, target: float, overrides: list[str], scratch: Path) -> dict:
     out = scratch / config.stem
-    args = [sys.executable, "-m", "lmforge", "train", str(config), "--out", str(out), "--overwrite",
-            "--set", f"data.dir={data_dir}", "--set", f"train.stop_at_val_loss={target}", "--set", "log.progress=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "lmforge",
+        "train",
+        str(config),
+        "--out",
+        str(out),
+        "--overwrite",
+        "--set",
+        f"data.dir={data_dir}",
+        "--set",
+        f"train.stop_at_val_loss={target}",
+        "--set",
+        "log.progress=false",
+    ]
     for item in overrides:
         args += ["--set", item]
     start = time.perf_counter()
@@ -48,17 +75,27 @@ def run(config: Path, data_dir: Path, target: float, overrides: list[str], scrat
     evals = [e for e in entries if "val_loss" in e]
     steps = [e for e in entries if "loss" in e]
     final = evals[-1]
-    return {"config": config.name, "wall_s": wall, "reached": final["val_loss"] <= target, "step": final["step"],
-            "val_loss": final["val_loss"], "evals": [(e["step"], round(e["val_loss"], 4)) for e in evals],
-            "train_s": steps[-1]["elapsed_s"]}
+    return {
+        "config": config.name,
+        "wall_s": wall,
+        "reached": final["val_loss"] <= target,
+        "step": final["step"],
+        "val_loss": final["val_loss"],
+        "evals": [(e["step"], round(e["val_loss"], 4)) for e in evals],
+        "train_s": steps[-1]["elapsed_s"],
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", type=Path, nargs="+", default=[BASELINE, SPEEDRUN])
     parser.add_argument("--target", type=float, default=1.90)
     parser.add_argument("--data", type=Path, default=REPO / "out" / "data" / "shakespeare-char")
-    parser.add_argument("--set", action="append", default=[], help="override for every config but the baseline")
+    parser.add_argument(
+        "--set", action="append", default=[], help="override for every config but the baseline"
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("LMFORGE_DATA_DIR", str(REPO.parent / "shared" / "data"))
@@ -73,12 +110,18 @@ def main() -> None:
             r = run(config, args.data.resolve(), args.target, overrides, Path(scratch))
             results.append(r)
             status = "reached" if r["reached"] else "NOT reached"
-            print(f"{r['config']}: {status} val loss {r['val_loss']:.4f} at step {r['step']} in {r['wall_s']:.1f} s "
-                  f"wall (training loop {r['train_s']:.1f} s); evals {r['evals']}", flush=True)
+            print(
+                f"{r['config']}: {status} val loss {r['val_loss']:.4f} at step {r['step']} "
+                f"in {r['wall_s']:.1f} s "
+                f"wall (training loop {r['train_s']:.1f} s); evals {r['evals']}",
+                flush=True,
+            )
     if len(results) == 2 and all(r["reached"] for r in results):
         ratio = results[1]["wall_s"] / results[0]["wall_s"]
-        print(f"ratio {results[1]['config']} / {results[0]['config']}: {ratio:.3f} "
-              f"({results[0]['wall_s'] / results[1]['wall_s']:.2f}x faster)")
+        print(
+            f"ratio {results[1]['config']} / {results[0]['config']}: {ratio:.3f} "
+            f"({results[0]['wall_s'] / results[1]['wall_s']:.2f}x faster)"
+        )
 
 
 if __name__ == "__main__":

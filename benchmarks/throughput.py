@@ -25,8 +25,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "nanogpt-shakespeare-char-cpu.toml"
-MODES = {"fp32": ["train.dtype=fp32"], "bf16": ["train.dtype=bf16"],
-         "fp32+compile": ["train.dtype=fp32", "train.compile=true"], "bf16+compile": ["train.dtype=bf16", "train.compile=true"]}
+MODES = {
+    "fp32": ["train.dtype=fp32"],
+    "bf16": ["train.dtype=bf16"],
+    "fp32+compile": ["train.dtype=fp32", "train.compile=true"],
+    "bf16+compile": ["train.dtype=bf16", "train.compile=true"],
+}
 
 
 def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, budget_s: float = 1e9) -> dict:
@@ -46,14 +50,25 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     m.vocab_size = m.vocab_size or 65
     device = resolve_device(t.device)
     torch.manual_seed(t.seed)
-    tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=max(200_000, 4 * m.block_size * t.batch_size),
-                                               dtype=np.int64).astype(np.uint32)
+    tokens = (
+        np.random.default_rng(0)
+        .integers(0, m.vocab_size, size=max(200_000, 4 * m.block_size * t.batch_size), dtype=np.int64)
+        .astype(np.uint32)
+    )
     batches = RandomWindows(tokens, m.block_size, t.batch_size, seed=t.seed)
     model = GPT(m).to(device)
     optimizers = build_optimizers(model, config.optim)
     scaler = torch.amp.GradScaler(device.type, enabled=t.dtype == "fp16")
-    stepper = Stepper(model, optimizers, scaler, autocast(device, t.dtype), device, t.grad_accum_steps,
-                      config.optim.grad_clip, t.compile)
+    stepper = Stepper(
+        model,
+        optimizers,
+        scaler,
+        autocast(device, t.dtype),
+        device,
+        t.grad_accum_steps,
+        config.optim.grad_clip,
+        t.compile,
+    )
     peak = matmul_peak_flops(device, t.dtype, seconds=0.5)
     times: list[float] = []
     while len(times) < warmup + steps and (len(times) < warmup + 3 or sum(times[warmup:]) < budget_s):
@@ -64,16 +79,31 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times[warmup:])
     tokens_per_s = tokens_per_step / step_s
-    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"params": model.num_params(), "tokens_per_step": tokens_per_step, "first_step_s": times[0],
-            "ms_per_step": 1000 * step_s, "tokens_per_s": tokens_per_s,
-            "mfu": model.flops_per_token() * tokens_per_s / peak, "peak_gflops": peak / 1e9,
-            "peak_memory_mb": memory / 2**20}
+    memory = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "params": model.num_params(),
+        "tokens_per_step": tokens_per_step,
+        "first_step_s": times[0],
+        "ms_per_step": 1000 * step_s,
+        "tokens_per_s": tokens_per_s,
+        "mfu": model.flops_per_token() * tokens_per_s / peak,
+        "peak_gflops": peak / 1e9,
+        "peak_memory_mb": memory / 2**20,
+    }
 
 
 def run_child(config: Path, overrides: list[str], steps: int, warmup: int, budget_s: float = 1e9) -> dict:
-    spec = {"config": str(config), "overrides": overrides, "steps": steps, "warmup": warmup, "budget_s": budget_s}
+    spec = {
+        "config": str(config),
+        "overrides": overrides,
+        "steps": steps,
+        "warmup": warmup,
+        "budget_s": budget_s,
+    }
     args = [sys.executable, __file__, "--child", json.dumps(spec)]
     result = subprocess.run(args, capture_output=True, text=True)
     if result.returncode != 0:
@@ -82,8 +112,11 @@ def run_child(config: Path, overrides: list[str], steps: int, warmup: int, budge
 
 
 def line(label: str, r: dict) -> str:
-    return (f"{label:<28} {r['ms_per_step']:8.1f} ms/step {r['tokens_per_s']:10,.0f} tok/s  MFU {r['mfu']:6.1%} "
-            f"(peak {r['peak_gflops']:.0f} GFLOP/s)  first step {r['first_step_s']:5.1f} s  peak mem {r['peak_memory_mb']:,.0f} MB")
+    return (
+        f"{label:<28} {r['ms_per_step']:8.1f} ms/step {r['tokens_per_s']:10,.0f} tok/s  MFU {r['mfu']:6.1%} "
+        f"(peak {r['peak_gflops']:.0f} GFLOP/s)  first step {r['first_step_s']:5.1f} s  "
+        f"peak mem {r['peak_memory_mb']:,.0f} MB"
+    )
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
@@ -91,8 +124,14 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     for block in args.blocks:
         for d_model in args.d_models:
             batch = max(1, args.tokens_per_step // block)
-            overrides = [f"model.d_model={d_model}", f"model.n_head={max(1, d_model // 64)}", f"model.block_size={block}",
-                         f"train.batch_size={batch}", f"train.dtype={args.dtype}", *args.set]
+            overrides = [
+                f"model.d_model={d_model}",
+                f"model.n_head={max(1, d_model // 64)}",
+                f"model.block_size={block}",
+                f"train.batch_size={batch}",
+                f"train.dtype={args.dtype}",
+                *args.set,
+            ]
             r = run_child(args.config, overrides, args.steps, warmup=1, budget_s=args.budget_s)
             r.update(d_model=d_model, block_size=block, batch_size=batch)
             rows.append(r)
@@ -123,12 +162,16 @@ def plot(rows: list[dict], path: Path, dtype: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=["fp32", "bf16", "fp32+compile"])
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--budget-s", type=float, default=8.0, help="sweep: timed seconds per point (>= 3 steps)")
+    parser.add_argument(
+        "--budget-s", type=float, default=8.0, help="sweep: timed seconds per point (>= 3 steps)"
+    )
     parser.add_argument("--set", action="append", default=[], help="config override for every measurement")
     parser.add_argument("--sweep", action="store_true", help="sweep d_model x block_size instead of modes")
     parser.add_argument("--d-models", type=int, nargs="+", default=[128, 256, 512, 768])
@@ -142,12 +185,20 @@ def main() -> None:
 
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(measure(Path(spec["config"]), spec["overrides"], spec["steps"], spec["warmup"], spec["budget_s"])))
+        print(
+            json.dumps(
+                measure(
+                    Path(spec["config"]), spec["overrides"], spec["steps"], spec["warmup"], spec["budget_s"]
+                )
+            )
+        )
         return
     import torch
 
-    print(f"{args.config.name}: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpus, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{args.config.name}: torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpus, "
+        f"{torch.get_num_threads()} threads"
+    )
     if args.sweep:
         rows = sweep(args)
         if args.table:

@@ -45,10 +45,20 @@ def cli(capsys: pytest.CaptureFixture[str]):
 
 
 TINY = [
-    "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.block_size=32",
-    "train.batch_size=8", "train.max_steps=40", "train.eval_interval=10", "train.checkpoint_interval=10",
-    "train.eval_batch_size=64", "schedule.warmup_steps=5", "optim.lr=3e-3", "schedule.min_lr=3e-4",
-    "train.device=cpu", "log.progress=false",
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.block_size=32",
+    "train.batch_size=8",
+    "train.max_steps=40",
+    "train.eval_interval=10",
+    "train.checkpoint_interval=10",
+    "train.eval_batch_size=64",
+    "schedule.warmup_steps=5",
+    "optim.lr=3e-3",
+    "schedule.min_lr=3e-4",
+    "train.device=cpu",
+    "log.progress=false",
 ]
 
 

@@ -12,8 +12,17 @@ def test_defaults_and_file_and_overrides(tmp_path: Path) -> None:
     assert load_config(None) == Config()
     path = tmp_path / "c.toml"
     path.write_text('[model]\nn_layer = 6\nposition = "rope"\n[optim]\nbetas = [0.8, 0.9]\nlr = 1\n')
-    config = load_config(path, ["model.d_model=256", "train.compile=true", "optim.name=muon", "train.device=cuda:1",
-                                "optim.betas=[0.9, 0.99]", "schedule.min_lr=1e-4"])
+    config = load_config(
+        path,
+        [
+            "model.d_model=256",
+            "train.compile=true",
+            "optim.name=muon",
+            "train.device=cuda:1",
+            "optim.betas=[0.9, 0.99]",
+            "schedule.min_lr=1e-4",
+        ],
+    )
     assert config.model.n_layer == 6 and config.model.position == "rope" and config.model.d_model == 256
     assert config.train.compile is True and config.optim.name == "muon" and config.train.device == "cuda:1"
     assert config.optim.betas == (0.9, 0.99) and config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
@@ -42,7 +51,10 @@ def test_shipped_configs_load(name: str) -> None:
         (["train.compile=1"], "train.compile must be true or false"),
         (["optim.betas=[0.9]"], "optim.betas must be a list of 2 numbers"),
         (["model.position=alibi"], "model.position must be one of learned, rope; got 'alibi'"),
-        (["model.d_model=100", "model.n_head=3"], "model.d_model (100) must be divisible by model.n_head (3)"),
+        (
+            ["model.d_model=100", "model.n_head=3"],
+            "model.d_model (100) must be divisible by model.n_head (3)",
+        ),
         (["model.n_kv_head=3"], "model.n_head (4) must be divisible by model.n_kv_head (3)"),
         (["model.n_layer=0"], "model.n_layer must be positive"),
         (["schedule.min_lr=0.1"], "schedule.min_lr must be in [0, optim.lr=0.001]"),

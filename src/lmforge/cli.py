@@ -57,7 +57,10 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("input", help="a text file, a folder (.txt/.md/.raw/.jsonl, recursive) or a dataset name")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
-        "--tokenizer", required=True, metavar="{char,byte,bpe,PATH}", help="a built-in kind or a tokenizer.json"
+        "--tokenizer",
+        required=True,
+        metavar="{char,byte,bpe,PATH}",
+        help="a built-in kind or a tokenizer.json",
     )
     p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE vocabulary size (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
@@ -92,8 +95,11 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         if main_rank:
-            print(f"lmforge train: {stop}; checkpoint saved to {stop.checkpoint}; continue with "
-                  f"`lmforge train --resume --out {run_dir}`", file=sys.stderr)
+            print(
+                f"lmforge train: {stop}; checkpoint saved to {stop.checkpoint}; continue with "
+                f"`lmforge train --resume --out {run_dir}`",
+                file=sys.stderr,
+            )
         return 128 + stop.signum if stop.signum in (signal.SIGINT, signal.SIGTERM) else 1
     if not main_rank:
         return 0
@@ -113,9 +119,12 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("finetune", help="fine-tune on prompt/completion JSONL (the train loop, prompt masked)",
-                         description="Fine-tune a model on DIR/train.jsonl, evaluating on DIR/eval.jsonl "
-                                     "(data.dir); start from a checkpoint with train.init_from.")
+    p = verbs.add_parser(
+        "finetune",
+        help="fine-tune on prompt/completion JSONL (the train loop, prompt masked)",
+        description="Fine-tune a model on DIR/train.jsonl, evaluating on DIR/eval.jsonl "
+        "(data.dir); start from a checkpoint with train.init_from.",
+    )
     _add_run_args(p)
     p.set_defaults(run=_finetune)
 
@@ -123,16 +132,25 @@ def _add_finetune(verbs: argparse._SubParsersAction) -> None:
 def _tasks_prepare(args: argparse.Namespace) -> int:
     from lmforge.data.tasks import prepare_task
 
-    counts = prepare_task(args.task, Path(args.out), Path(args.data_dir) if args.data_dir else None, args.overwrite)
-    print(f"{args.task}: " + ", ".join(f"{n:,} {split}" for split, n in counts.items()) + f" examples -> {args.out}")
+    counts = prepare_task(
+        args.task, Path(args.out), Path(args.data_dir) if args.data_dir else None, args.overwrite
+    )
+    print(
+        f"{args.task}: "
+        + ", ".join(f"{n:,} {split}" for split, n in counts.items())
+        + f" examples -> {args.out}"
+    )
     return 0
 
 
 def _add_tasks(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("tasks", help="task datasets (sst2, multi30k, squad) as JSONL for finetune")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = actions.add_parser("prepare", help="write a task's train/eval JSONL files",
-                           description="Convert a shared task dataset into prompt/completion JSONL files.")
+    q = actions.add_parser(
+        "prepare",
+        help="write a task's train/eval JSONL files",
+        description="Convert a shared task dataset into prompt/completion JSONL files.",
+    )
     q.add_argument("task", choices=("sst2", "multi30k", "squad"))
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
@@ -141,9 +159,18 @@ def _add_tasks(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="TOML config (default: RUN_DIR/config.toml with --resume, else the defaults)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.n_layer=6 (repeatable)")
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="TOML config (default: RUN_DIR/config.toml with --resume, else the defaults)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.n_layer=6 (repeatable)",
+    )
     p.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
@@ -166,10 +193,15 @@ def _estimate(args: argparse.Namespace) -> int:
     tokens = None if args.tokens is None else _parse_number(args.tokens, "--tokens", float)
     peak = None if args.peak_flops is None else _parse_number(args.peak_flops, "--peak-flops", float)
     config = load_config(args.config, args.set)
-    result = estimate(config, devices=devices, device_type=args.device_type, mfu=mfu, tokens=tokens, peak_flops=peak)
-    print(json.dumps({"config": args.config, **result.as_dict()}) if args.json
-          else f"{args.config}: {config.model.n_layer} layers, d_model {config.model.d_model}, "
-               f"vocab {config.model.vocab_size}\n{format_table(result)}")
+    result = estimate(
+        config, devices=devices, device_type=args.device_type, mfu=mfu, tokens=tokens, peak_flops=peak
+    )
+    print(
+        json.dumps({"config": args.config, **result.as_dict()})
+        if args.json
+        else f"{args.config}: {config.model.n_layer} layers, d_model {config.model.d_model}, "
+        f"vocab {config.model.vocab_size}\n{format_table(result)}"
+    )
     return 0
 
 
@@ -185,18 +217,32 @@ def _parse_number(text: str, option: str, kind: type) -> float:
 
 
 def _add_estimate(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("estimate", help="parameters, FLOPs, memory per device and training time of a config",
-                         description="Estimate a training run before starting it: exact parameter count, FLOPs "
-                                     "per token, per-device memory for no parallelism / DDP / FSDP with and without "
-                                     "activation checkpointing, and the time for the token budget at a given MFU.")
+    p = verbs.add_parser(
+        "estimate",
+        help="parameters, FLOPs, memory per device and training time of a config",
+        description="Estimate a training run before starting it: exact parameter count, FLOPs "
+        "per token, per-device memory for no parallelism / DDP / FSDP with and without "
+        "activation checkpointing, and the time for the token budget at a given MFU.",
+    )
     p.add_argument("config", help="TOML config (as for `lmforge train`)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set model.n_layer=12 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.n_layer=12 (repeatable)",
+    )
     p.add_argument("--devices", default="1", help="number of devices (default 1)")
-    p.add_argument("--device-type", default="cpu", metavar="{cpu,a100,h100,h200}",
-                   help="device kind for the peak FLOP/s (cpu: measured here; default cpu)")
+    p.add_argument(
+        "--device-type",
+        default="cpu",
+        metavar="{cpu,a100,h100,h200}",
+        help="device kind for the peak FLOP/s (cpu: measured here; default cpu)",
+    )
     p.add_argument("--mfu", default="0.4", help="model FLOPs utilisation in (0, 1] (default 0.4)")
-    p.add_argument("--tokens", help="token budget (default: max_steps x batch_size x grad_accum_steps x block_size)")
+    p.add_argument(
+        "--tokens", help="token budget (default: max_steps x batch_size x grad_accum_steps x block_size)"
+    )
     p.add_argument("--peak-flops", help="peak FLOP/s of one device, instead of the device type's")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_estimate)
@@ -220,8 +266,16 @@ def _eval(args: argparse.Namespace) -> int:
         from lmforge.eval.tasks import evaluate_task, format_table
 
         with autocast(device, args.dtype):
-            result = evaluate_task(args.task, loaded.model, load_tokenizer(loaded.tokenizer_file), data_dir, device,
-                                   args.limit, args.beam_size, args.max_new_tokens)
+            result = evaluate_task(
+                args.task,
+                loaded.model,
+                load_tokenizer(loaded.tokenizer_file),
+                data_dir,
+                device,
+                args.limit,
+                args.beam_size,
+                args.max_new_tokens,
+            )
         result.update(checkpoint=str(loaded.path), step=loaded.step)
         print(json.dumps(result) if args.json else format_table(result))
         return 0
@@ -234,36 +288,63 @@ def _eval(args: argparse.Namespace) -> int:
         data = PreparedData.open(data_dir)
         if data.tokenizer_file.read_bytes() != loaded.tokenizer_file.read_bytes():
             raise LmforgeError(f"{data_dir}: its tokenizer differs from the one of checkpoint {loaded.path}")
-    result = evaluate_lm(loaded.model, data.eval_batches(block_size, args.batch_size), device,
-                         autocast(device, args.dtype), data.bytes_per_token("val"))
+    result = evaluate_lm(
+        loaded.model,
+        data.eval_batches(block_size, args.batch_size),
+        device,
+        autocast(device, args.dtype),
+        data.bytes_per_token("val"),
+    )
     if args.json:
-        print(json.dumps({**result.as_dict(), "checkpoint": str(loaded.path), "step": loaded.step, "data": str(data_dir)}))
+        print(
+            json.dumps(
+                {
+                    **result.as_dict(),
+                    "checkpoint": str(loaded.path),
+                    "step": loaded.step,
+                    "data": str(data_dir),
+                }
+            )
+        )
     else:
         bpb = f", {result.bpb:.4f} bpb" if result.bpb else ""
-        print(f"{loaded.path} (step {loaded.step}) on {data_dir} val: loss {result.loss:.4f}, "
-              f"ppl {result.ppl:.3f}{bpb} over {result.tokens:,} tokens")
+        print(
+            f"{loaded.path} (step {loaded.step}) on {data_dir} val: loss {result.loss:.4f}, "
+            f"ppl {result.ppl:.3f}{bpb} over {result.tokens:,} tokens"
+        )
     return 0
 
 
 def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="a run folder or a checkpoint folder")
-    p.add_argument("--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder")
+    p.add_argument(
+        "--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder"
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("eval", help="loss/perplexity/bits per byte, or task metrics (accuracy, BLEU, EM/F1, ROUGE)",
-                         description="Evaluate a checkpoint over the whole val split of prepared data, "
-                                     "or on a task's eval.jsonl with --task.")
+    p = verbs.add_parser(
+        "eval",
+        help="loss/perplexity/bits per byte, or task metrics (accuracy, BLEU, EM/F1, ROUGE)",
+        description="Evaluate a checkpoint over the whole val split of prepared data, "
+        "or on a task's eval.jsonl with --task.",
+    )
     _add_checkpoint_args(p)
-    p.add_argument("--task", default="lm", choices=("lm", "sst2", "multi30k", "squad", "generate"),
-                   help="lm: loss/ppl/bpb on prepared data; others: task metrics on DATA/eval.jsonl")
+    p.add_argument(
+        "--task",
+        default="lm",
+        choices=("lm", "sst2", "multi30k", "squad", "generate"),
+        help="lm: loss/ppl/bpb on prepared data; others: task metrics on DATA/eval.jsonl",
+    )
     p.add_argument("--data", help="prepared data folder, or a task folder (default: the run's data.dir)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--limit", type=positive_int, help="tasks: evaluate only the first N examples")
     p.add_argument("--beam-size", type=positive_int, default=1, help="tasks that decode: 1 is greedy")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tasks that decode: answer length cap")
+    p.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="tasks that decode: answer length cap"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_eval)
 
@@ -298,8 +379,16 @@ def _sample(args: argparse.Namespace) -> int:
         stream = DecodeStream(skip_special_tokens=True)
         sys.stdout.write(args.prompt or "")
         with autocast(device, args.dtype):
-            for token in generate(loaded.model, prompt, args.max_new_tokens, args.temperature, args.top_k,
-                                  args.top_p, generator, stop_token=eot):
+            for token in generate(
+                loaded.model,
+                prompt,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k,
+                args.top_p,
+                generator,
+                stop_token=eot,
+            ):
                 piece = stream.step(tokenizer, int(token[0]))
                 if piece:
                     sys.stdout.write(piece)
@@ -310,8 +399,11 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _add_sample(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("sample", help="generate text from a checkpoint",
-                         description="Generate text autoregressively with a KV cache, streaming it as it comes.")
+    p = verbs.add_parser(
+        "sample",
+        help="generate text from a checkpoint",
+        description="Generate text autoregressively with a KV cache, streaming it as it comes.",
+    )
     _add_checkpoint_args(p)
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
     p.add_argument("--max-new-tokens", type=positive_int, default=500)
@@ -326,18 +418,29 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
 def _export(args: argparse.Namespace) -> int:
     from lmforge.interop.hf import export_checkpoint
 
-    out = export_checkpoint(Path(args.target), Path(args.out), args.checkpoint, args.dtype,
-                            int(args.max_shard_size_gb * 10**9), args.overwrite)
+    out = export_checkpoint(
+        Path(args.target),
+        Path(args.out),
+        args.checkpoint,
+        args.dtype,
+        int(args.max_shard_size_gb * 10**9),
+        args.overwrite,
+    )
     print(f"exported {args.target} to {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
 def _add_export(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("export", help="write a checkpoint as a Hugging Face transformers folder",
-                         description="Export a checkpoint as a standard transformers model folder (Llama, Qwen3 or GPT-2).")
+    p = verbs.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face transformers folder",
+        description="Export a checkpoint as a standard transformers model folder (Llama, Qwen3 or GPT-2).",
+    )
     p.add_argument("target", help="a run folder or a checkpoint folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder")
+    p.add_argument(
+        "--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder"
+    )
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="shard the weights above this size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -348,13 +451,16 @@ def _import(args: argparse.Namespace) -> int:
     from lmforge.interop.hf import import_folder
 
     out = import_folder(Path(args.hf_dir), Path(args.out), args.overwrite)
-    print(f"imported {args.hf_dir} into {out} (sample, eval, or train with train.init_from = \"{out}\")")
+    print(f'imported {args.hf_dir} into {out} (sample, eval, or train with train.init_from = "{out}")')
     return 0
 
 
 def _add_import(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("import", help="turn a local Hugging Face model folder into an lmforge run",
-                         description="Import a local transformers folder (Llama, Mistral, Qwen2, Qwen3, GPT-2).")
+    p = verbs.add_parser(
+        "import",
+        help="turn a local Hugging Face model folder into an lmforge run",
+        description="Import a local transformers folder (Llama, Mistral, Qwen2, Qwen3, GPT-2).",
+    )
     p.add_argument("hf_dir", help="a local folder with config.json, weights and tokenizer.json")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -362,12 +468,22 @@ def _add_import(verbs: argparse._SubParsersAction) -> None:
 
 
 VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    _add_prepare, _add_train, _add_finetune, _add_estimate, _add_eval, _add_sample, _add_export, _add_import, _add_tasks,
+    _add_prepare,
+    _add_train,
+    _add_finetune,
+    _add_estimate,
+    _add_eval,
+    _add_sample,
+    _add_export,
+    _add_import,
+    _add_tasks,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="Train and optimize GPT-style language models.")
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="Train and optimize GPT-style language models."
+    )
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add_verb in VERBS:
@@ -386,10 +502,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _exit(f"lmforge {args.verb}: interrupted{where}", EXIT_INTERRUPTED, world)
     except Exception as exc:
-        if world > 1 and _is_collective_failure(exc):  # another rank died first; its message is the one that counts
+        if world > 1 and _is_collective_failure(
+            exc
+        ):  # another rank died first; its message is the one that counts
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            return _exit(f"lmforge {args.verb}: error{where}: another process of the job failed "
-                         f"({type(exc).__name__}: {first[:200]})", EXIT_USER_ERROR, world)
+            return _exit(
+                f"lmforge {args.verb}: error{where}: another process of the job failed "
+                f"({type(exc).__name__}: {first[:200]})",
+                EXIT_USER_ERROR,
+                world,
+            )
         raise
 
 

@@ -27,7 +27,9 @@ from lmforge.errors import LmforgeError
 
 @dataclass
 class DataConfig:
-    dir: str = ""  # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and eval.jsonl
+    dir: str = (
+        ""  # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and eval.jsonl
+    )
     kind: Literal["tokens", "sft"] = "tokens"
     tokenizer: str = ""  # sft: a tokenizer.json (default: train.init_from's)
     on_bad_line: Literal["error", "skip"] = "error"  # sft: malformed JSONL lines
@@ -46,7 +48,9 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"  # gelu_tanh: GPT-2's approximation
-    mlp_hidden: int | None = None  # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
+    mlp_hidden: int | None = (
+        None  # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
+    )
     qk_norm: bool = False
     tie_embeddings: bool = True
     bias: bool = True
@@ -95,7 +99,9 @@ class TrainConfig:
     stop_at_val_loss: float | None = None  # end the run at the first eval at or below this loss
     init_from: str = ""  # start from the weights of a run or checkpoint folder (e.g. `lmforge import`)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    activation_checkpointing: bool = (
+        False  # recompute each block's activations in backward: less memory, ~1/3 more compute
+    )
 
 
 @dataclass
@@ -215,7 +221,9 @@ def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
     if origin_type is Literal:
         choices = typing.get_args(kind)
         if value not in choices:
-            raise LmforgeError(f"{origin}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            raise LmforgeError(
+                f"{origin}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}"
+            )
         return value
     if origin_type is tuple and typing.get_args(kind)[-1] is Ellipsis:
         if not isinstance(value, (list, tuple)) or not value:
@@ -255,10 +263,18 @@ def validate(config: Config, origin: str) -> None:
     m, o, s, t = config.model, config.optim, config.schedule, config.train
     for key in ("n_layer", "n_head", "d_model", "block_size"):
         need(getattr(m, key) > 0, f"model.{key}", "must be positive")
-    need(m.d_model % m.n_head == 0, "model.d_model", f"({m.d_model}) must be divisible by model.n_head ({m.n_head})")
+    need(
+        m.d_model % m.n_head == 0,
+        "model.d_model",
+        f"({m.d_model}) must be divisible by model.n_head ({m.n_head})",
+    )
     if m.n_kv_head is not None:
         need(m.n_kv_head > 0, "model.n_kv_head", "must be positive")
-        need(m.n_head % m.n_kv_head == 0, "model.n_head", f"({m.n_head}) must be divisible by model.n_kv_head ({m.n_kv_head})")
+        need(
+            m.n_head % m.n_kv_head == 0,
+            "model.n_head",
+            f"({m.n_head}) must be divisible by model.n_kv_head ({m.n_kv_head})",
+        )
     if m.position == "rope":
         need((m.d_model // m.n_head) % 2 == 0, "model.d_model", "/ n_head must be even for rope")
     need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive")
@@ -279,14 +295,25 @@ def validate(config: Config, origin: str) -> None:
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")
     need(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     need(t.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
-    need(t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
-         "train.device", f"must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}")
+    need(
+        t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps",
+        "train.device",
+        f"must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}",
+    )
     if config.parallel.strategy == "fsdp":
         # Sharded gradients would need a sharded grad scaler; Muon orthogonalizes whole matrices, not shards.
-        need(t.dtype != "fp16", "train.dtype", "fp16 is not supported with parallel.strategy = \"fsdp\"; use bf16")
-        need(o.name != "muon", "optim.name", "muon is not supported with parallel.strategy = \"fsdp\"; use ddp")
+        need(
+            t.dtype != "fp16",
+            "train.dtype",
+            'fp16 is not supported with parallel.strategy = "fsdp"; use bf16',
+        )
+        need(o.name != "muon", "optim.name", 'muon is not supported with parallel.strategy = "fsdp"; use ddp')
     need(config.log.interval > 0, "log.interval", "must be positive")
     need(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
     need(0.0 <= config.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     known = {"qkv", "proj", "up", "down"}
-    need(set(config.lora.targets) <= known, "lora.targets", f"must name layers among {', '.join(sorted(known))}")
+    need(
+        set(config.lora.targets) <= known,
+        "lora.targets",
+        f"must name layers among {', '.join(sorted(known))}",
+    )

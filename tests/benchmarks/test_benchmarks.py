@@ -15,13 +15,44 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.mark.slow
 def test_throughput_modes_and_sweep_with_plot(tmp_path: Path) -> None:
     config = tmp_path / "tiny.toml"
-    config.write_text("[model]\nn_layer = 1\nn_head = 1\nd_model = 32\nblock_size = 16\n[train]\nbatch_size = 2\n")
-    run = [sys.executable, str(BENCHMARKS / "throughput.py"), "--config", str(config), "--steps", "2", "--warmup", "1"]
-    modes = subprocess.run([*run, "--modes", "fp32", "bf16"], capture_output=True, text=True, check=True).stdout
+    config.write_text(
+        "[model]\nn_layer = 1\nn_head = 1\nd_model = 32\nblock_size = 16\n[train]\nbatch_size = 2\n"
+    )
+    run = [
+        sys.executable,
+        str(BENCHMARKS / "throughput.py"),
+        "--config",
+        str(config),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+    ]
+    modes = subprocess.run(
+        [*run, "--modes", "fp32", "bf16"], capture_output=True, text=True, check=True
+    ).stdout
     assert "fp32" in modes and "bf16 / fp32 speed:" in modes and "tok/s" in modes and "MFU" in modes
-    sweep = subprocess.run([*run, "--sweep", "--d-models", "32", "64", "--blocks", "8", "16", "--tokens-per-step", "32",
-                            "--table", str(tmp_path / "sweep.jsonl"), "--plot", str(tmp_path / "sweep.png")],
-                           capture_output=True, text=True, check=True).stdout
+    sweep = subprocess.run(
+        [
+            *run,
+            "--sweep",
+            "--d-models",
+            "32",
+            "64",
+            "--blocks",
+            "8",
+            "16",
+            "--tokens-per-step",
+            "32",
+            "--table",
+            str(tmp_path / "sweep.jsonl"),
+            "--plot",
+            str(tmp_path / "sweep.png"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rows = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
     assert [(r["d_model"], r["block_size"]) for r in rows] == [(32, 8), (64, 8), (32, 16), (64, 16)]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in rows)
@@ -36,8 +67,21 @@ def test_speedrun_reports_time_to_target_and_ratio(char_data: Path, tmp_path: Pa
         path.write_text(f"[optim]\nlr = {lr}\n")
         configs.append(str(path))
     overrides = sum((["--set", item] for item in TINY if not item.startswith("optim.lr")), [])
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "speedrun.py"), "--configs", *configs, "--target", "3.5",
-                             "--data", str(char_data), *overrides], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "speedrun.py"),
+            "--configs",
+            *configs,
+            "--target",
+            "3.5",
+            "--data",
+            str(char_data),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[1].startswith("slow.toml: reached val loss") and lines[2].startswith("fast.toml: reached")
@@ -46,17 +90,38 @@ def test_speedrun_reports_time_to_target_and_ratio(char_data: Path, tmp_path: Pa
 
 @pytest.mark.slow
 def test_activation_checkpointing_benchmark_prints_both_modes() -> None:
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "activation_checkpointing.py"), "--n-layer", "2",
-                          "--d-model", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "2", "--steps", "1"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "activation_checkpointing.py"),
+            "--n-layer",
+            "2",
+            "--d-model",
+            "32",
+            "--n-head",
+            "2",
+            "--block-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--steps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "activation checkpointing off: peak memory of a step" in out
     assert "activation checkpointing on : peak memory of a step" in out and "saving:" in out
 
 
 @pytest.mark.slow
 def test_memory_estimate_within_20_percent_of_measured_peak() -> None:
-    result = subprocess.run([sys.executable, str(BENCHMARKS / "estimate_memory.py"), "--only", "tiny", "--json"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "estimate_memory.py"), "--only", "tiny", "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [r["checkpointing"] for r in rows] == [False, True]

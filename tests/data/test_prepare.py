@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.data import prepare
-from lmforge.data import sources
+from lmforge.data import prepare, sources
 from lmforge.data.tokenizer import EOT, char_tokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 
@@ -52,7 +51,9 @@ def test_round_trip_whole_corpus(shared_data: Path, tmp_path: Path, kind: str) -
 @pytest.mark.slow
 def test_wikitext2_bpe_4096(cli, shared_data: Path, tmp_path: Path) -> None:
     folder = shared_data / "wikitext-2"
-    code, _, err = cli("prepare", folder, "--tokenizer", "bpe", "--vocab-size", "4096", "--out", tmp_path / "w", "-q")
+    code, _, err = cli(
+        "prepare", folder, "--tokenizer", "bpe", "--vocab-size", "4096", "--out", tmp_path / "w", "-q"
+    )
     assert code == 0, err
     meta = json.loads((tmp_path / "w" / "meta.json").read_text())
     assert meta["vocab_size"] == 4096 and meta["documents"] == 3
@@ -87,8 +88,15 @@ def test_mixed_folder_splits_whole_documents(tmp_path: Path, kind: str) -> None:
     (tmp_path / "corpus").mkdir()
     documents = make_mixed_folder(tmp_path / "corpus")
     vocab = {"vocab_size": 300} if kind == "bpe" else {}
-    meta = prepare(str(tmp_path / "corpus"), tmp_path / "out", tokenizer=kind, val_fraction=0.2, seed=3,
-                   progress=False, **vocab).meta
+    meta = prepare(
+        str(tmp_path / "corpus"),
+        tmp_path / "out",
+        tokenizer=kind,
+        val_fraction=0.2,
+        seed=3,
+        progress=False,
+        **vocab,
+    ).meta
     assert meta["documents"] == len(documents) == 15
     assert meta["split"] == "documents" and meta["val_documents"] == 3
     tokenizer = load_tokenizer(tmp_path / "out" / "tokenizer.json")
@@ -120,7 +128,14 @@ def test_document_choice_is_seeded(tmp_path: Path) -> None:
     make_mixed_folder(tmp_path / "corpus")
     runs = {}
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
-        prepare(str(tmp_path / "corpus"), tmp_path / name, tokenizer="byte", val_fraction=0.3, seed=seed, progress=False)
+        prepare(
+            str(tmp_path / "corpus"),
+            tmp_path / name,
+            tokenizer="byte",
+            val_fraction=0.3,
+            seed=seed,
+            progress=False,
+        )
         runs[name] = read_split(tmp_path / name, "val").tobytes()
     assert runs["a"] == runs["b"]
     assert runs["a"] != runs["c"]
@@ -131,7 +146,9 @@ def test_existing_tokenizer_file_and_uint32_shards(tmp_path: Path) -> None:
     char_tokenizer(alphabet).save(str(tmp_path / "big.json"))
     text = "".join(alphabet[i * 997 % 70_000] for i in range(1000))
     (tmp_path / "in.txt").write_text(text)
-    meta = prepare(str(tmp_path / "in.txt"), tmp_path / "out", tokenizer=str(tmp_path / "big.json"), progress=False).meta
+    meta = prepare(
+        str(tmp_path / "in.txt"), tmp_path / "out", tokenizer=str(tmp_path / "big.json"), progress=False
+    ).meta
     assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70_000 and meta["tokenizer"] == "file"
     assert decode_split(tmp_path / "out", "train") + decode_split(tmp_path / "out", "val") == text
     assert read_split(tmp_path / "out", "train").max() >= 1 << 16
@@ -155,27 +172,43 @@ def test_invalid_utf8_is_an_error_unless_replaced(cli, tmp_path: Path) -> None:
     assert code == 1
     assert f"{path}: invalid UTF-8 at byte 100" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
-    code, _, err = cli("prepare", path, "--tokenizer", "char", "--out", tmp_path / "o", "-q", "--invalid-utf8", "replace")
+    code, _, err = cli(
+        "prepare", path, "--tokenizer", "char", "--out", tmp_path / "o", "-q", "--invalid-utf8", "replace"
+    )
     assert code == 0, err
     assert "warning" in err and "replaced with U+FFFD" in err
-    assert "\ufffd\ufffd broken" in decode_split(tmp_path / "o", "train") + decode_split(tmp_path / "o", "val")
+    assert "\ufffd\ufffd broken" in decode_split(tmp_path / "o", "train") + decode_split(
+        tmp_path / "o", "val"
+    )
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["missing.txt", "--tokenizer", "char"], "missing.txt: no such file or folder"),
-        (["nosuchdataset", "--tokenizer", "char"], "'nosuchdataset' is neither a file, a folder nor a known dataset"),
+        (
+            ["nosuchdataset", "--tokenizer", "char"],
+            "'nosuchdataset' is neither a file, a folder nor a known dataset",
+        ),
         (["{empty}", "--tokenizer", "char"], "input is empty"),
         (["{emptydir}", "--tokenizer", "char"], "no .txt, .md, .raw, .text, .jsonl files"),
         (["{tiny}", "--tokenizer", "char"], "too small to give a non-empty train and val split"),
         (["{text}", "--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size must be at least 257"),
-        (["{text}", "--tokenizer", "char", "--vocab-size", "300"], "--vocab-size applies only to --tokenizer bpe"),
+        (
+            ["{text}", "--tokenizer", "char", "--vocab-size", "300"],
+            "--vocab-size applies only to --tokenizer bpe",
+        ),
         (["{text}", "--tokenizer", "{badtok}"], "not a valid tokenizer.json"),
         (["{text}", "--tokenizer", "nosuch/tokenizer.json"], "tokenizer file not found"),
-        (["{text}", "--tokenizer", "char", "--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+        (
+            ["{text}", "--tokenizer", "char", "--val-fraction", "1.5"],
+            "--val-fraction must be between 0 and 1",
+        ),
         (["{badjson}", "--tokenizer", "char"], "records.jsonl:2: not valid JSON"),
-        (["{notext}", "--tokenizer", "char"], "records.jsonl:1: expected an object with a string 'text' field"),
+        (
+            ["{notext}", "--tokenizer", "char"],
+            "records.jsonl:1: expected an object with a string 'text' field",
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error(cli, tmp_path: Path, args: list[str], message: str) -> None:
@@ -189,8 +222,18 @@ def test_bad_input_is_a_one_line_error(cli, tmp_path: Path, args: list[str], mes
     (tmp_path / "badjson" / "records.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
     (tmp_path / "notext").mkdir()
     (tmp_path / "notext" / "records.jsonl").write_text('{"body": "no text field"}\n')
-    paths = {name: str(tmp_path / f) for name, f in [("empty", "empty.txt"), ("emptydir", "emptydir"), ("tiny", "tiny.txt"),
-             ("text", "text.txt"), ("badtok", "badtok.json"), ("badjson", "badjson"), ("notext", "notext")]}
+    paths = {
+        name: str(tmp_path / f)
+        for name, f in [
+            ("empty", "empty.txt"),
+            ("emptydir", "emptydir"),
+            ("tiny", "tiny.txt"),
+            ("text", "text.txt"),
+            ("badtok", "badtok.json"),
+            ("badjson", "badjson"),
+            ("notext", "notext"),
+        ]
+    }
     args = [a.format(**paths) for a in args]
     code, out, err = cli("prepare", *args, "--out", tmp_path / "out", "-q")
     assert code == 1
@@ -211,10 +254,14 @@ def test_existing_output_is_kept_without_overwrite(cli, tmp_path: Path) -> None:
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # A failing run with --overwrite leaves the old output whole too.
     (tmp_path / "bad.txt").write_bytes(b"\xff" * 100)
-    code, _, err = cli("prepare", tmp_path / "bad.txt", "--tokenizer", "byte", "--out", out, "--overwrite", "-q")
+    code, _, err = cli(
+        "prepare", tmp_path / "bad.txt", "--tokenizer", "byte", "--out", out, "--overwrite", "-q"
+    )
     assert code == 1 and "invalid UTF-8" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    code, _, err = cli("prepare", tmp_path / "b.txt", "--tokenizer", "byte", "--out", out, "--overwrite", "-q")
+    code, _, err = cli(
+        "prepare", tmp_path / "b.txt", "--tokenizer", "byte", "--out", out, "--overwrite", "-q"
+    )
     assert code == 0, err
     assert decode_split(out, "train") + decode_split(out, "val") == (tmp_path / "b.txt").read_text()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -227,7 +274,9 @@ def test_out_inside_input_folder_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "a.txt").is_file()
 
 
-def test_named_dataset_download_is_verified_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_named_dataset_download_is_verified_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     published = tmp_path / "published.txt"
     published.write_text("to be or not to be\n" * 100)
     good = sources.NamedDataset("toy", "toy.txt", published.as_uri(), sources.file_sha256(published), 1900)
@@ -252,8 +301,19 @@ def test_named_dataset_download_is_verified_and_cached(tmp_path: Path, monkeypat
 
 def test_python_m_lmforge_reports_errors_without_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lmforge", "prepare", str(tmp_path / "nope.txt"), "--tokenizer", "char", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "lmforge",
+            "prepare",
+            str(tmp_path / "nope.txt"),
+            "--tokenizer",
+            "char",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 1
     assert result.stderr == f"lmforge prepare: error: {tmp_path / 'nope.txt'}: no such file or folder\n"

@@ -33,11 +33,14 @@ def test_prompt_is_masked_and_eot_ends_the_completion() -> None:
 
 def test_prompt_tokens_contribute_nothing_to_the_gradient() -> None:
     tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
-    examples = tokenize_examples([("question: what is it?\nanswer:", " a cat"), ("q: no\na:", " yes indeed")],
-                                 tokenizer, 64, Path("x"))
+    examples = tokenize_examples(
+        [("question: what is it?\nanswer:", " a cat"), ("q: no\na:", " yes indeed")], tokenizer, 64, Path("x")
+    )
     x, y = collate(examples)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=64, vocab_size=tokenizer.get_vocab_size()))
+    model = GPT(
+        ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=64, vocab_size=tokenizer.get_vocab_size())
+    )
     logits, _ = model(x)
     logits.retain_grad()
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -51,9 +54,13 @@ def test_prompt_tokens_contribute_nothing_to_the_gradient() -> None:
 
 def test_padding_does_not_change_the_loss_of_an_example() -> None:
     tokenizer = char_tokenizer(ALPHABET)
-    short, long = tokenize_examples([("a:", " b"), ("question number two:", " a longer answer")], tokenizer, 64, Path("x"))
+    short, long = tokenize_examples(
+        [("a:", " b"), ("question number two:", " a longer answer")], tokenizer, 64, Path("x")
+    )
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=64, vocab_size=tokenizer.get_vocab_size())).eval()
+    model = GPT(
+        ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=64, vocab_size=tokenizer.get_vocab_size())
+    ).eval()
     alone = model(*collate([short]))[1]
     x, y = collate([short, long])
     logits, _ = model(x)
@@ -62,8 +69,10 @@ def test_padding_does_not_change_the_loss_of_an_example() -> None:
 
 
 def test_chat_messages_use_the_template(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                               {"role": "assistant", "content": "hello"}]}])
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+    )
     assert read_examples(path, "error") == [("user: hi\nassistant:", " hello")]
 
 
@@ -73,7 +82,10 @@ def test_chat_messages_use_the_template(tmp_path: Path) -> None:
         ("{not json", "bad.jsonl:2: Expecting property name"),
         ({"prompt": "p"}, "bad.jsonl:2: expected string fields 'prompt' and 'completion'"),
         ({"prompt": "p", "completion": "  "}, "bad.jsonl:2: empty completion"),
-        ({"messages": [{"role": "user", "content": "x"}]}, "bad.jsonl:2: the last message must be the assistant's"),
+        (
+            {"messages": [{"role": "user", "content": "x"}]},
+            "bad.jsonl:2: the last message must be the assistant's",
+        ),
         ([1, 2], "bad.jsonl:2: expected a JSON object"),
     ],
 )
@@ -99,7 +111,9 @@ def test_text_outside_the_vocabulary_is_an_error() -> None:
 
 def test_example_batches_resume_exactly() -> None:
     tokenizer = char_tokenizer(ALPHABET)
-    examples = tokenize_examples([(f"q{'a' * i}:", " b" * (i % 3 + 1)) for i in range(7)], tokenizer, 50, Path("x"))
+    examples = tokenize_examples(
+        [(f"q{'a' * i}:", " b" * (i % 3 + 1)) for i in range(7)], tokenizer, 50, Path("x")
+    )
     a, b = ExampleBatches(examples, 3, seed=1), ExampleBatches(examples, 3, seed=1)
     for _ in range(4):  # crosses an epoch boundary
         next(a)
@@ -124,6 +138,8 @@ def test_batches_group_similar_lengths_and_cover_every_example_each_epoch() -> N
     batches = ExampleBatches(examples, 10, seed=0)
     assert sorted(batches.order.tolist()) == list(range(200))  # a permutation: each example once per epoch
     padded = sum(next(batches)[0].numel() for _ in range(20))
-    unbucketed = sum(collate([examples[i] for i in torch.randperm(200)[k * 10:(k + 1) * 10].tolist()])[0].numel()
-                     for k in range(20))
+    unbucketed = sum(
+        collate([examples[i] for i in torch.randperm(200)[k * 10 : (k + 1) * 10].tolist()])[0].numel()
+        for k in range(20)
+    )
     assert padded < 0.8 * unbucketed  # far less padding than random batches

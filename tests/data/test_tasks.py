@@ -17,15 +17,21 @@ def test_sst2(cli, shared_data: Path, tmp_path: Path) -> None:
     train, dev = lines(tmp_path / "sst2" / "train.jsonl"), lines(tmp_path / "sst2" / "eval.jsonl")
     assert (len(train), len(dev)) == (67_349, 872)
     assert sum(e["label"] for e in dev) == 444  # SOURCE.md: 444 positive / 428 negative
-    assert dev[0] == {"prompt": "Review: it 's a charming and often affecting journey .\nSentiment:",
-                      "completion": " positive", "label": 1}
+    assert dev[0] == {
+        "prompt": "Review: it 's a charming and often affecting journey .\nSentiment:",
+        "completion": " positive",
+        "label": 1,
+    }
 
 
 def test_multi30k(shared_data: Path, tmp_path: Path) -> None:
     counts = prepare_task("multi30k", tmp_path / "mt")
     assert counts == {"train": 29_000, "valid": 1_014, "eval": 1_000}
     first = lines(tmp_path / "mt" / "eval.jsonl")[0]
-    assert first["prompt"] == f"English: {first['source']}\nGerman:" and first["completion"] == " " + first["reference"]
+    assert (
+        first["prompt"] == f"English: {first['source']}\nGerman:"
+        and first["completion"] == " " + first["reference"]
+    )
 
 
 def test_squad_is_split_by_article(shared_data: Path, tmp_path: Path) -> None:
@@ -34,7 +40,9 @@ def test_squad_is_split_by_article(shared_data: Path, tmp_path: Path) -> None:
     train, held_out = lines(tmp_path / "qa" / "train.jsonl"), lines(tmp_path / "qa" / "eval.jsonl")
     assert not {e["title"] for e in train} & {e["title"] for e in held_out}
     assert len({e["title"] for e in train}) == 24 and train[0]["title"] == "Super_Bowl_50"
-    assert all(e["completion"] == " " + e["answers"][0] and e["answers"][0] in e["prompt"] for e in train[:50])
+    assert all(
+        e["completion"] == " " + e["answers"][0] and e["answers"][0] in e["prompt"] for e in train[:50]
+    )
     assert prepare_task("squad", tmp_path / "again") == counts  # deterministic
 
 

@@ -3,7 +3,13 @@
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.metrics import accuracy_and_macro_f1, normalize_answer, rouge_scores, squad_scores, translation_scores
+from lmforge.eval.metrics import (
+    accuracy_and_macro_f1,
+    normalize_answer,
+    rouge_scores,
+    squad_scores,
+    translation_scores,
+)
 
 
 def test_accuracy_and_macro_f1() -> None:
@@ -35,7 +41,11 @@ def test_translation_scores_use_sacrebleu() -> None:
 
 def test_rouge_scores_use_rouge_score() -> None:
     pytest.importorskip("rouge_score")
-    assert rouge_scores(["the cat sat"], ["the cat sat"]) == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0}
+    assert rouge_scores(["the cat sat"], ["the cat sat"]) == {
+        "rouge1": 100.0,
+        "rouge2": 100.0,
+        "rougeL": 100.0,
+    }
     scores = rouge_scores(["the cat sat"], ["the cat sat on the mat"])
     assert scores["rouge1"] == pytest.approx(100 * 2 * 1 * 0.5 / 1.5)  # precision 1, recall 3/6
     assert scores["rouge2"] == pytest.approx(100 * 2 * 1 * 0.4 / 1.4)  # 2 of 2 bigrams, recall 2/5

@@ -26,7 +26,9 @@ def lmforge_run(root: Path, tokenizer, **options) -> Path:
     """A run folder with one checkpoint of a randomly initialised (and perturbed) model."""
     tokenizer.save(str(root / "tokenizer.json"))
     vocab = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-    m = ModelConfig(**({"n_layer": 2, "n_head": 4, "d_model": 32, "block_size": 32, "vocab_size": vocab} | options))
+    m = ModelConfig(
+        **({"n_layer": 2, "n_head": 4, "d_model": 32, "block_size": 32, "vocab_size": vocab} | options)
+    )
     torch.manual_seed(0)
     model = GPT(m)
     with torch.no_grad():  # move norms off 1 and biases off 0 so a wrong mapping shows
@@ -39,10 +41,28 @@ def lmforge_run(root: Path, tokenizer, **options) -> Path:
 
 EXPORTS = {
     "llama": ({"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False}, "LlamaForCausalLM"),
-    "llama-gqa-untied-bias": ({"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 2,
-                               "tie_embeddings": False, "bias": True}, "LlamaForCausalLM"),
-    "qwen3": ({"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "n_kv_head": 2, "bias": False},
-              "Qwen3ForCausalLM"),
+    "llama-gqa-untied-bias": (
+        {
+            "position": "rope",
+            "norm": "rmsnorm",
+            "mlp": "swiglu",
+            "n_kv_head": 2,
+            "tie_embeddings": False,
+            "bias": True,
+        },
+        "LlamaForCausalLM",
+    ),
+    "qwen3": (
+        {
+            "position": "rope",
+            "norm": "rmsnorm",
+            "mlp": "swiglu",
+            "qk_norm": True,
+            "n_kv_head": 2,
+            "bias": False,
+        },
+        "Qwen3ForCausalLM",
+    ),
     "gpt2-nanogpt": ({"bias": False}, "GPT2LMHeadModel"),
     "gpt2-tanh-untied": ({"mlp": "gelu_tanh", "bias": True, "tie_embeddings": False}, "GPT2LMHeadModel"),
 }
@@ -53,9 +73,15 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(tmp_path:
     options, architecture = EXPORTS[name]
     run = lmforge_run(tmp_path, char_tokenizer(TEXT), **options)
     out = export_checkpoint(run, tmp_path / "hf")
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json",
-                                              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                                              "README.md"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+    }
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == architecture
     ours = ckpt.load_for_inference(run, "last", CPU).model
@@ -66,11 +92,15 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(tmp_path:
     assert (actual - expected).abs().max().item() < 1e-4
     prompt = idx[:1, :8]
     ours_tokens = torch.stack(list(generate(ours, prompt, 20, temperature=0)), dim=1)
-    hf_tokens = hf.generate(prompt, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt))
+    hf_tokens = hf.generate(
+        prompt, max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(prompt)
+    )
     assert torch.equal(hf_tokens[:, 8:], ours_tokens)
 
 
-@pytest.mark.parametrize("make", [lambda: char_tokenizer(TEXT), byte_tokenizer, lambda: train_bpe([TEXT * 20], 300)])
+@pytest.mark.parametrize(
+    "make", [lambda: char_tokenizer(TEXT), byte_tokenizer, lambda: train_bpe([TEXT * 20], 300)]
+)
 def test_exported_tokenizer_gives_the_same_ids(tmp_path: Path, make) -> None:
     tokenizer = make()
     run = lmforge_run(tmp_path, tokenizer, position="rope", norm="rmsnorm", mlp="swiglu")
@@ -85,15 +115,23 @@ def test_exported_tokenizer_gives_the_same_ids(tmp_path: Path, make) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"position": "rope", "norm": "rmsnorm", "mlp": "relu2"}, "model.mlp = 'relu2' has no standard Hugging Face"),
+        (
+            {"position": "rope", "norm": "rmsnorm", "mlp": "relu2"},
+            "model.mlp = 'relu2' has no standard Hugging Face",
+        ),
         ({"logit_softcap": 30.0}, "model.logit_softcap = 30.0"),
         ({"position": "rope", "norm": "layernorm", "mlp": "swiglu"}, "model.norm = 'layernorm'"),
         ({"n_kv_head": 2}, "model.n_kv_head = 2"),
         ({"norm": "rmsnorm"}, "model.norm = 'rmsnorm'"),
-        ({"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": True}, "model.bias = True"),
+        (
+            {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "bias": True},
+            "model.bias = True",
+        ),
     ],
 )
-def test_export_refuses_what_no_hf_architecture_expresses(tmp_path: Path, options: dict, message: str) -> None:
+def test_export_refuses_what_no_hf_architecture_expresses(
+    tmp_path: Path, options: dict, message: str
+) -> None:
     run = lmforge_run(tmp_path, char_tokenizer(TEXT), **options)
     with pytest.raises(LmforgeError, match=message.replace("(", r"\(")):
         export_checkpoint(run, tmp_path / "hf")
@@ -101,16 +139,27 @@ def test_export_refuses_what_no_hf_architecture_expresses(tmp_path: Path, option
 
 
 def random_hf_model(kind: str):
-    common = dict(vocab_size=256, num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=48,
-                  max_position_embeddings=32)
+    common = dict(
+        vocab_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_size=32,
+        intermediate_size=48,
+        max_position_embeddings=32,
+    )
     configs = {
         "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common),
-        "llama-tied-bias": lambda: transformers.LlamaConfig(attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
-                                                            **common),
+        "llama-tied-bias": lambda: transformers.LlamaConfig(
+            attention_bias=True, mlp_bias=True, tie_word_embeddings=True, **common
+        ),
         "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=None, **common),
         "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common),
-        "qwen3": lambda: transformers.Qwen3Config(num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, **common),
-        "gpt2": lambda: transformers.GPT2Config(vocab_size=256, n_layer=2, n_head=4, n_embd=32, n_positions=32),
+        "qwen3": lambda: transformers.Qwen3Config(
+            num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, **common
+        ),
+        "gpt2": lambda: transformers.GPT2Config(
+            vocab_size=256, n_layer=2, n_head=4, n_embd=32, n_positions=32
+        ),
     }
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(configs[kind]()).eval()
@@ -137,8 +186,15 @@ def save_hf(model, folder: Path, how: str = "safetensors") -> Path:
 
 @pytest.mark.parametrize(
     ("kind", "how"),
-    [("llama", "safetensors"), ("llama-tied-bias", "sharded"), ("mistral", "bin"), ("qwen2", "safetensors"),
-     ("qwen3", "safetensors"), ("gpt2", "safetensors"), ("gpt2", "bin")],
+    [
+        ("llama", "safetensors"),
+        ("llama-tied-bias", "sharded"),
+        ("mistral", "bin"),
+        ("qwen2", "safetensors"),
+        ("qwen3", "safetensors"),
+        ("gpt2", "safetensors"),
+        ("gpt2", "bin"),
+    ],
 )
 def test_import_matches_transformers_logits(cli, tmp_path: Path, kind: str, how: str) -> None:
     hf = random_hf_model(kind)
@@ -169,7 +225,9 @@ def test_import_of_export_reproduces_the_weights_exactly(tmp_path: Path, name: s
 
 
 def test_export_shards_and_bf16(tmp_path: Path) -> None:
-    run = lmforge_run(tmp_path, byte_tokenizer(), position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False)
+    run = lmforge_run(
+        tmp_path, byte_tokenizer(), position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False
+    )
     out = export_checkpoint(run, tmp_path / "hf", dtype="bf16", max_shard_bytes=20_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
@@ -216,16 +274,22 @@ def test_train_init_from_an_imported_model(cli, tmp_path: Path) -> None:
     folder = save_hf(random_hf_model("llama"), tmp_path / "hf")
     assert cli("import", folder, "--out", tmp_path / "imported")[0] == 0
     (tmp_path / "text.txt").write_text(TEXT * 40)
-    assert cli("prepare", tmp_path / "text.txt", "--tokenizer", "byte", "--out", tmp_path / "data", "-q")[0] == 0
+    assert (
+        cli("prepare", tmp_path / "text.txt", "--tokenizer", "byte", "--out", tmp_path / "data", "-q")[0] == 0
+    )
     config = tmp_path / "finetune.toml"
-    config.write_text(f'[data]\ndir = "{tmp_path / "data"}"\n[train]\ninit_from = "{tmp_path / "imported"}"\n'
-                      "max_steps = 3\nbatch_size = 2\neval_interval = 0\ndevice = \"cpu\"\n[optim]\nlr = 1e-9\n"
-                      "[schedule]\nwarmup_steps = 0\nmin_lr = 0.0\n[log]\nprogress = false\n")
+    config.write_text(
+        f'[data]\ndir = "{tmp_path / "data"}"\n[train]\ninit_from = "{tmp_path / "imported"}"\n'
+        'max_steps = 3\nbatch_size = 2\neval_interval = 0\ndevice = "cpu"\n[optim]\nlr = 1e-9\n'
+        "[schedule]\nwarmup_steps = 0\nmin_lr = 0.0\n[log]\nprogress = false\n"
+    )
     code, _, err = cli("train", config, "--out", tmp_path / "tuned")
     assert code == 0, err
     assert load_config(tmp_path / "tuned" / "config.toml").model.n_kv_head == 2  # the imported architecture
     start = ckpt.load_for_inference(tmp_path / "imported", "last", CPU).model.state_dict()
     tuned = ckpt.load_for_inference(tmp_path / "tuned", "last", CPU).model.state_dict()
     assert all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in start)
-    code, _, err = cli("train", "--out", tmp_path / "imported", "--resume", "--set", f"data.dir={tmp_path / 'data'}")
+    code, _, err = cli(
+        "train", "--out", tmp_path / "imported", "--resume", "--set", f"data.dir={tmp_path / 'data'}"
+    )
     assert code == 1 and "has no training state to resume" in err

@@ -15,7 +15,14 @@ def tiny(**overrides) -> ModelConfig:
 
 OPTIONS = [
     {},
-    {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "qk_norm": True, "tie_embeddings": False, "bias": False},
+    {
+        "position": "rope",
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "qk_norm": True,
+        "tie_embeddings": False,
+        "bias": False,
+    },
     {"n_kv_head": 2, "mlp": "relu2"},
     {"n_kv_head": 1, "position": "rope"},
 ]
@@ -201,7 +208,9 @@ def test_beam_search_of_width_one_is_greedy_and_wider_beams_score_higher() -> No
 
     wide = beam_search(model, prompt, beam_size=4, max_new_tokens=8, stop_tokens=set(), length_penalty=0.0)
     assert len(wide) == 8 and log_prob(wide) >= log_prob(greedy) - 1e-4
-    assert beam_search(model, prompt, beam_size=1, max_new_tokens=8, stop_tokens={greedy[0]}) == []  # stops at once
+    assert (
+        beam_search(model, prompt, beam_size=1, max_new_tokens=8, stop_tokens={greedy[0]}) == []
+    )  # stops at once
     unused = next(t for t in range(50) if t not in greedy)
     assert beam_search(model, prompt, beam_size=1, max_new_tokens=8, stop_tokens={unused}) == greedy
 

@@ -27,8 +27,14 @@ from tests.conftest import TINY
 from tests.train.conftest import read_metrics
 
 # 8 steps of 2 micro-batches (gradient sync skipped on the first), eval and checkpoint every 4 steps.
-SMALL = [*TINY, "train.max_steps=8", "train.eval_interval=4", "train.checkpoint_interval=4",
-         "train.grad_accum_steps=2", "train.eval_batch_size=16"]
+SMALL = [
+    *TINY,
+    "train.max_steps=8",
+    "train.eval_interval=4",
+    "train.checkpoint_interval=4",
+    "train.grad_accum_steps=2",
+    "train.eval_batch_size=16",
+]
 TIMEOUT = 300  # seconds for one launch: a hang fails the test instead of blocking the suite
 
 
@@ -39,8 +45,13 @@ def overrides(*extra: str) -> list[str]:
 CONSOLE_SCRIPT = Path(sys.executable).parent / "lmforge"
 
 
-def torchrun(*args: object, nproc: int = 2, launcher: tuple[str, ...] = ("--standalone",),
-             wait: bool = True, console_script: bool = False) -> subprocess.CompletedProcess | subprocess.Popen:
+def torchrun(
+    *args: object,
+    nproc: int = 2,
+    launcher: tuple[str, ...] = ("--standalone",),
+    wait: bool = True,
+    console_script: bool = False,
+) -> subprocess.CompletedProcess | subprocess.Popen:
     """`torchrun --nproc-per-node N ... -m lmforge ARGS`, or `--no-python lmforge ARGS`, or a script
     when ARGS starts with one."""
     target = [str(a) for a in args]
@@ -48,7 +59,15 @@ def torchrun(*args: object, nproc: int = 2, launcher: tuple[str, ...] = ("--stan
         target = ["--no-python", str(CONSOLE_SCRIPT), *target]
     elif not target[0].endswith(".py"):
         target = ["-m", "lmforge", *target]
-    command = [sys.executable, "-m", "torch.distributed.run", *launcher, "--nproc-per-node", str(nproc), *target]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *launcher,
+        "--nproc-per-node",
+        str(nproc),
+        *target,
+    ]
     if not wait:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
@@ -98,8 +117,12 @@ def two_process_run(reference: Path, tmp_path_factory: pytest.TempPathFactory):
     def run(strategy: str) -> tuple[Path, subprocess.CompletedProcess]:
         if strategy not in runs:
             out = tmp_path_factory.mktemp(strategy) / "run"
-            runs[strategy] = out, torchrun("train", config_of(reference), "--out", out,
-                                           *overrides(f"parallel.strategy={strategy}"))
+            runs[strategy] = (
+                out,
+                torchrun(
+                    "train", config_of(reference), "--out", out, *overrides(f"parallel.strategy={strategy}")
+                ),
+            )
         return runs[strategy]
 
     return run
@@ -147,7 +170,9 @@ def test_resume_one_process_in_two(reference: Path, tmp_path: Path, first: str, 
         train_in_process(config_of(reference), run, f"parallel.strategy={first}")
     assert ckpt.has_sharded_state(ckpt.list_checkpoints(run)[-1].path) == (first != "none")
     keep_checkpoints_up_to(run, 4)
-    result = torchrun("train", config_of(reference), "--out", run, "--resume", *overrides(f"parallel.strategy={then}"))
+    result = torchrun(
+        "train", config_of(reference), "--out", run, "--resume", *overrides(f"parallel.strategy={then}")
+    )
     assert result.returncode == 0, result.stderr
     assert_same_losses(run, reference)
 
@@ -163,11 +188,31 @@ def test_two_nodes_with_rendezvous(reference: Path, tmp_path: Path) -> None:
     """Two torchrun launches of one process each, meeting at a c10d rendezvous: the multi-node path
     (through the `lmforge` console script)."""
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [torchrun("train", config_of(reference), "--out", tmp_path / "run", *overrides("parallel.strategy=ddp"),
-                      nproc=1, wait=False, console_script=True,
-                      launcher=("--nnodes", "2", "--node-rank", str(rank), "--rdzv-backend", "c10d",
-                                "--rdzv-endpoint", endpoint, "--rdzv-id", "lmforge-test"))
-             for rank in (0, 1)]
+    nodes = [
+        torchrun(
+            "train",
+            config_of(reference),
+            "--out",
+            tmp_path / "run",
+            *overrides("parallel.strategy=ddp"),
+            nproc=1,
+            wait=False,
+            console_script=True,
+            launcher=(
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "lmforge-test",
+            ),
+        )
+        for rank in (0, 1)
+    ]
     try:
         outputs = [node.communicate(timeout=TIMEOUT) for node in nodes]
     finally:
@@ -197,8 +242,9 @@ sys.exit(main(sys.argv[1:]))
 def test_an_error_on_one_rank_ends_the_job(reference: Path, tmp_path: Path) -> None:
     script = tmp_path / "failing_rank.py"
     script.write_text(FAILING_RANK)
-    result = torchrun(script, "train", config_of(reference), "--out", tmp_path / "run",
-                      *overrides("parallel.strategy=fsdp"))  # a hang would raise TimeoutExpired
+    result = torchrun(
+        script, "train", config_of(reference), "--out", tmp_path / "run", *overrides("parallel.strategy=fsdp")
+    )  # a hang would raise TimeoutExpired
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("lmforge train:")]
     assert "lmforge train: error (rank 1 of 2): disk on fire" in ours
@@ -230,13 +276,23 @@ def test_activation_checkpointing_in_training(reference: Path, tmp_path: Path) -
 def test_parallel_config_errors(reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(LmforgeError, match=r"parallel.strategy must be one of none, ddp, fsdp; got 'zero'"):
         load_config(None, ["parallel.strategy=zero"])
-    with pytest.raises(LmforgeError, match=r"optim.name muon is not supported with parallel.strategy = \"fsdp\""):
+    with pytest.raises(
+        LmforgeError, match=r"optim.name muon is not supported with parallel.strategy = \"fsdp\""
+    ):
         load_config(None, ["parallel.strategy=fsdp", "optim.name=muon"])
-    with pytest.raises(LmforgeError, match=r"train.dtype fp16 is not supported with parallel.strategy = \"fsdp\""):
+    with pytest.raises(
+        LmforgeError, match=r"train.dtype fp16 is not supported with parallel.strategy = \"fsdp\""
+    ):
         load_config(None, ["parallel.strategy=fsdp", "train.dtype=fp16"])
     config = load_config(config_of(reference), [*SMALL, "parallel.strategy=ddp", "train.batch_size=7"])
-    with pytest.raises(LmforgeError, match=r"train.batch_size \(7\) must be divisible by the number of processes \(2\)"):
-        _train(config, tmp_path / "run", False, False, Distributed("ddp", rank=0, world=2), torch.device("cpu"))
+    with pytest.raises(
+        LmforgeError, match=r"train.batch_size \(7\) must be divisible by the number of processes \(2\)"
+    ):
+        _train(
+            config, tmp_path / "run", False, False, Distributed("ddp", rank=0, world=2), torch.device("cpu")
+        )
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(LmforgeError, match=r"started as 2 processes \(torchrun\) but parallel.strategy is \"none\""):
+    with pytest.raises(
+        LmforgeError, match=r"started as 2 processes \(torchrun\) but parallel.strategy is \"none\""
+    ):
         train_in_process(config_of(reference), tmp_path / "run")

@@ -1,4 +1,5 @@
-"""`lmforge estimate`: exact counts, an activation model that matches autograd, memory and time arithmetic, CLI."""
+"""`lmforge estimate`: exact counts, an activation model that matches autograd, memory and time
+arithmetic, CLI."""
 
 from __future__ import annotations
 
@@ -23,13 +24,25 @@ from lmforge.train.estimate import (
 from lmforge.train.optim import split_parameters
 from lmforge.train.runtime import autocast
 
-SMALL = ["model.vocab_size=96", "model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.block_size=32"]
+SMALL = [
+    "model.vocab_size=96",
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.block_size=32",
+]
 VARIANTS = [
     [],
     ["model.tie_embeddings=false", "model.bias=false"],
     ["model.position=rope", "model.norm=rmsnorm", "model.n_kv_head=2", "model.mlp=swiglu"],
     ["model.n_kv_head=1", "model.qk_norm=true", "model.mlp=relu2", "model.mlp_hidden=100"],
-    ["model.position=rope", "model.qk_norm=true", "model.dropout=0.1", "model.n_kv_head=2", "model.logit_softcap=30.0"],
+    [
+        "model.position=rope",
+        "model.qk_norm=true",
+        "model.dropout=0.1",
+        "model.n_kv_head=2",
+        "model.logit_softcap=30.0",
+    ],
 ]
 
 
@@ -49,12 +62,14 @@ def test_parameter_count_and_flops_are_the_models(overrides: list[str]) -> None:
 
 
 def test_parameter_count_of_a_huge_model_costs_nothing() -> None:
-    m = config_of("model.n_layer=80", "model.d_model=8192", "model.n_head=64", "model.vocab_size=128256").model
+    m = config_of(
+        "model.n_layer=80", "model.d_model=8192", "model.n_head=64", "model.vocab_size=128256"
+    ).model
     assert count_parameters(m).total > 60e9  # built on the meta device: would need 260 GB otherwise
 
 
 def _is_weight_copy(t: torch.Tensor) -> bool:
-    """A bf16 copy of a parameter made by autocast (t() of a cast of a leaf): counted as a buffer, not here."""
+    """A bf16 copy of a parameter made by autocast (t() of a cast of a leaf): a buffer, not here."""
     fn = t.grad_fn
     while fn is not None and fn.name() in ("TBackward0", "ToCopyBackward0"):
         fn = next((f for f, _ in fn.next_functions if f is not None), None)
@@ -91,13 +106,17 @@ def test_optimizer_state_per_optimizer() -> None:
     config.optim.momentum = 0.0
     assert optimizer_bytes(config, counts) == 0
     config.optim.name = "muon"
-    assert optimizer_bytes(config, counts) == FP32 * counts.matrices + 2 * FP32 * (counts.total - counts.matrices)
+    assert optimizer_bytes(config, counts) == FP32 * counts.matrices + 2 * FP32 * (
+        counts.total - counts.matrices
+    )
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("accum", [1, 4])
 def test_memory_split_per_strategy(dtype: str, accum: int) -> None:
-    config = config_of("model.n_layer=6", "model.d_model=256", f"train.dtype={dtype}", f"train.grad_accum_steps={accum}")
+    config = config_of(
+        "model.n_layer=6", "model.d_model=256", f"train.dtype={dtype}", f"train.grad_accum_steps={accum}"
+    )
     counts = count_parameters(config.model)
     full = activation_bytes(config.model, dtype, 12, cpu=False, checkpointing=False)
     for ac in (False, True):
@@ -110,12 +129,17 @@ def test_memory_split_per_strategy(dtype: str, accum: int) -> None:
         assert fsdp.weights == none.weights / 4 and fsdp.gradients == none.gradients / 4
         assert fsdp.optimizer == none.optimizer / 4 == 2 * FP32 * counts.total / 4
         assert ddp.buffers - none.buffers == FP32 * counts.total  # the gradient buckets
-        copies = counts.linear - (5 * counts.linear_per_block if ac else 0)  # one block recast at a time with AC
+        copies = counts.linear - (
+            5 * counts.linear_per_block if ac else 0
+        )  # one block recast at a time with AC
         assert none.buffers == (2 * copies if dtype == "bf16" else 0)  # autocast's weight copies
         # train.batch_size (12) is the global micro-batch: DDP and FSDP split it over the 4 devices
         assert none.activations == activation_bytes(config.model, dtype, 12, cpu=False, checkpointing=ac).peak
-        assert ddp.activations == fsdp.activations == activation_bytes(config.model, dtype, 3, cpu=False,
-                                                                       checkpointing=ac).peak
+        assert (
+            ddp.activations
+            == fsdp.activations
+            == activation_bytes(config.model, dtype, 3, cpu=False, checkpointing=ac).peak
+        )
         if accum > 1:  # gradients of earlier micro-batches live through the forward
             assert none.peak >= none.weights + none.optimizer + none.gradients + none.activations
     checkpointed = activation_bytes(config.model, dtype, 12, cpu=False, checkpointing=True)
@@ -151,10 +175,21 @@ def test_cli_prints_the_table_and_json(cli, tmp_path: Path) -> None:
     assert code == 0, err
     params = GPT(load_config(path).model).num_params()
     assert f"parameters        {params:,} (exact" in out
-    for word in ("FLOPs per token", "weights", "gradients", "optimizer", "activations", "peak", "fsdp+ac",
-                 "Chinchilla", "measured"):
+    for word in (
+        "FLOPs per token",
+        "weights",
+        "gradients",
+        "optimizer",
+        "activations",
+        "peak",
+        "fsdp+ac",
+        "Chinchilla",
+        "measured",
+    ):
         assert word in out
-    code, out, err = cli("estimate", path, "--json", "--device-type", "h200", "--mfu", "0.3", "--tokens", "1e9")
+    code, out, err = cli(
+        "estimate", path, "--json", "--device-type", "h200", "--mfu", "0.3", "--tokens", "1e9"
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["params"]["total"] == params and result["budget_tokens"] == 1e9 and result["mfu"] == 0.3
@@ -162,18 +197,21 @@ def test_cli_prints_the_table_and_json(cli, tmp_path: Path) -> None:
     assert result["peak_flops"] == 67e12  # fp32 on an H200: no tensor cores
 
 
-@pytest.mark.parametrize("args, message", [
-    (["missing.toml"], "missing.toml: config file not found"),
-    (["{cfg}", "--mfu", "0"], "--mfu must be in (0, 1], got 0.0"),
-    (["{cfg}", "--mfu", "2"], "--mfu must be in (0, 1], got 2.0"),
-    (["{cfg}", "--mfu", "fast"], "--mfu expects a number, got 'fast'"),
-    (["{cfg}", "--devices", "0"], "--devices must be at least 1, got 0"),
-    (["{cfg}", "--devices", "1.5"], "--devices expects an integer, got '1.5'"),
-    (["{cfg}", "--device-type", "tpu"], "--device-type must be one of cpu, a100, h100, h200; got 'tpu'"),
-    (["{cfg}", "--tokens", "-5"], "--tokens must be positive, got -5.0"),
-    (["{cfg}", "--set", "model.vocab_size=0"], "model.vocab_size must be positive"),
-    (["{cfg}", "--set", "model.vocab_size=null_"], "model.vocab_size must be an integer"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["missing.toml"], "missing.toml: config file not found"),
+        (["{cfg}", "--mfu", "0"], "--mfu must be in (0, 1], got 0.0"),
+        (["{cfg}", "--mfu", "2"], "--mfu must be in (0, 1], got 2.0"),
+        (["{cfg}", "--mfu", "fast"], "--mfu expects a number, got 'fast'"),
+        (["{cfg}", "--devices", "0"], "--devices must be at least 1, got 0"),
+        (["{cfg}", "--devices", "1.5"], "--devices expects an integer, got '1.5'"),
+        (["{cfg}", "--device-type", "tpu"], "--device-type must be one of cpu, a100, h100, h200; got 'tpu'"),
+        (["{cfg}", "--tokens", "-5"], "--tokens must be positive, got -5.0"),
+        (["{cfg}", "--set", "model.vocab_size=0"], "model.vocab_size must be positive"),
+        (["{cfg}", "--set", "model.vocab_size=null_"], "model.vocab_size must be an integer"),
+    ],
+)
 def test_cli_bad_input_is_one_line(cli, tmp_path: Path, args: list[str], message: str) -> None:
     path = tmp_path / "run.toml"
     path.write_text("[model]\nvocab_size = 96\n")
@@ -184,7 +222,7 @@ def test_cli_bad_input_is_one_line(cli, tmp_path: Path, args: list[str], message
 
 def test_cli_without_vocab_size_names_the_key(cli, tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
-    path.write_text(f"[data]\ndir = \"{tmp_path / 'nothing'}\"\n")
+    path.write_text(f'[data]\ndir = "{tmp_path / "nothing"}"\n')
     code, _, err = cli("estimate", path)
     assert code == 1 and err.count("\n") == 1
     assert "model.vocab_size is not set" in err and "has no prepared data" in err

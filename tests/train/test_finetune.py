@@ -21,14 +21,25 @@ def sst2_small(shared_data: Path, tmp_path: Path) -> Path:
     for split, n in [("train", 300), ("eval", 100)]:
         kept = (tmp_path / "full" / f"{split}.jsonl").read_text().splitlines()[:n]
         (folder / f"{split}.jsonl").write_text("\n".join(kept) + "\n")
-    text = "".join(json.loads(line)["prompt"] + json.loads(line)["completion"]
-                   for split in ("train", "eval") for line in (folder / f"{split}.jsonl").read_text().splitlines())
+    text = "".join(
+        json.loads(line)["prompt"] + json.loads(line)["completion"]
+        for split in ("train", "eval")
+        for line in (folder / f"{split}.jsonl").read_text().splitlines()
+    )
     char_tokenizer(text, specials=[EOT]).save(str(folder / "tokenizer.json"))
     return folder
 
 
 def finetune_args(data: Path, out: Path, *extra: str) -> list[str]:
-    args = ["finetune", "--out", str(out), "--set", f"data.dir={data}", "--set", f"data.tokenizer={data / 'tokenizer.json'}"]
+    args = [
+        "finetune",
+        "--out",
+        str(out),
+        "--set",
+        f"data.dir={data}",
+        "--set",
+        f"data.tokenizer={data / 'tokenizer.json'}",
+    ]
     for item in [*TINY, "model.block_size=128", "train.eval_interval=15", "train.max_steps=30", *extra]:
         args += ["--set", item]
     return args
@@ -48,18 +59,40 @@ def test_finetune_from_scratch_learns_the_completions(cli, sst2_small: Path, tmp
 
 def test_finetune_from_a_pretrained_checkpoint(cli, sst2_small: Path, tmp_path: Path) -> None:
     # "Pretrain" on the raw review text with the same tokenizer, then fine-tune from it.
-    reviews = "".join(json.loads(line)["prompt"] + "\n" for line in (sst2_small / "train.jsonl").read_text().splitlines())
+    reviews = "".join(
+        json.loads(line)["prompt"] + "\n" for line in (sst2_small / "train.jsonl").read_text().splitlines()
+    )
     (tmp_path / "reviews.txt").write_text(reviews * 3)
-    code, _, err = cli("prepare", tmp_path / "reviews.txt", "--tokenizer", sst2_small / "tokenizer.json",
-                       "--out", tmp_path / "lm", "-q")
+    code, _, err = cli(
+        "prepare",
+        tmp_path / "reviews.txt",
+        "--tokenizer",
+        sst2_small / "tokenizer.json",
+        "--out",
+        tmp_path / "lm",
+        "-q",
+    )
     assert code == 0, err
     args = ["train", "--out", tmp_path / "pretrained", "--set", f"data.dir={tmp_path / 'lm'}"]
-    for item in [*TINY, "model.block_size=128", "model.vocab_size=" + str(json.loads((tmp_path / "lm" / "meta.json").read_text())["vocab_size"])]:
+    for item in [
+        *TINY,
+        "model.block_size=128",
+        "model.vocab_size=" + str(json.loads((tmp_path / "lm" / "meta.json").read_text())["vocab_size"]),
+    ]:
         args += ["--set", item]
     assert cli(*args)[0] == 0
-    code, _, err = cli("finetune", "--out", tmp_path / "tuned", "--set", f"data.dir={sst2_small}",
-                       "--set", f"train.init_from={tmp_path / 'pretrained'}", *sum((["--set", s] for s in TINY), []),
-                       "--set", "train.max_steps=10")
+    code, _, err = cli(
+        "finetune",
+        "--out",
+        tmp_path / "tuned",
+        "--set",
+        f"data.dir={sst2_small}",
+        "--set",
+        f"train.init_from={tmp_path / 'pretrained'}",
+        *sum((["--set", s] for s in TINY), []),
+        "--set",
+        "train.max_steps=10",
+    )
     assert code == 0, err
     _, evals = read_metrics(tmp_path / "tuned")
     assert evals[-1]["step"] == 10
@@ -74,14 +107,29 @@ def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_pat
 
     base_args = finetune_args(sst2_small, tmp_path / "base", "train.max_steps=5")
     assert cli(*base_args)[0] == 0
-    code, _, err = cli("finetune", "--out", tmp_path / "lora", "--set", f"data.dir={sst2_small}",
-                       "--set", f"train.init_from={tmp_path / 'base'}", *sum((["--set", s] for s in TINY), []),
-                       "--set", "train.max_steps=10", "--set", "lora.rank=4", "--set", "optim.lr=1e-2")
+    code, _, err = cli(
+        "finetune",
+        "--out",
+        tmp_path / "lora",
+        "--set",
+        f"data.dir={sst2_small}",
+        "--set",
+        f"train.init_from={tmp_path / 'base'}",
+        *sum((["--set", s] for s in TINY), []),
+        "--set",
+        "train.max_steps=10",
+        "--set",
+        "lora.rank=4",
+        "--set",
+        "optim.lr=1e-2",
+    )
     assert code == 0, err
     base = ckpt.load_for_inference(tmp_path / "base", "best", torch.device("cpu")).model.state_dict()
     raw = load_file(ckpt.list_checkpoints(tmp_path / "lora")[-1].path / "model.safetensors")
     adapters = {k: v for k, v in raw.items() if "lora_" in k}
-    assert adapters and any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)  # B starts at zero
+    assert adapters and any(
+        v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k
+    )  # B starts at zero
     for key, value in raw.items():  # every base weight is exactly the starting one
         if "lora_" not in key:
             name = key.removeprefix("base_model.model.").replace(".base_layer", "")

@@ -41,13 +41,19 @@ def test_decay_steps_shortens_the_decay() -> None:
 
 
 def model() -> GPT:
-    return GPT(ModelConfig(n_layer=2, n_head=2, d_model=16, block_size=8, vocab_size=20, tie_embeddings=False))
+    return GPT(
+        ModelConfig(n_layer=2, n_head=2, d_model=16, block_size=8, vocab_size=20, tie_embeddings=False)
+    )
 
 
 def test_weight_decay_groups() -> None:
     net = model()
     parts = split_parameters(net)
-    assert {id(p) for p in parts["embeddings"]} == {id(net.embed.weight), id(net.pos_embed.weight), id(net.head.weight)}
+    assert {id(p) for p in parts["embeddings"]} == {
+        id(net.embed.weight),
+        id(net.pos_embed.weight),
+        id(net.head.weight),
+    }
     assert all(p.dim() == 2 for p in parts["matrices"]) and all(p.dim() == 1 for p in parts["vectors"])
     assert sum(p.numel() for ps in parts.values() for p in ps) == net.num_params()
     (adamw,) = build_optimizers(net, OptimConfig(weight_decay=0.1))
@@ -55,7 +61,9 @@ def test_weight_decay_groups() -> None:
     assert decays[id(net.blocks[0].attn.qkv.weight)] == 0.1
     assert decays[id(net.embed.weight)] == 0.0 and decays[id(net.blocks[0].norm1.weight)] == 0.0
     (adamw,) = build_optimizers(net, OptimConfig(weight_decay=0.1, decay_embeddings=True))
-    assert {g["weight_decay"] for g in adamw.param_groups for p in g["params"] if p is net.embed.weight} == {0.1}
+    assert {g["weight_decay"] for g in adamw.param_groups for p in g["params"] if p is net.embed.weight} == {
+        0.1
+    }
 
 
 def test_muon_takes_hidden_matrices_and_adamw_the_rest() -> None:
@@ -66,7 +74,9 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest() -> None:
     assert muon_ids == {id(p) for p in split_parameters(net)["matrices"]}
     assert id(net.embed.weight) not in muon_ids
     set_lr_factor([muon, adamw], 0.5)
-    assert muon.param_groups[0]["lr"] == pytest.approx(0.01) and adamw.param_groups[0]["lr"] == pytest.approx(1.5e-3)
+    assert muon.param_groups[0]["lr"] == pytest.approx(0.01) and adamw.param_groups[0]["lr"] == pytest.approx(
+        1.5e-3
+    )
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd", "muon"])

@@ -35,7 +35,9 @@ def test_loss_decreases_and_everything_is_logged(cli, config_file: Path, tmp_pat
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(59)
     assert sum(e["loss"] for e in steps[-5:]) < sum(e["loss"] for e in steps[:5]) - 5 * 0.5
     assert evals[-1]["val_ppl"] == pytest.approx(math.exp(evals[-1]["val_loss"]))
-    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))  # ASCII: 1 byte per token
+    assert evals[-1]["val_bpb"] == pytest.approx(
+        evals[-1]["val_loss"] / math.log(2)
+    )  # ASCII: 1 byte per token
     assert steps[0]["lr"] == pytest.approx(3e-3 / 6)  # warmup (step + 1) / (warmup + 1)
     saved = load_config(tmp_path / "run" / "config.toml")
     assert saved.model.n_layer == 2 and saved.model.vocab_size == 59  # resolved from the data
@@ -59,11 +61,20 @@ def test_eval_cli_matches_training_eval(cli, config_file: Path, tmp_path: Path) 
 
 def test_sample_cli(cli, config_file: Path, tmp_path: Path) -> None:
     assert run_train(cli, config_file, tmp_path / "run")[0] == 0
-    code, out, err = cli("sample", tmp_path / "run", "--prompt", "ROMEO:", "--max-new-tokens", "50", "--temperature", "0")
+    code, out, err = cli(
+        "sample", tmp_path / "run", "--prompt", "ROMEO:", "--max-new-tokens", "50", "--temperature", "0"
+    )
     assert code == 0, err
     assert out.startswith("ROMEO:") and len(out) == len("ROMEO:") + 50 + 1
-    assert cli("sample", tmp_path / "run", "--prompt", "ROMEO:", "--max-new-tokens", "50", "--temperature", "0")[1] == out
-    code, out, _ = cli("sample", tmp_path / "run", "--max-new-tokens", "20", "--num-samples", "2", "--top-p", "0.9")
+    assert (
+        cli("sample", tmp_path / "run", "--prompt", "ROMEO:", "--max-new-tokens", "50", "--temperature", "0")[
+            1
+        ]
+        == out
+    )
+    code, out, _ = cli(
+        "sample", tmp_path / "run", "--max-new-tokens", "20", "--num-samples", "2", "--top-p", "0.9"
+    )
     assert code == 0 and out.count("---------------") == 1
     code, _, err = cli("sample", tmp_path / "run", "--prompt", "日本")
     assert code == 1 and "cannot represent" in err
@@ -123,7 +134,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_kill_during_checkpoint_save_keeps_previous_checkpoint(cli, config_file: Path, tmp_path: Path) -> None:
+def test_kill_during_checkpoint_save_keeps_previous_checkpoint(
+    cli, config_file: Path, tmp_path: Path
+) -> None:
     assert run_train(cli, config_file, tmp_path / "reference")[0] == 0
     run = tmp_path / "run"
     args = [sys.executable, "-c", DYING_SAVE, "train", str(config_file), "--out", str(run)]
@@ -138,7 +151,9 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(cli, config_file:
     resumed = resume_run(config_file, run)
     assert resumed.returncode == 0, resumed.stderr
     assert not list((run / "checkpoints").glob(".tmp-*"))
-    assert [e["loss"] for e in read_metrics(run)[0]] == [e["loss"] for e in read_metrics(tmp_path / "reference")[0]]
+    assert [e["loss"] for e in read_metrics(run)[0]] == [
+        e["loss"] for e in read_metrics(tmp_path / "reference")[0]
+    ]
 
 
 @pytest.mark.parametrize(
@@ -170,9 +185,20 @@ def test_run_dir_protection_and_resume_errors(cli, config_file: Path, tmp_path: 
     code, _, err = cli("train", config_file, "--out", tmp_path / "fresh", "--resume")
     assert code == 1 and "--resume: no checkpoint in" in err
     # Another architecture cannot resume this run.
-    code, _, err = cli("train", config_file, "--out", run, "--resume", *sum((["--set", s] for s in TINY), []),
-                       "--set", "model.n_layer=3")
-    assert code == 1 and "checkpoint of another architecture (model.n_layer: 2 in the checkpoint, 3 in the config)" in err
+    code, _, err = cli(
+        "train",
+        config_file,
+        "--out",
+        run,
+        "--resume",
+        *sum((["--set", s] for s in TINY), []),
+        "--set",
+        "model.n_layer=3",
+    )
+    assert (
+        code == 1
+        and "checkpoint of another architecture (model.n_layer: 2 in the checkpoint, 3 in the config)" in err
+    )
     # A truncated checkpoint is detected, not loaded.
     last = ckpt.list_checkpoints(run)[-1].path
     weights = last / "model.safetensors"
@@ -182,26 +208,52 @@ def test_run_dir_protection_and_resume_errors(cli, config_file: Path, tmp_path: 
     code, _, err = cli("sample", last)
     assert code == 1 and "corrupted checkpoint" in err
     # --overwrite starts over.
-    code, _, err = cli("train", config_file, "--out", run, "--overwrite", *sum((["--set", s] for s in TINY), []))
+    code, _, err = cli(
+        "train", config_file, "--out", run, "--overwrite", *sum((["--set", s] for s in TINY), [])
+    )
     assert code == 0, err
 
 
-def test_data_with_another_tokenizer_is_refused(cli, config_file: Path, char_data: Path, tmp_path: Path) -> None:
+def test_data_with_another_tokenizer_is_refused(
+    cli, config_file: Path, char_data: Path, tmp_path: Path
+) -> None:
     assert run_train(cli, config_file, tmp_path / "run")[0] == 0
     (tmp_path / "other.txt").write_text("completely different text, other characters: XYZ 123\n" * 200)
-    code, _, err = cli("prepare", tmp_path / "other.txt", "--tokenizer", "char", "--out", tmp_path / "other", "-q")
+    code, _, err = cli(
+        "prepare", tmp_path / "other.txt", "--tokenizer", "char", "--out", tmp_path / "other", "-q"
+    )
     assert code == 0, err
     code, _, err = cli("eval", tmp_path / "run", "--data", tmp_path / "other")
     assert code == 1 and "its tokenizer differs from the one of checkpoint" in err
-    code, _, err = cli("train", "--out", tmp_path / "run", "--resume", "--set", f"data.dir={tmp_path / 'other'}",
-                       "--set", "train.max_steps=50")
+    code, _, err = cli(
+        "train",
+        "--out",
+        tmp_path / "run",
+        "--resume",
+        "--set",
+        f"data.dir={tmp_path / 'other'}",
+        "--set",
+        "train.max_steps=50",
+    )
     assert code == 1 and "its tokenizer differs" in err
 
 
 def test_nan_loss_stops_without_saving_over_a_good_checkpoint(config_file: Path, tmp_path: Path) -> None:
-    config = load_config(config_file, [*TINY, "optim.name=sgd", "optim.lr=1e12", "schedule.min_lr=0",
-                                       "optim.grad_clip=0", "schedule.warmup_steps=0", "train.checkpoint_interval=1"])
-    with pytest.raises(LmforgeError, match=r"loss is (nan|inf) .* at step (\d+); stopped without saving") as info:
+    config = load_config(
+        config_file,
+        [
+            *TINY,
+            "optim.name=sgd",
+            "optim.lr=1e12",
+            "schedule.min_lr=0",
+            "optim.grad_clip=0",
+            "schedule.warmup_steps=0",
+            "train.checkpoint_interval=1",
+        ],
+    )
+    with pytest.raises(
+        LmforgeError, match=r"loss is (nan|inf) .* at step (\d+); stopped without saving"
+    ) as info:
         train(config, tmp_path / "run")
     for c in ckpt.list_checkpoints(tmp_path / "run"):
         model = ckpt.load_for_inference(c.path, "last", torch.device("cpu")).model
@@ -209,7 +261,9 @@ def test_nan_loss_stops_without_saving_over_a_good_checkpoint(config_file: Path,
     assert "the last good checkpoint is" in str(info.value)
 
 
-def test_on_nan_skip_skips_the_batch(config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_on_nan_skip_skips_the_batch(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch.nn.functional as F
 
     from lmforge.model import gpt
@@ -223,7 +277,9 @@ def test_on_nan_skip_skips_the_batch(config_file: Path, tmp_path: Path, monkeypa
         return loss * float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(gpt.F, "cross_entropy", poisoned)
-    config = load_config(config_file, [*TINY, "train.on_nan=skip", "train.max_steps=5", "train.eval_interval=0"])
+    config = load_config(
+        config_file, [*TINY, "train.on_nan=skip", "train.max_steps=5", "train.eval_interval=0"]
+    )
     summary = train(config, tmp_path / "run")
     steps, _ = read_metrics(tmp_path / "run")
     assert [e.get("skipped", False) for e in steps] == [False, False, True, False, False]
@@ -252,8 +308,15 @@ def test_grad_accumulation_matches_a_bigger_batch() -> None:
         torch.manual_seed(1)
         model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=16, vocab_size=30))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        stepper = Stepper(model, [optimizer], torch.amp.GradScaler("cpu", enabled=False), contextlib.nullcontext(),
-                          torch.device("cpu"), accum, grad_clip=0.0)
+        stepper = Stepper(
+            model,
+            [optimizer],
+            torch.amp.GradScaler("cpu", enabled=False),
+            contextlib.nullcontext(),
+            torch.device("cpu"),
+            accum,
+            grad_clip=0.0,
+        )
         loss, norm, tokens = stepper.gradients(iter(batches))
         results.append((loss, norm, tokens, [p.grad.clone() for p in model.parameters()]))
     (loss1, norm1, tokens1, grads1), (loss2, norm2, tokens2, grads2) = results
@@ -264,7 +327,9 @@ def test_grad_accumulation_matches_a_bigger_batch() -> None:
 
 @pytest.mark.slow
 def test_compile_trains(config_file: Path, tmp_path: Path) -> None:
-    config = load_config(config_file, [*TINY, "train.compile=true", "train.max_steps=8", "train.eval_interval=0"])
+    config = load_config(
+        config_file, [*TINY, "train.compile=true", "train.max_steps=8", "train.eval_interval=0"]
+    )
     summary = train(config, tmp_path / "run")
     steps, _ = read_metrics(tmp_path / "run")
     assert summary.steps == 8 and steps[-1]["loss"] < steps[0]["loss"]
@@ -276,13 +341,18 @@ def test_stop_at_val_loss_ends_the_run_early(config_file: Path, tmp_path: Path) 
     _, evals = read_metrics(tmp_path / "run")
     assert summary.steps < 200 and evals[-1]["val_loss"] <= 3.0
     assert all(e["val_loss"] > 3.0 for e in evals[:-1])  # it stopped at the first eval that reached it
-    assert summary.steps == evals[-1]["step"] and ckpt.list_checkpoints(tmp_path / "run")[-1].step == summary.steps
+    assert (
+        summary.steps == evals[-1]["step"]
+        and ckpt.list_checkpoints(tmp_path / "run")[-1].step == summary.steps
+    )
 
 
 def test_speedrun_recipe_loads_and_trains(char_data: Path, tmp_path: Path) -> None:
     configs = Path(__file__).resolve().parents[2] / "configs"
-    config = load_config(configs / "speedrun-shakespeare-char-cpu.toml",
-                         [f"data.dir={char_data}", "train.max_steps=6", "log.progress=false", "train.eval_interval=3"])
+    config = load_config(
+        configs / "speedrun-shakespeare-char-cpu.toml",
+        [f"data.dir={char_data}", "train.max_steps=6", "log.progress=false", "train.eval_interval=3"],
+    )
     assert config.optim.name == "muon" and config.model.zero_init_residual and config.train.dtype == "bf16"
     summary = train(config, tmp_path / "run")
     steps, evals = read_metrics(tmp_path / "run")

@@ -31,7 +31,9 @@ class PreparedData:
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
-            raise LmforgeError(f"{directory}: not a prepared data folder (no meta.json; run `lmforge prepare`)")
+            raise LmforgeError(
+                f"{directory}: not a prepared data folder (no meta.json; run `lmforge prepare`)"
+            )
         try:
             meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -41,7 +43,9 @@ class PreparedData:
             raise LmforgeError(f"{meta_path}: missing key(s) {', '.join(missing)}")
         if meta["dtype"] not in ("uint16", "uint32"):
             raise LmforgeError(f"{meta_path}: dtype must be uint16 or uint32, got {meta['dtype']!r}")
-        shards = {name: _open_shard(directory / f"{name}.bin", meta, f"{name}_tokens") for name in ("train", "val")}
+        shards = {
+            name: _open_shard(directory / f"{name}.bin", meta, f"{name}_tokens") for name in ("train", "val")
+        }
         return cls(dir=directory, meta=meta, train=shards["train"], val=shards["val"])
 
     @property
@@ -89,7 +93,9 @@ class RandomWindows:
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int) -> None:
         if len(tokens) <= block_size:
-            raise LmforgeError(f"block_size {block_size} needs more than {block_size} tokens, the split has {len(tokens)}")
+            raise LmforgeError(
+                f"block_size {block_size} needs more than {block_size} tokens, the split has {len(tokens)}"
+            )
         self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size
@@ -101,7 +107,9 @@ class RandomWindows:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        offsets = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
+        offsets = torch.randint(
+            len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator
+        )
         rows = torch.from_numpy(self.tokens[offsets.numpy()[:, None] + self._window].astype(np.int64))
         self.batches_drawn += 1
         return rows[:, :-1], rows[:, 1:]

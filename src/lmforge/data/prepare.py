@@ -116,7 +116,8 @@ def prepare(
         if splits["train"].tokens == 0 or splits["val"].tokens == 0:
             raise LmforgeError(
                 f"{input}: too small to give a non-empty train and val split "
-                f"({splits['train'].tokens} train, {splits['val'].tokens} val tokens with --val-fraction {val_fraction})"
+                f"({splits['train'].tokens} train, {splits['val'].tokens} val tokens "
+                f"with --val-fraction {val_fraction})"
             )
         tokenizer_obj.save(str(staging / "tokenizer.json"))
         meta = {

@@ -22,7 +22,9 @@ from lmforge.errors import LmforgeError
 
 IGNORE = -100
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
-CHAT_TURN = "{role}: {content}\n"  # messages are rendered turn by turn; the last assistant turn is the completion
+CHAT_TURN = (
+    "{role}: {content}\n"  # messages are rendered turn by turn; the last assistant turn is the completion
+)
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,13 @@ class Example:
 
 def render_messages(messages: object) -> tuple[str, str]:
     """Chat `messages` → (prompt, completion): every turn but the last, which must be the assistant's."""
-    if not isinstance(messages, list) or not messages or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
     ):
         raise ValueError("'messages' must be a non-empty list of {role, content} strings")
     if messages[-1]["role"] != "assistant":
@@ -66,7 +73,9 @@ def read_examples(path: Path, on_bad_line: str) -> list[tuple[str, str]]:
                     raise ValueError("empty completion")
             except (ValueError, json.JSONDecodeError) as exc:
                 if on_bad_line != "skip":
-                    raise LmforgeError(f"{path}:{line_no}: {exc} (set data.on_bad_line = \"skip\" to skip such lines)") from None
+                    raise LmforgeError(
+                        f'{path}:{line_no}: {exc} (set data.on_bad_line = "skip" to skip such lines)'
+                    ) from None
                 skipped += 1
                 continue
             pairs.append((prompt, completion))
@@ -77,15 +86,21 @@ def read_examples(path: Path, on_bad_line: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def tokenize_examples(pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_tokens: int, where: Path) -> list[Example]:
+def tokenize_examples(
+    pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_tokens: int, where: Path
+) -> list[Example]:
     """Tokenize prompt and completion separately; cut over-long examples from the prompt's start, counted."""
     eot = eot_id(tokenizer)
     prompts = tokenizer.encode_batch([p for p, _ in pairs], add_special_tokens=False)
     completions = tokenizer.encode_batch([c for _, c in pairs], add_special_tokens=False)
-    decoded = tokenizer.decode_batch([p.ids + c.ids for p, c in zip(prompts, completions)], skip_special_tokens=False)
+    decoded = tokenizer.decode_batch(
+        [p.ids + c.ids for p, c in zip(prompts, completions)], skip_special_tokens=False
+    )
     for (prompt, completion), text in zip(pairs, decoded):
         if text != prompt + completion:  # e.g. a character outside a char tokenizer's alphabet
-            raise LmforgeError(f"{where}: an example has text the tokenizer cannot represent: {prompt[:60]!r}")
+            raise LmforgeError(
+                f"{where}: an example has text the tokenizer cannot represent: {prompt[:60]!r}"
+            )
     examples, truncated = [], 0
     for p, c in zip(prompts, completions):
         answer = c.ids + ([eot] if eot is not None else [])
@@ -98,8 +113,11 @@ def tokenize_examples(pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_to
             ids, prompt_tokens = ids[:max_tokens], keep_prompt
         examples.append(Example(ids, prompt_tokens))
     if truncated:
-        print(f"warning: {where}: {truncated} of {len(pairs)} examples were longer than block_size + 1 = "
-              f"{max_tokens} tokens and were truncated (the prompt's start is cut first)", file=sys.stderr)
+        print(
+            f"warning: {where}: {truncated} of {len(pairs)} examples were longer than block_size + 1 = "
+            f"{max_tokens} tokens and were truncated (the prompt's start is cut first)",
+            file=sys.stderr,
+        )
     return examples
 
 
@@ -134,7 +152,9 @@ class ExampleBatches:
 
     BUCKET_BATCHES = 50
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, max_length: int | None = None) -> None:
+    def __init__(
+        self, examples: list[Example], batch_size: int, seed: int, max_length: int | None = None
+    ) -> None:
         self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
         self.lengths = torch.tensor([len(e.ids) for e in examples])
         self.generator = torch.Generator().manual_seed(seed)
@@ -163,8 +183,12 @@ class ExampleBatches:
         return collate(chosen, self.max_length)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position,
-                "epoch": self.epoch}
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order,
+            "position": self.position,
+            "epoch": self.epoch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
@@ -174,15 +198,33 @@ class ExampleBatches:
 class SFTData:
     """`train.jsonl` and `eval.jsonl` of a folder, tokenized with a given tokenizer.json."""
 
-    def __init__(self, directory: Path, tokenizer_file: Path, block_size: int, on_bad_line: str = "error",
-                 eval_only: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        tokenizer_file: Path,
+        block_size: int,
+        on_bad_line: str = "error",
+        eval_only: bool = False,
+    ) -> None:
         self.dir, self.tokenizer_file = directory, tokenizer_file
         tokenizer = load_tokenizer(tokenizer_file)
         self.vocab_size = vocab_size(tokenizer)
-        self.train = [] if eval_only else tokenize_examples(
-            read_examples(directory / "train.jsonl", on_bad_line), tokenizer, block_size + 1, directory / "train.jsonl")
-        self.eval = tokenize_examples(read_examples(directory / "eval.jsonl", on_bad_line), tokenizer,
-                                      block_size + 1, directory / "eval.jsonl")
+        self.train = (
+            []
+            if eval_only
+            else tokenize_examples(
+                read_examples(directory / "train.jsonl", on_bad_line),
+                tokenizer,
+                block_size + 1,
+                directory / "train.jsonl",
+            )
+        )
+        self.eval = tokenize_examples(
+            read_examples(directory / "eval.jsonl", on_bad_line),
+            tokenizer,
+            block_size + 1,
+            directory / "eval.jsonl",
+        )
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
         return ExampleBatches(self.train, batch_size, seed, max_length=block_size)

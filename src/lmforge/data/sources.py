@@ -192,7 +192,9 @@ def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
                         f"{path}: invalid UTF-8 at byte {offset} "
                         "(use --invalid-utf8 replace to substitute U+FFFD)"
                     ) from None
-                print(f"warning: {path}: invalid UTF-8 from byte {offset} replaced with U+FFFD", file=sys.stderr)
+                print(
+                    f"warning: {path}: invalid UTF-8 from byte {offset} replaced with U+FFFD", file=sys.stderr
+                )
                 buffered = decoder.getstate()[0]
                 decoder = codecs.getincrementaldecoder("utf-8")("replace")
                 text = decoder.decode(buffered + raw, final=final)

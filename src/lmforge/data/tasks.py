@@ -50,7 +50,10 @@ def _sst2_examples(path: Path) -> Iterator[dict]:
 
 def sst2(root: Path) -> dict[str, Iterable[dict]]:
     """GLUE SST-2: train.tsv for training, dev.tsv (labelled) for evaluation."""
-    return {"train": _sst2_examples(root / "sst2" / "train.tsv"), "eval": _sst2_examples(root / "sst2" / "dev.tsv")}
+    return {
+        "train": _sst2_examples(root / "sst2" / "train.tsv"),
+        "eval": _sst2_examples(root / "sst2" / "dev.tsv"),
+    }
 
 
 def _parallel(root: Path, split: str) -> Iterator[dict]:
@@ -60,12 +63,21 @@ def _parallel(root: Path, split: str) -> Iterator[dict]:
             source, target = source.strip(), target.strip()
             if not source or not target:
                 raise LmforgeError(f"{en_path}:{line_no}: empty sentence in the parallel text")
-            yield {"prompt": translation_prompt(source), "completion": " " + target, "source": source, "reference": target}
+            yield {
+                "prompt": translation_prompt(source),
+                "completion": " " + target,
+                "source": source,
+                "reference": target,
+            }
 
 
 def multi30k(root: Path) -> dict[str, Iterable[dict]]:
     """Multi30k en→de: train for training, val for held-out loss, test_2016_flickr for evaluation."""
-    return {"train": _parallel(root, "train"), "valid": _parallel(root, "val"), "eval": _parallel(root, "test_2016_flickr")}
+    return {
+        "train": _parallel(root, "train"),
+        "valid": _parallel(root, "val"),
+        "eval": _parallel(root, "test_2016_flickr"),
+    }
 
 
 def squad(root: Path) -> dict[str, Iterable[dict]]:
@@ -80,16 +92,27 @@ def squad(root: Path) -> dict[str, Iterable[dict]]:
             for paragraph in article["paragraphs"]:
                 for qa in paragraph["qas"]:
                     answers = [a["text"] for a in qa["answers"]]
-                    yield {"prompt": squad_prompt(paragraph["context"], qa["question"]), "completion": " " + answers[0],
-                           "answers": answers, "id": qa["id"], "title": article["title"]}
+                    yield {
+                        "prompt": squad_prompt(paragraph["context"], qa["question"]),
+                        "completion": " " + answers[0],
+                        "answers": answers,
+                        "id": qa["id"],
+                        "title": article["title"],
+                    }
 
     return {"train": examples(articles[:half]), "eval": examples(articles[half:])}
 
 
-TASKS: dict[str, Callable[[Path], dict[str, Iterable[dict]]]] = {"sst2": sst2, "multi30k": multi30k, "squad": squad}
+TASKS: dict[str, Callable[[Path], dict[str, Iterable[dict]]]] = {
+    "sst2": sst2,
+    "multi30k": multi30k,
+    "squad": squad,
+}
 
 
-def prepare_task(name: str, out: Path, source_dir: Path | None = None, overwrite: bool = False) -> dict[str, int]:
+def prepare_task(
+    name: str, out: Path, source_dir: Path | None = None, overwrite: bool = False
+) -> dict[str, int]:
     """Write the task's JSONL splits into `out`; return the number of examples per split."""
     if name not in TASKS:
         raise LmforgeError(f"unknown task {name!r} (known: {', '.join(TASKS)})")

@@ -20,7 +20,11 @@ BUILTIN_KINDS = ("char", "byte", "bpe")
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's map from bytes to printable characters, which the ByteLevel pre-tokenizer uses."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     mapping = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -67,7 +71,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 def check_bpe_vocab_size(vocab_size: int) -> None:
     minimum = 256 + 1
     if vocab_size < minimum:
-        raise LmforgeError(f"--vocab-size must be at least {minimum} for bpe (256 bytes + {EOT}), got {vocab_size}")
+        raise LmforgeError(
+            f"--vocab-size must be at least {minimum} for bpe (256 bytes + {EOT}), got {vocab_size}"
+        )
 
 
 def _make_byte_level(tokenizer: Tokenizer) -> None:

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 @dataclass(frozen=True)
 class LMEval:
     loss: float  # mean cross-entropy per target token, in nats

@@ -25,8 +25,10 @@ def accuracy_and_macro_f1(predictions: Sequence[int], labels: Sequence[int]) -> 
         fp = sum(p == c and y != c for p, y in zip(predictions, labels))
         fn = sum(p != c and y == c for p, y in zip(predictions, labels))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(labels),
-            "macro_f1": sum(f1s) / len(f1s)}
+    return {
+        "accuracy": sum(p == y for p, y in zip(predictions, labels)) / len(labels),
+        "macro_f1": sum(f1s) / len(f1s),
+    }
 
 
 def normalize_answer(text: str) -> str:
@@ -50,7 +52,9 @@ def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
     """Exact match and F1 in percent, each the maximum over a question's reference answers."""
     if len(predictions) != len(answers) or not answers:
         raise LmforgeError(f"{len(predictions)} predictions for {len(answers)} questions")
-    em = sum(max(normalize_answer(p) == normalize_answer(a) for a in refs) for p, refs in zip(predictions, answers))
+    em = sum(
+        max(normalize_answer(p) == normalize_answer(a) for a in refs) for p, refs in zip(predictions, answers)
+    )
     f1 = sum(max(_f1(p, a) for a in refs) for p, refs in zip(predictions, answers))
     return {"exact_match": 100 * em / len(answers), "f1": 100 * f1 / len(answers)}
 
@@ -64,8 +68,12 @@ def translation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> 
     bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
     bleu_score = bleu.corpus_score(list(hypotheses), [list(references)])
     chrf_score = chrf.corpus_score(list(hypotheses), [list(references)])
-    return {"bleu": bleu_score.score, "chrf": chrf_score.score,
-            "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+    return {
+        "bleu": bleu_score.score,
+        "chrf": chrf_score.score,
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
 
 
 def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:

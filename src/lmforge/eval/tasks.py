@@ -56,8 +56,9 @@ def _encode_prompt(tokenizer: Tokenizer, prompt: str, room: int) -> list[int]:
 
 
 @torch.inference_mode()
-def choice_log_probs(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, choices: list[str],
-                     device: torch.device) -> list[float]:
+def choice_log_probs(
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, choices: list[str], device: torch.device
+) -> list[float]:
     """Sum of log-probabilities of each choice's tokens after the prompt."""
     block = model.config.block_size
     options = [tokenizer.encode(c, add_special_tokens=False).ids for c in choices]
@@ -76,10 +77,18 @@ def choice_log_probs(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, 
     return scores
 
 
-def decode(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, beam_size: int,
-           device: torch.device) -> str:
+def decode(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    beam_size: int,
+    device: torch.device,
+) -> str:
     """A completion that ends at <|endoftext|> or a newline (both end a completion in the task files)."""
-    stops = {t for t in (eot_id(tokenizer), *tokenizer.encode("\n", add_special_tokens=False).ids) if t is not None}
+    stops = {
+        t for t in (eot_id(tokenizer), *tokenizer.encode("\n", add_special_tokens=False).ids) if t is not None
+    }
     context = _encode_prompt(tokenizer, prompt, model.config.block_size - max_new_tokens)
     tokens = beam_search(model, torch.tensor([context], device=device), beam_size, max_new_tokens, stops)
     return tokenizer.decode(tokens).strip()
@@ -90,8 +99,16 @@ def first_sentence(prompt: str) -> str:
     return re.split(r"(?<=[.!?])\s", context, maxsplit=1)[0]
 
 
-def evaluate_task(task: str, model: torch.nn.Module, tokenizer: Tokenizer, data_dir: Path, device: torch.device,
-                  limit: int | None = None, beam_size: int = 1, max_new_tokens: int = 64) -> dict:
+def evaluate_task(
+    task: str,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    data_dir: Path,
+    device: torch.device,
+    limit: int | None = None,
+    beam_size: int = 1,
+    max_new_tokens: int = 64,
+) -> dict:
     """{"task", "examples", "model": {metric: value}, "baseline": {metric: value}, "baseline_name", ...}."""
     if task not in TASKS:
         raise LmforgeError(f"unknown task {task!r} (known: {', '.join(TASKS)}, lm)")
@@ -103,8 +120,10 @@ def evaluate_task(task: str, model: torch.nn.Module, tokenizer: Tokenizer, data_
         _require(records, ("prompt", "label"), path)
         labels = [r["label"] for r in records]
         if not set(labels) <= {0, 1}:
-            raise LmforgeError(f"{path}: labels {sorted(set(labels) - {0, 1})} are outside the label set 0/1 "
-                               f"({', '.join(SST2_LABELS)})")
+            raise LmforgeError(
+                f"{path}: labels {sorted(set(labels) - {0, 1})} are outside the label set 0/1 "
+                f"({', '.join(SST2_LABELS)})"
+            )
         choices = [" " + name for name in SST2_LABELS]
         predictions = []
         for r in records:
@@ -113,38 +132,51 @@ def evaluate_task(task: str, model: torch.nn.Module, tokenizer: Tokenizer, data_
         train = data_dir / "train.jsonl"
         majority_source = read_eval(train, None) if train.is_file() else records
         majority = Counter(r["label"] for r in majority_source).most_common(1)[0][0]
-        result.update(model=metrics.accuracy_and_macro_f1(predictions, labels),
-                      baseline=metrics.accuracy_and_macro_f1([majority] * len(labels), labels),
-                      baseline_name=f"majority class ({SST2_LABELS[majority]})")
+        result.update(
+            model=metrics.accuracy_and_macro_f1(predictions, labels),
+            baseline=metrics.accuracy_and_macro_f1([majority] * len(labels), labels),
+            baseline_name=f"majority class ({SST2_LABELS[majority]})",
+        )
         return result
-    fields = {"multi30k": ("prompt", "source", "reference"), "squad": ("prompt", "answers"),
-              "generate": ("prompt", "completion")}[task]
+    fields = {
+        "multi30k": ("prompt", "source", "reference"),
+        "squad": ("prompt", "answers"),
+        "generate": ("prompt", "completion"),
+    }[task]
     _require(records, fields, path)
     outputs = [decode(model, tokenizer, r["prompt"], max_new_tokens, beam_size, device) for r in records]
     result["samples"] = [{"prompt": r["prompt"][-200:], "output": o} for r, o in zip(records[:3], outputs)]
     result["decoding"] = f"beam {beam_size}" if beam_size > 1 else "greedy"
     if task == "multi30k":
         references = [r["reference"] for r in records]
-        result.update(model=metrics.translation_scores(outputs, references),
-                      baseline=metrics.translation_scores([r["source"] for r in records], references),
-                      baseline_name="copy the source sentence")
+        result.update(
+            model=metrics.translation_scores(outputs, references),
+            baseline=metrics.translation_scores([r["source"] for r in records], references),
+            baseline_name="copy the source sentence",
+        )
     elif task == "squad":
         answers = [r["answers"] for r in records]
-        result.update(model=metrics.squad_scores(outputs, answers),
-                      baseline=metrics.squad_scores([first_sentence(r["prompt"]) for r in records], answers),
-                      baseline_name="the context's first sentence")
+        result.update(
+            model=metrics.squad_scores(outputs, answers),
+            baseline=metrics.squad_scores([first_sentence(r["prompt"]) for r in records], answers),
+            baseline_name="the context's first sentence",
+        )
     else:
         completions = [r["completion"].strip() for r in records]
-        result.update(model=metrics.rouge_scores(outputs, completions),
-                      baseline=metrics.rouge_scores([r["prompt"] for r in records], completions),
-                      baseline_name="copy the prompt")
+        result.update(
+            model=metrics.rouge_scores(outputs, completions),
+            baseline=metrics.rouge_scores([r["prompt"] for r in records], completions),
+            baseline_name="copy the prompt",
+        )
     return result
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['task']}: {result['examples']} examples from {result['data']}"
-             + (f", {result['decoding']} decoding" if "decoding" in result else ""),
-             f"{'metric':<16}{'model':>12}{'baseline':>12}   baseline: {result['baseline_name']}"]
+    lines = [
+        f"{result['task']}: {result['examples']} examples from {result['data']}"
+        + (f", {result['decoding']} decoding" if "decoding" in result else ""),
+        f"{'metric':<16}{'model':>12}{'baseline':>12}   baseline: {result['baseline_name']}",
+    ]
     for name, value in result["model"].items():
         if isinstance(value, float):
             lines.append(f"{name:<16}{value:>12.4f}{result['baseline'][name]:>12.4f}")

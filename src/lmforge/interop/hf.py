@@ -49,7 +49,10 @@ def hf_family(m: ModelConfig) -> str:
         if m.qk_norm and m.bias:
             raise refuse("bias", m.bias, "Qwen3, the QK-norm architecture, has no MLP biases")
         return "qwen3" if m.qk_norm else "llama"
-    need = "learned positions export as GPT-2, which needs norm = layernorm, mlp = gelu or gelu_tanh, no GQA, no QK-norm"
+    need = (
+        "learned positions export as GPT-2, which needs norm = layernorm, mlp = gelu or gelu_tanh, "
+        "no GQA, no QK-norm"
+    )
     if m.norm != "layernorm":
         raise refuse("norm", m.norm, need)
     if m.mlp not in ("gelu", "gelu_tanh"):
@@ -78,8 +81,12 @@ def to_hf(state: Tensors, m: ModelConfig, family: str) -> Tensors:
             for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
                 out[h + theirs + ".weight"] = state[b + ours + ".weight"]
                 out[h + theirs + ".bias"] = bias_of(b + ours + ".bias", d)
-            for ours, theirs in [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                                 ("mlp.down", "mlp.c_proj")]:
+            for ours, theirs in [
+                ("attn.qkv", "attn.c_attn"),
+                ("attn.proj", "attn.c_proj"),
+                ("mlp.up", "mlp.c_fc"),
+                ("mlp.down", "mlp.c_proj"),
+            ]:
                 weight = state[b + ours + ".weight"]
                 out[h + theirs + ".weight"] = weight.t().contiguous()  # GPT-2's Conv1D stores [in, out]
                 out[h + theirs + ".bias"] = bias_of(b + ours + ".bias", weight.shape[0])
@@ -95,17 +102,31 @@ def to_hf(state: Tensors, m: ModelConfig, family: str) -> Tensors:
                 norms += [("attn.q_norm", "self_attn.q_norm"), ("attn.k_norm", "self_attn.k_norm")]
             for ours, theirs in norms:
                 out[p + theirs + ".weight"] = state[b + ours + ".weight"]
-            for part, start, size in [("q_proj", 0, q_size), ("k_proj", q_size, kv_size), ("v_proj", q_size + kv_size, kv_size)]:
-                out[p + f"self_attn.{part}.weight"] = state[b + "attn.qkv.weight"][start : start + size].contiguous()
+            for part, start, size in [
+                ("q_proj", 0, q_size),
+                ("k_proj", q_size, kv_size),
+                ("v_proj", q_size + kv_size, kv_size),
+            ]:
+                out[p + f"self_attn.{part}.weight"] = state[b + "attn.qkv.weight"][
+                    start : start + size
+                ].contiguous()
                 if m.bias:
-                    out[p + f"self_attn.{part}.bias"] = state[b + "attn.qkv.bias"][start : start + size].contiguous()
+                    out[p + f"self_attn.{part}.bias"] = state[b + "attn.qkv.bias"][
+                        start : start + size
+                    ].contiguous()
             gate, up = state[b + "mlp.up.weight"].split(hidden)
-            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate.contiguous(), up.contiguous()
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = (
+                gate.contiguous(),
+                up.contiguous(),
+            )
             out[p + "self_attn.o_proj.weight"] = state[b + "attn.proj.weight"]
             out[p + "mlp.down_proj.weight"] = state[b + "mlp.down.weight"]
             if m.bias:
                 gate_bias, up_bias = state[b + "mlp.up.bias"].split(hidden)
-                out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = gate_bias.contiguous(), up_bias.contiguous()
+                out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = (
+                    gate_bias.contiguous(),
+                    up_bias.contiguous(),
+                )
                 out[p + "self_attn.o_proj.bias"] = state[b + "attn.proj.bias"]
                 out[p + "mlp.down_proj.bias"] = state[b + "mlp.down.bias"]
         out["model.norm.weight"] = state["norm.weight"]
@@ -115,21 +136,51 @@ def to_hf(state: Tensors, m: ModelConfig, family: str) -> Tensors:
 
 
 def hf_config(m: ModelConfig, family: str, eot_id: int | None, dtype: str) -> dict:
-    common = {"vocab_size": m.vocab_size, "tie_word_embeddings": m.tie_embeddings, "bos_token_id": eot_id,
-              "eos_token_id": eot_id, "torch_dtype": dtype, "use_cache": True}
+    common = {
+        "vocab_size": m.vocab_size,
+        "tie_word_embeddings": m.tie_embeddings,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "torch_dtype": dtype,
+        "use_cache": True,
+    }
     if family == "gpt2":
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": m.d_model, "n_layer": m.n_layer,
-                "n_head": m.n_head, "n_positions": m.block_size, "n_inner": mlp_hidden_size(m),
-                "activation_function": "gelu_new" if m.mlp == "gelu_tanh" else "gelu",
-                "layer_norm_epsilon": m.norm_eps, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-                "reorder_and_upcast_attn": False, **common}
-    config = {"architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"], "model_type": family,
-              "hidden_size": m.d_model, "intermediate_size": mlp_hidden_size(m), "num_hidden_layers": m.n_layer,
-              "num_attention_heads": m.n_head, "num_key_value_heads": m.n_kv_head or m.n_head,
-              "head_dim": m.d_model // m.n_head, "max_position_embeddings": m.block_size, "rms_norm_eps": m.norm_eps,
-              "rope_theta": m.rope_theta, "hidden_act": "silu", "attention_bias": m.bias, "attention_dropout": 0.0,
-              "initializer_range": 0.02, **common}
+        return {
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "n_embd": m.d_model,
+            "n_layer": m.n_layer,
+            "n_head": m.n_head,
+            "n_positions": m.block_size,
+            "n_inner": mlp_hidden_size(m),
+            "activation_function": "gelu_new" if m.mlp == "gelu_tanh" else "gelu",
+            "layer_norm_epsilon": m.norm_eps,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            **common,
+        }
+    config = {
+        "architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"],
+        "model_type": family,
+        "hidden_size": m.d_model,
+        "intermediate_size": mlp_hidden_size(m),
+        "num_hidden_layers": m.n_layer,
+        "num_attention_heads": m.n_head,
+        "num_key_value_heads": m.n_kv_head or m.n_head,
+        "head_dim": m.d_model // m.n_head,
+        "max_position_embeddings": m.block_size,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "hidden_act": "silu",
+        "attention_bias": m.bias,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        **common,
+    }
     if family == "llama":
         config["mlp_bias"] = m.bias
     else:
@@ -164,8 +215,12 @@ def save_shards(tensors: Tensors, out: Path, max_shard_bytes: int) -> list[str]:
 
 def tokenizer_files(eot_id: int | None, block_size: int) -> dict[str, dict]:
     specials = {"bos_token": EOT, "eos_token": EOT} if eot_id is not None else {}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
-              "clean_up_tokenization_spaces": False, **specials}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": block_size,
+        "clean_up_tokenization_spaces": False,
+        **specials,
+    }
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
@@ -176,8 +231,10 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 
 def read_hf_weights(folder: Path) -> Tensors:
     """Single or sharded safetensors, else pytorch_model.bin loaded with weights_only=True."""
-    for index_name, loader in [("model.safetensors.index.json", _load_safetensors),
-                               ("pytorch_model.bin.index.json", _load_bin)]:
+    for index_name, loader in [
+        ("model.safetensors.index.json", _load_safetensors),
+        ("pytorch_model.bin.index.json", _load_bin),
+    ]:
         index = folder / index_name
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -210,7 +267,9 @@ def model_config_from_hf(config: dict, origin: str) -> ModelConfig:
     """ModelConfig from a config.json of a supported family; refuses what lmforge cannot express."""
     kind = config.get("model_type")
     if kind not in SUPPORTED:
-        raise LmforgeError(f"{origin}: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        raise LmforgeError(
+            f"{origin}: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})"
+        )
 
     def need(condition: bool, message: str) -> None:
         if not condition:
@@ -220,32 +279,64 @@ def model_config_from_hf(config: dict, origin: str) -> ModelConfig:
         return config[key] if config.get(key) is not None else default
 
     if kind == "gpt2":
-        need(not get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx is not supported")
+        need(
+            not get("scale_attn_by_inverse_layer_idx", False),
+            "scale_attn_by_inverse_layer_idx is not supported",
+        )
         need(get("scale_attn_weights", True), "scale_attn_weights = false is not supported")
         activation = get("activation_function", "gelu_new")
-        need(activation in ("gelu", "gelu_new", "gelu_pytorch_tanh"), f"activation_function {activation!r} is not supported")
+        need(
+            activation in ("gelu", "gelu_new", "gelu_pytorch_tanh"),
+            f"activation_function {activation!r} is not supported",
+        )
         d = int(config["n_embd"])
-        return ModelConfig(n_layer=int(config["n_layer"]), n_head=int(config["n_head"]), d_model=d,
-                           block_size=int(config["n_positions"]), vocab_size=int(config["vocab_size"]),
-                           position="learned", norm="layernorm", norm_eps=float(get("layer_norm_epsilon", 1e-5)),
-                           mlp="gelu" if activation == "gelu" else "gelu_tanh", mlp_hidden=int(get("n_inner", 4 * d)),
-                           tie_embeddings=bool(get("tie_word_embeddings", True)), bias=True, dropout=0.0)
-    need(get("hidden_act", "silu") == "silu", f"hidden_act {config.get('hidden_act')!r} is not supported (silu only)")
+        return ModelConfig(
+            n_layer=int(config["n_layer"]),
+            n_head=int(config["n_head"]),
+            d_model=d,
+            block_size=int(config["n_positions"]),
+            vocab_size=int(config["vocab_size"]),
+            position="learned",
+            norm="layernorm",
+            norm_eps=float(get("layer_norm_epsilon", 1e-5)),
+            mlp="gelu" if activation == "gelu" else "gelu_tanh",
+            mlp_hidden=int(get("n_inner", 4 * d)),
+            tie_embeddings=bool(get("tie_word_embeddings", True)),
+            bias=True,
+            dropout=0.0,
+        )
+    need(
+        get("hidden_act", "silu") == "silu",
+        f"hidden_act {config.get('hidden_act')!r} is not supported (silu only)",
+    )
     need(get("rope_scaling") is None, "rope_scaling is not supported")
     n_head, d = int(config["num_attention_heads"]), int(config["hidden_size"])
     head_dim = int(get("head_dim", d // n_head))
     need(head_dim * n_head == d, f"head_dim {head_dim} x {n_head} heads != hidden_size {d} is not supported")
     window = get("sliding_window")
     uses_window = window is not None and (kind == "mistral" or get("use_sliding_window", False))
-    need(not uses_window or int(window) >= int(config["max_position_embeddings"]),
-         "sliding-window attention is not supported")
-    return ModelConfig(n_layer=int(config["num_hidden_layers"]), n_head=n_head,
-                       n_kv_head=int(get("num_key_value_heads", n_head)), d_model=d,
-                       block_size=int(config["max_position_embeddings"]), vocab_size=int(config["vocab_size"]),
-                       position="rope", rope_theta=float(get("rope_theta", 10000.0)), norm="rmsnorm",
-                       norm_eps=float(get("rms_norm_eps", 1e-6)), mlp="swiglu",
-                       mlp_hidden=int(config["intermediate_size"]), qk_norm=kind == "qwen3",
-                       tie_embeddings=bool(get("tie_word_embeddings", False)), bias=True, dropout=0.0)
+    need(
+        not uses_window or int(window) >= int(config["max_position_embeddings"]),
+        "sliding-window attention is not supported",
+    )
+    return ModelConfig(
+        n_layer=int(config["num_hidden_layers"]),
+        n_head=n_head,
+        n_kv_head=int(get("num_key_value_heads", n_head)),
+        d_model=d,
+        block_size=int(config["max_position_embeddings"]),
+        vocab_size=int(config["vocab_size"]),
+        position="rope",
+        rope_theta=float(get("rope_theta", 10000.0)),
+        norm="rmsnorm",
+        norm_eps=float(get("rms_norm_eps", 1e-6)),
+        mlp="swiglu",
+        mlp_hidden=int(config["intermediate_size"]),
+        qk_norm=kind == "qwen3",
+        tie_embeddings=bool(get("tie_word_embeddings", False)),
+        bias=True,
+        dropout=0.0,
+    )
 
 
 def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors:
@@ -266,7 +357,7 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors
 
     d, hd = m.d_model, m.d_model // m.n_head
     state: Tensors = {}
-    zeros = lambda n: (lambda: torch.zeros(n))  # noqa: E731  (a bias the folder leaves out)
+    zeros = lambda n: lambda: torch.zeros(n)  # noqa: E731  (a bias the folder leaves out)
     if family == "gpt2":
         state["embed.weight"] = take("transformer.wte.weight")
         state["pos_embed.weight"] = take("transformer.wpe.weight")
@@ -275,11 +366,17 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors
             for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
                 state[b + ours + ".weight"] = take(h + theirs + ".weight")
                 state[b + ours + ".bias"] = take(h + theirs + ".bias", zeros(d))
-            for ours, theirs in [("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                                 ("mlp.down", "mlp.c_proj")]:
+            for ours, theirs in [
+                ("attn.qkv", "attn.c_attn"),
+                ("attn.proj", "attn.c_proj"),
+                ("mlp.up", "mlp.c_fc"),
+                ("mlp.down", "mlp.c_proj"),
+            ]:
                 weight = take(h + theirs + ".weight")
                 state[b + ours + ".weight"] = weight.t().contiguous()
-                state[b + ours + ".bias"] = take(h + theirs + ".bias", zeros(weight.shape[-1] if weight.dim() == 2 else 0))
+                state[b + ours + ".bias"] = take(
+                    h + theirs + ".bias", zeros(weight.shape[-1] if weight.dim() == 2 else 0)
+                )
         state["norm.weight"] = take("transformer.ln_f.weight")
         state["norm.bias"] = take("transformer.ln_f.bias", zeros(d))
     else:
@@ -295,12 +392,17 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors
                 state[b + "attn.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
             parts = [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)]
             state[b + "attn.qkv.weight"] = torch.cat([take(p + f"self_attn.{n}.weight") for n, _ in parts])
-            state[b + "attn.qkv.bias"] = torch.cat([take(p + f"self_attn.{n}.bias", zeros(s)) for n, s in parts])
+            state[b + "attn.qkv.bias"] = torch.cat(
+                [take(p + f"self_attn.{n}.bias", zeros(s)) for n, s in parts]
+            )
             state[b + "attn.proj.weight"] = take(p + "self_attn.o_proj.weight")
             state[b + "attn.proj.bias"] = take(p + "self_attn.o_proj.bias", zeros(d))
-            state[b + "mlp.up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
-            state[b + "mlp.up.bias"] = torch.cat([take(p + "mlp.gate_proj.bias", zeros(hidden)),
-                                                  take(p + "mlp.up_proj.bias", zeros(hidden))])
+            state[b + "mlp.up.weight"] = torch.cat(
+                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
+            )
+            state[b + "mlp.up.bias"] = torch.cat(
+                [take(p + "mlp.gate_proj.bias", zeros(hidden)), take(p + "mlp.up_proj.bias", zeros(hidden))]
+            )
             state[b + "mlp.down.weight"] = take(p + "mlp.down_proj.weight")
             state[b + "mlp.down.bias"] = take(p + "mlp.down_proj.bias", zeros(d))
         state["norm.weight"] = take("model.norm.weight")
@@ -322,8 +424,14 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors
 # ----------------------------------------------------------------------------- commands
 
 
-def export_checkpoint(target: Path, out: Path, which: str = "best", dtype: str = "fp32",
-                      max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> Path:
+def export_checkpoint(
+    target: Path,
+    out: Path,
+    which: str = "best",
+    dtype: str = "fp32",
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
+) -> Path:
     """`lmforge export`: write an HF model folder for a run's checkpoint."""
     from lmforge.data.tokenizer import eot_id, load_tokenizer
     from lmforge.train.checkpoint import load_for_inference
@@ -338,9 +446,13 @@ def export_checkpoint(target: Path, out: Path, which: str = "best", dtype: str =
     eot = eot_id(load_tokenizer(loaded.tokenizer_file))
     with staged_folder(out, overwrite) as staging:
         files = save_shards(tensors, staging, max_shard_bytes)
-        _write_json(staging / "config.json", hf_config(m, family, eot, {"fp32": "float32", "bf16": "bfloat16",
-                                                                         "fp16": "float16"}[dtype]))
-        _write_json(staging / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False})
+        _write_json(
+            staging / "config.json",
+            hf_config(m, family, eot, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]),
+        )
+        _write_json(
+            staging / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False}
+        )
         shutil.copyfile(loaded.tokenizer_file, staging / "tokenizer.json")
         for name, content in tokenizer_files(eot, m.block_size).items():
             _write_json(staging / name, content)
@@ -370,13 +482,22 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise LmforgeError(f"{folder}: tensors do not fit config.json ({str(exc).splitlines()[-1].strip()})") from None
+        raise LmforgeError(
+            f"{folder}: tensors do not fit config.json ({str(exc).splitlines()[-1].strip()})"
+        ) from None
     with staged_folder(out, overwrite) as staging:
         config = Config(model=m)
         (staging / "config.toml").write_text(config.to_toml())
         shutil.copyfile(folder / "tokenizer.json", staging / "tokenizer.json")
-        save_checkpoint(staging, 0, model, {"imported_from": str(folder.resolve())}, config,
-                        folder / "tokenizer.json", None)
+        save_checkpoint(
+            staging,
+            0,
+            model,
+            {"imported_from": str(folder.resolve())},
+            config,
+            folder / "tokenizer.json",
+            None,
+        )
     return out
 
 
@@ -388,7 +509,9 @@ def _model_card(loaded, family: str, files: list[str]) -> str:
     config = loaded.config
     meta = json.loads((loaded.path / "meta.json").read_text())
     data_meta = Path(config.data.dir) / "meta.json" if config.data.dir else None
-    source = json.loads(data_meta.read_text()).get("source") if data_meta and data_meta.is_file() else "unknown"
+    source = (
+        json.loads(data_meta.read_text()).get("source") if data_meta and data_meta.is_file() else "unknown"
+    )
     val = f"{meta['val_loss']:.4f}" if meta.get("val_loss") is not None else "not evaluated at this step"
     return (
         f"# lmforge model ({family})\n\nTrained with lmforge and exported as a "
@@ -397,6 +520,7 @@ def _model_card(loaded, family: str, files: list[str]) -> str:
         f"- steps: {loaded.step}\n- validation loss at this checkpoint: {val}\n"
         f"- parameters: {loaded.model.num_params():,}\n- weights: {', '.join(files)}\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "model = AutoModelForCausalLM.from_pretrained(\"PATH\")\ntokenizer = AutoTokenizer.from_pretrained(\"PATH\")\n```\n\n"
+        'model = AutoModelForCausalLM.from_pretrained("PATH")\n'
+        'tokenizer = AutoTokenizer.from_pretrained("PATH")\n```\n\n'
         f"## Training config\n\n```toml\n{config.to_toml()}```\n"
     )

@@ -9,8 +9,13 @@ import torch
 from lmforge.model.gpt import GPT, KVCache
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """Pick one token per row of `logits` [B, V]; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -63,7 +68,11 @@ def generate(
 
 @torch.inference_mode()
 def beam_search(
-    model: GPT, prompt: torch.Tensor, beam_size: int, max_new_tokens: int, stop_tokens: set[int],
+    model: GPT,
+    prompt: torch.Tensor,
+    beam_size: int,
+    max_new_tokens: int,
+    stop_tokens: set[int],
     length_penalty: float = 1.0,
 ) -> list[int]:
     """The highest-scoring continuation of `prompt` [1, T] (log-probability / length**length_penalty).
@@ -92,7 +101,9 @@ def beam_search(
             row, token = divmod(flat, log_probs.size(1))
             tokens = beams[row] + [token]
             if token in stop_tokens or step == max_new_tokens - 1:
-                finished.append((score / len(tokens) ** length_penalty, tokens[:-1] if token in stop_tokens else tokens))
+                finished.append(
+                    (score / len(tokens) ** length_penalty, tokens[:-1] if token in stop_tokens else tokens)
+                )
             elif len(keep_rows) < beam_size:
                 keep_rows.append(row)
                 keep_tokens.append(token)
@@ -100,7 +111,9 @@ def beam_search(
             if len(keep_rows) == beam_size:
                 break
         best_finished = max((s for s, _ in finished), default=float("-inf"))
-        if not keep_rows or (len(finished) >= beam_size and best_finished >= max(keep_scores) / (step + 1) ** length_penalty):
+        if not keep_rows or (
+            len(finished) >= beam_size and best_finished >= max(keep_scores) / (step + 1) ** length_penalty
+        ):
             break
         index = torch.tensor(keep_rows, device=prompt.device)
         cache.keys = [k.index_select(0, index) for k in cache.keys]

@@ -78,7 +78,9 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
         self.head_dim = config.d_model // config.n_head
-        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
+        self.qkv = nn.Linear(
+            config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias
+        )
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.residual = True  # scaled init
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
@@ -88,7 +90,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rotary: Rotary | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
+            dim=-1,
         )
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -112,7 +115,11 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
@@ -161,10 +168,13 @@ class GPT(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set before building the model")
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_embed = nn.Embedding(config.block_size, config.d_model) if config.position == "learned" else None
+        self.pos_embed = (
+            nn.Embedding(config.block_size, config.d_model) if config.position == "learned" else None
+        )
         self.rotary = (
             Rotary(config.d_model // config.n_head, config.block_size, config.rope_theta)
-            if config.position == "rope" else None
+            if config.position == "rope"
+            else None
         )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
@@ -188,7 +198,10 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
         only_targets: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: [B, T] token ids. Returns (logits [B, T, V], mean cross-entropy or None).

@@ -17,11 +17,11 @@ catches files truncated or altered afterwards.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +56,9 @@ class _Weights:
 def _sharded_files(path: Path) -> list[str]:
     """Relative names of the DCP files of a checkpoint, sorted (none for a single-process one)."""
     folder = path / TRAIN_STATE
-    return sorted(str(f.relative_to(path)) for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+    return (
+        sorted(str(f.relative_to(path)) for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
+    )
 
 
 def has_sharded_state(path: Path) -> bool:
@@ -113,7 +115,11 @@ def save_checkpoint(
             (staging / "config.toml").write_text(config.to_toml())
             shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
             names = (*FILES, *_sharded_files(staging))
-            meta = {"step": step, "val_loss": val_loss, "sha256": {name: file_sha256(staging / name) for name in names}}
+            meta = {
+                "step": step,
+                "val_loss": val_loss,
+                "sha256": {name: file_sha256(staging / name) for name in names},
+            }
             (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
             for name in (*names, "meta.json"):
                 _fsync(staging / name)
@@ -138,7 +144,11 @@ def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
             meta = json.loads((path / "meta.json").read_text())
             found.append(CheckpointInfo(path, int(meta["step"]), meta.get("val_loss")))
         except (OSError, ValueError, KeyError, TypeError):
-            found.append(CheckpointInfo(path, int(path.name[len(PREFIX):]) if path.name[len(PREFIX):].isdigit() else -1, None))
+            found.append(
+                CheckpointInfo(
+                    path, int(path.name[len(PREFIX) :]) if path.name[len(PREFIX) :].isdigit() else -1, None
+                )
+            )
     return sorted(found, key=lambda c: c.step)
 
 
@@ -189,7 +199,9 @@ def verify_checkpoint(path: Path) -> dict:
         if not file.is_file():
             raise LmforgeError(f"{path}: corrupted checkpoint ({name} is missing)")
         if file_sha256(file) != expected.get(name):
-            raise LmforgeError(f"{path}: corrupted checkpoint ({name} does not match its sha256; truncated or altered)")
+            raise LmforgeError(
+                f"{path}: corrupted checkpoint ({name} does not match its sha256; truncated or altered)"
+            )
     return meta
 
 
@@ -213,7 +225,8 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         raise LmforgeError(f"{path}: weights do not fit this model ({reason})") from None
     if missing or unexpected:
         raise LmforgeError(
-            f"{path}: weights do not fit this model (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            f"{path}: weights do not fit this model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
 
 

@@ -120,13 +120,17 @@ def process_group(strategy: str, device_name: str) -> Iterator[tuple[Distributed
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     if strategy == "none":
         if world_env > 1:
-            raise LmforgeError(f"started as {world_env} processes (torchrun) but parallel.strategy is \"none\"; "
-                               f"set parallel.strategy = \"ddp\" or \"fsdp\"")
+            raise LmforgeError(
+                f'started as {world_env} processes (torchrun) but parallel.strategy is "none"; '
+                f'set parallel.strategy = "ddp" or "fsdp"'
+            )
         yield Distributed(), resolve_device(device_name)
         return
     device = resolve_device(device_name)
     if device.type not in ("cpu", "cuda"):
-        raise LmforgeError(f"parallel.strategy {strategy} needs train.device cpu or cuda; got {device_name!r}")
+        raise LmforgeError(
+            f"parallel.strategy {strategy} needs train.device cpu or cuda; got {device_name!r}"
+        )
     if device.type == "cuda" and device.index is None:  # set_device and DDP's device_ids need an index
         device = torch.device("cuda", torch.cuda.current_device())
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -135,8 +139,10 @@ def process_group(strategy: str, device_name: str) -> Iterator[tuple[Distributed
         if device.type == "cuda":
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             if local_rank >= torch.cuda.device_count():
-                raise LmforgeError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} "
-                                   f"CUDA device(s); pass torchrun --nproc-per-node <= that")
+                raise LmforgeError(
+                    f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} "
+                    f"CUDA device(s); pass torchrun --nproc-per-node <= that"
+                )
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
@@ -181,8 +187,13 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         blocks[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
-def parallelize(model: nn.Module, dist_state: Distributed, device: torch.device, dtype: str,
-                activation_checkpointing: bool) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    dist_state: Distributed,
+    device: torch.device,
+    dtype: str,
+    activation_checkpointing: bool,
+) -> nn.Module:
     """Activation checkpointing, then DDP or FSDP2; returns the module to run forward/backward on.
 
     FSDP2 shards each block as its own unit (gathered just before it runs, freed after) and the
@@ -195,16 +206,22 @@ def parallelize(model: nn.Module, dist_state: Distributed, device: torch.device,
         # Buffers are rotary tables derived from the config: no need to broadcast them every forward
         # (`forward_sync_buffers` replaces `broadcast_buffers` in recent PyTorch).
         ddp = nn.parallel.DistributedDataParallel
-        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        no_sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(ddp).parameters
             else "broadcast_buffers"
+        )
         return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **{no_sync: False})
     if dist_state.strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(device.type, (dist_state.world,))
-        policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                  if dtype == "bf16" else MixedPrecisionPolicy())
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if dtype == "bf16"
+            else MixedPrecisionPolicy()
+        )
         for block in gpt_of(model).blocks:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
@@ -231,8 +248,13 @@ class ShardedCheckpoint:
     through DCP into `train_state/`, which any world size can load (DCP reshards).
     """
 
-    def __init__(self, dist_state: Distributed, model: nn.Module, module: nn.Module,
-                 optimizers: list[torch.optim.Optimizer]) -> None:
+    def __init__(
+        self,
+        dist_state: Distributed,
+        model: nn.Module,
+        module: nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+    ) -> None:
         self.dist, self.model, self.module, self.optimizers = dist_state, model, module, optimizers
 
     @property
@@ -249,7 +271,9 @@ class ShardedCheckpoint:
         """The whole model's weights on rank 0 (an empty dict elsewhere), tied weights shared again."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        weights = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        weights = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if weights:  # gathering copies a tied weight once per name; safetensors stores shared tensors once
             names: dict[int, list[str]] = {}
             for name, param in self.module.named_parameters(remove_duplicate=False):

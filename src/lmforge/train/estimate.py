@@ -69,15 +69,22 @@ def count_parameters(model: ModelConfig) -> ParamCounts:
         gpt = GPT(model)
     linear = {id(p): p.numel() for m in gpt.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
     per_block = sum(p.numel() for p in gpt.blocks[0].parameters())
-    linear_per_block = sum(p.numel() for m in gpt.blocks[0].modules() if isinstance(m, nn.Linear) for p in m.parameters())
+    linear_per_block = sum(
+        p.numel() for m in gpt.blocks[0].modules() if isinstance(m, nn.Linear) for p in m.parameters()
+    )
     total = gpt.num_params()
-    # forward of the blocks: 2 FLOPs per weight and 4·d·T for attention, a third of GPT.flops_per_token's 12·L·d·T
+    # forward of the blocks: 2 FLOPs per weight and 4·d·T for attention
+    # (a third of GPT.flops_per_token's 12·L·d·T)
     recompute = model.n_layer * (2 * per_block + 4 * model.d_model * model.block_size)
     return ParamCounts(
-        total=total, per_block=per_block, root=total - model.n_layer * per_block, linear=sum(linear.values()),
+        total=total,
+        per_block=per_block,
+        root=total - model.n_layer * per_block,
+        linear=sum(linear.values()),
         linear_per_block=linear_per_block,
         matrices=sum(p.numel() for p in split_parameters(gpt)["matrices"]),
-        flops_per_token=gpt.flops_per_token(), recompute_flops_per_token=float(recompute),
+        flops_per_token=gpt.flops_per_token(),
+        recompute_flops_per_token=float(recompute),
     )
 
 
@@ -117,7 +124,9 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         if model.qk_norm and not fp32_attention:
             attn += c * qkv  # rms_norm's saved inputs are views of the qkv output
     elif fp32_attention:
-        attn = FP32 * qkv + FP32 * d + FP32 * H + c * d  # fp32 copies of q, k, v; output, log-sum-exp; bf16 copy
+        attn = (
+            FP32 * qkv + FP32 * d + FP32 * H + c * d
+        )  # fp32 copies of q, k, v; output, log-sum-exp; bf16 copy
     else:
         # v keeps the whole qkv output alive; rope or QK-norm feed SDPA new q and k; with QK-norm they are
         # contiguous clones, so SDPA's output is laid out [B, H, T, hd] and proj's input becomes a copy
@@ -130,13 +139,16 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         attn += a * qk + FP32 * (H + Hkv)
         if fp32_attention:
             attn += FP32 * qk  # autocast runs rms_norm in fp32: it saves fp32 casts of q and k
-    mlp = (4 if model.mlp == "swiglu" else 2) * F * c  # gelu/relu²: input, output; swiglu: up output, silu, product
+    mlp = (
+        (4 if model.mlp == "swiglu" else 2) * F * c
+    )  # gelu/relu²: input, output; swiglu: up output, silu, product
     dropout = 2 * c * d if model.dropout > 0 else 0  # masks of the two residual branches
     return 2 * _norm_saved(model, c) + attn + mlp + dropout
 
 
 def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -> tuple[float, float, float]:
-    """Bytes per token outside the blocks: (saved by autograd, held logits, cross-entropy backward transients).
+    """Bytes per token outside the blocks:
+    (saved by autograd, held logits, cross-entropy backward transients).
 
     Saved: token ids and targets, the embedding dropout mask, the final norm, and
     log_softmax's fp32 output (vocab-sized). The caller holds the logits through backward;
@@ -149,7 +161,9 @@ def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -
     if model.dropout > 0:
         saved += FP32 * d
     held = c * V
-    if model.logit_softcap is not None:  # tanh saves its fp32 output; the held logits are the fp32 capped ones
+    if (
+        model.logit_softcap is not None
+    ):  # tanh saves its fp32 output; the held logits are the fp32 capped ones
         saved += FP32 * V
         held = FP32 * V
     return saved, held, 2 * FP32 * V
@@ -158,10 +172,15 @@ def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -
 def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool) -> float:
     """Bytes autograd saves in a training forward of `micro_batch` sequences of block_size tokens."""
     tokens = micro_batch * model.block_size
-    per_token = model.n_layer * block_activation_bytes(model, dtype, cpu) + outside_activation_bytes(model, dtype, micro_batch)[0]
+    per_token = (
+        model.n_layer * block_activation_bytes(model, dtype, cpu)
+        + outside_activation_bytes(model, dtype, micro_batch)[0]
+    )
     rope_tables = 0
     if model.position == "rope" and dtype != "fp32":  # cos and sin cast per call: q and k in each block
-        rope_tables = model.n_layer * 4 * compute_bytes(dtype) * model.block_size * (model.d_model // model.n_head)
+        rope_tables = (
+            model.n_layer * 4 * compute_bytes(dtype) * model.block_size * (model.d_model // model.n_head)
+        )
     return per_token * tokens + rope_tables
 
 
@@ -169,7 +188,8 @@ def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu
 class Activations:
     """Activation bytes of one micro-batch over the backward pass.
 
-    `peak`: the highest, at the start of backward or in the last block's. While backward works through block i (L down to 1),
+    `peak`: the highest, at the start of backward or in the last block's.
+    While backward works through block i (L down to 1),
     `i * per_block + working` are alive: what the blocks not yet done keep, plus the held
     logits and the working set of the block in progress.
     """
@@ -179,8 +199,11 @@ class Activations:
     working: float
 
 
-def activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool, checkpointing: bool) -> Activations:
-    """Activation bytes of `micro_batch` sequences of block_size tokens, with or without per-block checkpointing.
+def activation_bytes(
+    model: ModelConfig, dtype: str, micro_batch: int, cpu: bool, checkpointing: bool
+) -> Activations:
+    """Activation bytes of `micro_batch` sequences of block_size tokens,
+    with or without per-block checkpointing.
 
     Without checkpointing the peak is at the start of backward: every saved tensor, the held
     logits and the cross-entropy's two vocab-sized gradients. With it, each block keeps only
@@ -199,11 +222,14 @@ def activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool
     else:
         per_block, working = block * tokens, (held + backward) * tokens
         start = saved_activation_bytes(model, dtype, micro_batch, cpu) + (held + transient) * tokens
-    return Activations(peak=max(start, model.n_layer * per_block + working), per_block=per_block, working=working)
+    return Activations(
+        peak=max(start, model.n_layer * per_block + working), per_block=per_block, working=working
+    )
 
 
 def optimizer_bytes(config: Config, params: ParamCounts) -> float:
-    """fp32 optimizer state: AdamW 2 moments, SGD 1 momentum buffer, Muon 1 for matrices + AdamW for the rest."""
+    """fp32 optimizer state: AdamW 2 moments, SGD 1 momentum buffer,
+    Muon 1 for matrices + AdamW for the rest."""
     o = config.optim
     if o.name == "adamw":
         return 2 * FP32 * params.total
@@ -224,8 +250,9 @@ class Memory:
     peak: float
 
 
-def memory(config: Config, params: ParamCounts, strategy: str, devices: int, checkpointing: bool,
-           cpu: bool) -> Memory:
+def memory(
+    config: Config, params: ParamCounts, strategy: str, devices: int, checkpointing: bool, cpu: bool
+) -> Memory:
     """Per-device memory of one training step under `strategy` (none, ddp, fsdp) on `devices` devices."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}")
@@ -261,7 +288,9 @@ def memory(config: Config, params: ParamCounts, strategy: str, devices: int, che
     return Memory(weights, gradients, optimizer, acts.peak, buffers, peak)
 
 
-def training_seconds(tokens: float, flops_per_token: float, devices: int, peak_flops: float, mfu: float) -> float:
+def training_seconds(
+    tokens: float, flops_per_token: float, devices: int, peak_flops: float, mfu: float
+) -> float:
     """Wall time to train on `tokens` tokens at `mfu` of `devices` devices' peak."""
     return tokens * flops_per_token / (devices * peak_flops * mfu)
 
@@ -313,8 +342,14 @@ class Estimate:
         return asdict(self)
 
 
-def estimate(config: Config, devices: int = 1, device_type: str = "cpu", mfu: float = 0.4,
-             tokens: float | None = None, peak_flops: float | None = None) -> Estimate:
+def estimate(
+    config: Config,
+    devices: int = 1,
+    device_type: str = "cpu",
+    mfu: float = 0.4,
+    tokens: float | None = None,
+    peak_flops: float | None = None,
+) -> Estimate:
     """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
     if device_type not in DEVICE_TYPES:
         raise LmforgeError(f"--device-type must be one of {', '.join(DEVICE_TYPES)}; got {device_type!r}")
@@ -334,8 +369,10 @@ def estimate(config: Config, devices: int = 1, device_type: str = "cpu", mfu: fl
         config.model = ckpt.init_model_config(source, config.model)
         notes.append(f"architecture of train.init_from {source}")
     if config.lora.rank > 0:
-        notes.append("lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
-                     "(an upper bound)")
+        notes.append(
+            "lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
+            "(an upper bound)"
+        )
     config.model.vocab_size = resolve_vocab_size(config)
     params = count_parameters(config.model)
     t, cpu = config.train, device_type == "cpu"
@@ -348,22 +385,37 @@ def estimate(config: Config, devices: int = 1, device_type: str = "cpu", mfu: fl
     elif cpu:
         from lmforge.train.runtime import matmul_peak_flops
 
-        peak_flops, source = matmul_peak_flops(torch.device("cpu"), "fp32" if t.dtype == "fp32" else "bf16"), "measured"
+        peak_flops, source = (
+            matmul_peak_flops(torch.device("cpu"), "fp32" if t.dtype == "fp32" else "bf16"),
+            "measured",
+        )
     else:
         peak_flops, source = DEVICE_PEAK_FLOPS[device_type][t.dtype], f"{device_type} {t.dtype} dense"
     if tokens is None:
         tokens = float(t.max_steps * t.batch_size * t.grad_accum_steps * config.model.block_size)
-        budget = f"train.max_steps {t.max_steps} x batch_size {t.batch_size} x grad_accum_steps " \
-                 f"{t.grad_accum_steps} x block_size {config.model.block_size}"
+        budget = (
+            f"train.max_steps {t.max_steps} x batch_size {t.batch_size} x grad_accum_steps "
+            f"{t.grad_accum_steps} x block_size {config.model.block_size}"
+        )
     else:
         budget = "--tokens"
     seconds = training_seconds(tokens, params.flops_per_token, devices, peak_flops, mfu)
     chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
     return Estimate(
-        params=params, devices=devices, device_type=device_type, dtype=t.dtype, micro_batch=t.batch_size,
-        block_size=config.model.block_size, optimizer=config.optim.name, memory=table,
-        peak_flops=peak_flops, peak_flops_source=source, mfu=mfu,
-        budget_tokens=tokens, budget_source=budget, budget_seconds=seconds,
+        params=params,
+        devices=devices,
+        device_type=device_type,
+        dtype=t.dtype,
+        micro_batch=t.batch_size,
+        block_size=config.model.block_size,
+        optimizer=config.optim.name,
+        memory=table,
+        peak_flops=peak_flops,
+        peak_flops_source=source,
+        mfu=mfu,
+        budget_tokens=tokens,
+        budget_source=budget,
+        budget_seconds=seconds,
         budget_seconds_ac=seconds * (1 + params.recompute_flops_per_token / params.flops_per_token),
         chinchilla_tokens=chinchilla,
         chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak_flops, mfu),
@@ -394,7 +446,8 @@ def format_table(e: Estimate) -> str:
     p = e.params
     lines = [
         f"parameters        {p.total:,} (exact, from the model)",
-        f"FLOPs per token   {p.flops_per_token:,.0f} (training: 6 x matmul params + 12 x layers x d_model x block_size)",
+        f"FLOPs per token   {p.flops_per_token:,.0f} "
+        "(training: 6 x matmul params + 12 x layers x d_model x block_size)",
         f"micro-batch       {e.micro_batch} x {e.block_size} = {e.micro_batch * e.block_size:,} tokens "
         f"(DDP/FSDP: split over the devices); "
         f"{e.devices} x {e.device_type}, {e.dtype}, {e.optimizer}",
@@ -402,14 +455,19 @@ def format_table(e: Estimate) -> str:
         f"memory per device {''.join(f'{k:>12}' for k in e.memory)}",
     ]
     for row in ("weights", "gradients", "optimizer", "activations", "buffers", "peak"):
-        lines.append(f"{row:<18}" + "".join(f"{format_bytes(getattr(m, row)):>12}" for m in e.memory.values()))
+        lines.append(
+            f"{row:<18}" + "".join(f"{format_bytes(getattr(m, row)):>12}" for m in e.memory.values())
+        )
     lines += [
-        "+ac: activation checkpointing per block. activations: their peak, early in backward. buffers: bf16 autocast",
-        "copies, DDP gradient buckets, FSDP unsharded units. peak: the step's highest point, not the sum of the",
+        "+ac: activation checkpointing per block. activations: their peak, early in backward. "
+        "buffers: bf16 autocast",
+        "copies, DDP gradient buckets, FSDP unsharded units. "
+        "peak: the step's highest point, not the sum of the",
         "rows: backward frees activations as it makes gradients, and recomputes a block at a time with +ac.",
         "",
         f"time at MFU {e.mfu:.0%} of {e.devices} x {format_flops(e.peak_flops)} ({e.peak_flops_source}):",
-        f"  budget      {e.budget_tokens:,.0f} tokens ({e.budget_source}): {format_duration(e.budget_seconds)}"
+        f"  budget      {e.budget_tokens:,.0f} tokens ({e.budget_source}): "
+        f"{format_duration(e.budget_seconds)}"
         f" ({format_duration(e.budget_seconds_ac)} with activation checkpointing)",
         f"  Chinchilla  {e.chinchilla_tokens:,.0f} tokens ({CHINCHILLA_TOKENS_PER_PARAM} per parameter): "
         f"{format_duration(e.chinchilla_seconds)}",

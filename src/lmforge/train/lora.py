@@ -20,8 +20,13 @@ def apply_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
         import peft
     except ImportError:
         raise LmforgeError("lora.rank > 0 needs peft: pip install 'lmforge[lora]'") from None
-    lora = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                           target_modules=list(config.targets), bias="none")
+    lora = peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.targets),
+        bias="none",
+    )
     return peft.get_peft_model(model, lora)
 
 

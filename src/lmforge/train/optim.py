@@ -59,7 +59,10 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
         optimizers = [torch.optim.SGD(groups(True), lr=config.lr, momentum=config.momentum, foreach=True)]
     else:
         muon = torch.optim.Muon(
-            parts["matrices"], lr=config.muon_lr, momentum=config.muon_momentum, weight_decay=config.weight_decay
+            parts["matrices"],
+            lr=config.muon_lr,
+            momentum=config.muon_momentum,
+            weight_decay=config.weight_decay,
         )
         optimizers = [muon, _adamw(groups(False), config, config.lr)]
     for optimizer in optimizers:

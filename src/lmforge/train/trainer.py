@@ -131,11 +131,26 @@ class Stepper:
     synchronised on the last one only; the loss and norm returned are those of the global batch.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
-                 amp: contextlib.AbstractContextManager, device: torch.device, grad_accum_steps: int,
-                 grad_clip: float, compile: bool = False, dist: Distributed | None = None,
-                 only_targets: bool = False) -> None:
-        self.model, self.optimizers, self.scaler, self.amp, self.device = model, optimizers, scaler, amp, device
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        scaler: torch.amp.GradScaler,
+        amp: contextlib.AbstractContextManager,
+        device: torch.device,
+        grad_accum_steps: int,
+        grad_clip: float,
+        compile: bool = False,
+        dist: Distributed | None = None,
+        only_targets: bool = False,
+    ) -> None:
+        self.model, self.optimizers, self.scaler, self.amp, self.device = (
+            model,
+            optimizers,
+            scaler,
+            amp,
+            device,
+        )
         self.only_targets = only_targets  # masked (fine-tuning) targets: run the head only where they count
         self.forward = torch.compile(model) if compile else model
         self.grad_accum_steps = grad_accum_steps
@@ -143,7 +158,8 @@ class Stepper:
         self.dist = dist or Distributed()
 
     def gradients(self, batches: RandomWindows | ExampleBatches) -> tuple[float, float, int]:
-        """Accumulate gradients; return (mean loss, global grad norm before clipping, input tokens of all ranks)."""
+        """Accumulate gradients; return (mean loss, global grad norm before clipping,
+        input tokens of all ranks)."""
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
         for micro in range(self.grad_accum_steps):
@@ -177,31 +193,45 @@ def open_data(config: Config, init_from: Path | None = None) -> PreparedData | S
     """Open the configured data and reconcile the model's vocabulary and block size with it."""
     model = config.model
     if not config.data.dir:
-        raise LmforgeError("data.dir is not set (a folder written by `lmforge prepare` or `lmforge tasks prepare`)")
+        raise LmforgeError(
+            "data.dir is not set (a folder written by `lmforge prepare` or `lmforge tasks prepare`)"
+        )
     if config.data.kind == "sft":
         tokenizer = config.data.tokenizer or (str(init_from / "tokenizer.json") if init_from else "")
         if not tokenizer:
-            raise LmforgeError("data.tokenizer is not set (fine-tuning data needs a tokenizer.json or train.init_from)")
-        data: PreparedData | SFTData = SFTData(Path(config.data.dir), Path(tokenizer), model.block_size,
-                                               config.data.on_bad_line)
+            raise LmforgeError(
+                "data.tokenizer is not set (fine-tuning data needs a tokenizer.json or train.init_from)"
+            )
+        data: PreparedData | SFTData = SFTData(
+            Path(config.data.dir), Path(tokenizer), model.block_size, config.data.on_bad_line
+        )
     else:
         data = PreparedData.open(config.data.dir)
         if model.block_size >= len(data.train):
-            raise LmforgeError(f"model.block_size {model.block_size} is larger than the train split ({len(data.train)} tokens)")
+            raise LmforgeError(
+                f"model.block_size {model.block_size} is larger than the train split "
+                f"({len(data.train)} tokens)"
+            )
         if len(data.val) < 2:
             raise LmforgeError(f"{data.dir}: the val split needs at least 2 tokens to evaluate")
     if model.vocab_size is None:
         model.vocab_size = data.vocab_size
     elif model.vocab_size < data.vocab_size:
-        raise LmforgeError(f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary "
-                           f"({data.vocab_size}, tokenizer {data.tokenizer_file})")
+        raise LmforgeError(
+            f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary "
+            f"({data.vocab_size}, tokenizer {data.tokenizer_file})"
+        )
     return data
 
 
 def check_same_architecture(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:
     ignore = {"dropout"}  # regularisation, not architecture: may change on resume
     a, b = dataclasses.asdict(saved), dataclasses.asdict(wanted)
-    diffs = [f"model.{k}: {a[k]!r} in the checkpoint, {b[k]!r} in the config" for k in a if k not in ignore and a[k] != b[k]]
+    diffs = [
+        f"model.{k}: {a[k]!r} in the checkpoint, {b[k]!r} in the config"
+        for k in a
+        if k not in ignore and a[k] != b[k]
+    ]
     if diffs:
         raise LmforgeError(f"{where}: checkpoint of another architecture ({'; '.join(diffs)})")
 
@@ -218,7 +248,9 @@ def _check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
         ckpt.verify_checkpoint(latest)
         return latest
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
-        raise LmforgeError(f"{run_dir} exists; pass --resume to continue that run or --overwrite to start over")
+        raise LmforgeError(
+            f"{run_dir} exists; pass --resume to continue that run or --overwrite to start over"
+        )
     return None
 
 
@@ -232,12 +264,15 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
         return _train(config, Path(run_dir), resume, overwrite, dist, device)
 
 
-def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: Distributed,
-           device: torch.device) -> TrainSummary:
+def _train(
+    config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: Distributed, device: torch.device
+) -> TrainSummary:
     start_wall = time.perf_counter()
     if config.train.batch_size % dist.world:
-        raise LmforgeError(f"train.batch_size ({config.train.batch_size}) must be divisible by the number of processes "
-                           f"({dist.world}): each takes an equal share of every micro-batch")
+        raise LmforgeError(
+            f"train.batch_size ({config.train.batch_size}) must be divisible by the number of processes "
+            f"({dist.world}): each takes an equal share of every micro-batch"
+        )
     resume_from = _check_run_dir(run_dir, resume, overwrite)
     init_from = None
     if config.train.init_from and resume_from is None:
@@ -245,7 +280,10 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: D
         ckpt.verify_checkpoint(init_from)
         config.model = ckpt.init_model_config(init_from, config.model)
     data = open_data(config, init_from)
-    if init_from is not None and (init_from / "tokenizer.json").read_bytes() != data.tokenizer_file.read_bytes():
+    if (
+        init_from is not None
+        and (init_from / "tokenizer.json").read_bytes() != data.tokenizer_file.read_bytes()
+    ):
         raise LmforgeError(f"{data.dir}: its tokenizer differs from the one of train.init_from {init_from}")
     if resume_from is not None:
         saved = ckpt.load_config_of(resume_from)
@@ -255,7 +293,9 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: D
 
     t = config.train
     amp = autocast(device, t.dtype)
-    if t.deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports torch._dynamo: ~1 s
+    if (
+        t.deterministic != torch.are_deterministic_algorithms_enabled()
+    ):  # the call imports torch._dynamo: ~1 s
         torch.use_deterministic_algorithms(t.deterministic)
     seed_everything(t.seed)  # the same on every rank: identical initial weights, identical batches drawn
     module: torch.nn.Module = GPT(config.model).to(device)
@@ -269,10 +309,13 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: D
         ckpt.load_weights(resume_from, module)  # full weights, before any sharding
         saved_state = ckpt.load_state(resume_from)
         if "optimizers" not in saved_state and not ckpt.has_sharded_state(resume_from):
-            raise LmforgeError(f"{resume_from}: has no training state to resume (an imported checkpoint?); "
-                               f"start a new run with train.init_from = \"{resume_from}\"")
+            raise LmforgeError(
+                f"{resume_from}: has no training state to resume (an imported checkpoint?); "
+                f'start a new run with train.init_from = "{resume_from}"'
+            )
         if "optimizers" in saved_state and dist.enabled:
-            # A single-process checkpoint resumed in parallel: name its moments by parameter so they can be sharded.
+            # A single-process checkpoint resumed in parallel: name its moments by parameter
+            # so they can be sharded.
             plain = build_optimizers(module, config.optim)
             _load_optimizer_states(plain, saved_state["optimizers"])
             full_optimizer_state = distributed.full_optimizer_state(module, plain)
@@ -309,8 +352,18 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: D
         shutil.copyfile(data.tokenizer_file, run_dir / "tokenizer.json")
     dist.barrier()
 
-    stepper = Stepper(model, optimizers, scaler, amp, device, t.grad_accum_steps, config.optim.grad_clip, t.compile,
-                      dist, only_targets=config.data.kind == "sft")
+    stepper = Stepper(
+        model,
+        optimizers,
+        scaler,
+        amp,
+        device,
+        t.grad_accum_steps,
+        config.optim.grad_clip,
+        t.compile,
+        dist,
+        only_targets=config.data.kind == "sft",
+    )
     peak_flops = matmul_peak_flops(device, t.dtype) * dist.world  # MFU of the whole job
     bytes_per_token = data.bytes_per_token("val")
     max_steps = t.max_steps
@@ -322,8 +375,15 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: D
     wall_offset = state.elapsed_s - (time.perf_counter() - start_wall)
 
     def evaluate() -> LMEval:  # each rank scores a share of the batches; the result is the same on all
-        return evaluate_lm(module, data.eval_batches(config.model.block_size, t.eval_batch_size), device, amp,
-                           bytes_per_token, rank=dist.rank, world=dist.world)
+        return evaluate_lm(
+            module,
+            data.eval_batches(config.model.block_size, t.eval_batch_size),
+            device,
+            amp,
+            bytes_per_token,
+            rank=dist.rank,
+            world=dist.world,
+        )
 
     def save(val_loss: float | None) -> Path:
         state.elapsed_s = time.perf_counter() - start_wall + wall_offset
@@ -336,14 +396,20 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: D
             "loop": dataclasses.asdict(state),
         }
         sharded = distributed.ShardedCheckpoint(dist, model, module, optimizers) if dist.enabled else None
-        path = ckpt.save_checkpoint(run_dir, state.step, module, training_state, config, data.tokenizer_file, val_loss,
-                                    sharded)
+        path = ckpt.save_checkpoint(
+            run_dir, state.step, module, training_state, config, data.tokenizer_file, val_loss, sharded
+        )
         if dist.is_main:
             ckpt.prune_checkpoints(run_dir, t.keep_checkpoints)
         return path
 
-    bar = tqdm(total=max_steps, initial=state.step, unit="step", disable=not config.log.progress or not dist.is_main,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=max_steps,
+        initial=state.step,
+        unit="step",
+        disable=not config.log.progress or not dist.is_main,
+        dynamic_ncols=True,
+    )
     say = bar.write if dist.is_main else (lambda text: None)
     model.train()
     try:
@@ -356,14 +422,19 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: D
                 finite = math.isfinite(loss_value) and (math.isfinite(grad_norm_value) or scaler.is_enabled())
                 if not finite:
                     if t.on_nan == "stop":
-                        where = f"; the last good checkpoint is {latest_checkpoint}" if latest_checkpoint else ""
+                        where = (
+                            f"; the last good checkpoint is {latest_checkpoint}" if latest_checkpoint else ""
+                        )
                         raise LmforgeError(
                             f"loss is {loss_value} (grad norm {grad_norm_value}) at step {state.step + 1}; "
-                            f"stopped without saving{where} (set train.on_nan = \"skip\" to skip such batches)"
+                            f'stopped without saving{where} (set train.on_nan = "skip" to skip such batches)'
                         )
                     consecutive_skips += 1
                     if consecutive_skips > MAX_CONSECUTIVE_SKIPS:
-                        raise LmforgeError(f"{consecutive_skips} non-finite losses in a row up to step {state.step + 1}; stopping")
+                        raise LmforgeError(
+                            f"{consecutive_skips} non-finite losses in a row up to step {state.step + 1}; "
+                            "stopping"
+                        )
                     state.skipped_steps += 1
                 else:
                     consecutive_skips = 0
@@ -385,19 +456,29 @@ def _train(config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: D
                 metrics.write(entry)
                 bar.update(1)
                 if state.step % config.log.interval == 0 or state.step == max_steps:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{entry['tokens_per_s']:,.0f}", mfu=f"{entry['mfu']:.0%}")
+                    bar.set_postfix(
+                        loss=f"{loss_value:.4f}",
+                        tok_s=f"{entry['tokens_per_s']:,.0f}",
+                        mfu=f"{entry['mfu']:.0%}",
+                    )
 
                 val_loss = None
                 if (t.eval_interval and state.step % t.eval_interval == 0) or state.step == max_steps:
                     last_eval, last_eval_step = evaluate(), state.step
                     val_loss = last_eval.loss
                     metrics.write({"step": state.step, **_eval_entry(last_eval)})
-                    say(f"step {state.step}: val loss {last_eval.loss:.4f}, ppl {last_eval.ppl:.2f}"
-                              + (f", {last_eval.bpb:.3f} bpb" if last_eval.bpb else ""))
-                improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
+                    say(
+                        f"step {state.step}: val loss {last_eval.loss:.4f}, ppl {last_eval.ppl:.2f}"
+                        + (f", {last_eval.bpb:.3f} bpb" if last_eval.bpb else "")
+                    )
+                improved = val_loss is not None and (
+                    state.best_val_loss is None or val_loss < state.best_val_loss
+                )
                 if improved:
                     state.best_val_loss = val_loss
-                reached = val_loss is not None and t.stop_at_val_loss is not None and val_loss <= t.stop_at_val_loss
+                reached = (
+                    val_loss is not None and t.stop_at_val_loss is not None and val_loss <= t.stop_at_val_loss
+                )
                 periodic = t.checkpoint_interval and state.step % t.checkpoint_interval == 0
                 if periodic or improved or reached or state.step == max_steps:
                     latest_checkpoint, last_saved_step = save(val_loss), state.step
