@@ -35,9 +35,9 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
 
     from lmforge.config import ModelConfig, OptimConfig
     from lmforge.model import GPT
+    from lmforge.runtime import resolve_device, synchronize
     from lmforge.train.distributed import apply_activation_checkpointing
     from lmforge.train.optim import build_optimizers
-    from lmforge.train.runtime import resolve_device, synchronize
     from lmforge.train.trainer import Stepper
 
     device = resolve_device(args.device)

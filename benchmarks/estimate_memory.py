@@ -90,10 +90,10 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     from lmforge.config import load_config
     from lmforge.data.loader import RandomWindows
     from lmforge.model import GPT
+    from lmforge.runtime import autocast
     from lmforge.train.distributed import apply_activation_checkpointing
     from lmforge.train.estimate import count_parameters, memory
     from lmforge.train.optim import build_optimizers
-    from lmforge.train.runtime import autocast
     from lmforge.train.trainer import Stepper
 
     config = load_config(config_path, [*overrides, "train.device=cpu"])

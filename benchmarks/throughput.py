@@ -41,8 +41,8 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     from lmforge.config import load_config
     from lmforge.data.loader import RandomWindows
     from lmforge.model import GPT
+    from lmforge.runtime import autocast, matmul_peak_flops, resolve_device, synchronize
     from lmforge.train.optim import build_optimizers
-    from lmforge.train.runtime import autocast, matmul_peak_flops, resolve_device, synchronize
     from lmforge.train.trainer import Stepper
 
     config = load_config(config_path, overrides)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lmforge import __version__
+from lmforge.config import DTYPE_NAMES
 from lmforge.errors import LmforgeError
 
 EXIT_USER_ERROR = 1
@@ -80,7 +81,8 @@ def _train(args: argparse.Namespace) -> int:
     import signal
 
     from lmforge.config import load_config
-    from lmforge.train.trainer import TrainingInterrupted, train
+    from lmforge.errors import TrainingInterrupted
+    from lmforge.train.trainer import train
 
     if args.config is not None:
         config_path: Path | None = Path(args.config)
@@ -251,10 +253,11 @@ def _add_estimate(verbs: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     import json
 
+    from lmforge.checkpoint import load_for_inference
     from lmforge.data.loader import PreparedData
+    from lmforge.data.tokenizer import check_same_tokenizer
     from lmforge.eval.lm import evaluate_lm
-    from lmforge.train.checkpoint import load_for_inference
-    from lmforge.train.runtime import autocast, resolve_device
+    from lmforge.runtime import autocast, resolve_device
 
     device = resolve_device(args.device)
     loaded = load_for_inference(Path(args.target), args.checkpoint, device)
@@ -286,8 +289,9 @@ def _eval(args: argparse.Namespace) -> int:
         data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True)
     else:
         data = PreparedData.open(data_dir)
-        if data.tokenizer_file.read_bytes() != loaded.tokenizer_file.read_bytes():
-            raise LmforgeError(f"{data_dir}: its tokenizer differs from the one of checkpoint {loaded.path}")
+        check_same_tokenizer(
+            data_dir, data.tokenizer_file, loaded.tokenizer_file, f"checkpoint {loaded.path}"
+        )
     result = evaluate_lm(
         loaded.model,
         data.eval_batches(block_size, args.batch_size),
@@ -321,7 +325,7 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder"
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:
@@ -353,10 +357,10 @@ def _sample(args: argparse.Namespace) -> int:
     import torch
     from tokenizers.decoders import DecodeStream
 
+    from lmforge.checkpoint import load_for_inference
     from lmforge.data.tokenizer import eot_id, load_tokenizer
     from lmforge.model.generate import generate
-    from lmforge.train.checkpoint import load_for_inference
-    from lmforge.train.runtime import autocast, resolve_device
+    from lmforge.runtime import autocast, resolve_device
 
     if args.temperature < 0:
         raise LmforgeError(f"--temperature must be >= 0, got {args.temperature}")
@@ -441,7 +445,7 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder"
     )
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="shard the weights above this size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(run=_export)

@@ -24,6 +24,10 @@ else:  # pragma: no cover
 
 from lmforge.errors import LmforgeError
 
+# Precision names, everywhere (config, CLI options); `runtime.DTYPES` maps them to torch dtypes.
+Dtype = Literal["fp32", "bf16", "fp16"]
+DTYPE_NAMES: tuple[str, ...] = typing.get_args(Dtype)
+
 
 @dataclass
 class DataConfig:
@@ -92,7 +96,7 @@ class TrainConfig:
     checkpoint_interval: int = 500  # 0: checkpoint only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept, besides the best
     seed: int = 1337
-    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    dtype: Dtype = "fp32"
     compile: bool = False
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     on_nan: Literal["stop", "skip"] = "stop"

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.data.sft import IGNORE, ExampleBatches, SFTData, collate, read_examples, tokenize_examples
+from lmforge.data.sft import ExampleBatches, SFTData, collate, read_examples, tokenize_examples
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
+from lmforge.model.gpt import IGNORE_INDEX
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :\n?!.,'"
 
@@ -25,9 +26,9 @@ def test_prompt_is_masked_and_eot_ends_the_completion() -> None:
     x, y = collate([example])
     n = len(example.ids) - 1
     assert x.shape == (1, 16) and n < 16  # padded up to LENGTH_MULTIPLE
-    assert (y[0, : example.prompt_tokens - 1] == IGNORE).all()
+    assert (y[0, : example.prompt_tokens - 1] == IGNORE_INDEX).all()
     assert y[0, example.prompt_tokens - 1 : n].tolist() == example.ids[example.prompt_tokens :]
-    assert (y[0, n:] == IGNORE).all()
+    assert (y[0, n:] == IGNORE_INDEX).all()
     assert collate([example], max_length=n)[0].shape == (1, n)  # never past the block size
 
 
@@ -46,8 +47,8 @@ def test_prompt_tokens_contribute_nothing_to_the_gradient() -> None:
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
     loss.backward()
     grad_per_position = logits.grad.abs().sum(-1)
-    assert (grad_per_position[y == IGNORE] == 0).all()  # prompt and padding positions
-    assert (grad_per_position[y != IGNORE] > 0).all()
+    assert (grad_per_position[y == IGNORE_INDEX] == 0).all()  # prompt and padding positions
+    assert (grad_per_position[y != IGNORE_INDEX] > 0).all()
     _, model_loss = model(x, y)  # the model's own loss ignores the same positions
     assert model_loss.item() == pytest.approx(loss.item())
 

@@ -11,12 +11,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from lmforge import checkpoint as ckpt  # noqa: E402
 from lmforge.config import Config, ModelConfig, load_config  # noqa: E402
 from lmforge.data.tokenizer import byte_tokenizer, char_tokenizer, train_bpe  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.interop.hf import export_checkpoint, import_folder  # noqa: E402
 from lmforge.model import GPT, generate  # noqa: E402
-from lmforge.train import checkpoint as ckpt  # noqa: E402
 
 CPU = torch.device("cpu")
 TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"

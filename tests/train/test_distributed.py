@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge import checkpoint as ckpt
 from lmforge.config import ModelConfig, load_config
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT
-from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import Distributed, apply_activation_checkpointing
 from lmforge.train.trainer import _train, train
 from tests.conftest import TINY

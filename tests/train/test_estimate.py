@@ -11,6 +11,7 @@ import torch
 
 from lmforge.config import load_config
 from lmforge.model.gpt import GPT
+from lmforge.runtime import autocast
 from lmforge.train.estimate import (
     FP32,
     activation_bytes,
@@ -22,7 +23,6 @@ from lmforge.train.estimate import (
     training_seconds,
 )
 from lmforge.train.optim import split_parameters
-from lmforge.train.runtime import autocast
 
 SMALL = [
     "model.vocab_size=96",

@@ -103,7 +103,7 @@ def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from lmforge.train import checkpoint as ckpt
+    from lmforge import checkpoint as ckpt
 
     base_args = finetune_args(sst2_small, tmp_path / "base", "train.max_steps=5")
     assert cli(*base_args)[0] == 0
@@ -139,7 +139,7 @@ def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_pat
     # The merged model computes what the adapted model computes.
     from lmforge.config import load_config
     from lmforge.model import GPT
-    from lmforge.train.lora import apply_lora
+    from lmforge.model.lora import apply_lora
 
     config = load_config(tmp_path / "lora" / "config.toml")
     adapted = apply_lora(GPT(config.model), config.lora)

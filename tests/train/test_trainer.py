@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge import checkpoint as ckpt
 from lmforge.config import load_config
 from lmforge.errors import LmforgeError
-from lmforge.train import checkpoint as ckpt
 from lmforge.train.trainer import train
 from tests.conftest import TINY
 from tests.train.conftest import lmforge, read_metrics, wait_for_step
@@ -120,7 +120,7 @@ def test_exact_resume(cli, config_file: Path, tmp_path: Path, how: str) -> None:
 
 DYING_SAVE = """
 import os, signal, sys, torch
-from lmforge.train import checkpoint
+from lmforge import checkpoint
 real_save, calls = torch.save, []
 def dying_save(obj, f, *args, **kwargs):
     calls.append(f)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning data: prompt/completion (or chat) JSONL with the prompt masked out.
 
-Every example is tokenized once at start-up. Targets of prompt tokens are -100, which
+Every example is tokenized once at start-up. Targets of prompt tokens are IGNORE_INDEX, which
 `cross_entropy` ignores, so only completion tokens (and the `<|endoftext|>` that ends them,
 when the tokenizer has one) contribute to the loss. Batches are padded to their longest
 example; right padding cannot affect earlier positions under causal attention.
@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import eot_id, load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
+from lmforge.model.gpt import IGNORE_INDEX
 
-IGNORE = -100
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
 CHAT_TURN = (
     "{role}: {content}\n"  # messages are rendered turn by turn; the last assistant turn is the completion
@@ -122,7 +122,7 @@ def tokenize_examples(
 
 
 def collate(examples: list[Example], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded inputs and targets; targets of prompt and padding positions are IGNORE.
+    """Right-padded inputs and targets; targets of prompt and padding positions are IGNORE_INDEX.
 
     The length is rounded up to a multiple of LENGTH_MULTIPLE (at most `max_length`, the block
     size): few distinct shapes keep CPU oneDNN's per-shape kernel caches, and with them the
@@ -132,13 +132,13 @@ def collate(examples: list[Example], max_length: int | None = None) -> tuple[tor
     rounded = longest + -longest % LENGTH_MULTIPLE
     length = rounded if max_length is None else max(longest, min(rounded, max_length))
     x = torch.zeros(len(examples), length, dtype=torch.long)
-    y = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+    y = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
         ids = torch.tensor(e.ids, dtype=torch.long)
         n = len(e.ids) - 1
         x[row, :n] = ids[:-1]
         y[row, :n] = ids[1:]
-        y[row, : max(0, e.prompt_tokens - 1)] = IGNORE  # position t predicts token t + 1
+        y[row, : max(0, e.prompt_tokens - 1)] = IGNORE_INDEX  # position t predicts token t + 1
     return x, y
 
 

@@ -101,3 +101,15 @@ def eot_id(tokenizer: Tokenizer) -> int | None:
 def vocab_size(tokenizer: Tokenizer) -> int:
     """One more than the largest id, so that every id indexes an embedding row."""
     return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+
+
+def check_same_tokenizer(
+    data_dir: Path, data_tokenizer: Path, checkpoint_tokenizer: Path, source: str
+) -> None:
+    """Refuse data encoded with another tokenizer than the model's (`source` names the model's origin).
+
+    Byte equality of the two tokenizer.json files: the rule every command uses, strict enough
+    that token ids always mean the same text.
+    """
+    if Path(data_tokenizer).read_bytes() != Path(checkpoint_tokenizer).read_bytes():
+        raise LmforgeError(f"{data_dir}: its tokenizer differs from the one of {source}")

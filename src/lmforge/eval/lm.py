@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge.model.gpt import IGNORE_INDEX
+
 
 @dataclass(frozen=True)
 class LMEval:
@@ -43,7 +45,7 @@ def evaluate_lm(
     rank: int = 0,
     world: int = 1,
 ) -> LMEval:
-    """Token-weighted mean loss of `model` over every target of `batches` (targets of -100 are skipped).
+    """Token-weighted mean loss of `model` over every target of `batches` (IGNORE_INDEX targets are skipped).
 
     With `world` > 1 (a data-parallel run) rank r scores batches r, r + world, ... and the sums
     are all-reduced, so every rank returns the same result for the whole split.
@@ -64,8 +66,10 @@ def evaluate_lm(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
                 logits, _ = model(x)
-            total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-            count += int((y != -100).sum())
+            total += F.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+            ).double()
+            count += int((y != IGNORE_INDEX).sum())
         if world > 1:
             # An FSDP forward is collective: ranks short of a batch run an unscored one so all run as many.
             for _ in range(-(-seen // world) - scored):

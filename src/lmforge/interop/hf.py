@@ -433,9 +433,9 @@ def export_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """`lmforge export`: write an HF model folder for a run's checkpoint."""
+    from lmforge.checkpoint import load_for_inference
     from lmforge.data.tokenizer import eot_id, load_tokenizer
-    from lmforge.train.checkpoint import load_for_inference
-    from lmforge.train.runtime import DTYPES
+    from lmforge.runtime import DTYPES
 
     check_out(out, overwrite)
     loaded = load_for_inference(target, which, torch.device("cpu"))
@@ -448,7 +448,7 @@ def export_checkpoint(
         files = save_shards(tensors, staging, max_shard_bytes)
         _write_json(
             staging / "config.json",
-            hf_config(m, family, eot, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]),
+            hf_config(m, family, eot, str(DTYPES[dtype]).removeprefix("torch.")),
         )
         _write_json(
             staging / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False}
@@ -462,9 +462,9 @@ def export_checkpoint(
 
 def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
     """`lmforge import`: turn a local HF folder into an lmforge run with one checkpoint."""
+    from lmforge.checkpoint import save_checkpoint
     from lmforge.config import Config
     from lmforge.model.gpt import GPT
-    from lmforge.train.checkpoint import save_checkpoint
 
     config_path = folder / "config.json"
     if not config_path.is_file():

@@ -18,6 +18,7 @@ from torch import nn
 from lmforge.config import ModelConfig
 
 ROW_MULTIPLE = 128  # `only_targets` pads the rows it keeps to a multiple of this
+IGNORE_INDEX = -100  # a target that does not count in the loss (masked prompt, padding)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -206,7 +207,7 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: [B, T] token ids. Returns (logits [B, T, V], mean cross-entropy or None).
 
-        `only_targets` runs the head only where `targets` is not -100 and returns those logits
+        `only_targets` runs the head only where `targets` is not IGNORE_INDEX and returns those logits
         as [N, V]: fine-tuning batches are mostly masked prompt and padding, and the head is the
         most expensive matmul of a small model.
         """
@@ -224,20 +225,22 @@ class GPT(nn.Module):
             cache.length += T
         kept = None
         if only_targets and targets is not None:
-            keep = targets != -100
+            keep = targets != IGNORE_INDEX
             x, targets = x[keep], targets[keep]
             # Round the row count up (padding rows are ignored): every new matmul shape costs
             # CPU oneDNN a cached kernel and its memory, and a count that varies per batch
             # would make the process grow by gigabytes.
             kept, pad = x.size(0), -x.size(0) % ROW_MULTIPLE
-            x, targets = F.pad(x, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=-100)
+            x, targets = F.pad(x, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=IGNORE_INDEX)
         logits = self.head(self.norm(x))
         if self.config.logit_softcap is not None:  # bounds the logits smoothly (Gemma 2, modded-nanogpt)
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits.float() / cap)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
         return (logits if kept is None else logits[:kept]), loss
 
     def num_params(self) -> int:

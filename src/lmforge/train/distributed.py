@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmforge.data.sft import IGNORE
-from lmforge.errors import LmforgeError
-from lmforge.train.runtime import resolve_device
+from lmforge.errors import LmforgeError, TrainingInterrupted
+from lmforge.model.gpt import IGNORE_INDEX
+from lmforge.runtime import resolve_device
 
 
 def launched_by_torchrun() -> bool:
@@ -65,7 +65,7 @@ class Distributed:
             return x, y, 1.0
         rows = x.size(0) // self.world
         mine = slice(self.rank * rows, (self.rank + 1) * rows)
-        scored, total = int((y[mine] != IGNORE).sum()), int((y != IGNORE).sum())
+        scored, total = int((y[mine] != IGNORE_INDEX).sum()), int((y != IGNORE_INDEX).sum())
         return x[mine], y[mine], scored * self.world / max(total, 1)
 
     @contextlib.contextmanager
@@ -157,8 +157,6 @@ def process_group(strategy: str, device_name: str) -> Iterator[tuple[Distributed
         # Another rank may be waiting in a collective: leave the group to die with the process
         # (the CLI exits at once, and torchrun stops the other ranks). A group of one is safe to
         # close, and so is any group after a signal stop, which every rank agreed on.
-        from lmforge.train.trainer import TrainingInterrupted
-
         if owns and (state.world == 1 or isinstance(error, TrainingInterrupted)):
             dist.destroy_process_group()
         raise

@@ -363,7 +363,7 @@ def estimate(
         raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
     notes = []
     if config.train.init_from:  # the model `train` would build
-        from lmforge.train import checkpoint as ckpt
+        from lmforge import checkpoint as ckpt
 
         source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
         config.model = ckpt.init_model_config(source, config.model)
@@ -383,7 +383,7 @@ def estimate(
     if peak_flops is not None:
         source = "given"
     elif cpu:
-        from lmforge.train.runtime import matmul_peak_flops
+        from lmforge.runtime import matmul_peak_flops
 
         peak_flops, source = (
             matmul_peak_flops(torch.device("cpu"), "fp32" if t.dtype == "fp32" else "bf16"),

@@ -22,29 +22,22 @@ from types import FrameType
 import torch
 from tqdm import tqdm
 
+from lmforge import checkpoint as ckpt
 from lmforge.config import Config, ModelConfig
 from lmforge.data.loader import PreparedData, RandomWindows
 from lmforge.data.sft import ExampleBatches, SFTData
-from lmforge.errors import LmforgeError
+from lmforge.data.tokenizer import check_same_tokenizer
+from lmforge.errors import LmforgeError, TrainingInterrupted
 from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
-from lmforge.train import checkpoint as ckpt
+from lmforge.model.lora import apply_lora
+from lmforge.runtime import autocast, matmul_peak_flops, rng_state, seed_everything, set_rng_state
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
-from lmforge.train.lora import apply_lora
 from lmforge.train.optim import build_optimizers, set_lr_factor
-from lmforge.train.runtime import autocast, matmul_peak_flops, rng_state, seed_everything, set_rng_state
 from lmforge.train.schedule import lr_factor
 
 MAX_CONSECUTIVE_SKIPS = 10
-
-
-class TrainingInterrupted(Exception):
-    """Raised after a SIGINT/SIGTERM once the checkpoint is safely written."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        super().__init__(f"{signal.Signals(signum).name} at step {step}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 @dataclass
@@ -280,16 +273,16 @@ def _train(
         ckpt.verify_checkpoint(init_from)
         config.model = ckpt.init_model_config(init_from, config.model)
     data = open_data(config, init_from)
-    if (
-        init_from is not None
-        and (init_from / "tokenizer.json").read_bytes() != data.tokenizer_file.read_bytes()
-    ):
-        raise LmforgeError(f"{data.dir}: its tokenizer differs from the one of train.init_from {init_from}")
+    if init_from is not None:
+        check_same_tokenizer(
+            data.dir, data.tokenizer_file, init_from / "tokenizer.json", f"train.init_from {init_from}"
+        )
     if resume_from is not None:
         saved = ckpt.load_config_of(resume_from)
         check_same_architecture(saved.model, config.model, resume_from)
-        if (resume_from / "tokenizer.json").read_bytes() != data.tokenizer_file.read_bytes():
-            raise LmforgeError(f"{data.dir}: its tokenizer differs from the one of checkpoint {resume_from}")
+        check_same_tokenizer(
+            data.dir, data.tokenizer_file, resume_from / "tokenizer.json", f"checkpoint {resume_from}"
+        )
 
     t = config.train
     amp = autocast(device, t.dtype)

@@ -257,7 +257,7 @@ def load_for_inference(target: Path, which: str, device: torch.device) -> Loaded
     config = load_config_of(path)
     model: torch.nn.Module = GPT(config.model)
     if config.lora.rank > 0:  # weights are stored with their adapters: load, then merge
-        from lmforge.train.lora import apply_lora, merge_lora
+        from lmforge.model.lora import apply_lora, merge_lora
 
         model = apply_lora(model, config.lora)
         load_weights(path, model)
