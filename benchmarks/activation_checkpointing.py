@@ -2,7 +2,7 @@
 
 Each mode runs in a fresh process, which builds the model, optimizer and a batch, runs one
 warm-up step (so optimizer state and allocator pools exist), then measures further steps
-of the real training step (`lmforge.train.trainer.Stepper`). Peak memory is what the step
+of the real training step (`lmforge.train.step.Stepper`). Peak memory is what the step
 adds on top of that steady state: on CUDA `torch.cuda.max_memory_allocated` after
 `reset_peak_memory_stats`; on CPU the growth of the process's peak resident set
 (`ru_maxrss`) over its resident set before the measured steps, with warm-up steps run at
@@ -38,7 +38,7 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
     from lmforge.runtime import resolve_device, synchronize
     from lmforge.train.distributed import apply_activation_checkpointing
     from lmforge.train.optim import build_optimizers
-    from lmforge.train.trainer import Stepper
+    from lmforge.train.step import Stepper
 
     device = resolve_device(args.device)
     torch.manual_seed(0)

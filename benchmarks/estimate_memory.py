@@ -94,7 +94,7 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     from lmforge.train.distributed import apply_activation_checkpointing
     from lmforge.train.estimate import count_parameters, memory
     from lmforge.train.optim import build_optimizers
-    from lmforge.train.trainer import Stepper
+    from lmforge.train.step import Stepper
 
     config = load_config(config_path, [*overrides, "train.device=cpu"])
     m, t = config.model, config.train

@@ -1,7 +1,7 @@
 """Steady-state training throughput: tokens/s, ms/step, MFU and peak memory.
 
 Each measurement runs in a fresh process (so peak memory and compile caches are its own)
-and times the real training step (`lmforge.train.trainer.Stepper`) on random tokens,
+and times the real training step (`lmforge.train.step.Stepper`) on random tokens,
 after warm-up steps. MFU divides the model's FLOPs by the matmul peak measured in the
 same process for the dtype in use.
 
@@ -43,7 +43,7 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     from lmforge.model import GPT
     from lmforge.runtime import autocast, matmul_peak_flops, resolve_device, synchronize
     from lmforge.train.optim import build_optimizers
-    from lmforge.train.trainer import Stepper
+    from lmforge.train.step import Stepper
 
     config = load_config(config_path, overrides)
     m, t = config.model, config.train

@@ -80,38 +80,18 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
 def _train(args: argparse.Namespace) -> int:
     import signal
 
-    from lmforge.config import load_config
     from lmforge.errors import TrainingInterrupted
-    from lmforge.train.trainer import train
+    from lmforge.train.trainer import train_command
 
-    if args.config is not None:
-        config_path: Path | None = Path(args.config)
-    elif args.out:  # --resume: the run's own config; otherwise the defaults plus --set
-        config_path = Path(args.out) / "config.toml" if args.resume else None
-    else:
-        raise LmforgeError("give a CONFIG file, or --out RUN_DIR (with --set overrides or --resume)")
-    config = load_config(config_path, args.set, origin=str(config_path or "--set"))
-    run_dir = Path(args.out) if args.out else Path("runs") / config_path.stem
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for the job
     try:
-        summary = train(config, run_dir, resume=args.resume, overwrite=args.overwrite)
+        summary = train_command(args.config, args.set, args.out, args.resume, args.overwrite)
     except TrainingInterrupted as stop:
         if main_rank:
-            print(
-                f"lmforge train: {stop}; checkpoint saved to {stop.checkpoint}; continue with "
-                f"`lmforge train --resume --out {run_dir}`",
-                file=sys.stderr,
-            )
+            print(f"lmforge train: {stop}", file=sys.stderr)
         return 128 + stop.signum if stop.signum in (signal.SIGINT, signal.SIGTERM) else 1
-    if not main_rank:
-        return 0
-    result = summary.final_eval
-    bpb = f", {result.bpb:.3f} bpb" if result and result.bpb else ""
-    print(
-        f"done: {summary.steps} steps in {summary.elapsed_s:.1f} s, {summary.tokens_per_s:,.0f} tokens/s, "
-        f"MFU {summary.mfu:.1%}; val loss {result.loss:.4f} (ppl {result.ppl:.2f}{bpb}); "
-        f"checkpoint {summary.checkpoint}"
-    )
+    if main_rank:
+        print(summary.describe())
     return 0
 
 
@@ -160,12 +140,7 @@ def _add_tasks(verbs: argparse._SubParsersAction) -> None:
     q.set_defaults(run=_tasks_prepare)
 
 
-def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "config",
-        nargs="?",
-        help="TOML config (default: RUN_DIR/config.toml with --resume, else the defaults)",
-    )
+def _add_set_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
         action="append",
@@ -173,6 +148,15 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set model.n_layer=6 (repeatable)",
     )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "config",
+        nargs="?",
+        help="TOML config (default: RUN_DIR/config.toml with --resume, else the defaults)",
+    )
+    _add_set_option(p)
     p.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
@@ -227,13 +211,7 @@ def _add_estimate(verbs: argparse._SubParsersAction) -> None:
         "activation checkpointing, and the time for the token budget at a given MFU.",
     )
     p.add_argument("config", help="TOML config (as for `lmforge train`)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.n_layer=12 (repeatable)",
-    )
+    _add_set_option(p)
     p.add_argument("--devices", default="1", help="number of devices (default 1)")
     p.add_argument(
         "--device-type",

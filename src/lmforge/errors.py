@@ -11,8 +11,11 @@ class LmforgeError(Exception):
 
 
 class TrainingInterrupted(Exception):
-    """Raised after a SIGINT/SIGTERM once the checkpoint is safely written."""
+    """Raised after a SIGINT/SIGTERM once the checkpoint is safely written; says how to go on."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path) -> None:
+        super().__init__(
+            f"{signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}; "
+            f"continue with `lmforge train --resume --out {run_dir}`"
+        )
         self.signum, self.step, self.checkpoint = signum, step, checkpoint

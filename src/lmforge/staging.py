@@ -1,4 +1,10 @@
-"""Write an output folder atomically: build it beside its destination, move it in when whole."""
+"""Write a folder atomically: build it beside its destination, move it in only when whole.
+
+Every folder lmforge writes goes through `staged`: prepared data, task files, exports, imports
+and each checkpoint. A kill at any moment leaves either the previous folder or the new one,
+never a mix; what is left of an unfinished staging folder is hidden (`.tmp-NAME-*`) and
+removed by the next save into the same parent.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,8 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 
+STAGING_PREFIX = ".tmp-"
+
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse to replace a non-empty folder (or a file) unless `overwrite`."""
@@ -21,22 +29,57 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty folder next to `out`; if the body succeeds it replaces `out`, else it vanishes."""
-    check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+def staged(final: Path, durable: bool = False) -> Iterator[Path]:
+    """Yield an empty folder beside `final`; if the body succeeds it replaces `final`, else it vanishes.
+
+    `durable` fsyncs every file and the parent folder before returning, so the new folder
+    survives a power loss too (checkpoints); outputs that can be rebuilt skip the cost.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{STAGING_PREFIX}{final.name}-"))
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the folder's mode
     try:
         yield staging
-        if out.exists():
-            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, retired)
-            os.replace(staging, out)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out)
+        if durable:
+            for file in staging.rglob("*"):
+                if file.is_file():
+                    _fsync(file)
+        _replace(staging, final)
+        if durable:
+            _fsync(final.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
+    """`staged` for a user-named `--out` folder: a non-empty one is replaced only with `overwrite`."""
+    check_out(out, overwrite)
+    with staged(out) as staging:
+        yield staging
+
+
+def remove_stale_staging(parent: Path) -> None:
+    """Delete staging folders left by a process killed while writing."""
+    for stale in parent.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _replace(staging: Path, final: Path) -> None:
+    if not final.exists():
+        os.replace(staging, final)
+        return
+    retired = final.with_name(f"{STAGING_PREFIX}{final.name}-old-{os.getpid()}")
+    os.replace(final, retired)
+    os.replace(staging, final)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

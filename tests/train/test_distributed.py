@@ -22,7 +22,8 @@ from lmforge.config import ModelConfig, load_config
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT
 from lmforge.train.distributed import Distributed, apply_activation_checkpointing
-from lmforge.train.trainer import _train, train
+from lmforge.train.run import build_run
+from lmforge.train.trainer import train
 from tests.conftest import TINY
 from tests.train.conftest import read_metrics
 
@@ -288,7 +289,7 @@ def test_parallel_config_errors(reference: Path, tmp_path: Path, monkeypatch: py
     with pytest.raises(
         LmforgeError, match=r"train.batch_size \(7\) must be divisible by the number of processes \(2\)"
     ):
-        _train(
+        build_run(
             config, tmp_path / "run", False, False, Distributed("ddp", rank=0, world=2), torch.device("cpu")
         )
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -299,7 +299,7 @@ def test_grad_accumulation_matches_a_bigger_batch() -> None:
 
     from lmforge.config import ModelConfig
     from lmforge.model import GPT
-    from lmforge.train.trainer import Stepper
+    from lmforge.train.step import Stepper
 
     torch.manual_seed(0)
     x, y = torch.randint(0, 30, (8, 16)), torch.randint(0, 30, (8, 16))

@@ -1,10 +1,11 @@
-"""Data parallelism on PyTorch's own engine: torchrun processes, DDP or FSDP2, DCP checkpoints.
+"""Data parallelism on PyTorch's own engine: torchrun processes, DDP or FSDP2, gradient clipping.
 
 Parallelism is applied from outside the model (as in torchtitan): `parallelize` wraps the
 plain `GPT` with activation checkpointing per block and then DDP, or FSDP2's `fully_shard`
 per block and on the root. The training loop stays the one loop of `trainer.py`; it asks a
 `Distributed` for its share of each batch, for gradient sync on the last micro-batch only,
-and for cross-rank means of what it logs.
+and for cross-rank means of what it logs. Checkpoints of such a run (DCP shards) are the
+checkpoint package's business (`lmforge.checkpoint.sharded`).
 
 Global batch: every rank draws the same micro-batch of `train.batch_size` sequences from
 the same seeded sampler and keeps its own `batch_size / world` rows, so the optimizer sees
@@ -18,11 +19,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -99,14 +97,6 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj` on every rank (a path chosen by rank 0, for instance)."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 @contextlib.contextmanager
@@ -236,87 +226,3 @@ def clip_grad_norm(parameters: Iterator[nn.Parameter], max_norm: float) -> torch
         total = total.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
-
-
-class ShardedCheckpoint:
-    """What `checkpoint.save_checkpoint` needs when several ranks write one checkpoint.
-
-    Rank 0 writes the usual files, model.safetensors gathered in full, so `sample`, `eval` and
-    `export` read it as any other checkpoint; every rank writes its shard of model and optimizer
-    through DCP into `train_state/`, which any world size can load (DCP reshards).
-    """
-
-    def __init__(
-        self,
-        dist_state: Distributed,
-        model: nn.Module,
-        module: nn.Module,
-        optimizers: list[torch.optim.Optimizer],
-    ) -> None:
-        self.dist, self.model, self.module, self.optimizers = dist_state, model, module, optimizers
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.is_main
-
-    def broadcast(self, obj: Any) -> Any:
-        return self.dist.broadcast(obj)
-
-    def barrier(self) -> None:
-        self.dist.barrier()
-
-    def full_weights(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on rank 0 (an empty dict elsewhere), tied weights shared again."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        weights = get_model_state_dict(
-            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        if weights:  # gathering copies a tied weight once per name; safetensors stores shared tensors once
-            names: dict[int, list[str]] = {}
-            for name, param in self.module.named_parameters(remove_duplicate=False):
-                names.setdefault(id(param), []).append(name.replace("_checkpoint_wrapped_module.", ""))
-            for first, *aliases in names.values():
-                if aliases:  # own storage: a gathered tensor may be a view into a larger buffer
-                    weights[first] = weights[first].clone()
-                for alias in aliases:
-                    weights[alias] = weights[first]
-        return weights
-
-    def save(self, folder: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizers)
-        dcp.save({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=folder)
-
-
-def load_sharded(folder: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
-    """Model and optimizer state from a DCP folder, resharded to this job (or one plain process)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizers)
-    state = {"model": model_state, "optimizers": optimizer_state}
-    try:
-        with warnings.catch_warnings():  # without a process group DCP loads in this one process, as intended
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=folder)
-    except Exception as exc:  # DCP reports a damaged or foreign folder in many ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LmforgeError(f"{folder}: cannot load the sharded training state ({reason})") from None
-    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
-
-
-def full_optimizer_state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict:
-    """Optimizer state keyed by parameter name with full tensors: what a single-process checkpoint
-    holds, in the form `set_full_optimizer_state` can shard onto a parallelized model."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(module, optimizers, options=StateDictOptions(full_state_dict=True))
-
-
-def set_full_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))

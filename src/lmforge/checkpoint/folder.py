@@ -10,37 +10,42 @@
                             (torch.distributed.checkpoint), loadable at any world size; state.pt
                             then holds the loader, RNG and loop state without the optimizer
 
-A checkpoint is assembled in a hidden temporary folder and renamed into place, so a kill
-at any moment leaves either the whole new checkpoint or none of it; the sha256 list
+A checkpoint is assembled in a hidden staging folder and renamed into place (`lmforge.staging`),
+so a kill at any moment leaves either the whole new checkpoint or none of it; the sha256 list
 catches files truncated or altered afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from lmforge.checkpoint.sharded import (
+    TRAIN_STATE,
+    ShardedModel,
+    barrier,
+    broadcast_from_main,
+    gather_full_weights,
+    is_main_process,
+    save_shards,
+)
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
-
-if TYPE_CHECKING:
-    from lmforge.train.distributed import ShardedCheckpoint
+from lmforge.staging import remove_stale_staging, staged
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 FILES = ("model.safetensors", "state.pt", "config.toml", "tokenizer.json")
-TRAIN_STATE = "train_state"  # DCP folder of a distributed run
 
 
 class _Weights:
@@ -56,9 +61,9 @@ class _Weights:
 def _sharded_files(path: Path) -> list[str]:
     """Relative names of the DCP files of a checkpoint, sorted (none for a single-process one)."""
     folder = path / TRAIN_STATE
-    return (
-        sorted(str(f.relative_to(path)) for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else []
-    )
+    if not folder.is_dir():
+        return []
+    return sorted(str(f.relative_to(path)) for f in folder.rglob("*") if f.is_file())
 
 
 def has_sharded_state(path: Path) -> bool:
@@ -72,12 +77,8 @@ class CheckpointInfo:
     val_loss: float | None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"{PREFIX}{step:07d}"
 
 
 def save_checkpoint(
@@ -88,7 +89,7 @@ def save_checkpoint(
     config: Config,
     tokenizer_file: Path,
     val_loss: float | None,
-    sharded: ShardedCheckpoint | None = None,
+    sharded: ShardedModel | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and return its folder.
 
@@ -96,43 +97,38 @@ def save_checkpoint(
     into rank 0's staging folder and gather the full weights to rank 0, which writes the other
     files and renames the folder into place; the others wait for that before going on.
     """
-    main = sharded is None or sharded.is_main
-    root = run_dir / CHECKPOINTS
-    final = root / f"{PREFIX}{step:07d}"
-    staging = None
-    if main:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{final.name}-"))
-    try:
+    main = sharded is None or is_main_process()
+    final = checkpoint_path(run_dir, step)
+    with staged(final, durable=True) if main else contextlib.nullcontext() as staging:
         weights = model
         if sharded is not None:
-            staging = sharded.broadcast(staging)
-            sharded.save(staging / TRAIN_STATE)
-            weights = _Weights(sharded.full_weights())
+            staging = broadcast_from_main(staging)
+            save_shards(staging / TRAIN_STATE, sharded)
+            weights = _Weights(gather_full_weights(sharded))
         if main:
-            save_model(weights, str(staging / "model.safetensors"))
-            torch.save(state, staging / "state.pt")
-            (staging / "config.toml").write_text(config.to_toml())
-            shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
-            names = (*FILES, *_sharded_files(staging))
-            meta = {
-                "step": step,
-                "val_loss": val_loss,
-                "sha256": {name: file_sha256(staging / name) for name in names},
-            }
-            (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            for name in (*names, "meta.json"):
-                _fsync(staging / name)
-            if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            _fsync(root)
-        if sharded is not None:
-            sharded.barrier()  # nobody reads or prunes the checkpoint before it is in place
-    finally:
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
+            _write_files(staging, step, weights, state, config, tokenizer_file, val_loss)
+    if sharded is not None:
+        barrier()  # nobody reads or prunes the checkpoint before it is in place
     return final
+
+
+def _write_files(
+    folder: Path,
+    step: int,
+    weights: Any,
+    state: dict[str, Any],
+    config: Config,
+    tokenizer_file: Path,
+    val_loss: float | None,
+) -> None:
+    save_model(weights, str(folder / "model.safetensors"))
+    torch.save(state, folder / "state.pt")
+    (folder / "config.toml").write_text(config.to_toml())
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+    names = (*FILES, *_sharded_files(folder))
+    sha256 = {name: file_sha256(folder / name) for name in names}
+    meta = {"step": step, "val_loss": val_loss, "sha256": sha256}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
@@ -166,8 +162,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
     for c in checkpoints:
         if c.path not in keep:
             shutil.rmtree(c.path, ignore_errors=True)
-    for stale in (run_dir / CHECKPOINTS).glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_staging(run_dir / CHECKPOINTS)
 
 
 def resolve_checkpoint(target: Path, which: str = "best") -> Path:

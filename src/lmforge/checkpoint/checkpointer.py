@@ -1,0 +1,204 @@
+"""The `Checkpointer`: every checkpoint decision of a training run, in one place.
+
+Where a run resumes from, what a resume restores (and in which order, around parallelisation),
+when to save (periodically, on a new best val loss, at the end, on a stop signal), and which
+checkpoints to keep. The training loop only tells it what happened; torchtitan's
+`CheckpointManager` plays the same part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from lmforge.checkpoint.folder import (
+    CHECKPOINTS,
+    has_sharded_state,
+    list_checkpoints,
+    load_state,
+    load_weights,
+    prune_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+)
+from lmforge.checkpoint.sharded import (
+    TRAIN_STATE,
+    ShardedModel,
+    full_optimizer_state,
+    is_main_process,
+    load_shards,
+    set_full_optimizer_state,
+)
+from lmforge.config import Config
+from lmforge.errors import LmforgeError
+from lmforge.runtime import rng_state, set_rng_state
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainingState:
+    """The objects a checkpoint saves and a resume restores, besides the config and tokenizer."""
+
+    module: nn.Module  # the model itself: model.safetensors, parameter names
+    wrapped: nn.Module  # what runs forward/backward (DDP/FSDP2 around `module`): its DCP shards
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    batches: Stateful  # the data sampler
+    progress: Any  # a dataclass of loop counters (step, tokens, elapsed, best val loss, ...)
+
+
+class Checkpointer:
+    """Owns the checkpoints of one run folder: resume, restore, save policy, pruning.
+
+    `sharded` (a data-parallel run): every rank calls every method; the optimizer state goes
+    into DCP shards, the rest is written by rank 0.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Config,
+        tokenizer_file: Path,
+        sharded: bool = False,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.run_dir, self.config, self.tokenizer_file = run_dir, config, tokenizer_file
+        self.sharded = sharded
+        self.clock = clock  # the run's elapsed seconds, saved with each checkpoint
+        self.state: TrainingState | None = None
+        self.resume_from: Path | None = None
+        self.latest: Path | None = None  # the newest checkpoint of this run, once there is one
+        self.last_saved_step = -1
+        self._saved: dict[str, Any] | None = None
+        self._full_optimizer_state: dict | None = None
+
+    @staticmethod
+    def find_resume_point(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from (verified), or None for a new run; refuse to clobber a run."""
+        if resume and overwrite:
+            raise LmforgeError("--resume and --overwrite exclude each other")
+        if resume:
+            checkpoints = list_checkpoints(run_dir)
+            if not checkpoints:
+                raise LmforgeError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
+            latest = checkpoints[-1].path
+            verify_checkpoint(latest)
+            return latest
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+            raise LmforgeError(
+                f"{run_dir} exists; pass --resume to continue that run or --overwrite to start over"
+            )
+        return None
+
+    def restore_weights(
+        self,
+        path: Path,
+        module: nn.Module,
+        build_optimizers: Callable[[nn.Module], list[torch.optim.Optimizer]],
+    ) -> None:
+        """First half of a resume, before parallelisation: the full weights into the plain model.
+
+        A single-process checkpoint resumed by several processes also has its optimizer moments
+        named by parameter here (from optimizers built on the plain model), so that `restore` can
+        shard them onto the parallelized one.
+        """
+        self.resume_from = self.latest = path
+        load_weights(path, module)
+        self._saved = load_state(path)
+        has_optimizers = "optimizers" in self._saved
+        if not has_optimizers and not has_sharded_state(path):
+            raise LmforgeError(
+                f"{path}: has no training state to resume (an imported checkpoint?); "
+                f'start a new run with train.init_from = "{path}"'
+            )
+        if has_optimizers and self.sharded:
+            plain = build_optimizers(module)
+            _load_optimizer_states(plain, self._saved["optimizers"])
+            self._full_optimizer_state = full_optimizer_state(module, plain)
+
+    def restore(self, state: TrainingState) -> None:
+        """Attach the run's objects; on a resume, give them their saved state (second half)."""
+        self.state = state
+        if self.resume_from is None:
+            return
+        saved, path = self._saved, self.resume_from
+        if has_sharded_state(path):
+            load_shards(path / TRAIN_STATE, state.wrapped, state.optimizers)
+        elif self._full_optimizer_state is not None:
+            set_full_optimizer_state(state.wrapped, state.optimizers, self._full_optimizer_state)
+        else:
+            _load_optimizer_states(state.optimizers, saved["optimizers"])
+        state.scaler.load_state_dict(saved["scaler"])
+        state.batches.load_state_dict(saved["batches"])
+        set_rng_state(saved["rng"])
+        for name, value in saved["loop"].items():
+            setattr(state.progress, name, value)
+        self._saved = self._full_optimizer_state = None
+
+    def after_step(self, step: int, val_loss: float | None, last: bool) -> None:
+        """Save when the step is periodic, the val loss a new best, or the run ends here (`last`)."""
+        progress = self.state.progress
+        best = progress.best_val_loss
+        improved = val_loss is not None and (best is None or val_loss < best)
+        if improved:
+            progress.best_val_loss = val_loss
+        interval = self.config.train.checkpoint_interval
+        if (interval and step % interval == 0) or improved or last:
+            self.save(step, val_loss)
+
+    def on_stop(self, step: int) -> Path:
+        """A stop signal: make sure this step is saved; return the checkpoint to resume from."""
+        if self.last_saved_step != step:
+            self.save(step, None)
+        return self.latest
+
+    def finish(self, step: int, val_loss: float) -> Path:
+        """The end of the run: the checkpoint to report (saved now if the run has none yet)."""
+        if self.last_saved_step != step and self.latest is None:
+            self.save(step, val_loss)
+        return self.latest
+
+    def save(self, step: int, val_loss: float | None) -> Path:
+        """Write checkpoint `step` now, then prune the old ones."""
+        state = self.state
+        if self.clock is not None:
+            state.progress.elapsed_s = self.clock()
+        training_state = {
+            # sharded: the optimizer state goes into the checkpoint's DCP folder instead
+            **({} if self.sharded else {"optimizers": [o.state_dict() for o in state.optimizers]}),
+            "scaler": state.scaler.state_dict(),
+            "batches": state.batches.state_dict(),
+            "rng": rng_state(),
+            "loop": dataclasses.asdict(state.progress),
+        }
+        sharded = ShardedModel(state.wrapped, state.module, state.optimizers) if self.sharded else None
+        path = save_checkpoint(
+            self.run_dir,
+            step,
+            state.module,
+            training_state,
+            self.config,
+            self.tokenizer_file,
+            val_loss,
+            sharded,
+        )
+        if sharded is None or is_main_process():
+            prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints)
+        self.latest, self.last_saved_step = path, step
+        return path
+
+
+def _load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:
+    for optimizer, optimizer_state in zip(optimizers, states, strict=True):
+        optimizer.load_state_dict(optimizer_state)

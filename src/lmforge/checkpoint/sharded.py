@@ -1,0 +1,107 @@
+"""Checkpoints of a data-parallel run: model and optimizer shards through DCP.
+
+Every rank writes its shard of the model and optimizer state with `torch.distributed.checkpoint`
+into a checkpoint's `train_state/`, which any world size can load (DCP reshards), and rank 0
+also writes the gathered full weights as the usual `model.safetensors`, so `sample`, `eval`
+and `export` read a distributed run's checkpoint like any other.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lmforge.errors import LmforgeError
+
+TRAIN_STATE = "train_state"  # the DCP folder inside a checkpoint
+
+
+@dataclass(frozen=True)
+class ShardedModel:
+    """What a distributed save needs: the wrapped model, the model itself, and its optimizers."""
+
+    wrapped: nn.Module  # DDP / FSDP2: what DCP's state-dict helpers understand
+    module: nn.Module  # the plain GPT (or its peft wrapper): parameter names and tied weights
+    optimizers: list[torch.optim.Optimizer]
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank (a folder chosen by rank 0, for instance)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_shards(folder: Path, sharded: ShardedModel) -> None:
+    """Every rank writes its shard of model and optimizer state into `folder` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(sharded.wrapped, sharded.optimizers)
+    dcp.save({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=folder)
+
+
+def load_shards(folder: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
+    """Model and optimizer state from a DCP folder, resharded to this job (or one plain process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizers)
+    state = {"model": model_state, "optimizers": optimizer_state}
+    try:
+        with warnings.catch_warnings():  # without a process group DCP loads in this one process, as intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=folder)
+    except Exception as exc:  # DCP reports a damaged or foreign folder in many ways
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LmforgeError(f"{folder}: cannot load the sharded training state ({reason})") from None
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
+
+
+def gather_full_weights(sharded: ShardedModel) -> dict[str, torch.Tensor]:
+    """The whole model's weights on rank 0 (an empty dict elsewhere), tied weights shared again."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(sharded.wrapped, options=options)
+    if weights:  # gathering copies a tied weight once per name; safetensors stores shared tensors once
+        names: dict[int, list[str]] = {}
+        for name, param in sharded.module.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name.replace("_checkpoint_wrapped_module.", ""))
+        for first, *aliases in names.values():
+            if aliases:  # own storage: a gathered tensor may be a view into a larger buffer
+                weights[first] = weights[first].clone()
+            for alias in aliases:
+                weights[alias] = weights[first]
+    return weights
+
+
+def full_optimizer_state(module: nn.Module, optimizers: list[torch.optim.Optimizer]) -> dict:
+    """Optimizer state keyed by parameter name with full tensors: what a single-process checkpoint
+    holds, in the form `set_full_optimizer_state` can shard onto a parallelized model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizers, options=StateDictOptions(full_state_dict=True))
+
+
+def set_full_optimizer_state(model: nn.Module, optimizers: list[torch.optim.Optimizer], state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizers, state, options=StateDictOptions(full_state_dict=True))

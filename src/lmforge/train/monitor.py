@@ -1,0 +1,127 @@
+"""What a training run reports as it goes: `metrics.jsonl`, a progress bar and one-line messages.
+
+Only rank 0 of a data-parallel job reports; the other ranks get a `Monitor` that writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from lmforge.eval.lm import LMEval
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer update measured."""
+
+    step: int  # updates done, this one included
+    loss: float
+    grad_norm: float  # before clipping
+    lr: float
+    tokens: int  # input tokens of the whole global batch
+    seconds: float
+    elapsed_s: float  # since the run began, resumed runs included
+    skipped: bool  # a non-finite loss: the update was not applied
+
+
+class MetricsLog:
+    """`metrics.jsonl`: one JSON object per step and per eval, flushed as written (None: write nothing)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8") if path is not None else None
+
+    def write(self, entry: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+    @staticmethod
+    def truncate(path: Path, step: int) -> None:
+        """Drop entries after `step` (and a torn last line), so a resumed run continues the log exactly."""
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                break
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+
+
+class Monitor:
+    """Metrics, progress bar and messages of one run (silent when `run_dir` is None)."""
+
+    def __init__(
+        self,
+        run_dir: Path | None,
+        max_steps: int,
+        first_step: int,
+        flops_per_token: float,
+        peak_flops: float,
+        progress: bool = True,
+        bar_interval: int = 10,
+    ) -> None:
+        self.metrics = MetricsLog(run_dir / METRICS_FILE if run_dir is not None else None)
+        self.max_steps, self.bar_interval = max_steps, bar_interval
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        disable = not progress or run_dir is None
+        self.bar = tqdm(total=max_steps, initial=first_step, unit="step", disable=disable, dynamic_ncols=True)
+        self.silent = run_dir is None
+
+    def step(self, result: StepResult) -> None:
+        tokens_per_s = result.tokens / result.seconds
+        entry = {
+            "step": result.step,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * result.tokens / result.seconds / self.peak_flops,
+            "elapsed_s": result.elapsed_s,
+        }
+        if result.skipped:
+            entry["skipped"] = True
+        self.metrics.write(entry)
+        self.bar.update(1)
+        if result.step % self.bar_interval == 0 or result.step == self.max_steps:
+            self.bar.set_postfix(
+                loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{entry['mfu']:.0%}"
+            )
+
+    def eval(self, step: int, result: LMEval) -> None:
+        entry = {"step": step, "val_loss": result.loss, "val_ppl": result.ppl}
+        if result.bpb is not None:
+            entry["val_bpb"] = result.bpb
+        self.metrics.write(entry)
+        bpb = f", {result.bpb:.3f} bpb" if result.bpb else ""
+        self.say(f"step {step}: val loss {result.loss:.4f}, ppl {result.ppl:.2f}{bpb}")
+
+    def say(self, text: str) -> None:
+        """A line above the progress bar."""
+        if not self.silent:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics.close()
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

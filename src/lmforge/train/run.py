@@ -1,0 +1,262 @@
+"""Build a training run: data, model, optimizers, parallelism and restored state, in one object.
+
+Everything here happens once, before the first step, in an order that matters for exact
+resume: the seed before the model, a source checkpoint's weights before LoRA, saved weights
+before parallelisation, saved optimizer and sampler state after it. The loop (`trainer.py`)
+only uses the `Run` this builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge import checkpoint as ckpt
+from lmforge.checkpoint import Checkpointer, TrainingState
+from lmforge.config import Config, ModelConfig
+from lmforge.data.loader import PreparedData
+from lmforge.data.sft import SFTData
+from lmforge.data.tokenizer import check_same_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.eval.lm import LMEval, evaluate_lm
+from lmforge.model.gpt import GPT
+from lmforge.model.lora import apply_lora
+from lmforge.runtime import autocast, matmul_peak_flops, seed_everything
+from lmforge.train import distributed
+from lmforge.train.distributed import Distributed
+from lmforge.train.monitor import METRICS_FILE, MetricsLog
+from lmforge.train.optim import build_optimizers
+from lmforge.train.step import Stepper
+
+TrainingData = PreparedData | SFTData  # TODO(merge): the data Protocol
+
+
+@dataclass
+class LoopState:
+    """The loop's counters, saved in every checkpoint."""
+
+    step: int = 0  # optimizer updates done
+    tokens_seen: int = 0  # input tokens of every global batch so far
+    elapsed_s: float = 0.0  # wall time of the run, earlier sessions of a resumed run included
+    best_val_loss: float | None = None  # lowest val loss so far: the `best` checkpoint
+    skipped_steps: int = 0  # updates skipped for a non-finite loss (train.on_nan = "skip")
+
+
+@dataclass
+class Run:
+    """Everything one training run works with."""
+
+    config: Config
+    run_dir: Path
+    dist: Distributed
+    device: torch.device
+    data: TrainingData
+    amp: contextlib.AbstractContextManager  # autocast for train.dtype (a no-op in fp32)
+    state: TrainingState  # model, wrapped model, optimizers, scaler, sampler, loop counters
+    checkpointer: Checkpointer
+    stepper: Stepper
+    peak_flops: float  # matmul FLOP/s of the whole job: the denominator of MFU
+    clock_start: float  # perf_counter() at which `elapsed()` would have been 0
+
+    @classmethod
+    def assemble(
+        cls,
+        config: Config,
+        run_dir: Path,
+        dist: Distributed,
+        device: torch.device,
+        data: TrainingData,
+        amp: contextlib.AbstractContextManager,
+        state: TrainingState,
+        checkpointer: Checkpointer,
+    ) -> Run:
+        t = config.train
+        stepper = Stepper(
+            state.wrapped,
+            state.optimizers,
+            state.scaler,
+            amp,
+            device,
+            t.grad_accum_steps,
+            config.optim.grad_clip,
+            t.compile,
+            dist,
+            only_targets=config.data.kind == "sft",
+        )
+        peak_flops = matmul_peak_flops(device, t.dtype) * dist.world  # MFU of the whole job
+        clock_start = time.perf_counter() - state.progress.elapsed_s
+        run = cls(
+            config, run_dir, dist, device, data, amp, state, checkpointer, stepper, peak_flops, clock_start
+        )
+        checkpointer.clock = run.elapsed
+        return run
+
+    @property
+    def progress(self) -> LoopState:
+        return self.state.progress
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, earlier sessions of a resumed run included."""
+        return time.perf_counter() - self.clock_start
+
+    def evaluate(self) -> LMEval:
+        """The val loss; each rank scores a share of the batches and all get the same result."""
+        batches = self.data.eval_batches(self.config.model.block_size, self.config.train.eval_batch_size)
+        return evaluate_lm(
+            self.state.module,
+            batches,
+            self.device,
+            self.amp,
+            self.data.bytes_per_token("val"),
+            rank=self.dist.rank,
+            world=self.dist.world,
+        )
+
+
+def build_run(
+    config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: Distributed, device: torch.device
+) -> Run:
+    """Check the inputs, then build (or restore) every object of the run; rank 0 sets up `run_dir`."""
+    t = config.train
+    check_batch_split(t.batch_size, dist.world)
+    resume_from = Checkpointer.find_resume_point(run_dir, resume, overwrite)
+    init_from = None if resume_from is not None else resolve_init_from(config)
+    data = open_data(config, init_from)
+    check_compatible(config, data, init_from, resume_from)
+    amp = autocast(device, t.dtype)
+    module = build_model(config, init_from, device)
+    checkpointer = Checkpointer(run_dir, config, data.tokenizer_file, sharded=dist.enabled)
+    if resume_from is not None:
+        checkpointer.restore_weights(resume_from, module, lambda m: build_optimizers(m, config.optim))
+    wrapped = distributed.parallelize(module, dist, device, t.dtype, t.activation_checkpointing)
+    state = TrainingState(
+        module=module,
+        wrapped=wrapped,
+        optimizers=build_optimizers(module, config.optim),
+        scaler=torch.amp.GradScaler(device.type, enabled=t.dtype == "fp16"),
+        batches=data.train_batches(config.model.block_size, t.batch_size, seed=t.seed),
+        progress=LoopState(),
+    )
+    dist.barrier()  # every rank has checked the run folder before rank 0 changes it
+    checkpointer.restore(state)
+    if dist.is_main:
+        resumed_at = None if resume_from is None else state.progress.step
+        prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at)
+    dist.barrier()
+    return Run.assemble(config, run_dir, dist, device, data, amp, state, checkpointer)
+
+
+def check_batch_split(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        raise LmforgeError(
+            f"train.batch_size ({batch_size}) must be divisible by the number of processes "
+            f"({world}): each takes an equal share of every micro-batch"
+        )
+
+
+def resolve_init_from(config: Config) -> Path | None:
+    """train.init_from's checkpoint, verified; the run takes its architecture (config.model)."""
+    if not config.train.init_from:
+        return None
+    init_from = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
+    ckpt.verify_checkpoint(init_from)
+    config.model = ckpt.init_model_config(init_from, config.model)
+    return init_from
+
+
+def open_data(config: Config, init_from: Path | None = None) -> TrainingData:
+    """Open the configured data and reconcile the model's vocabulary and block size with it."""
+    model = config.model
+    if not config.data.dir:
+        raise LmforgeError(
+            "data.dir is not set (a folder written by `lmforge prepare` or `lmforge tasks prepare`)"
+        )
+    if config.data.kind == "sft":
+        tokenizer = config.data.tokenizer or (str(init_from / "tokenizer.json") if init_from else "")
+        if not tokenizer:
+            raise LmforgeError(
+                "data.tokenizer is not set (fine-tuning data needs a tokenizer.json or train.init_from)"
+            )
+        data: TrainingData = SFTData(
+            Path(config.data.dir), Path(tokenizer), model.block_size, config.data.on_bad_line
+        )
+    else:
+        data = _open_tokens(config.data.dir, model.block_size)
+    if model.vocab_size is None:
+        model.vocab_size = data.vocab_size
+    elif model.vocab_size < data.vocab_size:
+        raise LmforgeError(
+            f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary "
+            f"({data.vocab_size}, tokenizer {data.tokenizer_file})"
+        )
+    return data
+
+
+def _open_tokens(directory: str, block_size: int) -> PreparedData:
+    data = PreparedData.open(directory)
+    if block_size >= len(data.train):
+        raise LmforgeError(
+            f"model.block_size {block_size} is larger than the train split ({len(data.train)} tokens)"
+        )
+    if len(data.val) < 2:
+        raise LmforgeError(f"{data.dir}: the val split needs at least 2 tokens to evaluate")
+    return data
+
+
+def check_compatible(
+    config: Config, data: TrainingData, init_from: Path | None, resume_from: Path | None
+) -> None:
+    """The data's tokenizer is the source checkpoint's; a resumed run keeps its architecture."""
+    if init_from is not None:
+        source = f"train.init_from {init_from}"
+        check_same_tokenizer(data.dir, data.tokenizer_file, init_from / "tokenizer.json", source)
+    if resume_from is not None:
+        check_same_architecture(ckpt.load_config_of(resume_from).model, config.model, resume_from)
+        source = f"checkpoint {resume_from}"
+        check_same_tokenizer(data.dir, data.tokenizer_file, resume_from / "tokenizer.json", source)
+
+
+def check_same_architecture(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:
+    ignore = {"dropout"}  # regularisation, not architecture: may change on resume
+    a, b = dataclasses.asdict(saved), dataclasses.asdict(wanted)
+    diffs = [
+        f"model.{k}: {a[k]!r} in the checkpoint, {b[k]!r} in the config"
+        for k in a
+        if k not in ignore and a[k] != b[k]
+    ]
+    if diffs:
+        raise LmforgeError(f"{where}: checkpoint of another architecture ({'; '.join(diffs)})")
+
+
+def build_model(config: Config, init_from: Path | None, device: torch.device) -> nn.Module:
+    """The seeded model, with train.init_from's weights and LoRA adapters when configured."""
+    if config.train.deterministic != torch.are_deterministic_algorithms_enabled():  # imports dynamo: ~1 s
+        torch.use_deterministic_algorithms(config.train.deterministic)
+    seed_everything(config.train.seed)  # the same on every rank: identical initial weights and batches
+    module: nn.Module = GPT(config.model).to(device)
+    if init_from is not None:  # through the inference loader, so a LoRA source arrives merged
+        module.load_state_dict(ckpt.load_for_inference(init_from, "best", device).model.state_dict())
+    if config.lora.rank > 0:
+        module = apply_lora(module, config.lora)
+    return module
+
+
+def prepare_run_dir(run_dir: Path, config: Config, tokenizer_file: Path, resumed_at: int | None) -> None:
+    """A resumed run's log is cut back to its checkpoint; a new run starts in an empty folder
+    (--overwrite was checked earlier). Either way the folder holds the config and tokenizer."""
+    if resumed_at is not None:
+        MetricsLog.truncate(run_dir / METRICS_FILE, resumed_at)
+    elif run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    elif run_dir.exists():
+        run_dir.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config.to_toml())
+    shutil.copyfile(tokenizer_file, run_dir / "tokenizer.json")

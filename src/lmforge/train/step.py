@@ -1,0 +1,106 @@
+"""One optimizer update, and the rule for losses that are not finite."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.train import distributed
+from lmforge.train.distributed import Distributed
+
+MAX_CONSECUTIVE_SKIPS = 10
+
+
+class Stepper:
+    """One optimizer update: forward and backward over the micro-batches, unscale, clip, step.
+
+    Split in two so the loop can inspect the loss and grad norm before deciding to apply
+    the update; benchmarks call it as it is, so they time the real training step. In a
+    data-parallel run each rank takes its share of every micro-batch and gradients are
+    synchronised on the last one only; the loss and norm returned are those of the global batch.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizers: list[torch.optim.Optimizer],
+        scaler: torch.amp.GradScaler,
+        amp: contextlib.AbstractContextManager,
+        device: torch.device,
+        grad_accum_steps: int,
+        grad_clip: float,
+        compile: bool = False,
+        dist: Distributed | None = None,
+        only_targets: bool = False,
+    ) -> None:
+        self.model, self.optimizers, self.scaler, self.amp = model, optimizers, scaler, amp
+        self.device = device
+        self.only_targets = only_targets  # masked (fine-tuning) targets: run the head only where they count
+        self.forward = torch.compile(model) if compile else model
+        self.grad_accum_steps = grad_accum_steps
+        self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
+        self.dist = dist or Distributed()
+
+    def gradients(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, int]:
+        """Accumulate gradients; return (mean loss, global grad norm before clipping,
+        input tokens of all ranks)."""
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(self.grad_accum_steps):
+            x, y = next(batches)
+            tokens += x.numel()  # padded fine-tuning batches vary in length
+            x, y, share = self.dist.shard(x, y)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.dist.gradient_sync(self.model, micro == self.grad_accum_steps - 1):
+                with self.amp:
+                    _, loss = self.forward(x, y, only_targets=self.only_targets)
+                if share != 1.0:  # this rank's part of the global mean (see Distributed.shard)
+                    loss = loss * share
+                self.scaler.scale(loss / self.grad_accum_steps).backward()
+            loss_sum += loss.detach()
+        for optimizer in self.optimizers:
+            self.scaler.unscale_(optimizer)
+        grad_norm = distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm)
+        return self.dist.mean(loss_sum).item() / self.grad_accum_steps, grad_norm.item(), tokens
+
+    def update(self, apply: bool = True) -> None:
+        """Step the optimizers (unless told to skip this batch) and clear the gradients."""
+        if apply:
+            for optimizer in self.optimizers:
+                self.scaler.step(optimizer)
+        self.scaler.update()
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+
+class NonFiniteGuard:
+    """`train.on_nan`: a non-finite loss stops the run, or (`skip`) its batch is skipped,
+    until MAX_CONSECUTIVE_SKIPS in a row stop the run anyway.
+
+    Under fp16 the grad scaler handles an infinite grad norm itself (it skips the step and
+    lowers the scale), so only the loss is checked then.
+    """
+
+    def __init__(self, policy: str, scaler_enabled: bool) -> None:
+        self.policy, self.scaler_enabled = policy, scaler_enabled
+        self.in_a_row = 0
+
+    def allows_update(self, loss: float, grad_norm: float, step: int, last_checkpoint: object) -> bool:
+        """True if the update of `step` (1-based) may be applied; raise when the run must stop."""
+        if math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaler_enabled):
+            self.in_a_row = 0
+            return True
+        if self.policy == "stop":
+            where = f"; the last good checkpoint is {last_checkpoint}" if last_checkpoint else ""
+            raise LmforgeError(
+                f"loss is {loss} (grad norm {grad_norm}) at step {step}; "
+                f'stopped without saving{where} (set train.on_nan = "skip" to skip such batches)'
+            )
+        self.in_a_row += 1
+        if self.in_a_row > MAX_CONSECUTIVE_SKIPS:
+            raise LmforgeError(f"{self.in_a_row} non-finite losses in a row up to step {step}; stopping")
+        return False
