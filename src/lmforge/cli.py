@@ -16,6 +16,7 @@ from pathlib import Path
 from lmforge import __version__
 from lmforge.config import DTYPE_NAMES
 from lmforge.errors import LmforgeError
+from lmforge.tasks import TASKS, tasks_with_datasets
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -132,7 +133,7 @@ def _add_finetune(verbs: argparse._SubParsersAction) -> None:
 
 
 def _tasks_prepare(args: argparse.Namespace) -> int:
-    from lmforge.data.tasks import prepare_task
+    from lmforge.tasks import prepare_task
 
     counts = prepare_task(
         args.task, Path(args.out), Path(args.data_dir) if args.data_dir else None, args.overwrite
@@ -146,14 +147,15 @@ def _tasks_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_tasks(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("tasks", help="task datasets (sst2, multi30k, squad) as JSONL for finetune")
+    with_datasets = tasks_with_datasets()
+    p = verbs.add_parser("tasks", help=f"task datasets ({', '.join(with_datasets)}) as JSONL for finetune")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = actions.add_parser(
         "prepare",
         help="write a task's train/eval JSONL files",
         description="Convert a shared task dataset into prompt/completion JSONL files.",
     )
-    q.add_argument("task", choices=("sst2", "multi30k", "squad"))
+    q.add_argument("task", choices=with_datasets)
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -266,7 +268,7 @@ def _eval(args: argparse.Namespace) -> int:
     data_dir = Path(args.data or loaded.config.data.dir)
     if args.task != "lm":
         from lmforge.data.tokenizer import load_tokenizer
-        from lmforge.eval.tasks import evaluate_task, format_table
+        from lmforge.tasks import evaluate_task, format_table
 
         with autocast(device, args.dtype):
             result = evaluate_task(
@@ -339,7 +341,7 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--task",
         default="lm",
-        choices=("lm", "sst2", "multi30k", "squad", "generate"),
+        choices=("lm", *TASKS),
         help="lm: loss/ppl/bpb on prepared data; others: task metrics on DATA/eval.jsonl",
     )
     p.add_argument("--data", help="prepared data folder, or a task folder (default: the run's data.dir)")
