@@ -253,71 +253,21 @@ def _add_estimate(verbs: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
+    from lmforge.eval.evaluate import evaluate_checkpoint
 
-    from lmforge.checkpoint import load_for_inference
-    from lmforge.data.loader import PreparedData
-    from lmforge.data.tokenizer import check_same_tokenizer
-    from lmforge.eval.lm import evaluate_lm
-    from lmforge.runtime import autocast, resolve_device
-
-    device = resolve_device(args.device)
-    loaded = load_for_inference(Path(args.target), args.checkpoint, device)
-    if not (args.data or loaded.config.data.dir):
-        raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
-    data_dir = Path(args.data or loaded.config.data.dir)
-    if args.task != "lm":
-        from lmforge.data.tokenizer import load_tokenizer
-        from lmforge.tasks import evaluate_task, format_table
-
-        with autocast(device, args.dtype):
-            result = evaluate_task(
-                args.task,
-                loaded.model,
-                load_tokenizer(loaded.tokenizer_file),
-                data_dir,
-                device,
-                args.limit,
-                args.beam_size,
-                args.max_new_tokens,
-            )
-        result.update(checkpoint=str(loaded.path), step=loaded.step)
-        print(json.dumps(result) if args.json else format_table(result))
-        return 0
-    block_size = loaded.config.model.block_size
-    if (data_dir / "eval.jsonl").is_file() and not (data_dir / "meta.json").is_file():
-        from lmforge.data.sft import SFTData  # fine-tuning data: the loss of the completions
-
-        data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True)
-    else:
-        data = PreparedData.open(data_dir)
-        check_same_tokenizer(
-            data_dir, data.tokenizer_file, loaded.tokenizer_file, f"checkpoint {loaded.path}"
-        )
-    result = evaluate_lm(
-        loaded.model,
-        data.eval_batches(block_size, args.batch_size),
-        device,
-        autocast(device, args.dtype),
-        data.bytes_per_token("val"),
+    report = evaluate_checkpoint(
+        Path(args.target),
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        task=args.task,
+        data=Path(args.data) if args.data else None,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        beam_size=args.beam_size,
+        max_new_tokens=args.max_new_tokens,
     )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    **result.as_dict(),
-                    "checkpoint": str(loaded.path),
-                    "step": loaded.step,
-                    "data": str(data_dir),
-                }
-            )
-        )
-    else:
-        bpb = f", {result.bpb:.4f} bpb" if result.bpb else ""
-        print(
-            f"{loaded.path} (step {loaded.step}) on {data_dir} val: loss {result.loss:.4f}, "
-            f"ppl {result.ppl:.3f}{bpb} over {result.tokens:,} tokens"
-        )
+    print(report.json_line() if args.json else report.text())
     return 0
 
 
