@@ -306,51 +306,23 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
-    from tokenizers.decoders import DecodeStream
+    from lmforge.sample import stream_samples
 
-    from lmforge.checkpoint import load_for_inference
-    from lmforge.data.tokenizer import eot_id, load_tokenizer
-    from lmforge.model.generate import generate
-    from lmforge.runtime import autocast, resolve_device
-
-    if args.temperature < 0:
-        raise LmforgeError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
-    device = resolve_device(args.device)
-    loaded = load_for_inference(Path(args.target), args.checkpoint, device)
-    tokenizer = load_tokenizer(loaded.tokenizer_file)
-    eot = eot_id(tokenizer)
-    if args.prompt:
-        ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-        if tokenizer.decode(ids, skip_special_tokens=False) != args.prompt:
-            raise LmforgeError("--prompt has characters that this model's tokenizer cannot represent")
-    else:  # no prompt: start from <|endoftext|>, else a newline, else token 0
-        newline = tokenizer.encode("\n", add_special_tokens=False).ids
-        ids = [eot] if eot is not None else newline[-1:] or [0]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    for n in range(args.num_samples):
-        stream = DecodeStream(skip_special_tokens=True)
-        sys.stdout.write(args.prompt or "")
-        with autocast(device, args.dtype):
-            for token in generate(
-                loaded.model,
-                prompt,
-                args.max_new_tokens,
-                args.temperature,
-                args.top_k,
-                args.top_p,
-                generator,
-                stop_token=eot,
-            ):
-                piece = stream.step(tokenizer, int(token[0]))
-                if piece:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        sys.stdout.write("\n" if n == args.num_samples - 1 else "\n---------------\n")
-    sys.stdout.flush()
+    for piece in stream_samples(
+        Path(args.target),
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_samples=args.num_samples,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()  # stream the text as it comes
     return 0
 
 
