@@ -16,6 +16,7 @@ from pathlib import Path
 from lmforge import __version__
 from lmforge.config import DTYPE_NAMES
 from lmforge.errors import LmforgeError
+from lmforge.tasks import TASKS, tasks_with_datasets
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -112,7 +113,7 @@ def _add_finetune(verbs: argparse._SubParsersAction) -> None:
 
 
 def _tasks_prepare(args: argparse.Namespace) -> int:
-    from lmforge.data.tasks import prepare_task
+    from lmforge.tasks import prepare_task
 
     counts = prepare_task(
         args.task, Path(args.out), Path(args.data_dir) if args.data_dir else None, args.overwrite
@@ -126,14 +127,15 @@ def _tasks_prepare(args: argparse.Namespace) -> int:
 
 
 def _add_tasks(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("tasks", help="task datasets (sst2, multi30k, squad) as JSONL for finetune")
+    with_datasets = tasks_with_datasets()
+    p = verbs.add_parser("tasks", help=f"task datasets ({', '.join(with_datasets)}) as JSONL for finetune")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = actions.add_parser(
         "prepare",
         help="write a task's train/eval JSONL files",
         description="Convert a shared task dataset into prompt/completion JSONL files.",
     )
-    q.add_argument("task", choices=("sst2", "multi30k", "squad"))
+    q.add_argument("task", choices=with_datasets)
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -229,71 +231,21 @@ def _add_estimate(verbs: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
+    from lmforge.eval.evaluate import evaluate_checkpoint
 
-    from lmforge.checkpoint import load_for_inference
-    from lmforge.data.loader import PreparedData
-    from lmforge.data.tokenizer import check_same_tokenizer
-    from lmforge.eval.lm import evaluate_lm
-    from lmforge.runtime import autocast, resolve_device
-
-    device = resolve_device(args.device)
-    loaded = load_for_inference(Path(args.target), args.checkpoint, device)
-    if not (args.data or loaded.config.data.dir):
-        raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
-    data_dir = Path(args.data or loaded.config.data.dir)
-    if args.task != "lm":
-        from lmforge.data.tokenizer import load_tokenizer
-        from lmforge.eval.tasks import evaluate_task, format_table
-
-        with autocast(device, args.dtype):
-            result = evaluate_task(
-                args.task,
-                loaded.model,
-                load_tokenizer(loaded.tokenizer_file),
-                data_dir,
-                device,
-                args.limit,
-                args.beam_size,
-                args.max_new_tokens,
-            )
-        result.update(checkpoint=str(loaded.path), step=loaded.step)
-        print(json.dumps(result) if args.json else format_table(result))
-        return 0
-    block_size = loaded.config.model.block_size
-    if (data_dir / "eval.jsonl").is_file() and not (data_dir / "meta.json").is_file():
-        from lmforge.data.sft import SFTData  # fine-tuning data: the loss of the completions
-
-        data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True)
-    else:
-        data = PreparedData.open(data_dir)
-        check_same_tokenizer(
-            data_dir, data.tokenizer_file, loaded.tokenizer_file, f"checkpoint {loaded.path}"
-        )
-    result = evaluate_lm(
-        loaded.model,
-        data.eval_batches(block_size, args.batch_size),
-        device,
-        autocast(device, args.dtype),
-        data.bytes_per_token("val"),
+    report = evaluate_checkpoint(
+        Path(args.target),
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        task=args.task,
+        data=Path(args.data) if args.data else None,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        beam_size=args.beam_size,
+        max_new_tokens=args.max_new_tokens,
     )
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    **result.as_dict(),
-                    "checkpoint": str(loaded.path),
-                    "step": loaded.step,
-                    "data": str(data_dir),
-                }
-            )
-        )
-    else:
-        bpb = f", {result.bpb:.4f} bpb" if result.bpb else ""
-        print(
-            f"{loaded.path} (step {loaded.step}) on {data_dir} val: loss {result.loss:.4f}, "
-            f"ppl {result.ppl:.3f}{bpb} over {result.tokens:,} tokens"
-        )
+    print(report.json_line() if args.json else report.text())
     return 0
 
 
@@ -317,7 +269,7 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--task",
         default="lm",
-        choices=("lm", "sst2", "multi30k", "squad", "generate"),
+        choices=("lm", *TASKS),
         help="lm: loss/ppl/bpb on prepared data; others: task metrics on DATA/eval.jsonl",
     )
     p.add_argument("--data", help="prepared data folder, or a task folder (default: the run's data.dir)")
@@ -332,51 +284,23 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
-    from tokenizers.decoders import DecodeStream
+    from lmforge.sample import stream_samples
 
-    from lmforge.checkpoint import load_for_inference
-    from lmforge.data.tokenizer import eot_id, load_tokenizer
-    from lmforge.model.generate import generate
-    from lmforge.runtime import autocast, resolve_device
-
-    if args.temperature < 0:
-        raise LmforgeError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise LmforgeError(f"--top-p must be in (0, 1], got {args.top_p}")
-    device = resolve_device(args.device)
-    loaded = load_for_inference(Path(args.target), args.checkpoint, device)
-    tokenizer = load_tokenizer(loaded.tokenizer_file)
-    eot = eot_id(tokenizer)
-    if args.prompt:
-        ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-        if tokenizer.decode(ids, skip_special_tokens=False) != args.prompt:
-            raise LmforgeError("--prompt has characters that this model's tokenizer cannot represent")
-    else:  # no prompt: start from <|endoftext|>, else a newline, else token 0
-        newline = tokenizer.encode("\n", add_special_tokens=False).ids
-        ids = [eot] if eot is not None else newline[-1:] or [0]
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    prompt = torch.tensor([ids], dtype=torch.long, device=device)
-    for n in range(args.num_samples):
-        stream = DecodeStream(skip_special_tokens=True)
-        sys.stdout.write(args.prompt or "")
-        with autocast(device, args.dtype):
-            for token in generate(
-                loaded.model,
-                prompt,
-                args.max_new_tokens,
-                args.temperature,
-                args.top_k,
-                args.top_p,
-                generator,
-                stop_token=eot,
-            ):
-                piece = stream.step(tokenizer, int(token[0]))
-                if piece:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        sys.stdout.write("\n" if n == args.num_samples - 1 else "\n---------------\n")
-    sys.stdout.flush()
+    for piece in stream_samples(
+        Path(args.target),
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_samples=args.num_samples,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()  # stream the text as it comes
     return 0
 
 

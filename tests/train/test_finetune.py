@@ -13,7 +13,7 @@ from tests.train.conftest import read_metrics
 @pytest.fixture
 def sst2_small(shared_data: Path, tmp_path: Path) -> Path:
     """300 training and 100 held-out SST-2 examples, and a char tokenizer that covers them."""
-    from lmforge.data.tasks import prepare_task
+    from lmforge.tasks import prepare_task
 
     prepare_task("sst2", tmp_path / "full")
     folder = tmp_path / "sst2"

@@ -1,0 +1,121 @@
+"""`lmforge eval`: a checkpoint's loss over a whole held-out split, or its score on a task."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import LoadedCheckpoint, load_for_inference
+from lmforge.data.loader import PreparedData
+from lmforge.data.sft import SFTData
+from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.eval.lm import LMEval, evaluate_lm
+from lmforge.runtime import autocast, resolve_device
+from lmforge.tasks import evaluate_task, format_table
+
+
+@dataclass(frozen=True)
+class LMReport:
+    """Loss, perplexity and bits per byte of a checkpoint over a data folder's held-out split."""
+
+    checkpoint: Path
+    step: int
+    data_dir: Path
+    result: LMEval
+
+    def json_line(self) -> str:
+        return json.dumps(
+            {
+                **self.result.as_dict(),
+                "checkpoint": str(self.checkpoint),
+                "step": self.step,
+                "data": str(self.data_dir),
+            }
+        )
+
+    def text(self) -> str:
+        bpb = f", {self.result.bpb:.4f} bpb" if self.result.bpb else ""
+        return (
+            f"{self.checkpoint} (step {self.step}) on {self.data_dir} val: loss {self.result.loss:.4f}, "
+            f"ppl {self.result.ppl:.3f}{bpb} over {self.result.tokens:,} tokens"
+        )
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """A checkpoint's task metrics beside the baseline's."""
+
+    result: dict  # evaluate_task's result, then "checkpoint" and "step"
+
+    def json_line(self) -> str:
+        return json.dumps(self.result)
+
+    def text(self) -> str:
+        return format_table(self.result)
+
+
+EvalReport = LMReport | TaskReport
+
+
+def evaluate_checkpoint(
+    target: Path,
+    which: str,
+    device: str,
+    dtype: str,
+    *,
+    task: str,
+    data: Path | None,
+    batch_size: int,
+    limit: int | None,
+    beam_size: int,
+    max_new_tokens: int,
+) -> EvalReport:
+    """Load the checkpoint `which` (best, last, a folder) of `target` and evaluate it on `data`
+    (default: the run's data.dir): task "lm" is the loss over the held-out split, any registered
+    task its metrics on DATA/eval.jsonl (`limit`, `beam_size`, `max_new_tokens` apply to tasks)."""
+    torch_device = resolve_device(device)
+    loaded = load_for_inference(target, which, torch_device)
+    if not (data or loaded.config.data.dir):
+        raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
+    data_dir = Path(data or loaded.config.data.dir)
+    if task == "lm":
+        return LMReport(
+            loaded.path, loaded.step, data_dir, _lm_loss(loaded, data_dir, torch_device, dtype, batch_size)
+        )
+    with autocast(torch_device, dtype):
+        result = evaluate_task(
+            task,
+            loaded.model,
+            load_tokenizer(loaded.tokenizer_file),
+            data_dir,
+            torch_device,
+            limit,
+            beam_size,
+            max_new_tokens,
+        )
+    return TaskReport({**result, "checkpoint": str(loaded.path), "step": loaded.step})
+
+
+def _lm_loss(
+    loaded: LoadedCheckpoint, data_dir: Path, device: torch.device, dtype: str, batch_size: int
+) -> LMEval:
+    block_size = loaded.config.model.block_size
+    if (data_dir / "eval.jsonl").is_file() and not (data_dir / "meta.json").is_file():
+        # Fine-tuning data: the loss of the completions, with the checkpoint's own tokenizer.
+        data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True)
+    else:
+        data = PreparedData.open(data_dir)
+        check_same_tokenizer(
+            data_dir, data.tokenizer_file, loaded.tokenizer_file, f"checkpoint {loaded.path}"
+        )
+    return evaluate_lm(
+        loaded.model,
+        data.eval_batches(block_size, batch_size),
+        device,
+        autocast(device, dtype),
+        data.bytes_per_token("val"),
+    )

@@ -1,0 +1,179 @@
+"""What every task is made of, and the helpers tasks share: reading eval.jsonl, scoring
+choices, decoding answers.
+
+The CLI imports the task registry to build its parser, so nothing here imports torch (or
+anything that does) at module level: those imports wait inside the functions that use them.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from lmforge.errors import LmforgeError
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+
+
+def read_eval(path: Path, limit: int | None) -> list[dict]:
+    """The JSON records of a JSONL file (the first `limit` of them), refusing a missing or empty file."""
+    if not path.is_file():
+        raise LmforgeError(f"{path}: not found (write it with `lmforge tasks prepare`)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise LmforgeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if limit and len(records) == limit:
+                break
+    if not records:
+        raise LmforgeError(f"{path}: no examples")
+    return records
+
+
+def require_fields(records: list[dict], fields: tuple[str, ...], path: Path) -> None:
+    """Refuse records that lack one of `fields`, naming the first such example."""
+    for i, record in enumerate(records, start=1):
+        missing = [f for f in fields if f not in record]
+        if missing:
+            raise LmforgeError(f"{path}: example {i} lacks {', '.join(missing)}")
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, room: int) -> list[int]:
+    """The prompt's last `room` tokens: a long prompt loses its start, never the end the answer follows."""
+    return tokenizer.encode(prompt, add_special_tokens=False).ids[-room:]
+
+
+def choice_log_probs(
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, choices: list[str], device: torch.device
+) -> list[float]:
+    """Sum of log-probabilities of each choice's tokens after the prompt."""
+    import torch
+
+    with torch.inference_mode():
+        block = model.config.block_size
+        options = [tokenizer.encode(c, add_special_tokens=False).ids for c in choices]
+        room = block + 1 - max(len(o) for o in options)
+        context = encode_prompt(tokenizer, prompt, room)
+        rows = [context + o for o in options]
+        width = max(len(r) for r in rows) - 1
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, : len(r) - 1] = torch.tensor(r[:-1])
+        log_probs = torch.log_softmax(model(x.to(device))[0].float(), dim=-1)
+        scores = []
+        for i, option in enumerate(options):
+            positions = torch.arange(len(context) - 1, len(context) - 1 + len(option))
+            scores.append(log_probs[i, positions, torch.tensor(option)].sum().item())
+    return scores
+
+
+def decode(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    beam_size: int,
+    device: torch.device,
+) -> str:
+    """A completion that ends at <|endoftext|> or a newline (both end a completion in the task files)."""
+    import torch
+
+    from lmforge.data.tokenizer import eot_id
+    from lmforge.model.generate import beam_search
+
+    stops = {
+        t for t in (eot_id(tokenizer), *tokenizer.encode("\n", add_special_tokens=False).ids) if t is not None
+    }
+    context = encode_prompt(tokenizer, prompt, model.config.block_size - max_new_tokens)
+    tokens = beam_search(model, torch.tensor([context], device=device), beam_size, max_new_tokens, stops)
+    return tokenizer.decode(tokens).strip()
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """The model being evaluated, with what a task needs to query it."""
+
+    model: torch.nn.Module
+    tokenizer: Tokenizer
+    device: torch.device
+    data_dir: Path  # the task folder: eval.jsonl, and train.jsonl where a baseline learns from it
+    beam_size: int = 1
+    max_new_tokens: int = 64
+
+    @property
+    def eval_file(self) -> Path:
+        return self.data_dir / "eval.jsonl"
+
+    def choice_log_probs(self, prompt: str, choices: list[str]) -> list[float]:
+        return choice_log_probs(self.model, self.tokenizer, prompt, choices, self.device)
+
+    def decode(self, prompt: str) -> str:
+        return decode(self.model, self.tokenizer, prompt, self.max_new_tokens, self.beam_size, self.device)
+
+
+class Task(ABC):
+    """One task: its dataset conversion, prompt format, scoring and trivial baseline.
+
+    Each module of `lmforge.tasks` defines one and exposes an instance as `TASK`; that is all
+    it takes to register a task.
+    """
+
+    name: ClassVar[str]
+    fields: ClassVar[tuple[str, ...]]  # every eval.jsonl record must have these
+    # Place in help texts and messages (ties go by name): the built-in tasks keep the order
+    # they were added in, which is also the README's.
+    listing_order: ClassVar[int] = 100
+
+    @property
+    def has_dataset(self) -> bool:
+        """Whether `lmforge tasks prepare` can write this task's files (the task overrides `splits`)."""
+        return type(self).splits is not Task.splits
+
+    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
+        """The shared dataset under `root` as JSONL records per split ("train", "eval", ...).
+
+        Prompts end where the model's answer starts; completions begin with a space so that
+        BPE tokenizers see a word boundary.
+        """
+        raise LmforgeError(f"task {self.name!r} has no built-in dataset")
+
+    @abstractmethod
+    def evaluate(self, run: EvalRun, records: list[dict]) -> dict:
+        """The model beside a trivial baseline: {..., "model", "baseline", "baseline_name"}.
+
+        `records` come from `run.eval_file` and hold `fields`.
+        """
+
+
+class DecodingTask(Task):
+    """A task answered by decoding a completion after each prompt (greedy or beam search)."""
+
+    baseline_name: ClassVar[str]
+
+    @abstractmethod
+    def scores(self, outputs: list[str], records: list[dict]) -> dict:
+        """Metrics of one answer per record."""
+
+    @abstractmethod
+    def baseline_outputs(self, records: list[dict]) -> list[str]:
+        """The trivial baseline's answer to each record."""
+
+    def evaluate(self, run: EvalRun, records: list[dict]) -> dict:
+        outputs = [run.decode(r["prompt"]) for r in records]
+        return {
+            "samples": [{"prompt": r["prompt"][-200:], "output": o} for r, o in zip(records[:3], outputs)],
+            "decoding": f"beam {run.beam_size}" if run.beam_size > 1 else "greedy",
+            "model": self.scores(outputs, records),
+            "baseline": self.scores(self.baseline_outputs(records), records),
+            "baseline_name": self.baseline_name,
+        }

@@ -1,0 +1,25 @@
+"""Free generation on any prompt/completion eval.jsonl (no built-in dataset): decoded
+completions, ROUGE-1/2/L beside copying the prompt.
+"""
+
+from __future__ import annotations
+
+from lmforge.tasks.base import DecodingTask
+
+
+class Generate(DecodingTask):
+    name = "generate"
+    fields = ("prompt", "completion")
+    listing_order = 4
+    baseline_name = "copy the prompt"
+
+    def scores(self, outputs: list[str], records: list[dict]) -> dict:
+        from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
+
+        return metrics.rouge_scores(outputs, [r["completion"].strip() for r in records])
+
+    def baseline_outputs(self, records: list[dict]) -> list[str]:
+        return [r["prompt"] for r in records]
+
+
+TASK = Generate()

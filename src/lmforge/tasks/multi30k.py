@@ -1,0 +1,57 @@
+"""Multi30k English→German translation: decoded translations (greedy or beam search), sacreBLEU
+and chrF beside copying the source sentence.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.tasks.base import DecodingTask
+
+
+def translation_prompt(english: str) -> str:
+    return f"English: {english.strip()}\nGerman:"
+
+
+def _parallel(root: Path, split: str) -> Iterator[dict]:
+    en_path, de_path = root / "multi30k" / f"{split}.en.gz", root / "multi30k" / f"{split}.de.gz"
+    with gzip.open(en_path, "rt", encoding="utf-8") as en, gzip.open(de_path, "rt", encoding="utf-8") as de:
+        for line_no, (source, target) in enumerate(zip(en, de, strict=True), start=1):
+            source, target = source.strip(), target.strip()
+            if not source or not target:
+                raise LmforgeError(f"{en_path}:{line_no}: empty sentence in the parallel text")
+            yield {
+                "prompt": translation_prompt(source),
+                "completion": " " + target,
+                "source": source,
+                "reference": target,
+            }
+
+
+class Multi30k(DecodingTask):
+    name = "multi30k"
+    fields = ("prompt", "source", "reference")
+    listing_order = 2
+    baseline_name = "copy the source sentence"
+
+    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
+        """Multi30k en→de: train for training, val for held-out loss, test_2016_flickr for evaluation."""
+        return {
+            "train": _parallel(root, "train"),
+            "valid": _parallel(root, "val"),
+            "eval": _parallel(root, "test_2016_flickr"),
+        }
+
+    def scores(self, outputs: list[str], records: list[dict]) -> dict:
+        from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
+
+        return metrics.translation_scores(outputs, [r["reference"] for r in records])
+
+    def baseline_outputs(self, records: list[dict]) -> list[str]:
+        return [r["source"] for r in records]
+
+
+TASK = Multi30k()

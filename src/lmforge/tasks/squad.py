@@ -1,0 +1,66 @@
+"""SQuAD v1.1 extractive question answering: a decoded answer, official EM/F1 beside the
+context's first sentence.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lmforge.tasks.base import DecodingTask
+
+
+def squad_prompt(context: str, question: str) -> str:
+    # The question comes first too: a causal model reads the context already knowing what it
+    # looks for. It is repeated at the end, where it survives when a long context is cut.
+    question = question.strip()
+    return f"Question: {question}\nContext: {context.strip()}\nQuestion: {question}\nAnswer:"
+
+
+def first_sentence(prompt: str) -> str:
+    """The first sentence of a prompt's context: the baseline's answer."""
+    context = prompt.split("Context:", 1)[-1].split("\nQuestion:")[0].strip()
+    return re.split(r"(?<=[.!?])\s", context, maxsplit=1)[0]
+
+
+def _examples(articles: list[dict]) -> Iterator[dict]:
+    for article in articles:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                answers = [a["text"] for a in qa["answers"]]
+                yield {
+                    "prompt": squad_prompt(paragraph["context"], qa["question"]),
+                    "completion": " " + answers[0],
+                    "answers": answers,
+                    "id": qa["id"],
+                    "title": article["title"],
+                }
+
+
+class Squad(DecodingTask):
+    name = "squad"
+    fields = ("prompt", "answers")
+    listing_order = 3
+    baseline_name = "the context's first sentence"
+
+    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
+        """SQuAD v1.1 dev, split by article: the first half of the articles trains, the rest evaluates."""
+        path = root / "squad-v1.1" / "dev-v1.1.json.gz"
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            articles = json.load(f)["data"]
+        half = len(articles) // 2
+        return {"train": _examples(articles[:half]), "eval": _examples(articles[half:])}
+
+    def scores(self, outputs: list[str], records: list[dict]) -> dict:
+        from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
+
+        return metrics.squad_scores(outputs, [r["answers"] for r in records])
+
+    def baseline_outputs(self, records: list[dict]) -> list[str]:
+        return [first_sentence(r["prompt"]) for r in records]
+
+
+TASK = Squad()

@@ -1,0 +1,81 @@
+"""SST-2 sentiment (GLUE): the label whose verbalisation (" negative" / " positive") the model
+finds more likely after the prompt, not free generation; accuracy and macro-F1 beside the
+majority class.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.tasks.base import EvalRun, Task, read_eval
+
+SST2_LABELS = ("negative", "positive")
+
+
+def sst2_prompt(sentence: str) -> str:
+    return f"Review: {sentence.strip()}\nSentiment:"
+
+
+def _read_tsv(path: Path) -> Iterator[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        yield from csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+
+
+def _sst2_examples(path: Path) -> Iterator[dict]:
+    for line_no, row in enumerate(_read_tsv(path), start=2):
+        if row.get("label") not in ("0", "1"):
+            raise LmforgeError(f"{path}:{line_no}: label must be 0 or 1, got {row.get('label')!r}")
+        label = int(row["label"])
+        yield {"prompt": sst2_prompt(row["sentence"]), "completion": " " + SST2_LABELS[label], "label": label}
+
+
+def _check_labels(labels: list[int], path: Path) -> None:
+    if not set(labels) <= {0, 1}:
+        raise LmforgeError(
+            f"{path}: labels {sorted(set(labels) - {0, 1})} are outside the label set 0/1 "
+            f"({', '.join(SST2_LABELS)})"
+        )
+
+
+def _majority_label(data_dir: Path, records: list[dict]) -> int:
+    """The most common label of train.jsonl beside eval.jsonl, else of the evaluated records."""
+    train = data_dir / "train.jsonl"
+    majority_source = read_eval(train, None) if train.is_file() else records
+    return Counter(r["label"] for r in majority_source).most_common(1)[0][0]
+
+
+class SST2(Task):
+    name = "sst2"
+    fields = ("prompt", "label")
+    listing_order = 1
+
+    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
+        """GLUE SST-2: train.tsv for training, dev.tsv (labelled) for evaluation."""
+        return {
+            "train": _sst2_examples(root / "sst2" / "train.tsv"),
+            "eval": _sst2_examples(root / "sst2" / "dev.tsv"),
+        }
+
+    def evaluate(self, run: EvalRun, records: list[dict]) -> dict:
+        from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
+
+        labels = [r["label"] for r in records]
+        _check_labels(labels, run.eval_file)
+        choices = [" " + name for name in SST2_LABELS]
+        predictions = []
+        for r in records:
+            scores = run.choice_log_probs(r["prompt"], choices)
+            predictions.append(max(range(len(choices)), key=scores.__getitem__))
+        majority = _majority_label(run.data_dir, records)
+        return {
+            "model": metrics.accuracy_and_macro_f1(predictions, labels),
+            "baseline": metrics.accuracy_and_macro_f1([majority] * len(labels), labels),
+            "baseline_name": f"majority class ({SST2_LABELS[majority]})",
+        }
+
+
+TASK = SST2()
