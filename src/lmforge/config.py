@@ -31,56 +31,54 @@ DTYPE_NAMES: tuple[str, ...] = typing.get_args(Dtype)
 
 @dataclass
 class DataConfig:
-    dir: str = (
-        ""  # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and eval.jsonl
-    )
-    kind: Literal["tokens", "sft"] = "tokens"
+    # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and eval.jsonl
+    dir: str = ""
+    kind: Literal["tokens", "sft"] = "tokens"  # tokens: pretraining shards; sft: JSONL, prompt masked
     tokenizer: str = ""  # sft: a tokenizer.json (default: train.init_from's)
-    on_bad_line: Literal["error", "skip"] = "error"  # sft: malformed JSONL lines
+    on_bad_line: Literal["error", "skip"] = "error"  # sft: a malformed JSONL line fails, or is skipped
 
 
 @dataclass
 class ModelConfig:
-    n_layer: int = 4
-    n_head: int = 4
+    n_layer: int = 4  # Transformer blocks
+    n_head: int = 4  # query heads; d_model must be divisible by it
     n_kv_head: int | None = None  # < n_head for GQA, 1 for MQA; None means n_head
-    d_model: int = 128
-    block_size: int = 64
+    d_model: int = 128  # width of the residual stream and of the embeddings
+    block_size: int = 64  # context length in tokens: the longest sequence the model takes
     vocab_size: int | None = None  # None: taken from the prepared data
-    position: Literal["learned", "rope"] = "learned"
-    rope_theta: float = 10000.0
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = 1e-5
+    position: Literal["learned", "rope"] = "learned"  # learned embeddings (GPT-2) or rotary (Llama)
+    rope_theta: float = 10000.0  # rope: base of the rotation frequencies
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # of every block and before the head
+    norm_eps: float = 1e-5  # added to the variance in every norm, for stability
     mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"  # gelu_tanh: GPT-2's approximation
-    mlp_hidden: int | None = (
-        None  # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
-    )
-    qk_norm: bool = False
-    tie_embeddings: bool = True
-    bias: bool = True
-    dropout: float = 0.0
+    # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
+    mlp_hidden: int | None = None
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3)
+    tie_embeddings: bool = True  # the head reuses the input embedding's weights
+    bias: bool = True  # biases in the blocks' Linear layers and LayerNorms (the head never has one)
+    dropout: float = 0.0  # probability, on embeddings, residual branches and attention; 0: none
     zero_init_residual: bool = False  # start attention and MLP output projections at zero
-    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None: no cap
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd", "muon"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    name: Literal["adamw", "sgd", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
+    lr: float = 1e-3  # peak learning rate (under muon, of the AdamW parameters)
+    weight_decay: float = 0.1  # decoupled, on matrices only (see decay_embeddings); 0: none
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's decay rates of the two moments
+    eps: float = 1e-8  # AdamW's term added to the denominator
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    momentum: float = 0.9  # sgd
+    momentum: float = 0.9  # sgd; 0: plain SGD
     muon_lr: float = 0.02  # muon: learning rate of the hidden matrices
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # muon: momentum of the hidden matrices
     decay_embeddings: bool = False  # weight decay on embeddings and head too
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 100
+    name: Literal["cosine", "linear", "wsd", "constant"] = "cosine"  # shape of the lr after warmup
+    warmup_steps: int = 100  # steps of linear warmup to optim.lr; 0: none
     min_lr: float = 0.0  # absolute floor for optim.lr; other groups scale in proportion
     decay_steps: int | None = None  # None: until train.max_steps
     wsd_decay_fraction: float = 0.2  # wsd: final share of the steps spent decaying
@@ -88,31 +86,30 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 2000
-    batch_size: int = 12
-    grad_accum_steps: int = 1
+    max_steps: int = 2000  # optimizer updates in the whole run
+    batch_size: int = 12  # sequences per micro-batch, over all devices together
+    grad_accum_steps: int = 1  # micro-batches whose gradients add up to one update
     eval_interval: int = 250  # 0: evaluate only at the end
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # sequences per evaluation batch
     checkpoint_interval: int = 500  # 0: checkpoint only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept, besides the best
-    seed: int = 1337
-    dtype: Dtype = "fp32"
-    compile: bool = False
+    seed: int = 1337  # of the initial weights and of the batches drawn
+    dtype: Dtype = "fp32"  # bf16, fp16: autocast over fp32 weights (fp16 with a grad scaler)
+    compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    on_nan: Literal["stop", "skip"] = "stop"
+    on_nan: Literal["stop", "skip"] = "stop"  # at a non-finite loss: end the run, or skip that update
     stop_at_val_loss: float | None = None  # end the run at the first eval at or below this loss
     init_from: str = ""  # start from the weights of a run or checkpoint folder (e.g. `lmforge import`)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    activation_checkpointing: bool = (
-        False  # recompute each block's activations in backward: less memory, ~1/3 more compute
-    )
+    # recompute each block's activations in backward: less memory, ~1/3 more compute
+    activation_checkpointing: bool = False
 
 
 @dataclass
 class LoraConfig:
     rank: int = 0  # 0: full fine-tuning; > 0: train only rank-r adapters (peft) on `targets`
-    alpha: float = 16.0
-    dropout: float = 0.0
+    alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
+    dropout: float = 0.0  # probability, on the adapters' input; 0: none
     targets: tuple[str, ...] = ("qkv", "proj", "up", "down")  # Linear layers of the model's blocks
 
 
@@ -127,19 +124,19 @@ class ParallelConfig:
 @dataclass
 class LogConfig:
     interval: int = 10  # steps between progress-bar updates
-    progress: bool = True
+    progress: bool = True  # show the progress bar (main process only)
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # [data]: what to train on
+    model: ModelConfig = field(default_factory=ModelConfig)  # [model]: the architecture
+    optim: OptimConfig = field(default_factory=OptimConfig)  # [optim]: optimizer and its settings
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # [schedule]: learning rate
+    train: TrainConfig = field(default_factory=TrainConfig)  # [train]: the loop, its length and dtype
+    lora: LoraConfig = field(default_factory=LoraConfig)  # [lora]: low-rank adapters; rank 0: off
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # [parallel]: data parallel devices
+    log: LogConfig = field(default_factory=LogConfig)  # [log]: progress output
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
