@@ -11,6 +11,7 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -254,6 +255,10 @@ def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
     raise TypeError(f"unsupported config type {kind} for {key}")  # a programming error, not user input
 
 
+# Raises LmforgeError("{origin}: {key} {message}") unless the condition holds.
+Need = Callable[[bool, str, str], None]
+
+
 def validate(config: Config, origin: str) -> None:
     """Reject values that type-check but cannot work, naming the key."""
 
@@ -261,7 +266,16 @@ def validate(config: Config, origin: str) -> None:
         if not condition:
             raise LmforgeError(f"{origin}: {key} {message}")
 
-    m, o, s, t = config.model, config.optim, config.schedule, config.train
+    _validate_model(config.model, need)
+    _validate_optim(config.optim, need)
+    _validate_schedule(config.schedule, config.optim, need)
+    _validate_train(config.train, need)
+    _validate_parallel(config, need)
+    need(config.log.interval > 0, "log.interval", "must be positive")
+    _validate_lora(config.lora, need)
+
+
+def _validate_model(m: ModelConfig, need: Need) -> None:
     for key in ("n_layer", "n_head", "d_model", "block_size"):
         need(getattr(m, key) > 0, f"model.{key}", "must be positive")
     need(
@@ -283,15 +297,24 @@ def validate(config: Config, origin: str) -> None:
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     need(m.norm_eps > 0, "model.norm_eps", "must be positive")
     need(m.logit_softcap is None or m.logit_softcap > 0, "model.logit_softcap", "must be positive")
+
+
+def _validate_optim(o: OptimConfig, need: Need) -> None:
     need(o.lr > 0, "optim.lr", "must be positive")
     need(o.muon_lr > 0, "optim.muon_lr", "must be positive")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     need(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "must be in [0, 1)")
+
+
+def _validate_schedule(s: ScheduleConfig, o: OptimConfig, need: Need) -> None:
     need(0.0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr={o.lr}]")
     need(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
     need(s.decay_steps is None or s.decay_steps > 0, "schedule.decay_steps", "must be positive")
     need(0.0 < s.wsd_decay_fraction <= 1.0, "schedule.wsd_decay_fraction", "must be in (0, 1]")
+
+
+def _validate_train(t: TrainConfig, need: Need) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_batch_size", "keep_checkpoints"):
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")
     need(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
@@ -301,20 +324,29 @@ def validate(config: Config, origin: str) -> None:
         "train.device",
         f"must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}",
     )
+
+
+def _validate_parallel(config: Config, need: Need) -> None:
     if config.parallel.strategy == "fsdp":
         # Sharded gradients would need a sharded grad scaler; Muon orthogonalizes whole matrices, not shards.
         need(
-            t.dtype != "fp16",
+            config.train.dtype != "fp16",
             "train.dtype",
             'fp16 is not supported with parallel.strategy = "fsdp"; use bf16',
         )
-        need(o.name != "muon", "optim.name", 'muon is not supported with parallel.strategy = "fsdp"; use ddp')
-    need(config.log.interval > 0, "log.interval", "must be positive")
-    need(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
-    need(0.0 <= config.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        need(
+            config.optim.name != "muon",
+            "optim.name",
+            'muon is not supported with parallel.strategy = "fsdp"; use ddp',
+        )
+
+
+def _validate_lora(lora: LoraConfig, need: Need) -> None:
+    need(lora.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
+    need(0.0 <= lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     known = {"qkv", "proj", "up", "down"}
     need(
-        set(config.lora.targets) <= known,
+        set(lora.targets) <= known,
         "lora.targets",
         f"must name layers among {', '.join(sorted(known))}",
     )
