@@ -351,54 +351,16 @@ def estimate(
     peak_flops: float | None = None,
 ) -> Estimate:
     """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
-    if device_type not in DEVICE_TYPES:
-        raise LmforgeError(f"--device-type must be one of {', '.join(DEVICE_TYPES)}; got {device_type!r}")
-    if not 0 < mfu <= 1:
-        raise LmforgeError(f"--mfu must be in (0, 1], got {mfu}")
-    if devices < 1:
-        raise LmforgeError(f"--devices must be at least 1, got {devices}")
-    if tokens is not None and not (tokens > 0 and math.isfinite(tokens)):
-        raise LmforgeError(f"--tokens must be positive, got {tokens}")
-    if peak_flops is not None and not (peak_flops > 0 and math.isfinite(peak_flops)):
-        raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
-    notes = []
-    if config.train.init_from:  # the model `train` would build
-        from lmforge import checkpoint as ckpt
-
-        source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
-        config.model = ckpt.init_model_config(source, config.model)
-        notes.append(f"architecture of train.init_from {source}")
-    if config.lora.rank > 0:
-        notes.append(
-            "lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
-            "(an upper bound)"
-        )
-    config.model.vocab_size = resolve_vocab_size(config)
+    _check_arguments(devices, device_type, mfu, tokens, peak_flops)
+    notes = _settle_model(config)
     params = count_parameters(config.model)
     t, cpu = config.train, device_type == "cpu"
     table = {}
     for strategy in STRATEGIES:
         table[strategy] = memory(config, params, strategy, devices, False, cpu)
         table[f"{strategy}+ac"] = memory(config, params, strategy, devices, True, cpu)
-    if peak_flops is not None:
-        source = "given"
-    elif cpu:
-        from lmforge.runtime import matmul_peak_flops
-
-        peak_flops, source = (
-            matmul_peak_flops(torch.device("cpu"), "fp32" if t.dtype == "fp32" else "bf16"),
-            "measured",
-        )
-    else:
-        peak_flops, source = DEVICE_PEAK_FLOPS[device_type][t.dtype], f"{device_type} {t.dtype} dense"
-    if tokens is None:
-        tokens = float(t.max_steps * t.batch_size * t.grad_accum_steps * config.model.block_size)
-        budget = (
-            f"train.max_steps {t.max_steps} x batch_size {t.batch_size} x grad_accum_steps "
-            f"{t.grad_accum_steps} x block_size {config.model.block_size}"
-        )
-    else:
-        budget = "--tokens"
+    peak_flops, source = _peak_flops(peak_flops, device_type, t.dtype)
+    tokens, budget = _token_budget(tokens, config)
     seconds = training_seconds(tokens, params.flops_per_token, devices, peak_flops, mfu)
     chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
     return Estimate(
@@ -421,6 +383,63 @@ def estimate(
         chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak_flops, mfu),
         notes=tuple(notes),
     )
+
+
+def _check_arguments(
+    devices: int, device_type: str, mfu: float, tokens: float | None, peak_flops: float | None
+) -> None:
+    if device_type not in DEVICE_TYPES:
+        raise LmforgeError(f"--device-type must be one of {', '.join(DEVICE_TYPES)}; got {device_type!r}")
+    if not 0 < mfu <= 1:
+        raise LmforgeError(f"--mfu must be in (0, 1], got {mfu}")
+    if devices < 1:
+        raise LmforgeError(f"--devices must be at least 1, got {devices}")
+    if tokens is not None and not (tokens > 0 and math.isfinite(tokens)):
+        raise LmforgeError(f"--tokens must be positive, got {tokens}")
+    if peak_flops is not None and not (peak_flops > 0 and math.isfinite(peak_flops)):
+        raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
+
+
+def _settle_model(config: Config) -> list[str]:
+    """Make `config.model` the model `train` would build; return notes on what the estimate assumes."""
+    notes = []
+    if config.train.init_from:
+        from lmforge import checkpoint as ckpt
+
+        source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
+        config.model = ckpt.init_model_config(source, config.model)
+        notes.append(f"architecture of train.init_from {source}")
+    if config.lora.rank > 0:
+        notes.append(
+            "lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
+            "(an upper bound)"
+        )
+    config.model.vocab_size = resolve_vocab_size(config)
+    return notes
+
+
+def _peak_flops(given: float | None, device_type: str, dtype: str) -> tuple[float, str]:
+    """Peak FLOP/s of one device and where the figure comes from: given, measured (CPU) or a datasheet."""
+    if given is not None:
+        return given, "given"
+    if device_type == "cpu":
+        from lmforge.runtime import matmul_peak_flops
+
+        return matmul_peak_flops(torch.device("cpu"), "fp32" if dtype == "fp32" else "bf16"), "measured"
+    return DEVICE_PEAK_FLOPS[device_type][dtype], f"{device_type} {dtype} dense"
+
+
+def _token_budget(tokens: float | None, config: Config) -> tuple[float, str]:
+    """The tokens to train on and where the number comes from: --tokens, else the run's length."""
+    if tokens is not None:
+        return tokens, "--tokens"
+    t = config.train
+    tokens = float(t.max_steps * t.batch_size * t.grad_accum_steps * config.model.block_size)
+    budget = (
+        f"train.max_steps {t.max_steps} x batch_size {t.batch_size} x grad_accum_steps "
+        f"{t.grad_accum_steps} x block_size {config.model.block_size}"
+    )
+    return tokens, budget
 
 
 def format_bytes(n: float) -> str:
