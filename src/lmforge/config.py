@@ -32,6 +32,8 @@ DTYPE_NAMES: tuple[str, ...] = typing.get_args(Dtype)
 
 @dataclass
 class DataConfig:
+    """[data]: what to train on."""
+
     # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and eval.jsonl
     dir: str = ""
     kind: Literal["tokens", "sft"] = "tokens"  # tokens: pretraining shards; sft: JSONL, prompt masked
@@ -41,6 +43,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """[model]: the architecture, GPT-2's by default."""
+
     n_layer: int = 4  # Transformer blocks
     n_head: int = 4  # query heads; d_model must be divisible by it
     n_kv_head: int | None = None  # < n_head for GQA, 1 for MQA; None means n_head
@@ -64,6 +68,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    """[optim]: the optimizer."""
+
     name: Literal["adamw", "sgd", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
     lr: float = 1e-3  # peak learning rate (under muon, of the AdamW parameters)
     weight_decay: float = 0.1  # decoupled, on matrices only (see decay_embeddings); 0: none
@@ -78,6 +84,8 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    """[schedule]: the learning rate over the steps."""
+
     name: Literal["cosine", "linear", "wsd", "constant"] = "cosine"  # shape of the lr after warmup
     warmup_steps: int = 100  # steps of linear warmup to optim.lr; 0: none
     min_lr: float = 0.0  # absolute floor for optim.lr; other groups scale in proportion
@@ -87,6 +95,8 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    """[train]: the training loop."""
+
     max_steps: int = 2000  # optimizer updates in the whole run
     batch_size: int = 12  # sequences per micro-batch, over all devices together
     grad_accum_steps: int = 1  # micro-batches whose gradients add up to one update
@@ -108,6 +118,8 @@ class TrainConfig:
 
 @dataclass
 class LoraConfig:
+    """[lora]: low-rank adapters instead of full fine-tuning."""
+
     rank: int = 0  # 0: full fine-tuning; > 0: train only rank-r adapters (peft) on `targets`
     alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
     dropout: float = 0.0  # probability, on the adapters' input; 0: none
@@ -116,6 +128,8 @@ class LoraConfig:
 
 @dataclass
 class ParallelConfig:
+    """[parallel]: how the processes of a run share the work."""
+
     # none: one process. ddp / fsdp: data parallel over the processes started by torchrun (one per device),
     # replicated (DDP) or sharded (FSDP2) weights, gradients and optimizer state; the global batch is
     # train.batch_size x train.grad_accum_steps sequences whatever the world size.
@@ -124,12 +138,16 @@ class ParallelConfig:
 
 @dataclass
 class LogConfig:
+    """[log]: progress output."""
+
     interval: int = 10  # steps between progress-bar updates
     progress: bool = True  # show the progress bar (main process only)
 
 
 @dataclass
 class Config:
+    """A whole run: one section per table of the TOML file."""
+
     data: DataConfig = field(default_factory=DataConfig)  # [data]: what to train on
     model: ModelConfig = field(default_factory=ModelConfig)  # [model]: the architecture
     optim: OptimConfig = field(default_factory=OptimConfig)  # [optim]: optimizer and its settings
@@ -140,6 +158,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)  # [log]: progress output
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Section -> key -> value, tuples kept as tuples."""
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:

@@ -126,9 +126,11 @@ class RandomWindows:
         return rows[:, :-1], rows[:, 1:]
 
     def state_dict(self) -> dict[str, Any]:
+        """The generator's state and the batch count: enough to resume exactly."""
         return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict`."""
         self.generator.set_state(state["generator"])
         self.batches_drawn = int(state["batches_drawn"])
 

@@ -53,6 +53,7 @@ class PrepareReport:
 
     @property
     def encode_mb_per_s(self) -> float:
+        """Throughput of the second pass, in MB of text per second."""
         return self.text_bytes / 1e6 / max(self.encode_seconds, 1e-9)
 
 

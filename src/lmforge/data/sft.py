@@ -24,13 +24,13 @@ from lmforge.errors import LmforgeError
 from lmforge.model.gpt import IGNORE_INDEX
 
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
-CHAT_TURN = (
-    "{role}: {content}\n"  # messages are rendered turn by turn; the last assistant turn is the completion
-)
+CHAT_TURN = "{role}: {content}\n"  # chat messages are rendered turn by turn; the last one is the completion
 
 
 @dataclass(frozen=True)
 class Example:
+    """One tokenized example: prompt ids, then completion ids."""
+
     ids: list[int]
     prompt_tokens: int  # how many leading ids are prompt (masked)
 
@@ -185,6 +185,7 @@ class ExampleBatches:
         return collate(chosen, self.max_length)
 
     def state_dict(self) -> dict[str, Any]:
+        """The generator, this epoch's order and the position in it: enough to resume exactly."""
         return {
             "generator": self.generator.get_state(),
             "order": self.order,
@@ -193,6 +194,7 @@ class ExampleBatches:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict`."""
         self.generator.set_state(state["generator"])
         self.order, self.position, self.epoch = state["order"], int(state["position"]), int(state["epoch"])
 

@@ -15,6 +15,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +25,9 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import mlp_hidden_size
 from lmforge.staging import check_out, staged_folder
+
+if TYPE_CHECKING:
+    from lmforge.checkpoint import LoadedCheckpoint
 
 EOT = "<|endoftext|>"
 Tensors = dict[str, torch.Tensor]
@@ -148,6 +152,7 @@ def _llama_layer_to_hf(state: Tensors, m: ModelConfig, family: str, b: str, p: s
 
 
 def hf_config(m: ModelConfig, family: str, eot_id: int | None, dtype: str) -> dict:
+    """The config.json of `family` that describes this model exactly."""
     common = {
         "vocab_size": m.vocab_size,
         "tie_word_embeddings": m.tie_embeddings,
@@ -226,6 +231,7 @@ def save_shards(tensors: Tensors, out: Path, max_shard_bytes: int) -> list[str]:
 
 
 def tokenizer_files(eot_id: int | None, block_size: int) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json, so AutoTokenizer loads tokenizer.json."""
     specials = {"bos_token": EOT, "eos_token": EOT} if eot_id is not None else {}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -560,7 +566,7 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
-def _model_card(loaded, family: str, files: list[str]) -> str:
+def _model_card(loaded: LoadedCheckpoint, family: str, files: list[str]) -> str:
     config = loaded.config
     meta = json.loads((loaded.path / "meta.json").read_text())
     data_meta = Path(config.data.dir) / "meta.json" if config.data.dir else None

@@ -22,12 +22,14 @@ IGNORE_INDEX = -100  # a target that does not count in the loss (masked prompt, 
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """The configured norm over the last `dim` channels."""
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 def mlp_hidden_size(config: ModelConfig) -> int:
+    """Width of the MLP's hidden layer (of each half for SwiGLU)."""
     if config.mlp_hidden is not None:
         return config.mlp_hidden
     if config.mlp == "swiglu":  # 8/3 d keeps the parameter count of a 4 d GELU MLP
@@ -67,6 +69,7 @@ class KVCache:
 
     @classmethod
     def allocate(cls, model: GPT, batch_size: int, max_len: int) -> KVCache:
+        """Zeros for every layer in the model's dtype and device, length 0."""
         c = model.config
         kv_heads = c.n_kv_head or c.n_head
         param = next(model.parameters())
@@ -76,6 +79,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Causal self-attention with one fused qkv projection; fewer key/value heads for GQA."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -135,6 +140,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Up-projection, activation (GELU, SwiGLU or ReLU²), down-projection."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = mlp_hidden_size(config)
@@ -156,6 +163,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """A pre-norm Transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.norm1 = make_norm(config, config.d_model)
@@ -170,6 +179,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Token (and position) embeddings, the blocks, a final norm and the head."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.vocab_size is None:

@@ -124,9 +124,8 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         if model.qk_norm and not fp32_attention:
             attn += c * qkv  # rms_norm's saved inputs are views of the qkv output
     elif fp32_attention:
-        attn = (
-            FP32 * qkv + FP32 * d + FP32 * H + c * d
-        )  # fp32 copies of q, k, v; output, log-sum-exp; bf16 copy
+        # fp32 copies of q, k, v; SDPA's fp32 output and log-sum-exp; proj's bf16 copy of the output
+        attn = FP32 * qkv + FP32 * d + FP32 * H + c * d
     else:
         # v keeps the whole qkv output alive; rope or QK-norm feed SDPA new q and k; with QK-norm they are
         # contiguous clones, so SDPA's output is laid out [B, H, T, hd] and proj's input becomes a copy
@@ -139,9 +138,7 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         attn += a * qk + FP32 * (H + Hkv)
         if fp32_attention:
             attn += FP32 * qk  # autocast runs rms_norm in fp32: it saves fp32 casts of q and k
-    mlp = (
-        (4 if model.mlp == "swiglu" else 2) * F * c
-    )  # gelu/relu²: input, output; swiglu: up output, silu, product
+    mlp = (4 if model.mlp == "swiglu" else 2) * F * c  # gelu/relu²: input, output; swiglu: up, silu, product
     dropout = 2 * c * d if model.dropout > 0 else 0  # masks of the two residual branches
     return 2 * _norm_saved(model, c) + attn + mlp + dropout
 
@@ -161,9 +158,7 @@ def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -
     if model.dropout > 0:
         saved += FP32 * d
     held = c * V
-    if (
-        model.logit_softcap is not None
-    ):  # tanh saves its fp32 output; the held logits are the fp32 capped ones
+    if model.logit_softcap is not None:  # tanh saves its fp32 output; the held logits are fp32 too
         saved += FP32 * V
         held = FP32 * V
     return saved, held, 2 * FP32 * V
@@ -339,6 +334,7 @@ class Estimate:
     notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
+        """Every field, nested dataclasses included, as plain dicts (the `--json` output)."""
         return asdict(self)
 
 
@@ -443,6 +439,7 @@ def _token_budget(tokens: float | None, config: Config) -> tuple[float, str]:
 
 
 def format_bytes(n: float) -> str:
+    """A byte count in the largest binary unit it reaches, e.g. 1.50 GiB."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
@@ -450,10 +447,12 @@ def format_bytes(n: float) -> str:
 
 
 def format_flops(flops: float) -> str:
+    """FLOP/s in TFLOP/s, or GFLOP/s below a teraflop."""
     return f"{flops / 1e12:,.4g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.4g} GFLOP/s"
 
 
 def format_duration(seconds: float) -> str:
+    """Seconds in the largest unit they reach: days, h, min or s."""
     for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"
