@@ -80,3 +80,23 @@ def test_file_errors(tmp_path: Path) -> None:
     (tmp_path / "flat.toml").write_text("model = 3\n")
     with pytest.raises(LmforgeError, match="model must be a table"):
         load_config(tmp_path / "flat.toml")
+
+
+def test_every_config_field_has_a_comment() -> None:
+    """House style (torchtitan): each field says what it is, on its own line or the line above."""
+    import ast
+
+    import lmforge.config
+
+    source = Path(lmforge.config.__file__).read_text()
+    lines = source.splitlines()
+    uncommented = [
+        f"{cls.name}.{item.target.id}"
+        for cls in ast.parse(source).body
+        if isinstance(cls, ast.ClassDef)
+        for item in cls.body
+        if isinstance(item, ast.AnnAssign)
+        and "#" not in lines[item.end_lineno - 1]
+        and not lines[item.lineno - 2].strip().startswith("#")
+    ]
+    assert uncommented == []

@@ -11,6 +11,7 @@ import dataclasses
 import sys
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,56 +32,62 @@ DTYPE_NAMES: tuple[str, ...] = typing.get_args(Dtype)
 
 @dataclass
 class DataConfig:
-    dir: str = (
-        ""  # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and eval.jsonl
-    )
-    kind: Literal["tokens", "sft"] = "tokens"
+    """[data]: what to train on."""
+
+    # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and eval.jsonl
+    dir: str = ""
+    kind: Literal["tokens", "sft"] = "tokens"  # tokens: pretraining shards; sft: JSONL, prompt masked
     tokenizer: str = ""  # sft: a tokenizer.json (default: train.init_from's)
-    on_bad_line: Literal["error", "skip"] = "error"  # sft: malformed JSONL lines
+    on_bad_line: Literal["error", "skip"] = "error"  # sft: a malformed JSONL line fails, or is skipped
 
 
 @dataclass
 class ModelConfig:
-    n_layer: int = 4
-    n_head: int = 4
+    """[model]: the architecture, GPT-2's by default."""
+
+    n_layer: int = 4  # Transformer blocks
+    n_head: int = 4  # query heads; d_model must be divisible by it
     n_kv_head: int | None = None  # < n_head for GQA, 1 for MQA; None means n_head
-    d_model: int = 128
-    block_size: int = 64
+    d_model: int = 128  # width of the residual stream and of the embeddings
+    block_size: int = 64  # context length in tokens: the longest sequence the model takes
     vocab_size: int | None = None  # None: taken from the prepared data
-    position: Literal["learned", "rope"] = "learned"
-    rope_theta: float = 10000.0
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = 1e-5
+    position: Literal["learned", "rope"] = "learned"  # learned embeddings (GPT-2) or rotary (Llama)
+    rope_theta: float = 10000.0  # rope: base of the rotation frequencies
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # of every block and before the head
+    norm_eps: float = 1e-5  # added to the variance in every norm, for stability
     mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"  # gelu_tanh: GPT-2's approximation
-    mlp_hidden: int | None = (
-        None  # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
-    )
-    qk_norm: bool = False
-    tie_embeddings: bool = True
-    bias: bool = True
-    dropout: float = 0.0
+    # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
+    mlp_hidden: int | None = None
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3)
+    tie_embeddings: bool = True  # the head reuses the input embedding's weights
+    bias: bool = True  # biases in the blocks' Linear layers and LayerNorms (the head never has one)
+    dropout: float = 0.0  # probability, on embeddings, residual branches and attention; 0: none
     zero_init_residual: bool = False  # start attention and MLP output projections at zero
-    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None: no cap
 
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd", "muon"] = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    """[optim]: the optimizer."""
+
+    name: Literal["adamw", "sgd", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
+    lr: float = 1e-3  # peak learning rate (under muon, of the AdamW parameters)
+    weight_decay: float = 0.1  # decoupled, on matrices only (see decay_embeddings); 0: none
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW's decay rates of the two moments
+    eps: float = 1e-8  # AdamW's term added to the denominator
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    momentum: float = 0.9  # sgd
+    momentum: float = 0.9  # sgd; 0: plain SGD
     muon_lr: float = 0.02  # muon: learning rate of the hidden matrices
-    muon_momentum: float = 0.95
+    muon_momentum: float = 0.95  # muon: momentum of the hidden matrices
     decay_embeddings: bool = False  # weight decay on embeddings and head too
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 100
+    """[schedule]: the learning rate over the steps."""
+
+    name: Literal["cosine", "linear", "wsd", "constant"] = "cosine"  # shape of the lr after warmup
+    warmup_steps: int = 100  # steps of linear warmup to optim.lr; 0: none
     min_lr: float = 0.0  # absolute floor for optim.lr; other groups scale in proportion
     decay_steps: int | None = None  # None: until train.max_steps
     wsd_decay_fraction: float = 0.2  # wsd: final share of the steps spent decaying
@@ -88,36 +95,41 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 2000
-    batch_size: int = 12
-    grad_accum_steps: int = 1
+    """[train]: the training loop."""
+
+    max_steps: int = 2000  # optimizer updates in the whole run
+    batch_size: int = 12  # sequences per micro-batch, over all devices together
+    grad_accum_steps: int = 1  # micro-batches whose gradients add up to one update
     eval_interval: int = 250  # 0: evaluate only at the end
-    eval_batch_size: int = 64
+    eval_batch_size: int = 64  # sequences per evaluation batch
     checkpoint_interval: int = 500  # 0: checkpoint only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept, besides the best
-    seed: int = 1337
-    dtype: Dtype = "fp32"
-    compile: bool = False
+    seed: int = 1337  # of the initial weights and of the batches drawn
+    dtype: Dtype = "fp32"  # bf16, fp16: autocast over fp32 weights (fp16 with a grad scaler)
+    compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto, cpu, cuda, cuda:N
-    on_nan: Literal["stop", "skip"] = "stop"
+    on_nan: Literal["stop", "skip"] = "stop"  # at a non-finite loss: end the run, or skip that update
     stop_at_val_loss: float | None = None  # end the run at the first eval at or below this loss
     init_from: str = ""  # start from the weights of a run or checkpoint folder (e.g. `lmforge import`)
     deterministic: bool = False  # torch.use_deterministic_algorithms
-    activation_checkpointing: bool = (
-        False  # recompute each block's activations in backward: less memory, ~1/3 more compute
-    )
+    # recompute each block's activations in backward: less memory, ~1/3 more compute
+    activation_checkpointing: bool = False
 
 
 @dataclass
 class LoraConfig:
+    """[lora]: low-rank adapters instead of full fine-tuning."""
+
     rank: int = 0  # 0: full fine-tuning; > 0: train only rank-r adapters (peft) on `targets`
-    alpha: float = 16.0
-    dropout: float = 0.0
+    alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
+    dropout: float = 0.0  # probability, on the adapters' input; 0: none
     targets: tuple[str, ...] = ("qkv", "proj", "up", "down")  # Linear layers of the model's blocks
 
 
 @dataclass
 class ParallelConfig:
+    """[parallel]: how the processes of a run share the work."""
+
     # none: one process. ddp / fsdp: data parallel over the processes started by torchrun (one per device),
     # replicated (DDP) or sharded (FSDP2) weights, gradients and optimizer state; the global batch is
     # train.batch_size x train.grad_accum_steps sequences whatever the world size.
@@ -126,22 +138,27 @@ class ParallelConfig:
 
 @dataclass
 class LogConfig:
+    """[log]: progress output."""
+
     interval: int = 10  # steps between progress-bar updates
-    progress: bool = True
+    progress: bool = True  # show the progress bar (main process only)
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    """A whole run: one section per table of the TOML file."""
+
+    data: DataConfig = field(default_factory=DataConfig)  # [data]: what to train on
+    model: ModelConfig = field(default_factory=ModelConfig)  # [model]: the architecture
+    optim: OptimConfig = field(default_factory=OptimConfig)  # [optim]: optimizer and its settings
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # [schedule]: learning rate
+    train: TrainConfig = field(default_factory=TrainConfig)  # [train]: the loop, its length and dtype
+    lora: LoraConfig = field(default_factory=LoraConfig)  # [lora]: low-rank adapters; rank 0: off
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)  # [parallel]: data parallel devices
+    log: LogConfig = field(default_factory=LogConfig)  # [log]: progress output
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Section -> key -> value, tuples kept as tuples."""
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
@@ -257,6 +274,10 @@ def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
     raise TypeError(f"unsupported config type {kind} for {key}")  # a programming error, not user input
 
 
+# Raises LmforgeError("{origin}: {key} {message}") unless the condition holds.
+Need = Callable[[bool, str, str], None]
+
+
 def validate(config: Config, origin: str) -> None:
     """Reject values that type-check but cannot work, naming the key."""
 
@@ -264,7 +285,16 @@ def validate(config: Config, origin: str) -> None:
         if not condition:
             raise LmforgeError(f"{origin}: {key} {message}")
 
-    m, o, s, t = config.model, config.optim, config.schedule, config.train
+    _validate_model(config.model, need)
+    _validate_optim(config.optim, need)
+    _validate_schedule(config.schedule, config.optim, need)
+    _validate_train(config.train, need)
+    _validate_parallel(config, need)
+    need(config.log.interval > 0, "log.interval", "must be positive")
+    _validate_lora(config.lora, need)
+
+
+def _validate_model(m: ModelConfig, need: Need) -> None:
     for key in ("n_layer", "n_head", "d_model", "block_size"):
         need(getattr(m, key) > 0, f"model.{key}", "must be positive")
     need(
@@ -286,15 +316,24 @@ def validate(config: Config, origin: str) -> None:
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     need(m.norm_eps > 0, "model.norm_eps", "must be positive")
     need(m.logit_softcap is None or m.logit_softcap > 0, "model.logit_softcap", "must be positive")
+
+
+def _validate_optim(o: OptimConfig, need: Need) -> None:
     need(o.lr > 0, "optim.lr", "must be positive")
     need(o.muon_lr > 0, "optim.muon_lr", "must be positive")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     need(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "must be in [0, 1)")
+
+
+def _validate_schedule(s: ScheduleConfig, o: OptimConfig, need: Need) -> None:
     need(0.0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr={o.lr}]")
     need(s.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
     need(s.decay_steps is None or s.decay_steps > 0, "schedule.decay_steps", "must be positive")
     need(0.0 < s.wsd_decay_fraction <= 1.0, "schedule.wsd_decay_fraction", "must be in (0, 1]")
+
+
+def _validate_train(t: TrainConfig, need: Need) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_batch_size", "keep_checkpoints"):
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")
     need(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
@@ -304,20 +343,29 @@ def validate(config: Config, origin: str) -> None:
         "train.device",
         f"must be auto, cpu, cuda, cuda:N or mps; got {t.device!r}",
     )
+
+
+def _validate_parallel(config: Config, need: Need) -> None:
     if config.parallel.strategy == "fsdp":
         # Sharded gradients would need a sharded grad scaler; Muon orthogonalizes whole matrices, not shards.
         need(
-            t.dtype != "fp16",
+            config.train.dtype != "fp16",
             "train.dtype",
             'fp16 is not supported with parallel.strategy = "fsdp"; use bf16',
         )
-        need(o.name != "muon", "optim.name", 'muon is not supported with parallel.strategy = "fsdp"; use ddp')
-    need(config.log.interval > 0, "log.interval", "must be positive")
-    need(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
-    need(0.0 <= config.lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+        need(
+            config.optim.name != "muon",
+            "optim.name",
+            'muon is not supported with parallel.strategy = "fsdp"; use ddp',
+        )
+
+
+def _validate_lora(lora: LoraConfig, need: Need) -> None:
+    need(lora.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
+    need(0.0 <= lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     known = {"qkv", "proj", "up", "down"}
     need(
-        set(config.lora.targets) <= known,
+        set(lora.targets) <= known,
         "lora.targets",
         f"must name layers among {', '.join(sorted(known))}",
     )

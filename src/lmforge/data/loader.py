@@ -6,11 +6,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from lmforge.data.protocol import Batch
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
 
@@ -19,7 +21,10 @@ REQUIRED_META_KEYS = ("vocab_size", "dtype", "train_tokens", "val_tokens", "toke
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A folder written by `lmforge prepare`, its shards opened as read-only memmaps."""
+    """A folder written by `lmforge prepare`, its shards opened as read-only memmaps.
+
+    Satisfies `TrainingData` (lmforge.data.protocol): training takes it or `SFTData` alike.
+    """
 
     dir: Path
     meta: dict
@@ -28,6 +33,7 @@ class PreparedData:
 
     @classmethod
     def open(cls, directory: Path | str) -> PreparedData:
+        """Open a prepared folder, checking meta.json against the shards' sizes."""
         directory = Path(directory)
         meta_path = directory / "meta.json"
         if not meta_path.is_file():
@@ -50,19 +56,24 @@ class PreparedData:
 
     @property
     def vocab_size(self) -> int:
+        """meta.json's vocab_size: one more than the largest id the shards can hold."""
         return int(self.meta["vocab_size"])
 
     def tokenizer(self) -> Tokenizer:
+        """The tokenizer the shards were encoded with."""
         return load_tokenizer(self.dir / "tokenizer.json")
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> RandomWindows:
+        """Random windows of the train split, endlessly, in an order fixed by `seed`."""
         return RandomWindows(self.train, block_size, batch_size, seed)
 
-    def eval_batches(self, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, block_size: int, batch_size: int) -> Iterator[Batch]:
+        """The val split in non-overlapping windows, every token once as a target."""
         return eval_windows(self.val, block_size, batch_size)
 
     @property
     def tokenizer_file(self) -> Path:
+        """The tokenizer.json `lmforge prepare` wrote beside the shards."""
         return self.dir / "tokenizer.json"
 
     def bytes_per_token(self, split: str = "val") -> float | None:
@@ -103,10 +114,10 @@ class RandomWindows:
         self.batches_drawn = 0
         self._window = np.arange(block_size + 1)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Batch:
         offsets = torch.randint(
             len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator
         )
@@ -114,17 +125,17 @@ class RandomWindows:
         self.batches_drawn += 1
         return rows[:, :-1], rows[:, 1:]
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state and the batch count: enough to resume exactly."""
         return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict`."""
         self.generator.set_state(state["generator"])
         self.batches_drawn = int(state["batches_drawn"])
 
 
-def eval_windows(
-    tokens: np.ndarray, block_size: int, batch_size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_windows(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[Batch]:
     """Every token of a split exactly once as a target, in non-overlapping windows.
 
     Full `block_size` windows come in batches of `batch_size`; the leftover tail, if any,

@@ -53,6 +53,7 @@ class PrepareReport:
 
     @property
     def encode_mb_per_s(self) -> float:
+        """Throughput of the second pass, in MB of text per second."""
         return self.text_bytes / 1e6 / max(self.encode_seconds, 1e-9)
 
 
@@ -63,6 +64,17 @@ class _Split:
     file: BinaryIO
     tokens: int = 0
     text_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How the second pass writes the shards, decided from the first pass."""
+
+    vocab_size: int
+    dtype: np.dtype  # uint16 when every id fits
+    is_val: np.ndarray | None  # per document: held out whole; None: the text is split at split_char
+    split_char: int | None  # the corpus character where val begins, when is_val is None
+    eot: int | None  # appended after every document; None with a single document
 
 
 def prepare(
@@ -86,6 +98,43 @@ def prepare(
         raise LmforgeError(f"--out {out} contains the input files; choose another folder")
 
     start = time.perf_counter()
+    scan, tokenizer_obj = _first_pass(corpus, input, tokenizer, vocab_size, user_tokenizer, progress)
+    scan_seconds = time.perf_counter() - start
+    layout = _plan_layout(scan, tokenizer_obj, val_fraction, seed)
+    with staged_folder(out, overwrite) as staging:
+        with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
+            splits = {"train": _Split(train_file), "val": _Split(val_file)}
+            _encode(corpus, tokenizer_obj, layout, splits, scan.text_bytes, progress)
+        if splits["train"].tokens == 0 or splits["val"].tokens == 0:
+            raise LmforgeError(
+                f"{input}: too small to give a non-empty train and val split "
+                f"({splits['train'].tokens} train, {splits['val'].tokens} val tokens "
+                f"with --val-fraction {val_fraction})"
+            )
+        tokenizer_obj.save(str(staging / "tokenizer.json"))
+        meta = _meta(corpus, scan, tokenizer, tokenizer_obj, layout, splits, val_fraction, seed)
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    report = PrepareReport(meta, scan.text_bytes, scan_seconds, time.perf_counter() - start - scan_seconds)
+    print(
+        f"prepared {corpus.source}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+        f"vocab {layout.vocab_size:,} ({meta['tokenizer']}); {report.text_bytes / 1e6:.1f} MB of text, "
+        f"scan{'+train' if tokenizer == 'bpe' else ''} {scan_seconds:.1f} s, "
+        f"encode {report.encode_seconds:.1f} s ({report.encode_mb_per_s:.2f} MB/s) -> {out}",
+        file=sys.stderr,
+    )
+    return report
+
+
+def _first_pass(
+    corpus: Corpus,
+    input: str,
+    tokenizer: str,
+    vocab_size: int | None,
+    user_tokenizer: Tokenizer | None,
+    progress: bool,
+) -> tuple[_Scan, Tokenizer]:
+    """Scan the corpus once, training the BPE on the way; return what was learned and the tokenizer."""
     scan = _Scan()
     chunks = _scan(corpus, scan, collect_alphabet=tokenizer == "char", progress=progress)
     if tokenizer == "bpe":
@@ -101,56 +150,53 @@ def prepare(
         tokenizer_obj = tok.byte_tokenizer()
     elif user_tokenizer is not None:
         tokenizer_obj = user_tokenizer
+    return scan, tokenizer_obj
 
-    scan_seconds = time.perf_counter() - start
-    n_vocab = tok.vocab_size(tokenizer_obj)
-    dtype = np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32)
+
+def _plan_layout(scan: _Scan, tokenizer: Tokenizer, val_fraction: float, seed: int) -> _Layout:
+    """The shards' dtype and the train/val split, from the first pass and the tokenizer."""
+    n_vocab = tok.vocab_size(tokenizer)
     is_val = _choose_val_documents(scan.documents, val_fraction, seed)
-    split_char = int(scan.chars * (1.0 - val_fraction)) if is_val is None else None
-    eot = tok.eot_id(tokenizer_obj) if scan.documents > 1 else None  # separators only between documents
-
-    with staged_folder(out, overwrite) as staging:
-        with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
-            splits = {"train": _Split(train_file), "val": _Split(val_file)}
-            _encode(corpus, tokenizer_obj, dtype, splits, is_val, split_char, eot, scan.text_bytes, progress)
-        if splits["train"].tokens == 0 or splits["val"].tokens == 0:
-            raise LmforgeError(
-                f"{input}: too small to give a non-empty train and val split "
-                f"({splits['train'].tokens} train, {splits['val'].tokens} val tokens "
-                f"with --val-fraction {val_fraction})"
-            )
-        tokenizer_obj.save(str(staging / "tokenizer.json"))
-        meta = {
-            "format": META_FORMAT,
-            "vocab_size": n_vocab,
-            "dtype": dtype.name,
-            "train_tokens": splits["train"].tokens,
-            "val_tokens": splits["val"].tokens,
-            "train_bytes": splits["train"].text_bytes,
-            "val_bytes": splits["val"].text_bytes,
-            "tokenizer": tokenizer if tokenizer in tok.BUILTIN_KINDS else "file",
-            "tokenizer_file": None if tokenizer in tok.BUILTIN_KINDS else str(Path(tokenizer).resolve()),
-            "eot_id": tok.eot_id(tokenizer_obj),
-            "documents": scan.documents,
-            "split": "tail" if is_val is None else "documents",
-            "val_documents": None if is_val is None else int(is_val.sum()),
-            "val_fraction": val_fraction,
-            "seed": seed,
-            "source": corpus.source,
-            "source_sha256": corpus.sha256(),
-            "lmforge_version": __version__,
-        }
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    report = PrepareReport(meta, scan.text_bytes, scan_seconds, time.perf_counter() - start - scan_seconds)
-    print(
-        f"prepared {corpus.source}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
-        f"vocab {n_vocab:,} ({meta['tokenizer']}); {report.text_bytes / 1e6:.1f} MB of text, "
-        f"scan{'+train' if tokenizer == 'bpe' else ''} {scan_seconds:.1f} s, "
-        f"encode {report.encode_seconds:.1f} s ({report.encode_mb_per_s:.2f} MB/s) -> {out}",
-        file=sys.stderr,
+    return _Layout(
+        vocab_size=n_vocab,
+        dtype=np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32),
+        is_val=is_val,
+        split_char=int(scan.chars * (1.0 - val_fraction)) if is_val is None else None,
+        eot=tok.eot_id(tokenizer) if scan.documents > 1 else None,  # separators only between documents
     )
-    return report
+
+
+def _meta(
+    corpus: Corpus,
+    scan: _Scan,
+    tokenizer: str,
+    tokenizer_obj: Tokenizer,
+    layout: _Layout,
+    splits: dict[str, _Split],
+    val_fraction: float,
+    seed: int,
+) -> dict:
+    """The contents of meta.json: what `PreparedData.open` needs and how the data was made."""
+    return {
+        "format": META_FORMAT,
+        "vocab_size": layout.vocab_size,
+        "dtype": layout.dtype.name,
+        "train_tokens": splits["train"].tokens,
+        "val_tokens": splits["val"].tokens,
+        "train_bytes": splits["train"].text_bytes,
+        "val_bytes": splits["val"].text_bytes,
+        "tokenizer": tokenizer if tokenizer in tok.BUILTIN_KINDS else "file",
+        "tokenizer_file": None if tokenizer in tok.BUILTIN_KINDS else str(Path(tokenizer).resolve()),
+        "eot_id": tok.eot_id(tokenizer_obj),
+        "documents": scan.documents,
+        "split": "tail" if layout.is_val is None else "documents",
+        "val_documents": None if layout.is_val is None else int(layout.is_val.sum()),
+        "val_fraction": val_fraction,
+        "seed": seed,
+        "source": corpus.source,
+        "source_sha256": corpus.sha256(),
+        "lmforge_version": __version__,
+    }
 
 
 def _check_arguments(tokenizer: str, vocab_size: int | None, val_fraction: float, invalid_utf8: str) -> None:
@@ -199,41 +245,20 @@ def _choose_val_documents(documents: int, val_fraction: float, seed: int) -> np.
 def _encode(
     corpus: Corpus,
     tokenizer: Tokenizer,
-    dtype: np.dtype,
+    layout: _Layout,
     splits: dict[str, _Split],
-    is_val: np.ndarray | None,
-    split_char: int | None,
-    eot: int | None,
     total_bytes: int,
     progress: bool,
 ) -> None:
     """Second pass: encode in batches and append ids to each split's shard, in corpus order.
 
-    With whole-document splitting `is_val` says where each document goes; otherwise the
-    text before character `split_char` of the corpus is train and the rest is val. `eot`,
-    if given, is appended after every document.
+    With whole-document splitting `layout.is_val` says where each document goes; otherwise
+    the text before character `layout.split_char` of the corpus is train and the rest is val.
+    `layout.eot`, if given, is appended after every document.
     """
-    batch: list[tuple[str, str | None]] = []  # (split, text); text None stands for <|endoftext|>
-    batch_chars = 0
-
-    def flush() -> None:
-        texts = [text for _, text in batch if text is not None]
-        encodings = iter(tokenizer.encode_batch(texts, add_special_tokens=False))
-        ids: dict[str, list[int]] = {"train": [], "val": []}
-        for name, text in batch:
-            if text is None:
-                ids[name].append(eot)
-            else:
-                ids[name].extend(next(encodings).ids)
-                size = len(text.encode("utf-8"))
-                splits[name].text_bytes += size
-                bar.update(size)
-        for name, values in ids.items():
-            np.asarray(values, dtype=dtype).tofile(splits[name].file)
-            splits[name].tokens += len(values)
-        batch.clear()
-
+    is_val, split_char = layout.is_val, layout.split_char
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
+        writer = _ShardWriter(tokenizer, layout.dtype, layout.eot, splits, bar)
         index = -1
         position = 0  # characters of the corpus before this chunk
         for document in corpus.documents():
@@ -241,22 +266,68 @@ def _encode(
             for chunk in document:
                 if seen == 0:
                     index += 1
-                if is_val is not None:
-                    batch.append(("val" if is_val[index] else "train", chunk))
-                elif position + len(chunk) <= split_char:
-                    batch.append(("train", chunk))
-                elif position >= split_char:
-                    batch.append(("val", chunk))
-                else:
-                    cut = split_char - position
-                    batch.extend([("train", chunk[:cut]), ("val", chunk[cut:])])
+                in_val = None if is_val is None else bool(is_val[index])
+                writer.add(_pieces(chunk, position, in_val, split_char), len(chunk))
                 seen += len(chunk)
                 position += len(chunk)
-                batch_chars += len(chunk)
-                if batch_chars >= BATCH_CHARS:
-                    flush()
-                    batch_chars = 0
-            if seen and eot is not None:
+            if seen and layout.eot is not None:
                 in_val = is_val[index] if is_val is not None else position > split_char
-                batch.append(("val" if in_val else "train", None))
-        flush()
+                writer.end_document("val" if in_val else "train")
+        writer.flush()
+
+
+def _pieces(chunk: str, position: int, in_val: bool | None, split_char: int | None) -> list[tuple[str, str]]:
+    """(split, text) pieces of a chunk that starts at character `position` of the corpus.
+
+    A chunk goes whole to its document's split (`in_val`), or, when the text is split at
+    `split_char`, to the side it lies on, cut in two if it straddles the boundary.
+    """
+    if in_val is not None:
+        return [("val" if in_val else "train", chunk)]
+    if position + len(chunk) <= split_char:
+        return [("train", chunk)]
+    if position >= split_char:
+        return [("val", chunk)]
+    cut = split_char - position
+    return [("train", chunk[:cut]), ("val", chunk[cut:])]
+
+
+class _ShardWriter:
+    """Collects (split, text) pieces and encodes them a batch at a time (`encode_batch` uses every
+    core), appending the ids to each split's shard in the order the pieces came."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, dtype: np.dtype, eot: int | None, splits: dict[str, _Split], bar: tqdm
+    ) -> None:
+        self.tokenizer, self.dtype, self.eot, self.splits, self.bar = tokenizer, dtype, eot, splits, bar
+        self.batch: list[tuple[str, str | None]] = []  # (split, text); text None stands for <|endoftext|>
+        self.batch_chars = 0
+
+    def add(self, pieces: list[tuple[str, str]], chars: int) -> None:
+        """Queue the pieces of one chunk of `chars` characters; encode once a batch is full."""
+        self.batch.extend(pieces)
+        self.batch_chars += chars
+        if self.batch_chars >= BATCH_CHARS:
+            self.flush()
+
+    def end_document(self, split: str) -> None:
+        self.batch.append((split, None))
+
+    def flush(self) -> None:
+        """Encode the queued texts and append every id, <|endoftext|> included, to its shard."""
+        texts = [text for _, text in self.batch if text is not None]
+        encodings = iter(self.tokenizer.encode_batch(texts, add_special_tokens=False))
+        ids: dict[str, list[int]] = {"train": [], "val": []}
+        for name, text in self.batch:
+            if text is None:
+                ids[name].append(self.eot)
+            else:
+                ids[name].extend(next(encodings).ids)
+                size = len(text.encode("utf-8"))
+                self.splits[name].text_bytes += size
+                self.bar.update(size)
+        for name, values in ids.items():
+            np.asarray(values, dtype=self.dtype).tofile(self.splits[name].file)
+            self.splits[name].tokens += len(values)
+        self.batch.clear()
+        self.batch_chars = 0

@@ -13,22 +13,24 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
+from lmforge.data.protocol import Batch
 from lmforge.data.tokenizer import eot_id, load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import IGNORE_INDEX
 
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
-CHAT_TURN = (
-    "{role}: {content}\n"  # messages are rendered turn by turn; the last assistant turn is the completion
-)
+CHAT_TURN = "{role}: {content}\n"  # chat messages are rendered turn by turn; the last one is the completion
 
 
 @dataclass(frozen=True)
 class Example:
+    """One tokenized example: prompt ids, then completion ids."""
+
     ids: list[int]
     prompt_tokens: int  # how many leading ids are prompt (masked)
 
@@ -121,7 +123,7 @@ def tokenize_examples(
     return examples
 
 
-def collate(examples: list[Example], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def collate(examples: list[Example], max_length: int | None = None) -> Batch:
     """Right-padded inputs and targets; targets of prompt and padding positions are IGNORE_INDEX.
 
     The length is rounded up to a multiple of LENGTH_MULTIPLE (at most `max_length`, the block
@@ -169,10 +171,10 @@ class ExampleBatches:
         shuffled = torch.randperm(len(batches), generator=self.generator)
         return torch.cat([batches[i] for i in shuffled.tolist()])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> Batch:
         chosen = []
         while len(chosen) < self.batch_size:
             if self.position == len(self.order):
@@ -182,7 +184,8 @@ class ExampleBatches:
             self.position += 1
         return collate(chosen, self.max_length)
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
+        """The generator, this epoch's order and the position in it: enough to resume exactly."""
         return {
             "generator": self.generator.get_state(),
             "order": self.order,
@@ -190,13 +193,23 @@ class ExampleBatches:
             "epoch": self.epoch,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict`."""
         self.generator.set_state(state["generator"])
         self.order, self.position, self.epoch = state["order"], int(state["position"]), int(state["epoch"])
 
 
 class SFTData:
-    """`train.jsonl` and `eval.jsonl` of a folder, tokenized with a given tokenizer.json."""
+    """`train.jsonl` and `eval.jsonl` of a folder, tokenized with a given tokenizer.json.
+
+    Satisfies `TrainingData` (lmforge.data.protocol); eval.jsonl is its held-out "val" split.
+    """
+
+    dir: Path
+    tokenizer_file: Path
+    vocab_size: int
+    train: list[Example]  # empty when opened eval_only
+    eval: list[Example]
 
     def __init__(
         self,
@@ -227,11 +240,14 @@ class SFTData:
         )
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
+        """The train examples, reshuffled every epoch, padded to at most `block_size`."""
         return ExampleBatches(self.train, batch_size, seed, max_length=block_size)
 
-    def bytes_per_token(self, split: str = "eval") -> None:
-        return None  # completion bytes are not tracked: no bits-per-byte for fine-tuning data
+    def bytes_per_token(self, split: str = "val") -> float | None:
+        """Always None: completion bytes are not tracked, so fine-tuning data has no bits-per-byte."""
+        return None
 
-    def eval_batches(self, block_size: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def eval_batches(self, block_size: int, batch_size: int) -> Iterator[Batch]:
+        """The eval examples in file order, `batch_size` at a time."""
         for start in range(0, len(self.eval), batch_size):
             yield collate(self.eval[start : start + batch_size], block_size)

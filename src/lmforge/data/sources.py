@@ -63,6 +63,7 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -129,6 +130,7 @@ class Corpus:
 
     @property
     def total_bytes(self) -> int:
+        """Size of all files on disk, for progress bars."""
         return sum(f.stat().st_size for f in self.files)
 
     def sha256(self) -> str:

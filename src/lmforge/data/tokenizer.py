@@ -69,6 +69,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def check_bpe_vocab_size(vocab_size: int) -> None:
+    """Refuse a BPE vocabulary too small for the 256 bytes and `<|endoftext|>`."""
     minimum = 256 + 1
     if vocab_size < minimum:
         raise LmforgeError(

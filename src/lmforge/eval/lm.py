@@ -15,12 +15,15 @@ from lmforge.model.gpt import IGNORE_INDEX
 
 @dataclass(frozen=True)
 class LMEval:
+    """The loss of a model over a whole split, and what follows from it."""
+
     loss: float  # mean cross-entropy per target token, in nats
     tokens: int  # target tokens scored
     bytes_per_token: float | None  # UTF-8 bytes per token of the split, when known
 
     @property
     def ppl(self) -> float:
+        """Perplexity, exp(loss), capped before it overflows."""
         return math.exp(min(self.loss, 700.0))
 
     @property
@@ -29,6 +32,7 @@ class LMEval:
         return self.loss / math.log(2) / self.bytes_per_token if self.bytes_per_token else None
 
     def as_dict(self) -> dict:
+        """The metrics as logged and printed: val_loss, val_ppl, tokens, and bpb when known."""
         result = {"val_loss": self.loss, "val_ppl": self.ppl, "tokens": self.tokens}
         if self.bpb is not None:
             result["bpb"] = self.bpb

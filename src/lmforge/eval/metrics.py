@@ -16,6 +16,7 @@ from lmforge.errors import LmforgeError
 
 
 def accuracy_and_macro_f1(predictions: Sequence[int], labels: Sequence[int]) -> dict[str, float]:
+    """Accuracy, and the mean F1 over every class that is predicted or true (as fractions)."""
     if len(predictions) != len(labels) or not labels:
         raise LmforgeError(f"{len(predictions)} predictions for {len(labels)} labels")
     classes = sorted(set(labels) | set(predictions))

@@ -15,6 +15,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -24,6 +25,9 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import mlp_hidden_size
 from lmforge.staging import check_out, staged_folder
+
+if TYPE_CHECKING:
+    from lmforge.checkpoint import LoadedCheckpoint
 
 EOT = "<|endoftext|>"
 Tensors = dict[str, torch.Tensor]
@@ -64,78 +68,91 @@ def hf_family(m: ModelConfig) -> str:
     return "gpt2"
 
 
+# (lmforge, GPT-2) names of each block's norms and linears; GPT-2's linears are Conv1D, stored [in, out]
+GPT2_NORMS = [("norm1", "ln_1"), ("norm2", "ln_2")]
+GPT2_LINEARS = [
+    ("attn.qkv", "attn.c_attn"),
+    ("attn.proj", "attn.c_proj"),
+    ("mlp.up", "mlp.c_fc"),
+    ("mlp.down", "mlp.c_proj"),
+]
+
+
 def to_hf(state: Tensors, m: ModelConfig, family: str) -> Tensors:
     """lmforge state dict → HF tensor names and layouts (biases lmforge lacks become zeros)."""
-    d, hd = m.d_model, m.d_model // m.n_head
-    q_size, kv_size = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
-    out: Tensors = {}
-
-    def bias_of(name: str, size: int) -> torch.Tensor:
-        return state.get(name, torch.zeros(size, dtype=state[name.replace(".bias", ".weight")].dtype))
-
-    if family == "gpt2":
-        out["transformer.wte.weight"] = state["embed.weight"]
-        out["transformer.wpe.weight"] = state["pos_embed.weight"]
-        for i in range(m.n_layer):
-            b, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
-                out[h + theirs + ".weight"] = state[b + ours + ".weight"]
-                out[h + theirs + ".bias"] = bias_of(b + ours + ".bias", d)
-            for ours, theirs in [
-                ("attn.qkv", "attn.c_attn"),
-                ("attn.proj", "attn.c_proj"),
-                ("mlp.up", "mlp.c_fc"),
-                ("mlp.down", "mlp.c_proj"),
-            ]:
-                weight = state[b + ours + ".weight"]
-                out[h + theirs + ".weight"] = weight.t().contiguous()  # GPT-2's Conv1D stores [in, out]
-                out[h + theirs + ".bias"] = bias_of(b + ours + ".bias", weight.shape[0])
-        out["transformer.ln_f.weight"] = state["norm.weight"]
-        out["transformer.ln_f.bias"] = bias_of("norm.bias", d)
-    else:
-        out["model.embed_tokens.weight"] = state["embed.weight"]
-        hidden = mlp_hidden_size(m)
-        for i in range(m.n_layer):
-            b, p = f"blocks.{i}.", f"model.layers.{i}."
-            norms = [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm")]
-            if family == "qwen3":
-                norms += [("attn.q_norm", "self_attn.q_norm"), ("attn.k_norm", "self_attn.k_norm")]
-            for ours, theirs in norms:
-                out[p + theirs + ".weight"] = state[b + ours + ".weight"]
-            for part, start, size in [
-                ("q_proj", 0, q_size),
-                ("k_proj", q_size, kv_size),
-                ("v_proj", q_size + kv_size, kv_size),
-            ]:
-                out[p + f"self_attn.{part}.weight"] = state[b + "attn.qkv.weight"][
-                    start : start + size
-                ].contiguous()
-                if m.bias:
-                    out[p + f"self_attn.{part}.bias"] = state[b + "attn.qkv.bias"][
-                        start : start + size
-                    ].contiguous()
-            gate, up = state[b + "mlp.up.weight"].split(hidden)
-            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = (
-                gate.contiguous(),
-                up.contiguous(),
-            )
-            out[p + "self_attn.o_proj.weight"] = state[b + "attn.proj.weight"]
-            out[p + "mlp.down_proj.weight"] = state[b + "mlp.down.weight"]
-            if m.bias:
-                gate_bias, up_bias = state[b + "mlp.up.bias"].split(hidden)
-                out[p + "mlp.gate_proj.bias"], out[p + "mlp.up_proj.bias"] = (
-                    gate_bias.contiguous(),
-                    up_bias.contiguous(),
-                )
-                out[p + "self_attn.o_proj.bias"] = state[b + "attn.proj.bias"]
-                out[p + "mlp.down_proj.bias"] = state[b + "mlp.down.bias"]
-        out["model.norm.weight"] = state["norm.weight"]
+    out = _gpt2_to_hf(state, m) if family == "gpt2" else _llama_to_hf(state, m, family)
     if not m.tie_embeddings:
         out["lm_head.weight"] = state["head.weight"]
     return out
 
 
+def _bias_or_zeros(state: Tensors, name: str, size: int) -> torch.Tensor:
+    return state.get(name, torch.zeros(size, dtype=state[name.replace(".bias", ".weight")].dtype))
+
+
+def _gpt2_to_hf(state: Tensors, m: ModelConfig) -> Tensors:
+    d = m.d_model
+    out = {
+        "transformer.wte.weight": state["embed.weight"],
+        "transformer.wpe.weight": state["pos_embed.weight"],
+    }
+    for i in range(m.n_layer):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in GPT2_NORMS:
+            out[h + theirs + ".weight"] = state[b + ours + ".weight"]
+            out[h + theirs + ".bias"] = _bias_or_zeros(state, b + ours + ".bias", d)
+        for ours, theirs in GPT2_LINEARS:
+            weight = state[b + ours + ".weight"]
+            out[h + theirs + ".weight"] = weight.t().contiguous()  # GPT-2's Conv1D stores [in, out]
+            out[h + theirs + ".bias"] = _bias_or_zeros(state, b + ours + ".bias", weight.shape[0])
+    out["transformer.ln_f.weight"] = state["norm.weight"]
+    out["transformer.ln_f.bias"] = _bias_or_zeros(state, "norm.bias", d)
+    return out
+
+
+def _llama_to_hf(state: Tensors, m: ModelConfig, family: str) -> Tensors:
+    out = {"model.embed_tokens.weight": state["embed.weight"]}
+    for i in range(m.n_layer):
+        out.update(_llama_layer_to_hf(state, m, family, f"blocks.{i}.", f"model.layers.{i}."))
+    out["model.norm.weight"] = state["norm.weight"]
+    return out
+
+
+def _llama_layer_to_hf(state: Tensors, m: ModelConfig, family: str, b: str, p: str) -> Tensors:
+    """One block: lmforge's fused qkv and gate+up matrices become Llama's separate projections."""
+    hd = m.d_model // m.n_head
+    q_size, kv_size = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
+    hidden = mlp_hidden_size(m)
+    out: Tensors = {}
+    norms = [("norm1", "input_layernorm"), ("norm2", "post_attention_layernorm")]
+    if family == "qwen3":
+        norms += [("attn.q_norm", "self_attn.q_norm"), ("attn.k_norm", "self_attn.k_norm")]
+    for ours, theirs in norms:
+        out[p + theirs + ".weight"] = state[b + ours + ".weight"]
+    for part, start, size in [
+        ("q_proj", 0, q_size),
+        ("k_proj", q_size, kv_size),
+        ("v_proj", q_size + kv_size, kv_size),
+    ]:
+        out[p + f"self_attn.{part}.weight"] = state[b + "attn.qkv.weight"][start : start + size].contiguous()
+        if m.bias:
+            out[p + f"self_attn.{part}.bias"] = state[b + "attn.qkv.bias"][start : start + size].contiguous()
+    gate, up = state[b + "mlp.up.weight"].split(hidden)
+    out[p + "mlp.gate_proj.weight"] = gate.contiguous()
+    out[p + "mlp.up_proj.weight"] = up.contiguous()
+    out[p + "self_attn.o_proj.weight"] = state[b + "attn.proj.weight"]
+    out[p + "mlp.down_proj.weight"] = state[b + "mlp.down.weight"]
+    if m.bias:
+        gate_bias, up_bias = state[b + "mlp.up.bias"].split(hidden)
+        out[p + "mlp.gate_proj.bias"] = gate_bias.contiguous()
+        out[p + "mlp.up_proj.bias"] = up_bias.contiguous()
+        out[p + "self_attn.o_proj.bias"] = state[b + "attn.proj.bias"]
+        out[p + "mlp.down_proj.bias"] = state[b + "mlp.down.bias"]
+    return out
+
+
 def hf_config(m: ModelConfig, family: str, eot_id: int | None, dtype: str) -> dict:
+    """The config.json of `family` that describes this model exactly."""
     common = {
         "vocab_size": m.vocab_size,
         "tie_word_embeddings": m.tie_embeddings,
@@ -214,6 +231,7 @@ def save_shards(tensors: Tensors, out: Path, max_shard_bytes: int) -> list[str]:
 
 
 def tokenizer_files(eot_id: int | None, block_size: int) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json, so AutoTokenizer loads tokenizer.json."""
     specials = {"bos_token": EOT, "eos_token": EOT} if eot_id is not None else {}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -270,70 +288,89 @@ def model_config_from_hf(config: dict, origin: str) -> ModelConfig:
         raise LmforgeError(
             f"{origin}: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})"
         )
-
-    def need(condition: bool, message: str) -> None:
-        if not condition:
-            raise LmforgeError(f"{origin}: {message}")
-
-    def get(key: str, default: object = None) -> object:
-        return config[key] if config.get(key) is not None else default
-
     if kind == "gpt2":
-        need(
-            not get("scale_attn_by_inverse_layer_idx", False),
-            "scale_attn_by_inverse_layer_idx is not supported",
-        )
-        need(get("scale_attn_weights", True), "scale_attn_weights = false is not supported")
-        activation = get("activation_function", "gelu_new")
-        need(
-            activation in ("gelu", "gelu_new", "gelu_pytorch_tanh"),
-            f"activation_function {activation!r} is not supported",
-        )
-        d = int(config["n_embd"])
-        return ModelConfig(
-            n_layer=int(config["n_layer"]),
-            n_head=int(config["n_head"]),
-            d_model=d,
-            block_size=int(config["n_positions"]),
-            vocab_size=int(config["vocab_size"]),
-            position="learned",
-            norm="layernorm",
-            norm_eps=float(get("layer_norm_epsilon", 1e-5)),
-            mlp="gelu" if activation == "gelu" else "gelu_tanh",
-            mlp_hidden=int(get("n_inner", 4 * d)),
-            tie_embeddings=bool(get("tie_word_embeddings", True)),
-            bias=True,
-            dropout=0.0,
-        )
-    need(
-        get("hidden_act", "silu") == "silu",
+        return _gpt2_model_config(config, origin)
+    return _llama_model_config(config, kind, origin)
+
+
+def _get(config: dict, key: str, default: object = None) -> object:
+    """config[key], or `default` when the key is missing or null."""
+    return config[key] if config.get(key) is not None else default
+
+
+def _need(condition: bool, origin: str, message: str) -> None:
+    if not condition:
+        raise LmforgeError(f"{origin}: {message}")
+
+
+def _gpt2_model_config(config: dict, origin: str) -> ModelConfig:
+    _need(
+        not _get(config, "scale_attn_by_inverse_layer_idx", False),
+        origin,
+        "scale_attn_by_inverse_layer_idx is not supported",
+    )
+    _need(_get(config, "scale_attn_weights", True), origin, "scale_attn_weights = false is not supported")
+    activation = _get(config, "activation_function", "gelu_new")
+    _need(
+        activation in ("gelu", "gelu_new", "gelu_pytorch_tanh"),
+        origin,
+        f"activation_function {activation!r} is not supported",
+    )
+    d = int(config["n_embd"])
+    return ModelConfig(
+        n_layer=int(config["n_layer"]),
+        n_head=int(config["n_head"]),
+        d_model=d,
+        block_size=int(config["n_positions"]),
+        vocab_size=int(config["vocab_size"]),
+        position="learned",
+        norm="layernorm",
+        norm_eps=float(_get(config, "layer_norm_epsilon", 1e-5)),
+        mlp="gelu" if activation == "gelu" else "gelu_tanh",
+        mlp_hidden=int(_get(config, "n_inner", 4 * d)),
+        tie_embeddings=bool(_get(config, "tie_word_embeddings", True)),
+        bias=True,
+        dropout=0.0,
+    )
+
+
+def _llama_model_config(config: dict, kind: str, origin: str) -> ModelConfig:
+    """Llama, Mistral, Qwen2 and Qwen3: RoPE, RMSNorm, SwiGLU, grouped-query attention."""
+    _need(
+        _get(config, "hidden_act", "silu") == "silu",
+        origin,
         f"hidden_act {config.get('hidden_act')!r} is not supported (silu only)",
     )
-    need(get("rope_scaling") is None, "rope_scaling is not supported")
+    _need(_get(config, "rope_scaling") is None, origin, "rope_scaling is not supported")
     n_head, d = int(config["num_attention_heads"]), int(config["hidden_size"])
-    head_dim = int(get("head_dim", d // n_head))
-    need(head_dim * n_head == d, f"head_dim {head_dim} x {n_head} heads != hidden_size {d} is not supported")
-    window = get("sliding_window")
-    uses_window = window is not None and (kind == "mistral" or get("use_sliding_window", False))
-    need(
+    head_dim = int(_get(config, "head_dim", d // n_head))
+    _need(
+        head_dim * n_head == d,
+        origin,
+        f"head_dim {head_dim} x {n_head} heads != hidden_size {d} is not supported",
+    )
+    window = _get(config, "sliding_window")
+    uses_window = window is not None and (kind == "mistral" or _get(config, "use_sliding_window", False))
+    _need(
         not uses_window or int(window) >= int(config["max_position_embeddings"]),
+        origin,
         "sliding-window attention is not supported",
     )
     return ModelConfig(
         n_layer=int(config["num_hidden_layers"]),
         n_head=n_head,
-        n_kv_head=int(get("num_key_value_heads", n_head)),
+        n_kv_head=int(_get(config, "num_key_value_heads", n_head)),
         d_model=d,
         block_size=int(config["max_position_embeddings"]),
         vocab_size=int(config["vocab_size"]),
         position="rope",
-        rope_theta=float(get("rope_theta", 10000.0)),
+        rope_theta=float(_get(config, "rope_theta", 10000.0)),
         norm="rmsnorm",
-        norm_eps=float(get("rms_norm_eps", 1e-6)),
+        norm_eps=float(_get(config, "rms_norm_eps", 1e-6)),
         mlp="swiglu",
         mlp_hidden=int(config["intermediate_size"]),
         qk_norm=kind == "qwen3",
-        tie_embeddings=bool(get("tie_word_embeddings", False)),
+        tie_embeddings=bool(_get(config, "tie_word_embeddings", False)),
         bias=True,
         dropout=0.0,
     )
@@ -342,75 +379,14 @@ def model_config_from_hf(config: dict, origin: str) -> ModelConfig:
 def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors:
     """HF tensors → lmforge state dict. Sets `m.bias` False when the folder has no non-zero bias."""
     family = "gpt2" if kind == "gpt2" else ("qwen3" if kind == "qwen3" else "llama")
-    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
-    if family == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
-        tensors = {"transformer." + k if not k.startswith("lm_head") else k: v for k, v in tensors.items()}
-    missing: list[str] = []
-
-    def take(name: str, default: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
-        if name in tensors:
-            return tensors[name]
-        if default is not None:
-            return default()
-        missing.append(name)
-        return torch.empty(0)
-
-    d, hd = m.d_model, m.d_model // m.n_head
-    state: Tensors = {}
-    zeros = lambda n: lambda: torch.zeros(n)  # noqa: E731  (a bias the folder leaves out)
-    if family == "gpt2":
-        state["embed.weight"] = take("transformer.wte.weight")
-        state["pos_embed.weight"] = take("transformer.wpe.weight")
-        for i in range(m.n_layer):
-            b, h = f"blocks.{i}.", f"transformer.h.{i}."
-            for ours, theirs in [("norm1", "ln_1"), ("norm2", "ln_2")]:
-                state[b + ours + ".weight"] = take(h + theirs + ".weight")
-                state[b + ours + ".bias"] = take(h + theirs + ".bias", zeros(d))
-            for ours, theirs in [
-                ("attn.qkv", "attn.c_attn"),
-                ("attn.proj", "attn.c_proj"),
-                ("mlp.up", "mlp.c_fc"),
-                ("mlp.down", "mlp.c_proj"),
-            ]:
-                weight = take(h + theirs + ".weight")
-                state[b + ours + ".weight"] = weight.t().contiguous()
-                state[b + ours + ".bias"] = take(
-                    h + theirs + ".bias", zeros(weight.shape[-1] if weight.dim() == 2 else 0)
-                )
-        state["norm.weight"] = take("transformer.ln_f.weight")
-        state["norm.bias"] = take("transformer.ln_f.bias", zeros(d))
-    else:
-        state["embed.weight"] = take("model.embed_tokens.weight")
-        q_size, kv_size = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
-        hidden = m.mlp_hidden
-        for i in range(m.n_layer):
-            b, p = f"blocks.{i}.", f"model.layers.{i}."
-            state[b + "norm1.weight"] = take(p + "input_layernorm.weight")
-            state[b + "norm2.weight"] = take(p + "post_attention_layernorm.weight")
-            if family == "qwen3":
-                state[b + "attn.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
-                state[b + "attn.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
-            parts = [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)]
-            state[b + "attn.qkv.weight"] = torch.cat([take(p + f"self_attn.{n}.weight") for n, _ in parts])
-            state[b + "attn.qkv.bias"] = torch.cat(
-                [take(p + f"self_attn.{n}.bias", zeros(s)) for n, s in parts]
-            )
-            state[b + "attn.proj.weight"] = take(p + "self_attn.o_proj.weight")
-            state[b + "attn.proj.bias"] = take(p + "self_attn.o_proj.bias", zeros(d))
-            state[b + "mlp.up.weight"] = torch.cat(
-                [take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")]
-            )
-            state[b + "mlp.up.bias"] = torch.cat(
-                [take(p + "mlp.gate_proj.bias", zeros(hidden)), take(p + "mlp.up_proj.bias", zeros(hidden))]
-            )
-            state[b + "mlp.down.weight"] = take(p + "mlp.down_proj.weight")
-            state[b + "mlp.down.bias"] = take(p + "mlp.down_proj.bias", zeros(d))
-        state["norm.weight"] = take("model.norm.weight")
+    take = _Taker(_canonical_names(tensors, family))
+    state = _gpt2_from_hf(take, m) if family == "gpt2" else _llama_from_hf(take, m, family)
     if m.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
     else:
         state["head.weight"] = take("lm_head.weight")
-    if missing:
+    if take.missing:
+        missing = take.missing
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise LmforgeError(f"{origin}: missing tensors {shown}")
     biases = [k for k in state if k.endswith(".bias")]
@@ -418,6 +394,91 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors
     if not m.bias:
         for k in biases:
             del state[k]
+    return state
+
+
+def _canonical_names(tensors: Tensors, family: str) -> Tensors:
+    """Names as `transformers` saves them: without DDP's `module.`, GPT-2's under `transformer.`."""
+    tensors = {k.removeprefix("module."): v for k, v in tensors.items()}
+    if family == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
+        tensors = {"transformer." + k if not k.startswith("lm_head") else k: v for k, v in tensors.items()}
+    return tensors
+
+
+class _Taker:
+    """Takes tensors by HF name, noting the missing ones so that one error lists them all."""
+
+    def __init__(self, tensors: Tensors) -> None:
+        self.tensors = tensors
+        self.missing: list[str] = []
+
+    def __call__(self, name: str, default: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
+        if name in self.tensors:
+            return self.tensors[name]
+        if default is not None:
+            return default()
+        self.missing.append(name)
+        return torch.empty(0)
+
+
+def _zeros(n: int) -> Callable[[], torch.Tensor]:
+    """The default of a bias the folder leaves out."""
+    return lambda: torch.zeros(n)
+
+
+def _gpt2_from_hf(take: _Taker, m: ModelConfig) -> Tensors:
+    d = m.d_model
+    state = {
+        "embed.weight": take("transformer.wte.weight"),
+        "pos_embed.weight": take("transformer.wpe.weight"),
+    }
+    for i in range(m.n_layer):
+        b, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for ours, theirs in GPT2_NORMS:
+            state[b + ours + ".weight"] = take(h + theirs + ".weight")
+            state[b + ours + ".bias"] = take(h + theirs + ".bias", _zeros(d))
+        for ours, theirs in GPT2_LINEARS:
+            weight = take(h + theirs + ".weight")
+            state[b + ours + ".weight"] = weight.t().contiguous()
+            state[b + ours + ".bias"] = take(
+                h + theirs + ".bias", _zeros(weight.shape[-1] if weight.dim() == 2 else 0)
+            )
+    state["norm.weight"] = take("transformer.ln_f.weight")
+    state["norm.bias"] = take("transformer.ln_f.bias", _zeros(d))
+    return state
+
+
+def _llama_from_hf(take: _Taker, m: ModelConfig, family: str) -> Tensors:
+    state = {"embed.weight": take("model.embed_tokens.weight")}
+    for i in range(m.n_layer):
+        state.update(_llama_layer_from_hf(take, m, family, f"blocks.{i}.", f"model.layers.{i}."))
+    state["norm.weight"] = take("model.norm.weight")
+    return state
+
+
+def _llama_layer_from_hf(take: _Taker, m: ModelConfig, family: str, b: str, p: str) -> Tensors:
+    """One block: Llama's separate projections fused into lmforge's qkv and gate+up matrices."""
+    d, hd = m.d_model, m.d_model // m.n_head
+    q_size, kv_size = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
+    hidden = m.mlp_hidden
+    state = {
+        b + "norm1.weight": take(p + "input_layernorm.weight"),
+        b + "norm2.weight": take(p + "post_attention_layernorm.weight"),
+    }
+    if family == "qwen3":
+        state[b + "attn.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
+        state[b + "attn.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
+    parts = [("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)]
+    state[b + "attn.qkv.weight"] = torch.cat([take(p + f"self_attn.{n}.weight") for n, _ in parts])
+    state[b + "attn.qkv.bias"] = torch.cat([take(p + f"self_attn.{n}.bias", _zeros(s)) for n, s in parts])
+    state[b + "attn.proj.weight"] = take(p + "self_attn.o_proj.weight")
+    state[b + "attn.proj.bias"] = take(p + "self_attn.o_proj.bias", _zeros(d))
+    state[b + "mlp.up.weight"] = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+    state[b + "mlp.up.bias"] = torch.cat(
+        [take(p + "mlp.gate_proj.bias", _zeros(hidden)), take(p + "mlp.up_proj.bias", _zeros(hidden))]
+    )
+    state[b + "mlp.down.weight"] = take(p + "mlp.down_proj.weight")
+    state[b + "mlp.down.bias"] = take(p + "mlp.down_proj.bias", _zeros(d))
     return state
 
 
@@ -505,7 +566,7 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
-def _model_card(loaded, family: str, files: list[str]) -> str:
+def _model_card(loaded: LoadedCheckpoint, family: str, files: list[str]) -> str:
     config = loaded.config
     meta = json.loads((loaded.path / "meta.json").read_text())
     data_meta = Path(config.data.dir) / "meta.json" if config.data.dir else None

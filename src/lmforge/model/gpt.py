@@ -22,12 +22,14 @@ IGNORE_INDEX = -100  # a target that does not count in the loss (masked prompt, 
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """The configured norm over the last `dim` channels."""
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 def mlp_hidden_size(config: ModelConfig) -> int:
+    """Width of the MLP's hidden layer (of each half for SwiGLU)."""
     if config.mlp_hidden is not None:
         return config.mlp_hidden
     if config.mlp == "swiglu":  # 8/3 d keeps the parameter count of a 4 d GELU MLP
@@ -41,7 +43,9 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
         super().__init__()
+        # (head_dim / 2,): one frequency per pair of channels
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        # (max_len, head_dim): channels i and i + head_dim / 2 rotate by the same angle
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq).repeat(1, 2)
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
@@ -49,8 +53,9 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x: [B, H, T, D]; positions start..start+T-1."""
         T, half = x.size(-2), x.size(-1) // 2
+        # (T, head_dim), broadcast over batch and heads
         cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, head_dim)
         return x * cos + rotated * sin
 
 
@@ -64,15 +69,18 @@ class KVCache:
 
     @classmethod
     def allocate(cls, model: GPT, batch_size: int, max_len: int) -> KVCache:
+        """Zeros for every layer in the model's dtype and device, length 0."""
         c = model.config
         kv_heads = c.n_kv_head or c.n_head
         param = next(model.parameters())
-        shape = (batch_size, kv_heads, max_len, c.d_model // c.n_head)
+        shape = (batch_size, kv_heads, max_len, c.d_model // c.n_head)  # (B, n_kv_head, max_len, head_dim)
         make = lambda: torch.zeros(shape, dtype=param.dtype, device=param.device)  # noqa: E731
         return cls([make() for _ in range(c.n_layer)], [make() for _ in range(c.n_layer)])
 
 
 class Attention(nn.Module):
+    """Causal self-attention with one fused qkv projection; fewer key/value heads for GQA."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
@@ -89,14 +97,15 @@ class Attention(nn.Module):
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, rotary: Rotary | None, cache: KVCache | None) -> torch.Tensor:
-        B, T, _ = x.shape
+        B, T, _ = x.shape  # (B, T, d_model)
+        # q: (B, T, n_head * head_dim); k, v: (B, T, n_kv_head * head_dim)
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
             dim=-1,
         )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if self.q_norm is not None:  # weights cast to the input's dtype: mixed dtypes miss the fused kernel
             q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
             k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
@@ -104,12 +113,14 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = rotary(q, start), rotary(k, start)
         mask, causal = None, True
-        if cache is not None:
+        if cache is not None:  # cache tensors: (B, n_kv_head, max_len, head_dim)
             cache.keys[self.layer][:, :, start : start + T] = k
             cache.values[self.layer][:, :, start : start + T] = v
+            # (B, n_kv_head, start + T, head_dim): every position so far
             k, v = cache.keys[self.layer][:, :, : start + T], cache.values[self.layer][:, :, : start + T]
             if start > 0:  # new queries see every cached position and the causal part of their own
                 causal = False
+                # (T, start + T): query i sees keys 0 .. start + i
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
         dtype, fp32_attention = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
         if fp32_attention:  # PyTorch's CPU flash-attention backward is ~4x slower in bf16 than in fp32
@@ -123,11 +134,14 @@ class Attention(nn.Module):
                 is_causal=causal and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
-            )
+            )  # (B, n_head, T, head_dim)
+        # heads side by side again: (B, T, n_head * head_dim) = (B, T, d_model)
         return self.proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
+    """Up-projection, activation (GELU, SwiGLU or ReLU²), down-projection."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = mlp_hidden_size(config)
@@ -137,18 +151,20 @@ class MLP(nn.Module):
         self.down.residual = True  # scaled init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
+        h = self.up(x)  # (B, T, hidden), swiglu: (B, T, 2 * hidden)
         if self.kind == "swiglu":
-            gate, value = h.chunk(2, dim=-1)
+            gate, value = h.chunk(2, dim=-1)  # (B, T, hidden) each
             h = F.silu(gate) * value
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
-        return self.down(h)
+        return self.down(h)  # (B, T, d_model)
 
 
 class Block(nn.Module):
+    """A pre-norm Transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.norm1 = make_norm(config, config.d_model)
@@ -163,6 +179,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Token (and position) embeddings, the blocks, a final norm and the head."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         if config.vocab_size is None:
@@ -215,8 +233,8 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        x = self.embed(idx)
-        if self.pos_embed is not None:
+        x = self.embed(idx)  # (B, T, d_model)
+        if self.pos_embed is not None:  # (T, d_model), broadcast over the batch
             x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
         x = self.drop(x)
         for block in self.blocks:
@@ -226,19 +244,19 @@ class GPT(nn.Module):
         kept = None
         if only_targets and targets is not None:
             keep = targets != IGNORE_INDEX
-            x, targets = x[keep], targets[keep]
+            x, targets = x[keep], targets[keep]  # (N, d_model), (N,)
             # Round the row count up (padding rows are ignored): every new matmul shape costs
             # CPU oneDNN a cached kernel and its memory, and a count that varies per batch
             # would make the process grow by gigabytes.
             kept, pad = x.size(0), -x.size(0) % ROW_MULTIPLE
             x, targets = F.pad(x, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=IGNORE_INDEX)
-        logits = self.head(self.norm(x))
+        logits = self.head(self.norm(x))  # (B, T, V), only_targets: (N + pad, V)
         if self.config.logit_softcap is not None:  # bounds the logits smoothly (Gemma 2, modded-nanogpt)
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits.float() / cap)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
+            loss = F.cross_entropy(  # logits as rows (B * T or N + pad, V), targets as (rows,)
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
         return (logits if kept is None else logits[:kept]), loss

@@ -124,9 +124,8 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         if model.qk_norm and not fp32_attention:
             attn += c * qkv  # rms_norm's saved inputs are views of the qkv output
     elif fp32_attention:
-        attn = (
-            FP32 * qkv + FP32 * d + FP32 * H + c * d
-        )  # fp32 copies of q, k, v; output, log-sum-exp; bf16 copy
+        # fp32 copies of q, k, v; SDPA's fp32 output and log-sum-exp; proj's bf16 copy of the output
+        attn = FP32 * qkv + FP32 * d + FP32 * H + c * d
     else:
         # v keeps the whole qkv output alive; rope or QK-norm feed SDPA new q and k; with QK-norm they are
         # contiguous clones, so SDPA's output is laid out [B, H, T, hd] and proj's input becomes a copy
@@ -139,9 +138,7 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         attn += a * qk + FP32 * (H + Hkv)
         if fp32_attention:
             attn += FP32 * qk  # autocast runs rms_norm in fp32: it saves fp32 casts of q and k
-    mlp = (
-        (4 if model.mlp == "swiglu" else 2) * F * c
-    )  # gelu/relu²: input, output; swiglu: up output, silu, product
+    mlp = (4 if model.mlp == "swiglu" else 2) * F * c  # gelu/relu²: input, output; swiglu: up, silu, product
     dropout = 2 * c * d if model.dropout > 0 else 0  # masks of the two residual branches
     return 2 * _norm_saved(model, c) + attn + mlp + dropout
 
@@ -161,9 +158,7 @@ def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -
     if model.dropout > 0:
         saved += FP32 * d
     held = c * V
-    if (
-        model.logit_softcap is not None
-    ):  # tanh saves its fp32 output; the held logits are the fp32 capped ones
+    if model.logit_softcap is not None:  # tanh saves its fp32 output; the held logits are fp32 too
         saved += FP32 * V
         held = FP32 * V
     return saved, held, 2 * FP32 * V
@@ -339,6 +334,7 @@ class Estimate:
     notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
+        """Every field, nested dataclasses included, as plain dicts (the `--json` output)."""
         return asdict(self)
 
 
@@ -351,54 +347,16 @@ def estimate(
     peak_flops: float | None = None,
 ) -> Estimate:
     """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
-    if device_type not in DEVICE_TYPES:
-        raise LmforgeError(f"--device-type must be one of {', '.join(DEVICE_TYPES)}; got {device_type!r}")
-    if not 0 < mfu <= 1:
-        raise LmforgeError(f"--mfu must be in (0, 1], got {mfu}")
-    if devices < 1:
-        raise LmforgeError(f"--devices must be at least 1, got {devices}")
-    if tokens is not None and not (tokens > 0 and math.isfinite(tokens)):
-        raise LmforgeError(f"--tokens must be positive, got {tokens}")
-    if peak_flops is not None and not (peak_flops > 0 and math.isfinite(peak_flops)):
-        raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
-    notes = []
-    if config.train.init_from:  # the model `train` would build
-        from lmforge import checkpoint as ckpt
-
-        source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
-        config.model = ckpt.init_model_config(source, config.model)
-        notes.append(f"architecture of train.init_from {source}")
-    if config.lora.rank > 0:
-        notes.append(
-            "lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
-            "(an upper bound)"
-        )
-    config.model.vocab_size = resolve_vocab_size(config)
+    _check_arguments(devices, device_type, mfu, tokens, peak_flops)
+    notes = _settle_model(config)
     params = count_parameters(config.model)
     t, cpu = config.train, device_type == "cpu"
     table = {}
     for strategy in STRATEGIES:
         table[strategy] = memory(config, params, strategy, devices, False, cpu)
         table[f"{strategy}+ac"] = memory(config, params, strategy, devices, True, cpu)
-    if peak_flops is not None:
-        source = "given"
-    elif cpu:
-        from lmforge.runtime import matmul_peak_flops
-
-        peak_flops, source = (
-            matmul_peak_flops(torch.device("cpu"), "fp32" if t.dtype == "fp32" else "bf16"),
-            "measured",
-        )
-    else:
-        peak_flops, source = DEVICE_PEAK_FLOPS[device_type][t.dtype], f"{device_type} {t.dtype} dense"
-    if tokens is None:
-        tokens = float(t.max_steps * t.batch_size * t.grad_accum_steps * config.model.block_size)
-        budget = (
-            f"train.max_steps {t.max_steps} x batch_size {t.batch_size} x grad_accum_steps "
-            f"{t.grad_accum_steps} x block_size {config.model.block_size}"
-        )
-    else:
-        budget = "--tokens"
+    peak_flops, source = _peak_flops(peak_flops, device_type, t.dtype)
+    tokens, budget = _token_budget(tokens, config)
     seconds = training_seconds(tokens, params.flops_per_token, devices, peak_flops, mfu)
     chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
     return Estimate(
@@ -423,7 +381,65 @@ def estimate(
     )
 
 
+def _check_arguments(
+    devices: int, device_type: str, mfu: float, tokens: float | None, peak_flops: float | None
+) -> None:
+    if device_type not in DEVICE_TYPES:
+        raise LmforgeError(f"--device-type must be one of {', '.join(DEVICE_TYPES)}; got {device_type!r}")
+    if not 0 < mfu <= 1:
+        raise LmforgeError(f"--mfu must be in (0, 1], got {mfu}")
+    if devices < 1:
+        raise LmforgeError(f"--devices must be at least 1, got {devices}")
+    if tokens is not None and not (tokens > 0 and math.isfinite(tokens)):
+        raise LmforgeError(f"--tokens must be positive, got {tokens}")
+    if peak_flops is not None and not (peak_flops > 0 and math.isfinite(peak_flops)):
+        raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
+
+
+def _settle_model(config: Config) -> list[str]:
+    """Make `config.model` the model `train` would build; return notes on what the estimate assumes."""
+    notes = []
+    if config.train.init_from:
+        from lmforge import checkpoint as ckpt
+
+        source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
+        config.model = ckpt.init_model_config(source, config.model)
+        notes.append(f"architecture of train.init_from {source}")
+    if config.lora.rank > 0:
+        notes.append(
+            "lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
+            "(an upper bound)"
+        )
+    config.model.vocab_size = resolve_vocab_size(config)
+    return notes
+
+
+def _peak_flops(given: float | None, device_type: str, dtype: str) -> tuple[float, str]:
+    """Peak FLOP/s of one device and where the figure comes from: given, measured (CPU) or a datasheet."""
+    if given is not None:
+        return given, "given"
+    if device_type == "cpu":
+        from lmforge.runtime import matmul_peak_flops
+
+        return matmul_peak_flops(torch.device("cpu"), "fp32" if dtype == "fp32" else "bf16"), "measured"
+    return DEVICE_PEAK_FLOPS[device_type][dtype], f"{device_type} {dtype} dense"
+
+
+def _token_budget(tokens: float | None, config: Config) -> tuple[float, str]:
+    """The tokens to train on and where the number comes from: --tokens, else the run's length."""
+    if tokens is not None:
+        return tokens, "--tokens"
+    t = config.train
+    tokens = float(t.max_steps * t.batch_size * t.grad_accum_steps * config.model.block_size)
+    budget = (
+        f"train.max_steps {t.max_steps} x batch_size {t.batch_size} x grad_accum_steps "
+        f"{t.grad_accum_steps} x block_size {config.model.block_size}"
+    )
+    return tokens, budget
+
+
 def format_bytes(n: float) -> str:
+    """A byte count in the largest binary unit it reaches, e.g. 1.50 GiB."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
@@ -431,10 +447,12 @@ def format_bytes(n: float) -> str:
 
 
 def format_flops(flops: float) -> str:
+    """FLOP/s in TFLOP/s, or GFLOP/s below a teraflop."""
     return f"{flops / 1e12:,.4g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.4g} GFLOP/s"
 
 
 def format_duration(seconds: float) -> str:
+    """Seconds in the largest unit they reach: days, h, min or s."""
     for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f} {unit}"

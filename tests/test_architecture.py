@@ -1,0 +1,246 @@
+"""The architecture of lmforge as rules that every module keeps, read from the source with `ast`.
+
+- No function or method is longer than MAX_FUNCTION_LINES lines.
+- The modules of lmforge import each other without a cycle.
+- Inference imports nothing from training: only training itself and the command line may.
+- The house style's tool configuration (ruff, line length) is in pyproject.toml.
+
+This file imports nothing from lmforge: the rules hold even for code that cannot be imported,
+and they are checked in well under a second.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import sys
+from collections import deque
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+MAX_FUNCTION_LINES = 60  # from the `def` line to the last line of the body, decorators excluded
+TRAINING = "lmforge.train"
+MAY_IMPORT_TRAINING = ("lmforge.train", "lmforge.cli", "lmforge.__main__")
+
+Graph = Mapping[str, Iterable[str]]  # module -> the modules it imports
+
+
+# ----------------------------------------------------------------------------- reading the source
+
+
+def module_name(path: Path) -> str:
+    """`src/lmforge/data/loader.py` -> `lmforge.data.loader`; a package is its `__init__.py`."""
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@functools.cache
+def modules() -> dict[str, Path]:
+    """Every module of the lmforge package, by dotted name."""
+    return {module_name(path): path for path in sorted((SRC / "lmforge").rglob("*.py"))}
+
+
+@functools.cache
+def syntax_tree(module: str) -> ast.Module:
+    path = modules()[module]
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def resolve_from(module: str, package: bool, node: ast.ImportFrom) -> str:
+    """The module that `from X import ...` in `module` names, a relative X made absolute.
+
+    `.` is the package that holds `module`, or `module` itself when it is a package.
+    """
+    if node.level == 0:
+        return node.module or ""
+    parts = module.split(".") if package else module.split(".")[:-1]
+    base = parts[: len(parts) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def imports_of(module: str, package: bool, tree: ast.AST, known: set[str]) -> dict[str, int]:
+    """The lmforge modules that `module` imports, anywhere in it (functions included), with a line.
+
+    `import a.b` imports a.b; `from a import b` imports a.b when that is a module, else a. The
+    parent packages that Python runs on the way are not counted: they are not this module's choice.
+    """
+    found: dict[str, int] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = resolve_from(module, package, node)
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for target in targets:
+            if target in known and target != module:
+                found[target] = min(found.get(target, node.lineno), node.lineno)
+    return found
+
+
+@functools.cache
+def import_graph() -> dict[str, dict[str, int]]:
+    """module -> {imported module: line of its first import}, for every lmforge module."""
+    known = set(modules())
+    return {
+        module: imports_of(module, path.name == "__init__.py", syntax_tree(module), known)
+        for module, path in modules().items()
+    }
+
+
+def location(module: str, line: int) -> str:
+    return f"{modules()[module].relative_to(REPO)}:{line}"
+
+
+# ----------------------------------------------------------------------------- the checks
+
+
+def long_functions(tree: ast.AST, limit: int) -> list[tuple[str, int, int]]:
+    """(qualified name, line, length) of every function or method longer than `limit` lines."""
+    found = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    length = child.end_lineno - child.lineno + 1  # lineno is the `def`, not a decorator
+                    if length > limit:
+                        found.append((name, child.lineno, length))
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return found
+
+
+def find_cycles(graph: Graph) -> list[list[str]]:
+    """One cycle per strongly connected group of modules, as [a, b, ..., a]."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[set[str]] = []
+
+    def connect(node: str) -> None:  # Tarjan's algorithm
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                connect(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group: set[str] = set()
+            member = None
+            while member != node:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.add(member)
+            if len(group) > 1 or node in graph.get(node, ()):
+                groups.append(group)
+
+    for node in sorted(graph):
+        if node not in index:
+            connect(node)
+    return [shortest_cycle(min(group), group, graph) for group in groups]
+
+
+def shortest_cycle(start: str, group: set[str], graph: Graph) -> list[str]:
+    """The shortest path from `start` back to itself, through modules of its group."""
+    previous: dict[str, str | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for nxt in sorted(graph.get(node, ())):
+            if nxt == start:
+                path = [node]
+                while path[-1] != start:
+                    path.append(previous[path[-1]])
+                return [*reversed(path), start]
+            if nxt in group and nxt not in previous:
+                previous[nxt] = node
+                queue.append(nxt)
+    raise AssertionError(f"{start} is in no cycle")  # a strongly connected group always has one
+
+
+def within(module: str, package: str) -> bool:
+    """`module` is `package` or one of its submodules."""
+    return module == package or module.startswith(package + ".")
+
+
+# ----------------------------------------------------------------------------- the rules
+
+
+def test_no_function_is_longer_than_the_limit() -> None:
+    offenders = [
+        f"{location(module, line)} {name} is {length} lines"
+        for module in modules()
+        for name, line, length in long_functions(syntax_tree(module), MAX_FUNCTION_LINES)
+    ]
+    assert not offenders, f"functions longer than {MAX_FUNCTION_LINES} lines:\n" + "\n".join(offenders)
+
+
+def test_the_modules_import_each_other_without_a_cycle() -> None:
+    cycles = find_cycles(import_graph())
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_inference_code_imports_nothing_from_training() -> None:
+    offenders = [
+        f"{location(module, line)} {module} imports {target}"
+        for module, targets in import_graph().items()
+        if not any(within(module, allowed) for allowed in MAY_IMPORT_TRAINING)
+        for target, line in targets.items()
+        if within(target, TRAINING)
+    ]
+    assert not offenders, "only training and the command line may import lmforge.train:\n" + "\n".join(
+        offenders
+    )
+
+
+def test_pyproject_configures_ruff_with_a_line_length() -> None:
+    ruff = tomllib.loads((REPO / "pyproject.toml").read_text()).get("tool", {}).get("ruff", {})
+    assert isinstance(ruff.get("line-length"), int)
+
+
+# ----------------------------------------------------------------------------- the checks themselves
+
+
+def test_every_module_is_found_and_imports_resolve_as_python_resolves_them() -> None:
+    graph = import_graph()
+    some = {"lmforge", "lmforge.__main__", "lmforge.data", "lmforge.data.loader", "lmforge.model.gpt"}
+    assert some <= graph.keys()
+    assert "lmforge.data.tokenizer" in graph["lmforge.data.loader"]  # from lmforge.data.tokenizer import f
+    assert "lmforge.data.loader" in graph["lmforge.data"]  # a package is its __init__.py
+    assert "lmforge.data" not in graph["lmforge.data.loader"]  # parent packages are not counted
+
+
+def test_imports_inside_functions_and_relative_imports_are_counted() -> None:
+    known = {"pkg", "pkg.a", "pkg.other", "pkg.sub", "pkg.sub.b", "pkg.sub.c"}
+    source = "import os\ndef f():\n    from . import c\n    from .. import a\n    from ..other import name\n"
+    tree = ast.parse(source + "    import pkg.sub\n")
+    expected = {"pkg.sub.c": 3, "pkg.a": 4, "pkg.other": 5, "pkg.sub": 6}
+    assert imports_of("pkg.sub.b", False, tree, known) == expected
+    tree = ast.parse("from .sub import helper\nfrom pkg.sub import b\n")
+    assert imports_of("pkg", True, tree, known) == {"pkg.sub": 1, "pkg.sub.b": 2}  # a package's . is itself
+
+
+def test_a_long_function_and_a_cycle_are_reported() -> None:
+    method = "class A:\n    @property\n    def f(self):\n" + "        x = 1\n" * 61  # 62 lines from the def
+    tree = ast.parse(method + "def g():\n    pass\n")
+    assert long_functions(tree, 60) == [("A.f", 3, 62)]
+    assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert find_cycles({"a": {"b"}, "b": set(), "c": {"c"}}) == [["c", "c"]]
+    assert within("lmforge.train.trainer", TRAINING) and not within("lmforge.training_data", TRAINING)
