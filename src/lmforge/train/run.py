@@ -22,6 +22,7 @@ from lmforge import checkpoint as ckpt
 from lmforge.checkpoint import Checkpointer, TrainingState
 from lmforge.config import Config, ModelConfig
 from lmforge.data.loader import PreparedData
+from lmforge.data.protocol import TrainingData
 from lmforge.data.sft import SFTData
 from lmforge.data.tokenizer import check_same_tokenizer
 from lmforge.errors import LmforgeError
@@ -34,8 +35,6 @@ from lmforge.train.distributed import Distributed
 from lmforge.train.monitor import METRICS_FILE, MetricsLog
 from lmforge.train.optim import build_optimizers
 from lmforge.train.step import Stepper
-
-TrainingData = PreparedData | SFTData  # TODO(merge): the data Protocol
 
 
 @dataclass
