@@ -171,25 +171,14 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    import json
-
-    from lmforge.config import load_config
-    from lmforge.train.estimate import estimate, format_table
+    from lmforge.train.estimate import estimate_report
 
     devices = _parse_number(args.devices, "--devices", int)
     mfu = _parse_number(args.mfu, "--mfu", float)
     tokens = None if args.tokens is None else _parse_number(args.tokens, "--tokens", float)
     peak = None if args.peak_flops is None else _parse_number(args.peak_flops, "--peak-flops", float)
-    config = load_config(args.config, args.set)
-    result = estimate(
-        config, devices=devices, device_type=args.device_type, mfu=mfu, tokens=tokens, peak_flops=peak
-    )
-    print(
-        json.dumps({"config": args.config, **result.as_dict()})
-        if args.json
-        else f"{args.config}: {config.model.n_layer} layers, d_model {config.model.d_model}, "
-        f"vocab {config.model.vocab_size}\n{format_table(result)}"
-    )
+    options = dict(devices=devices, device_type=args.device_type, mfu=mfu, tokens=tokens, peak_flops=peak)
+    print(estimate_report(args.config, args.set, args.json, **options))
     return 0
 
 

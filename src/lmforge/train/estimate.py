@@ -24,6 +24,7 @@ live through the next forward and add to all of these.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import Config, ModelConfig
+from lmforge.config import Config, ModelConfig, load_config
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, mlp_hidden_size
 from lmforge.train.optim import split_parameters
@@ -492,3 +493,14 @@ def format_table(e: Estimate) -> str:
         *(f"note: {note}" for note in e.notes),
     ]
     return "\n".join(lines)
+
+
+def estimate_report(config_file: str, overrides: list[str], as_json: bool = False, **options: object) -> str:
+    """`lmforge estimate`: what it prints for a config file with overrides (`options`: see `estimate`)."""
+    config = load_config(config_file, overrides)
+    result = estimate(config, **options)
+    if as_json:
+        return json.dumps({"config": config_file, **result.as_dict()})
+    m = config.model
+    header = f"{config_file}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}"
+    return f"{header}\n{format_table(result)}"
