@@ -120,14 +120,13 @@ def test_exact_resume(cli, config_file: Path, tmp_path: Path, how: str) -> None:
 
 DYING_SAVE = """
 import os, signal, sys, torch
-from lmforge import checkpoint
 real_save, calls = torch.save, []
 def dying_save(obj, f, *args, **kwargs):
     calls.append(f)
     real_save(obj, f, *args, **kwargs)
     if len(calls) == 2:  # the second checkpoint: killed after writing part of it
         os.kill(os.getpid(), signal.SIGKILL)
-checkpoint.torch.save = dying_save
+torch.save = dying_save
 from lmforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
