@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.jsonl import decode_line, loads, read_lines
 
 CHUNK_BYTES = 1 << 16  # small enough that encode_batch spreads a batch over all cores
 TEXT_SUFFIXES = (".txt", ".md", ".raw", ".text")
@@ -217,22 +218,20 @@ def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
 
 
 def _jsonl_documents(path: Path, invalid_utf8: str) -> Iterator[Iterator[str]]:
+    """One document per line's `text` field; lines are read one at a time, each at most MAX_LINE_BYTES."""
     errors = "replace" if invalid_utf8 == "replace" else "strict"
-    with open(path, encoding="utf-8", errors=errors) as f:
-        line_no = 0
+    for line_no, raw in read_lines(path):
+        if not raw.strip():
+            continue
         try:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LmforgeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise LmforgeError(f"{path}:{line_no}: expected an object with a string 'text' field")
-                if record["text"]:
-                    yield iter((record["text"],))
-        except UnicodeDecodeError:
+            record = loads(decode_line(raw, errors))
+        except json.JSONDecodeError as exc:
+            raise LmforgeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        except ValueError:  # invalid UTF-8
             raise LmforgeError(
-                f"{path}:{line_no + 1}: invalid UTF-8 (use --invalid-utf8 replace to substitute U+FFFD)"
+                f"{path}:{line_no}: invalid UTF-8 (use --invalid-utf8 replace to substitute U+FFFD)"
             ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise LmforgeError(f"{path}:{line_no}: expected an object with a string 'text' field")
+        if record["text"]:
+            yield iter((record["text"],))
