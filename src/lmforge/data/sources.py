@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import http.client
 import json
+import math
 import os
-import shutil
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import decode_line, loads, read_lines
 
 CHUNK_BYTES = 1 << 16  # small enough that encode_batch spreads a batch over all cores
+DEFAULT_DOWNLOAD_TIMEOUT_S = 600.0  # a whole download; TinyShakespeare (1 MB) needs seconds
+DOWNLOAD_BLOCK_BYTES = 1 << 16
 TEXT_SUFFIXES = (".txt", ".md", ".raw", ".text")
 JSONL_SUFFIXES = (".jsonl",)
 
@@ -100,14 +105,30 @@ def _verify(path: Path, dataset: NamedDataset) -> None:
         )
 
 
+def download_timeout() -> float:
+    """Seconds a whole download may take: `$LMFORGE_DOWNLOAD_TIMEOUT`, else the default."""
+    text = os.environ.get("LMFORGE_DOWNLOAD_TIMEOUT")
+    if text is None:
+        return DEFAULT_DOWNLOAD_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise LmforgeError(f"LMFORGE_DOWNLOAD_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _download(dataset: NamedDataset, target: Path) -> None:
+    timeout = download_timeout()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target, timeout)
     print(f"downloading {dataset.name} from {dataset.url}", file=sys.stderr)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(dataset.url, timeout=60) as response:
-            shutil.copyfileobj(response, out)
+        with os.fdopen(fd, "wb") as out:
+            _fetch(dataset, out, time.monotonic() + timeout, timeout)
         actual = file_sha256(tmp)
         if actual != dataset.sha256:
             raise LmforgeError(
@@ -115,10 +136,54 @@ def _download(dataset: NamedDataset, target: Path) -> None:
                 f"expected {dataset.sha256}"
             )
         os.replace(tmp, target)
-    except OSError as exc:
-        raise LmforgeError(f"could not download {dataset.name!r} from {dataset.url}: {exc}") from exc
+    except (OSError, http.client.HTTPException) as exc:  # IncompleteRead is an HTTPException, not OSError
+        raise LmforgeError(
+            f"could not download {dataset.name!r} from {dataset.url}: {type(exc).__name__}: {exc}"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fetch(dataset: NamedDataset, out: BinaryIO, deadline: float, timeout: float) -> None:
+    """Copy the response into `out`, never past the pinned size nor the deadline."""
+    received = 0
+    with urllib.request.urlopen(dataset.url, timeout=min(60.0, timeout)) as response:
+        while True:
+            if time.monotonic() > deadline:
+                raise LmforgeError(
+                    f"download of {dataset.name!r} from {dataset.url} took longer than {timeout:g} s "
+                    "(LMFORGE_DOWNLOAD_TIMEOUT)"
+                )
+            # Asking for one byte more than the pin is how a larger file shows itself.
+            block = response.read(min(DOWNLOAD_BLOCK_BYTES, dataset.size + 1 - received))
+            if not block:
+                break
+            received += len(block)
+            if received > dataset.size:
+                raise LmforgeError(
+                    f"download of {dataset.name!r} from {dataset.url} is larger than the pinned "
+                    f"{dataset.size:,} bytes"
+                )
+            out.write(block)
+    if received < dataset.size:
+        raise LmforgeError(
+            f"download of {dataset.name!r} from {dataset.url} ended after {received:,} of the pinned "
+            f"{dataset.size:,} bytes"
+        )
+
+
+def _remove_stale_partials(target: Path, timeout: float) -> None:
+    """Delete temporary files of earlier downloads of `target` that were killed midway.
+
+    A file untouched for longer than the download deadline cannot belong to a live download (that
+    would have been abandoned by now), so one being written by another process is left alone.
+    """
+    for partial in target.parent.glob(f".{target.name}.*"):
+        try:
+            if time.time() - partial.stat().st_mtime > timeout:
+                partial.unlink()
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
 
 
 @dataclass(frozen=True)
