@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from lmforge import __version__
 from lmforge.config import DTYPE_NAMES
@@ -31,6 +32,25 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (float() alone accepts nan and inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < math.inf:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the usage of the verb at fault, then exactly one line `PROG: error: MESSAGE`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -348,7 +368,9 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
         "--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder"
     )
     p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="shard the weights above this size")
+    p.add_argument(
+        "--max-shard-size-gb", type=positive_float, default=5.0, help="shard the weights above this size"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(run=_export)
 
@@ -387,18 +409,35 @@ VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmforge", description="Train and optimize GPT-style language models."
-    )
+    parser = _Parser(prog="lmforge", description="Train and optimize GPT-style language models.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add_verb in VERBS:
         add_verb(verbs)
+    _remember_parsers(parser)
     return parser
 
 
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command records its own parser in the namespace; the innermost one parsed wins."""
+    parser.set_defaults(parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _remember_parsers(sub)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; arguments nobody knows are reported by the verb they were given to
+    (argparse alone reports them with the top-level usage)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1: one of several processes started by torchrun
     where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
     try:

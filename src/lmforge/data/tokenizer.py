@@ -88,10 +88,13 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     if not path.is_file():
         raise LmforgeError(f"{path}: tokenizer file not found")
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on parse errors
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LmforgeError(f"{path}: not a valid tokenizer.json ({reason})") from None
+    if tokenizer.get_vocab_size(with_added_tokens=True) == 0:  # no id to give any text
+        raise LmforgeError(f"{path}: the tokenizer has an empty vocabulary")
+    return tokenizer
 
 
 def eot_id(tokenizer: Tokenizer) -> int | None:
@@ -101,7 +104,10 @@ def eot_id(tokenizer: Tokenizer) -> int | None:
 
 def vocab_size(tokenizer: Tokenizer) -> int:
     """One more than the largest id, so that every id indexes an embedding row."""
-    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    if not ids:
+        raise LmforgeError("the tokenizer has an empty vocabulary")
+    return max(ids) + 1
 
 
 def check_same_tokenizer(
