@@ -66,6 +66,7 @@ def _prepare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         invalid_utf8=args.invalid_utf8,
         progress=not args.quiet,
+        unknown_chars=args.unknown_chars,
     )
     return 0
 
@@ -93,6 +94,13 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
         choices=("error", "replace"),
         default="error",
         help="what to do with bytes that are not UTF-8: stop with an error (default) or replace with U+FFFD",
+    )
+    p.add_argument(
+        "--unknown-chars",
+        choices=("error", "replace", "skip"),
+        default="error",
+        help="text a tokenizer.json cannot represent: stop with an error (default), replace it with the "
+        "tokenizer's unknown token, or skip it; a count goes to stderr",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_prepare)

@@ -187,6 +187,24 @@ def _remove_stale_partials(target: Path, timeout: float) -> None:
 
 
 @dataclass(frozen=True)
+class Document:
+    """One document: its text as an iterator of non-empty chunks, and where it comes from."""
+
+    chunks: Iterator[str]
+    path: Path
+    line: int | None = None  # for a document of a .jsonl file: its line
+
+    def __iter__(self) -> Iterator[str]:
+        return self.chunks
+
+    def where(self, offset: int) -> tuple[str, str]:
+        """(file, position) of character `offset` of the document, for messages."""
+        if self.line is None:
+            return str(self.path), f"at character {offset:,}"
+        return f"{self.path}:{self.line}", f"at character {offset:,} of its text"
+
+
+@dataclass(frozen=True)
 class Corpus:
     """The files of one input, in a fixed order, and a name for `meta.json`."""
 
@@ -207,13 +225,13 @@ class Corpus:
         listing = "".join(f"{f.relative_to(root).as_posix()}\t{file_sha256(f)}\n" for f in self.files)
         return hashlib.sha256(listing.encode()).hexdigest()
 
-    def documents(self) -> Iterator[Iterator[str]]:
-        """Yield each document as an iterator of non-empty text chunks."""
+    def documents(self) -> Iterator[Document]:
+        """Yield each document, an iterable of non-empty text chunks."""
         for path in self.files:
             if path.suffix in JSONL_SUFFIXES:
                 yield from _jsonl_documents(path, self.invalid_utf8)
             else:
-                yield _text_chunks(path, self.invalid_utf8)
+                yield Document(_text_chunks(path, self.invalid_utf8), path)
 
 
 def open_corpus(spec: str, invalid_utf8: str = "error") -> Corpus:
@@ -282,7 +300,7 @@ def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
                 yield text[:cut]
 
 
-def _jsonl_documents(path: Path, invalid_utf8: str) -> Iterator[Iterator[str]]:
+def _jsonl_documents(path: Path, invalid_utf8: str) -> Iterator[Document]:
     """One document per line's `text` field; lines are read one at a time, each at most MAX_LINE_BYTES."""
     errors = "replace" if invalid_utf8 == "replace" else "strict"
     for line_no, raw in read_lines(path):
@@ -299,4 +317,4 @@ def _jsonl_documents(path: Path, invalid_utf8: str) -> Iterator[Iterator[str]]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise LmforgeError(f"{path}:{line_no}: expected an object with a string 'text' field")
         if record["text"]:
-            yield iter((record["text"],))
+            yield Document(iter((record["text"],)), path, line_no)
