@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmforge.config import MAX_VOCAB_SIZE
 from lmforge.errors import LmforgeError
 
 EOT = "<|endoftext|>"
@@ -96,6 +97,11 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
         raise LmforgeError(f"{path}: not a valid tokenizer.json ({reason})") from None
     if tokenizer.get_vocab_size(with_added_tokens=True) == 0:  # no id to give any text
         raise LmforgeError(f"{path}: the tokenizer has an empty vocabulary")
+    if vocab_size(tokenizer) > MAX_VOCAB_SIZE:  # refused now rather than by the config of every run
+        raise LmforgeError(
+            f"{path}: ids up to {vocab_size(tokenizer) - 1:,}, more than a model's vocabulary may hold "
+            f"({MAX_VOCAB_SIZE:,})"
+        )
     return tokenizer
 
 
