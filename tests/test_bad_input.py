@@ -178,3 +178,19 @@ def test_usage_errors_print_the_verbs_usage_once_then_one_error_line(
 def test_an_error_quoting_a_line_break_stays_on_one_line(cli) -> None:
     code, _, err = cli("estimate", "configs/shakespeare-char.toml", "--set", "model.n\nlayer=4")
     assert_one_line_error(code, err, "estimate", "unknown key model.n\\nlayer")
+
+
+@pytest.mark.parametrize(
+    ("args", "verb"),
+    [
+        (["sample", "run", "--seed", str(2**32)], "sample"),
+        (["sample", "run", "--seed=-1"], "sample"),
+        (["prepare", "in.txt", "--out", "o", "--tokenizer", "char", "--seed=-5"], "prepare"),
+    ],
+)
+def test_seeds_outside_what_the_generators_take_are_usage_errors(
+    cli, capsys, args: list[str], verb: str
+) -> None:
+    code, err = usage_error(cli, capsys, *args)
+    assert code == 2
+    assert err.splitlines()[-1].startswith(f"lmforge {verb}: error: argument --seed: must be in [0, 2**32)")

@@ -149,3 +149,9 @@ def test_values_python_cannot_parse_are_one_line_errors(tmp_path: Path, value: s
     path.write_text(f"[model]\nn_layer = {value}\n")
     with pytest.raises(LmforgeError, match=f"c.toml: not valid TOML \\({message}\\)"):
         load_config(path)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_the_generators_cannot_take_is_refused(seed: str) -> None:
+    with pytest.raises(LmforgeError, match=r"train.seed must be in \[0, 2\*\*32\)"):
+        load_config(None, [f"train.seed={seed}"])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from lmforge import __version__
-from lmforge.config import DTYPE_NAMES
+from lmforge.config import DTYPE_NAMES, SEED_LIMIT
 from lmforge.errors import LmforgeError
 from lmforge.tasks import TASKS, tasks_with_datasets
 
@@ -31,6 +31,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type: a seed every random generator takes, [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
     return value
 
 
@@ -87,7 +98,7 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE vocabulary size (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the choice of validation documents")
+    p.add_argument("--seed", type=seed, default=0, help="seed for the choice of validation documents")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument(
         "--invalid-utf8",
@@ -344,7 +355,7 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=positive_int, default=200)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=seed, default=1337)
     p.add_argument("--num-samples", type=positive_int, default=1)
     p.set_defaults(run=_sample)
 

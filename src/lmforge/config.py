@@ -26,6 +26,9 @@ else:  # pragma: no cover
 
 from lmforge.errors import LmforgeError
 
+# Seeds are in [0, SEED_LIMIT): np.random.seed's range, which torch's and Python's generators take too.
+SEED_LIMIT = 2**32
+
 # Precision names, everywhere (config, CLI options); `runtime.DTYPES` maps them to torch dtypes.
 Dtype = Literal["fp32", "bf16", "fp16"]
 DTYPE_NAMES: tuple[str, ...] = typing.get_args(Dtype)
@@ -378,6 +381,7 @@ def _validate_schedule(s: ScheduleConfig, o: OptimConfig, need: Need) -> None:
 def _validate_train(t: TrainConfig, need: Need) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_batch_size", "keep_checkpoints"):
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")
+    need(0 <= t.seed < SEED_LIMIT, "train.seed", "must be in [0, 2**32) (numpy's seed takes no more)")
     need(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     need(t.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
     need(
