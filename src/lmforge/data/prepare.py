@@ -283,34 +283,13 @@ def _encode(
                 if seen == 0:
                     index += 1
                 in_val = None if is_val is None else bool(is_val[index])
-                pieces = _pieces(chunk, position, in_val, split_char)
-                writer.add(
-                    [_Piece(split, text, document, seen + start) for split, text, start in pieces], len(chunk)
-                )
+                writer.add(_pieces(chunk, position, in_val, split_char, document, seen), len(chunk))
                 seen += len(chunk)
                 position += len(chunk)
             if seen and layout.eot is not None:
                 in_val = is_val[index] if is_val is not None else position > split_char
                 writer.end_document("val" if in_val else "train")
         writer.flush()
-
-
-def _pieces(
-    chunk: str, position: int, in_val: bool | None, split_char: int | None
-) -> list[tuple[str, str, int]]:
-    """(split, text, start in the chunk) pieces of a chunk that starts at character `position` of the corpus.
-
-    A chunk goes whole to its document's split (`in_val`), or, when the text is split at
-    `split_char`, to the side it lies on, cut in two if it straddles the boundary.
-    """
-    if in_val is not None:
-        return [("val" if in_val else "train", chunk, 0)]
-    if position + len(chunk) <= split_char:
-        return [("train", chunk, 0)]
-    if position >= split_char:
-        return [("val", chunk, 0)]
-    cut = split_char - position
-    return [("train", chunk[:cut], 0), ("val", chunk[cut:], cut)]
 
 
 @dataclass(frozen=True)
@@ -325,6 +304,27 @@ class _Piece:
     def where(self, i: int) -> tuple[str, str]:
         """(file, position) of character i of the piece."""
         return self.document.where(self.start + i)
+
+
+def _pieces(
+    chunk: str, position: int, in_val: bool | None, split_char: int | None, document: Document, offset: int
+) -> list[_Piece]:
+    """The pieces of a chunk that starts at character `position` of the corpus and `offset` of its document.
+
+    A chunk goes whole to its document's split (`in_val`), or, when the text is split at
+    `split_char`, to the side it lies on, cut in two if it straddles the boundary.
+    """
+    if in_val is not None:
+        return [_Piece("val" if in_val else "train", chunk, document, offset)]
+    if position + len(chunk) <= split_char:
+        return [_Piece("train", chunk, document, offset)]
+    if position >= split_char:
+        return [_Piece("val", chunk, document, offset)]
+    cut = split_char - position
+    return [
+        _Piece("train", chunk[:cut], document, offset),
+        _Piece("val", chunk[cut:], document, offset + cut),
+    ]
 
 
 class _ShardWriter:
