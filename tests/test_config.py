@@ -100,3 +100,58 @@ def test_every_config_field_has_a_comment() -> None:
         and not lines[item.lineno - 2].strip().startswith("#")
     ]
     assert uncommented == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lr=inf"], "optim.lr must be a finite number; got inf"),
+        (["optim.lr=nan"], "optim.lr must be a finite number; got nan"),
+        (["optim.betas=[0.9, nan]"], "optim.betas must be a finite number; got nan"),
+        (["model.norm_eps=-inf"], "model.norm_eps must be a finite number"),
+        (["train.stop_at_val_loss=nan"], "train.stop_at_val_loss must be a finite number"),
+        (["optim.eps=-1e-8"], "optim.eps must be positive"),
+        (["optim.eps=0"], "optim.eps must be positive"),
+        (["model.position=rope", "model.rope_theta=0"], "model.rope_theta must be positive"),
+        (["model.rope_theta=-10000"], "model.rope_theta must be positive"),
+        (["optim.momentum=1.5"], "optim.momentum must be in [0, 1)"),
+        (["optim.muon_momentum=-0.1"], "optim.muon_momentum must be in [0, 1)"),
+        (["model.vocab_size=16777217"], "model.vocab_size must be at most 16,777,216"),
+        (["model.block_size=1048577"], "model.block_size must be at most 1,048,576"),
+    ],
+)
+def test_values_that_type_check_but_cannot_work_are_refused(overrides: list[str], message: str) -> None:
+    with pytest.raises(LmforgeError) as info:
+        load_config(None, overrides, origin="cfg")
+    assert f"cfg: {message}" in str(info.value)
+
+
+def test_non_finite_numbers_in_a_toml_file_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[optim]\nlr = inf\n")
+    with pytest.raises(LmforgeError, match="optim.lr must be a finite number; got inf"):
+        load_config(path)
+
+
+def test_the_largest_accepted_sizes_load() -> None:
+    config = load_config(None, ["model.vocab_size=16777216", "model.block_size=1048576"])
+    assert (config.model.vocab_size, config.model.block_size) == (2**24, 2**20)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("[" * 3000, "nested too deeply"), ("9" * 5000, "a number has too many digits")],
+)
+def test_values_python_cannot_parse_are_one_line_errors(tmp_path: Path, value: str, message: str) -> None:
+    with pytest.raises(LmforgeError, match=f"--set model.n_layer=...: {message}"):
+        load_config(None, [f"model.n_layer={value}"])
+    path = tmp_path / "c.toml"
+    path.write_text(f"[model]\nn_layer = {value}\n")
+    with pytest.raises(LmforgeError, match=f"c.toml: not valid TOML \\({message}\\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_the_generators_cannot_take_is_refused(seed: str) -> None:
+    with pytest.raises(LmforgeError, match=r"train.seed must be in \[0, 2\*\*32\)"):
+        load_config(None, [f"train.seed={seed}"])

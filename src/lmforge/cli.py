@@ -12,9 +12,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from lmforge import __version__
-from lmforge.config import DTYPE_NAMES
+from lmforge.config import DTYPE_NAMES, SEED_LIMIT
 from lmforge.errors import LmforgeError
 from lmforge.tasks import TASKS, tasks_with_datasets
 
@@ -33,6 +34,36 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """argparse type: a seed every random generator takes, [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (float() alone accepts nan and inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < math.inf:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as the usage of the verb at fault, then exactly one line `PROG: error: MESSAGE`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from lmforge.data.prepare import prepare
 
@@ -46,6 +77,7 @@ def _prepare(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         invalid_utf8=args.invalid_utf8,
         progress=not args.quiet,
+        unknown_chars=args.unknown_chars,
     )
     return 0
 
@@ -66,13 +98,20 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE vocabulary size (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the choice of validation documents")
+    p.add_argument("--seed", type=seed, default=0, help="seed for the choice of validation documents")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument(
         "--invalid-utf8",
         choices=("error", "replace"),
         default="error",
         help="what to do with bytes that are not UTF-8: stop with an error (default) or replace with U+FFFD",
+    )
+    p.add_argument(
+        "--unknown-chars",
+        choices=("error", "replace", "skip"),
+        default="error",
+        help="text a tokenizer.json cannot represent: stop with an error (default), replace it with the "
+        "tokenizer's unknown token, or skip it; a count goes to stderr",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_prepare)
@@ -305,7 +344,7 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=positive_int, default=200)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--seed", type=seed, default=1337)
     p.add_argument("--num-samples", type=positive_int, default=1)
     p.set_defaults(run=_sample)
 
@@ -337,7 +376,9 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
         "--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder"
     )
     p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
-    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="shard the weights above this size")
+    p.add_argument(
+        "--max-shard-size-gb", type=positive_float, default=5.0, help="shard the weights above this size"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(run=_export)
 
@@ -376,18 +417,35 @@ VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lmforge", description="Train and optimize GPT-style language models."
-    )
+    parser = _Parser(prog="lmforge", description="Train and optimize GPT-style language models.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add_verb in VERBS:
         add_verb(verbs)
+    _remember_parsers(parser)
     return parser
 
 
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command records its own parser in the namespace; the innermost one parsed wins."""
+    parser.set_defaults(parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _remember_parsers(sub)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; arguments nobody knows are reported by the verb they were given to
+    (argparse alone reports them with the top-level usage)."""
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1: one of several processes started by torchrun
     where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
     try:

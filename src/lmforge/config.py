@@ -8,6 +8,7 @@ unknown keys, wrong types and impossible values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
@@ -24,6 +25,9 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from lmforge.errors import LmforgeError
+
+# Seeds are in [0, SEED_LIMIT): np.random.seed's range, which torch's and Python's generators take too.
+SEED_LIMIT = 2**32
 
 # Precision names, everywhere (config, CLI options); `runtime.DTYPES` maps them to torch dtypes.
 Dtype = Literal["fp32", "bf16", "fp16"]
@@ -177,14 +181,14 @@ def _drop_none(value: Any) -> Any:
 def load_config(path: Path | str | None, overrides: list[str] = (), origin: str | None = None) -> Config:
     """Read a TOML file (or defaults when None), apply `a.b=value` overrides, validate."""
     raw: dict[str, Any] = {}
-    origin = origin or str(path)
+    origin = origin or (str(path) if path is not None else "--set")
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise LmforgeError(f"{path}: config file not found")
         try:
-            raw = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raw = _parse_toml(path.read_text())
+        except (ValueError, OSError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
             raise LmforgeError(f"{path}: not valid TOML ({exc})") from None
     for override in overrides:
         key, value = _parse_override(override)
@@ -200,14 +204,28 @@ def load_config(path: Path | str | None, overrides: list[str] = (), origin: str 
     return config
 
 
+def _parse_toml(text: str) -> dict[str, Any]:
+    """tomllib.loads, with the limits Python hits on hostile input raised as ValueError too."""
+    try:
+        return tomllib.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except tomllib.TOMLDecodeError:
+        raise
+    except ValueError:  # int(): more digits than the interpreter converts
+        raise ValueError("a number has too many digits") from None
+
+
 def _parse_override(override: str) -> tuple[str, Any]:
     key, sep, text = override.partition("=")
     if not sep or not key.strip():
         raise LmforgeError(f"--set {override}: expected SECTION.KEY=VALUE")
     try:  # a TOML value: 6, 3e-4, true, "text", [0.9, 0.95]
-        value = tomllib.loads(f"v = {text}")["v"]
+        value = _parse_toml(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # a bare word such as rope or cuda:0
+    except ValueError as exc:
+        raise LmforgeError(f"--set {key.strip()}=...: {exc}") from None
     return key.strip(), value
 
 
@@ -266,7 +284,13 @@ def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise LmforgeError(f"{origin}: {key} must be a number; got {value!r}")
-        return float(value)
+        # TOML has inf and nan; no setting means anything with them (a cap or a limit is a number or none)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LmforgeError(f"{origin}: {key} must be a finite number; got {value!r}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float
+            raise LmforgeError(f"{origin}: {key} must be a finite number; got {value}") from None
     if kind is str:
         if not isinstance(value, str):
             raise LmforgeError(f"{origin}: {key} must be a string; got {value!r}")
@@ -294,9 +318,27 @@ def validate(config: Config, origin: str) -> None:
     _validate_lora(config.lora, need)
 
 
+# Upper bounds on the two sizes a typo can blow up (an extra digit, 2**30 for 2**13): caught here, the
+# mistake is one line naming the key, rather than an allocation failure inside torch, or an OOM kill
+# minutes into a run. They are fixed rather than taken from this machine's memory, so that a config
+# means the same everywhere and `lmforge estimate` can size runs for bigger machines. Both are far
+# above any released model: vocabularies reach 262,144 (Gemma 3), 64 times less than 2**24; contexts
+# reach ~1M tokens (Qwen2.5-1M's 1,010,000), and lmforge's full attention is quadratic: one sequence of
+# 2**20 tokens is 2**40 query-key products per head and layer.
+MAX_VOCAB_SIZE = 1 << 24
+MAX_BLOCK_SIZE = 1 << 20
+
+
 def _validate_model(m: ModelConfig, need: Need) -> None:
     for key in ("n_layer", "n_head", "d_model", "block_size"):
         need(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    need(m.block_size <= MAX_BLOCK_SIZE, "model.block_size", f"must be at most {MAX_BLOCK_SIZE:,}")
+    need(
+        m.vocab_size is None or m.vocab_size <= MAX_VOCAB_SIZE,
+        "model.vocab_size",
+        f"must be at most {MAX_VOCAB_SIZE:,}",
+    )
+    need(m.rope_theta > 0, "model.rope_theta", "must be positive")
     need(
         m.d_model % m.n_head == 0,
         "model.d_model",
@@ -323,6 +365,9 @@ def _validate_optim(o: OptimConfig, need: Need) -> None:
     need(o.muon_lr > 0, "optim.muon_lr", "must be positive")
     need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     need(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    need(o.eps > 0, "optim.eps", "must be positive (it keeps AdamW's step finite where a gradient is 0)")
+    need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
+    need(0.0 <= o.muon_momentum < 1.0, "optim.muon_momentum", "must be in [0, 1)")
     need(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "must be in [0, 1)")
 
 
@@ -336,6 +381,7 @@ def _validate_schedule(s: ScheduleConfig, o: OptimConfig, need: Need) -> None:
 def _validate_train(t: TrainConfig, need: Need) -> None:
     for key in ("max_steps", "batch_size", "grad_accum_steps", "eval_batch_size", "keep_checkpoints"):
         need(getattr(t, key) > 0, f"train.{key}", "must be positive")
+    need(0 <= t.seed < SEED_LIMIT, "train.seed", "must be in [0, 2**32) (numpy's seed takes no more)")
     need(t.eval_interval >= 0, "train.eval_interval", "must be >= 0")
     need(t.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
     need(

@@ -6,6 +6,7 @@ The rules of generation live here, not in the command line, so that every front 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,9 @@ class SamplingOptions:
     top_p: float | None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise LmforgeError(f"--temperature must be >= 0, got {self.temperature}")
+        # Written so that NaN fails every test: `nan < 0` is False, `not 0 <= nan` is True.
+        if not 0 <= self.temperature < math.inf:
+            raise LmforgeError(f"--temperature must be >= 0 and finite, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise LmforgeError(f"--top-p must be in (0, 1], got {self.top_p}")
 

@@ -91,3 +91,25 @@ def test_open_errors(prepared: Path, tmp_path: Path) -> None:
     (prepared / "meta.json").write_text("{broken")
     with pytest.raises(LmforgeError, match="not valid JSON"):
         PreparedData.open(prepared)
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_open_refuses_token_ids_outside_the_vocabulary(prepared: Path, split: str) -> None:
+    vocab = json.loads((prepared / "meta.json").read_text())["vocab_size"]
+    tokens = np.fromfile(prepared / f"{split}.bin", dtype=np.uint16)
+    tokens[7] = vocab  # one past the largest id the model's embedding has
+    tokens.tofile(prepared / f"{split}.bin")
+    with pytest.raises(LmforgeError, match=f"{split}.bin: token id {vocab} at position 7 is outside"):
+        PreparedData.open(prepared)
+
+
+def test_checking_the_ids_of_tinyshakespeare_takes_milliseconds(shared_data: Path, tmp_path: Path) -> None:
+    import time
+
+    prepare(
+        str(shared_data / "tinyshakespeare" / "input.txt"), tmp_path / "d", tokenizer="char", progress=False
+    )
+    PreparedData.open(tmp_path / "d")  # warm the page cache
+    start = time.perf_counter()
+    PreparedData.open(tmp_path / "d")
+    assert time.perf_counter() - start < 0.1

@@ -292,7 +292,7 @@ def test_named_dataset_download_is_verified_and_cached(
     corpus.files[0].write_text("tampered\n")
     with pytest.raises(LmforgeError, match="does not match the pinned"):
         sources.open_corpus("toy")
-    published.write_text("changed upstream\n")
+    published.write_text("TO BE OR NOT TO BE\n" * 100)  # changed upstream, same size as pinned
     corpus.files[0].unlink()
     with pytest.raises(LmforgeError, match="has sha256 .* expected"):
         sources.open_corpus("toy")

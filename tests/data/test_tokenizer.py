@@ -63,3 +63,11 @@ def test_load_tokenizer_errors(tmp_path: Path) -> None:
     bad.write_text('{"model": 42}')
     with pytest.raises(LmforgeError, match="not a valid tokenizer.json"):
         tok.load_tokenizer(bad)
+
+
+def test_a_tokenizer_with_ids_beyond_any_model_vocabulary_is_refused(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 0, "b": 2**24}, unk_token="a")).save(str(tmp_path / "sparse.json"))
+    with pytest.raises(LmforgeError, match="ids up to 16,777,216, more than a model's vocabulary may hold"):
+        tok.load_tokenizer(tmp_path / "sparse.json")

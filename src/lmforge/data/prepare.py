@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from lmforge import __version__
 from lmforge.data import tokenizer as tok
-from lmforge.data.sources import Corpus, open_corpus
+from lmforge.data.sources import Corpus, Document, open_corpus
 from lmforge.errors import LmforgeError
 from lmforge.staging import check_out, staged_folder
 
@@ -87,12 +87,18 @@ def prepare(
     overwrite: bool = False,
     invalid_utf8: str = "error",
     progress: bool = True,
+    unknown_chars: str = "error",
 ) -> PrepareReport:
-    """Tokenize INPUT into OUT/{train,val}.bin, OUT/tokenizer.json and OUT/meta.json."""
+    """Tokenize INPUT into OUT/{train,val}.bin, OUT/tokenizer.json and OUT/meta.json.
+
+    `unknown_chars` says what becomes of text a user's tokenizer.json cannot represent: "error"
+    (the default), "replace" (with its unknown token) or "skip". Built-in tokenizers represent all text.
+    """
     out = Path(out)
-    _check_arguments(tokenizer, vocab_size, val_fraction, invalid_utf8)
+    _check_arguments(tokenizer, vocab_size, val_fraction, invalid_utf8, unknown_chars)
     check_out(out, overwrite)
     user_tokenizer = None if tokenizer in tok.BUILTIN_KINDS else tok.load_tokenizer(tokenizer)
+    coverage = None if user_tokenizer is None else tok.TextCoverage(user_tokenizer, unknown_chars, tokenizer)
     corpus = open_corpus(input, invalid_utf8)
     if any(out.resolve() in f.parents for f in corpus.files):
         raise LmforgeError(f"--out {out} contains the input files; choose another folder")
@@ -104,7 +110,7 @@ def prepare(
     with staged_folder(out, overwrite) as staging:
         with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
             splits = {"train": _Split(train_file), "val": _Split(val_file)}
-            _encode(corpus, tokenizer_obj, layout, splits, scan.text_bytes, progress)
+            _encode(corpus, tokenizer_obj, layout, splits, scan.text_bytes, progress, coverage)
         if splits["train"].tokens == 0 or splits["val"].tokens == 0:
             raise LmforgeError(
                 f"{input}: too small to give a non-empty train and val split "
@@ -115,6 +121,8 @@ def prepare(
         meta = _meta(corpus, scan, tokenizer, tokenizer_obj, layout, splits, val_fraction, seed)
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
+    if coverage is not None and coverage.report():
+        print(coverage.report(), file=sys.stderr)
     report = PrepareReport(meta, scan.text_bytes, scan_seconds, time.perf_counter() - start - scan_seconds)
     print(
         f"prepared {corpus.source}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
@@ -199,13 +207,19 @@ def _meta(
     }
 
 
-def _check_arguments(tokenizer: str, vocab_size: int | None, val_fraction: float, invalid_utf8: str) -> None:
+def _check_arguments(
+    tokenizer: str, vocab_size: int | None, val_fraction: float, invalid_utf8: str, unknown_chars: str
+) -> None:
     if vocab_size is not None and tokenizer != "bpe":
         raise LmforgeError("--vocab-size applies only to --tokenizer bpe")
     if not 0.0 < val_fraction < 1.0:
         raise LmforgeError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if invalid_utf8 not in ("error", "replace"):
         raise LmforgeError(f"--invalid-utf8 must be 'error' or 'replace', got {invalid_utf8!r}")
+    if unknown_chars not in tok.UNKNOWN_CHARS:
+        raise LmforgeError(
+            f"--unknown-chars must be one of {', '.join(tok.UNKNOWN_CHARS)}, got {unknown_chars!r}"
+        )
     if tokenizer == "bpe" and vocab_size is not None:
         tok.check_bpe_vocab_size(vocab_size)
 
@@ -249,16 +263,18 @@ def _encode(
     splits: dict[str, _Split],
     total_bytes: int,
     progress: bool,
+    coverage: tok.TextCoverage | None = None,
 ) -> None:
     """Second pass: encode in batches and append ids to each split's shard, in corpus order.
 
     With whole-document splitting `layout.is_val` says where each document goes; otherwise
     the text before character `layout.split_char` of the corpus is train and the rest is val.
-    `layout.eot`, if given, is appended after every document.
+    `layout.eot`, if given, is appended after every document. With `coverage`, text that does not
+    survive the tokenizer is an error or handled by its policy.
     """
     is_val, split_char = layout.is_val, layout.split_char
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
-        writer = _ShardWriter(tokenizer, layout.dtype, layout.eot, splits, bar)
+        writer = _ShardWriter(tokenizer, layout.dtype, layout.eot, splits, bar, coverage)
         index = -1
         position = 0  # characters of the corpus before this chunk
         for document in corpus.documents():
@@ -267,7 +283,7 @@ def _encode(
                 if seen == 0:
                     index += 1
                 in_val = None if is_val is None else bool(is_val[index])
-                writer.add(_pieces(chunk, position, in_val, split_char), len(chunk))
+                writer.add(_pieces(chunk, position, in_val, split_char, document, seen), len(chunk))
                 seen += len(chunk)
                 position += len(chunk)
             if seen and layout.eot is not None:
@@ -276,34 +292,60 @@ def _encode(
         writer.flush()
 
 
-def _pieces(chunk: str, position: int, in_val: bool | None, split_char: int | None) -> list[tuple[str, str]]:
-    """(split, text) pieces of a chunk that starts at character `position` of the corpus.
+@dataclass(frozen=True)
+class _Piece:
+    """Text bound for one split, and where it starts in its document (for messages)."""
+
+    split: str
+    text: str | None  # None stands for <|endoftext|>
+    document: Document | None = None
+    start: int = 0  # characters of the document before this piece
+
+    def where(self, i: int) -> tuple[str, str]:
+        """(file, position) of character i of the piece."""
+        return self.document.where(self.start + i)
+
+
+def _pieces(
+    chunk: str, position: int, in_val: bool | None, split_char: int | None, document: Document, offset: int
+) -> list[_Piece]:
+    """The pieces of a chunk that starts at character `position` of the corpus and `offset` of its document.
 
     A chunk goes whole to its document's split (`in_val`), or, when the text is split at
     `split_char`, to the side it lies on, cut in two if it straddles the boundary.
     """
     if in_val is not None:
-        return [("val" if in_val else "train", chunk)]
+        return [_Piece("val" if in_val else "train", chunk, document, offset)]
     if position + len(chunk) <= split_char:
-        return [("train", chunk)]
+        return [_Piece("train", chunk, document, offset)]
     if position >= split_char:
-        return [("val", chunk)]
+        return [_Piece("val", chunk, document, offset)]
     cut = split_char - position
-    return [("train", chunk[:cut]), ("val", chunk[cut:])]
+    return [
+        _Piece("train", chunk[:cut], document, offset),
+        _Piece("val", chunk[cut:], document, offset + cut),
+    ]
 
 
 class _ShardWriter:
-    """Collects (split, text) pieces and encodes them a batch at a time (`encode_batch` uses every
+    """Collects pieces of text and encodes them a batch at a time (`encode_batch` uses every
     core), appending the ids to each split's shard in the order the pieces came."""
 
     def __init__(
-        self, tokenizer: Tokenizer, dtype: np.dtype, eot: int | None, splits: dict[str, _Split], bar: tqdm
+        self,
+        tokenizer: Tokenizer,
+        dtype: np.dtype,
+        eot: int | None,
+        splits: dict[str, _Split],
+        bar: tqdm,
+        coverage: tok.TextCoverage | None = None,
     ) -> None:
         self.tokenizer, self.dtype, self.eot, self.splits, self.bar = tokenizer, dtype, eot, splits, bar
-        self.batch: list[tuple[str, str | None]] = []  # (split, text); text None stands for <|endoftext|>
+        self.coverage = coverage
+        self.batch: list[_Piece] = []
         self.batch_chars = 0
 
-    def add(self, pieces: list[tuple[str, str]], chars: int) -> None:
+    def add(self, pieces: list[_Piece], chars: int) -> None:
         """Queue the pieces of one chunk of `chars` characters; encode once a batch is full."""
         self.batch.extend(pieces)
         self.batch_chars += chars
@@ -311,23 +353,36 @@ class _ShardWriter:
             self.flush()
 
     def end_document(self, split: str) -> None:
-        self.batch.append((split, None))
+        self.batch.append(_Piece(split, None))
 
     def flush(self) -> None:
         """Encode the queued texts and append every id, <|endoftext|> included, to its shard."""
-        texts = [text for _, text in self.batch if text is not None]
-        encodings = iter(self.tokenizer.encode_batch(texts, add_special_tokens=False))
+        texts = [piece for piece in self.batch if piece.text is not None]
+        encoded = iter(self._encode(texts))
         ids: dict[str, list[int]] = {"train": [], "val": []}
-        for name, text in self.batch:
-            if text is None:
-                ids[name].append(self.eot)
+        for piece in self.batch:
+            if piece.text is None:
+                ids[piece.split].append(self.eot)
             else:
-                ids[name].extend(next(encodings).ids)
-                size = len(text.encode("utf-8"))
-                self.splits[name].text_bytes += size
+                ids[piece.split].extend(next(encoded))
+                size = len(piece.text.encode("utf-8"))
+                self.splits[piece.split].text_bytes += size
                 self.bar.update(size)
         for name, values in ids.items():
             np.asarray(values, dtype=self.dtype).tofile(self.splits[name].file)
             self.splits[name].tokens += len(values)
         self.batch.clear()
         self.batch_chars = 0
+
+    def _encode(self, pieces: list[_Piece]) -> list[list[int]]:
+        """The ids of each piece. With a coverage check, each piece's ids are decoded and compared
+        with its text (in batch, in parallel, like the encoding); only a piece that differs is looked
+        at character by character."""
+        texts = [piece.text for piece in pieces]
+        ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        if self.coverage is not None:
+            decoded = self.tokenizer.decode_batch(ids, skip_special_tokens=False)
+            for k, (piece, text) in enumerate(zip(pieces, decoded)):
+                if text != piece.text:
+                    ids[k] = self.coverage.encode(piece.text, piece.where)
+        return ids

@@ -8,7 +8,6 @@ example; right padding cannot affect earlier positions under causal attention.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from tokenizers import Tokenizer
 from lmforge.data.protocol import Batch
 from lmforge.data.tokenizer import eot_id, load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
+from lmforge.jsonl import decode_line, loads, read_lines
 from lmforge.model.gpt import IGNORE_INDEX
 
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
@@ -57,30 +57,29 @@ def read_examples(path: Path, on_bad_line: str) -> list[tuple[str, str]]:
     if not path.is_file():
         raise LmforgeError(f"{path}: not found")
     pairs, skipped = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict):
-                    raise ValueError("expected a JSON object")
-                if "messages" in record:
-                    prompt, completion = render_messages(record["messages"])
-                else:
-                    prompt, completion = record.get("prompt"), record.get("completion")
-                    if not isinstance(prompt, str) or not isinstance(completion, str):
-                        raise ValueError("expected string fields 'prompt' and 'completion' (or 'messages')")
-                if not completion.strip():
-                    raise ValueError("empty completion")
-            except (ValueError, json.JSONDecodeError) as exc:
-                if on_bad_line != "skip":
-                    raise LmforgeError(
-                        f'{path}:{line_no}: {exc} (set data.on_bad_line = "skip" to skip such lines)'
-                    ) from None
-                skipped += 1
-                continue
-            pairs.append((prompt, completion))
+    for line_no, raw in read_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            record = loads(decode_line(raw))
+            if not isinstance(record, dict):
+                raise ValueError("expected a JSON object")
+            if "messages" in record:
+                prompt, completion = render_messages(record["messages"])
+            else:
+                prompt, completion = record.get("prompt"), record.get("completion")
+                if not isinstance(prompt, str) or not isinstance(completion, str):
+                    raise ValueError("expected string fields 'prompt' and 'completion' (or 'messages')")
+            if not completion.strip():
+                raise ValueError("empty completion")
+        except ValueError as exc:  # JSONDecodeError and invalid UTF-8 included
+            if on_bad_line != "skip":
+                raise LmforgeError(
+                    f'{path}:{line_no}: {exc} (set data.on_bad_line = "skip" to skip such lines)'
+                ) from None
+            skipped += 1
+            continue
+        pairs.append((prompt, completion))
     if skipped:
         print(f"warning: {path}: skipped {skipped} bad line(s)", file=sys.stderr)
     if not pairs:

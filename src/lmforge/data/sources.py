@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import http.client
 import json
+import math
 import os
-import shutil
 import sys
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from lmforge.errors import LmforgeError
+from lmforge.jsonl import decode_line, loads, read_lines
 
 CHUNK_BYTES = 1 << 16  # small enough that encode_batch spreads a batch over all cores
+DEFAULT_DOWNLOAD_TIMEOUT_S = 600.0  # a whole download; TinyShakespeare (1 MB) needs seconds
+DOWNLOAD_BLOCK_BYTES = 1 << 16
 TEXT_SUFFIXES = (".txt", ".md", ".raw", ".text")
 JSONL_SUFFIXES = (".jsonl",)
 
@@ -99,14 +105,30 @@ def _verify(path: Path, dataset: NamedDataset) -> None:
         )
 
 
+def download_timeout() -> float:
+    """Seconds a whole download may take: `$LMFORGE_DOWNLOAD_TIMEOUT`, else the default."""
+    text = os.environ.get("LMFORGE_DOWNLOAD_TIMEOUT")
+    if text is None:
+        return DEFAULT_DOWNLOAD_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise LmforgeError(f"LMFORGE_DOWNLOAD_TIMEOUT must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def _download(dataset: NamedDataset, target: Path) -> None:
+    timeout = download_timeout()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(target, timeout)
     print(f"downloading {dataset.name} from {dataset.url}", file=sys.stderr)
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(dataset.url, timeout=60) as response:
-            shutil.copyfileobj(response, out)
+        with os.fdopen(fd, "wb") as out:
+            _fetch(dataset, out, time.monotonic() + timeout, timeout)
         actual = file_sha256(tmp)
         if actual != dataset.sha256:
             raise LmforgeError(
@@ -114,10 +136,72 @@ def _download(dataset: NamedDataset, target: Path) -> None:
                 f"expected {dataset.sha256}"
             )
         os.replace(tmp, target)
-    except OSError as exc:
-        raise LmforgeError(f"could not download {dataset.name!r} from {dataset.url}: {exc}") from exc
+    except (OSError, http.client.HTTPException) as exc:  # IncompleteRead is an HTTPException, not OSError
+        raise LmforgeError(
+            f"could not download {dataset.name!r} from {dataset.url}: {type(exc).__name__}: {exc}"
+        ) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _fetch(dataset: NamedDataset, out: BinaryIO, deadline: float, timeout: float) -> None:
+    """Copy the response into `out`, never past the pinned size nor the deadline."""
+    received = 0
+    with urllib.request.urlopen(dataset.url, timeout=min(60.0, timeout)) as response:
+        while True:
+            if time.monotonic() > deadline:
+                raise LmforgeError(
+                    f"download of {dataset.name!r} from {dataset.url} took longer than {timeout:g} s "
+                    "(LMFORGE_DOWNLOAD_TIMEOUT)"
+                )
+            # Asking for one byte more than the pin is how a larger file shows itself.
+            block = response.read(min(DOWNLOAD_BLOCK_BYTES, dataset.size + 1 - received))
+            if not block:
+                break
+            received += len(block)
+            if received > dataset.size:
+                raise LmforgeError(
+                    f"download of {dataset.name!r} from {dataset.url} is larger than the pinned "
+                    f"{dataset.size:,} bytes"
+                )
+            out.write(block)
+    if received < dataset.size:
+        raise LmforgeError(
+            f"download of {dataset.name!r} from {dataset.url} ended after {received:,} of the pinned "
+            f"{dataset.size:,} bytes"
+        )
+
+
+def _remove_stale_partials(target: Path, timeout: float) -> None:
+    """Delete temporary files of earlier downloads of `target` that were killed midway.
+
+    A file untouched for longer than the download deadline cannot belong to a live download (that
+    would have been abandoned by now), so one being written by another process is left alone.
+    """
+    for partial in target.parent.glob(f".{target.name}.*"):
+        try:
+            if time.time() - partial.stat().st_mtime > timeout:
+                partial.unlink()
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document: its text as an iterator of non-empty chunks, and where it comes from."""
+
+    chunks: Iterator[str]
+    path: Path
+    line: int | None = None  # for a document of a .jsonl file: its line
+
+    def __iter__(self) -> Iterator[str]:
+        return self.chunks
+
+    def where(self, offset: int) -> tuple[str, str]:
+        """(file, position) of character `offset` of the document, for messages."""
+        if self.line is None:
+            return str(self.path), f"at character {offset:,}"
+        return f"{self.path}:{self.line}", f"at character {offset:,} of its text"
 
 
 @dataclass(frozen=True)
@@ -141,13 +225,13 @@ class Corpus:
         listing = "".join(f"{f.relative_to(root).as_posix()}\t{file_sha256(f)}\n" for f in self.files)
         return hashlib.sha256(listing.encode()).hexdigest()
 
-    def documents(self) -> Iterator[Iterator[str]]:
-        """Yield each document as an iterator of non-empty text chunks."""
+    def documents(self) -> Iterator[Document]:
+        """Yield each document, an iterable of non-empty text chunks."""
         for path in self.files:
             if path.suffix in JSONL_SUFFIXES:
                 yield from _jsonl_documents(path, self.invalid_utf8)
             else:
-                yield _text_chunks(path, self.invalid_utf8)
+                yield Document(_text_chunks(path, self.invalid_utf8), path)
 
 
 def open_corpus(spec: str, invalid_utf8: str = "error") -> Corpus:
@@ -216,23 +300,21 @@ def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
                 yield text[:cut]
 
 
-def _jsonl_documents(path: Path, invalid_utf8: str) -> Iterator[Iterator[str]]:
+def _jsonl_documents(path: Path, invalid_utf8: str) -> Iterator[Document]:
+    """One document per line's `text` field; lines are read one at a time, each at most MAX_LINE_BYTES."""
     errors = "replace" if invalid_utf8 == "replace" else "strict"
-    with open(path, encoding="utf-8", errors=errors) as f:
-        line_no = 0
+    for line_no, raw in read_lines(path):
+        if not raw.strip():
+            continue
         try:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise LmforgeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    raise LmforgeError(f"{path}:{line_no}: expected an object with a string 'text' field")
-                if record["text"]:
-                    yield iter((record["text"],))
-        except UnicodeDecodeError:
+            record = loads(decode_line(raw, errors))
+        except json.JSONDecodeError as exc:
+            raise LmforgeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+        except ValueError:  # invalid UTF-8
             raise LmforgeError(
-                f"{path}:{line_no + 1}: invalid UTF-8 (use --invalid-utf8 replace to substitute U+FFFD)"
+                f"{path}:{line_no}: invalid UTF-8 (use --invalid-utf8 replace to substitute U+FFFD)"
             ) from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise LmforgeError(f"{path}:{line_no}: expected an object with a string 'text' field")
+        if record["text"]:
+            yield Document(iter((record["text"],)), path, line_no)

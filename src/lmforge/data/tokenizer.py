@@ -7,11 +7,14 @@ what lmforge saves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lmforge.config import MAX_VOCAB_SIZE
 from lmforge.errors import LmforgeError
 
 EOT = "<|endoftext|>"
@@ -88,10 +91,18 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     if not path.is_file():
         raise LmforgeError(f"{path}: tokenizer file not found")
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # tokenizers raises a bare Exception on parse errors
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise LmforgeError(f"{path}: not a valid tokenizer.json ({reason})") from None
+    if tokenizer.get_vocab_size(with_added_tokens=True) == 0:  # no id to give any text
+        raise LmforgeError(f"{path}: the tokenizer has an empty vocabulary")
+    if vocab_size(tokenizer) > MAX_VOCAB_SIZE:  # refused now rather than by the config of every run
+        raise LmforgeError(
+            f"{path}: ids up to {vocab_size(tokenizer) - 1:,}, more than a model's vocabulary may hold "
+            f"({MAX_VOCAB_SIZE:,})"
+        )
+    return tokenizer
 
 
 def eot_id(tokenizer: Tokenizer) -> int | None:
@@ -101,7 +112,10 @@ def eot_id(tokenizer: Tokenizer) -> int | None:
 
 def vocab_size(tokenizer: Tokenizer) -> int:
     """One more than the largest id, so that every id indexes an embedding row."""
-    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    if not ids:
+        raise LmforgeError("the tokenizer has an empty vocabulary")
+    return max(ids) + 1
 
 
 def check_same_tokenizer(
@@ -114,3 +128,97 @@ def check_same_tokenizer(
     """
     if Path(data_tokenizer).read_bytes() != Path(checkpoint_tokenizer).read_bytes():
         raise LmforgeError(f"{data_dir}: its tokenizer differs from the one of {source}")
+
+
+UNKNOWN_CHARS = ("error", "replace", "skip")  # `prepare --unknown-chars`
+
+
+def unk_token(tokenizer: Tokenizer) -> str | None:
+    """The model's unknown token (what it emits for text outside its vocabulary), if it has one."""
+    model = json.loads(tokenizer.to_str()).get("model") or {}
+    token = model.get("unk_token")
+    if token is None and isinstance(model.get("unk_id"), int) and isinstance(model.get("vocab"), list):
+        entry = model["vocab"][model["unk_id"]] if model["unk_id"] < len(model["vocab"]) else None
+        token = entry[0] if isinstance(entry, list) and entry else None  # Unigram: [piece, score] pairs
+    return token if isinstance(token, str) and tokenizer.token_to_id(token) is not None else None
+
+
+class TextCoverage:
+    """Which characters a tokenizer represents, and how to encode text that has others.
+
+    Text is representable when decode(encode(text)) == text, the rule every command uses. A character
+    is tested alone, once (the result is cached), so text that fails the rule is split around the
+    characters that fail it alone: `policy` "replace" puts the unknown token in their place, "skip"
+    drops them. Text that still does not survive is not a matter of unknown characters: an error.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, policy: str, name: str) -> None:
+        self.tokenizer, self.policy, self.name = tokenizer, policy, name
+        self.unk = unk_token(tokenizer)
+        if policy == "replace" and self.unk is None:
+            raise LmforgeError(f"{name} has no unknown token; use --unknown-chars skip to drop what it lacks")
+        self._known: dict[str, bool] = {}
+        self.count = 0  # characters replaced or skipped so far
+        self.first = ""  # the first of them, and where it was
+
+    def survives(self, char: str) -> bool:
+        """Whether one character comes back from encode and decode."""
+        if char not in self._known:
+            ids = self.tokenizer.encode(char, add_special_tokens=False).ids
+            self._known[char] = self.tokenizer.decode(ids, skip_special_tokens=False) == char
+        return self._known[char]
+
+    def unknown(self, text: str) -> set[str]:
+        return {c for c in set(text) if not self.survives(c)}
+
+    def encode(self, text: str, where: Callable[[int], tuple[str, str]]) -> list[int]:
+        """Ids of text that failed decode(encode(text)) == text, under the policy. `where(i)` names
+        character i of `text` for messages: (file, "at character N")."""
+        unknown = self.unknown(text)
+        if not unknown or self.policy == "error":
+            raise self._error(text, unknown, where)
+        first = min(text.index(c) for c in unknown)
+        segments = re.split("[" + "".join(re.escape(c) for c in sorted(unknown)) + "]", text)
+        if not self.first:
+            self.first = "{} in {} {}".format(_describe(text[first]), *where(first))
+        self.count += len(segments) - 1
+        if self.policy == "skip":
+            segments = ["".join(segments)]
+        encodings = self.tokenizer.encode_batch(segments, add_special_tokens=False)
+        decoded = self.tokenizer.decode_batch([e.ids for e in encodings], skip_special_tokens=False)
+        if decoded != segments:  # the rest does not survive either: not a matter of unknown characters
+            raise self._error(text, set(), where)
+        unk = self.tokenizer.token_to_id(self.unk) if self.unk is not None else None
+        ids = encodings[0].ids
+        for encoding in encodings[1:]:  # replace: one unknown token between consecutive segments
+            ids += [unk, *encoding.ids]
+        return ids
+
+    def _error(self, text: str, unknown: set[str], where: Callable[[int], tuple[str, str]]) -> LmforgeError:
+        if unknown:
+            first = min(text.index(c) for c in unknown)
+            file, at = where(first)
+            return LmforgeError(
+                f"{file}: character {_describe(text[first])} {at} cannot be represented by {self.name} "
+                "(--unknown-chars replace or skip to go on without it)"
+            )
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        decoded = self.tokenizer.decode(ids, skip_special_tokens=False)
+        at = next((i for i, (a, b) in enumerate(zip(text, decoded)) if a != b), min(len(text), len(decoded)))
+        file, position = where(at)
+        return LmforgeError(
+            f"{file}: {self.name} does not reproduce the text {position} ({text[at : at + 20]!r} came back "
+            f"as {decoded[at : at + 20]!r}); a tokenizer must decode its ids to the text they encode"
+        )
+
+    def report(self) -> str | None:
+        """The stderr line that counts what was replaced or skipped, if anything was."""
+        if not self.count:
+            return None
+        what = f"{self.count:,} character{'s' if self.count > 1 else ''} the tokenizer cannot represent"
+        action = f"replaced {what} with {self.unk!r}" if self.policy == "replace" else f"skipped {what}"
+        return f"warning: {action} (first: {self.first})"
+
+
+def _describe(char: str) -> str:
+    return f"{char!r} (U+{ord(char):04X})"

@@ -12,7 +12,10 @@ directly, so export and import work without the `hf` extra (the tests check them
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +24,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import ModelConfig
+from lmforge.config import Config, ModelConfig, validate
 from lmforge.errors import LmforgeError
+from lmforge.jsonl import loads
 from lmforge.model.gpt import mlp_hidden_size
 from lmforge.staging import check_out, staged_folder
 
@@ -245,26 +249,81 @@ def tokenizer_files(eot_id: int | None, block_size: int) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- import
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+# transformers' default rope_theta for Llama, Mistral, Qwen2 and Qwen3 alike, used when config.json names
+# none: then lmforge builds the model transformers itself would load from the folder.
+HF_DEFAULT_ROPE_THETA = 10000.0
+_REQUIRED = object()  # the default of a config.json key that must be present
+LAYER_NAME = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.")
+
+
+def read_hf_config(folder: Path) -> dict:
+    """config.json of an HF folder as a JSON object, with one-line errors for anything else."""
+    if not (folder / "config.json").exists():
+        raise LmforgeError(f"{folder}: no config.json (not a Hugging Face model folder)")
+    path = folder_file(folder, "config.json", str(folder))
+    try:
+        config = loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{path}: expected a JSON object")
+    return config
+
+
+def check_hf_tokenizer(folder: Path) -> None:
+    """The folder's tokenizer.json exists, lies inside it and loads (what the imported run will use)."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    if not (folder / "tokenizer.json").exists():
+        raise LmforgeError(f"{folder}: no tokenizer.json (lmforge needs the fast-tokenizer file)")
+    load_tokenizer(folder_file(folder, "tokenizer.json", str(folder)))
+
+
+def folder_file(folder: Path, name: str, origin: str) -> Path:
+    """`folder / name`, once it is known to be a regular file inside the folder, links resolved.
+
+    Names come from files of the folder (an index), so `../x`, an absolute path or a link out of the
+    folder must not reach the rest of the disk; a FIFO or device would block or never end.
+    """
+    path = folder / name
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise LmforgeError(f"{origin}: {name} resolves to {resolved}, outside the folder {folder}")
+    if not resolved.exists():
+        raise LmforgeError(f"{origin}: {name}: not found")
+    if not stat.S_ISREG(resolved.stat().st_mode):
+        raise LmforgeError(f"{origin}: {name}: not a regular file")
+    return path
 
 
 def read_hf_weights(folder: Path) -> Tensors:
     """Single or sharded safetensors, else pytorch_model.bin loaded with weights_only=True."""
-    for index_name, loader in [
-        ("model.safetensors.index.json", _load_safetensors),
-        ("pytorch_model.bin.index.json", _load_bin),
-    ]:
-        index = folder / index_name
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+    for index_name, loader in zip(WEIGHT_INDEXES, (_load_safetensors, _load_bin)):
+        if (folder / index_name).exists():
+            index = folder_file(folder, index_name, str(folder))
             tensors: Tensors = {}
-            for file in sorted(set(weight_map.values())):
-                tensors.update(loader(folder / file))
+            for file in _index_files(index):
+                tensors.update(loader(folder_file(folder, file, str(index))))
             return tensors
-    if (folder / "model.safetensors").is_file():
-        return _load_safetensors(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").is_file():
-        return _load_bin(folder / "pytorch_model.bin")
+    for name, loader in [("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)]:
+        if (folder / name).exists() or (folder / name).is_symlink():
+            return loader(folder_file(folder, name, str(folder)))
     raise LmforgeError(f"{folder}: no model.safetensors, sharded index or pytorch_model.bin")
+
+
+def _index_files(index: Path) -> list[str]:
+    """The distinct file names of an index's weight_map, in sorted order."""
+    try:
+        content = loads(index.read_text())
+    except (ValueError, OSError) as exc:
+        raise LmforgeError(f"{index}: not valid JSON ({exc})") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise LmforgeError(f"{index}: expected an object with a 'weight_map' object")
+    if not all(isinstance(file, str) and file for file in weight_map.values()):
+        raise LmforgeError(f"{index}: weight_map values must be file names")
+    return sorted(set(weight_map.values()))
 
 
 def _load_safetensors(path: Path) -> Tensors:
@@ -282,20 +341,54 @@ def _load_bin(path: Path) -> Tensors:
 
 
 def model_config_from_hf(config: dict, origin: str) -> ModelConfig:
-    """ModelConfig from a config.json of a supported family; refuses what lmforge cannot express."""
+    """ModelConfig from a config.json of a supported family; refuses what lmforge cannot express.
+
+    Every key is type-checked strictly (no "4" or 4.0 for 4, no "false" for false) and the result
+    passes the same `validate` as a TOML config.
+    """
+    if not isinstance(config, dict):
+        raise LmforgeError(f"{origin}: expected a JSON object")
     kind = config.get("model_type")
     if kind not in SUPPORTED:
         raise LmforgeError(
             f"{origin}: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})"
         )
-    if kind == "gpt2":
-        return _gpt2_model_config(config, origin)
-    return _llama_model_config(config, kind, origin)
+    m = _gpt2_model_config(config, origin) if kind == "gpt2" else _llama_model_config(config, kind, origin)
+    validate(Config(model=m), origin)
+    return m
 
 
-def _get(config: dict, key: str, default: object = None) -> object:
-    """config[key], or `default` when the key is missing or null."""
-    return config[key] if config.get(key) is not None else default
+def _present(config: dict, key: str, origin: str, default: object) -> object:
+    """config[key]; `default` when the key is missing or null (an error when it is _REQUIRED)."""
+    value = config.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise LmforgeError(f"{origin}: missing key {key}")
+        return default
+    return value
+
+
+def _int(config: dict, key: str, origin: str, default: object = _REQUIRED) -> int:
+    """A positive integer (JSON has no other kind of count or size)."""
+    value = _present(config, key, origin, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LmforgeError(f"{origin}: {key} must be an integer >= 1; got {value!r}")
+    return value
+
+
+def _float(config: dict, key: str, origin: str, default: object = _REQUIRED, label: str = "") -> float:
+    """A finite number > 0 (every float lmforge reads from config.json is an epsilon or a base)."""
+    value = _present(config, key, origin, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise LmforgeError(f"{origin}: {label}{key} must be a finite number > 0; got {value!r}")
+    return float(value)
+
+
+def _bool(config: dict, key: str, origin: str, default: bool) -> bool:
+    value = _present(config, key, origin, default)
+    if not isinstance(value, bool):
+        raise LmforgeError(f"{origin}: {key} must be true or false; got {value!r}")
+    return value
 
 
 def _need(condition: bool, origin: str, message: str) -> None:
@@ -305,30 +398,34 @@ def _need(condition: bool, origin: str, message: str) -> None:
 
 def _gpt2_model_config(config: dict, origin: str) -> ModelConfig:
     _need(
-        not _get(config, "scale_attn_by_inverse_layer_idx", False),
+        not _bool(config, "scale_attn_by_inverse_layer_idx", origin, False),
         origin,
         "scale_attn_by_inverse_layer_idx is not supported",
     )
-    _need(_get(config, "scale_attn_weights", True), origin, "scale_attn_weights = false is not supported")
-    activation = _get(config, "activation_function", "gelu_new")
+    _need(
+        _bool(config, "scale_attn_weights", origin, True),
+        origin,
+        "scale_attn_weights = false is not supported",
+    )
+    activation = _present(config, "activation_function", origin, "gelu_new")
     _need(
         activation in ("gelu", "gelu_new", "gelu_pytorch_tanh"),
         origin,
         f"activation_function {activation!r} is not supported",
     )
-    d = int(config["n_embd"])
+    d = _int(config, "n_embd", origin)
     return ModelConfig(
-        n_layer=int(config["n_layer"]),
-        n_head=int(config["n_head"]),
+        n_layer=_int(config, "n_layer", origin),
+        n_head=_int(config, "n_head", origin),
         d_model=d,
-        block_size=int(config["n_positions"]),
-        vocab_size=int(config["vocab_size"]),
+        block_size=_int(config, "n_positions", origin),
+        vocab_size=_int(config, "vocab_size", origin),
         position="learned",
         norm="layernorm",
-        norm_eps=float(_get(config, "layer_norm_epsilon", 1e-5)),
+        norm_eps=_float(config, "layer_norm_epsilon", origin, 1e-5),
         mlp="gelu" if activation == "gelu" else "gelu_tanh",
-        mlp_hidden=int(_get(config, "n_inner", 4 * d)),
-        tie_embeddings=bool(_get(config, "tie_word_embeddings", True)),
+        mlp_hidden=_int(config, "n_inner", origin, 4 * d),
+        tie_embeddings=_bool(config, "tie_word_embeddings", origin, True),
         bias=True,
         dropout=0.0,
     )
@@ -336,51 +433,103 @@ def _gpt2_model_config(config: dict, origin: str) -> ModelConfig:
 
 def _llama_model_config(config: dict, kind: str, origin: str) -> ModelConfig:
     """Llama, Mistral, Qwen2 and Qwen3: RoPE, RMSNorm, SwiGLU, grouped-query attention."""
-    _need(
-        _get(config, "hidden_act", "silu") == "silu",
-        origin,
-        f"hidden_act {config.get('hidden_act')!r} is not supported (silu only)",
-    )
-    _need(_get(config, "rope_scaling") is None, origin, "rope_scaling is not supported")
-    n_head, d = int(config["num_attention_heads"]), int(config["hidden_size"])
-    head_dim = int(_get(config, "head_dim", d // n_head))
-    _need(
-        head_dim * n_head == d,
-        origin,
-        f"head_dim {head_dim} x {n_head} heads != hidden_size {d} is not supported",
-    )
-    window = _get(config, "sliding_window")
-    uses_window = window is not None and (kind == "mistral" or _get(config, "use_sliding_window", False))
-    _need(
-        not uses_window or int(window) >= int(config["max_position_embeddings"]),
-        origin,
-        "sliding-window attention is not supported",
-    )
+    hidden_act = _present(config, "hidden_act", origin, "silu")
+    _need(hidden_act == "silu", origin, f"hidden_act {hidden_act!r} is not supported (silu only)")
+    n_head, d = _int(config, "num_attention_heads", origin), _int(config, "hidden_size", origin)
+    if config.get("head_dim") is not None:  # else hidden_size / heads, checked by validate
+        head_dim = _int(config, "head_dim", origin)
+        _need(
+            head_dim * n_head == d,
+            origin,
+            f"head_dim {head_dim} x {n_head} heads != hidden_size {d} is not supported",
+        )
+    block_size = _int(config, "max_position_embeddings", origin)
+    _check_full_attention(config, kind, block_size, origin)
     return ModelConfig(
-        n_layer=int(config["num_hidden_layers"]),
+        n_layer=_int(config, "num_hidden_layers", origin),
         n_head=n_head,
-        n_kv_head=int(_get(config, "num_key_value_heads", n_head)),
+        n_kv_head=_int(config, "num_key_value_heads", origin, n_head),
         d_model=d,
-        block_size=int(config["max_position_embeddings"]),
-        vocab_size=int(config["vocab_size"]),
+        block_size=block_size,
+        vocab_size=_int(config, "vocab_size", origin),
         position="rope",
-        rope_theta=float(_get(config, "rope_theta", 10000.0)),
+        rope_theta=_rope_theta(config, origin),
         norm="rmsnorm",
-        norm_eps=float(_get(config, "rms_norm_eps", 1e-6)),
+        norm_eps=_float(config, "rms_norm_eps", origin, 1e-6),
         mlp="swiglu",
-        mlp_hidden=int(config["intermediate_size"]),
+        mlp_hidden=_int(config, "intermediate_size", origin),
         qk_norm=kind == "qwen3",
-        tie_embeddings=bool(_get(config, "tie_word_embeddings", False)),
+        tie_embeddings=_bool(config, "tie_word_embeddings", origin, False),
         bias=True,
         dropout=0.0,
     )
 
 
+def _check_full_attention(config: dict, kind: str, block_size: int, origin: str) -> None:
+    """Refuse sliding-window attention, unless the window spans the whole context (then it is full)."""
+    window = None if config.get("sliding_window") is None else _int(config, "sliding_window", origin)
+    if window is not None and window >= block_size:
+        return
+    uses_window = window is not None and (
+        kind == "mistral" or _bool(config, "use_sliding_window", origin, False)
+    )
+    layer_types = config.get("layer_types") or []  # transformers 5: one attention kind per layer
+    sliding_layers = not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types)
+    _need(not uses_window and not sliding_layers, origin, "sliding-window attention is not supported")
+
+
+def _rope_theta(config: dict, origin: str) -> float:
+    """RoPE's base: from `rope_parameters` (transformers 5) or top-level `rope_theta` (earlier
+    versions); both present must agree. Any scaling (a rope_type other than default) is refused."""
+    _need(config.get("rope_scaling") is None, origin, "rope_scaling is not supported")
+    legacy = None if config.get("rope_theta") is None else _float(config, "rope_theta", origin)
+    params = config.get("rope_parameters")
+    if params is None:
+        return HF_DEFAULT_ROPE_THETA if legacy is None else legacy
+    if not isinstance(params, dict):
+        raise LmforgeError(f"{origin}: rope_parameters must be an object; got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    _need(
+        rope_type == "default",
+        origin,
+        f"rope_parameters.rope_type {rope_type!r} is not supported (plain RoPE only, no scaling)",
+    )
+    for key in params:
+        _need(
+            key in ("rope_type", "type", "rope_theta", "partial_rotary_factor"),
+            origin,
+            f"rope_parameters.{key} is not supported",
+        )
+    factor = params.get("partial_rotary_factor", 1.0)
+    _need(
+        factor == 1 and not isinstance(factor, bool),
+        origin,
+        f"rope_parameters.partial_rotary_factor {factor!r} is not supported (RoPE on every channel only)",
+    )
+    theta = _float(params, "rope_theta", origin, legacy or HF_DEFAULT_ROPE_THETA, label="rope_parameters.")
+    _need(
+        legacy is None or legacy == theta,
+        origin,
+        f"rope_theta {legacy} disagrees with rope_parameters.rope_theta {theta}",
+    )
+    return theta
+
+
 def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors:
     """HF tensors → lmforge state dict. Sets `m.bias` False when the folder has no non-zero bias."""
     family = "gpt2" if kind == "gpt2" else ("qwen3" if kind == "qwen3" else "llama")
-    take = _Taker(_canonical_names(tensors, family))
-    state = _gpt2_from_hf(take, m) if family == "gpt2" else _llama_from_hf(take, m, family)
+    tensors = _canonical_names(tensors, family)
+    layers = _layer_count(tensors)
+    _need(
+        layers in (0, m.n_layer),  # 0: no layer at all, reported below as missing tensors
+        origin,
+        f"config.json has {m.n_layer} layers, the weights {layers}",
+    )
+    take = _Taker(tensors)
+    try:  # a tensor of the wrong shape fails in torch.cat or .t() before load_state_dict can name it
+        state = _gpt2_from_hf(take, m) if family == "gpt2" else _llama_from_hf(take, m, family)
+    except RuntimeError as exc:
+        raise LmforgeError(f"{origin}: tensors do not fit config.json ({str(exc).splitlines()[0]})") from None
     if m.tie_embeddings:
         state["head.weight"] = state["embed.weight"]
     else:
@@ -403,6 +552,11 @@ def _canonical_names(tensors: Tensors, family: str) -> Tensors:
     if family == "gpt2" and not any(k.startswith("transformer.") for k in tensors):
         tensors = {"transformer." + k if not k.startswith("lm_head") else k: v for k, v in tensors.items()}
     return tensors
+
+
+def _layer_count(tensors: Tensors) -> int:
+    """Number of distinct block indices among the names (`model.layers.N.` or `transformer.h.N.`)."""
+    return len({match.group(1) for name in tensors if (match := LAYER_NAME.match(name))})
 
 
 class _Taker:
@@ -527,16 +681,9 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
     from lmforge.config import Config
     from lmforge.model.gpt import GPT
 
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise LmforgeError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        hf = json.loads(config_path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise LmforgeError(f"{config_path}: not valid JSON ({exc})") from None
-    m = model_config_from_hf(hf, str(config_path))
-    if not (folder / "tokenizer.json").is_file():
-        raise LmforgeError(f"{folder}: no tokenizer.json (lmforge needs the fast-tokenizer file)")
+    hf = read_hf_config(folder)
+    m = model_config_from_hf(hf, str(folder / "config.json"))
+    check_hf_tokenizer(folder)
     check_out(out, overwrite)
     state = from_hf(read_hf_weights(folder), m, hf["model_type"], str(folder))
     model = GPT(m)

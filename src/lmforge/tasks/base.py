@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from lmforge.errors import LmforgeError
+from lmforge.jsonl import decode_line, loads, read_lines
 
 if TYPE_CHECKING:
     import torch
@@ -26,15 +27,19 @@ def read_eval(path: Path, limit: int | None) -> list[dict]:
     if not path.is_file():
         raise LmforgeError(f"{path}: not found (write it with `lmforge tasks prepare`)")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise LmforgeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if limit and len(records) == limit:
-                break
+    for line_no, raw in read_lines(path):
+        if raw.strip():
+            try:
+                record = loads(decode_line(raw))
+            except json.JSONDecodeError as exc:
+                raise LmforgeError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            except ValueError as exc:  # invalid UTF-8
+                raise LmforgeError(f"{path}:{line_no}: {exc}") from None
+            if not isinstance(record, dict):
+                raise LmforgeError(f"{path}:{line_no}: expected a JSON object")
+            records.append(record)
+        if limit and len(records) == limit:
+            break
     if not records:
         raise LmforgeError(f"{path}: no examples")
     return records
