@@ -17,6 +17,7 @@ from lmforge.data.tokenizer import byte_tokenizer, char_tokenizer, train_bpe  # 
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.interop.hf import export_checkpoint, import_folder  # noqa: E402
 from lmforge.model import GPT, generate  # noqa: E402
+from tests.conftest import snapshot  # noqa: E402
 
 CPU = torch.device("cpu")
 TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"
@@ -293,3 +294,73 @@ def test_train_init_from_an_imported_model(cli, tmp_path: Path) -> None:
         "train", "--out", tmp_path / "imported", "--resume", "--set", f"data.dir={tmp_path / 'data'}"
     )
     assert code == 1 and "has no training state to resume" in err
+
+
+# ----------------------------------------------------------------------------- what --overwrite replaces
+
+
+def llama_run(root: Path) -> Path:
+    return lmforge_run(root, char_tokenizer(TEXT), position="rope", norm="rmsnorm", mlp="swiglu")
+
+
+def test_export_cli_overwrite_replaces_only_an_earlier_export(cli, tmp_path: Path) -> None:
+    run = llama_run(tmp_path)
+    out = tmp_path / "hf"
+    assert cli("export", run, "--out", out)[0] == 0
+    before = snapshot(out)
+    code, _, err = cli("export", run, "--out", out, "--dtype", "bf16")
+    assert code == 1 and "exists and is not empty; pass --overwrite" in err and snapshot(out) == before
+    code, _, err = cli("export", run, "--out", out, "--dtype", "bf16", "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (out / ".lmforge").is_file()  # so the next --overwrite knows lmforge wrote it
+
+
+def test_export_never_replaces_its_own_run(cli, tmp_path: Path) -> None:
+    run = llama_run(tmp_path)
+    before = snapshot(run)
+    code, _, err = cli("export", run, "--out", run, "--overwrite")
+    assert code == 1 and "is the input" in err and err.count("\n") == 1
+    assert snapshot(run) == before
+
+
+def test_export_never_replaces_a_folder_that_contains_its_run(cli, tmp_path: Path) -> None:
+    parent = tmp_path / "parent"
+    assert cli("export", llama_run(tmp_path), "--out", parent)[0] == 0  # an export: lmforge's own
+    run = llama_run(parent)  # with a run inside it
+    before = snapshot(run)
+    code, _, err = cli("export", run, "--out", parent, "--overwrite")
+    assert code == 1 and "contains the input" in err and err.count("\n") == 1
+    assert snapshot(run) == before
+
+
+def test_export_never_replaces_a_run(cli, tmp_path: Path) -> None:
+    imported = tmp_path / "imported"
+    assert cli("import", save_hf(random_hf_model("llama"), tmp_path / "hf"), "--out", imported)[0] == 0
+    assert json.loads((imported / ".lmforge").read_text())["kind"] == "import"
+    before = snapshot(imported)
+    code, _, err = cli("export", llama_run(tmp_path), "--out", imported, "--overwrite")
+    assert code == 1 and "holds an lmforge imported run, not a Hugging Face export" in err
+    assert err.count("\n") == 1 and snapshot(imported) == before
+
+
+def test_import_never_replaces_its_own_source(cli, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    folder = save_hf(random_hf_model("llama"), tmp_path / "hf")
+    capsys.readouterr()  # transformers' own progress output
+    before = snapshot(folder)
+    code, _, err = cli("import", folder, "--out", folder, "--overwrite")
+    assert code == 1 and "is the input" in err and err.count("\n") == 1
+    assert snapshot(folder) == before
+
+
+def test_import_overwrite_replaces_an_earlier_import(cli, tmp_path: Path) -> None:
+    folder = save_hf(random_hf_model("llama"), tmp_path / "hf")
+    assert cli("import", folder, "--out", tmp_path / "run")[0] == 0
+    assert cli("import", folder, "--out", tmp_path / "run")[0] == 1
+    code, _, err = cli("import", folder, "--out", tmp_path / "run", "--overwrite")
+    assert code == 0, err
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    code, _, err = cli("import", folder, "--out", user, "--overwrite")
+    assert code == 1 and "was not written by lmforge" in err and (user / "notes.txt").read_text() == "mine"
