@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from lmforge.errors import LmforgeError
 from lmforge.staging import MARKER, check_out, folder_kind, staged_folder, write_marker
-from tests.conftest import snapshot
+from tests.conftest import TINY, snapshot
 
 
 def user_folder(path: Path) -> Path:
@@ -169,3 +170,15 @@ def test_prepare_out_dot_is_refused(cli, tmp_path: Path, monkeypatch: pytest.Mon
     )
     assert code == 1 and "is the working folder" in err and err.count("\n") == 1
     assert snapshot(work) == before
+
+
+def test_train_out_dot_is_refused(
+    cli, char_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    work = user_folder(tmp_path / "work")
+    before = snapshot(work)
+    monkeypatch.chdir(work)
+    sets = sum((["--set", s] for s in [*TINY, f"data.dir={char_data}"]), [])
+    code, _, err = cli("train", "--out", ".", "--overwrite", *sets)
+    assert code == 1 and "is the working folder" in err and err.count("\n") == 1
+    assert snapshot(work) == before and sorted(os.listdir(work)) == ["notes.txt", "thesis"]
