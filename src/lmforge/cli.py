@@ -321,6 +321,13 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_sample)
 
 
+def shard_bytes(size_gb: float) -> int:
+    """--max-shard-size-gb in bytes; NaN, infinities, zero and less than a byte are refused."""
+    if not math.isfinite(size_gb) or size_gb * 10**9 < 1:
+        raise LmforgeError(f"--max-shard-size-gb must be a positive number of GB, got {size_gb}")
+    return int(size_gb * 10**9)
+
+
 def _export(args: argparse.Namespace) -> int:
     from lmforge.interop.hf import export_checkpoint
 
@@ -329,7 +336,7 @@ def _export(args: argparse.Namespace) -> int:
         Path(args.out),
         args.checkpoint,
         args.dtype,
-        int(args.max_shard_size_gb * 10**9),
+        shard_bytes(args.max_shard_size_gb),
         args.overwrite,
     )
     print(f"exported {args.target} to {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
