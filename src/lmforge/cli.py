@@ -20,6 +20,7 @@ from lmforge.tasks import TASKS, tasks_with_datasets
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
+OVERWRITE_HELP = "replace an --out folder that lmforge wrote, of the same kind (never its input, . or ~)"
 
 
 def positive_int(text: str) -> int:
@@ -67,7 +68,7 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE vocabulary size (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed for the choice of validation documents")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument(
         "--invalid-utf8",
         choices=("error", "replace"),
@@ -138,7 +139,7 @@ def _add_tasks(verbs: argparse._SubParsersAction) -> None:
     q.add_argument("task", choices=with_datasets)
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(run=_tasks_prepare)
 
 
@@ -161,7 +162,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_set_option(p)
     p.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a run folder that lmforge wrote and start over"
+    )
 
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:
@@ -356,7 +359,7 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="shard the weights above this size")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(run=_export)
 
 
@@ -376,7 +379,7 @@ def _add_import(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("hf_dir", help="a local folder with config.json, weights and tokenizer.json")
     p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(run=_import)
 
 
