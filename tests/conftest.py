@@ -44,6 +44,11 @@ def cli(capsys: pytest.CaptureFixture[str]):
     return run
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes: equal snapshots mean nothing was touched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 TINY = [
     "model.n_layer=2",
     "model.n_head=2",

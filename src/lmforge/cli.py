@@ -21,6 +21,7 @@ from lmforge.tasks import TASKS, tasks_with_datasets
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
+OVERWRITE_HELP = "replace an --out folder that lmforge wrote, of the same kind (never its input, . or ~)"
 
 
 def positive_int(text: str) -> int:
@@ -99,7 +100,7 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE vocabulary size (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
     p.add_argument("--seed", type=seed, default=0, help="seed for the choice of validation documents")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument(
         "--invalid-utf8",
         choices=("error", "replace"),
@@ -177,7 +178,7 @@ def _add_tasks(verbs: argparse._SubParsersAction) -> None:
     q.add_argument("task", choices=with_datasets)
     q.add_argument("--out", required=True, help="output folder")
     q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(run=_tasks_prepare)
 
 
@@ -200,7 +201,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_set_option(p)
     p.add_argument("--out", help="run folder (default runs/CONFIG_NAME)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start over")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a run folder that lmforge wrote and start over"
+    )
 
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:
@@ -349,6 +352,13 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_sample)
 
 
+def shard_bytes(size_gb: float) -> int:
+    """--max-shard-size-gb in bytes; NaN, infinities, zero and less than a byte are refused."""
+    if not math.isfinite(size_gb) or size_gb * 10**9 < 1:
+        raise LmforgeError(f"--max-shard-size-gb must be a positive number of GB, got {size_gb}")
+    return int(size_gb * 10**9)
+
+
 def _export(args: argparse.Namespace) -> int:
     from lmforge.interop.hf import export_checkpoint
 
@@ -357,7 +367,7 @@ def _export(args: argparse.Namespace) -> int:
         Path(args.out),
         args.checkpoint,
         args.dtype,
-        int(args.max_shard_size_gb * 10**9),
+        shard_bytes(args.max_shard_size_gb),
         args.overwrite,
     )
     print(f"exported {args.target} to {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
@@ -379,7 +389,7 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-shard-size-gb", type=positive_float, default=5.0, help="shard the weights above this size"
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(run=_export)
 
 
@@ -399,7 +409,7 @@ def _add_import(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("hf_dir", help="a local folder with config.json, weights and tokenizer.json")
     p.add_argument("--out", required=True, help="run folder to create")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(run=_import)
 
 

@@ -1,31 +1,122 @@
 """Write a folder atomically: build it beside its destination, move it in only when whole.
 
-Every folder lmforge writes goes through `staged`: prepared data, task files, exports, imports
-and each checkpoint. A kill at any moment leaves either the previous folder or the new one,
-never a mix; what is left of an unfinished staging folder is hidden (`.tmp-NAME-*`) and
+Every folder lmforge writes goes through `staged`: prepared data, task files, exports, imports,
+run folders and each checkpoint. A kill at any moment leaves either the previous folder or the
+new one, never a mix; what is left of an unfinished staging folder is hidden (`.tmp-NAME-*`) and
 removed by the next save into the same parent.
+
+Every user-named output folder also carries a marker (`.lmforge`: its kind and lmforge's version),
+written inside the staging folder so that it arrives with the folder. `check_out` is the one rule
+for replacing an output folder, used by every command: lmforge replaces only a folder it wrote,
+of the same kind, with --overwrite, and never the working folder, the home folder, the command's
+input or any folder that contains one of them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
+from lmforge import __version__
 from lmforge.errors import LmforgeError
 
 STAGING_PREFIX = ".tmp-"
+MARKER = ".lmforge"  # hidden: HF loaders, globbing and `prepare` of a folder all pass it by
+
+Kind = Literal["run", "data", "tasks", "export", "import"]
+KIND_NAMES: dict[str, str] = {
+    "run": "run folder",
+    "data": "prepared data folder",
+    "tasks": "task folder",
+    "export": "Hugging Face export",
+    "import": "imported run",
+}
+REPLACE_HINT = "pass --overwrite to replace it"
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse to replace a non-empty folder (or a file) unless `overwrite`."""
+def write_marker(folder: Path, kind: Kind) -> None:
+    """Mark `folder` as written by lmforge, so that a later --overwrite may replace it."""
+    (folder / MARKER).write_text(json.dumps({"kind": kind, "version": __version__}) + "\n")
+
+
+def folder_kind(folder: Path) -> str | None:
+    """The kind of lmforge folder `folder` is, or None when lmforge did not write it."""
+    marker = folder / MARKER
+    if not marker.exists():
+        return _kind_before_markers(folder)
+    try:
+        kind = json.loads(marker.read_text())["kind"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # a marker that cannot be read proves nothing
+    return kind if kind in KIND_NAMES else None
+
+
+def _kind_before_markers(folder: Path) -> str | None:
+    """Folders written before lmforge had markers, told apart by files that only lmforge puts
+    together; anything else without a marker is the user's. Task folders and exports are not
+    recognised: their files (train.jsonl, config.json) are what users write by hand too."""
+    if (folder / "checkpoints").is_dir() and (folder / "config.toml").is_file():
+        return "run"  # an imported run looks the same; it counts as a run
+    if (folder / "meta.json").is_file() and (folder / "train.bin").is_file():
+        return "data"
+    return None
+
+
+def check_out(
+    out: Path, kind: Kind, overwrite: bool, inputs: Iterable[Path] = (), hint: str = REPLACE_HINT
+) -> None:
+    """Refuse, touching nothing, an `out` folder that this command may not fill or replace.
+
+    A missing or empty folder is filled; a non-empty one is replaced only with `overwrite` and
+    only when lmforge wrote it as the same `kind`. Never the working folder, the home folder,
+    one of `inputs`, or a folder that contains any of them (paths compared resolved). `hint`
+    says what to pass to go ahead when `out` is merely not empty.
+    """
     if out.exists() and not out.is_dir():
         raise LmforgeError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LmforgeError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+    if (reason := _never_replaced(out.resolve(), inputs)) is not None:
+        raise LmforgeError(f"--out {out} {reason}; lmforge never replaces it: choose another folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise LmforgeError(f"--out {out} exists and is not empty; {hint}")
+    held = folder_kind(out)
+    if held is None:
+        raise LmforgeError(
+            f"--out {out} was not written by lmforge (no {MARKER} marker), so --overwrite does not "
+            "replace it: choose another folder, or empty it yourself"
+        )
+    if held != kind:
+        raise LmforgeError(
+            f"--out {out} holds an lmforge {KIND_NAMES[held]}, not {_a(KIND_NAMES[kind])}; "
+            "--overwrite replaces only a folder of the same kind"
+        )
+
+
+def _never_replaced(out: Path, inputs: Iterable[Path]) -> str | None:
+    """Why the resolved folder `out` must never be replaced, or None."""
+    protected = [(Path.cwd().resolve(), "the working folder")]
+    try:
+        protected.append((Path.home().resolve(), "the home folder"))
+    except RuntimeError:  # no HOME and no password entry: nothing to protect there
+        pass
+    protected += [(Path(path).resolve(), f"the input {path}") for path in inputs]
+    for path, name in protected:
+        if out == path:
+            return f"is {name}"
+        if out in path.parents:
+            return f"contains {name}"
+    return None
+
+
+def _a(noun: str) -> str:
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
 
 
 @contextmanager
@@ -54,10 +145,12 @@ def staged(final: Path, durable: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
-def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
-    """`staged` for a user-named `--out` folder: a non-empty one is replaced only with `overwrite`."""
-    check_out(out, overwrite)
+def staged_folder(out: Path, kind: Kind, overwrite: bool, inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """`staged` for a user-named `--out` folder, checked by `check_out` and marked as `kind`."""
+    inputs = tuple(inputs)
+    check_out(out, kind, overwrite, inputs)
     with staged(out) as staging:
+        write_marker(staging, kind)
         yield staging
 
 

@@ -269,7 +269,7 @@ def test_existing_output_is_kept_without_overwrite(cli, tmp_path: Path) -> None:
 
 def test_out_inside_input_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("text\n" * 100)
-    with pytest.raises(LmforgeError, match="contains the input files"):
+    with pytest.raises(LmforgeError, match="contains the input"):
         prepare(str(tmp_path / "a.txt"), tmp_path, tokenizer="char", overwrite=True, progress=False)
     assert (tmp_path / "a.txt").is_file()
 
@@ -317,3 +317,18 @@ def test_python_m_lmforge_reports_errors_without_traceback(tmp_path: Path) -> No
     )
     assert result.returncode == 1
     assert result.stderr == f"lmforge prepare: error: {tmp_path / 'nope.txt'}: no such file or folder\n"
+
+
+def test_overwrite_refuses_a_folder_lmforge_did_not_write(cli, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("first corpus\n" * 50)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    code, _, err = cli(
+        "prepare", tmp_path / "a.txt", "--tokenizer", "byte", "--out", mine, "--overwrite", "-q"
+    )
+    assert code == 1 and "was not written by lmforge" in err and err.count("\n") == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # A prepared folder says it is one, so --overwrite may replace it.
+    assert cli("prepare", tmp_path / "a.txt", "--tokenizer", "byte", "--out", tmp_path / "data", "-q")[0] == 0
+    assert json.loads((tmp_path / "data" / ".lmforge").read_text())["kind"] == "data"

@@ -17,6 +17,7 @@ from lmforge.data.tokenizer import byte_tokenizer, char_tokenizer, train_bpe  # 
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.interop.hf import export_checkpoint, import_folder  # noqa: E402
 from lmforge.model import GPT, generate  # noqa: E402
+from tests.conftest import TINY, snapshot  # noqa: E402
 
 CPU = torch.device("cpu")
 TEXT = "To be, or not to be: that is the question.\nWhether 'tis nobler in the mind to suffer\n"
@@ -293,3 +294,162 @@ def test_train_init_from_an_imported_model(cli, tmp_path: Path) -> None:
         "train", "--out", tmp_path / "imported", "--resume", "--set", f"data.dir={tmp_path / 'data'}"
     )
     assert code == 1 and "has no training state to resume" in err
+
+
+# ----------------------------------------------------------------------------- what --overwrite replaces
+
+
+def llama_run(root: Path) -> Path:
+    return lmforge_run(root, char_tokenizer(TEXT), position="rope", norm="rmsnorm", mlp="swiglu")
+
+
+def test_export_cli_overwrite_replaces_only_an_earlier_export(cli, tmp_path: Path) -> None:
+    run = llama_run(tmp_path)
+    out = tmp_path / "hf"
+    assert cli("export", run, "--out", out)[0] == 0
+    before = snapshot(out)
+    code, _, err = cli("export", run, "--out", out, "--dtype", "bf16")
+    assert code == 1 and "exists and is not empty; pass --overwrite" in err and snapshot(out) == before
+    code, _, err = cli("export", run, "--out", out, "--dtype", "bf16", "--overwrite")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (out / ".lmforge").is_file()  # so the next --overwrite knows lmforge wrote it
+
+
+def test_export_never_replaces_its_own_run(cli, tmp_path: Path) -> None:
+    run = llama_run(tmp_path)
+    before = snapshot(run)
+    code, _, err = cli("export", run, "--out", run, "--overwrite")
+    assert code == 1 and "is the input" in err and err.count("\n") == 1
+    assert snapshot(run) == before
+
+
+def test_export_never_replaces_a_folder_that_contains_its_run(cli, tmp_path: Path) -> None:
+    parent = tmp_path / "parent"
+    assert cli("export", llama_run(tmp_path), "--out", parent)[0] == 0  # an export: lmforge's own
+    run = llama_run(parent)  # with a run inside it
+    before = snapshot(run)
+    code, _, err = cli("export", run, "--out", parent, "--overwrite")
+    assert code == 1 and "contains the input" in err and err.count("\n") == 1
+    assert snapshot(run) == before
+
+
+def test_export_never_replaces_a_run(cli, tmp_path: Path) -> None:
+    imported = tmp_path / "imported"
+    assert cli("import", save_hf(random_hf_model("llama"), tmp_path / "hf"), "--out", imported)[0] == 0
+    assert json.loads((imported / ".lmforge").read_text())["kind"] == "import"
+    before = snapshot(imported)
+    code, _, err = cli("export", llama_run(tmp_path), "--out", imported, "--overwrite")
+    assert code == 1 and "holds an lmforge imported run, not a Hugging Face export" in err
+    assert err.count("\n") == 1 and snapshot(imported) == before
+
+
+def test_import_never_replaces_its_own_source(cli, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    folder = save_hf(random_hf_model("llama"), tmp_path / "hf")
+    capsys.readouterr()  # transformers' own progress output
+    before = snapshot(folder)
+    code, _, err = cli("import", folder, "--out", folder, "--overwrite")
+    assert code == 1 and "is the input" in err and err.count("\n") == 1
+    assert snapshot(folder) == before
+
+
+def test_import_overwrite_replaces_an_earlier_import(cli, tmp_path: Path) -> None:
+    folder = save_hf(random_hf_model("llama"), tmp_path / "hf")
+    assert cli("import", folder, "--out", tmp_path / "run")[0] == 0
+    assert cli("import", folder, "--out", tmp_path / "run")[0] == 1
+    code, _, err = cli("import", folder, "--out", tmp_path / "run", "--overwrite")
+    assert code == 0, err
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    code, _, err = cli("import", folder, "--out", user, "--overwrite")
+    assert code == 1 and "was not written by lmforge" in err and (user / "notes.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- the export CLI
+
+
+def assert_same_logits(hf_dir: Path, checkpoint: Path) -> None:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+    ours = ckpt.load_for_inference(checkpoint, "last", CPU).model
+    idx = torch.randint(
+        0, ours.config.vocab_size, (2, ours.config.block_size), generator=torch.Generator().manual_seed(3)
+    )
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
+
+
+def test_export_cli_checkpoint_best_last_or_a_folder(cli, tmp_path: Path) -> None:
+    run = llama_run(tmp_path)  # step 7, val loss 1.5
+    loaded = ckpt.load_for_inference(run, "last", CPU)
+    with torch.no_grad():
+        for param in loaded.model.parameters():
+            param.add_(0.1)
+    ckpt.save_checkpoint(run, 9, loaded.model, {}, loaded.config, tmp_path / "tokenizer.json", 2.0)
+    step_7, step_9 = (c.path for c in ckpt.list_checkpoints(run))
+    for name, which, expected, step in [
+        ("best", "best", step_7, 7),  # the lower val loss
+        ("last", "last", step_9, 9),
+        ("folder", str(step_7), step_7, 7),
+    ]:
+        code, _, err = cli("export", run, "--out", tmp_path / name, "--checkpoint", which)
+        assert code == 0, err
+        assert f"- steps: {step}\n" in (tmp_path / name / "README.md").read_text()
+        assert_same_logits(tmp_path / name, expected)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_export_cli_dtype_sets_the_weights_dtype(
+    cli, tmp_path: Path, dtype: str, torch_dtype: torch.dtype
+) -> None:
+    from safetensors import safe_open
+
+    code, _, err = cli("export", llama_run(tmp_path), "--out", tmp_path / "hf", "--dtype", dtype)
+    assert code == 0, err
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as weights:
+        assert {weights.get_tensor(name).dtype for name in weights.keys()} == {torch_dtype}
+
+
+def test_export_cli_max_shard_size_gives_shards_that_transformers_loads(cli, tmp_path: Path) -> None:
+    run = llama_run(tmp_path)
+    code, _, err = cli("export", run, "--out", tmp_path / "hf", "--max-shard-size-gb", "0.00002")  # 20 kB
+    assert code == 0, err
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / "hf" / shard).is_file() for shard in shards)
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    assert_same_logits(tmp_path / "hf", run)
+
+
+# nan, 0, -1, inf are usage errors (tests/test_bad_input.py); a positive size under one byte is this one.
+@pytest.mark.parametrize("size", ["1e-12"])
+def test_export_cli_refuses_a_shard_size_that_is_not_a_positive_number(
+    cli, tmp_path: Path, size: str
+) -> None:
+    code, _, err = cli("export", llama_run(tmp_path), "--out", tmp_path / "hf", "--max-shard-size-gb", size)
+    assert code == 1 and "--max-shard-size-gb" in err and err.count("\n") == 1
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("architecture", "options"),
+    [
+        ("LlamaForCausalLM", ["model.position=rope", "model.norm=rmsnorm", "model.mlp=swiglu"]),
+        ("GPT2LMHeadModel", []),  # the default model
+    ],
+)
+def test_a_trained_run_exports_and_loads_in_transformers_with_the_same_logits(
+    cli, char_data: Path, tmp_path: Path, architecture: str, options: list[str]
+) -> None:
+    short = ["train.max_steps=4", "train.eval_interval=2", "train.checkpoint_interval=2"]
+    sets = sum((["--set", s] for s in [*TINY, *short, *options, f"data.dir={char_data}"]), [])
+    code, _, err = cli("train", "--out", tmp_path / "run", *sets)
+    assert code == 0, err
+    code, _, err = cli("export", tmp_path / "run", "--out", tmp_path / "hf", "--checkpoint", "last")
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    assert type(hf).__name__ == architecture
+    assert_same_logits(tmp_path / "hf", ckpt.list_checkpoints(tmp_path / "run")[-1].path)

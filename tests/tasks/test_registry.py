@@ -8,6 +8,7 @@ from lmforge.cli import build_parser
 from lmforge.errors import LmforgeError
 from lmforge.tasks import TASKS, prepare_task, tasks_with_datasets
 from lmforge.tasks.base import EvalRun, Task
+from tests.conftest import snapshot
 
 
 def test_the_registry_lists_every_task_module_and_the_cli_offers_its_tasks(
@@ -39,3 +40,31 @@ def test_task_errors(cli, tmp_path: Path) -> None:
     code, _, err = cli("tasks", "prepare", "sst2", "--out", tmp_path / "x", "--data-dir", tmp_path / "empty")
     assert code == 1 and "train.tsv: not found" in err
     assert not (tmp_path / "x").exists()
+
+
+def fake_sst2_source(root: Path) -> Path:
+    """A tiny stand-in for the shared SST-2 files."""
+    (root / "sst2").mkdir(parents=True)
+    rows = "sentence\tlabel\na fine film\t1\na dull film\t0\n"
+    (root / "sst2" / "train.tsv").write_text(rows)
+    (root / "sst2" / "dev.tsv").write_text(rows)
+    return root
+
+
+def test_tasks_prepare_never_replaces_its_own_source(cli, tmp_path: Path) -> None:
+    source = fake_sst2_source(tmp_path / "shared")
+    before = snapshot(source)
+    code, _, err = cli("tasks", "prepare", "sst2", "--data-dir", source, "--out", source, "--overwrite")
+    assert code == 1 and "is the input" in err and err.count("\n") == 1
+    assert snapshot(source) == before
+
+
+def test_tasks_prepare_overwrite_replaces_an_earlier_task_folder(cli, tmp_path: Path) -> None:
+    source = fake_sst2_source(tmp_path / "shared")
+    out = tmp_path / "sst2"
+    assert cli("tasks", "prepare", "sst2", "--data-dir", source, "--out", out)[0] == 0
+    assert cli("tasks", "prepare", "sst2", "--data-dir", source, "--out", out)[0] == 1
+    (out / "extra.jsonl").write_text("")
+    code, _, err = cli("tasks", "prepare", "sst2", "--data-dir", source, "--out", out, "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [".lmforge", "eval.jsonl", "train.jsonl"]

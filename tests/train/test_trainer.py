@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from lmforge import checkpoint as ckpt
-from lmforge.config import load_config
+from lmforge.config import Config, load_config
+from lmforge.data.tokenizer import byte_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.train.run import prepare_run_dir
 from lmforge.train.trainer import train
-from tests.conftest import TINY
+from tests.conftest import TINY, snapshot
 from tests.train.conftest import lmforge, read_metrics, wait_for_step
 
 
@@ -179,8 +181,9 @@ def test_run_dir_protection_and_resume_errors(cli, config_file: Path, tmp_path: 
     assert code == 0, err
     before = (run / "metrics.jsonl").read_bytes()
     code, _, err = run_train(cli, config_file, run)
-    assert code == 1 and "exists; pass --resume to continue that run or --overwrite" in err
+    assert code == 1 and "exists and is not empty; pass --resume to continue that run or --overwrite" in err
     assert (run / "metrics.jsonl").read_bytes() == before
+    assert json.loads((run / ".lmforge").read_text())["kind"] == "run"  # what lets --overwrite replace it
     code, _, err = cli("train", config_file, "--out", tmp_path / "fresh", "--resume")
     assert code == 1 and "--resume: no checkpoint in" in err
     # Another architecture cannot resume this run.
@@ -206,11 +209,13 @@ def test_run_dir_protection_and_resume_errors(cli, config_file: Path, tmp_path: 
     assert code == 1 and "corrupted checkpoint (model.safetensors does not match its sha256" in err
     code, _, err = cli("sample", last)
     assert code == 1 and "corrupted checkpoint" in err
-    # --overwrite starts over.
+    # --overwrite starts over in a new folder: what was added to the run folder goes with it.
+    (run / "scratch.txt").write_text("left in lmforge's run folder")
     code, _, err = cli(
         "train", config_file, "--out", run, "--overwrite", *sum((["--set", s] for s in TINY), [])
     )
     assert code == 0, err
+    assert not (run / "scratch.txt").exists() and (run / ".lmforge").is_file()
 
 
 def test_data_with_another_tokenizer_is_refused(
@@ -356,3 +361,44 @@ def test_speedrun_recipe_loads_and_trains(char_data: Path, tmp_path: Path) -> No
     summary = train(config, tmp_path / "run")
     steps, evals = read_metrics(tmp_path / "run")
     assert summary.steps == 6 and evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(59) + 0.1
+
+
+def test_overwrite_refuses_a_folder_of_user_files(cli, config_file: Path, tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes\n")
+    (mine / "config.toml").write_text("# a config of mine, not a run\n")
+    before = snapshot(mine)
+    code, _, err = run_train(cli, config_file, mine, "train.max_steps=2")
+    assert code == 1 and "pass --resume to continue that run or --overwrite" in err
+    code, _, err = cli(
+        "train", config_file, "--out", mine, "--overwrite", *sum((["--set", s] for s in TINY), [])
+    )
+    assert code == 1 and "was not written by lmforge" in err and err.count("\n") == 1
+    assert snapshot(mine) == before
+
+
+def test_overwrite_never_replaces_a_folder_that_holds_the_runs_data(
+    cli, char_data: Path, tmp_path: Path
+) -> None:
+    old_run = tmp_path / "old-run"  # a run folder of an older lmforge (no marker): lmforge's to replace...
+    (old_run / "checkpoints").mkdir(parents=True)
+    (old_run / "config.toml").write_text("")
+    code, _, err = cli(
+        "prepare", char_data.parent / "text.txt", "--tokenizer", "char", "--out", old_run / "data", "-q"
+    )
+    assert code == 0, err
+    before = snapshot(old_run)
+    sets = sum((["--set", s] for s in [*TINY, f"data.dir={old_run / 'data'}"]), [])
+    code, _, err = cli("train", "--out", old_run, "--overwrite", *sets)  # ...but not with its data inside
+    assert code == 1 and "contains the input" in err and err.count("\n") == 1
+    assert snapshot(old_run) == before
+
+
+def test_resuming_a_run_from_before_markers_marks_it(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    prepare_run_dir(run, Config(), tmp_path / "tokenizer.json", resumed_at=10)
+    assert json.loads((run / ".lmforge").read_text())["kind"] == "run"
+    assert (run / "checkpoints").is_dir()  # a resume keeps the folder

@@ -9,7 +9,7 @@ checkpoints to keep. The training loop only tells it what happened; torchtitan's
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +38,9 @@ from lmforge.checkpoint.sharded import (
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.runtime import rng_state, set_rng_state
+from lmforge.staging import check_out
+
+RESUME_HINT = "pass --resume to continue that run or --overwrite to start over"
 
 
 class Stateful(Protocol):
@@ -84,8 +87,11 @@ class Checkpointer:
         self._full_optimizer_state: dict | None = None
 
     @staticmethod
-    def find_resume_point(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-        """The checkpoint to resume from (verified), or None for a new run; refuse to clobber a run."""
+    def find_resume_point(
+        run_dir: Path, resume: bool, overwrite: bool, inputs: Iterable[Path] = ()
+    ) -> Path | None:
+        """The checkpoint to resume from (verified), or None for a new run in a folder that it may
+        replace (`staging.check_out`: a run folder lmforge wrote, none of the run's `inputs`)."""
         if resume and overwrite:
             raise LmforgeError("--resume and --overwrite exclude each other")
         if resume:
@@ -95,10 +101,7 @@ class Checkpointer:
             latest = checkpoints[-1].path
             verify_checkpoint(latest)
             return latest
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
-            raise LmforgeError(
-                f"{run_dir} exists; pass --resume to continue that run or --overwrite to start over"
-            )
+        check_out(run_dir, "run", overwrite, inputs, hint=RESUME_HINT)
         return None
 
     def restore_weights(

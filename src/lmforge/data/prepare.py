@@ -96,18 +96,19 @@ def prepare(
     """
     out = Path(out)
     _check_arguments(tokenizer, vocab_size, val_fraction, invalid_utf8, unknown_chars)
-    check_out(out, overwrite)
+    # Checked before the slow passes, then again with every file of the corpus (a named dataset's too).
+    tokenizer_file = [] if tokenizer in tok.BUILTIN_KINDS else [Path(tokenizer)]
+    check_out(out, "data", overwrite, [p for p in (Path(input), *tokenizer_file) if p.exists()])
     user_tokenizer = None if tokenizer in tok.BUILTIN_KINDS else tok.load_tokenizer(tokenizer)
     coverage = None if user_tokenizer is None else tok.TextCoverage(user_tokenizer, unknown_chars, tokenizer)
     corpus = open_corpus(input, invalid_utf8)
-    if any(out.resolve() in f.parents for f in corpus.files):
-        raise LmforgeError(f"--out {out} contains the input files; choose another folder")
+    inputs = [*corpus.files, *tokenizer_file]
 
     start = time.perf_counter()
     scan, tokenizer_obj = _first_pass(corpus, input, tokenizer, vocab_size, user_tokenizer, progress)
     scan_seconds = time.perf_counter() - start
     layout = _plan_layout(scan, tokenizer_obj, val_fraction, seed)
-    with staged_folder(out, overwrite) as staging:
+    with staged_folder(out, "data", overwrite, inputs) as staging:
         with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
             splits = {"train": _Split(train_file), "val": _Split(val_file)}
             _encode(corpus, tokenizer_obj, layout, splits, scan.text_bytes, progress, coverage)

@@ -652,14 +652,15 @@ def export_checkpoint(
     from lmforge.data.tokenizer import eot_id, load_tokenizer
     from lmforge.runtime import DTYPES
 
-    check_out(out, overwrite)
+    inputs = [target] if which in ("best", "last") else [target, Path(which)]
+    check_out(out, "export", overwrite, inputs)
     loaded = load_for_inference(target, which, torch.device("cpu"))
     m = loaded.config.model
     family = hf_family(m)  # refuse before writing anything
     state = {k: v.detach() for k, v in loaded.model.state_dict().items()}
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf(state, m, family).items()}
     eot = eot_id(load_tokenizer(loaded.tokenizer_file))
-    with staged_folder(out, overwrite) as staging:
+    with staged_folder(out, "export", overwrite, [*inputs, loaded.path]) as staging:
         files = save_shards(tensors, staging, max_shard_bytes)
         _write_json(
             staging / "config.json",
@@ -684,7 +685,7 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
     hf = read_hf_config(folder)
     m = model_config_from_hf(hf, str(folder / "config.json"))
     check_hf_tokenizer(folder)
-    check_out(out, overwrite)
+    check_out(out, "import", overwrite, [folder])
     state = from_hf(read_hf_weights(folder), m, hf["model_type"], str(folder))
     model = GPT(m)
     try:
@@ -693,7 +694,7 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
         raise LmforgeError(
             f"{folder}: tensors do not fit config.json ({str(exc).splitlines()[-1].strip()})"
         ) from None
-    with staged_folder(out, overwrite) as staging:
+    with staged_folder(out, "import", overwrite, [folder]) as staging:
         config = Config(model=m)
         (staging / "config.toml").write_text(config.to_toml())
         shutil.copyfile(folder / "tokenizer.json", staging / "tokenizer.json")

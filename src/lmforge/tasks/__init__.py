@@ -53,7 +53,7 @@ def prepare_task(
         raise LmforgeError("set $LMFORGE_DATA_DIR (or --data-dir) to the folder holding the shared datasets")
     counts = {}
     try:
-        with staged_folder(out, overwrite) as staging:
+        with staged_folder(out, "tasks", overwrite, [root]) as staging:
             for split, examples in TASKS[name].splits(root).items():
                 with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as f:
                     counts[split] = 0

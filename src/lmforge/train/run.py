@@ -30,6 +30,7 @@ from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import apply_lora
 from lmforge.runtime import autocast, matmul_peak_flops, seed_everything
+from lmforge.staging import MARKER, staged, write_marker
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 from lmforge.train.monitor import METRICS_FILE, MetricsLog
@@ -120,12 +121,18 @@ class Run:
 
 
 def build_run(
-    config: Config, run_dir: Path, resume: bool, overwrite: bool, dist: Distributed, device: torch.device
+    config: Config,
+    run_dir: Path,
+    resume: bool,
+    overwrite: bool,
+    dist: Distributed,
+    device: torch.device,
+    config_file: Path | None = None,
 ) -> Run:
     """Check the inputs, then build (or restore) every object of the run; rank 0 sets up `run_dir`."""
     t = config.train
     check_batch_split(t.batch_size, dist.world)
-    resume_from = Checkpointer.find_resume_point(run_dir, resume, overwrite)
+    resume_from = Checkpointer.find_resume_point(run_dir, resume, overwrite, run_inputs(config, config_file))
     init_from = None if resume_from is not None else resolve_init_from(config)
     data = open_data(config, init_from)
     check_compatible(config, data, init_from, resume_from)
@@ -248,14 +255,27 @@ def build_model(config: Config, init_from: Path | None, device: torch.device) ->
 
 
 def prepare_run_dir(run_dir: Path, config: Config, tokenizer_file: Path, resumed_at: int | None) -> None:
-    """A resumed run's log is cut back to its checkpoint; a new run starts in an empty folder
-    (--overwrite was checked earlier). Either way the folder holds the config and tokenizer."""
-    if resumed_at is not None:
-        MetricsLog.truncate(run_dir / METRICS_FILE, resumed_at)
-    elif run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    elif run_dir.exists():
-        run_dir.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config.to_toml())
-    shutil.copyfile(tokenizer_file, run_dir / "tokenizer.json")
+    """A resumed run's log is cut back to its checkpoint; a new run gets a fresh folder, which
+    replaces in one rename whatever `check_out` allowed it to. Either way the folder holds the
+    marker, the config and the tokenizer."""
+    if resumed_at is None:
+        with staged(run_dir) as staging:
+            write_marker(staging, "run")
+            _write_run_files(staging, config, tokenizer_file)
+        return
+    MetricsLog.truncate(run_dir / METRICS_FILE, resumed_at)
+    if not (run_dir / MARKER).exists():  # a run from before markers: marked from now on
+        write_marker(run_dir, "run")
+    _write_run_files(run_dir, config, tokenizer_file)
+
+
+def _write_run_files(folder: Path, config: Config, tokenizer_file: Path) -> None:
+    (folder / "config.toml").write_text(config.to_toml())
+    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+
+
+def run_inputs(config: Config, config_file: Path | None) -> list[Path]:
+    """What the run reads and its folder must therefore never contain: the config file, the data,
+    the tokenizer and the checkpoint it starts from."""
+    named = [config.data.dir, config.data.tokenizer, config.train.init_from]
+    return [Path(path) for path in named if path] + ([config_file] if config_file else [])

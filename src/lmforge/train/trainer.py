@@ -59,17 +59,24 @@ def train_command(
         raise LmforgeError("give a CONFIG file, or --out RUN_DIR (with --set overrides or --resume)")
     config = load_config(config_path, overrides, origin=str(config_path or "--set"))
     run_dir = Path(out) if out else Path("runs") / config_path.stem
-    return train(config, run_dir, resume=resume, overwrite=overwrite)
+    return train(config, run_dir, resume=resume, overwrite=overwrite, config_file=config_path)
 
 
-def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: bool = False) -> TrainSummary:
-    """Train per `config` into `run_dir`; see the module docstring for what is saved.
+def train(
+    config: Config,
+    run_dir: Path | str,
+    resume: bool = False,
+    overwrite: bool = False,
+    config_file: Path | None = None,
+) -> TrainSummary:
+    """Train per `config` (read from `config_file`, if any) into `run_dir`; see the module
+    docstring for what is saved.
 
     Under torchrun with parallel.strategy ddp or fsdp every process calls this; rank 0 alone
     writes the run folder (but for its share of a checkpoint's DCP shards).
     """
     with distributed.process_group(config.parallel.strategy, config.train.device) as (dist, device):
-        return train_loop(build_run(config, Path(run_dir), resume, overwrite, dist, device))
+        return train_loop(build_run(config, Path(run_dir), resume, overwrite, dist, device, config_file))
 
 
 def train_loop(run: Run) -> TrainSummary:
