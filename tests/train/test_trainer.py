@@ -286,6 +286,31 @@ def test_on_nan_skip_skips_the_batch(
     assert summary.steps == 5 and math.isfinite(summary.final_eval.loss)
 
 
+def test_on_nan_skip_stops_after_ten_skipped_batches_in_a_row(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.nn.functional as F
+
+    from lmforge.model import gpt
+
+    calls = {"n": 0}
+    real = F.cross_entropy
+
+    def poisoned(*args, **kwargs):  # every training loss from the 3rd step on is NaN
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(gpt.F, "cross_entropy", poisoned)
+    config = load_config(
+        config_file, [*TINY, "train.on_nan=skip", "train.max_steps=30", "train.eval_interval=0"]
+    )
+    with pytest.raises(LmforgeError, match=r"^10 non-finite losses in a row up to step 12; stopping$"):
+        train(config, tmp_path / "run")
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [e.get("skipped", False) for e in steps] == [False, False] + [True] * 9  # the 10th stops
+
+
 def test_bf16_autocast_trains(config_file: Path, tmp_path: Path) -> None:
     config = load_config(config_file, [*TINY, "train.dtype=bf16", "train.max_steps=20"])
     summary = train(config, tmp_path / "run")
