@@ -68,7 +68,10 @@ def train(config: Config, run_dir: Path | str, resume: bool = False, overwrite: 
     Under torchrun with parallel.strategy ddp or fsdp every process calls this; rank 0 alone
     writes the run folder (but for its share of a checkpoint's DCP shards).
     """
-    with distributed.process_group(config.parallel.strategy, config.train.device) as (dist, device):
+    group = distributed.process_group(
+        config.parallel.strategy, config.train.device, config.parallel.timeout_s
+    )
+    with group as (dist, device):
         return train_loop(build_run(config, Path(run_dir), resume, overwrite, dist, device))
 
 
