@@ -59,19 +59,34 @@ def save_shards(folder: Path, sharded: ShardedModel) -> None:
 
 
 def load_shards(folder: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
-    """Model and optimizer state from a DCP folder, resharded to this job (or one plain process)."""
+    """Model and optimizer state from a DCP folder, resharded to this job (or one plain process).
+
+    Nothing in the folder is trusted: no code is unpickled (see `safe_dcp`).
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from lmforge.checkpoint.safe_dcp import (
+        RefusedItem,
+        SafeFileSystemReader,
+        SafeLoadPlanner,
+        first_line,
+        read_metadata,
+        root_error,
+    )
+
+    read_metadata(folder)  # a crafted or damaged .metadata: one clear line on every rank, before DCP
     model_state, optimizer_state = get_state_dict(model, optimizers)
     state = {"model": model_state, "optimizers": optimizer_state}
     try:
         with warnings.catch_warnings():  # without a process group DCP loads in this one process, as intended
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=folder)
-    except Exception as exc:  # DCP reports a damaged or foreign folder in many ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LmforgeError(f"{folder}: cannot load the sharded training state ({reason})") from None
+            dcp.load(state, storage_reader=SafeFileSystemReader(folder), planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as exc:  # DCP reports a damaged or foreign folder in many ways
+        if isinstance(cause := root_error(exc), RefusedItem):
+            raise LmforgeError(f"{folder}: {cause}") from None
+        raise LmforgeError(f"{folder}: cannot load the sharded training state ({first_line(exc)})") from None
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
 
 

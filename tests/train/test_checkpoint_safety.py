@@ -1,0 +1,96 @@
+"""Checkpoints that must not hurt: crafted DCP metadata, corrupt or odd checkpoint folders, two
+processes on one run folder, a full disk during a save, shards that never reached the folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmforge import checkpoint as ckpt
+from lmforge.config import load_config
+from lmforge.data.sources import file_sha256
+from lmforge.train.trainer import train
+from tests.conftest import TINY
+
+# Two checkpoints (steps 4 and 8) of an 8-step run.
+SHORT = [*TINY, "train.max_steps=8", "train.eval_interval=4", "train.checkpoint_interval=4"]
+
+
+def train_args(config_file: Path, out: Path, *extra: str) -> list:
+    return ["train", config_file, "--out", out, *sum((["--set", s] for s in [*SHORT, *extra]), [])]
+
+
+@pytest.fixture(scope="module")
+def sharded_run(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8-step run with parallel.strategy = ddp in one plain process: DCP checkpoints at world size 1."""
+    out = tmp_path_factory.mktemp("sharded") / "run"
+    train(load_config(None, [f"data.dir={char_data}", *SHORT, "parallel.strategy=ddp"]), out)
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def rehash(checkpoint: Path, name: str) -> None:
+    """Record `name`'s current sha256 in meta.json, as whoever altered the file could."""
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["sha256"][name] = file_sha256(checkpoint / name)
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+
+
+class CreatesFile:
+    """A pickle that creates `marker` when it is unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.slow
+def test_crafted_dcp_metadata_is_refused_without_running_it(cli, sharded_run: Path, tmp_path: Path) -> None:
+    run = copy_of(sharded_run, tmp_path)
+    newest = ckpt.list_checkpoints(run)[-1].path
+    marker = tmp_path / "pwned"
+    (newest / ckpt.TRAIN_STATE / ".metadata").write_bytes(pickle.dumps(CreatesFile(marker)))
+    rehash(newest, f"{ckpt.TRAIN_STATE}/.metadata")  # the sha256 list sits in the same folder
+    code, _, err = cli("train", "--out", run, "--resume")
+    assert not marker.exists()
+    assert code == 1 and err.count("\n") == 1
+    assert f"{newest / ckpt.TRAIN_STATE / '.metadata'}: refused" in err and "posix.system" in err
+
+
+@pytest.mark.slow
+def test_crafted_dcp_byte_item_is_refused_without_running_it(cli, sharded_run: Path, tmp_path: Path) -> None:
+    """A non-tensor item (an optimizer setting) pointed at a pickle that creates a file when loaded."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    run = copy_of(sharded_run, tmp_path)
+    folder = ckpt.list_checkpoints(run)[-1].path / ckpt.TRAIN_STATE
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # the test trusts its own checkpoint
+    item = next(
+        index
+        for index in metadata.storage_data
+        if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata)
+    )
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(CreatesFile(marker), protocol=2)  # torch.load's own protocol
+    shard = folder / metadata.storage_data[item].relative_path
+    metadata.storage_data[item] = _StorageInfo(shard.name, shard.stat().st_size, len(payload))
+    shard.write_bytes(shard.read_bytes() + payload)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    for name in (shard.name, ".metadata"):
+        rehash(folder.parent, f"{ckpt.TRAIN_STATE}/{name}")
+    code, _, err = cli("train", "--out", run, "--resume")
+    assert not marker.exists()
+    assert code == 1 and err.count("\n") == 1
+    assert f"{folder}: refused to load {item.fqn}" in err and "posix.system" in err
