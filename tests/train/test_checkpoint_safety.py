@@ -7,13 +7,16 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import load_config
 from lmforge.data.sources import file_sha256
+from lmforge.errors import LmforgeError
 from lmforge.train.trainer import train
 from tests.conftest import TINY
 
@@ -94,3 +97,24 @@ def test_crafted_dcp_byte_item_is_refused_without_running_it(cli, sharded_run: P
     assert not marker.exists()
     assert code == 1 and err.count("\n") == 1
     assert f"{folder}: refused to load {item.fqn}" in err and "posix.system" in err
+
+
+def test_a_shard_missing_from_the_staging_folder_is_an_error(tmp_path: Path) -> None:
+    """On several machines without a shared file system, rank 1's shard lands on its own machine:
+    the folder rank 0 would rename into place lacks a file its DCP metadata names."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from lmforge.checkpoint.sharded import check_shards_complete
+
+    folder = tmp_path / ckpt.TRAIN_STATE
+    with warnings.catch_warnings():  # no process group: DCP saves in this one process
+        warnings.simplefilter("ignore")
+        dcp.save({"a": torch.ones(4), "b": torch.zeros(3)}, checkpoint_id=folder)
+    check_shards_complete(folder)  # every file is here
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    metadata.storage_data[MetadataIndex("b")] = _StorageInfo("__1_0.distcp", 0, 100)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(LmforgeError, match=r"__1_0\.distcp .*missing.* shared file system"):
+        check_shards_complete(folder)

@@ -34,6 +34,7 @@ from lmforge.checkpoint.sharded import (
     ShardedModel,
     barrier,
     broadcast_from_main,
+    check_shards_complete,
     gather_full_weights,
     is_main_process,
     save_shards,
@@ -104,6 +105,8 @@ def save_checkpoint(
         if sharded is not None:
             staging = broadcast_from_main(staging)
             save_shards(staging / TRAIN_STATE, sharded)
+            if main:  # every rank's shard must be in the folder that rank 0 renames into place
+                check_shards_complete(staging / TRAIN_STATE)
             weights = _Weights(gather_full_weights(sharded))
         if main:
             _write_files(staging, step, weights, state, config, tokenizer_file, val_loss)

@@ -58,6 +58,27 @@ def save_shards(folder: Path, sharded: ShardedModel) -> None:
     dcp.save({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=folder)
 
 
+def check_shards_complete(folder: Path) -> None:
+    """Every shard file that the DCP metadata in `folder` names is there, whole (called by rank 0).
+
+    On several machines without a shared file system each rank writes its shard to its own disk:
+    the checkpoint would verify, but could not be resumed. Better to stop the run loudly.
+    """
+    from lmforge.checkpoint.safe_dcp import read_metadata
+
+    ends: dict[str, int] = {}  # file -> the end of its last item
+    for info in read_metadata(folder).storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if size is None or size < end:
+            what = "missing" if size is None else f"short ({size} of {end} bytes)"
+            raise LmforgeError(
+                f"{folder}: the DCP shard {name} is {what}; "
+                f"on several machines the run folder must be on a shared file system"
+            )
+
+
 def load_shards(folder: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
     """Model and optimizer state from a DCP folder, resharded to this job (or one plain process).
 
