@@ -19,6 +19,7 @@ from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
 from lmforge.train.trainer import train
 from tests.conftest import TINY
+from tests.train.conftest import read_metrics
 
 # Two checkpoints (steps 4 and 8) of an 8-step run.
 SHORT = [*TINY, "train.max_steps=8", "train.eval_interval=4", "train.checkpoint_interval=4"]
@@ -39,6 +40,10 @@ def sharded_run(char_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def copy_of(run: Path, tmp_path: Path) -> Path:
     shutil.copytree(run, tmp_path / "run")
     return tmp_path / "run"
+
+
+def losses(run: Path) -> list[float]:
+    return [e["loss"] for e in read_metrics(run)[0]]
 
 
 def rehash(checkpoint: Path, name: str) -> None:
@@ -97,6 +102,92 @@ def test_crafted_dcp_byte_item_is_refused_without_running_it(cli, sharded_run: P
     assert not marker.exists()
     assert code == 1 and err.count("\n") == 1
     assert f"{folder}: refused to load {item.fqn}" in err and "posix.system" in err
+
+
+@pytest.mark.slow
+def test_resume_falls_back_past_a_truncated_state_pt(cli, config_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli(*train_args(config_file, run))[0] == 0
+    uninterrupted = losses(run)
+    newest = ckpt.list_checkpoints(run)[-1].path
+    state = newest / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    code, _, err = cli(*train_args(config_file, run), "--resume")
+    assert code == 0, err
+    warning = next(line for line in err.splitlines() if line.startswith("warning:"))
+    assert f"{newest}: corrupted checkpoint (state.pt does not match its sha256" in warning
+    assert "resuming from" in warning and "step-0000004" in warning
+    assert losses(run) == uninterrupted  # steps 5-8 again, from step 4
+    ckpt.verify_checkpoint(newest)  # written anew
+
+
+@pytest.mark.slow
+def test_resume_falls_back_past_a_corrupt_dcp_shard(cli, sharded_run: Path, tmp_path: Path) -> None:
+    run = copy_of(sharded_run, tmp_path)
+    newest = ckpt.list_checkpoints(run)[-1].path
+    (shard,) = (newest / ckpt.TRAIN_STATE).glob("__0_*.distcp")
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, _, err = cli("train", "--out", run, "--resume")
+    assert code == 0, err
+    assert f"warning: {newest}: corrupted checkpoint ({ckpt.TRAIN_STATE}/{shard.name} does not match" in err
+    assert losses(run) == losses(sharded_run)
+
+
+def test_a_corrupt_state_pt_is_reported_in_one_line(cli, config_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli(*train_args(config_file, run, "train.max_steps=4"))[0] == 0  # one checkpoint: no fallback
+    (only,) = ckpt.list_checkpoints(run)
+    with open(only.path / "state.pt", "ab") as state:
+        state.write(b"\0")  # altered, not truncated: torch.load might even read it
+    code, _, err = cli(*train_args(config_file, run, "train.max_steps=4"), "--resume")
+    assert code == 1 and err.count("\n") == 1
+    assert f"{only.path}: corrupted checkpoint (state.pt does not match its sha256" in err
+
+
+def fake_checkpoint(run: Path, step: int, val_loss: float | None) -> Path:
+    path = run / ckpt.CHECKPOINTS / f"{ckpt.PREFIX}{step:07d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss, "sha256": {}}))
+    return path
+
+
+def test_checkpoint_folders_without_valid_meta_are_ignored(tmp_path: Path) -> None:
+    real = fake_checkpoint(tmp_path, 20, 2.0)
+    garbage = tmp_path / ckpt.CHECKPOINTS / "step-0000099"
+    garbage.mkdir()
+    (garbage / "meta.json").write_text("{not json")
+    (tmp_path / ckpt.CHECKPOINTS / "step-0000098").mkdir()  # no meta.json at all
+    assert [c.path for c in ckpt.list_checkpoints(tmp_path)] == [real]
+    assert ckpt.resolve_checkpoint(tmp_path, "last") == real
+    ckpt.prune_checkpoints(tmp_path, keep_last=1)
+    assert garbage.is_dir()  # not a checkpoint: never deleted either
+
+
+@pytest.mark.slow
+def test_resume_ignores_a_folder_with_garbage_meta(cli, config_file: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert cli(*train_args(config_file, run, "train.max_steps=4"))[0] == 0
+    garbage = run / ckpt.CHECKPOINTS / "step-0000099"
+    garbage.mkdir()
+    (garbage / "meta.json").write_text("garbage")
+    code, _, err = cli(*train_args(config_file, run, "train.max_steps=6"), "--resume")
+    assert code == 0, err
+    assert [e["step"] for e in read_metrics(run)[0]] == list(range(1, 7))
+
+
+def test_pruning_keeps_the_newest_verified_checkpoint(tmp_path: Path) -> None:
+    """A resume fell back from a corrupt step 30 to step 20 and has just saved step 25: step 25 is the
+    newest checkpoint that verifies; it and the one before it stay, the best stays, step 30 is left
+    for the run to replace when it gets there."""
+    best = fake_checkpoint(tmp_path, 10, 1.0)
+    fake_checkpoint(tmp_path, 15, 3.0)
+    before = fake_checkpoint(tmp_path, 20, 3.0)
+    corrupt = fake_checkpoint(tmp_path, 30, 2.0)
+    saved = fake_checkpoint(tmp_path, 25, None)
+    ckpt.prune_checkpoints(tmp_path, keep_last=2, newest_step=25)
+    assert [c.path for c in ckpt.list_checkpoints(tmp_path)] == [best, before, saved, corrupt]
+    ckpt.prune_checkpoints(tmp_path, keep_last=1)  # no step given: the newest by number, as before
+    assert [c.path for c in ckpt.list_checkpoints(tmp_path)] == [best, corrupt]
 
 
 def test_a_shard_missing_from_the_staging_folder_is_an_error(tmp_path: Path) -> None:

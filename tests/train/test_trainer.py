@@ -199,12 +199,15 @@ def test_run_dir_protection_and_resume_errors(cli, config_file: Path, tmp_path: 
         code == 1
         and "checkpoint of another architecture (model.n_layer: 2 in the checkpoint, 3 in the config)" in err
     )
-    # A truncated checkpoint is detected, not loaded.
+    # A truncated checkpoint is detected, not loaded; with no intact one to fall back to, resume stops.
+    for c in ckpt.list_checkpoints(run):
+        weights = c.path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
     last = ckpt.list_checkpoints(run)[-1].path
-    weights = last / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
     code, _, err = cli("train", "--out", run, "--resume")
-    assert code == 1 and "corrupted checkpoint (model.safetensors does not match its sha256" in err
+    assert code == 1 and err.count("\n") == 1
+    assert f"{last}: corrupted checkpoint (model.safetensors does not match its sha256" in err
+    assert "the 1 older checkpoint(s) do not verify either" in err
     code, _, err = cli("sample", last)
     assert code == 1 and "corrupted checkpoint" in err
     # --overwrite starts over.

@@ -135,19 +135,20 @@ def _write_files(
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
-    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    """The checkpoints of a run, oldest first: its step folders with a readable meta.json.
+
+    Anything else is not a checkpoint and is ignored (never chosen, never pruned): staging folders,
+    and a folder whose meta.json is missing or garbage. `verify_checkpoint` checks the files.
+    """
     found = []
     root = run_dir / CHECKPOINTS
     for path in sorted(root.glob(f"{PREFIX}*")) if root.is_dir() else []:
         try:
             meta = json.loads((path / "meta.json").read_text())
-            found.append(CheckpointInfo(path, int(meta["step"]), meta.get("val_loss")))
-        except (OSError, ValueError, KeyError, TypeError):
-            found.append(
-                CheckpointInfo(
-                    path, int(path.name[len(PREFIX) :]) if path.name[len(PREFIX) :].isdigit() else -1, None
-                )
-            )
+            val_loss = None if meta.get("val_loss") is None else float(meta["val_loss"])
+            found.append(CheckpointInfo(path, int(meta["step"]), val_loss))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
     return sorted(found, key=lambda c: c.step)
 
 
@@ -156,10 +157,17 @@ def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
     return min(scored, key=lambda c: (c.val_loss, -c.step)) if scored else None
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints and the best one; clear stale temp folders."""
+def prune_checkpoints(run_dir: Path, keep_last: int, newest_step: int | None = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints and the best one; clear stale temp folders.
+
+    `newest_step` is that of the newest checkpoint known to verify (the one just saved). Checkpoints
+    after it are corrupt ones a resume fell back past: they do not count among the newest, so the
+    intact ones before them stay, and they are left for the run to replace when it reaches their step.
+    """
     checkpoints = list_checkpoints(run_dir)
-    keep = {c.path for c in checkpoints[-keep_last:]}
+    newer = [c for c in checkpoints if newest_step is not None and c.step > newest_step]
+    intact = [c for c in checkpoints if c not in newer]
+    keep = {c.path for c in (*intact[-keep_last:], *newer)}
     if (best := best_checkpoint(checkpoints)) is not None:
         keep.add(best.path)
     for c in checkpoints:
