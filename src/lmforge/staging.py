@@ -8,6 +8,7 @@ removed by the next save into the same parent.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 
 STAGING_PREFIX = ".tmp-"
+LOCK_FILE = ".lock"  # in a folder that one process at a time may write (a training run's)
 
 
 def check_out(out: Path, overwrite: bool) -> None:
@@ -65,6 +67,37 @@ def remove_stale_staging(parent: Path) -> None:
     """Delete staging folders left by a process killed while writing."""
     for stale in parent.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
+def locked(folder: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on FOLDER/.lock (creating the folder) while the body runs; if another
+    process holds it, stop at once with an error. The lock dies with its process, even on kill -9.
+
+    A folder made here that holds nothing but the lock at the end (its writer failed before
+    writing anything) is removed again.
+    """
+    if not enabled:
+        yield
+        return
+    if folder.exists() and not folder.is_dir():
+        raise LmforgeError(f"--out {folder} exists and is not a folder")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LmforgeError(
+                f"{folder} is in use by another lmforge process (it holds {folder / LOCK_FILE}); "
+                f"wait for that one to end, or stop it"
+            ) from None
+        try:
+            yield
+        finally:
+            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                (folder / LOCK_FILE).unlink()
+                folder.rmdir()
 
 
 def _replace(staging: Path, final: Path) -> None:

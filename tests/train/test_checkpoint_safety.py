@@ -3,10 +3,13 @@ processes on one run folder, a full disk during a save, shards that never reache
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -188,6 +191,48 @@ def test_pruning_keeps_the_newest_verified_checkpoint(tmp_path: Path) -> None:
     assert [c.path for c in ckpt.list_checkpoints(tmp_path)] == [best, before, saved, corrupt]
     ckpt.prune_checkpoints(tmp_path, keep_last=1)  # no step given: the newest by number, as before
     assert [c.path for c in ckpt.list_checkpoints(tmp_path)] == [best, corrupt]
+
+
+HOLD_LOCK = (
+    "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+    "print('locked', flush=True); time.sleep(300)"
+)
+
+
+def test_a_run_folder_in_use_is_refused(cli, config_file: Path, tmp_path: Path, monkeypatch) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("earlier run\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(run / ".lock")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        for flag in ("--resume", "--overwrite"):
+            code, _, err = cli(*train_args(config_file, run, "train.max_steps=2"), flag)
+            assert code == 1 and err.count("\n") == 1, err
+            assert f"{run} is in use by another lmforge process" in err
+        assert (run / "metrics.jsonl").read_text() == "earlier run\n"
+    finally:
+        holder.kill()
+        holder.wait()
+    held = []
+
+    def probe(self, step: int, val_loss: float | None) -> Path:  # is the lock held during the run?
+        with open(run / ".lock") as other:
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+            except BlockingIOError:
+                held.append(True)
+        return real_save(self, step, val_loss)
+
+    real_save = ckpt.Checkpointer.save
+    monkeypatch.setattr(ckpt.Checkpointer, "save", probe)
+    code, _, err = cli(*train_args(config_file, run, "train.max_steps=2"), "--overwrite")
+    assert code == 0, err
+    assert held == [True]
+    assert not (run / "metrics.jsonl").read_text().startswith("earlier run")
 
 
 def test_a_shard_missing_from_the_staging_folder_is_an_error(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from lmforge.checkpoint.sharded import (
 from lmforge.config import Config
 from lmforge.errors import LmforgeError
 from lmforge.runtime import rng_state, set_rng_state
+from lmforge.staging import LOCK_FILE
 
 
 class Stateful(Protocol):
@@ -91,7 +92,11 @@ class Checkpointer:
             raise LmforgeError("--resume and --overwrite exclude each other")
         if resume:
             return newest_intact_checkpoint(run_dir)
-        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not overwrite:
+        # The lock file is this process's own (see `staging.locked`), not an earlier run's.
+        taken = run_dir.exists() and (
+            not run_dir.is_dir() or any(p.name != LOCK_FILE for p in run_dir.iterdir())
+        )
+        if taken and not overwrite:
             raise LmforgeError(
                 f"{run_dir} exists; pass --resume to continue that run or --overwrite to start over"
             )

@@ -30,6 +30,7 @@ from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import apply_lora
 from lmforge.runtime import autocast, matmul_peak_flops, seed_everything
+from lmforge.staging import LOCK_FILE
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 from lmforge.train.monitor import METRICS_FILE, MetricsLog
@@ -252,8 +253,12 @@ def prepare_run_dir(run_dir: Path, config: Config, tokenizer_file: Path, resumed
     (--overwrite was checked earlier). Either way the folder holds the config and tokenizer."""
     if resumed_at is not None:
         MetricsLog.truncate(run_dir / METRICS_FILE, resumed_at)
-    elif run_dir.is_dir():
-        shutil.rmtree(run_dir)
+    elif run_dir.is_dir():  # emptied, but for the lock that this process holds
+        for entry in run_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.name != LOCK_FILE:
+                entry.unlink()
     elif run_dir.exists():
         run_dir.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
