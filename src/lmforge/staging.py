@@ -8,6 +8,7 @@ removed by the next save into the same parent.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -98,6 +99,18 @@ def locked(folder: Path, enabled: bool = True) -> Iterator[None]:
             if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
                 (folder / LOCK_FILE).unlink()
                 folder.rmdir()
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """Why a write failed if the disk is full: "no space left on device" or "disk quota exceeded",
+    reported by `exc` or an error behind it; else None. Python's writes raise OSError with the errno;
+    safetensors' writer and DCP's report of a failed rank carry it only in their text."""
+    while exc is not None:
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if (isinstance(exc, OSError) and exc.errno == code) or os.strerror(code) in str(exc):
+                return os.strerror(code).lower()
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _replace(staging: Path, final: Path) -> None:

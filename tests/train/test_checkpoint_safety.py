@@ -3,6 +3,7 @@ processes on one run folder, a full disk during a save, shards that never reache
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -233,6 +234,29 @@ def test_a_run_folder_in_use_is_refused(cli, config_file: Path, tmp_path: Path, 
     assert code == 0, err
     assert held == [True]
     assert not (run / "metrics.jsonl").read_text().startswith("earlier run")
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(
+    cli, config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save, calls = torch.save, []
+
+    def fills_the_disk(obj, f, *args, **kwargs) -> None:
+        calls.append(f)
+        if len(calls) == 2:  # the second checkpoint's state.pt
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    run = tmp_path / "run"
+    code, _, err = cli(*train_args(config_file, run))
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("lmforge train: error: no space left on device")
+    assert "while writing checkpoint step-0000008" in err
+    (previous,) = ckpt.list_checkpoints(run)
+    assert previous.step == 4
+    ckpt.verify_checkpoint(previous.path)
+    assert not list((run / ckpt.CHECKPOINTS).glob(".tmp-*"))
 
 
 def test_a_shard_missing_from_the_staging_folder_is_an_error(tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ from lmforge.checkpoint.sharded import (
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
-from lmforge.staging import remove_stale_staging, staged
+from lmforge.staging import disk_full, remove_stale_staging, staged
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -97,9 +97,34 @@ def save_checkpoint(
     With `sharded` (a distributed run) every rank calls this: all ranks write their DCP shards
     into rank 0's staging folder and gather the full weights to rank 0, which writes the other
     files and renames the folder into place; the others wait for that before going on.
+    A full disk is a one-line error: the staging folder is removed, earlier checkpoints stay whole.
     """
-    main = sharded is None or is_main_process()
     final = checkpoint_path(run_dir, step)
+    try:
+        _save_staged(final, step, model, state, config, tokenizer_file, val_loss, sharded)
+    except BaseException as exc:  # BaseException: DCP reports a rank's failure as a CheckpointException
+        if (reason := disk_full(exc)) is None:
+            raise
+        raise LmforgeError(
+            f"{reason} in {final.parent} while writing checkpoint {final.name}; the earlier checkpoints "
+            f"are intact (free some space, then continue with --resume)"
+        ) from None
+    if sharded is not None:
+        barrier()  # nobody reads or prunes the checkpoint before it is in place
+    return final
+
+
+def _save_staged(
+    final: Path,
+    step: int,
+    model: torch.nn.Module | None,
+    state: dict[str, Any],
+    config: Config,
+    tokenizer_file: Path,
+    val_loss: float | None,
+    sharded: ShardedModel | None,
+) -> None:
+    main = sharded is None or is_main_process()
     with staged(final, durable=True) if main else contextlib.nullcontext() as staging:
         weights = model
         if sharded is not None:
@@ -110,9 +135,6 @@ def save_checkpoint(
             weights = _Weights(gather_full_weights(sharded))
         if main:
             _write_files(staging, step, weights, state, config, tokenizer_file, val_loss)
-    if sharded is not None:
-        barrier()  # nobody reads or prunes the checkpoint before it is in place
-    return final
 
 
 def _write_files(
@@ -125,7 +147,8 @@ def _write_files(
     val_loss: float | None,
 ) -> None:
     save_model(weights, str(folder / "model.safetensors"))
-    torch.save(state, folder / "state.pt")
+    with open(folder / "state.pt", "wb") as file:  # a Python file: a full disk raises OSError(ENOSPC)
+        torch.save(state, file)
     (folder / "config.toml").write_text(config.to_toml())
     shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
     names = (*FILES, *_sharded_files(folder))
