@@ -138,6 +138,7 @@ class ParallelConfig:
     # replicated (DDP) or sharded (FSDP2) weights, gradients and optimizer state; the global batch is
     # train.batch_size x train.grad_accum_steps sequences whatever the world size.
     strategy: Literal["none", "ddp", "fsdp"] = "none"
+    timeout_s: float = 1800.0  # seconds a collective waits for the other processes before the job fails
 
 
 @dataclass
@@ -392,6 +393,7 @@ def _validate_train(t: TrainConfig, need: Need) -> None:
 
 
 def _validate_parallel(config: Config, need: Need) -> None:
+    need(config.parallel.timeout_s > 0, "parallel.timeout_s", "must be positive")
     if config.parallel.strategy == "fsdp":
         # Sharded gradients would need a sharded grad scaler; Muon orthogonalizes whole matrices, not shards.
         need(

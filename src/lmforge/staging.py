@@ -14,6 +14,8 @@ input or any folder that contains one of them.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -38,6 +40,7 @@ KIND_NAMES: dict[str, str] = {
     "import": "imported run",
 }
 REPLACE_HINT = "pass --overwrite to replace it"
+LOCK_FILE = ".lock"  # in a folder that one process at a time may write (a training run's)
 
 
 def write_marker(folder: Path, kind: Kind) -> None:
@@ -82,7 +85,8 @@ def check_out(
         raise LmforgeError(f"--out {out} exists and is not a folder")
     if (reason := _never_replaced(out.resolve(), inputs)) is not None:
         raise LmforgeError(f"--out {out} {reason}; lmforge never replaces it: choose another folder")
-    if not out.is_dir() or not any(out.iterdir()):
+    # The lock file is the running command's own (see `locked`), not content of the folder.
+    if not out.is_dir() or all(entry.name == LOCK_FILE for entry in out.iterdir()):
         return
     if not overwrite:
         raise LmforgeError(f"--out {out} exists and is not empty; {hint}")
@@ -158,6 +162,57 @@ def remove_stale_staging(parent: Path) -> None:
     """Delete staging folders left by a process killed while writing."""
     for stale in parent.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextmanager
+def locked(folder: Path, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on FOLDER/.lock (creating the folder) while the body runs; if another
+    process holds it, stop at once with an error. The lock dies with its process, even on kill -9.
+
+    A folder made here that holds nothing but the lock at the end (its writer failed before
+    writing anything) is removed again.
+    """
+    if not enabled:
+        yield
+        return
+    if folder.exists() and not folder.is_dir():
+        raise LmforgeError(f"--out {folder} exists and is not a folder")
+    created, lock_existed = not folder.exists(), (folder / LOCK_FILE).exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LmforgeError(
+                f"{folder} is in use by another lmforge process (it holds {folder / LOCK_FILE}); "
+                f"wait for that one to end, or stop it"
+            ) from None
+        try:
+            yield
+        finally:
+            _remove_lock_left_alone(folder, created, lock_existed)
+
+
+def _remove_lock_left_alone(folder: Path, created: bool, lock_existed: bool) -> None:
+    """Leave no trace where the command wrote nothing: a folder made for the lock alone goes, and
+    so does a new lock in a folder that lmforge did not write (one it refused, such as `.`)."""
+    if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+        (folder / LOCK_FILE).unlink()
+        folder.rmdir()
+    elif not lock_existed and not (folder / MARKER).exists():
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """Why a write failed if the disk is full: "no space left on device" or "disk quota exceeded",
+    reported by `exc` or an error behind it; else None. Python's writes raise OSError with the errno;
+    safetensors' writer and DCP's report of a failed rank carry it only in their text."""
+    while exc is not None:
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if (isinstance(exc, OSError) and exc.errno == code) or os.strerror(code) in str(exc):
+                return os.strerror(code).lower()
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _replace(staging: Path, final: Path) -> None:

@@ -274,6 +274,21 @@ def test_activation_checkpointing_in_training(reference: Path, tmp_path: Path) -
     ckpt.load_for_inference(tmp_path / "run", "last", torch.device("cpu"))  # plain parameter names
 
 
+def test_the_process_group_waits_parallel_timeout_s() -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from lmforge.train.distributed import process_group
+
+    assert load_config(None, []).parallel.timeout_s == 1800
+    with pytest.raises(LmforgeError, match=r"parallel.timeout_s must be positive"):
+        load_config(None, ["parallel.timeout_s=0"])
+    with process_group("ddp", "cpu", timeout_s=42.0):  # a group of one, made here
+        backend = dist.group.WORLD._get_backend(torch.device("cpu"))
+        assert backend.options._timeout == datetime.timedelta(seconds=42)
+
+
 def test_parallel_config_errors(reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(LmforgeError, match=r"parallel.strategy must be one of none, ddp, fsdp; got 'zero'"):
         load_config(None, ["parallel.strategy=zero"])

@@ -1,6 +1,7 @@
 """`lmforge finetune`: the training loop on prompt/completion data, from scratch or a checkpoint."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,9 +53,32 @@ def test_finetune_from_scratch_learns_the_completions(cli, sst2_small: Path, tmp
     assert [e["step"] for e in evals] == [15, 30]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] and "val_bpb" not in evals[0]
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
-    code, out, err = cli(*finetune_args(sst2_small, tmp_path / "run", "train.max_steps=40"), "--resume")
+    # Stopped after step 20 (its later checkpoints gone), resumed: the losses of the uninterrupted run.
+    resumed = copy_up_to(tmp_path / "run", tmp_path / "resumed", 20)
+    code, out, err = cli(*finetune_args(sst2_small, resumed), "--resume")
     assert code == 0, err
-    assert [e["step"] for e in read_metrics(tmp_path / "run")[0]] == list(range(1, 41))
+    assert_same_steps(resumed, tmp_path / "run")
+
+
+def copy_up_to(run: Path, copy: Path, step: int) -> Path:
+    """A copy of `run` as if it had stopped at `step`: later checkpoints removed."""
+    from lmforge import checkpoint as ckpt
+
+    shutil.copytree(run, copy)
+    for c in ckpt.list_checkpoints(copy):
+        if c.step > step:
+            shutil.rmtree(c.path)
+    assert ckpt.list_checkpoints(copy)[-1].step == step
+    return copy
+
+
+def assert_same_steps(run: Path, reference: Path) -> None:
+    """Every per-step loss, grad norm and lr, and every eval, as in `reference` (bit for bit: CPU, fp32)."""
+    (steps, evals), (ref_steps, ref_evals) = read_metrics(run), read_metrics(reference)
+    assert [e["step"] for e in steps] == [e["step"] for e in ref_steps]
+    for key in ("loss", "grad_norm", "lr"):
+        assert [e[key] for e in steps] == [e[key] for e in ref_steps], key
+    assert [(e["step"], e["val_loss"]) for e in evals] == [(e["step"], e["val_loss"]) for e in ref_evals]
 
 
 def test_finetune_from_a_pretrained_checkpoint(cli, sst2_small: Path, tmp_path: Path) -> None:
@@ -149,6 +173,20 @@ def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_pat
         torch.testing.assert_close(merged(idx)[0], adapted.eval()(idx)[0], rtol=1e-5, atol=1e-5)
         base_model = ckpt.load_for_inference(tmp_path / "base", "best", torch.device("cpu")).model
         assert not torch.allclose(merged(idx)[0], base_model(idx)[0])  # the adapters changed the function
+
+
+@pytest.mark.slow
+def test_lora_run_resumes_with_the_losses_of_an_uninterrupted_one(
+    cli, sst2_small: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("peft")
+    lora = ["train.max_steps=10", "train.checkpoint_interval=5", "lora.rank=4", "lora.dropout=0.1"]
+    code, _, err = cli(*finetune_args(sst2_small, tmp_path / "run", *lora))
+    assert code == 0, err
+    resumed = copy_up_to(tmp_path / "run", tmp_path / "resumed", 5)
+    code, _, err = cli(*finetune_args(sst2_small, resumed, *lora), "--resume")
+    assert code == 0, err
+    assert_same_steps(resumed, tmp_path / "run")
 
 
 def test_eval_without_task_reports_the_completion_loss(cli, sst2_small: Path, tmp_path: Path) -> None:

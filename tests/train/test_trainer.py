@@ -90,7 +90,7 @@ def resume_run(config_file: Path, run: Path, *extra: str) -> subprocess.Complete
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
 def test_exact_resume(cli, config_file: Path, tmp_path: Path, how: str) -> None:
     longer = ["model.dropout=0.1", "train.max_steps=150"]  # dropout: the RNG state must resume too
     assert run_train(cli, config_file, tmp_path / "reference", *longer)[0] == 0
@@ -102,10 +102,10 @@ def test_exact_resume(cli, config_file: Path, tmp_path: Path, how: str) -> None:
     wait_for_step(run, 25, process)
     process.send_signal(getattr(signal, how))
     _, err = process.communicate(timeout=60)
-    if how == "SIGTERM":
-        assert process.returncode == 128 + signal.SIGTERM
-        assert "SIGTERM at step" in err and "continue with" in err
-        stopped_at = int(err.split("SIGTERM at step ")[1].split(";")[0])
+    if how in ("SIGTERM", "SIGINT"):  # Ctrl-C: exit 130
+        assert process.returncode == 128 + getattr(signal, how)
+        assert f"{how} at step" in err and "continue with" in err
+        stopped_at = int(err.split(f"{how} at step ")[1].split(";")[0])
         assert 25 <= stopped_at < 150
         assert max(c.step for c in ckpt.list_checkpoints(run)) == stopped_at  # saved on the signal
     else:
@@ -128,7 +128,7 @@ def dying_save(obj, f, *args, **kwargs):
     real_save(obj, f, *args, **kwargs)
     if len(calls) == 2:  # the second checkpoint: killed after writing part of it
         os.kill(os.getpid(), signal.SIGKILL)
-torch.save = dying_save
+torch.save = dying_save  # what lmforge.checkpoint.folder calls to write state.pt
 from lmforge.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -201,12 +201,15 @@ def test_run_dir_protection_and_resume_errors(cli, config_file: Path, tmp_path: 
         code == 1
         and "checkpoint of another architecture (model.n_layer: 2 in the checkpoint, 3 in the config)" in err
     )
-    # A truncated checkpoint is detected, not loaded.
+    # A truncated checkpoint is detected, not loaded; with no intact one to fall back to, resume stops.
+    for c in ckpt.list_checkpoints(run):
+        weights = c.path / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
     last = ckpt.list_checkpoints(run)[-1].path
-    weights = last / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
     code, _, err = cli("train", "--out", run, "--resume")
-    assert code == 1 and "corrupted checkpoint (model.safetensors does not match its sha256" in err
+    assert code == 1 and err.count("\n") == 1
+    assert f"{last}: corrupted checkpoint (model.safetensors does not match its sha256" in err
+    assert "the 1 older checkpoint(s) do not verify either" in err
     code, _, err = cli("sample", last)
     assert code == 1 and "corrupted checkpoint" in err
     # --overwrite starts over in a new folder: what was added to the run folder goes with it.
@@ -288,6 +291,31 @@ def test_on_nan_skip_skips_the_batch(
     steps, _ = read_metrics(tmp_path / "run")
     assert [e.get("skipped", False) for e in steps] == [False, False, True, False, False]
     assert summary.steps == 5 and math.isfinite(summary.final_eval.loss)
+
+
+def test_on_nan_skip_stops_after_ten_skipped_batches_in_a_row(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch.nn.functional as F
+
+    from lmforge.model import gpt
+
+    calls = {"n": 0}
+    real = F.cross_entropy
+
+    def poisoned(*args, **kwargs):  # every training loss from the 3rd step on is NaN
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(gpt.F, "cross_entropy", poisoned)
+    config = load_config(
+        config_file, [*TINY, "train.on_nan=skip", "train.max_steps=30", "train.eval_interval=0"]
+    )
+    with pytest.raises(LmforgeError, match=r"^10 non-finite losses in a row up to step 12; stopping$"):
+        train(config, tmp_path / "run")
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [e.get("skipped", False) for e in steps] == [False, False] + [True] * 9  # the 10th stops
 
 
 def test_bf16_autocast_trains(config_file: Path, tmp_path: Path) -> None:

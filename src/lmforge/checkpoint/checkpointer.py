@@ -9,6 +9,7 @@ checkpoints to keep. The training loop only tells it what happened; torchtitan's
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,12 +96,7 @@ class Checkpointer:
         if resume and overwrite:
             raise LmforgeError("--resume and --overwrite exclude each other")
         if resume:
-            checkpoints = list_checkpoints(run_dir)
-            if not checkpoints:
-                raise LmforgeError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
-            latest = checkpoints[-1].path
-            verify_checkpoint(latest)
-            return latest
+            return newest_intact_checkpoint(run_dir)
         check_out(run_dir, "run", overwrite, inputs, hint=RESUME_HINT)
         return None
 
@@ -197,9 +193,30 @@ class Checkpointer:
             sharded,
         )
         if sharded is None or is_main_process():
-            prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints)
+            prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints, newest_step=step)
         self.latest, self.last_saved_step = path, step
         return path
+
+
+def newest_intact_checkpoint(run_dir: Path) -> Path:
+    """The newest checkpoint of `run_dir` that verifies; each newer one that does not is named in a
+    warning (by rank 0). An error if none verifies."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise LmforgeError(f"--resume: no checkpoint in {run_dir / CHECKPOINTS}")
+    problems: list[str] = []
+    for candidate in reversed(checkpoints):
+        try:
+            verify_checkpoint(candidate.path)
+        except LmforgeError as exc:
+            problems.append(str(exc))
+            continue
+        if is_main_process():
+            for problem in problems:
+                print(f"warning: {problem}; resuming from {candidate.path} instead", file=sys.stderr)
+        return candidate.path
+    older = f"; the {len(problems) - 1} older checkpoint(s) do not verify either" if len(problems) > 1 else ""
+    raise LmforgeError(f"{problems[0]}{older}")
 
 
 def _load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:

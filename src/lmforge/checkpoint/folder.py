@@ -34,6 +34,7 @@ from lmforge.checkpoint.sharded import (
     ShardedModel,
     barrier,
     broadcast_from_main,
+    check_shards_complete,
     gather_full_weights,
     is_main_process,
     save_shards,
@@ -41,7 +42,7 @@ from lmforge.checkpoint.sharded import (
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
-from lmforge.staging import remove_stale_staging, staged
+from lmforge.staging import disk_full, remove_stale_staging, staged
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -96,20 +97,44 @@ def save_checkpoint(
     With `sharded` (a distributed run) every rank calls this: all ranks write their DCP shards
     into rank 0's staging folder and gather the full weights to rank 0, which writes the other
     files and renames the folder into place; the others wait for that before going on.
+    A full disk is a one-line error: the staging folder is removed, earlier checkpoints stay whole.
     """
-    main = sharded is None or is_main_process()
     final = checkpoint_path(run_dir, step)
+    try:
+        _save_staged(final, step, model, state, config, tokenizer_file, val_loss, sharded)
+    except BaseException as exc:  # BaseException: DCP reports a rank's failure as a CheckpointException
+        if (reason := disk_full(exc)) is None:
+            raise
+        raise LmforgeError(
+            f"{reason} in {final.parent} while writing checkpoint {final.name}; the earlier checkpoints "
+            f"are intact (free some space, then continue with --resume)"
+        ) from None
+    if sharded is not None:
+        barrier()  # nobody reads or prunes the checkpoint before it is in place
+    return final
+
+
+def _save_staged(
+    final: Path,
+    step: int,
+    model: torch.nn.Module | None,
+    state: dict[str, Any],
+    config: Config,
+    tokenizer_file: Path,
+    val_loss: float | None,
+    sharded: ShardedModel | None,
+) -> None:
+    main = sharded is None or is_main_process()
     with staged(final, durable=True) if main else contextlib.nullcontext() as staging:
         weights = model
         if sharded is not None:
             staging = broadcast_from_main(staging)
             save_shards(staging / TRAIN_STATE, sharded)
+            if main:  # every rank's shard must be in the folder that rank 0 renames into place
+                check_shards_complete(staging / TRAIN_STATE)
             weights = _Weights(gather_full_weights(sharded))
         if main:
             _write_files(staging, step, weights, state, config, tokenizer_file, val_loss)
-    if sharded is not None:
-        barrier()  # nobody reads or prunes the checkpoint before it is in place
-    return final
 
 
 def _write_files(
@@ -122,7 +147,8 @@ def _write_files(
     val_loss: float | None,
 ) -> None:
     save_model(weights, str(folder / "model.safetensors"))
-    torch.save(state, folder / "state.pt")
+    with open(folder / "state.pt", "wb") as file:  # a Python file: a full disk raises OSError(ENOSPC)
+        torch.save(state, file)
     (folder / "config.toml").write_text(config.to_toml())
     shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
     names = (*FILES, *_sharded_files(folder))
@@ -132,19 +158,20 @@ def _write_files(
 
 
 def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
-    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    """The checkpoints of a run, oldest first: its step folders with a readable meta.json.
+
+    Anything else is not a checkpoint and is ignored (never chosen, never pruned): staging folders,
+    and a folder whose meta.json is missing or garbage. `verify_checkpoint` checks the files.
+    """
     found = []
     root = run_dir / CHECKPOINTS
     for path in sorted(root.glob(f"{PREFIX}*")) if root.is_dir() else []:
         try:
             meta = json.loads((path / "meta.json").read_text())
-            found.append(CheckpointInfo(path, int(meta["step"]), meta.get("val_loss")))
-        except (OSError, ValueError, KeyError, TypeError):
-            found.append(
-                CheckpointInfo(
-                    path, int(path.name[len(PREFIX) :]) if path.name[len(PREFIX) :].isdigit() else -1, None
-                )
-            )
+            val_loss = None if meta.get("val_loss") is None else float(meta["val_loss"])
+            found.append(CheckpointInfo(path, int(meta["step"]), val_loss))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
     return sorted(found, key=lambda c: c.step)
 
 
@@ -153,10 +180,17 @@ def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:
     return min(scored, key=lambda c: (c.val_loss, -c.step)) if scored else None
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` checkpoints and the best one; clear stale temp folders."""
+def prune_checkpoints(run_dir: Path, keep_last: int, newest_step: int | None = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints and the best one; clear stale temp folders.
+
+    `newest_step` is that of the newest checkpoint known to verify (the one just saved). Checkpoints
+    after it are corrupt ones a resume fell back past: they do not count among the newest, so the
+    intact ones before them stay, and they are left for the run to replace when it reaches their step.
+    """
     checkpoints = list_checkpoints(run_dir)
-    keep = {c.path for c in checkpoints[-keep_last:]}
+    newer = [c for c in checkpoints if newest_step is not None and c.step > newest_step]
+    intact = [c for c in checkpoints if c not in newer]
+    keep = {c.path for c in (*intact[-keep_last:], *newer)}
     if (best := best_checkpoint(checkpoints)) is not None:
         keep.add(best.path)
     for c in checkpoints:

@@ -58,20 +58,56 @@ def save_shards(folder: Path, sharded: ShardedModel) -> None:
     dcp.save({"model": model_state, "optimizers": optimizer_state}, checkpoint_id=folder)
 
 
+def check_shards_complete(folder: Path) -> None:
+    """Every shard file that the DCP metadata in `folder` names is there, whole (called by rank 0).
+
+    On several machines without a shared file system each rank writes its shard to its own disk:
+    the checkpoint would verify, but could not be resumed. Better to stop the run loudly.
+    """
+    from lmforge.checkpoint.safe_dcp import read_metadata
+
+    ends: dict[str, int] = {}  # file -> the end of its last item
+    for info in read_metadata(folder).storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        size = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if size is None or size < end:
+            what = "missing" if size is None else f"short ({size} of {end} bytes)"
+            raise LmforgeError(
+                f"{folder}: the DCP shard {name} is {what}; "
+                f"on several machines the run folder must be on a shared file system"
+            )
+
+
 def load_shards(folder: Path, model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> None:
-    """Model and optimizer state from a DCP folder, resharded to this job (or one plain process)."""
+    """Model and optimizer state from a DCP folder, resharded to this job (or one plain process).
+
+    Nothing in the folder is trusted: no code is unpickled (see `safe_dcp`).
+    """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    from lmforge.checkpoint.safe_dcp import (
+        RefusedItem,
+        SafeFileSystemReader,
+        SafeLoadPlanner,
+        first_line,
+        read_metadata,
+        root_error,
+    )
+
+    read_metadata(folder)  # a crafted or damaged .metadata: one clear line on every rank, before DCP
     model_state, optimizer_state = get_state_dict(model, optimizers)
     state = {"model": model_state, "optimizers": optimizer_state}
     try:
         with warnings.catch_warnings():  # without a process group DCP loads in this one process, as intended
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=folder)
-    except Exception as exc:  # DCP reports a damaged or foreign folder in many ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LmforgeError(f"{folder}: cannot load the sharded training state ({reason})") from None
+            dcp.load(state, storage_reader=SafeFileSystemReader(folder), planner=SafeLoadPlanner())
+    except (Exception, CheckpointException) as exc:  # DCP reports a damaged or foreign folder in many ways
+        if isinstance(cause := root_error(exc), RefusedItem):
+            raise LmforgeError(f"{folder}: {cause}") from None
+        raise LmforgeError(f"{folder}: cannot load the sharded training state ({first_line(exc)})") from None
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optimizers"])
 
 

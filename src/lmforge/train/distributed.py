@@ -17,6 +17,7 @@ resumes at another world size exactly where it stopped).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import inspect
 import os
 from collections.abc import Iterator
@@ -100,10 +101,13 @@ class Distributed:
 
 
 @contextlib.contextmanager
-def process_group(strategy: str, device_name: str) -> Iterator[tuple[Distributed, torch.device]]:
+def process_group(
+    strategy: str, device_name: str, timeout_s: float
+) -> Iterator[tuple[Distributed, torch.device]]:
     """Join the torchrun job (or make a one-process group without torchrun) and pick the device.
 
     Backend NCCL on CUDA, gloo on CPU; under torchrun each process takes `cuda:LOCAL_RANK`.
+    A collective that waits more than `timeout_s` for another process fails (parallel.timeout_s).
     Strategy "none" under a multi-process torchrun is refused: every process would train
     the whole model on the whole batch and write the same run folder.
     """
@@ -124,6 +128,7 @@ def process_group(strategy: str, device_name: str) -> Iterator[tuple[Distributed
     if device.type == "cuda" and device.index is None:  # set_device and DDP's device_ids need an index
         device = torch.device("cuda", torch.cuda.current_device())
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     owns = not dist.is_initialized()
     if owns and launched_by_torchrun():
         if device.type == "cuda":
@@ -135,11 +140,11 @@ def process_group(strategy: str, device_name: str) -> Iterator[tuple[Distributed
                 )
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timeout)
     elif owns:  # not launched by torchrun: a group of one, so the same code path runs at world size 1
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     state = Distributed(strategy, dist.get_rank(), dist.get_world_size(), owns)
     try:
         yield state, device

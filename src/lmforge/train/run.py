@@ -30,7 +30,7 @@ from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import apply_lora
 from lmforge.runtime import autocast, matmul_peak_flops, seed_everything
-from lmforge.staging import MARKER, staged, write_marker
+from lmforge.staging import LOCK_FILE, MARKER, write_marker
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 from lmforge.train.monitor import METRICS_FILE, MetricsLog
@@ -255,23 +255,26 @@ def build_model(config: Config, init_from: Path | None, device: torch.device) ->
 
 
 def prepare_run_dir(run_dir: Path, config: Config, tokenizer_file: Path, resumed_at: int | None) -> None:
-    """A resumed run's log is cut back to its checkpoint; a new run gets a fresh folder, which
-    replaces in one rename whatever `check_out` allowed it to. Either way the folder holds the
+    """A resumed run's log is cut back to its checkpoint; a new run empties the folder that
+    `check_out` allowed it to replace (all but this process's lock), marks it first, so a kill
+    midway leaves a folder that --overwrite may still replace. Either way the folder holds the
     marker, the config and the tokenizer."""
     if resumed_at is None:
-        with staged(run_dir) as staging:
-            write_marker(staging, "run")
-            _write_run_files(staging, config, tokenizer_file)
-        return
-    MetricsLog.truncate(run_dir / METRICS_FILE, resumed_at)
-    if not (run_dir / MARKER).exists():  # a run from before markers: marked from now on
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_marker(run_dir, "run")
-    _write_run_files(run_dir, config, tokenizer_file)
-
-
-def _write_run_files(folder: Path, config: Config, tokenizer_file: Path) -> None:
-    (folder / "config.toml").write_text(config.to_toml())
-    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+        for entry in run_dir.iterdir():
+            if entry.name in (LOCK_FILE, MARKER):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    else:
+        MetricsLog.truncate(run_dir / METRICS_FILE, resumed_at)
+        if not (run_dir / MARKER).exists():  # a run from before markers: marked from now on
+            write_marker(run_dir, "run")
+    (run_dir / "config.toml").write_text(config.to_toml())
+    shutil.copyfile(tokenizer_file, run_dir / "tokenizer.json")
 
 
 def run_inputs(config: Config, config_file: Path | None) -> list[Path]:

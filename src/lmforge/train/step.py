@@ -12,7 +12,7 @@ from lmforge.errors import LmforgeError
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 
-MAX_CONSECUTIVE_SKIPS = 10
+MAX_CONSECUTIVE_SKIPS = 10  # train.on_nan = "skip": this many non-finite losses in a row stop the run
 
 
 class Stepper:
@@ -101,6 +101,6 @@ class NonFiniteGuard:
                 f'stopped without saving{where} (set train.on_nan = "skip" to skip such batches)'
             )
         self.in_a_row += 1
-        if self.in_a_row > MAX_CONSECUTIVE_SKIPS:
+        if self.in_a_row >= MAX_CONSECUTIVE_SKIPS:
             raise LmforgeError(f"{self.in_a_row} non-finite losses in a row up to step {step}; stopping")
         return False

@@ -18,6 +18,7 @@ from types import FrameType
 from lmforge.config import Config, TrainConfig, load_config
 from lmforge.errors import LmforgeError, TrainingInterrupted
 from lmforge.eval.lm import LMEval
+from lmforge.staging import locked
 from lmforge.train import distributed
 from lmforge.train.monitor import Monitor, StepResult
 from lmforge.train.optim import set_lr_factor
@@ -73,10 +74,12 @@ def train(
     docstring for what is saved.
 
     Under torchrun with parallel.strategy ddp or fsdp every process calls this; rank 0 alone
-    writes the run folder (but for its share of a checkpoint's DCP shards).
+    writes the run folder (but for its share of a checkpoint's DCP shards), and holds its lock.
     """
-    with distributed.process_group(config.parallel.strategy, config.train.device) as (dist, device):
-        return train_loop(build_run(config, Path(run_dir), resume, overwrite, dist, device, config_file))
+    run_dir, parallel = Path(run_dir), config.parallel
+    group = distributed.process_group(parallel.strategy, config.train.device, parallel.timeout_s)
+    with group as (dist, device), locked(run_dir, enabled=dist.is_main):  # no other process writes run_dir
+        return train_loop(build_run(config, run_dir, resume, overwrite, dist, device, config_file))
 
 
 def train_loop(run: Run) -> TrainSummary:
