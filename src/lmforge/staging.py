@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -167,7 +168,8 @@ def remove_stale_staging(parent: Path) -> None:
 @contextmanager
 def locked(folder: Path, enabled: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on FOLDER/.lock (creating the folder) while the body runs; if another
-    process holds it, stop at once with an error. The lock dies with its process, even on kill -9.
+    process holds it, stop at once with an error. The lock dies with its process, even on kill -9;
+    a file system that has no locks gets a warning.
 
     A folder made here that holds nothing but the lock at the end (its writer failed before
     writing anything) is removed again.
@@ -187,6 +189,12 @@ def locked(folder: Path, enabled: bool = True) -> Iterator[None]:
                 f"{folder} is in use by another lmforge process (it holds {folder / LOCK_FILE}); "
                 f"wait for that one to end, or stop it"
             ) from None
+        except OSError as exc:  # a file system without locks (Lustre without -o flock, ...): go on unguarded
+            print(
+                f"warning: {folder}: cannot lock {LOCK_FILE} ({exc.strerror}); "
+                f"nothing stops a second process from writing this folder",
+                file=sys.stderr,
+            )
         try:
             yield
         finally:

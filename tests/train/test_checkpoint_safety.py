@@ -236,6 +236,23 @@ def test_a_run_folder_in_use_is_refused(cli, config_file: Path, tmp_path: Path, 
     assert not (run / "metrics.jsonl").read_text().startswith("earlier run")
 
 
+def test_a_file_system_without_locks_gets_a_warning_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lustre mounted without `flock`, for one, answers ENOSYS: the run goes on, unprotected, and says so."""
+    from lmforge import staging
+
+    def unsupported(*args: object) -> None:
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(staging.fcntl, "flock", unsupported)
+    with staging.locked(tmp_path / "run"):
+        (tmp_path / "run" / "metrics.jsonl").write_text("")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"warning: {tmp_path / 'run'}: cannot lock")
+    assert os.strerror(errno.ENOSYS) in err
+
+
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(
     cli, config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
