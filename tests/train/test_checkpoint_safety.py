@@ -21,6 +21,7 @@ from lmforge import checkpoint as ckpt
 from lmforge.config import load_config
 from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
+from lmforge.staging import write_marker
 from lmforge.train.trainer import train
 from tests.conftest import TINY
 from tests.train.conftest import read_metrics
@@ -203,6 +204,7 @@ HOLD_LOCK = (
 def test_a_run_folder_in_use_is_refused(cli, config_file: Path, tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "run"
     run.mkdir()
+    write_marker(run, "run")  # an lmforge run folder, which --overwrite may replace when it is free
     (run / "metrics.jsonl").write_text("earlier run\n")
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(run / ".lock")], stdout=subprocess.PIPE, text=True
