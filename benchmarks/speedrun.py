@@ -27,6 +27,33 @@ BASELINE = REPO / "configs" / "nanogpt-shakespeare-char-cpu.toml"
 SPEEDRUN = REPO / "configs" / "speedrun-shakespeare-char-cpu.toml"
 
 
+def machine() -> dict:
+    """The CPU the figures come from: bf16 speed differs ~200x between this project's machine kinds."""
+    import torch
+
+    from lmforge.runtime import native_bf16
+
+    info = {"model": "unknown", "family": "unknown", "flags": ""}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            key, value = key.strip(), value.strip()
+            if key == "model name":
+                info["model"] = value
+            elif key == "cpu family":
+                info["family"] = value
+            elif key == "flags":
+                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+                info["flags"] = " ".join(f for f in value.split() if f in wanted)
+    return info | {
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16(torch.device("cpu")),
+    }
+
+
 def ensure_data(data_dir: Path) -> None:
     if not (data_dir / "meta.json").is_file():
         subprocess.run(
@@ -96,13 +123,18 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], help="override for every config but the baseline"
     )
+    parser.add_argument("--json", type=Path, help="also write the machine and the results to this file")
     args = parser.parse_args()
 
     os.environ.setdefault("LMFORGE_DATA_DIR", str(REPO.parent / "shared" / "data"))
     ensure_data(args.data)
-    import torch
-
-    print(f"torch {torch.__version__}, {os.cpu_count()} cpus, target val loss {args.target}")
+    cpu = machine()
+    print(
+        f"CPU {cpu['model']} (family {cpu['family']}; flags: {cpu['flags'] or 'none of note'}; "
+        f"torch capability {cpu['capability']}; native bf16: {cpu['native_bf16']}), {cpu['cpus']} cpus, "
+        f"torch {cpu['torch']}; target val loss {args.target}",
+        flush=True,
+    )
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for config in args.configs:
@@ -116,12 +148,16 @@ def main() -> None:
                 f"wall (training loop {r['train_s']:.1f} s); evals {r['evals']}",
                 flush=True,
             )
+    ratio = None
     if len(results) == 2 and all(r["reached"] for r in results):
         ratio = results[1]["wall_s"] / results[0]["wall_s"]
         print(
             f"ratio {results[1]['config']} / {results[0]['config']}: {ratio:.3f} "
             f"({results[0]['wall_s'] / results[1]['wall_s']:.2f}x faster)"
         )
+    if args.json:
+        record = {"machine": cpu, "results": results, "ratio": ratio}
+        args.json.write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     from lmforge.config import load_config
     from lmforge.data.loader import RandomWindows
     from lmforge.model import GPT
-    from lmforge.runtime import autocast, matmul_peak_flops, resolve_device, synchronize
+    from lmforge.runtime import autocast, matmul_peak_flops, resolve_device, resolve_dtype, synchronize
     from lmforge.train.optim import build_optimizers
     from lmforge.train.step import Stepper
 
@@ -49,6 +49,7 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     m, t = config.model, config.train
     m.vocab_size = m.vocab_size or 65
     device = resolve_device(t.device)
+    t.dtype = resolve_dtype(t.dtype, device)
     torch.manual_seed(t.seed)
     tokens = (
         np.random.default_rng(0)
@@ -68,16 +69,18 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
         t.grad_accum_steps,
         config.optim.grad_clip,
         t.compile,
+        count_flops=model.training_flops,
     )
-    peak = matmul_peak_flops(device, t.dtype, seconds=0.5)
+    peak = matmul_peak_flops(device, t.dtype)
     times: list[float] = []
     while len(times) < warmup + steps and (len(times) < warmup + 3 or sum(times[warmup:]) < budget_s):
         start = time.perf_counter()
-        _, _, tokens_per_step = stepper.gradients(batches)
+        done = stepper.gradients(batches)
         stepper.update()
         synchronize(device)
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times[warmup:])
+    tokens_per_step = done.tokens
     tokens_per_s = tokens_per_step / step_s
     memory = (
         torch.cuda.max_memory_allocated(device)
@@ -90,7 +93,7 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
         "first_step_s": times[0],
         "ms_per_step": 1000 * step_s,
         "tokens_per_s": tokens_per_s,
-        "mfu": model.flops_per_token() * tokens_per_s / peak,
+        "mfu": done.flops / step_s / peak,
         "peak_gflops": peak / 1e9,
         "peak_memory_mb": memory / 2**20,
     }

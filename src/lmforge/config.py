@@ -32,6 +32,8 @@ SEED_LIMIT = 2**32
 # Precision names, everywhere (config, CLI options); `runtime.DTYPES` maps them to torch dtypes.
 Dtype = Literal["fp32", "bf16", "fp16"]
 DTYPE_NAMES: tuple[str, ...] = typing.get_args(Dtype)
+# train.dtype also takes "auto", which the trainer resolves per device (`runtime.resolve_dtype`).
+TrainDtype = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -109,7 +111,9 @@ class TrainConfig:
     checkpoint_interval: int = 500  # 0: checkpoint only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept, besides the best
     seed: int = 1337  # of the initial weights and of the batches drawn
-    dtype: Dtype = "fp32"  # bf16, fp16: autocast over fp32 weights (fp16 with a grad scaler)
+    # auto: bf16 where the device computes it natively, else fp32; bf16/fp16 autocast over fp32
+    # weights (fp16 with a grad scaler). A run's saved config holds the resolved name.
+    dtype: TrainDtype = "auto"
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     on_nan: Literal["stop", "skip"] = "stop"  # at a non-finite loss: end the run, or skip that update

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import random
+import sys
 import time
 from typing import Any
 
@@ -13,6 +16,8 @@ import torch
 from lmforge.errors import LmforgeError
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# "0" or "1" forces the answer of `native_bf16`: tests take the other machine kind's code path with it.
+NATIVE_BF16_ENV = "LMFORGE_NATIVE_BF16"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -25,6 +30,37 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise LmforgeError(f"train.device is {name!r} but MPS is not available here")
     return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls in hardware. Where it does not (e.g. CPUs without
+    AVX-512: oneDNN emulates bf16 there, ~50x slower than fp32), bf16 is a slow path."""
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
+_warned_emulated: set[str] = set()
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast where `device` computes bf16 natively, else fp32. Other names stand;
+    an explicit bf16 where it is emulated runs, with a warning (once per process and device)."""
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if name == "bf16" and not native_bf16(device) and str(device) not in _warned_emulated:
+        _warned_emulated.add(str(device))
+        print(
+            f"warning: bf16 is emulated on {device} here (no native bf16 matmul), so it runs many times "
+            'slower than fp32; train.dtype = "auto" picks fp32 on this machine',
+            file=sys.stderr,
+        )
+    return name
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
@@ -61,11 +97,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(device: torch.device, dtype: str, seconds: float = 0.15) -> float:
-    """Measured dense-matmul FLOP/s for this device and dtype: the denominator of MFU."""
-    n = 8192 if device.type == "cuda" else 2048  # big enough to reach the plateau of the curve
-    a = torch.full((n, n), 0.5, device=device, dtype=DTYPES[dtype])  # no RNG use: seeding stays exact
-    b = torch.full((n, n), 0.25, device=device, dtype=DTYPES[dtype])
+def matmul_peak_flops(device: torch.device, dtype: str) -> float:
+    """Measured dense-matmul FLOP/s for this device and dtype: the denominator of MFU.
+
+    Where bf16 is emulated the fp32 peak stands in: it is the most this hardware does, and timing
+    the emulated path would take seconds. Measured once per device and dtype in a process.
+    """
+    if dtype == "bf16" and not native_bf16(device):
+        dtype = "fp32"
+    return _measured_peak(device, dtype)
+
+
+@functools.cache
+def _measured_peak(device: torch.device, dtype: str, seconds: float = 0.1) -> float:
+    # Near the plateau of FLOP/s against size, yet milliseconds per product: on a CPU a tall,
+    # thin product (2048 x 2048 @ 2048 x 256, 2 GFLOP) runs as fast per FLOP as a 2048³ one.
+    m, n = (8192, 8192) if device.type == "cuda" else (2048, 256)
+    a = torch.full((m, m), 0.5, device=device, dtype=DTYPES[dtype])  # no RNG use: seeding stays exact
+    b = torch.full((m, n), 0.25, device=device, dtype=DTYPES[dtype])
     a @ b  # warm-up
     synchronize(device)
     runs, start = 0, time.perf_counter()
@@ -76,4 +125,4 @@ def matmul_peak_flops(device: torch.device, dtype: str, seconds: float = 0.15) -
             synchronize(device)
     synchronize(device)
     elapsed = time.perf_counter() - start
-    return 2 * n**3 * runs / elapsed
+    return 2 * m * m * n * runs / elapsed

@@ -123,14 +123,48 @@ def test_init_scales_residual_projections() -> None:
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
 
 
-def test_param_count_and_flops_match_nanogpt_formula() -> None:
+def test_param_count_matches_nanogpt_and_flops_count_the_matmuls() -> None:
     config = ModelConfig(n_layer=4, n_head=4, d_model=128, block_size=64, vocab_size=65)
     model = GPT(config)
     d, L, V, T = 128, 4, 65, 64
     per_layer = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
     assert model.num_params() == V * d + T * d + L * per_layer + 2 * d
-    n = model.num_params() - T * d  # nanoGPT's get_num_params(): without position embeddings
-    assert model.flops_per_token() == 6 * n + 12 * L * d * T
+    matrices = V * d + L * (3 * d * d + d * d + 4 * d * d + 4 * d * d)  # nanoGPT's 6N counts biases too
+    assert model.flops_per_token() == 6 * matrices + 12 * L * d * T
+
+
+def measured_flops(model: GPT, idx: torch.Tensor, targets: torch.Tensor, only_targets: bool) -> int:
+    """What torch's FLOP counter sees in a forward and backward (attention as explicit matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, targets, only_targets=only_targets)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_training_flops_equal_torch_flop_counter(options: dict) -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(**options))
+    idx, targets = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
+    assert model.training_flops(3, 12) == measured_flops(model, idx, targets, only_targets=False)
+
+
+def test_training_flops_count_the_head_where_it_runs_and_frozen_weights() -> None:
+    from lmforge.model.gpt import head_rows
+
+    torch.manual_seed(0)
+    model = GPT(tiny(tie_embeddings=False, block_size=64))
+    idx, targets = torch.randint(0, 50, (4, 40)), torch.randint(0, 50, (4, 40))
+    targets[:, :30] = -100  # a masked prompt: the head runs at 40 rows, padded to ROW_MULTIPLE
+    rows = head_rows(targets)
+    assert rows == 128
+    assert model.training_flops(4, 40, rows) == measured_flops(model, idx, targets, only_targets=True)
+    model.head.weight.requires_grad_(False)  # a frozen weight: only its input's gradient
+    assert model.training_flops(4, 40, rows) == measured_flops(model, idx, targets, only_targets=True)
+    assert model.training_flops(4, 40, rows) < model.training_flops(4, 40)
 
 
 def test_generate_greedy_matches_argmax_of_full_forward() -> None:

@@ -148,7 +148,9 @@ def test_memory_split_per_strategy(dtype: str, accum: int) -> None:
 
 def test_time_arithmetic() -> None:
     assert training_seconds(1e9, 6e8, 8, 1e15, 0.5) == pytest.approx(1e9 * 6e8 / (8 * 1e15 * 0.5))
-    config = config_of("train.max_steps=100", "train.batch_size=4", "train.grad_accum_steps=2")
+    config = config_of(
+        "train.max_steps=100", "train.batch_size=4", "train.grad_accum_steps=2", "train.dtype=fp32"
+    )
     e = estimate(config, devices=2, device_type="h100", mfu=0.5)
     assert e.budget_tokens == 100 * 4 * 2 * 32 and e.peak_flops == 67e12  # fp32: no tensor cores
     assert e.budget_seconds == pytest.approx(e.budget_tokens * e.params.flops_per_token / (2 * 67e12 * 0.5))
@@ -157,6 +159,12 @@ def test_time_arithmetic() -> None:
     assert e.chinchilla_seconds / e.budget_seconds == pytest.approx(e.chinchilla_tokens / e.budget_tokens)
     bf16 = estimate(config_of("train.dtype=bf16"), device_type="a100", tokens=1e6, peak_flops=None)
     assert bf16.peak_flops == 312e12 and bf16.budget_tokens == 1e6 and bf16.budget_source == "--tokens"
+    auto = estimate(config_of(), device_type="a100")  # train.dtype = "auto": what the trainer would pick
+    assert (
+        auto.dtype == "bf16"
+        and auto.peak_flops == 312e12
+        and "train.dtype auto is bf16 on a100" in auto.notes
+    )
     given = estimate(config_of(), device_type="cpu", peak_flops=1e11)
     assert given.peak_flops == 1e11 and given.peak_flops_source == "given"
 
@@ -194,7 +202,7 @@ def test_cli_prints_the_table_and_json(cli, tmp_path: Path) -> None:
     result = json.loads(out)
     assert result["params"]["total"] == params and result["budget_tokens"] == 1e9 and result["mfu"] == 0.3
     assert set(result["memory"]) == {"none", "none+ac", "ddp", "ddp+ac", "fsdp", "fsdp+ac"}
-    assert result["peak_flops"] == 67e12  # fp32 on an H200: no tensor cores
+    assert result["peak_flops"] == 989e12 and result["dtype"] == "bf16"  # train.dtype auto on an H200
 
 
 @pytest.mark.parametrize(

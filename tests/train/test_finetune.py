@@ -198,3 +198,31 @@ def test_eval_without_task_reports_the_completion_loss(cli, sst2_small: Path, tm
     assert code == 0, err
     result = json.loads(out)
     assert result["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-6) and "bpb" not in result
+
+
+def test_mfu_of_a_finetuning_step_counts_the_flops_torch_measures(sst2_small: Path, tmp_path: Path) -> None:
+    """The head runs only at completion positions; MFU must charge it there, not at every token."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lmforge.config import load_config
+    from lmforge.train.distributed import Distributed
+    from lmforge.train.run import build_run
+    from lmforge.train.step import NonFiniteGuard
+    from lmforge.train.trainer import open_monitor, train_step
+
+    data = [f"data.dir={sst2_small}", f"data.tokenizer={sst2_small / 'tokenizer.json'}", "data.kind=sft"]
+    config = load_config(None, [*data, *TINY, "model.block_size=128"])
+    run = build_run(config, tmp_path / "run", False, False, Distributed(), torch.device("cpu"))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        result = train_step(run, NonFiniteGuard("stop", False))
+    assert result.flops == counter.get_total_flops()
+    with open_monitor(run) as monitor:
+        monitor.step(result)
+    steps, _ = read_metrics(tmp_path / "run")
+    assert steps[0]["mfu"] == pytest.approx(result.flops / result.seconds / run.peak_flops)
+    every_position = (
+        run.state.module.flops_per_token(result.tokens // config.train.batch_size) * result.tokens
+    )
+    assert result.flops < every_position  # what the old formula charged

@@ -96,3 +96,44 @@ def test_each_optimizer_lowers_the_loss(name: str) -> None:
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
     assert math.isfinite(losses[-1])
+
+
+def muon_steps(optimizer_class: type, **options) -> list[torch.Tensor]:
+    """Three steps on matrices of repeated, tall and wide shapes, from fixed gradients."""
+    torch.manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(shape)) for shape in [(48, 16), (16, 16), (16, 48), (16, 16), (48, 16)]
+    ]
+    optimizer = optimizer_class(params, lr=0.02, weight_decay=0.1, **options)
+    for _ in range(3):
+        for param in params:
+            param.grad = torch.randn_like(param)
+        optimizer.step()
+    return [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("options", [{}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"}])
+def test_muon_in_bf16_updates_exactly_as_the_stock_optimizer(options: dict) -> None:
+    from lmforge.train.optim import Muon
+
+    ours = muon_steps(Muon, ns_dtype=torch.bfloat16, **options)
+    stock = muon_steps(torch.optim.Muon, **options)
+    for a, b in zip(ours, stock, strict=True):
+        assert torch.equal(a, b)
+    # fp32 iterations: the same update up to bf16's rounding
+    for a, b in zip(muon_steps(Muon, ns_dtype=torch.float32, **options), stock, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize(("native", "ns_dtype"), [("0", torch.float32), ("1", torch.bfloat16)])
+def test_muon_iterates_in_bf16_only_where_it_is_native(
+    monkeypatch, native: str, ns_dtype: torch.dtype
+) -> None:
+    from lmforge.runtime import NATIVE_BF16_ENV
+
+    monkeypatch.setenv(NATIVE_BF16_ENV, native)
+    muon, _ = build_optimizers(model(), OptimConfig(name="muon"))
+    assert muon.ns_dtype == ns_dtype
+    # a checkpoint of either optimizer loads into the other
+    stock = torch.optim.Muon([p for g in muon.param_groups for p in g["params"]])
+    stock.load_state_dict(muon.state_dict())

@@ -265,16 +265,38 @@ class GPT(nn.Module):
         """All trainable parameters, a tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def matmul_params(self) -> int:
-        """Parameters that take part in a matmul per token: not the embedding lookups."""
-        n = self.num_params()
-        if self.pos_embed is not None:
-            n -= self.pos_embed.weight.numel()
-        if not self.config.tie_embeddings:  # the input embedding is a lookup; the head is the matmul
-            n -= self.embed.weight.numel()
-        return n
-
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6N for the weights plus 12·L·d·T for attention (PaLM, appendix B)."""
+        """Training FLOPs per token at every position of `seq_len`-token sequences (block_size):
+        about 6N for the weights plus 12·L·d·T for attention (PaLM, appendix B)."""
         T = seq_len or self.config.block_size
-        return 6 * self.matmul_params() + 12 * self.config.n_layer * self.config.d_model * T
+        return self.training_flops(1, T) / T
+
+    def training_flops(self, batch: int, seq_len: int, head_rows: int | None = None) -> float:
+        """Matmul FLOPs of one forward and backward pass over `batch` sequences of `seq_len` tokens.
+
+        Per weight and token: 2 forward and 4 backward, or 2 for a frozen weight (only its input's
+        gradient). The head runs at `head_rows` rows (`only_targets`), else at every token.
+        Attention adds 12·d·T per layer and token. Lookups, norms and element-wise ops are free.
+        """
+        tokens = batch * seq_len
+        head = self.head.weight
+        lookups = {id(self.embed.weight)} | (
+            {id(self.pos_embed.weight)} if self.pos_embed is not None else set()
+        )
+        per_token = sum(
+            (6 if p.requires_grad else 4) * p.numel()
+            for p in self.parameters()
+            if p.dim() >= 2 and id(p) not in lookups and p is not head
+        )
+        head_flops = (
+            (6 if head.requires_grad else 4) * head.numel() * (tokens if head_rows is None else head_rows)
+        )
+        attention = 12 * self.config.n_layer * self.config.d_model * seq_len * tokens
+        return per_token * tokens + head_flops + attention
+
+
+def head_rows(targets: torch.Tensor) -> int:
+    """The rows the head runs on in `forward(..., only_targets=True)`: the targets that count,
+    padded to a multiple of ROW_MULTIPLE."""
+    kept = int((targets != IGNORE_INDEX).sum())
+    return kept + -kept % ROW_MULTIPLE

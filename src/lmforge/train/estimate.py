@@ -35,6 +35,7 @@ from torch import nn
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, mlp_hidden_size
+from lmforge.runtime import matmul_peak_flops, resolve_dtype
 from lmforge.train.optim import split_parameters
 
 FP32 = 4  # bytes
@@ -350,6 +351,9 @@ def estimate(
     """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
     _check_arguments(devices, device_type, mfu, tokens, peak_flops)
     notes = _settle_model(config)
+    if config.train.dtype == "auto":  # what the trainer would pick: the listed GPUs all have bf16
+        config.train.dtype = resolve_dtype("auto", torch.device("cpu")) if device_type == "cpu" else "bf16"
+        notes.append(f"train.dtype auto is {config.train.dtype} on {device_type}")
     params = count_parameters(config.model)
     t, cpu = config.train, device_type == "cpu"
     table = {}
@@ -420,8 +424,6 @@ def _peak_flops(given: float | None, device_type: str, dtype: str) -> tuple[floa
     if given is not None:
         return given, "given"
     if device_type == "cpu":
-        from lmforge.runtime import matmul_peak_flops
-
         return matmul_peak_flops(torch.device("cpu"), "fp32" if dtype == "fp32" else "bf16"), "measured"
     return DEVICE_PEAK_FLOPS[device_type][dtype], f"{device_type} {dtype} dense"
 

@@ -25,6 +25,7 @@ class StepResult:
     grad_norm: float  # before clipping
     lr: float
     tokens: int  # input tokens of the whole global batch
+    flops: float  # matmul FLOPs of the update's forward and backward passes, all ranks
     seconds: float
     elapsed_s: float  # since the run began, resumed runs included
     skipped: bool  # a non-finite loss: the update was not applied
@@ -71,14 +72,13 @@ class Monitor:
         run_dir: Path | None,
         max_steps: int,
         first_step: int,
-        flops_per_token: float,
         peak_flops: float,
         progress: bool = True,
         bar_interval: int = 10,
     ) -> None:
         self.metrics = MetricsLog(run_dir / METRICS_FILE if run_dir is not None else None)
         self.max_steps, self.bar_interval = max_steps, bar_interval
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.peak_flops = peak_flops
         disable = not progress or run_dir is None
         self.bar = tqdm(total=max_steps, initial=first_step, unit="step", disable=disable, dynamic_ncols=True)
         self.silent = run_dir is None
@@ -91,7 +91,7 @@ class Monitor:
             "lr": result.lr,
             "grad_norm": result.grad_norm,
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * result.tokens / result.seconds / self.peak_flops,
+            "mfu": result.flops / result.seconds / self.peak_flops,
             "elapsed_s": result.elapsed_s,
         }
         if result.skipped:

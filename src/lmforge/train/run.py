@@ -29,7 +29,7 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import apply_lora
-from lmforge.runtime import autocast, matmul_peak_flops, seed_everything
+from lmforge.runtime import autocast, matmul_peak_flops, resolve_dtype, seed_everything
 from lmforge.staging import LOCK_FILE, MARKER, write_marker
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
@@ -44,6 +44,7 @@ class LoopState:
 
     step: int = 0  # optimizer updates done
     tokens_seen: int = 0  # input tokens of every global batch so far
+    flops_done: float = 0.0  # matmul FLOPs of every update so far (the numerator of MFU)
     elapsed_s: float = 0.0  # wall time of the run, earlier sessions of a resumed run included
     best_val_loss: float | None = None  # lowest val loss so far: the `best` checkpoint
     skipped_steps: int = 0  # updates skipped for a non-finite loss (train.on_nan = "skip")
@@ -89,6 +90,7 @@ class Run:
             t.compile,
             dist,
             only_targets=config.data.kind == "sft",
+            count_flops=state.module.training_flops,
         )
         peak_flops = matmul_peak_flops(device, t.dtype) * dist.world  # MFU of the whole job
         clock_start = time.perf_counter() - state.progress.elapsed_s
@@ -129,7 +131,9 @@ def build_run(
     device: torch.device,
     config_file: Path | None = None,
 ) -> Run:
-    """Check the inputs, then build (or restore) every object of the run; rank 0 sets up `run_dir`."""
+    """Check the inputs, then build (or restore) every object of the run; rank 0 sets up `run_dir`.
+    The run's config (kept in `Run` and saved) names the precision that train.dtype = "auto" chose."""
+    config = with_dtype(config, resolve_dtype(config.train.dtype, device))
     t = config.train
     check_batch_split(t.batch_size, dist.world)
     resume_from = Checkpointer.find_resume_point(run_dir, resume, overwrite, run_inputs(config, config_file))
@@ -165,6 +169,10 @@ def check_batch_split(batch_size: int, world: int) -> None:
             f"train.batch_size ({batch_size}) must be divisible by the number of processes "
             f"({world}): each takes an equal share of every micro-batch"
         )
+
+
+def with_dtype(config: Config, dtype: str) -> Config:
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, dtype=dtype))
 
 
 def resolve_init_from(config: Config) -> Path | None:

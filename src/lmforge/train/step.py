@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.model.gpt import head_rows
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 
 MAX_CONSECUTIVE_SKIPS = 10  # train.on_nan = "skip": this many non-finite losses in a row stop the run
+
+
+class Gradients(NamedTuple):
+    """What one accumulation of gradients did (over all ranks)."""
+
+    loss: float  # mean loss of the global batch
+    grad_norm: float  # global gradient norm before clipping
+    tokens: int  # input tokens, padding included
+    flops: float  # matmul FLOPs of the forward and backward passes actually run
 
 
 class Stepper:
@@ -36,6 +47,7 @@ class Stepper:
         compile: bool = False,
         dist: Distributed | None = None,
         only_targets: bool = False,
+        count_flops: Callable[[int, int, int | None], float] | None = None,
     ) -> None:
         self.model, self.optimizers, self.scaler, self.amp = model, optimizers, scaler, amp
         self.device = device
@@ -44,15 +56,18 @@ class Stepper:
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
         self.dist = dist or Distributed()
+        # (batch, seq_len, head rows or None) -> FLOPs, e.g. GPT.training_flops; None counts nothing
+        self.count_flops = count_flops
 
-    def gradients(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, int]:
-        """Accumulate gradients; return (mean loss, global grad norm before clipping,
-        input tokens of all ranks)."""
+    def gradients(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Gradients:
+        """Accumulate the gradients of one update; unscale and clip them."""
         loss_sum = torch.zeros((), device=self.device)
-        tokens = 0
+        tokens, flops = 0, 0.0
         for micro in range(self.grad_accum_steps):
             x, y = next(batches)
             tokens += x.numel()  # padded fine-tuning batches vary in length
+            if self.count_flops is not None:  # counted on the host batch: no device sync
+                flops += self.count_flops(x.size(0), x.size(1), head_rows(y) if self.only_targets else None)
             x, y, share = self.dist.shard(x, y)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.dist.gradient_sync(self.model, micro == self.grad_accum_steps - 1):
@@ -65,7 +80,8 @@ class Stepper:
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm)
-        return self.dist.mean(loss_sum).item() / self.grad_accum_steps, grad_norm.item(), tokens
+        loss = self.dist.mean(loss_sum).item() / self.grad_accum_steps
+        return Gradients(loss, grad_norm.item(), tokens, flops)
 
     def update(self, apply: bool = True) -> None:
         """Step the optimizers (unless told to skip this batch) and clear the gradients."""

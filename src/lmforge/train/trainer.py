@@ -89,6 +89,7 @@ def train_loop(run: Run) -> TrainSummary:
     last_eval, last_eval_step = None, -1
     run.state.wrapped.train()
     with open_monitor(run) as monitor, StopSignals() as stop:
+        monitor.say(f"training on {run.device} in {t.dtype}, {run.state.module.num_params():,} parameters")
         while progress.step < t.max_steps:
             monitor.step(train_step(run, guard))
             val_loss = None
@@ -126,16 +127,27 @@ def train_step(run: Run, guard: NonFiniteGuard) -> StepResult:
     start = time.perf_counter()
     factor = lr_factor(progress.step, config.schedule, config.train.max_steps, config.optim.lr)
     set_lr_factor(run.state.optimizers, factor)
-    loss, grad_norm, tokens = run.stepper.gradients(run.state.batches)
-    apply = guard.allows_update(loss, grad_norm, progress.step + 1, run.checkpointer.latest)
+    done = run.stepper.gradients(run.state.batches)
+    apply = guard.allows_update(done.loss, done.grad_norm, progress.step + 1, run.checkpointer.latest)
     run.stepper.update(apply=apply)
     progress.step += 1
-    progress.tokens_seen += tokens
+    progress.tokens_seen += done.tokens
+    progress.flops_done += done.flops
     if not apply:
         progress.skipped_steps += 1
     seconds = time.perf_counter() - start
     lr = config.optim.lr * factor
-    return StepResult(progress.step, loss, grad_norm, lr, tokens, seconds, run.elapsed(), skipped=not apply)
+    return StepResult(
+        progress.step,
+        done.loss,
+        done.grad_norm,
+        lr,
+        done.tokens,
+        done.flops,
+        seconds,
+        run.elapsed(),
+        not apply,
+    )
 
 
 def open_monitor(run: Run) -> Monitor:
@@ -144,7 +156,6 @@ def open_monitor(run: Run) -> Monitor:
         run.run_dir if run.dist.is_main else None,
         max_steps=run.config.train.max_steps,
         first_step=run.progress.step,
-        flops_per_token=run.state.module.flops_per_token(),
         peak_flops=run.peak_flops,
         progress=run.config.log.progress,
         bar_interval=run.config.log.interval,
@@ -158,7 +169,7 @@ def summarize(run: Run, final_eval: LMEval | None, checkpoint: Path) -> TrainSum
         steps=run.progress.step,
         elapsed_s=elapsed,
         tokens_per_s=tokens_per_s,
-        mfu=tokens_per_s * run.state.module.flops_per_token() / run.peak_flops,
+        mfu=run.progress.flops_done / max(elapsed, 1e-9) / run.peak_flops,
         final_eval=final_eval,
         checkpoint=checkpoint,
     )
