@@ -294,7 +294,7 @@ class AuditReport:
             lines.append(
                 f"  {row['repeats']:>7}{row['canaries']:>10}{row['exposure_sampled']:>10.2f}"
                 f"{row['exposure_fit']:>8.2f}"
-                f"{row['exposure_fit_min']:>8.2f} - {row['exposure_fit_max']:<5.2f}"
+                f"{row['exposure_fit_min']:>8.2f} - {row['exposure_fit_max']:.2f}"
             )
         return [*lines, ""]
 
