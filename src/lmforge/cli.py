@@ -66,6 +66,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from lmforge.data.canaries import check_spec
+    from lmforge.data.pii import parse_kinds
     from lmforge.data.prepare import prepare
 
     prepare(
@@ -79,6 +81,8 @@ def _prepare(args: argparse.Namespace) -> int:
         invalid_utf8=args.invalid_utf8,
         progress=not args.quiet,
         unknown_chars=args.unknown_chars,
+        scrub_pii=parse_kinds(args.scrub_pii),
+        canaries=check_spec(args.canaries, args.canary_repeats, args.seed),
     )
     return 0
 
@@ -114,8 +118,32 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
         help="text a tokenizer.json cannot represent: stop with an error (default), replace it with the "
         "tokenizer's unknown token, or skip it; a count goes to stderr",
     )
+    _add_privacy_args(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_prepare)
+
+
+def _add_privacy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scrub-pii",
+        nargs="?",
+        const="all",
+        metavar="KINDS",
+        help="replace personal data with placeholders before tokenizing: all (the default KINDS) or a "
+        "comma-separated list of url, email, iban, card, ip, phone; counts go to meta.json",
+    )
+    p.add_argument(
+        "--canaries",
+        type=int,
+        metavar="N",
+        help="insert N random secrets ('my PIN is 4 8 1 9 0 2') per repeat count into the train split, "
+        "saved to OUT/canaries.json for `lmforge audit`",
+    )
+    p.add_argument(
+        "--canary-repeats",
+        metavar="R1,R2,...",
+        help="how many times each group of canaries is inserted (default 1,4,16; 0: never, a control)",
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -352,6 +380,59 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_sample)
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from lmforge.eval.audit import AuditOptions, audit_checkpoint
+
+    options = AuditOptions(
+        alternatives=args.alternatives,
+        prefixes=args.prefixes,
+        prefix_tokens=args.prefix_tokens,
+        k=args.k,
+        sequences=args.sequences,
+        sequence_tokens=args.sequence_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    report = audit_checkpoint(
+        Path(args.target),
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        Path(args.data) if args.data else None,
+        Path(args.canaries) if args.canaries else None,
+        options,
+    )
+    print(report.json_line() if args.json else report.text())
+    return 0
+
+
+def _add_audit(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser(
+        "audit",
+        help="leakage audit: canary exposure, verbatim memorisation, membership inference AUC",
+        description="Measure what a checkpoint gives away about its training data: the exposure of "
+        "the canaries `prepare --canaries` inserted, by repeat count; the share of train vs val prefixes "
+        "whose greedy continuation is verbatim; the AUC of membership inference by loss.",
+    )
+    _add_checkpoint_args(p)
+    p.add_argument("--data", help="prepared data folder (default: the run's data.dir)")
+    p.add_argument("--canaries", help="canaries.json (default: DATA/canaries.json, if there)")
+    p.add_argument(
+        "--alternatives", type=positive_int, default=10_000, help="random secrets each canary is ranked among"
+    )
+    p.add_argument("--prefixes", type=positive_int, default=256, help="memorisation: prefixes per split")
+    p.add_argument("--prefix-tokens", type=positive_int, default=64, help="memorisation: prefix length")
+    p.add_argument("--k", type=positive_int, default=32, help="memorisation: tokens to reproduce")
+    p.add_argument("--sequences", type=positive_int, default=512, help="membership: sequences per split")
+    p.add_argument(
+        "--sequence-tokens", type=positive_int, help="membership: sequence length (default block_size)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--seed", type=seed, default=0, help="seed for the alternatives and windows drawn")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_audit)
+
+
 def shard_bytes(size_gb: float) -> int:
     """--max-shard-size-gb in bytes; NaN, infinities, zero and less than a byte are refused."""
     if not math.isfinite(size_gb) or size_gb * 10**9 < 1:
@@ -420,6 +501,7 @@ VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_estimate,
     _add_eval,
     _add_sample,
+    _add_audit,
     _add_export,
     _add_import,
     _add_tasks,

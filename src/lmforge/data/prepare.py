@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -23,6 +24,8 @@ from tqdm import tqdm
 
 from lmforge import __version__
 from lmforge.data import tokenizer as tok
+from lmforge.data.canaries import CanaryInserter, CanarySpec, canary_alphabet, save_canaries
+from lmforge.data.pii import Scrubber, count_summary
 from lmforge.data.sources import Corpus, Document, open_corpus
 from lmforge.errors import LmforgeError
 from lmforge.staging import check_out, staged_folder
@@ -40,6 +43,7 @@ class _Scan:
     chars: int = 0
     text_bytes: int = 0
     alphabet: set[str] = field(default_factory=set)
+    document_chars: array = field(default_factory=lambda: array("q"))  # of each non-empty document
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,52 @@ class _Layout:
     split_char: int | None  # the corpus character where val begins, when is_val is None
     eot: int | None  # appended after every document; None with a single document
 
+    def train_chars(self, scan: _Scan) -> int:
+        """Characters of the corpus that go to the train split."""
+        if self.is_val is None:
+            return self.split_char
+        return int(np.asarray(scan.document_chars)[~self.is_val].sum())
+
+
+@dataclass
+class _Privacy:
+    """What `--scrub-pii` and `--canaries` change in the text on its way to the tokenizer."""
+
+    pii_kinds: tuple[str, ...] = ()
+    canaries: CanarySpec | None = None
+    scrubber: Scrubber | None = None  # the second pass's, whose counts go to meta.json
+    inserter: CanaryInserter | None = None
+
+    def scrubber_for_pass(self) -> Scrubber | None:
+        """A fresh scrubber (both passes must see the same text); the last one made is kept."""
+        self.scrubber = Scrubber(self.pii_kinds) if self.pii_kinds else None
+        return self.scrubber
+
+    def documents(self, corpus: Corpus) -> Iterator[Document]:
+        """The corpus's documents, scrubbed of personal data when asked, by this pass's scrubber."""
+        scrubber = self.scrubber_for_pass()
+        for document in corpus.documents():
+            if scrubber is None:
+                yield document
+            else:
+                yield Document(scrubber.stream(document), document.path, document.line)
+
+    def write(self, staging: Path, meta: dict) -> None:
+        """Record the scrub counts and canaries in meta.json (and canaries.json)."""
+        if self.scrubber is not None:
+            meta["pii"] = {"kinds": list(self.pii_kinds), "replaced": dict(self.scrubber.counts)}
+        if self.inserter is not None:
+            assert self.inserter.done == len(self.inserter.places), "a canary was not inserted"
+            meta["canaries"] = save_canaries(staging, self.inserter.canaries, self.canaries)
+
+    def summary(self) -> str:
+        parts = []
+        if self.scrubber is not None:
+            parts.append(f"replaced PII: {count_summary(self.scrubber.counts)}")
+        if self.inserter is not None:
+            parts.append(f"inserted {len(self.inserter.places):,} canary lines (canaries.json)")
+        return "".join(f"; {part}" for part in parts)
+
 
 def prepare(
     input: str,
@@ -88,11 +138,15 @@ def prepare(
     invalid_utf8: str = "error",
     progress: bool = True,
     unknown_chars: str = "error",
+    scrub_pii: tuple[str, ...] = (),
+    canaries: CanarySpec | None = None,
 ) -> PrepareReport:
     """Tokenize INPUT into OUT/{train,val}.bin, OUT/tokenizer.json and OUT/meta.json.
 
     `unknown_chars` says what becomes of text a user's tokenizer.json cannot represent: "error"
     (the default), "replace" (with its unknown token) or "skip". Built-in tokenizers represent all text.
+    `scrub_pii` names the kinds of personal data (`lmforge.data.pii.KINDS`) replaced by placeholders
+    in both passes; `canaries` are inserted into the train split and saved to OUT/canaries.json.
     """
     out = Path(out)
     _check_arguments(tokenizer, vocab_size, val_fraction, invalid_utf8, unknown_chars)
@@ -101,17 +155,22 @@ def prepare(
     check_out(out, "data", overwrite, [p for p in (Path(input), *tokenizer_file) if p.exists()])
     user_tokenizer = None if tokenizer in tok.BUILTIN_KINDS else tok.load_tokenizer(tokenizer)
     coverage = None if user_tokenizer is None else tok.TextCoverage(user_tokenizer, unknown_chars, tokenizer)
+    if coverage is not None and canaries is not None and coverage.unknown("".join(sorted(canary_alphabet()))):
+        raise LmforgeError(f"{tokenizer}: the tokenizer cannot represent the canaries' digits and text")
     corpus = open_corpus(input, invalid_utf8)
     inputs = [*corpus.files, *tokenizer_file]
+    privacy = _Privacy(scrub_pii, canaries)
 
     start = time.perf_counter()
-    scan, tokenizer_obj = _first_pass(corpus, input, tokenizer, vocab_size, user_tokenizer, progress)
+    scan, tokenizer_obj = _first_pass(corpus, input, tokenizer, vocab_size, user_tokenizer, progress, privacy)
     scan_seconds = time.perf_counter() - start
     layout = _plan_layout(scan, tokenizer_obj, val_fraction, seed)
+    if canaries is not None:
+        privacy.inserter = CanaryInserter(canaries.draw(), layout.train_chars(scan), canaries.seed)
     with staged_folder(out, "data", overwrite, inputs) as staging:
         with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
             splits = {"train": _Split(train_file), "val": _Split(val_file)}
-            _encode(corpus, tokenizer_obj, layout, splits, scan.text_bytes, progress, coverage)
+            _encode(corpus, tokenizer_obj, layout, splits, scan.text_bytes, progress, coverage, privacy)
         if splits["train"].tokens == 0 or splits["val"].tokens == 0:
             raise LmforgeError(
                 f"{input}: too small to give a non-empty train and val split "
@@ -120,19 +179,28 @@ def prepare(
             )
         tokenizer_obj.save(str(staging / "tokenizer.json"))
         meta = _meta(corpus, scan, tokenizer, tokenizer_obj, layout, splits, val_fraction, seed)
+        privacy.write(staging, meta)
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     if coverage is not None and coverage.report():
         print(coverage.report(), file=sys.stderr)
     report = PrepareReport(meta, scan.text_bytes, scan_seconds, time.perf_counter() - start - scan_seconds)
+    _print_summary(report, corpus, tokenizer, out, privacy)
+    return report
+
+
+def _print_summary(
+    report: PrepareReport, corpus: Corpus, tokenizer: str, out: Path, privacy: _Privacy
+) -> None:
+    meta = report.meta
     print(
         f"prepared {corpus.source}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
-        f"vocab {layout.vocab_size:,} ({meta['tokenizer']}); {report.text_bytes / 1e6:.1f} MB of text, "
-        f"scan{'+train' if tokenizer == 'bpe' else ''} {scan_seconds:.1f} s, "
-        f"encode {report.encode_seconds:.1f} s ({report.encode_mb_per_s:.2f} MB/s) -> {out}",
+        f"vocab {meta['vocab_size']:,} ({meta['tokenizer']}); {report.text_bytes / 1e6:.1f} MB of text, "
+        f"scan{'+train' if tokenizer == 'bpe' else ''} {report.scan_seconds:.1f} s, "
+        f"encode {report.encode_seconds:.1f} s ({report.encode_mb_per_s:.2f} MB/s)"
+        f"{privacy.summary()} -> {out}",
         file=sys.stderr,
     )
-    return report
 
 
 def _first_pass(
@@ -142,10 +210,13 @@ def _first_pass(
     vocab_size: int | None,
     user_tokenizer: Tokenizer | None,
     progress: bool,
+    privacy: _Privacy,
 ) -> tuple[_Scan, Tokenizer]:
     """Scan the corpus once, training the BPE on the way; return what was learned and the tokenizer."""
     scan = _Scan()
-    chunks = _scan(corpus, scan, collect_alphabet=tokenizer == "char", progress=progress)
+    if privacy.canaries is not None:
+        scan.alphabet.update(canary_alphabet())  # a char vocabulary holds every secret of the format
+    chunks = _scan(corpus, scan, tokenizer == "char", progress, privacy)
     if tokenizer == "bpe":
         tokenizer_obj = tok.train_bpe(chunks, vocab_size or DEFAULT_BPE_VOCAB)
     else:
@@ -225,10 +296,12 @@ def _check_arguments(
         tok.check_bpe_vocab_size(vocab_size)
 
 
-def _scan(corpus: Corpus, scan: _Scan, collect_alphabet: bool, progress: bool) -> Iterator[str]:
+def _scan(
+    corpus: Corpus, scan: _Scan, collect_alphabet: bool, progress: bool, privacy: _Privacy
+) -> Iterator[str]:
     """First pass: yield every chunk (for BPE training) while filling in `scan`."""
     with tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc="scan", disable=not progress) as bar:
-        for document in corpus.documents():
+        for document in privacy.documents(corpus):
             chars = 0
             for chunk in document:
                 chars += len(chunk)
@@ -241,6 +314,7 @@ def _scan(corpus: Corpus, scan: _Scan, collect_alphabet: bool, progress: bool) -
             if chars:
                 scan.documents += 1
                 scan.chars += chars
+                scan.document_chars.append(chars)
 
 
 def _choose_val_documents(documents: int, val_fraction: float, seed: int) -> np.ndarray | None:
@@ -265,26 +339,35 @@ def _encode(
     total_bytes: int,
     progress: bool,
     coverage: tok.TextCoverage | None = None,
+    privacy: _Privacy | None = None,
 ) -> None:
     """Second pass: encode in batches and append ids to each split's shard, in corpus order.
 
     With whole-document splitting `layout.is_val` says where each document goes; otherwise
     the text before character `layout.split_char` of the corpus is train and the rest is val.
     `layout.eot`, if given, is appended after every document. With `coverage`, text that does not
-    survive the tokenizer is an error or handled by its policy.
+    survive the tokenizer is an error or handled by its policy. `privacy` scrubs the text and
+    inserts canaries into train pieces.
     """
     is_val, split_char = layout.is_val, layout.split_char
+    privacy = privacy or _Privacy()
+    inserter = privacy.inserter
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
         writer = _ShardWriter(tokenizer, layout.dtype, layout.eot, splits, bar, coverage)
         index = -1
         position = 0  # characters of the corpus before this chunk
-        for document in corpus.documents():
+        for document in privacy.documents(corpus):
             seen = 0
             for chunk in document:
                 if seen == 0:
                     index += 1
                 in_val = None if is_val is None else bool(is_val[index])
-                writer.add(_pieces(chunk, position, in_val, split_char, document, seen), len(chunk))
+                pieces = _pieces(chunk, position, in_val, split_char, document, seen)
+                if inserter is not None:
+                    pieces = [
+                        replace(p, text=inserter.insert(p.text)) if p.split == "train" else p for p in pieces
+                    ]
+                writer.add(pieces, len(chunk))
                 seen += len(chunk)
                 position += len(chunk)
             if seen and layout.eot is not None:

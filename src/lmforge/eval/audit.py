@@ -1,0 +1,352 @@
+"""`lmforge audit`: how much of its training data a checkpoint gives away.
+
+Three measurements, each on the run's prepared data (or `--data`):
+
+- **Canary exposure** (Carlini et al. 2019, "The Secret Sharer"): for each canary that `lmforge
+  prepare --canaries` inserted, its log-perplexity (summed loss of its tokens after a line break)
+  is ranked among that of `alternatives` random secrets of the same format. Exposure is
+  log2|R| - log2(rank), |R| = 10**digits. Two estimates: *sampled* puts the rank at
+  |R| * (1 + alternatives with a lower loss) / (alternatives + 1), so it is at most
+  log2(alternatives + 1); *normal fit* is the paper's extrapolation with a normal distribution (the
+  paper fits a skew-normal) fitted to the alternatives' log-perplexities: -log2 P(X <= canary's),
+  at most log2|R|. A never-inserted canary has an expected exposure of about 1.4 bits.
+- **Verbatim memorisation**: the share of `prefixes` random windows of the train split whose greedy
+  continuation of `prefix_tokens` tokens reproduces the next `k` tokens exactly, beside the same
+  share for the val split.
+- **Membership inference by loss**: the ROC AUC of "lower loss means member" separating `sequences`
+  random train windows from as many val windows (0.5: no signal). Note that a split by position
+  (one file, the tail held out) also differs in content, which shows up here as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.checkpoint import load_for_inference
+from lmforge.data.canaries import CANARIES_FILE, CanarySet, load_canaries
+from lmforge.data.loader import PreparedData
+from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.model.generate import generate
+from lmforge.runtime import autocast, resolve_device
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """How much of each measurement to run; the defaults take seconds for a small model on a CPU."""
+
+    alternatives: int = 10_000  # random secrets each canary is ranked among
+    prefixes: int = 256  # windows per split for verbatim memorisation
+    prefix_tokens: int = 64
+    k: int = 32  # tokens a greedy continuation must reproduce
+    sequences: int = 512  # windows per split for membership inference
+    sequence_tokens: int | None = None  # default: the model's block_size
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CanaryExposure:
+    secret: str
+    repeats: int
+    log_perplexity: float  # summed loss of the canary's tokens, in nats
+    exposure_sampled: float
+    exposure_fit: float
+
+
+@dataclass(frozen=True)
+class Memorisation:
+    prefixes: int
+    prefix_tokens: int
+    k: int
+    train_exact: float  # share of train prefixes whose continuation reproduces all k tokens
+    val_exact: float
+    train_token_match: float  # share of the k tokens reproduced, position by position
+    val_token_match: float
+
+
+@dataclass(frozen=True)
+class Membership:
+    sequences: int  # per split
+    sequence_tokens: int
+    auc: float
+    train_loss: float  # mean per-token loss of the train windows
+    val_loss: float
+
+
+def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(score of a positive > score of a negative), ties counted half: the Mann-Whitney U over
+    n_pos x n_neg, from the average ranks of all scores."""
+    scores = np.concatenate([positive, negative]).astype(np.float64)
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average_rank = first + (counts + 1) / 2.0  # 1-based rank shared by each group of ties
+    ranks = np.empty_like(scores)
+    ranks[order] = np.repeat(average_rank, counts)
+    n_pos, n_neg = len(positive), len(negative)
+    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def exposure_from_sample(loss: float, alternatives: np.ndarray) -> float:
+    """log2(|alternatives| + 1) - log2(1 + alternatives with a lower loss): the sampled estimate."""
+    below = int(np.searchsorted(np.sort(alternatives), loss, side="left"))
+    return math.log2(len(alternatives) + 1) - math.log2(below + 1)
+
+
+def exposure_from_fit(loss: float, alternatives: np.ndarray, space: int) -> float:
+    """-log2 P(X <= loss) for X normal with the alternatives' mean and deviation, capped at log2(space)."""
+    mean, std = float(alternatives.mean()), float(alternatives.std()) or 1e-12
+    cdf = 0.5 * math.erfc(-(loss - mean) / (std * math.sqrt(2.0)))
+    return min(-math.log2(cdf) if cdf > 0 else math.inf, math.log2(space))
+
+
+@torch.no_grad()
+def sequence_losses(
+    model: torch.nn.Module, rows: list[list[int]], score_from: int, device: torch.device, batch_size: int
+) -> np.ndarray:
+    """Per row, the summed loss (nats) of its tokens from position `score_from` on, each predicted from
+    those before it. Rows may differ in length (they are padded; padding is not scored)."""
+    sums = []
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i : i + batch_size]
+        width = max(map(len, batch))
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        scored = torch.zeros((len(batch), width - 1), dtype=torch.bool)
+        for r, row in enumerate(batch):
+            ids[r, : len(row)] = torch.tensor(row)
+            scored[r, score_from - 1 : len(row) - 1] = True
+        ids, scored = ids.to(device), scored.to(device)
+        logits, _ = model(ids[:, :-1])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        sums.append((nll * scored).sum(dim=1).double().cpu())
+    return torch.cat(sums).numpy()
+
+
+def canary_exposures(
+    model: torch.nn.Module, tokenizer, canaries: CanarySet, options: AuditOptions, device: torch.device
+) -> list[CanaryExposure]:
+    """Each canary's exposure among `options.alternatives` random secrets of its format."""
+    rng = np.random.default_rng([options.seed, 1])
+    space = 10**canaries.digits
+    secrets = [f"{int(n):0{canaries.digits}d}" for n in rng.integers(0, space, size=options.alternatives)]
+    secrets += [c.secret for c in canaries.canaries]
+    # Canaries stand on a line of their own: each is scored after a line break.
+    rows = [tokenizer.encode("\n" + canaries.text(s), add_special_tokens=False).ids for s in secrets]
+    if max(map(len, rows)) > model.config.block_size + 1:
+        raise LmforgeError(f"a canary is longer than the model's block_size ({model.config.block_size})")
+    losses = sequence_losses(model, rows, 1, device, options.batch_size)
+    alternatives = losses[: options.alternatives]
+    return [
+        CanaryExposure(
+            c.secret,
+            c.repeats,
+            float(loss),
+            exposure_from_sample(loss, alternatives),
+            exposure_from_fit(loss, alternatives, space),
+        )
+        for c, loss in zip(canaries.canaries, losses[options.alternatives :])
+    ]
+
+
+def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` random windows of `length` tokens, int64 [count, length]."""
+    starts = rng.integers(0, len(tokens) - length + 1, size=count)
+    return np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts])
+
+
+@torch.no_grad()
+def _greedy_matches(
+    model: torch.nn.Module, windows: np.ndarray, prefix_tokens: int, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """bool [N, k]: where the greedy continuation of each window's prefix equals its next tokens."""
+    matches = []
+    for i in range(0, len(windows), batch_size):
+        batch = torch.from_numpy(windows[i : i + batch_size]).to(device)
+        prompt, target = batch[:, :prefix_tokens], batch[:, prefix_tokens:]
+        produced = torch.stack(list(generate(model, prompt, target.size(1), temperature=0.0)), dim=1)
+        matches.append((produced == target).cpu())
+    return torch.cat(matches).numpy()
+
+
+def memorisation(
+    model: torch.nn.Module, data: PreparedData, options: AuditOptions, device: torch.device
+) -> Memorisation:
+    """Share of train and val prefixes whose greedy continuation reproduces the next k tokens."""
+    rng = np.random.default_rng([options.seed, 2])
+    length = options.prefix_tokens + options.k
+    result = {}
+    for split, tokens in (("train", data.train), ("val", data.val)):
+        windows = _windows(tokens, options.prefixes, length, rng)
+        match = _greedy_matches(model, windows, options.prefix_tokens, options.batch_size, device)
+        result[split] = (float(match.all(axis=1).mean()), float(match.mean()))
+    (train_exact, train_tokens), (val_exact, val_tokens) = result["train"], result["val"]
+    return Memorisation(
+        options.prefixes, options.prefix_tokens, options.k, train_exact, val_exact, train_tokens, val_tokens
+    )
+
+
+def membership(
+    model: torch.nn.Module, data: PreparedData, options: AuditOptions, device: torch.device
+) -> Membership:
+    """AUC of the per-sequence mean loss separating train windows (members) from val windows."""
+    rng = np.random.default_rng([options.seed, 3])
+    length = options.sequence_tokens or model.config.block_size
+    losses = {}
+    for split, tokens in (("train", data.train), ("val", data.val)):
+        rows = _windows(tokens, options.sequences, length + 1, rng).tolist()
+        losses[split] = sequence_losses(model, rows, 1, device, options.batch_size) / length
+    auc = roc_auc(-losses["train"], -losses["val"])  # lower loss scores higher as a member
+    return Membership(
+        options.sequences, length, auc, float(losses["train"].mean()), float(losses["val"].mean())
+    )
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The three measurements of one checkpoint, as a table or as JSON."""
+
+    checkpoint: Path
+    step: int
+    data_dir: Path
+    options: AuditOptions
+    canary_format: str | None  # e.g. "my PIN is D D D D D D"; None without canaries.json
+    space: int | None  # |R|, the number of secrets of that format
+    canaries: list[CanaryExposure] | None
+    memorisation: Memorisation
+    membership: Membership
+
+    def exposure_by_repeats(self) -> list[dict]:
+        """Mean (and range of the normal-fit) exposure of the canaries inserted R times, per R."""
+        rows = []
+        for repeats in sorted({c.repeats for c in self.canaries or []}):
+            group = [c for c in self.canaries if c.repeats == repeats]
+            fit = [c.exposure_fit for c in group]
+            rows.append(
+                {
+                    "repeats": repeats,
+                    "canaries": len(group),
+                    "exposure_sampled": float(np.mean([c.exposure_sampled for c in group])),
+                    "exposure_fit": float(np.mean(fit)),
+                    "exposure_fit_min": min(fit),
+                    "exposure_fit_max": max(fit),
+                }
+            )
+        return rows
+
+    def as_dict(self) -> dict:
+        exposure = None
+        if self.canaries is not None:
+            exposure = {
+                "format": self.canary_format,
+                "space": self.space,
+                "alternatives": self.options.alternatives,
+                "by_repeats": self.exposure_by_repeats(),
+                "canaries": [asdict(c) for c in self.canaries],
+            }
+        return {
+            "checkpoint": str(self.checkpoint),
+            "step": self.step,
+            "data": str(self.data_dir),
+            "exposure": exposure,
+            "memorisation": asdict(self.memorisation),
+            "membership": asdict(self.membership),
+        }
+
+    def json_line(self) -> str:
+        return json.dumps(self.as_dict())
+
+    def text(self) -> str:
+        lines = [f"audit of {self.checkpoint} (step {self.step}) on {self.data_dir}", ""]
+        lines += self._exposure_lines()
+        m, b = self.memorisation, self.membership
+        lines += [
+            f"verbatim memorisation: greedy continuation of {m.prefixes:,} random {m.prefix_tokens}-token "
+            f"prefixes reproduces the next {m.k} tokens",
+            f"  {'split':<8}{'exact':>10}{'tokens':>10}",
+            f"  {'train':<8}{m.train_exact:>10.2%}{m.train_token_match:>10.2%}",
+            f"  {'val':<8}{m.val_exact:>10.2%}{m.val_token_match:>10.2%}",
+            "",
+            f"membership inference by loss: {b.sequences:,} train vs {b.sequences:,} val sequences of "
+            f"{b.sequence_tokens} tokens",
+            f"  AUC {b.auc:.4f} (0.5: no signal); mean loss train {b.train_loss:.4f}, val {b.val_loss:.4f}",
+        ]
+        return "\n".join(lines)
+
+    def _exposure_lines(self) -> list[str]:
+        if self.canaries is None:
+            return [f"canary exposure: no {CANARIES_FILE} in {self.data_dir} (prepare with --canaries)", ""]
+        alternatives = self.options.alternatives
+        lines = [
+            f'canary exposure: "{self.canary_format}", |R| = {self.space:,}, ranked among {alternatives:,} '
+            f"random secrets (sampled: at most {math.log2(alternatives + 1):.1f} bits; normal fit: at most "
+            f"{math.log2(self.space):.1f})",
+            f"  {'repeats':>7}{'canaries':>10}{'sampled':>10}{'fit':>8}{'fit range':>16}",
+        ]
+        for row in self.exposure_by_repeats():
+            lines.append(
+                f"  {row['repeats']:>7}{row['canaries']:>10}{row['exposure_sampled']:>10.2f}"
+                f"{row['exposure_fit']:>8.2f}"
+                f"{row['exposure_fit_min']:>8.2f} - {row['exposure_fit_max']:.2f}"
+            )
+        return [*lines, ""]
+
+
+def check_options(options: AuditOptions, block_size: int, data: PreparedData) -> None:
+    """One-line errors for options the model or the data cannot take."""
+    if options.prefix_tokens + options.k > block_size:
+        raise LmforgeError(
+            f"--prefix-tokens {options.prefix_tokens} + --k {options.k} is more than the model's "
+            f"block_size {block_size}"
+        )
+    length = options.sequence_tokens or block_size
+    if length > block_size:
+        raise LmforgeError(f"--sequence-tokens {length} is more than the model's block_size {block_size}")
+    shortest = min(len(data.train), len(data.val))
+    if shortest <= max(options.prefix_tokens + options.k, length + 1):
+        raise LmforgeError(f"{data.dir}: a split of {shortest:,} tokens is too short for these windows")
+
+
+def audit_checkpoint(
+    target: Path,
+    which: str,
+    device: str,
+    dtype: str,
+    data: Path | None,
+    canaries_file: Path | None,
+    options: AuditOptions,
+) -> AuditReport:
+    """Load checkpoint `which` of `target` and measure exposure, memorisation and membership on
+    `data` (default: the run's data.dir) and its canaries.json (or `canaries_file`)."""
+    torch_device = resolve_device(device)
+    loaded = load_for_inference(target, which, torch_device)
+    if not (data or loaded.config.data.dir):
+        raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
+    data_dir = Path(data or loaded.config.data.dir)
+    prepared = PreparedData.open(data_dir)
+    check_same_tokenizer(
+        data_dir, prepared.tokenizer_file, loaded.tokenizer_file, f"checkpoint {loaded.path}"
+    )
+    check_options(options, loaded.config.model.block_size, prepared)
+    canaries_file = canaries_file or data_dir / CANARIES_FILE
+    if canaries_file != data_dir / CANARIES_FILE and not canaries_file.is_file():
+        raise LmforgeError(f"{canaries_file}: no such canaries file")
+    canaries = load_canaries(canaries_file) if canaries_file.is_file() else None
+    model = loaded.model
+    with autocast(torch_device, dtype):
+        exposures = None
+        if canaries is not None:
+            tokenizer = load_tokenizer(loaded.tokenizer_file)
+            exposures = canary_exposures(model, tokenizer, canaries, options, torch_device)
+        memorised = memorisation(model, prepared, options, torch_device)
+        members = membership(model, prepared, options, torch_device)
+    fmt = None if canaries is None else canaries.text("D" * canaries.digits)
+    space = None if canaries is None else 10**canaries.digits
+    return AuditReport(loaded.path, loaded.step, data_dir, options, fmt, space, exposures, memorised, members)
