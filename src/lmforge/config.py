@@ -85,6 +85,7 @@ class OptimConfig:
     momentum: float = 0.9  # sgd; 0: plain SGD
     muon_lr: float = 0.02  # muon: learning rate of the hidden matrices
     muon_momentum: float = 0.95  # muon: momentum of the hidden matrices
+    muon_ns_steps: int = 5  # muon: Newton-Schulz iterations per update (fewer: cheaper, rougher)
     decay_embeddings: bool = False  # weight decay on embeddings and head too
 
 
@@ -373,6 +374,7 @@ def _validate_optim(o: OptimConfig, need: Need) -> None:
     need(o.eps > 0, "optim.eps", "must be positive (it keeps AdamW's step finite where a gradient is 0)")
     need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
     need(0.0 <= o.muon_momentum < 1.0, "optim.muon_momentum", "must be in [0, 1)")
+    need(1 <= o.muon_ns_steps < 100, "optim.muon_ns_steps", "must be in [1, 100)")
     need(all(0.0 <= b < 1.0 for b in o.betas), "optim.betas", "must be in [0, 1)")
 
 

@@ -137,6 +137,7 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
             ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32,
             lr=config.muon_lr,
             momentum=config.muon_momentum,
+            ns_steps=config.muon_ns_steps,
             weight_decay=config.weight_decay,
         )
         optimizers = [muon, _adamw(groups(False), config, config.lr)]
