@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from lmforge import checkpoint as ckpt
 from lmforge.config import Config, ModelConfig
 from lmforge.data.tokenizer import char_tokenizer
-from lmforge.eval.inspect import recording, trace
+from lmforge.eval.inspect import logit_lens, recording, trace
 from lmforge.eval.inspect.report import surprisal_html, token_label
 from lmforge.eval.inspect.trace import attention_output, attention_probabilities
 from lmforge.model import GPT
@@ -49,16 +49,26 @@ def prompt(vocab: int = 50, length: int = 20) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(3)).tolist()
 
 
+def lens_rows(model: GPT, ids: list[int]) -> list[torch.Tensor]:
+    """The logit lens of `ids` in full: (T, V) for the embeddings, then for each block's output."""
+    with torch.no_grad(), recording(model) as seen:
+        model(torch.tensor([ids]))
+        return [row[0] for row in logit_lens(model, seen.residual)]
+
+
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
 def test_last_layer_of_the_logit_lens_is_exactly_the_models_logits(name: str) -> None:
     model, ids = tiny_model(**ARCHITECTURES[name]), prompt()
-    result = trace(model, ids)
+    rows = lens_rows(model, ids)
     with torch.no_grad():
         logits, _ = model(torch.tensor([ids]))
-    assert result.lens.shape == (3, 20, 50)  # the embeddings, then each of 2 blocks
-    assert torch.equal(result.lens[-1], logits[0].float())
+    assert len(rows) == 3 and rows[0].shape == (20, 50)  # the embeddings, then each of 2 blocks
+    assert torch.equal(rows[-1], logits[0].float())
+    assert not torch.allclose(rows[0], rows[-1])  # earlier rows are not copies
+    result = trace(model, ids, k=4)
     assert torch.equal(result.logits, logits[0].float())
-    assert not torch.allclose(result.lens[0], result.lens[-1])  # earlier rows are not copies
+    best = logits[0].softmax(-1).topk(4)
+    assert torch.equal(result.lens.ids[-1], best.indices) and torch.equal(result.lens.probs[-1], best.values)
 
 
 def test_first_row_of_the_logit_lens_reads_out_the_embeddings() -> None:
@@ -67,7 +77,7 @@ def test_first_row_of_the_logit_lens_reads_out_the_embeddings() -> None:
     with torch.no_grad():
         embedded = model.embed(idx) + model.pos_embed(torch.arange(len(ids)))
         expected = model.head(model.norm(embedded))[0]
-    assert torch.equal(trace(model, ids).lens[0], expected)
+    assert torch.equal(lens_rows(model, ids)[0], expected)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -127,16 +137,17 @@ def test_surprisal_is_the_per_token_cross_entropy_of_the_forward() -> None:
     torch.testing.assert_close(result.surprisal.mean(), loss, atol=1e-5, rtol=1e-5)
 
 
-def test_rank_is_the_number_of_tokens_scored_above_the_next_one() -> None:
-    result = trace(tiny_model(), prompt())
-    ranks = result.ranks()
-    assert ranks.shape == (3, 19)
-    for layer in range(3):
+def test_lens_ranks_count_the_tokens_scored_above_the_next_one_and_top_k_is_sorted() -> None:
+    model, ids = tiny_model(), prompt()
+    result = trace(model, ids, k=3)
+    assert result.lens.ranks.shape == (3, 19) and result.lens.ids.shape == (3, 20, 3)
+    for layer, scores in enumerate(lens_rows(model, ids)):
         for pos in range(19):
-            scores = result.lens[layer, pos]
-            assert ranks[layer, pos] == int((scores > scores[result.ids[pos + 1]]).sum())
-    top1 = result.lens[:, :-1].argmax(-1) == torch.tensor(result.ids[1:])
-    assert torch.equal(ranks == 0, top1)
+            expected = int((scores[pos] > scores[pos, ids[pos + 1]]).sum())
+            assert result.lens.ranks[layer, pos] == expected
+        assert torch.equal(result.lens.ids[layer, :, 0], scores.argmax(-1))
+    assert torch.all(result.lens.probs[..., :-1] >= result.lens.probs[..., 1:])
+    assert torch.equal(result.ranks, result.lens.ranks[-1])
 
 
 class _PageText(HTMLParser):

@@ -18,6 +18,7 @@ from lmforge.checkpoint import load_for_inference
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.inspect.report import (
+    Decode,
     lens_layer_names,
     lens_table,
     lens_tsv,
@@ -25,12 +26,20 @@ from lmforge.eval.inspect.report import (
     token_label,
     top_k_json,
 )
-from lmforge.eval.inspect.trace import Trace, attention_probabilities, recording, trace
+from lmforge.eval.inspect.trace import Trace, attention_probabilities, logit_lens, recording, trace
 from lmforge.runtime import autocast, resolve_device
 from lmforge.sample import Sampler
 from lmforge.staging import check_out, staged_folder
 
-__all__ = ["InspectReport", "Trace", "attention_probabilities", "inspect_checkpoint", "recording", "trace"]
+__all__ = [
+    "InspectReport",
+    "Trace",
+    "attention_probabilities",
+    "inspect_checkpoint",
+    "logit_lens",
+    "recording",
+    "trace",
+]
 
 SUMMARY = "summary.json"
 
@@ -53,9 +62,8 @@ class InspectReport:
 
 
 def prompt_tokens(sampler: Sampler, prompt: str, block_size: int) -> list[int]:
-    """The prompt's tokens: at least two (one to predict from, one to predict), at most block_size."""
-    if not prompt:
-        raise LmforgeError("--prompt is empty: give the text to inspect")
+    """The tokens of a non-empty prompt: at least two (one to predict from, one to predict), at
+    most block_size."""
     ids = sampler.prompt_ids(prompt)
     if len(ids) < 2:
         raise LmforgeError(
@@ -80,7 +88,7 @@ def inspect_checkpoint(
     loaded = load_for_inference(target, which, torch_device)
     sampler = Sampler(loaded.model, load_tokenizer(loaded.tokenizer_file), torch_device, dtype)
     ids = prompt_tokens(sampler, prompt, loaded.config.model.block_size)
-    result = trace(loaded.model, ids, autocast(torch_device, dtype))
+    result = trace(loaded.model, ids, top_k, autocast(torch_device, dtype))
 
     def decode(token: int) -> str:
         return sampler.tokenizer.decode([token], skip_special_tokens=False)
@@ -98,12 +106,12 @@ def inspect_checkpoint(
         "top_k": top_k,
     }
     with staged_folder(out, "inspect", overwrite, inputs=(target,)) as folder:
-        summary["files"] = write_files(folder, result, decode, top_k, f"surprisal: {loaded.path}")
+        summary["files"] = write_files(folder, result, decode, f"surprisal: {loaded.path}")
         (folder / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     return InspectReport(out, summary, lens_table(result, decode))
 
 
-def write_files(folder: Path, result: Trace, decode, top_k: int, title: str) -> list[str]:
+def write_files(folder: Path, result: Trace, decode: Decode, title: str) -> list[str]:
     """Every output file of one inspection into `folder`; returns their names (the summary's too)."""
     from lmforge.eval.inspect import plots  # matplotlib: only when pictures are drawn
 
@@ -112,12 +120,12 @@ def write_files(folder: Path, result: Trace, decode, top_k: int, title: str) -> 
     for layer, probs in enumerate(result.attention):
         names.append(f"attention_layer{layer}.png")
         plots.attention_grid(probs, labels, layer, folder / names[-1])
-    top1 = [[token_label(decode(int(i))) for i in row[:-1]] for row in result.lens.argmax(-1)]
+    top1 = [[token_label(decode(int(i))) for i in row[:-1]] for row in result.lens.ids[..., 0]]
     vocab = result.logits.size(-1)
     plots.lens_heatmap(
-        result.ranks(), top1, lens_layer_names(result), labels, vocab, folder / "logit_lens.png"
+        result.lens.ranks, top1, lens_layer_names(result), labels, vocab, folder / "logit_lens.png"
     )
-    (folder / "logit_lens.tsv").write_text(lens_tsv(result, decode, top_k))
+    (folder / "logit_lens.tsv").write_text(lens_tsv(result, decode))
     (folder / "surprisal.html").write_text(surprisal_html(result, decode, title))
-    (folder / "topk.json").write_text(json.dumps(top_k_json(result, decode, top_k), indent=1) + "\n")
+    (folder / "topk.json").write_text(json.dumps(top_k_json(result, decode), indent=1) + "\n")
     return [*names, "logit_lens.png", "logit_lens.tsv", "surprisal.html", "topk.json", SUMMARY]

@@ -20,16 +20,16 @@ def token_label(text: str) -> str:
 
 def lens_layer_names(trace: Trace) -> list[str]:
     """Row names of the logit lens: the embeddings, then each block's output."""
-    return ["embed", *(f"layer {i}" for i in range(len(trace.lens) - 1))]
+    return ["embed", *(f"layer {i}" for i in range(len(trace.attention)))]
 
 
-def lens_tsv(trace: Trace, decode: Decode, k: int) -> str:
+def lens_tsv(trace: Trace, decode: Decode) -> str:
     """One row per lens layer and position: the token, the next token, its rank, and the top k."""
-    ranks = trace.ranks()  # (L + 1, T - 1)
+    ranks, k = trace.lens.ranks, trace.lens.ids.size(-1)  # (L + 1, T - 1)
     header = ["layer", "position", "token", "next_token", "next_rank", *(f"top{j + 1}" for j in range(k))]
     rows = ["\t".join(header)]
     for row, name in enumerate(lens_layer_names(trace)):
-        probs, ids = trace.top_k(k, trace.lens[row])  # (T, k) each
+        probs, ids = trace.lens.probs[row], trace.lens.ids[row]  # (T, k) each
         for pos, token in enumerate(trace.ids):
             last = pos == len(trace.ids) - 1
             nxt, rank = (
@@ -44,7 +44,7 @@ def lens_table(trace: Trace, decode: Decode, width: int = 8) -> str:
     """The logit lens for the terminal: a row per position, a column per lens layer holding its
     top-1 token, marked * where that is the prompt's next token."""
     names = lens_layer_names(trace)
-    top1 = trace.lens.argmax(-1)  # (L + 1, T)
+    top1 = trace.lens.ids[..., 0]  # (L + 1, T)
     cell = lambda text: text[:width].ljust(width)  # noqa: E731
     lines = [
         cell("pos") + cell("token") + cell("next") + "".join(cell(n.replace("layer ", "L")) for n in names)
@@ -63,9 +63,9 @@ def lens_table(trace: Trace, decode: Decode, width: int = 8) -> str:
     return "\n".join(lines)
 
 
-def top_k_json(trace: Trace, decode: Decode, k: int) -> list[dict]:
+def top_k_json(trace: Trace, decode: Decode) -> list[dict]:
     """For each position: the token, and the model's k likeliest next tokens with probabilities."""
-    probs, ids = trace.top_k(k)  # (T, k) each
+    probs, ids = trace.top_k()  # (T, k) each
     return [
         {
             "position": pos,
@@ -108,12 +108,12 @@ def surprisal_colour(bits: float, top: float) -> str:
     return f"hsl(0, 100%, {100 - 50 * share:.0f}%)"
 
 
-def surprisal_html(trace: Trace, decode: Decode, title: str, k: int = 5) -> str:
+def surprisal_html(trace: Trace, decode: Decode, title: str) -> str:
     """The prompt with every token coloured by its surprisal (hover for the numbers), and a table."""
     bits = (trace.surprisal / math.log(2)).tolist()  # (T - 1,) bits of tokens 1..T-1
     top = max(math.log2(trace.logits.size(-1)), 1.0)  # a uniform guess; rarer is deepest red
-    ranks = trace.ranks()[-1].tolist()  # the model's own ranks: the last lens row is its logits
-    probs, ids = trace.top_k(k)
+    ranks = trace.ranks.tolist()
+    probs, ids = trace.top_k()
     first = html.escape(decode(trace.ids[0]))
     spans = [f'<span class="first" title="first token: nothing predicts it">{first}</span>']
     rows = []

@@ -72,6 +72,36 @@ def recording(model: GPT) -> Iterator[Recording]:
             handle.remove()
 
 
+def logit_lens(model: GPT, residual: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each residual stream (B, T, d_model) read out as the model reads its last one: final norm,
+    head and soft-cap (`GPT.readout`). One (B, T, V) fp32 tensor at a time: all of them at once
+    would be layers x tokens x vocabulary, gigabytes for a large model."""
+    for x in residual:
+        yield model.readout(x).float()
+
+
+@dataclass(frozen=True)
+class Lens:
+    """What the logit lens shows, per row (the embeddings, then each block's output) and position."""
+
+    probs: torch.Tensor  # (L + 1, T, k): the k likeliest next tokens' probabilities, sorted
+    ids: torch.Tensor  # (L + 1, T, k): their ids
+    ranks: torch.Tensor  # (L + 1, T - 1): tokens scored above the prompt's next token (0: it is the top)
+
+    @classmethod
+    def of(cls, rows: Iterator[torch.Tensor], ids: list[int], k: int) -> Lens:
+        """From lens logits (T, V) per row, one row at a time, and the prompt `ids`."""
+        target = torch.tensor(ids[1:]).unsqueeze(-1)  # (T - 1, 1)
+        probs, top, ranks = [], [], []
+        for logits in rows:
+            best = logits.softmax(-1).topk(min(k, logits.size(-1)), dim=-1)
+            correct = logits[:-1].gather(-1, target.to(logits.device))  # (T - 1, 1)
+            probs.append(best.values.cpu())
+            top.append(best.indices.cpu())
+            ranks.append((logits[:-1] > correct).sum(-1).cpu())
+        return cls(torch.stack(probs), torch.stack(top), torch.stack(ranks))
+
+
 @dataclass(frozen=True)
 class Trace:
     """One prompt through the model. T tokens, L layers, H heads, V the vocabulary."""
@@ -79,7 +109,7 @@ class Trace:
     ids: list[int]  # the prompt's tokens
     logits: torch.Tensor  # (T, V) fp32: the model's own output
     attention: list[torch.Tensor]  # L of (H, T, T) fp32: row i is query i's weights over keys 0..T-1
-    lens: torch.Tensor  # (L + 1, T, V) fp32: readout of the embeddings, then of each block's output
+    lens: Lens  # its last row is the model's own logits
     attention_error: float  # max |rebuilt - actual| attention output, over layers
 
     @property
@@ -87,33 +117,31 @@ class Trace:
         """(T - 1,) nats: -log p(token i + 1 | tokens 0..i), the per-token loss of the forward."""
         return F.cross_entropy(self.logits[:-1], torch.tensor(self.ids[1:]), reduction="none")
 
+    @property
     def ranks(self) -> torch.Tensor:
-        """(L + 1, T - 1): for each lens row and position, how many tokens score above the next
-        token of the prompt (0: it is the top prediction)."""
-        target = torch.tensor(self.ids[1:])  # (T - 1,)
-        lens = self.lens[:, :-1]  # (L + 1, T - 1, V)
-        correct = lens.gather(-1, target.expand(lens.size(0), -1).unsqueeze(-1))  # (L + 1, T - 1, 1)
-        return (lens > correct).sum(-1)
+        """(T - 1,): the model's rank of each next token of the prompt (0: its top prediction)."""
+        return self.lens.ranks[-1]
 
-    def top_k(self, k: int, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probabilities and ids of the k likeliest next tokens (of `logits`, default the model's),
-        sorted, over the last dimension."""
-        probs = (self.logits if logits is None else logits).softmax(-1)
-        return probs.topk(min(k, probs.size(-1)), dim=-1)
+    def top_k(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's k likeliest next tokens at each position: probabilities and ids, (T, k) each."""
+        return self.lens.probs[-1], self.lens.ids[-1]
 
 
 @torch.no_grad()
-def trace(model: GPT, ids: list[int], autocast: contextlib.AbstractContextManager | None = None) -> Trace:
-    """Run `ids` (at most block_size tokens) through `model` once and read out everything `Trace` holds."""
+def trace(
+    model: GPT, ids: list[int], k: int = 5, autocast: contextlib.AbstractContextManager | None = None
+) -> Trace:
+    """Run `ids` (at most block_size tokens) through `model` once and read out everything `Trace`
+    holds, with the `k` likeliest next tokens per lens row and position."""
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     with recording(model) as seen, autocast or contextlib.nullcontext():
         logits, _ = model(idx)
-        lens = torch.stack([model.readout(x) for x in seen.residual]).float()  # (L + 1, 1, T, V)
+        lens = Lens.of((row[0] for row in logit_lens(model, seen.residual)), ids, k)
         attention, error = [], 0.0
-        for layer, (q, k, v) in enumerate(seen.qkv):
-            probs = attention_probabilities(q, k)  # (1, H, T, T)
+        for layer, (q, key, v) in enumerate(seen.qkv):
+            probs = attention_probabilities(q, key)  # (1, H, T, T)
             rebuilt = attention_output(model.blocks[layer].attn, probs, v)
             error = max(error, (rebuilt.float() - seen.attention_out[layer].float()).abs().max().item())
             attention.append(probs[0].cpu())
-    return Trace(ids, logits[0].float().cpu(), attention, lens[:, 0].cpu(), error)
+    return Trace(ids, logits[0].float().cpu(), attention, lens, error)
