@@ -107,7 +107,9 @@ def inspect_checkpoint(
     }
     with staged_folder(out, "inspect", overwrite, inputs=(target,)) as folder:
         summary["files"] = write_files(folder, result, decode, f"surprisal: {loaded.path}")
-        (folder / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+        (folder / SUMMARY).write_text(
+            json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     return InspectReport(out, summary, lens_table(result, decode))
 
 
@@ -125,7 +127,9 @@ def write_files(folder: Path, result: Trace, decode: Decode, title: str) -> list
     plots.lens_heatmap(
         result.lens.ranks, top1, lens_layer_names(result), labels, vocab, folder / "logit_lens.png"
     )
-    (folder / "logit_lens.tsv").write_text(lens_tsv(result, decode))
-    (folder / "surprisal.html").write_text(surprisal_html(result, decode, title))
-    (folder / "topk.json").write_text(json.dumps(top_k_json(result, decode), indent=1) + "\n")
+    (folder / "logit_lens.tsv").write_text(lens_tsv(result, decode), encoding="utf-8")
+    (folder / "surprisal.html").write_text(surprisal_html(result, decode, title), encoding="utf-8")
+    # A position per line: readable, and still one JSON document.
+    positions = (json.dumps(position, ensure_ascii=False) for position in top_k_json(result, decode))
+    (folder / "topk.json").write_text("[\n" + ",\n".join(positions) + "\n]\n", encoding="utf-8")
     return [*names, "logit_lens.png", "logit_lens.tsv", "surprisal.html", "topk.json", SUMMARY]

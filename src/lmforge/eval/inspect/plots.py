@@ -1,5 +1,6 @@
 """The pictures of `lmforge inspect`: one grid of attention maps per layer, and the logit lens as a
-heat map of the next token's rank. matplotlib is imported here only (Agg, no display needed)."""
+heat map of the next token's rank. matplotlib is imported here only, and only its `Figure`: no
+pyplot, so no display is needed and the backend of a program that calls this is left alone."""
 
 from __future__ import annotations
 
@@ -8,16 +9,18 @@ from pathlib import Path
 
 import torch
 
+from lmforge.errors import LmforgeError
+
 MAX_LABELLED = 64  # positions up to which each token is written on the axes (and in lens cells)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    return plt
+def _figure(**options):
+    """A matplotlib Figure (drawn with Agg when saved)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise LmforgeError("inspect draws its pictures with matplotlib: pip install matplotlib") from None
+    return Figure(layout="constrained", **options)
 
 
 def _label_axis(ax, axis: str, labels: list[str]) -> None:
@@ -30,20 +33,12 @@ def _label_axis(ax, axis: str, labels: list[str]) -> None:
 
 def attention_grid(probs: torch.Tensor, labels: list[str], layer: int, path: Path) -> None:
     """probs: (H, T, T) of one layer; a panel per head, queries down, keys across."""
-    plt = _pyplot()
     heads, T = probs.size(0), probs.size(-1)
     cols = math.ceil(math.sqrt(heads))  # a square-ish grid of panels
     rows = math.ceil(heads / cols)
     side = min(max(2.5, 0.13 * T + 1.2), 7.0)
-    fig, axes = plt.subplots(
-        rows,
-        cols,
-        figsize=(side * cols + 1, side * rows + 0.5),
-        squeeze=False,
-        sharex=True,
-        sharey=True,
-        layout="constrained",
-    )
+    fig = _figure(figsize=(side * cols + 1, side * rows + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
     _label_axis(axes[0, 0], "x", labels)  # shared: every panel has the same ticks
     _label_axis(axes[0, 0], "y", labels)
     for h, ax in enumerate(axes.flat):
@@ -57,7 +52,6 @@ def attention_grid(probs: torch.Tensor, labels: list[str], layer: int, path: Pat
     fig.suptitle(f"layer {layer}: attention probabilities (row: query, column: key)", fontsize=10)
     fig.colorbar(image, ax=axes, shrink=0.8)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def lens_heatmap(
@@ -65,12 +59,12 @@ def lens_heatmap(
 ) -> None:
     """ranks: (L + 1, T - 1) rank of the prompt's next token per lens row and position (0: top);
     top1: each cell's likeliest token, written in the cell when there is room."""
-    plt = _pyplot()
-    from matplotlib.colors import LogNorm
-
     n_rows, T = ranks.shape
     size = (min(max(5.0, 0.33 * T + 2.5), 22.0), max(2.5, 0.4 * n_rows + 1.6))
-    fig, ax = plt.subplots(figsize=size, layout="constrained")
+    fig = _figure(figsize=size)
+    from matplotlib.colors import LogNorm  # after _figure has checked that matplotlib is there
+
+    ax = fig.subplots()
     image = ax.imshow(
         (ranks + 1).numpy(), cmap="magma_r", norm=LogNorm(vmin=1, vmax=max(vocab, 2)), aspect="auto"
     )
@@ -89,4 +83,3 @@ def lens_heatmap(
     ax.set_title("logit lens: rank of the next token per layer (1 = top)", fontsize=10)
     fig.colorbar(image, ax=ax, label="rank of the next token", pad=0.01)
     fig.savefig(path, dpi=90)
-    plt.close(fig)

@@ -46,9 +46,10 @@ def lens_table(trace: Trace, decode: Decode, width: int = 8) -> str:
     names = lens_layer_names(trace)
     top1 = trace.lens.ids[..., 0]  # (L + 1, T)
     cell = lambda text: text[:width].ljust(width)  # noqa: E731
-    lines = [
+    header = (
         cell("pos") + cell("token") + cell("next") + "".join(cell(n.replace("layer ", "L")) for n in names)
-    ]
+    )
+    lines = [header.rstrip()]
     for pos, token in enumerate(trace.ids):
         nxt = trace.ids[pos + 1] if pos + 1 < len(trace.ids) else None
         row = (
