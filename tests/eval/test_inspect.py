@@ -104,6 +104,17 @@ def test_captured_probabilities_times_v_reproduce_each_attention_modules_output(
     assert trace(model, ids).attention_error < 1e-5
 
 
+def test_under_bf16_autocast_the_probabilities_stay_fp32_and_close_to_the_modules_output() -> None:
+    model, ids = tiny_model(**ARCHITECTURES["llama-gqa"]), prompt()
+    result = trace(model, ids, autocast=torch.autocast("cpu", dtype=torch.bfloat16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(torch.tensor([ids]))
+    assert torch.equal(result.logits, logits[0].float())
+    assert all(probs.dtype == torch.float32 for probs in result.attention)
+    torch.testing.assert_close(result.attention[1].sum(-1), torch.ones(4, 20), atol=1e-6, rtol=0)
+    assert result.attention_error < 0.1  # bf16 rounding of the module's own output, nothing more
+
+
 def test_probabilities_change_when_the_scaling_changes() -> None:
     """The reconstruction check is sharp: probabilities computed without the 1/sqrt(head_dim) miss."""
     model, ids = tiny_model(), prompt()

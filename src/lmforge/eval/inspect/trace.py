@@ -135,11 +135,12 @@ def trace(
     holds, with the `k` likeliest next tokens per lens row and position."""
     device = next(model.parameters()).device
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
-    with recording(model) as seen, autocast or contextlib.nullcontext():
-        logits, _ = model(idx)
-        lens = Lens.of((row[0] for row in logit_lens(model, seen.residual)), ids, k)
+    with recording(model) as seen:
+        with autocast or contextlib.nullcontext():  # the lens in the precision of the model's logits
+            logits, _ = model(idx)
+            lens = Lens.of((row[0] for row in logit_lens(model, seen.residual)), ids, k)
         attention, error = [], 0.0
-        for layer, (q, key, v) in enumerate(seen.qkv):
+        for layer, (q, key, v) in enumerate(seen.qkv):  # fp32 maths: autocast would redo it in bf16
             probs = attention_probabilities(q, key)  # (1, H, T, T)
             rebuilt = attention_output(model.blocks[layer].attn, probs, v)
             error = max(error, (rebuilt.float() - seen.attention_out[layer].float()).abs().max().item())
