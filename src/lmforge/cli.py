@@ -433,6 +433,41 @@ def _add_audit(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_audit)
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from lmforge.eval.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(
+        Path(args.target),
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        prompt=args.prompt,
+        out=Path(args.out),
+        top_k=args.top_k,
+        overwrite=args.overwrite,
+    )
+    print(report.describe())
+    return 0
+
+
+def _add_inspect(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser(
+        "inspect",
+        help="attention maps, logit lens, per-token surprisal and top-k of a prompt",
+        description="Run PROMPT through a checkpoint once and write to OUT: attention_layer{i}.png "
+        "(every head), logit_lens.png/.tsv (each layer's prediction through the final norm and head), "
+        "surprisal.html (per-token loss), topk.json and summary.json.",
+    )
+    _add_checkpoint_args(p)
+    p.add_argument("--prompt", required=True, help="the text to inspect (at most block_size tokens)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--top-k", type=positive_int, default=5, help="next tokens listed per position (default 5)"
+    )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.set_defaults(run=_inspect)
+
+
 def shard_bytes(size_gb: float) -> int:
     """--max-shard-size-gb in bytes; NaN, infinities, zero and less than a byte are refused."""
     if not math.isfinite(size_gb) or size_gb * 10**9 < 1:
@@ -502,6 +537,7 @@ VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_eval,
     _add_sample,
     _add_audit,
+    _add_inspect,
     _add_export,
     _add_import,
     _add_tasks,

@@ -32,13 +32,14 @@ from lmforge.errors import LmforgeError
 STAGING_PREFIX = ".tmp-"
 MARKER = ".lmforge"  # hidden: HF loaders, globbing and `prepare` of a folder all pass it by
 
-Kind = Literal["run", "data", "tasks", "export", "import"]
+Kind = Literal["run", "data", "tasks", "export", "import", "inspect"]
 KIND_NAMES: dict[str, str] = {
     "run": "run folder",
     "data": "prepared data folder",
     "tasks": "task folder",
     "export": "Hugging Face export",
     "import": "imported run",
+    "inspect": "inspection report",
 }
 REPLACE_HINT = "pass --overwrite to replace it"
 LOCK_FILE = ".lock"  # in a folder that one process at a time may write (a training run's)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,10 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        # Off (None) except under `lmforge inspect`: called with the q, k, v that attention
+        # uses (after QK-norm, RoPE and the cache; k, v with n_kv_head heads), so that the
+        # probabilities, which the fused kernel never returns, can be computed from them.
+        self.capture: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor, rotary: Rotary | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, d_model)
@@ -122,6 +127,8 @@ class Attention(nn.Module):
                 causal = False
                 # (T, start + T): query i sees keys 0 .. start + i
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if self.capture is not None:
+            self.capture(q, k, v)
         dtype, fp32_attention = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
         if fp32_attention:  # PyTorch's CPU flash-attention backward is ~4x slower in bf16 than in fp32
             q, k, v = q.float(), k.float(), v.float()
@@ -266,16 +273,21 @@ class GPT(nn.Module):
             # would make the process grow by gigabytes.
             kept, pad = x.size(0), -x.size(0) % ROW_MULTIPLE
             x, targets = F.pad(x, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=IGNORE_INDEX)
-        logits = self.head(self.norm(x))  # (B, T, V), only_targets: (N + pad, V)
-        if self.config.logit_softcap is not None:  # bounds the logits smoothly (Gemma 2, modded-nanogpt)
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits.float() / cap)
+        logits = self.readout(x)  # (B, T, V), only_targets: (N + pad, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(  # logits as rows (B * T or N + pad, V), targets as (rows,)
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
             )
         return (logits if kept is None else logits[:kept]), loss
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the residual stream x (..., d_model): final norm, head, soft-cap if configured."""
+        logits = self.head(self.norm(x))  # (..., V)
+        if self.config.logit_softcap is not None:  # bounds the logits smoothly (Gemma 2, modded-nanogpt)
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
 
     def num_params(self) -> int:
         """All trainable parameters, a tied embedding counted once."""
