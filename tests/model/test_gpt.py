@@ -268,3 +268,11 @@ def test_head_only_at_targets_gives_the_same_loss_and_gradients() -> None:
     torch.testing.assert_close(loss, full_loss)
     for a, b in zip(grads, full_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_relu_squared_backward_matches_autograd() -> None:
+    from lmforge.model.gpt import ReLUSquared
+
+    x = torch.randn(4, 7, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ReLUSquared.apply, (x,))
+    torch.testing.assert_close(ReLUSquared.apply(x), torch.relu(x) ** 2)
