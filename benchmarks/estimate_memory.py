@@ -90,7 +90,7 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     from lmforge.config import load_config
     from lmforge.data.loader import RandomWindows
     from lmforge.model import GPT
-    from lmforge.runtime import autocast
+    from lmforge.runtime import autocast, resolve_dtype
     from lmforge.train.distributed import apply_activation_checkpointing
     from lmforge.train.estimate import count_parameters, memory
     from lmforge.train.optim import build_optimizers
@@ -99,6 +99,7 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     config = load_config(config_path, [*overrides, "train.device=cpu"])
     m, t = config.model, config.train
     device = torch.device("cpu")
+    t.dtype = resolve_dtype(t.dtype, device)  # what the trainer would run
     torch.manual_seed(0)
     tokens = (
         np.random.default_rng(0)
