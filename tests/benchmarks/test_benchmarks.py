@@ -77,6 +77,8 @@ def test_speedrun_reports_time_to_target_and_ratio(char_data: Path, tmp_path: Pa
             "3.5",
             "--data",
             str(char_data),
+            "--json",
+            str(tmp_path / "speedrun.json"),
             *overrides,
         ],
         capture_output=True,
@@ -84,8 +86,12 @@ def test_speedrun_reports_time_to_target_and_ratio(char_data: Path, tmp_path: Pa
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert lines[0].startswith("CPU ") and "native bf16:" in lines[0]
     assert lines[1].startswith("slow.toml: reached val loss") and lines[2].startswith("fast.toml: reached")
     assert lines[3].startswith("ratio fast.toml / slow.toml:")
+    record = json.loads((tmp_path / "speedrun.json").read_text())
+    assert record["machine"]["capability"] and isinstance(record["machine"]["native_bf16"], bool)
+    assert [r["config"] for r in record["results"]] == ["slow.toml", "fast.toml"] and record["ratio"] > 0
 
 
 @pytest.mark.slow
