@@ -87,6 +87,7 @@ def test_poisson_windows_include_each_disjoint_window_with_probability_q() -> No
     assert all(torch.equal(next(sampler)[0], next(again)[0]) for _ in range(5))
 
 
+@pytest.mark.slow
 def test_private_run_logs_epsilon_at_every_eval_as_the_accountant_computes_it(
     config_file: Path, tmp_path: Path
 ) -> None:
@@ -105,12 +106,14 @@ def test_private_run_logs_epsilon_at_every_eval_as_the_accountant_computes_it(
     assert f"epsilon = {meta['epsilon']:.3f}, delta = 1e-05" in card
 
 
+@pytest.mark.slow
 def test_target_epsilon_sets_the_noise_to_spend_it_by_max_steps(config_file: Path, tmp_path: Path) -> None:
     config = load_config(config_file, [*TINY, "privacy.target_epsilon=8", "train.max_steps=10"])
     summary = train(config, tmp_path / "run")
     assert summary.epsilon == pytest.approx(8.0, rel=0.01)
 
 
+@pytest.mark.slow
 def test_resumed_private_run_has_the_weights_and_epsilon_of_an_uninterrupted_one(
     config_file: Path, tmp_path: Path
 ) -> None:

@@ -114,7 +114,7 @@ class Privacy:
             "sample_rate": self.sample_rate,
             "steps": self.steps,
             "accountant": self.settings.accountant,
-            "unit": f"a window of {self.windows:,} disjoint windows of the train split",
+            "unit": f"one of the train split's {self.windows:,} disjoint windows of block_size + 1 tokens",
         }
 
     def state_dict(self) -> dict[str, Any]:
