@@ -147,6 +147,27 @@ class ParallelConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """[privacy]: differentially private training (DP-SGD through Opacus); off unless a noise level is set.
+
+    The unit of privacy is one window of model.block_size + 1 tokens of the train split (the split cut
+    into disjoint windows); each step trains on a Poisson sample of them (each window in with
+    probability train.batch_size / windows), clips every window's gradient to max_grad_norm and adds
+    Gaussian noise of standard deviation noise_multiplier x max_grad_norm.
+    """
+
+    noise_multiplier: float | None = None  # sigma, the noise's std over max_grad_norm; or target_epsilon
+    target_epsilon: float | None = None  # choose sigma so that epsilon reaches this after train.max_steps
+    max_grad_norm: float = 1.0  # each window's gradient is clipped to this L2 norm (over all parameters)
+    delta: float = 1e-5  # the delta of (epsilon, delta)-DP; keep it well below 1 / number of windows
+    accountant: Literal["rdp", "prv"] = "rdp"  # Opacus's privacy accountant: Renyi DP or PRV
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier is not None or self.target_epsilon is not None
+
+
+@dataclass
 class LogConfig:
     """[log]: progress output."""
 
@@ -166,6 +187,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)  # [lora]: low-rank adapters; rank 0: off
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # [parallel]: data parallel devices
     log: LogConfig = field(default_factory=LogConfig)  # [log]: progress output
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # [privacy]: DP-SGD; off by default
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Section -> key -> value, tuples kept as tuples."""
@@ -322,6 +344,7 @@ def validate(config: Config, origin: str) -> None:
     _validate_parallel(config, need)
     need(config.log.interval > 0, "log.interval", "must be positive")
     _validate_lora(config.lora, need)
+    _validate_privacy(config, need)
 
 
 # Upper bounds on the two sizes a typo can blow up (an extra digit, 2**30 for 2**13): caught here, the
@@ -423,3 +446,42 @@ def _validate_lora(lora: LoraConfig, need: Need) -> None:
         "lora.targets",
         f"must name layers among {', '.join(sorted(known))}",
     )
+
+
+def _validate_privacy(config: Config, need: Need) -> None:
+    """[privacy]'s values, and the settings DP-SGD cannot honour (each refused naming its key)."""
+    p, t = config.privacy, config.train
+    need(p.noise_multiplier is None or p.noise_multiplier > 0, "privacy.noise_multiplier", "must be positive")
+    need(p.target_epsilon is None or p.target_epsilon > 0, "privacy.target_epsilon", "must be positive")
+    need(
+        p.noise_multiplier is None or p.target_epsilon is None,
+        "privacy.target_epsilon",
+        "and privacy.noise_multiplier exclude each other (the one sets the other)",
+    )
+    need(p.max_grad_norm > 0, "privacy.max_grad_norm", "must be positive")
+    need(0.0 < p.delta < 1.0, "privacy.delta", "must be in (0, 1)")
+    if not p.enabled:
+        return
+    unsupported = [
+        (config.parallel.strategy == "none", "parallel.strategy", "must be none (Opacus' DDP is not wired)"),
+        (t.grad_accum_steps == 1, "train.grad_accum_steps", "must be 1 (one Poisson batch per update)"),
+        (
+            t.dtype in ("auto", "fp32"),
+            "train.dtype",
+            "must be fp32 (per-sample gradients are computed in fp32)",
+        ),
+        (not t.compile, "train.compile", "must be false (per-sample gradient hooks do not compile)"),
+        (
+            not t.activation_checkpointing,
+            "train.activation_checkpointing",
+            "must be false (the recomputed forward would record every activation twice)",
+        ),
+        (
+            config.data.kind == "tokens",
+            "data.kind",
+            'must be "tokens" (privacy is per window of token shards)',
+        ),
+        (config.lora.rank == 0, "lora.rank", "must be 0 (LoRA adapters are not supported with privacy)"),
+    ]
+    for ok, key, message in unsupported:
+        need(ok, key, f"{message} with [privacy]")

@@ -60,6 +60,7 @@ class TrainingState:
     scaler: torch.amp.GradScaler
     batches: Stateful  # the data sampler
     progress: Any  # a dataclass of loop counters (step, tokens, elapsed, best val loss, ...)
+    privacy: Any = None  # a run with [privacy]: its accountant (Stateful, plus report() for meta.json)
 
 
 class Checkpointer:
@@ -138,6 +139,7 @@ class Checkpointer:
             set_full_optimizer_state(state.wrapped, state.optimizers, self._full_optimizer_state)
         else:
             _load_optimizer_states(state.optimizers, saved["optimizers"])
+        _restore_privacy(state.privacy, saved.get("privacy"), path)
         state.scaler.load_state_dict(saved["scaler"])
         state.batches.load_state_dict(saved["batches"])
         set_rng_state(saved["rng"])
@@ -180,7 +182,9 @@ class Checkpointer:
             "batches": state.batches.state_dict(),
             "rng": rng_state(),
             "loop": dataclasses.asdict(state.progress),
+            **({} if state.privacy is None else {"privacy": state.privacy.state_dict()}),
         }
+        extra_meta = None if state.privacy is None else {"privacy": state.privacy.report()}
         sharded = ShardedModel(state.wrapped, state.module, state.optimizers) if self.sharded else None
         path = save_checkpoint(
             self.run_dir,
@@ -191,6 +195,7 @@ class Checkpointer:
             self.tokenizer_file,
             val_loss,
             sharded,
+            extra_meta,
         )
         if sharded is None or is_main_process():
             prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints, newest_step=step)
@@ -217,6 +222,16 @@ def newest_intact_checkpoint(run_dir: Path) -> Path:
         return candidate.path
     older = f"; the {len(problems) - 1} older checkpoint(s) do not verify either" if len(problems) > 1 else ""
     raise LmforgeError(f"{problems[0]}{older}")
+
+
+def _restore_privacy(privacy: Any, saved: dict | None, path: Path) -> None:
+    """The accountant's history, so that epsilon counts the steps before the resume; a run cannot
+    gain or lose [privacy] midway (epsilon would then describe only part of its training)."""
+    if (privacy is None) != (saved is None):
+        was, now = ("with", "without") if saved is not None else ("without", "with")
+        raise LmforgeError(f"{path}: trained {was} [privacy], cannot be resumed {now} it")
+    if privacy is not None:
+        privacy.load_state_dict(saved)
 
 
 def _load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:

@@ -91,6 +91,7 @@ def save_checkpoint(
     tokenizer_file: Path,
     val_loss: float | None,
     sharded: ShardedModel | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and return its folder.
 
@@ -98,10 +99,11 @@ def save_checkpoint(
     into rank 0's staging folder and gather the full weights to rank 0, which writes the other
     files and renames the folder into place; the others wait for that before going on.
     A full disk is a one-line error: the staging folder is removed, earlier checkpoints stay whole.
+    `extra_meta` adds keys to meta.json (e.g. `privacy`: epsilon and its settings).
     """
     final = checkpoint_path(run_dir, step)
     try:
-        _save_staged(final, step, model, state, config, tokenizer_file, val_loss, sharded)
+        _save_staged(final, step, model, state, config, tokenizer_file, val_loss, sharded, extra_meta)
     except BaseException as exc:  # BaseException: DCP reports a rank's failure as a CheckpointException
         if (reason := disk_full(exc)) is None:
             raise
@@ -123,6 +125,7 @@ def _save_staged(
     tokenizer_file: Path,
     val_loss: float | None,
     sharded: ShardedModel | None,
+    extra_meta: dict[str, Any] | None,
 ) -> None:
     main = sharded is None or is_main_process()
     with staged(final, durable=True) if main else contextlib.nullcontext() as staging:
@@ -134,7 +137,7 @@ def _save_staged(
                 check_shards_complete(staging / TRAIN_STATE)
             weights = _Weights(gather_full_weights(sharded))
         if main:
-            _write_files(staging, step, weights, state, config, tokenizer_file, val_loss)
+            _write_files(staging, step, weights, state, config, tokenizer_file, val_loss, extra_meta)
 
 
 def _write_files(
@@ -145,6 +148,7 @@ def _write_files(
     config: Config,
     tokenizer_file: Path,
     val_loss: float | None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> None:
     save_model(weights, str(folder / "model.safetensors"))
     with open(folder / "state.pt", "wb") as file:  # a Python file: a full disk raises OSError(ENOSPC)
@@ -153,7 +157,7 @@ def _write_files(
     shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
     names = (*FILES, *_sharded_files(folder))
     sha256 = {name: file_sha256(folder / name) for name in names}
-    meta = {"step": step, "val_loss": val_loss, "sha256": sha256}
+    meta = {"step": step, "val_loss": val_loss, **(extra_meta or {}), "sha256": sha256}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 

@@ -160,6 +160,55 @@ class RandomWindows:
         self.batches_drawn = int(state["batches_drawn"])
 
 
+class PoissonWindows:
+    """Poisson-sampled batches of disjoint windows, for differentially private training.
+
+    The train split is cut into `windows` = len(tokens) // (block_size + 1) disjoint windows of
+    block_size + 1 tokens (the last partial one is never used); each batch includes every window
+    independently with probability `sample_rate` = batch_size / windows, so its size varies around
+    `batch_size` (and may be 0). That is the sampling DP-SGD's privacy accounting assumes. It is drawn
+    as a Binomial(windows, sample_rate) count, then that many distinct windows uniformly (which is the
+    same distribution), so a step costs the batch, not the corpus. Resumable like `RandomWindows`.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int) -> None:
+        self.tokens, self.block_size = tokens, block_size
+        self.windows = len(tokens) // (block_size + 1)
+        if batch_size > self.windows:
+            raise LmforgeError(
+                f"train.batch_size {batch_size} is larger than the {self.windows} disjoint windows of "
+                f"{block_size + 1} tokens in the train split (privacy samples each at most once per batch)"
+            )
+        self.sample_rate = batch_size / self.windows
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_drawn = 0
+        self._window = np.arange(block_size + 1)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        total, rate = torch.tensor(float(self.windows)), torch.tensor(self.sample_rate)
+        count = int(torch.binomial(total, rate, generator=self.generator))
+        chosen = torch.empty(0, dtype=torch.long)
+        while len(chosen) < count:  # distinct windows: redraw the duplicates (rare while count << windows)
+            extra = torch.randint(self.windows, (count - len(chosen),), generator=self.generator)
+            chosen = torch.unique(torch.cat([chosen, extra]))
+        starts = chosen.numpy()[:, None] * (self.block_size + 1)  # (count, 1)
+        rows = torch.from_numpy(
+            self.tokens[starts + self._window].astype(np.int64)
+        )  # (count, block_size + 1)
+        self.batches_drawn += 1
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
 def eval_windows(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[Batch]:
     """Every token of a split exactly once as a target, in non-overlapping windows.
 

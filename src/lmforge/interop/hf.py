@@ -714,6 +714,18 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2) + "\n")
 
 
+def _privacy_line(privacy: dict | None) -> str:
+    """The model card's statement of a differentially private run's guarantee (from meta.json)."""
+    if not privacy:
+        return "- differential privacy: none (epsilon = infinity)\n"
+    return (
+        f"- differential privacy: (epsilon = {privacy['epsilon']:.3f}, delta = {privacy['delta']:g}) DP-SGD "
+        f"after {privacy['steps']} steps (noise multiplier {privacy['noise_multiplier']:.4f}, per-sample "
+        f"clip {privacy['max_grad_norm']:g}, Poisson sample rate {privacy['sample_rate']:.3g}, "
+        f"{privacy['accountant'].upper()} accountant); unit of privacy: {privacy['unit']}\n"
+    )
+
+
 def _model_card(loaded: LoadedCheckpoint, family: str, files: list[str]) -> str:
     config = loaded.config
     meta = json.loads((loaded.path / "meta.json").read_text())
@@ -727,7 +739,8 @@ def _model_card(loaded: LoadedCheckpoint, family: str, files: list[str]) -> str:
         f"standard `transformers` {hf_config(config.model, family, None, 'float32')['architectures'][0]}.\n\n"
         f"- training data: {source} (prepared in `{config.data.dir or 'n/a'}`)\n"
         f"- steps: {loaded.step}\n- validation loss at this checkpoint: {val}\n"
-        f"- parameters: {loaded.model.num_params():,}\n- weights: {', '.join(files)}\n\n"
+        f"- parameters: {loaded.model.num_params():,}\n- weights: {', '.join(files)}\n"
+        f"{_privacy_line(meta.get('privacy'))}\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         'model = AutoModelForCausalLM.from_pretrained("PATH")\n'
         'tokenizer = AutoTokenizer.from_pretrained("PATH")\n```\n\n'

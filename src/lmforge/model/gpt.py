@@ -29,6 +29,15 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
+class HeadNorm(nn.RMSNorm):
+    """QK-norm: RMSNorm over each head's channels, its weight cast to the input's dtype (under
+    autocast, mixed dtypes miss the fused kernel). A module rather than a bare `F.rms_norm`, so
+    that hooks see it (per-sample gradients for differential privacy)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def mlp_hidden_size(config: ModelConfig) -> int:
     """Width of the MLP's hidden layer (of each half for SwiGLU)."""
     if config.mlp_hidden is not None:
@@ -93,8 +102,8 @@ class Attention(nn.Module):
         )
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.proj.residual = True  # scaled init
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.q_norm = HeadNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = HeadNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
         # Off (None) except under `lmforge inspect`: called with the q, k, v that attention
         # uses (after QK-norm, RoPE and the cache; k, v with n_kv_head heads), so that the
@@ -111,9 +120,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        if self.q_norm is not None:  # weights cast to the input's dtype: mixed dtypes miss the fused kernel
-            q = F.rms_norm(q, (self.head_dim,), self.q_norm.weight.to(q.dtype), self.q_norm.eps)
-            k = F.rms_norm(k, (self.head_dim,), self.k_norm.weight.to(k.dtype), self.k_norm.eps)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         start = cache.length if cache is not None else 0
         if rotary is not None:
             q, k = rotary(q, start), rotary(k, start)
@@ -218,6 +226,9 @@ class GPT(nn.Module):
             if config.position == "rope"
             else None
         )
+        # True under differential privacy: position ids per sequence, [B, T] rather than [T] broadcast,
+        # so that the per-sample gradient hooks of pos_embed see each sequence's own rows
+        self.per_sample_positions = False
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config, config.d_model)
@@ -258,7 +269,10 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         x = self.embed(idx)  # (B, T, d_model)
         if self.pos_embed is not None:  # (T, d_model), broadcast over the batch
-            x = x + self.pos_embed(torch.arange(start, start + T, device=idx.device))
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+            if self.per_sample_positions:
+                positions = positions.expand(idx.size(0), T)  # (B, T)
+            x = x + self.pos_embed(positions)
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, self.rotary, cache)

@@ -103,13 +103,17 @@ class Monitor:
                 loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{entry['mfu']:.0%}"
             )
 
-    def eval(self, step: int, result: LMEval) -> None:
+    def eval(self, step: int, result: LMEval, privacy: dict | None = None) -> None:
+        """An eval's line in metrics.jsonl; with `privacy` (a run with [privacy]) the epsilon spent."""
         entry = {"step": step, "val_loss": result.loss, "val_ppl": result.ppl}
         if result.bpb is not None:
             entry["val_bpb"] = result.bpb
+        if privacy is not None:
+            entry["epsilon"], entry["delta"] = privacy["epsilon"], privacy["delta"]
         self.metrics.write(entry)
         bpb = f", {result.bpb:.3f} bpb" if result.bpb else ""
-        self.say(f"step {step}: val loss {result.loss:.4f}, ppl {result.ppl:.2f}{bpb}")
+        dp = f", epsilon {privacy['epsilon']:.3f} (delta {privacy['delta']:g})" if privacy is not None else ""
+        self.say(f"step {step}: val loss {result.loss:.4f}, ppl {result.ppl:.2f}{bpb}{dp}")
 
     def say(self, text: str) -> None:
         """A line above the progress bar."""

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,9 @@ class Run:
         checkpointer: Checkpointer,
     ) -> Run:
         t = config.train
-        stepper = Stepper(
+        private = () if state.privacy is None else (state.privacy,)
+        stepper = (privacy_module().PrivateStepper if private else Stepper)(
+            *private,
             state.wrapped,
             state.optimizers,
             state.scaler,
@@ -108,6 +111,10 @@ class Run:
         """Seconds of training so far, earlier sessions of a resumed run included."""
         return time.perf_counter() - self.clock_start
 
+    def privacy_report(self) -> dict | None:
+        """Epsilon and the settings behind it, for a run with [privacy]; None otherwise."""
+        return None if self.state.privacy is None else self.state.privacy.report()
+
     def evaluate(self) -> LMEval:
         """The val loss; each rank scores a share of the batches and all get the same result."""
         batches = self.data.eval_batches(self.config.model.block_size, self.config.train.eval_batch_size)
@@ -133,7 +140,8 @@ def build_run(
 ) -> Run:
     """Check the inputs, then build (or restore) every object of the run; rank 0 sets up `run_dir`.
     The run's config (kept in `Run` and saved) names the precision that train.dtype = "auto" chose."""
-    config = with_dtype(config, resolve_dtype(config.train.dtype, device))
+    dtype = "fp32" if config.privacy.enabled else config.train.dtype  # validation allows fp32 or auto
+    config = with_dtype(config, resolve_dtype(dtype, device))
     t = config.train
     check_batch_split(t.batch_size, dist.world)
     resume_from = Checkpointer.find_resume_point(run_dir, resume, overwrite, run_inputs(config, config_file))
@@ -146,13 +154,18 @@ def build_run(
     if resume_from is not None:
         checkpointer.restore_weights(resume_from, module, lambda m: build_optimizers(m, config.optim))
     wrapped = distributed.parallelize(module, dist, device, t.dtype, t.activation_checkpointing)
+    optimizers = build_optimizers(module, config.optim)
+    batches, privacy = data.train_batches(config.model.block_size, t.batch_size, seed=t.seed), None
+    if config.privacy.enabled:  # per-sample gradients, Poisson batches, noisy updates, an accountant
+        wrapped, batches, privacy = privacy_module().make_private(config, module, optimizers, data)
     state = TrainingState(
         module=module,
         wrapped=wrapped,
-        optimizers=build_optimizers(module, config.optim),
+        optimizers=optimizers,
         scaler=torch.amp.GradScaler(device.type, enabled=t.dtype == "fp16"),
-        batches=data.train_batches(config.model.block_size, t.batch_size, seed=t.seed),
+        batches=batches,
         progress=LoopState(),
+        privacy=privacy,
     )
     dist.barrier()  # every rank has checked the run folder before rank 0 changes it
     checkpointer.restore(state)
@@ -161,6 +174,17 @@ def build_run(
         prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at)
     dist.barrier()
     return Run.assemble(config, run_dir, dist, device, data, amp, state, checkpointer)
+
+
+def privacy_module() -> types.ModuleType:
+    """`lmforge.train.privacy`, imported only by runs with [privacy]: Opacus is an optional extra."""
+    try:
+        from lmforge.train import privacy
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("opacus", "scipy"):
+            raise
+        raise LmforgeError(f"[privacy] needs Opacus ({exc}); pip install 'lmforge[privacy]'") from None
+    return privacy
 
 
 def check_batch_split(batch_size: int, world: int) -> None:

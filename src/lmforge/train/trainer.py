@@ -35,6 +35,7 @@ class TrainSummary:
     mfu: float
     final_eval: LMEval | None
     checkpoint: Path
+    epsilon: float | None = None  # a run with [privacy]: the epsilon spent (at privacy.delta)
 
     def describe(self) -> str:
         """The one line `lmforge train` prints at the end."""
@@ -43,7 +44,7 @@ class TrainSummary:
         return (
             f"done: {self.steps} steps in {self.elapsed_s:.1f} s, {self.tokens_per_s:,.0f} tokens/s, "
             f"MFU {self.mfu:.1%}; val loss {result.loss:.4f} (ppl {result.ppl:.2f}{bpb}); "
-            f"checkpoint {self.checkpoint}"
+            f"checkpoint {self.checkpoint}{'' if self.epsilon is None else f'; epsilon {self.epsilon:.3f}'}"
         )
 
 
@@ -96,7 +97,7 @@ def train_loop(run: Run) -> TrainSummary:
             if evaluation_due(t, progress.step):
                 last_eval, last_eval_step = run.evaluate(), progress.step
                 val_loss = last_eval.loss
-                monitor.eval(progress.step, last_eval)
+                monitor.eval(progress.step, last_eval, run.privacy_report())
             reached = target_reached(t, val_loss)
             checkpointer.after_step(progress.step, val_loss, last=reached or progress.step == t.max_steps)
             if reached:
@@ -172,6 +173,7 @@ def summarize(run: Run, final_eval: LMEval | None, checkpoint: Path) -> TrainSum
         mfu=run.progress.flops_done / max(elapsed, 1e-9) / run.peak_flops,
         final_eval=final_eval,
         checkpoint=checkpoint,
+        epsilon=None if (report := run.privacy_report()) is None else report["epsilon"],
     )
 
 
