@@ -62,9 +62,18 @@ def plot_runs(run_dirs: list[Path], x: str = "step"):
         ax.set_xlabel(X_LABELS[x])
         ax.grid(True, alpha=0.3)
         if log:
-            ax.set_yscale("log")
+            _log_scale(ax)
     axes[0].legend(fontsize="small")
     return fig
+
+
+def _log_scale(ax) -> None:
+    """A log y axis labelled with plain numbers (2, 3, 0.6), not powers of ten (3 x 10^0)."""
+    from matplotlib.ticker import LogFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
 def _draw_run(axes, metrics: Metrics, xs: dict[int, float], name: str, colour: str) -> None:
