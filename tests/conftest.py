@@ -6,12 +6,19 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.cli import main
 from lmforge.data import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N runs N workers, one per core: each computes with one thread (its subprocesses
+    # too), or the workers' thread pools would fight over the cores and stall every small op.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ from typing import NoReturn
 from lmforge import __version__
 from lmforge.config import DTYPE_NAMES, SEED_LIMIT
 from lmforge.errors import LmforgeError
+from lmforge.report import SORT_KEYS, X_AXES
 from lmforge.tasks import TASKS, tasks_with_datasets
 
 EXIT_USER_ERROR = 1
@@ -529,6 +530,47 @@ def _add_import(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_import)
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from lmforge.report.plot import save_plot
+
+    out = save_plot([Path(run) for run in args.runs], Path(args.out), args.x)
+    print(f"plotted {len(args.runs)} run{'s' if len(args.runs) > 1 else ''} -> {out}")
+    return 0
+
+
+def _add_plot(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser(
+        "plot",
+        help="loss, val loss, learning rate, grad norm and tokens/s of runs, overlaid",
+        description="Draw the curves of one or more runs from their metrics.jsonl into one picture: "
+        "train and val loss and grad norm (log scale), learning rate and tokens/s.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    p.add_argument("--out", required=True, help="the picture: FILE.png (or .svg, .pdf, ...)")
+    p.add_argument("--x", default="step", choices=X_AXES, help="the x axis (default step)")
+    p.set_defaults(run=_plot)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from lmforge.report.runs import runs_report
+
+    print(runs_report(Path(args.dir), args.sort, args.json))
+    return 0
+
+
+def _add_runs(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser(
+        "runs",
+        help="one line per run folder: steps, best val loss, tokens, wall time, status",
+        description="List the run folders in DIR (or DIR itself): steps done/planned, best val loss, "
+        "tokens, wall time and status (finished, interrupted, or running while a process holds its lock).",
+    )
+    p.add_argument("dir", nargs="?", default="runs", help="a folder of runs, or a run folder (default runs)")
+    p.add_argument("--sort", default="name", choices=SORT_KEYS, help="order (default name)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(run=_runs)
+
+
 VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_prepare,
     _add_train,
@@ -541,6 +583,8 @@ VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_export,
     _add_import,
     _add_tasks,
+    _add_plot,
+    _add_runs,
 )
 
 

@@ -34,6 +34,7 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 DTYPE_NAMES: tuple[str, ...] = typing.get_args(Dtype)
 # train.dtype also takes "auto", which the trainer resolves per device (`runtime.resolve_dtype`).
 TrainDtype = Literal["auto", "fp32", "bf16", "fp16"]
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
 
 
 @dataclass
@@ -169,10 +170,13 @@ class PrivacyConfig:
 
 @dataclass
 class LogConfig:
-    """[log]: progress output."""
+    """[log]: progress output and where metrics go besides metrics.jsonl."""
 
     interval: int = 10  # steps between progress-bar updates
     progress: bool = True  # show the progress bar (main process only)
+    tensorboard: bool = False  # also write TensorBoard event files into the run folder (extra: tensorboard)
+    wandb: bool = False  # also log to Weights & Biases; WANDB_MODE=offline needs no account (extra: wandb)
+    wandb_project: str = "lmforge"  # the W&B project of the run (its name is the run folder's)
 
 
 @dataclass
@@ -186,7 +190,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # [train]: the loop, its length and dtype
     lora: LoraConfig = field(default_factory=LoraConfig)  # [lora]: low-rank adapters; rank 0: off
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # [parallel]: data parallel devices
-    log: LogConfig = field(default_factory=LogConfig)  # [log]: progress output
+    log: LogConfig = field(default_factory=LogConfig)  # [log]: progress output, TensorBoard, W&B
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # [privacy]: DP-SGD; off by default
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -343,6 +347,12 @@ def validate(config: Config, origin: str) -> None:
     _validate_train(config.train, need)
     _validate_parallel(config, need)
     need(config.log.interval > 0, "log.interval", "must be positive")
+    project = config.log.wandb_project
+    need(
+        project.strip() != "" and not any(c in project for c in WANDB_PROJECT_FORBIDDEN),
+        "log.wandb_project",
+        f"must be a non-empty name without any of {WANDB_PROJECT_FORBIDDEN}",
+    )
     _validate_lora(config.lora, need)
     _validate_privacy(config, need)
 

@@ -202,6 +202,24 @@ def locked(folder: Path, enabled: bool = True) -> Iterator[None]:
             _remove_lock_left_alone(folder, created, lock_existed)
 
 
+def is_locked(folder: Path) -> bool:
+    """Whether a process holds FOLDER/.lock now (a training run in progress). Trying the lock takes
+    a few microseconds, during which a `train` starting in that folder would be refused."""
+    try:
+        lock = open(folder / LOCK_FILE)  # never created here
+    except OSError:
+        return False
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # a file system without locks: nothing can be told
+            return False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False
+
+
 def _remove_lock_left_alone(folder: Path, created: bool, lock_existed: bool) -> None:
     """Leave no trace where the command wrote nothing: a folder made for the lock alone goes, and
     so does a new lock in a folder that lmforge did not write (one it refused, such as `.`)."""

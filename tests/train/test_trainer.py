@@ -31,7 +31,8 @@ def test_loss_decreases_and_everything_is_logged(cli, config_file: Path, tmp_pat
     assert "done: 40 steps" in out and "val loss" in out
     steps, evals = read_metrics(tmp_path / "run")
     assert [e["step"] for e in steps] == list(range(1, 41))
-    assert set(steps[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s"}
+    assert set(steps[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s", "tokens"}
+    assert [e["tokens"] for e in steps] == [8 * 32 * step for step in range(1, 41)]
     assert [e["step"] for e in evals] == [10, 20, 30, 40]
     assert set(evals[0]) == {"step", "val_loss", "val_ppl", "val_bpb"}
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] < math.log(59)

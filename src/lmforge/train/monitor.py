@@ -12,8 +12,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from lmforge.eval.lm import LMEval
-
-METRICS_FILE = "metrics.jsonl"
+from lmforge.report.metrics import METRICS_FILE
+from lmforge.train.loggers import MetricWriter
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class StepResult:
     grad_norm: float  # before clipping
     lr: float
     tokens: int  # input tokens of the whole global batch
+    tokens_seen: int  # input tokens of every update so far, this one and earlier sessions' included
     flops: float  # matmul FLOPs of the update's forward and backward passes, all ranks
     seconds: float
     elapsed_s: float  # since the run began, resumed runs included
@@ -75,8 +76,10 @@ class Monitor:
         peak_flops: float,
         progress: bool = True,
         bar_interval: int = 10,
+        writers: list[MetricWriter] = (),
     ) -> None:
         self.metrics = MetricsLog(run_dir / METRICS_FILE if run_dir is not None else None)
+        self.writers = list(writers)  # TensorBoard, W&B: each gets every entry of metrics.jsonl
         self.max_steps, self.bar_interval = max_steps, bar_interval
         self.peak_flops = peak_flops
         disable = not progress or run_dir is None
@@ -93,10 +96,11 @@ class Monitor:
             "tokens_per_s": tokens_per_s,
             "mfu": result.flops / result.seconds / self.peak_flops,
             "elapsed_s": result.elapsed_s,
+            "tokens": result.tokens_seen,
         }
         if result.skipped:
             entry["skipped"] = True
-        self.metrics.write(entry)
+        self._write(entry)
         self.bar.update(1)
         if result.step % self.bar_interval == 0 or result.step == self.max_steps:
             self.bar.set_postfix(
@@ -110,10 +114,15 @@ class Monitor:
             entry["val_bpb"] = result.bpb
         if privacy is not None:
             entry["epsilon"], entry["delta"] = privacy["epsilon"], privacy["delta"]
-        self.metrics.write(entry)
+        self._write(entry)
         bpb = f", {result.bpb:.3f} bpb" if result.bpb else ""
         dp = f", epsilon {privacy['epsilon']:.3f} (delta {privacy['delta']:g})" if privacy is not None else ""
         self.say(f"step {step}: val loss {result.loss:.4f}, ppl {result.ppl:.2f}{bpb}{dp}")
+
+    def _write(self, entry: dict) -> None:
+        self.metrics.write(entry)
+        for writer in self.writers:
+            writer.write(entry)
 
     def say(self, text: str) -> None:
         """A line above the progress bar."""
@@ -123,6 +132,8 @@ class Monitor:
     def close(self) -> None:
         self.bar.close()
         self.metrics.close()
+        for writer in self.writers:
+            writer.close()
 
     def __enter__(self) -> Monitor:
         return self

@@ -30,11 +30,12 @@ from lmforge.errors import LmforgeError
 from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.model.lora import apply_lora
+from lmforge.report.metrics import METRICS_FILE
 from lmforge.runtime import autocast, matmul_peak_flops, resolve_dtype, seed_everything
 from lmforge.staging import LOCK_FILE, MARKER, write_marker
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
-from lmforge.train.monitor import METRICS_FILE, MetricsLog
+from lmforge.train.monitor import MetricsLog
 from lmforge.train.optim import build_optimizers
 from lmforge.train.step import Stepper
 

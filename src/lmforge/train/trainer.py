@@ -19,7 +19,7 @@ from lmforge.config import Config, TrainConfig, load_config
 from lmforge.errors import LmforgeError, TrainingInterrupted
 from lmforge.eval.lm import LMEval
 from lmforge.staging import locked
-from lmforge.train import distributed
+from lmforge.train import distributed, loggers
 from lmforge.train.monitor import Monitor, StepResult
 from lmforge.train.optim import set_lr_factor
 from lmforge.train.run import Run, build_run
@@ -78,6 +78,7 @@ def train(
     writes the run folder (but for its share of a checkpoint's DCP shards), and holds its lock.
     """
     run_dir, parallel = Path(run_dir), config.parallel
+    loggers.require_packages(config.log)
     group = distributed.process_group(parallel.strategy, config.train.device, parallel.timeout_s)
     with group as (dist, device), locked(run_dir, enabled=dist.is_main):  # no other process writes run_dir
         return train_loop(build_run(config, run_dir, resume, overwrite, dist, device, config_file))
@@ -144,6 +145,7 @@ def train_step(run: Run, guard: NonFiniteGuard) -> StepResult:
         done.grad_norm,
         lr,
         done.tokens,
+        progress.tokens_seen,
         done.flops,
         seconds,
         run.elapsed(),
@@ -152,14 +154,16 @@ def train_step(run: Run, guard: NonFiniteGuard) -> StepResult:
 
 
 def open_monitor(run: Run) -> Monitor:
-    """Rank 0 reports into the run folder; the other ranks stay silent."""
+    """Rank 0 reports into the run folder (and to TensorBoard / W&B if asked); the other ranks stay silent."""
+    main = run.dist.is_main
     return Monitor(
-        run.run_dir if run.dist.is_main else None,
+        run.run_dir if main else None,
         max_steps=run.config.train.max_steps,
         first_step=run.progress.step,
         peak_flops=run.peak_flops,
         progress=run.config.log.progress,
         bar_interval=run.config.log.interval,
+        writers=loggers.open_writers(run.config, run.run_dir, run.progress.step) if main else [],
     )
 
 
