@@ -104,8 +104,8 @@ def _lm_loss(
     loaded: LoadedCheckpoint, data_dir: Path, device: torch.device, dtype: str, batch_size: int
 ) -> LMEval:
     block_size = loaded.config.model.block_size
-    if (data_dir / "eval.jsonl").is_file() and not (data_dir / "meta.json").is_file():
-        # Fine-tuning data: the loss of the completions, with the checkpoint's own tokenizer.
+    if (data_dir / "val.jsonl").is_file() and not (data_dir / "meta.json").is_file():
+        # Fine-tuning data: the loss of val.jsonl's completions, with the checkpoint's own tokenizer.
         data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True)
     else:
         data = PreparedData.open(data_dir)

@@ -138,6 +138,9 @@ class Task(ABC):
     # Place in help texts and messages (ties go by name): the built-in tasks keep the order
     # they were added in, which is also the README's.
     listing_order: ClassVar[int] = 100
+    # A field whose value groups examples that must stay on one side when val.jsonl is carved
+    # from train (e.g. SQuAD's article title); None: examples are chosen one by one.
+    val_group: ClassVar[str | None] = None
 
     @property
     def has_dataset(self) -> bool:
@@ -145,7 +148,9 @@ class Task(ABC):
         return type(self).splits is not Task.splits
 
     def splits(self, root: Path) -> dict[str, Iterable[dict]]:
-        """The shared dataset under `root` as JSONL records per split ("train", "eval", ...).
+        """The shared dataset under `root` as JSONL records per split: "train", "eval" (the scored
+        split) and, where the dataset has its own validation split, "val" (else `prepare_task`
+        carves one from train).
 
         Prompts end where the model's answer starts; completions begin with a space so that
         BPE tokenizers see a word boundary.

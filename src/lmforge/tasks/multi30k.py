@@ -38,10 +38,10 @@ class Multi30k(DecodingTask):
     baseline_name = "copy the source sentence"
 
     def splits(self, root: Path) -> dict[str, Iterable[dict]]:
-        """Multi30k en→de: train for training, val for held-out loss, test_2016_flickr for evaluation."""
+        """Multi30k en→de: train for training, val for checkpoint selection, test_2016_flickr scored."""
         return {
             "train": _parallel(root, "train"),
-            "valid": _parallel(root, "val"),
+            "val": _parallel(root, "val"),
             "eval": _parallel(root, "test_2016_flickr"),
         }
 

@@ -45,6 +45,7 @@ class Squad(DecodingTask):
     fields = ("prompt", "answers")
     listing_order = 3
     baseline_name = "the context's first sentence"
+    val_group = "title"  # val.jsonl holds whole articles of the train half
 
     def splits(self, root: Path) -> dict[str, Iterable[dict]]:
         """SQuAD v1.1 dev, split by article: the first half of the articles trains, the rest evaluates."""
