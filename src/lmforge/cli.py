@@ -315,6 +315,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         beam_size=args.beam_size,
         max_new_tokens=args.max_new_tokens,
+        predictions=Path(args.predictions) if args.predictions else None,
     )
     print(report.json_line() if args.json else report.text())
     return 0
@@ -349,6 +350,11 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--beam-size", type=positive_int, default=1, help="tasks that decode: 1 is greedy")
     p.add_argument(
         "--max-new-tokens", type=positive_int, default=64, help="tasks that decode: answer length cap"
+    )
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="tasks: write one JSON line per example (id, prompt, reference(s), prediction, score) to FILE",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_eval)

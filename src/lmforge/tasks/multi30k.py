@@ -50,6 +50,14 @@ class Multi30k(DecodingTask):
 
         return metrics.translation_scores(outputs, [r["reference"] for r in records])
 
+    def example_scores(self, outputs: list[str], records: list[dict]) -> list[dict]:
+        from lmforge.eval import metrics
+
+        return [metrics.sentence_translation_scores(o, r["reference"]) for o, r in zip(outputs, records)]
+
+    def references(self, record: dict) -> dict:
+        return {"reference": record["reference"]}
+
     def baseline_outputs(self, records: list[dict]) -> list[str]:
         return [r["source"] for r in records]
 

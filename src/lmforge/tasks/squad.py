@@ -60,6 +60,14 @@ class Squad(DecodingTask):
 
         return metrics.squad_scores(outputs, [r["answers"] for r in records])
 
+    def example_scores(self, outputs: list[str], records: list[dict]) -> list[dict]:
+        from lmforge.eval import metrics
+
+        return [metrics.squad_example_scores(o, r["answers"]) for o, r in zip(outputs, records)]
+
+    def references(self, record: dict) -> dict:
+        return {"references": record["answers"]}
+
     def baseline_outputs(self, records: list[dict]) -> list[str]:
         return [first_sentence(r["prompt"]) for r in records]
 
