@@ -30,10 +30,11 @@ vocab_size = None if sys.argv[4] == "-" else int(sys.argv[4])
 report = prepare(
     sys.argv[1], sys.argv[2], tokenizer=sys.argv[3], vocab_size=vocab_size, overwrite=True, progress=False
 )
+usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU seconds: what a loaded machine does not inflate
 print(json.dumps({
     "text_mb": report.text_bytes / 1e6, "scan_s": report.scan_seconds, "encode_s": report.encode_seconds,
     "encode_mb_s": report.encode_mb_per_s, "tokens": report.meta["train_tokens"] + report.meta["val_tokens"],
-    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
 }))
 """
 
@@ -73,7 +74,10 @@ def run(corpus: Path | str, out: Path, tokenizer: str, vocab_size: int | None) -
 def overall(result: dict) -> str:
     """Both passes together: the whole command's throughput."""
     seconds = result["scan_s"] + result["encode_s"]
-    return f"both passes {seconds:.1f} s = {result['text_mb'] / seconds:.2f} MB/s"
+    return (
+        f"both passes {seconds:.1f} s = {result['text_mb'] / seconds:.2f} MB/s; "
+        f"{result['cpu_s']:.0f} CPU s = {result['text_mb'] / result['cpu_s']:.2f} MB per CPU s"
+    )
 
 
 def main() -> None:
