@@ -85,3 +85,44 @@ def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "text.txt").write_text(source.read_text()[:60_000])
     prepare(str(root / "text.txt"), root / "data", tokenizer="char", progress=False)
     return root / "data"
+
+
+GUTENBERG_BOOKS = {
+    "train": [
+        "THE FIRST BOOK\n\nIt was a dark and stormy night; the rain fell in torrents.\n" * 20,
+        "CHAPTER I\n\nCall me Ishmael. Some years ago, never mind how long precisely.\n" * 20,
+        "A tale of two cities: it was the best of times, it was the worst of times.\n" * 20,
+        "Emma Woodhouse, handsome, clever, and rich, with a comfortable home.\n" * 20,
+    ],
+    "val": ["It is a truth universally acknowledged, that a single man in possession\n" * 20],
+}
+
+
+def write_gutenberg(root: Path, books: dict[str, list[str]]) -> dict[str, Path]:
+    """A corpus in the shared gutenberg format (one gzip per split, `<|endoftext|>` line after each book)."""
+    import gzip
+
+    (root / "gutenberg").mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, filename in (("train", "train.txt.gz"), ("val", "valid.txt.gz")):
+        text = "".join(book.strip() + "\n<|endoftext|>\n" for book in books[split])
+        paths[split] = root / "gutenberg" / filename
+        paths[split].write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    return paths
+
+
+@pytest.fixture
+def tiny_gutenberg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list[str]]:
+    """`gutenberg` as a 5-book copy in $LMFORGE_DATA_DIR, pinned to the copy's hashes; returns the books."""
+    from dataclasses import replace
+
+    from lmforge.data import sources
+
+    paths = write_gutenberg(tmp_path / "shared", GUTENBERG_BOOKS)
+    pinned = tuple(
+        replace(part, sha256=sources.file_sha256(paths[part.split]), size=paths[part.split].stat().st_size)
+        for part in sources.NAMED_DATASETS["gutenberg"]
+    )
+    monkeypatch.setitem(sources.NAMED_DATASETS, "gutenberg", pinned)
+    monkeypatch.setenv("LMFORGE_DATA_DIR", str(tmp_path / "shared"))
+    return GUTENBERG_BOOKS

@@ -37,7 +37,7 @@ def sft_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "sft"
     folder.mkdir()
     (folder / "train.jsonl").write_text(example_lines())
-    (folder / "eval.jsonl").write_text(example_lines())
+    (folder / "val.jsonl").write_text(example_lines())
     char_tokenizer(ALPHABET + "0123456789", specials=[EOT]).save(str(folder / "tokenizer.json"))
     return folder
 

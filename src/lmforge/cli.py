@@ -18,7 +18,7 @@ from lmforge import __version__
 from lmforge.config import DTYPE_NAMES, SEED_LIMIT
 from lmforge.errors import LmforgeError
 from lmforge.report import SORT_KEYS, X_AXES
-from lmforge.tasks import TASKS, tasks_with_datasets
+from lmforge.tasks import DEFAULT_VAL_FRACTION, TASKS, tasks_with_datasets
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -174,7 +174,7 @@ def _add_finetune(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser(
         "finetune",
         help="fine-tune on prompt/completion JSONL (the train loop, prompt masked)",
-        description="Fine-tune a model on DIR/train.jsonl, evaluating on DIR/eval.jsonl "
+        description="Fine-tune a model on DIR/train.jsonl, evaluating on DIR/val.jsonl "
         "(data.dir); start from a checkpoint with train.init_from.",
     )
     _add_run_args(p)
@@ -184,14 +184,15 @@ def _add_finetune(verbs: argparse._SubParsersAction) -> None:
 def _tasks_prepare(args: argparse.Namespace) -> int:
     from lmforge.tasks import prepare_task
 
-    counts = prepare_task(
-        args.task, Path(args.out), Path(args.data_dir) if args.data_dir else None, args.overwrite
+    prepared = prepare_task(
+        args.task,
+        Path(args.out),
+        Path(args.data_dir) if args.data_dir else None,
+        args.overwrite,
+        args.val_fraction,
+        args.seed,
     )
-    print(
-        f"{args.task}: "
-        + ", ".join(f"{n:,} {split}" for split, n in counts.items())
-        + f" examples -> {args.out}"
-    )
+    print(prepared.summary(args.task, args.out))
     return 0
 
 
@@ -201,11 +202,21 @@ def _add_tasks(verbs: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = actions.add_parser(
         "prepare",
-        help="write a task's train/eval JSONL files",
-        description="Convert a shared task dataset into prompt/completion JSONL files.",
+        help="write a task's train/val/eval JSONL files",
+        description="Convert a shared task dataset into prompt/completion JSONL files: train.jsonl, "
+        "val.jsonl (checkpoint selection: the dataset's validation split, else carved from train) and "
+        "eval.jsonl (the scored split, read only by `lmforge eval --task`).",
     )
     q.add_argument("task", choices=with_datasets)
     q.add_argument("--out", required=True, help="output folder")
+    q.add_argument(
+        "--val-fraction",
+        type=float,
+        default=DEFAULT_VAL_FRACTION,
+        help=f"share of train carved out as val.jsonl when the dataset has no validation split "
+        f"(default {DEFAULT_VAL_FRACTION})",
+    )
+    q.add_argument("--seed", type=seed, default=0, help="seed for the choice of val examples")
     q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(run=_tasks_prepare)
@@ -304,6 +315,7 @@ def _eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         beam_size=args.beam_size,
         max_new_tokens=args.max_new_tokens,
+        predictions=Path(args.predictions) if args.predictions else None,
     )
     print(report.json_line() if args.json else report.text())
     return 0
@@ -338,6 +350,11 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--beam-size", type=positive_int, default=1, help="tasks that decode: 1 is greedy")
     p.add_argument(
         "--max-new-tokens", type=positive_int, default=64, help="tasks that decode: answer length cap"
+    )
+    p.add_argument(
+        "--predictions",
+        metavar="FILE",
+        help="tasks: write one JSON line per example (id, prompt, reference(s), prediction, score) to FILE",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_eval)

@@ -41,7 +41,7 @@ WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
 class DataConfig:
     """[data]: what to train on."""
 
-    # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and eval.jsonl
+    # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and val.jsonl
     dir: str = ""
     kind: Literal["tokens", "sft"] = "tokens"  # tokens: pretraining shards; sft: JSONL, prompt masked
     tokenizer: str = ""  # sft: a tokenizer.json (default: train.init_from's)

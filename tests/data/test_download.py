@@ -45,7 +45,7 @@ def toy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> sources.NamedDataset
     dataset = sources.NamedDataset(
         "toy", "toy.txt", "https://example.invalid/toy.txt", hashlib.sha256(CONTENT).hexdigest(), len(CONTENT)
     )
-    monkeypatch.setitem(sources.NAMED_DATASETS, "toy", dataset)
+    monkeypatch.setitem(sources.NAMED_DATASETS, "toy", (dataset,))
     monkeypatch.setenv("LMFORGE_DATA_DIR", str(tmp_path / "nodata"))
     monkeypatch.setenv("LMFORGE_OFFLINE", "0")
     return dataset
@@ -103,7 +103,7 @@ def test_reading_stops_past_the_pinned_size(monkeypatch, toy) -> None:
 def test_a_download_past_its_deadline_is_abandoned(monkeypatch, toy) -> None:
     body = CONTENT * 1000
     big = sources.NamedDataset("toy", "toy.txt", toy.url, hashlib.sha256(body).hexdigest(), len(body))
-    monkeypatch.setitem(sources.NAMED_DATASETS, "toy", big)
+    monkeypatch.setitem(sources.NAMED_DATASETS, "toy", (big,))
     monkeypatch.setenv("LMFORGE_DOWNLOAD_TIMEOUT", "0.2")
     serve(monkeypatch, FakeResponse(body, delay=0.05))  # 4 kB per 50 ms: 1.9 MB would take 23 s
     start = time.monotonic()

@@ -26,7 +26,7 @@ def test_tinyshakespeare_char_gives_nanogpt_split(cli, shared_data: Path, tmp_pa
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert (meta["vocab_size"], meta["train_tokens"], meta["val_tokens"]) == (65, 1_003_854, 111_540)
     assert meta["dtype"] == "uint16" and meta["tokenizer"] == "char" and meta["source"] == "tinyshakespeare"
-    assert meta["source_sha256"] == sources.NAMED_DATASETS["tinyshakespeare"].sha256
+    assert meta["source_sha256"] == sources.NAMED_DATASETS["tinyshakespeare"][0].sha256
     text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
     # nanoGPT: stoi over sorted(set(text)); train = first int(n * 0.9) characters.
     stoi = {c: i for i, c in enumerate(sorted(set(text)))}
@@ -280,7 +280,7 @@ def test_named_dataset_download_is_verified_and_cached(
     published = tmp_path / "published.txt"
     published.write_text("to be or not to be\n" * 100)
     good = sources.NamedDataset("toy", "toy.txt", published.as_uri(), sources.file_sha256(published), 1900)
-    monkeypatch.setitem(sources.NAMED_DATASETS, "toy", good)
+    monkeypatch.setitem(sources.NAMED_DATASETS, "toy", (good,))
     monkeypatch.setenv("LMFORGE_DATA_DIR", str(tmp_path / "nodata"))
     with pytest.raises(LmforgeError, match="LMFORGE_OFFLINE=1 forbids downloading"):
         sources.open_corpus("toy")

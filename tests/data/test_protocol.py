@@ -26,7 +26,7 @@ def _sft(root: Path) -> SFTData:
     folder = root / "sft"
     folder.mkdir()
     records = [{"prompt": f"q{i}: say {i}\na:", "completion": f" {i} said"} for i in range(12)]
-    for name in ("train.jsonl", "eval.jsonl"):
+    for name in ("train.jsonl", "val.jsonl"):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     tokenizer_file = root / "tokenizer.json"
     char_tokenizer("0123456789qsaiyd: \n", specials=[EOT]).save(str(tokenizer_file))

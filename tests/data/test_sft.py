@@ -128,7 +128,15 @@ def test_example_batches_resume_exactly() -> None:
 def test_sft_data_needs_both_files(tmp_path: Path) -> None:
     char_tokenizer(ALPHABET).save(str(tmp_path / "tok.json"))
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a:", "completion": " b"}])
-    with pytest.raises(LmforgeError, match="eval.jsonl: not found"):
+    with pytest.raises(LmforgeError, match="val.jsonl: not found"):
+        SFTData(tmp_path, tmp_path / "tok.json", 32)
+
+
+def test_fine_tuning_never_selects_on_the_scored_split(tmp_path: Path) -> None:
+    char_tokenizer(ALPHABET).save(str(tmp_path / "tok.json"))
+    for name in ("train.jsonl", "eval.jsonl"):
+        write_jsonl(tmp_path / name, [{"prompt": "a:", "completion": " b"}])
+    with pytest.raises(LmforgeError, match="never on the scored eval.jsonl"):
         SFTData(tmp_path, tmp_path / "tok.json", 32)
 
 

@@ -14,5 +14,5 @@ def lines(path: Path) -> list[dict]:
 
 def write(folder: Path, records: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "eval"):
+    for split in ("train", "val", "eval"):
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

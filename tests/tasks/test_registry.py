@@ -67,4 +67,4 @@ def test_tasks_prepare_overwrite_replaces_an_earlier_task_folder(cli, tmp_path: 
     (out / "extra.jsonl").write_text("")
     code, _, err = cli("tasks", "prepare", "sst2", "--data-dir", source, "--out", out, "--overwrite")
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == [".lmforge", "eval.jsonl", "train.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".lmforge", "eval.jsonl", "train.jsonl", "val.jsonl"]

@@ -8,15 +8,21 @@ from tests.tasks.conftest import lines
 
 
 def test_squad_is_split_by_article(shared_data: Path, tmp_path: Path) -> None:
-    counts = prepare_task("squad", tmp_path / "qa")
-    assert counts["train"] + counts["eval"] == 10_570
-    train, held_out = lines(tmp_path / "qa" / "train.jsonl"), lines(tmp_path / "qa" / "eval.jsonl")
-    assert not {e["title"] for e in train} & {e["title"] for e in held_out}
-    assert len({e["title"] for e in train}) == 24 and train[0]["title"] == "Super_Bowl_50"
+    prepared = prepare_task("squad", tmp_path / "qa")
+    counts = prepared.counts
+    assert counts["train"] + counts["val"] + counts["eval"] == 10_570
+    train, val, held_out = (lines(tmp_path / "qa" / f"{s}.jsonl") for s in ("train", "val", "eval"))
+    titles = [{e["title"] for e in split} for split in (train, val, held_out)]
+    assert not titles[0] & titles[2] and not titles[1] & titles[2] and not titles[0] & titles[1]
+    # The first 24 articles train; one of them (5%, seeded) is carved out whole as val.
+    assert (len(titles[0]), len(titles[1])) == (
+        23,
+        1,
+    ) and prepared.val_from == "0.05 of train by title, seed 0"
     assert all(
         e["completion"] == " " + e["answers"][0] and e["answers"][0] in e["prompt"] for e in train[:50]
     )
-    assert prepare_task("squad", tmp_path / "again") == counts  # deterministic
+    assert prepare_task("squad", tmp_path / "again") == prepared  # deterministic
 
 
 def test_first_sentence_baseline() -> None:

@@ -10,8 +10,10 @@ from tests.tasks.conftest import TEXT, lines, write
 def test_sst2(cli, shared_data: Path, tmp_path: Path) -> None:
     code, out, err = cli("tasks", "prepare", "sst2", "--out", tmp_path / "sst2")
     assert code == 0, err
-    train, dev = lines(tmp_path / "sst2" / "train.jsonl"), lines(tmp_path / "sst2" / "eval.jsonl")
-    assert (len(train), len(dev)) == (67_349, 872)
+    train, val, dev = (lines(tmp_path / "sst2" / f"{s}.jsonl") for s in ("train", "val", "eval"))
+    # dev is the scored split; val, for checkpoint selection, is 5% of train (seeded), train the rest.
+    assert (len(train), len(val), len(dev)) == (67_349 - 3_367, 3_367, 872)
+    assert "63,982 train, 3,367 val, 872 eval examples (val: 0.05 of train, seed 0;" in out
     assert sum(e["label"] for e in dev) == 444  # SOURCE.md: 444 positive / 428 negative
     assert dev[0] == {
         "prompt": "Review: it 's a charming and often affecting journey .\nSentiment:",

@@ -19,12 +19,12 @@ def sst2_small(shared_data: Path, tmp_path: Path) -> Path:
     prepare_task("sst2", tmp_path / "full")
     folder = tmp_path / "sst2"
     folder.mkdir()
-    for split, n in [("train", 300), ("eval", 100)]:
+    for split, n in [("train", 300), ("val", 100)]:
         kept = (tmp_path / "full" / f"{split}.jsonl").read_text().splitlines()[:n]
         (folder / f"{split}.jsonl").write_text("\n".join(kept) + "\n")
     text = "".join(
         json.loads(line)["prompt"] + json.loads(line)["completion"]
-        for split in ("train", "eval")
+        for split in ("train", "val")
         for line in (folder / f"{split}.jsonl").read_text().splitlines()
     )
     char_tokenizer(text, specials=[EOT]).save(str(folder / "tokenizer.json"))

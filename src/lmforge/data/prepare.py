@@ -44,6 +44,7 @@ class _Scan:
     text_bytes: int = 0
     alphabet: set[str] = field(default_factory=set)
     document_chars: array = field(default_factory=lambda: array("q"))  # of each non-empty document
+    document_in_val: array = field(default_factory=lambda: array("b"))  # of each, when the corpus comes split
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class _Privacy:
             if scrubber is None:
                 yield document
             else:
-                yield Document(scrubber.stream(document), document.path, document.line)
+                yield Document(scrubber.stream(document), document.path, document.line, document.split)
 
     def write(self, staging: Path, meta: dict) -> None:
         """Record the scrub counts and canaries in meta.json (and canaries.json)."""
@@ -164,7 +165,7 @@ def prepare(
     start = time.perf_counter()
     scan, tokenizer_obj = _first_pass(corpus, input, tokenizer, vocab_size, user_tokenizer, progress, privacy)
     scan_seconds = time.perf_counter() - start
-    layout = _plan_layout(scan, tokenizer_obj, val_fraction, seed)
+    layout = _plan_layout(scan, tokenizer_obj, val_fraction, seed, corpus.given_split)
     if canaries is not None:
         privacy.inserter = CanaryInserter(canaries.draw(), layout.train_chars(scan), canaries.seed)
     with staged_folder(out, "data", overwrite, inputs) as staging:
@@ -233,10 +234,16 @@ def _first_pass(
     return scan, tokenizer_obj
 
 
-def _plan_layout(scan: _Scan, tokenizer: Tokenizer, val_fraction: float, seed: int) -> _Layout:
-    """The shards' dtype and the train/val split, from the first pass and the tokenizer."""
+def _plan_layout(
+    scan: _Scan, tokenizer: Tokenizer, val_fraction: float, seed: int, given_split: bool = False
+) -> _Layout:
+    """The shards' dtype and the train/val split (the corpus's own, when it comes split), from the
+    first pass and the tokenizer."""
     n_vocab = tok.vocab_size(tokenizer)
-    is_val = _choose_val_documents(scan.documents, val_fraction, seed)
+    if given_split:
+        is_val = np.asarray(scan.document_in_val, dtype=bool)
+    else:
+        is_val = _choose_val_documents(scan.documents, val_fraction, seed)
     return _Layout(
         vocab_size=n_vocab,
         dtype=np.dtype(np.uint16 if n_vocab <= 1 << 16 else np.uint32),
@@ -269,9 +276,9 @@ def _meta(
         "tokenizer_file": None if tokenizer in tok.BUILTIN_KINDS else str(Path(tokenizer).resolve()),
         "eot_id": tok.eot_id(tokenizer_obj),
         "documents": scan.documents,
-        "split": "tail" if layout.is_val is None else "documents",
+        "split": "given" if corpus.given_split else "tail" if layout.is_val is None else "documents",
         "val_documents": None if layout.is_val is None else int(layout.is_val.sum()),
-        "val_fraction": val_fraction,
+        "val_fraction": None if corpus.given_split else val_fraction,
         "seed": seed,
         "source": corpus.source,
         "source_sha256": corpus.sha256(),
@@ -315,6 +322,7 @@ def _scan(
                 scan.documents += 1
                 scan.chars += chars
                 scan.document_chars.append(chars)
+                scan.document_in_val.append(document.split == "val")
 
 
 def _choose_val_documents(documents: int, val_fraction: float, seed: int) -> np.ndarray | None:

@@ -199,16 +199,18 @@ class ExampleBatches:
 
 
 class SFTData:
-    """`train.jsonl` and `eval.jsonl` of a folder, tokenized with a given tokenizer.json.
+    """`train.jsonl` and `val.jsonl` of a folder, tokenized with a given tokenizer.json.
 
-    Satisfies `TrainingData` (lmforge.data.protocol); eval.jsonl is its held-out "val" split.
+    Satisfies `TrainingData` (lmforge.data.protocol); val.jsonl is its held-out "val" split, on which
+    checkpoints are chosen and early stopping decides. The scored split (eval.jsonl) is never read
+    here: only `lmforge eval --task` reads it.
     """
 
     dir: Path
     tokenizer_file: Path
     vocab_size: int
     train: list[Example]  # empty when opened eval_only
-    eval: list[Example]
+    val: list[Example]
 
     def __init__(
         self,
@@ -222,21 +224,18 @@ class SFTData:
         tokenizer = load_tokenizer(tokenizer_file)
         self.vocab_size = vocab_size(tokenizer)
         self.train = (
-            []
-            if eval_only
-            else tokenize_examples(
-                read_examples(directory / "train.jsonl", on_bad_line),
-                tokenizer,
-                block_size + 1,
-                directory / "train.jsonl",
+            [] if eval_only else self._read(directory / "train.jsonl", tokenizer, block_size, on_bad_line)
+        )
+        if not (directory / "val.jsonl").is_file() and (directory / "eval.jsonl").is_file():
+            raise LmforgeError(
+                f"{directory / 'val.jsonl'}: not found; fine-tuning selects checkpoints on val.jsonl, "
+                "never on the scored eval.jsonl (`lmforge tasks prepare` writes both)"
             )
-        )
-        self.eval = tokenize_examples(
-            read_examples(directory / "eval.jsonl", on_bad_line),
-            tokenizer,
-            block_size + 1,
-            directory / "eval.jsonl",
-        )
+        self.val = self._read(directory / "val.jsonl", tokenizer, block_size, on_bad_line)
+
+    @staticmethod
+    def _read(path: Path, tokenizer: Tokenizer, block_size: int, on_bad_line: str) -> list[Example]:
+        return tokenize_examples(read_examples(path, on_bad_line), tokenizer, block_size + 1, path)
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
         """The train examples, reshuffled every epoch, padded to at most `block_size`."""
@@ -247,6 +246,6 @@ class SFTData:
         return None
 
     def eval_batches(self, block_size: int, batch_size: int) -> Iterator[Batch]:
-        """The eval examples in file order, `batch_size` at a time."""
-        for start in range(0, len(self.eval), batch_size):
-            yield collate(self.eval[start : start + batch_size], block_size)
+        """The val examples in file order, `batch_size` at a time."""
+        for start in range(0, len(self.val), batch_size):
+            yield collate(self.val[start : start + batch_size], block_size)

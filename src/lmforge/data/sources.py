@@ -1,19 +1,23 @@
 """Where text comes from: files, folders and named datasets, read as a stream of documents.
 
 A corpus is a sorted list of files. Each `.txt`/`.md`/`.raw`/`.text` file is one document;
-each line of a `.jsonl` file is one document (its `text` field). Documents are read in
-chunks of about `CHUNK_BYTES`, cut after a newline where possible, so memory stays bounded
-whatever the size of a file.
+each line of a `.jsonl` file is one document (its `text` field); a named dataset may hold many
+documents per file, each ended by a separator line, and may come split into train and val files.
+Documents are read in chunks of about `CHUNK_BYTES`, cut after a newline where possible (gzipped
+files are decompressed on the fly), so memory stays bounded whatever the size of a file.
 """
 
 from __future__ import annotations
 
 import codecs
+import gzip
 import hashlib
 import http.client
+import itertools
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -35,22 +39,50 @@ JSONL_SUFFIXES = (".jsonl",)
 
 @dataclass(frozen=True)
 class NamedDataset:
-    """A public text corpus that `lmforge prepare NAME` finds locally or downloads."""
+    """One pinned file of a public text corpus that `lmforge prepare NAME` finds locally or downloads."""
 
     name: str
     filename: str
-    url: str
-    sha256: str
+    url: str | None  # None: no public copy to download; found only in $LMFORGE_DATA_DIR or the cache
+    sha256: str  # of the file as stored (gzipped or not)
     size: int
+    split: str | None = None  # "train" or "val" when the corpus comes split; None: prepare splits it
+    document_end: str | None = None  # a line that ends each document inside the file; None: one document
 
 
-NAMED_DATASETS: dict[str, NamedDataset] = {
-    "tinyshakespeare": NamedDataset(
-        name="tinyshakespeare",
-        filename="input.txt",
-        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        size=1_115_394,
+GUTENBERG_EOT = "<|endoftext|>"  # the line after each book of the gutenberg files
+
+# Every file of each named dataset, in corpus order.
+NAMED_DATASETS: dict[str, tuple[NamedDataset, ...]] = {
+    "tinyshakespeare": (
+        NamedDataset(
+            name="tinyshakespeare",
+            filename="input.txt",
+            url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+            sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+            size=1_115_394,
+        ),
+    ),
+    # 401 cleaned English Project Gutenberg books, split by book by its authors (SOURCE.md beside it).
+    "gutenberg": (
+        NamedDataset(
+            name="gutenberg",
+            filename="train.txt.gz",
+            url=None,
+            sha256="64af930fe953337fef426dd9c136e72155ae25b6ccd78b80c4ab4100b497b6e0",
+            size=56_707_846,
+            split="train",
+            document_end=GUTENBERG_EOT,
+        ),
+        NamedDataset(
+            name="gutenberg",
+            filename="valid.txt.gz",
+            url=None,
+            sha256="4bbf5dc78fa7fd0b5740b78c51e4c5797956c1513c2ec257f422ffd72d25e174",
+            size=773_645,
+            split="val",
+            document_end=GUTENBERG_EOT,
+        ),
     ),
 }
 
@@ -88,6 +120,11 @@ def resolve_named_dataset(dataset: NamedDataset) -> Path:
     if cached.is_file():
         _verify(cached, dataset)
         return cached
+    if dataset.url is None:
+        raise LmforgeError(
+            f"dataset {dataset.name!r}: {dataset.filename} is not in $LMFORGE_DATA_DIR/{dataset.name} "
+            f"or {cached.parent}, and it has no public download"
+        )
     if os.environ.get("LMFORGE_OFFLINE") == "1":
         raise LmforgeError(
             f"dataset {dataset.name!r} is not in $LMFORGE_DATA_DIR or {cached.parent} "
@@ -193,6 +230,7 @@ class Document:
     chunks: Iterator[str]
     path: Path
     line: int | None = None  # for a document of a .jsonl file: its line
+    split: str | None = None  # "train"/"val" when the corpus comes split
 
     def __iter__(self) -> Iterator[str]:
         return self.chunks
@@ -211,10 +249,19 @@ class Corpus:
     source: str
     files: tuple[Path, ...]
     invalid_utf8: str = "error"  # "error" or "replace"
+    file_splits: tuple[str | None, ...] = ()  # per file, for a corpus that comes split: "train" or "val"
+    document_end: str | None = None  # a line that ends each document inside a file (named datasets)
 
     @property
-    def total_bytes(self) -> int:
-        """Size of all files on disk, for progress bars."""
+    def given_split(self) -> bool:
+        """Whether every file says which split it belongs to (then prepare keeps that split)."""
+        return bool(self.file_splits) and None not in self.file_splits
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Size of all files on disk, for progress bars; None when gzipped (the text is larger)."""
+        if any(f.suffix == ".gz" for f in self.files):
+            return None
         return sum(f.stat().st_size for f in self.files)
 
     def sha256(self) -> str:
@@ -227,11 +274,14 @@ class Corpus:
 
     def documents(self) -> Iterator[Document]:
         """Yield each document, an iterable of non-empty text chunks."""
-        for path in self.files:
+        splits = self.file_splits or (None,) * len(self.files)
+        for path, split in zip(self.files, splits):
             if path.suffix in JSONL_SUFFIXES:
                 yield from _jsonl_documents(path, self.invalid_utf8)
+            elif self.document_end is not None:
+                yield from _separated_documents(path, self.invalid_utf8, self.document_end, split)
             else:
-                yield Document(_text_chunks(path, self.invalid_utf8), path)
+                yield Document(_text_chunks(path, self.invalid_utf8), path, split=split)
 
 
 def open_corpus(spec: str, invalid_utf8: str = "error") -> Corpus:
@@ -247,8 +297,9 @@ def open_corpus(spec: str, invalid_utf8: str = "error") -> Corpus:
             raise LmforgeError(f"{path}: no {', '.join(suffixes)} files in this folder")
         source = str(path.resolve())
     elif spec in NAMED_DATASETS:
-        files = (resolve_named_dataset(NAMED_DATASETS[spec]),)
-        source = spec
+        parts = NAMED_DATASETS[spec]
+        files = tuple(resolve_named_dataset(part) for part in parts)
+        return Corpus(spec, files, invalid_utf8, tuple(p.split for p in parts), parts[0].document_end)
     elif os.sep in spec or "." in spec:
         raise LmforgeError(f"{spec}: no such file or folder")
     else:
@@ -264,7 +315,7 @@ def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     consumed = 0
     carry = ""
-    with open(path, "rb") as f:
+    with _open_binary(path) as f:
         while True:
             raw = f.read(CHUNK_BYTES)
             final = not raw
@@ -298,6 +349,63 @@ def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
             carry = text[cut:]
             if cut:
                 yield text[:cut]
+
+
+def _open_binary(path: Path) -> BinaryIO:
+    """The file's bytes; a `.gz` file's decompressed as it is read (never whole on disk or in memory)."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _separated_documents(
+    path: Path, invalid_utf8: str, end_line: str, split: str | None
+) -> Iterator[Document]:
+    """The documents of a file in which the line `end_line` follows each document.
+
+    A document's text stops before the newline that precedes its end line. Each document must be
+    read to its end before the next one is asked for (prepare's passes do that); text after the last
+    end line is a last document, and empty documents are skipped.
+    """
+    pieces = _text_and_ends(_text_chunks(path, invalid_utf8), end_line)
+
+    def rest() -> Iterator[str]:
+        for piece in pieces:
+            if piece is None:
+                return
+            yield piece
+
+    for first in pieces:
+        if first is None:  # an empty document
+            continue
+        document = itertools.chain((first,), rest())
+        yield Document(document, path, split=split)
+        for _ in document:  # a document the caller did not read to its end
+            pass
+
+
+def _text_and_ends(chunks: Iterator[str], end_line: str) -> Iterator[str | None]:
+    """The text of line-aligned chunks, None in place of each `end_line` line and the newline before it."""
+    pattern = re.compile(rf"^{re.escape(end_line)}(?:\n|\Z)", re.MULTILINE)
+    held = ""  # a text's final newline, which belongs to the end line when one follows
+    at_line_start = True
+    for chunk in chunks:
+        start = 0
+        for match in pattern.finditer(chunk):
+            if match.start() == 0 and not at_line_start:
+                continue
+            text = held + chunk[start : match.start()]
+            if text.endswith("\n"):
+                text = text[:-1]
+            if text:
+                yield text
+            yield None
+            held, start = "", match.end()
+        text = held + chunk[start:]
+        held = "\n" if text.endswith("\n") else ""
+        if text[: len(text) - len(held)]:
+            yield text[: len(text) - len(held)]
+        at_line_start = chunk.endswith("\n")
+    if held:
+        yield held
 
 
 def _jsonl_documents(path: Path, invalid_utf8: str) -> Iterator[Document]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,10 +75,16 @@ def evaluate_checkpoint(
     limit: int | None,
     beam_size: int,
     max_new_tokens: int,
+    predictions: Path | None = None,
 ) -> EvalReport:
     """Load the checkpoint `which` (best, last, a folder) of `target` and evaluate it on `data`
     (default: the run's data.dir): task "lm" is the loss over the held-out split, any registered
-    task its metrics on DATA/eval.jsonl (`limit`, `beam_size`, `max_new_tokens` apply to tasks)."""
+    task its metrics on DATA/eval.jsonl (`limit`, `beam_size`, `max_new_tokens` apply to tasks),
+    with one JSON line per example written to `predictions` when given."""
+    if predictions is not None:
+        if task == "lm":
+            raise LmforgeError("--predictions needs a --task (the lm loss has no per-example answers)")
+        check_predictions_file(predictions)
     torch_device = resolve_device(device)
     loaded = load_for_inference(target, which, torch_device)
     if not (data or loaded.config.data.dir):
@@ -97,15 +105,50 @@ def evaluate_checkpoint(
             beam_size,
             max_new_tokens,
         )
+    lines = result.pop("predictions", None)
+    if predictions is not None:
+        if lines is None:
+            raise LmforgeError(f"task {task!r} does not report per-example predictions")
+        write_predictions(predictions, lines)
     return TaskReport({**result, "checkpoint": str(loaded.path), "step": loaded.step})
+
+
+def check_predictions_file(path: Path) -> None:
+    """Refuse a path that holds anything but an earlier predictions file (whose first line is a JSON
+    object with "id" and "prediction"): `--predictions` never replaces a file lmforge did not write."""
+    if not path.exists():
+        if not path.parent.is_dir():
+            raise LmforgeError(f"--predictions {path}: the folder {path.parent} does not exist")
+        return
+    record = None
+    if path.is_file():
+        with open(path, "rb") as f:
+            first = f.readline(1 << 20)
+        try:
+            record = json.loads(first)
+        except ValueError:  # not JSON, or not UTF-8
+            pass
+    if not (isinstance(record, dict) and {"id", "prediction"} <= record.keys()):
+        raise LmforgeError(f"--predictions {path}: exists and is not a predictions file; choose another path")
+
+
+def write_predictions(path: Path, lines: list[dict]) -> None:
+    """One JSON object per line, written beside `path` and renamed into place whole."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _lm_loss(
     loaded: LoadedCheckpoint, data_dir: Path, device: torch.device, dtype: str, batch_size: int
 ) -> LMEval:
     block_size = loaded.config.model.block_size
-    if (data_dir / "eval.jsonl").is_file() and not (data_dir / "meta.json").is_file():
-        # Fine-tuning data: the loss of the completions, with the checkpoint's own tokenizer.
+    if (data_dir / "val.jsonl").is_file() and not (data_dir / "meta.json").is_file():
+        # Fine-tuning data: the loss of val.jsonl's completions, with the checkpoint's own tokenizer.
         data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True)
     else:
         data = PreparedData.open(data_dir)

@@ -49,23 +49,41 @@ def _f1(prediction: str, truth: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def squad_example_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
+    """One question's exact match and F1 in percent, each the maximum over its reference answers."""
+    em = max(normalize_answer(prediction) == normalize_answer(a) for a in answers)
+    return {"exact_match": 100.0 * em, "f1": 100 * max(_f1(prediction, a) for a in answers)}
+
+
 def squad_scores(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
-    """Exact match and F1 in percent, each the maximum over a question's reference answers."""
+    """Exact match and F1 in percent: the mean over questions of `squad_example_scores`."""
     if len(predictions) != len(answers) or not answers:
         raise LmforgeError(f"{len(predictions)} predictions for {len(answers)} questions")
-    em = sum(
-        max(normalize_answer(p) == normalize_answer(a) for a in refs) for p, refs in zip(predictions, answers)
-    )
-    f1 = sum(max(_f1(p, a) for a in refs) for p, refs in zip(predictions, answers))
-    return {"exact_match": 100 * em / len(answers), "f1": 100 * f1 / len(answers)}
+    scores = [squad_example_scores(p, refs) for p, refs in zip(predictions, answers)]
+    return {name: sum(s[name] for s in scores) / len(scores) for name in ("exact_match", "f1")}
 
 
-def translation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float | str]:
-    """Corpus BLEU and chrF with sacrebleu's defaults, and their signatures."""
+def _sacrebleu():
     try:
         import sacrebleu
     except ImportError:
         raise LmforgeError("translation metrics need sacrebleu: pip install 'lmforge[eval]'") from None
+    return sacrebleu
+
+
+def sentence_translation_scores(hypothesis: str, reference: str) -> dict[str, float]:
+    """One sentence's BLEU (sacrebleu's sentence BLEU, smoothed with exp) and chrF: for reading
+    errors; the corpus scores are not their mean."""
+    sacrebleu = _sacrebleu()
+    return {
+        "bleu": sacrebleu.sentence_bleu(hypothesis, [reference]).score,
+        "chrf": sacrebleu.sentence_chrf(hypothesis, [reference]).score,
+    }
+
+
+def translation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float | str]:
+    """Corpus BLEU and chrF with sacrebleu's defaults, and their signatures."""
+    sacrebleu = _sacrebleu()
     bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
     bleu_score = bleu.corpus_score(list(hypotheses), [list(references)])
     chrf_score = chrf.corpus_score(list(hypotheses), [list(references)])
@@ -77,15 +95,20 @@ def translation_scores(hypotheses: Sequence[str], references: Sequence[str]) -> 
     }
 
 
-def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F-measure in percent (rouge-score, with stemming)."""
+def rouge_example_scores(predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+    """ROUGE-1/2/L F-measure in percent of each prediction (rouge-score, with stemming)."""
     try:
         from rouge_score import rouge_scorer
     except ImportError:
         raise LmforgeError("ROUGE needs rouge-score: pip install 'lmforge[eval]'") from None
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = Counter()
-    for prediction, reference in zip(predictions, references, strict=True):
-        for name, score in scorer.score(reference, prediction).items():
-            totals[name] += score.fmeasure
-    return {name: 100 * totals[name] / len(predictions) for name in ("rouge1", "rouge2", "rougeL")}
+    return [
+        {name: 100 * score.fmeasure for name, score in scorer.score(reference, prediction).items()}
+        for prediction, reference in zip(predictions, references, strict=True)
+    ]
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measure in percent (rouge-score, with stemming)."""
+    scores = rouge_example_scores(predictions, references)
+    return {name: sum(s[name] for s in scores) / len(scores) for name in ("rouge1", "rouge2", "rougeL")}

@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 import json
 import pkgutil
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,22 +42,82 @@ def tasks_with_datasets() -> tuple[str, ...]:
     return tuple(name for name, task in TASKS.items() if task.has_dataset)
 
 
+DEFAULT_VAL_FRACTION = 0.05  # of the train examples (or groups) carved out as val.jsonl
+
+
+@dataclass(frozen=True)
+class PreparedTask:
+    """What `prepare_task` wrote: examples per file (train, val, eval) and where val.jsonl came from."""
+
+    counts: dict[str, int]
+    val_from: str  # e.g. "5% of train, seed 0" or "the dataset's validation split"
+
+    def summary(self, name: str, out: Path) -> str:
+        counts = ", ".join(f"{n:,} {split}" for split, n in self.counts.items())
+        return f"{name}: {counts} examples (val: {self.val_from}; eval is the scored split) -> {out}"
+
+
+def carve_validation(
+    examples: Iterable[dict], fraction: float, seed: int, group: str | None = None
+) -> tuple[list[dict], list[dict]]:
+    """(train, val): a seeded choice of `fraction` of the examples (at least one) as val, in file order.
+
+    With `group`, whole groups of examples sharing that field's value go to one side (e.g. SQuAD's
+    articles, so that val questions are about contexts the model did not train on)."""
+    examples = list(examples)
+    keys = list(dict.fromkeys(e[group] if group else i for i, e in enumerate(examples)))
+    if len(keys) < 2:
+        raise LmforgeError(
+            f"{len(keys)} training {'group' if group else 'example'}(s): too few to hold out val"
+        )
+    n_val = min(max(1, round(len(keys) * fraction)), len(keys) - 1)
+    chosen = set(random.Random(seed).sample(keys, n_val))
+    in_val = [(e[group] if group else i) in chosen for i, e in enumerate(examples)]
+    return [e for e, v in zip(examples, in_val) if not v], [e for e, v in zip(examples, in_val) if v]
+
+
+def _with_validation(
+    task: Task, root: Path, fraction: float, seed: int
+) -> tuple[dict[str, Iterable[dict]], str]:
+    """The task's splits in file order train, val, eval: val is the dataset's own, else carved from train."""
+    splits = task.splits(root)
+    if "val" in splits:
+        return {"train": splits["train"], "val": splits["val"], "eval": splits["eval"]}, (
+            "the dataset's validation split"
+        )
+    train, val = carve_validation(splits["train"], fraction, seed, task.val_group)
+    per = f" by {task.val_group}" if task.val_group else ""
+    return {"train": train, "val": val, "eval": splits["eval"]}, f"{fraction:g} of train{per}, seed {seed}"
+
+
 def prepare_task(
-    name: str, out: Path, source_dir: Path | None = None, overwrite: bool = False
-) -> dict[str, int]:
-    """Write the task's JSONL splits into `out`; return the number of examples per split."""
+    name: str,
+    out: Path,
+    source_dir: Path | None = None,
+    overwrite: bool = False,
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    seed: int = 0,
+) -> PreparedTask:
+    """Write the task's train.jsonl, val.jsonl (checkpoint selection) and eval.jsonl (the scored split).
+
+    val.jsonl is the dataset's own validation split where it has one, else a seeded `val_fraction`
+    of the training examples, which train.jsonl then lacks. Only `lmforge eval --task` reads eval.jsonl.
+    """
     from lmforge.data.sources import data_dir  # lmforge.data imports torch: keep the registry light
 
     known = tasks_with_datasets()
     if name not in known:
         raise LmforgeError(f"unknown task {name!r} (known: {', '.join(known)})")
+    if not 0.0 < val_fraction < 1.0:
+        raise LmforgeError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     root = source_dir or data_dir()
     if root is None:
         raise LmforgeError("set $LMFORGE_DATA_DIR (or --data-dir) to the folder holding the shared datasets")
     counts = {}
     try:
         with staged_folder(out, "tasks", overwrite, [root]) as staging:
-            for split, examples in TASKS[name].splits(root).items():
+            splits, val_from = _with_validation(TASKS[name], root, val_fraction, seed)
+            for split, examples in splits.items():
                 with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as f:
                     counts[split] = 0
                     for example in examples:
@@ -62,7 +125,7 @@ def prepare_task(
                         counts[split] += 1
     except FileNotFoundError as exc:
         raise LmforgeError(f"{exc.filename}: not found (is the data folder {root} complete?)") from None
-    return counts
+    return PreparedTask(counts, val_from)
 
 
 def evaluate_task(

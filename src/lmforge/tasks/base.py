@@ -104,6 +104,18 @@ def decode(
     return tokenizer.decode(tokens).strip()
 
 
+def prediction_line(number: int, record: dict, references: dict, prediction: object, score: dict) -> dict:
+    """One line of `lmforge eval --predictions`: the example's id (its own, else its line number in the
+    scored file, from 1), prompt, reference(s), the model's prediction and the example's scores."""
+    return {
+        "id": record.get("id", number),
+        "prompt": record["prompt"],
+        **references,
+        "prediction": prediction,
+        "score": score,
+    }
+
+
 @dataclass(frozen=True)
 class EvalRun:
     """The model being evaluated, with what a task needs to query it."""
@@ -138,6 +150,9 @@ class Task(ABC):
     # Place in help texts and messages (ties go by name): the built-in tasks keep the order
     # they were added in, which is also the README's.
     listing_order: ClassVar[int] = 100
+    # A field whose value groups examples that must stay on one side when val.jsonl is carved
+    # from train (e.g. SQuAD's article title); None: examples are chosen one by one.
+    val_group: ClassVar[str | None] = None
 
     @property
     def has_dataset(self) -> bool:
@@ -145,7 +160,9 @@ class Task(ABC):
         return type(self).splits is not Task.splits
 
     def splits(self, root: Path) -> dict[str, Iterable[dict]]:
-        """The shared dataset under `root` as JSONL records per split ("train", "eval", ...).
+        """The shared dataset under `root` as JSONL records per split: "train", "eval" (the scored
+        split) and, where the dataset has its own validation split, "val" (else `prepare_task`
+        carves one from train).
 
         Prompts end where the model's answer starts; completions begin with a space so that
         BPE tokenizers see a word boundary.
@@ -154,7 +171,8 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, run: EvalRun, records: list[dict]) -> dict:
-        """The model beside a trivial baseline: {..., "model", "baseline", "baseline_name"}.
+        """The model beside a trivial baseline: {..., "model", "baseline", "baseline_name",
+        "predictions"}, the last one `prediction_line` per record.
 
         `records` come from `run.eval_file` and hold `fields`.
         """
@@ -170,15 +188,28 @@ class DecodingTask(Task):
         """Metrics of one answer per record."""
 
     @abstractmethod
+    def example_scores(self, outputs: list[str], records: list[dict]) -> list[dict]:
+        """The metrics of each answer on its own, for the predictions file."""
+
+    @abstractmethod
+    def references(self, record: dict) -> dict:
+        """{"reference": text} or {"references": [texts]}: what an answer is scored against."""
+
+    @abstractmethod
     def baseline_outputs(self, records: list[dict]) -> list[str]:
         """The trivial baseline's answer to each record."""
 
     def evaluate(self, run: EvalRun, records: list[dict]) -> dict:
         outputs = [run.decode(r["prompt"]) for r in records]
+        per_example = self.example_scores(outputs, records)
         return {
             "samples": [{"prompt": r["prompt"][-200:], "output": o} for r, o in zip(records[:3], outputs)],
             "decoding": f"beam {run.beam_size}" if run.beam_size > 1 else "greedy",
             "model": self.scores(outputs, records),
             "baseline": self.scores(self.baseline_outputs(records), records),
             "baseline_name": self.baseline_name,
+            "predictions": [
+                prediction_line(i, r, self.references(r), o, s)
+                for i, (r, o, s) in enumerate(zip(records, outputs, per_example), start=1)
+            ],
         }

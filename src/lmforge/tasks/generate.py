@@ -18,6 +18,14 @@ class Generate(DecodingTask):
 
         return metrics.rouge_scores(outputs, [r["completion"].strip() for r in records])
 
+    def example_scores(self, outputs: list[str], records: list[dict]) -> list[dict]:
+        from lmforge.eval import metrics
+
+        return metrics.rouge_example_scores(outputs, [r["completion"].strip() for r in records])
+
+    def references(self, record: dict) -> dict:
+        return {"reference": record["completion"].strip()}
+
     def baseline_outputs(self, records: list[dict]) -> list[str]:
         return [r["prompt"] for r in records]
 

@@ -38,10 +38,10 @@ class Multi30k(DecodingTask):
     baseline_name = "copy the source sentence"
 
     def splits(self, root: Path) -> dict[str, Iterable[dict]]:
-        """Multi30k en→de: train for training, val for held-out loss, test_2016_flickr for evaluation."""
+        """Multi30k en→de: train for training, val for checkpoint selection, test_2016_flickr scored."""
         return {
             "train": _parallel(root, "train"),
-            "valid": _parallel(root, "val"),
+            "val": _parallel(root, "val"),
             "eval": _parallel(root, "test_2016_flickr"),
         }
 
@@ -49,6 +49,14 @@ class Multi30k(DecodingTask):
         from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
 
         return metrics.translation_scores(outputs, [r["reference"] for r in records])
+
+    def example_scores(self, outputs: list[str], records: list[dict]) -> list[dict]:
+        from lmforge.eval import metrics
+
+        return [metrics.sentence_translation_scores(o, r["reference"]) for o, r in zip(outputs, records)]
+
+    def references(self, record: dict) -> dict:
+        return {"reference": record["reference"]}
 
     def baseline_outputs(self, records: list[dict]) -> list[str]:
         return [r["source"] for r in records]

@@ -45,6 +45,7 @@ class Squad(DecodingTask):
     fields = ("prompt", "answers")
     listing_order = 3
     baseline_name = "the context's first sentence"
+    val_group = "title"  # val.jsonl holds whole articles of the train half
 
     def splits(self, root: Path) -> dict[str, Iterable[dict]]:
         """SQuAD v1.1 dev, split by article: the first half of the articles trains, the rest evaluates."""
@@ -58,6 +59,14 @@ class Squad(DecodingTask):
         from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
 
         return metrics.squad_scores(outputs, [r["answers"] for r in records])
+
+    def example_scores(self, outputs: list[str], records: list[dict]) -> list[dict]:
+        from lmforge.eval import metrics
+
+        return [metrics.squad_example_scores(o, r["answers"]) for o, r in zip(outputs, records)]
+
+    def references(self, record: dict) -> dict:
+        return {"references": record["answers"]}
 
     def baseline_outputs(self, records: list[dict]) -> list[str]:
         return [first_sentence(r["prompt"]) for r in records]

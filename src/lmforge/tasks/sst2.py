@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.tasks.base import EvalRun, Task, read_eval
+from lmforge.tasks.base import EvalRun, Task, prediction_line, read_eval
 
 SST2_LABELS = ("negative", "positive")
 
@@ -75,6 +75,16 @@ class SST2(Task):
             "model": metrics.accuracy_and_macro_f1(predictions, labels),
             "baseline": metrics.accuracy_and_macro_f1([majority] * len(labels), labels),
             "baseline_name": f"majority class ({SST2_LABELS[majority]})",
+            "predictions": [
+                prediction_line(
+                    i,
+                    r,
+                    {"reference": SST2_LABELS[r["label"]]},
+                    SST2_LABELS[p],
+                    {"accuracy": float(p == r["label"])},
+                )
+                for i, (r, p) in enumerate(zip(records, predictions), start=1)
+            ],
         }
 
 

@@ -1,0 +1,73 @@
+"""The whole transfer chain at toy size, so that the recipes cannot rot: prepare gutenberg (a 5-book
+slice), pretrain a few steps, fine-tune from that checkpoint with its tokenizer, evaluate with
+predictions on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.conftest import TINY
+from tests.tasks.conftest import lines
+
+QUESTIONS = [
+    ("It was a dark and stormy night.", "What was the night?", "dark and stormy"),
+    ("Call me Ishmael.", "Who speaks?", "Ishmael"),
+    ("Emma was rich and clever.", "Who was rich?", "Emma"),
+    ("The rain fell in torrents.", "What fell?", "The rain"),
+]
+
+
+def write_task(folder: Path) -> None:
+    """A SQuAD-style task folder: train, val (checkpoint selection) and eval (scored) files."""
+    folder.mkdir()
+    records = [
+        {
+            "prompt": f"Context: {c}\nQuestion: {q}\nAnswer:",
+            "completion": f" {a}",
+            "answers": [a],
+            "id": f"q{i}",
+        }
+        for i, (c, q, a) in enumerate(QUESTIONS)
+    ]
+    for split, chosen in (("train", records * 4), ("val", records[:2]), ("eval", records[2:])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in chosen))
+
+
+def settings() -> list[str]:
+    """TINY, cut to 4 steps with an eval every 2."""
+    chosen = [
+        *TINY,
+        "model.block_size=64",
+        "train.max_steps=4",
+        "train.eval_interval=2",
+        "train.checkpoint_interval=0",
+    ]
+    return [arg for item in chosen for arg in ("--set", item)]
+
+
+def test_prepare_pretrain_finetune_and_eval_chain(cli, tiny_gutenberg, tmp_path: Path) -> None:
+    code, _, err = cli("prepare", "gutenberg", "--tokenizer", "bpe", "--vocab-size", "320",
+                       "--out", tmp_path / "data", "-q")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("train", "--out", tmp_path / "base", "--set", f"data.dir={tmp_path / 'data'}",
+                       *settings())  # fmt: skip
+    assert code == 0, err
+    write_task(tmp_path / "task")
+    code, _, err = cli("finetune", "--out", tmp_path / "tuned", "--set", f"data.dir={tmp_path / 'task'}",
+                       "--set", f"train.init_from={tmp_path / 'base'}",
+                       *settings())  # fmt: skip
+    assert code == 0, err
+    tuned_tokenizer = (tmp_path / "tuned" / "checkpoints").glob("step-*/tokenizer.json")
+    assert {p.read_bytes() for p in tuned_tokenizer} == {(tmp_path / "data" / "tokenizer.json").read_bytes()}
+    evals = [json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals if "val_loss" in e] == [2, 4]  # selection on val.jsonl
+    code, out, err = cli("eval", tmp_path / "tuned", "--task", "squad", "--json", "--max-new-tokens", "4",
+                         "--predictions", tmp_path / "predictions.jsonl")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["data"].endswith("eval.jsonl") and result["examples"] == 2
+    written = lines(tmp_path / "predictions.jsonl")
+    assert [w["id"] for w in written] == ["q2", "q3"]
+    assert all(set(w) == {"id", "prompt", "references", "prediction", "score"} for w in written)
+    assert sum(w["score"]["f1"] for w in written) / 2 == result["model"]["f1"]
