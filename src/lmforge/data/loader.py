@@ -120,7 +120,27 @@ def _check_ids(tokens: np.ndarray, vocab_size: int, path: Path) -> None:
             )
 
 
-class RandomWindows:
+class SeededBatches:
+    """A batch sampler driven by one seeded `torch.Generator`: its state (a uint8 tensor) and the
+    batch count go into a checkpoint unchanged, so a resumed run draws exactly the same batches."""
+
+    generator: torch.Generator
+    batches_drawn: int
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator's state and the batch count: enough to resume exactly."""
+        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict`."""
+        self.generator.set_state(state["generator"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+class RandomWindows(SeededBatches):
     """Seeded, resumable sampler of (input, target) batches of `block_size` windows.
 
     Offsets come from a `torch.Generator`, whose state (a uint8 tensor) goes into a
@@ -139,9 +159,6 @@ class RandomWindows:
         self.batches_drawn = 0
         self._window = np.arange(block_size + 1)
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
     def __next__(self) -> Batch:
         offsets = torch.randint(
             len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator
@@ -150,17 +167,8 @@ class RandomWindows:
         self.batches_drawn += 1
         return rows[:, :-1], rows[:, 1:]
 
-    def state_dict(self) -> dict[str, Any]:
-        """The generator's state and the batch count: enough to resume exactly."""
-        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a `state_dict`."""
-        self.generator.set_state(state["generator"])
-        self.batches_drawn = int(state["batches_drawn"])
-
-
-class PoissonWindows:
+class PoissonWindows(SeededBatches):
     """Poisson-sampled batches of disjoint windows, for differentially private training.
 
     The train split is cut into `windows` = len(tokens) // (block_size + 1) disjoint windows of
@@ -184,9 +192,6 @@ class PoissonWindows:
         self.batches_drawn = 0
         self._window = np.arange(block_size + 1)
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
     def __next__(self) -> Batch:
         total, rate = torch.tensor(float(self.windows)), torch.tensor(self.sample_rate)
         count = int(torch.binomial(total, rate, generator=self.generator))
@@ -200,13 +205,6 @@ class PoissonWindows:
         )  # (count, block_size + 1)
         self.batches_drawn += 1
         return rows[:, :-1], rows[:, 1:]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
-        self.batches_drawn = int(state["batches_drawn"])
 
 
 def eval_windows(tokens: np.ndarray, block_size: int, batch_size: int) -> Iterator[Batch]:
