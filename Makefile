@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/lmforge sample $(DEMO_OUT)/runs/shakespeare-char --num-samples 2 --max-new-tokens 400
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto  # pytest-xdist: one worker per core
 
 # House style: ruff's linter and formatter (configured in pyproject.toml); CI runs this before the tests.
 lint: install

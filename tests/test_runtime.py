@@ -8,9 +8,10 @@ from lmforge.runtime import NATIVE_BF16_ENV, matmul_peak_flops, native_bf16, res
 CPU = torch.device("cpu")
 
 
-def test_native_bf16_follows_onednn_and_the_override(monkeypatch) -> None:
+def test_native_bf16_needs_bf16_hardware_and_onednn_and_follows_the_override(monkeypatch) -> None:
     monkeypatch.delenv(NATIVE_BF16_ENV, raising=False)
-    assert native_bf16(CPU) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert native_bf16(CPU) == (hardware and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     for forced, expected in [("0", False), ("1", True)]:
         monkeypatch.setenv(NATIVE_BF16_ENV, forced)
         assert native_bf16(CPU) is expected

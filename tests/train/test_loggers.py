@@ -138,6 +138,11 @@ def test_scalars_tag_step_and_eval_entries() -> None:
         "train/lr": 1e-3,
     }
     assert loggers.scalars({"step": 3, "val_loss": 1.5, "val_bpb": 2.0}) == {"val/loss": 1.5, "val/bpb": 2.0}
+    assert loggers.scalars({"step": 3, "val_loss": 1.5, "epsilon": 2.5, "delta": 1e-5}) == {
+        "val/loss": 1.5,
+        "privacy/epsilon": 2.5,
+        "privacy/delta": 1e-5,
+    }
 
 
 def test_require_packages_passes_when_nothing_is_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:

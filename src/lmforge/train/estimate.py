@@ -351,6 +351,8 @@ def estimate(
     """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
     _check_arguments(devices, device_type, mfu, tokens, peak_flops)
     notes = _settle_model(config)
+    if config.privacy.enabled:  # as the trainer: DP-SGD runs in fp32
+        config.train.dtype = "fp32"
     if config.train.dtype == "auto":  # what the trainer would pick: the listed GPUs all have bf16
         config.train.dtype = resolve_dtype("auto", torch.device("cpu")) if device_type == "cpu" else "bf16"
         notes.append(f"train.dtype auto is {config.train.dtype} on {device_type}")

@@ -31,12 +31,15 @@ class MetricWriter(Protocol):
 
 
 def scalars(entry: dict) -> dict[str, float]:
-    """The numbers of a metrics entry by tag: `loss` -> `train/loss`, `val_loss` -> `val/loss`."""
-    return {
-        f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}": float(value)
-        for key, value in entry.items()
-        if key not in ("step", "skipped")
-    }
+    """The numbers of a metrics entry by tag: `loss` -> `train/loss`, `val_loss` -> `val/loss`,
+    an eval's `epsilon`/`delta` (DP-SGD) -> `privacy/epsilon`, `privacy/delta`."""
+
+    def tag(key: str) -> str:
+        if key.startswith("val_"):
+            return f"val/{key[4:]}"
+        return f"privacy/{key}" if key in ("epsilon", "delta") else f"train/{key}"
+
+    return {tag(key): float(value) for key, value in entry.items() if key not in ("step", "skipped")}
 
 
 def require_packages(log: LogConfig) -> None:

@@ -60,7 +60,10 @@ class Muon(torch.optim.Muon):
             params = [p for p in group["params"] if p.grad is not None]
             updates = []
             for param in params:  # momentum as the stock optimizer does it
-                buf = self.state[param].setdefault("momentum_buffer", torch.zeros_like(param.grad))
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(param.grad)
+                buf = state["momentum_buffer"]
                 buf.lerp_(param.grad, 1 - group["momentum"])
                 updates.append(param.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
             ns = group["ns_coefficients"], group["ns_steps"], group["eps"]

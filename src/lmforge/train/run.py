@@ -170,6 +170,9 @@ def build_run(
     )
     dist.barrier()  # every rank has checked the run folder before rank 0 changes it
     checkpointer.restore(state)
+    progress = state.progress
+    if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
+        progress.flops_done = progress.tokens_seen * module.flops_per_token()
     if dist.is_main:
         resumed_at = None if resume_from is None else state.progress.step
         prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at)
