@@ -160,3 +160,21 @@ def test_batches_group_similar_lengths_and_cover_every_example_each_epoch() -> N
         for k in range(20)
     )
     assert padded < 0.8 * unbucketed  # far less padding than random batches
+
+
+def test_chat_examples_train_on_every_assistant_reply_and_nothing_else(tmp_path: Path) -> None:
+    tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
+    messages = [
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how are you?"},
+        {"role": "assistant", "content": "fine"},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    template = ChatTemplate.default(tokenizer)
+    (example,) = tokenize_examples(read_examples(path, "error", template), tokenizer, 200, path)
+    assert tokenizer.decode(example.ids, skip_special_tokens=False) == template.render(messages)
+    _, y = collate([example])
+    trained = tokenizer.decode(y[0][y[0] != IGNORE_INDEX].tolist(), skip_special_tokens=False)
+    assert trained == f" hello{EOT}\n fine{EOT}\n"
