@@ -515,3 +515,31 @@ def test_import_keeps_the_source_models_chat_template_and_export_gives_it_back(t
     back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
     assert back.apply_chat_template(CHAT, tokenize=False) == source.apply_chat_template(CHAT, tokenize=False)
     assert back.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda f: (f / "chat_template.jinja").symlink_to("/etc/hostname"), "outside the folder"),
+        (
+            lambda f: (f / "chat_template.jinja").write_text("{% for m in messages %}"),
+            "chat template: Unexpected end",
+        ),
+        (
+            lambda f: (f / "tokenizer_config.json").write_text("[1]"),
+            "tokenizer_config.json: expected a JSON object",
+        ),
+        (
+            lambda f: (f / "chat_template.jinja").write_bytes(b"\xff{{ x }}"),
+            "chat_template.jinja: unreadable",
+        ),
+    ],
+    ids=["link-out", "syntax", "not-an-object", "not-utf8"],
+)
+def test_import_refuses_a_bad_chat_template_in_one_line(cli, tmp_path: Path, make, message: str) -> None:
+    folder = save_hf(random_hf_model("llama"), tmp_path / "hf")
+    make(folder)
+    code, _, err = cli("import", folder, "--out", tmp_path / "run")
+    last = err.strip().splitlines()[-1]  # before it: transformers' progress bar from save_pretrained
+    assert code == 1 and last.startswith("lmforge import: error: ") and message in last, err
+    assert not (tmp_path / "run").exists()

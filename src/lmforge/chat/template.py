@@ -25,6 +25,7 @@ from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import EOT
 from lmforge.errors import LmforgeError
+from lmforge.jsonl import loads
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.52 saves a single template
@@ -115,7 +116,10 @@ class ChatTemplate:
         config = _read_json(folder / TOKENIZER_CONFIG)
         specials = {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
         if (folder / CHAT_TEMPLATE_FILE).is_file():
-            source = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            try:
+                source = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+                raise LmforgeError(f"{folder / CHAT_TEMPLATE_FILE}: unreadable ({exc})") from None
         else:
             source = config.get("chat_template")
             if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
@@ -123,7 +127,10 @@ class ChatTemplate:
                 source = named.get("default")
         if not isinstance(source, str):
             return None
-        _compile(source)
+        try:
+            _compile(source)
+        except LmforgeError as exc:
+            raise LmforgeError(f"{folder}: {exc}") from None
         return cls(source, specials)
 
     @classmethod
@@ -221,7 +228,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
+        content = loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(content, dict):

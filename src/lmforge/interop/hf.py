@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.chat.template import ChatTemplate
+from lmforge.chat.template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
 from lmforge.config import Config, ModelConfig, validate
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import loads
@@ -691,6 +691,9 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
     hf = read_hf_config(folder)
     m = model_config_from_hf(hf, str(folder / "config.json"))
     check_hf_tokenizer(folder)
+    for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE):  # read below: regular files inside the folder only
+        if (folder / name).exists() or (folder / name).is_symlink():
+            folder_file(folder, name, str(folder))
     template = ChatTemplate.find(folder)  # None: lmforge's default serves `chat` and fine-tuning
     check_out(out, "import", overwrite, [folder])
     state = from_hf(read_hf_weights(folder), m, hf["model_type"], str(folder))
