@@ -102,10 +102,14 @@ class Sampler:
 
 def until_stop(pieces: Iterable[str], stop: str) -> Iterator[str]:
     """`pieces` up to the first `stop`, which may span pieces: text that could begin it is held
-    back until it cannot, so nothing of `stop` is ever yielded. Stops reading there."""
-    held = ""
+    back until it cannot, so nothing of `stop` is ever yielded. Stops reading there. A stop that
+    is whitespace (`\n`) counts only once the text has begun: leading whitespace is dropped."""
+    held, begun = "", not stop.isspace()
     for piece in pieces:
         held += piece
+        if not begun:
+            held = held.lstrip()
+            begun = bool(held)
         if (at := held.find(stop)) >= 0:
             if at:
                 yield held[:at]

@@ -159,6 +159,7 @@ def _lines(*lines: str):
         (["a<", "b"], "<|end|>", ["a", "<b"]),
         (["hello\nworld"], "\n", ["hello"]),
         (["no stop"], "\n", ["no stop"]),
+        (["\n", " \nDo", "th he speak?\nNo"], "\n", ["Do", "th he speak?"]),  # a reply begins, then ends
     ],
 )
 def test_until_stop_never_shows_any_of_the_stop_text(
