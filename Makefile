@@ -25,6 +25,8 @@ demo: install
 	$(BIN)/lmforge train configs/shakespeare-char.toml --set data.dir=$(DEMO_OUT)/data/shakespeare-char \
 		--out $(DEMO_OUT)/runs/shakespeare-char --overwrite
 	$(BIN)/lmforge sample $(DEMO_OUT)/runs/shakespeare-char --num-samples 2 --max-new-tokens 400
+	@echo "next: $(BIN)/lmforge chat $(DEMO_OUT)/runs/shakespeare-char, or" \
+		"$(BIN)/lmforge export $(DEMO_OUT)/runs/shakespeare-char --out $(DEMO_OUT)/hf (a Llama for transformers)"
 
 test: install
 	$(BIN)/python -m pytest -q -n auto  # pytest-xdist: one worker per core

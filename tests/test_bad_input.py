@@ -194,3 +194,18 @@ def test_seeds_outside_what_the_generators_take_are_usage_errors(
     code, err = usage_error(cli, capsys, *args)
     assert code == 2
     assert err.splitlines()[-1].startswith(f"lmforge {verb}: error: argument --seed: must be in [0, 2**32)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature=nan"], "--temperature must be >= 0 and finite"),
+        (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+        (["--max-new-tokens", "100000"], "--max-new-tokens 100000 leaves no room for a prompt"),
+        (["--checkpoint", "nowhere"], "nowhere: not a checkpoint folder"),
+    ],
+)
+def test_chat_refuses_bad_options_before_it_starts(cli, run_dir: Path, args: list[str], message: str) -> None:
+    code, out, err = cli("chat", run_dir, *args)
+    assert_one_line_error(code, err, "chat", message)
+    assert out == ""

@@ -398,6 +398,47 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_sample)
 
 
+def _chat(args: argparse.Namespace) -> int:
+    from lmforge.chat.repl import start_chat
+
+    options = dict(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
+    )
+    chat = start_chat(
+        Path(args.target),
+        args.checkpoint,
+        args.device,
+        args.dtype,
+        system=args.system,
+        options=options,
+        seed=args.seed,
+    )
+    chat.run()
+    return 0
+
+
+def _add_chat(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser(
+        "chat",
+        help="talk to a model in the terminal, with its chat template",
+        description="A terminal chat: each message is rendered with the checkpoint's chat template "
+        "(or lmforge's default) and the reply streamed as it is generated. Commands: /reset, "
+        "/system TEXT, /temperature X, /quit.",
+    )
+    _add_checkpoint_args(p)
+    p.add_argument("--system", default="", help="a system message to start with")
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help="reply length cap (default: half the context, at most 256)",
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=seed, default=1337)
+    p.set_defaults(run=_chat)
+
+
 def _audit(args: argparse.Namespace) -> int:
     from lmforge.eval.audit import AuditOptions, audit_checkpoint
 
@@ -595,6 +636,7 @@ VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_estimate,
     _add_eval,
     _add_sample,
+    _add_chat,
     _add_audit,
     _add_inspect,
     _add_export,

@@ -46,6 +46,9 @@ class DataConfig:
     kind: Literal["tokens", "sft"] = "tokens"  # tokens: pretraining shards; sft: JSONL, prompt masked
     tokenizer: str = ""  # sft: a tokenizer.json (default: train.init_from's)
     on_bad_line: Literal["error", "skip"] = "error"  # sft: a malformed JSONL line fails, or is skipped
+    # a Jinja chat template file (renders `messages` data; saved with the checkpoints for `lmforge chat`
+    # and `export`); "": the one of the checkpoint the run starts from, else lmforge's default
+    chat_template: str = ""
 
 
 @dataclass

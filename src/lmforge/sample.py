@@ -7,7 +7,7 @@ The rules of generation live here, not in the command line, so that every front 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +49,14 @@ class Sampler:
     tokenizer: Tokenizer
     device: torch.device
     dtype: str
+    checkpoint: Path | None = None  # the folder it was loaded from
 
     @classmethod
     def load(cls, target: Path, which: str, device: str, dtype: str) -> Sampler:
         """Load checkpoint `which` (best, last, a folder) of `target` onto `device` (auto, cpu, cuda:N)."""
         torch_device = resolve_device(device)
         loaded = load_for_inference(target, which, torch_device)
-        return cls(loaded.model, load_tokenizer(loaded.tokenizer_file), torch_device, dtype)
+        return cls(loaded.model, load_tokenizer(loaded.tokenizer_file), torch_device, dtype, loaded.path)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens; with no prompt, the start of a document: <|endoftext|>, else a
@@ -70,26 +71,55 @@ class Sampler:
         return [eot] if eot is not None else newline[-1:] or [0]
 
     def complete(
-        self, prompt_ids: list[int], options: SamplingOptions, generator: torch.Generator
+        self, prompt_ids: list[int], options: SamplingOptions, generator: torch.Generator, stop_text: str = ""
     ) -> Iterator[str]:
         """The continuation of `prompt_ids` as text pieces, each as soon as it decodes to whole
-        characters; it ends at <|endoftext|> or after `options.max_new_tokens` tokens."""
-        stream = DecodeStream(skip_special_tokens=True)
+        characters; it ends at <|endoftext|>, before `stop_text` (special tokens then count as
+        text: a chat's end of turn may be one), or after `options.max_new_tokens` tokens."""
+        eot = eot_id(self.tokenizer)
+        stream = DecodeStream(skip_special_tokens=not stop_text)
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        with autocast(self.device, self.dtype):
-            for token in generate(
-                self.model,
-                prompt,
-                options.max_new_tokens,
-                options.temperature,
-                options.top_k,
-                options.top_p,
-                generator,
-                stop_token=eot_id(self.tokenizer),
-            ):
-                piece = stream.step(self.tokenizer, int(token[0]))
-                if piece:
-                    yield piece
+
+        def pieces() -> Iterator[str]:
+            with autocast(self.device, self.dtype):
+                for token in generate(
+                    self.model,
+                    prompt,
+                    options.max_new_tokens,
+                    options.temperature,
+                    options.top_k,
+                    options.top_p,
+                    generator,
+                    stop_token=eot,
+                ):
+                    if int(token[0]) == eot:
+                        return
+                    if piece := stream.step(self.tokenizer, int(token[0])):
+                        yield piece
+
+        return until_stop(pieces(), stop_text) if stop_text else pieces()
+
+
+def until_stop(pieces: Iterable[str], stop: str) -> Iterator[str]:
+    """`pieces` up to the first `stop`, which may span pieces: text that could begin it is held
+    back until it cannot, so nothing of `stop` is ever yielded. Stops reading there. A stop that
+    is whitespace (`\n`) counts only once the text has begun: leading whitespace is dropped."""
+    held, begun = "", not stop.isspace()
+    for piece in pieces:
+        held += piece
+        if not begun:
+            held = held.lstrip()
+            begun = bool(held)
+        if (at := held.find(stop)) >= 0:
+            if at:
+                yield held[:at]
+            return
+        keep = next((n for n in range(min(len(stop) - 1, len(held)), 0, -1) if stop.startswith(held[-n:])), 0)
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep :]
+    if held:
+        yield held
 
 
 def stream_samples(

@@ -4,14 +4,28 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.chat.template import ChatTemplate, Segment
 from lmforge.config import ModelConfig
-from lmforge.data.sft import ExampleBatches, SFTData, collate, read_examples, tokenize_examples
+from lmforge.data.sft import (
+    ExampleBatches,
+    SFTData,
+    collate,
+    prompt_completion,
+    read_examples,
+    tokenize_examples,
+)
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.model.gpt import IGNORE_INDEX
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :\n?!.,'"
+
+
+def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_tokens: int, where: Path):
+    """Prompt/completion pairs as SFTData tokenizes them: the completion ends with <|endoftext|> if any."""
+    eos = ChatTemplate.default(tokenizer).special_tokens.get("eos_token", "")
+    return tokenize_examples([prompt_completion(p, c, eos) for p, c in pairs], tokenizer, max_tokens, where)
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -21,7 +35,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 def test_prompt_is_masked_and_eot_ends_the_completion() -> None:
     tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
-    (example,) = tokenize_examples([("q: hi\na:", " yo")], tokenizer, 100, Path("x"))
+    (example,) = tokenize_pairs([("q: hi\na:", " yo")], tokenizer, 100, Path("x"))
     assert example.prompt_tokens == len("q: hi\na:") and example.ids[-1] == tokenizer.token_to_id(EOT)
     x, y = collate([example])
     n = len(example.ids) - 1
@@ -34,7 +48,7 @@ def test_prompt_is_masked_and_eot_ends_the_completion() -> None:
 
 def test_prompt_tokens_contribute_nothing_to_the_gradient() -> None:
     tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
-    examples = tokenize_examples(
+    examples = tokenize_pairs(
         [("question: what is it?\nanswer:", " a cat"), ("q: no\na:", " yes indeed")], tokenizer, 64, Path("x")
     )
     x, y = collate(examples)
@@ -55,7 +69,7 @@ def test_prompt_tokens_contribute_nothing_to_the_gradient() -> None:
 
 def test_padding_does_not_change_the_loss_of_an_example() -> None:
     tokenizer = char_tokenizer(ALPHABET)
-    short, long = tokenize_examples(
+    short, long = tokenize_pairs(
         [("a:", " b"), ("question number two:", " a longer answer")], tokenizer, 64, Path("x")
     )
     torch.manual_seed(0)
@@ -74,7 +88,9 @@ def test_chat_messages_use_the_template(tmp_path: Path) -> None:
         tmp_path / "chat.jsonl",
         [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
     )
-    assert read_examples(path, "error") == [("user: hi\nassistant:", " hello")]
+    assert read_examples(path, "error") == [
+        [Segment("user: hi\nassistant:", False), Segment(" hello\n", True)]
+    ]
 
 
 @pytest.mark.parametrize(
@@ -94,25 +110,25 @@ def test_bad_lines_are_errors_or_counted_skips(tmp_path: Path, capsys, line, mes
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": " b"}, line])
     with pytest.raises(LmforgeError, match=message.replace("(", r"\(")):
         read_examples(path, "error")
-    assert read_examples(path, "skip") == [("a", " b")]
+    assert read_examples(path, "skip") == [[Segment("a", False), Segment(" b", True)]]
     assert "skipped 1 bad line(s)" in capsys.readouterr().err
 
 
 def test_long_examples_are_truncated_with_a_count(capsys) -> None:
     tokenizer = char_tokenizer(ALPHABET)
-    (example,) = tokenize_examples([("x" * 50 + ":", " answer")], tokenizer, 20, Path("f.jsonl"))
+    (example,) = tokenize_pairs([("x" * 50 + ":", " answer")], tokenizer, 20, Path("f.jsonl"))
     assert len(example.ids) == 20 and tokenizer.decode(example.ids).endswith(": answer")
     assert "1 of 1 examples were longer than block_size + 1 = 20 tokens" in capsys.readouterr().err
 
 
 def test_text_outside_the_vocabulary_is_an_error() -> None:
     with pytest.raises(LmforgeError, match="cannot represent"):
-        tokenize_examples([("Ünïcode:", " x")], char_tokenizer(ALPHABET), 50, Path("f.jsonl"))
+        tokenize_pairs([("Ünïcode:", " x")], char_tokenizer(ALPHABET), 50, Path("f.jsonl"))
 
 
 def test_example_batches_resume_exactly() -> None:
     tokenizer = char_tokenizer(ALPHABET)
-    examples = tokenize_examples(
+    examples = tokenize_pairs(
         [(f"q{'a' * i}:", " b" * (i % 3 + 1)) for i in range(7)], tokenizer, 50, Path("x")
     )
     a, b = ExampleBatches(examples, 3, seed=1), ExampleBatches(examples, 3, seed=1)
@@ -143,7 +159,7 @@ def test_fine_tuning_never_selects_on_the_scored_split(tmp_path: Path) -> None:
 def test_batches_group_similar_lengths_and_cover_every_example_each_epoch() -> None:
     tokenizer = char_tokenizer(ALPHABET)
     pairs = [(f"q{'a' * (i * 7 % 40)}:", " b") for i in range(200)]
-    examples = tokenize_examples(pairs, tokenizer, 100, Path("x"))
+    examples = tokenize_pairs(pairs, tokenizer, 100, Path("x"))
     batches = ExampleBatches(examples, 10, seed=0)
     assert sorted(batches.order.tolist()) == list(range(200))  # a permutation: each example once per epoch
     padded = sum(next(batches)[0].numel() for _ in range(20))
@@ -152,3 +168,21 @@ def test_batches_group_similar_lengths_and_cover_every_example_each_epoch() -> N
         for k in range(20)
     )
     assert padded < 0.8 * unbucketed  # far less padding than random batches
+
+
+def test_chat_examples_train_on_every_assistant_reply_and_nothing_else(tmp_path: Path) -> None:
+    tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
+    messages = [
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how are you?"},
+        {"role": "assistant", "content": "fine"},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    template = ChatTemplate.default(tokenizer)
+    (example,) = tokenize_examples(read_examples(path, "error", template), tokenizer, 200, path)
+    assert tokenizer.decode(example.ids, skip_special_tokens=False) == template.render(messages)
+    _, y = collate([example])
+    trained = tokenizer.decode(y[0][y[0] != IGNORE_INDEX].tolist(), skip_special_tokens=False)
+    assert trained == f" hello{EOT}\n fine{EOT}\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmforge import checkpoint as ckpt  # noqa: E402
+from lmforge.chat.template import ChatTemplate  # noqa: E402
 from lmforge.config import Config, ModelConfig, load_config  # noqa: E402
+from lmforge.data.sources import file_sha256  # noqa: E402
 from lmforge.data.tokenizer import byte_tokenizer, char_tokenizer, train_bpe  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
 from lmforge.interop.hf import export_checkpoint, import_folder  # noqa: E402
@@ -453,3 +456,90 @@ def test_a_trained_run_exports_and_loads_in_transformers_with_the_same_logits(
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
     assert type(hf).__name__ == architecture
     assert_same_logits(tmp_path / "hf", ckpt.list_checkpoints(tmp_path / "run")[-1].path)
+
+
+def test_the_demo_configs_model_exports_and_loads_in_transformers_with_the_same_logits(
+    tmp_path: Path,
+) -> None:
+    """`make demo`, `lmforge export`, then transformers: no change to configs/shakespeare-char.toml."""
+    demo = load_config(Path(__file__).resolve().parents[2] / "configs" / "shakespeare-char.toml").model
+    options = {k: v for k, v in dataclasses.asdict(demo).items() if v is not None}
+    run = lmforge_run(tmp_path, char_tokenizer(TEXT), **options)  # the demo's architecture, its vocabulary
+    out = export_checkpoint(run, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert_same_logits(out, ckpt.list_checkpoints(run)[-1].path)
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+
+
+def test_export_writes_the_runs_chat_template_for_apply_chat_template(tmp_path: Path) -> None:
+    tokenizer = char_tokenizer(TEXT, specials=["<|endoftext|>"])
+    run = lmforge_run(tmp_path, tokenizer, position="rope", norm="rmsnorm", mlp="swiglu")
+    export_checkpoint(run, tmp_path / "default")  # a run without a template: the default, as `chat` uses
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "default")
+    expected = ChatTemplate.default(tokenizer).render(CHAT, add_generation_prompt=True)
+    assert exported.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == expected
+    checkpoint = ckpt.list_checkpoints(run)[-1].path
+    ChatTemplate(CHATML, {"eos_token": "<|endoftext|>"}).save(checkpoint)  # as a fine-tuned run saves it
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    meta["sha256"]["tokenizer_config.json"] = file_sha256(checkpoint / "tokenizer_config.json")
+    (checkpoint / "meta.json").write_text(json.dumps(meta))
+    export_checkpoint(run, tmp_path / "chatml")
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "chatml")
+    assert exported.chat_template == CHATML
+    rendered = exported.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert (
+        rendered
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_import_keeps_the_source_models_chat_template_and_export_gives_it_back(tmp_path: Path) -> None:
+    folder = save_hf(random_hf_model("llama"), tmp_path / "hf")
+    source = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|im_end|>"
+    )
+    source.chat_template = CHATML
+    source.save_pretrained(folder)
+    import_folder(folder, tmp_path / "run")
+    template = ChatTemplate.find(ckpt.list_checkpoints(tmp_path / "run")[-1].path)
+    assert template == ChatTemplate(CHATML, {"eos_token": "<|im_end|>"})
+    assert template.end_of_turn() == "<|im_end|>"  # where `lmforge chat` stops a reply
+    export_checkpoint(tmp_path / "run", tmp_path / "back")
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back.apply_chat_template(CHAT, tokenize=False) == source.apply_chat_template(CHAT, tokenize=False)
+    assert back.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda f: (f / "chat_template.jinja").symlink_to("/etc/hostname"), "outside the folder"),
+        (
+            lambda f: (f / "chat_template.jinja").write_text("{% for m in messages %}"),
+            "chat template: Unexpected end",
+        ),
+        (
+            lambda f: (f / "tokenizer_config.json").write_text("[1]"),
+            "tokenizer_config.json: expected a JSON object",
+        ),
+        (
+            lambda f: (f / "chat_template.jinja").write_bytes(b"\xff{{ x }}"),
+            "chat_template.jinja: unreadable",
+        ),
+    ],
+    ids=["link-out", "syntax", "not-an-object", "not-utf8"],
+)
+def test_import_refuses_a_bad_chat_template_in_one_line(cli, tmp_path: Path, make, message: str) -> None:
+    folder = save_hf(random_hf_model("llama"), tmp_path / "hf")
+    make(folder)
+    code, _, err = cli("import", folder, "--out", tmp_path / "run")
+    last = err.strip().splitlines()[-1]  # before it: transformers' progress bar from save_pretrained
+    assert code == 1 and last.startswith("lmforge import: error: ") and message in last, err
+    assert not (tmp_path / "run").exists()

@@ -226,3 +226,47 @@ def test_mfu_of_a_finetuning_step_counts_the_flops_torch_measures(sst2_small: Pa
         run.state.module.flops_per_token(result.tokens // config.train.batch_size) * result.tokens
     )
     assert result.flops < every_position  # what the old formula charged
+
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_finetune_on_messages_saves_its_chat_template_and_runs_from_it_inherit_it(
+    cli, tmp_path: Path
+) -> None:
+    from lmforge import checkpoint as ckpt
+    from lmforge.chat.template import ChatTemplate
+
+    data = tmp_path / "chat"
+    data.mkdir()
+    lines = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+        )
+        for w in ("yes", "no", "maybe", "never", "always", "soon")
+    ]
+    for split in ("train", "eval"):
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    char_tokenizer(CHATML + "\n" + "".join(lines), specials=[EOT]).save(str(data / "tokenizer.json"))
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    short = ["train.max_steps=2", "train.eval_interval=2", "train.checkpoint_interval=2"]
+    chatml = f"data.chat_template={tmp_path / 'chatml.jinja'}"
+    code, _, err = cli(*finetune_args(data, tmp_path / "first", *short, chatml))
+    assert code == 0, err
+    saved = ChatTemplate.find(ckpt.list_checkpoints(tmp_path / "first")[-1].path)
+    assert saved is not None and saved.source == CHATML
+    # A run started from that checkpoint renders its messages, and saves, the same template.
+    code, _, err = cli(
+        *finetune_args(data, tmp_path / "second", *short, f"train.init_from={tmp_path / 'first'}")
+    )
+    assert code == 0, err
+    assert ChatTemplate.find(ckpt.list_checkpoints(tmp_path / "second")[-1].path) == saved
+    # Without a template anywhere, fine-tuning saves the default one it used.
+    code, _, err = cli(*finetune_args(data, tmp_path / "plain", *short))
+    assert code == 0, err
+    assert ChatTemplate.find(ckpt.list_checkpoints(tmp_path / "plain")[-1].path).is_default

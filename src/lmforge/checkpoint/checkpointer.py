@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from lmforge.chat.template import ChatTemplate
 from lmforge.checkpoint.folder import (
     CHECKPOINTS,
     has_sharded_state,
@@ -77,8 +78,10 @@ class Checkpointer:
         tokenizer_file: Path,
         sharded: bool = False,
         clock: Callable[[], float] | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self.run_dir, self.config, self.tokenizer_file = run_dir, config, tokenizer_file
+        self.chat_template = chat_template  # saved with every checkpoint
         self.sharded = sharded
         self.clock = clock  # the run's elapsed seconds, saved with each checkpoint
         self.state: TrainingState | None = None
@@ -196,6 +199,7 @@ class Checkpointer:
             val_loss,
             sharded,
             extra_meta,
+            self.chat_template,
         )
         if sharded is None or is_main_process():
             prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints, newest_step=step)

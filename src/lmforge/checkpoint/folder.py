@@ -5,6 +5,8 @@
         state.pt            optimizer, loader, RNG and loop state (torch.load weights_only=True)
         config.toml         the resolved run config (model architecture included)
         tokenizer.json      so the checkpoint alone can encode and decode
+        tokenizer_config.json  the chat template (and its bos/eos tokens) that `messages` data was
+                            rendered with and `lmforge chat` talks with; absent in older checkpoints
         meta.json           step, val_loss and the sha256 of every file above
         train_state/        distributed runs only: model and optimizer shards written by DCP
                             (torch.distributed.checkpoint), loadable at any world size; state.pt
@@ -29,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from lmforge.chat.template import TOKENIZER_CONFIG, ChatTemplate
 from lmforge.checkpoint.sharded import (
     TRAIN_STATE,
     ShardedModel,
@@ -47,6 +50,7 @@ from lmforge.staging import disk_full, remove_stale_staging, staged
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
 FILES = ("model.safetensors", "state.pt", "config.toml", "tokenizer.json")
+OPTIONAL_FILES = (TOKENIZER_CONFIG,)
 
 
 class _Weights:
@@ -65,6 +69,11 @@ def _sharded_files(path: Path) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(str(f.relative_to(path)) for f in folder.rglob("*") if f.is_file())
+
+
+def _optional_files(path: Path) -> list[str]:
+    """Files a checkpoint may lack (older ones do): covered by the sha256 list when present."""
+    return [name for name in OPTIONAL_FILES if (path / name).is_file()]
 
 
 def has_sharded_state(path: Path) -> bool:
@@ -92,8 +101,9 @@ def save_checkpoint(
     val_loss: float | None,
     sharded: ShardedModel | None = None,
     extra_meta: dict[str, Any] | None = None,
+    chat_template: ChatTemplate | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and return its folder.
+    """Write checkpoint `step` atomically and return its folder (with `chat_template`, if given).
 
     With `sharded` (a distributed run) every rank calls this: all ranks write their DCP shards
     into rank 0's staging folder and gather the full weights to rank 0, which writes the other
@@ -103,7 +113,8 @@ def save_checkpoint(
     """
     final = checkpoint_path(run_dir, step)
     try:
-        _save_staged(final, step, model, state, config, tokenizer_file, val_loss, sharded, extra_meta)
+        tokenizer = (tokenizer_file, chat_template)
+        _save_staged(final, step, model, state, config, tokenizer, val_loss, sharded, extra_meta)
     except BaseException as exc:  # BaseException: DCP reports a rank's failure as a CheckpointException
         if (reason := disk_full(exc)) is None:
             raise
@@ -122,7 +133,7 @@ def _save_staged(
     model: torch.nn.Module | None,
     state: dict[str, Any],
     config: Config,
-    tokenizer_file: Path,
+    tokenizer: tuple[Path, ChatTemplate | None],
     val_loss: float | None,
     sharded: ShardedModel | None,
     extra_meta: dict[str, Any] | None,
@@ -137,7 +148,7 @@ def _save_staged(
                 check_shards_complete(staging / TRAIN_STATE)
             weights = _Weights(gather_full_weights(sharded))
         if main:
-            _write_files(staging, step, weights, state, config, tokenizer_file, val_loss, extra_meta)
+            _write_files(staging, step, weights, state, config, tokenizer, val_loss, extra_meta)
 
 
 def _write_files(
@@ -146,16 +157,19 @@ def _write_files(
     weights: Any,
     state: dict[str, Any],
     config: Config,
-    tokenizer_file: Path,
+    tokenizer: tuple[Path, ChatTemplate | None],
     val_loss: float | None,
     extra_meta: dict[str, Any] | None = None,
 ) -> None:
+    tokenizer_file, chat_template = tokenizer
     save_model(weights, str(folder / "model.safetensors"))
     with open(folder / "state.pt", "wb") as file:  # a Python file: a full disk raises OSError(ENOSPC)
         torch.save(state, file)
     (folder / "config.toml").write_text(config.to_toml())
     shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
-    names = (*FILES, *_sharded_files(folder))
+    if chat_template is not None:
+        chat_template.save(folder)
+    names = (*FILES, *_optional_files(folder), *_sharded_files(folder))
     sha256 = {name: file_sha256(folder / name) for name in names}
     meta = {"step": step, "val_loss": val_loss, **(extra_meta or {}), "sha256": sha256}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -227,7 +241,8 @@ def verify_checkpoint(path: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LmforgeError(f"{path}: corrupted checkpoint (meta.json unreadable: {exc})") from None
     sharded = sorted({*_sharded_files(path), *(n for n in expected if n.startswith(f"{TRAIN_STATE}/"))})
-    for name in (*FILES, *sharded):
+    optional = [n for n in OPTIONAL_FILES if n in expected or (path / n).exists()]
+    for name in (*FILES, *optional, *sharded):
         file = path / name
         if not file.is_file():
             raise LmforgeError(f"{path}: corrupted checkpoint ({name} is missing)")

@@ -1,9 +1,12 @@
-"""Supervised fine-tuning data: prompt/completion (or chat) JSONL with the prompt masked out.
+"""Supervised fine-tuning data: prompt/completion or chat JSONL, trained on the answers only.
 
-Every example is tokenized once at start-up. Targets of prompt tokens are IGNORE_INDEX, which
-`cross_entropy` ignores, so only completion tokens (and the `<|endoftext|>` that ends them,
-when the tokenizer has one) contribute to the loss. Batches are padded to their longest
-example; right padding cannot affect earlier positions under causal attention.
+Every example is tokenized once at start-up. A `prompt`/`completion` line is the prompt, then the
+completion and the tokenizer's end of text (`<|endoftext|>`, or the eos_token of the run's chat
+template); a `messages` line (OpenAI style: a list of {role, content}) is rendered with the run's
+chat template (`lmforge.chat.template`), which decides the format and the end of each turn.
+Targets outside the completion or the assistant's replies are IGNORE_INDEX, which
+`cross_entropy` ignores. Batches are padded to their longest example; right padding cannot
+affect earlier positions under causal attention.
 """
 
 from __future__ import annotations
@@ -17,109 +20,112 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from lmforge.chat.template import (
+    DEFAULT_CHAT_TEMPLATE,
+    ChatTemplate,
+    Segment,
+    check_messages,
+    encode_segments,
+)
 from lmforge.data.protocol import Batch
-from lmforge.data.tokenizer import eot_id, load_tokenizer, vocab_size
+from lmforge.data.tokenizer import load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import decode_line, loads, read_lines
 from lmforge.model.gpt import IGNORE_INDEX
 
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
-CHAT_TURN = "{role}: {content}\n"  # chat messages are rendered turn by turn; the last one is the completion
 
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized example: prompt ids, then completion ids."""
+    """One tokenized example: its ids, and which of them are answer tokens (the loss's targets)."""
 
     ids: list[int]
-    prompt_tokens: int  # how many leading ids are prompt (masked)
+    trained: list[bool]  # per id: part of the completion / an assistant reply
+
+    @property
+    def prompt_tokens(self) -> int:
+        """How many leading ids come before the first answer token."""
+        return self.trained.index(True) if True in self.trained else len(self.ids)
 
 
-def render_messages(messages: object) -> tuple[str, str]:
-    """Chat `messages` → (prompt, completion): every turn but the last, which must be the assistant's."""
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )
-    ):
-        raise ValueError("'messages' must be a non-empty list of {role, content} strings")
-    if messages[-1]["role"] != "assistant":
+def prompt_completion(prompt: str, completion: str, eos_token: str = "") -> list[Segment]:
+    """A prompt/completion example: the completion and the end of text are trained on."""
+    return [Segment(prompt, False), Segment(completion + eos_token, True)]
+
+
+def render_messages(messages: object, template: ChatTemplate) -> list[Segment]:
+    """Chat `messages` rendered with `template`; the last message must be the assistant's."""
+    messages = check_messages(messages)
+    if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be the assistant's")
-    prompt = "".join(CHAT_TURN.format(**m) for m in messages[:-1]) + "assistant:"
-    return prompt, " " + messages[-1]["content"]
+    return template.segments(messages)
 
 
-def read_examples(path: Path, on_bad_line: str) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs of a JSONL file; bad lines raise or are skipped with a count."""
+def read_examples(path: Path, on_bad_line: str, template: ChatTemplate | None = None) -> list[list[Segment]]:
+    """The examples of a JSONL file as segments; bad lines raise or are skipped with a count.
+
+    `template` renders `messages` lines and gives the eos_token that ends a completion
+    (default: DEFAULT_CHAT_TEMPLATE without special tokens)."""
     if not path.is_file():
         raise LmforgeError(f"{path}: not found")
-    pairs, skipped = [], 0
+    template = template or ChatTemplate(DEFAULT_CHAT_TEMPLATE)
+    examples, skipped = [], 0
     for line_no, raw in read_lines(path):
         if not raw.strip():
             continue
         try:
-            record = loads(decode_line(raw))
-            if not isinstance(record, dict):
-                raise ValueError("expected a JSON object")
-            if "messages" in record:
-                prompt, completion = render_messages(record["messages"])
-            else:
-                prompt, completion = record.get("prompt"), record.get("completion")
-                if not isinstance(prompt, str) or not isinstance(completion, str):
-                    raise ValueError("expected string fields 'prompt' and 'completion' (or 'messages')")
-            if not completion.strip():
-                raise ValueError("empty completion")
+            examples.append(_parse_example(loads(decode_line(raw)), template))
         except ValueError as exc:  # JSONDecodeError and invalid UTF-8 included
             if on_bad_line != "skip":
                 raise LmforgeError(
                     f'{path}:{line_no}: {exc} (set data.on_bad_line = "skip" to skip such lines)'
                 ) from None
             skipped += 1
-            continue
-        pairs.append((prompt, completion))
     if skipped:
         print(f"warning: {path}: skipped {skipped} bad line(s)", file=sys.stderr)
-    if not pairs:
+    if not examples:
         raise LmforgeError(f"{path}: no examples")
-    return pairs
+    return examples
+
+
+def _parse_example(record: object, template: ChatTemplate) -> list[Segment]:
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    if "messages" in record:
+        segments = render_messages(record["messages"], template)
+    else:
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ValueError("expected string fields 'prompt' and 'completion' (or 'messages')")
+        segments = prompt_completion(prompt, completion, template.special_tokens.get("eos_token", ""))
+    if not "".join(s.text for s in segments if s.assistant).strip():
+        raise ValueError("empty completion")
+    return segments
 
 
 def tokenize_examples(
-    pairs: list[tuple[str, str]], tokenizer: Tokenizer, max_tokens: int, where: Path
+    examples: list[list[Segment]], tokenizer: Tokenizer, max_tokens: int, where: Path
 ) -> list[Example]:
-    """Tokenize prompt and completion separately; cut over-long examples from the prompt's start, counted."""
-    eot = eot_id(tokenizer)
-    prompts = tokenizer.encode_batch([p for p, _ in pairs], add_special_tokens=False)
-    completions = tokenizer.encode_batch([c for _, c in pairs], add_special_tokens=False)
-    decoded = tokenizer.decode_batch(
-        [p.ids + c.ids for p, c in zip(prompts, completions)], skip_special_tokens=False
-    )
-    for (prompt, completion), text in zip(pairs, decoded):
-        if text != prompt + completion:  # e.g. a character outside a char tokenizer's alphabet
+    """Tokenize each segment apart (as `lmforge chat` does); over-long examples lose their start, counted."""
+    out, truncated = [], 0
+    for segments, encoded in zip(examples, encode_segments(tokenizer, examples)):
+        if not encoded.exact:  # e.g. a character outside a char tokenizer's alphabet
             raise LmforgeError(
-                f"{where}: an example has text the tokenizer cannot represent: {prompt[:60]!r}"
+                f"{where}: an example has text the tokenizer cannot represent: {segments[0].text[:60]!r}"
             )
-    examples, truncated = [], 0
-    for p, c in zip(prompts, completions):
-        answer = c.ids + ([eot] if eot is not None else [])
-        ids = p.ids + answer
-        prompt_tokens = len(p.ids)
+        ids, trained = encoded.ids, encoded.assistant
         if len(ids) > max_tokens:
             truncated += 1
-            keep_prompt = max(1, max_tokens - len(answer))
-            ids = p.ids[-keep_prompt:] + answer
-            ids, prompt_tokens = ids[:max_tokens], keep_prompt
-        examples.append(Example(ids, prompt_tokens))
+            ids, trained = ids[-max_tokens:], trained[-max_tokens:]
+        out.append(Example(ids, trained))
     if truncated:
         print(
-            f"warning: {where}: {truncated} of {len(pairs)} examples were longer than block_size + 1 = "
+            f"warning: {where}: {truncated} of {len(examples)} examples were longer than block_size + 1 = "
             f"{max_tokens} tokens and were truncated (the prompt's start is cut first)",
             file=sys.stderr,
         )
-    return examples
+    return out
 
 
 def collate(examples: list[Example], max_length: int | None = None) -> Batch:
@@ -139,7 +145,8 @@ def collate(examples: list[Example], max_length: int | None = None) -> Batch:
         n = len(e.ids) - 1
         x[row, :n] = ids[:-1]
         y[row, :n] = ids[1:]
-        y[row, : max(0, e.prompt_tokens - 1)] = IGNORE_INDEX  # position t predicts token t + 1
+        ignored = ~torch.tensor(e.trained[1:], dtype=torch.bool)  # position t predicts token t + 1
+        y[row, :n][ignored] = IGNORE_INDEX
     return x, y
 
 
@@ -208,6 +215,7 @@ class SFTData:
 
     dir: Path
     tokenizer_file: Path
+    chat_template: ChatTemplate  # renders `messages` lines; saved with the run's checkpoints
     vocab_size: int
     train: list[Example]  # empty when opened eval_only
     val: list[Example]
@@ -219,9 +227,11 @@ class SFTData:
         block_size: int,
         on_bad_line: str = "error",
         eval_only: bool = False,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self.dir, self.tokenizer_file = directory, tokenizer_file
         tokenizer = load_tokenizer(tokenizer_file)
+        self.chat_template = chat_template or ChatTemplate.default(tokenizer)
         self.vocab_size = vocab_size(tokenizer)
         self.train = (
             [] if eval_only else self._read(directory / "train.jsonl", tokenizer, block_size, on_bad_line)
@@ -233,9 +243,9 @@ class SFTData:
             )
         self.val = self._read(directory / "val.jsonl", tokenizer, block_size, on_bad_line)
 
-    @staticmethod
-    def _read(path: Path, tokenizer: Tokenizer, block_size: int, on_bad_line: str) -> list[Example]:
-        return tokenize_examples(read_examples(path, on_bad_line), tokenizer, block_size + 1, path)
+    def _read(self, path: Path, tokenizer: Tokenizer, block_size: int, on_bad_line: str) -> list[Example]:
+        examples = read_examples(path, on_bad_line, self.chat_template)
+        return tokenize_examples(examples, tokenizer, block_size + 1, path)
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
         """The train examples, reshuffled every epoch, padded to at most `block_size`."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.chat.template import ChatTemplate
 from lmforge.checkpoint import LoadedCheckpoint, load_for_inference
 from lmforge.data.loader import PreparedData
 from lmforge.data.sft import SFTData
@@ -149,7 +150,8 @@ def _lm_loss(
     block_size = loaded.config.model.block_size
     if (data_dir / "val.jsonl").is_file() and not (data_dir / "meta.json").is_file():
         # Fine-tuning data: the loss of val.jsonl's completions, with the checkpoint's own tokenizer.
-        data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True)
+        template = ChatTemplate.of_checkpoint(loaded.path, load_tokenizer(loaded.tokenizer_file))
+        data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True, chat_template=template)
     else:
         data = PreparedData.open(data_dir)
         check_same_tokenizer(

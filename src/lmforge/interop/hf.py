@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lmforge.chat.template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
 from lmforge.config import Config, ModelConfig, validate
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import loads
@@ -234,13 +235,16 @@ def save_shards(tensors: Tensors, out: Path, max_shard_bytes: int) -> list[str]:
     return files
 
 
-def tokenizer_files(eot_id: int | None, block_size: int) -> dict[str, dict]:
-    """tokenizer_config.json and special_tokens_map.json, so AutoTokenizer loads tokenizer.json."""
+def tokenizer_files(eot_id: int | None, block_size: int, template: ChatTemplate) -> dict[str, dict]:
+    """tokenizer_config.json and special_tokens_map.json, so AutoTokenizer loads tokenizer.json and
+    `apply_chat_template` renders conversations as lmforge does (the template's bos/eos tokens win)."""
     specials = {"bos_token": EOT, "eos_token": EOT} if eot_id is not None else {}
+    specials |= template.special_tokens
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": block_size,
         "clean_up_tokenization_spaces": False,
+        "chat_template": template.source,
         **specials,
     }
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
@@ -659,7 +663,9 @@ def export_checkpoint(
     family = hf_family(m)  # refuse before writing anything
     state = {k: v.detach() for k, v in loaded.model.state_dict().items()}
     tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf(state, m, family).items()}
-    eot = eot_id(load_tokenizer(loaded.tokenizer_file))
+    tokenizer = load_tokenizer(loaded.tokenizer_file)
+    eot = eot_id(tokenizer)
+    template = ChatTemplate.of_checkpoint(loaded.path, tokenizer)  # what `lmforge chat` would use
     with staged_folder(out, "export", overwrite, [*inputs, loaded.path]) as staging:
         files = save_shards(tensors, staging, max_shard_bytes)
         _write_json(
@@ -670,7 +676,7 @@ def export_checkpoint(
             staging / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False}
         )
         shutil.copyfile(loaded.tokenizer_file, staging / "tokenizer.json")
-        for name, content in tokenizer_files(eot, m.block_size).items():
+        for name, content in tokenizer_files(eot, m.block_size, template).items():
             _write_json(staging / name, content)
         (staging / "README.md").write_text(_model_card(loaded, family, files))
     return out
@@ -685,6 +691,10 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
     hf = read_hf_config(folder)
     m = model_config_from_hf(hf, str(folder / "config.json"))
     check_hf_tokenizer(folder)
+    for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE):  # read below: regular files inside the folder only
+        if (folder / name).exists() or (folder / name).is_symlink():
+            folder_file(folder, name, str(folder))
+    template = ChatTemplate.find(folder)  # None: lmforge's default serves `chat` and fine-tuning
     check_out(out, "import", overwrite, [folder])
     state = from_hf(read_hf_weights(folder), m, hf["model_type"], str(folder))
     model = GPT(m)
@@ -706,6 +716,7 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
             config,
             folder / "tokenizer.json",
             None,
+            chat_template=template,
         )
     return out
 

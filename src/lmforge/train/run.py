@@ -20,12 +20,13 @@ import torch
 from torch import nn
 
 from lmforge import checkpoint as ckpt
+from lmforge.chat.template import ChatTemplate
 from lmforge.checkpoint import Checkpointer, TrainingState
 from lmforge.config import Config, ModelConfig
 from lmforge.data.loader import PreparedData
 from lmforge.data.protocol import TrainingData
 from lmforge.data.sft import SFTData
-from lmforge.data.tokenizer import check_same_tokenizer
+from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
@@ -147,11 +148,16 @@ def build_run(
     check_batch_split(t.batch_size, dist.world)
     resume_from = Checkpointer.find_resume_point(run_dir, resume, overwrite, run_inputs(config, config_file))
     init_from = None if resume_from is not None else resolve_init_from(config)
-    data = open_data(config, init_from)
+    chat_template = run_chat_template(config, resume_from or init_from)
+    data = open_data(config, init_from, chat_template)
     check_compatible(config, data, init_from, resume_from)
     amp = autocast(device, t.dtype)
     module = build_model(config, init_from, device)
-    checkpointer = Checkpointer(run_dir, config, data.tokenizer_file, sharded=dist.enabled)
+    if isinstance(data, SFTData):  # fine-tuned with a template (perhaps the default): saved, to chat in
+        chat_template = data.chat_template
+    checkpointer = Checkpointer(
+        run_dir, config, data.tokenizer_file, sharded=dist.enabled, chat_template=chat_template
+    )
     if resume_from is not None:
         checkpointer.restore_weights(resume_from, module, lambda m: build_optimizers(m, config.optim))
     wrapped = distributed.parallelize(module, dist, device, t.dtype, t.activation_checkpointing)
@@ -213,7 +219,21 @@ def resolve_init_from(config: Config) -> Path | None:
     return init_from
 
 
-def open_data(config: Config, init_from: Path | None = None) -> TrainingData:
+def run_chat_template(config: Config, source: Path | None) -> ChatTemplate | None:
+    """The run's chat template: data.chat_template's file, else that of the checkpoint the run
+    starts from (resumes from), else None: fine-tuning data and `lmforge chat` use the default."""
+    if config.data.chat_template:
+        default = (
+            source / "tokenizer.json" if source is not None else Path(config.data.dir) / "tokenizer.json"
+        )
+        tokenizer = load_tokenizer(config.data.tokenizer or default)
+        return ChatTemplate.from_file(Path(config.data.chat_template), tokenizer)
+    return ChatTemplate.find(source) if source is not None else None
+
+
+def open_data(
+    config: Config, init_from: Path | None = None, chat_template: ChatTemplate | None = None
+) -> TrainingData:
     """Open the configured data and reconcile the model's vocabulary and block size with it."""
     model = config.model
     if not config.data.dir:
@@ -227,7 +247,11 @@ def open_data(config: Config, init_from: Path | None = None) -> TrainingData:
                 "data.tokenizer is not set (fine-tuning data needs a tokenizer.json or train.init_from)"
             )
         data: TrainingData = SFTData(
-            Path(config.data.dir), Path(tokenizer), model.block_size, config.data.on_bad_line
+            Path(config.data.dir),
+            Path(tokenizer),
+            model.block_size,
+            config.data.on_bad_line,
+            chat_template=chat_template,
         )
     else:
         data = _open_tokens(config.data.dir, model.block_size)
@@ -316,5 +340,5 @@ def prepare_run_dir(run_dir: Path, config: Config, tokenizer_file: Path, resumed
 def run_inputs(config: Config, config_file: Path | None) -> list[Path]:
     """What the run reads and its folder must therefore never contain: the config file, the data,
     the tokenizer and the checkpoint it starts from."""
-    named = [config.data.dir, config.data.tokenizer, config.train.init_from]
+    named = [config.data.dir, config.data.tokenizer, config.data.chat_template, config.train.init_from]
     return [Path(path) for path in named if path] + ([config_file] if config_file else [])

@@ -1,0 +1,236 @@
+"""Chat templates: how a conversation becomes the text a model reads, the Hugging Face way.
+
+A template is Jinja, rendered as `transformers`' `apply_chat_template` renders it (a sandboxed,
+immutable environment with `trim_blocks` and `lstrip_blocks`, `raise_exception`, `strftime_now`
+and a `tojson` that keeps non-ASCII), given `messages`, `add_generation_prompt` and the special
+tokens (`bos_token`, `eos_token`). Fine-tuning on `messages` data and `lmforge chat` both go
+through `ChatTemplate.segments`, so a model is talked to in exactly the format it was trained on,
+down to where the text is cut into tokens.
+
+Where a template lives: `tokenizer_config.json` beside `tokenizer.json` in a checkpoint (keys
+`chat_template`, `bos_token`, `eos_token`, as in a Hugging Face folder). `import` also reads
+transformers' newer `chat_template.jinja`; a checkpoint without one gets DEFAULT_CHAT_TEMPLATE.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from tokenizers import Tokenizer
+
+from lmforge.data.tokenizer import EOT
+from lmforge.errors import LmforgeError
+from lmforge.jsonl import loads
+
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.52 saves a single template
+SPECIAL_TOKENS = ("bos_token", "eos_token")
+
+# lmforge's default: one `role: content` line per message, the assistant's ended by <|endoftext|>
+# when the tokenizer has it; the generation prompt is `assistant:`. It needs no special token but
+# <|endoftext|> and only plain characters, so even the char-level Shakespeare model can be talked to.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] + ': ' + message['content'] }}"
+    "{% if message['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+_SENTINEL = "\x00lmforge-reply\x00"  # stands for a reply when the template's end of turn is found
+
+
+class Segment(NamedTuple):
+    """A piece of a rendered conversation: the text, and whether it is the assistant's (trained on)."""
+
+    text: str
+    assistant: bool
+
+
+@cache
+def _compile(source: str) -> Any:
+    """The template compiled in an environment like transformers' (templates from the Hub are untrusted)."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as exc:
+        raise LmforgeError(f"chat template: {exc.message} (line {exc.lineno})") from None
+
+
+def check_messages(messages: object) -> list[dict[str, str]]:
+    """`messages` as a list of {role, content} string pairs, else a ValueError saying what is wrong."""
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise ValueError("'messages' must be a list of {role, content} strings")
+    return messages
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A Jinja chat template with the special tokens it may name."""
+
+    source: str
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token when known
+
+    @classmethod
+    def default(cls, tokenizer: Tokenizer) -> ChatTemplate:
+        """DEFAULT_CHAT_TEMPLATE, with <|endoftext|> as bos and eos when the tokenizer has it."""
+        return cls(DEFAULT_CHAT_TEMPLATE, _eot_specials(tokenizer))
+
+    @classmethod
+    def from_file(cls, path: Path, tokenizer: Tokenizer) -> ChatTemplate:
+        """A `.jinja` file (`data.chat_template`), checked to compile."""
+        try:
+            source = path.read_text(encoding="utf-8")
+        except (OSError, ValueError) as exc:
+            raise LmforgeError(f"data.chat_template: cannot read {path} ({exc})") from None
+        _compile(source)
+        return cls(source, _eot_specials(tokenizer))
+
+    @classmethod
+    def find(cls, folder: Path) -> ChatTemplate | None:
+        """The template of a checkpoint or Hugging Face folder: `chat_template.jinja`, else the
+        `chat_template` of `tokenizer_config.json` (a string, or a list of named ones: `default`)."""
+        config = _read_json(folder / TOKENIZER_CONFIG)
+        specials = {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
+        if (folder / CHAT_TEMPLATE_FILE).is_file():
+            try:
+                source = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+            except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+                raise LmforgeError(f"{folder / CHAT_TEMPLATE_FILE}: unreadable ({exc})") from None
+        else:
+            source = config.get("chat_template")
+            if isinstance(source, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+                named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+                source = named.get("default")
+        if not isinstance(source, str):
+            return None
+        try:
+            _compile(source)
+        except LmforgeError as exc:
+            raise LmforgeError(f"{folder}: {exc}") from None
+        return cls(source, specials)
+
+    @classmethod
+    def of_checkpoint(cls, folder: Path, tokenizer: Tokenizer) -> ChatTemplate:
+        """The template saved with a checkpoint, else the default one."""
+        return cls.find(folder) or cls.default(tokenizer)
+
+    @property
+    def is_default(self) -> bool:
+        return self.source == DEFAULT_CHAT_TEMPLATE
+
+    def save(self, folder: Path) -> None:
+        """`tokenizer_config.json` in `folder`: the template and its special tokens."""
+        content = {"chat_template": self.source, **self.special_tokens}
+        (folder / TOKENIZER_CONFIG).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The conversation as text, as transformers' `apply_chat_template(..., tokenize=False)`."""
+        import jinja2
+
+        try:
+            return _compile(self.source).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            )
+        except jinja2.exceptions.TemplateError as exc:  # raise_exception(...) included
+            raise LmforgeError(f"chat template: {exc}") from None
+
+    def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[Segment]:
+        """The rendered conversation cut at each assistant reply: a reply's segment runs from the
+        end of the generation prompt before it to the end of its turn (end-of-turn text included)."""
+        full = self.render(messages, add_generation_prompt)
+        pieces, position = [], 0
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = self.render(messages[:i], add_generation_prompt=True)
+            end = self.render(messages[: i + 1])
+            if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end)):
+                raise LmforgeError(
+                    "chat template: earlier turns render differently once later ones follow, so the "
+                    "assistant's replies cannot be located in the text"
+                )
+            pieces += [
+                Segment(full[position : len(start)], False),
+                Segment(full[len(start) : len(end)], True),
+            ]
+            position = len(end)
+        pieces.append(Segment(full[position:], False))
+        return [s for s in pieces if s.text]
+
+    def end_of_turn(self) -> str:
+        """The text the template puts after a reply, stripped (`<|endoftext|>`, `<|im_end|>`), or
+        the whitespace itself when that is all there is (`\\n`): where a reply being generated ends."""
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+        rendered = self.render(messages)
+        after = rendered[rendered.rfind(_SENTINEL) + len(_SENTINEL) :] if _SENTINEL in rendered else ""
+        return after.strip() or after
+
+
+class Encoded(NamedTuple):
+    ids: list[int]
+    assistant: list[bool]  # per token: part of an assistant reply
+    exact: bool  # the ids decode back to the text (else the tokenizer cannot represent it)
+
+
+def encode_segments(tokenizer: Tokenizer, conversations: list[list[Segment]]) -> list[Encoded]:
+    """Each conversation's segments tokenized one by one and joined (all in one batch)."""
+    flat = [s for segments in conversations for s in segments]
+    encodings = tokenizer.encode_batch([s.text for s in flat], add_special_tokens=False)
+    out, k = [], 0
+    for segments in conversations:
+        ids: list[int] = []
+        assistant: list[bool] = []
+        for segment, encoding in zip(segments, encodings[k : k + len(segments)]):
+            ids += encoding.ids
+            assistant += [segment.assistant] * len(encoding.ids)
+        k += len(segments)
+        text = "".join(s.text for s in segments)
+        out.append(Encoded(ids, assistant, tokenizer.decode(ids, skip_special_tokens=False) == text))
+    return out
+
+
+def _eot_specials(tokenizer: Tokenizer) -> dict[str, str]:
+    return {"bos_token": EOT, "eos_token": EOT} if tokenizer.token_to_id(EOT) is not None else {}
+
+
+def _token_text(token: object) -> str | None:
+    """A special token of tokenizer_config.json: a string, or an AddedToken object with `content`."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) else None
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        content = loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise LmforgeError(f"{path}: expected a JSON object")
+    return content

@@ -1,0 +1,168 @@
+"""`lmforge chat`: driven through a pseudo-terminal as a person would, and its parts in-process."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import select
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import checkpoint as ckpt
+from lmforge.chat.repl import PROMPT, Chat, Conversation, start_chat
+from lmforge.config import Config, ModelConfig
+from lmforge.data.tokenizer import EOT, char_tokenizer
+from lmforge.model import GPT
+from lmforge.sample import until_stop
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz :.\n"
+
+
+@pytest.fixture
+def tiny_run(tmp_path: Path) -> Path:
+    """A randomly initialised char model with <|endoftext|> and a 64-token context."""
+    tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    m = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=64, vocab_size=tokenizer.get_vocab_size())
+    torch.manual_seed(0)
+    ckpt.save_checkpoint(tmp_path / "run", 1, GPT(m), {}, Config(model=m), tmp_path / "tokenizer.json", None)
+    return tmp_path / "run"
+
+
+class Terminal:
+    """`lmforge chat ...` in a child process on a pseudo-terminal."""
+
+    def __init__(self, *args: str) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: becomes lmforge, its stdin/stdout the terminal
+            os.execv(sys.executable, [sys.executable, "-m", "lmforge", "chat", *args])
+        self.output = ""
+
+    def read_until(self, text: str, timeout: float = 60) -> str:
+        """Everything printed from now until `text` has appeared (inclusive)."""
+        start, deadline = len(self.output), time.monotonic() + timeout
+        while text not in self.output[start:]:
+            ready, _, _ = select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"{text!r} not printed within {timeout} s; got {self.output[start:]!r}")
+            try:
+                self.output += os.read(self.fd, 4096).decode()
+            except OSError:  # the child closed the terminal
+                raise AssertionError(
+                    f"chat exited before printing {text!r}: {self.output[start:]!r}"
+                ) from None
+        return self.output[start : self.output.index(text, start) + len(text)]
+
+    def send(self, line: str) -> str:
+        """Type `line` and Enter; what the chat printed before its next prompt (the echo removed)."""
+        os.write(self.fd, line.encode() + b"\n")
+        printed = self.read_until("\n" + PROMPT)
+        return printed.replace("\r\n", "\n").removeprefix(line + "\n")[: -len(PROMPT) - 1]
+
+    def exit_code(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+def test_chat_in_a_terminal_streams_replies_and_obeys_its_commands(tiny_run: Path) -> None:
+    chat = Terminal(str(tiny_run), "--temperature", "0", "--max-new-tokens", "8", "--device", "cpu")
+    banner = chat.read_until(PROMPT)
+    assert "lmforge's default chat template; context 64 tokens, replies up to 8" in banner
+    greedy = chat.send("hello")
+    assert greedy.strip() and "\n" not in greedy.strip()  # a reply, on its own line
+    assert chat.send("/reset") == "[conversation cleared]"
+    assert chat.send("hello") == greedy  # temperature 0 and the same conversation: the same reply
+    assert chat.send("/temperature 3") == "[temperature 3]"
+    assert chat.send("/reset") == "[conversation cleared]"
+    assert chat.send("hello") != greedy
+    assert chat.send("/temperature x").startswith("error: /temperature expects a number >= 0")
+    assert chat.send("/system be brief") == "[system message set]"
+    printed = chat.send("tell me a story") + chat.send("and then what happened")
+    assert "[context full: dropped the 2 oldest message(s) to leave room for a reply]" in printed
+    assert (
+        chat.send("/nope")
+        == "error: unknown command /nope (commands: /reset, /system TEXT, /temperature X, /quit)"
+    )
+    os.write(chat.fd, b"/quit\n")
+    assert chat.exit_code() == 0
+
+
+def test_end_of_input_ends_the_chat(tiny_run: Path) -> None:
+    chat = Terminal(str(tiny_run), "--device", "cpu")
+    chat.read_until(PROMPT)
+    os.write(chat.fd, b"\x04")  # Ctrl-D at the start of a line
+    assert chat.exit_code() == 0
+
+
+def in_process_chat(run: Path, **options) -> tuple[Chat, io.StringIO]:
+    chat = start_chat(
+        run,
+        "last",
+        "cpu",
+        "fp32",
+        system="",
+        options={"max_new_tokens": 8, "temperature": 0.0, "top_k": None, "top_p": None} | options,
+        seed=0,
+    )
+    chat.out = io.StringIO()
+    return chat, chat.out
+
+
+def test_a_reply_is_written_piece_by_piece_as_it_is_generated(tiny_run: Path) -> None:
+    chat, _ = in_process_chat(tiny_run)
+    writes: list[str] = []
+    chat.say = writes.append
+    chat.reply_to("hello")
+    assert len(writes) >= 3  # the pieces, then the newline; not one string at the end
+    assert chat.conversation.turns[-1] == {"role": "assistant", "content": "".join(writes).strip()}
+
+
+def test_the_system_message_leads_every_prompt_and_survives_dropping(tiny_run: Path) -> None:
+    chat, out = in_process_chat(tiny_run)
+    chat.conversation = Conversation("be brief", [{"role": "user", "content": "a b c d"}])
+    prompt = chat.sampler.tokenizer.decode(chat.prompt_ids())
+    assert prompt == "system: be brief\nuser: a b c d\nassistant:"
+    chat.conversation.turns += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
+    prompt = chat.sampler.tokenizer.decode(chat.prompt_ids())
+    assert prompt == "system: be brief\nuser: more\nassistant:"
+    assert "[context full: dropped the 2 oldest message(s)" in out.getvalue()
+
+
+def test_a_message_that_cannot_fit_is_refused_and_the_conversation_kept(tiny_run: Path) -> None:
+    chat, out = in_process_chat(tiny_run)
+    chat.conversation.turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    chat.run(_lines("x" * 60, "/quit"))
+    assert (
+        "error: the message is too long: 77 tokens of prompt + 8 for the reply exceed the context (64 tokens)"
+        in (out.getvalue())
+    )
+    assert chat.conversation.turns == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+    ]
+
+
+def _lines(*lines: str):
+    it = iter(lines)
+    return lambda prompt: next(it)
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stop", "expected"),
+    [
+        (["ab", "c<|e", "nd|>x"], "<|end|>", ["ab", "c"]),
+        (["a<", "b"], "<|end|>", ["a", "<b"]),
+        (["hello\nworld"], "\n", ["hello"]),
+        (["no stop"], "\n", ["no stop"]),
+        (["\n", " \nDo", "th he speak?\nNo"], "\n", ["Do", "th he speak?"]),  # a reply begins, then ends
+    ],
+)
+def test_until_stop_never_shows_any_of_the_stop_text(
+    pieces: list[str], stop: str, expected: list[str]
+) -> None:
+    assert list(until_stop(pieces, stop)) == expected

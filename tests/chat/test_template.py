@@ -1,0 +1,122 @@
+"""Chat templates render as transformers renders them, and cut conversations at the assistant's replies."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmforge.chat.template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Segment
+from lmforge.data.tokenizer import EOT, char_tokenizer
+from lmforge.errors import LmforgeError
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Llama-2-like: bos_token, raise_exception, a namespace, loop controls, whitespace control, tojson
+LLAMA_LIKE = """{{ bos_token }}
+{%- set ns = namespace(system='') -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'system' -%}
+        {%- set ns.system = message['content'] -%}{%- continue -%}
+    {%- endif -%}
+    {%- if message['role'] not in ['user', 'assistant'] -%}
+        {{ raise_exception('Only user, assistant and system roles are supported') }}
+    {%- endif -%}
+    {%- if message['role'] == 'user' %}
+[INST] {{ (ns.system + ' ' if ns.system else '') + message['content'] | trim }} [/INST]
+    {%- else %} {{ message['content'] | trim }} {{ eos_token }}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt %} {{ {'n': 'ünï'} | tojson }}{% endif %}"""
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello, ünïcode!"},
+    {"role": "user", "content": "Bye"},
+]
+SPECIALS = {"bos_token": "<s>", "eos_token": "</s>"}
+
+
+def hf_tokenizer(template: str, specials: dict[str, str]):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=char_tokenizer("abc"), **specials)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    ("template", "specials"),
+    [
+        (DEFAULT_CHAT_TEMPLATE, {"bos_token": EOT, "eos_token": EOT}),
+        (DEFAULT_CHAT_TEMPLATE, {}),
+        (CHATML, {"eos_token": "<|im_end|>"}),
+        (LLAMA_LIKE, SPECIALS),
+    ],
+    ids=["default", "default-without-eot", "chatml", "llama-like"],
+)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_lmforge_renders_a_template_exactly_as_transformers_apply_chat_template(
+    template: str, specials: dict, add_generation_prompt: bool
+) -> None:
+    messages = MESSAGES if add_generation_prompt else MESSAGES[:3]
+    expected = hf_tokenizer(template, specials).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    assert ChatTemplate(template, specials).render(messages, add_generation_prompt) == expected
+
+
+def test_the_default_template_is_role_colon_content_lines_with_eot_after_each_reply() -> None:
+    template = ChatTemplate.default(char_tokenizer("ab", specials=[EOT]))
+    assert template.render(MESSAGES[:3], add_generation_prompt=False) == (
+        "system: Be brief.\nuser: Hi there\nassistant: Hello, ünïcode!<|endoftext|>\n"
+    )
+    assert template.render(MESSAGES[:2], add_generation_prompt=True).endswith("user: Hi there\nassistant:")
+    assert ChatTemplate.default(char_tokenizer("ab")).special_tokens == {}  # no EOT: replies end with \n
+
+
+def test_segments_cut_the_text_at_every_reply_and_its_end_of_turn() -> None:
+    messages = [*MESSAGES[:3], {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Done."}]
+    template = ChatTemplate(CHATML, {})
+    segments = template.segments(messages)
+    assert "".join(s.text for s in segments) == template.render(messages)
+    assert [s.text for s in segments if s.assistant] == ["Hello, ünïcode!<|im_end|>\n", "Done.<|im_end|>\n"]
+    with_prompt = template.segments(MESSAGES, add_generation_prompt=True)
+    assert with_prompt[-1] == Segment("<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n", False)
+
+
+@pytest.mark.parametrize(
+    ("template", "specials", "end"),
+    [
+        (DEFAULT_CHAT_TEMPLATE, {"eos_token": EOT}, EOT),
+        (DEFAULT_CHAT_TEMPLATE, {}, "\n"),
+        (CHATML, {}, "<|im_end|>"),
+        (LLAMA_LIKE, SPECIALS, "</s>"),
+    ],
+)
+def test_the_end_of_turn_is_what_the_template_writes_after_a_reply(
+    template: str, specials: dict, end: str
+) -> None:
+    assert ChatTemplate(template, specials).end_of_turn() == end
+
+
+def test_a_template_that_renders_earlier_turns_differently_cannot_be_trained_on() -> None:
+    last_only = (
+        "{% for m in messages %}{% if loop.last %}{{ m['role'] }}: {{ m['content'] }}{% endif %}{% endfor %}"
+    )
+    with pytest.raises(LmforgeError, match="earlier turns render differently"):
+        ChatTemplate(last_only).segments(MESSAGES[:3])
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("{% for m in messages %}", "chat template: Unexpected end of template"),
+        ("{{ raise_exception('no system role') }}", "chat template: no system role"),
+        ("{{ messages.__class__.__mro__ }}", "chat template: access to attribute '__class__'"),
+        ("{{ messages.append(1) }}", "chat template: .*unsafe"),
+    ],
+)
+def test_bad_or_unsafe_templates_are_one_line_errors(source: str, message: str) -> None:
+    with pytest.raises(LmforgeError, match=message):
+        ChatTemplate(source).render(MESSAGES)
