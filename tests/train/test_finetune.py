@@ -250,7 +250,7 @@ def test_finetune_on_messages_saves_its_chat_template_and_runs_from_it_inherit_i
         )
         for w in ("yes", "no", "maybe", "never", "always", "soon")
     ]
-    for split in ("train", "eval"):
+    for split in ("train", "val"):
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     char_tokenizer(CHATML + "\n" + "".join(lines), specials=[EOT]).save(str(data / "tokenizer.json"))
     (tmp_path / "chatml.jinja").write_text(CHATML)
