@@ -1,8 +1,10 @@
 """Precision choice and the MFU denominator (`lmforge.runtime`)."""
 
+import pytest
 import torch
 
 from lmforge import runtime
+from lmforge.errors import LmforgeError
 from lmforge.runtime import NATIVE_BF16_ENV, matmul_peak_flops, native_bf16, resolve_dtype
 
 CPU = torch.device("cpu")
@@ -15,6 +17,9 @@ def test_native_bf16_needs_bf16_hardware_and_onednn_and_follows_the_override(mon
     for forced, expected in [("0", False), ("1", True)]:
         monkeypatch.setenv(NATIVE_BF16_ENV, forced)
         assert native_bf16(CPU) is expected
+    monkeypatch.setenv(NATIVE_BF16_ENV, "yes")
+    with pytest.raises(LmforgeError, match=r"^LMFORGE_NATIVE_BF16 must be 0 or 1, got 'yes'$"):
+        native_bf16(CPU)
 
 
 def test_auto_is_bf16_only_where_native_and_emulated_bf16_warns_once(monkeypatch, capsys) -> None:

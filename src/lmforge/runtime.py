@@ -36,7 +36,9 @@ def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bf16 matmuls in hardware. Where it does not (e.g. CPUs without
     AVX-512: oneDNN emulates bf16 there, ~50x slower than fp32), bf16 is a slow path."""
     forced = os.environ.get(NATIVE_BF16_ENV)
-    if forced in ("0", "1"):
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise LmforgeError(f"{NATIVE_BF16_ENV} must be 0 or 1, got {forced!r}")
         return forced == "1"
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
