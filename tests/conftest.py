@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,45 @@ def shared_data() -> Path:
     if not (path / "tinyshakespeare" / "input.txt").is_file():
         pytest.skip(f"shared data not found at {path}; set LMFORGE_DATA_DIR")
     return path
+
+
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    # without these, Chromium opens connections the closed network refuses, many at a time
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """Headless Chromium driven by Playwright (Debian's /usr/bin/chromium, or $LMFORGE_CHROMIUM).
+
+    Skipped where no Chromium is installed, except under `.ci/run`, which installs it and sets
+    LMFORGE_REQUIRE_BROWSER=1 so that a missing browser fails instead of passing silently."""
+    executable = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is None:
+        if os.environ.get("LMFORGE_REQUIRE_BROWSER") == "1":
+            pytest.fail("Chromium not found: install Debian's chromium (apt-get install chromium)")
+        pytest.skip("Chromium not found; browser tests need Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser) -> Iterator[object]:
+    """A fresh browser page (its own context: no cookies or storage shared between tests)."""
+    context = browser.new_context(viewport={"width": 1100, "height": 800}, accept_downloads=True)
+    yield context.new_page()
+    context.close()
 
 
 @pytest.fixture
