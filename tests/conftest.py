@@ -59,7 +59,7 @@ def browser() -> Iterator[object]:
 
     Skipped where no Chromium is installed, except under `.ci/run`, which installs it and sets
     LMFORGE_REQUIRE_BROWSER=1 so that a missing browser fails instead of passing silently."""
-    executable = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    executable = os.environ.get("LMFORGE_CHROMIUM") or shutil.which("chromium")
     if executable is None:
         if os.environ.get("LMFORGE_REQUIRE_BROWSER") == "1":
             pytest.fail("Chromium not found: install Debian's chromium (apt-get install chromium)")
