@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,3 +172,24 @@ def test_without_canaries_the_audit_says_so(cli, overfit_run: Path, tmp_path: Pa
         "8",
     )
     assert code == 0 and f"canary exposure: no canaries.json in {plain}" in out
+
+
+def test_plot_audit_draws_exposure_and_auc_of_runs_with_and_without_dp(
+    cli, overfit_run: Path, tmp_path: Path
+) -> None:
+    options = ["--alternatives", "200", "--prefixes", "8", "--prefix-tokens", "16", "--k", "8"]
+    code, out, err = cli("audit", overfit_run, *options, "--sequences", "8", "--device", "cpu", "--json")
+    assert code == 0, err
+    for name, privacy in (("plain", ""), ("dp", "[privacy]\ntarget_epsilon = 8.0\n")):
+        (tmp_path / name / "run").mkdir(parents=True)
+        (tmp_path / name / "run" / "config.toml").write_text(f"[model]\nn_layer = 2\n{privacy}")
+        (tmp_path / name / "audit-0000150.json").write_text(out)
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "plot_audit.py"
+    picture = tmp_path / "exposure.png"
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "plain"), str(tmp_path / "dp"), "--out", str(picture)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {picture}" in done.stdout
