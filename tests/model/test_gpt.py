@@ -167,6 +167,16 @@ def test_training_flops_count_the_head_where_it_runs_and_frozen_weights() -> Non
     assert model.training_flops(4, 40, rows) < model.training_flops(4, 40)
 
 
+def test_head_rows_of_a_data_parallel_batch_pad_each_ranks_share() -> None:
+    from lmforge.model.gpt import head_rows
+
+    targets = torch.full((4, 40), -100)
+    targets[:, 30:] = 1  # 10 scored targets per row
+    assert head_rows(targets) == 128  # one rank: 40 rows padded to 128
+    assert head_rows(targets, parts=2) == 256  # two ranks of 20 rows, each padded to 128
+    assert head_rows(targets, parts=4) == 512
+
+
 def test_generate_greedy_matches_argmax_of_full_forward() -> None:
     torch.manual_seed(0)
     model = GPT(tiny()).eval()

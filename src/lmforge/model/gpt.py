@@ -337,8 +337,9 @@ class GPT(nn.Module):
         return per_token * tokens + head_flops + attention
 
 
-def head_rows(targets: torch.Tensor) -> int:
+def head_rows(targets: torch.Tensor, parts: int = 1) -> int:
     """The rows the head runs on in `forward(..., only_targets=True)`: the targets that count,
-    padded to a multiple of ROW_MULTIPLE."""
-    kept = int((targets != IGNORE_INDEX).sum())
-    return kept + -kept % ROW_MULTIPLE
+    padded to a multiple of ROW_MULTIPLE. Split into `parts` equal blocks of rows (each rank's
+    share of a data-parallel batch), each block is padded on its own, as each rank pads its own."""
+    kept = [int((part != IGNORE_INDEX).sum()) for part in targets.split(targets.size(0) // parts)]
+    return sum(k + -k % ROW_MULTIPLE for k in kept)

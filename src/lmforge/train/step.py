@@ -69,7 +69,8 @@ class Stepper:
             x, y = next(batches)
             tokens += x.numel()  # padded fine-tuning batches vary in length
             if self.count_flops is not None:  # counted on the host batch: no device sync
-                flops += self.count_flops(x.size(0), x.size(1), head_rows(y) if self.only_targets else None)
+                rows = head_rows(y, self.dist.world) if self.only_targets else None
+                flops += self.count_flops(x.size(0), x.size(1), rows)
             x, y, share = self.dist.shard(x, y)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.dist.gradient_sync(self.model, micro == self.grad_accum_steps - 1):
