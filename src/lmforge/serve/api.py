@@ -265,7 +265,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     """The first problem pydantic found, with the field's path (`messages.0.role`) as `param`."""
     first = exc.errors()[0]
     # the field's path, without "body" and the names pydantic gives the members of a union (`str`)
-    where = [str(part) for part in first.get("loc", ()) if isinstance(part, int) or part in FIELD_NAMES]
+    loc = first.get("loc", ())
+    where = [str(part) for part in loc if isinstance(part, int) or part in FIELD_NAMES]
+    if first.get("type") == "extra_forbidden":  # a field no lmforge or OpenAI request has
+        where.append(str(loc[-1]))
+        return ApiError(400, f"unrecognized request argument supplied: {'.'.join(where)}", ".".join(where))
     if first.get("type") == "json_invalid":
         return ApiError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'invalid')})")
     if not where:
