@@ -176,7 +176,7 @@ def test_an_api_key_is_required_when_set(sampler: Sampler) -> None:
 
 def test_a_full_queue_is_503_with_retry_after(sampler: Sampler) -> None:
     with serve(slow(sampler), max_batch=1, max_queue=1) as live, httpx.Client(timeout=60) as http:
-        body = {"model": MODEL, "prompt": "a", "max_tokens": 40, "stream": True}
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 40, "temperature": 0, "stream": True}
         with http.stream("POST", f"{live.url}/v1/completions", json=body) as running:
             next(running.iter_lines())  # generating: the one slot is taken
             with http.stream("POST", f"{live.url}/v1/completions", json=body) as waiting:
@@ -188,7 +188,7 @@ def test_a_full_queue_is_503_with_retry_after(sampler: Sampler) -> None:
 
 def test_a_client_that_disconnects_frees_its_slot(sampler: Sampler) -> None:
     with serve(slow(sampler), max_batch=1) as live, httpx.Client(timeout=60) as http:
-        body = {"model": MODEL, "prompt": "a", "max_tokens": 60, "stream": True}
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True}
         with http.stream("POST", f"{live.url}/v1/completions", json=body) as stream:
             first = next(line for line in stream.iter_lines() if line.startswith("data:"))
             assert json.loads(first[5:])["choices"][0]["index"] == 0 and live.engine.busy == 1
