@@ -439,6 +439,73 @@ def _add_chat(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_chat)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from lmforge.serve.api import create_app
+    except ImportError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise LmforgeError(
+            f"serve needs the serve extra ({exc.name} is missing): pip install 'lmforge[serve]'"
+        ) from None
+    from lmforge.sample import Sampler
+
+    target = Path(args.target)
+    sampler = Sampler.load(target, args.checkpoint, args.device, args.dtype)
+    name = args.model_name or target.resolve().name
+    app = create_app(
+        sampler, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key or None
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"serving {sampler.checkpoint} as {name!r} at http://{host}:{args.port}/ (playground) and "
+        f"http://{host}:{args.port}/v1 (OpenAI API); Ctrl-C stops",
+        flush=True,
+    )
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("warning: reachable beyond this machine without --api-key", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def _add_serve(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with batched decoding, and a web playground",
+        description="Serve a checkpoint over HTTP: GET /v1/models, POST /v1/completions and "
+        "/v1/chat/completions (OpenAI's API, streamed with stream: true), and a chat playground at /. "
+        "Concurrent requests decode together in one batched KV cache.",
+    )
+    _add_checkpoint_args(p)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: no key)")
+    p.add_argument("--model-name", help="the model's id in the API (default: the run folder's name)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together (default 8)")
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=64,
+        help="requests waiting for a slot before more are refused with 503 (default 64)",
+    )
+    p.set_defaults(run=_serve)
+
+
 def _audit(args: argparse.Namespace) -> int:
     from lmforge.eval.audit import AuditOptions, audit_checkpoint
 
@@ -637,6 +704,7 @@ VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_eval,
     _add_sample,
     _add_chat,
+    _add_serve,
     _add_audit,
     _add_inspect,
     _add_export,

@@ -7,7 +7,7 @@ The rules of generation live here, not in the command line, so that every front 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,8 +76,7 @@ class Sampler:
         """The continuation of `prompt_ids` as text pieces, each as soon as it decodes to whole
         characters; it ends at <|endoftext|>, before `stop_text` (special tokens then count as
         text: a chat's end of turn may be one), or after `options.max_new_tokens` tokens."""
-        eot = eot_id(self.tokenizer)
-        stream = DecodeStream(skip_special_tokens=not stop_text)
+        decoder = TextDecoder(self.tokenizer, (stop_text,) if stop_text else ())
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
 
         def pieces() -> Iterator[str]:
@@ -90,36 +89,97 @@ class Sampler:
                     options.top_k,
                     options.top_p,
                     generator,
-                    stop_token=eot,
+                    stop_token=decoder.eot,
                 ):
-                    if int(token[0]) == eot:
-                        return
-                    if piece := stream.step(self.tokenizer, int(token[0])):
+                    if piece := decoder.feed(int(token[0])):
                         yield piece
+                    if decoder.done:
+                        return
+            if piece := decoder.finish():
+                yield piece
 
-        return until_stop(pieces(), stop_text) if stop_text else pieces()
+        return pieces()
 
 
-def until_stop(pieces: Iterable[str], stop: str) -> Iterator[str]:
-    """`pieces` up to the first `stop`, which may span pieces: text that could begin it is held
-    back until it cannot, so nothing of `stop` is ever yielded. Stops reading there. A stop that
-    is whitespace (`\n`) counts only once the text has begun: leading whitespace is dropped."""
-    held, begun = "", not stop.isspace()
-    for piece in pieces:
-        held += piece
-        if not begun:
+class StopScanner:
+    """Text fed a piece at a time and released up to the first of `stops`, which may span pieces:
+    text that could begin a stop is held back until it cannot, so nothing of a stop is ever
+    released. A stop that is whitespace (`\n`) counts only once the text has begun: while any
+    stop is whitespace, leading whitespace is dropped."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stop for stop in stops if stop)
+        self.held = ""  # text that may be the start of a stop
+        self.begun = not any(stop.isspace() for stop in self.stops)
+        self.stopped = False  # a stop was found: feed no more
+
+    def feed(self, piece: str) -> str:
+        """The text that `piece` makes safe to release (possibly none)."""
+        held = self.held + piece
+        if not self.begun:
             held = held.lstrip()
-            begun = bool(held)
-        if (at := held.find(stop)) >= 0:
-            if at:
-                yield held[:at]
+            self.begun = bool(held)
+        found = [at for stop in self.stops if (at := held.find(stop)) >= 0]
+        if found:
+            self.stopped, self.held = True, ""
+            return held[: min(found)]
+        keep = max(
+            (
+                n
+                for stop in self.stops
+                for n in range(min(len(stop) - 1, len(held)), 0, -1)
+                if stop.startswith(held[-n:])
+            ),
+            default=0,
+        )
+        self.held = held[len(held) - keep :]
+        return held[: len(held) - keep]
+
+    def finish(self) -> str:
+        """The text held back, released when no more comes: it began a stop that never completed."""
+        held, self.held = self.held, ""
+        return held
+
+
+class TextDecoder:
+    """Generated token ids turned into text as they come, one token at a time: a token's text is
+    released as soon as it decodes to whole characters. <|endoftext|> ends the text, and so does
+    any of `stops`, nothing of which is released; with stops, special tokens count as text (a chat's
+    end of turn may be one). The one decoder of `sample`, `chat` and `serve`."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.eot = eot_id(tokenizer)
+        self.stream = DecodeStream(skip_special_tokens=not stops)
+        self.scanner = StopScanner(stops)
+        self.done = False  # <|endoftext|> or a stop was reached: feed no more
+
+    def feed(self, token: int) -> str:
+        """The text that `token` adds (possibly none, e.g. the first byte of a character)."""
+        if token == self.eot:
+            self.done = True
+            return self.scanner.finish()
+        piece = self.stream.step(self.tokenizer, token)
+        text = self.scanner.feed(piece) if piece else ""
+        self.done = self.scanner.stopped
+        return text
+
+    def finish(self) -> str:
+        """What is held back once no more tokens come (the start of a stop that never completed)."""
+        return self.scanner.finish()
+
+
+def until_stop(pieces: Iterable[str], stop: str | Sequence[str]) -> Iterator[str]:
+    """`pieces` up to the first `stop` (or the first of several), as StopScanner releases them.
+    Stops reading there."""
+    scanner = StopScanner((stop,) if isinstance(stop, str) else stop)
+    for piece in pieces:
+        if text := scanner.feed(piece):
+            yield text
+        if scanner.stopped:
             return
-        keep = next((n for n in range(min(len(stop) - 1, len(held)), 0, -1) if stop.startswith(held[-n:])), 0)
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep :]
-    if held:
-        yield held
+    if text := scanner.finish():
+        yield text
 
 
 def stream_samples(

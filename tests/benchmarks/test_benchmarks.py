@@ -134,3 +134,29 @@ def test_memory_estimate_within_20_percent_of_measured_peak() -> None:
     for r in rows:  # the bar: within 20% of the measured peak
         assert 0.8 <= r["ratio"] <= 1.2, r
         assert r["measured"] > r["baseline"] > 0
+
+
+@pytest.mark.slow
+def test_serve_benchmark_compares_lmforge_serve_with_transformers(tmp_path: Path) -> None:
+    toy = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--block-size", "32"]
+    lengths = ["--prompt-tokens", "4", "--new-tokens", "6", "--requests", "1", "--streams", "1", "3"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "serve.py"),
+            *toy,
+            *lengths,
+            "--json",
+            str(tmp_path / "serve.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("CPU ") and "AVX-512:" in result.stdout and "load" in result.stdout
+    assert (
+        "lmforge / transformers at 1 stream:" in result.stdout and "lmforge 3 streams / 1:" in result.stdout
+    )
+    record = json.loads((tmp_path / "serve.json").read_text())
+    assert record["lmforge"]["3"]["tokens"] == record["transformers"]["3"]["tokens"] == 18  # same lengths
+    assert record["lmforge"]["1"]["ttft_ms"] > 0 and record["greedy_identical"] is True

@@ -286,3 +286,29 @@ def test_relu_squared_backward_matches_autograd() -> None:
     x = torch.randn(4, 7, 16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ReLUSquared.apply, (x,))
     torch.testing.assert_close(ReLUSquared.apply(x), torch.relu(x) ** 2)
+
+
+@pytest.mark.parametrize("position", ["rope", "learned"])
+def test_cache_rows_at_their_own_lengths_give_each_sequence_its_logits_alone(position: str) -> None:
+    torch.manual_seed(0)
+    config = ModelConfig(
+        n_layer=2, n_head=2, n_kv_head=1, d_model=32, block_size=32, vocab_size=50, position=position
+    )
+    model = GPT(config).eval()
+    prompts = [torch.randint(50, (1, length)) for length in (3, 7, 5)]
+    with torch.inference_mode():
+        batched = KVCache.allocate(model, 3, 32)
+        for row, prompt in enumerate(prompts):  # each prefilled alone into its row
+            model(
+                prompt,
+                cache=KVCache(
+                    [k[row : row + 1] for k in batched.keys], [v[row : row + 1] for v in batched.values]
+                ),
+            )
+        batched.length = torch.tensor([3, 7, 5])
+        next_tokens = torch.tensor([[1], [2], [3]])
+        logits, _ = model(next_tokens, cache=batched)  # one step, every row at its own position
+        for row, prompt in enumerate(prompts):
+            alone, _ = model(torch.cat([prompt, next_tokens[row : row + 1]], dim=1))
+            torch.testing.assert_close(logits[row, -1], alone[0, -1])
+    assert batched.length.tolist() == [4, 8, 6]

@@ -60,22 +60,36 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: [B, H, T, D]; positions start..start+T-1."""
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """x: [B, H, T, D]; positions start..start+T-1, `start` one int for every row or one per row (B,)."""
         T, half = x.size(-2), x.size(-1) // 2
-        # (T, head_dim), broadcast over batch and heads
-        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)
+        if isinstance(start, int):  # (T, head_dim), broadcast over batch and heads
+            cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        else:  # (B, 1, T, head_dim), broadcast over heads
+            positions = token_positions(start, T)  # (B, T)
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, head_dim)
         return x * cos + rotated * sin
 
 
+def token_positions(start: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T): the positions of T new tokens in each row, row b's starting at start[b]."""
+    return start[:, None] + torch.arange(T, device=start.device)
+
+
 @dataclass
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer, preallocated to max_len."""
+    """Keys and values of the tokens seen so far, per layer, preallocated to max_len.
+
+    `length` is how many tokens every row holds, or a tensor (B,) of one count per row when the
+    rows are different sequences of different lengths (a server's slots): then each row's new
+    tokens go at its own positions, and its queries see only its own cached keys.
+    """
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    length: int = 0
+    length: int | torch.Tensor = 0
 
     @classmethod
     def allocate(cls, model: GPT, batch_size: int, max_len: int) -> KVCache:
@@ -86,6 +100,34 @@ class KVCache:
         shape = (batch_size, kv_heads, max_len, c.d_model // c.n_head)  # (B, n_kv_head, max_len, head_dim)
         make = lambda: torch.zeros(shape, dtype=param.dtype, device=param.device)  # noqa: E731
         return cls([make() for _ in range(c.n_layer)], [make() for _ in range(c.n_layer)])
+
+    def end(self, T: int) -> int:
+        """The length of the longest row once T more tokens are added."""
+        return (self.length if isinstance(self.length, int) else int(self.length.max())) + T
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store the new keys and values k, v (B, n_kv_head, T, head_dim) of `layer` after the cached
+        ones. Returns the keys and values of every position so far (B, n_kv_head, end, head_dim) and
+        which of them each new query sees: None when plain causal attention does."""
+        T, start = k.size(2), self.length
+        if isinstance(start, int):
+            self.keys[layer][:, :, start : start + T] = k
+            self.values[layer][:, :, start : start + T] = v
+            # (T, start + T): query i sees keys 0 .. start + i; the first chunk is plain causal
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=k.device).tril(start) if start else None
+        else:
+            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+            positions = token_positions(start, T)  # (B, T)
+            # indexing rows and positions puts them first: (B, T, n_kv_head, head_dim)
+            self.keys[layer][rows, :, positions] = k.transpose(1, 2)
+            self.values[layer][rows, :, positions] = v.transpose(1, 2)
+            keys_at = torch.arange(self.end(T), device=k.device)
+            # (B, 1, T, end), broadcast over heads: row b's query t sees keys 0 .. start[b] + t only
+            mask = (keys_at <= positions[..., None])[:, None]
+        end = self.end(T)
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], mask
 
 
 class Attention(nn.Module):
@@ -122,19 +164,12 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        start = cache.length if cache is not None else 0
         if rotary is not None:
+            start = cache.length if cache is not None else 0
             q, k = rotary(q, start), rotary(k, start)
-        mask, causal = None, True
-        if cache is not None:  # cache tensors: (B, n_kv_head, max_len, head_dim)
-            cache.keys[self.layer][:, :, start : start + T] = k
-            cache.values[self.layer][:, :, start : start + T] = v
-            # (B, n_kv_head, start + T, head_dim): every position so far
-            k, v = cache.keys[self.layer][:, :, : start + T], cache.values[self.layer][:, :, : start + T]
-            if start > 0:  # new queries see every cached position and the causal part of their own
-                causal = False
-                # (T, start + T): query i sees keys 0 .. start + i
-                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        mask = None
+        if cache is not None:  # k, v: (B, n_kv_head, every position so far, head_dim)
+            k, v, mask = cache.update(self.layer, k, v)
         if self.capture is not None:
             self.capture(q, k, v)
         dtype, fp32_attention = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
@@ -146,7 +181,7 @@ class Attention(nn.Module):
                 k,
                 v,
                 attn_mask=mask,
-                is_causal=causal and T > 1,
+                is_causal=mask is None and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, n_head, T, head_dim)
@@ -265,12 +300,15 @@ class GPT(nn.Module):
         """
         T = idx.size(1)
         start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if (end := cache.end(T) if cache is not None else T) > self.config.block_size:
+            raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
         x = self.embed(idx)  # (B, T, d_model)
-        if self.pos_embed is not None:  # (T, d_model), broadcast over the batch
-            positions = torch.arange(start, start + T, device=idx.device)  # (T,)
-            if self.per_sample_positions:
+        if self.pos_embed is not None:  # (T, d_model) broadcast over the batch, or (B, T, d_model)
+            if isinstance(start, torch.Tensor):  # rows at their own lengths
+                positions = token_positions(start, T)  # (B, T)
+            else:
+                positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+            if self.per_sample_positions and positions.dim() == 1:
                 positions = positions.expand(idx.size(0), T)  # (B, T)
             x = x + self.pos_embed(positions)
         x = self.drop(x)

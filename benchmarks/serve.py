@@ -1,0 +1,292 @@
+"""Decode speed of `lmforge serve` at 1 and 8 concurrent streams, beside Hugging Face `transformers`.
+
+The same model runs both ways in one invocation (this machine's speed drifts between runs):
+`lmforge serve` in its own process, driven over HTTP by streaming clients (one thread per stream,
+each sending `--requests` requests one after another), and the `lmforge export` of the same
+checkpoint loaded with transformers' AutoModelForCausalLM and decoded with `generate` (a batch of 8
+for 8 streams). Same prompts (token ids), same lengths, greedy. Reported: tokens/s over each phase
+(all streams together) and the median time to first token; then lmforge / transformers at one
+stream and lmforge's 8-stream / 1-stream ratio.
+
+Without --run, the model is the demo's architecture (configs/shakespeare-char.toml: Llama-style,
+4 layers, d_model 128, 128-token context) with random weights and a char vocabulary without
+<|endoftext|>, so that every request runs its full length; speed does not depend on the weights.
+
+    .venv/bin/python benchmarks/serve.py                       # the demo's size
+    .venv/bin/python benchmarks/serve.py --run out/runs/shakespeare-char --prompt-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from lmforge.sample import Sampler
+
+REPO = Path(__file__).resolve().parents[1]
+ALPHABET = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # TinyShakespeare's 65
+
+
+def machine() -> dict:
+    """The CPU (model, AVX-512 or not), its cores and the load other jobs put on it."""
+    model, flags = "unknown", set()
+    if Path("/proc/cpuinfo").is_file():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    return {
+        "cpu": model,
+        "avx512": "avx512f" in flags,
+        "avx2": "avx2" in flags,
+        "cores": os.cpu_count(),
+        "load_1min": os.getloadavg()[0],
+        "torch": torch.__version__,
+    }
+
+
+def make_run(folder: Path, n_layer: int, d_model: int, n_head: int, block_size: int) -> Path:
+    """A checkpoint of the demo's architecture with random weights."""
+    from lmforge import checkpoint as ckpt
+    from lmforge.config import Config, ModelConfig
+    from lmforge.data.tokenizer import char_tokenizer
+    from lmforge.model import GPT
+
+    tokenizer = char_tokenizer(ALPHABET)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    m = ModelConfig(
+        n_layer=n_layer,
+        n_head=n_head,
+        d_model=d_model,
+        block_size=block_size,
+        position="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        bias=False,
+        vocab_size=tokenizer.get_vocab_size(),
+    )
+    torch.manual_seed(0)
+    ckpt.save_checkpoint(folder / "run", 1, GPT(m), {}, Config(model=m), folder / "tokenizer.json", None)
+    return folder / "run"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(run: Path, checkpoint: str, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "lmforge", "serve", str(run), "--checkpoint", checkpoint]
+    server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench", "--device", "cpu"])
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).raise_for_status()
+            return server
+        except httpx.HTTPError:
+            if server.poll() is not None:
+                raise SystemExit("lmforge serve exited before it answered") from None
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("lmforge serve did not answer within 120 s")
+
+
+def stream_once(http: httpx.Client, url: str, prompt: list[int], new_tokens: int) -> tuple[float, int, str]:
+    """One streamed greedy completion: (time to first token in s, tokens, text)."""
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    started, first, tokens, text = time.perf_counter(), None, 0, ""
+    with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk["choices"]:
+                first = time.perf_counter() - started
+            if chunk["choices"]:
+                text += chunk["choices"][0]["text"]
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return first, tokens, text
+
+
+def lmforge_phase(url: str, prompts: list[list[int]], streams: int, requests: int, new_tokens: int) -> dict:
+    """`streams` clients at once, each sending `requests` requests in turn."""
+    results: list[tuple[float, int, str]] = []
+    lock = threading.Lock()
+
+    def client(k: int) -> None:
+        with httpx.Client(timeout=600) as http:
+            for r in range(requests):
+                result = stream_once(http, url, prompts[(k + r) % len(prompts)], new_tokens)
+                with lock:
+                    results.append(result)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    tokens = sum(r[1] for r in results)
+    return {
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_ms": 1000 * statistics.median(r[0] for r in results),
+        "text": results[0][2] if streams == 1 else None,
+    }
+
+
+class FirstToken:
+    """A transformers streamer that notes when the first new tokens arrive (its first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts, self.at = 0, None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def transformers_phase(
+    model: object, prompts: list[list[int]], streams: int, requests: int, new_tokens: int
+) -> dict:
+    """`requests` greedy `generate` calls on a batch of `streams` prompts."""
+    ttfts, tokens, first_ids = [], 0, None
+    started = time.perf_counter()
+    for r in range(requests):
+        batch = torch.tensor([prompts[(k + r) % len(prompts)] for k in range(streams)])
+        streamer = FirstToken() if streams == 1 else None  # transformers streams only batches of 1
+        begun = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                batch,
+                attention_mask=torch.ones_like(batch),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=0,
+            )
+        if streamer is not None:
+            ttfts.append(streamer.at - begun)
+        tokens += (out.size(1) - batch.size(1)) * streams
+        first_ids = first_ids if first_ids is not None else out[0, batch.size(1) :].tolist()
+    wall = time.perf_counter() - started
+    return {
+        "tokens": tokens,
+        "tokens_per_s": tokens / wall,
+        "ttft_ms": 1000 * statistics.median(ttfts) if ttfts else None,
+        "ids": first_ids,
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--run", help="a run or checkpoint folder (default: the demo's architecture, random weights)"
+    )
+    p.add_argument("--checkpoint", default="last")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per request")
+    p.add_argument("--requests", type=int, default=4, help="requests per stream")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--json", help="also write the results as JSON to this file")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.interop.hf import export_checkpoint
+
+    scratch = Path(tempfile.mkdtemp(prefix="lmforge-serve-bench-"))
+    run = (
+        Path(args.run)
+        if args.run
+        else make_run(scratch, args.n_layer, args.d_model, args.n_head, args.block_size)
+    )
+    export_checkpoint(run, scratch / "hf", args.checkpoint)
+    vocab = Sampler.load(run, args.checkpoint, "cpu", "fp32").tokenizer.get_vocab_size()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(vocab, (args.prompt_tokens,), generator=generator).tolist() for _ in range(8)]
+    info = machine()
+    print(
+        f"CPU {info['cpu']} ({info['cores']} cores, AVX-512: {info['avx512']}), load {info['load_1min']:.2f}"
+    )
+    print(
+        f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, "
+        f"{args.requests} requests per stream"
+    )
+    port = free_port()
+    server = start_server(run, args.checkpoint, port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        stream_once(httpx.Client(timeout=600), url, prompts[0], 4)  # warm-up
+        ours = {s: lmforge_phase(url, prompts, s, args.requests, args.new_tokens) for s in args.streams}
+    finally:
+        server.terminate()
+        server.wait()
+    model = AutoModelForCausalLM.from_pretrained(scratch / "hf", dtype=torch.float32).eval()
+    transformers_phase(model, prompts, 1, 1, 4)  # warm-up
+    theirs = {s: transformers_phase(model, prompts, s, args.requests, args.new_tokens) for s in args.streams}
+    report(args, info, ours, theirs, run)
+
+
+def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: Path) -> None:
+    print(f"{'':14}{'streams':>8}{'tokens':>8}{'tokens/s':>11}{'TTFT ms':>10}")
+    for name, results in (("lmforge serve", ours), ("transformers", theirs)):
+        for s, r in results.items():
+            ttft = f"{r['ttft_ms']:.1f}" if r["ttft_ms"] is not None else "-"
+            print(f"{name:14}{s:>8}{r['tokens']:>8}{r['tokens_per_s']:>11.1f}{ttft:>10}")
+    one, many = min(args.streams), max(args.streams)
+    single = ours[one]["tokens_per_s"] / theirs[one]["tokens_per_s"]
+    scaling = ours[many]["tokens_per_s"] / ours[one]["tokens_per_s"]
+    print(f"lmforge / transformers at {one} stream: {single:.2f}x")
+    print(f"lmforge {many} streams / {one}: {scaling:.2f}x")
+    tokenizer = Sampler.load(run, args.checkpoint, "cpu", "fp32").tokenizer
+    same = ours[one]["text"] == tokenizer.decode(theirs[one]["ids"])
+    print(f"greedy text of the first request identical: {'yes' if same else 'no'}")
+    info["load_1min_end"] = os.getloadavg()[0]
+    print(f"load at the end {info['load_1min_end']:.2f}")
+    if args.json:
+        strip = lambda r: {k: v for k, v in r.items() if k not in ("text", "ids")}  # noqa: E731
+        record = {
+            "machine": info,
+            "lmforge": {s: strip(r) for s, r in ours.items()},
+            "transformers": {s: strip(r) for s, r in theirs.items()},
+            "single_stream_ratio": single,
+            "scaling": scaling,
+            "greedy_identical": same,
+        }
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

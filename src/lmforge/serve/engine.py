@@ -1,0 +1,236 @@
+"""The decoding engine of `lmforge serve`: concurrent requests decoded together, a token per step.
+
+A fixed number of slots (`max_batch`) share one KV cache whose rows hold sequences of different
+lengths (`KVCache.length` per row). A request is prefilled alone, straight into a free slot's row
+(its own positions from 0), and its first token is chosen at once; then all active slots decode
+together, one token each per forward, every row at its own position and attending only to its own
+keys, so that no request sees another's tokens. Active rows are kept first in the cache (a
+finished row is filled with the last one), so a step computes only the rows in use.
+
+Requests wait for a slot in a bounded queue; a full queue refuses them (QueueFull). Tokens are
+chosen by `sample_next` with a generator per request and turned into text by `TextDecoder`: the
+rules of `lmforge sample` and `lmforge chat`. Everything runs in one background thread, which
+reports each request's progress through its callback; `Job.cancel` (a client gone) frees the slot
+at the next step.
+"""
+
+from __future__ import annotations
+
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from lmforge.model.generate import sample_next
+from lmforge.model.gpt import KVCache
+from lmforge.runtime import autocast
+from lmforge.sample import Sampler, TextDecoder
+
+STOP, LENGTH, ERROR = "stop", "length", "error"  # why a request ended: OpenAI's finish_reason, and ours
+
+
+class QueueFull(Exception):
+    """Every slot is busy and the queue of waiting requests is full: try again later."""
+
+
+@dataclass(frozen=True)
+class Params:
+    """How one request is generated (checked by the caller)."""
+
+    max_tokens: int
+    temperature: float  # 0 is greedy
+    top_p: float | None
+    seed: int
+    stops: tuple[str, ...] = ()  # the text ends before the first of these (special tokens then count)
+    top_k: int | None = None
+
+
+class Update(NamedTuple):
+    """What a request produced since the last update."""
+
+    text: str
+    finish_reason: str | None  # None while it goes on
+    completion_tokens: int  # tokens generated so far
+
+
+@dataclass(eq=False)
+class Job:
+    """One request in the engine: its prompt, options, and where its updates go (called from the
+    engine's thread)."""
+
+    prompt: list[int]
+    params: Params
+    on_update: Callable[[Update], None]
+    tokens: int = 0  # generated so far
+    length: int = 0  # tokens in its cache row
+    last: int = 0  # the newest token, fed at the next step
+    cancelled: bool = False
+    decoder: TextDecoder | None = None
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (from any thread): the slot is freed at the engine's next step."""
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class Engine:
+    """Slots in one batched KV cache, a queue of waiting jobs, and the thread that decodes them."""
+
+    sampler: Sampler
+    max_batch: int = 8
+    max_queue: int = 64
+    active: list[Job] = field(default_factory=list)  # row i of the cache is active[i]
+    waiting: deque[Job] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        model = self.sampler.model
+        self.block_size = model.config.block_size
+        self.cache = KVCache.allocate(model, self.max_batch, self.block_size)
+        self.lengths = torch.zeros(self.max_batch, dtype=torch.long, device=self.sampler.device)
+        self.changed = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+
+    def start(self) -> Engine:
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the thread; requests still running end with finish_reason "error"."""
+        with self.changed:
+            self.stopping = True
+            self.changed.notify()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue `jobs` together (the n choices of one request), or none: QueueFull."""
+        for job in jobs:
+            if not 0 < len(job.prompt) <= self.block_size:
+                raise ValueError(f"a prompt of {len(job.prompt)} tokens; the context is {self.block_size}")
+        with self.changed:
+            if len(self.waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting for one of {self.max_batch} slots")
+            self.waiting.extend(jobs)
+            self.changed.notify()
+
+    @property
+    def busy(self) -> int:
+        """Slots in use."""
+        return len(self.active)
+
+    def _run(self) -> None:
+        with torch.inference_mode(), autocast(self.sampler.device, self.sampler.dtype):
+            while True:
+                with self.changed:
+                    while not (self.stopping or self.waiting or self.active):
+                        self.changed.wait()
+                    if self.stopping:
+                        break
+                try:
+                    self._admit()
+                    if self.active:
+                        self._step()
+                except Exception:  # a bug, not a request's fault: fail the requests, keep serving
+                    traceback.print_exc()
+                    self._fail_all()
+            self._fail_all()
+
+    def _admit(self) -> None:
+        """Prefill waiting jobs into free slots, each alone, and choose their first tokens."""
+        while len(self.active) < self.max_batch:
+            with self.changed:
+                if not self.waiting:
+                    return
+                job = self.waiting.popleft()
+            if job.cancelled:
+                continue
+            row = len(self.active)
+            view = KVCache(
+                [k[row : row + 1] for k in self.cache.keys], [v[row : row + 1] for v in self.cache.values]
+            )
+            prompt = torch.tensor([job.prompt], dtype=torch.long, device=self.sampler.device)
+            logits, _ = self.sampler.model(prompt, cache=view)  # (1, T, V)
+            self.lengths[row] = job.length = len(job.prompt)
+            job.decoder = TextDecoder(self.sampler.tokenizer, job.params.stops)
+            job.generator = torch.Generator(device=self.sampler.device).manual_seed(job.params.seed)
+            self.active.append(job)
+            self._advance(logits[:, -1], [row])
+
+    def _step(self) -> None:
+        """One token for every active row, decoded together."""
+        n = len(self.active)
+        tokens = torch.tensor([[job.last] for job in self.active], device=self.sampler.device)  # (n, 1)
+        view = KVCache([k[:n] for k in self.cache.keys], [v[:n] for v in self.cache.values], self.lengths[:n])
+        logits, _ = self.sampler.model(tokens, cache=view)  # (n, 1, V)
+        self.lengths[:n] = view.length
+        for job in self.active:
+            job.length += 1
+        self._advance(logits[:, -1], list(range(n)))
+
+    def _advance(self, logits: torch.Tensor, rows: list[int]) -> None:
+        """Choose the next token of each of `rows` from its logits (len(rows), V), report it, and
+        free the rows that are done."""
+        jobs = [self.active[row] for row in rows]
+        chosen = torch.cat(
+            [
+                sample_next(
+                    logits[i : i + 1],
+                    job.params.temperature,
+                    job.params.top_k,
+                    job.params.top_p,
+                    job.generator,
+                )
+                for i, job in enumerate(jobs)
+            ]
+        )  # (len(rows), 1)
+        finished = []
+        for row, token in zip(rows, chosen.view(-1).tolist()):
+            job = self.active[row]
+            job.last, job.tokens = token, job.tokens + 1
+            text = job.decoder.feed(token)
+            reason = None
+            if job.decoder.done:
+                reason = STOP
+            elif job.tokens >= job.params.max_tokens or job.length >= self.block_size:
+                reason, text = LENGTH, text + job.decoder.finish()
+            if text or reason:
+                _report(job, Update(text, reason, job.tokens))
+            if reason or job.cancelled:
+                finished.append(row)
+        for row in sorted(finished, reverse=True):
+            self._release(row)
+        for row in reversed(range(len(self.active))):  # cancelled while waiting for this step
+            if self.active[row].cancelled:
+                self._release(row)
+
+    def _release(self, row: int) -> None:
+        """Free `row`: the last active row moves into it, so that the active rows stay first."""
+        last = len(self.active) - 1
+        if row != last:
+            length = self.active[last].length
+            for cached in (*self.cache.keys, *self.cache.values):  # (max_batch, n_kv_head, max_len, head_dim)
+                cached[row, :, :length] = cached[last, :, :length]
+            self.lengths[row] = length
+            self.active[row] = self.active[last]
+        self.active.pop()
+
+    def _fail_all(self) -> None:
+        with self.changed:
+            jobs = [*self.active, *self.waiting]
+            self.active.clear()
+            self.waiting.clear()
+        for job in jobs:
+            _report(job, Update("", ERROR, job.tokens))
+
+
+def _report(job: Job, update: Update) -> None:
+    try:
+        job.on_update(update)
+    except Exception:  # the receiver is gone (its event loop closed): nobody to tell
+        job.cancel()

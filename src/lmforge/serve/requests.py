@@ -1,0 +1,177 @@
+"""The request bodies `lmforge serve` accepts, checked as OpenAI checks them, and the prompts they make.
+
+Fields are validated by pydantic (strict types, no unknown fields); a bad one is answered 400 with
+the field named in `param`. OpenAI fields that lmforge does not implement are accepted only at their
+neutral value (`echo: false`, `logprobs: null`, penalties 0), so that a client never gets a silent
+approximation. Chat messages are rendered with the checkpoint's chat template and cut into tokens as
+fine-tuning and `lmforge chat` cut them.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from lmforge.chat.template import ChatTemplate, encode_segments
+from lmforge.errors import LmforgeError
+from lmforge.sample import Sampler
+from lmforge.serve.engine import Params
+
+MAX_STOPS = 4  # OpenAI's limit on `stop`
+MAX_CHOICES = 16  # `n`
+SEED_RANGE = 2**64  # torch generators take a 64-bit seed; negative seeds wrap around
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """The fields completions and chat completions share."""
+
+    model: str
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None  # default 1
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None  # default 1
+    top_k: Annotated[int, Field(ge=1)] | None = None  # not OpenAI's; vLLM's and lmforge sample's
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=SEED_RANGE)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: Literal[0] | None = None
+    frequency_penalty: Literal[0] | None = None
+    logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+    logprobs: Literal[False] | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return tuple(s for s in stop if s)
+
+    def params(self, max_tokens: int, extra_stop: str = "") -> list[Params]:
+        """One Params per choice: choice i draws from seed + i (a random seed when none is given)."""
+        seed = self.seed if self.seed is not None else secrets.randbelow(SEED_RANGE)
+        stops = self.stops() + ((extra_stop,) if extra_stop else ())
+        temperature = 1.0 if self.temperature is None else float(self.temperature)
+        top_p = None if self.top_p is None or self.top_p == 1 else float(self.top_p)
+        return [
+            Params(max_tokens, temperature, top_p, (seed + i) % SEED_RANGE, stops, self.top_k)
+            for i in range(self.n or 1)
+        ]
+
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
+class CompletionRequest(_Sampling):
+    prompt: (
+        str
+        | TokenIds
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # default 16, as OpenAI's
+    echo: Literal[False] | None = None
+    suffix: None = None
+    best_of: Literal[1] | None = None
+
+    def prompts(self, sampler: Sampler) -> list[list[int]]:
+        """Each prompt as token ids: text (empty: the start of a document) or ids in the vocabulary."""
+        listed = self.prompt if isinstance(self.prompt, list) else [self.prompt]
+        if listed and isinstance(listed[0], int):
+            listed = [listed]
+        vocab = sampler.model.config.vocab_size
+        prompts = []
+        for prompt in listed:
+            if isinstance(prompt, str):
+                try:
+                    prompts.append(sampler.prompt_ids(prompt))
+                except LmforgeError:
+                    raise ApiError(
+                        400, "'prompt' has characters this model's tokenizer cannot represent", "prompt"
+                    ) from None
+            elif max(prompt) >= vocab:
+                raise ApiError(
+                    400, f"'prompt' has token id {max(prompt)}; the vocabulary has {vocab}", "prompt"
+                )
+            else:
+                prompts.append(prompt)
+        return prompts
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # default: until the context is full
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
+
+    @model_validator(mode="after")
+    def _one_length(self) -> ChatRequest:
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        return self
+
+    def prompt(self, sampler: Sampler, template: ChatTemplate) -> list[int]:
+        """The conversation with the generation prompt, as `lmforge chat` tokenizes it."""
+        messages = [m.as_template_input() for m in self.messages]
+        try:
+            segments = template.segments(messages, add_generation_prompt=True)
+        except LmforgeError as exc:  # the template refused the conversation (raise_exception)
+            raise ApiError(400, str(exc), "messages") from None
+        (encoded,) = encode_segments(sampler.tokenizer, [segments])
+        if not encoded.exact:
+            raise ApiError(
+                400, "'messages' have characters this model's tokenizer cannot represent", "messages"
+            )
+        return encoded.ids
+
+
+def check_context(prompt: list[int], block_size: int, param: str) -> None:
+    """A prompt longer than the model's context is refused with 413."""
+    if len(prompt) > block_size:
+        raise ApiError(
+            413,
+            f"the prompt is {len(prompt)} tokens; this model's context is {block_size} tokens",
+            param,
+            "context_length_exceeded",
+        )

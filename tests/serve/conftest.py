@@ -1,0 +1,80 @@
+"""A tiny checkpoint and `lmforge serve`'s app running on a loopback port, for the server's tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge import checkpoint as ckpt
+from lmforge.config import Config, ModelConfig
+from lmforge.data.tokenizer import EOT, char_tokenizer
+from lmforge.model import GPT
+from lmforge.sample import Sampler
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz :.,!?\n"
+MODEL = "tiny"  # the name the test servers serve the model under
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised char model with <|endoftext|> and a 64-token context."""
+    root = tmp_path_factory.mktemp("serve")
+    tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
+    tokenizer.save(str(root / "tokenizer.json"))
+    m = ModelConfig(n_layer=2, n_head=2, d_model=32, block_size=64, vocab_size=tokenizer.get_vocab_size())
+    torch.manual_seed(0)
+    ckpt.save_checkpoint(root / "run", 1, GPT(m), {}, Config(model=m), root / "tokenizer.json", None)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def sampler(tiny_run: Path) -> Sampler:
+    return Sampler.load(tiny_run, "last", "cpu", "fp32")
+
+
+class LiveServer:
+    """An app served by uvicorn in a thread on 127.0.0.1 and a free port, while the `with` lasts."""
+
+    def __init__(self, app: object) -> None:
+        import uvicorn
+
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def engine(self) -> object:
+        return self.app.state.engine
+
+
+def serve(sampler: Sampler, **options: object) -> LiveServer:
+    from lmforge.serve.api import create_app
+
+    return LiveServer(create_app(sampler, MODEL, **options))
+
+
+@pytest.fixture(scope="module")
+def server(sampler: Sampler) -> Iterator[LiveServer]:
+    """The tiny model served with the defaults (8 slots)."""
+    with serve(sampler) as live:
+        yield live

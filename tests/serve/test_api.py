@@ -1,0 +1,199 @@
+"""`lmforge serve` through the official `openai` client and raw HTTP, against a live loopback server."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from lmforge.chat.template import ChatTemplate, encode_segments
+from lmforge.sample import Sampler, SamplingOptions
+from tests.serve.conftest import MODEL, LiveServer, serve
+from tests.serve.test_engine import slow
+
+
+def client(live: LiveServer, api_key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def greedy(sampler: Sampler, prompt: str, max_tokens: int) -> str:
+    """What `lmforge sample --temperature 0` writes after `prompt`."""
+    options = SamplingOptions(max_new_tokens=max_tokens, temperature=0.0, top_k=None, top_p=None)
+    return "".join(sampler.complete(sampler.prompt_ids(prompt), options, torch.Generator()))
+
+
+def test_models_lists_the_served_model(server: LiveServer) -> None:
+    (model,) = client(server).models.list().data
+    assert model.id == MODEL and model.owned_by == "lmforge"
+
+
+def test_completion_is_lmforge_samples_greedy_text_with_usage(server: LiveServer, sampler: Sampler) -> None:
+    response = client(server).completions.create(model=MODEL, prompt="to be", max_tokens=12, temperature=0)
+    (choice,) = response.choices
+    assert choice.text == greedy(sampler, "to be", 12) and choice.finish_reason == "length"
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens, response.usage.total_tokens) == (
+        5,
+        12,
+        17,
+    )
+
+
+def test_streamed_completion_is_the_same_text_in_pieces(server: LiveServer, sampler: Sampler) -> None:
+    stream = client(server).completions.create(
+        model=MODEL,
+        prompt="to be",
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy(sampler, "to be", 12)
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1  # streamed, not in one piece
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_renders_the_checkpoint_template_streamed_or_not(server: LiveServer, sampler: Sampler) -> None:
+    messages = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hello"}]
+    api = client(server)
+    whole = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    template = ChatTemplate.of_checkpoint(sampler.checkpoint, sampler.tokenizer)
+    (encoded,) = encode_segments(sampler.tokenizer, [template.segments(messages, add_generation_prompt=True)])
+    assert whole.usage.prompt_tokens == len(encoded.ids)
+    chunks = list(
+        api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == whole.choices[0].message.content and whole.choices[0].message.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_seed_makes_sampling_reproducible_and_n_choices_differ(server: LiveServer) -> None:
+    api = client(server)
+    ask = lambda seed: api.completions.create(  # noqa: E731
+        model=MODEL, prompt="to be", max_tokens=16, temperature=1.5, n=2, seed=seed
+    )
+    first, again, other = ask(7), ask(7), ask(8)
+    texts = lambda r: [c.text for c in sorted(r.choices, key=lambda c: c.index)]  # noqa: E731
+    assert texts(first) == texts(again) and texts(first) != texts(other)
+    assert texts(first)[0] != texts(first)[1] and first.usage.completion_tokens == 32
+
+
+def test_stop_strings_end_the_text_before_them(server: LiveServer, sampler: Sampler) -> None:
+    text = greedy(sampler, "to be", 20)
+    stops = [text[6:8], "never there"]
+    response = client(server).completions.create(
+        model=MODEL, prompt="to be", max_tokens=20, temperature=0, stop=stops
+    )
+    assert response.choices[0].text == text[: text.index(stops[0])]
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_concurrent_clients_each_get_their_solo_greedy_text(server: LiveServer, sampler: Sampler) -> None:
+    prompts = ["a", "to be or", "the", "whether tis nobler", "in the mind", "x", "to suffer", "the slings"]
+    api = client(server)
+
+    def ask(prompt: str) -> str:
+        return (
+            api.completions.create(model=MODEL, prompt=prompt, max_tokens=15, temperature=0).choices[0].text
+        )
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(ask, prompts))
+    assert answers == [greedy(sampler, p, 15) for p in prompts]
+
+
+BAD_FIELDS = [
+    ({"temperature": "hot"}, "temperature"),
+    ({"temperature": -1}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"n": 1.5}, "n"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"seed": 2**70}, "seed"),
+    ({"logprobs": 3}, "logprobs"),
+    ({"frobnicate": True}, "frobnicate"),
+    ({"prompt": [10**9]}, "prompt"),
+    ({"prompt": "caf\u00e9"}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), BAD_FIELDS)
+def test_a_bad_field_is_400_with_openais_error_body(server: LiveServer, fields: dict, param: str) -> None:
+    response = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "a"} | fields)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+@pytest.mark.parametrize(
+    "body", [b"{not json", b"", b"[1, 2]", b"null", b"\xff\xfe", b'{"model": "tiny", "prompt": NaN}']
+)
+def test_a_malformed_body_is_400(server: LiveServer, body: bytes) -> None:
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_chat_message_errors_name_the_field(server: LiveServer) -> None:
+    url = f"{server.url}/v1/chat/completions"
+    missing = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user"}]}).json()["error"]
+    assert missing["param"] == "messages.0.content"
+    role = httpx.post(url, json={"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).json()[
+        "error"
+    ]
+    assert role["param"] == "messages.0.role"
+    other = httpx.post(url, json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_prompt_longer_than_the_context_is_413(server: LiveServer) -> None:
+    with pytest.raises(openai.APIStatusError) as raised:
+        client(server).completions.create(model=MODEL, prompt="a" * 65)
+    assert raised.value.status_code == 413 and raised.value.body["code"] == "context_length_exceeded"
+    chat = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "a" * 64}]},
+    )
+    assert chat.status_code == 413 and chat.json()["error"]["param"] == "messages"
+
+
+def test_an_api_key_is_required_when_set(sampler: Sampler) -> None:
+    with serve(sampler, api_key="s3cret") as live:
+        with pytest.raises(openai.AuthenticationError):
+            client(live, "wrong").models.list()
+        assert httpx.get(f"{live.url}/v1/models").status_code == 401
+        assert client(live, "s3cret").models.list().data[0].id == MODEL
+        assert httpx.get(f"{live.url}/").status_code == 200  # the playground page itself is public
+
+
+def test_a_full_queue_is_503_with_retry_after(sampler: Sampler) -> None:
+    with serve(slow(sampler), max_batch=1, max_queue=1) as live, httpx.Client(timeout=60) as http:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 40, "temperature": 0, "stream": True}
+        with http.stream("POST", f"{live.url}/v1/completions", json=body) as running:
+            next(running.iter_lines())  # generating: the one slot is taken
+            with http.stream("POST", f"{live.url}/v1/completions", json=body) as waiting:
+                refused = http.post(f"{live.url}/v1/completions", json=body | {"stream": False})
+                assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+                assert refused.json()["error"]["code"] == "queue_full"
+                assert waiting.status_code == 200
+
+
+def test_a_client_that_disconnects_frees_its_slot(sampler: Sampler) -> None:
+    with serve(slow(sampler), max_batch=1) as live, httpx.Client(timeout=60) as http:
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True}
+        with http.stream("POST", f"{live.url}/v1/completions", json=body) as stream:
+            first = next(line for line in stream.iter_lines() if line.startswith("data:"))
+            assert json.loads(first[5:])["choices"][0]["index"] == 0 and live.engine.busy == 1
+        # the stream is closed after one token of 60 (3 s at 50 ms a step); the next request gets the slot
+        answer = http.post(
+            f"{live.url}/v1/completions", json=body | {"stream": False, "max_tokens": 2}, timeout=2.5
+        )
+        assert answer.json()["usage"]["completion_tokens"] == 2
