@@ -7,6 +7,7 @@ Each verb is a function taking parsed arguments; errors the user can fix are rai
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -594,6 +595,81 @@ def _add_inspect(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_inspect)
 
 
+def _compare(args: argparse.Namespace) -> int:
+    if args.tally:
+        if args.runs or args.prompts or args.out:
+            args.parser.error("--tally DIR JUDGMENTS takes no runs, --prompts or --out")
+        from lmforge.eval.compare import tally
+
+        result = tally(Path(args.tally[0]), Path(args.tally[1]))
+        print(json.dumps(result.as_dict(), ensure_ascii=False) if args.json else result.text())
+        return 0
+    if len(args.runs) != 2 or not args.prompts or not args.out:
+        args.parser.error("give two runs, --prompts FILE and --out DIR (or --tally DIR JUDGMENTS)")
+    from lmforge.eval.compare import make_sheet
+    from lmforge.sample import SamplingOptions
+
+    options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    report = make_sheet(
+        (Path(args.runs[0]), Path(args.runs[1])),
+        Path(args.prompts),
+        Path(args.out),
+        which=args.checkpoint,
+        device=args.device,
+        dtype=args.dtype,
+        options=options,
+        seed=args.seed,
+        chat=args.chat,
+        overwrite=args.overwrite,
+    )
+    print(report.describe())
+    return 0
+
+
+def _add_compare(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser(
+        "compare",
+        help="blind side-by-side human evaluation of two runs: an HTML sheet, then a tally",
+        description="Have RUN_A and RUN_B answer every prompt of --prompts and write OUT/sheet.html "
+        "(the two answers per prompt as A and B in a shuffled order; the judge clicks A, B or tie and "
+        "downloads judgments.json) and OUT/key.json (which run is which side). "
+        "`--tally OUT JUDGMENTS.json` un-blinds the judgments: wins, win rate with a 95%% Wilson "
+        "interval, and the exact sign test.",
+    )
+    p.add_argument("runs", nargs="*", metavar="RUN", help="RUN_A and RUN_B: run or checkpoint folders")
+    p.add_argument(
+        "--prompts", metavar="FILE", help='one prompt per line, or .jsonl with a "prompt" per line'
+    )
+    p.add_argument("--out", metavar="DIR", help="folder for sheet.html and key.json")
+    p.add_argument(
+        "--tally", nargs=2, metavar=("DIR", "JUDGMENTS"), help="un-blind a downloaded judgments.json"
+    )
+    p.add_argument("--json", action="store_true", help="--tally: print one JSON object")
+    p.add_argument(
+        "--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_NAMES)
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user message through each "
+        "run's chat template (default: continue the prompt as text)",
+    )
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=positive_int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument(
+        "--seed",
+        type=seed,
+        default=1337,
+        help="seed of the sides' shuffle; prompt i is sampled with seed + i by both runs",
+    )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.set_defaults(run=_compare)
+
+
 def shard_bytes(size_gb: float) -> int:
     """--max-shard-size-gb in bytes; NaN, infinities, zero and less than a byte are refused."""
     if not math.isfinite(size_gb) or size_gb * 10**9 < 1:
@@ -707,6 +783,7 @@ VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_serve,
     _add_audit,
     _add_inspect,
+    _add_compare,
     _add_export,
     _add_import,
     _add_tasks,

@@ -32,7 +32,7 @@ from lmforge.errors import LmforgeError
 STAGING_PREFIX = ".tmp-"
 MARKER = ".lmforge"  # hidden: HF loaders, globbing and `prepare` of a folder all pass it by
 
-Kind = Literal["run", "data", "tasks", "export", "import", "inspect"]
+Kind = Literal["run", "data", "tasks", "export", "import", "inspect", "compare"]
 KIND_NAMES: dict[str, str] = {
     "run": "run folder",
     "data": "prepared data folder",
@@ -40,6 +40,7 @@ KIND_NAMES: dict[str, str] = {
     "export": "Hugging Face export",
     "import": "imported run",
     "inspect": "inspection report",
+    "compare": "comparison sheet",
 }
 REPLACE_HINT = "pass --overwrite to replace it"
 LOCK_FILE = ".lock"  # in a folder that one process at a time may write (a training run's)

@@ -1,0 +1,173 @@
+"""`lmforge compare RUN_A RUN_B`: both models answer every prompt; the answers go into a blind
+sheet (sides shuffled) and a key that records which model is on which side."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lmforge import __version__
+from lmforge.chat.repl import Chat, Conversation
+from lmforge.chat.template import ChatTemplate
+from lmforge.config import SEED_LIMIT
+from lmforge.errors import LmforgeError
+from lmforge.eval.compare.prompts import Prompt, read_prompts
+from lmforge.eval.compare.sheet import sheet_html
+from lmforge.sample import Sampler, SamplingOptions
+from lmforge.staging import check_out, staged_folder
+
+SHEET = "sheet.html"  # what the judge gets
+KEY = "key.json"  # what un-blinds it: kept by whoever runs the comparison
+MODELS = ("RUN_A", "RUN_B")  # the two runs, in command-line order
+SIDES = ("A", "B")  # the two columns of the sheet
+
+
+@dataclass(frozen=True)
+class Answerer:
+    """One model answering prompts: continuing them as text, or replying through its chat template."""
+
+    sampler: Sampler
+    template: ChatTemplate | None  # None: the prompt is continued as plain text
+
+    @classmethod
+    def load(cls, target: Path, which: str, device: str, dtype: str, chat: bool) -> Answerer:
+        sampler = Sampler.load(target, which, device, dtype)
+        template = ChatTemplate.of_checkpoint(sampler.checkpoint, sampler.tokenizer) if chat else None
+        return cls(sampler, template)
+
+    def answer(self, prompt: str, options: SamplingOptions, seed: int) -> str:
+        """The answer to `prompt`, sampled from a generator seeded with `seed`."""
+        generator = torch.Generator(device=self.sampler.device).manual_seed(seed)
+        if self.template is None:
+            ids = self.sampler.prompt_ids(prompt)
+            return "".join(self.sampler.complete(ids, options, generator))
+        turns = [{"role": "user", "content": prompt}]
+        chat = Chat(self.sampler, self.template, options, generator, io.StringIO(), Conversation(turns=turns))
+        ids = chat.prompt_ids()
+        return "".join(self.sampler.complete(ids, options, generator, chat.end_of_turn)).strip()
+
+
+@dataclass(frozen=True)
+class SheetReport:
+    """What `lmforge compare` made, for the one line it prints."""
+
+    out: Path
+    sheet_id: str
+    prompts: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.prompts} prompts, 2 answers each -> {self.out / SHEET} (sheet {self.sheet_id}); "
+            f"{self.out / KEY} un-blinds it: give the judge only {SHEET}"
+        )
+
+
+def make_sheet(
+    runs: tuple[Path, Path],
+    prompts_file: Path,
+    out: Path,
+    *,
+    which: str,
+    device: str,
+    dtype: str,
+    options: SamplingOptions,
+    seed: int,
+    chat: bool,
+    overwrite: bool,
+) -> SheetReport:
+    """Answer every prompt of `prompts_file` with both runs (the same seed for both on a prompt)
+    and write OUT/sheet.html and OUT/key.json. Input is checked before a model is loaded."""
+    prompts = read_prompts(prompts_file)
+    inputs = (*runs, prompts_file)
+    check_out(out, "compare", overwrite, inputs)
+    answerers = [Answerer.load(run, which, device, dtype, chat) for run in runs]
+    answers = [
+        _answers(answerers, runs, prompts_file, p, options, _prompt_seed(seed, i))
+        for i, p in enumerate(tqdm(prompts, desc="answering", unit="prompt", leave=False, disable=None))
+    ]
+    entries = _entries(prompts, answers, seed)
+    items = [  # what the judge sees: each answer by its side, nothing about the runs
+        {"index": e["index"], "prompt": e["prompt"], **{side: e["answers"][e[side]] for side in SIDES}}
+        for e in entries
+    ]
+    sheet_id = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
+    key = {
+        "sheet_id": sheet_id,
+        "lmforge_version": __version__,
+        "runs": {name: _run_record(run, a) for name, run, a in zip(MODELS, runs, answerers)},
+        "prompts_file": str(prompts_file),
+        "sampling": {**asdict(options), "seed": seed, "chat": chat, "device": device, "dtype": dtype},
+        "shuffle_seed": seed,
+        "prompts": entries,
+    }
+    with staged_folder(out, "compare", overwrite, inputs) as folder:
+        (folder / SHEET).write_text(sheet_html(sheet_id, items), encoding="utf-8")
+        (folder / KEY).write_text(json.dumps(key, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return SheetReport(out, sheet_id, len(prompts))
+
+
+def _entries(prompts: list[Prompt], answers: list[list[str]], seed: int) -> list[dict]:
+    """The key's record of each prompt: its line and seed, which run is side A and which B, and
+    both answers by run."""
+    flipped = _shuffled_sides(len(prompts), seed)
+    return [
+        {
+            "index": i,
+            "line": p.line,
+            "prompt": p.text,
+            "seed": _prompt_seed(seed, i),
+            **dict(zip(SIDES, MODELS[::-1] if flip else MODELS)),
+            "answers": dict(zip(MODELS, pair)),
+        }
+        for i, (p, pair, flip) in enumerate(zip(prompts, answers, flipped))
+    ]
+
+
+def _run_record(run: Path, answerer: Answerer) -> dict:
+    template = answerer.template
+    return {
+        "path": str(run),
+        "checkpoint": str(answerer.sampler.checkpoint),
+        "chat_template": None if template is None else "default" if template.is_default else "checkpoint",
+    }
+
+
+def _prompt_seed(seed: int, index: int) -> int:
+    """The seed both models sample prompt `index` with."""
+    return (seed + index) % SEED_LIMIT
+
+
+def _answers(
+    answerers: list[Answerer],
+    runs: tuple[Path, Path],
+    prompts_file: Path,
+    prompt: Prompt,
+    options: SamplingOptions,
+    seed: int,
+) -> list[str]:
+    """Both runs' answers to one prompt; a prompt a run cannot take is an error naming file and line."""
+    answers = []
+    for answerer, run in zip(answerers, runs):
+        try:
+            answers.append(answerer.answer(prompt.text, options, seed))
+        except LmforgeError as exc:
+            raise LmforgeError(f"{prompts_file}:{prompt.line}: {run}: {exc}") from None
+    return answers
+
+
+def _shuffled_sides(n: int, seed: int) -> list[bool]:
+    """For each prompt, whether RUN_B is shown as A: half of the prompts (rounded at random), in a
+    seeded random order, so that each run is on each side equally often."""
+    rng = random.Random(seed)
+    flips = [i % 2 == 1 for i in range(n)]
+    if n % 2 and rng.random() < 0.5:  # the odd one out is on either side
+        flips[-1] = True
+    rng.shuffle(flips)
+    return flips
