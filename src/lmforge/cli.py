@@ -71,10 +71,15 @@ def _prepare(args: argparse.Namespace) -> int:
     from lmforge.data.pii import parse_kinds
     from lmforge.data.prepare import prepare
 
+    tokenizer = args.tokenizer
+    if Path(tokenizer).is_dir():  # a data, run or checkpoint folder: encode with its tokenizer
+        from lmforge.checkpoint import tokenizer_file_of
+
+        tokenizer = str(tokenizer_file_of(Path(tokenizer)))
     prepare(
         args.input,
         out=args.out,
-        tokenizer=args.tokenizer,
+        tokenizer=tokenizer,
         vocab_size=args.vocab_size,
         val_fraction=args.val_fraction,
         seed=args.seed,
@@ -94,13 +99,17 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
         help="tokenize a text file, folder or named dataset into token shards",
         description="Tokenize INPUT into OUT/train.bin, OUT/val.bin, OUT/tokenizer.json and OUT/meta.json.",
     )
-    p.add_argument("input", help="a text file, a folder (.txt/.md/.raw/.jsonl, recursive) or a dataset name")
+    p.add_argument(
+        "input",
+        help="a text file, a folder (.txt/.md/.raw/.jsonl, recursive) or a dataset name "
+        "(tinyshakespeare, gutenberg, wikitext-2)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--tokenizer",
         required=True,
         metavar="{char,byte,bpe,PATH}",
-        help="a built-in kind or a tokenizer.json",
+        help="a built-in kind, a tokenizer.json, or a data, run or checkpoint folder (its tokenizer)",
     )
     p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE vocabulary size (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
