@@ -191,8 +191,10 @@ def _add_finetune(verbs: argparse._SubParsersAction) -> None:
 
 
 def _tasks_prepare(args: argparse.Namespace) -> int:
-    from lmforge.tasks import prepare_task
+    from lmforge.tasks import CorpusSource, prepare_task
 
+    if args.examples is not None and args.corpus is None:
+        raise LmforgeError("--examples applies to tasks made from a corpus (with --from)")
     prepared = prepare_task(
         args.task,
         Path(args.out),
@@ -200,6 +202,7 @@ def _tasks_prepare(args: argparse.Namespace) -> int:
         args.overwrite,
         args.val_fraction,
         args.seed,
+        CorpusSource(args.corpus, args.examples) if args.corpus else None,
     )
     print(prepared.summary(args.task, args.out))
     return 0
@@ -226,6 +229,17 @@ def _add_tasks(verbs: argparse._SubParsersAction) -> None:
         f"(default {DEFAULT_VAL_FRACTION})",
     )
     q.add_argument("--seed", type=seed, default=0, help="seed for the choice of val examples")
+    q.add_argument(
+        "--from",
+        dest="corpus",
+        metavar="CORPUS",
+        help="cloze: the text to make questions from (a dataset name, a text file or a folder)",
+    )
+    q.add_argument(
+        "--examples",
+        type=positive_int,
+        help="cloze: at most N examples over train, val and eval (default 20000), a seeded uniform sample",
+    )
     q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(run=_tasks_prepare)

@@ -153,11 +153,14 @@ class Task(ABC):
     # A field whose value groups examples that must stay on one side when val.jsonl is carved
     # from train (e.g. SQuAD's article title); None: examples are chosen one by one.
     val_group: ClassVar[str | None] = None
+    # Made from any text corpus (`tasks prepare NAME --from CORPUS`, see `corpus_splits`) rather than
+    # from a shared dataset (`splits`).
+    from_corpus: ClassVar[bool] = False
 
     @property
     def has_dataset(self) -> bool:
         """Whether `lmforge tasks prepare` can write this task's files (the task overrides `splits`)."""
-        return type(self).splits is not Task.splits
+        return type(self).splits is not Task.splits or self.from_corpus
 
     def splits(self, root: Path) -> dict[str, Iterable[dict]]:
         """The shared dataset under `root` as JSONL records per split: "train", "eval" (the scored
@@ -168,6 +171,11 @@ class Task(ABC):
         BPE tokenizers see a word boundary.
         """
         raise LmforgeError(f"task {self.name!r} has no built-in dataset")
+
+    def corpus_splits(self, corpus: str, examples: int | None, seed: int) -> dict[str, Iterable[dict]]:
+        """A `from_corpus` task's records per split, as `splits`, made from `corpus` (a named dataset,
+        text file or folder): at most `examples` of them (None: the task's default), drawn with `seed`."""
+        raise LmforgeError(f"task {self.name!r} is not made from a corpus")
 
     @abstractmethod
     def evaluate(self, run: EvalRun, records: list[dict]) -> dict:
