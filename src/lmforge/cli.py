@@ -194,7 +194,7 @@ def _tasks_prepare(args: argparse.Namespace) -> int:
     from lmforge.tasks import CorpusSource, prepare_task
 
     if args.examples is not None and args.corpus is None:
-        raise LmforgeError("--examples applies to tasks made from a corpus (with --from)")
+        raise LmforgeError("--examples needs --from (both apply to tasks made from a corpus)")
     prepared = prepare_task(
         args.task,
         Path(args.out),
