@@ -339,6 +339,7 @@ def _eval(args: argparse.Namespace) -> int:
         beam_size=args.beam_size,
         max_new_tokens=args.max_new_tokens,
         predictions=Path(args.predictions) if args.predictions else None,
+        calibrate=args.calibrate,
     )
     print(report.json_line() if args.json else report.text())
     return 0
@@ -378,6 +379,12 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
         "--predictions",
         metavar="FILE",
         help="tasks: write one JSON line per example (id, prompt, reference(s), prediction, score) to FILE",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="sst2: score each label by its log-probability minus that after a content-free review "
+        "(N/A), which removes the model's prior for a label (for zero-shot use)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_eval)

@@ -19,7 +19,7 @@ from tests.tasks.conftest import lines
 PARAGRAPHS = {
     "Captain Ahab": "Captain Ahab paced the deck at night. The crew feared Captain Ahab more than the sea.",
     "lighthouse": "The lighthouse stood on the rock. Every sailor knew the lighthouse by its red light.",
-    "Elizabeth Bennet": "Elizabeth Bennet laughed at the letter. Nobody in Meryton could vex Elizabeth Bennet.",
+    "Elizabeth Bennet": "Elizabeth Bennet laughed at the letter. Nobody could vex Elizabeth Bennet.",
     "garden": "The garden was quiet in the morning. Birds came down to the garden to drink.",
     "violin": "He took the violin from its case. It was an old violin with a cracked neck.",
     "Paris": "They reached Paris in the spring. The streets of Paris were full of music.",

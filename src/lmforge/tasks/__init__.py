@@ -157,13 +157,16 @@ def evaluate_task(
     limit: int | None = None,
     beam_size: int = 1,
     max_new_tokens: int = 64,
+    calibrate: bool = False,
 ) -> dict:
     """{"task", "examples", "model": {metric: value}, "baseline": {metric: value}, "baseline_name", ...}."""
     if task not in TASKS:
         raise LmforgeError(f"unknown task {task!r} (known: {', '.join(TASKS)}, lm)")
     # Decoding keeps room in the context for at least one prompt token.
     max_new_tokens = min(max_new_tokens, model.config.block_size - 1)
-    run = EvalRun(model, tokenizer, device, data_dir, beam_size, max_new_tokens)
+    if calibrate and not TASKS[task].calibrates:
+        raise LmforgeError(f"--calibrate applies to tasks that score label choices, not to {task!r}")
+    run = EvalRun(model, tokenizer, device, data_dir, beam_size, max_new_tokens, calibrate)
     records = read_eval(run.eval_file, limit)
     require_fields(records, TASKS[task].fields, run.eval_file)
     header = {"task": task, "examples": len(records), "data": str(run.eval_file)}

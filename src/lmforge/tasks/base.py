@@ -126,6 +126,7 @@ class EvalRun:
     data_dir: Path  # the task folder: eval.jsonl, and train.jsonl where a baseline learns from it
     beam_size: int = 1
     max_new_tokens: int = 64
+    calibrate: bool = False  # tasks that score choices: against a content-free input (`Task.calibrates`)
 
     @property
     def eval_file(self) -> Path:
@@ -156,6 +157,8 @@ class Task(ABC):
     # Made from any text corpus (`tasks prepare NAME --from CORPUS`, see `corpus_splits`) rather than
     # from a shared dataset (`splits`).
     from_corpus: ClassVar[bool] = False
+    # Its choices can be scored against a content-free input (`lmforge eval --calibrate`).
+    calibrates: ClassVar[bool] = False
 
     @property
     def has_dataset(self) -> bool:
