@@ -12,25 +12,16 @@ from lmforge.data.sft import SFTData
 from lmforge.data.tokenizer import byte_tokenizer
 from lmforge.tasks.cloze import BLANK, cloze_example, paragraphs
 from tests.conftest import use_gutenberg
-from tests.tasks.conftest import lines
+from tests.tasks.conftest import CLOZE_BOOK, CLOZE_PARAGRAPHS, lines
 
-# Each paragraph repeats exactly one span that can be blanked (the others are function words or
-# appear once), so the answer of each example is known.
-PARAGRAPHS = {
-    "Captain Ahab": "Captain Ahab paced the deck at night. The crew feared Captain Ahab more than the sea.",
-    "lighthouse": "The lighthouse stood on the rock. Every sailor knew the lighthouse by its red light.",
-    "Elizabeth Bennet": "Elizabeth Bennet laughed at the letter. Nobody could vex Elizabeth Bennet.",
-    "garden": "The garden was quiet in the morning. Birds came down to the garden to drink.",
-    "violin": "He took the violin from its case. It was an old violin with a cracked neck.",
-    "Paris": "They reached Paris in the spring. The streets of Paris were full of music.",
-}
+PARAGRAPHS = CLOZE_PARAGRAPHS
 
 
 def write_corpus(folder: Path, copies: int = 4) -> Path:
     """Several documents (files) of the known paragraphs, separated by blank lines."""
     folder.mkdir(parents=True)
     for n in range(copies):
-        (folder / f"book{n}.txt").write_text("\n\n".join(PARAGRAPHS.values()) + "\n")
+        (folder / f"book{n}.txt").write_text(CLOZE_BOOK + "\n")
     return folder
 
 
@@ -82,8 +73,7 @@ def test_cloze_files_load_as_fine_tuning_data(cli, tmp_path: Path) -> None:
 def test_gutenberg_cloze_takes_train_books_for_train_and_valid_books_for_eval(
     cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    book = "\n\n".join(PARAGRAPHS.values())
-    use_gutenberg(monkeypatch, tmp_path / "shared", {"train": [book] * 3, "val": [book]})
+    use_gutenberg(monkeypatch, tmp_path / "shared", {"train": [CLOZE_BOOK] * 3, "val": [CLOZE_BOOK]})
     code, out, err = cli("tasks", "prepare", "cloze", "--from", "gutenberg", "--examples", "20",
                          "--out", tmp_path / "cloze")  # fmt: skip
     assert code == 0, err
