@@ -49,3 +49,23 @@ def test_the_gpu_recipe_trains_at_toy_size_on_cpu(cli, tiny_gutenberg, tmp_path:
     assert (saved.schedule.name, saved.model.mlp, saved.train.dtype) == ("wsd", "swiglu", "bf16")
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals if "val_loss" in e] == [3]
+
+
+def test_a_wsd_base_run_continues_with_more_steps(cli, char_data: Path, tmp_path: Path) -> None:
+    """`train --resume --set train.max_steps=N` extends a finished WSD run: the schedule is recomputed
+    for N steps, so the lr is back at its stable value (the decay moves to the new end)."""
+    toy = [f"data.dir={char_data}", "model.n_layer=1", "model.n_head=2", "model.d_model=16",
+           "model.block_size=32", "train.batch_size=2", "train.eval_interval=0",
+           "train.checkpoint_interval=0", "train.device=cpu", "schedule.warmup_steps=1",
+           "log.progress=false"]  # fmt: skip
+    args = [a for s in toy for a in ("--set", s)]
+    code, _, err = cli("train", CONFIGS / "base-gutenberg.toml", "--out", tmp_path / "run", *args,
+                       "--set", "train.max_steps=10")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("train", "--resume", "--out", tmp_path / "run", *args, "--set", "train.max_steps=20")
+    assert code == 0, err
+    steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lr = {s["step"]: s["lr"] for s in steps if "lr" in s}
+    peak = load_config(CONFIGS / "base-gutenberg.toml").optim.lr
+    assert lr[10] < peak and lr[11] == pytest.approx(peak) and lr[20] < peak  # decayed, stable, decayed
+    assert sorted(lr) == list(range(1, 21))
