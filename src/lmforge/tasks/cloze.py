@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,48 +58,62 @@ def sentences(paragraph: str) -> list[str]:
     return [s for s in found if s]
 
 
-def _occurs(span: str, text: str) -> re.Match | None:
-    return re.search(rf"(?<![A-Za-z]){re.escape(span)}(?![A-Za-z])", text)
+Span = tuple[str, ...]  # the words of a span
 
 
-def candidate_spans(question: str, context: str) -> list[str]:
-    """Spans of 1 to MAX_SPAN_WORDS adjacent words of `question` that occur again in `context`, neither
-    starting nor ending with a function word, holding a word of 4+ letters; only the longest (a span
-    inside another candidate is dropped)."""
-    words = list(WORD.finditer(question))
-    found = set()
+def word_spans(sentence: str) -> dict[Span, tuple[int, int]]:
+    """Each run of 1 to MAX_SPAN_WORDS adjacent words (separated by one space) of `sentence`, with the
+    character range of its first occurrence."""
+    words = list(WORD.finditer(sentence))
+    spans: dict[Span, tuple[int, int]] = {}
     for i in range(len(words)):
         for j in range(i, min(i + MAX_SPAN_WORDS, len(words))):
-            if j > i and question[words[j - 1].end() : words[j].start()] != " ":
-                break  # only words separated by one space make a span
-            first, last = words[i].group().lower(), words[j].group().lower()
-            if first in STOPWORDS or last in STOPWORDS:
-                continue
-            span = question[words[i].start() : words[j].end()]
-            content = [w.group() for w in words[i : j + 1] if w.group().lower() not in STOPWORDS]
-            if any(len(w) >= 4 for w in content) and _occurs(span, context):
-                found.add(span)
-    return sorted(s for s in found if not any(s != t and _occurs(s, t) for t in found))
+            if j > i and sentence[words[j - 1].end() : words[j].start()] != " ":
+                break
+            spans.setdefault(tuple(w.group() for w in words[i : j + 1]), (words[i].start(), words[j].end()))
+    return spans
+
+
+def _answerable(span: Span) -> bool:
+    """Not starting or ending with a function word, and holding a content word of 4+ letters."""
+    if span[0].lower() in STOPWORDS or span[-1].lower() in STOPWORDS:
+        return False
+    return any(len(w) >= 4 and w.lower() not in STOPWORDS for w in span)
+
+
+def _inside(short: Span, long: Span) -> bool:
+    return len(short) < len(long) and any(
+        long[i : i + len(short)] == short for i in range(len(long) - len(short) + 1)
+    )
+
+
+def candidate_spans(spans: dict[Span, tuple[int, int]], elsewhere: Counter) -> list[Span]:
+    """The answerable spans of a sentence that another sentence of the paragraph also holds (as whole
+    words, same case; `elsewhere` counts the sentences holding each span, this one included); only the
+    longest (a span inside another candidate is dropped)."""
+    found = [span for span in spans if elsewhere[span] >= 2 and _answerable(span)]
+    return sorted(span for span in found if not any(_inside(span, other) for other in found))
 
 
 def cloze_example(paragraph: str, rng: random.Random) -> dict | None:
     """One question from a paragraph (a sentence with a span blanked; context: the other sentences),
     or None when no sentence has a span that occurs elsewhere in the paragraph."""
     parts = sentences(paragraph)
-    options = []
-    for i, sentence in enumerate(parts):
-        if len(WORD.findall(sentence)) >= MIN_QUESTION_WORDS:
-            context = " ".join(parts[:i] + parts[i + 1 :])
-            spans = candidate_spans(sentence, context) if context else []
-            if spans:
-                options.append((sentence, context, spans))
+    spans = [word_spans(sentence) for sentence in parts]
+    holding = Counter(span for found in spans for span in found)
+    options = [
+        (i, candidates)
+        for i, sentence in enumerate(parts)
+        if len(WORD.findall(sentence)) >= MIN_QUESTION_WORDS
+        and (candidates := candidate_spans(spans[i], holding))
+    ]
     if not options:
         return None
-    sentence, context, spans = rng.choice(options)
-    span = rng.choice(spans)
-    at = _occurs(span, sentence)
-    question = sentence[: at.start()] + BLANK + sentence[at.end() :]
-    return {"prompt": squad_prompt(context, question), "completion": " " + span, "answers": [span]}
+    i, candidates = rng.choice(options)
+    start, end = spans[i][rng.choice(candidates)]
+    question = parts[i][:start] + BLANK + parts[i][end:]
+    answer, context = parts[i][start:end], " ".join(parts[:i] + parts[i + 1 :])
+    return {"prompt": squad_prompt(context, question), "completion": " " + answer, "answers": [answer]}
 
 
 def paragraphs(chunks: Iterable[str]) -> Iterator[str]:
