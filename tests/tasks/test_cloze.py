@@ -82,6 +82,16 @@ def test_gutenberg_cloze_takes_train_books_for_train_and_valid_books_for_eval(
     assert titles == {"train": {"1", "2", "3"}, "eval": {"4"}}  # book 4: the valid file's
 
 
+def test_too_few_examples_for_three_files_is_an_error(
+    cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    use_gutenberg(monkeypatch, tmp_path / "shared", {"train": [CLOZE_BOOK], "val": [CLOZE_BOOK]})
+    code, _, err = cli("tasks", "prepare", "cloze", "--from", "gutenberg", "--examples", "1",
+                       "--out", tmp_path / "cloze")  # fmt: skip
+    assert code == 1 and "too few paragraphs with a repeated span" in err
+    assert not (tmp_path / "cloze").exists()
+
+
 def test_paragraphs_are_the_same_wherever_the_chunks_are_cut() -> None:
     text = "One line\nand its next.\n\n\nA second  paragraph.\n \nThird.\n"
     whole = list(paragraphs([text]))

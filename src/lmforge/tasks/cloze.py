@@ -144,7 +144,7 @@ class _Sample:
     kept: list[tuple[float, int, dict]]
 
     def offer(self, key: float, number: int, paragraph: str, example_id: str) -> None:
-        if len(self.kept) == self.size and key <= self.kept[0][0]:
+        if len(self.kept) == self.size and (self.size == 0 or key <= self.kept[0][0]):
             return
         if not 0 < len(paragraph) <= MAX_PARAGRAPH_CHARS:
             return
