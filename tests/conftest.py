@@ -155,15 +155,22 @@ def write_gutenberg(root: Path, books: dict[str, list[str]]) -> dict[str, Path]:
 @pytest.fixture
 def tiny_gutenberg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list[str]]:
     """`gutenberg` as a 5-book copy in $LMFORGE_DATA_DIR, pinned to the copy's hashes; returns the books."""
+    return use_gutenberg(monkeypatch, tmp_path / "shared", GUTENBERG_BOOKS)
+
+
+def use_gutenberg(
+    monkeypatch: pytest.MonkeyPatch, root: Path, books: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    """Make `books` the `gutenberg` dataset: written under `root` ($LMFORGE_DATA_DIR), hashes pinned."""
     from dataclasses import replace
 
     from lmforge.data import sources
 
-    paths = write_gutenberg(tmp_path / "shared", GUTENBERG_BOOKS)
+    paths = write_gutenberg(root, books)
     pinned = tuple(
         replace(part, sha256=sources.file_sha256(paths[part.split]), size=paths[part.split].stat().st_size)
         for part in sources.NAMED_DATASETS["gutenberg"]
     )
     monkeypatch.setitem(sources.NAMED_DATASETS, "gutenberg", pinned)
-    monkeypatch.setenv("LMFORGE_DATA_DIR", str(tmp_path / "shared"))
-    return GUTENBERG_BOOKS
+    monkeypatch.setenv("LMFORGE_DATA_DIR", str(root))
+    return books

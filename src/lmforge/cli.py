@@ -72,10 +72,15 @@ def _prepare(args: argparse.Namespace) -> int:
     from lmforge.data.pii import parse_kinds
     from lmforge.data.prepare import prepare
 
+    tokenizer = args.tokenizer
+    if Path(tokenizer).is_dir():  # a data, run or checkpoint folder: encode with its tokenizer
+        from lmforge.checkpoint import tokenizer_file_of
+
+        tokenizer = str(tokenizer_file_of(Path(tokenizer)))
     prepare(
         args.input,
         out=args.out,
-        tokenizer=args.tokenizer,
+        tokenizer=tokenizer,
         vocab_size=args.vocab_size,
         val_fraction=args.val_fraction,
         seed=args.seed,
@@ -95,13 +100,17 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
         help="tokenize a text file, folder or named dataset into token shards",
         description="Tokenize INPUT into OUT/train.bin, OUT/val.bin, OUT/tokenizer.json and OUT/meta.json.",
     )
-    p.add_argument("input", help="a text file, a folder (.txt/.md/.raw/.jsonl, recursive) or a dataset name")
+    p.add_argument(
+        "input",
+        help="a text file, a folder (.txt/.md/.raw/.jsonl, recursive) or a dataset name "
+        "(tinyshakespeare, gutenberg, wikitext-2)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--tokenizer",
         required=True,
         metavar="{char,byte,bpe,PATH}",
-        help="a built-in kind or a tokenizer.json",
+        help="a built-in kind, a tokenizer.json, or a data, run or checkpoint folder (its tokenizer)",
     )
     p.add_argument("--vocab-size", type=positive_int, default=None, help="BPE vocabulary size (default 8192)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (default 0.1)")
@@ -183,8 +192,10 @@ def _add_finetune(verbs: argparse._SubParsersAction) -> None:
 
 
 def _tasks_prepare(args: argparse.Namespace) -> int:
-    from lmforge.tasks import prepare_task
+    from lmforge.tasks import CorpusSource, prepare_task
 
+    if args.examples is not None and args.corpus is None:
+        raise LmforgeError("--examples needs --from (both apply to tasks made from a corpus)")
     prepared = prepare_task(
         args.task,
         Path(args.out),
@@ -192,6 +203,7 @@ def _tasks_prepare(args: argparse.Namespace) -> int:
         args.overwrite,
         args.val_fraction,
         args.seed,
+        CorpusSource(args.corpus, args.examples) if args.corpus else None,
     )
     print(prepared.summary(args.task, args.out))
     return 0
@@ -218,6 +230,17 @@ def _add_tasks(verbs: argparse._SubParsersAction) -> None:
         f"(default {DEFAULT_VAL_FRACTION})",
     )
     q.add_argument("--seed", type=seed, default=0, help="seed for the choice of val examples")
+    q.add_argument(
+        "--from",
+        dest="corpus",
+        metavar="CORPUS",
+        help="cloze: the text to make questions from (a dataset name, a text file or a folder)",
+    )
+    q.add_argument(
+        "--examples",
+        type=positive_int,
+        help="cloze: at most N examples over train, val and eval (default 20000), a seeded uniform sample",
+    )
     q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
     q.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     q.set_defaults(run=_tasks_prepare)
@@ -317,6 +340,7 @@ def _eval(args: argparse.Namespace) -> int:
         beam_size=args.beam_size,
         max_new_tokens=args.max_new_tokens,
         predictions=Path(args.predictions) if args.predictions else None,
+        calibrate=args.calibrate,
     )
     print(report.json_line() if args.json else report.text())
     return 0
@@ -356,6 +380,12 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
         "--predictions",
         metavar="FILE",
         help="tasks: write one JSON line per example (id, prompt, reference(s), prediction, score) to FILE",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="sst2: score each label by its log-probability minus that after a content-free review "
+        "(N/A), which removes the model's prior for a label (for zero-shot use)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_eval)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.conftest import TINY
-from tests.tasks.conftest import lines
+import pytest
+
+from tests.conftest import REPO, TINY, use_gutenberg
+from tests.tasks.conftest import CLOZE_BOOK, lines
 
 QUESTIONS = [
     ("It was a dark and stormy night.", "What was the night?", "dark and stormy"),
@@ -71,3 +73,42 @@ def test_prepare_pretrain_finetune_and_eval_chain(cli, tiny_gutenberg, tmp_path:
     assert [w["id"] for w in written] == ["q2", "q3"]
     assert all(set(w) == {"id", "prompt", "references", "prediction", "score"} for w in written)
     assert sum(w["score"]["f1"] for w in written) / 2 == result["model"]["f1"]
+
+
+def smaller(*settings: str) -> list[str]:
+    """A recipe at toy size: 2 layers of width 32, 2 steps of 4 sequences, on CPU."""
+    chosen = ["model.n_layer=2", "model.n_head=2", "model.d_model=32", "train.batch_size=4",
+              "train.max_steps=2", "train.eval_interval=0", "train.checkpoint_interval=0", "train.device=cpu",
+              "schedule.warmup_steps=1", "log.progress=false", *settings]  # fmt: skip
+    return [arg for item in chosen for arg in ("--set", item)]
+
+
+def test_base_recipe_then_cloze_then_the_squad_recipe_from_the_base(
+    cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """configs/base-gutenberg.toml pretrains, `tasks prepare cloze` makes questions from the same corpus,
+    configs/tasks/squad.toml fine-tunes the base on them (its architecture comes from the base)."""
+    use_gutenberg(monkeypatch, tmp_path / "shared", {"train": [CLOZE_BOOK] * 3, "val": [CLOZE_BOOK]})
+    code, _, err = cli("prepare", "gutenberg", "--tokenizer", "bpe", "--vocab-size", "300",
+                       "--out", tmp_path / "data", "-q")  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli("train", REPO / "configs" / "base-gutenberg.toml", "--out", tmp_path / "base",
+                       *smaller(f"data.dir={tmp_path / 'data'}", "model.block_size=128"))  # fmt: skip
+    assert code == 0, err
+    code, out, err = cli("eval", tmp_path / "base", "--json")
+    assert code == 0, err
+    assert json.loads(out)["data"] == str(tmp_path / "data") and json.loads(out)["bpb"] > 0  # Gutenberg valid
+
+    code, _, err = cli("tasks", "prepare", "cloze", "--from", "gutenberg", "--out", tmp_path / "cloze")
+    assert code == 0, err
+    from_base = smaller(f"data.dir={tmp_path / 'cloze'}", f"train.init_from={tmp_path / 'base'}")
+    code, _, err = cli(
+        "finetune", REPO / "configs" / "tasks" / "squad.toml", "--out", tmp_path / "tuned", *from_base
+    )
+    assert code == 0, err
+    code, out, err = cli("eval", tmp_path / "tuned", "--task", "cloze", "--json", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert json.loads(out)["examples"] == len(lines(tmp_path / "cloze" / "eval.jsonl"))
+    code, _, err = cli("export", tmp_path / "base", "--out", tmp_path / "hf")
+    assert code == 0, err
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

@@ -23,6 +23,7 @@ from lmforge.checkpoint.folder import (
     prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    tokenizer_file_of,
     verify_checkpoint,
 )
 from lmforge.checkpoint.sharded import TRAIN_STATE
@@ -47,5 +48,6 @@ __all__ = [
     "prune_checkpoints",
     "resolve_checkpoint",
     "save_checkpoint",
+    "tokenizer_file_of",
     "verify_checkpoint",
 ]

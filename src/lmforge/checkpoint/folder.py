@@ -233,6 +233,13 @@ def resolve_checkpoint(target: Path, which: str = "best") -> Path:
     return (chosen or checkpoints[-1]).path
 
 
+def tokenizer_file_of(folder: Path) -> Path:
+    """The tokenizer.json a folder stands for: its own (a prepared data folder or a checkpoint),
+    else that of a run folder's best checkpoint."""
+    own = folder / "tokenizer.json"
+    return own if own.is_file() else resolve_checkpoint(folder, "best") / "tokenizer.json"
+
+
 def verify_checkpoint(path: Path) -> dict:
     """Check every file against the sha256 in meta.json; return the meta."""
     try:

@@ -84,6 +84,36 @@ NAMED_DATASETS: dict[str, tuple[NamedDataset, ...]] = {
             document_end=GUTENBERG_EOT,
         ),
     ),
+    # WikiText-2 (raw) as an evaluation corpus: its train file is not in the shared folder, so the
+    # given split is validation -> train.bin and test -> val.bin, and `lmforge eval --data` scores the
+    # whole test file. Files of pytorch/examples at the commit that added them (SOURCE.md beside them).
+    "wikitext-2": tuple(
+        NamedDataset(
+            name="wikitext-2",
+            filename=filename,
+            url="https://raw.githubusercontent.com/pytorch/examples/cf74c81ec00256a9511c054aaf0b3f62cd3aa62d/"
+            f"word_language_model/data/wikitext-2/{upstream}",
+            sha256=sha256,
+            size=size,
+            split=split,
+        )
+        for filename, upstream, sha256, size, split in (
+            (
+                "wiki.valid.raw",
+                "valid.txt",
+                "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
+                1_146_846,
+                "train",
+            ),
+            (
+                "wiki.test.raw",
+                "test.txt",
+                "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+                1_290_590,
+                "val",
+            ),
+        )  # fmt: skip
+    ),
 }
 
 

@@ -77,11 +77,13 @@ def evaluate_checkpoint(
     beam_size: int,
     max_new_tokens: int,
     predictions: Path | None = None,
+    calibrate: bool = False,
 ) -> EvalReport:
     """Load the checkpoint `which` (best, last, a folder) of `target` and evaluate it on `data`
     (default: the run's data.dir): task "lm" is the loss over the held-out split, any registered
     task its metrics on DATA/eval.jsonl (`limit`, `beam_size`, `max_new_tokens` apply to tasks),
-    with one JSON line per example written to `predictions` when given."""
+    with one JSON line per example written to `predictions` when given; `calibrate` scores label
+    choices against a content-free input (sst2)."""
     if predictions is not None:
         if task == "lm":
             raise LmforgeError("--predictions needs a --task (the lm loss has no per-example answers)")
@@ -105,6 +107,7 @@ def evaluate_checkpoint(
             limit,
             beam_size,
             max_new_tokens,
+            calibrate,
         )
     lines = result.pop("predictions", None)
     if predictions is not None:

@@ -76,11 +76,19 @@ def carve_validation(
     return [e for e, v in zip(examples, in_val) if not v], [e for e, v in zip(examples, in_val) if v]
 
 
+@dataclass(frozen=True)
+class CorpusSource:
+    """Where a `from_corpus` task (cloze) takes its text: `tasks prepare NAME --from CORPUS --examples N`."""
+
+    corpus: str  # a named dataset, a text file or a folder
+    examples: int | None = None  # at most this many examples over the three files; None: the task's default
+
+
 def _with_validation(
-    task: Task, root: Path, fraction: float, seed: int
+    task: Task, root: Path | None, fraction: float, seed: int, source: CorpusSource | None
 ) -> tuple[dict[str, Iterable[dict]], str]:
     """The task's splits in file order train, val, eval: val is the dataset's own, else carved from train."""
-    splits = task.splits(root)
+    splits = task.corpus_splits(source.corpus, source.examples, seed) if source else task.splits(root)
     if "val" in splits:
         return {"train": splits["train"], "val": splits["val"], "eval": splits["eval"]}, (
             "the dataset's validation split"
@@ -97,11 +105,13 @@ def prepare_task(
     overwrite: bool = False,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
+    corpus: CorpusSource | None = None,
 ) -> PreparedTask:
     """Write the task's train.jsonl, val.jsonl (checkpoint selection) and eval.jsonl (the scored split).
 
     val.jsonl is the dataset's own validation split where it has one, else a seeded `val_fraction`
     of the training examples, which train.jsonl then lacks. Only `lmforge eval --task` reads eval.jsonl.
+    A `from_corpus` task (cloze) is made from `corpus` instead of the shared datasets.
     """
     from lmforge.data.sources import data_dir  # lmforge.data imports torch: keep the registry light
 
@@ -110,13 +120,15 @@ def prepare_task(
         raise LmforgeError(f"unknown task {name!r} (known: {', '.join(known)})")
     if not 0.0 < val_fraction < 1.0:
         raise LmforgeError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    _check_corpus(TASKS[name], corpus)
     root = source_dir or data_dir()
-    if root is None:
+    if root is None and corpus is None:
         raise LmforgeError("set $LMFORGE_DATA_DIR (or --data-dir) to the folder holding the shared datasets")
+    inputs = [Path(corpus.corpus)] if corpus and Path(corpus.corpus).exists() else [root]
     counts = {}
     try:
-        with staged_folder(out, "tasks", overwrite, [root]) as staging:
-            splits, val_from = _with_validation(TASKS[name], root, val_fraction, seed)
+        with staged_folder(out, "tasks", overwrite, [p for p in inputs if p is not None]) as staging:
+            splits, val_from = _with_validation(TASKS[name], root, val_fraction, seed, corpus)
             for split, examples in splits.items():
                 with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as f:
                     counts[split] = 0
@@ -128,6 +140,14 @@ def prepare_task(
     return PreparedTask(counts, val_from)
 
 
+def _check_corpus(task: Task, corpus: CorpusSource | None) -> None:
+    """A corpus for the tasks made from one, and only for them."""
+    if task.from_corpus and corpus is None:
+        raise LmforgeError(f"task {task.name!r} is made from a text corpus: give --from CORPUS")
+    if corpus is not None and not task.from_corpus:
+        raise LmforgeError(f"--from and --examples apply to tasks made from a corpus, not to {task.name!r}")
+
+
 def evaluate_task(
     task: str,
     model: torch.nn.Module,
@@ -137,13 +157,16 @@ def evaluate_task(
     limit: int | None = None,
     beam_size: int = 1,
     max_new_tokens: int = 64,
+    calibrate: bool = False,
 ) -> dict:
     """{"task", "examples", "model": {metric: value}, "baseline": {metric: value}, "baseline_name", ...}."""
     if task not in TASKS:
         raise LmforgeError(f"unknown task {task!r} (known: {', '.join(TASKS)}, lm)")
     # Decoding keeps room in the context for at least one prompt token.
     max_new_tokens = min(max_new_tokens, model.config.block_size - 1)
-    run = EvalRun(model, tokenizer, device, data_dir, beam_size, max_new_tokens)
+    if calibrate and not TASKS[task].calibrates:
+        raise LmforgeError(f"--calibrate applies to tasks that score label choices, not to {task!r}")
+    run = EvalRun(model, tokenizer, device, data_dir, beam_size, max_new_tokens, calibrate)
     records = read_eval(run.eval_file, limit)
     require_fields(records, TASKS[task].fields, run.eval_file)
     header = {"task": task, "examples": len(records), "data": str(run.eval_file)}

@@ -126,6 +126,7 @@ class EvalRun:
     data_dir: Path  # the task folder: eval.jsonl, and train.jsonl where a baseline learns from it
     beam_size: int = 1
     max_new_tokens: int = 64
+    calibrate: bool = False  # tasks that score choices: against a content-free input (`Task.calibrates`)
 
     @property
     def eval_file(self) -> Path:
@@ -153,11 +154,16 @@ class Task(ABC):
     # A field whose value groups examples that must stay on one side when val.jsonl is carved
     # from train (e.g. SQuAD's article title); None: examples are chosen one by one.
     val_group: ClassVar[str | None] = None
+    # Made from any text corpus (`tasks prepare NAME --from CORPUS`, see `corpus_splits`) rather than
+    # from a shared dataset (`splits`).
+    from_corpus: ClassVar[bool] = False
+    # Its choices can be scored against a content-free input (`lmforge eval --calibrate`).
+    calibrates: ClassVar[bool] = False
 
     @property
     def has_dataset(self) -> bool:
         """Whether `lmforge tasks prepare` can write this task's files (the task overrides `splits`)."""
-        return type(self).splits is not Task.splits
+        return type(self).splits is not Task.splits or self.from_corpus
 
     def splits(self, root: Path) -> dict[str, Iterable[dict]]:
         """The shared dataset under `root` as JSONL records per split: "train", "eval" (the scored
@@ -168,6 +174,11 @@ class Task(ABC):
         BPE tokenizers see a word boundary.
         """
         raise LmforgeError(f"task {self.name!r} has no built-in dataset")
+
+    def corpus_splits(self, corpus: str, examples: int | None, seed: int) -> dict[str, Iterable[dict]]:
+        """A `from_corpus` task's records per split, as `splits`, made from `corpus` (a named dataset,
+        text file or folder): at most `examples` of them (None: the task's default), drawn with `seed`."""
+        raise LmforgeError(f"task {self.name!r} is not made from a corpus")
 
     @abstractmethod
     def evaluate(self, run: EvalRun, records: list[dict]) -> dict:

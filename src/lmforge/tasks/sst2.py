@@ -14,6 +14,7 @@ from lmforge.errors import LmforgeError
 from lmforge.tasks.base import EvalRun, Task, prediction_line, read_eval
 
 SST2_LABELS = ("negative", "positive")
+CONTENT_FREE = "N/A"  # the review `--calibrate` scores the labels after (Zhao et al. 2021)
 
 
 def sst2_prompt(sentence: str) -> str:
@@ -48,10 +49,22 @@ def _majority_label(data_dir: Path, records: list[dict]) -> int:
     return Counter(r["label"] for r in majority_source).most_common(1)[0][0]
 
 
+LABEL_CHOICES = [" " + name for name in SST2_LABELS]  # the completions scored, in label order
+
+
+def label_prior(run: EvalRun) -> list[float]:
+    """What `--calibrate` subtracts from each label's log-probability: its log-probability after the
+    content-free review (a label the model favours whatever the review says loses that edge); else 0."""
+    if not run.calibrate:
+        return [0.0] * len(LABEL_CHOICES)
+    return run.choice_log_probs(sst2_prompt(CONTENT_FREE), LABEL_CHOICES)
+
+
 class SST2(Task):
     name = "sst2"
     fields = ("prompt", "label")
     listing_order = 1
+    calibrates = True
 
     def splits(self, root: Path) -> dict[str, Iterable[dict]]:
         """GLUE SST-2: train.tsv for training, dev.tsv (labelled) for evaluation."""
@@ -65,11 +78,10 @@ class SST2(Task):
 
         labels = [r["label"] for r in records]
         _check_labels(labels, run.eval_file)
-        choices = [" " + name for name in SST2_LABELS]
-        predictions = []
+        prior, predictions = label_prior(run), []
         for r in records:
-            scores = run.choice_log_probs(r["prompt"], choices)
-            predictions.append(max(range(len(choices)), key=scores.__getitem__))
+            scores = [s - p for s, p in zip(run.choice_log_probs(r["prompt"], LABEL_CHOICES), prior)]
+            predictions.append(max(range(len(scores)), key=scores.__getitem__))
         majority = _majority_label(run.data_dir, records)
         return {
             "model": metrics.accuracy_and_macro_f1(predictions, labels),
