@@ -71,9 +71,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from lmforge.data.canaries import check_spec
     from lmforge.data.pii import parse_kinds
     from lmforge.data.prepare import prepare
+    from lmforge.data.tokenizer import BUILTIN_KINDS
 
     tokenizer = args.tokenizer
-    if Path(tokenizer).is_dir():  # a data, run or checkpoint folder: encode with its tokenizer
+    # a data, run or checkpoint folder: encode with its tokenizer (a folder named "bpe" does not count)
+    if tokenizer not in BUILTIN_KINDS and Path(tokenizer).is_dir():
         from lmforge.checkpoint import tokenizer_file_of
 
         tokenizer = str(tokenizer_file_of(Path(tokenizer)))

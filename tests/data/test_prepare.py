@@ -332,3 +332,15 @@ def test_overwrite_refuses_a_folder_lmforge_did_not_write(cli, tmp_path: Path) -
     # A prepared folder says it is one, so --overwrite may replace it.
     assert cli("prepare", tmp_path / "a.txt", "--tokenizer", "byte", "--out", tmp_path / "data", "-q")[0] == 0
     assert json.loads((tmp_path / "data" / ".lmforge").read_text())["kind"] == "data"
+
+
+def test_a_folder_named_like_a_tokenizer_kind_does_not_replace_it(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bpe").mkdir()  # `--tokenizer bpe` still trains a BPE, not "the tokenizer of ./bpe"
+    (tmp_path / "text.txt").write_text("the cat sat on the mat, and the dog sat on the log.\n" * 200)
+    options = ["--tokenizer", "bpe", "--vocab-size", "300", "--out", "data", "-q"]
+    code, _, err = cli("prepare", "text.txt", *options)
+    assert code == 0, err
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["tokenizer"] == "bpe"

@@ -374,6 +374,26 @@ def test_tally_without_a_key_or_judgments_file_is_a_one_line_error(cli, sheet, t
     assert_one_line_error(code, err, "compare", "missing.json: no such file")
 
 
+@pytest.mark.parametrize(
+    "broken",
+    [
+        lambda key: key["prompts"][1].pop("A"),  # which run was A is lost
+        lambda key: key["prompts"][1].update(B="RUN_A"),  # both sides the same run
+        lambda key: key["prompts"][2].update(index=7),  # indexes not 0 .. n-1
+        lambda key: key["prompts"][0].pop("prompt"),
+        lambda key: key["runs"].pop("RUN_B"),
+    ],
+)
+def test_a_damaged_key_is_a_one_line_error(cli, sheet, tmp_path: Path, broken) -> None:
+    key = json.loads((sheet[0] / "key.json").read_text())
+    broken(key)
+    (sheet[0] / "key.json").write_text(json.dumps(key))
+    judged = [{"index": i, "choice": "A"} for i in range(3)]
+    judgments = judgments_with(tmp_path, {"sheet_id": "abc", "judgments": judged})
+    code, _, err = cli("compare", "--tally", sheet[0], judgments)
+    assert_one_line_error(code, err, "compare", "key.json: not a key written by `lmforge compare`")
+
+
 def test_the_tally_counts_ties_half_and_reports_the_statistics(cli, sheet, tmp_path: Path) -> None:
     judged = [{"index": 0, "choice": "A"}, {"index": 1, "choice": "tie"}, {"index": 2, "choice": "A"}]
     code, out, err = cli(

@@ -88,7 +88,7 @@ def test_too_few_examples_for_three_files_is_an_error(
     use_gutenberg(monkeypatch, tmp_path / "shared", {"train": [CLOZE_BOOK], "val": [CLOZE_BOOK]})
     code, _, err = cli("tasks", "prepare", "cloze", "--from", "gutenberg", "--examples", "1",
                        "--out", tmp_path / "cloze")  # fmt: skip
-    assert code == 1 and "too few paragraphs with a repeated span" in err
+    assert code == 1 and "too few cloze questions for train, val and eval" in err and "--examples" in err
     assert not (tmp_path / "cloze").exists()
 
 
@@ -108,3 +108,18 @@ def test_a_paragraph_without_a_repeated_span_makes_no_question() -> None:
 def test_corpus_options_are_refused_for_dataset_tasks(cli, tmp_path: Path, args: list[str]) -> None:
     code, _, err = cli("tasks", "prepare", "squad", *args, "--out", tmp_path / "out")
     assert code == 1 and "tasks made from a corpus" in err
+
+
+def test_a_span_twice_in_the_question_sentence_is_never_blanked() -> None:
+    # "silver lantern" is the only span held by another sentence; the first sentence holds it twice,
+    # so blanking one copy would leave the answer in the question: only the second sentence may ask.
+    paragraph = (
+        "The silver lantern hung by the door, and the silver lantern swung in the cold wind. "
+        "Margaret carried the silver lantern down to the harbour before the morning tide came in."
+    )
+    for seed in range(20):
+        example = cloze_example(paragraph, random.Random(seed))
+        assert example is not None
+        question, _ = question_and_context(example["prompt"])
+        assert example["answers"] == ["silver lantern"] and "silver lantern" not in question
+        assert question.startswith("Margaret carried the")

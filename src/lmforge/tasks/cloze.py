@@ -95,6 +95,11 @@ def candidate_spans(spans: dict[Span, tuple[int, int]], elsewhere: Counter) -> l
     return sorted(span for span in found if not any(_inside(span, other) for other in found))
 
 
+def _once(span: Span, sentence: str) -> bool:
+    """Whether `span` occurs once in `sentence` (as whole words): blanking it then hides it."""
+    return len(re.findall(rf"(?<!\w){re.escape(' '.join(span))}(?!\w)", sentence)) == 1
+
+
 def cloze_example(paragraph: str, rng: random.Random) -> dict | None:
     """One question from a paragraph (a sentence with a span blanked; context: the other sentences),
     or None when no sentence has a span that occurs elsewhere in the paragraph."""
@@ -105,7 +110,7 @@ def cloze_example(paragraph: str, rng: random.Random) -> dict | None:
         (i, candidates)
         for i, sentence in enumerate(parts)
         if len(WORD.findall(sentence)) >= MIN_QUESTION_WORDS
-        and (candidates := candidate_spans(spans[i], holding))
+        and (candidates := [c for c in candidate_spans(spans[i], holding) if _once(c, sentence)])
     ]
     if not options:
         return None
@@ -198,7 +203,10 @@ class Cloze(Squad):
         if held is None:
             train, held = carve_validation(train, EVAL_SHARE, seed + 1)
         if not train or not held:
-            raise LmforgeError(f"{corpus}: too few paragraphs with a repeated span for cloze questions")
+            raise LmforgeError(
+                f"{corpus}: too few cloze questions for train, val and eval ({len(train)} + {len(held)} "
+                f"drawn): raise --examples (default {DEFAULT_EXAMPLES:,}) or give a longer corpus"
+            )
         return {"train": train, "eval": held}
 
 
