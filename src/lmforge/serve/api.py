@@ -365,6 +365,14 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, crash)
 
 
+def _add_guards(app: FastAPI, api_key: str | None, host: str) -> None:
+    """The API key and body size (Guard); without a key, the Host names this server answers to."""
+    app.add_middleware(Guard, api_key=api_key)
+    if api_key is None:  # added last: runs first
+        names = {*LOOPBACK_HOSTS, host}
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[f"[{n}]" if ":" in n else n for n in names])
+
+
 def create_app(
     sampler: Sampler,
     model_name: str,
@@ -391,10 +399,7 @@ def create_app(
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(Guard, api_key=api_key)
-    if api_key is None:  # added last: runs first
-        names = {*LOOPBACK_HOSTS, host}
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[f"[{n}]" if ":" in n else n for n in names])
+    _add_guards(app, api_key, host)
     _add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse)
