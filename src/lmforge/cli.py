@@ -472,11 +472,15 @@ def _add_chat(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_chat)
 
 
+API_KEY_ENV = "LMFORGE_API_KEY"  # serve's API key when --api-key is not given
+
+
 def _serve(args: argparse.Namespace) -> int:
+    api_key = _api_key(args.api_key)
     try:
         import uvicorn
 
-        from lmforge.serve.api import create_app
+        from lmforge.serve.api import LOOPBACK_HOSTS, create_app
     except ImportError as exc:
         if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
             raise
@@ -489,7 +493,7 @@ def _serve(args: argparse.Namespace) -> int:
     sampler = Sampler.load(target, args.checkpoint, args.device, args.dtype)
     name = args.model_name or target.resolve().name
     app = create_app(
-        sampler, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=args.api_key or None
+        sampler, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=api_key, host=args.host
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
@@ -497,10 +501,18 @@ def _serve(args: argparse.Namespace) -> int:
         f"http://{host}:{args.port}/v1 (OpenAI API); Ctrl-C stops",
         flush=True,
     )
-    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if api_key is None and args.host not in LOOPBACK_HOSTS:
         print("warning: reachable beyond this machine without --api-key", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _api_key(given: str | None) -> str | None:
+    """serve's API key: --api-key, else $LMFORGE_API_KEY (not shown by `ps`), else none; never empty."""
+    key, source = (given, "--api-key") if given is not None else (os.environ.get(API_KEY_ENV), API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise LmforgeError(f"{source} is empty: give a key, or leave it out to serve without one")
+    return key
 
 
 def _port(text: str) -> int:
@@ -527,7 +539,11 @@ def _add_serve(verbs: argparse._SubParsersAction) -> None:
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (default: no key)")
+    p.add_argument(
+        "--api-key",
+        help=f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV}, else no key; "
+        "the environment keeps it out of `ps`)",
+    )
     p.add_argument("--model-name", help="the model's id in the API (default: the run folder's name)")
     p.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together (default 8)")
     p.add_argument(

@@ -7,7 +7,7 @@ The rules of generation live here, not in the command line, so that every front 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,12 +71,18 @@ class Sampler:
         return [eot] if eot is not None else newline[-1:] or [0]
 
     def complete(
-        self, prompt_ids: list[int], options: SamplingOptions, generator: torch.Generator, stop_text: str = ""
+        self,
+        prompt_ids: list[int],
+        options: SamplingOptions,
+        generator: torch.Generator,
+        end_of_turn: str = "",
     ) -> Iterator[str]:
         """The continuation of `prompt_ids` as text pieces, each as soon as it decodes to whole
-        characters; it ends at <|endoftext|>, before `stop_text` (special tokens then count as
-        text: a chat's end of turn may be one), or after `options.max_new_tokens` tokens."""
-        decoder = TextDecoder(self.tokenizer, (stop_text,) if stop_text else ())
+        characters; it ends at <|endoftext|> or after `options.max_new_tokens` tokens. Given a chat
+        template's `end_of_turn`, the text is a chat reply (`TextRules.chat_reply`): it ends before
+        the end of turn (special tokens count as text), with no blank before it."""
+        rules = TextRules.chat_reply(end_of_turn) if end_of_turn else TextRules()
+        decoder = TextDecoder(self.tokenizer, rules)
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
 
         def pieces() -> Iterator[str]:
@@ -101,16 +107,31 @@ class Sampler:
         return pieces()
 
 
+@dataclass(frozen=True)
+class TextRules:
+    """How generated tokens become text: where it ends and what of it is shown."""
+
+    stops: tuple[str, ...] = ()  # the text ends before the first of these, none of which is shown
+    special_tokens: bool = False  # special tokens are text (a chat's end of turn may be one); else skipped
+    reply: bool = False  # a chat reply: no blank before it (leading whitespace dropped, so a stop counts
+    # only once the reply has begun); a plain continuation is shown exactly as the model wrote it
+
+    @classmethod
+    def chat_reply(cls, end_of_turn: str, stops: Sequence[str] = ()) -> TextRules:
+        """A reply through a chat template: it ends at the template's end of turn or one of `stops`."""
+        return cls((*stops, end_of_turn) if end_of_turn else tuple(stops), special_tokens=True, reply=True)
+
+
 class StopScanner:
     """Text fed a piece at a time and released up to the first of `stops`, which may span pieces:
     text that could begin a stop is held back until it cannot, so nothing of a stop is ever
-    released. A stop that is whitespace (`\n`) counts only once the text has begun: while any
-    stop is whitespace, leading whitespace is dropped."""
+    released. With `reply`, leading whitespace is dropped: a chat reply shows no blank before it,
+    and a whitespace stop (`\n`) ends it only once it has begun."""
 
-    def __init__(self, stops: Sequence[str]) -> None:
+    def __init__(self, stops: Sequence[str], *, reply: bool = False) -> None:
         self.stops = tuple(stop for stop in stops if stop)
         self.held = ""  # text that may be the start of a stop
-        self.begun = not any(stop.isspace() for stop in self.stops)
+        self.begun = not reply  # text has been released (a reply drops whitespace until then)
         self.stopped = False  # a stop was found: feed no more
 
     def feed(self, piece: str) -> str:
@@ -144,14 +165,14 @@ class StopScanner:
 class TextDecoder:
     """Generated token ids turned into text as they come, one token at a time: a token's text is
     released as soon as it decodes to whole characters. <|endoftext|> ends the text, and so does
-    any of `stops`, nothing of which is released; with stops, special tokens count as text (a chat's
-    end of turn may be one). The one decoder of `sample`, `chat` and `serve`."""
+    any of the `rules`' stops, nothing of which is released. The one decoder of `sample`, `chat`
+    and `serve`."""
 
-    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, rules: TextRules = TextRules()) -> None:
         self.tokenizer = tokenizer
         self.eot = eot_id(tokenizer)
-        self.stream = DecodeStream(skip_special_tokens=not stops)
-        self.scanner = StopScanner(stops)
+        self.stream = DecodeStream(skip_special_tokens=not rules.special_tokens)
+        self.scanner = StopScanner(rules.stops, reply=rules.reply)
         self.done = False  # <|endoftext|> or a stop was reached: feed no more
 
     def feed(self, token: int) -> str:
@@ -167,19 +188,6 @@ class TextDecoder:
     def finish(self) -> str:
         """What is held back once no more tokens come (the start of a stop that never completed)."""
         return self.scanner.finish()
-
-
-def until_stop(pieces: Iterable[str], stop: str | Sequence[str]) -> Iterator[str]:
-    """`pieces` up to the first `stop` (or the first of several), as StopScanner releases them.
-    Stops reading there."""
-    scanner = StopScanner((stop,) if isinstance(stop, str) else stop)
-    for piece in pieces:
-        if text := scanner.feed(piece):
-            yield text
-        if scanner.stopped:
-            return
-    if text := scanner.finish():
-        yield text
 
 
 def stream_samples(

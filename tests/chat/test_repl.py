@@ -18,7 +18,7 @@ from lmforge.chat.repl import PROMPT, Chat, Conversation, start_chat
 from lmforge.config import Config, ModelConfig
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.model import GPT
-from lmforge.sample import until_stop
+from lmforge.sample import StopScanner
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :.\n"
 
@@ -152,6 +152,18 @@ def _lines(*lines: str):
     return lambda prompt: next(it)
 
 
+def released(pieces: list[str], stops: tuple[str, ...], reply: bool) -> list[str]:
+    """What a StopScanner releases of `pieces`, piece by piece, until a stop."""
+    scanner, out = StopScanner(stops, reply=reply), []
+    for piece in pieces:
+        out.append(scanner.feed(piece))
+        if scanner.stopped:
+            break
+    else:
+        out.append(scanner.finish())
+    return [text for text in out if text]
+
+
 @pytest.mark.parametrize(
     ("pieces", "stop", "expected"),
     [
@@ -162,7 +174,11 @@ def _lines(*lines: str):
         (["\n", " \nDo", "th he speak?\nNo"], "\n", ["Do", "th he speak?"]),  # a reply begins, then ends
     ],
 )
-def test_until_stop_never_shows_any_of_the_stop_text(
-    pieces: list[str], stop: str, expected: list[str]
-) -> None:
-    assert list(until_stop(pieces, stop)) == expected
+def test_a_reply_never_shows_any_of_the_stop_text(pieces: list[str], stop: str, expected: list[str]) -> None:
+    assert released(pieces, (stop,), reply=True) == expected
+
+
+def test_a_plain_continuation_keeps_its_leading_whitespace_before_a_whitespace_stop() -> None:
+    assert released([" Paris", "\n", "Lyon"], ("\n",), reply=False) == [" Paris"]
+    assert released(["\n", "Paris"], ("\n",), reply=False) == []  # the model stopped at once
+    assert released(["  Paris"], (), reply=True) == ["Paris"]  # a reply drops its leading blank, stop or not

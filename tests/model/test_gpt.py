@@ -312,3 +312,29 @@ def test_cache_rows_at_their_own_lengths_give_each_sequence_its_logits_alone(pos
             alone, _ = model(torch.cat([prompt, next_tokens[row : row + 1]], dim=1))
             torch.testing.assert_close(logits[row, -1], alone[0, -1])
     assert batched.length.tolist() == [4, 8, 6]
+
+
+def test_stale_keys_beyond_a_rows_length_are_never_seen() -> None:
+    """A server's freed rows keep old keys past their new length: a batched step must mask them."""
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=2, n_head=2, d_model=32, block_size=32, vocab_size=50, position="rope")
+    model = GPT(config).eval()
+    prompts = [torch.randint(50, (1, length)) for length in (2, 9, 4)]
+    with torch.inference_mode():
+        batched = KVCache.allocate(model, 3, 32)
+        for cached in (*batched.keys, *batched.values):
+            cached.copy_(torch.randn_like(cached) * 100)  # garbage everywhere, as a previous request left it
+        for row, prompt in enumerate(prompts):
+            model(
+                prompt,
+                cache=KVCache(
+                    [k[row : row + 1] for k in batched.keys], [v[row : row + 1] for v in batched.values]
+                ),
+            )
+        batched.length, batched.longest = torch.tensor([2, 9, 4]), 9  # the longest known on the host
+        next_tokens = torch.tensor([[1], [2], [3]])
+        logits, _ = model(next_tokens, cache=batched)
+        for row, prompt in enumerate(prompts):
+            alone, _ = model(torch.cat([prompt, next_tokens[row : row + 1]], dim=1))
+            torch.testing.assert_close(logits[row, -1], alone[0, -1])
+    assert batched.length.tolist() == [3, 10, 5] and batched.longest == 10

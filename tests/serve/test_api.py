@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -187,13 +188,112 @@ def test_a_full_queue_is_503_with_retry_after(sampler: Sampler) -> None:
 
 
 def test_a_client_that_disconnects_frees_its_slot(sampler: Sampler) -> None:
-    with serve(slow(sampler), max_batch=1) as live, httpx.Client(timeout=60) as http:
+    with serve(slow(sampler, 0.2), max_batch=1) as live, httpx.Client(timeout=60) as http:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True}
         with http.stream("POST", f"{live.url}/v1/completions", json=body) as stream:
             first = next(line for line in stream.iter_lines() if line.startswith("data:"))
             assert json.loads(first[5:])["choices"][0]["index"] == 0 and live.engine.busy == 1
-        # the stream is closed after one token of 60 (3 s at 50 ms a step); the next request gets the slot
+        # closed after one token of 60 (12 s at 0.2 s a step); the next request gets the slot at once
+        # (a step or two, then its own 3 forwards: about 1 s)
         answer = http.post(
-            f"{live.url}/v1/completions", json=body | {"stream": False, "max_tokens": 2}, timeout=2.5
+            f"{live.url}/v1/completions", json=body | {"stream": False, "max_tokens": 2}, timeout=5
         )
         assert answer.json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_client_gone_while_queued_frees_its_place_and_a_503_passes(sampler: Sampler) -> None:
+    with serve(slow(sampler, 0.2), max_batch=1, max_queue=1) as live, httpx.Client(timeout=60) as http:
+        url, body = f"{live.url}/v1/completions", {"model": MODEL, "prompt": "a", "temperature": 0}
+        with http.stream("POST", url, json=body | {"max_tokens": 60, "stream": True}) as running:
+            next(running.iter_lines())  # the one slot is taken for 12 s
+            with http.stream("POST", url, json=body | {"max_tokens": 2, "stream": True}) as queued:
+                assert queued.status_code == 200 and len(live.engine.waiting) == 1
+                assert http.post(url, json=body).status_code == 503
+            # the queued client left: once the server has seen it go, its place is free for a live
+            # one, long before the slot is
+            deadline = time.monotonic() + 5
+            while not all(job.cancelled for job in live.engine.waiting) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with http.stream("POST", url, json=body | {"max_tokens": 2, "stream": True}) as again:
+                assert again.status_code == 200
+
+
+def test_more_choices_than_the_queue_holds_is_400_not_a_retry(sampler: Sampler) -> None:
+    with serve(sampler, max_queue=3) as live:
+        url, body = f"{live.url}/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 2}
+        choices = httpx.post(url, json=body | {"n": 4})
+        prompts = httpx.post(url, json=body | {"prompt": ["a", "b", "c", "d"]})
+        assert (choices.status_code, choices.json()["error"]["param"]) == (400, "n")
+        assert (prompts.status_code, prompts.json()["error"]["param"]) == (400, "prompt")
+        assert "Retry-After" not in choices.headers
+        assert httpx.post(url, json=body | {"n": 3}).status_code == 200
+
+
+def test_a_chunked_body_over_the_limit_is_413_before_it_is_all_read(server: LiveServer) -> None:
+    from lmforge.serve.api import MAX_BODY_BYTES
+
+    def body():  # no Content-Length: httpx sends a generator in chunks
+        yield b'{"model": "tiny", "prompt": "'
+        for _ in range(MAX_BODY_BYTES // 2**20 + 1):
+            yield b"a" * 2**20
+        yield b'"}'
+
+    response = httpx.post(
+        f"{server.url}/v1/completions", content=body(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+def test_a_stopped_engine_is_503_not_a_request_that_never_ends(sampler: Sampler) -> None:
+    with serve(sampler) as live:
+        live.engine.close()  # as if its thread had died
+        response = httpx.post(f"{live.url}/v1/completions", json={"model": MODEL, "prompt": "a"}, timeout=10)
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_stopped"
+
+
+def test_a_streaming_request_without_the_key_is_401(sampler: Sampler) -> None:
+    with serve(sampler, api_key="s3cret") as live:
+        with pytest.raises(openai.AuthenticationError):
+            client(live, "wrong").completions.create(model=MODEL, prompt="a", max_tokens=2, stream=True)
+
+
+def test_without_a_key_a_foreign_host_name_is_refused(server: LiveServer, sampler: Sampler) -> None:
+    """A web page on evil.example whose name now points at 127.0.0.1 (DNS rebinding) gets nothing."""
+    assert httpx.get(f"{server.url}/v1/models", headers={"Host": "evil.example"}).status_code == 400
+    assert httpx.get(f"{server.url}/v1/models", headers={"Host": "localhost:8000"}).status_code == 200
+    with serve(sampler, api_key="s3cret") as keyed:  # a key guards the API: any name may reach it
+        headers = {"Host": "evil.example", "Authorization": "Bearer s3cret"}
+        assert httpx.get(f"{keyed.url}/v1/models", headers=headers).status_code == 200
+
+
+def test_a_completion_keeps_the_models_leading_whitespace_even_with_a_whitespace_stop(
+    server: LiveServer, sampler: Sampler
+) -> None:
+    text = greedy(sampler, "a ", 20)  # this random model writes spaces, then dots
+    assert text.startswith("  ") and "." in text
+    response = client(server).completions.create(
+        model=MODEL, prompt="a ", max_tokens=20, temperature=0, stop=["\n", "."]
+    )
+    assert response.choices[0].text == text[: text.index(".")]  # exactly the model's text before the stop
+
+
+def test_top_p_reaches_the_sampler(server: LiveServer, sampler: Sampler) -> None:
+    api = client(server)
+    nucleus = api.completions.create(
+        model=MODEL, prompt="to be", max_tokens=12, temperature=1.5, top_p=1e-6, seed=3
+    )
+    assert nucleus.choices[0].text == greedy(sampler, "to be", 12)  # only the likeliest token is left
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"messages": [{"role": "user", "content": "hi", "name": "ann"}]}, "messages.0.name"),
+        ({"max_tokens": 2, "max_completion_tokens": 2}, "max_completion_tokens"),
+    ],
+)
+def test_chat_fields_lmforge_cannot_honour_are_400(server: LiveServer, fields: dict, param: str) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]} | fields
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert (response.status_code, response.json()["error"]["param"]) == (400, param)

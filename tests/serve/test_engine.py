@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from lmforge.sample import Sampler, SamplingOptions
-from lmforge.serve.engine import LENGTH, STOP, Engine, Job, Params, QueueFull, Update
+from lmforge.sample import Sampler, SamplingOptions, TextRules
+from lmforge.serve.engine import LENGTH, STOP, Engine, EngineStopped, Job, Params, QueueFull, Update
 
 
 class SlowModel(torch.nn.Module):
@@ -34,14 +34,16 @@ def run_jobs(engine: Engine, prompts: list[list[int]], params: Params) -> list[t
     """Submit every prompt at once; (text, finish_reason, tokens) of each, in order."""
     received: list[queue.Queue[Update]] = [queue.Queue() for _ in prompts]
     engine.submit([Job(prompt, params, received[i].put) for i, prompt in enumerate(prompts)])
-    results = []
-    for updates in received:
-        text, update = "", Update("", None, 0)
-        while update.finish_reason is None:
-            update = updates.get(timeout=30)
-            text += update.text
-        results.append((text, update.finish_reason, update.completion_tokens))
-    return results
+    return [collect(updates) for updates in received]
+
+
+def collect(updates: queue.Queue[Update]) -> tuple[str, str, int]:
+    """(text, finish_reason, tokens) of one job, once it has finished."""
+    text, update = "", Update("", None, 0)
+    while update.finish_reason is None:
+        update = updates.get(timeout=30)
+        text += update.text
+    return text, update.finish_reason, update.completion_tokens
 
 
 GREEDY = Params(max_tokens=20, temperature=0.0, top_p=None, seed=0)
@@ -73,7 +75,9 @@ def test_finish_reasons_stop_length_and_the_context(sampler: Sampler) -> None:
         ((text, reason, tokens),) = run_jobs(engine, [prompt], dataclasses.replace(GREEDY, max_tokens=7))
         assert (reason, tokens) == (LENGTH, 7)
         stop = text[3:5]  # a stop string that the greedy text contains
-        ((stopped, reason, _),) = run_jobs(engine, [prompt], dataclasses.replace(GREEDY, stops=(stop,)))
+        ((stopped, reason, _),) = run_jobs(
+            engine, [prompt], dataclasses.replace(GREEDY, text=TextRules((stop,)))
+        )
         assert reason == STOP and stopped == text[: text.index(stop)]
         full = sampler.prompt_ids("x" * 60)  # 4 tokens of room in a 64-token context
         ((_, reason, tokens),) = run_jobs(engine, [full], dataclasses.replace(GREEDY, max_tokens=50))
@@ -112,3 +116,71 @@ def test_a_full_queue_refuses_requests_all_or_none(sampler: Sampler) -> None:
         engine.submit([job()])
     with pytest.raises(ValueError, match="context"):
         engine.submit([Job([1] * 65, GREEDY, lambda update: None)])
+    with pytest.raises(ValueError, match="queue holds 2"):  # could never fit: not "try again later"
+        engine.submit([job(), job(), job()])
+
+
+def test_a_job_cancelled_while_waiting_gives_its_place_up(sampler: Sampler) -> None:
+    engine = Engine(slow(sampler), max_batch=1, max_queue=1)  # not started: nothing leaves the queue
+    gone = Job([1], GREEDY, lambda update: None)
+    engine.submit([gone])
+    with pytest.raises(QueueFull):
+        engine.submit([Job([1], GREEDY, lambda update: None)])
+    gone.cancel()  # its client disconnected while it waited
+    engine.submit([Job([2], GREEDY, lambda update: None)])
+    assert [job.prompt for job in engine.waiting] == [[2]]
+
+
+def _die() -> None:
+    raise SystemExit  # not an Exception: what no request causes, and the engine's loop cannot absorb
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_stopped_engine_refuses_jobs_instead_of_queueing_them_forever(sampler: Sampler) -> None:
+    closed = Engine(sampler).start()
+    closed.close()
+    with pytest.raises(EngineStopped):
+        closed.submit([Job([1], GREEDY, lambda update: None)])
+    dead = Engine(sampler)
+    dead._admit = _die  # the engine's thread dies
+    received: queue.Queue[Update] = queue.Queue()
+    dead.start().submit([Job([1], GREEDY, received.put)])
+    assert received.get(timeout=10).finish_reason == "error"  # the job in hand fails, and is told so
+    dead.thread.join(10)
+    with pytest.raises(EngineStopped):
+        dead.submit([Job([1], GREEDY, lambda update: None)])
+
+
+def test_slots_are_reused_mid_batch_and_each_request_decodes_as_alone(sampler: Sampler) -> None:
+    texts = ("to be", "or not to be, that", "a", "the question: whether", "x")
+    prompts = [sampler.prompt_ids(text) for text in texts]
+    params = [
+        dataclasses.replace(GREEDY, max_tokens=n) for n in (3, 12, 5, 9, 7)
+    ]  # finish at staggered steps
+    alone = Engine(sampler, max_batch=1).start()
+    two = Engine(sampler, max_batch=2).start()
+    try:
+        solo = [run_jobs(alone, [prompt], p)[0] for prompt, p in zip(prompts, params)]
+        received: list[queue.Queue[Update]] = [queue.Queue() for _ in prompts]
+        two.submit([Job(prompt, p, received[i].put) for i, (prompt, p) in enumerate(zip(prompts, params))])
+        batched = [collect(updates) for updates in received]
+    finally:
+        alone.close()
+        two.close()
+    assert batched == solo and [tokens for _, _, tokens in batched] == [3, 12, 5, 9, 7]
+
+
+def test_sampling_with_a_seed_is_the_same_batched_or_alone(sampler: Sampler) -> None:
+    prompts = [sampler.prompt_ids(text) for text in ("to be", "or not", "a", "the question")]
+    hot = [Params(max_tokens=15, temperature=1.3, top_p=0.9, seed=seed, top_k=20) for seed in (1, 2, 3, 4)]
+    alone = Engine(sampler, max_batch=1).start()
+    together = Engine(sampler, max_batch=4).start()
+    try:
+        solo = [run_jobs(alone, [prompt], p)[0] for prompt, p in zip(prompts, hot)]
+        received: list[queue.Queue[Update]] = [queue.Queue() for _ in prompts]
+        together.submit([Job(prompt, p, received[i].put) for i, (prompt, p) in enumerate(zip(prompts, hot))])
+        batched = [collect(updates) for updates in received]
+    finally:
+        alone.close()
+        together.close()
+    assert batched == solo and len({text for text, _, _ in solo}) == 4

@@ -105,13 +105,12 @@ class Chat:
         reply = ""
         try:
             for piece in self.sampler.complete(ids, self.options, self.generator, self.end_of_turn):
-                shown = piece if reply.strip() else piece.lstrip()  # no leading blank before the reply
-                reply += piece
-                self.say(shown)
+                reply += piece  # a chat reply: no blank before it (TextRules.reply)
+                self.say(piece)
         except KeyboardInterrupt:
             self.say(" [stopped]")
         self.say("\n")
-        self.conversation.turns.append({"role": "assistant", "content": reply.strip()})
+        self.conversation.turns.append({"role": "assistant", "content": reply.rstrip()})
 
     def command(self, line: str) -> bool:
         """Run a /command; False when the chat should end."""

@@ -11,6 +11,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +61,13 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, D]; positions start..start+T-1, `start` one int for every row or one per row (B,)."""
+    def forward(self, x: torch.Tensor, positions: int | torch.Tensor) -> torch.Tensor:
+        """x: [B, H, T, D] at positions start..start+T-1 (`positions` the int start, for every row),
+        or at each row's own positions (`positions` (B, T))."""
         T, half = x.size(-2), x.size(-1) // 2
-        if isinstance(start, int):  # (T, head_dim), broadcast over batch and heads
-            cos, sin = self.cos[start : start + T], self.sin[start : start + T]
+        if isinstance(positions, int):  # (T, head_dim), broadcast over batch and heads
+            cos, sin = self.cos[positions : positions + T], self.sin[positions : positions + T]
         else:  # (B, 1, T, head_dim), broadcast over heads
-            positions = token_positions(start, T)  # (B, T)
             cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, head_dim)
@@ -76,6 +77,16 @@ class Rotary(nn.Module):
 def token_positions(start: torch.Tensor, T: int) -> torch.Tensor:
     """(B, T): the positions of T new tokens in each row, row b's starting at start[b]."""
     return start[:, None] + torch.arange(T, device=start.device)
+
+
+class CacheStep(NamedTuple):
+    """Where one forward's T new tokens go in `cache`, and which keys they see: worked out once per
+    forward (`KVCache.step`), for every layer."""
+
+    cache: KVCache
+    positions: int | torch.Tensor  # the first new position of every row, or (B, T): each row's own
+    end: int  # positions in use once the new tokens are added (the longest row's)
+    mask: torch.Tensor | None  # which keys each new query sees; None when plain causal attention does
 
 
 @dataclass
@@ -90,6 +101,9 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     length: int | torch.Tensor = 0
+    # With per-row lengths, the longest of them when the caller knows it on the host; else it is
+    # read from `length` once per forward, which waits for the device.
+    longest: int | None = None
 
     @classmethod
     def allocate(cls, model: GPT, batch_size: int, max_len: int) -> KVCache:
@@ -101,33 +115,42 @@ class KVCache:
         make = lambda: torch.zeros(shape, dtype=param.dtype, device=param.device)  # noqa: E731
         return cls([make() for _ in range(c.n_layer)], [make() for _ in range(c.n_layer)])
 
-    def end(self, T: int) -> int:
-        """The length of the longest row once T more tokens are added."""
-        return (self.length if isinstance(self.length, int) else int(self.length.max())) + T
+    def step(self, T: int, device: torch.device) -> CacheStep:
+        """The positions, end and mask of T new tokens, for every layer of one forward."""
+        if isinstance(self.length, int):
+            start = self.length
+            # (T, start + T): query i sees keys 0 .. start + i; the first chunk is plain causal
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=device).tril(start) if start else None
+            return CacheStep(self, start, start + T, mask)
+        if self.longest is None:
+            self.longest = int(self.length.max())
+        positions = token_positions(self.length, T)  # (B, T)
+        end = self.longest + T
+        # (B, 1, T, end), broadcast over heads: row b's query t sees keys 0 .. length[b] + t only
+        mask = (torch.arange(end, device=device) <= positions[..., None])[:, None]
+        return CacheStep(self, positions, end, mask)
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Store the new keys and values k, v (B, n_kv_head, T, head_dim) of `layer` after the cached
-        ones. Returns the keys and values of every position so far (B, n_kv_head, end, head_dim) and
-        which of them each new query sees: None when plain causal attention does."""
-        T, start = k.size(2), self.length
-        if isinstance(start, int):
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values k, v (B, n_kv_head, T, head_dim) of `layer` at the step's
+        positions. Returns the keys and values of every position so far (B, n_kv_head, end, head_dim)."""
+        if isinstance(step.positions, int):
+            start, T = step.positions, k.size(2)
             self.keys[layer][:, :, start : start + T] = k
             self.values[layer][:, :, start : start + T] = v
-            # (T, start + T): query i sees keys 0 .. start + i; the first chunk is plain causal
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=k.device).tril(start) if start else None
         else:
             rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
-            positions = token_positions(start, T)  # (B, T)
             # indexing rows and positions puts them first: (B, T, n_kv_head, head_dim)
-            self.keys[layer][rows, :, positions] = k.transpose(1, 2)
-            self.values[layer][rows, :, positions] = v.transpose(1, 2)
-            keys_at = torch.arange(self.end(T), device=k.device)
-            # (B, 1, T, end), broadcast over heads: row b's query t sees keys 0 .. start[b] + t only
-            mask = (keys_at <= positions[..., None])[:, None]
-        end = self.end(T)
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], mask
+            self.keys[layer][rows, :, step.positions] = k.transpose(1, 2)
+            self.values[layer][rows, :, step.positions] = v.transpose(1, 2)
+        return self.keys[layer][:, :, : step.end], self.values[layer][:, :, : step.end]
+
+    def advance(self, T: int) -> None:
+        """Count the T tokens a forward added to every row."""
+        self.length += T
+        if self.longest is not None:
+            self.longest += T
 
 
 class Attention(nn.Module):
@@ -152,7 +175,7 @@ class Attention(nn.Module):
         # probabilities, which the fused kernel never returns, can be computed from them.
         self.capture: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotary: Rotary | None, cached: CacheStep | None) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, d_model)
         # q: (B, T, n_head * head_dim); k, v: (B, T, n_kv_head * head_dim)
         q, k, v = self.qkv(x).split(
@@ -165,11 +188,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rotary is not None:
-            start = cache.length if cache is not None else 0
-            q, k = rotary(q, start), rotary(k, start)
+            positions = cached.positions if cached is not None else 0
+            q, k = rotary(q, positions), rotary(k, positions)
         mask = None
-        if cache is not None:  # k, v: (B, n_kv_head, every position so far, head_dim)
-            k, v, mask = cache.update(self.layer, k, v)
+        if cached is not None:  # k, v: (B, n_kv_head, every position so far, head_dim)
+            k, v = cached.cache.update(self.layer, k, v, cached)
+            mask = cached.mask
         if self.capture is not None:
             self.capture(q, k, v)
         dtype, fp32_attention = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
@@ -239,8 +263,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rotary, cache))
+    def forward(self, x: torch.Tensor, rotary: Rotary | None, cached: CacheStep | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rotary, cached))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -299,23 +323,22 @@ class GPT(nn.Module):
         most expensive matmul of a small model.
         """
         T = idx.size(1)
-        start = cache.length if cache is not None else 0
-        if (end := cache.end(T) if cache is not None else T) > self.config.block_size:
+        cached = cache.step(T, idx.device) if cache is not None else None
+        if (end := cached.end if cached is not None else T) > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
         x = self.embed(idx)  # (B, T, d_model)
         if self.pos_embed is not None:  # (T, d_model) broadcast over the batch, or (B, T, d_model)
-            if isinstance(start, torch.Tensor):  # rows at their own lengths
-                positions = token_positions(start, T)  # (B, T)
-            else:
-                positions = torch.arange(start, start + T, device=idx.device)  # (T,)
+            positions = cached.positions if cached is not None else 0
+            if isinstance(positions, int):
+                positions = torch.arange(positions, positions + T, device=idx.device)  # (T,)
             if self.per_sample_positions and positions.dim() == 1:
                 positions = positions.expand(idx.size(0), T)  # (B, T)
             x = x + self.pos_embed(positions)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, self.rotary, cache)
+            x = block(x, self.rotary, cached)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         kept = None
         if only_targets and targets is not None:
             keep = targets != IGNORE_INDEX

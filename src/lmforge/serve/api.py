@@ -4,8 +4,10 @@
 Every request's choices run as jobs of the one decoding engine (`engine.py`); their text comes
 back here through the event loop. Every failure is answered with OpenAI's error body
 {"error": {"message", "type", "param", "code"}}: 400 for a bad field or body, 401 for a wrong API
-key, 404 for another model's name, 413 for a prompt longer than the context, 503 with Retry-After
-when the queue is full. A client that goes away cancels its jobs, which frees their slots.
+key, 404 for another model's name, 413 for a prompt longer than the context or a body over
+MAX_BODY_BYTES, 503 with Retry-After when the queue is full (503 without it once the engine has
+stopped). A client that goes away cancels its jobs, which frees their slots. Without an API key,
+only requests addressed to this machine's own names are served (no DNS rebinding from a web page).
 """
 
 from __future__ import annotations
@@ -15,19 +17,22 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.resources import files
+from typing import NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmforge.chat.template import ChatTemplate
-from lmforge.sample import Sampler
-from lmforge.serve.engine import ERROR, Engine, Job, Params, QueueFull, Update
+from lmforge.sample import Sampler, TextRules
+from lmforge.serve.engine import ERROR, Engine, EngineStopped, Job, Params, QueueFull, Update
 from lmforge.serve.requests import (
     ApiError,
     ChatRequest,
@@ -38,7 +43,8 @@ from lmforge.serve.requests import (
     check_context,
 )
 
-MAX_BODY_BYTES = 8 * 2**20  # a request body larger than this is refused (413) before it is read
+MAX_BODY_BYTES = 8 * 2**20  # a request body larger than this is refused (413), read no further
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # the names of this machine only
 RETRY_AFTER_S = 1  # what a 503 (queue full) tells the client to wait
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 FIELD_NAMES = {
@@ -48,6 +54,29 @@ FIELD_NAMES = {
 }
 
 
+class Collected(NamedTuple):
+    """Each choice's whole text, finish_reason and token count."""
+
+    texts: list[str]
+    reasons: list[str | None]
+    tokens: list[int]
+
+
+class CancellingStream(StreamingResponse):
+    """An event stream that cancels its generation however it ends, even when the client left
+    before the first chunk (the body iterator never started, so its own cleanup never runs)."""
+
+    def __init__(self, events: AsyncIterator[str], generation: Generation) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.generation = generation
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.generation.cancel()
+
+
 class Generation:
     """The engine jobs of one HTTP request, their updates delivered to its event loop."""
 
@@ -55,7 +84,7 @@ class Generation:
         loop = asyncio.get_running_loop()
         self.updates: asyncio.Queue[tuple[int, Update] | None] = asyncio.Queue()
 
-        def deliver(index: int) -> callable:
+        def deliver(index: int) -> Callable[[Update], None]:
             return lambda update: loop.call_soon_threadsafe(self.updates.put_nowait, (index, update))
 
         self.jobs = [Job(prompt, params, deliver(i)) for i, (prompt, params) in enumerate(jobs)]
@@ -69,6 +98,8 @@ class Generation:
                 kind="server_error",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), code="engine_stopped", kind="server_error") from None
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Update]]:
         """(choice index, update) until every job has finished, or the generation is cancelled."""
@@ -88,11 +119,13 @@ class Generation:
 
 
 @dataclass
-class Kind:
-    """How one endpoint's responses and stream chunks are shaped."""
+class ResponseShape:
+    """How one response and its stream chunks are shaped: a chat's or a completion's, one id and
+    one creation time for all its chunks."""
 
     chat: bool
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
 
     def choice(self, index: int, text: str, finish: str | None) -> dict:
         if self.chat:
@@ -115,7 +148,7 @@ class Kind:
         return {
             "id": ("chatcmpl-" if self.chat else "cmpl-") + self.id,
             "object": kind + (".chunk" if chunk and self.chat else ""),
-            "created": int(time.time()),
+            "created": self.created,
             "model": model,
             **fields,
         }
@@ -158,43 +191,55 @@ class Served:
         max_tokens: int,
     ) -> JSONResponse | StreamingResponse:
         """Run n choices of each prompt and answer as one response or one event stream."""
-        kind = Kind(chat=isinstance(body, ChatRequest))
-        params = body.params(max_tokens, self.template.end_of_turn() if kind.chat else "")
+        shape = ResponseShape(chat=isinstance(body, ChatRequest))
+        # a chat reply ends at the template's end of turn, which may be a special token, and shows no
+        # blank before it; a completion is exactly the model's text, special tokens left out
+        text = TextRules.chat_reply(self.template.end_of_turn(), body.stops()) if shape.chat else None
+        params = body.params(max_tokens, text or TextRules(body.stops()))
+        self.check_job_count(len(prompts), len(params))
         generation = Generation(self.engine, [(prompt, p) for prompt in prompts for p in params])
         prompt_tokens = sum(len(prompt) for prompt in prompts)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            events = self._events(kind, generation, prompt_tokens, usage)
-            return StreamingResponse(
-                events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
+            return CancellingStream(self._events(shape, generation, prompt_tokens, usage), generation)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
         try:
-            texts, reasons, tokens = await _collect(generation, kind.chat)
+            collected = await _collect(generation)
         finally:
             watcher.cancel()
             generation.cancel()
-        if ERROR in reasons:
+        if ERROR in collected.reasons:
             raise ApiError(500, "generation failed; see the server's log", kind="server_error")
-        choices = [kind.choice(i, text, reason) for i, (text, reason) in enumerate(zip(texts, reasons))]
-        return JSONResponse(
-            kind.envelope(self.model_name, False, choices=choices, usage=_usage(prompt_tokens, sum(tokens)))
-        )
+        choices = [
+            shape.choice(i, *choice) for i, choice in enumerate(zip(collected.texts, collected.reasons))
+        ]
+        usage = _usage(prompt_tokens, sum(collected.tokens))
+        return JSONResponse(shape.envelope(self.model_name, False, choices=choices, usage=usage))
+
+    def check_job_count(self, prompts: int, n: int) -> None:
+        """A request of more choices than the queue can ever hold is refused (400), not told to retry."""
+        if prompts * n > self.engine.max_queue:
+            raise ApiError(
+                400,
+                f"{prompts} prompt(s) x n={n} is {prompts * n} choices; this server queues at most "
+                f"{self.engine.max_queue} at once",
+                "n" if n > 1 else "prompt",
+            )
 
     async def _events(
-        self, kind: Kind, generation: Generation, prompt_tokens: int, usage: bool
+        self, shape: ResponseShape, generation: Generation, prompt_tokens: int, usage: bool
     ) -> AsyncIterator[str]:
         """The stream: a chunk per piece of text, a last chunk per choice with its finish_reason,
         the usage if asked for, then [DONE]. A client that leaves cancels the generation."""
 
         def chunk(*choices: dict, **extra: object) -> str:
-            return _sse(kind.envelope(self.model_name, True, choices=list(choices), **extra))
+            return _sse(shape.envelope(self.model_name, True, choices=list(choices), **extra))
 
-        tokens, begun = [0] * len(generation.jobs), [not kind.chat] * len(generation.jobs)
+        tokens = [0] * len(generation.jobs)
         try:
-            if kind.chat:
+            if shape.chat:
                 for i in range(len(generation.jobs)):
-                    yield chunk(kind.delta(i, None))
+                    yield chunk(shape.delta(i, None))
             async for i, update in generation:
                 if update.finish_reason == ERROR:
                     yield _sse(
@@ -202,12 +247,10 @@ class Served:
                     )
                     return
                 tokens[i] = update.completion_tokens
-                text = update.text if begun[i] else update.text.lstrip()  # no blank before a reply
-                begun[i] = begun[i] or bool(text)
-                if text:
-                    yield chunk(kind.delta(i, text))
+                if update.text:
+                    yield chunk(shape.delta(i, update.text))
                 if update.finish_reason:
-                    yield chunk(kind.delta(i, "", update.finish_reason))
+                    yield chunk(shape.delta(i, "", update.finish_reason))
             if usage:
                 yield chunk(usage=_usage(prompt_tokens, sum(tokens)))
             yield _sse("[DONE]")
@@ -215,14 +258,13 @@ class Served:
             generation.cancel()
 
 
-async def _collect(generation: Generation, chat: bool) -> tuple[list[str], list[str | None], list[int]]:
-    """Each choice's whole text, finish_reason and token count."""
+async def _collect(generation: Generation) -> Collected:
     n = len(generation.jobs)
-    texts, reasons, tokens = [""] * n, [None] * n, [0] * n
+    collected = Collected([""] * n, [None] * n, [0] * n)
     async for i, update in generation:
-        texts[i] += update.text
-        reasons[i], tokens[i] = update.finish_reason, update.completion_tokens
-    return [t.lstrip() if chat else t for t in texts], reasons, tokens
+        collected.texts[i] += update.text
+        collected.reasons[i], collected.tokens[i] = update.finish_reason, update.completion_tokens
+    return collected
 
 
 async def _cancel_on_disconnect(request: Request, generation: Generation) -> None:
@@ -231,30 +273,53 @@ async def _cancel_on_disconnect(request: Request, generation: Generation) -> Non
     generation.cancel()
 
 
-class Guard:
-    """ASGI middleware before the API: the API key (when set) and the size of the body."""
+class BodyTooLarge(HTTPException):
+    """A body read past MAX_BODY_BYTES (one sent in chunks says nothing of its size beforehand)."""
 
-    def __init__(self, app: object, api_key: str | None) -> None:
+    def __init__(self) -> None:
+        super().__init__(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+
+
+class Guard:
+    """ASGI middleware before the API: the API key (when set) and the size of the body, refused as
+    soon as its Content-Length says so or its bytes so far go past the limit."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app, self.api_key = app, api_key
 
-    async def __call__(self, scope: dict, receive: object, send: object) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            headers = dict(scope["headers"])
-            error = None
-            expected = f"Bearer {self.api_key}".encode()
-            if self.api_key is not None and not hmac.compare_digest(
-                headers.get(b"authorization", b""), expected
-            ):
-                error = ApiError(
-                    401, "incorrect or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
-                )
-            elif int(headers.get(b"content-length", b"0") or 0) > MAX_BODY_BYTES:
-                error = ApiError(
-                    413, f"the request body is over {MAX_BODY_BYTES} bytes", code="body_too_large"
-                )
-            if error is not None:
-                return await _error_response(error)(scope, receive, send)
-        await self.app(scope, receive, send)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        expected = f"Bearer {self.api_key}".encode()
+        if self.api_key is not None and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
+            error = ApiError(
+                401, "incorrect or missing API key (Authorization: Bearer KEY)", code="invalid_api_key"
+            )
+            return await _error_response(error)(scope, receive, send)
+        if int(headers.get(b"content-length", b"0") or 0) > MAX_BODY_BYTES:
+            return await _error_response(_body_too_large())(scope, receive, send)
+        await self.app(scope, _counting(receive), send)
+
+
+def _counting(receive: Receive) -> Receive:
+    """`receive` that raises BodyTooLarge once the body's bytes so far are over MAX_BODY_BYTES."""
+    received = 0
+
+    async def counted() -> dict:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > MAX_BODY_BYTES:
+                raise BodyTooLarge()
+        return message
+
+    return counted
+
+
+def _body_too_large() -> ApiError:
+    return ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="body_too_large")
 
 
 def _error_response(error: ApiError) -> JSONResponse:
@@ -286,6 +351,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(_validation_error(exc))
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if isinstance(exc, BodyTooLarge):
+            return _error_response(_body_too_large())
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error_response(ApiError(exc.status_code, str(exc.detail), kind=kind))
 
@@ -298,10 +365,26 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, crash)
 
 
+def _add_guards(app: FastAPI, api_key: str | None, host: str) -> None:
+    """The API key and body size (Guard); without a key, the Host names this server answers to."""
+    app.add_middleware(Guard, api_key=api_key)
+    if api_key is None:  # added last: runs first
+        names = {*LOOPBACK_HOSTS, host}
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[f"[{n}]" if ":" in n else n for n in names])
+
+
 def create_app(
-    sampler: Sampler, model_name: str, *, max_batch: int = 8, max_queue: int = 64, api_key: str | None = None
+    sampler: Sampler,
+    model_name: str,
+    *,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    api_key: str | None = None,
+    host: str = "127.0.0.1",
 ) -> FastAPI:
-    """The server's app; its engine (`app.state.engine`) runs while the app does (its lifespan)."""
+    """The server's app; its engine (`app.state.engine`) runs while the app does (its lifespan).
+    Without `api_key`, only requests addressed to this machine (loopback names, or `host`, the
+    address it is bound to) are answered: a web page cannot reach it through a name of its own."""
     engine = Engine(sampler, max_batch, max_queue)
     template = ChatTemplate.of_checkpoint(sampler.checkpoint, sampler.tokenizer)
     served = Served(sampler, engine, template, model_name)
@@ -312,11 +395,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
-        engine.close()
+        await asyncio.to_thread(engine.close)  # waits for the engine's step: not on the event loop
 
     app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
-    app.add_middleware(Guard, api_key=api_key)
+    _add_guards(app, api_key, host)
     _add_error_handlers(app)
 
     @app.get("/", response_class=HTMLResponse)
@@ -331,6 +414,7 @@ def create_app(
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
         served.check_model(body.model)
+        body.check()
         prompts = body.prompts(sampler)
         for prompt in prompts:
             check_context(prompt, block_size, "prompt")
@@ -339,6 +423,7 @@ def create_app(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
         served.check_model(body.model)
+        body.check()
         prompt = body.prompt(sampler, template)
         check_context(prompt, block_size, "messages")
         return await served.respond(

@@ -7,11 +7,13 @@ together, one token each per forward, every row at its own position and attendin
 keys, so that no request sees another's tokens. Active rows are kept first in the cache (a
 finished row is filled with the last one), so a step computes only the rows in use.
 
-Requests wait for a slot in a bounded queue; a full queue refuses them (QueueFull). Tokens are
-chosen by `sample_next` with a generator per request and turned into text by `TextDecoder`: the
-rules of `lmforge sample` and `lmforge chat`. Everything runs in one background thread, which
-reports each request's progress through its callback; `Job.cancel` (a client gone) frees the slot
-at the next step.
+Requests wait for a slot in a bounded queue; a full queue refuses them (QueueFull), a request
+that could never fit in it is refused outright (ValueError), and a job cancelled while waiting
+gives its place up. Tokens are chosen by `sample_next` with a generator per request and turned
+into text by `TextDecoder`: the rules of `lmforge sample` and `lmforge chat`. Everything runs in one
+background thread, which reports each request's progress through its callback; `Job.cancel` (a
+client gone) frees the slot at the next step. Once that thread has ended (closed, or killed by a
+bug), nothing more is accepted (EngineStopped).
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ import torch
 from lmforge.model.generate import sample_next
 from lmforge.model.gpt import KVCache
 from lmforge.runtime import autocast
-from lmforge.sample import Sampler, TextDecoder
+from lmforge.sample import Sampler, TextDecoder, TextRules
 
 STOP, LENGTH, ERROR = "stop", "length", "error"  # why a request ended: OpenAI's finish_reason, and ours
 
 
 class QueueFull(Exception):
     """Every slot is busy and the queue of waiting requests is full: try again later."""
+
+
+class EngineStopped(Exception):
+    """The engine's thread has ended (closed, or a fatal error): no job will ever run."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,7 @@ class Params:
     temperature: float  # 0 is greedy
     top_p: float | None
     seed: int
-    stops: tuple[str, ...] = ()  # the text ends before the first of these (special tokens then count)
+    text: TextRules = TextRules()  # stops, special tokens, a chat reply's leading blank
     top_k: int | None = None
 
 
@@ -93,7 +99,8 @@ class Engine:
         self.cache = KVCache.allocate(model, self.max_batch, self.block_size)
         self.lengths = torch.zeros(self.max_batch, dtype=torch.long, device=self.sampler.device)
         self.changed = threading.Condition()
-        self.stopping = False
+        self.stopping = False  # close() was called
+        self.ended = False  # the thread has ended: nothing more is accepted
         self.thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
 
     def start(self) -> Engine:
@@ -109,11 +116,18 @@ class Engine:
             self.thread.join()
 
     def submit(self, jobs: Sequence[Job]) -> None:
-        """Queue `jobs` together (the n choices of one request), or none: QueueFull."""
+        """Queue `jobs` together (the n choices of one request), or none: QueueFull while the queue is
+        too full, ValueError if they could never fit in it, EngineStopped once the thread has ended."""
         for job in jobs:
             if not 0 < len(job.prompt) <= self.block_size:
                 raise ValueError(f"a prompt of {len(job.prompt)} tokens; the context is {self.block_size}")
+        if len(jobs) > self.max_queue:
+            raise ValueError(f"{len(jobs)} jobs at once; the queue holds {self.max_queue}")
         with self.changed:
+            if self.stopping or self.ended:
+                raise EngineStopped("the decoding engine has stopped; see the server's log")
+            # jobs cancelled while waiting (their clients gone) give their places up
+            self.waiting = deque(job for job in self.waiting if not job.cancelled)
             if len(self.waiting) + len(jobs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting for one of {self.max_batch} slots")
             self.waiting.extend(jobs)
@@ -125,21 +139,27 @@ class Engine:
         return len(self.active)
 
     def _run(self) -> None:
-        with torch.inference_mode(), autocast(self.sampler.device, self.sampler.dtype):
-            while True:
-                with self.changed:
-                    while not (self.stopping or self.waiting or self.active):
-                        self.changed.wait()
-                    if self.stopping:
-                        break
-                try:
-                    self._admit()
-                    if self.active:
-                        self._step()
-                except Exception:  # a bug, not a request's fault: fail the requests, keep serving
-                    traceback.print_exc()
-                    self._fail_all()
+        try:
+            with torch.inference_mode(), autocast(self.sampler.device, self.sampler.dtype):
+                while self._wait_for_work():
+                    try:
+                        self._admit()
+                        if self.active:
+                            self._step()
+                    except Exception:  # a bug, not a request's fault: fail the requests, keep serving
+                        traceback.print_exc()
+                        self._fail_all()
+        finally:  # closed, or killed by what no request caused: refuse new jobs, fail those in hand
+            with self.changed:
+                self.ended = True
             self._fail_all()
+
+    def _wait_for_work(self) -> bool:
+        """Sleep until a job waits or runs; False once the engine is closing."""
+        with self.changed:
+            while not (self.stopping or self.waiting or self.active):
+                self.changed.wait()
+            return not self.stopping
 
     def _admit(self) -> None:
         """Prefill waiting jobs into free slots, each alone, and choose their first tokens."""
@@ -157,7 +177,7 @@ class Engine:
             prompt = torch.tensor([job.prompt], dtype=torch.long, device=self.sampler.device)
             logits, _ = self.sampler.model(prompt, cache=view)  # (1, T, V)
             self.lengths[row] = job.length = len(job.prompt)
-            job.decoder = TextDecoder(self.sampler.tokenizer, job.params.stops)
+            job.decoder = TextDecoder(self.sampler.tokenizer, job.params.text)
             job.generator = torch.Generator(device=self.sampler.device).manual_seed(job.params.seed)
             self.active.append(job)
             self._advance(logits[:, -1], [row])
@@ -166,7 +186,10 @@ class Engine:
         """One token for every active row, decoded together."""
         n = len(self.active)
         tokens = torch.tensor([[job.last] for job in self.active], device=self.sampler.device)  # (n, 1)
-        view = KVCache([k[:n] for k in self.cache.keys], [v[:n] for v in self.cache.values], self.lengths[:n])
+        longest = max(job.length for job in self.active)  # known here: the cache need not ask the device
+        view = KVCache(
+            [k[:n] for k in self.cache.keys], [v[:n] for v in self.cache.values], self.lengths[:n], longest
+        )
         logits, _ = self.sampler.model(tokens, cache=view)  # (n, 1, V)
         self.lengths[:n] = view.length
         for job in self.active:

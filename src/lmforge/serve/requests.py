@@ -12,16 +12,17 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from lmforge.chat.template import ChatTemplate, encode_segments
+from lmforge.config import SEED_LIMIT
 from lmforge.errors import LmforgeError
-from lmforge.sample import Sampler
+from lmforge.sample import Sampler, TextRules
 from lmforge.serve.engine import Params
 
 MAX_STOPS = 4  # OpenAI's limit on `stop`
 MAX_CHOICES = 16  # `n`
-SEED_RANGE = 2**64  # torch generators take a 64-bit seed; negative seeds wrap around
+INT64 = 2**63  # `seed` is any 64-bit integer, as OpenAI's; it is reduced modulo SEED_LIMIT
 
 
 class ApiError(Exception):
@@ -61,7 +62,7 @@ class _Sampling(_Strict):
     top_k: Annotated[int, Field(ge=1)] | None = None  # not OpenAI's; vLLM's and lmforge sample's
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] | None = None
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), lt=SEED_RANGE)] | None = None
+    seed: Annotated[int, Field(ge=-INT64, lt=INT64)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -74,14 +75,18 @@ class _Sampling(_Strict):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return tuple(s for s in stop if s)
 
-    def params(self, max_tokens: int, extra_stop: str = "") -> list[Params]:
+    def check(self) -> None:
+        """What pydantic's per-field checks cannot see: fields that go together."""
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
+
+    def params(self, max_tokens: int, text: TextRules) -> list[Params]:
         """One Params per choice: choice i draws from seed + i (a random seed when none is given)."""
-        seed = self.seed if self.seed is not None else secrets.randbelow(SEED_RANGE)
-        stops = self.stops() + ((extra_stop,) if extra_stop else ())
+        seed = self.seed if self.seed is not None else secrets.randbelow(SEED_LIMIT)
         temperature = 1.0 if self.temperature is None else float(self.temperature)
         top_p = None if self.top_p is None or self.top_p == 1 else float(self.top_p)
         return [
-            Params(max_tokens, temperature, top_p, (seed + i) % SEED_RANGE, stops, self.top_k)
+            Params(max_tokens, temperature, top_p, (seed + i) % SEED_LIMIT, text, self.top_k)
             for i in range(self.n or 1)
         ]
 
@@ -133,7 +138,7 @@ class TextPart(_Strict):
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
+    name: str | None = None  # refused (ChatRequest.check): chat templates have no place for a speaker's name
 
     def as_template_input(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -145,11 +150,18 @@ class ChatRequest(_Sampling):
     max_tokens: Annotated[int, Field(ge=1)] | None = None  # default: until the context is full
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
 
-    @model_validator(mode="after")
-    def _one_length(self) -> ChatRequest:
+    def check(self) -> None:
+        super().check()
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("give max_tokens or max_completion_tokens, not both")
-        return self
+            raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+        for i, message in enumerate(self.messages):
+            if message.name is not None:
+                raise ApiError(
+                    400,
+                    f"messages.{i}.name: lmforge does not support a speaker's name (the chat template "
+                    "has no place for it); put it in the content",
+                    f"messages.{i}.name",
+                )
 
     def prompt(self, sampler: Sampler, template: ChatTemplate) -> list[int]:
         """The conversation with the generation prompt, as `lmforge chat` tokenizes it."""
