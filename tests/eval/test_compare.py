@@ -173,6 +173,10 @@ def test_a_sheet_and_its_key_record_sides_seeds_and_answers_without_naming_a_run
         assert secret not in page
     assert "http://" not in page and "https://" not in page and " src=" not in page  # self-contained
     assert key["sheet_id"] in page
+    order = key["shown_order"]  # the sheet shows the prompts in a recorded random order
+    assert sorted(order) == list(range(5)) and order != list(range(5))  # (seed 7 does move them)
+    data = page.split('<script type="application/json" id="sheet-data">')[1].split("</script>")[0]
+    assert [item["index"] for item in json.loads(data)["items"]] == order
 
 
 def test_the_same_seed_gives_both_runs_the_same_random_stream(
@@ -260,7 +264,8 @@ def test_clicking_through_the_sheet_downloads_judgments_that_the_tally_unblinds(
     judgments = download_judgments(page, tmp_path / "judgments.json")
 
     key = json.loads((tmp_path / "cmp" / "key.json").read_text())
-    winners = [choice if choice == "tie" else e[choice] for choice, e in zip(CLICKS, key["prompts"])]
+    clicked = dict(zip(key["shown_order"], CLICKS))  # prompt index -> the choice on its card
+    winners = [clicked[i] if clicked[i] == "tie" else e[clicked[i]] for i, e in enumerate(key["prompts"])]
     wins, losses, ties = winners.count("RUN_A"), winners.count("RUN_B"), winners.count("tie")
     code, out, err = cli("compare", "--tally", tmp_path / "cmp", judgments, "--json")
     assert code == 0, err
@@ -287,8 +292,8 @@ def test_a_partly_judged_sheet_tallies_the_judged_prompts_only(
 ) -> None:
     assert make(cli, runs, prompts_file, tmp_path / "cmp")[0] == 0
     page.goto((tmp_path / "cmp" / "sheet.html").as_uri())
-    page.locator(".card").nth(2).locator('button[data-choice="tie"]').click()
-    page.locator(".card").nth(2).locator('button[data-choice="B"]').click()  # a change of mind
+    page.locator("#prompt-2").locator('button[data-choice="tie"]').click()  # prompt 2, wherever shown
+    page.locator("#prompt-2").locator('button[data-choice="B"]').click()  # a change of mind
     assert page.locator("#progress").text_content() == "1 of 5 judged"
     judgments = json.loads(download_judgments(page, tmp_path / "j.json").read_text())
     assert judgments["judged"] == 1 and [j["choice"] for j in judgments["judgments"]] == [

@@ -93,9 +93,10 @@ def make_sheet(
         for i, p in enumerate(tqdm(prompts, desc="answering", unit="prompt", leave=False, disable=None))
     ]
     entries = _entries(prompts, answers, seed)
-    items = [  # what the judge sees: each answer by its side, nothing about the runs
+    order = _shown_order(len(entries), seed)
+    items = [  # what the judge sees, in a random order: each answer by its side, nothing about the runs
         {"index": e["index"], "prompt": e["prompt"], **{side: e["answers"][e[side]] for side in SIDES}}
-        for e in entries
+        for e in (entries[i] for i in order)
     ]
     sheet_id = hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()[:16]
     key = {
@@ -105,6 +106,7 @@ def make_sheet(
         "prompts_file": str(prompts_file),
         "sampling": {**asdict(options), "seed": seed, "chat": chat, "device": device, "dtype": dtype},
         "shuffle_seed": seed,
+        "shown_order": order,  # the prompts' indexes as the sheet shows them, top to bottom
         "prompts": entries,
     }
     with staged_folder(out, "compare", overwrite, inputs) as folder:
@@ -160,6 +162,14 @@ def _answers(
         except LmforgeError as exc:
             raise LmforgeError(f"{prompts_file}:{prompt.line}: {run}: {exc}") from None
     return answers
+
+
+def _shown_order(n: int, seed: int) -> list[int]:
+    """The order the sheet shows the prompts in: seeded, and apart from the sides' random stream, so
+    that a judge's fatigue or drift over the sheet does not follow the prompts file's order."""
+    order = list(range(n))
+    random.Random(f"order-{seed}").shuffle(order)
+    return order
 
 
 def _shuffled_sides(n: int, seed: int) -> list[bool]:

@@ -125,7 +125,8 @@ function show() {
 }
 
 function download() {
-  const judgments = data.items.map((item) => ({index: item.index, choice: choices[item.index] || null}));
+  const judgments = data.items.map((item) => ({index: item.index, choice: choices[item.index] || null}))
+    .sort((a, b) => a.index - b.index);  // by prompt, whatever order the sheet showed them in
   const content = {
     sheet_id: data.id,
     judged: judgments.filter((j) => j.choice !== null).length,
