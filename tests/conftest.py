@@ -92,6 +92,31 @@ def cli(capsys: pytest.CaptureFixture[str]):
     return run
 
 
+def random_char_run(
+    run: Path, alphabet: str, *, n_layer: int, d_model: int, block_size: int, seed: int = 0
+) -> Path:
+    """A randomly initialised character model with <|endoftext|> saved as run folder `run` (its
+    tokenizer beside it): enough for tests of generation front ends, which never need sense."""
+    from lmforge import checkpoint
+    from lmforge.config import Config, ModelConfig
+    from lmforge.data.tokenizer import EOT, char_tokenizer
+    from lmforge.model import GPT
+
+    tokenizer = char_tokenizer(alphabet, specials=[EOT])
+    tokenizer_file = run.parent / "tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+    m = ModelConfig(
+        n_layer=n_layer,
+        n_head=2,
+        d_model=d_model,
+        block_size=block_size,
+        vocab_size=tokenizer.get_vocab_size(),
+    )
+    torch.manual_seed(seed)
+    checkpoint.save_checkpoint(run, 1, GPT(m), {}, Config(model=m), tokenizer_file, None)
+    return run
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under `folder` with its bytes: equal snapshots mean nothing was touched."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

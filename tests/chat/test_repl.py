@@ -11,14 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from lmforge import checkpoint as ckpt
 from lmforge.chat.repl import PROMPT, Chat, Conversation, start_chat
-from lmforge.config import Config, ModelConfig
-from lmforge.data.tokenizer import EOT, char_tokenizer
-from lmforge.model import GPT
 from lmforge.sample import StopScanner
+from tests.conftest import random_char_run
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :.\n"
 
@@ -26,12 +22,7 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz :.\n"
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> Path:
     """A randomly initialised char model with <|endoftext|> and a 64-token context."""
-    tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
-    tokenizer.save(str(tmp_path / "tokenizer.json"))
-    m = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=64, vocab_size=tokenizer.get_vocab_size())
-    torch.manual_seed(0)
-    ckpt.save_checkpoint(tmp_path / "run", 1, GPT(m), {}, Config(model=m), tmp_path / "tokenizer.json", None)
-    return tmp_path / "run"
+    return random_char_run(tmp_path / "run", ALPHABET, n_layer=1, d_model=16, block_size=64)
 
 
 class Terminal:

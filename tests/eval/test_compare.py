@@ -8,14 +8,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
-from lmforge import checkpoint as ckpt
-from lmforge.config import Config, ModelConfig
-from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.compare import read_prompts, sheet_html, sign_test, wilson_interval
-from lmforge.model import GPT
+from tests.conftest import random_char_run
 from tests.test_bad_input import assert_one_line_error, usage_error
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 :.,!?'\"<>/&=()-\n"
@@ -27,13 +23,8 @@ CLICKS = ["A", "B", "tie", "A", "A"]
 
 def tiny_run(folder: Path, seed: int) -> Path:
     """A randomly initialised char model (different weights per seed) saved as a run."""
-    tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
-    tokenizer.save(str(folder / "tokenizer.json"))
-    m = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=128, vocab_size=tokenizer.get_vocab_size())
-    torch.manual_seed(seed)
     run = folder / f"secret-run-name-{seed}"
-    ckpt.save_checkpoint(run, 1, GPT(m), {}, Config(model=m), folder / "tokenizer.json", 1.0)
-    return run
+    return random_char_run(run, ALPHABET, n_layer=1, d_model=16, block_size=128, seed=seed)
 
 
 @pytest.fixture(scope="module")

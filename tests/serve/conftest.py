@@ -8,13 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from lmforge import checkpoint as ckpt
-from lmforge.config import Config, ModelConfig
-from lmforge.data.tokenizer import EOT, char_tokenizer
-from lmforge.model import GPT
 from lmforge.sample import Sampler
+from tests.conftest import random_char_run
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :.,!?\n"
 MODEL = "tiny"  # the name the test servers serve the model under
@@ -24,12 +20,7 @@ MODEL = "tiny"  # the name the test servers serve the model under
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised char model with <|endoftext|> and a 64-token context."""
     root = tmp_path_factory.mktemp("serve")
-    tokenizer = char_tokenizer(ALPHABET, specials=[EOT])
-    tokenizer.save(str(root / "tokenizer.json"))
-    m = ModelConfig(n_layer=2, n_head=2, d_model=32, block_size=64, vocab_size=tokenizer.get_vocab_size())
-    torch.manual_seed(0)
-    ckpt.save_checkpoint(root / "run", 1, GPT(m), {}, Config(model=m), root / "tokenizer.json", None)
-    return root / "run"
+    return random_char_run(root / "run", ALPHABET, n_layer=2, d_model=32, block_size=64)
 
 
 @pytest.fixture(scope="session")
