@@ -1,18 +1,21 @@
 """Decode speed of `lmforge serve` at 1 and 8 concurrent streams, beside Hugging Face `transformers`.
 
-The same model runs both ways in one invocation (this machine's speed drifts between runs):
-`lmforge serve` in its own process, driven over HTTP by streaming clients (one thread per stream,
-each sending `--requests` requests one after another), and the `lmforge export` of the same
-checkpoint loaded with transformers' AutoModelForCausalLM and decoded with `generate` (a batch of 8
-for 8 streams). Same prompts (token ids), same lengths, greedy. Reported: tokens/s over each phase
-(all streams together) and the median time to first token; then lmforge / transformers at one
-stream and lmforge's 8-stream / 1-stream ratio.
+The same model runs both ways in one invocation: `lmforge serve` in its own process, driven over
+HTTP by streaming clients (one thread per stream, each sending `--requests` requests one after
+another), and the `lmforge export` of the same checkpoint loaded with transformers'
+AutoModelForCausalLM and decoded with `generate` (a batch of 8 for 8 streams). Same prompts (token
+ids), same lengths, greedy, the same number of CPU threads (`--threads`). This machine's speed drifts
+by tens of percent within minutes, so the two alternate: each of `--rounds` rounds runs every phase
+of both once. Reported: the median over rounds of tokens/s (all streams together) and of the median
+time to first token; then lmforge / transformers at one stream and lmforge's 8-stream / 1-stream
+ratio, each the median of the rounds' own ratios, with their range.
 
 Without --run, the model is the demo's architecture (configs/shakespeare-char.toml: Llama-style,
 4 layers, d_model 128, 128-token context) with random weights and a char vocabulary without
 <|endoftext|>, so that every request runs its full length; speed does not depend on the weights.
 
     .venv/bin/python benchmarks/serve.py                       # the demo's size
+    .venv/bin/python benchmarks/serve.py --threads 1           # both on one thread
     .venv/bin/python benchmarks/serve.py --run out/runs/shakespeare-char --prompt-tokens 32
 """
 
@@ -90,8 +93,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, checkpoint: str, port: int) -> subprocess.Popen:
+def start_server(run: Path, checkpoint: str, port: int, threads: int | None) -> subprocess.Popen:
     command = [sys.executable, "-m", "lmforge", "serve", str(run), "--checkpoint", checkpoint]
+    command += ["--threads", str(threads)] if threads else []
     server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench", "--device", "cpu"])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -214,7 +218,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per request")
-    p.add_argument("--requests", type=int, default=4, help="requests per stream")
+    p.add_argument("--requests", type=int, default=4, help="requests per stream and round")
+    p.add_argument("--rounds", type=int, default=5, help="times each phase runs, alternating")
+    p.add_argument("--threads", type=int, help="CPU threads of both (default: PyTorch's, one per core)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     p.add_argument("--json", help="also write the results as JSON to this file")
     return p.parse_args()
@@ -245,33 +251,57 @@ def main() -> None:
         f"{args.requests} requests per stream"
     )
     port = free_port()
-    server = start_server(run, args.checkpoint, port)
+    server = start_server(run, args.checkpoint, port, args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(scratch / "hf", dtype=torch.float32).eval()
+    url = f"http://127.0.0.1:{port}"
+    ours: dict[int, list[dict]] = {s: [] for s in args.streams}
+    theirs: dict[int, list[dict]] = {s: [] for s in args.streams}
     try:
-        url = f"http://127.0.0.1:{port}"
         stream_once(httpx.Client(timeout=600), url, prompts[0], 4)  # warm-up
-        ours = {s: lmforge_phase(url, prompts, s, args.requests, args.new_tokens) for s in args.streams}
+        transformers_phase(model, prompts, 1, 1, 4)
+        for _ in range(args.rounds):
+            for s in args.streams:
+                ours[s].append(lmforge_phase(url, prompts, s, args.requests, args.new_tokens))
+                theirs[s].append(transformers_phase(model, prompts, s, args.requests, args.new_tokens))
     finally:
         server.terminate()
         server.wait()
-    model = AutoModelForCausalLM.from_pretrained(scratch / "hf", dtype=torch.float32).eval()
-    transformers_phase(model, prompts, 1, 1, 4)  # warm-up
-    theirs = {s: transformers_phase(model, prompts, s, args.requests, args.new_tokens) for s in args.streams}
     report(args, info, ours, theirs, run)
 
 
+def median_of(results: list[dict], key: str) -> float | None:
+    values = [r[key] for r in results if r[key] is not None]
+    return statistics.median(values) if values else None
+
+
+def ratios(top: list[dict], bottom: list[dict]) -> list[float]:
+    """Each round's tokens/s of `top` over that of `bottom`."""
+    return [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(top, bottom)]
+
+
 def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: Path) -> None:
-    print(f"{'':14}{'streams':>8}{'tokens':>8}{'tokens/s':>11}{'TTFT ms':>10}")
+    print(f"{args.rounds} rounds, CPU threads: {args.threads or torch.get_num_threads()}")
+    print(f"{'':14}{'streams':>8}{'tokens':>8}{'tokens/s':>11}{'TTFT ms':>10}   (medians over rounds)")
     for name, results in (("lmforge serve", ours), ("transformers", theirs)):
-        for s, r in results.items():
-            ttft = f"{r['ttft_ms']:.1f}" if r["ttft_ms"] is not None else "-"
-            print(f"{name:14}{s:>8}{r['tokens']:>8}{r['tokens_per_s']:>11.1f}{ttft:>10}")
+        for s, rounds in results.items():
+            ttft = median_of(rounds, "ttft_ms")
+            tokens = rounds[0]["tokens"]
+            speed = median_of(rounds, "tokens_per_s")
+            print(f"{name:14}{s:>8}{tokens:>8}{speed:>11.1f}{f'{ttft:.1f}' if ttft is not None else '-':>10}")
     one, many = min(args.streams), max(args.streams)
-    single = ours[one]["tokens_per_s"] / theirs[one]["tokens_per_s"]
-    scaling = ours[many]["tokens_per_s"] / ours[one]["tokens_per_s"]
-    print(f"lmforge / transformers at {one} stream: {single:.2f}x")
-    print(f"lmforge {many} streams / {one}: {scaling:.2f}x")
+    single, scaling = ratios(ours[one], theirs[one]), ratios(ours[many], ours[one])
+    print(
+        f"lmforge / transformers at {one} stream: {statistics.median(single):.2f}x "
+        f"(rounds {min(single):.2f}-{max(single):.2f})"
+    )
+    print(
+        f"lmforge {many} streams / {one}: {statistics.median(scaling):.2f}x "
+        f"(rounds {min(scaling):.2f}-{max(scaling):.2f})"
+    )
     tokenizer = Sampler.load(run, args.checkpoint, "cpu", "fp32").tokenizer
-    same = ours[one]["text"] == tokenizer.decode(theirs[one]["ids"])
+    same = ours[one][0]["text"] == tokenizer.decode(theirs[one][0]["ids"])
     print(f"greedy text of the first request identical: {'yes' if same else 'no'}")
     info["load_1min_end"] = os.getloadavg()[0]
     print(f"load at the end {info['load_1min_end']:.2f}")
@@ -279,9 +309,10 @@ def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: 
         strip = lambda r: {k: v for k, v in r.items() if k not in ("text", "ids")}  # noqa: E731
         record = {
             "machine": info,
-            "lmforge": {s: strip(r) for s, r in ours.items()},
-            "transformers": {s: strip(r) for s, r in theirs.items()},
-            "single_stream_ratio": single,
+            "threads": args.threads or torch.get_num_threads(),
+            "lmforge": {s: [strip(r) for r in rounds] for s, rounds in ours.items()},
+            "transformers": {s: [strip(r) for r in rounds] for s, rounds in theirs.items()},
+            "single_stream_ratios": single,
             "scaling": scaling,
             "greedy_identical": same,
         }

@@ -162,6 +162,7 @@ def test_export_refuses_a_shard_size_that_is_not_a_finite_positive_number(
         ),
         (["tasks", "prepare", "sst2", "--out", "o", "-x"], "tasks prepare", "unrecognized arguments: -x"),
         (["sample", "run", "--top-k", "0"], "sample", "argument --top-k: must be at least 1, got 0"),
+        (["serve", "run", "--threads", "0"], "serve", "argument --threads: must be at least 1, got 0"),
     ],
 )
 def test_usage_errors_print_the_verbs_usage_once_then_one_error_line(

@@ -1,5 +1,7 @@
 """The rules of `lmforge sample` that every front end shares: options, and where a sample starts."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -9,6 +11,7 @@ from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.sample import Sampler, SamplingOptions
+from tests.conftest import random_char_run
 
 
 def sampler_for(tokenizer: Tokenizer) -> Sampler:
@@ -43,3 +46,14 @@ def test_sampling_options_out_of_range_are_refused(
     SamplingOptions(
         max_new_tokens=5, temperature=0.0, top_k=None, top_p=1.0
     )  # the bounds themselves are valid
+
+
+def test_threads_sets_the_cpu_threads_the_model_runs_on(cli, tmp_path: Path) -> None:
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, out, _ = cli("sample", run, "--threads", "1", "--max-new-tokens", "3", "--prompt", "ab")
+        assert code == 0 and out and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

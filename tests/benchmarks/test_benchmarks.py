@@ -140,6 +140,7 @@ def test_memory_estimate_within_20_percent_of_measured_peak() -> None:
 def test_serve_benchmark_compares_lmforge_serve_with_transformers(tmp_path: Path) -> None:
     toy = ["--n-layer", "1", "--d-model", "32", "--n-head", "2", "--block-size", "32"]
     lengths = ["--prompt-tokens", "4", "--new-tokens", "6", "--requests", "1", "--streams", "1", "3"]
+    lengths += ["--rounds", "2", "--threads", "1"]
     result = subprocess.run(
         [
             sys.executable,
@@ -157,6 +158,9 @@ def test_serve_benchmark_compares_lmforge_serve_with_transformers(tmp_path: Path
     assert (
         "lmforge / transformers at 1 stream:" in result.stdout and "lmforge 3 streams / 1:" in result.stdout
     )
+    assert "2 rounds, CPU threads: 1" in result.stdout
     record = json.loads((tmp_path / "serve.json").read_text())
-    assert record["lmforge"]["3"]["tokens"] == record["transformers"]["3"]["tokens"] == 18  # same lengths
-    assert record["lmforge"]["1"]["ttft_ms"] > 0 and record["greedy_identical"] is True
+    for ours, theirs in zip(record["lmforge"]["3"], record["transformers"]["3"], strict=True):
+        assert ours["tokens"] == theirs["tokens"] == 18  # same lengths, in every round
+    assert len(record["single_stream_ratios"]) == len(record["scaling"]) == 2 and record["threads"] == 1
+    assert all(r["ttft_ms"] > 0 for r in record["lmforge"]["1"]) and record["greedy_identical"] is True

@@ -53,11 +53,14 @@ def test_attention_matches_the_formula(options: dict) -> None:
     v = v.view(3, 10, n_kv, 8).transpose(1, 2)
     if config.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
-    if rotary is not None:
-        q, k = rotary(q, 0), rotary(k, 0)
+    if rotary is not None:  # channel i of each half rotates with channel i + 4 by position * theta^(-i / 4)
+        angles = torch.arange(10.0)[:, None] * 10000.0 ** (-torch.arange(4.0) / 4)  # (T, 4)
+        cos, sin = angles.cos().repeat(1, 2), angles.sin().repeat(1, 2)  # (T, head_dim)
+        q, k = (t * cos + torch.cat((-t[..., 4:], t[..., :4]), dim=-1) * sin for t in (q, k))
     k, v = k.repeat_interleave(4 // n_kv, dim=1), v.repeat_interleave(4 // n_kv, dim=1)
     expected = attn.proj(explicit_attention(q, k, v).transpose(1, 2).reshape(3, 10, 32))
-    torch.testing.assert_close(attn(x, rotary, None), expected, rtol=1e-5, atol=1e-6)
+    rope = rotary.tables(0, 10) if rotary is not None else None
+    torch.testing.assert_close(attn(x, rope, None), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_causal_no_peeking() -> None:

@@ -61,17 +61,27 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: int | torch.Tensor) -> torch.Tensor:
-        """x: [B, H, T, D] at positions start..start+T-1 (`positions` the int start, for every row),
-        or at each row's own positions (`positions` (B, T))."""
-        T, half = x.size(-2), x.size(-1) // 2
-        if isinstance(positions, int):  # (T, head_dim), broadcast over batch and heads
-            cos, sin = self.cos[positions : positions + T], self.sin[positions : positions + T]
-        else:  # (B, 1, T, head_dim), broadcast over heads
-            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, head_dim)
-        return x * cos + rotated * sin
+    def tables(self, positions: int | torch.Tensor, T: int) -> RotaryTables:
+        """The angles of T new tokens at positions start..start+T-1 (`positions` the int start, for
+        every row), or at each row's own positions (`positions` (B, T)): looked up once per forward."""
+        if isinstance(positions, int):  # (T, 1, head_dim), broadcast over batch and heads
+            chosen = slice(positions, positions + T)
+            return RotaryTables(self.cos[chosen, None], self.sin[chosen, None])
+        # (B, T, 1, head_dim), broadcast over heads
+        return RotaryTables(self.cos[positions][:, :, None], self.sin[positions][:, :, None])
+
+
+class RotaryTables(NamedTuple):
+    """cos and sin of one forward's rotation angles, shaped to broadcast over (B, T, heads, head_dim)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, heads, head_dim) rotated to its positions."""
+        half = x.size(-1) // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, T, heads, head_dim)
+        return x * self.cos.to(x.dtype) + rotated * self.sin.to(x.dtype)
 
 
 def token_positions(start: torch.Tensor, T: int) -> torch.Tensor:
@@ -87,6 +97,7 @@ class CacheStep(NamedTuple):
     positions: int | torch.Tensor  # the first new position of every row, or (B, T): each row's own
     end: int  # positions in use once the new tokens are added (the longest row's)
     mask: torch.Tensor | None  # which keys each new query sees; None when plain causal attention does
+    rows: torch.Tensor | None = None  # (B, 1): 0 .. B-1, to index each row's own positions
 
 
 @dataclass
@@ -128,7 +139,7 @@ class KVCache:
         end = self.longest + T
         # (B, 1, T, end), broadcast over heads: row b's query t sees keys 0 .. length[b] + t only
         mask = (torch.arange(end, device=device) <= positions[..., None])[:, None]
-        return CacheStep(self, positions, end, mask)
+        return CacheStep(self, positions, end, mask, torch.arange(positions.size(0), device=device)[:, None])
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep
@@ -140,10 +151,9 @@ class KVCache:
             self.keys[layer][:, :, start : start + T] = k
             self.values[layer][:, :, start : start + T] = v
         else:
-            rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
             # indexing rows and positions puts them first: (B, T, n_kv_head, head_dim)
-            self.keys[layer][rows, :, step.positions] = k.transpose(1, 2)
-            self.values[layer][rows, :, step.positions] = v.transpose(1, 2)
+            self.keys[layer][step.rows, :, step.positions] = k.transpose(1, 2)
+            self.values[layer][step.rows, :, step.positions] = v.transpose(1, 2)
         return self.keys[layer][:, :, : step.end], self.values[layer][:, :, : step.end]
 
     def advance(self, T: int) -> None:
@@ -175,21 +185,19 @@ class Attention(nn.Module):
         # probabilities, which the fused kernel never returns, can be computed from them.
         self.capture: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None, cached: CacheStep | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryTables | None, cached: CacheStep | None) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, d_model)
-        # q: (B, T, n_head * head_dim); k, v: (B, T, n_kv_head * head_dim)
-        q, k, v = self.qkv(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim],
-            dim=-1,
+        # q: (B, T, n_head, head_dim); k, v: (B, T, n_kv_head, head_dim)
+        q, k, v = (
+            self.qkv(x)
+            .view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+            .split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
         )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if rotary is not None:
-            positions = cached.positions if cached is not None else 0
-            q, k = rotary(q, positions), rotary(k, positions)
+        if rope is not None:
+            q, k = rope.rotate(q), rope.rotate(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         mask = None
         if cached is not None:  # k, v: (B, n_kv_head, every position so far, head_dim)
             k, v = cached.cache.update(self.layer, k, v, cached)
@@ -263,8 +271,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rotary: Rotary | None, cached: CacheStep | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rotary, cached))
+    def forward(self, x: torch.Tensor, rope: RotaryTables | None, cached: CacheStep | None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cached))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -335,8 +343,11 @@ class GPT(nn.Module):
                 positions = positions.expand(idx.size(0), T)  # (B, T)
             x = x + self.pos_embed(positions)
         x = self.drop(x)
+        rope = None
+        if self.rotary is not None:
+            rope = self.rotary.tables(cached.positions if cached is not None else 0, T)
         for block in self.blocks:
-            x = block(x, self.rotary, cached)
+            x = block(x, rope, cached)
         if cache is not None:
             cache.advance(T)
         kept = None

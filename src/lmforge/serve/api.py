@@ -102,20 +102,37 @@ class Generation:
             raise ApiError(503, str(exc), code="engine_stopped", kind="server_error") from None
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Update]]:
-        """(choice index, update) until every job has finished, or the generation is cancelled."""
+        """(choice index, update) until every job has finished, or the generation is cancelled.
+        Updates that arrived while the last was being sent are merged, one per choice in a row: a
+        client that reads slower than the engine decodes gets fewer, longer chunks, not a backlog."""
         running = len(self.jobs)
         while running:
-            item = await self.updates.get()
-            if item is None:
-                return
-            running -= item[1].finish_reason is not None
-            yield item
+            items = [await self.updates.get()]
+            while not self.updates.empty():
+                items.append(self.updates.get_nowait())
+            for item in _merge_updates(items):
+                if item is None:
+                    return
+                running -= item[1].finish_reason is not None
+                yield item
 
     def cancel(self) -> None:
         """Stop every job (freeing its slot) and end the iteration."""
         for job in self.jobs:
             job.cancel()
         self.updates.put_nowait(None)
+
+
+def _merge_updates(items: list[tuple[int, Update] | None]) -> list[tuple[int, Update] | None]:
+    """Consecutive updates of one choice as one: their texts joined, the last one's counts."""
+    merged: list[tuple[int, Update] | None] = []
+    for item in items:
+        last = merged[-1] if merged else None
+        if item is not None and last is not None and last[0] == item[0] and last[1].finish_reason is None:
+            merged[-1] = (item[0], item[1]._replace(text=last[1].text + item[1].text))
+        else:
+            merged.append(item)
+    return merged
 
 
 @dataclass
