@@ -13,6 +13,8 @@ import torch
 
 from lmforge.chat.template import ChatTemplate, encode_segments
 from lmforge.sample import Sampler, SamplingOptions
+from lmforge.serve.api import _merge_updates
+from lmforge.serve.engine import Update
 from tests.serve.conftest import MODEL, LiveServer, serve
 from tests.serve.test_engine import slow
 
@@ -297,3 +299,13 @@ def test_chat_fields_lmforge_cannot_honour_are_400(server: LiveServer, fields: d
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]} | fields
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
     assert (response.status_code, response.json()["error"]["param"]) == (400, param)
+
+
+def test_updates_a_client_has_not_read_yet_merge_per_choice_in_order() -> None:
+    a1, a2, a3 = Update("a", None, 1), Update("b", None, 2), Update("c", "stop", 3)
+    b1, b2 = Update("x", None, 1), Update("y", None, 2)
+    merged = _merge_updates([(0, a1), (0, a2), (1, b1), (1, b2), (0, a3), None])
+    assert merged == [(0, Update("ab", None, 2)), (1, Update("xy", None, 2)), (0, a3), None]
+    # a finished choice takes nothing after it, and the end (None) is never merged away
+    assert _merge_updates([(0, Update("a", None, 1)), (0, a3)]) == [(0, Update("ac", "stop", 3))]
+    assert _merge_updates([(0, a3), (0, a1), None, None]) == [(0, a3), (0, a1), None, None]
