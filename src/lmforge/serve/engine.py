@@ -200,21 +200,15 @@ class Engine:
         """Choose the next token of each of `rows` from its logits (len(rows), V), report it, and
         free the rows that are done."""
         jobs = [self.active[row] for row in rows]
-        chosen = torch.cat(
-            [
-                sample_next(
-                    logits[i : i + 1],
-                    job.params.temperature,
-                    job.params.top_k,
-                    job.params.top_p,
-                    job.generator,
-                )
-                for i, job in enumerate(jobs)
-            ]
-        )  # (len(rows), 1)
+        greedy = sample_next(logits, 0.0, None, None, None).view(-1).tolist()  # one op for every greedy row
         finished = []
-        for row, token in zip(rows, chosen.view(-1).tolist()):
-            job = self.active[row]
+        for i, (row, job) in enumerate(zip(rows, jobs)):
+            p = job.params
+            token = (
+                greedy[i]
+                if p.temperature == 0
+                else int(sample_next(logits[i : i + 1], p.temperature, p.top_k, p.top_p, job.generator))
+            )
             job.last, job.tokens = token, job.tokens + 1
             text = job.decoder.feed(token)
             reason = None
