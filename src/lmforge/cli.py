@@ -499,7 +499,14 @@ def _serve(args: argparse.Namespace) -> int:
     sampler = Sampler.load(target, args.checkpoint, args.device, args.dtype)
     name = args.model_name or target.resolve().name
     app = create_app(
-        sampler, name, max_batch=args.max_batch, max_queue=args.max_queue, api_key=api_key, host=args.host
+        sampler,
+        name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        api_key=api_key,
+        host=args.host,
+        engine_process=True,
+        threads=args.threads,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(

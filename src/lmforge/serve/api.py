@@ -42,6 +42,7 @@ from lmforge.serve.requests import (
     TextPart,
     check_context,
 )
+from lmforge.serve.worker import EngineProcess
 
 MAX_BODY_BYTES = 8 * 2**20  # a request body larger than this is refused (413), read no further
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # the names of this machine only
@@ -80,7 +81,7 @@ class CancellingStream(StreamingResponse):
 class Generation:
     """The engine jobs of one HTTP request, their updates delivered to its event loop."""
 
-    def __init__(self, engine: Engine, jobs: list[tuple[list[int], Params]]) -> None:
+    def __init__(self, engine: Engine | EngineProcess, jobs: list[tuple[list[int], Params]]) -> None:
         loop = asyncio.get_running_loop()
         self.updates: asyncio.Queue[tuple[int, Update] | None] = asyncio.Queue()
 
@@ -185,7 +186,7 @@ class Served:
     """The loaded model behind the endpoints."""
 
     sampler: Sampler
-    engine: Engine
+    engine: Engine | EngineProcess
     template: ChatTemplate
     model_name: str
     created: int = field(default_factory=lambda: int(time.time()))
@@ -398,19 +399,29 @@ def create_app(
     max_queue: int = 64,
     api_key: str | None = None,
     host: str = "127.0.0.1",
+    engine_process: bool = False,
+    threads: int | None = None,
 ) -> FastAPI:
     """The server's app; its engine (`app.state.engine`) runs while the app does (its lifespan).
     Without `api_key`, only requests addressed to this machine (loopback names, or `host`, the
-    address it is bound to) are answered: a web page cannot reach it through a name of its own."""
-    engine = Engine(sampler, max_batch, max_queue)
+    address it is bound to) are answered: a web page cannot reach it through a name of its own.
+    With `engine_process` the engine runs in a child process (`worker.py`) on `threads` CPU threads,
+    where the HTTP side cannot slow it; else in a thread of this one."""
+    block_size = sampler.model.config.block_size
+    engine: Engine | EngineProcess = (
+        EngineProcess(
+            sampler.checkpoint, str(sampler.device), sampler.dtype, block_size, max_batch, max_queue, threads
+        )
+        if engine_process
+        else Engine(sampler, max_batch, max_queue)
+    )
     template = ChatTemplate.of_checkpoint(sampler.checkpoint, sampler.tokenizer)
     served = Served(sampler, engine, template, model_name)
-    block_size = sampler.model.config.block_size
     playground = files("lmforge.serve").joinpath("playground.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        await asyncio.to_thread(engine.start)  # a child process loads the model first
         yield
         await asyncio.to_thread(engine.close)  # waits for the engine's step: not on the event loop
 

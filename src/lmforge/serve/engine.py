@@ -77,10 +77,13 @@ class Job:
     cancelled: bool = False
     decoder: TextDecoder | None = None
     generator: torch.Generator | None = None
+    on_cancel: Callable[[], None] | None = None  # told of a cancel (a job run by another process)
 
     def cancel(self) -> None:
         """Stop generating (from any thread): the slot is freed at the engine's next step."""
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
 
 
 @dataclass(eq=False)
@@ -217,7 +220,7 @@ class Engine:
             elif job.tokens >= job.params.max_tokens or job.length >= self.block_size:
                 reason, text = LENGTH, text + job.decoder.finish()
             if text or reason:
-                _report(job, Update(text, reason, job.tokens))
+                deliver(job, Update(text, reason, job.tokens))
             if reason or job.cancelled:
                 finished.append(row)
         for row in sorted(finished, reverse=True):
@@ -243,10 +246,11 @@ class Engine:
             self.active.clear()
             self.waiting.clear()
         for job in jobs:
-            _report(job, Update("", ERROR, job.tokens))
+            deliver(job, Update("", ERROR, job.tokens))
 
 
-def _report(job: Job, update: Update) -> None:
+def deliver(job: Job, update: Update) -> None:
+    """Give `job` its update; if nobody can take it any more, cancel the job."""
     try:
         job.on_update(update)
     except Exception:  # the receiver is gone (its event loop closed): nobody to tell

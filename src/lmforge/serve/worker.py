@@ -1,0 +1,199 @@
+"""The decoding engine in a process of its own, so that the model never waits for the HTTP side.
+
+In one process the engine's thread and the event loop share Python's GIL: every PyTorch op lets it
+go and takes it back, so each token's HTTP work (the loop waking, a chunk encoded and written) stalls
+the model's next step for as long as it runs. Here a spawned child process runs the `Engine`; the
+server keeps the same interface (`submit`, `Job.cancel`, `close`, `busy`) through `EngineProcess`,
+which sends commands down one pipe and reads the jobs' updates from another in a thread of its own.
+
+The child loads the checkpoint itself. The queue is bounded here, in the parent, from the jobs it
+has sent and not yet seen finish; the child queues whatever it is sent. If the child dies, every job
+in hand ends with finish_reason "error" and nothing more is accepted (EngineStopped).
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import threading
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.serve.engine import ERROR, Engine, EngineStopped, Job, Params, QueueFull, Update, deliver
+
+START_TIMEOUT_S = 300  # loading a large checkpoint can take minutes
+
+
+class EngineProcess:
+    """An `Engine` in a child process, driven through pipes."""
+
+    def __init__(
+        self,
+        checkpoint: Path,
+        device: str,
+        dtype: str,
+        block_size: int,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        threads: int | None = None,
+    ) -> None:
+        self.block_size, self.max_batch, self.max_queue = block_size, max_batch, max_queue
+        context = multiprocessing.get_context("spawn")  # a fork would copy the parent's threads' locks
+        command_reader, self.commands = context.Pipe(duplex=False)  # (read end, write end)
+        self.updates, update_writer = context.Pipe(duplex=False)
+        self.process = context.Process(
+            target=_child_main,
+            args=(command_reader, update_writer, str(checkpoint), device, dtype, max_batch, threads),
+            name="lmforge-engine",
+            daemon=True,
+        )
+        self.jobs: dict[int, Job] = {}  # sent and not yet finished
+        self.ids = itertools.count()
+        self.lock = threading.Lock()  # over `jobs` and writes to `commands`
+        self.ended = False
+        self.reader = threading.Thread(target=self._read_updates, name="lmforge-engine-updates", daemon=True)
+
+    def start(self) -> EngineProcess:
+        """Start the child and wait until its model is loaded; its error, if any, is raised here."""
+        self.process.start()
+        if not self.updates.poll(START_TIMEOUT_S):
+            self.process.kill()
+            raise LmforgeError(f"the decoding process did not start within {START_TIMEOUT_S} s")
+        try:
+            kind, message = self.updates.recv()
+        except EOFError:
+            kind, message = "error", f"the decoding process exited (code {self.process.exitcode})"
+        if kind != "ready":
+            raise LmforgeError(message)
+        self.reader.start()
+        return self
+
+    @property
+    def busy(self) -> int:
+        """Slots in use (jobs running, as far as this side knows)."""
+        return min(len(self.jobs), self.max_batch)
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """As `Engine.submit`: all of `jobs` are queued, or none with QueueFull, ValueError or
+        EngineStopped."""
+        for job in jobs:
+            if not 0 < len(job.prompt) <= self.block_size:
+                raise ValueError(f"a prompt of {len(job.prompt)} tokens; the context is {self.block_size}")
+        if len(jobs) > self.max_queue:
+            raise ValueError(f"{len(jobs)} jobs at once; the queue holds {self.max_queue}")
+        with self.lock:
+            if self.ended:
+                raise EngineStopped("the decoding process has stopped; see the server's log")
+            waiting = max(0, len(self.jobs) - self.max_batch)
+            if waiting + len(jobs) > self.max_queue:
+                raise QueueFull(f"{waiting} requests are waiting for one of {self.max_batch} slots")
+            sent = []
+            for job in jobs:
+                key = next(self.ids)
+                self.jobs[key] = job
+                job.on_cancel = lambda key=key: self._cancel(key)
+                sent.append((key, job.prompt, job.params))
+            self._send(("submit", sent))
+
+    def close(self) -> None:
+        """Stop the child; jobs still running end with finish_reason "error"."""
+        with self.lock:
+            if not self.ended:
+                self._send(("close", None))
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        if self.reader.is_alive():
+            self.reader.join(timeout=30)
+        self._end()
+
+    def _cancel(self, key: int) -> None:
+        with self.lock:
+            if self.jobs.pop(key, None) is not None and not self.ended:
+                self._send(("cancel", key))
+
+    def _send(self, command: tuple) -> None:
+        """Write a command (the lock held); a child already gone is noticed by the reader."""
+        try:
+            self.commands.send(command)
+        except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+            pass
+
+    def _read_updates(self) -> None:
+        """Hand each update to its job until the child's end of the pipe closes."""
+        while True:
+            try:
+                key, update = self.updates.recv()
+            except (EOFError, OSError):
+                break
+            with self.lock:
+                job = self.jobs.get(key) if update.finish_reason is None else self.jobs.pop(key, None)
+            if job is not None:
+                deliver(job, update)
+        self._end()
+
+    def _end(self) -> None:
+        """Refuse new jobs and fail those in hand."""
+        with self.lock:
+            self.ended = True
+            jobs, self.jobs = list(self.jobs.values()), {}
+        for job in jobs:
+            deliver(job, Update("", ERROR, job.tokens))
+
+
+def _child_main(
+    commands: Connection,
+    updates: Connection,
+    checkpoint: str,
+    device: str,
+    dtype: str,
+    max_batch: int,
+    threads: int | None,
+) -> None:
+    """The child: load the checkpoint, then run an Engine on the commands until "close"."""
+    import torch
+
+    from lmforge.sample import Sampler
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        sampler = Sampler.load(Path(checkpoint), "last", device, dtype)
+    except Exception as exc:  # reported to the parent, which refuses to serve
+        updates.send(("error", f"the decoding process could not load {checkpoint}: {exc}"))
+        return
+    jobs: dict[int, Job] = {}  # sent by the parent and not yet finished
+    lock = threading.Lock()  # over `jobs`: the engine's thread finishes jobs, this one adds them
+
+    def job(key: int, prompt: list[int], params: Params) -> Job:
+        def report(update: Update) -> None:  # called from the engine's thread
+            if update.finish_reason is not None:
+                with lock:
+                    jobs.pop(key, None)
+            updates.send((key, update))
+
+        return Job(prompt, params, report)
+
+    engine = Engine(sampler, max_batch, max_queue=2**31).start()  # the parent bounds the queue
+    updates.send(("ready", ""))
+    while True:
+        kind, payload = commands.recv()
+        if kind == "close":
+            break
+        if kind == "cancel":
+            with lock:
+                cancelled = jobs.pop(payload, None)
+            if cancelled is not None:
+                cancelled.cancel()
+            continue
+        submitted = {key: job(key, prompt, params) for key, prompt, params in payload}
+        with lock:
+            jobs.update(submitted)
+        try:
+            engine.submit(list(submitted.values()))
+        except EngineStopped:  # its thread has died: once this process ends, the parent fails the jobs
+            break
+    engine.close()
