@@ -348,7 +348,9 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+def _add_checkpoint_args(
+    p: argparse.ArgumentParser, threads_default: str = "PyTorch's: one per core"
+) -> None:
     p.add_argument("target", help="a run folder or a checkpoint folder")
     p.add_argument(
         "--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder"
@@ -358,8 +360,8 @@ def _add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=positive_int,
-        help="CPU threads for the model's operations (default: PyTorch's, one per core); a small "
-        "model decodes faster on one, which also leaves the other cores to a server's HTTP side",
+        help=f"CPU threads for the model's operations (default: {threads_default}); a small model "
+        "decodes as fast or faster on fewer",
     )
 
 
@@ -493,6 +495,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise LmforgeError(
             f"serve needs the serve extra ({exc.name} is missing): pip install 'lmforge[serve]'"
         ) from None
+    import torch
+
     from lmforge.sample import Sampler
 
     target = Path(args.target)
@@ -506,7 +510,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=api_key,
         host=args.host,
         engine_process=True,
-        threads=args.threads,
+        threads=args.threads or max(1, torch.get_num_threads() - 1),
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
@@ -547,7 +551,7 @@ def _add_serve(verbs: argparse._SubParsersAction) -> None:
         "/v1/chat/completions (OpenAI's API, streamed with stream: true), and a chat playground at /. "
         "Concurrent requests decode together in one batched KV cache.",
     )
-    _add_checkpoint_args(p)
+    _add_checkpoint_args(p, threads_default="one per core but one, which the HTTP side gets")
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
     )
