@@ -4,11 +4,12 @@ The same model runs both ways in one invocation: `lmforge serve` in its own proc
 HTTP by streaming clients (one thread per stream, each sending `--requests` requests one after
 another), and the `lmforge export` of the same checkpoint loaded with transformers'
 AutoModelForCausalLM and decoded with `generate` (a batch of 8 for 8 streams). Same prompts (token
-ids), same lengths, greedy, the same number of CPU threads (`--threads`). This machine's speed drifts
-by tens of percent within minutes, so the two alternate: each of `--rounds` rounds runs every phase
-of both once. Reported: the median over rounds of tokens/s (all streams together) and of the median
-time to first token; then lmforge / transformers at one stream and lmforge's 8-stream / 1-stream
-ratio, each the median of the rounds' own ratios, with their range.
+ids), same lengths, greedy; `--threads N` puts both on N CPU threads, else each takes its default
+(transformers PyTorch's, one per core; `lmforge serve` one per core but one). This machine's speed
+drifts by tens of percent within minutes, so the two alternate: each of `--rounds` rounds runs
+every phase of both once. Reported: the median over rounds of tokens/s (all streams together) and
+of the median time to first token; then lmforge / transformers at one stream and lmforge's 8-stream
+/ 1-stream ratio, each the median of the rounds' own ratios, with their range.
 
 Without --run, the model is the demo's architecture (configs/shakespeare-char.toml: Llama-style,
 4 layers, d_model 128, 128-token context) with random weights and a char vocabulary without
@@ -220,7 +221,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=96, help="tokens generated per request")
     p.add_argument("--requests", type=int, default=4, help="requests per stream and round")
     p.add_argument("--rounds", type=int, default=5, help="times each phase runs, alternating")
-    p.add_argument("--threads", type=int, help="CPU threads of both (default: PyTorch's, one per core)")
+    p.add_argument("--threads", type=int, help="CPU threads of both (default: each its own default)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     p.add_argument("--json", help="also write the results as JSON to this file")
     return p.parse_args()
@@ -282,7 +283,9 @@ def ratios(top: list[dict], bottom: list[dict]) -> list[float]:
 
 
 def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: Path) -> None:
-    print(f"{args.rounds} rounds, CPU threads: {args.threads or torch.get_num_threads()}")
+    threads = args.threads or torch.get_num_threads()
+    served = args.threads or max(1, threads - 1)  # `lmforge serve`'s default
+    print(f"{args.rounds} rounds, CPU threads: lmforge serve {served}, transformers {threads}")
     print(f"{'':14}{'streams':>8}{'tokens':>8}{'tokens/s':>11}{'TTFT ms':>10}   (medians over rounds)")
     for name, results in (("lmforge serve", ours), ("transformers", theirs)):
         for s, rounds in results.items():
@@ -309,7 +312,7 @@ def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: 
         strip = lambda r: {k: v for k, v in r.items() if k not in ("text", "ids")}  # noqa: E731
         record = {
             "machine": info,
-            "threads": args.threads or torch.get_num_threads(),
+            "threads": {"lmforge": served, "transformers": threads},
             "lmforge": {s: [strip(r) for r in rounds] for s, rounds in ours.items()},
             "transformers": {s: [strip(r) for r in rounds] for s, rounds in theirs.items()},
             "single_stream_ratios": single,

@@ -158,9 +158,10 @@ def test_serve_benchmark_compares_lmforge_serve_with_transformers(tmp_path: Path
     assert (
         "lmforge / transformers at 1 stream:" in result.stdout and "lmforge 3 streams / 1:" in result.stdout
     )
-    assert "2 rounds, CPU threads: 1" in result.stdout
+    assert "2 rounds, CPU threads: lmforge serve 1, transformers 1" in result.stdout
     record = json.loads((tmp_path / "serve.json").read_text())
     for ours, theirs in zip(record["lmforge"]["3"], record["transformers"]["3"], strict=True):
         assert ours["tokens"] == theirs["tokens"] == 18  # same lengths, in every round
-    assert len(record["single_stream_ratios"]) == len(record["scaling"]) == 2 and record["threads"] == 1
+    assert len(record["single_stream_ratios"]) == len(record["scaling"]) == 2
+    assert record["threads"] == {"lmforge": 1, "transformers": 1}
     assert all(r["ttft_ms"] > 0 for r in record["lmforge"]["1"]) and record["greedy_identical"] is True
