@@ -391,6 +391,16 @@ def _add_guards(app: FastAPI, api_key: str | None, host: str) -> None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=[f"[{n}]" if ":" in n else n for n in names])
 
 
+def _make_engine(
+    sampler: Sampler, max_batch: int, max_queue: int, own_process: bool, threads: int | None
+) -> Engine | EngineProcess:
+    if not own_process:
+        return Engine(sampler, max_batch, max_queue)
+    block_size = sampler.model.config.block_size
+    device = str(sampler.device)
+    return EngineProcess(sampler.checkpoint, device, sampler.dtype, block_size, max_batch, max_queue, threads)
+
+
 def create_app(
     sampler: Sampler,
     model_name: str,
@@ -402,19 +412,11 @@ def create_app(
     engine_process: bool = False,
     threads: int | None = None,
 ) -> FastAPI:
-    """The server's app; its engine (`app.state.engine`) runs while the app does (its lifespan).
-    Without `api_key`, only requests addressed to this machine (loopback names, or `host`, the
-    address it is bound to) are answered: a web page cannot reach it through a name of its own.
-    With `engine_process` the engine runs in a child process (`worker.py`) on `threads` CPU threads,
-    where the HTTP side cannot slow it; else in a thread of this one."""
+    """The server's app; its engine (`app.state.engine`: a child process on `threads` CPU threads with
+    `engine_process`, else a thread) runs while the app does. Without `api_key`, only requests to this
+    machine (loopback names, or `host`) are answered: a web page cannot reach it by a name of its own."""
     block_size = sampler.model.config.block_size
-    engine: Engine | EngineProcess = (
-        EngineProcess(
-            sampler.checkpoint, str(sampler.device), sampler.dtype, block_size, max_batch, max_queue, threads
-        )
-        if engine_process
-        else Engine(sampler, max_batch, max_queue)
-    )
+    engine = _make_engine(sampler, max_batch, max_queue, engine_process, threads)
     template = ChatTemplate.of_checkpoint(sampler.checkpoint, sampler.tokenizer)
     served = Served(sampler, engine, template, model_name)
     playground = files("lmforge.serve").joinpath("playground.html").read_text(encoding="utf-8")
