@@ -129,13 +129,11 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         # fp32 copies of q, k, v; SDPA's fp32 output and log-sum-exp; proj's bf16 copy of the output
         attn = FP32 * qkv + FP32 * d + FP32 * H + c * d
     else:
-        # v keeps the whole qkv output alive; rope or QK-norm feed SDPA new q and k; with QK-norm they are
-        # contiguous clones, so SDPA's output is laid out [B, H, T, hd] and proj's input becomes a copy
+        # v keeps the whole qkv output alive; rope or QK-norm feed SDPA new q and k, laid out [B, T, H, hd]
+        # as the qkv output is, so SDPA's output is too and proj's input is a view of it
         attn = c * qkv + FP32 * H + c * d
         if model.position == "rope" or model.qk_norm:
             attn += c * qk
-        if model.qk_norm:
-            attn += c * d
     if model.qk_norm:  # rms_norm on q and k saves q·rstd, k·rstd and the rstds (in fp32 on CPU under bf16)
         attn += a * qk + FP32 * (H + Hkv)
         if fp32_attention:
