@@ -261,8 +261,11 @@ def test_a_streaming_request_without_the_key_is_401(sampler: Sampler) -> None:
 
 def test_without_a_key_a_foreign_host_name_is_refused(server: LiveServer, sampler: Sampler) -> None:
     """A web page on evil.example whose name now points at 127.0.0.1 (DNS rebinding) gets nothing."""
-    assert httpx.get(f"{server.url}/v1/models", headers={"Host": "evil.example"}).status_code == 400
-    assert httpx.get(f"{server.url}/v1/models", headers={"Host": "localhost:8000"}).status_code == 200
+    for path in ("/v1/models", "/"):
+        refused = httpx.get(f"{server.url}{path}", headers={"Host": "evil.example:8000"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_host"
+    for name in ("localhost:8000", "LOCALHOST", "127.0.0.1", "[::1]:8000"):
+        assert httpx.get(f"{server.url}/v1/models", headers={"Host": name}).status_code == 200
     with serve(sampler, api_key="s3cret") as keyed:  # a key guards the API: any name may reach it
         headers = {"Host": "evil.example", "Authorization": "Bearer s3cret"}
         assert httpx.get(f"{keyed.url}/v1/models", headers=headers).status_code == 200

@@ -27,7 +27,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmforge.chat.template import ChatTemplate
@@ -299,16 +298,27 @@ class BodyTooLarge(HTTPException):
 
 
 class Guard:
-    """ASGI middleware before the API: the API key (when set) and the size of the body, refused as
-    soon as its Content-Length says so or its bytes so far go past the limit."""
+    """ASGI middleware before everything: the Host names answered (when `hosts` is given), then for
+    the API the key (when set) and the size of the body, refused as soon as its Content-Length says
+    so or its bytes so far go past the limit. Every refusal is an OpenAI error body."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app, self.api_key = app, api_key
+    def __init__(self, app: ASGIApp, api_key: str | None, hosts: set[str] | None) -> None:
+        self.app, self.api_key, self.hosts = app, api_key, hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        if self.hosts is not None and _host_name(headers.get(b"host", b"")) not in self.hosts:
+            error = ApiError(
+                400,
+                "this server answers only to its own names (Host: localhost, 127.0.0.1, [::1] or its "
+                "--host) unless it has an --api-key",
+                code="invalid_host",
+            )
+            return await _error_response(error)(scope, receive, send)
+        if not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
         expected = f"Bearer {self.api_key}".encode()
         if self.api_key is not None and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
             error = ApiError(
@@ -384,11 +394,17 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_guards(app: FastAPI, api_key: str | None, host: str) -> None:
-    """The API key and body size (Guard); without a key, the Host names this server answers to."""
-    app.add_middleware(Guard, api_key=api_key)
-    if api_key is None:  # added last: runs first
-        names = {*LOOPBACK_HOSTS, host}
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[f"[{n}]" if ":" in n else n for n in names])
+    """The API key and body size; without a key, the Host names this server answers to (Guard)."""
+    names = None if api_key is not None else {f"[{n}]" if ":" in n else n for n in {*LOOPBACK_HOSTS, host}}
+    app.add_middleware(Guard, api_key=api_key, hosts=names)
+
+
+def _host_name(header: bytes) -> str:
+    """The name in a Host header, without its port: `localhost`, `127.0.0.1`, `[::1]`."""
+    host = header.decode("latin-1").strip().lower()
+    if host.startswith("[") and "]" in host:
+        return host[: host.index("]") + 1]
+    return host.split(":")[0]
 
 
 def _make_engine(
