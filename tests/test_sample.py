@@ -57,3 +57,14 @@ def test_threads_sets_the_cpu_threads_the_model_runs_on(cli, tmp_path: Path) -> 
         assert code == 0 and out and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_sampler_without_weights_has_the_checkpoints_config_and_tokenizer_and_no_memory(
+    tmp_path: Path,
+) -> None:
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    full = Sampler.load(run, "last", "cpu", "fp32")
+    light = Sampler.load(run, "last", "cpu", "fp32", weights=False)
+    assert light.model.config == full.model.config and light.checkpoint == full.checkpoint
+    assert all(p.is_meta for p in light.model.parameters())
+    assert light.prompt_ids("ab") == full.prompt_ids("ab")

@@ -500,7 +500,8 @@ def _serve(args: argparse.Namespace) -> int:
     from lmforge.sample import Sampler
 
     target = Path(args.target)
-    sampler = Sampler.load(target, args.checkpoint, args.device, args.dtype)
+    # the engine's process loads the weights; this one needs the tokenizer and configuration only
+    sampler = Sampler.load(target, args.checkpoint, args.device, args.dtype, weights=False)
     name = args.model_name or target.resolve().name
     app = create_app(
         sampler,

@@ -52,10 +52,11 @@ class Sampler:
     checkpoint: Path | None = None  # the folder it was loaded from
 
     @classmethod
-    def load(cls, target: Path, which: str, device: str, dtype: str) -> Sampler:
-        """Load checkpoint `which` (best, last, a folder) of `target` onto `device` (auto, cpu, cuda:N)."""
+    def load(cls, target: Path, which: str, device: str, dtype: str, weights: bool = True) -> Sampler:
+        """Load checkpoint `which` (best, last, a folder) of `target` onto `device` (auto, cpu, cuda:N);
+        without `weights`, its model has none (the meta device): for a process that never runs it."""
         torch_device = resolve_device(device)
-        loaded = load_for_inference(target, which, torch_device)
+        loaded = load_for_inference(target, which, torch_device, weights)
         return cls(loaded.model, load_tokenizer(loaded.tokenizer_file), torch_device, dtype, loaded.path)
 
     def prompt_ids(self, prompt: str) -> list[int]:

@@ -301,8 +301,12 @@ class LoadedCheckpoint:
     tokenizer_file: Path
 
 
-def load_for_inference(target: Path, which: str, device: torch.device) -> LoadedCheckpoint:
-    """Verify and load a checkpoint (from a run folder or a checkpoint folder) in eval mode."""
+def load_for_inference(
+    target: Path, which: str, device: torch.device, weights: bool = True
+) -> LoadedCheckpoint:
+    """Verify and load a checkpoint (from a run folder or a checkpoint folder) in eval mode. Without
+    `weights` the model is built on the meta device and nothing is read into it: its configuration
+    without its memory, for a process that never runs it (`serve`'s HTTP side)."""
     from lmforge.model.gpt import GPT  # the model depends on config only; keep this module light
 
     if not target.exists():
@@ -310,6 +314,10 @@ def load_for_inference(target: Path, which: str, device: torch.device) -> Loaded
     path = resolve_checkpoint(target, which)
     meta = verify_checkpoint(path)
     config = load_config_of(path)
+    if not weights:
+        with torch.device("meta"):
+            model = GPT(config.model).eval()
+        return LoadedCheckpoint(path, int(meta["step"]), config, model, path / "tokenizer.json")
     model: torch.nn.Module = GPT(config.model)
     if config.lora.rank > 0:  # weights are stored with their adapters: load, then merge
         from lmforge.model.lora import apply_lora, merge_lora
