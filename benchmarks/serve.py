@@ -38,6 +38,7 @@ import httpx
 import torch
 
 from lmforge.sample import Sampler
+from lmforge.serve.worker import default_threads
 
 REPO = Path(__file__).resolve().parents[1]
 ALPHABET = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # TinyShakespeare's 65
@@ -284,7 +285,7 @@ def ratios(top: list[dict], bottom: list[dict]) -> list[float]:
 
 def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: Path) -> None:
     threads = args.threads or torch.get_num_threads()
-    served = args.threads or max(1, threads - 1)  # `lmforge serve`'s default
+    served = args.threads or default_threads()  # `lmforge serve`'s
     print(f"{args.rounds} rounds, CPU threads: lmforge serve {served}, transformers {threads}")
     print(f"{'':14}{'streams':>8}{'tokens':>8}{'tokens/s':>11}{'TTFT ms':>10}   (medians over rounds)")
     for name, results in (("lmforge serve", ours), ("transformers", theirs)):

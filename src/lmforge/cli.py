@@ -495,9 +495,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise LmforgeError(
             f"serve needs the serve extra ({exc.name} is missing): pip install 'lmforge[serve]'"
         ) from None
-    import torch
-
     from lmforge.sample import Sampler
+    from lmforge.serve.worker import default_threads
 
     target = Path(args.target)
     # the engine's process loads the weights; this one needs the tokenizer and configuration only
@@ -511,7 +510,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=api_key,
         host=args.host,
         engine_process=True,
-        threads=args.threads or max(1, torch.get_num_threads() - 1),
+        threads=args.threads or default_threads(),
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(

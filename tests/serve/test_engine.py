@@ -30,10 +30,14 @@ def slow(sampler: Sampler, delay: float = 0.05) -> Sampler:
     return dataclasses.replace(sampler, model=SlowModel(sampler.model, delay))
 
 
-def run_jobs(engine: Engine, prompts: list[list[int]], params: Params) -> list[tuple[str, str, int]]:
-    """Submit every prompt at once; (text, finish_reason, tokens) of each, in order."""
+def run_jobs(
+    engine: Engine, prompts: list[list[int]], params: Params | list[Params]
+) -> list[tuple[str, str, int]]:
+    """Submit every prompt at once (with `params`, or params[i] each); (text, finish_reason, tokens)
+    of each, in order."""
+    each = params if isinstance(params, list) else [params] * len(prompts)
     received: list[queue.Queue[Update]] = [queue.Queue() for _ in prompts]
-    engine.submit([Job(prompt, params, received[i].put) for i, prompt in enumerate(prompts)])
+    engine.submit([Job(prompt, p, received[i].put) for i, (prompt, p) in enumerate(zip(prompts, each))])
     return [collect(updates) for updates in received]
 
 
@@ -161,9 +165,7 @@ def test_slots_are_reused_mid_batch_and_each_request_decodes_as_alone(sampler: S
     two = Engine(sampler, max_batch=2).start()
     try:
         solo = [run_jobs(alone, [prompt], p)[0] for prompt, p in zip(prompts, params)]
-        received: list[queue.Queue[Update]] = [queue.Queue() for _ in prompts]
-        two.submit([Job(prompt, p, received[i].put) for i, (prompt, p) in enumerate(zip(prompts, params))])
-        batched = [collect(updates) for updates in received]
+        batched = run_jobs(two, prompts, params)
     finally:
         alone.close()
         two.close()
@@ -177,9 +179,7 @@ def test_sampling_with_a_seed_is_the_same_batched_or_alone(sampler: Sampler) -> 
     together = Engine(sampler, max_batch=4).start()
     try:
         solo = [run_jobs(alone, [prompt], p)[0] for prompt, p in zip(prompts, hot)]
-        received: list[queue.Queue[Update]] = [queue.Queue() for _ in prompts]
-        together.submit([Job(prompt, p, received[i].put) for i, (prompt, p) in enumerate(zip(prompts, hot))])
-        batched = [collect(updates) for updates in received]
+        batched = run_jobs(together, prompts, hot)
     finally:
         alone.close()
         together.close()

@@ -1,8 +1,9 @@
 """`lmforge serve`'s HTTP side: OpenAI's /v1/models, /v1/completions and /v1/chat/completions
 (streamed as server-sent events with `stream: true`), and the web playground at /.
 
-Every request's choices run as jobs of the one decoding engine (`engine.py`); their text comes
-back here through the event loop. Every failure is answered with OpenAI's error body
+Every request's choices run as jobs of the one decoding engine (`engine.py`; `lmforge serve` runs
+it in a child process, `worker.py`); their text comes back here through the event loop. Every
+failure is answered with OpenAI's error body
 {"error": {"message", "type", "param", "code"}}: 400 for a bad field or body, 401 for a wrong API
 key, 404 for another model's name, 413 for a prompt longer than the context or a body over
 MAX_BODY_BYTES, 503 with Retry-After when the queue is full (503 without it once the engine has

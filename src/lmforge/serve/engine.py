@@ -121,11 +121,7 @@ class Engine:
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue `jobs` together (the n choices of one request), or none: QueueFull while the queue is
         too full, ValueError if they could never fit in it, EngineStopped once the thread has ended."""
-        for job in jobs:
-            if not 0 < len(job.prompt) <= self.block_size:
-                raise ValueError(f"a prompt of {len(job.prompt)} tokens; the context is {self.block_size}")
-        if len(jobs) > self.max_queue:
-            raise ValueError(f"{len(jobs)} jobs at once; the queue holds {self.max_queue}")
+        check_fit(jobs, self.block_size, self.max_queue)
         with self.changed:
             if self.stopping or self.ended:
                 raise EngineStopped("the decoding engine has stopped; see the server's log")
@@ -247,6 +243,15 @@ class Engine:
             self.waiting.clear()
         for job in jobs:
             deliver(job, Update("", ERROR, job.tokens))
+
+
+def check_fit(jobs: Sequence[Job], block_size: int, max_queue: int) -> None:
+    """ValueError unless every prompt fits the context and the jobs together fit the queue."""
+    for job in jobs:
+        if not 0 < len(job.prompt) <= block_size:
+            raise ValueError(f"a prompt of {len(job.prompt)} tokens; the context is {block_size}")
+    if len(jobs) > max_queue:
+        raise ValueError(f"{len(jobs)} jobs at once; the queue holds {max_queue}")
 
 
 def deliver(job: Job, update: Update) -> None:

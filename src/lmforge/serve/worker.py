@@ -21,9 +21,27 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.engine import ERROR, Engine, EngineStopped, Job, Params, QueueFull, Update, deliver
+from lmforge.serve.engine import (
+    ERROR,
+    Engine,
+    EngineStopped,
+    Job,
+    Params,
+    QueueFull,
+    Update,
+    check_fit,
+    deliver,
+)
 
 START_TIMEOUT_S = 300  # loading a large checkpoint can take minutes
+
+
+def default_threads() -> int:
+    """The engine's CPU threads unless told: one per core (PyTorch's count) but one, which the HTTP
+    side and its clients get; a small model decodes no slower on fewer (benchmarks/serve.py)."""
+    import torch
+
+    return max(1, torch.get_num_threads() - 1)
 
 
 class EngineProcess:
@@ -78,11 +96,7 @@ class EngineProcess:
     def submit(self, jobs: Sequence[Job]) -> None:
         """As `Engine.submit`: all of `jobs` are queued, or none with QueueFull, ValueError or
         EngineStopped."""
-        for job in jobs:
-            if not 0 < len(job.prompt) <= self.block_size:
-                raise ValueError(f"a prompt of {len(job.prompt)} tokens; the context is {self.block_size}")
-        if len(jobs) > self.max_queue:
-            raise ValueError(f"{len(jobs)} jobs at once; the queue holds {self.max_queue}")
+        check_fit(jobs, self.block_size, self.max_queue)
         with self.lock:
             if self.ended:
                 raise EngineStopped("the decoding process has stopped; see the server's log")
