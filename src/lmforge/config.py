@@ -74,6 +74,9 @@ class ModelConfig:
     dropout: float = 0.0  # probability, on embeddings, residual branches and attention; 0: none
     zero_init_residual: bool = False  # start attention and MLP output projections at zero
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None: no cap
+    # lm: next-token logits. span: start and end scores per position, for answers that are a span of
+    # the prompt (extractive QA, as BERT's SQuAD head); fine-tuned from an lm checkpoint with init_from
+    head: Literal["lm", "span"] = "lm"
 
 
 @dataclass
@@ -358,6 +361,17 @@ def validate(config: Config, origin: str) -> None:
     )
     _validate_lora(config.lora, need)
     _validate_privacy(config, need)
+    if config.model.head == "span":
+        need(
+            config.data.kind == "sft",
+            "data.kind",
+            'must be "sft" with model.head = "span" (prompt/completion data)',
+        )
+        need(
+            config.lora.rank == 0,
+            "lora.rank",
+            'must be 0 with model.head = "span" (the new head trains in full)',
+        )
 
 
 # Upper bounds on the two sizes a typo can blow up (an extra digit, 2**30 for 2**13): caught here, the

@@ -7,17 +7,22 @@ import torch
 from lmforge.chat.template import ChatTemplate, Segment
 from lmforge.config import ModelConfig
 from lmforge.data.sft import (
+    AnswerSpan,
     ExampleBatches,
     SFTData,
     collate,
+    collate_spans,
+    parse_answer_span,
     prompt_completion,
     read_examples,
+    read_records,
     tokenize_examples,
+    tokenize_spans,
 )
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
-from lmforge.model.gpt import IGNORE_INDEX
+from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :\n?!.,'"
 
@@ -186,3 +191,52 @@ def test_chat_examples_train_on_every_assistant_reply_and_nothing_else(tmp_path:
     _, y = collate([example])
     trained = tokenizer.decode(y[0][y[0] != IGNORE_INDEX].tolist(), skip_special_tokens=False)
     assert trained == f" hello{EOT}\n fine{EOT}\n"
+
+
+@pytest.mark.parametrize(
+    "record, span",
+    [
+        ({"prompt": "a b a b:", "completion": " b"}, (2, 3)),  # the first occurrence
+        ({"prompt": "a b a b:", "completion": " b", "answer_start": 6}, (6, 7)),
+    ],
+)
+def test_a_span_is_the_given_occurrence_of_the_completion_else_the_first(record: dict, span) -> None:
+    assert parse_answer_span(record) == AnswerSpan(record["prompt"], *span)
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "abc", "completion": " x"}, "the completion 'x' is not in the prompt anywhere"),
+        ({"prompt": "abc", "completion": " b", "answer_start": 0}, "is not in the prompt at answer_start 0"),
+        ({"prompt": "abc", "completion": " b", "answer_start": "1"}, "'answer_start' must be an integer"),
+        ({"messages": []}, "a span head reads no 'messages'"),
+    ],
+)
+def test_a_span_that_is_not_in_its_prompt_is_a_bad_line(tmp_path: Path, record: dict, message: str) -> None:
+    path = write_jsonl(tmp_path / "spans.jsonl", [{"prompt": "abc", "completion": " c"}, record])
+    with pytest.raises(LmforgeError, match=f"spans.jsonl:2: .*{message}"):
+        read_records(path, "error", parse_answer_span)
+    assert read_records(path, "skip", parse_answer_span) == [AnswerSpan("abc", 2, 3)]
+
+
+def test_span_targets_flag_the_answers_first_and_last_token_and_ignore_padding() -> None:
+    tokenizer = char_tokenizer(ALPHABET)
+    spans = [AnswerSpan("the cat sat:", 4, 7), AnswerSpan("a b:", 2, 3)]
+    x, y = collate_spans(tokenize_spans(spans, tokenizer, 64, Path("f.jsonl")))
+    assert tokenizer.decode(x[0, :12].tolist()) == "the cat sat:"
+    expected = [SPAN_OTHER] * 4 + [SPAN_START, SPAN_OTHER, SPAN_END] + [SPAN_OTHER] * 5
+    assert y[0, :12].tolist() == expected and (y[0, 12:] == IGNORE_INDEX).all()
+    assert y[1, :4].tolist() == [SPAN_OTHER, SPAN_OTHER, SPAN_START | SPAN_END, SPAN_OTHER]
+    assert (y[1, 4:] == IGNORE_INDEX).all() and x.size(1) == 16  # padded to a multiple of 16
+
+
+def test_a_long_prompt_loses_its_start_and_an_answer_cut_off_drops_its_example(capsys) -> None:
+    tokenizer = char_tokenizer(ALPHABET)
+    prompt = "x" * 30 + " answer here:"
+    spans = [AnswerSpan(prompt, 31, 37), AnswerSpan(prompt, 0, 2)]  # "answer" survives, "xx" does not
+    (kept,) = tokenize_spans(spans, tokenizer, 20, Path("f.jsonl"))
+    assert tokenizer.decode([i for i, t in zip(kept.ids, kept.trained) if t]) == "answer"
+    assert "2 of 2 prompts were longer than block_size = 20 tokens" in capsys.readouterr().err
+    with pytest.raises(LmforgeError, match="f.jsonl: no example keeps its answer"):
+        tokenize_spans(spans[1:], tokenizer, 20, Path("f.jsonl"))

@@ -341,3 +341,30 @@ def test_stale_keys_beyond_a_rows_length_are_never_seen() -> None:
             alone, _ = model(torch.cat([prompt, next_tokens[row : row + 1]], dim=1))
             torch.testing.assert_close(logits[row, -1], alone[0, -1])
     assert batched.length.tolist() == [3, 10, 5] and batched.longest == 10
+
+
+def test_span_loss_is_the_mean_of_start_and_end_cross_entropy_over_the_prompt() -> None:
+    from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START
+
+    torch.manual_seed(0)
+    model = GPT(tiny(head="span"))
+    x = torch.randint(0, 50, (2, 8))
+    y = torch.full((2, 8), SPAN_OTHER)
+    y[0, 2], y[0, 4] = SPAN_START, SPAN_END
+    y[1, 5] = SPAN_START | SPAN_END
+    y[1, 6:] = IGNORE_INDEX  # padding: never a candidate
+    scores, loss = model(x, y)
+    assert scores.shape == (2, 8, 2)
+    expected = 0.0
+    for row, (start, end, n) in enumerate([(2, 4, 8), (5, 5, 6)]):
+        log_probs = torch.log_softmax(scores[row, :n], dim=0)  # over the row's positions
+        expected -= (log_probs[start, 0] + log_probs[end, 1]) / 2
+    assert torch.allclose(loss, expected / 2)
+    x[1, 6:] = 7  # what padding holds does not matter
+    assert torch.allclose(model(x, y)[1], loss)
+
+
+def test_a_span_model_costs_its_blocks_and_a_two_column_head() -> None:
+    lm, span = GPT(tiny()), GPT(tiny(head="span"))
+    d, V, T = 32, 50, 16
+    assert span.training_flops(1, T) == lm.training_flops(1, T) - 6 * V * d * T + 6 * 2 * d * T

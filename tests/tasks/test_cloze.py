@@ -43,6 +43,8 @@ def test_the_blanked_span_is_in_another_sentence_of_the_context(cli, tmp_path: P
         assert record["completion"] == " " + span and span in PARAGRAPHS
         assert question.count(BLANK) == 1 and span in context
         assert question.replace(BLANK, span) not in context  # the question's sentence left the context
+        at = record["answer_start"]  # the span's occurrence in the context, for a span head
+        assert record["prompt"][at : at + len(span)] == span and at > record["prompt"].index("\nContext: ")
         assert record["prompt"].endswith(f"\nQuestion: {question}\nAnswer:")  # SQuAD's prompt
 
 
@@ -68,6 +70,8 @@ def test_cloze_files_load_as_fine_tuning_data(cli, tmp_path: Path) -> None:
     byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
     data = SFTData(tmp_path / "cloze", tmp_path / "tokenizer.json", block_size=256)
     assert (len(data.train), len(data.val)) == (22, 1)
+    spans = SFTData(tmp_path / "cloze", tmp_path / "tokenizer.json", block_size=256, spans=True)
+    assert (len(spans.train), len(spans.val)) == (22, 1)
 
 
 def test_gutenberg_cloze_takes_train_books_for_train_and_valid_books_for_eval(

@@ -22,6 +22,10 @@ def test_squad_is_split_by_article(shared_data: Path, tmp_path: Path) -> None:
     assert all(
         e["completion"] == " " + e["answers"][0] and e["answers"][0] in e["prompt"] for e in train[:50]
     )
+    # answer_start: the annotated occurrence in the context (what a span head learns to point at)
+    for e in train + val + held_out:
+        at, answer = e["answer_start"], e["answers"][0]
+        assert e["prompt"][at : at + len(answer)] == answer and at > e["prompt"].index("\nContext: ")
     assert prepare_task("squad", tmp_path / "again") == prepared  # deterministic
 
 

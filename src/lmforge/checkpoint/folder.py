@@ -267,8 +267,9 @@ def load_config_of(path: Path) -> Config:
 
 def init_model_config(source: Path, config: ModelConfig) -> ModelConfig:
     """The model config of a run started from checkpoint `source` (`train.init_from`): the
-    architecture is the checkpoint's, the regularisation (dropout) stays `config`'s."""
-    return dataclasses.replace(load_config_of(source).model, dropout=config.dropout)
+    architecture is the checkpoint's, the regularisation (dropout) and the head (a language model
+    fine-tuned into a span model) stay `config`'s."""
+    return dataclasses.replace(load_config_of(source).model, dropout=config.dropout, head=config.head)
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
@@ -302,11 +303,12 @@ class LoadedCheckpoint:
 
 
 def load_for_inference(
-    target: Path, which: str, device: torch.device, weights: bool = True
+    target: Path, which: str, device: torch.device, weights: bool = True, any_head: bool = False
 ) -> LoadedCheckpoint:
     """Verify and load a checkpoint (from a run folder or a checkpoint folder) in eval mode. Without
     `weights` the model is built on the meta device and nothing is read into it: its configuration
-    without its memory, for a process that never runs it (`serve`'s HTTP side)."""
+    without its memory, for a process that never runs it (`serve`'s HTTP side). A span model
+    (model.head = "span") generates no text: refused unless `any_head`."""
     from lmforge.model.gpt import GPT  # the model depends on config only; keep this module light
 
     if not target.exists():
@@ -314,6 +316,11 @@ def load_for_inference(
     path = resolve_checkpoint(target, which)
     meta = verify_checkpoint(path)
     config = load_config_of(path)
+    if config.model.head != "lm" and not any_head:
+        raise LmforgeError(
+            f'{path}: a span model (model.head = "{config.model.head}") picks answers out of its prompt '
+            "and generates no text; score it with `lmforge eval --task`"
+        )
     if not weights:
         with torch.device("meta"):
             model = GPT(config.model).eval()

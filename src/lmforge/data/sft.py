@@ -7,15 +7,18 @@ chat template (`lmforge.chat.template`), which decides the format and the end of
 Targets outside the completion or the assistant's replies are IGNORE_INDEX, which
 `cross_entropy` ignores. Batches are padded to their longest example; right padding cannot
 affect earlier positions under causal attention.
+
+For a span head (model.head = "span") each completion is instead found in its prompt, and the
+targets mark where the answer starts and ends there (`collate_spans`).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tokenizers import Tokenizer
@@ -31,9 +34,10 @@ from lmforge.data.protocol import Batch
 from lmforge.data.tokenizer import load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import decode_line, loads, read_lines
-from lmforge.model.gpt import IGNORE_INDEX
+from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START
 
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,15 +71,21 @@ def read_examples(path: Path, on_bad_line: str, template: ChatTemplate | None = 
 
     `template` renders `messages` lines and gives the eos_token that ends a completion
     (default: DEFAULT_CHAT_TEMPLATE without special tokens)."""
+    template = template or ChatTemplate(DEFAULT_CHAT_TEMPLATE)
+    return read_records(path, on_bad_line, lambda record: _parse_example(record, template))
+
+
+def read_records(path: Path, on_bad_line: str, parse: Callable[[object], T]) -> list[T]:
+    """`parse` applied to each JSON line of a file; a line it refuses (ValueError) raises or is
+    skipped with a count."""
     if not path.is_file():
         raise LmforgeError(f"{path}: not found")
-    template = template or ChatTemplate(DEFAULT_CHAT_TEMPLATE)
     examples, skipped = [], 0
     for line_no, raw in read_lines(path):
         if not raw.strip():
             continue
         try:
-            examples.append(_parse_example(loads(decode_line(raw)), template))
+            examples.append(parse(loads(decode_line(raw))))
         except ValueError as exc:  # JSONDecodeError and invalid UTF-8 included
             if on_bad_line != "skip":
                 raise LmforgeError(
@@ -102,6 +112,64 @@ def _parse_example(record: object, template: ChatTemplate) -> list[Segment]:
     if not "".join(s.text for s in segments if s.assistant).strip():
         raise ValueError("empty completion")
     return segments
+
+
+@dataclass(frozen=True)
+class AnswerSpan:
+    """An extractive example: the prompt, and where in it (characters start:end) the answer lies."""
+
+    prompt: str
+    start: int
+    end: int
+
+
+def parse_answer_span(record: object) -> AnswerSpan:
+    """A prompt/completion record whose completion is a span of its prompt: at the record's
+    `answer_start` (a character offset into the prompt) if given, else its first occurrence."""
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise ValueError("expected string fields 'prompt' and 'completion' (a span head reads no 'messages')")
+    answer = completion.strip()
+    if not answer:
+        raise ValueError("empty completion")
+    start = record.get("answer_start", prompt.find(answer))
+    if not isinstance(start, int) or isinstance(start, bool):
+        raise ValueError(f"'answer_start' must be an integer, got {start!r}")
+    if start < 0 or prompt[start : start + len(answer)] != answer:
+        where = f"at answer_start {start}" if "answer_start" in record else "anywhere"
+        raise ValueError(f"the completion {answer[:40]!r} is not in the prompt {where}")
+    return AnswerSpan(prompt, start, start + len(answer))
+
+
+def tokenize_spans(
+    spans: list[AnswerSpan], tokenizer: Tokenizer, max_tokens: int, where: Path
+) -> list[Example]:
+    """The prompts' tokens, the answer's marked as trained; a prompt over `max_tokens` loses its start,
+    and an example whose answer was in the part cut off is dropped (both counted)."""
+    out, truncated, dropped = [], 0, 0
+    for span, encoded in zip(
+        spans, tokenizer.encode_batch([s.prompt for s in spans], add_special_tokens=False)
+    ):
+        ids = encoded.ids
+        trained = [start < span.end and end > span.start for start, end in encoded.offsets]
+        if len(ids) > max_tokens:
+            truncated += 1
+            ids, trained = ids[-max_tokens:], trained[-max_tokens:]
+        if any(trained):
+            out.append(Example(ids, trained))
+        else:
+            dropped += 1
+    if truncated:
+        print(
+            f"warning: {where}: {truncated} of {len(spans)} prompts were longer than block_size = "
+            f"{max_tokens} tokens and lost their start; {dropped} of them lost the answer and were dropped",
+            file=sys.stderr,
+        )
+    if not out:
+        raise LmforgeError(f"{where}: no example keeps its answer within block_size = {max_tokens} tokens")
+    return out
 
 
 def tokenize_examples(
@@ -135,9 +203,7 @@ def collate(examples: list[Example], max_length: int | None = None) -> Batch:
     size): few distinct shapes keep CPU oneDNN's per-shape kernel caches, and with them the
     process's memory, small.
     """
-    longest = max(len(e.ids) for e in examples) - 1
-    rounded = longest + -longest % LENGTH_MULTIPLE
-    length = rounded if max_length is None else max(longest, min(rounded, max_length))
+    length = padded_length(max(len(e.ids) for e in examples) - 1, max_length)
     x = torch.zeros(len(examples), length, dtype=torch.long)
     y = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
@@ -148,6 +214,28 @@ def collate(examples: list[Example], max_length: int | None = None) -> Batch:
         ignored = ~torch.tensor(e.trained[1:], dtype=torch.bool)  # position t predicts token t + 1
         y[row, :n][ignored] = IGNORE_INDEX
     return x, y
+
+
+def collate_spans(examples: list[Example], max_length: int | None = None) -> Batch:
+    """Right-padded prompts and their span targets (model.head = "span"): SPAN_START on the answer's
+    first token, SPAN_END on its last, SPAN_OTHER on the rest of the prompt, IGNORE_INDEX on padding."""
+    length = padded_length(max(len(e.ids) for e in examples), max_length)
+    x = torch.zeros(len(examples), length, dtype=torch.long)
+    y = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.ids)
+        x[row, :n] = torch.tensor(e.ids, dtype=torch.long)
+        y[row, :n] = SPAN_OTHER
+        first, last = e.trained.index(True), n - 1 - e.trained[::-1].index(True)
+        y[row, first] |= SPAN_START
+        y[row, last] |= SPAN_END
+    return x, y
+
+
+def padded_length(longest: int, max_length: int | None) -> int:
+    """`longest` rounded up to a multiple of LENGTH_MULTIPLE, but not past `max_length` (see `collate`)."""
+    rounded = longest + -longest % LENGTH_MULTIPLE
+    return rounded if max_length is None else max(longest, min(rounded, max_length))
 
 
 class ExampleBatches:
@@ -161,9 +249,15 @@ class ExampleBatches:
     BUCKET_BATCHES = 50
 
     def __init__(
-        self, examples: list[Example], batch_size: int, seed: int, max_length: int | None = None
+        self,
+        examples: list[Example],
+        batch_size: int,
+        seed: int,
+        max_length: int | None = None,
+        collate: Callable[[list[Example], int | None], Batch] = collate,
     ) -> None:
         self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
+        self.collate = collate
         self.lengths = torch.tensor([len(e.ids) for e in examples])
         self.generator = torch.Generator().manual_seed(seed)
         self.order = self._epoch_order()
@@ -188,7 +282,7 @@ class ExampleBatches:
                 self.position, self.epoch = 0, self.epoch + 1
             chosen.append(self.examples[int(self.order[self.position])])
             self.position += 1
-        return collate(chosen, self.max_length)
+        return self.collate(chosen, self.max_length)
 
     def state_dict(self) -> dict[str, Any]:
         """The generator, this epoch's order and the position in it: enough to resume exactly."""
@@ -228,8 +322,11 @@ class SFTData:
         on_bad_line: str = "error",
         eval_only: bool = False,
         chat_template: ChatTemplate | None = None,
+        spans: bool = False,
     ) -> None:
         self.dir, self.tokenizer_file = directory, tokenizer_file
+        self.spans = spans  # for a span head: each completion is located in its prompt (`collate_spans`)
+        self.collate = collate_spans if spans else collate
         tokenizer = load_tokenizer(tokenizer_file)
         self.chat_template = chat_template or ChatTemplate.default(tokenizer)
         self.vocab_size = vocab_size(tokenizer)
@@ -244,12 +341,16 @@ class SFTData:
         self.val = self._read(directory / "val.jsonl", tokenizer, block_size, on_bad_line)
 
     def _read(self, path: Path, tokenizer: Tokenizer, block_size: int, on_bad_line: str) -> list[Example]:
+        if self.spans:
+            return tokenize_spans(
+                read_records(path, on_bad_line, parse_answer_span), tokenizer, block_size, path
+            )
         examples = read_examples(path, on_bad_line, self.chat_template)
         return tokenize_examples(examples, tokenizer, block_size + 1, path)
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
         """The train examples, reshuffled every epoch, padded to at most `block_size`."""
-        return ExampleBatches(self.train, batch_size, seed, max_length=block_size)
+        return ExampleBatches(self.train, batch_size, seed, max_length=block_size, collate=self.collate)
 
     def bytes_per_token(self, split: str = "val") -> float | None:
         """Always None: completion bytes are not tracked, so fine-tuning data has no bits-per-byte."""
@@ -258,4 +359,4 @@ class SFTData:
     def eval_batches(self, block_size: int, batch_size: int) -> Iterator[Batch]:
         """The val examples in file order, `batch_size` at a time."""
         for start in range(0, len(self.val), batch_size):
-            yield collate(self.val[start : start + batch_size], block_size)
+            yield self.collate(self.val[start : start + batch_size], block_size)

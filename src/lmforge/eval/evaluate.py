@@ -89,7 +89,7 @@ def evaluate_checkpoint(
             raise LmforgeError("--predictions needs a --task (the lm loss has no per-example answers)")
         check_predictions_file(predictions)
     torch_device = resolve_device(device)
-    loaded = load_for_inference(target, which, torch_device)
+    loaded = load_for_inference(target, which, torch_device, any_head=True)
     if not (data or loaded.config.data.dir):
         raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
     data_dir = Path(data or loaded.config.data.dir)
@@ -154,7 +154,15 @@ def _lm_loss(
     if (data_dir / "val.jsonl").is_file() and not (data_dir / "meta.json").is_file():
         # Fine-tuning data: the loss of val.jsonl's completions, with the checkpoint's own tokenizer.
         template = ChatTemplate.of_checkpoint(loaded.path, load_tokenizer(loaded.tokenizer_file))
-        data = SFTData(data_dir, loaded.tokenizer_file, block_size, eval_only=True, chat_template=template)
+        spans = loaded.config.model.head == "span"
+        data = SFTData(
+            data_dir, loaded.tokenizer_file, block_size, eval_only=True, chat_template=template, spans=spans
+        )
+    elif loaded.config.model.head == "span":
+        raise LmforgeError(
+            f"{loaded.path}: a span model has no language-model loss on {data_dir}; "
+            "evaluate it on fine-tuning data (val.jsonl) or with --task"
+        )
     else:
         data = PreparedData.open(data_dir)
         check_same_tokenizer(

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lmforge.model.gpt import IGNORE_INDEX
+from lmforge.model.gpt import IGNORE_INDEX, span_loss
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,8 @@ def evaluate_lm(
     rank: int = 0,
     world: int = 1,
 ) -> LMEval:
-    """Token-weighted mean loss of `model` over every target of `batches` (IGNORE_INDEX targets are skipped).
+    """Token-weighted mean loss of `model` over every target of `batches` (IGNORE_INDEX targets are skipped);
+    with a span head, the mean `span_loss` per example.
 
     With `world` > 1 (a data-parallel run) rank r scores batches r, r + world, ... and the sums
     are all-reduced, so every rank returns the same result for the whole split.
@@ -70,10 +71,9 @@ def evaluate_lm(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
                 logits, _ = model(x)
-            total += F.cross_entropy(
-                logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
-            ).double()
-            count += int((y != IGNORE_INDEX).sum())
+            loss_sum, scored_count = _summed_loss(model, logits, y)
+            total += loss_sum.double()
+            count += scored_count
         if world > 1:
             # An FSDP forward is collective: ranks short of a batch run an unscored one so all run as many.
             for _ in range(-(-seen // world) - scored):
@@ -87,3 +87,14 @@ def evaluate_lm(
     finally:
         model.train(was_training)
     return LMEval(loss=total.item() / count, tokens=count, bytes_per_token=bytes_per_token)
+
+
+def _summed_loss(model: torch.nn.Module, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The loss summed over what a batch scores, and how many: its target tokens, or with a span
+    head (`span_loss`) its examples."""
+    if getattr(model, "span_head", None) is not None:
+        return span_loss(logits, y, reduction="sum"), y.size(0)
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
+    )
+    return loss, int((y != IGNORE_INDEX).sum())

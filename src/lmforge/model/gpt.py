@@ -21,6 +21,8 @@ from lmforge.config import ModelConfig
 
 ROW_MULTIPLE = 128  # `only_targets` pads the rows it keeps to a multiple of this
 IGNORE_INDEX = -100  # a target that does not count in the loss (masked prompt, padding)
+# Targets of a span head, per position: bit flags on a prompt token, IGNORE_INDEX on padding
+SPAN_OTHER, SPAN_START, SPAN_END = 0, 1, 2
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -302,6 +304,8 @@ class GPT(nn.Module):
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        # Extractive answers: a start and an end score per position (BERT's SQuAD head)
+        self.span_head = nn.Linear(config.d_model, 2) if config.head == "span" else None
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -324,7 +328,8 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         only_targets: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: [B, T] token ids. Returns (logits [B, T, V], mean cross-entropy or None).
+        """idx: [B, T] token ids. Returns (logits [B, T, V], mean cross-entropy or None); with a span
+        head, (start and end scores [B, T, 2], `span_loss` against `targets` or None).
 
         `only_targets` runs the head only where `targets` is not IGNORE_INDEX and returns those logits
         as [N, V]: fine-tuning batches are mostly masked prompt and padding, and the head is the
@@ -350,6 +355,9 @@ class GPT(nn.Module):
             x = block(x, rope, cached)
         if cache is not None:
             cache.advance(T)
+        if self.span_head is not None:
+            scores = self.span_head(self.norm(x))  # (B, T, 2)
+            return scores, (span_loss(scores, targets) if targets is not None else None)
         kept = None
         if only_targets and targets is not None:
             keep = targets != IGNORE_INDEX
@@ -405,8 +413,23 @@ class GPT(nn.Module):
         head_flops = (
             (6 if head.requires_grad else 4) * head.numel() * (tokens if head_rows is None else head_rows)
         )
+        if self.span_head is not None:  # the span head (a matrix counted above) replaces the lm head
+            head_flops = 0
         attention = 12 * self.config.n_layer * self.config.d_model * seq_len * tokens
         return per_token * tokens + head_flops + attention
+
+
+def span_loss(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the start and of the end position over each row's prompt positions, averaged.
+
+    scores: (B, T, 2); targets: (B, T) of SPAN_* flags, IGNORE_INDEX where a row is padded.
+    """
+    scores = scores.float().masked_fill((targets == IGNORE_INDEX)[..., None], float("-inf"))
+    flagged = targets.clamp(min=0)
+    starts = (flagged & SPAN_START).bool().int().argmax(dim=1)  # (B,): the first flagged position
+    ends = (flagged & SPAN_END).bool().int().argmax(dim=1)
+    start_loss = F.cross_entropy(scores[..., 0], starts, reduction=reduction)
+    return (start_loss + F.cross_entropy(scores[..., 1], ends, reduction=reduction)) / 2
 
 
 def head_rows(targets: torch.Tensor, parts: int = 1) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from lmforge.errors import LmforgeError
 from lmforge.staging import staged_folder
-from lmforge.tasks.base import EvalRun, Task, read_eval, require_fields
+from lmforge.tasks.base import DecodingTask, EvalRun, Task, read_eval, require_fields
 
 if TYPE_CHECKING:
     import torch
@@ -166,6 +166,13 @@ def evaluate_task(
     max_new_tokens = min(max_new_tokens, model.config.block_size - 1)
     if calibrate and not TASKS[task].calibrates:
         raise LmforgeError(f"--calibrate applies to tasks that score label choices, not to {task!r}")
+    if model.config.head == "span":
+        if not isinstance(TASKS[task], DecodingTask):
+            raise LmforgeError(
+                f"a span model answers with a span of the prompt; task {task!r} scores choices"
+            )
+        if beam_size > 1:
+            raise LmforgeError("--beam-size does not apply to a span model (it decodes nothing)")
     run = EvalRun(model, tokenizer, device, data_dir, beam_size, max_new_tokens, calibrate)
     records = read_eval(run.eval_file, limit)
     require_fields(records, TASKS[task].fields, run.eval_file)

@@ -104,6 +104,25 @@ def decode(
     return tokenizer.decode(tokens).strip()
 
 
+def extract_span(
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_tokens: int, device: torch.device
+) -> str:
+    """The span of the prompt that a span head scores highest (start score + end score), at most
+    `max_tokens` tokens long, as the prompt's own text; a long prompt loses its start first."""
+    import torch
+
+    encoded = tokenizer.encode(prompt, add_special_tokens=False)
+    ids, offsets = encoded.ids[-model.config.block_size :], encoded.offsets[-model.config.block_size :]
+    with torch.inference_mode():
+        scores = model(torch.tensor([ids], device=device))[0][0].float()  # (T, 2)
+    pairs = scores[:, 0, None] + scores[None, :, 1]  # [start, end]
+    allowed = (
+        torch.ones_like(pairs, dtype=torch.bool).triu().tril(max_tokens - 1)
+    )  # start <= end < start + max
+    start, end = divmod(int(pairs.masked_fill(~allowed, float("-inf")).argmax()), len(ids))
+    return prompt[offsets[start][0] : offsets[end][1]].strip()
+
+
 def prediction_line(number: int, record: dict, references: dict, prediction: object, score: dict) -> dict:
     """One line of `lmforge eval --predictions`: the example's id (its own, else its line number in the
     scored file, from 1), prompt, reference(s), the model's prediction and the example's scores."""
@@ -135,7 +154,20 @@ class EvalRun:
     def choice_log_probs(self, prompt: str, choices: list[str]) -> list[float]:
         return choice_log_probs(self.model, self.tokenizer, prompt, choices, self.device)
 
+    @property
+    def extractive(self) -> bool:
+        """Whether the model has a span head: it answers with a span of the prompt, not by decoding."""
+        return self.model.config.head == "span"
+
+    @property
+    def decoding(self) -> str:
+        if self.extractive:
+            return f"extractive (the best span of the prompt, at most {self.max_new_tokens} tokens)"
+        return f"beam {self.beam_size}" if self.beam_size > 1 else "greedy"
+
     def decode(self, prompt: str) -> str:
+        if self.extractive:
+            return extract_span(self.model, self.tokenizer, prompt, self.max_new_tokens, self.device)
         return decode(self.model, self.tokenizer, prompt, self.max_new_tokens, self.beam_size, self.device)
 
 
@@ -215,7 +247,7 @@ class DecodingTask(Task):
         per_example = self.example_scores(outputs, records)
         return {
             "samples": [{"prompt": r["prompt"][-200:], "output": o} for r, o in zip(records[:3], outputs)],
-            "decoding": f"beam {run.beam_size}" if run.beam_size > 1 else "greedy",
+            "decoding": run.decoding,
             "model": self.scores(outputs, records),
             "baseline": self.scores(self.baseline_outputs(records), records),
             "baseline_name": self.baseline_name,

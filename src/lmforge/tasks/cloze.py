@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.tasks.squad import Squad, squad_prompt
+from lmforge.tasks.squad import Squad, answer_in_prompt, squad_prompt
 
 BLANK = "[BLANK]"
 DEFAULT_EXAMPLES = 20_000  # `tasks prepare cloze --examples`, over train, val and eval together
@@ -118,7 +118,11 @@ def cloze_example(paragraph: str, rng: random.Random) -> dict | None:
     start, end = spans[i][rng.choice(candidates)]
     question = parts[i][:start] + BLANK + parts[i][end:]
     answer, context = parts[i][start:end], " ".join(parts[:i] + parts[i + 1 :])
-    return {"prompt": squad_prompt(context, question), "completion": " " + answer, "answers": [answer]}
+    prompt = squad_prompt(context, question)
+    # the span occurs in another sentence: its first whole-word occurrence in the context
+    found = re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", context)
+    at = {"answer_start": answer_in_prompt(prompt, context, found.start())} if found else {}
+    return {"prompt": prompt, "completion": " " + answer, **at, "answers": [answer]}
 
 
 def paragraphs(chunks: Iterable[str]) -> Iterator[str]:

@@ -1,5 +1,5 @@
-"""SQuAD v1.1 extractive question answering: a decoded answer, official EM/F1 beside the
-context's first sentence.
+"""SQuAD v1.1 extractive question answering: a decoded answer (a span model's: the best span of the
+prompt), official EM/F1 beside the context's first sentence.
 """
 
 from __future__ import annotations
@@ -12,12 +12,21 @@ from pathlib import Path
 
 from lmforge.tasks.base import DecodingTask
 
+CONTEXT_LABEL = "\nContext: "
+
 
 def squad_prompt(context: str, question: str) -> str:
     # The question comes first too: a causal model reads the context already knowing what it
     # looks for. It is repeated at the end, where it survives when a long context is cut.
     question = question.strip()
-    return f"Question: {question}\nContext: {context.strip()}\nQuestion: {question}\nAnswer:"
+    return f"Question: {question}{CONTEXT_LABEL}{context.strip()}\nQuestion: {question}\nAnswer:"
+
+
+def answer_in_prompt(prompt: str, context: str, answer_start: int) -> int:
+    """Where the answer that starts at `answer_start` in `context` starts in `squad_prompt`'s prompt:
+    the `answer_start` of a record, which a span head (model.head = "span") learns to point at."""
+    stripped = len(context) - len(context.lstrip())
+    return prompt.index(CONTEXT_LABEL) + len(CONTEXT_LABEL) + answer_start - stripped
 
 
 def first_sentence(prompt: str) -> str:
@@ -31,9 +40,13 @@ def _examples(articles: list[dict]) -> Iterator[dict]:
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
                 answers = [a["text"] for a in qa["answers"]]
+                prompt = squad_prompt(paragraph["context"], qa["question"])
                 yield {
-                    "prompt": squad_prompt(paragraph["context"], qa["question"]),
+                    "prompt": prompt,
                     "completion": " " + answers[0],
+                    "answer_start": answer_in_prompt(
+                        prompt, paragraph["context"], qa["answers"][0]["answer_start"]
+                    ),
                     "answers": answers,
                     "id": qa["id"],
                     "title": article["title"],

@@ -252,6 +252,7 @@ def open_data(
             model.block_size,
             config.data.on_bad_line,
             chat_template=chat_template,
+            spans=model.head == "span",
         )
     else:
         data = _open_tokens(config.data.dir, model.block_size)
@@ -308,7 +309,13 @@ def build_model(config: Config, init_from: Path | None, device: torch.device) ->
     seed_everything(config.train.seed)  # the same on every rank: identical initial weights and batches
     module: nn.Module = GPT(config.model).to(device)
     if init_from is not None:  # through the inference loader, so a LoRA source arrives merged
-        module.load_state_dict(ckpt.load_for_inference(init_from, "best", device).model.state_dict())
+        source = ckpt.load_for_inference(init_from, "best", device, any_head=True).model.state_dict()
+        # model.head is the run's own: a new span head starts at random, an unused one is left behind
+        own = module.state_dict()
+        module.load_state_dict(
+            {k: v for k, v in source.items() if k in own or not k.startswith("span_head.")}
+            | {k: v for k, v in own.items() if k.startswith("span_head.") and k not in source}
+        )
     if config.lora.rank > 0:
         module = apply_lora(module, config.lora)
     return module

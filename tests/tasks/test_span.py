@@ -1,0 +1,102 @@
+"""A span head (model.head = "span"): fine-tuned on prompt/completion data whose completion is in the
+prompt, it learns to point at the answer, and `lmforge eval --task` answers with that span."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from lmforge.config import load_config
+from lmforge.data.tokenizer import EOT, char_tokenizer
+from lmforge.errors import LmforgeError
+from tests.conftest import TINY
+from tests.tasks.conftest import lines
+
+WORDS = ["cat", "dog", "owl", "elk", "ant", "bee", "cow", "fox", "yak", "emu", "hen", "ram"]
+
+
+def keyed_record(rng: random.Random, i: int) -> dict:
+    """Six words with "=" before one of them: the answer is the word after "="."""
+    words = rng.sample(WORDS, 6)
+    at = rng.randrange(6)
+    context = " ".join(words[:at] + ["=", *words[at:]])
+    prompt = f"Question: which word follows =?\nContext: {context}\nAnswer:"
+    return {"prompt": prompt, "completion": f" {words[at]}", "answers": [words[at]], "id": f"k{i}"}
+
+
+@pytest.fixture
+def keyed_task(tmp_path: Path) -> Path:
+    rng = random.Random(0)
+    folder = tmp_path / "keyed"
+    folder.mkdir()
+    for split, n in (("train", 400), ("val", 40), ("eval", 40)):
+        records = [keyed_record(rng, i) for i in range(n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = "".join(r["prompt"] for r in lines(folder / "train.jsonl"))
+    char_tokenizer(text, specials=[EOT]).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def span_run(data: Path, *extra: str) -> list[str]:
+    chosen = [*TINY, "model.head=span", "model.block_size=96", "model.position=rope",
+              "train.batch_size=16", "train.max_steps=90", "train.eval_interval=45",
+              "train.checkpoint_interval=0", *extra]  # fmt: skip
+    sets = [arg for item in chosen for arg in ("--set", item)]
+    return [*sets, "--set", f"data.dir={data}", "--set", f"data.tokenizer={data / 'tokenizer.json'}"]
+
+
+@pytest.mark.slow
+def test_a_span_model_learns_to_point_at_the_answer(cli, keyed_task: Path, tmp_path: Path) -> None:
+    code, _, err = cli("finetune", "--out", tmp_path / "run", *span_run(keyed_task))
+    assert code == 0, err
+    code, out, err = cli("eval", tmp_path / "run", "--task", "squad", "--json",
+                         "--predictions", tmp_path / "predictions.jsonl")  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["decoding"].startswith("extractive")
+    assert result["model"]["exact_match"] >= 90 and result["baseline"]["exact_match"] == 0
+    written = lines(tmp_path / "predictions.jsonl")
+    assert all(w["prediction"] and w["prediction"] in w["prompt"] for w in written)
+    code, out, err = cli("eval", tmp_path / "run", "--json")  # the span loss on val.jsonl
+    assert code == 0, err
+    assert json.loads(out)["tokens"] == 40  # one score per example
+    assert json.loads(out)["val_loss"] < 0.5
+
+
+def test_a_language_model_fine_tunes_into_a_span_model_which_generates_nothing(
+    cli, keyed_task: Path, tmp_path: Path
+) -> None:
+    settings = [arg for item in [*TINY, "model.block_size=96", "train.max_steps=2", "train.eval_interval=0",
+                                 "train.checkpoint_interval=0"] for arg in ("--set", item)]  # fmt: skip
+    data = ["--set", f"data.dir={keyed_task}", "--set", f"data.tokenizer={keyed_task / 'tokenizer.json'}"]
+    code, _, err = cli("finetune", "--out", tmp_path / "lm", *settings, *data)
+    assert code == 0, err
+    code, _, err = cli("finetune", "--out", tmp_path / "span", *settings, "--set", "model.head=span",
+                       "--set", f"train.init_from={tmp_path / 'lm'}", "--set", "optim.lr=1e-30",
+                       "--set", "schedule.min_lr=0", "--set", f"data.dir={keyed_task}")  # fmt: skip
+    assert code == 0, err
+    lm, span = (load_file(next((tmp_path / r / "checkpoints").glob("step-*")) / "model.safetensors")
+                for r in ("lm", "span"))  # fmt: skip
+    assert set(span) - set(lm) == {"span_head.weight", "span_head.bias"}
+    assert all((span[k] == v).all() for k, v in lm.items())  # the blocks start from the language model
+    for verb in (["sample"], ["eval", "--task", "sst2"], ["export", "--out", str(tmp_path / "hf")]):
+        code, _, err = cli(verb[0], tmp_path / "span", *verb[1:])
+        assert code != 0 and len(err.strip().splitlines()) == 1 and "span" in err, (verb, err)
+    code, _, err = cli("finetune", "--out", tmp_path / "lm2", *settings, *data,
+                       "--set", f"train.init_from={tmp_path / 'span'}")  # fmt: skip
+    assert code == 0, err  # and back: the span head is left behind
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [("data.kind=tokens", 'data.kind must be "sft" with model.head = "span"'),
+     ("lora.rank=4", 'lora.rank must be 0 with model.head = "span"')],
+)  # fmt: skip
+def test_a_span_head_needs_fine_tuning_data_and_full_training(setting: str, message: str) -> None:
+    with pytest.raises(LmforgeError, match=re.escape(message)):
+        load_config(None, ["model.head=span", "data.kind=sft", setting])
