@@ -109,6 +109,14 @@ def test_base_recipe_then_cloze_then_the_squad_recipe_from_the_base(
     code, out, err = cli("eval", tmp_path / "tuned", "--task", "cloze", "--json", "--max-new-tokens", "4")
     assert code == 0, err
     assert json.loads(out)["examples"] == len(lines(tmp_path / "cloze" / "eval.jsonl"))
+    # configs/tasks/squad-span.toml: the same questions answered by a span head on the base
+    code, _, err = cli(
+        "finetune", REPO / "configs" / "tasks" / "squad-span.toml", "--out", tmp_path / "span", *from_base
+    )
+    assert code == 0, err
+    code, out, err = cli("eval", tmp_path / "span", "--task", "cloze", "--json", "--max-new-tokens", "4")
+    assert code == 0, err
+    assert json.loads(out)["decoding"].startswith("extractive")
     code, _, err = cli("export", tmp_path / "base", "--out", tmp_path / "hf")
     assert code == 0, err
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
