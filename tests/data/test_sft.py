@@ -198,6 +198,8 @@ def test_chat_examples_train_on_every_assistant_reply_and_nothing_else(tmp_path:
     [
         ({"prompt": "a b a b:", "completion": " b"}, (2, 3)),  # the first occurrence
         ({"prompt": "a b a b:", "completion": " b", "answer_start": 6}, (6, 7)),
+        ({"prompt": "often ten:", "completion": " ten"}, (6, 9)),  # whole words first
+        ({"prompt": "often:", "completion": " ten"}, (2, 5)),  # else any text
     ],
 )
 def test_a_span_is_the_given_occurrence_of_the_completion_else_the_first(record: dict, span) -> None:

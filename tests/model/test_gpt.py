@@ -368,3 +368,12 @@ def test_a_span_model_costs_its_blocks_and_a_two_column_head() -> None:
     lm, span = GPT(tiny()), GPT(tiny(head="span"))
     d, V, T = 32, 50, 16
     assert span.training_flops(1, T) == lm.training_flops(1, T) - 6 * V * d * T + 6 * 2 * d * T
+
+
+def test_a_span_heads_weights_train_with_adamw_and_an_unused_lm_head_is_frozen() -> None:
+    from lmforge.train.optim import split_parameters
+
+    model = GPT(tiny(head="span", tie_embeddings=False))
+    assert not model.head.weight.requires_grad  # never used: no optimizer state, nothing for DDP to wait on
+    embeddings = {id(p) for p in split_parameters(model)["embeddings"]}
+    assert id(model.span_head.weight) in embeddings  # an output head: AdamW, never Muon's orthogonal updates

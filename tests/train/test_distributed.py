@@ -20,7 +20,7 @@ import torch
 from lmforge import checkpoint as ckpt
 from lmforge.config import ModelConfig, load_config
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, IGNORE_INDEX
 from lmforge.train.distributed import Distributed, apply_activation_checkpointing
 from lmforge.train.run import build_run
 from lmforge.train.trainer import train
@@ -312,3 +312,11 @@ def test_parallel_config_errors(reference: Path, tmp_path: Path, monkeypatch: py
         LmforgeError, match=r"started as 2 processes \(torchrun\) but parallel.strategy is \"none\""
     ):
         train_in_process(config_of(reference), tmp_path / "run")
+
+
+def test_a_per_row_loss_weighs_each_ranks_rows_alike() -> None:
+    """Token losses weigh a rank by its scored tokens; a span head's per-example mean by its rows."""
+    y = torch.tensor([[1, 2, 3, IGNORE_INDEX], [1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
+    x = torch.zeros_like(y)
+    assert Distributed("ddp", rank=0, world=2).shard(x, y)[2] == 3 * 2 / 4
+    assert Distributed("ddp", rank=0, world=2).shard(x, y, per_row=True)[2] == 1.0

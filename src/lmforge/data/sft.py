@@ -14,6 +14,7 @@ targets mark where the answer starts and ends there (`collate_spans`).
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -125,7 +126,8 @@ class AnswerSpan:
 
 def parse_answer_span(record: object) -> AnswerSpan:
     """A prompt/completion record whose completion is a span of its prompt: at the record's
-    `answer_start` (a character offset into the prompt) if given, else its first occurrence."""
+    `answer_start` (a character offset into the prompt) if given, else its first occurrence as
+    whole words (else as any text)."""
     if not isinstance(record, dict):
         raise ValueError("expected a JSON object")
     prompt, completion = record.get("prompt"), record.get("completion")
@@ -134,7 +136,8 @@ def parse_answer_span(record: object) -> AnswerSpan:
     answer = completion.strip()
     if not answer:
         raise ValueError("empty completion")
-    start = record.get("answer_start", prompt.find(answer))
+    whole_words = re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", prompt)
+    start = record.get("answer_start", whole_words.start() if whole_words else prompt.find(answer))
     if not isinstance(start, int) or isinstance(start, bool):
         raise ValueError(f"'answer_start' must be an integer, got {start!r}")
     if start < 0 or prompt[start : start + len(answer)] != answer:

@@ -306,6 +306,8 @@ class GPT(nn.Module):
             self.head.weight = self.embed.weight
         # Extractive answers: a start and an end score per position (BERT's SQuAD head)
         self.span_head = nn.Linear(config.d_model, 2) if config.head == "span" else None
+        if self.span_head is not None and not config.tie_embeddings:
+            self.head.weight.requires_grad_(False)  # unused: no optimizer state, no DDP unused-grad error
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:

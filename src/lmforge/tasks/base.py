@@ -113,6 +113,8 @@ def extract_span(
 
     encoded = tokenizer.encode(prompt, add_special_tokens=False)
     ids, offsets = encoded.ids[-model.config.block_size :], encoded.offsets[-model.config.block_size :]
+    if not ids:  # an empty prompt has no span
+        return ""
     with torch.inference_mode():
         scores = model(torch.tensor([ids], device=device))[0][0].float()  # (T, 2)
     pairs = scores[:, 0, None] + scores[None, :, 1]  # [start, end]

@@ -53,6 +53,8 @@ class Stepper:
         self.model, self.optimizers, self.scaler, self.amp = model, optimizers, scaler, amp
         self.device = device
         self.only_targets = only_targets  # masked (fine-tuning) targets: run the head only where they count
+        # the loss is a mean over rows, not target tokens (a span head's): ranks' shares weigh alike
+        self.loss_per_row = getattr(model, "span_head", None) is not None
         self.forward = torch.compile(model) if compile else model
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
@@ -71,7 +73,7 @@ class Stepper:
             if self.count_flops is not None:  # counted on the host batch: no device sync
                 rows = head_rows(y, self.dist.world) if self.only_targets else None
                 flops += self.count_flops(x.size(0), x.size(1), rows)
-            x, y, share = self.dist.shard(x, y)
+            x, y, share = self.dist.shard(x, y, per_row=self.loss_per_row)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.dist.gradient_sync(self.model, micro == self.grad_accum_steps - 1):
                 with self.amp:
