@@ -242,3 +242,8 @@ def test_a_long_prompt_loses_its_start_and_an_answer_cut_off_drops_its_example(c
     assert "2 of 2 prompts were longer than block_size = 20 tokens" in capsys.readouterr().err
     with pytest.raises(LmforgeError, match="f.jsonl: no example keeps its answer"):
         tokenize_spans(spans[1:], tokenizer, 20, Path("f.jsonl"))
+
+
+def test_a_span_prompt_outside_the_vocabulary_is_an_error() -> None:
+    with pytest.raises(LmforgeError, match="f.jsonl: an example has text the tokenizer cannot represent"):
+        tokenize_spans([AnswerSpan("Ünïcode: x", 9, 10)], char_tokenizer(ALPHABET), 50, Path("f.jsonl"))

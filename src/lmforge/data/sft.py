@@ -156,6 +156,10 @@ def tokenize_spans(
         spans, tokenizer.encode_batch([s.prompt for s in spans], add_special_tokens=False)
     ):
         ids = encoded.ids
+        if tokenizer.decode(ids, skip_special_tokens=False) != span.prompt:  # as tokenize_examples refuses
+            raise LmforgeError(
+                f"{where}: an example has text the tokenizer cannot represent: {span.prompt[:60]!r}"
+            )
         trained = [start < span.end and end > span.start for start, end in encoded.offsets]
         if len(ids) > max_tokens:
             truncated += 1

@@ -118,9 +118,8 @@ def extract_span(
     with torch.inference_mode():
         scores = model(torch.tensor([ids], device=device))[0][0].float()  # (T, 2)
     pairs = scores[:, 0, None] + scores[None, :, 1]  # [start, end]
-    allowed = (
-        torch.ones_like(pairs, dtype=torch.bool).triu().tril(max_tokens - 1)
-    )  # start <= end < start + max
+    # start <= end < start + max_tokens
+    allowed = torch.ones_like(pairs, dtype=torch.bool).triu().tril(max_tokens - 1)
     start, end = divmod(int(pairs.masked_fill(~allowed, float("-inf")).argmax()), len(ids))
     return prompt[offsets[start][0] : offsets[end][1]].strip()
 

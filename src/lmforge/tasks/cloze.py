@@ -95,9 +95,14 @@ def candidate_spans(spans: dict[Span, tuple[int, int]], elsewhere: Counter) -> l
     return sorted(span for span in found if not any(_inside(span, other) for other in found))
 
 
+def whole_words(text: str) -> re.Pattern[str]:
+    """`text` as whole words: not inside a longer word."""
+    return re.compile(rf"(?<!\w){re.escape(text)}(?!\w)")
+
+
 def _once(span: Span, sentence: str) -> bool:
     """Whether `span` occurs once in `sentence` (as whole words): blanking it then hides it."""
-    return len(re.findall(rf"(?<!\w){re.escape(' '.join(span))}(?!\w)", sentence)) == 1
+    return len(whole_words(" ".join(span)).findall(sentence)) == 1
 
 
 def cloze_example(paragraph: str, rng: random.Random) -> dict | None:
@@ -120,7 +125,7 @@ def cloze_example(paragraph: str, rng: random.Random) -> dict | None:
     answer, context = parts[i][start:end], " ".join(parts[:i] + parts[i + 1 :])
     prompt = squad_prompt(context, question)
     # the span occurs in another sentence: its first whole-word occurrence in the context
-    found = re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", context)
+    found = whole_words(answer).search(context)
     at = {"answer_start": answer_in_prompt(prompt, context, found.start())} if found else {}
     return {"prompt": prompt, "completion": " " + answer, **at, "answers": [answer]}
 
