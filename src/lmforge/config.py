@@ -77,6 +77,9 @@ class ModelConfig:
     # lm: next-token logits. span: start and end scores per position, for answers that are a span of
     # the prompt (extractive QA, as BERT's SQuAD head); fine-tuned from an lm checkpoint with init_from
     head: Literal["lm", "span"] = "lm"
+    # causal: each position sees the ones before it (a language model). bidirectional: every position
+    # sees the whole prompt, as in BERT; for a span head, which reads and never generates
+    attention: Literal["causal", "bidirectional"] = "causal"
 
 
 @dataclass
@@ -372,6 +375,11 @@ def validate(config: Config, origin: str) -> None:
             "lora.rank",
             'must be 0 with model.head = "span" (the new head trains in full)',
         )
+    need(
+        config.model.attention == "causal" or config.model.head == "span",
+        "model.attention",
+        'must be "causal" unless model.head = "span" (a language model generates left to right)',
+    )
 
 
 # Upper bounds on the two sizes a typo can blow up (an extra digit, 2**30 for 2**13): caught here, the

@@ -364,6 +364,23 @@ def test_span_loss_is_the_mean_of_start_and_end_cross_entropy_over_the_prompt() 
     assert torch.allclose(model(x, y)[1], loss)
 
 
+@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+def test_bidirectional_attention_sees_later_tokens_but_never_padding(attention: str) -> None:
+    from lmforge.model.gpt import IGNORE_INDEX, SPAN_OTHER
+
+    torch.manual_seed(0)
+    model = GPT(tiny(head="span", attention=attention)).eval()
+    x = torch.randint(0, 50, (1, 8))
+    changed = x.clone()
+    changed[0, -1] = (x[0, -1] + 1) % 50
+    earlier = (model(x)[0] - model(changed)[0])[0, :-1].abs().max()
+    assert (earlier > 1e-3) == (attention == "bidirectional")  # the last token reaches the others
+    padded = torch.cat([x, torch.full((1, 5), 7)], dim=1)
+    y = torch.full((1, 13), SPAN_OTHER)
+    y[0, 8:] = IGNORE_INDEX  # span targets mark the padding
+    torch.testing.assert_close(model(padded, y)[0][:, :8], model(x)[0])
+
+
 def test_a_span_model_costs_its_blocks_and_a_two_column_head() -> None:
     lm, span = GPT(tiny()), GPT(tiny(head="span"))
     d, V, T = 32, 50, 16

@@ -77,9 +77,11 @@ def test_a_language_model_fine_tunes_into_a_span_model_which_generates_nothing(
     code, _, err = cli("finetune", "--out", tmp_path / "lm", *settings, *data)
     assert code == 0, err
     code, _, err = cli("finetune", "--out", tmp_path / "span", *settings, "--set", "model.head=span",
+                       "--set", "model.attention=bidirectional",  # the run's own, as the head
                        "--set", f"train.init_from={tmp_path / 'lm'}", "--set", "optim.lr=1e-30",
                        "--set", "schedule.min_lr=0", "--set", f"data.dir={keyed_task}")  # fmt: skip
     assert code == 0, err
+    assert 'attention = "bidirectional"' in (tmp_path / "span" / "config.toml").read_text()
     lm, span = (load_file(next((tmp_path / r / "checkpoints").glob("step-*")) / "model.safetensors")
                 for r in ("lm", "span"))  # fmt: skip
     assert set(span) - set(lm) == {"span_head.weight", "span_head.bias"}
@@ -95,8 +97,9 @@ def test_a_language_model_fine_tunes_into_a_span_model_which_generates_nothing(
 @pytest.mark.parametrize(
     "setting, message",
     [("data.kind=tokens", 'data.kind must be "sft" with model.head = "span"'),
-     ("lora.rank=4", 'lora.rank must be 0 with model.head = "span"')],
+     ("lora.rank=4", 'lora.rank must be 0 with model.head = "span"'),
+     ("model.head=lm", 'model.attention must be "causal" unless model.head = "span"')],
 )  # fmt: skip
 def test_a_span_head_needs_fine_tuning_data_and_full_training(setting: str, message: str) -> None:
     with pytest.raises(LmforgeError, match=re.escape(message)):
-        load_config(None, ["model.head=span", "data.kind=sft", setting])
+        load_config(None, ["model.head=span", "model.attention=bidirectional", "data.kind=sft", setting])

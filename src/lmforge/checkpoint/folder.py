@@ -267,9 +267,11 @@ def load_config_of(path: Path) -> Config:
 
 def init_model_config(source: Path, config: ModelConfig) -> ModelConfig:
     """The model config of a run started from checkpoint `source` (`train.init_from`): the
-    architecture is the checkpoint's, the regularisation (dropout) and the head (a language model
-    fine-tuned into a span model) stay `config`'s."""
-    return dataclasses.replace(load_config_of(source).model, dropout=config.dropout, head=config.head)
+    architecture is the checkpoint's, the regularisation (dropout), the head and the attention mask
+    (a causal language model fine-tuned into a bidirectional span model) stay `config`'s."""
+    return dataclasses.replace(
+        load_config_of(source).model, dropout=config.dropout, head=config.head, attention=config.attention
+    )
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:

@@ -166,7 +166,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Causal self-attention with one fused qkv projection; fewer key/value heads for GQA."""
+    """Self-attention, causal unless config.attention says otherwise, with one fused qkv projection;
+    fewer key/value heads for GQA."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -182,12 +183,20 @@ class Attention(nn.Module):
         self.q_norm = HeadNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = HeadNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.dropout = config.dropout
+        self.causal = config.attention == "causal"
         # Off (None) except under `lmforge inspect`: called with the q, k, v that attention
         # uses (after QK-norm, RoPE and the cache; k, v with n_kv_head heads), so that the
         # probabilities, which the fused kernel never returns, can be computed from them.
         self.capture: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
 
-    def forward(self, x: torch.Tensor, rope: RotaryTables | None, cached: CacheStep | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryTables | None,
+        cached: CacheStep | None,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """visible: (B, 1, 1, T), the keys that bidirectional attention may see (not padding)."""
         B, T, _ = x.shape  # (B, T, d_model)
         # q: (B, T, n_head, head_dim); k, v: (B, T, n_kv_head, head_dim)
         q, k, v = (
@@ -200,7 +209,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = rope.rotate(q), rope.rotate(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        mask = None
+        mask = visible
         if cached is not None:  # k, v: (B, n_kv_head, every position so far, head_dim)
             k, v = cached.cache.update(self.layer, k, v, cached)
             mask = cached.mask
@@ -215,7 +224,7 @@ class Attention(nn.Module):
                 k,
                 v,
                 attn_mask=mask,
-                is_causal=mask is None and T > 1,
+                is_causal=self.causal and mask is None and T > 1,
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, n_head, T, head_dim)
@@ -273,8 +282,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rope: RotaryTables | None, cached: CacheStep | None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, cached))
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RotaryTables | None,
+        cached: CacheStep | None,
+        visible: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, cached, visible))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -353,8 +368,15 @@ class GPT(nn.Module):
         rope = None
         if self.rotary is not None:
             rope = self.rotary.tables(cached.positions if cached is not None else 0, T)
+        visible = None
+        if self.config.attention == "bidirectional" and targets is not None:
+            # span targets mark padding (IGNORE_INDEX), which no position may see; the first position
+            # always can, so that a row of padding alone has a key (no NaN)
+            visible = targets != IGNORE_INDEX  # (B, T)
+            visible[:, 0] = True
+            visible = visible[:, None, None, :]  # (B, 1, 1, T): broadcast over heads and queries
         for block in self.blocks:
-            x = block(x, rope, cached)
+            x = block(x, rope, cached, visible)
         if cache is not None:
             cache.advance(T)
         if self.span_head is not None:
