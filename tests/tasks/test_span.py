@@ -103,3 +103,19 @@ def test_a_language_model_fine_tunes_into_a_span_model_which_generates_nothing(
 def test_a_span_head_needs_fine_tuning_data_and_full_training(setting: str, message: str) -> None:
     with pytest.raises(LmforgeError, match=re.escape(message)):
         load_config(None, ["model.head=span", "model.attention=bidirectional", "data.kind=sft", setting])
+
+
+@pytest.mark.parametrize("head", ["lm", "span"])
+def test_a_span_loss_is_weighed_per_row_across_ranks(keyed_task: Path, tmp_path: Path, head: str) -> None:
+    """The trainer is told, from the config, that a span loss is a mean over rows (see
+    `Distributed.shard`): the model it steps may be a DDP wrapper that has no span head to look at."""
+    import torch
+
+    from lmforge.train.distributed import Distributed
+    from lmforge.train.run import build_run
+
+    settings = [*TINY, f"model.head={head}", "model.block_size=96", "data.kind=sft", f"data.dir={keyed_task}",
+                f"data.tokenizer={keyed_task / 'tokenizer.json'}"]  # fmt: skip
+    config = load_config(None, settings)
+    run = build_run(config, tmp_path / "run", False, False, Distributed(), torch.device("cpu"))
+    assert run.stepper.loss_per_row == (head == "span")

@@ -136,12 +136,14 @@ def parse_answer_span(record: object) -> AnswerSpan:
     answer = completion.strip()
     if not answer:
         raise ValueError("empty completion")
-    whole_words = re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", prompt)
-    start = record.get("answer_start", whole_words.start() if whole_words else prompt.find(answer))
+    start = record.get("answer_start")
+    if start is None:
+        whole_words = re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", prompt)
+        start = whole_words.start() if whole_words else prompt.find(answer)
     if not isinstance(start, int) or isinstance(start, bool):
         raise ValueError(f"'answer_start' must be an integer, got {start!r}")
     if start < 0 or prompt[start : start + len(answer)] != answer:
-        where = f"at answer_start {start}" if "answer_start" in record else "anywhere"
+        where = f"at answer_start {start}" if record.get("answer_start") is not None else "anywhere"
         raise ValueError(f"the completion {answer[:40]!r} is not in the prompt {where}")
     return AnswerSpan(prompt, start, start + len(answer))
 

@@ -96,6 +96,7 @@ class Run:
             dist,
             only_targets=config.data.kind == "sft",
             count_flops=state.module.training_flops,
+            loss_per_row=config.model.head == "span",
         )
         peak_flops = matmul_peak_flops(device, t.dtype) * dist.world  # MFU of the whole job
         clock_start = time.perf_counter() - state.progress.elapsed_s

@@ -49,12 +49,14 @@ class Stepper:
         dist: Distributed | None = None,
         only_targets: bool = False,
         count_flops: Callable[[int, int, int | None], float] | None = None,
+        loss_per_row: bool = False,
     ) -> None:
         self.model, self.optimizers, self.scaler, self.amp = model, optimizers, scaler, amp
         self.device = device
         self.only_targets = only_targets  # masked (fine-tuning) targets: run the head only where they count
-        # the loss is a mean over rows, not target tokens (a span head's): ranks' shares weigh alike
-        self.loss_per_row = getattr(model, "span_head", None) is not None
+        # the loss is a mean over rows, not target tokens (a span head's): ranks' shares weigh alike.
+        # Told, not read off `model`: under DDP that is a wrapper without the span head.
+        self.loss_per_row = loss_per_row
         self.forward = torch.compile(model) if compile else model
         self.grad_accum_steps = grad_accum_steps
         self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
