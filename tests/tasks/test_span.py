@@ -20,26 +20,31 @@ from tests.tasks.conftest import lines
 WORDS = ["cat", "dog", "owl", "elk", "ant", "bee", "cow", "fox", "yak", "emu", "hen", "ram"]
 
 
-def keyed_record(rng: random.Random, i: int) -> dict:
-    """Six words with "=" before one of them: the answer is the word after "="."""
-    words = rng.sample(WORDS, 6)
-    at = rng.randrange(6)
+def keyed_record(rng: random.Random, i: int, n_words: int = 6) -> dict:
+    """`n_words` words with "=" before one of them: the answer is the word after "="."""
+    words = rng.sample(WORDS, n_words)
+    at = rng.randrange(n_words)
     context = " ".join(words[:at] + ["=", *words[at:]])
     prompt = f"Question: which word follows =?\nContext: {context}\nAnswer:"
     return {"prompt": prompt, "completion": f" {words[at]}", "answers": [words[at]], "id": f"k{i}"}
 
 
-@pytest.fixture
-def keyed_task(tmp_path: Path) -> Path:
+def write_keyed_task(folder: Path, uneven: bool = False) -> Path:
+    """Train, val and eval splits of keyed records, and a character tokenizer; `uneven`: prompts of
+    2 to 9 words, so that batches differ in length."""
     rng = random.Random(0)
-    folder = tmp_path / "keyed"
     folder.mkdir()
     for split, n in (("train", 400), ("val", 40), ("eval", 40)):
-        records = [keyed_record(rng, i) for i in range(n)]
+        records = [keyed_record(rng, i, rng.randint(2, 9) if uneven else 6) for i in range(n)]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = "".join(r["prompt"] for r in lines(folder / "train.jsonl"))
     char_tokenizer(text, specials=[EOT]).save(str(folder / "tokenizer.json"))
     return folder
+
+
+@pytest.fixture
+def keyed_task(tmp_path: Path) -> Path:
+    return write_keyed_task(tmp_path / "keyed")
 
 
 def span_run(data: Path, *extra: str) -> list[str]:
@@ -119,3 +124,22 @@ def test_a_span_loss_is_weighed_per_row_across_ranks(keyed_task: Path, tmp_path:
     config = load_config(None, settings)
     run = build_run(config, tmp_path / "run", False, False, Distributed(), torch.device("cpu"))
     assert run.stepper.loss_per_row == (head == "span")
+
+
+@pytest.mark.slow
+def test_two_processes_train_a_span_model_as_one(cli, tmp_path: Path) -> None:
+    """DDP over 2 processes on prompts of uneven length: each rank's rows weigh alike in the span loss
+    (a per-row mean), so the losses match one process's over the same global batches."""
+    from tests.train.conftest import read_metrics
+    from tests.train.test_distributed import torchrun
+
+    data = write_keyed_task(tmp_path / "uneven", uneven=True)
+    settings = span_run(data, "model.attention=bidirectional", "train.max_steps=8", "train.eval_interval=4")
+    code, _, err = cli("finetune", "--out", tmp_path / "one", *settings)
+    assert code == 0, err
+    result = torchrun("finetune", "--out", tmp_path / "two", *settings, "--set", "parallel.strategy=ddp")
+    assert result.returncode == 0, result.stderr
+    (steps, evals), (ref_steps, ref_evals) = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
+    assert [e["loss"] for e in steps] == pytest.approx([e["loss"] for e in ref_steps], abs=1e-5)
+    assert [e["val_loss"] for e in evals] == pytest.approx([e["val_loss"] for e in ref_evals], abs=1e-5)
+    assert len(steps) == 8 and len(evals) == 2
