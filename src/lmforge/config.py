@@ -80,6 +80,9 @@ class ModelConfig:
     # causal: each position sees the ones before it (a language model). bidirectional: every position
     # sees the whole prompt, as in BERT; for a span head, which reads and never generates
     attention: Literal["causal", "bidirectional"] = "causal"
+    # span head: a learned vector added to each context token whose word the question also holds
+    # (DrQA's exact-match feature; `lmforge.words.question_matches` says which)
+    word_match: bool = False
 
 
 @dataclass
@@ -375,6 +378,11 @@ def validate(config: Config, origin: str) -> None:
             "lora.rank",
             'must be 0 with model.head = "span" (the new head trains in full)',
         )
+    need(
+        not config.model.word_match or config.model.head == "span",
+        "model.word_match",
+        'needs model.head = "span" (it marks the context words that a question holds)',
+    )
     need(
         config.model.attention == "causal" or config.model.head == "span",
         "model.attention",

@@ -22,7 +22,7 @@ from lmforge.data.sft import (
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
-from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START
+from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :\n?!.,'"
 
@@ -231,6 +231,16 @@ def test_span_targets_flag_the_answers_first_and_last_token_and_ignore_padding()
     assert y[0, :12].tolist() == expected and (y[0, 12:] == IGNORE_INDEX).all()
     assert y[1, :4].tolist() == [SPAN_OTHER, SPAN_OTHER, SPAN_START | SPAN_END, SPAN_OTHER]
     assert (y[1, 4:] == IGNORE_INDEX).all() and x.size(1) == 16  # padded to a multiple of 16
+
+
+def test_span_targets_mark_the_context_words_that_the_question_holds() -> None:
+    prompt = "context: a cat sat\nQuestion: cat?"
+    x, y = collate_spans(
+        tokenize_spans([AnswerSpan(prompt, 15, 18)], char_tokenizer(ALPHABET + "Q"), 64, Path("f.jsonl"))
+    )
+    marked = [i for i in range(len(prompt)) if y[0, i] & SPAN_MATCH]
+    assert marked == [11, 12, 13]  # "cat" in the context, not in the question
+    assert y[0, 15] == SPAN_START and y[0, 17] == SPAN_END  # other flags as without the mark
 
 
 def test_a_long_prompt_loses_its_start_and_an_answer_cut_off_drops_its_example(capsys) -> None:

@@ -364,6 +364,24 @@ def test_span_loss_is_the_mean_of_start_and_end_cross_entropy_over_the_prompt() 
     assert torch.allclose(model(x, y)[1], loss)
 
 
+def test_the_word_match_input_starts_at_zero_and_comes_from_targets_or_matched() -> None:
+    from lmforge.model.gpt import SPAN_MATCH, SPAN_OTHER, SPAN_START
+
+    torch.manual_seed(0)
+    plain = GPT(tiny(head="span"))
+    model = GPT(tiny(head="span", word_match=True))
+    model.load_state_dict(plain.state_dict() | {"match_embed.weight": model.match_embed.weight})
+    x, matched = torch.randint(0, 50, (1, 8)), torch.tensor([[0, 1, 1, 0, 0, 0, 1, 0]], dtype=torch.bool)
+    assert torch.equal(model(x, matched=matched)[0], plain(x)[0])  # zero: a fine-tune starts as its base
+    torch.nn.init.normal_(model.match_embed.weight)
+    y = torch.full((1, 8), SPAN_OTHER) | SPAN_MATCH * matched.long()
+    y[0, 2] |= SPAN_START
+    scores = model(x, matched=matched)[0]
+    assert torch.equal(model(x, y)[0], scores) and not torch.allclose(scores, plain(x)[0])
+    with pytest.raises(ValueError, match="word_match model reads `matched`"):
+        model(x)
+
+
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 def test_bidirectional_attention_sees_later_tokens_but_never_padding(attention: str) -> None:
     from lmforge.model.gpt import IGNORE_INDEX, SPAN_OTHER

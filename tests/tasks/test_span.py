@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,10 +33,17 @@ def keyed_record(rng: random.Random, i: int, n_words: int = 6) -> dict:
 def write_keyed_task(folder: Path, word_counts: tuple[int, ...] = (6,), train_size: int = 400) -> Path:
     """Train, val and eval splits of keyed records whose contexts take turns at `word_counts` words,
     and a character tokenizer."""
+    return write_task(
+        folder, lambda rng, i: keyed_record(rng, i, word_counts[i % len(word_counts)]), train_size
+    )
+
+
+def write_task(folder: Path, record: Callable[[random.Random, int], dict], train_size: int = 400) -> Path:
+    """Train, val and eval splits of `record(rng, i)`, and a character tokenizer."""
     rng = random.Random(0)
     folder.mkdir()
     for split, n in (("train", train_size), ("val", 40), ("eval", 40)):
-        records = [keyed_record(rng, i, word_counts[i % len(word_counts)]) for i in range(n)]
+        records = [record(rng, i) for i in range(n)]
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = "".join(r["prompt"] for r in lines(folder / "train.jsonl")) + " ".join(WORDS)
     char_tokenizer(text, specials=[EOT]).save(str(folder / "tokenizer.json"))
@@ -73,6 +81,26 @@ def test_a_span_model_learns_to_point_at_the_answer(cli, keyed_task: Path, tmp_p
     assert json.loads(out)["val_loss"] < 0.5
 
 
+def follower_record(rng: random.Random, i: int) -> dict:
+    """Six words, and a question naming one of the first five: the answer is the word after it."""
+    words = rng.sample(WORDS, 6)
+    at = rng.randrange(5)
+    prompt = f"Question: which word follows {words[at]}?\nContext: {' '.join(words)}\nAnswer:"
+    return {"prompt": prompt, "completion": f" {words[at + 1]}", "answers": [words[at + 1]], "id": f"f{i}"}
+
+
+@pytest.mark.slow
+def test_the_word_match_input_shows_a_span_model_the_words_the_question_names(cli, tmp_path: Path) -> None:
+    """Found only by matching the question's word in the context: marked for the model (training
+    and `lmforge eval`), it is a matter of pointing one word further."""
+    data = write_task(tmp_path / "follower", follower_record)
+    code, _, err = cli("finetune", "--out", tmp_path / "run", *span_run(data, "model.word_match=true"))
+    assert code == 0, err
+    code, out, err = cli("eval", tmp_path / "run", "--task", "squad", "--json")
+    assert code == 0, err
+    assert json.loads(out)["model"]["exact_match"] >= 90
+
+
 def test_a_language_model_fine_tunes_into_a_span_model_which_generates_nothing(
     cli, keyed_task: Path, tmp_path: Path
 ) -> None:
@@ -108,6 +136,11 @@ def test_a_language_model_fine_tunes_into_a_span_model_which_generates_nothing(
 def test_a_span_head_needs_fine_tuning_data_and_full_training(setting: str, message: str) -> None:
     with pytest.raises(LmforgeError, match=re.escape(message)):
         load_config(None, ["model.head=span", "model.attention=bidirectional", "data.kind=sft", setting])
+
+
+def test_the_word_match_input_needs_a_span_head() -> None:
+    with pytest.raises(LmforgeError, match=re.escape('model.word_match needs model.head = "span"')):
+        load_config(None, ["model.word_match=true"])
 
 
 @pytest.mark.parametrize("head", ["lm", "span"])

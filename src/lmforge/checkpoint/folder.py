@@ -267,10 +267,15 @@ def load_config_of(path: Path) -> Config:
 
 def init_model_config(source: Path, config: ModelConfig) -> ModelConfig:
     """The model config of a run started from checkpoint `source` (`train.init_from`): the
-    architecture is the checkpoint's, the regularisation (dropout), the head and the attention mask
-    (a causal language model fine-tuned into a bidirectional span model) stay `config`'s."""
+    architecture is the checkpoint's, the regularisation (dropout), the head, the attention mask
+    (a causal language model fine-tuned into a bidirectional span model) and its word-match input
+    stay `config`'s."""
     return dataclasses.replace(
-        load_config_of(source).model, dropout=config.dropout, head=config.head, attention=config.attention
+        load_config_of(source).model,
+        dropout=config.dropout,
+        head=config.head,
+        attention=config.attention,
+        word_match=config.word_match,
     )
 
 

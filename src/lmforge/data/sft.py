@@ -14,7 +14,6 @@ targets mark where the answer starts and ends there (`collate_spans`).
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ from lmforge.data.protocol import Batch
 from lmforge.data.tokenizer import load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import decode_line, loads, read_lines
-from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START
+from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
+from lmforge.words import question_matches, whole_words
 
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
 T = TypeVar("T")
@@ -47,6 +47,7 @@ class Example:
 
     ids: list[int]
     trained: list[bool]  # per id: part of the completion / an assistant reply
+    matched: list[bool] | None = None  # span examples, per id: a context word the question holds
 
     @property
     def prompt_tokens(self) -> int:
@@ -138,8 +139,8 @@ def parse_answer_span(record: object) -> AnswerSpan:
         raise ValueError("empty completion")
     start = record.get("answer_start")
     if start is None:
-        whole_words = re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", prompt)
-        start = whole_words.start() if whole_words else prompt.find(answer)
+        found = whole_words(answer).search(prompt)
+        start = found.start() if found else prompt.find(answer)
     if not isinstance(start, int) or isinstance(start, bool):
         raise ValueError(f"'answer_start' must be an integer, got {start!r}")
     if start < 0 or prompt[start : start + len(answer)] != answer:
@@ -163,11 +164,12 @@ def tokenize_spans(
                 f"{where}: an example has text the tokenizer cannot represent: {span.prompt[:60]!r}"
             )
         trained = [start < span.end and end > span.start for start, end in encoded.offsets]
+        matched = question_matches(span.prompt, encoded.offsets)
         if len(ids) > max_tokens:
             truncated += 1
-            ids, trained = ids[-max_tokens:], trained[-max_tokens:]
+            ids, trained, matched = ids[-max_tokens:], trained[-max_tokens:], matched[-max_tokens:]
         if any(trained):
-            out.append(Example(ids, trained))
+            out.append(Example(ids, trained, matched))
         else:
             dropped += 1
     if truncated:
@@ -227,7 +229,8 @@ def collate(examples: list[Example], max_length: int | None = None) -> Batch:
 
 def collate_spans(examples: list[Example], max_length: int | None = None) -> Batch:
     """Right-padded prompts and their span targets (model.head = "span"): SPAN_START on the answer's
-    first token, SPAN_END on its last, SPAN_OTHER on the rest of the prompt, IGNORE_INDEX on padding."""
+    first token, SPAN_END on its last, SPAN_OTHER on the rest of the prompt, IGNORE_INDEX on padding;
+    SPAN_MATCH added on the words of the context that the question holds (the model's input)."""
     length = padded_length(max(len(e.ids) for e in examples), max_length)
     x = torch.zeros(len(examples), length, dtype=torch.long)
     y = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
@@ -238,6 +241,8 @@ def collate_spans(examples: list[Example], max_length: int | None = None) -> Bat
         first, last = e.trained.index(True), n - 1 - e.trained[::-1].index(True)
         y[row, first] |= SPAN_START
         y[row, last] |= SPAN_END
+        if e.matched is not None:
+            y[row, :n] |= SPAN_MATCH * torch.tensor(e.matched, dtype=torch.long)
     return x, y
 
 

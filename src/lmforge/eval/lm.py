@@ -55,6 +55,9 @@ def evaluate_lm(
     With `world` > 1 (a data-parallel run) rank r scores batches r, r + world, ... and the sums
     are all-reduced, so every rank returns the same result for the whole split.
     """
+    # A span model reads its targets too: they mark the padding that bidirectional attention must not
+    # see, and the word-match input
+    spans = getattr(model, "span_head", None) is not None
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -70,15 +73,15 @@ def evaluate_lm(
             scored += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
-                logits, _ = model(x)
-            loss_sum, scored_count = _summed_loss(model, logits, y)
+                logits, _ = model(x, y) if spans else model(x)
+            loss_sum, scored_count = _summed_loss(spans, logits, y)
             total += loss_sum.double()
             count += scored_count
         if world > 1:
             # An FSDP forward is collective: ranks short of a batch run an unscored one so all run as many.
             for _ in range(-(-seen // world) - scored):
                 with autocast or contextlib.nullcontext():
-                    model(first[0].to(device))
+                    model(*[t.to(device) for t in (first if spans else first[:1])])
             import torch.distributed as dist
 
             sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
@@ -89,10 +92,10 @@ def evaluate_lm(
     return LMEval(loss=total.item() / count, tokens=count, bytes_per_token=bytes_per_token)
 
 
-def _summed_loss(model: torch.nn.Module, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _summed_loss(spans: bool, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The loss summed over what a batch scores, and how many: its target tokens, or with a span
     head (`span_loss`) its examples."""
-    if getattr(model, "span_head", None) is not None:
+    if spans:
         return span_loss(logits, y, reduction="sum"), y.size(0)
     loss = F.cross_entropy(
         logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE_INDEX

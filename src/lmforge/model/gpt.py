@@ -21,8 +21,9 @@ from lmforge.config import ModelConfig
 
 ROW_MULTIPLE = 128  # `only_targets` pads the rows it keeps to a multiple of this
 IGNORE_INDEX = -100  # a target that does not count in the loss (masked prompt, padding)
-# Targets of a span head, per position: bit flags on a prompt token, IGNORE_INDEX on padding
-SPAN_OTHER, SPAN_START, SPAN_END = 0, 1, 2
+# Targets of a span head, per position: bit flags on a prompt token, IGNORE_INDEX on padding. SPAN_MATCH
+# is an input, not a target: a context word that the question holds (model.word_match).
+SPAN_OTHER, SPAN_START, SPAN_END, SPAN_MATCH = 0, 1, 2, 4
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -323,7 +324,11 @@ class GPT(nn.Module):
         self.span_head = nn.Linear(config.d_model, 2) if config.head == "span" else None
         if self.span_head is not None and not config.tie_embeddings:
             self.head.weight.requires_grad_(False)  # unused: no optimizer state, no DDP unused-grad error
+        # A span model's word-match input: a vector added to each context token the question holds
+        self.match_embed = nn.Embedding(2, config.d_model) if config.word_match else None
         self.apply(self._init_weights)
+        if self.match_embed is not None:  # zero: fine-tuned from a base, the model starts as the base
+            nn.init.zeros_(self.match_embed.weight)
 
     def _init_weights(self, module: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
@@ -344,9 +349,13 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         only_targets: bool = False,
+        matched: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: [B, T] token ids. Returns (logits [B, T, V], mean cross-entropy or None); with a span
         head, (start and end scores [B, T, 2], `span_loss` against `targets` or None).
+
+        `matched` [B, T] (bool) marks the context tokens whose word the question holds, the input of
+        a model.word_match model when there are no targets; in training their SPAN_MATCH flags say it.
 
         `only_targets` runs the head only where `targets` is not IGNORE_INDEX and returns those logits
         as [N, V]: fine-tuning batches are mostly masked prompt and padding, and the head is the
@@ -356,15 +365,7 @@ class GPT(nn.Module):
         cached = cache.step(T, idx.device) if cache is not None else None
         if (end := cached.end if cached is not None else T) > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
-        x = self.embed(idx)  # (B, T, d_model)
-        if self.pos_embed is not None:  # (T, d_model) broadcast over the batch, or (B, T, d_model)
-            positions = cached.positions if cached is not None else 0
-            if isinstance(positions, int):
-                positions = torch.arange(positions, positions + T, device=idx.device)  # (T,)
-            if self.per_sample_positions and positions.dim() == 1:
-                positions = positions.expand(idx.size(0), T)  # (B, T)
-            x = x + self.pos_embed(positions)
-        x = self.drop(x)
+        x = self.drop(self.embed_inputs(idx, cached, targets, matched))  # (B, T, d_model)
         rope = None
         if self.rotary is not None:
             rope = self.rotary.tables(cached.positions if cached is not None else 0, T)
@@ -399,6 +400,31 @@ class GPT(nn.Module):
             )
         return (logits if kept is None else logits[:kept]), loss
 
+    def embed_inputs(
+        self,
+        idx: torch.Tensor,
+        cached: CacheStep | None,
+        targets: torch.Tensor | None,
+        matched: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The first residual stream (B, T, d_model): token embeddings, plus learned positions and
+        the word-match vector where the model has them."""
+        x = self.embed(idx)  # (B, T, d_model)
+        if self.pos_embed is not None:  # (T, d_model) broadcast over the batch, or (B, T, d_model)
+            positions = cached.positions if cached is not None else 0
+            if isinstance(positions, int):
+                positions = torch.arange(positions, positions + idx.size(1), device=idx.device)  # (T,)
+            if self.per_sample_positions and positions.dim() == 1:
+                positions = positions.expand(idx.size(0), -1)  # (B, T)
+            x = x + self.pos_embed(positions)
+        if self.match_embed is not None:
+            if matched is None and targets is None:
+                raise ValueError("a model.word_match model reads `matched` (or span targets) with its tokens")
+            if matched is None:
+                matched = (targets.clamp(min=0) & SPAN_MATCH).bool()
+            x = x + self.match_embed(matched.long())
+        return x
+
     def readout(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from the residual stream x (..., d_model): final norm, head, soft-cap if configured."""
         logits = self.head(self.norm(x))  # (..., V)
@@ -426,9 +452,7 @@ class GPT(nn.Module):
         """
         tokens = batch * seq_len
         head = self.head.weight
-        lookups = {id(self.embed.weight)} | (
-            {id(self.pos_embed.weight)} if self.pos_embed is not None else set()
-        )
+        lookups = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
         per_token = sum(
             (6 if p.requires_grad else 4) * p.numel()
             for p in self.parameters()

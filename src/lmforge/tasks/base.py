@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import decode_line, loads, read_lines
+from lmforge.words import question_matches
 
 if TYPE_CHECKING:
     import torch
@@ -112,11 +113,13 @@ def extract_span(
     import torch
 
     encoded = tokenizer.encode(prompt, add_special_tokens=False)
-    ids, offsets = encoded.ids[-model.config.block_size :], encoded.offsets[-model.config.block_size :]
+    keep = slice(-model.config.block_size, None)
+    ids, offsets = encoded.ids[keep], encoded.offsets[keep]
     if not ids:  # an empty prompt has no span
         return ""
+    matched = torch.tensor([question_matches(prompt, offsets)], device=device)  # model.word_match's input
     with torch.inference_mode():
-        scores = model(torch.tensor([ids], device=device))[0][0].float()  # (T, 2)
+        scores = model(torch.tensor([ids], device=device), matched=matched)[0][0].float()  # (T, 2)
     pairs = scores[:, 0, None] + scores[None, :, 1]  # [start, end]
     # start <= end < start + max_tokens
     allowed = torch.ones_like(pairs, dtype=torch.bool).triu().tril(max_tokens - 1)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.tasks.squad import Squad, answer_in_prompt, squad_prompt
+from lmforge.words import STOPWORDS, whole_words
 
 BLANK = "[BLANK]"
 DEFAULT_EXAMPLES = 20_000  # `tasks prepare cloze --examples`, over train, val and eval together
@@ -32,15 +33,6 @@ EVAL_SHARE = 0.05  # of the examples, held out as eval.jsonl
 MAX_PARAGRAPH_CHARS = 1500  # longer paragraphs are skipped: prompt and answer stay within ~512 tokens
 MAX_SPAN_WORDS = 3
 MIN_QUESTION_WORDS = 4
-# Function words: a span may not start or end with one, and needs a word of 4+ letters outside them.
-STOPWORDS = frozenset(
-    """a about after again all also am an and any are as at be been before being but by can could
-    did do does doing down each for from had has have having he her here hers him his how i if in into
-    is it its just me more most my no nor not now of off on once only or other our out over own said
-    same she should so some such than that the their them then there these they this those through to
-    too under until up upon very was we were what when where which while who whom why will with would
-    you your shall may might must one two""".split()
-)
 WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*[A-Za-z]|[A-Za-z]")
 # A sentence ends at . ! ? (and closing quotes or brackets) before whitespace, except after common titles.
 SENTENCE_END = re.compile(r"(?<!\bMr)(?<!\bMrs)(?<!\bDr)(?<!\bSt)(?<!\bMme)[.!?]+[\"'”’)\]]*(?=\s)")
@@ -93,11 +85,6 @@ def candidate_spans(spans: dict[Span, tuple[int, int]], elsewhere: Counter) -> l
     longest (a span inside another candidate is dropped)."""
     found = [span for span in spans if elsewhere[span] >= 2 and _answerable(span)]
     return sorted(span for span in found if not any(_inside(span, other) for other in found))
-
-
-def whole_words(text: str) -> re.Pattern[str]:
-    """`text` as whole words: not inside a longer word."""
-    return re.compile(rf"(?<!\w){re.escape(text)}(?!\w)")
 
 
 def _once(span: Span, sentence: str) -> bool:

@@ -311,11 +311,12 @@ def build_model(config: Config, init_from: Path | None, device: torch.device) ->
     module: nn.Module = GPT(config.model).to(device)
     if init_from is not None:  # through the inference loader, so a LoRA source arrives merged
         source = ckpt.load_for_inference(init_from, "best", device, any_head=True).model.state_dict()
-        # model.head is the run's own: a new span head starts at random, an unused one is left behind
-        own = module.state_dict()
+        # model.head and model.word_match are the run's own: a new span head or word-match vector
+        # starts as built, an unused one is left behind
+        own, run_owns = module.state_dict(), ("span_head.", "match_embed.")
         module.load_state_dict(
-            {k: v for k, v in source.items() if k in own or not k.startswith("span_head.")}
-            | {k: v for k, v in own.items() if k.startswith("span_head.") and k not in source}
+            {k: v for k, v in source.items() if k in own or not k.startswith(run_owns)}
+            | {k: v for k, v in own.items() if k.startswith(run_owns) and k not in source}
         )
     if config.lora.rank > 0:
         module = apply_lora(module, config.lora)
