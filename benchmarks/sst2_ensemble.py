@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     records = [json.loads(line) for line in (args.data / "eval.jsonl").open(encoding="utf-8")]
     labels = torch.tensor([r["label"] for r in records])
-    probs = {run.name: label_probs(run, records) for run in args.runs}
+    probs = {str(run): label_probs(run, records) for run in args.runs}
     print(f"{len(records)} examples, {platform.processor() or platform.machine()}, torch {torch.__version__}")
     for size in range(1, len(probs) + 1):
         for names in itertools.combinations(probs, size):

@@ -165,3 +165,35 @@ def test_serve_benchmark_compares_lmforge_serve_with_transformers(tmp_path: Path
     assert len(record["single_stream_ratios"]) == len(record["scaling"]) == 2
     assert record["threads"] == {"lmforge": 1, "transformers": 1}
     assert all(r["ttft_ms"] > 0 for r in record["lmforge"]["1"]) and record["greedy_identical"] is True
+
+
+@pytest.mark.slow
+def test_sst2_ensemble_scores_each_run_as_eval_does_and_every_ensemble(cli, tmp_path: Path) -> None:
+    from lmforge.data.tokenizer import EOT, char_tokenizer
+    from tests.tasks.conftest import TEXT, write
+
+    reviews = [("a fine film", 1), ("dull and long", 0), ("a joy", 1), ("bad", 0)]
+    write(tmp_path / "sst2", [{"prompt": f"Review: {text}\nSentiment:",
+                               "completion": " positive" if label else " negative", "label": label}
+                              for text, label in reviews])  # fmt: skip
+    char_tokenizer(TEXT, specials=[EOT]).save(str(tmp_path / "tok.json"))
+    accuracies = []
+    for seed in (1, 2):
+        run = tmp_path / f"run{seed}"
+        settings = [*TINY, "model.block_size=64", "train.max_steps=60", "optim.lr=1e-2", f"train.seed={seed}",
+                    f"data.dir={tmp_path / 'sst2'}", f"data.tokenizer={tmp_path / 'tok.json'}"]  # fmt: skip
+        assert cli("finetune", "--out", run, *sum((["--set", s] for s in settings), []))[0] == 0
+        code, out, err = cli("eval", run, "--task", "sst2", "--checkpoint", "best", "--json")
+        assert code == 0, err
+        accuracies.append(json.loads(out)["model"]["accuracy"])
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "sst2_ensemble.py"), str(tmp_path / "run1"), str(tmp_path / "run2"),
+         "--data", str(tmp_path / "sst2")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("4 examples") and len(lines) == 4
+    for line, accuracy in zip(lines[1:3], accuracies):
+        assert float(line.rsplit(" ", 1)[1].rstrip("%")) == pytest.approx(100 * accuracy, abs=0.01)
+    assert lines[3].startswith(f"{tmp_path / 'run1'} + {tmp_path / 'run2'}: ")
