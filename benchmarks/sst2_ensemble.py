@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from tokenizers import Tokenizer
 from lmforge import checkpoint as ckpt
 from lmforge.tasks.base import choice_log_probs
 from lmforge.tasks.sst2 import LABEL_CHOICES
+from prepare_throughput import cpu_model  # a sibling script: benchmarks/ is sys.path[0]
 
 
 def label_probs(run: Path, records: list[dict]) -> torch.Tensor:
@@ -39,7 +39,7 @@ def main() -> None:
     records = [json.loads(line) for line in (args.data / "eval.jsonl").open(encoding="utf-8")]
     labels = torch.tensor([r["label"] for r in records])
     probs = {str(run): label_probs(run, records) for run in args.runs}
-    print(f"{len(records)} examples, {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(f"{len(records)} examples, {cpu_model()}, torch {torch.__version__}")
     for size in range(1, len(probs) + 1):
         for names in itertools.combinations(probs, size):
             mean = sum(probs[n] for n in names) / size

@@ -14,13 +14,7 @@ PROMPT = (
 def matched_words(prompt: str) -> list[str]:
     """The runs of marked characters, with one token per character."""
     marks = question_matches(prompt, [(i, i + 1) for i in range(len(prompt))])
-    words, current = [], ""
-    for char, marked in zip(prompt, marks):
-        if marked:
-            current += char
-        elif current:
-            words, current = [*words, current], ""
-    return words + ([current] if current else [])
+    return "".join(char if marked else " " for char, marked in zip(prompt, marks)).split()
 
 
 def test_context_words_the_question_holds_are_marked_whole_words_case_folded() -> None:
