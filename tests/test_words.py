@@ -27,6 +27,12 @@ def test_the_last_question_line_is_the_question_and_a_prompt_without_one_matches
     assert matched_words("Context: cats and dogs\nAnswer: cats") == []
 
 
+def test_words_of_any_script_are_matched_whole() -> None:
+    # an ASCII-only word pattern would match "Wis" (a different word) and miss "Łazienki"
+    prompt = "Context: The Wisła passes Łazienki, not Wis.\nQuestion: Where does the WISŁA pass łazienki?"
+    assert matched_words(prompt) == ["Wisła", "Łazienki"]
+
+
 def test_a_token_is_marked_when_any_of_its_characters_is() -> None:
     prompt = "Context: Broncos.\nQuestion: Broncos?"
     offsets = [(0, 9), (9, 11), (11, 18), (18, 37)]  # "Context: ", "Br", "oncos.\n", the question line

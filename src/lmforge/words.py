@@ -15,7 +15,8 @@ STOPWORDS = frozenset(
     you your shall may might must one two""".split()
 )
 QUESTION_LINE = re.compile(r"^Question:(.*)$", re.MULTILINE)  # as tasks.squad.squad_prompt writes it
-MATCHED_WORD = re.compile(r"[A-Za-z0-9]+")
+# Letters and digits of any script: an ASCII class would split "Wisła" into "Wis" and "a"
+MATCHED_WORD = re.compile(r"[^\W_]+")
 
 
 def whole_words(text: str) -> re.Pattern[str]:
@@ -34,11 +35,11 @@ def question_matches(prompt: str, offsets: list[tuple[int, int]]) -> list[bool]:
     questions = list(QUESTION_LINE.finditer(prompt))
     if not questions:
         return [False] * len(offsets)
-    asked = {w.lower() for w in MATCHED_WORD.findall(questions[-1].group(1))} - STOPWORDS
+    asked = {w.casefold() for w in MATCHED_WORD.findall(questions[-1].group(1))} - STOPWORDS
     in_question, marked = bytearray(len(prompt)), bytearray(len(prompt))
     for line in questions:
         in_question[line.start() : line.end()] = b"\1" * (line.end() - line.start())
     for word in MATCHED_WORD.finditer(prompt):
-        if not in_question[word.start()] and word.group().lower() in asked:
+        if not in_question[word.start()] and word.group().casefold() in asked:
             marked[word.start() : word.end()] = b"\1" * (word.end() - word.start())
     return [any(marked[start:end]) for start, end in offsets]
