@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import TINY
 
@@ -188,12 +189,58 @@ def test_sst2_ensemble_scores_each_run_as_eval_does_and_every_ensemble(cli, tmp_
         accuracies.append(json.loads(out)["model"]["accuracy"])
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / "sst2_ensemble.py"), str(tmp_path / "run1"), str(tmp_path / "run2"),
-         "--data", str(tmp_path / "sst2")],
+         "--data", str(tmp_path / "sst2"), "--average-weights"],
         capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith("4 examples") and len(lines) == 4
+    assert lines[0].startswith("4 examples") and len(lines) == 5
     for line, accuracy in zip(lines[1:3], accuracies):
         assert float(line.rsplit(" ", 1)[1].rstrip("%")) == pytest.approx(100 * accuracy, abs=0.01)
     assert lines[3].startswith(f"{tmp_path / 'run1'} + {tmp_path / 'run2'}: ")
+    assert lines[4].startswith("weights averaged over ")
+
+
+def test_checkpoint_averaging_means_every_weight_the_tied_embedding_once(tmp_path: Path) -> None:
+    from lmforge import checkpoint as ckpt
+    from lmforge.config import Config, ModelConfig
+    from lmforge.data.tokenizer import EOT, char_tokenizer
+    from lmforge.model.gpt import GPT
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from sst2_ensemble import weight_average
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    char_tokenizer("abc", specials=[EOT]).save(str(tmp_path / "tokenizer.json"))
+    config = ModelConfig(n_layer=1, n_head=1, d_model=16, block_size=8, vocab_size=4, tie_embeddings=True)
+    models, paths = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(GPT(config))
+        paths.append(ckpt.save_checkpoint(
+            tmp_path / f"run{seed}", 1, models[-1], {}, Config(model=config), tmp_path / "tokenizer.json", 1.0
+        ))  # fmt: skip
+    averaged, _ = weight_average(paths)
+    assert averaged.head.weight is averaged.embed.weight  # still tied
+    for name, weight in averaged.state_dict().items():
+        expected = (models[0].state_dict()[name] + models[1].state_dict()[name]) / 2
+        assert torch.allclose(weight, expected), name
+
+
+def test_sst2_detokenize_writes_reviews_as_prose(tmp_path: Path) -> None:
+    source = tmp_path / "sst2"
+    source.mkdir()
+    reviews = {
+        "it 's a charming journey . ": "It's a charming journey.",
+        "i do n't know ... ": "I don't know...",
+        "`` the movie '' ( 2002 ) costs $ 5 , really ?": '"the movie" (2002) costs $5, really?',
+        "sense of ` there but for the grace , ' it is": "Sense of 'there but for the grace,' it is",
+    }
+    for split in ("train", "val", "eval"):
+        lines = [json.dumps({"prompt": f"Review: {text.strip()}\nSentiment:"}) + "\n" for text in reviews]
+        (source / f"{split}.jsonl").write_text("".join(lines))
+    script = BENCHMARKS / "sst2_detokenize.py"
+    subprocess.run([sys.executable, str(script), str(source), str(tmp_path / "out")], check=True)
+    written = [json.loads(line)["prompt"] for line in (tmp_path / "out" / "eval.jsonl").open()]
+    assert written == [f"Review: {prose}\nSentiment:" for prose in reviews.values()]
