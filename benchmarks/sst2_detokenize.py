@@ -16,6 +16,8 @@ import json
 import re
 from pathlib import Path
 
+from lmforge.tasks.sst2 import sst2_prompt
+
 REVIEW = re.compile(r"^Review: (.*)\nSentiment:$", re.DOTALL)  # as lmforge.tasks.sst2.sst2_prompt writes it
 RULES = [
     (re.compile(r" (n't|'s|'re|'ve|'ll|'d|'m)(?=\s|$)"), r"\1"),  # does n't -> doesn't
@@ -41,7 +43,13 @@ def main() -> None:
     parser.add_argument("source", type=Path, help="a folder from `lmforge tasks prepare sst2`")
     parser.add_argument("out", type=Path, help="a new folder for the rewritten train/val/eval.jsonl")
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=False)
+    if missing := [s for s in ("train", "val", "eval") if not (args.source / f"{s}.jsonl").is_file()]:
+        parser.error(
+            f"{args.source}: no {missing[0]}.jsonl (give a folder from `lmforge tasks prepare sst2`)"
+        )
+    if args.out.exists():
+        parser.error(f"{args.out} exists; give a new folder")
+    args.out.mkdir(parents=True)
     for split in ("train", "val", "eval"):
         with (args.source / f"{split}.jsonl").open(encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
@@ -52,7 +60,7 @@ def main() -> None:
                     raise SystemExit(
                         f"{args.source / split}.jsonl: a prompt is not 'Review: ...\\nSentiment:'"
                     )
-                record["prompt"] = f"Review: {detokenize(review.group(1))}\nSentiment:"
+                record["prompt"] = sst2_prompt(detokenize(review.group(1)))
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
         print(f"{split}: {len(records)} reviews")
 

@@ -244,3 +244,7 @@ def test_sst2_detokenize_writes_reviews_as_prose(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(script), str(source), str(tmp_path / "out")], check=True)
     written = [json.loads(line)["prompt"] for line in (tmp_path / "out" / "eval.jsonl").open()]
     assert written == [f"Review: {prose}\nSentiment:" for prose in reviews.values()]
+    again = subprocess.run(
+        [sys.executable, str(script), str(source), str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert again.returncode == 2 and f"{tmp_path / 'out'} exists" in again.stderr.splitlines()[-1]

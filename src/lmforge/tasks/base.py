@@ -117,7 +117,9 @@ def extract_span(
     ids, offsets = encoded.ids[keep], encoded.offsets[keep]
     if not ids:  # an empty prompt has no span
         return ""
-    matched = torch.tensor([question_matches(prompt, offsets)], device=device)  # model.word_match's input
+    matched = (  # model.word_match's input
+        torch.tensor([question_matches(prompt, offsets)], device=device) if model.config.word_match else None
+    )
     with torch.inference_mode():
         scores = model(torch.tensor([ids], device=device), matched=matched)[0][0].float()  # (T, 2)
     pairs = scores[:, 0, None] + scores[None, :, 1]  # [start, end]
