@@ -28,8 +28,11 @@ demo: install
 	@echo "next: $(BIN)/lmforge chat $(DEMO_OUT)/runs/shakespeare-char, or" \
 		"$(BIN)/lmforge export $(DEMO_OUT)/runs/shakespeare-char --out $(DEMO_OUT)/hf (a Llama for transformers)"
 
+# pytest-xdist: one worker per core (pyproject.toml's -ra lists every skip with its reason). Then the
+# bf16-path tests (marker bf16) again as a machine with native bf16 (a GPU, AVX-512 BF16, AMX) runs them.
 test: install
-	$(BIN)/python -m pytest -q -n auto  # pytest-xdist: one worker per core
+	$(BIN)/python -m pytest -q -n auto
+	LMFORGE_NATIVE_BF16=1 $(BIN)/python -m pytest -q -n auto -m bf16
 
 # House style: ruff's linter and formatter (configured in pyproject.toml); CI runs this before the tests.
 lint: install

@@ -122,6 +122,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+# Tests that compare two computations to 1e-5 or bit for bit pin fp32: under train.dtype = "auto" a
+# machine with native bf16 (or LMFORGE_NATIVE_BF16=1) computes in bf16, whose 8-bit mantissa
+# rounds two reduction orders apart by ~1e-4. The bf16 path has its own tests (marker `bf16`).
+PIN_FP32 = "train.dtype=fp32"
+# bf16's unit roundoff: two bf16 computations of one value may differ by this much relatively.
+BF16_EPS = 2.0**-8
+
 TINY = [
     "model.n_layer=2",
     "model.n_head=2",

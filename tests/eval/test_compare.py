@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.compare import read_prompts, sheet_html, sign_test, wilson_interval
@@ -226,11 +227,11 @@ def test_text_in_a_prompt_or_answer_is_shown_as_text_and_never_run(page, tmp_pat
 def click_through(page, sheet: Path, clicks: list[str]) -> None:
     page.goto(sheet.as_uri())
     cards = page.locator(".card")
-    assert cards.count() == len(clicks)
-    assert page.locator("#progress").text_content() == f"0 of {len(clicks)} judged"
+    expect(cards).to_have_count(len(clicks))
+    expect(page.locator("#progress")).to_have_text(f"0 of {len(clicks)} judged")
     for n, choice in enumerate(clicks):
         cards.nth(n).locator(f'button[data-choice="{choice}"]').click()
-    assert page.locator("#progress").text_content() == f"{len(clicks)} of {len(clicks)} judged"
+    expect(page.locator("#progress")).to_have_text(f"{len(clicks)} of {len(clicks)} judged")
 
 
 def download_judgments(page, to: Path) -> Path:
@@ -247,7 +248,9 @@ def test_clicking_through_the_sheet_downloads_judgments_that_the_tally_unblinds(
     assert make(cli, runs, prompts_file, tmp_path / "cmp")[0] == 0
     click_through(page, tmp_path / "cmp" / "sheet.html", CLICKS)
     page.reload()  # the choices survive a reload (localStorage, keyed by the sheet's id)
-    assert page.locator("#progress").text_content() == "5 of 5 judged"
+    # expect() waits for the page's script to restore them; a plain read raced it under -n auto
+    expect(page.locator("#progress")).to_have_text("5 of 5 judged")
+    expect(page.locator('button[aria-pressed="true"]')).to_have_count(len(CLICKS))
     assert (
         page.locator('button[aria-pressed="true"]').evaluate_all("bs => bs.map(b => b.dataset.choice)")
         == CLICKS
@@ -285,7 +288,7 @@ def test_a_partly_judged_sheet_tallies_the_judged_prompts_only(
     page.goto((tmp_path / "cmp" / "sheet.html").as_uri())
     page.locator("#prompt-2").locator('button[data-choice="tie"]').click()  # prompt 2, wherever shown
     page.locator("#prompt-2").locator('button[data-choice="B"]').click()  # a change of mind
-    assert page.locator("#progress").text_content() == "1 of 5 judged"
+    expect(page.locator("#progress")).to_have_text("1 of 5 judged")
     judgments = json.loads(download_judgments(page, tmp_path / "j.json").read_text())
     assert judgments["judged"] == 1 and [j["choice"] for j in judgments["judgments"]] == [
         None,

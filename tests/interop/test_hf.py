@@ -228,6 +228,7 @@ def test_import_of_export_reproduces_the_weights_exactly(tmp_path: Path, name: s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.bf16
 def test_export_shards_and_bf16(tmp_path: Path) -> None:
     run = lmforge_run(
         tmp_path, byte_tokenizer(), position="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False

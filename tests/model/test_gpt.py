@@ -227,6 +227,7 @@ def test_logit_softcap_bounds_the_logits() -> None:
     torch.testing.assert_close(logits, 0.5 * torch.tanh(raw / 0.5))
 
 
+@pytest.mark.bf16
 def test_bf16_autocast_attention_runs_in_fp32_on_cpu() -> None:
     torch.manual_seed(0)
     model = GPT(tiny(qk_norm=True, position="rope"))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -45,19 +47,45 @@ def test_completion_is_lmforge_samples_greedy_text_with_usage(server: LiveServer
     )
 
 
-def test_streamed_completion_is_the_same_text_in_pieces(server: LiveServer, sampler: Sampler) -> None:
-    stream = client(server).completions.create(
-        model=MODEL,
-        prompt="to be",
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == greedy(sampler, "to be", 12)
-    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1  # streamed, not in one piece
-    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 12
+class GatedModel(torch.nn.Module):
+    """A model whose every forward waits for a permit: the test decides how many tokens exist when."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.config, self.permits = model, model.config, threading.Semaphore(0)
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        if not self.permits.acquire(timeout=30):
+            raise TimeoutError("the test gave no permit for this forward")
+        return self.model(*args, **kwargs)
+
+
+def test_streamed_completion_is_the_same_text_in_pieces(sampler: Sampler) -> None:
+    gated = GatedModel(sampler.model)
+    expected = greedy(sampler, "to be", 12)
+    with serve(dataclasses.replace(sampler, model=gated)) as live:
+        gated.permits.release()  # one forward: the prompt's, which yields the first token
+        stream = client(live).completions.create(
+            model=MODEL,
+            prompt="to be",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = iter(stream)
+        first = next(chunks)
+        # The first piece arrives while the engine waits for the next permit: the reply streams. How
+        # the rest is cut into chunks depends on thread timing, so only their sum is checked.
+        assert (
+            first.choices[0].text
+            and expected.startswith(first.choices[0].text)
+            and first.choices[0].text != expected
+        )
+        gated.permits.release(100)
+        rest = list(chunks)
+    assert first.choices[0].text + "".join(c.choices[0].text for c in rest if c.choices) == expected
+    assert rest[-2].choices[0].finish_reason == "length" and rest[-1].usage.completion_tokens == 12
 
 
 def test_chat_renders_the_checkpoint_template_streamed_or_not(server: LiveServer, sampler: Sampler) -> None:

@@ -112,6 +112,7 @@ def muon_steps(optimizer_class: type, **options) -> list[torch.Tensor]:
     return [p.detach() for p in params]
 
 
+@pytest.mark.bf16
 @pytest.mark.parametrize("options", [{}, {"nesterov": False, "adjust_lr_fn": "match_rms_adamw"}])
 def test_muon_in_bf16_updates_exactly_as_the_stock_optimizer(options: dict) -> None:
     from lmforge.train.optim import Muon
@@ -125,6 +126,7 @@ def test_muon_in_bf16_updates_exactly_as_the_stock_optimizer(options: dict) -> N
         torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
 
 
+@pytest.mark.bf16
 @pytest.mark.parametrize(("native", "ns_dtype"), [("0", torch.float32), ("1", torch.bfloat16)])
 def test_muon_iterates_in_bf16_only_where_it_is_native(
     monkeypatch, native: str, ns_dtype: torch.dtype

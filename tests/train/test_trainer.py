@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,15 +15,17 @@ from lmforge.data.tokenizer import byte_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.train.run import prepare_run_dir
 from lmforge.train.trainer import train
-from tests.conftest import TINY, snapshot
+from tests.conftest import BF16_EPS, PIN_FP32, TINY, snapshot
 from tests.train.conftest import lmforge, read_metrics, wait_for_step
 
 
+def sets(*items: str) -> list[str]:
+    """`--set ITEM` for each item."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def run_train(cli, config_file: Path, out: Path, *extra: str) -> tuple[int, str, str]:
-    args = ["train", config_file, "--out", out]
-    for item in [*TINY, *extra]:
-        args += ["--set", item]
-    return cli(*args)
+    return cli("train", config_file, "--out", out, *sets(*TINY, *extra))
 
 
 def test_loss_decreases_and_everything_is_logged(cli, config_file: Path, tmp_path: Path) -> None:
@@ -50,9 +53,9 @@ def test_loss_decreases_and_everything_is_logged(cli, config_file: Path, tmp_pat
 
 
 def test_eval_cli_matches_training_eval(cli, config_file: Path, tmp_path: Path) -> None:
-    assert run_train(cli, config_file, tmp_path / "run")[0] == 0
+    assert run_train(cli, config_file, tmp_path / "run", PIN_FP32)[0] == 0
     _, evals = read_metrics(tmp_path / "run")
-    code, out, err = cli("eval", tmp_path / "run", "--checkpoint", "last", "--json")
+    code, out, err = cli("eval", tmp_path / "run", "--checkpoint", "last", "--json")  # dtype: the run's
     assert code == 0, err
     result = json.loads(out)
     assert result["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-6)
@@ -60,6 +63,35 @@ def test_eval_cli_matches_training_eval(cli, config_file: Path, tmp_path: Path) 
     assert {"val_loss", "val_ppl", "tokens", "bpb"} <= set(result)
     code, out, _ = cli("eval", tmp_path / "run" / "checkpoints" / "step-0000030")
     assert code == 0 and "(step 30)" in out and "loss" in out
+
+
+@pytest.mark.bf16
+def test_eval_cli_matches_training_eval_in_bf16(cli, config_file: Path, tmp_path: Path) -> None:
+    assert run_train(cli, config_file, tmp_path / "run", "train.dtype=bf16")[0] == 0
+    _, evals = read_metrics(tmp_path / "run")
+    code, out, err = cli("eval", tmp_path / "run", "--checkpoint", "last", "--dtype", "bf16", "--json")
+    assert code == 0, err
+    # other batch shapes round bf16 matmuls differently: the mean loss agrees to bf16's unit roundoff
+    assert json.loads(out)["val_loss"] == pytest.approx(evals[-1]["val_loss"], rel=BF16_EPS)
+
+
+@pytest.mark.bf16
+def test_resume_in_bf16_is_bit_exact(cli, config_file: Path, tmp_path: Path) -> None:
+    """At one world size bf16 autocast rounds the same way every time: a resumed run is bit-exact."""
+    bf16 = ["train.dtype=bf16", "model.dropout=0.1"]  # dropout: the RNG state must resume too
+    assert run_train(cli, config_file, tmp_path / "run", *bf16)[0] == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run", resumed)
+    for c in ckpt.list_checkpoints(resumed):
+        if c.step > 30:  # stopped after step 30
+            shutil.rmtree(c.path)
+    code, _, err = cli("train", config_file, "--out", resumed, "--resume", *sets(*TINY, *bf16))
+    assert code == 0, err
+    (steps, evals), (ref_steps, ref_evals) = read_metrics(resumed), read_metrics(tmp_path / "run")
+    assert [e["step"] for e in steps] == list(range(1, 41))
+    for key in ("loss", "grad_norm", "lr"):
+        assert [e[key] for e in steps] == [e[key] for e in ref_steps], key
+    assert [(e["step"], e["val_loss"]) for e in evals] == [(e["step"], e["val_loss"]) for e in ref_evals]
 
 
 def test_sample_cli(cli, config_file: Path, tmp_path: Path) -> None:
