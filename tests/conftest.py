@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,9 @@ from lmforge.data import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
+# Small copies of the shared datasets in their formats (tests/fixtures/make_data.py writes them): the
+# suite runs on them where the shared folder is missing, so a clone alone tests everything.
+FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n N runs N workers, one per core: each computes with one thread (its subprocesses
@@ -23,22 +28,59 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+@dataclass(frozen=True)
+class Datasets:
+    """Where the tests' datasets are: the shared folder, or the repository's small copies."""
+
+    root: Path
+    real: bool  # the shared datasets themselves: tests check their published sizes too
+
+
+def find_datasets() -> Datasets:
+    shared = Path(os.environ.get("LMFORGE_DATA_DIR", DEFAULT_DATA_DIR))
+    if (shared / "tinyshakespeare" / "input.txt").is_file():
+        return Datasets(shared, real=True)
+    return Datasets(FIXTURE_DATA, real=False)
+
+
+DATASETS = find_datasets()
+
+
+@functools.cache
+def fixture_pins() -> dict[str, tuple]:
+    """NAMED_DATASETS with each part pinned to its small copy's sha256 and size."""
+    from lmforge.data import sources
+
+    def pinned(part: sources.NamedDataset) -> sources.NamedDataset:
+        path = FIXTURE_DATA / part.name / part.filename
+        return replace(part, sha256=sources.file_sha256(path), size=path.stat().st_size)
+
+    return {name: tuple(map(pinned, parts)) for name, parts in sources.NAMED_DATASETS.items()}
+
+
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Tests never touch the network and never share a dataset cache."""
+    """Tests never touch the network and never share a dataset cache; named datasets come from the
+    shared folder, or else from the small copies, pinned to their own hashes."""
     monkeypatch.setenv("LMFORGE_OFFLINE", "1")
     monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    if "LMFORGE_DATA_DIR" not in os.environ and DEFAULT_DATA_DIR.is_dir():
-        monkeypatch.setenv("LMFORGE_DATA_DIR", str(DEFAULT_DATA_DIR))
+    monkeypatch.setenv("LMFORGE_DATA_DIR", str(DATASETS.root))
+    if not DATASETS.real:
+        from lmforge.data import sources
+
+        for name, parts in fixture_pins().items():
+            monkeypatch.setitem(sources.NAMED_DATASETS, name, parts)
 
 
 @pytest.fixture
 def shared_data() -> Path:
-    """The shared datasets folder ($LMFORGE_DATA_DIR, else ../shared/data)."""
-    path = Path(os.environ.get("LMFORGE_DATA_DIR", DEFAULT_DATA_DIR))
-    if not (path / "tinyshakespeare" / "input.txt").is_file():
-        pytest.skip(f"shared data not found at {path}; set LMFORGE_DATA_DIR")
-    return path
+    """The datasets folder: the shared one ($LMFORGE_DATA_DIR, else ../shared/data), else the small
+    copies. CI has the shared folder: there (CI=true) its absence fails the test, never skips it."""
+    if not DATASETS.real and os.environ.get("CI") == "true":
+        pytest.fail(
+            f"shared data not found at {os.environ.get('LMFORGE_DATA_DIR', DEFAULT_DATA_DIR)} (CI=true)"
+        )
+    return DATASETS.root
 
 
 CHROMIUM_FLAGS = [
@@ -149,11 +191,8 @@ TINY = [
 
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The first 60 kB of TinyShakespeare, char-level (falls back to a local text without shared data)."""
-    data_dir = Path(os.environ.get("LMFORGE_DATA_DIR", DEFAULT_DATA_DIR))
-    source = data_dir / "tinyshakespeare" / "input.txt"
-    if not source.is_file():
-        pytest.skip(f"shared data not found at {data_dir}")
+    """The first 60 kB of TinyShakespeare, char-level (the same text in the shared and the small copy)."""
+    source = DATASETS.root / "tinyshakespeare" / "input.txt"
     root = tmp_path_factory.mktemp("chardata")
     (root / "text.txt").write_text(source.read_text()[:60_000])
     prepare(str(root / "text.txt"), root / "data", tokenizer="char", progress=False)

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
-
-import pytest
 
 from lmforge.data import sources
 from lmforge.data.loader import PreparedData
 from lmforge.data.tokenizer import EOT, load_tokenizer
-from tests.conftest import DEFAULT_DATA_DIR, GUTENBERG_BOOKS, write_gutenberg
+from tests.conftest import GUTENBERG_BOOKS, write_gutenberg
 
 
 def decoded(out: Path, split: str) -> str:
@@ -68,10 +65,8 @@ def test_gutenberg_without_a_local_copy_says_it_cannot_be_downloaded(
     assert "no public download" in err
 
 
-def test_the_shared_gutenberg_files_pass_their_pins_and_stream_in_chunks() -> None:
-    root = Path(os.environ.get("LMFORGE_DATA_DIR", DEFAULT_DATA_DIR))
-    if not (root / "gutenberg" / "valid.txt.gz").is_file():
-        pytest.skip(f"gutenberg not found in {root}")
+def test_the_shared_gutenberg_files_pass_their_pins_and_stream_in_chunks(shared_data: Path) -> None:
+    root = shared_data
     corpus = sources.open_corpus("gutenberg")  # checks both pinned sha256
     assert corpus.given_split and [p.name for p in corpus.files] == ["train.txt.gz", "valid.txt.gz"]
     with open(root / "gutenberg" / "books.tsv", encoding="utf-8", newline="") as f:

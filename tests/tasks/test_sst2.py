@@ -1,9 +1,10 @@
 """SST-2: the shared dataset as JSONL, and the label set an evaluation accepts."""
 
+import csv
 from pathlib import Path
 
 from lmforge.data.tokenizer import EOT, char_tokenizer
-from tests.conftest import TINY
+from tests.conftest import DATASETS, TINY
 from tests.tasks.conftest import TEXT, lines, write
 
 
@@ -11,15 +12,25 @@ def test_sst2(cli, shared_data: Path, tmp_path: Path) -> None:
     code, out, err = cli("tasks", "prepare", "sst2", "--out", tmp_path / "sst2")
     assert code == 0, err
     train, val, dev = (lines(tmp_path / "sst2" / f"{s}.jsonl") for s in ("train", "val", "eval"))
+    rows = {}
+    for name in ("train", "dev"):
+        with open(shared_data / "sst2" / f"{name}.tsv", encoding="utf-8", newline="") as f:
+            rows[name] = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     # dev is the scored split; val, for checkpoint selection, is 5% of train (seeded), train the rest.
-    assert (len(train), len(val), len(dev)) == (67_349 - 3_367, 3_367, 872)
-    assert "63,982 train, 3,367 val, 872 eval examples (val: 0.05 of train, seed 0;" in out
-    assert sum(e["label"] for e in dev) == 444  # SOURCE.md: 444 positive / 428 negative
+    n_val = round(len(rows["train"]) * 0.05)
+    assert (len(train), len(val), len(dev)) == (len(rows["train"]) - n_val, n_val, len(rows["dev"]))
+    assert (
+        f"{len(train):,} train, {n_val:,} val, {len(dev):,} eval examples (val: 0.05 of train, seed 0;" in out
+    )
+    assert [e["label"] for e in dev] == [int(row["label"]) for row in rows["dev"]]
     assert dev[0] == {
-        "prompt": "Review: it 's a charming and often affecting journey .\nSentiment:",
-        "completion": " positive",
-        "label": 1,
+        "prompt": f"Review: {rows['dev'][0]['sentence'].strip()}\nSentiment:",
+        "completion": " positive" if rows["dev"][0]["label"] == "1" else " negative",
+        "label": int(rows["dev"][0]["label"]),
     }
+    if DATASETS.real:  # SOURCE.md: 67,349 train; dev 872, 444 positive / 428 negative
+        assert (len(rows["train"]), len(dev), sum(e["label"] for e in dev)) == (67_349, 872, 444)
+        assert dev[0]["prompt"] == "Review: it 's a charming and often affecting journey .\nSentiment:"
 
 
 def test_label_set_mismatch_is_an_error(cli, tmp_path: Path) -> None:
