@@ -345,7 +345,7 @@ def test_stale_keys_beyond_a_rows_length_are_never_seen() -> None:
 
 
 def test_span_loss_is_the_mean_of_start_and_end_cross_entropy_over_the_prompt() -> None:
-    from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START
+    from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START
 
     torch.manual_seed(0)
     model = GPT(tiny(head="span"))
@@ -366,7 +366,7 @@ def test_span_loss_is_the_mean_of_start_and_end_cross_entropy_over_the_prompt() 
 
 
 def test_the_word_match_input_starts_at_zero_and_comes_from_targets_or_matched() -> None:
-    from lmforge.model.gpt import SPAN_MATCH, SPAN_OTHER, SPAN_START
+    from lmforge.targets import SPAN_MATCH, SPAN_OTHER, SPAN_START
 
     torch.manual_seed(0)
     plain = GPT(tiny(head="span"))
@@ -385,7 +385,7 @@ def test_the_word_match_input_starts_at_zero_and_comes_from_targets_or_matched()
 
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 def test_bidirectional_attention_sees_later_tokens_but_never_padding(attention: str) -> None:
-    from lmforge.model.gpt import IGNORE_INDEX, SPAN_OTHER
+    from lmforge.targets import IGNORE_INDEX, SPAN_OTHER
 
     torch.manual_seed(0)
     model = GPT(tiny(head="span", attention=attention)).eval()

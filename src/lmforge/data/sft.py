@@ -34,7 +34,7 @@ from lmforge.data.protocol import Batch
 from lmforge.data.tokenizer import load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import decode_line, loads, read_lines
-from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
+from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
 from lmforge.words import question_matches, whole_words
 
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this

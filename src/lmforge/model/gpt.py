@@ -18,12 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_START
 
 ROW_MULTIPLE = 128  # `only_targets` pads the rows it keeps to a multiple of this
-IGNORE_INDEX = -100  # a target that does not count in the loss (masked prompt, padding)
-# Targets of a span head, per position: bit flags on a prompt token, IGNORE_INDEX on padding. SPAN_MATCH
-# is an input, not a target: a context word that the question holds (model.word_match).
-SPAN_OTHER, SPAN_START, SPAN_END, SPAN_MATCH = 0, 1, 2, 4
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
