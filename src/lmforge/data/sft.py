@@ -336,11 +336,13 @@ class SFTData:
         on_bad_line: str = "error",
         eval_only: bool = False,
         chat_template: ChatTemplate | None = None,
-        spans: bool = False,
+        head: str = "lm",
     ) -> None:
         self.dir, self.tokenizer_file = directory, tokenizer_file
-        self.spans = spans  # for a span head: each completion is located in its prompt (`collate_spans`)
-        self.collate = collate_spans if spans else collate
+        # the batch rule of the model's head (model.head): a span head's locates each completion in its
+        # prompt (`tokenize_spans`, `collate_spans`)
+        self.spans = head == "span"
+        self.collate = collate_spans if self.spans else collate
         tokenizer = load_tokenizer(tokenizer_file)
         self.chat_template = chat_template or ChatTemplate.default(tokenizer)
         self.vocab_size = vocab_size(tokenizer)

@@ -254,7 +254,7 @@ def open_data(
             model.block_size,
             config.data.on_bad_line,
             chat_template=chat_template,
-            spans=model.head == "span",
+            head=model.head,
         )
     else:
         data = _open_tokens(config.data.dir, model.block_size)
