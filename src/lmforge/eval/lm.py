@@ -55,9 +55,9 @@ def evaluate_lm(
     are all-reduced, so every rank returns the same result for the whole split.
     """
     head = model.output_head
-    # A span model reads its targets too: they mark the padding that bidirectional attention must not
-    # see, and the word-match input
-    spans = not isinstance(head, LMHead)
+    # A task model (a span head's) reads its targets too: they mark the padding that bidirectional
+    # attention must not see, and the word-match input
+    reads_targets = not isinstance(head, LMHead)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -73,7 +73,7 @@ def evaluate_lm(
             scored += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
-                logits, _ = model(x, y) if spans else model(x)
+                logits, _ = model(x, y) if reads_targets else model(x)
             loss_sum, scored_count = head.summed_loss(logits, y)
             total += loss_sum.double()
             count += scored_count
@@ -81,7 +81,7 @@ def evaluate_lm(
             # An FSDP forward is collective: ranks short of a batch run an unscored one so all run as many.
             for _ in range(-(-seen // world) - scored):
                 with autocast or contextlib.nullcontext():
-                    model(*[t.to(device) for t in (first if spans else first[:1])])
+                    model(*[t.to(device) for t in (first if reads_targets else first[:1])])
             import torch.distributed as dist
 
             sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
