@@ -1,5 +1,5 @@
-"""Output heads (`lmforge.model.heads`): GPT's body makes hidden states, the head named by model.head
-turns them into logits and a loss, with its own rules for the loss."""
+"""Output heads (`lmforge.model.heads`): GPT's body makes a residual stream, the head named by model.head
+reads it through the final norm into logits and a loss, with its own rules for the loss."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def test_forward_is_the_body_then_the_head(name: str) -> None:
     model = GPT(tiny(head=name, attention="bidirectional" if name == "span" else "causal"))
     x = torch.randint(0, 50, (2, 8))
     y = span_targets() if name == "span" else torch.randint(0, 50, (2, 8))
-    hidden = model.hidden_states(x, y)  # (B, T, d_model)
-    expected = model.output_head.output(hidden, y)
+    stream = model.residual_stream(x, y)  # (B, T, d_model)
+    expected = model.output_head.output(stream, y, norm=model.norm)
     out = model(x, y)
     assert isinstance(out, HeadOutput)
     torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=0)
@@ -62,8 +62,8 @@ class ConstantHead(Head, torch.nn.Linear):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config.d_model, 1)
 
-    def output(self, hidden, targets=None, *, only_targets=False) -> HeadOutput:
-        scores = self(hidden)  # (B, T, 1)
+    def output(self, x, targets=None, *, norm, only_targets=False) -> HeadOutput:
+        scores = self(norm(x))  # (B, T, 1)
         return HeadOutput(scores, None if targets is None else scores.mean())
 
 
@@ -94,7 +94,7 @@ def test_a_head_is_its_plain_layer_to_hooks_and_the_logit_lens() -> None:
     torch.testing.assert_close(model.head(hidden), F.linear(hidden, model.embed.weight))  # no soft-cap
     capped = model.head.logits(hidden)
     assert capped.abs().max() < 5.0
-    torch.testing.assert_close(model.output_head.output(hidden).logits, capped)
+    torch.testing.assert_close(model.output_head.output(hidden, norm=torch.nn.Identity()).logits, capped)
 
 
 @pytest.mark.parametrize("name", ["lm", "span"])
@@ -105,7 +105,7 @@ def test_a_heads_summed_loss_over_its_count_is_its_mean_loss(name: str) -> None:
     y = span_targets() if name == "span" else torch.randint(0, 50, (2, 8))
     if name == "lm":
         y[1, 5:] = IGNORE_INDEX
-    logits, loss = head.output(hidden, y)
+    logits, loss = head.output(hidden, y, norm=torch.nn.LayerNorm(32))
     summed, count = head.summed_loss(logits, y)
     assert count == (2 if name == "span" else 13)  # rows, or target tokens
     torch.testing.assert_close(summed / count, loss)

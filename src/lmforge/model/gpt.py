@@ -292,7 +292,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token (and position) embeddings, the blocks and a final norm (the body), then the head."""
+    """Token (and position) embeddings and the blocks (the body), then a final norm and the head."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -360,10 +360,11 @@ class GPT(nn.Module):
         `matched` [B, T] (bool) marks the context tokens whose word the question holds, the input of
         a model.word_match model when there are no targets; in training their SPAN_MATCH flags say it.
         """
-        hidden = self.hidden_states(idx, targets, cache=cache, matched=matched)  # (B, T, d_model)
-        return self.output_head.output(hidden, targets, only_targets=only_targets)
+        x = self.residual_stream(idx, targets, cache=cache, matched=matched)  # (B, T, d_model)
+        # the head picks the positions it scores, and reads them through the final norm
+        return self.output_head.output(x, targets, norm=self.norm, only_targets=only_targets)
 
-    def hidden_states(
+    def residual_stream(
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
@@ -371,8 +372,9 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         matched: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The body's output (B, T, d_model): embeddings, the blocks and the final norm. A span model's
-        targets mark the padding that bidirectional attention must not see, and the word-match input."""
+        """The body's output (B, T, d_model): the embeddings through every block, before the final norm.
+        A span model's targets mark the padding that bidirectional attention must not see, and the
+        word-match input."""
         T = idx.size(1)
         cached = cache.step(T, idx.device) if cache is not None else None
         if (end := cached.end if cached is not None else T) > self.config.block_size:
@@ -386,7 +388,7 @@ class GPT(nn.Module):
             x = block(x, rope, cached, visible)
         if cache is not None:
             cache.advance(T)
-        return self.norm(x)
+        return x
 
     def visible_keys(self, targets: torch.Tensor | None) -> torch.Tensor | None:
         """(B, 1, 1, T): the keys that bidirectional attention may see, broadcast over heads and queries;

@@ -1,10 +1,11 @@
-"""Output heads: a model's logits from its final hidden states, and their loss against a batch's targets.
+"""Output heads: a model's logits from the residual stream, and their loss against a batch's targets.
 
-GPT's body (embeddings, blocks, final norm) turns tokens into hidden states (B, T, d_model); the head
-that model.head names (`HEADS`) turns them into logits and, given targets, a loss (`Head.output`). A
-head brings its own rules: what its targets hold (lmforge/targets.py; data/sft.py builds them), whether
-its loss is a mean per row or per target token (`per_row_loss`), and its sum over a split
-(`summed_loss`). A new head is a class here, its batch rule in data/sft.py and its task.
+GPT's body (embeddings, blocks) turns tokens into a residual stream (B, T, d_model); the head that
+model.head names (`HEADS`) reads it through the final norm at the positions it scores, into logits and,
+given targets, a loss (`Head.output`). A head brings its own rules: what its targets hold
+(lmforge/targets.py; data/sft.py builds them), whether its loss is a mean per row or per target token
+(`per_row_loss`), and its sum over a split (`summed_loss`). A new head is a class here, its batch rule
+in data/sft.py and its task.
 
 Each head is itself the layer that scores (an `nn.Linear`), held by GPT under the name its checkpoints
 use (`head_attribute`): its weights keep their keys, and Opacus's hooks and peft see a Linear layer.
@@ -32,16 +33,22 @@ class HeadOutput(NamedTuple):
 
 
 class Head(nn.Module):
-    """A model's output: logits from the final hidden states, and their loss. A subclass is also the
-    layer that computes the logits (its forward), so that it adds no level to the checkpoint's keys."""
+    """A model's output: logits from the residual stream, and their loss. A subclass is also the layer
+    that computes the logits (its forward), so that it adds no level to the checkpoint's keys."""
 
     per_row_loss: ClassVar[bool] = False  # the loss is a mean over rows (examples), not over target tokens
 
     def output(
-        self, hidden: torch.Tensor, targets: torch.Tensor | None = None, *, only_targets: bool = False
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        norm: nn.Module,
+        only_targets: bool = False,
     ) -> HeadOutput:
-        """Logits from hidden (B, T, d_model), and their mean loss against targets (B, T) if given.
-        `only_targets`: most targets are IGNORE_INDEX, and the head may score only the others."""
+        """Logits from the residual stream x (B, T, d_model) read through the model's final `norm`, and
+        their mean loss against targets (B, T) if given. `only_targets`: most targets are IGNORE_INDEX,
+        and the head may score only the others (it applies `norm` after it picks them)."""
         raise NotImplementedError
 
     def summed_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -66,21 +73,26 @@ class LMHead(Head, nn.Linear):
         return logits
 
     def output(
-        self, hidden: torch.Tensor, targets: torch.Tensor | None = None, *, only_targets: bool = False
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        norm: nn.Module,
+        only_targets: bool = False,
     ) -> HeadOutput:
-        """Logits (B, T, V) and their mean cross-entropy. `only_targets` runs the layer only where
-        `targets` is not IGNORE_INDEX and returns those logits as (N, V): fine-tuning batches are
-        mostly masked prompt and padding, and this is the most expensive matmul of a small model."""
+        """Logits (B, T, V) and their mean cross-entropy. `only_targets` runs the norm and the layer
+        only where `targets` is not IGNORE_INDEX and returns those logits as (N, V): fine-tuning batches
+        are mostly masked prompt and padding, and this is the most expensive matmul of a small model."""
         kept = None
         if only_targets and targets is not None:
             keep = targets != IGNORE_INDEX
-            hidden, targets = hidden[keep], targets[keep]  # (N, d_model), (N,)
+            x, targets = x[keep], targets[keep]  # (N, d_model), (N,)
             # Round the row count up (padding rows are ignored): every new matmul shape costs
             # CPU oneDNN a cached kernel and its memory, and a count that varies per batch
             # would make the process grow by gigabytes.
-            kept, pad = hidden.size(0), -hidden.size(0) % ROW_MULTIPLE
-            hidden, targets = F.pad(hidden, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=IGNORE_INDEX)
-        logits = self.logits(hidden)  # (B, T, V), only_targets: (N + pad, V)
+            kept, pad = x.size(0), -x.size(0) % ROW_MULTIPLE
+            x, targets = F.pad(x, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=IGNORE_INDEX)
+        logits = self.logits(norm(x))  # (B, T, V), only_targets: (N + pad, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(  # logits as rows (B * T or N + pad, V), targets as (rows,)
@@ -114,11 +126,16 @@ class SpanHead(Head, nn.Linear):
         super().__init__(config.d_model, 2)
 
     def output(
-        self, hidden: torch.Tensor, targets: torch.Tensor | None = None, *, only_targets: bool = False
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        norm: nn.Module,
+        only_targets: bool = False,
     ) -> HeadOutput:
         """Scores (B, T, 2) at every position, and `span_loss`. `only_targets` does not apply: every
         position of the prompt is a candidate start or end."""
-        scores = self(hidden)  # (B, T, 2)
+        scores = self(norm(x))  # (B, T, 2)
         return HeadOutput(scores, None if targets is None else span_loss(scores, targets))
 
     def summed_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
