@@ -97,6 +97,17 @@ def test_a_head_is_its_plain_layer_to_hooks_and_the_logit_lens() -> None:
     torch.testing.assert_close(model.output_head.output(hidden, norm=torch.nn.Identity()).logits, capped)
 
 
+def test_only_targets_reads_just_the_kept_rows_through_the_norm() -> None:
+    seen = []
+    norm = torch.nn.LayerNorm(32)
+    norm.register_forward_hook(lambda module, args, out: seen.append(args[0].shape))
+    head = LMHead(tiny())
+    y = torch.full((2, 8), IGNORE_INDEX)
+    y[:, 6:] = 1  # 4 targets that count
+    logits, _ = head.output(torch.randn(2, 8, 32), y, norm=norm, only_targets=True)
+    assert logits.shape == (4, 50) and seen == [(128, 32)]  # 4 rows, padded to ROW_MULTIPLE
+
+
 @pytest.mark.parametrize("name", ["lm", "span"])
 def test_a_heads_summed_loss_over_its_count_is_its_mean_loss(name: str) -> None:
     torch.manual_seed(0)
