@@ -3,6 +3,7 @@
 - No function or method is longer than MAX_FUNCTION_LINES lines.
 - The modules of lmforge import each other without a cycle.
 - Inference imports nothing from training: only training itself and the command line may.
+- Data imports nothing from the model: what both need (lmforge.targets) lives below both.
 - The house style's tool configuration (ruff, line length) is in pyproject.toml.
 
 This file imports nothing from lmforge: the rules hold even for code that cannot be imported,
@@ -208,6 +209,17 @@ def test_inference_code_imports_nothing_from_training() -> None:
     assert not offenders, "only training and the command line may import lmforge.train:\n" + "\n".join(
         offenders
     )
+
+
+def test_data_imports_nothing_from_the_model() -> None:
+    offenders = [
+        f"{location(module, line)} {module} imports {target}"
+        for module, targets in import_graph().items()
+        if within(module, "lmforge.data")
+        for target, line in targets.items()
+        if within(target, "lmforge.model")
+    ]
+    assert not offenders, "data must not import the model:\n" + "\n".join(offenders)
 
 
 def test_pyproject_configures_ruff_with_a_line_length() -> None:

@@ -22,7 +22,7 @@ from lmforge.data.sft import (
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT
-from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
+from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :\n?!.,'"
 

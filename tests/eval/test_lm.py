@@ -7,7 +7,9 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.eval.lm import evaluate_lm
-from lmforge.model.gpt import GPT, IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START, span_loss
+from lmforge.model.gpt import GPT
+from lmforge.model.heads import span_loss
+from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START
 
 
 def test_a_bidirectional_span_model_is_scored_without_seeing_its_padding() -> None:

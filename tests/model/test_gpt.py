@@ -156,7 +156,7 @@ def test_training_flops_equal_torch_flop_counter(options: dict) -> None:
 
 
 def test_training_flops_count_the_head_where_it_runs_and_frozen_weights() -> None:
-    from lmforge.model.gpt import head_rows
+    from lmforge.model.heads import head_rows
 
     torch.manual_seed(0)
     model = GPT(tiny(tie_embeddings=False, block_size=64))
@@ -168,16 +168,6 @@ def test_training_flops_count_the_head_where_it_runs_and_frozen_weights() -> Non
     model.head.weight.requires_grad_(False)  # a frozen weight: only its input's gradient
     assert model.training_flops(4, 40, rows) == measured_flops(model, idx, targets, only_targets=True)
     assert model.training_flops(4, 40, rows) < model.training_flops(4, 40)
-
-
-def test_head_rows_of_a_data_parallel_batch_pad_each_ranks_share() -> None:
-    from lmforge.model.gpt import head_rows
-
-    targets = torch.full((4, 40), -100)
-    targets[:, 30:] = 1  # 10 scored targets per row
-    assert head_rows(targets) == 128  # one rank: 40 rows padded to 128
-    assert head_rows(targets, parts=2) == 256  # two ranks of 20 rows, each padded to 128
-    assert head_rows(targets, parts=4) == 512
 
 
 def test_generate_greedy_matches_argmax_of_full_forward() -> None:
@@ -344,29 +334,8 @@ def test_stale_keys_beyond_a_rows_length_are_never_seen() -> None:
     assert batched.length.tolist() == [3, 10, 5] and batched.longest == 10
 
 
-def test_span_loss_is_the_mean_of_start_and_end_cross_entropy_over_the_prompt() -> None:
-    from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START
-
-    torch.manual_seed(0)
-    model = GPT(tiny(head="span"))
-    x = torch.randint(0, 50, (2, 8))
-    y = torch.full((2, 8), SPAN_OTHER)
-    y[0, 2], y[0, 4] = SPAN_START, SPAN_END
-    y[1, 5] = SPAN_START | SPAN_END
-    y[1, 6:] = IGNORE_INDEX  # padding: never a candidate
-    scores, loss = model(x, y)
-    assert scores.shape == (2, 8, 2)
-    expected = 0.0
-    for row, (start, end, n) in enumerate([(2, 4, 8), (5, 5, 6)]):
-        log_probs = torch.log_softmax(scores[row, :n], dim=0)  # over the row's positions
-        expected -= (log_probs[start, 0] + log_probs[end, 1]) / 2
-    assert torch.allclose(loss, expected / 2)
-    x[1, 6:] = 7  # what padding holds does not matter
-    assert torch.allclose(model(x, y)[1], loss)
-
-
 def test_the_word_match_input_starts_at_zero_and_comes_from_targets_or_matched() -> None:
-    from lmforge.model.gpt import SPAN_MATCH, SPAN_OTHER, SPAN_START
+    from lmforge.targets import SPAN_MATCH, SPAN_OTHER, SPAN_START
 
     torch.manual_seed(0)
     plain = GPT(tiny(head="span"))
@@ -385,7 +354,7 @@ def test_the_word_match_input_starts_at_zero_and_comes_from_targets_or_matched()
 
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 def test_bidirectional_attention_sees_later_tokens_but_never_padding(attention: str) -> None:
-    from lmforge.model.gpt import IGNORE_INDEX, SPAN_OTHER
+    from lmforge.targets import IGNORE_INDEX, SPAN_OTHER
 
     torch.manual_seed(0)
     model = GPT(tiny(head="span", attention=attention)).eval()

@@ -70,7 +70,7 @@ def test_cloze_files_load_as_fine_tuning_data(cli, tmp_path: Path) -> None:
     byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
     data = SFTData(tmp_path / "cloze", tmp_path / "tokenizer.json", block_size=256)
     assert (len(data.train), len(data.val)) == (22, 1)
-    spans = SFTData(tmp_path / "cloze", tmp_path / "tokenizer.json", block_size=256, spans=True)
+    spans = SFTData(tmp_path / "cloze", tmp_path / "tokenizer.json", block_size=256, head="span")
     assert (len(spans.train), len(spans.val)) == (22, 1)
 
 

@@ -20,7 +20,8 @@ import torch
 from lmforge import checkpoint as ckpt
 from lmforge.config import ModelConfig, load_config
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import GPT, IGNORE_INDEX
+from lmforge.model.gpt import GPT
+from lmforge.targets import IGNORE_INDEX
 from lmforge.train.distributed import Distributed, apply_activation_checkpointing
 from lmforge.train.run import build_run
 from lmforge.train.trainer import train

@@ -34,7 +34,7 @@ from lmforge.data.protocol import Batch
 from lmforge.data.tokenizer import load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import decode_line, loads, read_lines
-from lmforge.model.gpt import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
+from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
 from lmforge.words import question_matches, whole_words
 
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
@@ -336,11 +336,13 @@ class SFTData:
         on_bad_line: str = "error",
         eval_only: bool = False,
         chat_template: ChatTemplate | None = None,
-        spans: bool = False,
+        head: str = "lm",
     ) -> None:
         self.dir, self.tokenizer_file = directory, tokenizer_file
-        self.spans = spans  # for a span head: each completion is located in its prompt (`collate_spans`)
-        self.collate = collate_spans if spans else collate
+        # the batch rule of the model's head (model.head): a span head's locates each completion in its
+        # prompt (`tokenize_spans`, `collate_spans`)
+        self.spans = head == "span"
+        self.collate = collate_spans if self.spans else collate
         tokenizer = load_tokenizer(tokenizer_file)
         self.chat_template = chat_template or ChatTemplate.default(tokenizer)
         self.vocab_size = vocab_size(tokenizer)

@@ -154,13 +154,13 @@ def _lm_loss(
     if (data_dir / "val.jsonl").is_file() and not (data_dir / "meta.json").is_file():
         # Fine-tuning data: the loss of val.jsonl's completions, with the checkpoint's own tokenizer.
         template = ChatTemplate.of_checkpoint(loaded.path, load_tokenizer(loaded.tokenizer_file))
-        spans = loaded.config.model.head == "span"
+        head = loaded.config.model.head
         data = SFTData(
-            data_dir, loaded.tokenizer_file, block_size, eval_only=True, chat_template=template, spans=spans
+            data_dir, loaded.tokenizer_file, block_size, eval_only=True, chat_template=template, head=head
         )
-    elif loaded.config.model.head == "span":
+    elif loaded.config.model.head != "lm":
         raise LmforgeError(
-            f"{loaded.path}: a span model has no language-model loss on {data_dir}; "
+            f"{loaded.path}: a {loaded.config.model.head} model has no language-model loss on {data_dir}; "
             "evaluate it on fine-tuning data (val.jsonl) or with --task"
         )
     else:

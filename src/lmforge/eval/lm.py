@@ -8,9 +8,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from lmforge.model.gpt import IGNORE_INDEX, span_loss
+from lmforge.model.heads import LMHead
 
 
 @dataclass(frozen=True)
@@ -50,14 +49,15 @@ def evaluate_lm(
     world: int = 1,
 ) -> LMEval:
     """Token-weighted mean loss of `model` over every target of `batches` (IGNORE_INDEX targets are skipped);
-    with a span head, the mean `span_loss` per example.
+    with another head, the mean of its `summed_loss` (a span head's: `span_loss` per example).
 
     With `world` > 1 (a data-parallel run) rank r scores batches r, r + world, ... and the sums
     are all-reduced, so every rank returns the same result for the whole split.
     """
-    # A span model reads its targets too: they mark the padding that bidirectional attention must not
-    # see, and the word-match input
-    spans = getattr(model, "span_head", None) is not None
+    head = model.output_head
+    # A task model (a span head's) reads its targets too: they mark the padding that bidirectional
+    # attention must not see, and the word-match input
+    reads_targets = not isinstance(head, LMHead)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -73,15 +73,15 @@ def evaluate_lm(
             scored += 1
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast or contextlib.nullcontext():
-                logits, _ = model(x, y) if spans else model(x)
-            loss_sum, scored_count = _summed_loss(spans, logits, y)
+                logits, _ = model(x, y) if reads_targets else model(x)
+            loss_sum, scored_count = head.summed_loss(logits, y)
             total += loss_sum.double()
             count += scored_count
         if world > 1:
             # An FSDP forward is collective: ranks short of a batch run an unscored one so all run as many.
             for _ in range(-(-seen // world) - scored):
                 with autocast or contextlib.nullcontext():
-                    model(*[t.to(device) for t in (first if spans else first[:1])])
+                    model(*[t.to(device) for t in (first if reads_targets else first[:1])])
             import torch.distributed as dist
 
             sums = torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)])
@@ -90,14 +90,3 @@ def evaluate_lm(
     finally:
         model.train(was_training)
     return LMEval(loss=total.item() / count, tokens=count, bytes_per_token=bytes_per_token)
-
-
-def _summed_loss(spans: bool, logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The loss summed over what a batch scores, and how many: its target tokens, or with a span
-    head (`span_loss`) its examples."""
-    if spans:
-        return span_loss(logits, y, reduction="sum"), y.size(0)
-    loss = F.cross_entropy(
-        logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE_INDEX
-    )
-    return loss, int((y != IGNORE_INDEX).sum())

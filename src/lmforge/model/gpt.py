@@ -2,7 +2,8 @@
 
 GPT-2's architecture by default (learned positions, LayerNorm, GELU MLP, tied head), with
 the modern options behind config switches: RoPE, RMSNorm, SwiGLU / ReLU², grouped-query
-attention and QK-norm. Parallelism, checkpointing and data live outside the model.
+attention and QK-norm. The output heads (next-token logits, a span head) and their losses are
+in heads.py; parallelism, checkpointing and data live outside the model.
 """
 
 from __future__ import annotations
@@ -18,12 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
-
-ROW_MULTIPLE = 128  # `only_targets` pads the rows it keeps to a multiple of this
-IGNORE_INDEX = -100  # a target that does not count in the loss (masked prompt, padding)
-# Targets of a span head, per position: bit flags on a prompt token, IGNORE_INDEX on padding. SPAN_MATCH
-# is an input, not a target: a context word that the question holds (model.word_match).
-SPAN_OTHER, SPAN_START, SPAN_END, SPAN_MATCH = 0, 1, 2, 4
+from lmforge.model.heads import HEADS, Head, HeadOutput, LMHead, head_attribute, word_matches
+from lmforge.targets import IGNORE_INDEX
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -295,7 +292,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token (and position) embeddings, the blocks, a final norm and the head."""
+    """Token (and position) embeddings and the blocks (the body), then a final norm and the head."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -317,13 +314,13 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config, config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = LMHead(config)  # every model has one: a task model keeps its base's
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
-        # Extractive answers: a start and an end score per position (BERT's SQuAD head)
-        self.span_head = nn.Linear(config.d_model, 2) if config.head == "span" else None
-        if self.span_head is not None and not config.tie_embeddings:
-            self.head.weight.requires_grad_(False)  # unused: no optimizer state, no DDP unused-grad error
+        if config.head != "lm":  # a task head outputs instead, e.g. `span_head` (heads.py)
+            self.add_module(head_attribute(config.head), HEADS[config.head](config))
+            if not config.tie_embeddings:
+                self.head.weight.requires_grad_(False)  # unused: no optimizer state, no DDP unused-grad error
         # A span model's word-match input: a vector added to each context token the question holds
         self.match_embed = nn.Embedding(2, config.d_model) if config.word_match else None
         self.apply(self._init_weights)
@@ -343,6 +340,11 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    @property
+    def output_head(self) -> Head:
+        """The head that forward outputs through: model.head's (heads.py)."""
+        return getattr(self, head_attribute(self.config.head))
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -350,17 +352,29 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         only_targets: bool = False,
         matched: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: [B, T] token ids. Returns (logits [B, T, V], mean cross-entropy or None); with a span
-        head, (start and end scores [B, T, 2], `span_loss` against `targets` or None).
+    ) -> HeadOutput:
+        """idx: [B, T] token ids. Returns the head's (logits, loss), the loss None without `targets`:
+        next-token logits [B, T, V] and their mean cross-entropy, or with a span head start and end
+        scores [B, T, 2] and `span_loss`. `only_targets`: see `LMHead.output`.
 
         `matched` [B, T] (bool) marks the context tokens whose word the question holds, the input of
         a model.word_match model when there are no targets; in training their SPAN_MATCH flags say it.
-
-        `only_targets` runs the head only where `targets` is not IGNORE_INDEX and returns those logits
-        as [N, V]: fine-tuning batches are mostly masked prompt and padding, and the head is the
-        most expensive matmul of a small model.
         """
+        x = self.residual_stream(idx, targets, cache=cache, matched=matched)  # (B, T, d_model)
+        # the head picks the positions it scores, and reads them through the final norm
+        return self.output_head.output(x, targets, norm=self.norm, only_targets=only_targets)
+
+    def residual_stream(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        matched: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The body's output (B, T, d_model): the embeddings through every block, before the final norm.
+        A span model's targets mark the padding that bidirectional attention must not see, and the
+        word-match input."""
         T = idx.size(1)
         cached = cache.step(T, idx.device) if cache is not None else None
         if (end := cached.end if cached is not None else T) > self.config.block_size:
@@ -369,36 +383,23 @@ class GPT(nn.Module):
         rope = None
         if self.rotary is not None:
             rope = self.rotary.tables(cached.positions if cached is not None else 0, T)
-        visible = None
-        if self.config.attention == "bidirectional" and targets is not None:
-            # span targets mark padding (IGNORE_INDEX), which no position may see; the first position
-            # always can, so that a row of padding alone has a key (no NaN)
-            visible = targets != IGNORE_INDEX  # (B, T)
-            visible[:, 0] = True
-            visible = visible[:, None, None, :]  # (B, 1, 1, T): broadcast over heads and queries
+        visible = self.visible_keys(targets)
         for block in self.blocks:
             x = block(x, rope, cached, visible)
         if cache is not None:
             cache.advance(T)
-        if self.span_head is not None:
-            scores = self.span_head(self.norm(x))  # (B, T, 2)
-            return scores, (span_loss(scores, targets) if targets is not None else None)
-        kept = None
-        if only_targets and targets is not None:
-            keep = targets != IGNORE_INDEX
-            x, targets = x[keep], targets[keep]  # (N, d_model), (N,)
-            # Round the row count up (padding rows are ignored): every new matmul shape costs
-            # CPU oneDNN a cached kernel and its memory, and a count that varies per batch
-            # would make the process grow by gigabytes.
-            kept, pad = x.size(0), -x.size(0) % ROW_MULTIPLE
-            x, targets = F.pad(x, (0, 0, 0, pad)), F.pad(targets, (0, pad), value=IGNORE_INDEX)
-        logits = self.readout(x)  # (B, T, V), only_targets: (N + pad, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(  # logits as rows (B * T or N + pad, V), targets as (rows,)
-                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
-        return (logits if kept is None else logits[:kept]), loss
+        return x
+
+    def visible_keys(self, targets: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, 1, 1, T): the keys that bidirectional attention may see, broadcast over heads and queries;
+        None for causal attention, or without targets to mark the padding."""
+        if self.config.attention != "bidirectional" or targets is None:
+            return None
+        # span targets mark padding (IGNORE_INDEX), which no position may see; the first position
+        # always can, so that a row of padding alone has a key (no NaN)
+        visible = targets != IGNORE_INDEX  # (B, T)
+        visible[:, 0] = True
+        return visible[:, None, None, :]
 
     def embed_inputs(
         self,
@@ -421,17 +422,13 @@ class GPT(nn.Module):
             if matched is None and targets is None:
                 raise ValueError("a model.word_match model reads `matched` (or span targets) with its tokens")
             if matched is None:
-                matched = (targets.clamp(min=0) & SPAN_MATCH).bool()
+                matched = word_matches(targets)
             x = x + self.match_embed(matched.long())
         return x
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from the residual stream x (..., d_model): final norm, head, soft-cap if configured."""
-        logits = self.head(self.norm(x))  # (..., V)
-        if self.config.logit_softcap is not None:  # bounds the logits smoothly (Gemma 2, modded-nanogpt)
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits.float() / cap)
-        return logits
+        """Logits from the residual stream x (..., d_model): final norm, the LM head, its soft-cap."""
+        return self.head.logits(self.norm(x))  # (..., V)
 
     def num_params(self) -> int:
         """All trainable parameters, a tied embedding counted once."""
@@ -461,28 +458,7 @@ class GPT(nn.Module):
         head_flops = (
             (6 if head.requires_grad else 4) * head.numel() * (tokens if head_rows is None else head_rows)
         )
-        if self.span_head is not None:  # the span head (a matrix counted above) replaces the lm head
+        if self.config.head != "lm":  # a task head (a matrix counted above) replaces the lm head
             head_flops = 0
         attention = 12 * self.config.n_layer * self.config.d_model * seq_len * tokens
         return per_token * tokens + head_flops + attention
-
-
-def span_loss(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the start and of the end position over each row's prompt positions, averaged.
-
-    scores: (B, T, 2); targets: (B, T) of SPAN_* flags, IGNORE_INDEX where a row is padded.
-    """
-    scores = scores.float().masked_fill((targets == IGNORE_INDEX)[..., None], float("-inf"))
-    flagged = targets.clamp(min=0)
-    starts = (flagged & SPAN_START).bool().int().argmax(dim=1)  # (B,): the first flagged position
-    ends = (flagged & SPAN_END).bool().int().argmax(dim=1)
-    start_loss = F.cross_entropy(scores[..., 0], starts, reduction=reduction)
-    return (start_loss + F.cross_entropy(scores[..., 1], ends, reduction=reduction)) / 2
-
-
-def head_rows(targets: torch.Tensor, parts: int = 1) -> int:
-    """The rows the head runs on in `forward(..., only_targets=True)`: the targets that count,
-    padded to a multiple of ROW_MULTIPLE. Split into `parts` equal blocks of rows (each rank's
-    share of a data-parallel batch), each block is padded on its own, as each rank pads its own."""
-    kept = [int((part != IGNORE_INDEX).sum()) for part in targets.split(targets.size(0) // parts)]
-    return sum(k + -k % ROW_MULTIPLE for k in kept)

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.errors import LmforgeError, TrainingInterrupted
-from lmforge.model.gpt import IGNORE_INDEX
 from lmforge.runtime import resolve_device
+from lmforge.targets import IGNORE_INDEX
 
 
 def launched_by_torchrun() -> bool:

@@ -10,17 +10,15 @@ import torch
 from torch import nn
 
 from lmforge.config import OptimConfig
+from lmforge.model.heads import Head
 from lmforge.runtime import native_bf16
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Group parameters by role: hidden matrices, embeddings/head, and vectors (norms, biases)."""
     groups: dict[str, list[nn.Parameter]] = {"matrices": [], "embeddings": [], "vectors": []}
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for name in ("head", "span_head"):  # output heads train as embeddings do (AdamW, never Muon)
-        head = getattr(model, name, None)
-        if head is not None:
-            embedding_ids.add(id(head.weight))
+    # output heads train as embeddings do (AdamW, never Muon)
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, Head))}
     for param in model.parameters():  # parameters() yields a tied weight once
         if not param.requires_grad:
             continue

@@ -3,8 +3,8 @@
 What makes a step private, and where it happens:
 
 - per-sample gradients: Opacus's `GradSampleModule` hooks every module that holds parameters
-  (Linear, Embedding, LayerNorm, RMSNorm, the QK-norm's `HeadNorm`) and computes each window's
-  gradient from the module's input and output gradient; attention (SDPA) and RoPE have no
+  (Linear, Embedding, LayerNorm, RMSNorm, the QK-norm's `HeadNorm`, the Linear `LMHead`) and computes
+  each window's gradient from the module's input and output gradient; attention (SDPA) and RoPE have no
   parameters; a tied embedding and head add their two contributions; learned positions are
   looked up per sequence (`GPT.per_sample_positions`) so that their rows are per sample too;
 - sampling: `PoissonWindows` (each disjoint window of the train split in a batch with probability
@@ -31,6 +31,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.grad_sample.rms_norm import compute_rms_norm_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler
 from opacus.optimizers import DPOptimizer
@@ -40,10 +41,12 @@ from lmforge.config import Config, PrivacyConfig
 from lmforge.data.loader import PoissonWindows, PreparedData
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import HeadNorm
+from lmforge.model.heads import LMHead
 from lmforge.train import distributed
 from lmforge.train.step import Gradients, Stepper
 
 register_grad_sampler(HeadNorm)(compute_rms_norm_grad_sample)  # the same math as nn.RMSNorm's
+register_grad_sampler(LMHead)(compute_linear_grad_sample)  # an nn.Linear (its forward is Linear's)
 # The embeddings' inputs are token ids, so their backward hooks see only output gradients, which is
 # all Opacus needs; torch warns about it at every backward.
 HOOK_WARNING = "Full backward hook is firing when gradients are computed"

@@ -30,6 +30,7 @@ from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.lm import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
+from lmforge.model.heads import HEADS, TASK_LAYERS
 from lmforge.model.lora import apply_lora
 from lmforge.report.metrics import METRICS_FILE
 from lmforge.runtime import autocast, matmul_peak_flops, resolve_dtype, seed_everything
@@ -96,7 +97,7 @@ class Run:
             dist,
             only_targets=config.data.kind == "sft",
             count_flops=state.module.training_flops,
-            loss_per_row=config.model.head == "span",
+            loss_per_row=HEADS[config.model.head].per_row_loss,
         )
         peak_flops = matmul_peak_flops(device, t.dtype) * dist.world  # MFU of the whole job
         clock_start = time.perf_counter() - state.progress.elapsed_s
@@ -253,7 +254,7 @@ def open_data(
             model.block_size,
             config.data.on_bad_line,
             chat_template=chat_template,
-            spans=model.head == "span",
+            head=model.head,
         )
     else:
         data = _open_tokens(config.data.dir, model.block_size)
@@ -313,7 +314,7 @@ def build_model(config: Config, init_from: Path | None, device: torch.device) ->
         source = ckpt.load_for_inference(init_from, "best", device, any_head=True).model.state_dict()
         # model.head and model.word_match are the run's own: a new span head or word-match vector
         # starts as built, an unused one is left behind
-        own, run_owns = module.state_dict(), ("span_head.", "match_embed.")
+        own, run_owns = module.state_dict(), tuple(f"{layer}." for layer in TASK_LAYERS)
         module.load_state_dict(
             {k: v for k, v in source.items() if k in own or not k.startswith(run_owns)}
             | {k: v for k, v in own.items() if k.startswith(run_owns) and k not in source}

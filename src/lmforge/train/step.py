@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import head_rows
+from lmforge.model.heads import head_rows
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 
@@ -55,7 +55,7 @@ class Stepper:
         self.device = device
         self.only_targets = only_targets  # masked (fine-tuning) targets: run the head only where they count
         # the loss is a mean over rows, not target tokens (a span head's): ranks' shares weigh alike.
-        # Told, not read off `model`: under DDP that is a wrapper without the span head.
+        # Told (the head's `per_row_loss`), not read off `model`: under DDP that is a wrapper.
         self.loss_per_row = loss_per_row
         self.forward = torch.compile(model) if compile else model
         self.grad_accum_steps = grad_accum_steps
