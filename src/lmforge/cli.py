@@ -92,6 +92,7 @@ def _prepare(args: argparse.Namespace) -> int:
         unknown_chars=args.unknown_chars,
         scrub_pii=parse_kinds(args.scrub_pii),
         canaries=check_spec(args.canaries, args.canary_repeats, args.seed),
+        holdout_lines=args.holdout_lines,
     )
     return 0
 
@@ -156,6 +157,13 @@ def _add_privacy_args(p: argparse.ArgumentParser) -> None:
         "--canary-repeats",
         metavar="R1,R2,...",
         help="how many times each group of canaries is inserted (default 1,4,16; 0: never, a control)",
+    )
+    p.add_argument(
+        "--holdout-lines",
+        type=int,
+        metavar="N",
+        help="take about N random lines out of the train text and mark about N others as members, both "
+        "saved to OUT/membership.json: `lmforge audit`'s membership inference compares the two",
     )
 
 
