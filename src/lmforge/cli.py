@@ -729,7 +729,11 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
         help="send each prompt as a user message through each "
         "run's chat template (default: continue the prompt as text)",
     )
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help="answer length cap (default 128; with --chat at most half the smaller context)",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=positive_int, default=200)
     p.add_argument("--top-p", type=float, default=None)
