@@ -392,7 +392,9 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, help="tasks: evaluate only the first N examples")
     p.add_argument("--beam-size", type=positive_int, default=1, help="tasks that decode: 1 is greedy")
     p.add_argument(
-        "--max-new-tokens", type=positive_int, default=64, help="tasks that decode: answer length cap"
+        "--max-new-tokens",
+        type=positive_int,
+        help="tasks that decode: answer length cap (default 64, at most half the block size)",
     )
     p.add_argument(
         "--predictions",
