@@ -41,7 +41,9 @@ def draw(runs: list[tuple[str, list[dict]]], out: Path) -> None:
                 steps, fit, style, marker="o", color=colours.get(repeats), label=f"{repeats}x, {label}"
             )[0]
             colours[repeats] = line.get_color()
-        auc_axes.plot(steps, [a["membership"]["auc"] for a in audits], style, marker="o", label=label)
+        measured = [a for a in audits if a["membership"] is not None]  # data prepared with --holdout-lines
+        auc = [a["membership"]["auc"] for a in measured]
+        auc_axes.plot([a["step"] for a in measured], auc, style, marker="o", label=label)
     exposure_axes.set(xlabel="step", ylabel="mean exposure (bits, normal fit)", title="canary exposure")
     exposure_axes.legend(fontsize=7, ncol=2)
     auc_axes.axhline(0.5, color="grey", linewidth=0.8)

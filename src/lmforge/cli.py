@@ -591,7 +591,6 @@ def _audit(args: argparse.Namespace) -> int:
         prefix_tokens=args.prefix_tokens,
         k=args.k,
         sequences=args.sequences,
-        sequence_tokens=args.sequence_tokens,
         batch_size=args.batch_size,
         seed=args.seed,
     )
@@ -614,7 +613,8 @@ def _add_audit(verbs: argparse._SubParsersAction) -> None:
         help="leakage audit: canary exposure, verbatim memorisation, membership inference AUC",
         description="Measure what a checkpoint gives away about its training data: the exposure of "
         "the canaries `prepare --canaries` inserted, by repeat count; the share of train vs val prefixes "
-        "whose greedy continuation is verbatim; the AUC of membership inference by loss.",
+        "whose greedy continuation is verbatim; the AUC of membership inference by loss between the "
+        "member and held-out lines of `prepare --holdout-lines`.",
     )
     _add_checkpoint_args(p)
     p.add_argument("--data", help="prepared data folder (default: the run's data.dir)")
@@ -623,11 +623,21 @@ def _add_audit(verbs: argparse._SubParsersAction) -> None:
         "--alternatives", type=positive_int, default=10_000, help="random secrets each canary is ranked among"
     )
     p.add_argument("--prefixes", type=positive_int, default=256, help="memorisation: prefixes per split")
-    p.add_argument("--prefix-tokens", type=positive_int, default=64, help="memorisation: prefix length")
-    p.add_argument("--k", type=positive_int, default=32, help="memorisation: tokens to reproduce")
-    p.add_argument("--sequences", type=positive_int, default=512, help="membership: sequences per split")
     p.add_argument(
-        "--sequence-tokens", type=positive_int, help="membership: sequence length (default block_size)"
+        "--prefix-tokens",
+        type=positive_int,
+        help="memorisation: prefix length (default 64, or what fits in the block size beside --k)",
+    )
+    p.add_argument(
+        "--k",
+        type=positive_int,
+        help="memorisation: tokens to reproduce (default 32, at most half the block size)",
+    )
+    p.add_argument(
+        "--sequences",
+        type=positive_int,
+        default=512,
+        help="membership: member lines, and as many held-out ones, from DATA/membership.json (default 512)",
     )
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--seed", type=seed, default=0, help="seed for the alternatives and windows drawn")
