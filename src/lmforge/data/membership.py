@@ -52,7 +52,7 @@ class LineHoldout:
         self.at_line_start = True  # the text seen so far ended a line
 
     @classmethod
-    def for_count(cls, count: int, train_lines: float, seed: int, never: frozenset[str]) -> LineHoldout:
+    def for_count(cls, count: int, train_lines: float, *, seed: int, never: frozenset[str]) -> LineHoldout:
         """A holdout that picks about `count` lines for each side out of `train_lines` eligible ones."""
         return cls(min(1.0, 2 * count / max(train_lines, 1.0)), seed, never)
 

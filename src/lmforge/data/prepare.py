@@ -114,7 +114,7 @@ class _Privacy:
                     f"--holdout-lines: the train split has no line of {MIN_LINE_CHARS} or more characters"
                 )
             never = frozenset(c.text for c in canaries)  # a canary's count must stay what was recorded
-            self.holdout = LineHoldout.for_count(self.holdout_lines, train_lines, seed, never)
+            self.holdout = LineHoldout.for_count(self.holdout_lines, train_lines, seed=seed, never=never)
 
     def train_text(self, text: str) -> str:
         """A piece of the train split with the canaries inserted and the held-out lines taken out."""
