@@ -2,6 +2,8 @@
 
 One line per repeat count (0, 1, 4, 16 insertions) in the exposure panel, one per run in the AUC
 panel; a run trained with DP-SGD (its audit JSONs say so through the run's config) is drawn dashed.
+The grey band around 0.5 is where 95% of the AUCs of a model that tells nothing apart fall, for as
+many member and held-out lines as the audits compared.
 
     python benchmarks/plot_audit.py OUT_DIR [OUT_DIR ...] --out docs/audit/exposure.png
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import tomllib
@@ -25,6 +28,11 @@ def read_audits(out_dir: Path) -> tuple[str, list[dict]]:
     label = f"DP-SGD, epsilon {epsilon:g}" if epsilon else "no DP"
     audits = [json.loads(p.read_text()) for p in out_dir.glob("audit-*.json")]
     return label, sorted(audits, key=lambda a: a["step"])
+
+
+def chance_band(lines: int) -> float:
+    """1.96 deviations of the AUC of two samples of `lines` from one distribution (Mann-Whitney)."""
+    return 1.96 * math.sqrt((2 * lines + 1) / (12 * lines * lines))
 
 
 def draw(runs: list[tuple[str, list[dict]]], out: Path) -> None:
@@ -41,11 +49,17 @@ def draw(runs: list[tuple[str, list[dict]]], out: Path) -> None:
                 steps, fit, style, marker="o", color=colours.get(repeats), label=f"{repeats}x, {label}"
             )[0]
             colours[repeats] = line.get_color()
-        auc_axes.plot(steps, [a["membership"]["auc"] for a in audits], style, marker="o", label=label)
+        measured = [a for a in audits if a["membership"] is not None]  # data prepared with --holdout-lines
+        auc = [a["membership"]["auc"] for a in measured]
+        auc_axes.plot([a["step"] for a in measured], auc, style, marker="o", label=label)
     exposure_axes.set(xlabel="step", ylabel="mean exposure (bits, normal fit)", title="canary exposure")
     exposure_axes.legend(fontsize=7, ncol=2)
     auc_axes.axhline(0.5, color="grey", linewidth=0.8)
-    auc_axes.set(xlabel="step", ylabel="AUC", title="membership inference by loss (0.5 = chance)")
+    counts = [a["membership"]["lines"] for _, audits in runs for a in audits if a["membership"] is not None]
+    if counts:
+        band = chance_band(min(counts))
+        auc_axes.axhspan(0.5 - band, 0.5 + band, color="grey", alpha=0.15, label="chance (95%)")
+    auc_axes.set(xlabel="step", ylabel="AUC", title="membership: member vs held-out lines")
     auc_axes.legend(fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=90)

@@ -1,6 +1,7 @@
 """DP-SGD's price and effect: val loss, tokens/s and a leakage audit at epsilon = inf, 8 and 3.
 
-Prepares TinyShakespeare (char) with canaries (10 per repeat count 0, 1, 4, 16), trains the same small
+Prepares TinyShakespeare (char) with canaries (10 per repeat count 0, 1, 4, 16) and about 512 member and
+512 held-out lines (`--holdout-lines`, for membership inference), trains the same small
 model for the same number of steps without privacy and with `privacy.target_epsilon` 8 and 3, then
 runs `lmforge audit` on each final checkpoint, and prints one table of cost and one of leakage.
 
@@ -64,8 +65,7 @@ def train(data: Path, run: Path, steps: int, epsilon: float) -> dict:
 
 
 def audit(run: Path) -> dict:
-    out = lmforge("audit", str(run), "--checkpoint", "last", "--prefix-tokens", "32", "--k", "32",
-                  "--device", "cpu", "--json")  # fmt: skip
+    out = lmforge("audit", str(run), "--checkpoint", "last", "--device", "cpu", "--json")  # prefix 32, k 32
     return json.loads(out)
 
 
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     data = args.out / "data"
     lmforge("prepare", "tinyshakespeare", "--tokenizer", "char", "--out", str(data), "--canaries", "10",
-            "--canary-repeats", "0,1,4,16", "--overwrite", "-q")  # fmt: skip
+            "--canary-repeats", "0,1,4,16", "--holdout-lines", "512", "--overwrite", "-q")  # fmt: skip
     results = []
     for epsilon in (float(e) for e in args.epsilons.split(",")):
         run = args.out / f"run-eps-{epsilon:g}"

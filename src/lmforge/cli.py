@@ -92,6 +92,7 @@ def _prepare(args: argparse.Namespace) -> int:
         unknown_chars=args.unknown_chars,
         scrub_pii=parse_kinds(args.scrub_pii),
         canaries=check_spec(args.canaries, args.canary_repeats, args.seed),
+        holdout_lines=args.holdout_lines,
     )
     return 0
 
@@ -156,6 +157,13 @@ def _add_privacy_args(p: argparse.ArgumentParser) -> None:
         "--canary-repeats",
         metavar="R1,R2,...",
         help="how many times each group of canaries is inserted (default 1,4,16; 0: never, a control)",
+    )
+    p.add_argument(
+        "--holdout-lines",
+        type=int,
+        metavar="N",
+        help="take about N random lines out of the train text and mark about N others as members, both "
+        "saved to OUT/membership.json: `lmforge audit`'s membership inference compares the two",
     )
 
 
@@ -384,7 +392,9 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, help="tasks: evaluate only the first N examples")
     p.add_argument("--beam-size", type=positive_int, default=1, help="tasks that decode: 1 is greedy")
     p.add_argument(
-        "--max-new-tokens", type=positive_int, default=64, help="tasks that decode: answer length cap"
+        "--max-new-tokens",
+        type=positive_int,
+        help="tasks that decode: answer length cap (default 64, at most half the block size)",
     )
     p.add_argument(
         "--predictions",
@@ -581,7 +591,6 @@ def _audit(args: argparse.Namespace) -> int:
         prefix_tokens=args.prefix_tokens,
         k=args.k,
         sequences=args.sequences,
-        sequence_tokens=args.sequence_tokens,
         batch_size=args.batch_size,
         seed=args.seed,
     )
@@ -604,7 +613,8 @@ def _add_audit(verbs: argparse._SubParsersAction) -> None:
         help="leakage audit: canary exposure, verbatim memorisation, membership inference AUC",
         description="Measure what a checkpoint gives away about its training data: the exposure of "
         "the canaries `prepare --canaries` inserted, by repeat count; the share of train vs val prefixes "
-        "whose greedy continuation is verbatim; the AUC of membership inference by loss.",
+        "whose greedy continuation is verbatim; the AUC of membership inference by loss between the "
+        "member and held-out lines of `prepare --holdout-lines`.",
     )
     _add_checkpoint_args(p)
     p.add_argument("--data", help="prepared data folder (default: the run's data.dir)")
@@ -613,11 +623,21 @@ def _add_audit(verbs: argparse._SubParsersAction) -> None:
         "--alternatives", type=positive_int, default=10_000, help="random secrets each canary is ranked among"
     )
     p.add_argument("--prefixes", type=positive_int, default=256, help="memorisation: prefixes per split")
-    p.add_argument("--prefix-tokens", type=positive_int, default=64, help="memorisation: prefix length")
-    p.add_argument("--k", type=positive_int, default=32, help="memorisation: tokens to reproduce")
-    p.add_argument("--sequences", type=positive_int, default=512, help="membership: sequences per split")
     p.add_argument(
-        "--sequence-tokens", type=positive_int, help="membership: sequence length (default block_size)"
+        "--prefix-tokens",
+        type=positive_int,
+        help="memorisation: prefix length (default 64, or what fits in the block size beside --k)",
+    )
+    p.add_argument(
+        "--k",
+        type=positive_int,
+        help="memorisation: tokens to reproduce (default 32, at most half the block size)",
+    )
+    p.add_argument(
+        "--sequences",
+        type=positive_int,
+        default=512,
+        help="membership: member lines, and as many held-out ones, from DATA/membership.json (default 512)",
     )
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--seed", type=seed, default=0, help="seed for the alternatives and windows drawn")
@@ -721,7 +741,11 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
         help="send each prompt as a user message through each "
         "run's chat template (default: continue the prompt as text)",
     )
-    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help="answer length cap (default 128; with --chat at most half the smaller context)",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     p.add_argument("--top-k", type=positive_int, default=200)
     p.add_argument("--top-p", type=float, default=None)

@@ -28,7 +28,7 @@ SAMPLE_SEPARATOR = "---------------"  # a line of its own between two samples
 class SamplingOptions:
     """How each next token is chosen, and how many; checked when made."""
 
-    max_new_tokens: int
+    max_new_tokens: int | None  # None only on its way to a front end that fills in its default (compare)
     temperature: float  # 0 is greedy
     top_k: int | None
     top_p: float | None

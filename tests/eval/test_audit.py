@@ -1,5 +1,6 @@
 """`lmforge audit`: canary exposure, verbatim memorisation and membership inference, on a tiny
-model overfit to a repetitive train split with one group of canaries inserted 64 times."""
+model overfit to a train split of random lines, with one group of canaries inserted 64 times and
+held-out lines drawn from the same lines as the members."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lmforge.checkpoint import save_checkpoint
 from lmforge.config import Config, DataConfig, ModelConfig
 from lmforge.data import PreparedData, prepare
 from lmforge.data.canaries import CanarySpec
+from lmforge.errors import LmforgeError
 from lmforge.eval.audit import (
     AuditOptions,
     AuditReport,
@@ -28,9 +30,14 @@ from lmforge.eval.audit import (
 )
 from lmforge.model import GPT
 
-TRAIN_TEXT = "the quick brown fox jumps over the lazy dog\nall work and no play makes jack a dull boy\n" * 60
-VAL_TEXT = "pack my box with five dozen liquor jugs now\n" * 12
-SMALL = AuditOptions(alternatives=500, prefixes=32, prefix_tokens=16, k=8, sequences=32)
+WORDS = "fox dog cat owl bee elk yak ant bat cow hen pig ram emu gnu jay".split()
+# 200 lines of 10 random words: members and held-out lines are drawn from these alike.
+LINES = [" ".join(np.random.default_rng(0).choice(WORDS, size=(200, 10))[i]) for i in range(200)]
+# The val split (the file's tail) is other text on purpose: the held-out lines, not val, are the
+# non-members, so the membership AUC must not move with what val holds.
+VAL_TEXT = "PACK MY BOX WITH FIVE DOZEN LIQUOR JUGS\n" * 20
+SMALL = AuditOptions(alternatives=500, prefixes=32, prefix_tokens=16, k=8, sequences=100)
+STEPS = 1000
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,31 +51,33 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def overfit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer model trained 150 steps on TRAIN_TEXT with canaries repeated 0 and 64 times."""
+    """A 1-layer model saved untrained (step 0) and after 1,000 steps at a high learning rate on a
+    train split of ~100 member lines, with canaries repeated 0 and 64 times; ~100 lines held out."""
     root = tmp_path_factory.mktemp("audit")
-    (root / "text.txt").write_text(TRAIN_TEXT + VAL_TEXT)
-    fraction = len(VAL_TEXT) / len(TRAIN_TEXT + VAL_TEXT)
-    canaries = CanarySpec(2, (0, 64), seed=0)
+    text = "".join(line + "\n" for line in LINES)
+    (root / "text.txt").write_text(text + VAL_TEXT)
     prepare(
         str(root / "text.txt"),
         root / "data",
         "char",
-        val_fraction=fraction,
+        val_fraction=len(VAL_TEXT) / len(text + VAL_TEXT),
         progress=False,
-        canaries=canaries,
+        canaries=CanarySpec(2, (0, 64), seed=0),
+        holdout_lines=100,  # of the 200 train lines: each is a member or held out, ~100 of each
     )
     data = PreparedData.open(root / "data")
-    config = ModelConfig(n_layer=2, n_head=2, d_model=32, block_size=32, vocab_size=data.vocab_size)
+    config = ModelConfig(n_layer=1, n_head=2, d_model=32, block_size=32, vocab_size=data.vocab_size)
+    run_config = Config(model=config, data=DataConfig(dir=str(root / "data")))
     torch.manual_seed(0)
     model = GPT(config)
+    save_checkpoint(root / "run", 0, model, {}, run_config, root / "data" / "tokenizer.json", None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for x, y in itertools.islice(data.train_batches(32, 16, seed=0), 150):
+    for x, y in itertools.islice(data.train_batches(32, 16, seed=0), STEPS):
         _, loss = model(x, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    run_config = Config(model=config, data=DataConfig(dir=str(root / "data")))
-    save_checkpoint(root / "run", 150, model, {}, run_config, root / "data" / "tokenizer.json", loss.item())
+    save_checkpoint(root / "run", STEPS, model, {}, run_config, root / "data" / "tokenizer.json", loss.item())
     return root / "run"
 
 
@@ -98,6 +107,10 @@ def report(overfit_run: Path) -> AuditReport:
     return audit_checkpoint(overfit_run, "last", "cpu", "fp32", None, None, SMALL)
 
 
+def untrained(run: Path) -> str:
+    return str(run / "checkpoints" / "step-0000000")
+
+
 def test_a_canary_inserted_64_times_is_exposed_and_one_never_inserted_is_not(report: AuditReport) -> None:
     rows = {row["repeats"]: row for row in report.exposure_by_repeats()}
     assert rows[64]["exposure_sampled"] > 8.0  # near the ceiling log2(501) = 8.97
@@ -105,10 +118,26 @@ def test_a_canary_inserted_64_times_is_exposed_and_one_never_inserted_is_not(rep
     assert rows[0]["exposure_sampled"] < 5.0 and rows[0]["exposure_fit"] < 6.0
 
 
-def test_an_overfit_model_reproduces_train_prefixes_and_tells_members_apart(report: AuditReport) -> None:
-    memorised, members = report.memorisation, report.membership
-    assert memorised.train_exact > 0.5 and memorised.val_exact < 0.1
-    assert members.auc > 0.95 and members.train_loss < members.val_loss
+def test_an_overfit_model_reproduces_train_prefixes(report: AuditReport) -> None:
+    memorised = report.memorisation
+    assert memorised.train_exact > 0.1 and memorised.train_token_match > 0.4  # ~0.2 and ~0.55 here
+    assert memorised.val_exact == 0.0
+
+
+def test_an_untrained_model_cannot_tell_members_from_held_out_lines(overfit_run: Path) -> None:
+    report = audit_checkpoint(overfit_run, untrained(overfit_run), "cpu", "fp32", None, None, SMALL)
+    members = report.membership
+    assert members.lines >= 80  # as many held-out lines as members, picked alike from LINES
+    # Members and held-out lines are exchangeable here, so the AUC is that of two samples from one
+    # distribution: with n = 80-100 per side its deviation is sqrt((2n + 1) / (12 n^2)) <= 0.046,
+    # and 0.15 is more than 3 of them: a correct audit fails this for fewer than 1 seed in 1,000.
+    assert abs(members.auc - 0.5) < 0.15
+
+
+def test_an_overfit_model_tells_members_from_held_out_lines(report: AuditReport) -> None:
+    members = report.membership
+    # 0.8 here: over 6 deviations of the null's 0.046 above chance (0.7 is over 4)
+    assert members.auc > 0.7 and members.member_loss < members.held_out_loss
 
 
 def test_audit_prints_a_table_or_json(cli, overfit_run: Path) -> None:
@@ -127,11 +156,45 @@ def test_audit_prints_a_table_or_json(cli, overfit_run: Path) -> None:
     code, out, err = cli("audit", overfit_run, *options, "--device", "cpu")
     assert code == 0, err
     assert 'canary exposure: "my PIN is D D D D D D", |R| = 1,000,000' in out
-    assert "verbatim memorisation" in out and "membership inference by loss" in out
+    assert "verbatim memorisation" in out
+    assert "membership inference by loss: 8 lines trained on vs 8 held out, picked alike" in out
     code, out, _ = cli("audit", overfit_run, *options, "--device", "cpu", "--json")
     result = json.loads(out)
     assert [row["repeats"] for row in result["exposure"]["by_repeats"]] == [0, 64]
-    assert len(result["exposure"]["canaries"]) == 4 and result["membership"]["sequences"] == 8
+    assert len(result["exposure"]["canaries"]) == 4 and result["membership"]["lines"] == 8
+
+
+def test_memorisation_lengths_default_to_what_fits_the_block(cli, overfit_run: Path) -> None:
+    # The defaults (a 64-token prefix, k = 32) do not fit a 32-token block: half of it each
+    options = ["--alternatives", "50", "--prefixes", "4", "--sequences", "4", "--device", "cpu", "--json"]
+    code, out, err = cli("audit", overfit_run, *options)
+    assert code == 0, err
+    memorised = json.loads(out)["memorisation"]
+    assert (memorised["prefix_tokens"], memorised["k"]) == (16, 16)
+    code, out, err = cli("audit", overfit_run, *options, "--k", "4")
+    assert code == 0, err
+    memorised = json.loads(out)["memorisation"]
+    assert (memorised["prefix_tokens"], memorised["k"]) == (28, 4)
+
+
+@pytest.mark.parametrize(
+    ("block_size", "prefix_tokens", "k", "fitted"),
+    [
+        (1024, None, None, (64, 32)),
+        (96, None, None, (64, 32)),
+        (64, None, None, (32, 32)),
+        (16, None, None, (8, 8)),
+        (2, None, None, (1, 1)),
+        (64, 60, None, (60, 4)),
+        (64, None, 48, (16, 48)),
+        (64, 10, 20, (10, 20)),
+    ],
+)
+def test_fitted_options_fill_in_the_lengths_not_given(
+    block_size: int, prefix_tokens: int | None, k: int | None, fitted: tuple[int, int]
+) -> None:
+    options = AuditOptions(prefix_tokens=prefix_tokens, k=k).fitted(block_size)
+    assert (options.prefix_tokens, options.k) == fitted
 
 
 @pytest.mark.parametrize(
@@ -141,37 +204,34 @@ def test_audit_prints_a_table_or_json(cli, overfit_run: Path) -> None:
             ["--prefix-tokens", "30", "--k", "8"],
             "--prefix-tokens 30 + --k 8 is more than the model's block_size 32",
         ),
-        (["--sequence-tokens", "64"], "--sequence-tokens 64 is more than the model's block_size 32"),
+        (["--prefix-tokens", "32"], "--prefix-tokens 32 leaves no room for --k in the model's block_size 32"),
+        (["--k", "40"], "--k 40 leaves no room for --prefix-tokens in the model's block_size 32"),
         (["--canaries", "nope.json"], "nope.json: no such canaries file"),
     ],
 )
 def test_bad_audit_options_are_one_line_errors(cli, overfit_run: Path, args: list[str], message: str) -> None:
-    code, out, err = cli("audit", overfit_run, "--prefix-tokens", "16", "--k", "8", *args)
+    code, out, err = cli("audit", overfit_run, *args)
     assert code == 1 and out == "" and err.count("\n") == 1, err
     assert err.startswith("lmforge audit: error: ") and message in err
 
 
-def test_without_canaries_the_audit_says_so(cli, overfit_run: Path, tmp_path: Path) -> None:
+def test_a_block_of_one_token_has_no_room_for_memorisation() -> None:
+    with pytest.raises(LmforgeError, match="block_size 1 leaves no room"):
+        AuditOptions().fitted(1)
+
+
+def test_without_canaries_or_held_out_lines_the_audit_says_so(cli, overfit_run: Path, tmp_path: Path) -> None:
     data = overfit_run.parent / "data"
     plain = tmp_path / "plain"
     plain.mkdir()
     for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
         (plain / name).write_bytes((data / name).read_bytes())
-    code, out, _ = cli(
-        "audit",
-        overfit_run,
-        "--data",
-        plain,
-        "--prefix-tokens",
-        "16",
-        "--k",
-        "8",
-        "--sequences",
-        "8",
-        "--prefixes",
-        "8",
-    )
+    options = ["--data", plain, "--sequences", "8", "--prefixes", "8", "--device", "cpu"]
+    code, out, _ = cli("audit", overfit_run, *options)
     assert code == 0 and f"canary exposure: no canaries.json in {plain}" in out
+    assert f"membership inference: no membership.json in {plain} (prepare with --holdout-lines N)" in out
+    code, out, _ = cli("audit", overfit_run, *options, "--json")
+    assert json.loads(out)["membership"] is None
 
 
 def test_plot_audit_draws_exposure_and_auc_of_runs_with_and_without_dp(

@@ -186,6 +186,39 @@ def test_the_same_seed_gives_both_runs_the_same_random_stream(
         assert key["runs"]["RUN_A"]["chat_template"] == ("default" if extra else None)
 
 
+def test_answer_length_defaults_to_what_fits_beside_a_chat_prompt(cli, tmp_path: Path) -> None:
+    """128 tokens by default; through a chat template at most half the smaller context (here 64 of
+    a 128-token context and 32 of a 64-token one, both runs alike): 128 would leave no room for the
+    prompt. A plain continuation keeps 128 (it slides on past the context)."""
+    small = random_char_run(tmp_path / "small", ALPHABET, n_layer=1, d_model=16, block_size=64)
+    big = tiny_run(tmp_path, 0)
+    (tmp_path / "p.txt").write_text("hi\n")
+    for runs, extra, length in (
+        ((small, big), ["--chat"], 32),
+        ((big, big), ["--chat"], 64),
+        ((small, big), [], 128),
+    ):
+        out = tmp_path / f"out-{len(extra)}-{length}"
+        code, _, err = cli(
+            "compare", *runs, "--prompts", tmp_path / "p.txt", "--out", out, "--device", "cpu", *extra
+        )
+        assert code == 0, err
+        assert json.loads((out / "key.json").read_text())["sampling"]["max_new_tokens"] == length
+    code, _, err = cli(
+        "compare",
+        small,
+        big,
+        "--prompts",
+        tmp_path / "p.txt",
+        "--out",
+        tmp_path / "x",
+        "--chat",
+        "--max-new-tokens",
+        "64",
+    )
+    assert_one_line_error(code, err, "compare", "--max-new-tokens 64 leaves no room for a prompt")
+
+
 def test_an_existing_out_is_replaced_only_with_overwrite(
     cli, runs: tuple[Path, Path], prompts_file: Path, tmp_path: Path
 ) -> None:

@@ -196,6 +196,52 @@ def test_a_prompt_longer_than_the_context_is_413(server: LiveServer) -> None:
     assert chat.status_code == 413 and chat.json()["error"]["param"] == "messages"
 
 
+def test_a_prompt_and_max_tokens_past_the_context_are_400_not_cut(server: LiveServer) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(server).completions.create(model=MODEL, prompt="to be", max_tokens=10**12)
+    error = raised.value.body
+    assert (error["code"], error["param"], error["type"]) == (
+        "context_length_exceeded",
+        "max_tokens",
+        "invalid_request_error",
+    )
+    assert error["message"] == (
+        "This model's maximum context length is 64 tokens. However, you requested 1000000000005 tokens "
+        "(5 in the prompt, 1000000000000 for the completion). Please reduce the length of the prompt or "
+        "the completion."
+    )
+    url, body = f"{server.url}/v1/completions", {"model": MODEL, "prompt": "to be", "temperature": 0}
+    assert httpx.post(url, json=body | {"max_tokens": 60}).status_code == 400  # 5 + 60 > 64
+    fits = httpx.post(url, json=body | {"max_tokens": 59})  # 5 + 59 = 64: the whole context
+    assert fits.status_code == 200 and fits.json()["usage"]["total_tokens"] <= 64
+    chat = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 64},
+    )
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "max_completion_tokens"
+    assert "in the messages, 64 for the completion" in chat.json()["error"]["message"]
+
+
+def test_without_max_tokens_a_reply_gets_what_fits(server: LiveServer, sampler: Sampler) -> None:
+    api = client(server)
+    # completions: OpenAI's 16, or fewer where the context has less room (60 + 4 = 64)
+    short = api.completions.create(model=MODEL, prompt="to be", temperature=0)
+    assert short.choices[0].text == greedy(sampler, "to be", 16) and short.usage.completion_tokens <= 16
+    full = api.completions.create(model=MODEL, prompt="a" * 60, temperature=0)
+    assert full.choices[0].text == greedy(sampler, "a" * 60, 4) and full.usage.completion_tokens <= 4
+    # chat: the rest of the context, never more
+    messages = [{"role": "user", "content": "to be or not to be"}]
+    reply = api.chat.completions.create(model=MODEL, messages=messages, temperature=0)
+    assert reply.usage.total_tokens <= 64
+    assert reply.choices[0].finish_reason == "stop" or reply.usage.total_tokens == 64
+    # a prompt that fills the context leaves no room for a default completion either
+    response = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "a" * 64})
+    assert response.status_code == 400 and response.json()["error"]["message"].endswith(
+        "your prompt resulted in 64 tokens, which leaves no room for the completion. "
+        "Please reduce the length of the prompt."
+    )
+
+
 def test_an_api_key_is_required_when_set(sampler: Sampler) -> None:
     with serve(sampler, api_key="s3cret") as live:
         with pytest.raises(openai.AuthenticationError):

@@ -19,7 +19,8 @@ def test_playground_streams_a_reply_to_a_typed_message(server: LiveServer, page)
     page.wait_for_selector(".stats")  # shown once the stream has ended: "N tokens · X tokens/s · reason"
     reply = page.locator(".msg.assistant").inner_text()
     assert reply.strip() and "tokens/s" in page.locator(".stats").inner_text()
-    # a conversation grown past the 64-token context: the server's 413 message is shown, not a reply
+    # a conversation grown past the 64-token context (with a 24-token reply): the server's refusal is
+    # shown, not a reply
     page.fill("#input", "and now a much longer message that will not fit")
     page.click("#send")
     page.wait_for_selector(".msg.error")

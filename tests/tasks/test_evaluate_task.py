@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.tokenizer import EOT, char_tokenizer
-from tests.conftest import TINY
+from lmforge.tasks import answer_cap
+from tests.conftest import TINY, random_char_run
 from tests.tasks.conftest import TEXT, write
 
 TASK_DATA = {
@@ -69,3 +70,24 @@ def test_each_task_evaluates_a_fine_tuned_model(cli, tmp_path: Path, task: str) 
     )  # a memorised toy task beats the baseline
     code, out, _ = cli("eval", tmp_path / "run", "--task", task, "--beam-size", "3", "--limit", "4")
     assert code == 0 and "baseline" in out and "4 examples" in out
+
+
+@pytest.mark.parametrize(("block_size", "cap"), [(1024, 64), (128, 64), (96, 48), (32, 16), (2, 1)])
+def test_the_answer_cap_defaults_to_64_at_most_half_the_block(block_size: int, cap: int) -> None:
+    assert answer_cap(None, block_size) == cap
+
+
+def test_a_small_model_decodes_with_the_default_cap_and_refuses_one_that_leaves_no_prompt(
+    cli, tmp_path: Path
+) -> None:
+    pytest.importorskip("rouge_score")
+    run = random_char_run(tmp_path / "run", TEXT, n_layer=1, d_model=16, block_size=32)
+    write(tmp_path / "task", TASK_DATA["generate"][:4])
+    common = ["--task", "generate", "--data", tmp_path / "task", "--device", "cpu", "--json"]
+    code, out, err = cli("eval", run, *common)
+    assert code == 0, err  # decoded with 16 new tokens: the other 16 hold the prompt's end
+    assert json.loads(out)["examples"] == 4
+    code, out, err = cli("eval", run, *common, "--max-new-tokens", "32")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("lmforge eval: error: ")
+    assert "--max-new-tokens 32 leaves no room for a prompt in this model's block_size 32" in err

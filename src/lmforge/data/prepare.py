@@ -25,6 +25,7 @@ from tqdm import tqdm
 from lmforge import __version__
 from lmforge.data import tokenizer as tok
 from lmforge.data.canaries import CanaryInserter, CanarySpec, canary_alphabet, save_canaries
+from lmforge.data.membership import MIN_LINE_CHARS, LineHoldout, check_holdout_lines, eligible_lines
 from lmforge.data.pii import Scrubber, count_summary
 from lmforge.data.sources import Corpus, Document, open_corpus
 from lmforge.errors import LmforgeError
@@ -45,6 +46,7 @@ class _Scan:
     alphabet: set[str] = field(default_factory=set)
     document_chars: array = field(default_factory=lambda: array("q"))  # of each non-empty document
     document_in_val: array = field(default_factory=lambda: array("b"))  # of each, when the corpus comes split
+    eligible_lines: int = 0  # lines long enough to be held out (counted only for --holdout-lines)
 
 
 @dataclass(frozen=True)
@@ -90,12 +92,35 @@ class _Layout:
 
 @dataclass
 class _Privacy:
-    """What `--scrub-pii` and `--canaries` change in the text on its way to the tokenizer."""
+    """What `--scrub-pii`, `--canaries` and `--holdout-lines` change in the text on its way to the
+    tokenizer."""
 
     pii_kinds: tuple[str, ...] = ()
     canaries: CanarySpec | None = None
+    holdout_lines: int | None = None
     scrubber: Scrubber | None = None  # the second pass's, whose counts go to meta.json
     inserter: CanaryInserter | None = None
+    holdout: LineHoldout | None = None
+
+    def plan(self, scan: _Scan, layout: _Layout, seed: int) -> None:
+        """Where the canaries go and which lines are held out, once the split is known."""
+        canaries = self.canaries.draw() if self.canaries is not None else []
+        if self.canaries is not None:
+            self.inserter = CanaryInserter(canaries, layout.train_chars(scan), self.canaries.seed)
+        if self.holdout_lines is not None:
+            train_lines = scan.eligible_lines * layout.train_chars(scan) / max(scan.chars, 1)
+            if train_lines < 1:
+                raise LmforgeError(
+                    f"--holdout-lines: the train split has no line of {MIN_LINE_CHARS} or more characters"
+                )
+            never = frozenset(c.text for c in canaries)  # a canary's count must stay what was recorded
+            self.holdout = LineHoldout.for_count(self.holdout_lines, train_lines, seed=seed, never=never)
+
+    def train_text(self, text: str) -> str:
+        """A piece of the train split with the canaries inserted and the held-out lines taken out."""
+        if self.inserter is not None:
+            text = self.inserter.insert(text)
+        return self.holdout.take(text) if self.holdout is not None else text
 
     def scrubber_for_pass(self) -> Scrubber | None:
         """A fresh scrubber (both passes must see the same text); the last one made is kept."""
@@ -112,12 +137,20 @@ class _Privacy:
                 yield Document(scrubber.stream(document), document.path, document.line, document.split)
 
     def write(self, staging: Path, meta: dict) -> None:
-        """Record the scrub counts and canaries in meta.json (and canaries.json)."""
+        """Record the scrub counts, canaries and held-out lines in meta.json (and canaries.json,
+        membership.json)."""
         if self.scrubber is not None:
             meta["pii"] = {"kinds": list(self.pii_kinds), "replaced": dict(self.scrubber.counts)}
         if self.inserter is not None:
             assert self.inserter.done == len(self.inserter.places), "a canary was not inserted"
             meta["canaries"] = save_canaries(staging, self.inserter.canaries, self.canaries)
+        if self.holdout is not None:
+            if not all(self.holdout.picked.values()):
+                raise LmforgeError(
+                    f"--holdout-lines {self.holdout_lines} picked no line for one side: the train split has "
+                    f"too few lines of {MIN_LINE_CHARS} or more characters"
+                )
+            meta["membership"] = self.holdout.save(staging)
 
     def summary(self) -> str:
         parts = []
@@ -125,6 +158,9 @@ class _Privacy:
             parts.append(f"replaced PII: {count_summary(self.scrubber.counts)}")
         if self.inserter is not None:
             parts.append(f"inserted {len(self.inserter.places):,} canary lines (canaries.json)")
+        if self.holdout is not None:
+            members, held_out = (len(lines) for lines in self.holdout.picked.values())
+            parts.append(f"held out {held_out:,} lines beside {members:,} members (membership.json)")
         return "".join(f"; {part}" for part in parts)
 
 
@@ -141,13 +177,16 @@ def prepare(
     unknown_chars: str = "error",
     scrub_pii: tuple[str, ...] = (),
     canaries: CanarySpec | None = None,
+    holdout_lines: int | None = None,
 ) -> PrepareReport:
     """Tokenize INPUT into OUT/{train,val}.bin, OUT/tokenizer.json and OUT/meta.json.
 
     `unknown_chars` says what becomes of text a user's tokenizer.json cannot represent: "error"
     (the default), "replace" (with its unknown token) or "skip". Built-in tokenizers represent all text.
     `scrub_pii` names the kinds of personal data (`lmforge.data.pii.KINDS`) replaced by placeholders
-    in both passes; `canaries` are inserted into the train split and saved to OUT/canaries.json.
+    in both passes; `canaries` are inserted into the train split and saved to OUT/canaries.json;
+    about `holdout_lines` lines of the train text are taken out and as many marked as members, for
+    membership inference (OUT/membership.json).
     """
     out = Path(out)
     _check_arguments(tokenizer, vocab_size, val_fraction, invalid_utf8, unknown_chars)
@@ -160,14 +199,13 @@ def prepare(
         raise LmforgeError(f"{tokenizer}: the tokenizer cannot represent the canaries' digits and text")
     corpus = open_corpus(input, invalid_utf8)
     inputs = [*corpus.files, *tokenizer_file]
-    privacy = _Privacy(scrub_pii, canaries)
+    privacy = _Privacy(scrub_pii, canaries, check_holdout_lines(holdout_lines))
 
     start = time.perf_counter()
     scan, tokenizer_obj = _first_pass(corpus, input, tokenizer, vocab_size, user_tokenizer, progress, privacy)
     scan_seconds = time.perf_counter() - start
     layout = _plan_layout(scan, tokenizer_obj, val_fraction, seed, corpus.given_split)
-    if canaries is not None:
-        privacy.inserter = CanaryInserter(canaries.draw(), layout.train_chars(scan), canaries.seed)
+    privacy.plan(scan, layout, seed)
     with staged_folder(out, "data", overwrite, inputs) as staging:
         with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
             splits = {"train": _Split(train_file), "val": _Split(val_file)}
@@ -316,6 +354,8 @@ def _scan(
                 scan.text_bytes += size
                 if collect_alphabet:
                     scan.alphabet.update(chunk)
+                if privacy.holdout_lines is not None:
+                    scan.eligible_lines += eligible_lines(chunk)
                 bar.update(size)
                 yield chunk
             if chars:
@@ -354,12 +394,12 @@ def _encode(
     With whole-document splitting `layout.is_val` says where each document goes; otherwise
     the text before character `layout.split_char` of the corpus is train and the rest is val.
     `layout.eot`, if given, is appended after every document. With `coverage`, text that does not
-    survive the tokenizer is an error or handled by its policy. `privacy` scrubs the text and
-    inserts canaries into train pieces.
+    survive the tokenizer is an error or handled by its policy. `privacy` scrubs the text, inserts
+    canaries into train pieces and takes the held-out lines out of them.
     """
     is_val, split_char = layout.is_val, layout.split_char
     privacy = privacy or _Privacy()
-    inserter = privacy.inserter
+    changes_train = privacy.inserter is not None or privacy.holdout is not None
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
         writer = _ShardWriter(tokenizer, layout.dtype, layout.eot, splits, bar, coverage)
         index = -1
@@ -371,9 +411,10 @@ def _encode(
                     index += 1
                 in_val = None if is_val is None else bool(is_val[index])
                 pieces = _pieces(chunk, position, in_val, split_char, document, seen)
-                if inserter is not None:
+                if changes_train:
                     pieces = [
-                        replace(p, text=inserter.insert(p.text)) if p.split == "train" else p for p in pieces
+                        replace(p, text=privacy.train_text(p.text)) if p.split == "train" else p
+                        for p in pieces
                     ]
                 writer.add(pieces, len(chunk))
                 seen += len(chunk)

@@ -12,17 +12,19 @@ Three measurements, each on the run's prepared data (or `--data`):
   at most log2|R|. A never-inserted canary has an expected exposure of about 1.4 bits.
 - **Verbatim memorisation**: the share of `prefixes` random windows of the train split whose greedy
   continuation of `prefix_tokens` tokens reproduces the next `k` tokens exactly, beside the same
-  share for the val split.
+  share for the val split. Both lengths default to what fits the model's block size.
 - **Membership inference by loss**: the ROC AUC of "lower loss means member" separating `sequences`
-  random train windows from as many val windows (0.5: no signal). Note that a split by position
-  (one file, the tail held out) also differs in content, which shows up here as well.
+  member lines from as many held-out lines, both picked at random from the training text by
+  `lmforge prepare --holdout-lines` (membership.json; 0.5: no signal). Members and non-members are
+  drawn alike, so the AUC measures membership; train windows against val windows would also measure
+  how the val split differs (a split by position holds out other text).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,10 +34,14 @@ import torch.nn.functional as F
 from lmforge.checkpoint import load_for_inference
 from lmforge.data.canaries import CANARIES_FILE, CanarySet, load_canaries
 from lmforge.data.loader import PreparedData
+from lmforge.data.membership import MEMBERSHIP_FILE, MembershipLines, load_membership
 from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model.generate import generate
 from lmforge.runtime import autocast, resolve_device
+
+DEFAULT_PREFIX_TOKENS = 64  # memorisation's prefix, where the block size allows
+DEFAULT_K = 32  # and the continuation it must reproduce: at most half the block size
 
 
 @dataclass(frozen=True)
@@ -44,12 +50,32 @@ class AuditOptions:
 
     alternatives: int = 10_000  # random secrets each canary is ranked among
     prefixes: int = 256  # windows per split for verbatim memorisation
-    prefix_tokens: int = 64
-    k: int = 32  # tokens a greedy continuation must reproduce
-    sequences: int = 512  # windows per split for membership inference
-    sequence_tokens: int | None = None  # default: the model's block_size
+    prefix_tokens: int | None = None  # None: DEFAULT_PREFIX_TOKENS, or what fits beside k
+    k: int | None = None  # tokens a greedy continuation must reproduce; None: what fits (fitted)
+    sequences: int = 512  # member and held-out lines each, for membership inference
     batch_size: int = 64
     seed: int = 0
+
+    def fitted(self, block_size: int) -> AuditOptions:
+        """These options with the memorisation lengths that were not given filled in to fit
+        `block_size`; given ones that cannot fit are refused."""
+        prefix, k = self.prefix_tokens, self.k
+        if block_size < 2:
+            raise LmforgeError(f"the model's block_size {block_size} leaves no room for a prefix and --k")
+        if prefix is not None and k is not None and prefix + k > block_size:
+            raise LmforgeError(
+                f"--prefix-tokens {prefix} + --k {k} is more than the model's block_size {block_size}"
+            )
+        for value, flag, other in ((prefix, "--prefix-tokens", "--k"), (k, "--k", "--prefix-tokens")):
+            if value is not None and value >= block_size:
+                raise LmforgeError(
+                    f"{flag} {value} leaves no room for {other} in the model's block_size {block_size}"
+                )
+        if k is None:
+            k = min(DEFAULT_K, block_size // 2, block_size - (prefix or 0))
+        if prefix is None:
+            prefix = min(DEFAULT_PREFIX_TOKENS, block_size - k)
+        return replace(self, prefix_tokens=prefix, k=k)
 
 
 @dataclass(frozen=True)
@@ -74,11 +100,10 @@ class Memorisation:
 
 @dataclass(frozen=True)
 class Membership:
-    sequences: int  # per split
-    sequence_tokens: int
+    lines: int  # member lines, and as many held-out ones
     auc: float
-    train_loss: float  # mean per-token loss of the train windows
-    val_loss: float
+    member_loss: float  # mean per-token loss of the member lines
+    held_out_loss: float
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -194,19 +219,27 @@ def memorisation(
 
 
 def membership(
-    model: torch.nn.Module, data: PreparedData, options: AuditOptions, device: torch.device
+    model: torch.nn.Module,
+    tokenizer,
+    lines: MembershipLines,
+    options: AuditOptions,
+    device: torch.device,
 ) -> Membership:
-    """AUC of the per-sequence mean loss separating train windows (members) from val windows."""
+    """AUC of the per-token loss separating member lines from held-out lines, `options.sequences`
+    of each (or as many as there are) drawn at random. Each line is scored after a line break, as it
+    stands in the text; a line longer than the block keeps its first block_size tokens."""
     rng = np.random.default_rng([options.seed, 3])
-    length = options.sequence_tokens or model.config.block_size
+    count = min(options.sequences, len(lines.members), len(lines.held_out))
+    block_size = model.config.block_size
     losses = {}
-    for split, tokens in (("train", data.train), ("val", data.val)):
-        rows = _windows(tokens, options.sequences, length + 1, rng).tolist()
-        losses[split] = sequence_losses(model, rows, 1, device, options.batch_size) / length
-    auc = roc_auc(-losses["train"], -losses["val"])  # lower loss scores higher as a member
-    return Membership(
-        options.sequences, length, auc, float(losses["train"].mean()), float(losses["val"].mean())
-    )
+    for side, texts in (("members", lines.members), ("held_out", lines.held_out)):
+        chosen = [texts[i] for i in sorted(rng.choice(len(texts), size=count, replace=False))]
+        encoded = tokenizer.encode_batch(["\n" + text for text in chosen], add_special_tokens=False)
+        rows = [e.ids[: block_size + 1] for e in encoded]
+        scored = np.array([len(row) - 1 for row in rows], dtype=np.float64)
+        losses[side] = sequence_losses(model, rows, 1, device, options.batch_size) / scored
+    auc = roc_auc(-losses["members"], -losses["held_out"])  # lower loss scores higher as a member
+    return Membership(count, auc, float(losses["members"].mean()), float(losses["held_out"].mean()))
 
 
 @dataclass(frozen=True)
@@ -221,7 +254,7 @@ class AuditReport:
     space: int | None  # |R|, the number of secrets of that format
     canaries: list[CanaryExposure] | None
     memorisation: Memorisation
-    membership: Membership
+    membership: Membership | None  # None without membership.json
 
     def exposure_by_repeats(self) -> list[dict]:
         """Mean (and range of the normal-fit) exposure of the canaries inserted R times, per R."""
@@ -257,7 +290,7 @@ class AuditReport:
             "data": str(self.data_dir),
             "exposure": exposure,
             "memorisation": asdict(self.memorisation),
-            "membership": asdict(self.membership),
+            "membership": None if self.membership is None else asdict(self.membership),
         }
 
     def json_line(self) -> str:
@@ -266,7 +299,7 @@ class AuditReport:
     def text(self) -> str:
         lines = [f"audit of {self.checkpoint} (step {self.step}) on {self.data_dir}", ""]
         lines += self._exposure_lines()
-        m, b = self.memorisation, self.membership
+        m = self.memorisation
         lines += [
             f"verbatim memorisation: greedy continuation of {m.prefixes:,} random {m.prefix_tokens}-token "
             f"prefixes reproduces the next {m.k} tokens",
@@ -274,11 +307,21 @@ class AuditReport:
             f"  {'train':<8}{m.train_exact:>10.2%}{m.train_token_match:>10.2%}",
             f"  {'val':<8}{m.val_exact:>10.2%}{m.val_token_match:>10.2%}",
             "",
-            f"membership inference by loss: {b.sequences:,} train vs {b.sequences:,} val sequences of "
-            f"{b.sequence_tokens} tokens",
-            f"  AUC {b.auc:.4f} (0.5: no signal); mean loss train {b.train_loss:.4f}, val {b.val_loss:.4f}",
+            *self._membership_lines(),
         ]
         return "\n".join(lines)
+
+    def _membership_lines(self) -> list[str]:
+        b = self.membership
+        if b is None:
+            where = f"{MEMBERSHIP_FILE} in {self.data_dir}"
+            return [f"membership inference: no {where} (prepare with --holdout-lines N)"]
+        return [
+            f"membership inference by loss: {b.lines:,} lines trained on vs {b.lines:,} held out, "
+            "picked alike",
+            f"  AUC {b.auc:.4f} (0.5: no signal); mean loss members {b.member_loss:.4f}, "
+            f"held out {b.held_out_loss:.4f}",
+        ]
 
     def _exposure_lines(self) -> list[str]:
         if self.canaries is None:
@@ -299,19 +342,24 @@ class AuditReport:
         return [*lines, ""]
 
 
-def check_options(options: AuditOptions, block_size: int, data: PreparedData) -> None:
-    """One-line errors for options the model or the data cannot take."""
-    if options.prefix_tokens + options.k > block_size:
-        raise LmforgeError(
-            f"--prefix-tokens {options.prefix_tokens} + --k {options.k} is more than the model's "
-            f"block_size {block_size}"
-        )
-    length = options.sequence_tokens or block_size
-    if length > block_size:
-        raise LmforgeError(f"--sequence-tokens {length} is more than the model's block_size {block_size}")
+def check_data(options: AuditOptions, data: PreparedData) -> None:
+    """A one-line error when a split is too short for the memorisation windows of fitted `options`."""
     shortest = min(len(data.train), len(data.val))
-    if shortest <= max(options.prefix_tokens + options.k, length + 1):
+    if shortest <= options.prefix_tokens + options.k:
         raise LmforgeError(f"{data.dir}: a split of {shortest:,} tokens is too short for these windows")
+
+
+def read_controls(
+    data_dir: Path, canaries_file: Path | None
+) -> tuple[CanarySet | None, MembershipLines | None]:
+    """What `prepare` planted for the audit: the canaries (DATA/canaries.json or `canaries_file`) and
+    the member and held-out lines (DATA/membership.json), each None when absent."""
+    canaries_file = canaries_file or data_dir / CANARIES_FILE
+    if canaries_file != data_dir / CANARIES_FILE and not canaries_file.is_file():
+        raise LmforgeError(f"{canaries_file}: no such canaries file")
+    canaries = load_canaries(canaries_file) if canaries_file.is_file() else None
+    lines = load_membership(data_dir / MEMBERSHIP_FILE) if (data_dir / MEMBERSHIP_FILE).is_file() else None
+    return canaries, lines
 
 
 def audit_checkpoint(
@@ -324,7 +372,7 @@ def audit_checkpoint(
     options: AuditOptions,
 ) -> AuditReport:
     """Load checkpoint `which` of `target` and measure exposure, memorisation and membership on
-    `data` (default: the run's data.dir) and its canaries.json (or `canaries_file`)."""
+    `data` (default: the run's data.dir), its canaries.json (or `canaries_file`) and membership.json."""
     torch_device = resolve_device(device)
     loaded = load_for_inference(target, which, torch_device)
     if not (data or loaded.config.data.dir):
@@ -334,19 +382,16 @@ def audit_checkpoint(
     check_same_tokenizer(
         data_dir, prepared.tokenizer_file, loaded.tokenizer_file, f"checkpoint {loaded.path}"
     )
-    check_options(options, loaded.config.model.block_size, prepared)
-    canaries_file = canaries_file or data_dir / CANARIES_FILE
-    if canaries_file != data_dir / CANARIES_FILE and not canaries_file.is_file():
-        raise LmforgeError(f"{canaries_file}: no such canaries file")
-    canaries = load_canaries(canaries_file) if canaries_file.is_file() else None
-    model = loaded.model
+    options = options.fitted(loaded.config.model.block_size)
+    check_data(options, prepared)
+    canaries, lines = read_controls(data_dir, canaries_file)
+    model, tokenizer = loaded.model, load_tokenizer(loaded.tokenizer_file)
     with autocast(torch_device, dtype):
         exposures = None
         if canaries is not None:
-            tokenizer = load_tokenizer(loaded.tokenizer_file)
             exposures = canary_exposures(model, tokenizer, canaries, options, torch_device)
         memorised = memorisation(model, prepared, options, torch_device)
-        members = membership(model, prepared, options, torch_device)
+        members = None if lines is None else membership(model, tokenizer, lines, options, torch_device)
     fmt = None if canaries is None else canaries.text("D" * canaries.digits)
     space = None if canaries is None else 10**canaries.digits
     return AuditReport(loaded.path, loaded.step, data_dir, options, fmt, space, exposures, memorised, members)

@@ -75,13 +75,14 @@ def evaluate_checkpoint(
     batch_size: int,
     limit: int | None,
     beam_size: int,
-    max_new_tokens: int,
+    max_new_tokens: int | None,
     predictions: Path | None = None,
     calibrate: bool = False,
 ) -> EvalReport:
     """Load the checkpoint `which` (best, last, a folder) of `target` and evaluate it on `data`
     (default: the run's data.dir): task "lm" is the loss over the held-out split, any registered
-    task its metrics on DATA/eval.jsonl (`limit`, `beam_size`, `max_new_tokens` apply to tasks),
+    task its metrics on DATA/eval.jsonl (`limit`, `beam_size`, `max_new_tokens` apply to tasks;
+    None: what fits the model),
     with one JSON line per example written to `predictions` when given; `calibrate` scores label
     choices against a content-free input (sst2)."""
     if predictions is not None:

@@ -4,11 +4,12 @@
 Every request's choices run as jobs of the one decoding engine (`engine.py`; `lmforge serve` runs
 it in a child process, `worker.py`); their text comes back here through the event loop. Every
 failure is answered with OpenAI's error body
-{"error": {"message", "type", "param", "code"}}: 400 for a bad field or body, 401 for a wrong API
-key, 404 for another model's name, 413 for a prompt longer than the context or a body over
-MAX_BODY_BYTES, 503 with Retry-After when the queue is full (503 without it once the engine has
-stopped). A client that goes away cancels its jobs, which frees their slots. Without an API key,
-only requests addressed to this machine's own names are served (no DNS rebinding from a web page).
+{"error": {"message", "type", "param", "code"}}: 400 for a bad field or body (or a prompt and
+`max_tokens` that do not fit in the context together), 401 for a wrong API key, 404 for another
+model's name, 413 for a prompt longer than the context or a body over MAX_BODY_BYTES, 503 with
+Retry-After when the queue is full (503 without it once the engine has stopped). A client that goes
+away cancels its jobs, which frees their slots. Without an API key, only requests addressed to this
+machine's own names are served (no DNS rebinding from a web page).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from typing import NamedTuple
 
@@ -41,13 +42,14 @@ from lmforge.serve.requests import (
     StreamOptions,
     TextPart,
     check_context,
+    fit_max_tokens,
 )
 from lmforge.serve.worker import EngineProcess
 
 MAX_BODY_BYTES = 8 * 2**20  # a request body larger than this is refused (413), read no further
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # the names of this machine only
 RETRY_AFTER_S = 1  # what a 503 (queue full) tells the client to wait
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (less where the context has less room)
 FIELD_NAMES = {
     name
     for model in (ChatRequest, CompletionRequest, Message, TextPart, StreamOptions)
@@ -206,16 +208,18 @@ class Served:
         request: Request,
         body: ChatRequest | CompletionRequest,
         prompts: list[list[int]],
-        max_tokens: int,
+        max_tokens: list[int],
     ) -> JSONResponse | StreamingResponse:
-        """Run n choices of each prompt and answer as one response or one event stream."""
+        """Run n choices of each prompt (of at most `max_tokens` tokens, one count per prompt) and
+        answer as one response or one event stream."""
         shape = ResponseShape(chat=isinstance(body, ChatRequest))
         # a chat reply ends at the template's end of turn, which may be a special token, and shows no
         # blank before it; a completion is exactly the model's text, special tokens left out
         text = TextRules.chat_reply(self.template.end_of_turn(), body.stops()) if shape.chat else None
-        params = body.params(max_tokens, text or TextRules(body.stops()))
+        params = body.params(max_tokens[0], text or TextRules(body.stops()))
         self.check_job_count(len(prompts), len(params))
-        generation = Generation(self.engine, [(prompt, p) for prompt in prompts for p in params])
+        jobs = [(prompt, replace(p, max_tokens=n)) for prompt, n in zip(prompts, max_tokens) for p in params]
+        generation = Generation(self.engine, jobs)
         prompt_tokens = sum(len(prompt) for prompt in prompts)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
@@ -465,7 +469,9 @@ def create_app(
         prompts = body.prompts(sampler)
         for prompt in prompts:
             check_context(prompt, block_size, "prompt")
-        return await served.respond(request, body, prompts, body.max_tokens or COMPLETION_MAX_TOKENS)
+        fit = dict(default=COMPLETION_MAX_TOKENS, param="prompt", field="max_tokens")
+        max_tokens = [fit_max_tokens(prompt, block_size, body.max_tokens, **fit) for prompt in prompts]
+        return await served.respond(request, body, prompts, max_tokens)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
@@ -473,8 +479,10 @@ def create_app(
         body.check()
         prompt = body.prompt(sampler, template)
         check_context(prompt, block_size, "messages")
-        return await served.respond(
-            request, body, [prompt], body.max_tokens or body.max_completion_tokens or block_size
+        requested, given_in = body.requested_tokens()
+        max_tokens = fit_max_tokens(
+            prompt, block_size, requested, default=None, param="messages", field=given_in
         )
+        return await served.respond(request, body, [prompt], [max_tokens])
 
     return app

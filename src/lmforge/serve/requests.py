@@ -101,7 +101,7 @@ class CompletionRequest(_Sampling):
         | Annotated[list[str], Field(min_length=1)]
         | Annotated[list[TokenIds], Field(min_length=1)]
     )
-    max_tokens: Annotated[int, Field(ge=1)] | None = None  # default 16, as OpenAI's
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # default 16, as OpenAI's, or what fits
     echo: Literal[False] | None = None
     suffix: None = None
     best_of: Literal[1] | None = None
@@ -147,8 +147,14 @@ class Message(_Strict):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None  # default: until the context is full
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # default: the rest of the context
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None  # the newer name of max_tokens
+
+    def requested_tokens(self) -> tuple[int | None, str]:
+        """The completion length asked for (None: not given) and the field it was given in."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
     def check(self) -> None:
         super().check()
@@ -187,3 +193,33 @@ def check_context(prompt: list[int], block_size: int, param: str) -> None:
             param,
             "context_length_exceeded",
         )
+
+
+def fit_max_tokens(
+    prompt: list[int], block_size: int, requested: int | None, *, default: int | None, param: str, field: str
+) -> int:
+    """How many tokens a completion of `prompt` may have: `requested` when prompt and completion fit
+    the context together, else 400 as OpenAI and vLLM answer (never a silent cut); when not given,
+    `default` (None: the rest of the context) cut to what fits. `param` names the prompt's field
+    ("prompt" or "messages"), `field` the one `requested` came in."""
+    room = block_size - len(prompt)
+    start = f"This model's maximum context length is {block_size} tokens. However, "
+    if requested is not None and requested > room:
+        raise ApiError(
+            400,
+            f"{start}you requested {len(prompt) + requested} tokens ({len(prompt)} in the {param}, "
+            f"{requested} for the completion). Please reduce the length of the {param} or the completion.",
+            field,
+            "context_length_exceeded",
+        )
+    if requested is None and room < 1:
+        raise ApiError(
+            400,
+            f"{start}your {param} resulted in {len(prompt)} tokens, which leaves no room for the completion. "
+            f"Please reduce the length of the {param}.",
+            param,
+            "context_length_exceeded",
+        )
+    if requested is not None:
+        return requested
+    return room if default is None else min(default, room)

@@ -43,6 +43,7 @@ def tasks_with_datasets() -> tuple[str, ...]:
 
 
 DEFAULT_VAL_FRACTION = 0.05  # of the train examples (or groups) carved out as val.jsonl
+DEFAULT_MAX_NEW_TOKENS = 64  # a decoded answer's (or a span's) length cap, where the block allows
 
 
 @dataclass(frozen=True)
@@ -156,14 +157,13 @@ def evaluate_task(
     device: torch.device,
     limit: int | None = None,
     beam_size: int = 1,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     calibrate: bool = False,
 ) -> dict:
     """{"task", "examples", "model": {metric: value}, "baseline": {metric: value}, "baseline_name", ...}."""
     if task not in TASKS:
         raise LmforgeError(f"unknown task {task!r} (known: {', '.join(TASKS)}, lm)")
-    # Decoding keeps room in the context for at least one prompt token.
-    max_new_tokens = min(max_new_tokens, model.config.block_size - 1)
+    max_new_tokens = answer_cap(max_new_tokens, model.config.block_size)
     if calibrate and not TASKS[task].calibrates:
         raise LmforgeError(f"--calibrate applies to tasks that score label choices, not to {task!r}")
     if model.config.head == "span":
@@ -178,6 +178,19 @@ def evaluate_task(
     require_fields(records, TASKS[task].fields, run.eval_file)
     header = {"task": task, "examples": len(records), "data": str(run.eval_file)}
     return {**header, **TASKS[task].evaluate(run, records)}
+
+
+def answer_cap(requested: int | None, block_size: int) -> int:
+    """`--max-new-tokens`: by default DEFAULT_MAX_NEW_TOKENS, at most half the block (a decoded answer
+    shares the context with its prompt); a given value must leave the prompt at least one token."""
+    if requested is None:
+        return max(1, min(DEFAULT_MAX_NEW_TOKENS, block_size // 2))
+    if requested >= block_size:
+        raise LmforgeError(
+            f"--max-new-tokens {requested} leaves no room for a prompt in this model's block_size "
+            f"{block_size}"
+        )
+    return requested
 
 
 def format_table(result: dict) -> str:

@@ -7,7 +7,7 @@ import hashlib
 import io
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ SHEET = "sheet.html"  # what the judge gets
 KEY = "key.json"  # what un-blinds it: kept by whoever runs the comparison
 MODELS = ("RUN_A", "RUN_B")  # the two runs, in command-line order
 SIDES = ("A", "B")  # the two columns of the sheet
+DEFAULT_MAX_NEW_TOKENS = 128  # an answer's length unless --max-new-tokens says (with --chat: what fits)
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,13 @@ def make_sheet(
     overwrite: bool,
 ) -> SheetReport:
     """Answer every prompt of `prompts_file` with both runs (the same seed for both on a prompt)
-    and write OUT/sheet.html and OUT/key.json. Input is checked before a model is loaded."""
+    and write OUT/sheet.html and OUT/key.json. Input is checked before a model is loaded. Without
+    `options.max_new_tokens` (None), answers get `answer_length`'s default."""
     prompts = read_prompts(prompts_file)
     inputs = (*runs, prompts_file)
     check_out(out, "compare", overwrite, inputs)
     answerers = [Answerer.load(run, which, device, dtype, chat) for run in runs]
+    options = replace(options, max_new_tokens=answer_length(answerers, options.max_new_tokens, chat))
     answers = [
         _answers(answerers, runs, prompts_file, p, options, _prompt_seed(seed, i))
         for i, p in enumerate(tqdm(prompts, desc="answering", unit="prompt", leave=False, disable=None))
@@ -113,6 +116,17 @@ def make_sheet(
         (folder / SHEET).write_text(sheet_html(sheet_id, items), encoding="utf-8")
         (folder / KEY).write_text(json.dumps(key, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return SheetReport(out, sheet_id, len(prompts))
+
+
+def answer_length(answerers: list[Answerer], requested: int | None, chat: bool) -> int:
+    """`requested` tokens, else DEFAULT_MAX_NEW_TOKENS, which through a chat template is at most half
+    the smaller context: the prompt must fit beside the answer (a plain continuation slides on past
+    the context and needs no cap). Both runs answer at the same length, or the longer answer would be
+    judged for its length."""
+    if requested is not None or not chat:
+        return requested or DEFAULT_MAX_NEW_TOKENS
+    context = min(a.sampler.model.config.block_size for a in answerers)
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, context // 2))
 
 
 def _entries(prompts: list[Prompt], answers: list[list[str]], seed: int) -> list[dict]:
