@@ -164,6 +164,19 @@ class _Privacy:
         return "".join(f"; {part}" for part in parts)
 
 
+def _user_tokenizer(
+    tokenizer: str, unknown_chars: str, canaries: CanarySpec | None
+) -> tuple[Tokenizer | None, tok.TextCoverage | None]:
+    """A user's tokenizer.json and the check of what it can represent; (None, None) for a built-in."""
+    if tokenizer in tok.BUILTIN_KINDS:
+        return None, None
+    user_tokenizer = tok.load_tokenizer(tokenizer)
+    coverage = tok.TextCoverage(user_tokenizer, unknown_chars, tokenizer)
+    if canaries is not None and coverage.unknown("".join(sorted(canary_alphabet()))):
+        raise LmforgeError(f"{tokenizer}: the tokenizer cannot represent the canaries' digits and text")
+    return user_tokenizer, coverage
+
+
 def prepare(
     input: str,
     out: Path | str,
@@ -193,10 +206,7 @@ def prepare(
     # Checked before the slow passes, then again with every file of the corpus (a named dataset's too).
     tokenizer_file = [] if tokenizer in tok.BUILTIN_KINDS else [Path(tokenizer)]
     check_out(out, "data", overwrite, [p for p in (Path(input), *tokenizer_file) if p.exists()])
-    user_tokenizer = None if tokenizer in tok.BUILTIN_KINDS else tok.load_tokenizer(tokenizer)
-    coverage = None if user_tokenizer is None else tok.TextCoverage(user_tokenizer, unknown_chars, tokenizer)
-    if coverage is not None and canaries is not None and coverage.unknown("".join(sorted(canary_alphabet()))):
-        raise LmforgeError(f"{tokenizer}: the tokenizer cannot represent the canaries' digits and text")
+    user_tokenizer, coverage = _user_tokenizer(tokenizer, unknown_chars, canaries)
     corpus = open_corpus(input, invalid_utf8)
     inputs = [*corpus.files, *tokenizer_file]
     privacy = _Privacy(scrub_pii, canaries, check_holdout_lines(holdout_lines))

@@ -422,6 +422,35 @@ def _make_engine(
     return EngineProcess(sampler.checkpoint, device, sampler.dtype, block_size, max_batch, max_queue, threads)
 
 
+def _add_generation_routes(
+    app: FastAPI, served: Served, sampler: Sampler, template: ChatTemplate, block_size: int
+) -> None:
+    """POST /v1/completions and /v1/chat/completions: a prompt and max_tokens past the context are refused."""
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        served.check_model(body.model)
+        body.check()
+        prompts = body.prompts(sampler)
+        for prompt in prompts:
+            check_context(prompt, block_size, "prompt")
+        fit = dict(default=COMPLETION_MAX_TOKENS, param="prompt", field="max_tokens")
+        max_tokens = [fit_max_tokens(prompt, block_size, body.max_tokens, **fit) for prompt in prompts]
+        return await served.respond(request, body, prompts, max_tokens)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
+        served.check_model(body.model)
+        body.check()
+        prompt = body.prompt(sampler, template)
+        check_context(prompt, block_size, "messages")
+        requested, given_in = body.requested_tokens()
+        max_tokens = fit_max_tokens(
+            prompt, block_size, requested, default=None, param="messages", field=given_in
+        )
+        return await served.respond(request, body, [prompt], [max_tokens])
+
+
 def create_app(
     sampler: Sampler,
     model_name: str,
@@ -462,27 +491,5 @@ def create_app(
         card = {"id": model_name, "object": "model", "created": served.created, "owned_by": "lmforge"}
         return {"object": "list", "data": [card | {"max_model_len": block_size}]}
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        served.check_model(body.model)
-        body.check()
-        prompts = body.prompts(sampler)
-        for prompt in prompts:
-            check_context(prompt, block_size, "prompt")
-        fit = dict(default=COMPLETION_MAX_TOKENS, param="prompt", field="max_tokens")
-        max_tokens = [fit_max_tokens(prompt, block_size, body.max_tokens, **fit) for prompt in prompts]
-        return await served.respond(request, body, prompts, max_tokens)
-
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
-        served.check_model(body.model)
-        body.check()
-        prompt = body.prompt(sampler, template)
-        check_context(prompt, block_size, "messages")
-        requested, given_in = body.requested_tokens()
-        max_tokens = fit_max_tokens(
-            prompt, block_size, requested, default=None, param="messages", field=given_in
-        )
-        return await served.respond(request, body, [prompt], [max_tokens])
-
+    _add_generation_routes(app, served, sampler, template, block_size)
     return app
