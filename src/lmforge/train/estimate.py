@@ -34,7 +34,7 @@ from torch import nn
 
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import GPT, mlp_hidden_size
+from lmforge.model.gpt import GPT, attention_flops, mlp_hidden_size
 from lmforge.runtime import matmul_peak_flops, resolve_dtype
 from lmforge.train.optim import split_parameters
 
@@ -62,6 +62,7 @@ class ParamCounts:
     linear_per_block: int
     matrices: int  # Muon's share (hidden matrices); the rest is AdamW's under Muon
     flops_per_token: float  # training (forward + backward), from GPT.flops_per_token
+    attention_flops_per_token: float  # of flops_per_token: attention's products (causal: half the matrix)
     recompute_flops_per_token: float  # one more forward of the blocks: activation checkpointing's price
 
 
@@ -75,9 +76,8 @@ def count_parameters(model: ModelConfig) -> ParamCounts:
         p.numel() for m in gpt.blocks[0].modules() if isinstance(m, nn.Linear) for p in m.parameters()
     )
     total = gpt.num_params()
-    # forward of the blocks: 2 FLOPs per weight and 4·d·T for attention
-    # (a third of GPT.flops_per_token's 12·L·d·T)
-    recompute = model.n_layer * (2 * per_block + 4 * model.d_model * model.block_size)
+    # one more forward of the blocks: 2 FLOPs per weight, and attention's products counted as in training
+    recompute = model.n_layer * 2 * per_block + attention_flops(model, model.block_size)
     return ParamCounts(
         total=total,
         per_block=per_block,
@@ -86,6 +86,7 @@ def count_parameters(model: ModelConfig) -> ParamCounts:
         linear_per_block=linear_per_block,
         matrices=sum(p.numel() for p in split_parameters(gpt)["matrices"]),
         flops_per_token=gpt.flops_per_token(),
+        attention_flops_per_token=float(3 * attention_flops(model, model.block_size)),
         recompute_flops_per_token=float(recompute),
     )
 
@@ -320,6 +321,7 @@ class Estimate:
     dtype: str
     micro_batch: int
     block_size: int
+    attention: str  # model.attention: causal attention's FLOPs are half the score matrix's
     optimizer: str
     memory: dict[str, Memory]  # keys: none, none+ac, ddp, ddp+ac, fsdp, fsdp+ac
     peak_flops: float
@@ -371,6 +373,7 @@ def estimate(
         dtype=t.dtype,
         micro_batch=t.batch_size,
         block_size=config.model.block_size,
+        attention=config.model.attention,
         optimizer=config.optim.name,
         memory=table,
         peak_flops=peak_flops,
@@ -462,13 +465,20 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
+def attention_count(attention: str) -> str:
+    """Attention's share of the FLOPs per token, in words (`lmforge.model.gpt.attention_flops`)."""
+    if attention == "causal":
+        return "6 x layers x d_model x block_size: causal attention, half the score matrix"
+    return "12 x layers x d_model x block_size: bidirectional attention, the whole score matrix"
+
+
 def format_table(e: Estimate) -> str:
     """The human-readable report: counts, a memory table (rows: parts; columns: strategies ± AC), times."""
     p = e.params
     lines = [
         f"parameters        {p.total:,} (exact, from the model)",
         f"FLOPs per token   {p.flops_per_token:,.0f} "
-        "(training: 6 x matmul params + 12 x layers x d_model x block_size)",
+        f"(training: 6 x matmul params + {attention_count(e.attention)})",
         f"micro-batch       {e.micro_batch} x {e.block_size} = {e.micro_batch * e.block_size:,} tokens "
         f"(DDP/FSDP: split over the devices); "
         f"{e.devices} x {e.device_type}, {e.dtype}, {e.optimizer}",
