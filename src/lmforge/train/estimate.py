@@ -35,18 +35,12 @@ from torch import nn
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, attention_flops, mlp_hidden_size
-from lmforge.runtime import matmul_peak_flops, resolve_dtype
+from lmforge.runtime import DEVICE_PEAK_FLOPS, Peak, device_peak, format_flops, resolve_dtype
 from lmforge.train.optim import split_parameters
 
 FP32 = 4  # bytes
 INDEX = 8  # int64 token ids
 STRATEGIES = ("none", "ddp", "fsdp")
-# Dense peak FLOP/s per device and dtype (tensor cores; fp32 is true fp32: lmforge leaves TF32 off).
-DEVICE_PEAK_FLOPS = {
-    "a100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "h100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
-    "h200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-}
 DEVICE_TYPES = ("cpu", *DEVICE_PEAK_FLOPS)
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
@@ -326,6 +320,7 @@ class Estimate:
     memory: dict[str, Memory]  # keys: none, none+ac, ddp, ddp+ac, fsdp, fsdp+ac
     peak_flops: float
     peak_flops_source: str
+    peak_measured: bool  # a matmul timed here (CPU), not a datasheet's: no MFU as the field means it
     mfu: float
     budget_tokens: float
     budget_source: str
@@ -362,9 +357,9 @@ def estimate(
     for strategy in STRATEGIES:
         table[strategy] = memory(config, params, strategy, devices, False, cpu)
         table[f"{strategy}+ac"] = memory(config, params, strategy, devices, True, cpu)
-    peak_flops, source = _peak_flops(peak_flops, device_type, t.dtype)
+    peak = _peak(peak_flops, device_type, t.dtype)
     tokens, budget = _token_budget(tokens, config)
-    seconds = training_seconds(tokens, params.flops_per_token, devices, peak_flops, mfu)
+    seconds = training_seconds(tokens, params.flops_per_token, devices, peak.flops, mfu)
     chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
     return Estimate(
         params=params,
@@ -376,15 +371,16 @@ def estimate(
         attention=config.model.attention,
         optimizer=config.optim.name,
         memory=table,
-        peak_flops=peak_flops,
-        peak_flops_source=source,
+        peak_flops=peak.flops,
+        peak_flops_source=peak.source,
+        peak_measured=peak.measured,
         mfu=mfu,
         budget_tokens=tokens,
         budget_source=budget,
         budget_seconds=seconds,
         budget_seconds_ac=seconds * (1 + params.recompute_flops_per_token / params.flops_per_token),
         chinchilla_tokens=chinchilla,
-        chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak_flops, mfu),
+        chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak.flops, mfu),
         notes=tuple(notes),
     )
 
@@ -422,13 +418,15 @@ def _settle_model(config: Config) -> list[str]:
     return notes
 
 
-def _peak_flops(given: float | None, device_type: str, dtype: str) -> tuple[float, str]:
-    """Peak FLOP/s of one device and where the figure comes from: given, measured (CPU) or a datasheet."""
+def _peak(given: float | None, device_type: str, dtype: str) -> Peak:
+    """Peak FLOP/s of one device: given, measured (CPU, as training measures it) or a datasheet's."""
     if given is not None:
-        return given, "given"
+        return Peak(given, "given", measured=False)
     if device_type == "cpu":
-        return matmul_peak_flops(torch.device("cpu"), "fp32" if dtype == "fp32" else "bf16"), "measured"
-    return DEVICE_PEAK_FLOPS[device_type][dtype], f"{device_type} {dtype} dense"
+        return device_peak(torch.device("cpu"), "fp32" if dtype == "fp32" else "bf16")
+    return Peak(
+        DEVICE_PEAK_FLOPS[device_type][dtype], f"{device_type} {dtype} dense, datasheet", measured=False
+    )
 
 
 def _token_budget(tokens: float | None, config: Config) -> tuple[float, str]:
@@ -450,11 +448,6 @@ def format_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
-
-
-def format_flops(flops: float) -> str:
-    """FLOP/s in TFLOP/s, or GFLOP/s below a teraflop."""
-    return f"{flops / 1e12:,.4g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.4g} GFLOP/s"
 
 
 def format_duration(seconds: float) -> str:
@@ -496,7 +489,8 @@ def format_table(e: Estimate) -> str:
         "peak: the step's highest point, not the sum of the",
         "rows: backward frees activations as it makes gradients, and recomputes a block at a time with +ac.",
         "",
-        f"time at MFU {e.mfu:.0%} of {e.devices} x {format_flops(e.peak_flops)} ({e.peak_flops_source}):",
+        f"time at {Peak(e.peak_flops, e.peak_flops_source, e.peak_measured).name} {e.mfu:.0%} of "
+        f"{e.devices} x {format_flops(e.peak_flops)} ({e.peak_flops_source}):",
         f"  budget      {e.budget_tokens:,.0f} tokens ({e.budget_source}): "
         f"{format_duration(e.budget_seconds)}"
         f" ({format_duration(e.budget_seconds_ac)} with activation checkpointing)",
