@@ -224,7 +224,7 @@ def test_mfu_of_a_finetuning_step_counts_the_flops_torch_measures(sst2_small: Pa
     with open_monitor(run) as monitor:
         monitor.step(result)
     steps, _ = read_metrics(tmp_path / "run")
-    assert steps[0]["mfu"] == pytest.approx(result.flops / result.seconds / run.peak_flops)
+    assert steps[0]["matmul_peak_fraction"] == pytest.approx(result.flops / result.seconds / run.peak.flops)
     every_position = (
         run.state.module.flops_per_token(result.tokens // config.train.batch_size) * result.tokens
     )
