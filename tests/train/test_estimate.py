@@ -195,7 +195,7 @@ def test_cli_prints_the_table_and_json(cli, tmp_path: Path) -> None:
         "measured",
     ):
         assert word in out
-    assert "6 x layers x d_model x block_size: causal attention, half the score matrix" in out
+    assert "6 x layers x d_model x block_size: causal, half the score matrix" in out
     assert "time at fraction of measured matmul peak 40% of 2 x" in out  # a CPU: no MFU as the field means it
     code, out, err = cli(
         "estimate", path, "--json", "--device-type", "h200", "--mfu", "0.3", "--tokens", "1e9"

@@ -461,8 +461,8 @@ def format_duration(seconds: float) -> str:
 def attention_count(attention: str) -> str:
     """Attention's share of the FLOPs per token, in words (`lmforge.model.gpt.attention_flops`)."""
     if attention == "causal":
-        return "6 x layers x d_model x block_size: causal attention, half the score matrix"
-    return "12 x layers x d_model x block_size: bidirectional attention, the whole score matrix"
+        return "6 x layers x d_model x block_size: causal, half the score matrix"
+    return "12 x layers x d_model x block_size: bidirectional, the whole score matrix"
 
 
 def format_table(e: Estimate) -> str:
