@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import math
 import os
+import platform
 import random
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,15 +108,137 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_flops(device: torch.device, dtype: str) -> float:
-    """Measured dense-matmul FLOP/s for this device and dtype: the denominator of MFU.
+# Dense peak FLOP/s per device and dtype from the datasheets (tensor cores; fp32 is true fp32: lmforge
+# leaves TF32 off): the denominator of MFU as the field defines it.
+DEVICE_PEAK_FLOPS = {
+    "a100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "h100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
+    "h200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+}
+PEAK_CACHE_FILE = "matmul-peak.json"  # in the cache dir: the best peak measured per machine, dtype, threads
 
-    Where bf16 is emulated the fp32 peak stands in: it is the most this hardware does, and timing
-    the emulated path would take seconds. Measured once per device and dtype in a process.
+
+@dataclass(frozen=True)
+class Peak:
+    """The denominator of MFU: peak FLOP/s, and where the figure comes from."""
+
+    flops: float
+    source: str  # for people: "h100 bf16 dense, datasheet", "measured, the best on this machine"
+    measured: bool  # timed here, not a datasheet's: the ratio is then no MFU as the field means it
+
+    @property
+    def name(self) -> str:
+        """What model FLOP/s over this peak are called."""
+        return "fraction of measured matmul peak" if self.measured else "MFU"
+
+    @property
+    def key(self) -> str:
+        """The ratio's key in metrics.jsonl (`over_peak` instead when above 1)."""
+        return "matmul_peak_fraction" if self.measured else "mfu"
+
+    def times(self, devices: int) -> Peak:
+        """The peak of `devices` such devices: a data-parallel job's."""
+        return dataclasses.replace(self, flops=self.flops * devices)
+
+    def entry(self, flops_per_s: float) -> dict[str, float]:
+        """Metrics fields of a step that ran `flops_per_s` model FLOP/s: the ratio and this peak. Over 1
+        the ratio is a measurement error (a peak measured too low), logged as `over_peak`, not as MFU."""
+        fraction = flops_per_s / self.flops
+        return {(self.key if fraction <= 1 else "over_peak"): fraction, "peak_flops": self.flops}
+
+    def describe(self, flops_per_s: float) -> str:
+        """`flops_per_s` against this peak, for people; over it, a measurement error and no MFU."""
+        fraction = flops_per_s / self.flops
+        if fraction > 1:
+            return (
+                f"{format_flops(flops_per_s)}, over the peak of {format_flops(self.flops)} ({self.source}): "
+                "a measurement error, no MFU"
+            )
+        return f"{self.name} {fraction:.1%} (peak {format_flops(self.flops)}, {self.source})"
+
+
+def format_flops(flops: float) -> str:
+    """FLOP/s in TFLOP/s, or GFLOP/s below a teraflop."""
+    return f"{flops / 1e12:,.4g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.4g} GFLOP/s"
+
+
+def device_peak(device: torch.device, dtype: str) -> Peak:
+    """The MFU denominator of one `device` in `dtype`: a GPU's dense datasheet peak where
+    DEVICE_PEAK_FLOPS lists it, else the best matmul peak measured on this machine."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        kind = datasheet_kind(name)
+        if kind is not None and dtype in DEVICE_PEAK_FLOPS[kind]:
+            return Peak(DEVICE_PEAK_FLOPS[kind][dtype], f"{kind} {dtype} dense, datasheet", measured=False)
+        return Peak(matmul_peak_flops(device, dtype), f"measured: {name} is not in the datasheet table", True)
+    return Peak(matmul_peak_flops(device, dtype), "measured, the best on this machine", measured=True)
+
+
+def datasheet_kind(name: str) -> str | None:
+    """The DEVICE_PEAK_FLOPS row of a CUDA device name, None if it has none. The H100 and H200
+    rows are the SXM parts': their PCIe and NVL cards run at lower clocks and are not matched."""
+    name = name.upper()
+    if "A100" in name:  # PCIe and SXM: the same 312 TFLOP/s
+        return "a100"
+    for kind in ("h200", "h100"):
+        if kind.upper() in name and "PCIE" not in name and "NVL" not in name:
+            return kind
+    return None
+
+
+def matmul_peak_flops(device: torch.device, dtype: str) -> float:
+    """The highest dense-matmul FLOP/s measured for this device and dtype on this machine.
+
+    A peak probed while other jobs share the machine reads low and would inflate every MFU of the
+    run, so the probe's result is kept per machine (`machine_key`) in the cache dir, and the best
+    one ever measured there is the answer (the probe runs once per process). Where bf16 is emulated
+    the fp32 peak stands in: it is the most this hardware does, and timing the emulated path would
+    take seconds.
     """
     if dtype == "bf16" and not native_bf16(device):
         dtype = "fp32"
-    return _measured_peak(device, dtype)
+    return best_peak(machine_key(device, dtype), _measured_peak(device, dtype))
+
+
+def machine_key(device: torch.device, dtype: str) -> str:
+    """What a measured peak belongs to: the processor model, the dtype and, on a CPU, the threads."""
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)} {dtype}"
+    return f"{device.type} {processor_model()} {dtype} {torch.get_num_threads()} threads"
+
+
+def processor_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo, else what `platform` knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def best_peak(key: str, measured: float) -> float:
+    """The larger of `measured` and the peak cached under `key`, which it replaces if larger. An
+    unreadable cache counts as empty, an unwritable one is left as it is: neither stops a run."""
+    from lmforge.data.sources import cache_dir  # here: importing the data package costs every runtime user
+
+    path = cache_dir() / PEAK_CACHE_FILE
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        peaks = {k: float(v) for k, v in cached.items()} if isinstance(cached, dict) else {}
+    except (OSError, ValueError, TypeError):
+        peaks = {}
+    peaks = {k: v for k, v in peaks.items() if 0 < v < math.inf}
+    if measured <= peaks.get(key, 0.0):
+        return peaks[key]
+    peaks[key] = measured
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent runs each rename their own
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(peaks, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    return measured
 
 
 @functools.cache

@@ -1,13 +1,17 @@
 """The benchmark scripts run end to end on tiny settings and print/write what they promise."""
 
+import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
+from lmforge.model import GPT
 from tests.conftest import TINY
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -32,7 +36,8 @@ def test_throughput_modes_and_sweep_with_plot(tmp_path: Path) -> None:
     modes = subprocess.run(
         [*run, "--modes", "fp32", "bf16"], capture_output=True, text=True, check=True
     ).stdout
-    assert "fp32" in modes and "bf16 / fp32 speed:" in modes and "tok/s" in modes and "MFU" in modes
+    assert "fp32" in modes and "bf16 / fp32 speed:" in modes and "tok/s" in modes
+    assert "fraction of measured matmul peak" in modes and "MFU" not in modes  # a CPU: no datasheet peak
     sweep = subprocess.run(
         [
             *run,
@@ -56,8 +61,43 @@ def test_throughput_modes_and_sweep_with_plot(tmp_path: Path) -> None:
     ).stdout
     rows = [json.loads(line) for line in (tmp_path / "sweep.jsonl").read_text().splitlines()]
     assert [(r["d_model"], r["block_size"]) for r in rows] == [(32, 8), (64, 8), (32, 16), (64, 16)]
-    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] for r in rows)
+    assert all(r["tokens_per_s"] > 0 and 0 < r["matmul_peak_fraction"] <= 1 for r in rows)
+    assert all(r["peak_flops"] > 0 and r["peak_measured"] for r in rows)
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot written" in sweep
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """A benchmark script as a module, to call its functions in this process."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_estimate_and_the_throughput_benchmark_count_the_same_flops_per_token(
+    char_data: Path, tmp_path: Path
+) -> None:
+    """One formula for all three (`GPT.training_flops`): one that counted its own way would differ."""
+    from lmforge.config import load_config
+    from lmforge.train.distributed import Distributed
+    from lmforge.train.estimate import estimate
+    from lmforge.train.run import build_run
+    from lmforge.train.step import NonFiniteGuard
+    from lmforge.train.trainer import train_step
+
+    overrides = [*TINY, "model.vocab_size=64", f"data.dir={char_data}"]
+    (tmp_path / "tiny.toml").write_text("")
+    benchmark = load_benchmark("throughput").measure(tmp_path / "tiny.toml", overrides, steps=1, warmup=0)
+    run = build_run(
+        load_config(None, overrides), tmp_path / "run", False, False, Distributed(), torch.device("cpu")
+    )
+    trained = train_step(run, NonFiniteGuard("stop", False))
+    estimated = estimate(load_config(None, overrides), peak_flops=1e12).params.flops_per_token
+    assert benchmark["flops_per_token"] == trained.flops / trained.tokens == estimated
+    m = run.config.model  # and it is the causal count: 6·L·d·T for attention, not PaLM's 12
+    assert estimated - GPT(dataclasses.replace(m, attention="bidirectional")).flops_per_token() == (
+        -6 * m.n_layer * m.d_model * m.block_size
+    )
 
 
 @pytest.mark.slow

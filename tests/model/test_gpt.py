@@ -133,7 +133,7 @@ def test_param_count_matches_nanogpt_and_flops_count_the_matmuls() -> None:
     per_layer = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
     assert model.num_params() == V * d + T * d + L * per_layer + 2 * d
     matrices = V * d + L * (3 * d * d + d * d + 4 * d * d + 4 * d * d)  # nanoGPT's 6N counts biases too
-    assert model.flops_per_token() == 6 * matrices + 12 * L * d * T
+    assert model.flops_per_token() == 6 * matrices + 6 * L * d * T  # causal: half of PaLM's 12·L·d·T
 
 
 def measured_flops(model: GPT, idx: torch.Tensor, targets: torch.Tensor, only_targets: bool) -> int:
@@ -147,12 +147,36 @@ def measured_flops(model: GPT, idx: torch.Tensor, targets: torch.Tensor, only_ta
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("options", OPTIONS)
-def test_training_flops_equal_torch_flop_counter(options: dict) -> None:
+def masked_half(model: GPT, batch: int, seq_len: int) -> int:
+    """The score-matrix FLOPs (forward and backward) above the causal diagonal, which the MATH
+    backend computes and masks, and the causal kernels training runs skip: 6·L·d·T per token."""
+    config = model.config
+    return 6 * config.n_layer * config.d_model * seq_len * batch * seq_len
+
+
+@pytest.mark.parametrize("options", [*OPTIONS, {"attention": "bidirectional"}])
+def test_training_flops_equal_torch_flop_counter_but_for_the_masked_half(options: dict) -> None:
     torch.manual_seed(0)
     model = GPT(tiny(**options))
     idx, targets = torch.randint(0, 50, (3, 12)), torch.randint(0, 50, (3, 12))
-    assert model.training_flops(3, 12) == measured_flops(model, idx, targets, only_targets=False)
+    measured = measured_flops(model, idx, targets, only_targets=False)
+    # On purpose, causal attention is counted as flash attention executes it, not as the MATH
+    # backend that the counter needs does (the full matrix, then a mask); bidirectional is the full one.
+    skipped = masked_half(model, 3, 12) if model.config.attention == "causal" else 0
+    assert model.training_flops(3, 12) == measured - skipped
+
+
+def test_causal_attention_counts_half_of_the_full_score_matrix() -> None:
+    from lmforge.model.gpt import attention_flops
+
+    causal, full = (
+        tiny(n_layer=3, d_model=64, n_head=4),
+        tiny(n_layer=3, d_model=64, n_head=4, attention="bidirectional"),
+    )
+    assert attention_flops(full, 100) == 4 * 3 * 64 * 100  # QK^T and PV over the whole matrix
+    assert attention_flops(causal, 100) == 2 * 3 * 64 * 100  # the half below the diagonal
+    gap = GPT(full).training_flops(2, 100) - GPT(causal).training_flops(2, 100)
+    assert gap == 3 * 2 * 3 * 64 * 100 * (2 * 100)  # forward and backward, every token; nothing else differs
 
 
 def test_training_flops_count_the_head_where_it_runs_and_frozen_weights() -> None:
@@ -164,9 +188,10 @@ def test_training_flops_count_the_head_where_it_runs_and_frozen_weights() -> Non
     targets[:, :30] = -100  # a masked prompt: the head runs at 40 rows, padded to ROW_MULTIPLE
     rows = head_rows(targets)
     assert rows == 128
-    assert model.training_flops(4, 40, rows) == measured_flops(model, idx, targets, only_targets=True)
+    skipped = masked_half(model, 4, 40)  # as the test above
+    assert model.training_flops(4, 40, rows) == measured_flops(model, idx, targets, True) - skipped
     model.head.weight.requires_grad_(False)  # a frozen weight: only its input's gradient
-    assert model.training_flops(4, 40, rows) == measured_flops(model, idx, targets, only_targets=True)
+    assert model.training_flops(4, 40, rows) == measured_flops(model, idx, targets, True) - skipped
     assert model.training_flops(4, 40, rows) < model.training_flops(4, 40)
 
 

@@ -195,6 +195,8 @@ def test_cli_prints_the_table_and_json(cli, tmp_path: Path) -> None:
         "measured",
     ):
         assert word in out
+    assert "6 x layers x d_model x block_size: causal, half the score matrix" in out
+    assert "time at fraction of measured matmul peak 40% of 2 x" in out  # a CPU: no MFU as the field means it
     code, out, err = cli(
         "estimate", path, "--json", "--device-type", "h200", "--mfu", "0.3", "--tokens", "1e9"
     )
@@ -203,6 +205,22 @@ def test_cli_prints_the_table_and_json(cli, tmp_path: Path) -> None:
     assert result["params"]["total"] == params and result["budget_tokens"] == 1e9 and result["mfu"] == 0.3
     assert set(result["memory"]) == {"none", "none+ac", "ddp", "ddp+ac", "fsdp", "fsdp+ac"}
     assert result["peak_flops"] == 989e12 and result["dtype"] == "bf16"  # train.dtype auto on an H200
+    assert result["peak_flops_source"] == "h200 bf16 dense, datasheet" and not result["peak_measured"]
+
+
+def test_a_cpu_estimate_takes_trainings_peak_the_best_measured_on_this_machine() -> None:
+    import os
+
+    from lmforge.runtime import PEAK_CACHE_FILE, machine_key
+
+    cache = Path(os.environ["LMFORGE_CACHE_DIR"]) / PEAK_CACHE_FILE  # this test's own (tests/conftest.py)
+    cache.write_text(json.dumps({machine_key(torch.device("cpu"), "fp32"): 5e14}))
+    e = estimate(config_of("train.dtype=fp32"))
+    assert (
+        e.peak_flops == 5e14
+        and e.peak_measured
+        and e.peak_flops_source == "measured, the best on this machine"
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 import json
 import math
+import os
 import shutil
 import signal
 import subprocess
@@ -34,7 +35,8 @@ def test_loss_decreases_and_everything_is_logged(cli, config_file: Path, tmp_pat
     assert "done: 40 steps" in out and "val loss" in out
     steps, evals = read_metrics(tmp_path / "run")
     assert [e["step"] for e in steps] == list(range(1, 41))
-    assert set(steps[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s", "tokens"}
+    logged = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "tokens", "peak_flops"}
+    assert set(steps[0]) == logged | {"matmul_peak_fraction"}  # a CPU's peak is measured: no MFU
     assert [e["tokens"] for e in steps] == [8 * 32 * step for step in range(1, 41)]
     assert [e["step"] for e in evals] == [10, 20, 30, 40]
     assert set(evals[0]) == {"step", "val_loss", "val_ppl", "val_bpb"}
@@ -50,6 +52,43 @@ def test_loss_decreases_and_everything_is_logged(cli, config_file: Path, tmp_pat
     # keep_checkpoints=2 keeps the two newest; val loss fell at every eval, so best is the newest
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["step-0000030", "step-0000040"]
+
+
+def test_the_log_and_the_summary_give_the_best_peak_cached_for_this_machine(
+    cli, config_file: Path, tmp_path: Path
+) -> None:
+    """A peak probed while other jobs run reads low; the best one measured here is the denominator."""
+    from lmforge.runtime import PEAK_CACHE_FILE, machine_key
+
+    cpu = torch.device("cpu")
+    cache = Path(os.environ["LMFORGE_CACHE_DIR"]) / PEAK_CACHE_FILE  # this test's own (tests/conftest.py)
+    cache.write_text(json.dumps({machine_key(cpu, dtype): 5e14 for dtype in ("fp32", "bf16")}))
+    code, out, err = run_train(cli, config_file, tmp_path / "run", "train.max_steps=3")
+    assert code == 0, err
+    steps, _ = read_metrics(tmp_path / "run")
+    assert [e["peak_flops"] for e in steps] == [5e14] * 3
+    assert all(0 < e["matmul_peak_fraction"] < 1e-3 and "mfu" not in e for e in steps)
+    assert "fraction of measured matmul peak against 500 TFLOP/s (measured, the best on this machine)" in out
+    done = out.splitlines()[-1]
+    assert (
+        done.startswith("done: 3 steps") and "fraction of measured matmul peak 0.0% (peak 500 TFLOP/s" in done
+    )
+
+
+def test_a_step_over_the_peak_is_flagged_as_a_measurement_error_not_logged_as_mfu(
+    cli, config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmforge import runtime
+
+    monkeypatch.setattr(runtime, "matmul_peak_flops", lambda device, dtype: 1e6)  # as if probed far too low
+    code, out, err = run_train(cli, config_file, tmp_path / "run", "train.max_steps=3")
+    assert code == 0, err
+    steps, _ = read_metrics(tmp_path / "run")
+    assert all(e["over_peak"] > 1 and e["peak_flops"] == 1e6 for e in steps)
+    assert not any("matmul_peak_fraction" in e or "mfu" in e for e in steps)
+    assert out.count("over the peak of 0.001 GFLOP/s") == 2  # the first such step, and the summary
+    done = out.splitlines()[-1]
+    assert "a measurement error, no MFU" in done and "%" not in done.partition("val loss")[0]
 
 
 def test_eval_cli_matches_training_eval(cli, config_file: Path, tmp_path: Path) -> None:

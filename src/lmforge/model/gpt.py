@@ -436,7 +436,7 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token at every position of `seq_len`-token sequences (block_size):
-        about 6N for the weights plus 12·L·d·T for attention (PaLM, appendix B)."""
+        about 6N for the weights plus 6·L·d·T for causal attention (`attention_flops`)."""
         T = seq_len or self.config.block_size
         return self.training_flops(1, T) / T
 
@@ -445,7 +445,8 @@ class GPT(nn.Module):
 
         Per weight and token: 2 forward and 4 backward, or 2 for a frozen weight (only its input's
         gradient). The head runs at `head_rows` rows (`only_targets`), else at every token.
-        Attention adds 12·d·T per layer and token. Lookups, norms and element-wise ops are free.
+        Attention's products, forward and backward, are 3x `attention_flops`. Lookups, norms and
+        element-wise ops are free. `train`, `estimate` and the benchmarks all count with this.
         """
         tokens = batch * seq_len
         head = self.head.weight
@@ -460,5 +461,17 @@ class GPT(nn.Module):
         )
         if self.config.head != "lm":  # a task head (a matrix counted above) replaces the lm head
             head_flops = 0
-        attention = 12 * self.config.n_layer * self.config.d_model * seq_len * tokens
+        attention = 3 * attention_flops(self.config, seq_len) * tokens  # backward: twice the forward
         return per_token * tokens + head_flops + attention
+
+
+def attention_flops(model: ModelConfig, seq_len: int) -> int:
+    """Forward FLOPs per token of every layer's attention products at `seq_len`-token sequences.
+
+    QK^T and PV cost 2·d·T each per token over the whole T x T score matrix, which bidirectional
+    attention computes. Causal attention counts half, what its kernels execute: flash attention and
+    SDPA's causal kernels skip the score blocks above the diagonal. PaLM's 12·L·d·T (fwd + bwd)
+    counts the full matrix, and so do SDPA's MATH backend and torch's FlopCounterMode.
+    """
+    full = 4 * model.n_layer * model.d_model * seq_len
+    return full // 2 if model.attention == "causal" else full

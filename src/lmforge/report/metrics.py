@@ -1,8 +1,12 @@
 """`metrics.jsonl`, the log a training run writes: one JSON object per step and per eval.
 
-Per step: `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, `mfu`, `elapsed_s`, `tokens` (input
-tokens so far; absent in runs from before it was logged). Per eval: `step`, `val_loss`, `val_ppl`,
-`val_bpb`. The trainer writes it (`train/monitor.py`); this module reads it back.
+Per step: `step`, `loss`, `lr`, `grad_norm`, `tokens_per_s`, model FLOP/s over the peak,
+`peak_flops` (that peak, FLOP/s of the whole job), `elapsed_s`, `tokens` (input tokens so far). The
+ratio is `mfu` against a GPU's dense datasheet peak, `matmul_peak_fraction` (the fraction of measured
+matmul peak) against the best matmul measured on the machine, as on a CPU, and `over_peak` instead of
+either when above 1: a measurement error, no MFU. Runs from before logged `mfu` against a matmul
+peak measured at start-up and no `peak_flops`; older ones no `tokens`. Per eval: `step`, `val_loss`,
+`val_ppl`, `val_bpb`. The trainer writes it (`train/monitor.py`); this module reads it back.
 """
 
 from __future__ import annotations

@@ -34,19 +34,13 @@ from torch import nn
 
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import GPT, mlp_hidden_size
-from lmforge.runtime import matmul_peak_flops, resolve_dtype
+from lmforge.model.gpt import GPT, attention_flops, mlp_hidden_size
+from lmforge.runtime import DEVICE_PEAK_FLOPS, Peak, device_peak, format_flops, resolve_dtype
 from lmforge.train.optim import split_parameters
 
 FP32 = 4  # bytes
 INDEX = 8  # int64 token ids
 STRATEGIES = ("none", "ddp", "fsdp")
-# Dense peak FLOP/s per device and dtype (tensor cores; fp32 is true fp32: lmforge leaves TF32 off).
-DEVICE_PEAK_FLOPS = {
-    "a100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "h100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
-    "h200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-}
 DEVICE_TYPES = ("cpu", *DEVICE_PEAK_FLOPS)
 CHINCHILLA_TOKENS_PER_PARAM = 20
 
@@ -62,6 +56,7 @@ class ParamCounts:
     linear_per_block: int
     matrices: int  # Muon's share (hidden matrices); the rest is AdamW's under Muon
     flops_per_token: float  # training (forward + backward), from GPT.flops_per_token
+    attention_flops_per_token: float  # of flops_per_token: attention's products (causal: half the matrix)
     recompute_flops_per_token: float  # one more forward of the blocks: activation checkpointing's price
 
 
@@ -75,9 +70,8 @@ def count_parameters(model: ModelConfig) -> ParamCounts:
         p.numel() for m in gpt.blocks[0].modules() if isinstance(m, nn.Linear) for p in m.parameters()
     )
     total = gpt.num_params()
-    # forward of the blocks: 2 FLOPs per weight and 4·d·T for attention
-    # (a third of GPT.flops_per_token's 12·L·d·T)
-    recompute = model.n_layer * (2 * per_block + 4 * model.d_model * model.block_size)
+    # one more forward of the blocks: 2 FLOPs per weight, and attention's products counted as in training
+    recompute = model.n_layer * 2 * per_block + attention_flops(model, model.block_size)
     return ParamCounts(
         total=total,
         per_block=per_block,
@@ -86,6 +80,7 @@ def count_parameters(model: ModelConfig) -> ParamCounts:
         linear_per_block=linear_per_block,
         matrices=sum(p.numel() for p in split_parameters(gpt)["matrices"]),
         flops_per_token=gpt.flops_per_token(),
+        attention_flops_per_token=float(3 * attention_flops(model, model.block_size)),
         recompute_flops_per_token=float(recompute),
     )
 
@@ -320,10 +315,12 @@ class Estimate:
     dtype: str
     micro_batch: int
     block_size: int
+    attention: str  # model.attention: causal attention's FLOPs are half the score matrix's
     optimizer: str
     memory: dict[str, Memory]  # keys: none, none+ac, ddp, ddp+ac, fsdp, fsdp+ac
     peak_flops: float
     peak_flops_source: str
+    peak_measured: bool  # a matmul timed here (CPU), not a datasheet's: no MFU as the field means it
     mfu: float
     budget_tokens: float
     budget_source: str
@@ -360,9 +357,9 @@ def estimate(
     for strategy in STRATEGIES:
         table[strategy] = memory(config, params, strategy, devices, False, cpu)
         table[f"{strategy}+ac"] = memory(config, params, strategy, devices, True, cpu)
-    peak_flops, source = _peak_flops(peak_flops, device_type, t.dtype)
+    peak = _peak(peak_flops, device_type, t.dtype)
     tokens, budget = _token_budget(tokens, config)
-    seconds = training_seconds(tokens, params.flops_per_token, devices, peak_flops, mfu)
+    seconds = training_seconds(tokens, params.flops_per_token, devices, peak.flops, mfu)
     chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
     return Estimate(
         params=params,
@@ -371,17 +368,19 @@ def estimate(
         dtype=t.dtype,
         micro_batch=t.batch_size,
         block_size=config.model.block_size,
+        attention=config.model.attention,
         optimizer=config.optim.name,
         memory=table,
-        peak_flops=peak_flops,
-        peak_flops_source=source,
+        peak_flops=peak.flops,
+        peak_flops_source=peak.source,
+        peak_measured=peak.measured,
         mfu=mfu,
         budget_tokens=tokens,
         budget_source=budget,
         budget_seconds=seconds,
         budget_seconds_ac=seconds * (1 + params.recompute_flops_per_token / params.flops_per_token),
         chinchilla_tokens=chinchilla,
-        chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak_flops, mfu),
+        chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak.flops, mfu),
         notes=tuple(notes),
     )
 
@@ -419,13 +418,15 @@ def _settle_model(config: Config) -> list[str]:
     return notes
 
 
-def _peak_flops(given: float | None, device_type: str, dtype: str) -> tuple[float, str]:
-    """Peak FLOP/s of one device and where the figure comes from: given, measured (CPU) or a datasheet."""
+def _peak(given: float | None, device_type: str, dtype: str) -> Peak:
+    """Peak FLOP/s of one device: given, measured (CPU, as training measures it) or a datasheet's."""
     if given is not None:
-        return given, "given"
+        return Peak(given, "given", measured=False)
     if device_type == "cpu":
-        return matmul_peak_flops(torch.device("cpu"), "fp32" if dtype == "fp32" else "bf16"), "measured"
-    return DEVICE_PEAK_FLOPS[device_type][dtype], f"{device_type} {dtype} dense"
+        return device_peak(torch.device("cpu"), "fp32" if dtype == "fp32" else "bf16")
+    return Peak(
+        DEVICE_PEAK_FLOPS[device_type][dtype], f"{device_type} {dtype} dense, datasheet", measured=False
+    )
 
 
 def _token_budget(tokens: float | None, config: Config) -> tuple[float, str]:
@@ -449,11 +450,6 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def format_flops(flops: float) -> str:
-    """FLOP/s in TFLOP/s, or GFLOP/s below a teraflop."""
-    return f"{flops / 1e12:,.4g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:,.4g} GFLOP/s"
-
-
 def format_duration(seconds: float) -> str:
     """Seconds in the largest unit they reach: days, h, min or s."""
     for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
@@ -462,13 +458,20 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
+def attention_count(attention: str) -> str:
+    """Attention's share of the FLOPs per token, in words (`lmforge.model.gpt.attention_flops`)."""
+    if attention == "causal":
+        return "6 x layers x d_model x block_size: causal, half the score matrix"
+    return "12 x layers x d_model x block_size: bidirectional, the whole score matrix"
+
+
 def format_table(e: Estimate) -> str:
     """The human-readable report: counts, a memory table (rows: parts; columns: strategies ± AC), times."""
     p = e.params
     lines = [
         f"parameters        {p.total:,} (exact, from the model)",
         f"FLOPs per token   {p.flops_per_token:,.0f} "
-        "(training: 6 x matmul params + 12 x layers x d_model x block_size)",
+        f"(training: 6 x matmul params + {attention_count(e.attention)})",
         f"micro-batch       {e.micro_batch} x {e.block_size} = {e.micro_batch * e.block_size:,} tokens "
         f"(DDP/FSDP: split over the devices); "
         f"{e.devices} x {e.device_type}, {e.dtype}, {e.optimizer}",
@@ -486,7 +489,8 @@ def format_table(e: Estimate) -> str:
         "peak: the step's highest point, not the sum of the",
         "rows: backward frees activations as it makes gradients, and recomputes a block at a time with +ac.",
         "",
-        f"time at MFU {e.mfu:.0%} of {e.devices} x {format_flops(e.peak_flops)} ({e.peak_flops_source}):",
+        f"time at {Peak(e.peak_flops, e.peak_flops_source, e.peak_measured).name} {e.mfu:.0%} of "
+        f"{e.devices} x {format_flops(e.peak_flops)} ({e.peak_flops_source}):",
         f"  budget      {e.budget_tokens:,.0f} tokens ({e.budget_source}): "
         f"{format_duration(e.budget_seconds)}"
         f" ({format_duration(e.budget_seconds_ac)} with activation checkpointing)",

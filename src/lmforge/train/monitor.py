@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from lmforge.eval.lm import LMEval
 from lmforge.report.metrics import METRICS_FILE
+from lmforge.runtime import Peak
 from lmforge.train.loggers import MetricWriter
 
 
@@ -73,7 +74,7 @@ class Monitor:
         run_dir: Path | None,
         max_steps: int,
         first_step: int,
-        peak_flops: float,
+        peak: Peak,
         progress: bool = True,
         bar_interval: int = 10,
         writers: list[MetricWriter] = (),
@@ -81,20 +82,21 @@ class Monitor:
         self.metrics = MetricsLog(run_dir / METRICS_FILE if run_dir is not None else None)
         self.writers = list(writers)  # TensorBoard, W&B: each gets every entry of metrics.jsonl
         self.max_steps, self.bar_interval = max_steps, bar_interval
-        self.peak_flops = peak_flops
+        self.peak = peak  # the whole job's
+        self.over_peak_said = False
         disable = not progress or run_dir is None
         self.bar = tqdm(total=max_steps, initial=first_step, unit="step", disable=disable, dynamic_ncols=True)
         self.silent = run_dir is None
 
     def step(self, result: StepResult) -> None:
-        tokens_per_s = result.tokens / result.seconds
+        tokens_per_s, flops_per_s = result.tokens / result.seconds, result.flops / result.seconds
         entry = {
             "step": result.step,
             "loss": result.loss,
             "lr": result.lr,
             "grad_norm": result.grad_norm,
             "tokens_per_s": tokens_per_s,
-            "mfu": result.flops / result.seconds / self.peak_flops,
+            **self.peak.entry(flops_per_s),  # mfu or matmul_peak_fraction (over_peak above 1), peak_flops
             "elapsed_s": result.elapsed_s,
             "tokens": result.tokens_seen,
         }
@@ -102,9 +104,15 @@ class Monitor:
             entry["skipped"] = True
         self._write(entry)
         self.bar.update(1)
+        over = "over_peak" in entry
+        if over and not self.over_peak_said:
+            self.over_peak_said = True
+            self.say(f"step {result.step}: {self.peak.describe(flops_per_s)} (logged as over_peak)")
         if result.step % self.bar_interval == 0 or result.step == self.max_steps:
+            utilisation = "over peak" if over else f"{entry[self.peak.key]:.0%}"
+            short = "of_peak" if self.peak.measured else "mfu"
             self.bar.set_postfix(
-                loss=f"{result.loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{entry['mfu']:.0%}"
+                {"loss": f"{result.loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}", short: utilisation}
             )
 
     def eval(self, step: int, result: LMEval, privacy: dict | None = None) -> None:

@@ -33,7 +33,7 @@ from lmforge.model.gpt import GPT
 from lmforge.model.heads import HEADS, TASK_LAYERS
 from lmforge.model.lora import apply_lora
 from lmforge.report.metrics import METRICS_FILE
-from lmforge.runtime import autocast, matmul_peak_flops, resolve_dtype, seed_everything
+from lmforge.runtime import Peak, autocast, device_peak, resolve_dtype, seed_everything
 from lmforge.staging import LOCK_FILE, MARKER, write_marker
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
@@ -67,7 +67,7 @@ class Run:
     state: TrainingState  # model, wrapped model, optimizers, scaler, sampler, loop counters
     checkpointer: Checkpointer
     stepper: Stepper
-    peak_flops: float  # matmul FLOP/s of the whole job: the denominator of MFU
+    peak: Peak  # the whole job's (one device's times the processes): the denominator of MFU
     clock_start: float  # perf_counter() at which `elapsed()` would have been 0
 
     @classmethod
@@ -99,11 +99,9 @@ class Run:
             count_flops=state.module.training_flops,
             loss_per_row=HEADS[config.model.head].per_row_loss,
         )
-        peak_flops = matmul_peak_flops(device, t.dtype) * dist.world  # MFU of the whole job
+        peak = device_peak(device, t.dtype).times(dist.world)  # MFU of the whole job
         clock_start = time.perf_counter() - state.progress.elapsed_s
-        run = cls(
-            config, run_dir, dist, device, data, amp, state, checkpointer, stepper, peak_flops, clock_start
-        )
+        run = cls(config, run_dir, dist, device, data, amp, state, checkpointer, stepper, peak, clock_start)
         checkpointer.clock = run.elapsed
         return run
 

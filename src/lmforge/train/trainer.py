@@ -18,6 +18,7 @@ from types import FrameType
 from lmforge.config import Config, TrainConfig, load_config
 from lmforge.errors import LmforgeError, TrainingInterrupted
 from lmforge.eval.lm import LMEval
+from lmforge.runtime import Peak, format_flops
 from lmforge.staging import locked
 from lmforge.train import distributed, loggers
 from lmforge.train.monitor import Monitor, StepResult
@@ -32,7 +33,8 @@ class TrainSummary:
     steps: int
     elapsed_s: float
     tokens_per_s: float
-    mfu: float
+    flops_per_s: float  # model FLOPs of every update over the elapsed time
+    peak: Peak  # the whole job's: the denominator of MFU
     final_eval: LMEval | None
     checkpoint: Path
     epsilon: float | None = None  # a run with [privacy]: the epsilon spent (at privacy.delta)
@@ -43,7 +45,8 @@ class TrainSummary:
         bpb = f", {result.bpb:.3f} bpb" if result and result.bpb else ""
         return (
             f"done: {self.steps} steps in {self.elapsed_s:.1f} s, {self.tokens_per_s:,.0f} tokens/s, "
-            f"MFU {self.mfu:.1%}; val loss {result.loss:.4f} (ppl {result.ppl:.2f}{bpb}); "
+            f"{self.peak.describe(self.flops_per_s)}; "
+            f"val loss {result.loss:.4f} (ppl {result.ppl:.2f}{bpb}); "
             f"checkpoint {self.checkpoint}{'' if self.epsilon is None else f'; epsilon {self.epsilon:.3f}'}"
         )
 
@@ -91,7 +94,10 @@ def train_loop(run: Run) -> TrainSummary:
     last_eval, last_eval_step = None, -1
     run.state.wrapped.train()
     with open_monitor(run) as monitor, StopSignals() as stop:
-        monitor.say(f"training on {run.device} in {t.dtype}, {run.state.module.num_params():,} parameters")
+        monitor.say(
+            f"training on {run.device} in {t.dtype}, {run.state.module.num_params():,} parameters; "
+            f"{run.peak.name} against {format_flops(run.peak.flops)} ({run.peak.source})"
+        )
         while progress.step < t.max_steps:
             monitor.step(train_step(run, guard))
             val_loss = None
@@ -160,7 +166,7 @@ def open_monitor(run: Run) -> Monitor:
         run.run_dir if main else None,
         max_steps=run.config.train.max_steps,
         first_step=run.progress.step,
-        peak_flops=run.peak_flops,
+        peak=run.peak,
         progress=run.config.log.progress,
         bar_interval=run.config.log.interval,
         writers=loggers.open_writers(run.config, run.run_dir, run.progress.step) if main else [],
@@ -174,7 +180,8 @@ def summarize(run: Run, final_eval: LMEval | None, checkpoint: Path) -> TrainSum
         steps=run.progress.step,
         elapsed_s=elapsed,
         tokens_per_s=tokens_per_s,
-        mfu=run.progress.flops_done / max(elapsed, 1e-9) / run.peak_flops,
+        flops_per_s=run.progress.flops_done / max(elapsed, 1e-9),
+        peak=run.peak,
         final_eval=final_eval,
         checkpoint=checkpoint,
         epsilon=None if (report := run.privacy_report()) is None else report["epsilon"],
