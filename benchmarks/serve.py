@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from lmforge.sample import Sampler
+from lmforge.inference.sampling import Sampler
 from lmforge.serve.worker import default_threads
 
 REPO = Path(__file__).resolve().parents[1]

@@ -402,7 +402,7 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from lmforge.sample import stream_samples
+    from lmforge.inference.sampling import stream_samples
 
     for piece in stream_samples(
         Path(args.target),
@@ -495,7 +495,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise LmforgeError(
             f"serve needs the serve extra ({exc.name} is missing): pip install 'lmforge[serve]'"
         ) from None
-    from lmforge.sample import Sampler
+    from lmforge.inference.sampling import Sampler
     from lmforge.serve.worker import default_threads
 
     target = Path(args.target)
@@ -672,7 +672,7 @@ def _compare(args: argparse.Namespace) -> int:
     if len(args.runs) != 2 or not args.prompts or not args.out:
         args.parser.error("give two runs, --prompts FILE and --out DIR (or --tally DIR JUDGMENTS)")
     from lmforge.eval.compare import make_sheet
-    from lmforge.sample import SamplingOptions
+    from lmforge.inference.sampling import SamplingOptions
 
     options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     report = make_sheet(

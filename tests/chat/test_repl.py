@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.chat.repl import PROMPT, Chat, Conversation, start_chat
-from lmforge.sample import StopScanner
+from lmforge.inference.sampling import StopScanner
 from tests.conftest import random_char_run
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :.\n"

@@ -436,7 +436,7 @@ def test_an_lmforge_error_in_the_library_is_raised_not_printed(
     runs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     from lmforge.eval.compare import make_sheet
-    from lmforge.sample import SamplingOptions
+    from lmforge.inference.sampling import SamplingOptions
 
     (tmp_path / "p.txt").write_text("ok\n")
     options = SamplingOptions(8, 0.0, None, None)

@@ -18,8 +18,9 @@ from lmforge.config import Config, ModelConfig, load_config  # noqa: E402
 from lmforge.data.sources import file_sha256  # noqa: E402
 from lmforge.data.tokenizer import byte_tokenizer, char_tokenizer, train_bpe  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.inference.generate import generate  # noqa: E402
 from lmforge.interop.hf import export_checkpoint, import_folder  # noqa: E402
-from lmforge.model import GPT, generate  # noqa: E402
+from lmforge.model import GPT  # noqa: E402
 from tests.conftest import TINY, snapshot  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.sample import Sampler
+from lmforge.inference.sampling import Sampler
 from tests.conftest import random_char_run
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :.,!?\n"

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lmforge.chat.template import ChatTemplate, encode_segments
-from lmforge.sample import Sampler, SamplingOptions
+from lmforge.inference.sampling import Sampler, SamplingOptions
 from lmforge.serve.api import _merge_updates
 from lmforge.serve.engine import Update
 from tests.serve.conftest import MODEL, LiveServer, serve

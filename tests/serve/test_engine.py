@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from lmforge.sample import Sampler, SamplingOptions, TextRules
+from lmforge.inference.sampling import Sampler, SamplingOptions, TextRules
 from lmforge.serve.engine import LENGTH, STOP, Engine, EngineStopped, Job, Params, QueueFull, Update
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.sample import Sampler
+from lmforge.inference.sampling import Sampler
 from lmforge.serve.worker import EngineProcess
 from tests.serve.conftest import MODEL, LiveServer, serve
 from tests.serve.test_api import client, greedy

@@ -34,7 +34,7 @@ from lmforge.data.canaries import CANARIES_FILE, CanarySet, load_canaries
 from lmforge.data.loader import PreparedData
 from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.model.generate import generate
+from lmforge.inference.generate import generate
 from lmforge.runtime import autocast, resolve_device
 
 

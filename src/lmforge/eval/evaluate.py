@@ -16,7 +16,7 @@ from lmforge.data.loader import PreparedData
 from lmforge.data.sft import SFTData
 from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.eval.lm import LMEval, evaluate_lm
+from lmforge.inference.loss import LMEval, evaluate_lm
 from lmforge.runtime import autocast, resolve_device
 from lmforge.tasks import evaluate_task, format_table
 

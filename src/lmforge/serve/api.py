@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmforge.chat.template import ChatTemplate
-from lmforge.sample import Sampler, TextRules
+from lmforge.inference.sampling import Sampler, TextRules
 from lmforge.serve.engine import ERROR, Engine, EngineStopped, Job, Params, QueueFull, Update
 from lmforge.serve.requests import (
     ApiError,

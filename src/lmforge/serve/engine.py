@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 import torch
 
-from lmforge.model.generate import sample_next
+from lmforge.inference.generate import sample_next
+from lmforge.inference.sampling import Sampler, TextDecoder, TextRules
 from lmforge.model.gpt import KVCache
 from lmforge.runtime import autocast
-from lmforge.sample import Sampler, TextDecoder, TextRules
 
 STOP, LENGTH, ERROR = "stop", "length", "error"  # why a request ended: OpenAI's finish_reason, and ours
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmforge.chat.template import ChatTemplate, encode_segments
 from lmforge.config import SEED_LIMIT
 from lmforge.errors import LmforgeError
-from lmforge.sample import Sampler, TextRules
+from lmforge.inference.sampling import Sampler, TextRules
 from lmforge.serve.engine import Params
 
 MAX_STOPS = 4  # OpenAI's limit on `stop`

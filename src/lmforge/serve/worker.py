@@ -170,7 +170,7 @@ def _child_main(
     """The child: load the checkpoint, then run an Engine on the commands until "close"."""
     import torch
 
-    from lmforge.sample import Sampler
+    from lmforge.inference.sampling import Sampler
 
     if threads:
         torch.set_num_threads(threads)

@@ -28,7 +28,7 @@ from lmforge.data.protocol import TrainingData
 from lmforge.data.sft import SFTData
 from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.eval.lm import LMEval, evaluate_lm
+from lmforge.inference.loss import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import HEADS, TASK_LAYERS
 from lmforge.model.lora import apply_lora

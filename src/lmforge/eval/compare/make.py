@@ -20,7 +20,7 @@ from lmforge.config import SEED_LIMIT
 from lmforge.errors import LmforgeError
 from lmforge.eval.compare.prompts import Prompt, read_prompts
 from lmforge.eval.compare.sheet import sheet_html
-from lmforge.sample import Sampler, SamplingOptions
+from lmforge.inference.sampling import Sampler, SamplingOptions
 from lmforge.staging import check_out, staged_folder
 
 SHEET = "sheet.html"  # what the judge gets

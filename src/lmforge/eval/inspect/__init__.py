@@ -27,8 +27,8 @@ from lmforge.eval.inspect.report import (
     top_k_json,
 )
 from lmforge.eval.inspect.trace import Trace, attention_probabilities, logit_lens, recording, trace
+from lmforge.inference.sampling import Sampler
 from lmforge.runtime import autocast, resolve_device
-from lmforge.sample import Sampler
 from lmforge.staging import check_out, staged_folder
 
 __all__ = [

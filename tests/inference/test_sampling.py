@@ -9,8 +9,8 @@ from tokenizers import Tokenizer
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.inference.sampling import Sampler, SamplingOptions
 from lmforge.model import GPT
-from lmforge.sample import Sampler, SamplingOptions
 from tests.conftest import random_char_run
 
 

@@ -18,7 +18,7 @@ from tokenizers.decoders import DecodeStream
 from lmforge.checkpoint import load_for_inference
 from lmforge.data.tokenizer import eot_id, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.model.generate import generate
+from lmforge.inference.generate import generate
 from lmforge.runtime import autocast, resolve_device
 
 SAMPLE_SEPARATOR = "---------------"  # a line of its own between two samples
