@@ -26,6 +26,7 @@ from lmforge.eval.audit import (
     exposure_from_sample,
     roc_auc,
 )
+from lmforge.inference import ModelSource
 from lmforge.model import GPT
 
 TRAIN_TEXT = "the quick brown fox jumps over the lazy dog\nall work and no play makes jack a dull boy\n" * 60
@@ -95,7 +96,7 @@ def test_exposure_estimates() -> None:
 
 @pytest.fixture(scope="module")
 def report(overfit_run: Path) -> AuditReport:
-    return audit_checkpoint(overfit_run, "last", "cpu", "fp32", None, None, SMALL)
+    return audit_checkpoint(ModelSource(overfit_run, "last", "cpu", "fp32"), None, None, SMALL)
 
 
 def test_a_canary_inserted_64_times_is_exposed_and_one_never_inserted_is_not(report: AuditReport) -> None:

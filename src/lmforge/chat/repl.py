@@ -14,14 +14,14 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TextIO
 
 import torch
 
-from lmforge.chat.template import ChatTemplate, encode_segments
+from lmforge.chat.template import encode_segments
 from lmforge.errors import LmforgeError
-from lmforge.inference.sampling import Sampler, SamplingOptions
+from lmforge.inference import InferenceSession, ModelSource
+from lmforge.inference.sampling import SamplingOptions
 
 COMMANDS = "/reset, /system TEXT, /temperature X, /quit"
 PROMPT = "> "
@@ -49,21 +49,20 @@ class Conversation:
 class Chat:
     """A conversation with a loaded model: commands, fitting the context, streamed replies."""
 
-    sampler: Sampler
-    template: ChatTemplate
+    session: InferenceSession  # its chat template renders the conversation
     options: SamplingOptions
     generator: torch.Generator
     out: TextIO = sys.stdout
     conversation: Conversation = field(default_factory=Conversation)
 
     def __post_init__(self) -> None:
-        block_size = self.sampler.model.config.block_size
+        block_size = self.session.model.config.block_size
         if self.options.max_new_tokens >= block_size:
             raise LmforgeError(
                 f"--max-new-tokens {self.options.max_new_tokens} leaves no room for a prompt in this "
                 f"model's context of {block_size} tokens"
             )
-        self.end_of_turn = self.template.end_of_turn()
+        self.end_of_turn = self.session.template.end_of_turn()
 
     def say(self, text: str) -> None:
         self.out.write(text)
@@ -73,11 +72,11 @@ class Chat:
         """The conversation's tokens with the generation prompt, after dropping the oldest
         exchanges until a reply of max_new_tokens fits; a notice says how many went. When even the
         newest message alone does not fit, nothing is dropped and the error says so."""
-        room = self.sampler.model.config.block_size - self.options.max_new_tokens  # for the prompt
+        room = self.session.model.config.block_size - self.options.max_new_tokens  # for the prompt
         trial = Conversation(self.conversation.system, list(self.conversation.turns))
         while True:
-            segments = self.template.segments(trial.messages(), add_generation_prompt=True)
-            (encoded,) = encode_segments(self.sampler.tokenizer, [segments])
+            segments = self.session.template.segments(trial.messages(), add_generation_prompt=True)
+            (encoded,) = encode_segments(self.session.tokenizer, [segments])
             if not encoded.exact:
                 raise LmforgeError("the message has characters that this model's tokenizer cannot represent")
             if len(encoded.ids) <= room or len(trial.turns) <= 1:
@@ -104,7 +103,7 @@ class Chat:
             raise
         reply = ""
         try:
-            for piece in self.sampler.complete(ids, self.options, self.generator, self.end_of_turn):
+            for piece in self.session.complete(ids, self.options, self.generator, self.end_of_turn):
                 reply += piece  # a chat reply: no blank before it (TextRules.reply)
                 self.say(piece)
         except KeyboardInterrupt:
@@ -159,28 +158,18 @@ def _temperature(text: str) -> float:
     return value
 
 
-def start_chat(
-    target: Path,
-    which: str,
-    device: str,
-    dtype: str,
-    *,
-    system: str,
-    options: dict,
-    seed: int,
-) -> Chat:
-    """Load the checkpoint and its chat template, check the options, and print what was loaded."""
-    sampler = Sampler.load(target, which, device, dtype)
-    block_size = sampler.model.config.block_size
+def start_chat(source: ModelSource, *, system: str, options: dict, seed: int) -> Chat:
+    """Load the checkpoint of `source`, check the options, and print what was loaded."""
+    session = source.load()
+    block_size = session.model.config.block_size
     max_new = options.pop("max_new_tokens") or min(256, block_size // 2)
     sampling = SamplingOptions(max_new_tokens=max_new, **options)
-    path = sampler.checkpoint
-    template = ChatTemplate.of_checkpoint(path, sampler.tokenizer)
-    generator = torch.Generator(device=sampler.device).manual_seed(seed)
-    chat = Chat(sampler, template, sampling, generator, conversation=Conversation(system=system))
+    generator = torch.Generator(device=session.device).manual_seed(seed)
+    chat = Chat(session, sampling, generator, conversation=Conversation(system=system))
     which_template = (
-        "lmforge's default chat template" if template.is_default else "the checkpoint's chat template"
+        "lmforge's default chat template" if session.template.is_default else "the checkpoint's chat template"
     )
+    path = session.checkpoint
     chat.say(
         f"chatting with {path} ({which_template}; context {block_size} tokens, replies up to {max_new})\n"
         f"commands: {COMMANDS}; end of input (Ctrl-D) quits\n"

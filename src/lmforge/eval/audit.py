@@ -29,13 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import load_for_inference
 from lmforge.data.canaries import CANARIES_FILE, CanarySet, load_canaries
 from lmforge.data.loader import PreparedData
-from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
+from lmforge.data.tokenizer import check_same_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.inference import ModelSource
 from lmforge.inference.generate import generate
-from lmforge.runtime import autocast, resolve_device
 
 
 @dataclass(frozen=True)
@@ -315,38 +314,35 @@ def check_options(options: AuditOptions, block_size: int, data: PreparedData) ->
 
 
 def audit_checkpoint(
-    target: Path,
-    which: str,
-    device: str,
-    dtype: str,
+    source: ModelSource,
     data: Path | None,
     canaries_file: Path | None,
     options: AuditOptions,
 ) -> AuditReport:
-    """Load checkpoint `which` of `target` and measure exposure, memorisation and membership on
+    """Load the checkpoint of `source` and measure exposure, memorisation and membership on
     `data` (default: the run's data.dir) and its canaries.json (or `canaries_file`)."""
-    torch_device = resolve_device(device)
-    loaded = load_for_inference(target, which, torch_device)
-    if not (data or loaded.config.data.dir):
+    session = source.load()
+    if not (data or session.config.data.dir):
         raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
-    data_dir = Path(data or loaded.config.data.dir)
+    data_dir = Path(data or session.config.data.dir)
     prepared = PreparedData.open(data_dir)
     check_same_tokenizer(
-        data_dir, prepared.tokenizer_file, loaded.tokenizer_file, f"checkpoint {loaded.path}"
+        data_dir, prepared.tokenizer_file, session.tokenizer_file, f"checkpoint {session.checkpoint}"
     )
-    check_options(options, loaded.config.model.block_size, prepared)
+    check_options(options, session.config.model.block_size, prepared)
     canaries_file = canaries_file or data_dir / CANARIES_FILE
     if canaries_file != data_dir / CANARIES_FILE and not canaries_file.is_file():
         raise LmforgeError(f"{canaries_file}: no such canaries file")
     canaries = load_canaries(canaries_file) if canaries_file.is_file() else None
-    model = loaded.model
-    with autocast(torch_device, dtype):
+    model, device = session.model, session.device
+    with session.autocast():
         exposures = None
         if canaries is not None:
-            tokenizer = load_tokenizer(loaded.tokenizer_file)
-            exposures = canary_exposures(model, tokenizer, canaries, options, torch_device)
-        memorised = memorisation(model, prepared, options, torch_device)
-        members = membership(model, prepared, options, torch_device)
+            exposures = canary_exposures(model, session.tokenizer, canaries, options, device)
+        memorised = memorisation(model, prepared, options, device)
+        members = membership(model, prepared, options, device)
     fmt = None if canaries is None else canaries.text("D" * canaries.digits)
     space = None if canaries is None else 10**canaries.digits
-    return AuditReport(loaded.path, loaded.step, data_dir, options, fmt, space, exposures, memorised, members)
+    return AuditReport(
+        session.checkpoint, session.step, data_dir, options, fmt, space, exposures, memorised, members
+    )

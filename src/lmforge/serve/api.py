@@ -31,7 +31,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmforge.chat.template import ChatTemplate
-from lmforge.inference.sampling import Sampler, TextRules
+from lmforge.inference import InferenceSession
+from lmforge.inference.sampling import TextRules
 from lmforge.serve.engine import ERROR, Engine, EngineStopped, Job, Params, QueueFull, Update
 from lmforge.serve.requests import (
     ApiError,
@@ -185,7 +186,7 @@ def _sse(data: dict | str) -> str:
 class Served:
     """The loaded model behind the endpoints."""
 
-    sampler: Sampler
+    sampler: InferenceSession
     engine: Engine | EngineProcess
     template: ChatTemplate
     model_name: str
@@ -409,17 +410,16 @@ def _host_name(header: bytes) -> str:
 
 
 def _make_engine(
-    sampler: Sampler, max_batch: int, max_queue: int, own_process: bool, threads: int | None
+    sampler: InferenceSession, max_batch: int, max_queue: int, own_process: bool, threads: int | None
 ) -> Engine | EngineProcess:
     if not own_process:
         return Engine(sampler, max_batch, max_queue)
     block_size = sampler.model.config.block_size
-    device = str(sampler.device)
-    return EngineProcess(sampler.checkpoint, device, sampler.dtype, block_size, max_batch, max_queue, threads)
+    return EngineProcess(sampler.source, block_size, max_batch, max_queue, threads)
 
 
 def create_app(
-    sampler: Sampler,
+    sampler: InferenceSession,
     model_name: str,
     *,
     max_batch: int = 8,
@@ -434,7 +434,7 @@ def create_app(
     machine (loopback names, or `host`) are answered: a web page cannot reach it by a name of its own."""
     block_size = sampler.model.config.block_size
     engine = _make_engine(sampler, max_batch, max_queue, engine_process, threads)
-    template = ChatTemplate.of_checkpoint(sampler.checkpoint, sampler.tokenizer)
+    template = sampler.template
     served = Served(sampler, engine, template, model_name)
     playground = files("lmforge.serve").joinpath("playground.html").read_text(encoding="utf-8")
 
