@@ -23,6 +23,7 @@ from lmforge.checkpoint.folder import (
     prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    stored_shapes,
     tokenizer_file_of,
     verify_checkpoint,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "prune_checkpoints",
     "resolve_checkpoint",
     "save_checkpoint",
+    "stored_shapes",
     "tokenizer_file_of",
     "verify_checkpoint",
 ]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from lmforge.chat.template import TOKENIZER_CONFIG, ChatTemplate
@@ -291,6 +291,17 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
             f"{path}: weights do not fit this model "
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
+
+
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a checkpoint's model.safetensors, read from its header
+    alone: no tensor data is read."""
+    try:
+        with safe_open(str(path / "model.safetensors"), "pt") as weights:
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise LmforgeError(f"{path}: model.safetensors cannot be read ({reason})") from None
 
 
 def load_state(path: Path) -> dict[str, Any]:
