@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lmforge import checkpoint as ckpt
+from lmforge import inference
 from lmforge.tasks.base import choice_log_probs
 from lmforge.tasks.sst2 import LABEL_CHOICES
 from prepare_throughput import cpu_model  # a sibling script: benchmarks/ is sys.path[0]
@@ -35,7 +35,7 @@ def label_probs(model: torch.nn.Module, tokenizer: Tokenizer, records: list[dict
 
 def load(run: Path) -> tuple[torch.nn.Module, Tokenizer]:
     """The run's best checkpoint (or the checkpoint folder itself) and its tokenizer."""
-    model = ckpt.load_for_inference(run, "best", CPU).model.eval()
+    model = inference.load(run, "best", "cpu").model
     return model, Tokenizer.from_file(str(run / "tokenizer.json"))
 
 

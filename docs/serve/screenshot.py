@@ -16,7 +16,7 @@ from pathlib import Path
 import uvicorn
 from playwright.sync_api import sync_playwright
 
-from lmforge.sample import Sampler
+from lmforge.inference import load
 from lmforge.serve.api import create_app
 
 HERE = Path(__file__).resolve().parent
@@ -29,8 +29,8 @@ def main() -> None:
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--out", default=str(HERE / "playground.png"))
     args = p.parse_args()
-    sampler = Sampler.load(Path(args.run), args.checkpoint, "cpu", "fp32")
-    server = uvicorn.Server(uvicorn.Config(create_app(sampler, Path(args.run).resolve().name), port=0))
+    session = load(Path(args.run), args.checkpoint, "cpu", "fp32")
+    server = uvicorn.Server(uvicorn.Config(create_app(session, Path(args.run).resolve().name), port=0))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)

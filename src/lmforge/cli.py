@@ -13,13 +13,16 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from lmforge import __version__
 from lmforge.config import DTYPE_NAMES, SEED_LIMIT
 from lmforge.errors import LmforgeError
 from lmforge.report import SORT_KEYS, X_AXES
 from lmforge.tasks import DEFAULT_VAL_FRACTION, TASKS, tasks_with_datasets
+
+if TYPE_CHECKING:
+    from lmforge.inference import ModelSource
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
@@ -339,10 +342,7 @@ def _eval(args: argparse.Namespace) -> int:
     from lmforge.eval.evaluate import evaluate_checkpoint
 
     report = evaluate_checkpoint(
-        Path(args.target),
-        args.checkpoint,
-        args.device,
-        args.dtype,
+        _model_source(args),
         task=args.task,
         data=Path(args.data) if args.data else None,
         batch_size=args.batch_size,
@@ -359,6 +359,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _add_checkpoint_args(
     p: argparse.ArgumentParser, threads_default: str = "PyTorch's: one per core"
 ) -> None:
+    """TARGET and --checkpoint, --device, --dtype, --threads: which model to load, how it runs
+    (`_model_source` turns them into one value)."""
     p.add_argument("target", help="a run folder or a checkpoint folder")
     p.add_argument(
         "--checkpoint", default="best", help="best (lowest val loss), last, or a checkpoint folder"
@@ -371,6 +373,13 @@ def _add_checkpoint_args(
         help=f"CPU threads for the model's operations (default: {threads_default}); a small model "
         "decodes as fast or faster on fewer",
     )
+
+
+def _model_source(args: argparse.Namespace) -> ModelSource:
+    """The checkpoint that `_add_checkpoint_args`' options name, as one value."""
+    from lmforge.inference import ModelSource
+
+    return ModelSource(Path(args.target), args.checkpoint, args.device, args.dtype)
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:
@@ -412,13 +421,10 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from lmforge.sample import stream_samples
+    from lmforge.inference.sample import stream_samples
 
     for piece in stream_samples(
-        Path(args.target),
-        args.checkpoint,
-        args.device,
-        args.dtype,
+        _model_source(args),
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -455,15 +461,7 @@ def _chat(args: argparse.Namespace) -> int:
     options = dict(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
     )
-    chat = start_chat(
-        Path(args.target),
-        args.checkpoint,
-        args.device,
-        args.dtype,
-        system=args.system,
-        options=options,
-        seed=args.seed,
-    )
+    chat = start_chat(_model_source(args), system=args.system, options=options, seed=args.seed)
     chat.run()
     return 0
 
@@ -505,15 +503,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise LmforgeError(
             f"serve needs the serve extra ({exc.name} is missing): pip install 'lmforge[serve]'"
         ) from None
-    from lmforge.sample import Sampler
     from lmforge.serve.worker import default_threads
 
-    target = Path(args.target)
     # the engine's process loads the weights; this one needs the tokenizer and configuration only
-    sampler = Sampler.load(target, args.checkpoint, args.device, args.dtype, weights=False)
-    name = args.model_name or target.resolve().name
+    session = _model_source(args).load(weights=False)
+    name = args.model_name or Path(args.target).resolve().name
     app = create_app(
-        sampler,
+        session,
         name,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
@@ -524,7 +520,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
-        f"serving {sampler.checkpoint} as {name!r} at http://{host}:{args.port}/ (playground) and "
+        f"serving {session.checkpoint} as {name!r} at http://{host}:{args.port}/ (playground) and "
         f"http://{host}:{args.port}/v1 (OpenAI API); Ctrl-C stops",
         flush=True,
     )
@@ -595,10 +591,7 @@ def _audit(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     report = audit_checkpoint(
-        Path(args.target),
-        args.checkpoint,
-        args.device,
-        args.dtype,
+        _model_source(args),
         Path(args.data) if args.data else None,
         Path(args.canaries) if args.canaries else None,
         options,
@@ -649,10 +642,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from lmforge.eval.inspect import inspect_checkpoint
 
     report = inspect_checkpoint(
-        Path(args.target),
-        args.checkpoint,
-        args.device,
-        args.dtype,
+        _model_source(args),
         prompt=args.prompt,
         out=Path(args.out),
         top_k=args.top_k,
@@ -692,16 +682,15 @@ def _compare(args: argparse.Namespace) -> int:
     if len(args.runs) != 2 or not args.prompts or not args.out:
         args.parser.error("give two runs, --prompts FILE and --out DIR (or --tally DIR JUDGMENTS)")
     from lmforge.eval.compare import make_sheet
-    from lmforge.sample import SamplingOptions
+    from lmforge.inference import ModelSource
+    from lmforge.inference.sampling import SamplingOptions
 
     options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    a, b = (ModelSource(Path(run), args.checkpoint, args.device, args.dtype) for run in args.runs)
     report = make_sheet(
-        (Path(args.runs[0]), Path(args.runs[1])),
+        (a, b),
         Path(args.prompts),
         Path(args.out),
-        which=args.checkpoint,
-        device=args.device,
-        dtype=args.dtype,
         options=options,
         seed=args.seed,
         chat=args.chat,

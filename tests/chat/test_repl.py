@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.chat.repl import PROMPT, Chat, Conversation, start_chat
-from lmforge.sample import StopScanner
+from lmforge.inference import ModelSource
+from lmforge.inference.sampling import StopScanner
 from tests.conftest import random_char_run
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :.\n"
@@ -92,10 +93,7 @@ def test_end_of_input_ends_the_chat(tiny_run: Path) -> None:
 
 def in_process_chat(run: Path, **options) -> tuple[Chat, io.StringIO]:
     chat = start_chat(
-        run,
-        "last",
-        "cpu",
-        "fp32",
+        ModelSource(run, "last", "cpu", "fp32"),
         system="",
         options={"max_new_tokens": 8, "temperature": 0.0, "top_k": None, "top_p": None} | options,
         seed=0,
@@ -116,10 +114,10 @@ def test_a_reply_is_written_piece_by_piece_as_it_is_generated(tiny_run: Path) ->
 def test_the_system_message_leads_every_prompt_and_survives_dropping(tiny_run: Path) -> None:
     chat, out = in_process_chat(tiny_run)
     chat.conversation = Conversation("be brief", [{"role": "user", "content": "a b c d"}])
-    prompt = chat.sampler.tokenizer.decode(chat.prompt_ids())
+    prompt = chat.session.tokenizer.decode(chat.prompt_ids())
     assert prompt == "system: be brief\nuser: a b c d\nassistant:"
     chat.conversation.turns += [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "more"}]
-    prompt = chat.sampler.tokenizer.decode(chat.prompt_ids())
+    prompt = chat.session.tokenizer.decode(chat.prompt_ids())
     assert prompt == "system: be brief\nuser: more\nassistant:"
     assert "[context full: dropped the 2 oldest message(s)" in out.getvalue()
 

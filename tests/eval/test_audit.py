@@ -28,6 +28,7 @@ from lmforge.eval.audit import (
     exposure_from_sample,
     roc_auc,
 )
+from lmforge.inference import ModelSource
 from lmforge.model import GPT
 
 WORDS = "fox dog cat owl bee elk yak ant bat cow hen pig ram emu gnu jay".split()
@@ -104,7 +105,7 @@ def test_exposure_estimates() -> None:
 
 @pytest.fixture(scope="module")
 def report(overfit_run: Path) -> AuditReport:
-    return audit_checkpoint(overfit_run, "last", "cpu", "fp32", None, None, SMALL)
+    return audit_checkpoint(ModelSource(overfit_run, "last", "cpu", "fp32"), None, None, SMALL)
 
 
 def untrained(run: Path) -> str:
@@ -125,7 +126,9 @@ def test_an_overfit_model_reproduces_train_prefixes(report: AuditReport) -> None
 
 
 def test_an_untrained_model_cannot_tell_members_from_held_out_lines(overfit_run: Path) -> None:
-    report = audit_checkpoint(overfit_run, untrained(overfit_run), "cpu", "fp32", None, None, SMALL)
+    report = audit_checkpoint(
+        ModelSource(overfit_run, untrained(overfit_run), "cpu", "fp32"), None, None, SMALL
+    )
     members = report.membership
     assert members.lines >= 80  # as many held-out lines as members, picked alike from LINES
     # Members and held-out lines are exchangeable here, so the AUC is that of two samples from one

@@ -469,19 +469,17 @@ def test_an_lmforge_error_in_the_library_is_raised_not_printed(
     runs: tuple[Path, Path], tmp_path: Path
 ) -> None:
     from lmforge.eval.compare import make_sheet
-    from lmforge.sample import SamplingOptions
+    from lmforge.inference import ModelSource
+    from lmforge.inference.sampling import SamplingOptions
 
     (tmp_path / "p.txt").write_text("ok\n")
     options = SamplingOptions(8, 0.0, None, None)
     with pytest.raises(LmforgeError, match="--out .* exists and is not a folder"):
         (tmp_path / "file").write_text("x")
         make_sheet(
-            runs,
+            (ModelSource(runs[0], "best", "cpu", "fp32"), ModelSource(runs[1], "best", "cpu", "fp32")),
             tmp_path / "p.txt",
             tmp_path / "file",
-            which="best",
-            device="cpu",
-            dtype="fp32",
             options=options,
             seed=0,
             chat=False,

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from lmforge.eval.evaluate import LMReport, TaskReport
-from lmforge.eval.lm import LMEval
+from lmforge.inference.loss import LMEval
 
 
 def test_lm_report_as_json_and_as_text() -> None:

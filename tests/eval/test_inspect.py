@@ -17,6 +17,7 @@ from lmforge.data.tokenizer import char_tokenizer
 from lmforge.eval.inspect import logit_lens, recording, trace
 from lmforge.eval.inspect.report import surprisal_html, token_label
 from lmforge.eval.inspect.trace import attention_output, attention_probabilities
+from lmforge.inference import load
 from lmforge.model import GPT
 from lmforge.staging import write_marker
 
@@ -233,7 +234,7 @@ def test_inspect_command_writes_the_models_numbers_to_every_file(cli, tmp_path: 
     files = {p.name for p in (tmp_path / "inspect").iterdir()}
     expected = {"attention_layer0.png", "attention_layer1.png", "logit_lens.png", "logit_lens.tsv"}
     assert files == expected | {"surprisal.html", "topk.json", "summary.json", ".lmforge"}
-    loaded = ckpt.load_for_inference(run, "best", torch.device("cpu"))
+    loaded = load(run, "best", "cpu")
     ids = char_tokenizer(TEXT).encode(text).ids
     with torch.no_grad():
         logits, loss = loaded.model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))
@@ -260,7 +261,7 @@ def test_inspect_works_on_an_imported_hugging_face_model(cli, tmp_path: Path) ->
     hf = random_hf_model("llama")  # grouped-query attention, RoPE, RMSNorm, SwiGLU
     assert cli("import", save_hf(hf, tmp_path / "hf"), "--out", tmp_path / "run")[0] == 0
     ids = list(b"Hello, world")  # the byte tokenizer: one id per byte
-    ours = trace(ckpt.load_for_inference(tmp_path / "run", "last", torch.device("cpu")).model, ids)
+    ours = trace(load(tmp_path / "run", "last", "cpu").model, ids)
     hf.set_attn_implementation("eager")
     with torch.no_grad():
         theirs = hf(torch.tensor([ids]), output_attentions=True, output_hidden_states=True)

@@ -18,8 +18,10 @@ from lmforge.config import Config, ModelConfig, load_config  # noqa: E402
 from lmforge.data.sources import file_sha256  # noqa: E402
 from lmforge.data.tokenizer import byte_tokenizer, char_tokenizer, train_bpe  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.inference import load  # noqa: E402
+from lmforge.inference.generate import generate  # noqa: E402
 from lmforge.interop.hf import export_checkpoint, import_folder  # noqa: E402
-from lmforge.model import GPT, generate  # noqa: E402
+from lmforge.model import GPT  # noqa: E402
 from tests.conftest import TINY, snapshot  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -88,7 +90,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(tmp_path:
     }
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf).__name__ == architecture
-    ours = ckpt.load_for_inference(run, "last", CPU).model
+    ours = load(run, "last", "cpu").model
     idx = torch.randint(0, ours.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected, _ = ours(idx)
@@ -207,7 +209,7 @@ def test_import_matches_transformers_logits(cli, tmp_path: Path, kind: str, how:
         assert (folder / "model.safetensors.index.json").is_file()
     code, out, err = cli("import", folder, "--out", tmp_path / "run")
     assert code == 0, err
-    ours = ckpt.load_for_inference(tmp_path / "run", "last", CPU).model
+    ours = load(tmp_path / "run", "last", "cpu").model
     idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
@@ -221,8 +223,8 @@ def test_import_of_export_reproduces_the_weights_exactly(tmp_path: Path, name: s
     run = lmforge_run(tmp_path, byte_tokenizer(), **options)
     export_checkpoint(run, tmp_path / "hf")
     import_folder(tmp_path / "hf", tmp_path / "back")
-    original = ckpt.load_for_inference(run, "last", CPU)
-    back = ckpt.load_for_inference(tmp_path / "back", "last", CPU)
+    original = load(run, "last", "cpu")
+    back = load(tmp_path / "back", "last", "cpu")
     assert back.config.model.bias == original.config.model.bias
     a, b = original.model.state_dict(), back.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -291,8 +293,8 @@ def test_train_init_from_an_imported_model(cli, tmp_path: Path) -> None:
     code, _, err = cli("train", config, "--out", tmp_path / "tuned")
     assert code == 0, err
     assert load_config(tmp_path / "tuned" / "config.toml").model.n_kv_head == 2  # the imported architecture
-    start = ckpt.load_for_inference(tmp_path / "imported", "last", CPU).model.state_dict()
-    tuned = ckpt.load_for_inference(tmp_path / "tuned", "last", CPU).model.state_dict()
+    start = load(tmp_path / "imported", "last", "cpu").model.state_dict()
+    tuned = load(tmp_path / "tuned", "last", "cpu").model.state_dict()
     assert all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in start)
     code, _, err = cli(
         "train", "--out", tmp_path / "imported", "--resume", "--set", f"data.dir={tmp_path / 'data'}"
@@ -375,7 +377,7 @@ def test_import_overwrite_replaces_an_earlier_import(cli, tmp_path: Path) -> Non
 
 def assert_same_logits(hf_dir: Path, checkpoint: Path) -> None:
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
-    ours = ckpt.load_for_inference(checkpoint, "last", CPU).model
+    ours = load(checkpoint, "last", "cpu").model
     idx = torch.randint(
         0, ours.config.vocab_size, (2, ours.config.block_size), generator=torch.Generator().manual_seed(3)
     )
@@ -385,7 +387,7 @@ def assert_same_logits(hf_dir: Path, checkpoint: Path) -> None:
 
 def test_export_cli_checkpoint_best_last_or_a_folder(cli, tmp_path: Path) -> None:
     run = llama_run(tmp_path)  # step 7, val loss 1.5
-    loaded = ckpt.load_for_inference(run, "last", CPU)
+    loaded = load(run, "last", "cpu")
     with torch.no_grad():
         for param in loaded.model.parameters():
             param.add_(0.1)

@@ -225,7 +225,7 @@ def test_two_different_rope_thetas_are_refused() -> None:
 
 
 def test_an_imported_model_keeps_the_rope_theta_of_rope_parameters(cli, tmp_path: Path) -> None:
-    from lmforge import checkpoint as ckpt
+    from lmforge.inference import load
 
     folder = hf_folder(tmp_path / "hf")
     edit_json(
@@ -236,7 +236,7 @@ def test_an_imported_model_keeps_the_rope_theta_of_rope_parameters(cli, tmp_path
         ),
     )
     assert cli("import", folder, "--out", tmp_path / "run")[0] == 0
-    loaded = ckpt.load_for_inference(tmp_path / "run", "last", torch.device("cpu"))
+    loaded = load(tmp_path / "run", "last", "cpu")
     assert loaded.config.model.rope_theta == 500000.0
 
 
@@ -268,7 +268,7 @@ def test_a_transformers_5_model_with_another_rope_theta_imports_with_equal_logit
     cli, tmp_path: Path
 ) -> None:
     transformers = pytest.importorskip("transformers")
-    from lmforge import checkpoint as ckpt
+    from lmforge.inference import load
 
     config = transformers.LlamaConfig(
         vocab_size=256, num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=48,
@@ -280,7 +280,7 @@ def test_a_transformers_5_model_with_another_rope_theta_imports_with_equal_logit
     byte_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
     assert "rope_theta" not in json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cli("import", tmp_path / "hf", "--out", tmp_path / "run")[0] == 0
-    ours = ckpt.load_for_inference(tmp_path / "run", "last", torch.device("cpu")).model
+    ours = load(tmp_path / "run", "last", "cpu").model
     idx = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (ours(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4

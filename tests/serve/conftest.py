@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.sample import Sampler
+from lmforge.inference import InferenceSession, load
 from tests.conftest import random_char_run
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :.,!?\n"
@@ -24,8 +24,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sampler(tiny_run: Path) -> Sampler:
-    return Sampler.load(tiny_run, "last", "cpu", "fp32")
+def sampler(tiny_run: Path) -> InferenceSession:
+    return load(tiny_run, "last", "cpu", "fp32")
 
 
 class LiveServer:
@@ -58,14 +58,14 @@ class LiveServer:
         return self.app.state.engine
 
 
-def serve(sampler: Sampler, **options: object) -> LiveServer:
+def serve(sampler: InferenceSession, **options: object) -> LiveServer:
     from lmforge.serve.api import create_app
 
     return LiveServer(create_app(sampler, MODEL, **options))
 
 
 @pytest.fixture(scope="module")
-def server(sampler: Sampler) -> Iterator[LiveServer]:
+def server(sampler: InferenceSession) -> Iterator[LiveServer]:
     """The tiny model served with the defaults (8 slots)."""
     with serve(sampler) as live:
         yield live

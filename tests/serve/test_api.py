@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from lmforge.chat.template import ChatTemplate, encode_segments
-from lmforge.sample import Sampler, SamplingOptions
+from lmforge.inference import InferenceSession
+from lmforge.inference.sampling import SamplingOptions
 from lmforge.serve.api import _merge_updates
 from lmforge.serve.engine import Update
 from tests.serve.conftest import MODEL, LiveServer, serve
@@ -25,7 +26,7 @@ def client(live: LiveServer, api_key: str = "unused") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{live.url}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
-def greedy(sampler: Sampler, prompt: str, max_tokens: int) -> str:
+def greedy(sampler: InferenceSession, prompt: str, max_tokens: int) -> str:
     """What `lmforge sample --temperature 0` writes after `prompt`."""
     options = SamplingOptions(max_new_tokens=max_tokens, temperature=0.0, top_k=None, top_p=None)
     return "".join(sampler.complete(sampler.prompt_ids(prompt), options, torch.Generator()))
@@ -36,7 +37,9 @@ def test_models_lists_the_served_model(server: LiveServer) -> None:
     assert model.id == MODEL and model.owned_by == "lmforge"
 
 
-def test_completion_is_lmforge_samples_greedy_text_with_usage(server: LiveServer, sampler: Sampler) -> None:
+def test_completion_is_lmforge_samples_greedy_text_with_usage(
+    server: LiveServer, sampler: InferenceSession
+) -> None:
     response = client(server).completions.create(model=MODEL, prompt="to be", max_tokens=12, temperature=0)
     (choice,) = response.choices
     assert choice.text == greedy(sampler, "to be", 12) and choice.finish_reason == "length"
@@ -60,7 +63,7 @@ class GatedModel(torch.nn.Module):
         return self.model(*args, **kwargs)
 
 
-def test_streamed_completion_is_the_same_text_in_pieces(sampler: Sampler) -> None:
+def test_streamed_completion_is_the_same_text_in_pieces(sampler: InferenceSession) -> None:
     gated = GatedModel(sampler.model)
     expected = greedy(sampler, "to be", 12)
     with serve(dataclasses.replace(sampler, model=gated)) as live:
@@ -88,7 +91,9 @@ def test_streamed_completion_is_the_same_text_in_pieces(sampler: Sampler) -> Non
     assert rest[-2].choices[0].finish_reason == "length" and rest[-1].usage.completion_tokens == 12
 
 
-def test_chat_renders_the_checkpoint_template_streamed_or_not(server: LiveServer, sampler: Sampler) -> None:
+def test_chat_renders_the_checkpoint_template_streamed_or_not(
+    server: LiveServer, sampler: InferenceSession
+) -> None:
     messages = [{"role": "system", "content": "be brief."}, {"role": "user", "content": "hello"}]
     api = client(server)
     whole = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
@@ -115,7 +120,7 @@ def test_seed_makes_sampling_reproducible_and_n_choices_differ(server: LiveServe
     assert texts(first)[0] != texts(first)[1] and first.usage.completion_tokens == 32
 
 
-def test_stop_strings_end_the_text_before_them(server: LiveServer, sampler: Sampler) -> None:
+def test_stop_strings_end_the_text_before_them(server: LiveServer, sampler: InferenceSession) -> None:
     text = greedy(sampler, "to be", 20)
     stops = [text[6:8], "never there"]
     response = client(server).completions.create(
@@ -125,7 +130,9 @@ def test_stop_strings_end_the_text_before_them(server: LiveServer, sampler: Samp
     assert response.choices[0].finish_reason == "stop"
 
 
-def test_concurrent_clients_each_get_their_solo_greedy_text(server: LiveServer, sampler: Sampler) -> None:
+def test_concurrent_clients_each_get_their_solo_greedy_text(
+    server: LiveServer, sampler: InferenceSession
+) -> None:
     prompts = ["a", "to be or", "the", "whether tis nobler", "in the mind", "x", "to suffer", "the slings"]
     api = client(server)
 
@@ -222,7 +229,7 @@ def test_a_prompt_and_max_tokens_past_the_context_are_400_not_cut(server: LiveSe
     assert "in the messages, 64 for the completion" in chat.json()["error"]["message"]
 
 
-def test_without_max_tokens_a_reply_gets_what_fits(server: LiveServer, sampler: Sampler) -> None:
+def test_without_max_tokens_a_reply_gets_what_fits(server: LiveServer, sampler: InferenceSession) -> None:
     api = client(server)
     # completions: OpenAI's 16, or fewer where the context has less room (60 + 4 = 64)
     short = api.completions.create(model=MODEL, prompt="to be", temperature=0)
@@ -242,7 +249,7 @@ def test_without_max_tokens_a_reply_gets_what_fits(server: LiveServer, sampler: 
     )
 
 
-def test_an_api_key_is_required_when_set(sampler: Sampler) -> None:
+def test_an_api_key_is_required_when_set(sampler: InferenceSession) -> None:
     with serve(sampler, api_key="s3cret") as live:
         with pytest.raises(openai.AuthenticationError):
             client(live, "wrong").models.list()
@@ -251,7 +258,7 @@ def test_an_api_key_is_required_when_set(sampler: Sampler) -> None:
         assert httpx.get(f"{live.url}/").status_code == 200  # the playground page itself is public
 
 
-def test_a_full_queue_is_503_with_retry_after(sampler: Sampler) -> None:
+def test_a_full_queue_is_503_with_retry_after(sampler: InferenceSession) -> None:
     with serve(slow(sampler), max_batch=1, max_queue=1) as live, httpx.Client(timeout=60) as http:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 40, "temperature": 0, "stream": True}
         with http.stream("POST", f"{live.url}/v1/completions", json=body) as running:
@@ -263,7 +270,7 @@ def test_a_full_queue_is_503_with_retry_after(sampler: Sampler) -> None:
                 assert waiting.status_code == 200
 
 
-def test_a_client_that_disconnects_frees_its_slot(sampler: Sampler) -> None:
+def test_a_client_that_disconnects_frees_its_slot(sampler: InferenceSession) -> None:
     with serve(slow(sampler, 0.2), max_batch=1) as live, httpx.Client(timeout=60) as http:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True}
         with http.stream("POST", f"{live.url}/v1/completions", json=body) as stream:
@@ -277,7 +284,7 @@ def test_a_client_that_disconnects_frees_its_slot(sampler: Sampler) -> None:
         assert answer.json()["usage"]["completion_tokens"] == 2
 
 
-def test_a_client_gone_while_queued_frees_its_place_and_a_503_passes(sampler: Sampler) -> None:
+def test_a_client_gone_while_queued_frees_its_place_and_a_503_passes(sampler: InferenceSession) -> None:
     with serve(slow(sampler, 0.2), max_batch=1, max_queue=1) as live, httpx.Client(timeout=60) as http:
         url, body = f"{live.url}/v1/completions", {"model": MODEL, "prompt": "a", "temperature": 0}
         with http.stream("POST", url, json=body | {"max_tokens": 60, "stream": True}) as running:
@@ -294,7 +301,7 @@ def test_a_client_gone_while_queued_frees_its_place_and_a_503_passes(sampler: Sa
                 assert again.status_code == 200
 
 
-def test_more_choices_than_the_queue_holds_is_400_not_a_retry(sampler: Sampler) -> None:
+def test_more_choices_than_the_queue_holds_is_400_not_a_retry(sampler: InferenceSession) -> None:
     with serve(sampler, max_queue=3) as live:
         url, body = f"{live.url}/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 2}
         choices = httpx.post(url, json=body | {"n": 4})
@@ -320,20 +327,20 @@ def test_a_chunked_body_over_the_limit_is_413_before_it_is_all_read(server: Live
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
 
 
-def test_a_stopped_engine_is_503_not_a_request_that_never_ends(sampler: Sampler) -> None:
+def test_a_stopped_engine_is_503_not_a_request_that_never_ends(sampler: InferenceSession) -> None:
     with serve(sampler) as live:
         live.engine.close()  # as if its thread had died
         response = httpx.post(f"{live.url}/v1/completions", json={"model": MODEL, "prompt": "a"}, timeout=10)
         assert response.status_code == 503 and response.json()["error"]["code"] == "engine_stopped"
 
 
-def test_a_streaming_request_without_the_key_is_401(sampler: Sampler) -> None:
+def test_a_streaming_request_without_the_key_is_401(sampler: InferenceSession) -> None:
     with serve(sampler, api_key="s3cret") as live:
         with pytest.raises(openai.AuthenticationError):
             client(live, "wrong").completions.create(model=MODEL, prompt="a", max_tokens=2, stream=True)
 
 
-def test_without_a_key_a_foreign_host_name_is_refused(server: LiveServer, sampler: Sampler) -> None:
+def test_without_a_key_a_foreign_host_name_is_refused(server: LiveServer, sampler: InferenceSession) -> None:
     """A web page on evil.example whose name now points at 127.0.0.1 (DNS rebinding) gets nothing."""
     for path in ("/v1/models", "/"):
         refused = httpx.get(f"{server.url}{path}", headers={"Host": "evil.example:8000"})
@@ -346,7 +353,7 @@ def test_without_a_key_a_foreign_host_name_is_refused(server: LiveServer, sample
 
 
 def test_a_completion_keeps_the_models_leading_whitespace_even_with_a_whitespace_stop(
-    server: LiveServer, sampler: Sampler
+    server: LiveServer, sampler: InferenceSession
 ) -> None:
     text = greedy(sampler, "a ", 20)  # this random model writes spaces, then dots
     assert text.startswith("  ") and "." in text
@@ -356,7 +363,7 @@ def test_a_completion_keeps_the_models_leading_whitespace_even_with_a_whitespace
     assert response.choices[0].text == text[: text.index(".")]  # exactly the model's text before the stop
 
 
-def test_top_p_reaches_the_sampler(server: LiveServer, sampler: Sampler) -> None:
+def test_top_p_reaches_the_sampler(server: LiveServer, sampler: InferenceSession) -> None:
     api = client(server)
     nucleus = api.completions.create(
         model=MODEL, prompt="to be", max_tokens=12, temperature=1.5, top_p=1e-6, seed=3

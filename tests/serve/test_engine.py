@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-from lmforge.sample import Sampler, SamplingOptions, TextRules
+from lmforge.inference import InferenceSession
+from lmforge.inference.sampling import SamplingOptions, TextRules
 from lmforge.serve.engine import LENGTH, STOP, Engine, EngineStopped, Job, Params, QueueFull, Update
 
 
@@ -26,7 +27,7 @@ class SlowModel(torch.nn.Module):
         return self.model(*args, **kwargs)
 
 
-def slow(sampler: Sampler, delay: float = 0.05) -> Sampler:
+def slow(sampler: InferenceSession, delay: float = 0.05) -> InferenceSession:
     return dataclasses.replace(sampler, model=SlowModel(sampler.model, delay))
 
 
@@ -53,7 +54,9 @@ def collect(updates: queue.Queue[Update]) -> tuple[str, str, int]:
 GREEDY = Params(max_tokens=20, temperature=0.0, top_p=None, seed=0)
 
 
-def test_a_request_decodes_the_same_alone_or_batched_with_others_of_other_lengths(sampler: Sampler) -> None:
+def test_a_request_decodes_the_same_alone_or_batched_with_others_of_other_lengths(
+    sampler: InferenceSession,
+) -> None:
     prompts = [
         sampler.prompt_ids(text) for text in ("to be", "or not to be, that", "a", "the question: whether")
     ]
@@ -72,7 +75,7 @@ def test_a_request_decodes_the_same_alone_or_batched_with_others_of_other_length
         assert "".join(sampler.complete(prompt, options, torch.Generator())) == text
 
 
-def test_finish_reasons_stop_length_and_the_context(sampler: Sampler) -> None:
+def test_finish_reasons_stop_length_and_the_context(sampler: InferenceSession) -> None:
     engine = Engine(sampler).start()
     try:
         prompt = sampler.prompt_ids("to be")
@@ -90,7 +93,7 @@ def test_finish_reasons_stop_length_and_the_context(sampler: Sampler) -> None:
         engine.close()
 
 
-def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(sampler: Sampler) -> None:
+def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(sampler: InferenceSession) -> None:
     engine = Engine(slow(sampler), max_batch=1).start()
     try:
         first_token = threading.Event()
@@ -109,7 +112,7 @@ def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(sampler: Sampler) 
         engine.close()
 
 
-def test_a_full_queue_refuses_requests_all_or_none(sampler: Sampler) -> None:
+def test_a_full_queue_refuses_requests_all_or_none(sampler: InferenceSession) -> None:
     engine = Engine(slow(sampler), max_batch=1, max_queue=2)  # not started: nothing leaves the queue
     job = lambda: Job([1], GREEDY, lambda update: None)  # noqa: E731
     engine.submit([job()])
@@ -124,7 +127,7 @@ def test_a_full_queue_refuses_requests_all_or_none(sampler: Sampler) -> None:
         engine.submit([job(), job(), job()])
 
 
-def test_a_job_cancelled_while_waiting_gives_its_place_up(sampler: Sampler) -> None:
+def test_a_job_cancelled_while_waiting_gives_its_place_up(sampler: InferenceSession) -> None:
     engine = Engine(slow(sampler), max_batch=1, max_queue=1)  # not started: nothing leaves the queue
     gone = Job([1], GREEDY, lambda update: None)
     engine.submit([gone])
@@ -140,7 +143,7 @@ def _die() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_stopped_engine_refuses_jobs_instead_of_queueing_them_forever(sampler: Sampler) -> None:
+def test_a_stopped_engine_refuses_jobs_instead_of_queueing_them_forever(sampler: InferenceSession) -> None:
     closed = Engine(sampler).start()
     closed.close()
     with pytest.raises(EngineStopped):
@@ -155,7 +158,7 @@ def test_a_stopped_engine_refuses_jobs_instead_of_queueing_them_forever(sampler:
         dead.submit([Job([1], GREEDY, lambda update: None)])
 
 
-def test_slots_are_reused_mid_batch_and_each_request_decodes_as_alone(sampler: Sampler) -> None:
+def test_slots_are_reused_mid_batch_and_each_request_decodes_as_alone(sampler: InferenceSession) -> None:
     texts = ("to be", "or not to be, that", "a", "the question: whether", "x")
     prompts = [sampler.prompt_ids(text) for text in texts]
     params = [
@@ -172,7 +175,7 @@ def test_slots_are_reused_mid_batch_and_each_request_decodes_as_alone(sampler: S
     assert batched == solo and [tokens for _, _, tokens in batched] == [3, 12, 5, 9, 7]
 
 
-def test_sampling_with_a_seed_is_the_same_batched_or_alone(sampler: Sampler) -> None:
+def test_sampling_with_a_seed_is_the_same_batched_or_alone(sampler: InferenceSession) -> None:
     prompts = [sampler.prompt_ids(text) for text in ("to be", "or not", "a", "the question")]
     hot = [Params(max_tokens=15, temperature=1.3, top_p=0.9, seed=seed, top_k=20) for seed in (1, 2, 3, 4)]
     alone = Engine(sampler, max_batch=1).start()

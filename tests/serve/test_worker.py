@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.sample import Sampler
+from lmforge.inference import InferenceSession, ModelSource
 from lmforge.serve.worker import EngineProcess
 from tests.serve.conftest import MODEL, LiveServer, serve
 from tests.serve.test_api import client, greedy
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="pauses t
 
 
 @pytest.fixture(scope="module")
-def process_server(sampler: Sampler) -> Iterator[LiveServer]:
+def process_server(sampler: InferenceSession) -> Iterator[LiveServer]:
     with serve(sampler, engine_process=True, threads=1) as live:
         yield live
 
@@ -49,7 +49,7 @@ def wait_until(condition, seconds: float = 10) -> None:
 
 
 def test_concurrent_clients_get_their_solo_greedy_text_streamed_or_not(
-    process_server: LiveServer, sampler: Sampler
+    process_server: LiveServer, sampler: InferenceSession
 ) -> None:
     prompts = ["a", "to be or", "the", "whether tis nobler", "in the mind", "x", "to suffer", "the slings"]
     api = client(process_server)
@@ -70,7 +70,7 @@ def test_concurrent_clients_get_their_solo_greedy_text_streamed_or_not(
     wait_until(lambda: process_server.engine.busy == 0)
 
 
-def test_the_parent_bounds_the_queue_and_a_client_gone_frees_its_place(sampler: Sampler) -> None:
+def test_the_parent_bounds_the_queue_and_a_client_gone_frees_its_place(sampler: InferenceSession) -> None:
     with (
         serve(sampler, engine_process=True, max_batch=1, max_queue=1) as live,
         httpx.Client(timeout=60) as http,
@@ -93,7 +93,7 @@ def test_the_parent_bounds_the_queue_and_a_client_gone_frees_its_place(sampler: 
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 3
 
 
-def test_a_child_that_dies_fails_its_jobs_and_then_every_request_is_503(sampler: Sampler) -> None:
+def test_a_child_that_dies_fails_its_jobs_and_then_every_request_is_503(sampler: InferenceSession) -> None:
     with serve(sampler, engine_process=True) as live, httpx.Client(timeout=60) as http:
         url, body = f"{live.url}/v1/completions", {"model": MODEL, "prompt": "a", "max_tokens": 5}
         with paused(live), http.stream("POST", url, json=body | {"stream": True}) as running:
@@ -105,6 +105,6 @@ def test_a_child_that_dies_fails_its_jobs_and_then_every_request_is_503(sampler:
 
 
 def test_a_checkpoint_the_child_cannot_load_is_an_error_at_start(tmp_path: Path) -> None:
-    engine = EngineProcess(tmp_path / "missing", "cpu", "fp32", block_size=16)
+    engine = EngineProcess(ModelSource(tmp_path / "missing", device="cpu", dtype="fp32"), block_size=16)
     with pytest.raises(LmforgeError, match="could not load"):
         engine.start()

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.checkpoint import LoadedCheckpoint, load_for_inference
 from lmforge.cli import main
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.inference import InferenceSession, load
 from lmforge.tasks.sst2 import CONTENT_FREE, sst2_prompt
 from tests.conftest import TINY
 from tests.tasks.conftest import lines
@@ -47,16 +46,16 @@ def write_sst2(folder: Path) -> None:
         (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def label_log_probs(loaded: LoadedCheckpoint, prompt: str) -> list[float]:
+def label_log_probs(session: InferenceSession, prompt: str) -> list[float]:
     """log p(" negative" | prompt), log p(" positive" | prompt): one unpadded forward per label."""
-    tokenizer = load_tokenizer(loaded.tokenizer_file)
+    tokenizer = session.tokenizer
     context = tokenizer.encode(prompt, add_special_tokens=False).ids
     scores = []
     for label in (" negative", " positive"):
         target = tokenizer.encode(label, add_special_tokens=False).ids
         ids = torch.tensor([context + target])
         with torch.no_grad():
-            log_probs = torch.log_softmax(loaded.model(ids[:, :-1])[0].float(), dim=-1)[0]
+            log_probs = torch.log_softmax(session.model(ids[:, :-1])[0].float(), dim=-1)[0]
         scores.append(sum(log_probs[len(context) - 1 + i, t].item() for i, t in enumerate(target)))
     return scores
 
@@ -71,10 +70,10 @@ def test_zero_shot_sst2_picks_the_label_the_model_finds_more_likely(
                          *(["--calibrate"] if calibrate else []))  # fmt: skip
     assert code == 0, err
     result, written = json.loads(out), lines(tmp_path / "predictions.jsonl")
-    loaded = load_for_inference(base_run, "best", torch.device("cpu"))
-    prior = label_log_probs(loaded, sst2_prompt(CONTENT_FREE)) if calibrate else [0.0, 0.0]
+    session = load(base_run, "best", "cpu")
+    prior = label_log_probs(session, sst2_prompt(CONTENT_FREE)) if calibrate else [0.0, 0.0]
     for (text, label), line in zip(REVIEWS, written, strict=True):
-        negative, positive = label_log_probs(loaded, sst2_prompt(text))
+        negative, positive = label_log_probs(session, sst2_prompt(text))
         expected = "positive" if positive - prior[1] > negative - prior[0] else "negative"
         assert line["prediction"] == expected
         assert line["score"]["accuracy"] == float(expected == ("negative", "positive")[label])

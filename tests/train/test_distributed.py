@@ -20,6 +20,7 @@ import torch
 from lmforge import checkpoint as ckpt
 from lmforge.config import ModelConfig, load_config
 from lmforge.errors import LmforgeError
+from lmforge.inference import load
 from lmforge.model.gpt import GPT
 from lmforge.targets import IGNORE_INDEX
 from lmforge.train.distributed import Distributed, apply_activation_checkpointing
@@ -142,8 +143,8 @@ def test_two_processes_match_one(reference: Path, two_process_run, strategy: str
     ckpt.verify_checkpoint(last)  # the DCP shards are covered by meta.json's sha256 too
     assert (last / ckpt.TRAIN_STATE / ".metadata").is_file()
     # model.safetensors is gathered in full: the same tensors as the single process's (to rounding)
-    ours = ckpt.load_for_inference(last, "last", torch.device("cpu")).model.state_dict()
-    theirs = ckpt.load_for_inference(reference, "last", torch.device("cpu")).model.state_dict()
+    ours = load(last, "last", "cpu").model.state_dict()
+    theirs = load(reference, "last", "cpu").model.state_dict()
     assert ours.keys() == theirs.keys()
     assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
 
@@ -295,7 +296,7 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
 def test_activation_checkpointing_in_training(reference: Path, tmp_path: Path) -> None:
     train_in_process(config_of(reference), tmp_path / "run", "train.activation_checkpointing=true")
     assert_same_losses(tmp_path / "run", reference, tolerance=1e-6)
-    ckpt.load_for_inference(tmp_path / "run", "last", torch.device("cpu"))  # plain parameter names
+    load(tmp_path / "run", "last", "cpu")  # plain parameter names
 
 
 def test_the_process_group_waits_parallel_timeout_s() -> None:

@@ -128,6 +128,7 @@ def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_pat
     from safetensors.torch import load_file
 
     from lmforge import checkpoint as ckpt
+    from lmforge.inference import load
 
     base_args = finetune_args(sst2_small, tmp_path / "base", "train.max_steps=5")
     assert cli(*base_args)[0] == 0
@@ -148,7 +149,7 @@ def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_pat
         "optim.lr=1e-2",
     )
     assert code == 0, err
-    base = ckpt.load_for_inference(tmp_path / "base", "best", torch.device("cpu")).model.state_dict()
+    base = load(tmp_path / "base", "best", "cpu").model.state_dict()
     raw = load_file(ckpt.list_checkpoints(tmp_path / "lora")[-1].path / "model.safetensors")
     adapters = {k: v for k, v in raw.items() if "lora_" in k}
     assert adapters and any(
@@ -158,7 +159,7 @@ def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_pat
         if "lora_" not in key:
             name = key.removeprefix("base_model.model.").replace(".base_layer", "")
             assert torch.equal(value, base[name]), key
-    merged = ckpt.load_for_inference(tmp_path / "lora", "last", torch.device("cpu")).model
+    merged = load(tmp_path / "lora", "last", "cpu").model
     assert type(merged).__name__ == "GPT"
     # The merged model computes what the adapted model computes.
     from lmforge.config import load_config
@@ -171,7 +172,7 @@ def test_lora_trains_only_the_adapters_and_merges(cli, sst2_small: Path, tmp_pat
     idx = torch.randint(0, config.model.vocab_size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(merged(idx)[0], adapted.eval()(idx)[0], rtol=1e-5, atol=1e-5)
-        base_model = ckpt.load_for_inference(tmp_path / "base", "best", torch.device("cpu")).model
+        base_model = load(tmp_path / "base", "best", "cpu").model
         assert not torch.allclose(merged(idx)[0], base_model(idx)[0])  # the adapters changed the function
 
 

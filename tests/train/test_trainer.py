@@ -14,6 +14,7 @@ from lmforge import checkpoint as ckpt
 from lmforge.config import Config, load_config
 from lmforge.data.tokenizer import byte_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.inference import load
 from lmforge.train.run import prepare_run_dir
 from lmforge.train.trainer import train
 from tests.conftest import BF16_EPS, PIN_FP32, TINY, snapshot
@@ -335,7 +336,7 @@ def test_nan_loss_stops_without_saving_over_a_good_checkpoint(config_file: Path,
     ) as info:
         train(config, tmp_path / "run")
     for c in ckpt.list_checkpoints(tmp_path / "run"):
-        model = ckpt.load_for_inference(c.path, "last", torch.device("cpu")).model
+        model = load(c.path, "last", "cpu").model
         assert all(torch.isfinite(p).all() for p in model.parameters())
     assert "the last good checkpoint is" in str(info.value)
 

@@ -1,8 +1,8 @@
 """Checkpoints: the one on-disk format (`folder`), its data-parallel shards (`sharded`), and the
 `Checkpointer` that decides when a training run saves and what a resume restores.
 
-Inference (`sample`, `eval`, `export`) needs only `load_for_inference`; nothing here imports
-training code.
+Inference (`lmforge.inference`) opens a checkpoint with `open_checkpoint` and reads its weights with
+`load_weights`; nothing here builds a model or imports training code.
 """
 
 from lmforge.checkpoint.checkpointer import Checkpointer, TrainingState
@@ -11,18 +11,19 @@ from lmforge.checkpoint.folder import (
     FILES,
     PREFIX,
     CheckpointInfo,
-    LoadedCheckpoint,
+    VerifiedCheckpoint,
     best_checkpoint,
     has_sharded_state,
     init_model_config,
     list_checkpoints,
     load_config_of,
-    load_for_inference,
     load_state,
     load_weights,
+    open_checkpoint,
     prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
+    stored_shapes,
     tokenizer_file_of,
     verify_checkpoint,
 )
@@ -35,19 +36,20 @@ __all__ = [
     "TRAIN_STATE",
     "CheckpointInfo",
     "Checkpointer",
-    "LoadedCheckpoint",
     "TrainingState",
+    "VerifiedCheckpoint",
     "best_checkpoint",
     "has_sharded_state",
     "init_model_config",
     "list_checkpoints",
     "load_config_of",
-    "load_for_inference",
     "load_state",
     "load_weights",
+    "open_checkpoint",
     "prune_checkpoints",
     "resolve_checkpoint",
     "save_checkpoint",
+    "stored_shapes",
     "tokenizer_file_of",
     "verify_checkpoint",
 ]

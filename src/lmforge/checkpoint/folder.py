@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from lmforge.chat.template import TOKENIZER_CONFIG, ChatTemplate
@@ -293,6 +293,17 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         )
 
 
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor in a checkpoint's model.safetensors, read from its header
+    alone: no tensor data is read."""
+    try:
+        with safe_open(str(path / "model.safetensors"), "pt") as weights:
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0]
+        raise LmforgeError(f"{path}: model.safetensors cannot be read ({reason})") from None
+
+
 def load_state(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path / "state.pt", weights_only=True, map_location="cpu")
@@ -301,44 +312,24 @@ def load_state(path: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class LoadedCheckpoint:
+class VerifiedCheckpoint:
+    """A checkpoint folder whose files match their sha256, and the run config saved in it."""
+
     path: Path
     step: int
     config: Config
-    model: torch.nn.Module
-    tokenizer_file: Path
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.path / "tokenizer.json"
 
 
-def load_for_inference(
-    target: Path, which: str, device: torch.device, weights: bool = True, any_head: bool = False
-) -> LoadedCheckpoint:
-    """Verify and load a checkpoint (from a run folder or a checkpoint folder) in eval mode. Without
-    `weights` the model is built on the meta device and nothing is read into it: its configuration
-    without its memory, for a process that never runs it (`serve`'s HTTP side). A span model
-    (model.head = "span") generates no text: refused unless `any_head`."""
-    from lmforge.model.gpt import GPT  # the model depends on config only; keep this module light
-
+def open_checkpoint(target: Path, which: str = "best") -> VerifiedCheckpoint:
+    """Checkpoint `which` (best, last, a folder) of `target` (a run folder or a checkpoint folder), its
+    files checked against their sha256 and its config read. Nothing is loaded into a model here: that
+    is `lmforge.inference`'s, which checks the weights against the config first."""
     if not target.exists():
         raise LmforgeError(f"{target}: no such run or checkpoint folder")
     path = resolve_checkpoint(target, which)
     meta = verify_checkpoint(path)
-    config = load_config_of(path)
-    if config.model.head != "lm" and not any_head:
-        raise LmforgeError(
-            f'{path}: a span model (model.head = "{config.model.head}") picks answers out of its prompt '
-            "and generates no text; score it with `lmforge eval --task`"
-        )
-    if not weights:
-        with torch.device("meta"):
-            model = GPT(config.model).eval()
-        return LoadedCheckpoint(path, int(meta["step"]), config, model, path / "tokenizer.json")
-    model: torch.nn.Module = GPT(config.model)
-    if config.lora.rank > 0:  # weights are stored with their adapters: load, then merge
-        from lmforge.model.lora import apply_lora, merge_lora
-
-        model = apply_lora(model, config.lora)
-        load_weights(path, model)
-        model = merge_lora(model)
-    else:
-        load_weights(path, model)
-    return LoadedCheckpoint(path, int(meta["step"]), config, model.to(device).eval(), path / "tokenizer.json")
+    return VerifiedCheckpoint(path, int(meta["step"]), load_config_of(path))

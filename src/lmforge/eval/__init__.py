@@ -1,5 +1,1 @@
-"""Evaluation: language-model loss, perplexity and bits per byte."""
-
-from lmforge.eval.lm import LMEval, evaluate_lm
-
-__all__ = ["LMEval", "evaluate_lm"]
+"""Evaluation of a checkpoint: `lmforge eval` (tasks and loss), `audit`, `inspect`, `compare`, metrics."""

@@ -31,14 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmforge.checkpoint import load_for_inference
 from lmforge.data.canaries import CANARIES_FILE, CanarySet, load_canaries
 from lmforge.data.loader import PreparedData
 from lmforge.data.membership import MEMBERSHIP_FILE, MembershipLines, load_membership
-from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
+from lmforge.data.tokenizer import check_same_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.model.generate import generate
-from lmforge.runtime import autocast, resolve_device
+from lmforge.inference import ModelSource
+from lmforge.inference.generate import generate
 
 DEFAULT_PREFIX_TOKENS = 64  # memorisation's prefix, where the block size allows
 DEFAULT_K = 32  # and the continuation it must reproduce: at most half the block size
@@ -363,35 +362,33 @@ def read_controls(
 
 
 def audit_checkpoint(
-    target: Path,
-    which: str,
-    device: str,
-    dtype: str,
+    source: ModelSource,
     data: Path | None,
     canaries_file: Path | None,
     options: AuditOptions,
 ) -> AuditReport:
-    """Load checkpoint `which` of `target` and measure exposure, memorisation and membership on
+    """Load the checkpoint of `source` and measure exposure, memorisation and membership on
     `data` (default: the run's data.dir), its canaries.json (or `canaries_file`) and membership.json."""
-    torch_device = resolve_device(device)
-    loaded = load_for_inference(target, which, torch_device)
-    if not (data or loaded.config.data.dir):
+    session = source.load()
+    if not (data or session.config.data.dir):
         raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
-    data_dir = Path(data or loaded.config.data.dir)
+    data_dir = Path(data or session.config.data.dir)
     prepared = PreparedData.open(data_dir)
     check_same_tokenizer(
-        data_dir, prepared.tokenizer_file, loaded.tokenizer_file, f"checkpoint {loaded.path}"
+        data_dir, prepared.tokenizer_file, session.tokenizer_file, f"checkpoint {session.checkpoint}"
     )
-    options = options.fitted(loaded.config.model.block_size)
+    options = options.fitted(session.config.model.block_size)
     check_data(options, prepared)
     canaries, lines = read_controls(data_dir, canaries_file)
-    model, tokenizer = loaded.model, load_tokenizer(loaded.tokenizer_file)
-    with autocast(torch_device, dtype):
+    model, tokenizer, device = session.model, session.tokenizer, session.device
+    with session.autocast():
         exposures = None
         if canaries is not None:
-            exposures = canary_exposures(model, tokenizer, canaries, options, torch_device)
-        memorised = memorisation(model, prepared, options, torch_device)
-        members = None if lines is None else membership(model, tokenizer, lines, options, torch_device)
+            exposures = canary_exposures(model, tokenizer, canaries, options, device)
+        memorised = memorisation(model, prepared, options, device)
+        members = None if lines is None else membership(model, tokenizer, lines, options, device)
     fmt = None if canaries is None else canaries.text("D" * canaries.digits)
     space = None if canaries is None else 10**canaries.digits
-    return AuditReport(loaded.path, loaded.step, data_dir, options, fmt, space, exposures, memorised, members)
+    return AuditReport(
+        session.checkpoint, session.step, data_dir, options, fmt, space, exposures, memorised, members
+    )

@@ -8,16 +8,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from lmforge.chat.template import ChatTemplate
-from lmforge.checkpoint import LoadedCheckpoint, load_for_inference
 from lmforge.data.loader import PreparedData
 from lmforge.data.sft import SFTData
-from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
+from lmforge.data.tokenizer import check_same_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.eval.lm import LMEval, evaluate_lm
-from lmforge.runtime import autocast, resolve_device
+from lmforge.inference import InferenceSession, ModelSource
+from lmforge.inference.loss import LMEval, evaluate_lm
 from lmforge.tasks import evaluate_task, format_table
 
 
@@ -65,10 +61,7 @@ EvalReport = LMReport | TaskReport
 
 
 def evaluate_checkpoint(
-    target: Path,
-    which: str,
-    device: str,
-    dtype: str,
+    source: ModelSource,
     *,
     task: str,
     data: Path | None,
@@ -79,7 +72,7 @@ def evaluate_checkpoint(
     predictions: Path | None = None,
     calibrate: bool = False,
 ) -> EvalReport:
-    """Load the checkpoint `which` (best, last, a folder) of `target` and evaluate it on `data`
+    """Load the checkpoint of `source` (any head) and evaluate it on `data`
     (default: the run's data.dir): task "lm" is the loss over the held-out split, any registered
     task its metrics on DATA/eval.jsonl (`limit`, `beam_size`, `max_new_tokens` apply to tasks;
     None: what fits the model),
@@ -89,22 +82,19 @@ def evaluate_checkpoint(
         if task == "lm":
             raise LmforgeError("--predictions needs a --task (the lm loss has no per-example answers)")
         check_predictions_file(predictions)
-    torch_device = resolve_device(device)
-    loaded = load_for_inference(target, which, torch_device, any_head=True)
-    if not (data or loaded.config.data.dir):
+    session = source.load(any_head=True)
+    if not (data or session.config.data.dir):
         raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
-    data_dir = Path(data or loaded.config.data.dir)
+    data_dir = Path(data or session.config.data.dir)
     if task == "lm":
-        return LMReport(
-            loaded.path, loaded.step, data_dir, _lm_loss(loaded, data_dir, torch_device, dtype, batch_size)
-        )
-    with autocast(torch_device, dtype):
+        return LMReport(session.checkpoint, session.step, data_dir, _lm_loss(session, data_dir, batch_size))
+    with session.autocast():
         result = evaluate_task(
             task,
-            loaded.model,
-            load_tokenizer(loaded.tokenizer_file),
+            session.model,
+            session.tokenizer,
             data_dir,
-            torch_device,
+            session.device,
             limit,
             beam_size,
             max_new_tokens,
@@ -115,7 +105,7 @@ def evaluate_checkpoint(
         if lines is None:
             raise LmforgeError(f"task {task!r} does not report per-example predictions")
         write_predictions(predictions, lines)
-    return TaskReport({**result, "checkpoint": str(loaded.path), "step": loaded.step})
+    return TaskReport({**result, "checkpoint": str(session.checkpoint), "step": session.step})
 
 
 def check_predictions_file(path: Path) -> None:
@@ -148,31 +138,32 @@ def write_predictions(path: Path, lines: list[dict]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _lm_loss(
-    loaded: LoadedCheckpoint, data_dir: Path, device: torch.device, dtype: str, batch_size: int
-) -> LMEval:
-    block_size = loaded.config.model.block_size
+def _lm_loss(session: InferenceSession, data_dir: Path, batch_size: int) -> LMEval:
+    architecture = session.config.model
     if (data_dir / "val.jsonl").is_file() and not (data_dir / "meta.json").is_file():
         # Fine-tuning data: the loss of val.jsonl's completions, with the checkpoint's own tokenizer.
-        template = ChatTemplate.of_checkpoint(loaded.path, load_tokenizer(loaded.tokenizer_file))
-        head = loaded.config.model.head
         data = SFTData(
-            data_dir, loaded.tokenizer_file, block_size, eval_only=True, chat_template=template, head=head
+            data_dir,
+            session.tokenizer_file,
+            architecture.block_size,
+            eval_only=True,
+            chat_template=session.template,
+            head=architecture.head,
         )
-    elif loaded.config.model.head != "lm":
+    elif architecture.head != "lm":
         raise LmforgeError(
-            f"{loaded.path}: a {loaded.config.model.head} model has no language-model loss on {data_dir}; "
+            f"{session.checkpoint}: a {architecture.head} model has no language-model loss on {data_dir}; "
             "evaluate it on fine-tuning data (val.jsonl) or with --task"
         )
     else:
         data = PreparedData.open(data_dir)
         check_same_tokenizer(
-            data_dir, data.tokenizer_file, loaded.tokenizer_file, f"checkpoint {loaded.path}"
+            data_dir, data.tokenizer_file, session.tokenizer_file, f"checkpoint {session.checkpoint}"
         )
     return evaluate_lm(
-        loaded.model,
-        data.eval_batches(block_size, batch_size),
-        device,
-        autocast(device, dtype),
+        session.model,
+        data.eval_batches(architecture.block_size, batch_size),
+        session.device,
+        session.autocast(),
         data.bytes_per_token("val"),
     )

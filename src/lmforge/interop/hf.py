@@ -32,7 +32,7 @@ from lmforge.model.gpt import mlp_hidden_size
 from lmforge.staging import check_out, staged_folder
 
 if TYPE_CHECKING:
-    from lmforge.checkpoint import LoadedCheckpoint
+    from lmforge.inference import InferenceSession
 
 EOT = "<|endoftext|>"
 Tensors = dict[str, torch.Tensor]
@@ -651,34 +651,34 @@ def export_checkpoint(
     max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
 ) -> Path:
-    """`lmforge export`: write an HF model folder for a run's checkpoint."""
-    from lmforge.checkpoint import load_for_inference
-    from lmforge.data.tokenizer import eot_id, load_tokenizer
+    """`lmforge export`: write an HF model folder for a run's checkpoint, its weights in `dtype`."""
+    from lmforge.data.tokenizer import eot_id
+    from lmforge.inference import load
     from lmforge.runtime import DTYPES
 
     inputs = [target] if which in ("best", "last") else [target, Path(which)]
     check_out(out, "export", overwrite, inputs)
-    loaded = load_for_inference(target, which, torch.device("cpu"))
-    m = loaded.config.model
+    session = load(target, which, "cpu", dtype)  # its dtype (auto resolved) is that of the files written
+    m = session.config.model
     family = hf_family(m)  # refuse before writing anything
-    state = {k: v.detach() for k, v in loaded.model.state_dict().items()}
-    tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in to_hf(state, m, family).items()}
-    tokenizer = load_tokenizer(loaded.tokenizer_file)
-    eot = eot_id(tokenizer)
-    template = ChatTemplate.of_checkpoint(loaded.path, tokenizer)  # what `lmforge chat` would use
-    with staged_folder(out, "export", overwrite, [*inputs, loaded.path]) as staging:
+    state = {k: v.detach() for k, v in session.model.state_dict().items()}
+    torch_dtype = DTYPES[session.dtype]
+    tensors = {k: v.to(torch_dtype).contiguous() for k, v in to_hf(state, m, family).items()}
+    eot = eot_id(session.tokenizer)
+    with staged_folder(out, "export", overwrite, [*inputs, session.checkpoint]) as staging:
         files = save_shards(tensors, staging, max_shard_bytes)
         _write_json(
             staging / "config.json",
-            hf_config(m, family, eot, str(DTYPES[dtype]).removeprefix("torch.")),
+            hf_config(m, family, eot, str(torch_dtype).removeprefix("torch.")),
         )
         _write_json(
             staging / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False}
         )
-        shutil.copyfile(loaded.tokenizer_file, staging / "tokenizer.json")
-        for name, content in tokenizer_files(eot, m.block_size, template).items():
+        shutil.copyfile(session.tokenizer_file, staging / "tokenizer.json")
+        # the chat template that `lmforge chat` would use
+        for name, content in tokenizer_files(eot, m.block_size, session.template).items():
             _write_json(staging / name, content)
-        (staging / "README.md").write_text(_model_card(loaded, family, files))
+        (staging / "README.md").write_text(_model_card(session, family, files))
     return out
 
 
@@ -737,9 +737,9 @@ def _privacy_line(privacy: dict | None) -> str:
     )
 
 
-def _model_card(loaded: LoadedCheckpoint, family: str, files: list[str]) -> str:
-    config = loaded.config
-    meta = json.loads((loaded.path / "meta.json").read_text())
+def _model_card(session: InferenceSession, family: str, files: list[str]) -> str:
+    config = session.config
+    meta = json.loads((session.checkpoint / "meta.json").read_text())
     data_meta = Path(config.data.dir) / "meta.json" if config.data.dir else None
     source = (
         json.loads(data_meta.read_text()).get("source") if data_meta and data_meta.is_file() else "unknown"
@@ -749,8 +749,8 @@ def _model_card(loaded: LoadedCheckpoint, family: str, files: list[str]) -> str:
         f"# lmforge model ({family})\n\nTrained with lmforge and exported as a "
         f"standard `transformers` {hf_config(config.model, family, None, 'float32')['architectures'][0]}.\n\n"
         f"- training data: {source} (prepared in `{config.data.dir or 'n/a'}`)\n"
-        f"- steps: {loaded.step}\n- validation loss at this checkpoint: {val}\n"
-        f"- parameters: {loaded.model.num_params():,}\n- weights: {', '.join(files)}\n"
+        f"- steps: {session.step}\n- validation loss at this checkpoint: {val}\n"
+        f"- parameters: {session.model.num_params():,}\n- weights: {', '.join(files)}\n"
         f"{_privacy_line(meta.get('privacy'))}\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
         'model = AutoModelForCausalLM.from_pretrained("PATH")\n'

@@ -1,6 +1,5 @@
-"""The Transformer and autoregressive generation."""
+"""The Transformer, its output heads and LoRA adapters."""
 
-from lmforge.model.generate import generate
 from lmforge.model.gpt import GPT, KVCache
 
-__all__ = ["GPT", "KVCache", "generate"]
+__all__ = ["GPT", "KVCache"]

@@ -32,7 +32,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmforge.chat.template import ChatTemplate
-from lmforge.sample import Sampler, TextRules
+from lmforge.inference import InferenceSession
+from lmforge.inference.sampling import TextRules
 from lmforge.serve.engine import ERROR, Engine, EngineStopped, Job, Params, QueueFull, Update
 from lmforge.serve.requests import (
     ApiError,
@@ -187,7 +188,7 @@ def _sse(data: dict | str) -> str:
 class Served:
     """The loaded model behind the endpoints."""
 
-    sampler: Sampler
+    sampler: InferenceSession
     engine: Engine | EngineProcess
     template: ChatTemplate
     model_name: str
@@ -413,17 +414,16 @@ def _host_name(header: bytes) -> str:
 
 
 def _make_engine(
-    sampler: Sampler, max_batch: int, max_queue: int, own_process: bool, threads: int | None
+    sampler: InferenceSession, max_batch: int, max_queue: int, own_process: bool, threads: int | None
 ) -> Engine | EngineProcess:
     if not own_process:
         return Engine(sampler, max_batch, max_queue)
     block_size = sampler.model.config.block_size
-    device = str(sampler.device)
-    return EngineProcess(sampler.checkpoint, device, sampler.dtype, block_size, max_batch, max_queue, threads)
+    return EngineProcess(sampler.source, block_size, max_batch, max_queue, threads)
 
 
 def _add_generation_routes(
-    app: FastAPI, served: Served, sampler: Sampler, template: ChatTemplate, block_size: int
+    app: FastAPI, served: Served, sampler: InferenceSession, template: ChatTemplate, block_size: int
 ) -> None:
     """POST /v1/completions and /v1/chat/completions: a prompt and max_tokens past the context are refused."""
 
@@ -452,7 +452,7 @@ def _add_generation_routes(
 
 
 def create_app(
-    sampler: Sampler,
+    sampler: InferenceSession,
     model_name: str,
     *,
     max_batch: int = 8,
@@ -467,7 +467,7 @@ def create_app(
     machine (loopback names, or `host`) are answered: a web page cannot reach it by a name of its own."""
     block_size = sampler.model.config.block_size
     engine = _make_engine(sampler, max_batch, max_queue, engine_process, threads)
-    template = ChatTemplate.of_checkpoint(sampler.checkpoint, sampler.tokenizer)
+    template = sampler.template
     served = Served(sampler, engine, template, model_name)
     playground = files("lmforge.serve").joinpath("playground.html").read_text(encoding="utf-8")
 

@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 import torch
 
-from lmforge.model.generate import sample_next
+from lmforge.inference import InferenceSession
+from lmforge.inference.generate import sample_next
+from lmforge.inference.sampling import TextDecoder, TextRules
 from lmforge.model.gpt import KVCache
-from lmforge.runtime import autocast
-from lmforge.sample import Sampler, TextDecoder, TextRules
 
 STOP, LENGTH, ERROR = "stop", "length", "error"  # why a request ended: OpenAI's finish_reason, and ours
 
@@ -90,7 +90,7 @@ class Job:
 class Engine:
     """Slots in one batched KV cache, a queue of waiting jobs, and the thread that decodes them."""
 
-    sampler: Sampler
+    sampler: InferenceSession
     max_batch: int = 8
     max_queue: int = 64
     active: list[Job] = field(default_factory=list)  # row i of the cache is active[i]
@@ -139,7 +139,7 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            with torch.inference_mode(), autocast(self.sampler.device, self.sampler.dtype):
+            with torch.inference_mode(), self.sampler.autocast():
                 while self._wait_for_work():
                     try:
                         self._admit()

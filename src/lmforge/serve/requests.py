@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from lmforge.chat.template import ChatTemplate, encode_segments
 from lmforge.config import SEED_LIMIT
 from lmforge.errors import LmforgeError
-from lmforge.sample import Sampler, TextRules
+from lmforge.inference import InferenceSession
+from lmforge.inference.sampling import TextRules
 from lmforge.serve.engine import Params
 
 MAX_STOPS = 4  # OpenAI's limit on `stop`
@@ -106,7 +107,7 @@ class CompletionRequest(_Sampling):
     suffix: None = None
     best_of: Literal[1] | None = None
 
-    def prompts(self, sampler: Sampler) -> list[list[int]]:
+    def prompts(self, sampler: InferenceSession) -> list[list[int]]:
         """Each prompt as token ids: text (empty: the start of a document) or ids in the vocabulary."""
         listed = self.prompt if isinstance(self.prompt, list) else [self.prompt]
         if listed and isinstance(listed[0], int):
@@ -169,7 +170,7 @@ class ChatRequest(_Sampling):
                     f"messages.{i}.name",
                 )
 
-    def prompt(self, sampler: Sampler, template: ChatTemplate) -> list[int]:
+    def prompt(self, sampler: InferenceSession, template: ChatTemplate) -> list[int]:
         """The conversation with the generation prompt, as `lmforge chat` tokenizes it."""
         messages = [m.as_template_input() for m in self.messages]
         try:

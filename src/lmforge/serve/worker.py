@@ -18,9 +18,9 @@ import multiprocessing
 import threading
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.inference import ModelSource
 from lmforge.serve.engine import (
     ERROR,
     Engine,
@@ -49,9 +49,7 @@ class EngineProcess:
 
     def __init__(
         self,
-        checkpoint: Path,
-        device: str,
-        dtype: str,
+        source: ModelSource,
         block_size: int,
         max_batch: int = 8,
         max_queue: int = 64,
@@ -63,7 +61,7 @@ class EngineProcess:
         self.updates, update_writer = context.Pipe(duplex=False)
         self.process = context.Process(
             target=_child_main,
-            args=(command_reader, update_writer, str(checkpoint), device, dtype, max_batch, threads),
+            args=(command_reader, update_writer, source, max_batch, threads),
             name="lmforge-engine",
             daemon=True,
         )
@@ -161,23 +159,19 @@ class EngineProcess:
 def _child_main(
     commands: Connection,
     updates: Connection,
-    checkpoint: str,
-    device: str,
-    dtype: str,
+    source: ModelSource,
     max_batch: int,
     threads: int | None,
 ) -> None:
     """The child: load the checkpoint, then run an Engine on the commands until "close"."""
     import torch
 
-    from lmforge.sample import Sampler
-
     if threads:
         torch.set_num_threads(threads)
     try:
-        sampler = Sampler.load(Path(checkpoint), "last", device, dtype)
+        sampler = source.load()
     except Exception as exc:  # reported to the parent, which refuses to serve
-        updates.send(("error", f"the decoding process could not load {checkpoint}: {exc}"))
+        updates.send(("error", f"the decoding process could not load {source.target}: {exc}"))
         return
     jobs: dict[int, Job] = {}  # sent by the parent and not yet finished
     lock = threading.Lock()  # over `jobs`: the engine's thread finishes jobs, this one adds them

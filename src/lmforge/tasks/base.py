@@ -95,7 +95,7 @@ def decode(
     import torch
 
     from lmforge.data.tokenizer import eot_id
-    from lmforge.model.generate import beam_search
+    from lmforge.inference.generate import beam_search
 
     stops = {
         t for t in (eot_id(tokenizer), *tokenizer.encode("\n", add_special_tokens=False).ids) if t is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from lmforge.eval.lm import LMEval
+from lmforge.inference.loss import LMEval
 from lmforge.report.metrics import METRICS_FILE
 from lmforge.runtime import Peak
 from lmforge.train.loggers import MetricWriter

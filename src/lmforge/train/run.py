@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lmforge import checkpoint as ckpt
+from lmforge import inference
 from lmforge.chat.template import ChatTemplate
 from lmforge.checkpoint import Checkpointer, TrainingState
 from lmforge.config import Config, ModelConfig
@@ -28,7 +29,7 @@ from lmforge.data.protocol import TrainingData
 from lmforge.data.sft import SFTData
 from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
 from lmforge.errors import LmforgeError
-from lmforge.eval.lm import LMEval, evaluate_lm
+from lmforge.inference.loss import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import HEADS, TASK_LAYERS
 from lmforge.model.lora import apply_lora
@@ -309,7 +310,7 @@ def build_model(config: Config, init_from: Path | None, device: torch.device) ->
     seed_everything(config.train.seed)  # the same on every rank: identical initial weights and batches
     module: nn.Module = GPT(config.model).to(device)
     if init_from is not None:  # through the inference loader, so a LoRA source arrives merged
-        source = ckpt.load_for_inference(init_from, "best", device, any_head=True).model.state_dict()
+        source = inference.load(init_from, "best", str(device), any_head=True).model.state_dict()
         # model.head and model.word_match are the run's own: a new span head or word-match vector
         # starts as built, an unused one is left behind
         own, run_owns = module.state_dict(), tuple(f"{layer}." for layer in TASK_LAYERS)

@@ -17,7 +17,7 @@ from types import FrameType
 
 from lmforge.config import Config, TrainConfig, load_config
 from lmforge.errors import LmforgeError, TrainingInterrupted
-from lmforge.eval.lm import LMEval
+from lmforge.inference.loss import LMEval
 from lmforge.runtime import Peak, format_flops
 from lmforge.staging import locked
 from lmforge.train import distributed, loggers

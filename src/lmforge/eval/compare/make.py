@@ -15,12 +15,12 @@ from tqdm import tqdm
 
 from lmforge import __version__
 from lmforge.chat.repl import Chat, Conversation
-from lmforge.chat.template import ChatTemplate
 from lmforge.config import SEED_LIMIT
 from lmforge.errors import LmforgeError
 from lmforge.eval.compare.prompts import Prompt, read_prompts
 from lmforge.eval.compare.sheet import sheet_html
-from lmforge.sample import Sampler, SamplingOptions
+from lmforge.inference import InferenceSession, ModelSource
+from lmforge.inference.sampling import SamplingOptions
 from lmforge.staging import check_out, staged_folder
 
 SHEET = "sheet.html"  # what the judge gets
@@ -34,25 +34,19 @@ DEFAULT_MAX_NEW_TOKENS = 128  # an answer's length unless --max-new-tokens says 
 class Answerer:
     """One model answering prompts: continuing them as text, or replying through its chat template."""
 
-    sampler: Sampler
-    template: ChatTemplate | None  # None: the prompt is continued as plain text
-
-    @classmethod
-    def load(cls, target: Path, which: str, device: str, dtype: str, chat: bool) -> Answerer:
-        sampler = Sampler.load(target, which, device, dtype)
-        template = ChatTemplate.of_checkpoint(sampler.checkpoint, sampler.tokenizer) if chat else None
-        return cls(sampler, template)
+    session: InferenceSession
+    chat: bool  # reply through the checkpoint's chat template; else continue the prompt as plain text
 
     def answer(self, prompt: str, options: SamplingOptions, seed: int) -> str:
         """The answer to `prompt`, sampled from a generator seeded with `seed`."""
-        generator = torch.Generator(device=self.sampler.device).manual_seed(seed)
-        if self.template is None:
-            ids = self.sampler.prompt_ids(prompt)
-            return "".join(self.sampler.complete(ids, options, generator))
+        generator = torch.Generator(device=self.session.device).manual_seed(seed)
+        if not self.chat:
+            ids = self.session.prompt_ids(prompt)
+            return "".join(self.session.complete(ids, options, generator))
         turns = [{"role": "user", "content": prompt}]
-        chat = Chat(self.sampler, self.template, options, generator, io.StringIO(), Conversation(turns=turns))
+        chat = Chat(self.session, options, generator, io.StringIO(), Conversation(turns=turns))
         ids = chat.prompt_ids()
-        return "".join(self.sampler.complete(ids, options, generator, chat.end_of_turn)).strip()
+        return "".join(self.session.complete(ids, options, generator, chat.end_of_turn)).strip()
 
 
 @dataclass(frozen=True)
@@ -71,26 +65,25 @@ class SheetReport:
 
 
 def make_sheet(
-    runs: tuple[Path, Path],
+    sources: tuple[ModelSource, ModelSource],
     prompts_file: Path,
     out: Path,
     *,
-    which: str,
-    device: str,
-    dtype: str,
     options: SamplingOptions,
     seed: int,
     chat: bool,
     overwrite: bool,
 ) -> SheetReport:
-    """Answer every prompt of `prompts_file` with both runs (the same seed for both on a prompt)
-    and write OUT/sheet.html and OUT/key.json. Input is checked before a model is loaded. Without
-    `options.max_new_tokens` (None), answers get `answer_length`'s default."""
+    """Answer every prompt of `prompts_file` with both runs' checkpoints (the same seed for both on a
+    prompt) and write OUT/sheet.html and OUT/key.json. Input is checked before a model is loaded.
+    Without `options.max_new_tokens` (None), answers get `answer_length`'s default."""
     prompts = read_prompts(prompts_file)
+    runs = (sources[0].target, sources[1].target)
     inputs = (*runs, prompts_file)
     check_out(out, "compare", overwrite, inputs)
-    answerers = [Answerer.load(run, which, device, dtype, chat) for run in runs]
+    answerers = [Answerer(source.load(), chat) for source in sources]
     options = replace(options, max_new_tokens=answer_length(answerers, options.max_new_tokens, chat))
+    device, dtype = sources[0].device, sources[0].dtype  # as asked for both runs, recorded in the key
     answers = [
         _answers(answerers, runs, prompts_file, p, options, _prompt_seed(seed, i))
         for i, p in enumerate(tqdm(prompts, desc="answering", unit="prompt", leave=False, disable=None))
@@ -125,7 +118,7 @@ def answer_length(answerers: list[Answerer], requested: int | None, chat: bool) 
     judged for its length."""
     if requested is not None or not chat:
         return requested or DEFAULT_MAX_NEW_TOKENS
-    context = min(a.sampler.model.config.block_size for a in answerers)
+    context = min(a.session.model.config.block_size for a in answerers)
     return max(1, min(DEFAULT_MAX_NEW_TOKENS, context // 2))
 
 
@@ -147,11 +140,11 @@ def _entries(prompts: list[Prompt], answers: list[list[str]], seed: int) -> list
 
 
 def _run_record(run: Path, answerer: Answerer) -> dict:
-    template = answerer.template
+    template = answerer.session.template
     return {
         "path": str(run),
-        "checkpoint": str(answerer.sampler.checkpoint),
-        "chat_template": None if template is None else "default" if template.is_default else "checkpoint",
+        "checkpoint": str(answerer.session.checkpoint),
+        "chat_template": None if not answerer.chat else "default" if template.is_default else "checkpoint",
     }
 
 

@@ -14,8 +14,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.checkpoint import load_for_inference
-from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.eval.inspect.report import (
     Decode,
@@ -27,8 +25,7 @@ from lmforge.eval.inspect.report import (
     top_k_json,
 )
 from lmforge.eval.inspect.trace import Trace, attention_probabilities, logit_lens, recording, trace
-from lmforge.runtime import autocast, resolve_device
-from lmforge.sample import Sampler
+from lmforge.inference import InferenceSession, ModelSource
 from lmforge.staging import check_out, staged_folder
 
 __all__ = [
@@ -61,10 +58,11 @@ class InspectReport:
         )
 
 
-def prompt_tokens(sampler: Sampler, prompt: str, block_size: int) -> list[int]:
+def prompt_tokens(session: InferenceSession, prompt: str) -> list[int]:
     """The tokens of a non-empty prompt: at least two (one to predict from, one to predict), at
     most block_size."""
-    ids = sampler.prompt_ids(prompt)
+    ids = session.prompt_ids(prompt)
+    block_size = session.config.model.block_size
     if len(ids) < 2:
         raise LmforgeError(
             f"--prompt is {len(ids)} token; inspect needs at least 2 (one to predict the next)"
@@ -77,25 +75,23 @@ def prompt_tokens(sampler: Sampler, prompt: str, block_size: int) -> list[int]:
 
 
 def inspect_checkpoint(
-    target: Path, which: str, device: str, dtype: str, *, prompt: str, out: Path, top_k: int, overwrite: bool
+    source: ModelSource, *, prompt: str, out: Path, top_k: int, overwrite: bool
 ) -> InspectReport:
-    """Load checkpoint `which` (best, last, a folder) of `target`, run `prompt` through it once and
-    write the inspection files into the new folder `out` (replaced only with `overwrite`)."""
+    """Load the checkpoint of `source`, run `prompt` through it once and write the inspection files
+    into the new folder `out` (replaced only with `overwrite`)."""
     if not prompt:  # before anything is loaded
         raise LmforgeError("--prompt is empty: give the text to inspect")
-    check_out(out, "inspect", overwrite, inputs=(target,))
-    torch_device = resolve_device(device)
-    loaded = load_for_inference(target, which, torch_device)
-    sampler = Sampler(loaded.model, load_tokenizer(loaded.tokenizer_file), torch_device, dtype)
-    ids = prompt_tokens(sampler, prompt, loaded.config.model.block_size)
-    result = trace(loaded.model, ids, top_k, autocast(torch_device, dtype))
+    check_out(out, "inspect", overwrite, inputs=(source.target,))
+    session = source.load()
+    ids = prompt_tokens(session, prompt)
+    result = trace(session.model, ids, top_k, session.autocast())
 
     def decode(token: int) -> str:
-        return sampler.tokenizer.decode([token], skip_special_tokens=False)
+        return session.tokenizer.decode([token], skip_special_tokens=False)
 
     summary = {
-        "checkpoint": str(loaded.path),
-        "step": loaded.step,
+        "checkpoint": str(session.checkpoint),
+        "step": session.step,
         "prompt": prompt,
         "tokens": len(ids),
         "layers": len(result.attention),
@@ -105,8 +101,8 @@ def inspect_checkpoint(
         "attention_max_error": result.attention_error,
         "top_k": top_k,
     }
-    with staged_folder(out, "inspect", overwrite, inputs=(target,)) as folder:
-        summary["files"] = write_files(folder, result, decode, f"surprisal: {loaded.path}")
+    with staged_folder(out, "inspect", overwrite, inputs=(source.target,)) as folder:
+        summary["files"] = write_files(folder, result, decode, f"surprisal: {session.checkpoint}")
         (folder / SUMMARY).write_text(
             json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.eval.lm import evaluate_lm
+from lmforge.inference.loss import evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import span_loss
 from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_OTHER, SPAN_START

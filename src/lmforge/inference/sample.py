@@ -1,0 +1,48 @@
+"""`lmforge sample`: continuations of a prompt, streamed as text as they are generated."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from lmforge.inference.sampling import SamplingOptions
+from lmforge.inference.session import InferenceSession, ModelSource
+
+SAMPLE_SEPARATOR = "---------------"  # a line of its own between two samples
+
+
+def stream_samples(
+    source: ModelSource,
+    *,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+    num_samples: int,
+) -> Iterator[str]:
+    """`num_samples` continuations of `prompt` by the checkpoint of `source`, as text pieces to print
+    in order: each sample is the prompt and its continuation, with a separator line between samples
+    and a newline at the end. Options, checkpoint and prompt are checked here, before the first piece."""
+    options = SamplingOptions(max_new_tokens, temperature, top_k, top_p)
+    session = source.load()
+    ids = session.prompt_ids(prompt)
+    # One generator for all samples: each continues the random stream of the one before.
+    generator = torch.Generator(device=session.device).manual_seed(seed)
+    return _samples(session, prompt, ids, options, generator, num_samples)
+
+
+def _samples(
+    session: InferenceSession,
+    prompt: str,
+    prompt_ids: list[int],
+    options: SamplingOptions,
+    generator: torch.Generator,
+    num_samples: int,
+) -> Iterator[str]:
+    for n in range(num_samples):
+        yield prompt
+        yield from session.complete(prompt_ids, options, generator)
+        yield "\n" if n == num_samples - 1 else f"\n{SAMPLE_SEPARATOR}\n"

@@ -1,0 +1,116 @@
+"""The rules of generation that every front end (`sample`, `chat`, `serve`, `compare`) shares, so that
+each starts, checks and stops text the same way: the sampling options, and how generated tokens become
+text (stop strings, special tokens, a chat reply's leading blank).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from lmforge.data.tokenizer import eot_id
+from lmforge.errors import LmforgeError
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How each next token is chosen, and how many; checked when made."""
+
+    max_new_tokens: int | None  # None only on its way to a front end that fills in its default (compare)
+    temperature: float  # 0 is greedy
+    top_k: int | None
+    top_p: float | None
+
+    def __post_init__(self) -> None:
+        # Written so that NaN fails every test: `nan < 0` is False, `not 0 <= nan` is True.
+        if not 0 <= self.temperature < math.inf:
+            raise LmforgeError(f"--temperature must be >= 0 and finite, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise LmforgeError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class TextRules:
+    """How generated tokens become text: where it ends and what of it is shown."""
+
+    stops: tuple[str, ...] = ()  # the text ends before the first of these, none of which is shown
+    special_tokens: bool = False  # special tokens are text (a chat's end of turn may be one); else skipped
+    reply: bool = False  # a chat reply: no blank before it (leading whitespace dropped, so a stop counts
+    # only once the reply has begun); a plain continuation is shown exactly as the model wrote it
+
+    @classmethod
+    def chat_reply(cls, end_of_turn: str, stops: Sequence[str] = ()) -> TextRules:
+        """A reply through a chat template: it ends at the template's end of turn or one of `stops`."""
+        return cls((*stops, end_of_turn) if end_of_turn else tuple(stops), special_tokens=True, reply=True)
+
+
+class StopScanner:
+    """Text fed a piece at a time and released up to the first of `stops`, which may span pieces:
+    text that could begin a stop is held back until it cannot, so nothing of a stop is ever
+    released. With `reply`, leading whitespace is dropped: a chat reply shows no blank before it,
+    and a whitespace stop (`\n`) ends it only once it has begun."""
+
+    def __init__(self, stops: Sequence[str], *, reply: bool = False) -> None:
+        self.stops = tuple(stop for stop in stops if stop)
+        self.held = ""  # text that may be the start of a stop
+        self.begun = not reply  # text has been released (a reply drops whitespace until then)
+        self.stopped = False  # a stop was found: feed no more
+
+    def feed(self, piece: str) -> str:
+        """The text that `piece` makes safe to release (possibly none)."""
+        held = self.held + piece
+        if not self.begun:
+            held = held.lstrip()
+            self.begun = bool(held)
+        found = [at for stop in self.stops if (at := held.find(stop)) >= 0]
+        if found:
+            self.stopped, self.held = True, ""
+            return held[: min(found)]
+        keep = max(
+            (
+                n
+                for stop in self.stops
+                for n in range(min(len(stop) - 1, len(held)), 0, -1)
+                if stop.startswith(held[-n:])
+            ),
+            default=0,
+        )
+        self.held = held[len(held) - keep :]
+        return held[: len(held) - keep]
+
+    def finish(self) -> str:
+        """The text held back, released when no more comes: it began a stop that never completed."""
+        held, self.held = self.held, ""
+        return held
+
+
+class TextDecoder:
+    """Generated token ids turned into text as they come, one token at a time: a token's text is
+    released as soon as it decodes to whole characters. <|endoftext|> ends the text, and so does
+    any of the `rules`' stops, nothing of which is released. The one decoder of `sample`, `chat`
+    and `serve`."""
+
+    def __init__(self, tokenizer: Tokenizer, rules: TextRules = TextRules()) -> None:
+        self.tokenizer = tokenizer
+        self.eot = eot_id(tokenizer)
+        self.stream = DecodeStream(skip_special_tokens=not rules.special_tokens)
+        self.scanner = StopScanner(rules.stops, reply=rules.reply)
+        self.done = False  # <|endoftext|> or a stop was reached: feed no more
+
+    def feed(self, token: int) -> str:
+        """The text that `token` adds (possibly none, e.g. the first byte of a character)."""
+        if token == self.eot:
+            self.done = True
+            return self.scanner.finish()
+        piece = self.stream.step(self.tokenizer, token)
+        text = self.scanner.feed(piece) if piece else ""
+        self.done = self.scanner.stopped
+        return text
+
+    def finish(self) -> str:
+        """What is held back once no more tokens come (the start of a stop that never completed)."""
+        return self.scanner.finish()

@@ -1,0 +1,76 @@
+"""The one loader of a checkpoint for use (`load`) and the session it gives every front end."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from lmforge.chat.template import ChatTemplate
+from lmforge.config import Config, ModelConfig
+from lmforge.data.tokenizer import EOT, char_tokenizer
+from lmforge.errors import LmforgeError
+from lmforge.inference import InferenceSession, ModelSource, load
+from lmforge.model import GPT
+from tests.conftest import random_char_run
+
+
+def session_for(tokenizer: Tokenizer) -> InferenceSession:
+    config = ModelConfig(n_layer=1, n_head=1, d_model=8, block_size=8, vocab_size=tokenizer.get_vocab_size())
+    return InferenceSession(
+        model=GPT(config).eval(),
+        tokenizer=tokenizer,
+        template=ChatTemplate.default(tokenizer),
+        device=torch.device("cpu"),
+        dtype="fp32",
+        checkpoint=Path("unsaved"),
+        step=0,
+        config=Config(model=config),
+    )
+
+
+def test_without_a_prompt_a_sample_starts_at_endoftext_else_a_newline_else_token_0() -> None:
+    with_eot = char_tokenizer("ab\n", specials=[EOT])
+    assert session_for(with_eot).prompt_ids("") == [with_eot.token_to_id(EOT)]
+    with_newline = char_tokenizer("ab\n")
+    assert session_for(with_newline).prompt_ids("") == [with_newline.token_to_id("\n")]
+    assert session_for(char_tokenizer("ab")).prompt_ids("") == [0]
+
+
+def test_a_prompt_outside_the_tokenizer_is_refused() -> None:
+    session = session_for(char_tokenizer("ab\n"))
+    assert session.prompt_ids("ba") == session.tokenizer.encode("ba").ids
+    with pytest.raises(LmforgeError, match="cannot represent"):
+        session.prompt_ids("abc")
+
+
+def test_a_session_holds_the_checkpoint_its_tokenizer_template_and_precision(tmp_path: Path) -> None:
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    session = load(run, "last", "cpu", "fp32")
+    assert session.checkpoint == run / "checkpoints" / "step-0000001" and session.step == 1
+    assert session.tokenizer.get_vocab_size() == session.config.model.vocab_size
+    assert session.template.is_default and not session.model.training
+    assert session.device == torch.device("cpu") and session.dtype == "fp32"
+    assert ModelSource(run, "last", "cpu", "fp32").load().checkpoint == session.checkpoint
+    assert session.source.load().step == 1  # what a child process loads: the same checkpoint
+
+
+@pytest.mark.parametrize("native", ["0", "1"])
+def test_dtype_auto_is_bf16_where_the_device_computes_it_natively(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: str
+) -> None:
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    monkeypatch.setenv("LMFORGE_NATIVE_BF16", native)
+    assert load(run, "last", "cpu").dtype == ("bf16" if native == "1" else "fp32")
+    assert load(run, "last", "cpu", "fp32").dtype == "fp32"  # an explicit dtype stands
+
+
+def test_a_session_without_weights_has_the_checkpoints_config_and_tokenizer_and_no_memory(
+    tmp_path: Path,
+) -> None:
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    full = load(run, "last", "cpu", "fp32")
+    light = load(run, "last", "cpu", "fp32", weights=False)
+    assert light.model.config == full.model.config and light.checkpoint == full.checkpoint
+    assert all(p.is_meta for p in light.model.parameters())
+    assert light.prompt_ids("ab") == full.prompt_ids("ab")
