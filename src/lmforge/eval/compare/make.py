@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lmforge import __version__
 from lmforge.chat.repl import Chat, Conversation
@@ -20,6 +19,7 @@ from lmforge.config import SEED_LIMIT
 from lmforge.errors import LmforgeError
 from lmforge.eval.compare.prompts import Prompt, read_prompts
 from lmforge.eval.compare.sheet import sheet_html
+from lmforge.progress import progress_bar
 from lmforge.sample import Sampler, SamplingOptions
 from lmforge.staging import check_out, staged_folder
 
@@ -93,7 +93,7 @@ def make_sheet(
     options = replace(options, max_new_tokens=answer_length(answerers, options.max_new_tokens, chat))
     answers = [
         _answers(answerers, runs, prompts_file, p, options, _prompt_seed(seed, i))
-        for i, p in enumerate(tqdm(prompts, desc="answering", unit="prompt", leave=False, disable=None))
+        for i, p in enumerate(progress_bar(prompts, desc="answering", unit="prompt", leave=False))
     ]
     entries = _entries(prompts, answers, seed)
     order = _shown_order(len(entries), seed)
