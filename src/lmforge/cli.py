@@ -81,7 +81,7 @@ def _prepare(args: argparse.Namespace) -> int:
         from lmforge.checkpoint import tokenizer_file_of
 
         tokenizer = str(tokenizer_file_of(Path(tokenizer)))
-    prepare(
+    report = prepare(
         args.input,
         out=args.out,
         tokenizer=tokenizer,
@@ -96,6 +96,7 @@ def _prepare(args: argparse.Namespace) -> int:
         canaries=check_spec(args.canaries, args.canary_repeats, args.seed),
         holdout_lines=args.holdout_lines,
     )
+    print(report.summary, file=sys.stderr)  # the result, on stderr as always, even under -q
     return 0
 
 
