@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -37,19 +37,18 @@ class ProgressLines:
         unit_scale: bool = False,
         enabled: bool = True,
         interval_s: float = LINE_INTERVAL_S,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.iterable = iterable
         self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
         self.desc, self.unit, self.unit_scale = desc, unit, unit_scale
         self.n = self.first = initial
-        self.enabled, self.interval_s, self.clock = enabled, interval_s, clock
+        self.enabled, self.interval_s = enabled, interval_s
         self.postfix = ""
-        self.start = self.last_line = clock()
+        self.start = self.last_line = time.monotonic()
 
     def update(self, n: float = 1) -> None:
         self.n += n
-        now = self.clock()
+        now = time.monotonic()
         if self.enabled and now - self.last_line >= self.interval_s:
             self.last_line = now
             logger.info(self.line(now - self.start))
