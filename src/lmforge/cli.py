@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, NoReturn
 from lmforge import __version__
 from lmforge.config import DTYPE_NAMES, SEED_LIMIT
 from lmforge.errors import LmforgeError
+from lmforge.output import command_output
 from lmforge.report import SORT_KEYS, X_AXES
 from lmforge.tasks import DEFAULT_VAL_FRACTION, TASKS, tasks_with_datasets
 
@@ -82,7 +84,7 @@ def _prepare(args: argparse.Namespace) -> int:
         from lmforge.checkpoint import tokenizer_file_of
 
         tokenizer = str(tokenizer_file_of(Path(tokenizer)))
-    prepare(
+    report = prepare(
         args.input,
         out=args.out,
         tokenizer=tokenizer,
@@ -97,6 +99,7 @@ def _prepare(args: argparse.Namespace) -> int:
         canaries=check_spec(args.canaries, args.canary_repeats, args.seed),
         holdout_lines=args.holdout_lines,
     )
+    print(report.summary, file=sys.stderr)  # the result, on stderr as always, even under -q
     return 0
 
 
@@ -136,7 +139,12 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
         "tokenizer's unknown token, or skip it; a count goes to stderr",
     )
     _add_privacy_args(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="as `lmforge -q`: no progress bars or messages; the summary line still prints",
+    )
     p.set_defaults(run=_prepare)
 
 
@@ -873,11 +881,40 @@ VERBS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lmforge", description="Train and optimize GPT-style language models.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
+    _add_verbosity(parser)
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add_verb in VERBS:
         add_verb(verbs)
     _remember_parsers(parser)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    """-q/-v before the verb: how much of the `lmforge` logger's output reaches the terminal. Their own
+    dest, so that a verb's `-q` (prepare's) does not overwrite it with its default."""
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "-q",
+        "--quiet",
+        dest="log_level",
+        action="store_const",
+        const=logging.WARNING,
+        default=logging.INFO,
+        help="warnings and errors only: no progress or messages (results still print)",
+    )
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const=logging.DEBUG,
+        help="debug messages too",
+    )
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    """The level of the global -q/-v; `prepare -q` is the global -q."""
+    return logging.WARNING if getattr(args, "quiet", False) else args.log_level
 
 
 def _remember_parsers(parser: argparse.ArgumentParser) -> None:
@@ -900,6 +937,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    with command_output(_log_level(args)):  # the one place that decides what reaches the terminal
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The verb, its errors as one line and an exit status."""
     world = int(os.environ.get("WORLD_SIZE", "1"))  # > 1: one of several processes started by torchrun
     where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
     if getattr(args, "threads", None):

@@ -6,11 +6,11 @@ import contextlib
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import platform
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+
+logger = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # "0" or "1" forces the answer of `native_bf16`: tests take the other machine kind's code path with it.
@@ -66,10 +68,9 @@ def resolve_dtype(name: str, device: torch.device) -> str:
         return "bf16" if native_bf16(device) else "fp32"
     if name == "bf16" and not native_bf16(device) and str(device) not in _warned_emulated:
         _warned_emulated.add(str(device))
-        print(
-            f"warning: bf16 is emulated on {device} here (no native bf16 matmul), so it runs many times "
-            'slower than fp32; train.dtype = "auto" picks fp32 on this machine',
-            file=sys.stderr,
+        logger.warning(
+            f"bf16 is emulated on {device} here (no native bf16 matmul), so it runs many times "
+            'slower than fp32; train.dtype = "auto" picks fp32 on this machine'
         )
     return name
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +29,7 @@ from typing import Literal
 from lmforge import __version__
 from lmforge.errors import LmforgeError
 
+logger = logging.getLogger(__name__)
 STAGING_PREFIX = ".tmp-"
 MARKER = ".lmforge"  # hidden: HF loaders, globbing and `prepare` of a folder all pass it by
 
@@ -192,10 +193,9 @@ def locked(folder: Path, enabled: bool = True) -> Iterator[None]:
                 f"wait for that one to end, or stop it"
             ) from None
         except OSError as exc:  # a file system without locks (Lustre without -o flock, ...): go on unguarded
-            print(
-                f"warning: {folder}: cannot lock {LOCK_FILE} ({exc.strerror}); "
-                f"nothing stops a second process from writing this folder",
-                file=sys.stderr,
+            logger.warning(
+                f"{folder}: cannot lock {LOCK_FILE} ({exc.strerror}); "
+                f"nothing stops a second process from writing this folder"
             )
         try:
             yield

@@ -9,7 +9,7 @@ checkpoints to keep. The training loop only tells it what happened; torchtitan's
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ from lmforge.errors import LmforgeError
 from lmforge.runtime import rng_state, set_rng_state
 from lmforge.staging import check_out
 
+logger = logging.getLogger(__name__)
 RESUME_HINT = "pass --resume to continue that run or --overwrite to start over"
 
 
@@ -222,7 +223,7 @@ def newest_intact_checkpoint(run_dir: Path) -> Path:
             continue
         if is_main_process():
             for problem in problems:
-                print(f"warning: {problem}; resuming from {candidate.path} instead", file=sys.stderr)
+                logger.warning(f"{problem}; resuming from {candidate.path} instead")
         return candidate.path
     older = f"; the {len(problems) - 1} older checkpoint(s) do not verify either" if len(problems) > 1 else ""
     raise LmforgeError(f"{problems[0]}{older}")

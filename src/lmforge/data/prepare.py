@@ -10,7 +10,7 @@ when it is complete, so a failed run never damages existing work.
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from array import array
 from collections.abc import Iterator
@@ -20,7 +20,6 @@ from typing import BinaryIO
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from lmforge import __version__
 from lmforge.data import tokenizer as tok
@@ -29,7 +28,10 @@ from lmforge.data.membership import MIN_LINE_CHARS, LineHoldout, check_holdout_l
 from lmforge.data.pii import Scrubber, count_summary
 from lmforge.data.sources import Corpus, Document, open_corpus
 from lmforge.errors import LmforgeError
+from lmforge.progress import ProgressBar, progress_bar
 from lmforge.staging import check_out, staged_folder
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BPE_VOCAB = 8192
 BATCH_CHARS = 4 << 20  # text handed to one encode_batch call
@@ -57,6 +59,7 @@ class PrepareReport:
     text_bytes: int
     scan_seconds: float
     encode_seconds: float
+    summary: str = ""  # the line `lmforge prepare` prints at the end
 
     @property
     def encode_mb_per_s(self) -> float:
@@ -232,23 +235,19 @@ def prepare(
         (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     if coverage is not None and coverage.report():
-        print(coverage.report(), file=sys.stderr)
+        logger.warning(coverage.report())
     report = PrepareReport(meta, scan.text_bytes, scan_seconds, time.perf_counter() - start - scan_seconds)
-    _print_summary(report, corpus, tokenizer, out, privacy)
-    return report
+    return replace(report, summary=_summary(report, corpus, tokenizer, out, privacy))
 
 
-def _print_summary(
-    report: PrepareReport, corpus: Corpus, tokenizer: str, out: Path, privacy: _Privacy
-) -> None:
+def _summary(report: PrepareReport, corpus: Corpus, tokenizer: str, out: Path, privacy: _Privacy) -> str:
     meta = report.meta
-    print(
+    return (
         f"prepared {corpus.source}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
         f"vocab {meta['vocab_size']:,} ({meta['tokenizer']}); {report.text_bytes / 1e6:.1f} MB of text, "
         f"scan{'+train' if tokenizer == 'bpe' else ''} {report.scan_seconds:.1f} s, "
         f"encode {report.encode_seconds:.1f} s ({report.encode_mb_per_s:.2f} MB/s)"
-        f"{privacy.summary()} -> {out}",
-        file=sys.stderr,
+        f"{privacy.summary()} -> {out}"
     )
 
 
@@ -279,6 +278,10 @@ def _first_pass(
         tokenizer_obj = tok.byte_tokenizer()
     elif user_tokenizer is not None:
         tokenizer_obj = user_tokenizer
+    logger.debug(
+        f"scanned {input}: {scan.documents:,} document(s), {scan.chars:,} characters, "
+        f"{scan.text_bytes:,} bytes; vocabulary {tok.vocab_size(tokenizer_obj):,}"
+    )
     return scan, tokenizer_obj
 
 
@@ -355,7 +358,9 @@ def _scan(
     corpus: Corpus, scan: _Scan, collect_alphabet: bool, progress: bool, privacy: _Privacy
 ) -> Iterator[str]:
     """First pass: yield every chunk (for BPE training) while filling in `scan`."""
-    with tqdm(total=corpus.total_bytes, unit="B", unit_scale=True, desc="scan", disable=not progress) as bar:
+    with progress_bar(
+        total=corpus.total_bytes, unit="B", unit_scale=True, desc="scan", enabled=progress
+    ) as bar:
         for document in privacy.documents(corpus):
             chars = 0
             for chunk in document:
@@ -410,7 +415,7 @@ def _encode(
     is_val, split_char = layout.is_val, layout.split_char
     privacy = privacy or _Privacy()
     changes_train = privacy.inserter is not None or privacy.holdout is not None
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
+    with progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="encode", enabled=progress) as bar:
         writer = _ShardWriter(tokenizer, layout.dtype, layout.eot, splits, bar, coverage)
         index = -1
         position = 0  # characters of the corpus before this chunk
@@ -480,7 +485,7 @@ class _ShardWriter:
         dtype: np.dtype,
         eot: int | None,
         splits: dict[str, _Split],
-        bar: tqdm,
+        bar: ProgressBar,
         coverage: tok.TextCoverage | None = None,
     ) -> None:
         self.tokenizer, self.dtype, self.eot, self.splits, self.bar = tokenizer, dtype, eot, splits, bar

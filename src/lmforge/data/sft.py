@@ -14,7 +14,7 @@ targets mark where the answer starts and ends there (`collate_spans`).
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ from lmforge.jsonl import decode_line, loads, read_lines
 from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
 from lmforge.words import question_matches, whole_words
 
+logger = logging.getLogger(__name__)
 LENGTH_MULTIPLE = 16  # padded batch lengths are multiples of this
 T = TypeVar("T")
 
@@ -95,7 +96,7 @@ def read_records(path: Path, on_bad_line: str, parse: Callable[[object], T]) -> 
                 ) from None
             skipped += 1
     if skipped:
-        print(f"warning: {path}: skipped {skipped} bad line(s)", file=sys.stderr)
+        logger.warning(f"{path}: skipped {skipped} bad line(s)")
     if not examples:
         raise LmforgeError(f"{path}: no examples")
     return examples
@@ -173,10 +174,9 @@ def tokenize_spans(
         else:
             dropped += 1
     if truncated:
-        print(
-            f"warning: {where}: {truncated} of {len(spans)} prompts were longer than block_size = "
-            f"{max_tokens} tokens and lost their start; {dropped} of them lost the answer and were dropped",
-            file=sys.stderr,
+        logger.warning(
+            f"{where}: {truncated} of {len(spans)} prompts were longer than block_size = "
+            f"{max_tokens} tokens and lost their start; {dropped} of them lost the answer and were dropped"
         )
     if not out:
         raise LmforgeError(f"{where}: no example keeps its answer within block_size = {max_tokens} tokens")
@@ -199,10 +199,9 @@ def tokenize_examples(
             ids, trained = ids[-max_tokens:], trained[-max_tokens:]
         out.append(Example(ids, trained))
     if truncated:
-        print(
-            f"warning: {where}: {truncated} of {len(examples)} examples were longer than block_size + 1 = "
-            f"{max_tokens} tokens and were truncated (the prompt's start is cut first)",
-            file=sys.stderr,
+        logger.warning(
+            f"{where}: {truncated} of {len(examples)} examples were longer than block_size + 1 = "
+            f"{max_tokens} tokens and were truncated (the prompt's start is cut first)"
         )
     return out
 

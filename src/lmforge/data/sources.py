@@ -15,10 +15,10 @@ import hashlib
 import http.client
 import itertools
 import json
+import logging
 import math
 import os
 import re
-import sys
 import tempfile
 import time
 import urllib.request
@@ -30,6 +30,7 @@ from typing import BinaryIO
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import decode_line, loads, read_lines
 
+logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 16  # small enough that encode_batch spreads a batch over all cores
 DEFAULT_DOWNLOAD_TIMEOUT_S = 600.0  # a whole download; TinyShakespeare (1 MB) needs seconds
 DOWNLOAD_BLOCK_BYTES = 1 << 16
@@ -190,7 +191,7 @@ def _download(dataset: NamedDataset, target: Path) -> None:
     timeout = download_timeout()
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(target, timeout)
-    print(f"downloading {dataset.name} from {dataset.url}", file=sys.stderr)
+    logger.info(f"downloading {dataset.name} from {dataset.url}")
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     tmp = Path(tmp_name)
     try:
@@ -359,9 +360,7 @@ def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
                         f"{path}: invalid UTF-8 at byte {offset} "
                         "(use --invalid-utf8 replace to substitute U+FFFD)"
                     ) from None
-                print(
-                    f"warning: {path}: invalid UTF-8 from byte {offset} replaced with U+FFFD", file=sys.stderr
-                )
+                logger.warning(f"{path}: invalid UTF-8 from byte {offset} replaced with U+FFFD")
                 buffered = decoder.getstate()[0]
                 decoder = codecs.getincrementaldecoder("utf-8")("replace")
                 text = decoder.decode(buffered + raw, final=final)

@@ -212,12 +212,12 @@ class TextCoverage:
         )
 
     def report(self) -> str | None:
-        """The stderr line that counts what was replaced or skipped, if anything was."""
+        """The warning that counts what was replaced or skipped, if anything was."""
         if not self.count:
             return None
         what = f"{self.count:,} character{'s' if self.count > 1 else ''} the tokenizer cannot represent"
         action = f"replaced {what} with {self.unk!r}" if self.policy == "replace" else f"skipped {what}"
-        return f"warning: {action} (first: {self.first})"
+        return f"{action} (first: {self.first})"
 
 
 def _describe(char: str) -> str:

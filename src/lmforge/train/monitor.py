@@ -6,15 +6,18 @@ Only rank 0 of a data-parallel job reports; the other ranks get a `Monitor` that
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from lmforge.inference.loss import LMEval
+from lmforge.output import ON_STDOUT
+from lmforge.progress import progress_bar
 from lmforge.report.metrics import METRICS_FILE
 from lmforge.runtime import Peak
 from lmforge.train.loggers import MetricWriter
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,8 @@ class Monitor:
         self.max_steps, self.bar_interval = max_steps, bar_interval
         self.peak = peak  # the whole job's
         self.over_peak_said = False
-        disable = not progress or run_dir is None
-        self.bar = tqdm(total=max_steps, initial=first_step, unit="step", disable=disable, dynamic_ncols=True)
+        shown = progress and run_dir is not None
+        self.bar = progress_bar(total=max_steps, initial=first_step, desc="train", unit="step", enabled=shown)
         self.silent = run_dir is None
 
     def step(self, result: StepResult) -> None:
@@ -133,9 +136,9 @@ class Monitor:
             writer.write(entry)
 
     def say(self, text: str) -> None:
-        """A line above the progress bar."""
+        """A line above the progress bar, on stdout (where a run's messages always were)."""
         if not self.silent:
-            self.bar.write(text)
+            logger.info(text, extra=ON_STDOUT)
 
     def close(self) -> None:
         self.bar.close()

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from lmforge import __version__
 from lmforge.chat.repl import Chat, Conversation
@@ -21,6 +20,7 @@ from lmforge.eval.compare.prompts import Prompt, read_prompts
 from lmforge.eval.compare.sheet import sheet_html
 from lmforge.inference import InferenceSession, ModelSource
 from lmforge.inference.sampling import SamplingOptions
+from lmforge.progress import progress_bar
 from lmforge.staging import check_out, staged_folder
 
 SHEET = "sheet.html"  # what the judge gets
@@ -86,7 +86,7 @@ def make_sheet(
     device, dtype = sources[0].device, sources[0].dtype  # as asked for both runs, recorded in the key
     answers = [
         _answers(answerers, runs, prompts_file, p, options, _prompt_seed(seed, i))
-        for i, p in enumerate(tqdm(prompts, desc="answering", unit="prompt", leave=False, disable=None))
+        for i, p in enumerate(progress_bar(prompts, desc="answering", unit="prompt", leave=False))
     ]
     entries = _entries(prompts, answers, seed)
     order = _shown_order(len(entries), seed)
