@@ -502,3 +502,33 @@ def test_resuming_a_run_from_before_markers_marks_it(tmp_path: Path) -> None:
     prepare_run_dir(run, Config(), tmp_path / "tokenizer.json", resumed_at=10)
     assert json.loads((run / ".lmforge").read_text())["kind"] == "run"
     assert (run / "checkpoints").is_dir()  # a resume keeps the folder
+
+
+def test_build_run_resolves_a_copy_of_the_config_and_leaves_the_callers_as_it_was(
+    char_data: Path, tmp_path: Path
+) -> None:
+    """The run's config holds what build_run resolved (the dtype "auto" chose, the data's vocabulary,
+    train.init_from's architecture); the config it was given compares equal to a copy taken before."""
+    import copy
+
+    from lmforge.config import ModelConfig
+    from lmforge.model import GPT
+    from lmforge.runtime import resolve_dtype
+    from lmforge.train.distributed import Distributed
+    from lmforge.train.run import build_run
+
+    cpu = torch.device("cpu")
+    source = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=32, vocab_size=64)
+    ckpt.save_checkpoint(
+        tmp_path / "source", 1, GPT(source), {}, Config(model=source), char_data / "tokenizer.json", None
+    )
+    for init_from, architecture in (("", 2), (str(tmp_path / "source"), 1)):
+        config = load_config(None, [*TINY, f"data.dir={char_data}", f"train.init_from={init_from}"])
+        before = copy.deepcopy(config)
+        assert config.model.vocab_size is None and config.train.dtype == "auto"
+        run = build_run(config, tmp_path / f"run{architecture}", False, False, Distributed(), cpu)
+        assert config == before
+        assert run.config.train.dtype == resolve_dtype("auto", cpu)
+        assert run.config.model.n_layer == architecture
+        assert run.config.model.vocab_size == (64 if init_from else 59)  # the source's, else the data's
+        assert load_config(tmp_path / f"run{architecture}" / "config.toml") == run.config  # as saved

@@ -141,15 +141,20 @@ def build_run(
     config_file: Path | None = None,
 ) -> Run:
     """Check the inputs, then build (or restore) every object of the run; rank 0 sets up `run_dir`.
-    The run's config (kept in `Run` and saved) names the precision that train.dtype = "auto" chose."""
+    `config` is left as it is: the run's config (`Run.config`, saved with the run) is it resolved,
+    with the precision that train.dtype = "auto" chose, train.init_from's architecture and the
+    data's vocabulary size."""
     dtype = "fp32" if config.privacy.enabled else config.train.dtype  # validation allows fp32 or auto
     config = with_dtype(config, resolve_dtype(dtype, device))
     t = config.train
     check_batch_split(t.batch_size, dist.world)
     resume_from = Checkpointer.find_resume_point(run_dir, resume, overwrite, run_inputs(config, config_file))
     init_from = None if resume_from is not None else resolve_init_from(config)
+    if init_from is not None:  # the run takes its architecture
+        config = dataclasses.replace(config, model=ckpt.init_model_config(init_from, config.model))
     chat_template = run_chat_template(config, resume_from or init_from)
     data = open_data(config, init_from, chat_template)
+    config = with_vocab_size(config, data)
     check_compatible(config, data, init_from, resume_from)
     amp = autocast(device, t.dtype)
     module = build_model(config, init_from, device)
@@ -210,12 +215,11 @@ def with_dtype(config: Config, dtype: str) -> Config:
 
 
 def resolve_init_from(config: Config) -> Path | None:
-    """train.init_from's checkpoint, verified; the run takes its architecture (config.model)."""
+    """train.init_from's checkpoint, verified."""
     if not config.train.init_from:
         return None
     init_from = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
     ckpt.verify_checkpoint(init_from)
-    config.model = ckpt.init_model_config(init_from, config.model)
     return init_from
 
 
@@ -234,7 +238,7 @@ def run_chat_template(config: Config, source: Path | None) -> ChatTemplate | Non
 def open_data(
     config: Config, init_from: Path | None = None, chat_template: ChatTemplate | None = None
 ) -> TrainingData:
-    """Open the configured data and reconcile the model's vocabulary and block size with it."""
+    """Open the configured data, checking that it holds more than model.block_size tokens."""
     model = config.model
     if not config.data.dir:
         raise LmforgeError(
@@ -256,14 +260,22 @@ def open_data(
         )
     else:
         data = _open_tokens(config.data.dir, model.block_size)
-    if model.vocab_size is None:
-        model.vocab_size = data.vocab_size
-    elif model.vocab_size < data.vocab_size:
+    return data
+
+
+def with_vocab_size(config: Config, data: TrainingData) -> Config:
+    """`config` with model.vocab_size the data's when it is unset; refused when smaller than the data's."""
+    vocab_size = config.model.vocab_size
+    if vocab_size is None:
+        return dataclasses.replace(
+            config, model=dataclasses.replace(config.model, vocab_size=data.vocab_size)
+        )
+    if vocab_size < data.vocab_size:
         raise LmforgeError(
-            f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary "
+            f"model.vocab_size {vocab_size} is smaller than the data's vocabulary "
             f"({data.vocab_size}, tokenizer {data.tokenizer_file})"
         )
-    return data
+    return config
 
 
 def _open_tokens(directory: str, block_size: int) -> PreparedData:
