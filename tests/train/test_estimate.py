@@ -172,8 +172,9 @@ def test_time_arithmetic() -> None:
 def test_vocab_size_comes_from_prepared_data(char_data: Path) -> None:
     config = load_config(None, [f"data.dir={char_data}"])
     e = estimate(config, peak_flops=1e11)
-    assert config.model.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
-    assert e.params.total == GPT(config.model).num_params()
+    assert e.model.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
+    assert e.params.total == GPT(e.model).num_params()
+    assert config.model.vocab_size is None  # the estimate's model is a copy
 
 
 def test_cli_prints_the_table_and_json(cli, tmp_path: Path) -> None:

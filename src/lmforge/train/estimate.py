@@ -24,6 +24,7 @@ live through the next forward and add to all of these.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -310,6 +311,7 @@ class Estimate:
     """Everything `lmforge estimate` prints; `as_dict` is its JSON."""
 
     params: ParamCounts
+    model: ModelConfig  # the architecture estimated: train.init_from's, with the vocabulary resolved
     devices: int
     device_type: str
     dtype: str
@@ -345,12 +347,7 @@ def estimate(
 ) -> Estimate:
     """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
     _check_arguments(devices, device_type, mfu, tokens, peak_flops)
-    notes = _settle_model(config)
-    if config.privacy.enabled:  # as the trainer: DP-SGD runs in fp32
-        config.train.dtype = "fp32"
-    if config.train.dtype == "auto":  # what the trainer would pick: the listed GPUs all have bf16
-        config.train.dtype = resolve_dtype("auto", torch.device("cpu")) if device_type == "cpu" else "bf16"
-        notes.append(f"train.dtype auto is {config.train.dtype} on {device_type}")
+    config, notes = _settle(config, device_type)
     params = count_parameters(config.model)
     t, cpu = config.train, device_type == "cpu"
     table = {}
@@ -363,6 +360,7 @@ def estimate(
     chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
     return Estimate(
         params=params,
+        model=config.model,
         devices=devices,
         device_type=device_type,
         dtype=t.dtype,
@@ -400,22 +398,31 @@ def _check_arguments(
         raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
 
 
-def _settle_model(config: Config) -> list[str]:
-    """Make `config.model` the model `train` would build; return notes on what the estimate assumes."""
-    notes = []
+def _settle(config: Config, device_type: str) -> tuple[Config, list[str]]:
+    """A copy of `config` with the model `train` would build and the dtype it would run in on
+    `device_type`; and notes on what the estimate assumes."""
+    notes, model = [], config.model
     if config.train.init_from:
         from lmforge import checkpoint as ckpt
 
         source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
-        config.model = ckpt.init_model_config(source, config.model)
+        model = ckpt.init_model_config(source, model)
         notes.append(f"architecture of train.init_from {source}")
     if config.lora.rank > 0:
         notes.append(
             "lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
             "(an upper bound)"
         )
-    config.model.vocab_size = resolve_vocab_size(config)
-    return notes
+    model = dataclasses.replace(
+        model, vocab_size=resolve_vocab_size(dataclasses.replace(config, model=model))
+    )
+    dtype = "fp32" if config.privacy.enabled else config.train.dtype  # as the trainer: DP-SGD runs in fp32
+    if dtype == "auto":  # what the trainer would pick: the listed GPUs all have bf16
+        dtype = resolve_dtype("auto", torch.device("cpu")) if device_type == "cpu" else "bf16"
+        notes.append(f"train.dtype auto is {dtype} on {device_type}")
+    return dataclasses.replace(
+        config, model=model, train=dataclasses.replace(config.train, dtype=dtype)
+    ), notes
 
 
 def _peak(given: float | None, device_type: str, dtype: str) -> Peak:
@@ -507,6 +514,6 @@ def estimate_report(config_file: str, overrides: list[str], as_json: bool = Fals
     result = estimate(config, **options)
     if as_json:
         return json.dumps({"config": config_file, **result.as_dict()})
-    m = config.model
+    m = result.model
     header = f"{config_file}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}"
     return f"{header}\n{format_table(result)}"
