@@ -97,12 +97,13 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     from lmforge.train.distributed import apply_activation_checkpointing
     from lmforge.train.estimate import count_parameters, memory
     from lmforge.train.optim import build_optimizers
+    from lmforge.train.run import with_dtype
     from lmforge.train.step import Stepper
 
     config = load_config(config_path, [*overrides, "train.device=cpu"])
-    m, t = config.model, config.train
     device = torch.device("cpu")
-    t.dtype = resolve_dtype(t.dtype, device)  # what the trainer would run
+    config = with_dtype(config, resolve_dtype(config.train.dtype, device))  # what the trainer would run
+    m, t = config.model, config.train
     torch.manual_seed(0)
     tokens = (
         np.random.default_rng(0)

@@ -2,7 +2,8 @@
 
 Every section is a dataclass; the field types drive validation, so a key added here is
 automatically accepted in TOML and by `--set section.key=value`, with one-line errors for
-unknown keys, wrong types and impossible values.
+unknown keys, wrong types and impossible values. Sections are frozen: a config never changes
+once loaded and validated, and code that needs other values makes a copy (`dataclasses.replace`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ TrainDtype = Literal["auto", "fp32", "bf16", "fp16"]
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """[data]: what to train on."""
 
@@ -51,7 +52,7 @@ class DataConfig:
     chat_template: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """[model]: the architecture, GPT-2's by default."""
 
@@ -85,7 +86,7 @@ class ModelConfig:
     word_match: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """[optim]: the optimizer."""
 
@@ -102,7 +103,7 @@ class OptimConfig:
     decay_embeddings: bool = False  # weight decay on embeddings and head too
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
     """[schedule]: the learning rate over the steps."""
 
@@ -113,7 +114,7 @@ class ScheduleConfig:
     wsd_decay_fraction: float = 0.2  # wsd: final share of the steps spent decaying
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """[train]: the training loop."""
 
@@ -138,7 +139,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     """[lora]: low-rank adapters instead of full fine-tuning."""
 
@@ -148,7 +149,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ("qkv", "proj", "up", "down")  # Linear layers of the model's blocks
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """[parallel]: how the processes of a run share the work."""
 
@@ -159,7 +160,7 @@ class ParallelConfig:
     timeout_s: float = 1800.0  # seconds a collective waits for the other processes before the job fails
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrivacyConfig:
     """[privacy]: differentially private training (DP-SGD through Opacus); off unless a noise level is set.
 
@@ -180,7 +181,7 @@ class PrivacyConfig:
         return self.noise_multiplier is not None or self.target_epsilon is not None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
     """[log]: progress output and where metrics go besides metrics.jsonl."""
 
@@ -191,7 +192,7 @@ class LogConfig:
     wandb_project: str = "lmforge"  # the W&B project of the run (its name is the run folder's)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """A whole run: one section per table of the TOML file."""
 

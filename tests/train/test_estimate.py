@@ -3,6 +3,7 @@ arithmetic, CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -101,12 +102,12 @@ def test_optimizer_state_per_optimizer() -> None:
     config = config_of()
     counts = count_parameters(config.model)
     assert optimizer_bytes(config, counts) == 2 * FP32 * counts.total
-    config.optim.name = "sgd"
-    assert optimizer_bytes(config, counts) == FP32 * counts.total
-    config.optim.momentum = 0.0
-    assert optimizer_bytes(config, counts) == 0
-    config.optim.name = "muon"
-    assert optimizer_bytes(config, counts) == FP32 * counts.matrices + 2 * FP32 * (
+    sgd = dataclasses.replace(config, optim=dataclasses.replace(config.optim, name="sgd"))
+    assert optimizer_bytes(sgd, counts) == FP32 * counts.total
+    plain_sgd = dataclasses.replace(sgd, optim=dataclasses.replace(sgd.optim, momentum=0.0))
+    assert optimizer_bytes(plain_sgd, counts) == 0
+    muon = dataclasses.replace(plain_sgd, optim=dataclasses.replace(plain_sgd.optim, name="muon"))
+    assert optimizer_bytes(muon, counts) == FP32 * counts.matrices + 2 * FP32 * (
         counts.total - counts.matrices
     )
 
