@@ -98,7 +98,7 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     from lmforge.train.estimate import count_parameters, memory
     from lmforge.train.optim import build_optimizers
     from lmforge.train.run import with_dtype
-    from lmforge.train.step import Stepper
+    from lmforge.train.step import Stepper, StepSettings
 
     config = load_config(config_path, [*overrides, "train.device=cpu"])
     device = torch.device("cpu")
@@ -118,11 +118,10 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     stepper = Stepper(
         model,
         optimizers,
-        torch.amp.GradScaler("cpu", enabled=False),
-        autocast(device, t.dtype),
-        device,
-        t.grad_accum_steps,
-        config.optim.grad_clip,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        amp=autocast(device, t.dtype),
+        device=device,
+        settings=StepSettings(grad_accum_steps=t.grad_accum_steps, grad_clip=config.optim.grad_clip),
     )
     model.train()
     stepper.gradients(batches)  # a first step creates AdamW's moments

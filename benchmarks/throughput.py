@@ -51,7 +51,7 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     from lmforge.runtime import autocast, device_peak, resolve_device, resolve_dtype, synchronize
     from lmforge.train.optim import build_optimizers
     from lmforge.train.run import with_dtype
-    from lmforge.train.step import Stepper
+    from lmforge.train.step import Stepper, StepSettings
 
     config = load_config(config_path, overrides)
     device = resolve_device(config.train.device)
@@ -70,12 +70,12 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     stepper = Stepper(
         model,
         optimizers,
-        scaler,
-        autocast(device, t.dtype),
-        device,
-        t.grad_accum_steps,
-        config.optim.grad_clip,
-        t.compile,
+        scaler=scaler,
+        amp=autocast(device, t.dtype),
+        device=device,
+        settings=StepSettings(
+            grad_accum_steps=t.grad_accum_steps, grad_clip=config.optim.grad_clip, compile=t.compile
+        ),
         count_flops=model.training_flops,
     )
     peak = device_peak(device, t.dtype)

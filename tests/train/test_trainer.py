@@ -403,7 +403,7 @@ def test_grad_accumulation_matches_a_bigger_batch() -> None:
 
     from lmforge.config import ModelConfig
     from lmforge.model import GPT
-    from lmforge.train.step import Stepper
+    from lmforge.train.step import Stepper, StepSettings
 
     torch.manual_seed(0)
     x, y = torch.randint(0, 30, (8, 16)), torch.randint(0, 30, (8, 16))
@@ -415,11 +415,10 @@ def test_grad_accumulation_matches_a_bigger_batch() -> None:
         stepper = Stepper(
             model,
             [optimizer],
-            torch.amp.GradScaler("cpu", enabled=False),
-            contextlib.nullcontext(),
-            torch.device("cpu"),
-            accum,
-            grad_clip=0.0,
+            scaler=torch.amp.GradScaler("cpu", enabled=False),
+            amp=contextlib.nullcontext(),
+            device=torch.device("cpu"),
+            settings=StepSettings(grad_accum_steps=accum, grad_clip=0.0),
         )
         loss, norm, tokens, _ = stepper.gradients(iter(batches))
         results.append((loss, norm, tokens, [p.grad.clone() for p in model.parameters()]))

@@ -149,8 +149,10 @@ def make_private(
 class PrivateStepper(Stepper):
     """`Stepper` with DP-SGD: per-sample gradients of one Poisson batch, clipped and noised."""
 
-    def __init__(self, privacy: Privacy, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, model: nn.Module, optimizers: list[torch.optim.Optimizer], *, privacy: Privacy, **kwargs: Any
+    ) -> None:
+        super().__init__(model, optimizers, **kwargs)
         self.privacy = privacy
 
     def gradients(self, batches: PoissonWindows) -> Gradients:
@@ -168,7 +170,7 @@ class PrivateStepper(Stepper):
             self.privacy.mark_empty_batch()
         self.privacy.optimizer.pre_step()  # clip, sum, add noise, / expected batch; the accountant steps
         grad_norm = distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm)
-        return Gradients(loss, grad_norm.item(), x.numel(), flops)
+        return Gradients(loss=loss, grad_norm=grad_norm.item(), tokens=x.numel(), flops=flops)
 
     def update(self, apply: bool = True) -> None:
         super().update(apply)

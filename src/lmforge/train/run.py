@@ -39,7 +39,7 @@ from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 from lmforge.train.monitor import MetricsLog
 from lmforge.train.optim import build_optimizers
-from lmforge.train.step import Stepper
+from lmforge.train.step import Stepper, StepSettings
 
 
 @dataclass
@@ -82,24 +82,8 @@ class Run:
         state: TrainingState,
         checkpointer: Checkpointer,
     ) -> Run:
-        t = config.train
-        private = () if state.privacy is None else (state.privacy,)
-        stepper = (privacy_module().PrivateStepper if private else Stepper)(
-            *private,
-            state.wrapped,
-            state.optimizers,
-            state.scaler,
-            amp,
-            device,
-            t.grad_accum_steps,
-            config.optim.grad_clip,
-            t.compile,
-            dist,
-            only_targets=config.data.kind == "sft",
-            count_flops=state.module.training_flops,
-            loss_per_row=HEADS[config.model.head].per_row_loss,
-        )
-        peak = device_peak(device, t.dtype).times(dist.world)  # MFU of the whole job
+        stepper = build_stepper(config, state, amp=amp, device=device, dist=dist)
+        peak = device_peak(device, config.train.dtype).times(dist.world)  # MFU of the whole job
         clock_start = time.perf_counter() - state.progress.elapsed_s
         run = cls(config, run_dir, dist, device, data, amp, state, checkpointer, stepper, peak, clock_start)
         checkpointer.clock = run.elapsed
@@ -189,6 +173,35 @@ def build_run(
         prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at)
     dist.barrier()
     return Run.assemble(config, run_dir, dist, device, data, amp, state, checkpointer)
+
+
+def build_stepper(
+    config: Config,
+    state: TrainingState,
+    *,
+    amp: contextlib.AbstractContextManager,
+    device: torch.device,
+    dist: Distributed,
+) -> Stepper:
+    """The run's `Stepper` (a `PrivateStepper` with [privacy]), set as `config` says."""
+    settings = StepSettings(
+        grad_accum_steps=config.train.grad_accum_steps,
+        grad_clip=config.optim.grad_clip,
+        compile=config.train.compile,
+        only_targets=config.data.kind == "sft",
+        loss_per_row=HEADS[config.model.head].per_row_loss,
+    )
+    parts = dict(
+        scaler=state.scaler,
+        amp=amp,
+        device=device,
+        settings=settings,
+        dist=dist,
+        count_flops=state.module.training_flops,
+    )
+    if state.privacy is None:
+        return Stepper(state.wrapped, state.optimizers, **parts)
+    return privacy_module().PrivateStepper(state.wrapped, state.optimizers, privacy=state.privacy, **parts)
 
 
 def privacy_module() -> types.ModuleType:
