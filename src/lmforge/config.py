@@ -274,7 +274,7 @@ def _parse_override(override: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _build(cls: type, raw: Any, origin: str, prefix: str) -> Any:
+def _build(cls: type, raw: Any, origin: str, *, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise LmforgeError(f"{origin}: {prefix.rstrip('.') or 'config'} must be a table")
     hints = typing.get_type_hints(cls)
@@ -289,11 +289,11 @@ def _build(cls: type, raw: Any, origin: str, prefix: str) -> Any:
         if dataclasses.is_dataclass(kind):
             values[name] = _build(kind, value, origin, prefix=f"{key}.")
         else:
-            values[name] = _coerce(value, kind, origin, key)
+            values[name] = _coerce(value, kind, origin, key=key)
     return cls(**values)
 
 
-def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
+def _coerce(value: Any, kind: Any, origin: str, *, key: str) -> Any:
     """Check `value` against a field type, converting int→float and list→tuple."""
     origin_type = typing.get_origin(kind)
     if origin_type in (typing.Union, types.UnionType):
@@ -301,7 +301,7 @@ def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [o for o in options if o is not type(None)]
-        return _coerce(value, inner[0], origin, key)
+        return _coerce(value, inner[0], origin, key=key)
     if origin_type is Literal:
         choices = typing.get_args(kind)
         if value not in choices:
@@ -312,12 +312,12 @@ def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
     if origin_type is tuple and typing.get_args(kind)[-1] is Ellipsis:
         if not isinstance(value, (list, tuple)) or not value:
             raise LmforgeError(f"{origin}: {key} must be a non-empty list; got {value!r}")
-        return tuple(_coerce(v, typing.get_args(kind)[0], origin, key) for v in value)
+        return tuple(_coerce(v, typing.get_args(kind)[0], origin, key=key) for v in value)
     if origin_type is tuple:
         items = typing.get_args(kind)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise LmforgeError(f"{origin}: {key} must be a list of {len(items)} numbers; got {value!r}")
-        return tuple(_coerce(v, t, origin, key) for v, t in zip(value, items))
+        return tuple(_coerce(v, t, origin, key=key) for v, t in zip(value, items))
     if kind is bool:
         if not isinstance(value, bool):
             raise LmforgeError(f"{origin}: {key} must be true or false; got {value!r}")
