@@ -140,7 +140,7 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
         running += nbytes
         highest = max(highest, running)
     params = count_parameters(m)
-    est = memory(config, params, "none", 1, checkpointing, cpu=True)
+    est = memory(config, params, "none", devices=1, checkpointing=checkpointing, cpu=True)
     measured = baseline + highest
     return {
         "params": params.total,

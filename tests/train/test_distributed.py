@@ -329,7 +329,7 @@ def test_parallel_config_errors(reference: Path, tmp_path: Path, monkeypatch: py
         LmforgeError, match=r"train.batch_size \(7\) must be divisible by the number of processes \(2\)"
     ):
         build_run(
-            config, tmp_path / "run", False, False, Distributed("ddp", rank=0, world=2), torch.device("cpu")
+            config, tmp_path / "run", dist=Distributed("ddp", rank=0, world=2), device=torch.device("cpu")
         )
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(

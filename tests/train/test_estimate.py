@@ -121,7 +121,9 @@ def test_memory_split_per_strategy(dtype: str, accum: int) -> None:
     counts = count_parameters(config.model)
     full = activation_bytes(config.model, dtype, 12, cpu=False, checkpointing=False)
     for ac in (False, True):
-        none, ddp, fsdp = (memory(config, counts, s, 4, ac, cpu=False) for s in ("none", "ddp", "fsdp"))
+        none, ddp, fsdp = (
+            memory(config, counts, s, devices=4, checkpointing=ac, cpu=False) for s in ("none", "ddp", "fsdp")
+        )
         for mem in (none, ddp, fsdp):
             fixed = mem.weights + mem.optimizer + mem.buffers
             assert fixed + max(mem.activations, mem.gradients) <= mem.peak
@@ -148,7 +150,9 @@ def test_memory_split_per_strategy(dtype: str, accum: int) -> None:
 
 
 def test_time_arithmetic() -> None:
-    assert training_seconds(1e9, 6e8, 8, 1e15, 0.5) == pytest.approx(1e9 * 6e8 / (8 * 1e15 * 0.5))
+    assert training_seconds(1e9, 6e8, devices=8, peak_flops=1e15, mfu=0.5) == pytest.approx(
+        1e9 * 6e8 / (8 * 1e15 * 0.5)
+    )
     config = config_of(
         "train.max_steps=100", "train.batch_size=4", "train.grad_accum_steps=2", "train.dtype=fp32"
     )

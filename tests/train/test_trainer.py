@@ -519,13 +519,19 @@ def test_build_run_resolves_a_copy_of_the_config_and_leaves_the_callers_as_it_wa
     cpu = torch.device("cpu")
     source = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=32, vocab_size=64)
     ckpt.save_checkpoint(
-        tmp_path / "source", 1, GPT(source), {}, Config(model=source), char_data / "tokenizer.json", None
+        tmp_path / "source",
+        1,
+        GPT(source),
+        state={},
+        config=Config(model=source),
+        tokenizer_file=char_data / "tokenizer.json",
+        val_loss=None,
     )
     for init_from, architecture in (("", 2), (str(tmp_path / "source"), 1)):
         config = load_config(None, [*TINY, f"data.dir={char_data}", f"train.init_from={init_from}"])
         before = copy.deepcopy(config)
         assert config.model.vocab_size is None and config.train.dtype == "auto"
-        run = build_run(config, tmp_path / f"run{architecture}", False, False, Distributed(), cpu)
+        run = build_run(config, tmp_path / f"run{architecture}", dist=Distributed(), device=cpu)
         assert config == before
         assert run.config.train.dtype == resolve_dtype("auto", cpu)
         assert run.config.model.n_layer == architecture

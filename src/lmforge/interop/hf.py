@@ -713,10 +713,10 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
             staging,
             0,
             model,
-            {"imported_from": str(folder.resolve())},
-            config,
-            folder / "tokenizer.json",
-            None,
+            state={"imported_from": str(folder.resolve())},
+            config=config,
+            tokenizer_file=folder / "tokenizer.json",
+            val_loss=None,
             chat_template=template,
         )
     return out

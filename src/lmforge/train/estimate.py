@@ -160,7 +160,7 @@ def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -
     return saved, held, 2 * FP32 * V
 
 
-def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool) -> float:
+def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, *, cpu: bool) -> float:
     """Bytes autograd saves in a training forward of `micro_batch` sequences of block_size tokens."""
     tokens = micro_batch * model.block_size
     per_token = (
@@ -191,7 +191,7 @@ class Activations:
 
 
 def activation_bytes(
-    model: ModelConfig, dtype: str, micro_batch: int, cpu: bool, checkpointing: bool
+    model: ModelConfig, dtype: str, micro_batch: int, *, cpu: bool, checkpointing: bool
 ) -> Activations:
     """Activation bytes of `micro_batch` sequences of block_size tokens,
     with or without per-block checkpointing.
@@ -212,7 +212,7 @@ def activation_bytes(
         start = model.n_layer * per_block + (saved + held + transient) * tokens
     else:
         per_block, working = block * tokens, (held + backward) * tokens
-        start = saved_activation_bytes(model, dtype, micro_batch, cpu) + (held + transient) * tokens
+        start = saved_activation_bytes(model, dtype, micro_batch, cpu=cpu) + (held + transient) * tokens
     return Activations(
         peak=max(start, model.n_layer * per_block + working), per_block=per_block, working=working
     )
@@ -242,7 +242,7 @@ class Memory:
 
 
 def memory(
-    config: Config, params: ParamCounts, strategy: str, devices: int, checkpointing: bool, cpu: bool
+    config: Config, params: ParamCounts, strategy: str, *, devices: int, checkpointing: bool, cpu: bool
 ) -> Memory:
     """Per-device memory of one training step under `strategy` (none, ddp, fsdp) on `devices` devices."""
     if strategy not in STRATEGIES:
@@ -250,7 +250,7 @@ def memory(
     m, t = config.model, config.train
     # under DDP/FSDP train.batch_size is the global micro-batch: each device takes its share (trainer.py)
     micro_batch = t.batch_size if strategy == "none" else math.ceil(t.batch_size / devices)
-    acts = activation_bytes(m, t.dtype, micro_batch, cpu, checkpointing)
+    acts = activation_bytes(m, t.dtype, micro_batch, cpu=cpu, checkpointing=checkpointing)
     weights, gradients, optimizer = FP32 * params.total, FP32 * params.total, optimizer_bytes(config, params)
     c = compute_bytes(t.dtype)
     if strategy == "fsdp":
@@ -276,11 +276,18 @@ def memory(
     else:  # the previous micro-batches' gradients are alive throughout
         dynamic = gradients + acts.peak
     peak = weights + optimizer + buffers + dynamic
-    return Memory(weights, gradients, optimizer, acts.peak, buffers, peak)
+    return Memory(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=acts.peak,
+        buffers=buffers,
+        peak=peak,
+    )
 
 
 def training_seconds(
-    tokens: float, flops_per_token: float, devices: int, peak_flops: float, mfu: float
+    tokens: float, flops_per_token: float, *, devices: int, peak_flops: float, mfu: float
 ) -> float:
     """Wall time to train on `tokens` tokens at `mfu` of `devices` devices' peak."""
     return tokens * flops_per_token / (devices * peak_flops * mfu)
@@ -339,6 +346,7 @@ class Estimate:
 
 def estimate(
     config: Config,
+    *,
     devices: int = 1,
     device_type: str = "cpu",
     mfu: float = 0.4,
@@ -346,17 +354,21 @@ def estimate(
     peak_flops: float | None = None,
 ) -> Estimate:
     """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
-    _check_arguments(devices, device_type, mfu, tokens, peak_flops)
+    _check_arguments(devices, device_type, mfu, tokens=tokens, peak_flops=peak_flops)
     config, notes = _settle(config, device_type)
     params = count_parameters(config.model)
     t, cpu = config.train, device_type == "cpu"
     table = {}
     for strategy in STRATEGIES:
-        table[strategy] = memory(config, params, strategy, devices, False, cpu)
-        table[f"{strategy}+ac"] = memory(config, params, strategy, devices, True, cpu)
+        table[strategy] = memory(config, params, strategy, devices=devices, checkpointing=False, cpu=cpu)
+        table[f"{strategy}+ac"] = memory(
+            config, params, strategy, devices=devices, checkpointing=True, cpu=cpu
+        )
     peak = _peak(peak_flops, device_type, t.dtype)
     tokens, budget = _token_budget(tokens, config)
-    seconds = training_seconds(tokens, params.flops_per_token, devices, peak.flops, mfu)
+    seconds = training_seconds(
+        tokens, params.flops_per_token, devices=devices, peak_flops=peak.flops, mfu=mfu
+    )
     chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
     return Estimate(
         params=params,
@@ -378,13 +390,15 @@ def estimate(
         budget_seconds=seconds,
         budget_seconds_ac=seconds * (1 + params.recompute_flops_per_token / params.flops_per_token),
         chinchilla_tokens=chinchilla,
-        chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak.flops, mfu),
+        chinchilla_seconds=training_seconds(
+            chinchilla, params.flops_per_token, devices=devices, peak_flops=peak.flops, mfu=mfu
+        ),
         notes=tuple(notes),
     )
 
 
 def _check_arguments(
-    devices: int, device_type: str, mfu: float, tokens: float | None, peak_flops: float | None
+    devices: int, device_type: str, mfu: float, *, tokens: float | None, peak_flops: float | None
 ) -> None:
     if device_type not in DEVICE_TYPES:
         raise LmforgeError(f"--device-type must be one of {', '.join(DEVICE_TYPES)}; got {device_type!r}")

@@ -77,6 +77,7 @@ class Privacy:
         self,
         settings: PrivacyConfig,
         optimizers: list[torch.optim.Optimizer],
+        *,
         sample_rate: float,
         windows: int,
         steps: int,
@@ -133,7 +134,7 @@ class Privacy:
 
 
 def make_private(
-    config: Config, module: nn.Module, optimizers: list[torch.optim.Optimizer], data: PreparedData
+    config: Config, module: nn.Module, optimizers: list[torch.optim.Optimizer], *, data: PreparedData
 ) -> tuple[nn.Module, PoissonWindows, Privacy]:
     """Wrap the model for per-sample gradients; Poisson batches; the noisy optimizer and accountant."""
     if not isinstance(data, PreparedData):  # config validation refuses data.kind = "sft" already
@@ -142,7 +143,13 @@ def make_private(
     batches = PoissonWindows(data.train, config.model.block_size, t.batch_size, seed=t.seed)
     module.per_sample_positions = True
     wrapped = GradSampleModule(module, batch_first=True, loss_reduction="mean")
-    privacy = Privacy(config.privacy, optimizers, batches.sample_rate, batches.windows, t.max_steps)
+    privacy = Privacy(
+        config.privacy,
+        optimizers,
+        sample_rate=batches.sample_rate,
+        windows=batches.windows,
+        steps=t.max_steps,
+    )
     return wrapped, batches, privacy
 
 

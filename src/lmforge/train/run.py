@@ -75,6 +75,7 @@ class Run:
         cls,
         config: Config,
         run_dir: Path,
+        *,
         dist: Distributed,
         device: torch.device,
         data: TrainingData,
@@ -85,7 +86,19 @@ class Run:
         stepper = build_stepper(config, state, amp=amp, device=device, dist=dist)
         peak = device_peak(device, config.train.dtype).times(dist.world)  # MFU of the whole job
         clock_start = time.perf_counter() - state.progress.elapsed_s
-        run = cls(config, run_dir, dist, device, data, amp, state, checkpointer, stepper, peak, clock_start)
+        run = cls(
+            config=config,
+            run_dir=run_dir,
+            dist=dist,
+            device=device,
+            data=data,
+            amp=amp,
+            state=state,
+            checkpointer=checkpointer,
+            stepper=stepper,
+            peak=peak,
+            clock_start=clock_start,
+        )
         checkpointer.clock = run.elapsed
         return run
 
@@ -118,10 +131,11 @@ class Run:
 def build_run(
     config: Config,
     run_dir: Path,
-    resume: bool,
-    overwrite: bool,
+    *,
     dist: Distributed,
     device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
     config_file: Path | None = None,
 ) -> Run:
     """Check the inputs, then build (or restore) every object of the run; rank 0 sets up `run_dir`.
@@ -132,29 +146,54 @@ def build_run(
     config = with_dtype(config, resolve_dtype(dtype, device))
     t = config.train
     check_batch_split(t.batch_size, dist.world)
-    resume_from = Checkpointer.find_resume_point(run_dir, resume, overwrite, run_inputs(config, config_file))
+    inputs = run_inputs(config, config_file)
+    resume_from = Checkpointer.find_resume_point(run_dir, resume=resume, overwrite=overwrite, inputs=inputs)
     init_from = None if resume_from is not None else resolve_init_from(config)
     if init_from is not None:  # the run takes its architecture
         config = dataclasses.replace(config, model=ckpt.init_model_config(init_from, config.model))
     chat_template = run_chat_template(config, resume_from or init_from)
     data = open_data(config, init_from, chat_template)
     config = with_vocab_size(config, data)
-    check_compatible(config, data, init_from, resume_from)
+    check_compatible(config, data, init_from=init_from, resume_from=resume_from)
     amp = autocast(device, t.dtype)
     module = build_model(config, init_from, device)
     if isinstance(data, SFTData):  # fine-tuned with a template (perhaps the default): saved, to chat in
         chat_template = data.chat_template
     checkpointer = Checkpointer(
-        run_dir, config, data.tokenizer_file, sharded=dist.enabled, chat_template=chat_template
+        run_dir, config, tokenizer_file=data.tokenizer_file, sharded=dist.enabled, chat_template=chat_template
     )
     if resume_from is not None:
-        checkpointer.restore_weights(resume_from, module, lambda m: build_optimizers(m, config.optim))
-    wrapped = distributed.parallelize(module, dist, device, t.dtype, t.activation_checkpointing)
+        checkpointer.restore_weights(
+            resume_from, module, build_optimizers=lambda m: build_optimizers(m, config.optim)
+        )
+    wrapped = distributed.parallelize(
+        module, dist, device, dtype=t.dtype, activation_checkpointing=t.activation_checkpointing
+    )
+    state = new_training_state(config, module, wrapped, data=data, device=device)
+    dist.barrier()  # every rank has checked the run folder before rank 0 changes it
+    checkpointer.restore(state)
+    progress = state.progress
+    if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
+        progress.flops_done = progress.tokens_seen * module.flops_per_token()
+    if dist.is_main:
+        resumed_at = None if resume_from is None else state.progress.step
+        prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at=resumed_at)
+    dist.barrier()
+    return Run.assemble(
+        config, run_dir, dist=dist, device=device, data=data, amp=amp, state=state, checkpointer=checkpointer
+    )
+
+
+def new_training_state(
+    config: Config, module: nn.Module, wrapped: nn.Module, *, data: TrainingData, device: torch.device
+) -> TrainingState:
+    """The objects a checkpoint saves, as a new run starts them (a resume then restores them)."""
+    t = config.train
     optimizers = build_optimizers(module, config.optim)
     batches, privacy = data.train_batches(config.model.block_size, t.batch_size, seed=t.seed), None
     if config.privacy.enabled:  # per-sample gradients, Poisson batches, noisy updates, an accountant
-        wrapped, batches, privacy = privacy_module().make_private(config, module, optimizers, data)
-    state = TrainingState(
+        wrapped, batches, privacy = privacy_module().make_private(config, module, optimizers, data=data)
+    return TrainingState(
         module=module,
         wrapped=wrapped,
         optimizers=optimizers,
@@ -163,16 +202,6 @@ def build_run(
         progress=LoopState(),
         privacy=privacy,
     )
-    dist.barrier()  # every rank has checked the run folder before rank 0 changes it
-    checkpointer.restore(state)
-    progress = state.progress
-    if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
-        progress.flops_done = progress.tokens_seen * module.flops_per_token()
-    if dist.is_main:
-        resumed_at = None if resume_from is None else state.progress.step
-        prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at)
-    dist.barrier()
-    return Run.assemble(config, run_dir, dist, device, data, amp, state, checkpointer)
 
 
 def build_stepper(
@@ -303,7 +332,7 @@ def _open_tokens(directory: str, block_size: int) -> PreparedData:
 
 
 def check_compatible(
-    config: Config, data: TrainingData, init_from: Path | None, resume_from: Path | None
+    config: Config, data: TrainingData, *, init_from: Path | None, resume_from: Path | None
 ) -> None:
     """The data's tokenizer is the source checkpoint's; a resumed run keeps its architecture."""
     if init_from is not None:
@@ -347,7 +376,7 @@ def build_model(config: Config, init_from: Path | None, device: torch.device) ->
     return module
 
 
-def prepare_run_dir(run_dir: Path, config: Config, tokenizer_file: Path, resumed_at: int | None) -> None:
+def prepare_run_dir(run_dir: Path, config: Config, tokenizer_file: Path, *, resumed_at: int | None) -> None:
     """A resumed run's log is cut back to its checkpoint; a new run empties the folder that
     `check_out` allowed it to replace (all but this process's lock), marks it first, so a kill
     midway leaves a folder that --overwrite may still replace. Either way the folder holds the

@@ -119,7 +119,7 @@ class NonFiniteGuard:
         self.policy, self.scaler_enabled = policy, scaler_enabled
         self.in_a_row = 0
 
-    def allows_update(self, loss: float, grad_norm: float, step: int, last_checkpoint: object) -> bool:
+    def allows_update(self, loss: float, grad_norm: float, *, step: int, last_checkpoint: object) -> bool:
         """True if the update of `step` (1-based) may be applied; raise when the run must stop."""
         if math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaler_enabled):
             self.in_a_row = 0
