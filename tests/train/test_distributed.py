@@ -253,10 +253,10 @@ import os, sys
 from lmforge.errors import LmforgeError
 from lmforge.train import trainer
 real = trainer.lr_factor
-def failing(step, *args):
+def failing(step, *args, **kwargs):
     if step == 3 and os.environ["RANK"] == "1":  # rank 1 alone, in the middle of the run
         raise LmforgeError("disk on fire")
-    return real(step, *args)
+    return real(step, *args, **kwargs)
 trainer.lr_factor = failing
 from lmforge.cli import main
 sys.exit(main(sys.argv[1:]))
