@@ -427,16 +427,14 @@ def _settle(config: Config, device_type: str) -> tuple[Config, list[str]]:
             "lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
             "(an upper bound)"
         )
-    model = dataclasses.replace(
-        model, vocab_size=resolve_vocab_size(dataclasses.replace(config, model=model))
-    )
+    vocab_size = resolve_vocab_size(dataclasses.replace(config, model=model))
     dtype = "fp32" if config.privacy.enabled else config.train.dtype  # as the trainer: DP-SGD runs in fp32
     if dtype == "auto":  # what the trainer would pick: the listed GPUs all have bf16
         dtype = resolve_dtype("auto", torch.device("cpu")) if device_type == "cpu" else "bf16"
         notes.append(f"train.dtype auto is {dtype} on {device_type}")
-    return dataclasses.replace(
-        config, model=model, train=dataclasses.replace(config.train, dtype=dtype)
-    ), notes
+    model = dataclasses.replace(model, vocab_size=vocab_size)
+    train = dataclasses.replace(config.train, dtype=dtype)
+    return dataclasses.replace(config, model=model, train=train), notes
 
 
 def _peak(given: float | None, device_type: str, dtype: str) -> Peak:

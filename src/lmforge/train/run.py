@@ -139,9 +139,8 @@ def build_run(
     config_file: Path | None = None,
 ) -> Run:
     """Check the inputs, then build (or restore) every object of the run; rank 0 sets up `run_dir`.
-    `config` is left as it is: the run's config (`Run.config`, saved with the run) is it resolved,
-    with the precision that train.dtype = "auto" chose, train.init_from's architecture and the
-    data's vocabulary size."""
+    `config` is left as it is; the run's own copy (`Run.config`, saved with the run) is resolved: the
+    precision that train.dtype = "auto" chose, train.init_from's architecture, the data's vocabulary."""
     dtype = "fp32" if config.privacy.enabled else config.train.dtype  # validation allows fp32 or auto
     config = with_dtype(config, resolve_dtype(dtype, device))
     t = config.train
