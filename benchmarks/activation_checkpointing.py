@@ -38,7 +38,7 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
     from lmforge.runtime import resolve_device, synchronize
     from lmforge.train.distributed import apply_activation_checkpointing
     from lmforge.train.optim import build_optimizers
-    from lmforge.train.step import Stepper
+    from lmforge.train.step import Stepper, StepSettings
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -56,11 +56,10 @@ def measure(args: argparse.Namespace, checkpointing: bool) -> dict:
     stepper = Stepper(
         model,
         optimizers,
-        torch.amp.GradScaler(device.type, enabled=False),
-        contextlib.nullcontext(),
-        device,
-        grad_accum_steps=1,
-        grad_clip=1.0,
+        scaler=torch.amp.GradScaler(device.type, enabled=False),
+        amp=contextlib.nullcontext(),
+        device=device,
+        settings=StepSettings(grad_accum_steps=1, grad_clip=1.0),
     )
 
     def batches(rows: int):

@@ -97,12 +97,13 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     from lmforge.train.distributed import apply_activation_checkpointing
     from lmforge.train.estimate import count_parameters, memory
     from lmforge.train.optim import build_optimizers
-    from lmforge.train.step import Stepper
+    from lmforge.train.run import with_dtype
+    from lmforge.train.step import Stepper, StepSettings
 
     config = load_config(config_path, [*overrides, "train.device=cpu"])
-    m, t = config.model, config.train
     device = torch.device("cpu")
-    t.dtype = resolve_dtype(t.dtype, device)  # what the trainer would run
+    config = with_dtype(config, resolve_dtype(config.train.dtype, device))  # what the trainer would run
+    m, t = config.model, config.train
     torch.manual_seed(0)
     tokens = (
         np.random.default_rng(0)
@@ -117,11 +118,10 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     stepper = Stepper(
         model,
         optimizers,
-        torch.amp.GradScaler("cpu", enabled=False),
-        autocast(device, t.dtype),
-        device,
-        t.grad_accum_steps,
-        config.optim.grad_clip,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        amp=autocast(device, t.dtype),
+        device=device,
+        settings=StepSettings(grad_accum_steps=t.grad_accum_steps, grad_clip=config.optim.grad_clip),
     )
     model.train()
     stepper.gradients(batches)  # a first step creates AdamW's moments
@@ -140,7 +140,7 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
         running += nbytes
         highest = max(highest, running)
     params = count_parameters(m)
-    est = memory(config, params, "none", 1, checkpointing, cpu=True)
+    est = memory(config, params, "none", devices=1, checkpointing=checkpointing, cpu=True)
     measured = baseline + highest
     return {
         "params": params.total,

@@ -85,7 +85,15 @@ def make_run(folder: Path, n_layer: int, d_model: int, n_head: int, block_size: 
         vocab_size=tokenizer.get_vocab_size(),
     )
     torch.manual_seed(0)
-    ckpt.save_checkpoint(folder / "run", 1, GPT(m), {}, Config(model=m), folder / "tokenizer.json", None)
+    ckpt.save_checkpoint(
+        folder / "run",
+        1,
+        GPT(m),
+        state={},
+        config=Config(model=m),
+        tokenizer_file=folder / "tokenizer.json",
+        val_loss=None,
+    )
     return folder / "run"
 
 

@@ -15,6 +15,7 @@ use (a fraction of measured matmul peak); above 100% a measurement error, not an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -49,13 +50,13 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     from lmforge.model import GPT
     from lmforge.runtime import autocast, device_peak, resolve_device, resolve_dtype, synchronize
     from lmforge.train.optim import build_optimizers
-    from lmforge.train.step import Stepper
+    from lmforge.train.run import with_dtype
+    from lmforge.train.step import Stepper, StepSettings
 
     config = load_config(config_path, overrides)
-    m, t = config.model, config.train
-    m.vocab_size = m.vocab_size or 65
-    device = resolve_device(t.device)
-    t.dtype = resolve_dtype(t.dtype, device)
+    device = resolve_device(config.train.device)
+    config = with_dtype(config, resolve_dtype(config.train.dtype, device))
+    m, t = dataclasses.replace(config.model, vocab_size=config.model.vocab_size or 65), config.train
     torch.manual_seed(t.seed)
     tokens = (
         np.random.default_rng(0)
@@ -69,12 +70,12 @@ def measure(config_path: Path, overrides: list[str], steps: int, warmup: int, bu
     stepper = Stepper(
         model,
         optimizers,
-        scaler,
-        autocast(device, t.dtype),
-        device,
-        t.grad_accum_steps,
-        config.optim.grad_clip,
-        t.compile,
+        scaler=scaler,
+        amp=autocast(device, t.dtype),
+        device=device,
+        settings=StepSettings(
+            grad_accum_steps=t.grad_accum_steps, grad_clip=config.optim.grad_clip, compile=t.compile
+        ),
         count_flops=model.training_flops,
     )
     peak = device_peak(device, t.dtype)

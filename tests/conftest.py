@@ -155,7 +155,9 @@ def random_char_run(
         vocab_size=tokenizer.get_vocab_size(),
     )
     torch.manual_seed(seed)
-    checkpoint.save_checkpoint(run, 1, GPT(m), {}, Config(model=m), tokenizer_file, None)
+    checkpoint.save_checkpoint(
+        run, 1, GPT(m), state={}, config=Config(model=m), tokenizer_file=tokenizer_file, val_loss=None
+    )
     return run
 
 

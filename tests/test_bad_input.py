@@ -83,7 +83,15 @@ def run_dir(tmp_path: Path) -> Path:
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     m = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=32, vocab_size=tokenizer.get_vocab_size())
     torch.manual_seed(0)
-    ckpt.save_checkpoint(tmp_path / "run", 1, GPT(m), {}, Config(model=m), tmp_path / "tokenizer.json", 1.0)
+    ckpt.save_checkpoint(
+        tmp_path / "run",
+        1,
+        GPT(m),
+        state={},
+        config=Config(model=m),
+        tokenizer_file=tmp_path / "tokenizer.json",
+        val_loss=1.0,
+    )
     return tmp_path / "run"
 
 

@@ -1,8 +1,9 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from lmforge.config import Config, load_config
+from lmforge.config import Config, ModelConfig, load_config
 from lmforge.errors import LmforgeError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -34,6 +35,21 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
     path = tmp_path / "saved.toml"
     path.write_text(config.to_toml())
     assert load_config(path) == config
+
+
+def test_a_loaded_config_is_frozen_and_changes_by_copy() -> None:
+    config = load_config(None, ["model.n_layer=6"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model.n_layer = 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.model = ModelConfig()
+    sections = [getattr(config, f.name) for f in dataclasses.fields(config)]  # [data] to [privacy]
+    for section in sections:
+        first = dataclasses.fields(section)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(section, first, getattr(section, first))
+    copy = dataclasses.replace(config, model=dataclasses.replace(config.model, n_layer=2))
+    assert copy.model.n_layer == 2 and config.model.n_layer == 6
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))

@@ -186,7 +186,9 @@ def _train(args: argparse.Namespace) -> int:
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for the job
     try:
-        summary = train_command(args.config, args.set, args.out, args.resume, args.overwrite)
+        summary = train_command(
+            args.config, args.set, out=args.out, resume=args.resume, overwrite=args.overwrite
+        )
     except TrainingInterrupted as stop:
         if main_rank:
             print(f"lmforge train: {stop}", file=sys.stderr)

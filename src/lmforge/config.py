@@ -2,7 +2,8 @@
 
 Every section is a dataclass; the field types drive validation, so a key added here is
 automatically accepted in TOML and by `--set section.key=value`, with one-line errors for
-unknown keys, wrong types and impossible values.
+unknown keys, wrong types and impossible values. Sections are frozen: a config never changes
+once loaded and validated, and code that needs other values makes a copy (`dataclasses.replace`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ TrainDtype = Literal["auto", "fp32", "bf16", "fp16"]
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     """[data]: what to train on."""
 
@@ -51,7 +52,7 @@ class DataConfig:
     chat_template: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """[model]: the architecture, GPT-2's by default."""
 
@@ -85,7 +86,7 @@ class ModelConfig:
     word_match: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """[optim]: the optimizer."""
 
@@ -102,7 +103,7 @@ class OptimConfig:
     decay_embeddings: bool = False  # weight decay on embeddings and head too
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScheduleConfig:
     """[schedule]: the learning rate over the steps."""
 
@@ -113,7 +114,7 @@ class ScheduleConfig:
     wsd_decay_fraction: float = 0.2  # wsd: final share of the steps spent decaying
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """[train]: the training loop."""
 
@@ -138,7 +139,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraConfig:
     """[lora]: low-rank adapters instead of full fine-tuning."""
 
@@ -148,7 +149,7 @@ class LoraConfig:
     targets: tuple[str, ...] = ("qkv", "proj", "up", "down")  # Linear layers of the model's blocks
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     """[parallel]: how the processes of a run share the work."""
 
@@ -159,7 +160,7 @@ class ParallelConfig:
     timeout_s: float = 1800.0  # seconds a collective waits for the other processes before the job fails
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrivacyConfig:
     """[privacy]: differentially private training (DP-SGD through Opacus); off unless a noise level is set.
 
@@ -180,7 +181,7 @@ class PrivacyConfig:
         return self.noise_multiplier is not None or self.target_epsilon is not None
 
 
-@dataclass
+@dataclass(frozen=True)
 class LogConfig:
     """[log]: progress output and where metrics go besides metrics.jsonl."""
 
@@ -191,7 +192,7 @@ class LogConfig:
     wandb_project: str = "lmforge"  # the W&B project of the run (its name is the run folder's)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     """A whole run: one section per table of the TOML file."""
 
@@ -273,7 +274,7 @@ def _parse_override(override: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _build(cls: type, raw: Any, origin: str, prefix: str) -> Any:
+def _build(cls: type, raw: Any, origin: str, *, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise LmforgeError(f"{origin}: {prefix.rstrip('.') or 'config'} must be a table")
     hints = typing.get_type_hints(cls)
@@ -288,11 +289,11 @@ def _build(cls: type, raw: Any, origin: str, prefix: str) -> Any:
         if dataclasses.is_dataclass(kind):
             values[name] = _build(kind, value, origin, prefix=f"{key}.")
         else:
-            values[name] = _coerce(value, kind, origin, key)
+            values[name] = _coerce(value, kind, origin, key=key)
     return cls(**values)
 
 
-def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
+def _coerce(value: Any, kind: Any, origin: str, *, key: str) -> Any:
     """Check `value` against a field type, converting int→float and list→tuple."""
     origin_type = typing.get_origin(kind)
     if origin_type in (typing.Union, types.UnionType):
@@ -300,7 +301,7 @@ def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
         if value is None and type(None) in options:
             return None
         inner = [o for o in options if o is not type(None)]
-        return _coerce(value, inner[0], origin, key)
+        return _coerce(value, inner[0], origin, key=key)
     if origin_type is Literal:
         choices = typing.get_args(kind)
         if value not in choices:
@@ -311,12 +312,12 @@ def _coerce(value: Any, kind: Any, origin: str, key: str) -> Any:
     if origin_type is tuple and typing.get_args(kind)[-1] is Ellipsis:
         if not isinstance(value, (list, tuple)) or not value:
             raise LmforgeError(f"{origin}: {key} must be a non-empty list; got {value!r}")
-        return tuple(_coerce(v, typing.get_args(kind)[0], origin, key) for v in value)
+        return tuple(_coerce(v, typing.get_args(kind)[0], origin, key=key) for v in value)
     if origin_type is tuple:
         items = typing.get_args(kind)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise LmforgeError(f"{origin}: {key} must be a list of {len(items)} numbers; got {value!r}")
-        return tuple(_coerce(v, t, origin, key) for v, t in zip(value, items))
+        return tuple(_coerce(v, t, origin, key=key) for v, t in zip(value, items))
     if kind is bool:
         if not isinstance(value, bool):
             raise LmforgeError(f"{origin}: {key} must be true or false; got {value!r}")

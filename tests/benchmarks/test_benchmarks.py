@@ -89,7 +89,7 @@ def test_train_estimate_and_the_throughput_benchmark_count_the_same_flops_per_to
     (tmp_path / "tiny.toml").write_text("")
     benchmark = load_benchmark("throughput").measure(tmp_path / "tiny.toml", overrides, steps=1, warmup=0)
     run = build_run(
-        load_config(None, overrides), tmp_path / "run", False, False, Distributed(), torch.device("cpu")
+        load_config(None, overrides), tmp_path / "run", dist=Distributed(), device=torch.device("cpu")
     )
     trained = train_step(run, NonFiniteGuard("stop", False))
     estimated = estimate(load_config(None, overrides), peak_flops=1e12).params.flops_per_token
@@ -258,9 +258,14 @@ def test_checkpoint_averaging_means_every_weight_the_tied_embedding_once(tmp_pat
     for seed in (1, 2):
         torch.manual_seed(seed)
         models.append(GPT(config))
-        paths.append(ckpt.save_checkpoint(
-            tmp_path / f"run{seed}", 1, models[-1], {}, Config(model=config), tmp_path / "tokenizer.json", 1.0
-        ))  # fmt: skip
+        saved = Config(model=config)
+        tokenizer_file = tmp_path / "tokenizer.json"
+        run = tmp_path / f"run{seed}"
+        paths.append(
+            ckpt.save_checkpoint(
+                run, 1, models[-1], state={}, config=saved, tokenizer_file=tokenizer_file, val_loss=1.0
+            )
+        )
     averaged, _ = weight_average(paths)
     assert averaged.head.weight is averaged.embed.weight  # still tied
     for name, weight in averaged.state_dict().items():

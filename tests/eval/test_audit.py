@@ -71,14 +71,30 @@ def overfit_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_config = Config(model=config, data=DataConfig(dir=str(root / "data")))
     torch.manual_seed(0)
     model = GPT(config)
-    save_checkpoint(root / "run", 0, model, {}, run_config, root / "data" / "tokenizer.json", None)
+    save_checkpoint(
+        root / "run",
+        0,
+        model,
+        state={},
+        config=run_config,
+        tokenizer_file=root / "data" / "tokenizer.json",
+        val_loss=None,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for x, y in itertools.islice(data.train_batches(32, 16, seed=0), STEPS):
         _, loss = model(x, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    save_checkpoint(root / "run", STEPS, model, {}, run_config, root / "data" / "tokenizer.json", loss.item())
+    save_checkpoint(
+        root / "run",
+        STEPS,
+        model,
+        state={},
+        config=run_config,
+        tokenizer_file=root / "data" / "tokenizer.json",
+        val_loss=loss.item(),
+    )
     return root / "run"
 
 

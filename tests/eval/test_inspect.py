@@ -223,7 +223,9 @@ def char_run(root: Path, **options) -> Path:
     tokenizer.save(str(root / "tokenizer.json"))
     model = tiny_model(vocab=tokenizer.get_vocab_size(), **options)
     config = Config(model=model.config)
-    ckpt.save_checkpoint(root / "run", 3, model, {}, config, root / "tokenizer.json", 2.0)
+    ckpt.save_checkpoint(
+        root / "run", 3, model, state={}, config=config, tokenizer_file=root / "tokenizer.json", val_loss=2.0
+    )
     return root / "run"
 
 

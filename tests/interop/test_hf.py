@@ -41,7 +41,9 @@ def lmforge_run(root: Path, tokenizer, **options) -> Path:
         for param in model.parameters():
             param.add_(0.05 * torch.randn_like(param))
     run = root / "run"
-    ckpt.save_checkpoint(run, 7, model, {}, Config(model=m), root / "tokenizer.json", 1.5)
+    ckpt.save_checkpoint(
+        run, 7, model, state={}, config=Config(model=m), tokenizer_file=root / "tokenizer.json", val_loss=1.5
+    )
     return run
 
 
@@ -391,7 +393,15 @@ def test_export_cli_checkpoint_best_last_or_a_folder(cli, tmp_path: Path) -> Non
     with torch.no_grad():
         for param in loaded.model.parameters():
             param.add_(0.1)
-    ckpt.save_checkpoint(run, 9, loaded.model, {}, loaded.config, tmp_path / "tokenizer.json", 2.0)
+    ckpt.save_checkpoint(
+        run,
+        9,
+        loaded.model,
+        state={},
+        config=loaded.config,
+        tokenizer_file=tmp_path / "tokenizer.json",
+        val_loss=2.0,
+    )
     step_7, step_9 = (c.path for c in ckpt.list_checkpoints(run))
     for name, which, expected, step in [
         ("best", "best", step_7, 7),  # the lower val loss

@@ -156,8 +156,8 @@ def test_a_span_loss_is_weighed_per_row_across_ranks(keyed_task: Path, tmp_path:
     settings = [*TINY, f"model.head={head}", "model.block_size=96", "data.kind=sft", f"data.dir={keyed_task}",
                 f"data.tokenizer={keyed_task / 'tokenizer.json'}"]  # fmt: skip
     config = load_config(None, settings)
-    run = build_run(config, tmp_path / "run", False, False, Distributed(), torch.device("cpu"))
-    assert run.stepper.loss_per_row == (head == "span")
+    run = build_run(config, tmp_path / "run", dist=Distributed(), device=torch.device("cpu"))
+    assert run.stepper.settings.loss_per_row == (head == "span")
 
 
 @pytest.mark.slow

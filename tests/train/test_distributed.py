@@ -254,10 +254,10 @@ import os, sys
 from lmforge.errors import LmforgeError
 from lmforge.train import trainer
 real = trainer.lr_factor
-def failing(step, *args):
+def failing(step, *args, **kwargs):
     if step == 3 and os.environ["RANK"] == "1":  # rank 1 alone, in the middle of the run
         raise LmforgeError("disk on fire")
-    return real(step, *args)
+    return real(step, *args, **kwargs)
 trainer.lr_factor = failing
 from lmforge.cli import main
 sys.exit(main(sys.argv[1:]))
@@ -330,7 +330,7 @@ def test_parallel_config_errors(reference: Path, tmp_path: Path, monkeypatch: py
         LmforgeError, match=r"train.batch_size \(7\) must be divisible by the number of processes \(2\)"
     ):
         build_run(
-            config, tmp_path / "run", False, False, Distributed("ddp", rank=0, world=2), torch.device("cpu")
+            config, tmp_path / "run", dist=Distributed("ddp", rank=0, world=2), device=torch.device("cpu")
         )
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(

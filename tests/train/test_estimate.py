@@ -3,6 +3,7 @@ arithmetic, CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -101,12 +102,12 @@ def test_optimizer_state_per_optimizer() -> None:
     config = config_of()
     counts = count_parameters(config.model)
     assert optimizer_bytes(config, counts) == 2 * FP32 * counts.total
-    config.optim.name = "sgd"
-    assert optimizer_bytes(config, counts) == FP32 * counts.total
-    config.optim.momentum = 0.0
-    assert optimizer_bytes(config, counts) == 0
-    config.optim.name = "muon"
-    assert optimizer_bytes(config, counts) == FP32 * counts.matrices + 2 * FP32 * (
+    sgd = dataclasses.replace(config, optim=dataclasses.replace(config.optim, name="sgd"))
+    assert optimizer_bytes(sgd, counts) == FP32 * counts.total
+    plain_sgd = dataclasses.replace(sgd, optim=dataclasses.replace(sgd.optim, momentum=0.0))
+    assert optimizer_bytes(plain_sgd, counts) == 0
+    muon = dataclasses.replace(plain_sgd, optim=dataclasses.replace(plain_sgd.optim, name="muon"))
+    assert optimizer_bytes(muon, counts) == FP32 * counts.matrices + 2 * FP32 * (
         counts.total - counts.matrices
     )
 
@@ -120,7 +121,9 @@ def test_memory_split_per_strategy(dtype: str, accum: int) -> None:
     counts = count_parameters(config.model)
     full = activation_bytes(config.model, dtype, 12, cpu=False, checkpointing=False)
     for ac in (False, True):
-        none, ddp, fsdp = (memory(config, counts, s, 4, ac, cpu=False) for s in ("none", "ddp", "fsdp"))
+        none, ddp, fsdp = (
+            memory(config, counts, s, devices=4, checkpointing=ac, cpu=False) for s in ("none", "ddp", "fsdp")
+        )
         for mem in (none, ddp, fsdp):
             fixed = mem.weights + mem.optimizer + mem.buffers
             assert fixed + max(mem.activations, mem.gradients) <= mem.peak
@@ -147,7 +150,9 @@ def test_memory_split_per_strategy(dtype: str, accum: int) -> None:
 
 
 def test_time_arithmetic() -> None:
-    assert training_seconds(1e9, 6e8, 8, 1e15, 0.5) == pytest.approx(1e9 * 6e8 / (8 * 1e15 * 0.5))
+    assert training_seconds(1e9, 6e8, devices=8, peak_flops=1e15, mfu=0.5) == pytest.approx(
+        1e9 * 6e8 / (8 * 1e15 * 0.5)
+    )
     config = config_of(
         "train.max_steps=100", "train.batch_size=4", "train.grad_accum_steps=2", "train.dtype=fp32"
     )
@@ -172,8 +177,9 @@ def test_time_arithmetic() -> None:
 def test_vocab_size_comes_from_prepared_data(char_data: Path) -> None:
     config = load_config(None, [f"data.dir={char_data}"])
     e = estimate(config, peak_flops=1e11)
-    assert config.model.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
-    assert e.params.total == GPT(config.model).num_params()
+    assert e.model.vocab_size == json.loads((char_data / "meta.json").read_text())["vocab_size"]
+    assert e.params.total == GPT(e.model).num_params()
+    assert config.model.vocab_size is None  # the estimate's model is a copy
 
 
 def test_cli_prints_the_table_and_json(cli, tmp_path: Path) -> None:

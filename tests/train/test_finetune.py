@@ -214,7 +214,7 @@ def test_mfu_of_a_finetuning_step_counts_the_flops_torch_measures(sst2_small: Pa
 
     data = [f"data.dir={sst2_small}", f"data.tokenizer={sst2_small / 'tokenizer.json'}", "data.kind=sft"]
     config = load_config(None, [*data, *TINY, "model.block_size=128"])
-    run = build_run(config, tmp_path / "run", False, False, Distributed(), torch.device("cpu"))
+    run = build_run(config, tmp_path / "run", dist=Distributed(), device=torch.device("cpu"))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         result = train_step(run, NonFiniteGuard("stop", False))
     model, seq_len = config.model, result.tokens // config.train.batch_size

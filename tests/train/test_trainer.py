@@ -404,7 +404,7 @@ def test_grad_accumulation_matches_a_bigger_batch() -> None:
 
     from lmforge.config import ModelConfig
     from lmforge.model import GPT
-    from lmforge.train.step import Stepper
+    from lmforge.train.step import Stepper, StepSettings
 
     torch.manual_seed(0)
     x, y = torch.randint(0, 30, (8, 16)), torch.randint(0, 30, (8, 16))
@@ -416,11 +416,10 @@ def test_grad_accumulation_matches_a_bigger_batch() -> None:
         stepper = Stepper(
             model,
             [optimizer],
-            torch.amp.GradScaler("cpu", enabled=False),
-            contextlib.nullcontext(),
-            torch.device("cpu"),
-            accum,
-            grad_clip=0.0,
+            scaler=torch.amp.GradScaler("cpu", enabled=False),
+            amp=contextlib.nullcontext(),
+            device=torch.device("cpu"),
+            settings=StepSettings(grad_accum_steps=accum, grad_clip=0.0),
         )
         loss, norm, tokens, _ = stepper.gradients(iter(batches))
         results.append((loss, norm, tokens, [p.grad.clone() for p in model.parameters()]))
@@ -503,3 +502,39 @@ def test_resuming_a_run_from_before_markers_marks_it(tmp_path: Path) -> None:
     prepare_run_dir(run, Config(), tmp_path / "tokenizer.json", resumed_at=10)
     assert json.loads((run / ".lmforge").read_text())["kind"] == "run"
     assert (run / "checkpoints").is_dir()  # a resume keeps the folder
+
+
+def test_build_run_resolves_a_copy_of_the_config_and_leaves_the_callers_as_it_was(
+    char_data: Path, tmp_path: Path
+) -> None:
+    """The run's config holds what build_run resolved (the dtype "auto" chose, the data's vocabulary,
+    train.init_from's architecture); the config it was given compares equal to a copy taken before."""
+    import copy
+
+    from lmforge.config import ModelConfig
+    from lmforge.model import GPT
+    from lmforge.runtime import resolve_dtype
+    from lmforge.train.distributed import Distributed
+    from lmforge.train.run import build_run
+
+    cpu = torch.device("cpu")
+    source = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=32, vocab_size=64)
+    ckpt.save_checkpoint(
+        tmp_path / "source",
+        1,
+        GPT(source),
+        state={},
+        config=Config(model=source),
+        tokenizer_file=char_data / "tokenizer.json",
+        val_loss=None,
+    )
+    for init_from, architecture in (("", 2), (str(tmp_path / "source"), 1)):
+        config = load_config(None, [*TINY, f"data.dir={char_data}", f"train.init_from={init_from}"])
+        before = copy.deepcopy(config)
+        assert config.model.vocab_size is None and config.train.dtype == "auto"
+        run = build_run(config, tmp_path / f"run{architecture}", dist=Distributed(), device=cpu)
+        assert config == before
+        assert run.config.train.dtype == resolve_dtype("auto", cpu)
+        assert run.config.model.n_layer == architecture
+        assert run.config.model.vocab_size == (64 if init_from else 59)  # the source's, else the data's
+        assert load_config(tmp_path / f"run{architecture}" / "config.toml") == run.config  # as saved

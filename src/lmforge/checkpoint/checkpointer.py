@@ -76,6 +76,7 @@ class Checkpointer:
         self,
         run_dir: Path,
         config: Config,
+        *,
         tokenizer_file: Path,
         sharded: bool = False,
         clock: Callable[[], float] | None = None,
@@ -94,7 +95,7 @@ class Checkpointer:
 
     @staticmethod
     def find_resume_point(
-        run_dir: Path, resume: bool, overwrite: bool, inputs: Iterable[Path] = ()
+        run_dir: Path, *, resume: bool, overwrite: bool, inputs: Iterable[Path] = ()
     ) -> Path | None:
         """The checkpoint to resume from (verified), or None for a new run in a folder that it may
         replace (`staging.check_out`: a run folder lmforge wrote, none of the run's `inputs`)."""
@@ -109,6 +110,7 @@ class Checkpointer:
         self,
         path: Path,
         module: nn.Module,
+        *,
         build_optimizers: Callable[[nn.Module], list[torch.optim.Optimizer]],
     ) -> None:
         """First half of a resume, before parallelisation: the full weights into the plain model.
@@ -151,7 +153,7 @@ class Checkpointer:
             setattr(state.progress, name, value)
         self._saved = self._full_optimizer_state = None
 
-    def after_step(self, step: int, val_loss: float | None, last: bool) -> None:
+    def after_step(self, step: int, val_loss: float | None, *, last: bool) -> None:
         """Save when the step is periodic, the val loss a new best, or the run ends here (`last`)."""
         progress = self.state.progress
         best = progress.best_val_loss
@@ -194,13 +196,13 @@ class Checkpointer:
             self.run_dir,
             step,
             state.module,
-            training_state,
-            self.config,
-            self.tokenizer_file,
-            val_loss,
-            sharded,
-            extra_meta,
-            self.chat_template,
+            state=training_state,
+            config=self.config,
+            tokenizer_file=self.tokenizer_file,
+            val_loss=val_loss,
+            sharded=sharded,
+            extra_meta=extra_meta,
+            chat_template=self.chat_template,
         )
         if sharded is None or is_main_process():
             prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints, newest_step=step)

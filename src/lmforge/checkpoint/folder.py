@@ -95,6 +95,7 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     model: torch.nn.Module | None,
+    *,
     state: dict[str, Any],
     config: Config,
     tokenizer_file: Path,
@@ -114,7 +115,17 @@ def save_checkpoint(
     final = checkpoint_path(run_dir, step)
     try:
         tokenizer = (tokenizer_file, chat_template)
-        _save_staged(final, step, model, state, config, tokenizer, val_loss, sharded, extra_meta)
+        _save_staged(
+            final,
+            step,
+            model,
+            state=state,
+            config=config,
+            tokenizer=tokenizer,
+            val_loss=val_loss,
+            sharded=sharded,
+            extra_meta=extra_meta,
+        )
     except BaseException as exc:  # BaseException: DCP reports a rank's failure as a CheckpointException
         if (reason := disk_full(exc)) is None:
             raise
@@ -131,6 +142,7 @@ def _save_staged(
     final: Path,
     step: int,
     model: torch.nn.Module | None,
+    *,
     state: dict[str, Any],
     config: Config,
     tokenizer: tuple[Path, ChatTemplate | None],
@@ -148,13 +160,23 @@ def _save_staged(
                 check_shards_complete(staging / TRAIN_STATE)
             weights = _Weights(gather_full_weights(sharded))
         if main:
-            _write_files(staging, step, weights, state, config, tokenizer, val_loss, extra_meta)
+            _write_files(
+                staging,
+                step,
+                weights,
+                state=state,
+                config=config,
+                tokenizer=tokenizer,
+                val_loss=val_loss,
+                extra_meta=extra_meta,
+            )
 
 
 def _write_files(
     folder: Path,
     step: int,
     weights: Any,
+    *,
     state: dict[str, Any],
     config: Config,
     tokenizer: tuple[Path, ChatTemplate | None],

@@ -11,6 +11,7 @@ directly, so export and import work without the `hf` extra (the tests check them
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -519,8 +520,8 @@ def _rope_theta(config: dict, origin: str) -> float:
     return theta
 
 
-def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors:
-    """HF tensors → lmforge state dict. Sets `m.bias` False when the folder has no non-zero bias."""
+def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> tuple[Tensors, ModelConfig]:
+    """HF tensors → lmforge state dict, and `m` with bias False when the folder has no non-zero bias."""
     family = "gpt2" if kind == "gpt2" else ("qwen3" if kind == "qwen3" else "llama")
     tensors = _canonical_names(tensors, family)
     layers = _layer_count(tensors)
@@ -543,11 +544,11 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> Tensors
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise LmforgeError(f"{origin}: missing tensors {shown}")
     biases = [k for k in state if k.endswith(".bias")]
-    m.bias = any(bool(state[k].any()) for k in biases)
+    m = dataclasses.replace(m, bias=any(bool(state[k].any()) for k in biases))
     if not m.bias:
         for k in biases:
             del state[k]
-    return state
+    return state, m
 
 
 def _canonical_names(tensors: Tensors, family: str) -> Tensors:
@@ -696,7 +697,7 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
             folder_file(folder, name, str(folder))
     template = ChatTemplate.find(folder)  # None: lmforge's default serves `chat` and fine-tuning
     check_out(out, "import", overwrite, [folder])
-    state = from_hf(read_hf_weights(folder), m, hf["model_type"], str(folder))
+    state, m = from_hf(read_hf_weights(folder), m, hf["model_type"], str(folder))
     model = GPT(m)
     try:
         model.load_state_dict(state, strict=True)
@@ -712,10 +713,10 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
             staging,
             0,
             model,
-            {"imported_from": str(folder.resolve())},
-            config,
-            folder / "tokenizer.json",
-            None,
+            state={"imported_from": str(folder.resolve())},
+            config=config,
+            tokenizer_file=folder / "tokenizer.json",
+            val_loss=None,
             chat_template=template,
         )
     return out

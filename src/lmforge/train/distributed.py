@@ -54,7 +54,7 @@ class Distributed:
         return self.rank == 0
 
     def shard(
-        self, x: torch.Tensor, y: torch.Tensor, per_row: bool = False
+        self, x: torch.Tensor, y: torch.Tensor, *, per_row: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """This rank's rows of a global micro-batch, and the factor that turns its mean loss into
         its part of the global mean (x world, as gradients are averaged over ranks).
@@ -150,7 +150,7 @@ def process_group(
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    state = Distributed(strategy, dist.get_rank(), dist.get_world_size(), owns)
+    state = Distributed(strategy, rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns)
     try:
         yield state, device
     except BaseException as error:
@@ -189,6 +189,7 @@ def parallelize(
     model: nn.Module,
     dist_state: Distributed,
     device: torch.device,
+    *,
     dtype: str,
     activation_checkpointing: bool,
 ) -> nn.Module:

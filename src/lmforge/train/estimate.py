@@ -24,6 +24,7 @@ live through the next forward and add to all of these.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -159,7 +160,7 @@ def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -
     return saved, held, 2 * FP32 * V
 
 
-def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, cpu: bool) -> float:
+def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, *, cpu: bool) -> float:
     """Bytes autograd saves in a training forward of `micro_batch` sequences of block_size tokens."""
     tokens = micro_batch * model.block_size
     per_token = (
@@ -190,7 +191,7 @@ class Activations:
 
 
 def activation_bytes(
-    model: ModelConfig, dtype: str, micro_batch: int, cpu: bool, checkpointing: bool
+    model: ModelConfig, dtype: str, micro_batch: int, *, cpu: bool, checkpointing: bool
 ) -> Activations:
     """Activation bytes of `micro_batch` sequences of block_size tokens,
     with or without per-block checkpointing.
@@ -211,7 +212,7 @@ def activation_bytes(
         start = model.n_layer * per_block + (saved + held + transient) * tokens
     else:
         per_block, working = block * tokens, (held + backward) * tokens
-        start = saved_activation_bytes(model, dtype, micro_batch, cpu) + (held + transient) * tokens
+        start = saved_activation_bytes(model, dtype, micro_batch, cpu=cpu) + (held + transient) * tokens
     return Activations(
         peak=max(start, model.n_layer * per_block + working), per_block=per_block, working=working
     )
@@ -241,7 +242,7 @@ class Memory:
 
 
 def memory(
-    config: Config, params: ParamCounts, strategy: str, devices: int, checkpointing: bool, cpu: bool
+    config: Config, params: ParamCounts, strategy: str, *, devices: int, checkpointing: bool, cpu: bool
 ) -> Memory:
     """Per-device memory of one training step under `strategy` (none, ddp, fsdp) on `devices` devices."""
     if strategy not in STRATEGIES:
@@ -249,7 +250,7 @@ def memory(
     m, t = config.model, config.train
     # under DDP/FSDP train.batch_size is the global micro-batch: each device takes its share (trainer.py)
     micro_batch = t.batch_size if strategy == "none" else math.ceil(t.batch_size / devices)
-    acts = activation_bytes(m, t.dtype, micro_batch, cpu, checkpointing)
+    acts = activation_bytes(m, t.dtype, micro_batch, cpu=cpu, checkpointing=checkpointing)
     weights, gradients, optimizer = FP32 * params.total, FP32 * params.total, optimizer_bytes(config, params)
     c = compute_bytes(t.dtype)
     if strategy == "fsdp":
@@ -275,11 +276,18 @@ def memory(
     else:  # the previous micro-batches' gradients are alive throughout
         dynamic = gradients + acts.peak
     peak = weights + optimizer + buffers + dynamic
-    return Memory(weights, gradients, optimizer, acts.peak, buffers, peak)
+    return Memory(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        activations=acts.peak,
+        buffers=buffers,
+        peak=peak,
+    )
 
 
 def training_seconds(
-    tokens: float, flops_per_token: float, devices: int, peak_flops: float, mfu: float
+    tokens: float, flops_per_token: float, *, devices: int, peak_flops: float, mfu: float
 ) -> float:
     """Wall time to train on `tokens` tokens at `mfu` of `devices` devices' peak."""
     return tokens * flops_per_token / (devices * peak_flops * mfu)
@@ -310,6 +318,7 @@ class Estimate:
     """Everything `lmforge estimate` prints; `as_dict` is its JSON."""
 
     params: ParamCounts
+    model: ModelConfig  # the architecture estimated: train.init_from's, with the vocabulary resolved
     devices: int
     device_type: str
     dtype: str
@@ -337,6 +346,7 @@ class Estimate:
 
 def estimate(
     config: Config,
+    *,
     devices: int = 1,
     device_type: str = "cpu",
     mfu: float = 0.4,
@@ -344,25 +354,25 @@ def estimate(
     peak_flops: float | None = None,
 ) -> Estimate:
     """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
-    _check_arguments(devices, device_type, mfu, tokens, peak_flops)
-    notes = _settle_model(config)
-    if config.privacy.enabled:  # as the trainer: DP-SGD runs in fp32
-        config.train.dtype = "fp32"
-    if config.train.dtype == "auto":  # what the trainer would pick: the listed GPUs all have bf16
-        config.train.dtype = resolve_dtype("auto", torch.device("cpu")) if device_type == "cpu" else "bf16"
-        notes.append(f"train.dtype auto is {config.train.dtype} on {device_type}")
+    _check_arguments(devices, device_type, mfu, tokens=tokens, peak_flops=peak_flops)
+    config, notes = _settle(config, device_type)
     params = count_parameters(config.model)
     t, cpu = config.train, device_type == "cpu"
     table = {}
     for strategy in STRATEGIES:
-        table[strategy] = memory(config, params, strategy, devices, False, cpu)
-        table[f"{strategy}+ac"] = memory(config, params, strategy, devices, True, cpu)
+        table[strategy] = memory(config, params, strategy, devices=devices, checkpointing=False, cpu=cpu)
+        table[f"{strategy}+ac"] = memory(
+            config, params, strategy, devices=devices, checkpointing=True, cpu=cpu
+        )
     peak = _peak(peak_flops, device_type, t.dtype)
     tokens, budget = _token_budget(tokens, config)
-    seconds = training_seconds(tokens, params.flops_per_token, devices, peak.flops, mfu)
+    seconds = training_seconds(
+        tokens, params.flops_per_token, devices=devices, peak_flops=peak.flops, mfu=mfu
+    )
     chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
     return Estimate(
         params=params,
+        model=config.model,
         devices=devices,
         device_type=device_type,
         dtype=t.dtype,
@@ -380,13 +390,15 @@ def estimate(
         budget_seconds=seconds,
         budget_seconds_ac=seconds * (1 + params.recompute_flops_per_token / params.flops_per_token),
         chinchilla_tokens=chinchilla,
-        chinchilla_seconds=training_seconds(chinchilla, params.flops_per_token, devices, peak.flops, mfu),
+        chinchilla_seconds=training_seconds(
+            chinchilla, params.flops_per_token, devices=devices, peak_flops=peak.flops, mfu=mfu
+        ),
         notes=tuple(notes),
     )
 
 
 def _check_arguments(
-    devices: int, device_type: str, mfu: float, tokens: float | None, peak_flops: float | None
+    devices: int, device_type: str, mfu: float, *, tokens: float | None, peak_flops: float | None
 ) -> None:
     if device_type not in DEVICE_TYPES:
         raise LmforgeError(f"--device-type must be one of {', '.join(DEVICE_TYPES)}; got {device_type!r}")
@@ -400,22 +412,29 @@ def _check_arguments(
         raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
 
 
-def _settle_model(config: Config) -> list[str]:
-    """Make `config.model` the model `train` would build; return notes on what the estimate assumes."""
-    notes = []
+def _settle(config: Config, device_type: str) -> tuple[Config, list[str]]:
+    """A copy of `config` with the model `train` would build and the dtype it would run in on
+    `device_type`; and notes on what the estimate assumes."""
+    notes, model = [], config.model
     if config.train.init_from:
         from lmforge import checkpoint as ckpt
 
         source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
-        config.model = ckpt.init_model_config(source, config.model)
+        model = ckpt.init_model_config(source, model)
         notes.append(f"architecture of train.init_from {source}")
     if config.lora.rank > 0:
         notes.append(
             "lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
             "(an upper bound)"
         )
-    config.model.vocab_size = resolve_vocab_size(config)
-    return notes
+    vocab_size = resolve_vocab_size(dataclasses.replace(config, model=model))
+    dtype = "fp32" if config.privacy.enabled else config.train.dtype  # as the trainer: DP-SGD runs in fp32
+    if dtype == "auto":  # what the trainer would pick: the listed GPUs all have bf16
+        dtype = resolve_dtype("auto", torch.device("cpu")) if device_type == "cpu" else "bf16"
+        notes.append(f"train.dtype auto is {dtype} on {device_type}")
+    model = dataclasses.replace(model, vocab_size=vocab_size)
+    train = dataclasses.replace(config.train, dtype=dtype)
+    return dataclasses.replace(config, model=model, train=train), notes
 
 
 def _peak(given: float | None, device_type: str, dtype: str) -> Peak:
@@ -507,6 +526,6 @@ def estimate_report(config_file: str, overrides: list[str], as_json: bool = Fals
     result = estimate(config, **options)
     if as_json:
         return json.dumps({"config": config_file, **result.as_dict()})
-    m = config.model
+    m = result.model
     header = f"{config_file}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}"
     return f"{header}\n{format_table(result)}"

@@ -58,16 +58,16 @@ def open_writers(config: Config, run_dir: Path, first_step: int) -> list[MetricW
     """The writers `config.log` switches on, continuing after `first_step` (0: a new run)."""
     writers: list[MetricWriter] = []
     if config.log.tensorboard:
-        writers.append(TensorBoardWriter(run_dir, first_step, config.to_toml()))
+        writers.append(TensorBoardWriter(run_dir, first_step, config_toml=config.to_toml()))
     if config.log.wandb:
-        writers.append(WandbWriter(run_dir, first_step, config))
+        writers.append(WandbWriter(run_dir, first_step, config=config))
     return writers
 
 
 class TensorBoardWriter:
     """Event files in the run folder, so `tensorboard --logdir runs/` shows each run by its name."""
 
-    def __init__(self, run_dir: Path, first_step: int, config_toml: str) -> None:
+    def __init__(self, run_dir: Path, first_step: int, *, config_toml: str) -> None:
         require_packages(LogConfig(tensorboard=True))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -87,7 +87,7 @@ class TensorBoardWriter:
 class WandbWriter:
     """A W&B run named after the run folder, its files under RUN_DIR/wandb/, its config the run's."""
 
-    def __init__(self, run_dir: Path, first_step: int, config: Config) -> None:
+    def __init__(self, run_dir: Path, first_step: int, *, config: Config) -> None:
         require_packages(LogConfig(wandb=True))
         import wandb
 

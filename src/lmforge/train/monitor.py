@@ -75,6 +75,7 @@ class Monitor:
     def __init__(
         self,
         run_dir: Path | None,
+        *,
         max_steps: int,
         first_step: int,
         peak: Peak,
@@ -118,7 +119,7 @@ class Monitor:
                 {"loss": f"{result.loss:.4f}", "tok_s": f"{tokens_per_s:,.0f}", short: utilisation}
             )
 
-    def eval(self, step: int, result: LMEval, privacy: dict | None = None) -> None:
+    def eval(self, step: int, result: LMEval, *, privacy: dict | None = None) -> None:
         """An eval's line in metrics.jsonl; with `privacy` (a run with [privacy]) the epsilon spent."""
         entry = {"step": step, "val_loss": result.loss, "val_ppl": result.ppl}
         if result.bpb is not None:

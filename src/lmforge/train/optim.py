@@ -65,8 +65,10 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(param.grad, 1 - group["momentum"])
                 updates.append(param.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
-            ns = group["ns_coefficients"], group["ns_steps"], group["eps"]
-            for param, update in zip(params, orthogonalize(updates, *ns, self.ns_dtype), strict=True):
+            orthogonal = orthogonalize(
+                updates, group["ns_coefficients"], group["ns_steps"], eps=group["eps"], dtype=self.ns_dtype
+            )
+            for param, update in zip(params, orthogonal, strict=True):
                 param.mul_(1 - group["lr"] * group["weight_decay"])
                 param.add_(update, alpha=-group["lr"] * muon_lr_ratio(group["adjust_lr_fn"], param.shape))
         return loss
@@ -76,6 +78,7 @@ def orthogonalize(
     matrices: list[torch.Tensor],
     coefficients: tuple[float, float, float],
     steps: int,
+    *,
     eps: float,
     dtype: torch.dtype,
 ) -> list[torch.Tensor]:

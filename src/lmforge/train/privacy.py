@@ -77,6 +77,7 @@ class Privacy:
         self,
         settings: PrivacyConfig,
         optimizers: list[torch.optim.Optimizer],
+        *,
         sample_rate: float,
         windows: int,
         steps: int,
@@ -133,7 +134,7 @@ class Privacy:
 
 
 def make_private(
-    config: Config, module: nn.Module, optimizers: list[torch.optim.Optimizer], data: PreparedData
+    config: Config, module: nn.Module, optimizers: list[torch.optim.Optimizer], *, data: PreparedData
 ) -> tuple[nn.Module, PoissonWindows, Privacy]:
     """Wrap the model for per-sample gradients; Poisson batches; the noisy optimizer and accountant."""
     if not isinstance(data, PreparedData):  # config validation refuses data.kind = "sft" already
@@ -142,15 +143,23 @@ def make_private(
     batches = PoissonWindows(data.train, config.model.block_size, t.batch_size, seed=t.seed)
     module.per_sample_positions = True
     wrapped = GradSampleModule(module, batch_first=True, loss_reduction="mean")
-    privacy = Privacy(config.privacy, optimizers, batches.sample_rate, batches.windows, t.max_steps)
+    privacy = Privacy(
+        config.privacy,
+        optimizers,
+        sample_rate=batches.sample_rate,
+        windows=batches.windows,
+        steps=t.max_steps,
+    )
     return wrapped, batches, privacy
 
 
 class PrivateStepper(Stepper):
     """`Stepper` with DP-SGD: per-sample gradients of one Poisson batch, clipped and noised."""
 
-    def __init__(self, privacy: Privacy, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self, model: nn.Module, optimizers: list[torch.optim.Optimizer], *, privacy: Privacy, **kwargs: Any
+    ) -> None:
+        super().__init__(model, optimizers, **kwargs)
         self.privacy = privacy
 
     def gradients(self, batches: PoissonWindows) -> Gradients:
@@ -168,7 +177,7 @@ class PrivateStepper(Stepper):
             self.privacy.mark_empty_batch()
         self.privacy.optimizer.pre_step()  # clip, sum, add noise, / expected batch; the accountant steps
         grad_norm = distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm)
-        return Gradients(loss, grad_norm.item(), x.numel(), flops)
+        return Gradients(loss=loss, grad_norm=grad_norm.item(), tokens=x.numel(), flops=flops)
 
     def update(self, apply: bool = True) -> None:
         super().update(apply)

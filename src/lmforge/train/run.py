@@ -40,7 +40,7 @@ from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 from lmforge.train.monitor import MetricsLog
 from lmforge.train.optim import build_optimizers
-from lmforge.train.step import Stepper
+from lmforge.train.step import Stepper, StepSettings
 
 
 @dataclass
@@ -76,6 +76,7 @@ class Run:
         cls,
         config: Config,
         run_dir: Path,
+        *,
         dist: Distributed,
         device: torch.device,
         data: TrainingData,
@@ -83,26 +84,22 @@ class Run:
         state: TrainingState,
         checkpointer: Checkpointer,
     ) -> Run:
-        t = config.train
-        private = () if state.privacy is None else (state.privacy,)
-        stepper = (privacy_module().PrivateStepper if private else Stepper)(
-            *private,
-            state.wrapped,
-            state.optimizers,
-            state.scaler,
-            amp,
-            device,
-            t.grad_accum_steps,
-            config.optim.grad_clip,
-            t.compile,
-            dist,
-            only_targets=config.data.kind == "sft",
-            count_flops=state.module.training_flops,
-            loss_per_row=HEADS[config.model.head].per_row_loss,
-        )
-        peak = device_peak(device, t.dtype).times(dist.world)  # MFU of the whole job
+        stepper = build_stepper(config, state, amp=amp, device=device, dist=dist)
+        peak = device_peak(device, config.train.dtype).times(dist.world)  # MFU of the whole job
         clock_start = time.perf_counter() - state.progress.elapsed_s
-        run = cls(config, run_dir, dist, device, data, amp, state, checkpointer, stepper, peak, clock_start)
+        run = cls(
+            config=config,
+            run_dir=run_dir,
+            dist=dist,
+            device=device,
+            data=data,
+            amp=amp,
+            state=state,
+            checkpointer=checkpointer,
+            stepper=stepper,
+            peak=peak,
+            clock_start=clock_start,
+        )
         checkpointer.clock = run.elapsed
         return run
 
@@ -135,38 +132,68 @@ class Run:
 def build_run(
     config: Config,
     run_dir: Path,
-    resume: bool,
-    overwrite: bool,
+    *,
     dist: Distributed,
     device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
     config_file: Path | None = None,
 ) -> Run:
     """Check the inputs, then build (or restore) every object of the run; rank 0 sets up `run_dir`.
-    The run's config (kept in `Run` and saved) names the precision that train.dtype = "auto" chose."""
+    `config` is left as it is; the run's own copy (`Run.config`, saved with the run) is resolved: the
+    precision that train.dtype = "auto" chose, train.init_from's architecture, the data's vocabulary."""
     dtype = "fp32" if config.privacy.enabled else config.train.dtype  # validation allows fp32 or auto
     config = with_dtype(config, resolve_dtype(dtype, device))
     t = config.train
     check_batch_split(t.batch_size, dist.world)
-    resume_from = Checkpointer.find_resume_point(run_dir, resume, overwrite, run_inputs(config, config_file))
+    inputs = run_inputs(config, config_file)
+    resume_from = Checkpointer.find_resume_point(run_dir, resume=resume, overwrite=overwrite, inputs=inputs)
     init_from = None if resume_from is not None else resolve_init_from(config)
+    if init_from is not None:  # the run takes its architecture
+        config = dataclasses.replace(config, model=ckpt.init_model_config(init_from, config.model))
     chat_template = run_chat_template(config, resume_from or init_from)
     data = open_data(config, init_from, chat_template)
-    check_compatible(config, data, init_from, resume_from)
+    config = with_vocab_size(config, data)
+    check_compatible(config, data, init_from=init_from, resume_from=resume_from)
     amp = autocast(device, t.dtype)
     module = build_model(config, init_from, device)
     if isinstance(data, SFTData):  # fine-tuned with a template (perhaps the default): saved, to chat in
         chat_template = data.chat_template
     checkpointer = Checkpointer(
-        run_dir, config, data.tokenizer_file, sharded=dist.enabled, chat_template=chat_template
+        run_dir, config, tokenizer_file=data.tokenizer_file, sharded=dist.enabled, chat_template=chat_template
     )
     if resume_from is not None:
-        checkpointer.restore_weights(resume_from, module, lambda m: build_optimizers(m, config.optim))
-    wrapped = distributed.parallelize(module, dist, device, t.dtype, t.activation_checkpointing)
+        checkpointer.restore_weights(
+            resume_from, module, build_optimizers=lambda m: build_optimizers(m, config.optim)
+        )
+    wrapped = distributed.parallelize(
+        module, dist, device, dtype=t.dtype, activation_checkpointing=t.activation_checkpointing
+    )
+    state = new_training_state(config, module, wrapped, data=data, device=device)
+    dist.barrier()  # every rank has checked the run folder before rank 0 changes it
+    checkpointer.restore(state)
+    progress = state.progress
+    if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
+        progress.flops_done = progress.tokens_seen * module.flops_per_token()
+    if dist.is_main:
+        resumed_at = None if resume_from is None else state.progress.step
+        prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at=resumed_at)
+    dist.barrier()
+    return Run.assemble(
+        config, run_dir, dist=dist, device=device, data=data, amp=amp, state=state, checkpointer=checkpointer
+    )
+
+
+def new_training_state(
+    config: Config, module: nn.Module, wrapped: nn.Module, *, data: TrainingData, device: torch.device
+) -> TrainingState:
+    """The objects a checkpoint saves, as a new run starts them (a resume then restores them)."""
+    t = config.train
     optimizers = build_optimizers(module, config.optim)
     batches, privacy = data.train_batches(config.model.block_size, t.batch_size, seed=t.seed), None
     if config.privacy.enabled:  # per-sample gradients, Poisson batches, noisy updates, an accountant
-        wrapped, batches, privacy = privacy_module().make_private(config, module, optimizers, data)
-    state = TrainingState(
+        wrapped, batches, privacy = privacy_module().make_private(config, module, optimizers, data=data)
+    return TrainingState(
         module=module,
         wrapped=wrapped,
         optimizers=optimizers,
@@ -175,16 +202,35 @@ def build_run(
         progress=LoopState(),
         privacy=privacy,
     )
-    dist.barrier()  # every rank has checked the run folder before rank 0 changes it
-    checkpointer.restore(state)
-    progress = state.progress
-    if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
-        progress.flops_done = progress.tokens_seen * module.flops_per_token()
-    if dist.is_main:
-        resumed_at = None if resume_from is None else state.progress.step
-        prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at)
-    dist.barrier()
-    return Run.assemble(config, run_dir, dist, device, data, amp, state, checkpointer)
+
+
+def build_stepper(
+    config: Config,
+    state: TrainingState,
+    *,
+    amp: contextlib.AbstractContextManager,
+    device: torch.device,
+    dist: Distributed,
+) -> Stepper:
+    """The run's `Stepper` (a `PrivateStepper` with [privacy]), set as `config` says."""
+    settings = StepSettings(
+        grad_accum_steps=config.train.grad_accum_steps,
+        grad_clip=config.optim.grad_clip,
+        compile=config.train.compile,
+        only_targets=config.data.kind == "sft",
+        loss_per_row=HEADS[config.model.head].per_row_loss,
+    )
+    parts = dict(
+        scaler=state.scaler,
+        amp=amp,
+        device=device,
+        settings=settings,
+        dist=dist,
+        count_flops=state.module.training_flops,
+    )
+    if state.privacy is None:
+        return Stepper(state.wrapped, state.optimizers, **parts)
+    return privacy_module().PrivateStepper(state.wrapped, state.optimizers, privacy=state.privacy, **parts)
 
 
 def privacy_module() -> types.ModuleType:
@@ -211,12 +257,11 @@ def with_dtype(config: Config, dtype: str) -> Config:
 
 
 def resolve_init_from(config: Config) -> Path | None:
-    """train.init_from's checkpoint, verified; the run takes its architecture (config.model)."""
+    """train.init_from's checkpoint, verified."""
     if not config.train.init_from:
         return None
     init_from = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
     ckpt.verify_checkpoint(init_from)
-    config.model = ckpt.init_model_config(init_from, config.model)
     return init_from
 
 
@@ -235,7 +280,7 @@ def run_chat_template(config: Config, source: Path | None) -> ChatTemplate | Non
 def open_data(
     config: Config, init_from: Path | None = None, chat_template: ChatTemplate | None = None
 ) -> TrainingData:
-    """Open the configured data and reconcile the model's vocabulary and block size with it."""
+    """Open the configured data, checking that it holds more than model.block_size tokens."""
     model = config.model
     if not config.data.dir:
         raise LmforgeError(
@@ -257,14 +302,22 @@ def open_data(
         )
     else:
         data = _open_tokens(config.data.dir, model.block_size)
-    if model.vocab_size is None:
-        model.vocab_size = data.vocab_size
-    elif model.vocab_size < data.vocab_size:
+    return data
+
+
+def with_vocab_size(config: Config, data: TrainingData) -> Config:
+    """`config` with model.vocab_size the data's when it is unset; refused when smaller than the data's."""
+    vocab_size = config.model.vocab_size
+    if vocab_size is None:
+        return dataclasses.replace(
+            config, model=dataclasses.replace(config.model, vocab_size=data.vocab_size)
+        )
+    if vocab_size < data.vocab_size:
         raise LmforgeError(
-            f"model.vocab_size {model.vocab_size} is smaller than the data's vocabulary "
+            f"model.vocab_size {vocab_size} is smaller than the data's vocabulary "
             f"({data.vocab_size}, tokenizer {data.tokenizer_file})"
         )
-    return data
+    return config
 
 
 def _open_tokens(directory: str, block_size: int) -> PreparedData:
@@ -279,7 +332,7 @@ def _open_tokens(directory: str, block_size: int) -> PreparedData:
 
 
 def check_compatible(
-    config: Config, data: TrainingData, init_from: Path | None, resume_from: Path | None
+    config: Config, data: TrainingData, *, init_from: Path | None, resume_from: Path | None
 ) -> None:
     """The data's tokenizer is the source checkpoint's; a resumed run keeps its architecture."""
     if init_from is not None:
@@ -323,7 +376,7 @@ def build_model(config: Config, init_from: Path | None, device: torch.device) ->
     return module
 
 
-def prepare_run_dir(run_dir: Path, config: Config, tokenizer_file: Path, resumed_at: int | None) -> None:
+def prepare_run_dir(run_dir: Path, config: Config, tokenizer_file: Path, *, resumed_at: int | None) -> None:
     """A resumed run's log is cut back to its checkpoint; a new run empties the folder that
     `check_out` allowed it to replace (all but this process's lock), marks it first, so a kill
     midway leaves a folder that --overwrite may still replace. Either way the folder holds the

@@ -7,7 +7,7 @@ import math
 from lmforge.config import ScheduleConfig
 
 
-def lr_factor(step: int, config: ScheduleConfig, max_steps: int, peak_lr: float) -> float:
+def lr_factor(step: int, config: ScheduleConfig, *, max_steps: int, peak_lr: float) -> float:
     """Multiplier of the peak learning rate for update `step` (0-based).
 
     Warmup follows nanoGPT: (step + 1) / (warmup + 1). After warmup the factor decays from 1

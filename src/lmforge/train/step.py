@@ -6,6 +6,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -27,6 +28,19 @@ class Gradients(NamedTuple):
     flops: float  # matmul FLOPs of the forward and backward passes actually run
 
 
+@dataclass(frozen=True)
+class StepSettings:
+    """How an update runs, besides the objects it runs on (defaults: the config's)."""
+
+    grad_accum_steps: int = 1  # micro-batches whose gradients add up to one update
+    grad_clip: float = 1.0  # max global grad norm; 0: measure the norm, never clip
+    compile: bool = False  # torch.compile the model
+    only_targets: bool = False  # masked (fine-tuning) targets: run the head only where they count
+    # the loss is a mean over rows, not target tokens (a span head's): ranks' shares weigh alike.
+    # Told (the head's `per_row_loss`), not read off the model: under DDP that is a wrapper.
+    loss_per_row: bool = False
+
+
 class Stepper:
     """One optimizer update: forward and backward over the micro-batches, unscale, clip, step.
 
@@ -40,26 +54,18 @@ class Stepper:
         self,
         model: torch.nn.Module,
         optimizers: list[torch.optim.Optimizer],
+        *,
         scaler: torch.amp.GradScaler,
         amp: contextlib.AbstractContextManager,
         device: torch.device,
-        grad_accum_steps: int,
-        grad_clip: float,
-        compile: bool = False,
+        settings: StepSettings = StepSettings(),
         dist: Distributed | None = None,
-        only_targets: bool = False,
         count_flops: Callable[[int, int, int | None], float] | None = None,
-        loss_per_row: bool = False,
     ) -> None:
         self.model, self.optimizers, self.scaler, self.amp = model, optimizers, scaler, amp
-        self.device = device
-        self.only_targets = only_targets  # masked (fine-tuning) targets: run the head only where they count
-        # the loss is a mean over rows, not target tokens (a span head's): ranks' shares weigh alike.
-        # Told (the head's `per_row_loss`), not read off `model`: under DDP that is a wrapper.
-        self.loss_per_row = loss_per_row
-        self.forward = torch.compile(model) if compile else model
-        self.grad_accum_steps = grad_accum_steps
-        self.max_grad_norm = grad_clip or math.inf  # inf: measure the norm, never clip
+        self.device, self.settings = device, settings
+        self.forward = torch.compile(model) if settings.compile else model
+        self.max_grad_norm = settings.grad_clip or math.inf  # inf: measure the norm, never clip
         self.dist = dist or Distributed()
         # (batch, seq_len, head rows or None) -> FLOPs, e.g. GPT.training_flops; None counts nothing
         # memoised: a batch shape repeats every step, and the count walks every parameter (~0.5 ms at 124M)
@@ -69,26 +75,27 @@ class Stepper:
         """Accumulate the gradients of one update; unscale and clip them."""
         loss_sum = torch.zeros((), device=self.device)
         tokens, flops = 0, 0.0
-        for micro in range(self.grad_accum_steps):
+        accum, only_targets = self.settings.grad_accum_steps, self.settings.only_targets
+        for micro in range(accum):
             x, y = next(batches)
             tokens += x.numel()  # padded fine-tuning batches vary in length
             if self.count_flops is not None:  # counted on the host batch: no device sync
-                rows = head_rows(y, self.dist.world) if self.only_targets else None
+                rows = head_rows(y, self.dist.world) if only_targets else None
                 flops += self.count_flops(x.size(0), x.size(1), rows)
-            x, y, share = self.dist.shard(x, y, per_row=self.loss_per_row)
+            x, y, share = self.dist.shard(x, y, per_row=self.settings.loss_per_row)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self.dist.gradient_sync(self.model, micro == self.grad_accum_steps - 1):
+            with self.dist.gradient_sync(self.model, micro == accum - 1):
                 with self.amp:
-                    _, loss = self.forward(x, y, only_targets=self.only_targets)
+                    _, loss = self.forward(x, y, only_targets=only_targets)
                 if share != 1.0:  # this rank's part of the global mean (see Distributed.shard)
                     loss = loss * share
-                self.scaler.scale(loss / self.grad_accum_steps).backward()
+                self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm)
-        loss = self.dist.mean(loss_sum).item() / self.grad_accum_steps
-        return Gradients(loss, grad_norm.item(), tokens, flops)
+        loss = self.dist.mean(loss_sum).item() / accum
+        return Gradients(loss=loss, grad_norm=grad_norm.item(), tokens=tokens, flops=flops)
 
     def update(self, apply: bool = True) -> None:
         """Step the optimizers (unless told to skip this batch) and clear the gradients."""
@@ -112,7 +119,7 @@ class NonFiniteGuard:
         self.policy, self.scaler_enabled = policy, scaler_enabled
         self.in_a_row = 0
 
-    def allows_update(self, loss: float, grad_norm: float, step: int, last_checkpoint: object) -> bool:
+    def allows_update(self, loss: float, grad_norm: float, *, step: int, last_checkpoint: object) -> bool:
         """True if the update of `step` (1-based) may be applied; raise when the run must stop."""
         if math.isfinite(loss) and (math.isfinite(grad_norm) or self.scaler_enabled):
             self.in_a_row = 0

@@ -52,7 +52,7 @@ class TrainSummary:
 
 
 def train_command(
-    config_file: str | None, overrides: list[str], out: str | None, resume: bool, overwrite: bool
+    config_file: str | None, overrides: list[str], *, out: str | None, resume: bool, overwrite: bool
 ) -> TrainSummary:
     """`lmforge train` and `finetune`: the config is CONFIG, or the run's own with --resume, or the
     defaults with the overrides; the run folder is --out, or runs/CONFIG_NAME."""
@@ -70,6 +70,7 @@ def train_command(
 def train(
     config: Config,
     run_dir: Path | str,
+    *,
     resume: bool = False,
     overwrite: bool = False,
     config_file: Path | None = None,
@@ -84,7 +85,16 @@ def train(
     loggers.require_packages(config.log)
     group = distributed.process_group(parallel.strategy, config.train.device, parallel.timeout_s)
     with group as (dist, device), locked(run_dir, enabled=dist.is_main):  # no other process writes run_dir
-        return train_loop(build_run(config, run_dir, resume, overwrite, dist, device, config_file))
+        run = build_run(
+            config,
+            run_dir,
+            resume=resume,
+            overwrite=overwrite,
+            dist=dist,
+            device=device,
+            config_file=config_file,
+        )
+        return train_loop(run)
 
 
 def train_loop(run: Run) -> TrainSummary:
@@ -104,7 +114,7 @@ def train_loop(run: Run) -> TrainSummary:
             if evaluation_due(t, progress.step):
                 last_eval, last_eval_step = run.evaluate(), progress.step
                 val_loss = last_eval.loss
-                monitor.eval(progress.step, last_eval, run.privacy_report())
+                monitor.eval(progress.step, last_eval, privacy=run.privacy_report())
             reached = target_reached(t, val_loss)
             checkpointer.after_step(progress.step, val_loss, last=reached or progress.step == t.max_steps)
             if reached:
@@ -133,10 +143,14 @@ def train_step(run: Run, guard: NonFiniteGuard) -> StepResult:
     """One optimizer update at the scheduled learning rate (skipped if `guard` says so)."""
     config, progress = run.config, run.progress
     start = time.perf_counter()
-    factor = lr_factor(progress.step, config.schedule, config.train.max_steps, config.optim.lr)
+    factor = lr_factor(
+        progress.step, config.schedule, max_steps=config.train.max_steps, peak_lr=config.optim.lr
+    )
     set_lr_factor(run.state.optimizers, factor)
     done = run.stepper.gradients(run.state.batches)
-    apply = guard.allows_update(done.loss, done.grad_norm, progress.step + 1, run.checkpointer.latest)
+    apply = guard.allows_update(
+        done.loss, done.grad_norm, step=progress.step + 1, last_checkpoint=run.checkpointer.latest
+    )
     run.stepper.update(apply=apply)
     progress.step += 1
     progress.tokens_seen += done.tokens
@@ -146,16 +160,16 @@ def train_step(run: Run, guard: NonFiniteGuard) -> StepResult:
     seconds = time.perf_counter() - start
     lr = config.optim.lr * factor
     return StepResult(
-        progress.step,
-        done.loss,
-        done.grad_norm,
-        lr,
-        done.tokens,
-        progress.tokens_seen,
-        done.flops,
-        seconds,
-        run.elapsed(),
-        not apply,
+        step=progress.step,
+        loss=done.loss,
+        grad_norm=done.grad_norm,
+        lr=lr,
+        tokens=done.tokens,
+        tokens_seen=progress.tokens_seen,
+        flops=done.flops,
+        seconds=seconds,
+        elapsed_s=run.elapsed(),
+        skipped=not apply,
     )
 
 
