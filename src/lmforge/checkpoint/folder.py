@@ -43,8 +43,8 @@ from lmforge.checkpoint.sharded import (
     save_shards,
 )
 from lmforge.config import Config, ModelConfig, load_config
-from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
+from lmforge.files import file_sha256
 from lmforge.staging import disk_full, remove_stale_staging, staged
 
 CHECKPOINTS = "checkpoints"
