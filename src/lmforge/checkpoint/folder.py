@@ -31,7 +31,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from lmforge.chat.template import TOKENIZER_CONFIG, ChatTemplate
 from lmforge.checkpoint.sharded import (
     TRAIN_STATE,
     ShardedModel,
@@ -43,6 +42,7 @@ from lmforge.checkpoint.sharded import (
     save_shards,
 )
 from lmforge.config import Config, ModelConfig, load_config
+from lmforge.data.chat_template import TOKENIZER_CONFIG, ChatTemplate
 from lmforge.errors import LmforgeError
 from lmforge.files import file_sha256
 from lmforge.staging import disk_full, remove_stale_staging, staged
