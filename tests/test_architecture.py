@@ -2,6 +2,7 @@
 
 - No function or method is longer than MAX_FUNCTION_LINES lines.
 - The modules of lmforge import each other without a cycle.
+- The packages keep the one layer order, LAYERS: a package imports only packages on lower layers.
 - Inference imports nothing from training: only training itself and the command line may.
 - Data imports nothing from the model: what both need (lmforge.targets) lives below both.
 - The house style's tool configuration (ruff, line length) is in pyproject.toml.
@@ -31,6 +32,36 @@ TRAINING = "lmforge.train"
 MAY_IMPORT_TRAINING = ("lmforge.train", "lmforge.cli", "lmforge.__main__")
 
 Graph = Mapping[str, Iterable[str]]  # module -> the modules it imports
+
+# The one written order of lmforge's packages, lowest layer first (README.md's "Layout" gives it in
+# words): a package imports only packages on lower layers, never one above it and never another
+# package of its own layer; packages that share a layer are independent. A package is a subpackage
+# (all its modules) or a tuple of top-level modules that work as one: the base modules import each
+# other (the cycle rule keeps them in order), and `python -m lmforge` is the command line.
+BASE = (
+    "lmforge",
+    "lmforge.errors",
+    "lmforge.jsonl",
+    "lmforge.config",
+    "lmforge.runtime",
+    "lmforge.staging",
+    "lmforge.words",
+    "lmforge.targets",
+    "lmforge.files",
+    "lmforge.run_folder",
+)
+COMMAND_LINE = ("lmforge.cli", "lmforge.__main__")
+LAYERS: list[tuple[str | tuple[str, ...], ...]] = [
+    (BASE,),
+    ("lmforge.data", "lmforge.model"),
+    ("lmforge.checkpoint", "lmforge.report"),
+    ("lmforge.inference",),
+    ("lmforge.train",),
+    ("lmforge.chat", "lmforge.tasks"),
+    ("lmforge.eval",),
+    ("lmforge.serve", "lmforge.interop"),
+    (COMMAND_LINE,),
+]
 
 
 # ----------------------------------------------------------------------------- reading the source
@@ -181,6 +212,32 @@ def within(module: str, package: str) -> bool:
     return module == package or module.startswith(package + ".")
 
 
+def top_level(module: str) -> str:
+    """`lmforge.data.loader` -> `lmforge.data`: the subpackage or top-level module that holds it."""
+    return ".".join(module.split(".")[:2])
+
+
+def layer_violations(graph: Graph, layers: list[tuple[str | tuple[str, ...], ...]]) -> list[tuple[str, str]]:
+    """(module, imported module) for every import of a package on a higher layer or of another
+    package on the same layer. A module whose top level is on no layer is paired with itself."""
+    place: dict[str, tuple[int, str]] = {}  # top level -> (layer, the package it belongs to)
+    for layer, packages in enumerate(layers):
+        for package in packages:
+            members = (package,) if isinstance(package, str) else package
+            place.update((member, (layer, members[0])) for member in members)
+    found = []
+    for module, targets in graph.items():
+        if top_level(module) not in place:
+            found.append((module, module))
+            continue
+        layer, package = place[top_level(module)]
+        for target in targets:
+            target_layer, target_package = place.get(top_level(target), (len(layers), "?"))
+            if target_layer > layer or (target_layer == layer and target_package != package):
+                found.append((module, target))
+    return found
+
+
 # ----------------------------------------------------------------------------- the rules
 
 
@@ -222,6 +279,17 @@ def test_data_imports_nothing_from_the_model() -> None:
     assert not offenders, "data must not import the model:\n" + "\n".join(offenders)
 
 
+def test_packages_import_only_packages_on_lower_layers() -> None:
+    graph = import_graph()
+    offenders = [
+        f"{location(module, graph[module][target])} {module} imports {target}"
+        if target != module
+        else f"{location(module, 1)} {module} is on no layer of LAYERS"
+        for module, target in layer_violations(graph, LAYERS)
+    ]
+    assert not offenders, "imports against the layer order (LAYERS):\n" + "\n".join(offenders)
+
+
 def test_pyproject_configures_ruff_with_a_line_length() -> None:
     ruff = tomllib.loads((REPO / "pyproject.toml").read_text()).get("tool", {}).get("ruff", {})
     assert isinstance(ruff.get("line-length"), int)
@@ -256,3 +324,16 @@ def test_a_long_function_and_a_cycle_are_reported() -> None:
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b"}, "b": set(), "c": {"c"}}) == [["c", "c"]]
     assert within("lmforge.train.trainer", TRAINING) and not within("lmforge.training_data", TRAINING)
+
+
+def test_an_import_upwards_or_across_a_layer_is_reported() -> None:
+    layers = [(("p", "p.base"),), ("p.a", "p.b"), ("p.top",)]
+    graph = {
+        "p.base": {"p"},  # within the base package: allowed
+        "p.a.x": {"p.a.y", "p.base", "p.b.z"},  # its own package and lower: allowed; p.b: across
+        "p.a.y": {"p.top"},  # upwards
+        "p.b.z": set(),
+        "p.top": {"p.a.x", "p.b"},  # downwards: allowed
+        "p.new": set(),  # on no layer
+    }
+    assert layer_violations(graph, layers) == [("p.a.x", "p.b.z"), ("p.a.y", "p.top"), ("p.new", "p.new")]

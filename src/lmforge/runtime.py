@@ -222,7 +222,7 @@ def processor_model() -> str:
 def best_peak(key: str, measured: float) -> float:
     """The larger of `measured` and the peak cached under `key`, which it replaces if larger. An
     unreadable cache counts as empty, an unwritable one is left as it is: neither stops a run."""
-    from lmforge.data.sources import cache_dir  # here: importing the data package costs every runtime user
+    from lmforge.files import cache_dir
 
     path = cache_dir() / PEAK_CACHE_FILE
     try:

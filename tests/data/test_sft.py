@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.chat.template import ChatTemplate, Segment
 from lmforge.config import ModelConfig
+from lmforge.data.chat_template import ChatTemplate, Segment
 from lmforge.data.sft import (
     AnswerSpan,
     ExampleBatches,

@@ -6,8 +6,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.chat.template import ChatTemplate
 from lmforge.config import Config, ModelConfig
+from lmforge.data.chat_template import ChatTemplate
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.inference import InferenceSession, ModelSource, load

@@ -11,9 +11,9 @@ import torch
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import Config, LoraConfig, ModelConfig, load_config
-from lmforge.data.sources import file_sha256
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.errors import LmforgeError
+from lmforge.files import file_sha256
 from lmforge.inference import load, weights
 from lmforge.model import GPT
 from lmforge.model.lora import apply_lora

@@ -13,11 +13,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from lmforge import checkpoint as ckpt  # noqa: E402
-from lmforge.chat.template import ChatTemplate  # noqa: E402
 from lmforge.config import Config, ModelConfig, load_config  # noqa: E402
-from lmforge.data.sources import file_sha256  # noqa: E402
+from lmforge.data.chat_template import ChatTemplate  # noqa: E402
 from lmforge.data.tokenizer import byte_tokenizer, char_tokenizer, train_bpe  # noqa: E402
 from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.files import file_sha256  # noqa: E402
 from lmforge.inference import load  # noqa: E402
 from lmforge.inference.generate import generate  # noqa: E402
 from lmforge.interop.hf import export_checkpoint, import_folder  # noqa: E402

@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 
-from lmforge.chat.template import ChatTemplate, encode_segments
+from lmforge.data.chat_template import ChatTemplate, encode_segments
 from lmforge.inference import InferenceSession
 from lmforge.inference.sampling import SamplingOptions
 from lmforge.serve.api import _merge_updates

@@ -19,8 +19,8 @@ import torch
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import load_config
-from lmforge.data.sources import file_sha256
 from lmforge.errors import LmforgeError
+from lmforge.files import file_sha256
 from lmforge.staging import write_marker
 from lmforge.train.trainer import train
 from tests.conftest import TINY

@@ -244,7 +244,7 @@ def test_finetune_on_messages_saves_its_chat_template_and_runs_from_it_inherit_i
     cli, tmp_path: Path
 ) -> None:
     from lmforge import checkpoint as ckpt
-    from lmforge.chat.template import ChatTemplate
+    from lmforge.data.chat_template import ChatTemplate
 
     data = tmp_path / "chat"
     data.mkdir()

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lmforge.chat.template import ChatTemplate
 from lmforge.checkpoint.folder import (
     CHECKPOINTS,
     has_sharded_state,
@@ -38,6 +37,7 @@ from lmforge.checkpoint.sharded import (
     set_full_optimizer_state,
 )
 from lmforge.config import Config
+from lmforge.data.chat_template import ChatTemplate
 from lmforge.errors import LmforgeError
 from lmforge.runtime import rng_state, set_rng_state
 from lmforge.staging import check_out

@@ -31,7 +31,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from lmforge.chat.template import TOKENIZER_CONFIG, ChatTemplate
 from lmforge.checkpoint.sharded import (
     TRAIN_STATE,
     ShardedModel,
@@ -43,12 +42,12 @@ from lmforge.checkpoint.sharded import (
     save_shards,
 )
 from lmforge.config import Config, ModelConfig, load_config
-from lmforge.data.sources import file_sha256
+from lmforge.data.chat_template import TOKENIZER_CONFIG, ChatTemplate
 from lmforge.errors import LmforgeError
+from lmforge.files import file_sha256
+from lmforge.run_folder import CHECKPOINTS, PREFIX, CheckpointInfo, checkpoint_path, list_checkpoints
 from lmforge.staging import disk_full, remove_stale_staging, staged
 
-CHECKPOINTS = "checkpoints"
-PREFIX = "step-"
 FILES = ("model.safetensors", "state.pt", "config.toml", "tokenizer.json")
 OPTIONAL_FILES = (TOKENIZER_CONFIG,)
 
@@ -78,17 +77,6 @@ def _optional_files(path: Path) -> list[str]:
 
 def has_sharded_state(path: Path) -> bool:
     return (path / TRAIN_STATE).is_dir()
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: Path
-    step: int
-    val_loss: float | None
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINTS / f"{PREFIX}{step:07d}"
 
 
 def save_checkpoint(
@@ -195,24 +183,6 @@ def _write_files(
     sha256 = {name: file_sha256(folder / name) for name in names}
     meta = {"step": step, "val_loss": val_loss, **(extra_meta or {}), "sha256": sha256}
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-
-def list_checkpoints(run_dir: Path) -> list[CheckpointInfo]:
-    """The checkpoints of a run, oldest first: its step folders with a readable meta.json.
-
-    Anything else is not a checkpoint and is ignored (never chosen, never pruned): staging folders,
-    and a folder whose meta.json is missing or garbage. `verify_checkpoint` checks the files.
-    """
-    found = []
-    root = run_dir / CHECKPOINTS
-    for path in sorted(root.glob(f"{PREFIX}*")) if root.is_dir() else []:
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            val_loss = None if meta.get("val_loss") is None else float(meta["val_loss"])
-            found.append(CheckpointInfo(path, int(meta["step"]), val_loss))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-    return sorted(found, key=lambda c: c.step)
 
 
 def best_checkpoint(checkpoints: list[CheckpointInfo]) -> CheckpointInfo | None:

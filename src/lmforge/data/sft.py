@@ -3,7 +3,7 @@
 Every example is tokenized once at start-up. A `prompt`/`completion` line is the prompt, then the
 completion and the tokenizer's end of text (`<|endoftext|>`, or the eos_token of the run's chat
 template); a `messages` line (OpenAI style: a list of {role, content}) is rendered with the run's
-chat template (`lmforge.chat.template`), which decides the format and the end of each turn.
+chat template (`lmforge.data.chat_template`), which decides the format and the end of each turn.
 Targets outside the completion or the assistant's replies are IGNORE_INDEX, which
 `cross_entropy` ignores. Batches are padded to their longest example; right padding cannot
 affect earlier positions under causal attention.
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.chat.template import (
+from lmforge.data.chat_template import (
     DEFAULT_CHAT_TEMPLATE,
     ChatTemplate,
     Segment,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lmforge.errors import LmforgeError
+from lmforge.files import cache_dir, file_sha256
 from lmforge.jsonl import decode_line, loads, read_lines
 
 logger = logging.getLogger(__name__)
@@ -122,22 +123,6 @@ def data_dir() -> Path | None:
     """The folder of local named datasets (`$LMFORGE_DATA_DIR`), if set."""
     value = os.environ.get("LMFORGE_DATA_DIR")
     return Path(value) if value else None
-
-
-def cache_dir() -> Path:
-    """Where downloaded datasets are kept (`$LMFORGE_CACHE_DIR`, else the XDG cache)."""
-    if value := os.environ.get("LMFORGE_CACHE_DIR"):
-        return Path(value)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmforge"
-
-
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_named_dataset(dataset: NamedDataset) -> Path:

@@ -1,1 +1,3 @@
-"""Evaluation of a checkpoint: `lmforge eval` (tasks and loss), `audit`, `inspect`, `compare`, metrics."""
+"""Evaluation of a checkpoint: `lmforge eval` (tasks and loss), `audit`, `inspect`, `compare`.
+
+The task metrics (accuracy, F1, BLEU, ROUGE) belong to the tasks: `lmforge.tasks.metrics`."""

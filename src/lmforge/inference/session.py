@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from lmforge.chat.template import ChatTemplate
 from lmforge.checkpoint import open_checkpoint
 from lmforge.config import Config
+from lmforge.data.chat_template import ChatTemplate
 from lmforge.data.tokenizer import eot_id, load_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.inference.generate import generate

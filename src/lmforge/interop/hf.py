@@ -25,8 +25,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.chat.template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
 from lmforge.config import Config, ModelConfig, validate
+from lmforge.data.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import loads
 from lmforge.model.gpt import mlp_hidden_size

@@ -11,11 +11,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lmforge import checkpoint as ckpt
 from lmforge.config import Config, load_config
 from lmforge.errors import LmforgeError
 from lmforge.report import SORT_KEYS
 from lmforge.report.metrics import METRICS_FILE, Metrics, read_metrics
+from lmforge.run_folder import list_checkpoints
 from lmforge.staging import folder_kind, is_locked
 
 
@@ -58,7 +58,7 @@ def tokens_per_step(config: Config) -> int:
 def run_status(run_dir: Path, config: Config, metrics: Metrics) -> str:
     if is_locked(run_dir):
         return "running"
-    checkpoints = ckpt.list_checkpoints(run_dir)
+    checkpoints = list_checkpoints(run_dir)
     newest = checkpoints[-1].step if checkpoints else None
     if newest is not None and newest >= config.train.max_steps:
         return "finished"

@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from lmforge.chat.template import ChatTemplate
+from lmforge.data.chat_template import ChatTemplate
 from lmforge.inference import InferenceSession
 from lmforge.inference.sampling import TextRules
 from lmforge.serve.engine import ERROR, Engine, EngineStopped, Job, Params, QueueFull, Update

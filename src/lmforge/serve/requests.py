@@ -14,8 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lmforge.chat.template import ChatTemplate, encode_segments
 from lmforge.config import SEED_LIMIT
+from lmforge.data.chat_template import ChatTemplate, encode_segments
 from lmforge.errors import LmforgeError
 from lmforge.inference import InferenceSession
 from lmforge.inference.sampling import TextRules

@@ -4,6 +4,7 @@ completions, ROUGE-1/2/L beside copying the prompt.
 
 from __future__ import annotations
 
+from lmforge.tasks import metrics
 from lmforge.tasks.base import DecodingTask
 
 
@@ -14,13 +15,9 @@ class Generate(DecodingTask):
     baseline_name = "copy the prompt"
 
     def scores(self, outputs: list[str], records: list[dict]) -> dict:
-        from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
-
         return metrics.rouge_scores(outputs, [r["completion"].strip() for r in records])
 
     def example_scores(self, outputs: list[str], records: list[dict]) -> list[dict]:
-        from lmforge.eval import metrics
-
         return metrics.rouge_example_scores(outputs, [r["completion"].strip() for r in records])
 
     def references(self, record: dict) -> dict:

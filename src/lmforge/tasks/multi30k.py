@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.tasks import metrics
 from lmforge.tasks.base import DecodingTask
 
 
@@ -46,13 +47,9 @@ class Multi30k(DecodingTask):
         }
 
     def scores(self, outputs: list[str], records: list[dict]) -> dict:
-        from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
-
         return metrics.translation_scores(outputs, [r["reference"] for r in records])
 
     def example_scores(self, outputs: list[str], records: list[dict]) -> list[dict]:
-        from lmforge.eval import metrics
-
         return [metrics.sentence_translation_scores(o, r["reference"]) for o, r in zip(outputs, records)]
 
     def references(self, record: dict) -> dict:

@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from lmforge.tasks import metrics
 from lmforge.tasks.base import DecodingTask
 
 CONTEXT_LABEL = "\nContext: "
@@ -69,13 +70,9 @@ class Squad(DecodingTask):
         return {"train": _examples(articles[:half]), "eval": _examples(articles[half:])}
 
     def scores(self, outputs: list[str], records: list[dict]) -> dict:
-        from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
-
         return metrics.squad_scores(outputs, [r["answers"] for r in records])
 
     def example_scores(self, outputs: list[str], records: list[dict]) -> list[dict]:
-        from lmforge.eval import metrics
-
         return [metrics.squad_example_scores(o, r["answers"]) for o, r in zip(outputs, records)]
 
     def references(self, record: dict) -> dict:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.tasks import metrics
 from lmforge.tasks.base import EvalRun, Task, prediction_line, read_eval
 
 SST2_LABELS = ("negative", "positive")
@@ -74,8 +75,6 @@ class SST2(Task):
         }
 
     def evaluate(self, run: EvalRun, records: list[dict]) -> dict:
-        from lmforge.eval import metrics  # lmforge.eval imports torch: not at import time (see base)
-
         labels = [r["label"] for r in records]
         _check_labels(labels, run.eval_file)
         prior, predictions = label_prior(run), []

@@ -21,9 +21,9 @@ from torch import nn
 
 from lmforge import checkpoint as ckpt
 from lmforge import inference
-from lmforge.chat.template import ChatTemplate
 from lmforge.checkpoint import Checkpointer, TrainingState
 from lmforge.config import Config, ModelConfig
+from lmforge.data.chat_template import ChatTemplate
 from lmforge.data.loader import PreparedData
 from lmforge.data.protocol import TrainingData
 from lmforge.data.sft import SFTData

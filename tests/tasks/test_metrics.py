@@ -3,7 +3,7 @@
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.eval.metrics import (
+from lmforge.tasks.metrics import (
     accuracy_and_macro_f1,
     normalize_answer,
     rouge_scores,

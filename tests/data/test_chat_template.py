@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.chat.template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Segment
+from lmforge.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Segment
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 
