@@ -49,6 +49,8 @@ BASE = (
     "lmforge.targets",
     "lmforge.files",
     "lmforge.run_folder",
+    "lmforge.output",
+    "lmforge.progress",
 )
 COMMAND_LINE = ("lmforge.cli", "lmforge.__main__")
 LAYERS: list[tuple[str | tuple[str, ...], ...]] = [
