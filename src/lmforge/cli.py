@@ -422,14 +422,12 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
 
 def _sample(args: argparse.Namespace) -> int:
     from lmforge.inference.sample import stream_samples
+    from lmforge.inference.sampling import SamplingOptions
 
     for piece in stream_samples(
         _model_source(args),
         prompt=args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
+        options=SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p),
         seed=args.seed,
         num_samples=args.num_samples,
     ):
@@ -457,10 +455,9 @@ def _add_sample(verbs: argparse._SubParsersAction) -> None:
 
 def _chat(args: argparse.Namespace) -> int:
     from lmforge.chat.repl import start_chat
+    from lmforge.inference.sampling import SamplingOptions
 
-    options = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p
-    )
+    options = SamplingOptions(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     chat = start_chat(_model_source(args), system=args.system, options=options, seed=args.seed)
     chat.run()
     return 0
