@@ -22,7 +22,11 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "lmforge"
 
 def library_trees() -> dict[Path, ast.Module]:
     """Every module of lmforge but the command line, which prints the results."""
-    return {path: ast.parse(path.read_text()) for path in sorted(SRC.rglob("*.py")) if path.name != "cli.py"}
+    return {
+        path: ast.parse(path.read_text())
+        for path in sorted(SRC.rglob("*.py"))
+        if path.relative_to(SRC).parts[0] != "cli"
+    }
 
 
 def calls_of(tree: ast.Module, name: str) -> list[ast.Call]:

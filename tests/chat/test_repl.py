@@ -14,7 +14,7 @@ import pytest
 
 from lmforge.chat.repl import PROMPT, Chat, Conversation, start_chat
 from lmforge.inference import ModelSource
-from lmforge.inference.sampling import StopScanner
+from lmforge.inference.sampling import SamplingOptions, StopScanner
 from tests.conftest import random_char_run
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz :.\n"
@@ -91,11 +91,11 @@ def test_end_of_input_ends_the_chat(tiny_run: Path) -> None:
     assert chat.exit_code() == 0
 
 
-def in_process_chat(run: Path, **options) -> tuple[Chat, io.StringIO]:
+def in_process_chat(run: Path) -> tuple[Chat, io.StringIO]:
     chat = start_chat(
         ModelSource(run, "last", "cpu", "fp32"),
         system="",
-        options={"max_new_tokens": 8, "temperature": 0.0, "top_k": None, "top_p": None} | options,
+        options=SamplingOptions(max_new_tokens=8, temperature=0.0, top_k=None, top_p=None),
         seed=0,
     )
     chat.out = io.StringIO()

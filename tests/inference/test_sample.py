@@ -4,6 +4,9 @@ from pathlib import Path
 
 import torch
 
+from lmforge.inference import ModelSource
+from lmforge.inference.sample import SAMPLE_SEPARATOR, stream_samples
+from lmforge.inference.sampling import SamplingOptions
 from tests.conftest import random_char_run
 
 
@@ -16,3 +19,15 @@ def test_threads_sets_the_cpu_threads_the_model_runs_on(cli, tmp_path: Path) -> 
         assert code == 0 and out and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_stream_samples_takes_its_sampling_as_one_sampling_options(tmp_path: Path) -> None:
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    options = SamplingOptions(max_new_tokens=3, temperature=0.0, top_k=None, top_p=None)
+    source = ModelSource(run, "last", "cpu", "fp32")
+    pieces = list(stream_samples(source, prompt="ab", options=options, seed=0, num_samples=2))
+    text = "".join(pieces)
+    assert text.endswith("\n")
+    first, second = text[:-1].split(f"\n{SAMPLE_SEPARATOR}\n")
+    assert first == second  # greedy: both samples are the same continuation of the prompt
+    assert first.startswith("ab") and len(first) <= len("ab") + 3

@@ -158,12 +158,13 @@ def _temperature(text: str) -> float:
     return value
 
 
-def start_chat(source: ModelSource, *, system: str, options: dict, seed: int) -> Chat:
-    """Load the checkpoint of `source`, check the options, and print what was loaded."""
+def start_chat(source: ModelSource, *, system: str, options: SamplingOptions, seed: int) -> Chat:
+    """Load the checkpoint of `source` and print what was loaded. Without `options.max_new_tokens`
+    (None), replies are capped at half the context, at most 256 tokens."""
     session = source.load()
     block_size = session.model.config.block_size
-    max_new = options.pop("max_new_tokens") or min(256, block_size // 2)
-    sampling = SamplingOptions(max_new_tokens=max_new, **options)
+    max_new = options.max_new_tokens or min(256, block_size // 2)
+    sampling = dataclasses.replace(options, max_new_tokens=max_new)
     generator = torch.Generator(device=session.device).manual_seed(seed)
     chat = Chat(session, sampling, generator, conversation=Conversation(system=system))
     which_template = (

@@ -16,17 +16,14 @@ def stream_samples(
     source: ModelSource,
     *,
     prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
+    options: SamplingOptions,
     seed: int,
     num_samples: int,
 ) -> Iterator[str]:
     """`num_samples` continuations of `prompt` by the checkpoint of `source`, as text pieces to print
     in order: each sample is the prompt and its continuation, with a separator line between samples
-    and a newline at the end. Options, checkpoint and prompt are checked here, before the first piece."""
-    options = SamplingOptions(max_new_tokens, temperature, top_k, top_p)
+    and a newline at the end. Checkpoint and prompt are checked here, before the first piece (the
+    options were checked when made)."""
     session = source.load()
     ids = session.prompt_ids(prompt)
     # One generator for all samples: each continues the random stream of the one before.

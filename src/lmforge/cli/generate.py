@@ -1,0 +1,158 @@
+"""`lmforge sample`, `chat` and `serve`: text from a checkpoint, in a terminal or over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lmforge.cli.options import MODEL_SOURCE, SAMPLING, THREADS, Subparsers, positive_int
+from lmforge.errors import LmforgeError
+
+API_KEY_ENV = "LMFORGE_API_KEY"  # serve's API key when --api-key is not given
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from lmforge.inference.sample import stream_samples
+
+    for piece in stream_samples(
+        MODEL_SOURCE.build(args),
+        prompt=args.prompt,
+        options=SAMPLING.build(args),
+        seed=args.seed,
+        num_samples=args.num_samples,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()  # stream the text as it comes
+    return 0
+
+
+def add_sample(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
+    p = verbs.add_parser(
+        name,
+        help="generate text from a checkpoint",
+        description="Generate text autoregressively with a KV cache, streaming it as it comes.",
+    )
+    MODEL_SOURCE.add(p)
+    THREADS.add(p)
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    SAMPLING.add(p, max_new_tokens=500)
+    p.add_argument("--num-samples", type=positive_int, default=1)
+    return p
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from lmforge.chat.repl import start_chat
+
+    options = SAMPLING.build(args)
+    chat = start_chat(MODEL_SOURCE.build(args), system=args.system, options=options, seed=args.seed)
+    chat.run()
+    return 0
+
+
+def add_chat(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
+    p = verbs.add_parser(
+        name,
+        help="talk to a model in the terminal, with its chat template",
+        description="A terminal chat: each message is rendered with the checkpoint's chat template "
+        "(or lmforge's default) and the reply streamed as it is generated. Commands: /reset, "
+        "/system TEXT, /temperature X, /quit.",
+    )
+    MODEL_SOURCE.add(p)
+    THREADS.add(p)
+    p.add_argument("--system", default="", help="a system message to start with")
+    SAMPLING.add(
+        p,
+        max_new_tokens=None,
+        max_new_tokens_help="reply length cap (default: half the context, at most 256)",
+    )
+    return p
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    api_key = _api_key(args.api_key)
+    try:
+        import uvicorn
+
+        from lmforge.serve.api import LOOPBACK_HOSTS, create_app
+    except ImportError as exc:
+        if exc.name not in ("fastapi", "uvicorn", "starlette", "pydantic"):
+            raise
+        raise LmforgeError(
+            f"serve needs the serve extra ({exc.name} is missing): pip install 'lmforge[serve]'"
+        ) from None
+    from lmforge.serve.worker import default_threads
+
+    # the engine's process loads the weights; this one needs the tokenizer and configuration only
+    session = MODEL_SOURCE.build(args).load(weights=False)
+    name = args.model_name or Path(args.target).resolve().name
+    app = create_app(
+        session,
+        name,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        api_key=api_key,
+        host=args.host,
+        engine_process=True,
+        threads=THREADS.build(args) or default_threads(),
+    )
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"serving {session.checkpoint} as {name!r} at http://{host}:{args.port}/ (playground) and "
+        f"http://{host}:{args.port}/v1 (OpenAI API); Ctrl-C stops",
+        flush=True,
+    )
+    if api_key is None and args.host not in LOOPBACK_HOSTS:
+        print("warning: reachable beyond this machine without --api-key", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _api_key(given: str | None) -> str | None:
+    """serve's API key: --api-key, else $LMFORGE_API_KEY (not shown by `ps`), else none; never empty."""
+    key, source = (given, "--api-key") if given is not None else (os.environ.get(API_KEY_ENV), API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise LmforgeError(f"{source} is empty: give a key, or leave it out to serve without one")
+    return key
+
+
+def _port(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def add_serve(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
+    p = verbs.add_parser(
+        name,
+        help="an OpenAI-compatible HTTP server with batched decoding, and a web playground",
+        description="Serve a checkpoint over HTTP: GET /v1/models, POST /v1/completions and "
+        "/v1/chat/completions (OpenAI's API, streamed with stream: true), and a chat playground at /. "
+        "Concurrent requests decode together in one batched KV cache.",
+    )
+    MODEL_SOURCE.add(p)
+    THREADS.add(p, default="one per core but one, which the HTTP side gets")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        help=f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV}, else no key; "
+        "the environment keeps it out of `ps`)",
+    )
+    p.add_argument("--model-name", help="the model's id in the API (default: the run folder's name)")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="requests decoded together (default 8)")
+    p.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=64,
+        help="requests waiting for a slot before more are refused with 503 (default 64)",
+    )
+    return p
