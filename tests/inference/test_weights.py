@@ -4,6 +4,7 @@ verify_checkpoint: these checks are what stands between a lying config and the a
 
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,12 +21,11 @@ from lmforge.model.lora import apply_lora
 from tests.conftest import random_char_run
 
 
-def forge_config(run: Path, edit: Callable[[Config], None]) -> Path:
+def forge_config(run: Path, edit: Callable[[Config], Config]) -> Path:
     """Edit the config.toml of `run`'s checkpoint and record its new sha256 in meta.json, as someone
     crafting a checkpoint would: it still verifies. Returns the checkpoint folder."""
     path = ckpt.list_checkpoints(run)[-1].path
-    config = load_config(path / "config.toml")
-    edit(config)
+    config = edit(load_config(path / "config.toml"))
     (path / "config.toml").write_text(config.to_toml())
     meta = json.loads((path / "meta.json").read_text())
     meta["sha256"]["config.toml"] = file_sha256(path / "config.toml")
@@ -34,12 +34,8 @@ def forge_config(run: Path, edit: Callable[[Config], None]) -> Path:
     return path
 
 
-def model_change(**changes: object) -> Callable[[Config], None]:
-    def edit(config: Config) -> None:
-        for key, value in changes.items():
-            setattr(config.model, key, value)
-
-    return edit
+def model_change(**changes: object) -> Callable[[Config], Config]:
+    return lambda config: replace(config, model=replace(config.model, **changes))
 
 
 @pytest.fixture
@@ -107,7 +103,15 @@ def rope_run(run: Path, d_model: int) -> Path:
     tokenizer.save(str(run.parent / "tokenizer.json"))
     m = ModelConfig(n_layer=1, n_head=4, d_model=d_model, block_size=16, position="rope", vocab_size=2)
     torch.manual_seed(0)
-    ckpt.save_checkpoint(run, 1, GPT(m), {}, Config(model=m), run.parent / "tokenizer.json", None)
+    ckpt.save_checkpoint(
+        run,
+        1,
+        GPT(m),
+        state={},
+        config=Config(model=m),
+        tokenizer_file=run.parent / "tokenizer.json",
+        val_loss=None,
+    )
     return run
 
 
@@ -131,9 +135,17 @@ def test_a_lora_checkpoint_is_checked_with_its_adapters_and_loads_merged(tmp_pat
     m = ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=8, vocab_size=2)
     config = Config(model=m, lora=LoraConfig(rank=4))
     adapted = apply_lora(GPT(m), config.lora)
-    ckpt.save_checkpoint(tmp_path / "run", 1, adapted, {}, config, tmp_path / "tokenizer.json", None)
+    ckpt.save_checkpoint(
+        tmp_path / "run",
+        1,
+        adapted,
+        state={},
+        config=config,
+        tokenizer_file=tmp_path / "tokenizer.json",
+        val_loss=None,
+    )
     assert type(load(tmp_path / "run", "last", "cpu", "fp32").model) is GPT
-    path = forge_config(tmp_path / "run", lambda c: setattr(c.lora, "rank", 8))
+    path = forge_config(tmp_path / "run", lambda c: replace(c, lora=replace(c.lora, rank=8)))
     with pytest.raises(LmforgeError) as error:
         load(tmp_path / "run", "last", "cpu", "fp32")
     misfit = f"{path}: config.toml does not fit model.safetensors"
