@@ -221,10 +221,10 @@ def _tasks_prepare(args: argparse.Namespace) -> int:
         args.task,
         Path(args.out),
         Path(args.data_dir) if args.data_dir else None,
-        args.overwrite,
-        args.val_fraction,
-        args.seed,
-        CorpusSource(args.corpus, args.examples) if args.corpus else None,
+        overwrite=args.overwrite,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        corpus=CorpusSource(args.corpus, args.examples) if args.corpus else None,
     )
     print(prepared.summary(args.task, args.out))
     return 0
@@ -602,7 +602,7 @@ def _audit(args: argparse.Namespace) -> int:
         _model_source(args),
         Path(args.data) if args.data else None,
         Path(args.canaries) if args.canaries else None,
-        options,
+        options=options,
     )
     print(report.json_line() if args.json else report.text())
     return 0
@@ -770,9 +770,9 @@ def _export(args: argparse.Namespace) -> int:
         Path(args.target),
         Path(args.out),
         args.checkpoint,
-        args.dtype,
-        shard_bytes(args.max_shard_size_gb),
-        args.overwrite,
+        dtype=args.dtype,
+        max_shard_bytes=shard_bytes(args.max_shard_size_gb),
+        overwrite=args.overwrite,
     )
     print(f"exported {args.target} to {out} (load with transformers' AutoModelForCausalLM.from_pretrained)")
     return 0
