@@ -249,7 +249,7 @@ def main() -> None:
         else make_run(scratch, args.n_layer, args.d_model, args.n_head, args.block_size)
     )
     export_checkpoint(run, scratch / "hf", args.checkpoint)
-    vocab = load(run, args.checkpoint, "cpu", "fp32").tokenizer.get_vocab_size()
+    vocab = load(run, args.checkpoint, "cpu", dtype="fp32").tokenizer.get_vocab_size()
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(vocab, (args.prompt_tokens,), generator=generator).tolist() for _ in range(8)]
     info = machine()
@@ -312,7 +312,7 @@ def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: 
         f"lmforge {many} streams / {one}: {statistics.median(scaling):.2f}x "
         f"(rounds {min(scaling):.2f}-{max(scaling):.2f})"
     )
-    tokenizer = load(run, args.checkpoint, "cpu", "fp32").tokenizer
+    tokenizer = load(run, args.checkpoint, "cpu", dtype="fp32").tokenizer
     same = ours[one][0]["text"] == tokenizer.decode(theirs[one][0]["ids"])
     print(f"greedy text of the first request identical: {'yes' if same else 'no'}")
     info["load_1min_end"] = os.getloadavg()[0]

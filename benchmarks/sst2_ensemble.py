@@ -29,7 +29,9 @@ CPU = torch.device("cpu")
 
 def label_probs(model: torch.nn.Module, tokenizer: Tokenizer, records: list[dict]) -> torch.Tensor:
     """(examples, 2): the model's probability of each label, normalised over the two."""
-    scores = [choice_log_probs(model, tokenizer, r["prompt"], LABEL_CHOICES, CPU) for r in records]
+    scores = [
+        choice_log_probs(model, tokenizer, r["prompt"], choices=LABEL_CHOICES, device=CPU) for r in records
+    ]
     return torch.softmax(torch.tensor(scores), dim=-1)
 
 

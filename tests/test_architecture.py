@@ -1,6 +1,8 @@
 """The architecture of lmforge as rules that every module keeps, read from the source with `ast`.
 
 - No function or method is longer than MAX_FUNCTION_LINES lines.
+- No function or method takes more than MAX_POSITIONAL parameters by position (self/cls not counted):
+  the rest are keyword-only, so a call names what it passes.
 - The modules of lmforge import each other without a cycle.
 - The packages keep the one layer order, LAYERS: a package imports only packages on lower layers.
 - Inference imports nothing from training: only training itself and the command line may.
@@ -28,6 +30,14 @@ else:  # pragma: no cover
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
 MAX_FUNCTION_LINES = 60  # from the `def` line to the last line of the body, decorators excluded
+MAX_POSITIONAL = 3  # parameters a function takes by position, self/cls not counted
+# Signatures that someone else calls positionally keep their positional parameters, each for a reason:
+POSITIONAL_ALLOWED = {
+    # a Jinja filter with transformers' signature: Hub chat templates may pass its options by position
+    ("lmforge.data.chat_template", "_compile.tojson"),
+    # PyTorch calls a TorchFunctionMode with (func, types, args, kwargs), by position
+    ("lmforge.inference.weights", "_NoInitOnMeta.__torch_function__"),
+}
 TRAINING = "lmforge.train"
 MAY_IMPORT_TRAINING = ("lmforge.train", "lmforge.cli", "lmforge.__main__")
 
@@ -157,6 +167,28 @@ def long_functions(tree: ast.AST, limit: int) -> list[tuple[str, int, int]]:
     return found
 
 
+def positional_heavy(tree: ast.AST, limit: int) -> list[tuple[str, int, int]]:
+    """(qualified name, line, count) of every function or method that takes more than `limit`
+    parameters by position, a leading self or cls not counted (*args is not a parameter here)."""
+    found = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if not isinstance(child, ast.ClassDef):
+                    names = [a.arg for a in child.args.posonlyargs + child.args.args]
+                    count = len(names) - (names[:1] in (["self"], ["cls"]))
+                    if count > limit:
+                        found.append((name, child.lineno, count))
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return found
+
+
 def find_cycles(graph: Graph) -> list[list[str]]:
     """One cycle per strongly connected group of modules, as [a, b, ..., a]."""
     index: dict[str, int] = {}
@@ -252,6 +284,23 @@ def test_no_function_is_longer_than_the_limit() -> None:
     assert not offenders, f"functions longer than {MAX_FUNCTION_LINES} lines:\n" + "\n".join(offenders)
 
 
+def test_no_function_takes_more_than_three_parameters_by_position() -> None:
+    offenders = [
+        f"{location(module, line)} {name} takes {count} parameters by position"
+        for module in modules()
+        for name, line, count in positional_heavy(syntax_tree(module), MAX_POSITIONAL)
+        if (module, name) not in POSITIONAL_ALLOWED
+    ]
+    assert not offenders, (
+        f"functions with more than {MAX_POSITIONAL} positional parameters (make the rest keyword-only, "
+        "after a `*`):\n" + "\n".join(offenders)
+    )
+    allowed_and_present = {
+        (module, name) for module in modules() for name, _, _ in positional_heavy(syntax_tree(module), 0)
+    }
+    assert POSITIONAL_ALLOWED <= allowed_and_present, "the allow-list names a function that is gone"
+
+
 def test_the_modules_import_each_other_without_a_cycle() -> None:
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
@@ -323,6 +372,9 @@ def test_a_long_function_and_a_cycle_are_reported() -> None:
     method = "class A:\n    @property\n    def f(self):\n" + "        x = 1\n" * 61  # 62 lines from the def
     tree = ast.parse(method + "def g():\n    pass\n")
     assert long_functions(tree, 60) == [("A.f", 3, 62)]
+    signatures = "class B:\n    def m(self, a, b, c, d=0): ...\n    def k(self, a, b, c, *, d=0): ...\n"
+    tree = ast.parse(signatures + "def h(a, b, /, c, d, *args): ...\ndef s(cls, a, b): ...\n")
+    assert positional_heavy(tree, 3) == [("B.m", 2, 4), ("h", 4, 4)]
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
     assert find_cycles({"a": {"b"}, "b": set(), "c": {"c"}}) == [["c", "c"]]
     assert within("lmforge.train.trainer", TRAINING) and not within("lmforge.training_data", TRAINING)

@@ -236,8 +236,11 @@ def _valid_hf_configs() -> list[dict]:
     llama = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, block_size=64, vocab_size=100, **rope)
     qwen3 = ModelConfig(n_layer=2, n_head=4, d_model=32, block_size=64, vocab_size=100, qk_norm=True, **rope)
     gpt2 = ModelConfig(n_layer=2, n_head=4, d_model=32, block_size=64, vocab_size=100)
-    configs = [hf_config(llama, "llama", 0, "float32"), hf_config(qwen3, "qwen3", None, "bfloat16")]
-    configs.append(hf_config(gpt2, "gpt2", 1, "float32"))
+    configs = [
+        hf_config(llama, "llama", 0, dtype="float32"),
+        hf_config(qwen3, "qwen3", None, dtype="bfloat16"),
+    ]
+    configs.append(hf_config(gpt2, "gpt2", 1, dtype="float32"))
     v5 = dict(configs[0], rope_parameters={"rope_type": "default", "rope_theta": 5e5})
     del v5["rope_theta"]
     return [*configs, v5, dict(configs[0], model_type="mistral"), dict(configs[0], model_type="qwen2")]

@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--out", default=str(HERE / "playground.png"))
     args = p.parse_args()
-    session = load(Path(args.run), args.checkpoint, "cpu", "fp32")
+    session = load(Path(args.run), args.checkpoint, "cpu", dtype="fp32")
     server = uvicorn.Server(uvicorn.Config(create_app(session, Path(args.run).resolve().name), port=0))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:

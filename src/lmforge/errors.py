@@ -21,7 +21,7 @@ class LmforgeError(Exception):
 class TrainingInterrupted(Exception):
     """Raised after a SIGINT/SIGTERM once the checkpoint is safely written; says how to go on."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path, run_dir: Path) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: Path, *, run_dir: Path) -> None:
         super().__init__(
             f"{signal.Signals(signum).name} at step {step}; checkpoint saved to {checkpoint}; "
             f"continue with `lmforge train --resume --out {run_dir}`"

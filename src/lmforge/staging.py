@@ -76,7 +76,7 @@ def _kind_before_markers(folder: Path) -> str | None:
 
 
 def check_out(
-    out: Path, kind: Kind, overwrite: bool, inputs: Iterable[Path] = (), hint: str = REPLACE_HINT
+    out: Path, kind: Kind, overwrite: bool, *, inputs: Iterable[Path] = (), hint: str = REPLACE_HINT
 ) -> None:
     """Refuse, touching nothing, an `out` folder that this command may not fill or replace.
 
@@ -153,10 +153,10 @@ def staged(final: Path, durable: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
-def staged_folder(out: Path, kind: Kind, overwrite: bool, inputs: Iterable[Path] = ()) -> Iterator[Path]:
+def staged_folder(out: Path, kind: Kind, overwrite: bool, *, inputs: Iterable[Path] = ()) -> Iterator[Path]:
     """`staged` for a user-named `--out` folder, checked by `check_out` and marked as `kind`."""
     inputs = tuple(inputs)
-    check_out(out, kind, overwrite, inputs)
+    check_out(out, kind, overwrite, inputs=inputs)
     with staged(out) as staging:
         write_marker(staging, kind)
         yield staging

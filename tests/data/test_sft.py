@@ -30,7 +30,9 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz :\n?!.,'"
 def tokenize_pairs(pairs: list[tuple[str, str]], tokenizer, max_tokens: int, where: Path):
     """Prompt/completion pairs as SFTData tokenizes them: the completion ends with <|endoftext|> if any."""
     eos = ChatTemplate.default(tokenizer).special_tokens.get("eos_token", "")
-    return tokenize_examples([prompt_completion(p, c, eos) for p, c in pairs], tokenizer, max_tokens, where)
+    return tokenize_examples(
+        [prompt_completion(p, c, eos) for p, c in pairs], tokenizer, max_tokens, where=where
+    )
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -186,7 +188,7 @@ def test_chat_examples_train_on_every_assistant_reply_and_nothing_else(tmp_path:
     ]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
     template = ChatTemplate.default(tokenizer)
-    (example,) = tokenize_examples(read_examples(path, "error", template), tokenizer, 200, path)
+    (example,) = tokenize_examples(read_examples(path, "error", template), tokenizer, 200, where=path)
     assert tokenizer.decode(example.ids, skip_special_tokens=False) == template.render(messages)
     _, y = collate([example])
     trained = tokenizer.decode(y[0][y[0] != IGNORE_INDEX].tolist(), skip_special_tokens=False)
@@ -225,7 +227,7 @@ def test_a_span_that_is_not_in_its_prompt_is_a_bad_line(tmp_path: Path, record: 
 def test_span_targets_flag_the_answers_first_and_last_token_and_ignore_padding() -> None:
     tokenizer = char_tokenizer(ALPHABET)
     spans = [AnswerSpan("the cat sat:", 4, 7), AnswerSpan("a b:", 2, 3)]
-    x, y = collate_spans(tokenize_spans(spans, tokenizer, 64, Path("f.jsonl")))
+    x, y = collate_spans(tokenize_spans(spans, tokenizer, 64, where=Path("f.jsonl")))
     assert tokenizer.decode(x[0, :12].tolist()) == "the cat sat:"
     expected = [SPAN_OTHER] * 4 + [SPAN_START, SPAN_OTHER, SPAN_END] + [SPAN_OTHER] * 5
     assert y[0, :12].tolist() == expected and (y[0, 12:] == IGNORE_INDEX).all()
@@ -236,7 +238,9 @@ def test_span_targets_flag_the_answers_first_and_last_token_and_ignore_padding()
 def test_span_targets_mark_the_context_words_that_the_question_holds() -> None:
     prompt = "context: a cat sat\nQuestion: cat?"
     x, y = collate_spans(
-        tokenize_spans([AnswerSpan(prompt, 15, 18)], char_tokenizer(ALPHABET + "Q"), 64, Path("f.jsonl"))
+        tokenize_spans(
+            [AnswerSpan(prompt, 15, 18)], char_tokenizer(ALPHABET + "Q"), 64, where=Path("f.jsonl")
+        )
     )
     marked = [i for i in range(len(prompt)) if y[0, i] & SPAN_MATCH]
     assert marked == [11, 12, 13]  # "cat" in the context, not in the question
@@ -247,13 +251,13 @@ def test_a_long_prompt_loses_its_start_and_an_answer_cut_off_drops_its_example(c
     tokenizer = char_tokenizer(ALPHABET)
     prompt = "x" * 30 + " answer here:"
     spans = [AnswerSpan(prompt, 31, 37), AnswerSpan(prompt, 0, 2)]  # "answer" survives, "xx" does not
-    (kept,) = tokenize_spans(spans, tokenizer, 20, Path("f.jsonl"))
+    (kept,) = tokenize_spans(spans, tokenizer, 20, where=Path("f.jsonl"))
     assert tokenizer.decode([i for i, t in zip(kept.ids, kept.trained) if t]) == "answer"
     assert "2 of 2 prompts were longer than block_size = 20 tokens" in capsys.readouterr().err
     with pytest.raises(LmforgeError, match="f.jsonl: no example keeps its answer"):
-        tokenize_spans(spans[1:], tokenizer, 20, Path("f.jsonl"))
+        tokenize_spans(spans[1:], tokenizer, 20, where=Path("f.jsonl"))
 
 
 def test_a_span_prompt_outside_the_vocabulary_is_an_error() -> None:
     with pytest.raises(LmforgeError, match="f.jsonl: an example has text the tokenizer cannot represent"):
-        tokenize_spans([AnswerSpan("Ünïcode: x", 9, 10)], char_tokenizer(ALPHABET), 50, Path("f.jsonl"))
+        tokenize_spans([AnswerSpan("Ünïcode: x", 9, 10)], char_tokenizer(ALPHABET), 50, where=Path("f.jsonl"))

@@ -121,7 +121,7 @@ def test_exposure_estimates() -> None:
 
 @pytest.fixture(scope="module")
 def report(overfit_run: Path) -> AuditReport:
-    return audit_checkpoint(ModelSource(overfit_run, "last", "cpu", "fp32"), None, None, SMALL)
+    return audit_checkpoint(ModelSource(overfit_run, "last", "cpu", "fp32"), None, None, options=SMALL)
 
 
 def untrained(run: Path) -> str:
@@ -143,7 +143,7 @@ def test_an_overfit_model_reproduces_train_prefixes(report: AuditReport) -> None
 
 def test_an_untrained_model_cannot_tell_members_from_held_out_lines(overfit_run: Path) -> None:
     report = audit_checkpoint(
-        ModelSource(overfit_run, untrained(overfit_run), "cpu", "fp32"), None, None, SMALL
+        ModelSource(overfit_run, untrained(overfit_run), "cpu", "fp32"), None, None, options=SMALL
     )
     members = report.membership
     assert members.lines >= 80  # as many held-out lines as members, picked alike from LINES

@@ -28,12 +28,15 @@ def test_generate_greedy_matches_argmax_of_full_forward() -> None:
 def test_sampling_filters() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     g = torch.Generator().manual_seed(0)
-    assert {sample_next(logits, 1.0, 1, None, g).item() for _ in range(20)} == {3}
-    assert {sample_next(logits, 1.0, 2, None, g).item() for _ in range(100)} == {2, 3}
+    assert {sample_next(logits, 1.0, 1, top_p=None, generator=g).item() for _ in range(20)} == {3}
+    assert {sample_next(logits, 1.0, 2, top_p=None, generator=g).item() for _ in range(100)} == {2, 3}
     # top_p 0.5: p(3) = 0.64 already reaches it, so only token 3 remains.
-    assert {sample_next(logits, 1.0, None, 0.5, g).item() for _ in range(20)} == {3}
-    assert {sample_next(logits, 1.0, None, 0.85, g).item() for _ in range(200)} == {2, 3}  # 0.64 + 0.24
-    assert sample_next(logits, 0.0, None, None, g).item() == 3
+    assert {sample_next(logits, 1.0, None, top_p=0.5, generator=g).item() for _ in range(20)} == {3}
+    assert {sample_next(logits, 1.0, None, top_p=0.85, generator=g).item() for _ in range(200)} == {
+        2,
+        3,
+    }  # 0.64 + 0.24
+    assert sample_next(logits, 0.0, None, top_p=None, generator=g).item() == 3
 
 
 def test_beam_search_of_width_one_is_greedy_and_wider_beams_score_higher() -> None:

@@ -46,7 +46,7 @@ def test_a_prompt_outside_the_tokenizer_is_refused() -> None:
 
 def test_a_session_holds_the_checkpoint_its_tokenizer_template_and_precision(tmp_path: Path) -> None:
     run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
-    session = load(run, "last", "cpu", "fp32")
+    session = load(run, "last", "cpu", dtype="fp32")
     assert session.checkpoint == run / "checkpoints" / "step-0000001" and session.step == 1
     assert session.tokenizer.get_vocab_size() == session.config.model.vocab_size
     assert session.template.is_default and not session.model.training
@@ -62,15 +62,15 @@ def test_dtype_auto_is_bf16_where_the_device_computes_it_natively(
     run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
     monkeypatch.setenv("LMFORGE_NATIVE_BF16", native)
     assert load(run, "last", "cpu").dtype == ("bf16" if native == "1" else "fp32")
-    assert load(run, "last", "cpu", "fp32").dtype == "fp32"  # an explicit dtype stands
+    assert load(run, "last", "cpu", dtype="fp32").dtype == "fp32"  # an explicit dtype stands
 
 
 def test_a_session_without_weights_has_the_checkpoints_config_and_tokenizer_and_no_memory(
     tmp_path: Path,
 ) -> None:
     run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
-    full = load(run, "last", "cpu", "fp32")
-    light = load(run, "last", "cpu", "fp32", weights=False)
+    full = load(run, "last", "cpu", dtype="fp32")
+    light = load(run, "last", "cpu", dtype="fp32", weights=False)
     assert light.model.config == full.model.config and light.checkpoint == full.checkpoint
     assert all(p.is_meta for p in light.model.parameters())
     assert light.prompt_ids("ab") == full.prompt_ids("ab")

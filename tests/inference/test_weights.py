@@ -70,7 +70,7 @@ def test_a_config_one_layer_deeper_than_the_weights_names_the_first_missing_tens
     run = random_char_run(tmp_path / "run", "ab\n", n_layer=2, d_model=32, block_size=16)
     path = forge_config(run, model_change(n_layer=3))
     with pytest.raises(LmforgeError) as error:
-        load(run, "last", "cpu", "fp32")
+        load(run, "last", "cpu", dtype="fp32")
     assert str(error.value) == (
         f"{path}: config.toml does not fit model.safetensors: blocks.2.norm1.weight [32] by the config "
         "is not stored"
@@ -94,7 +94,7 @@ def test_without_weights_the_config_is_checked_as_well(tmp_path: Path, no_alloca
     forge_config(run, model_change(d_model=64, n_head=4))
     shapes = r"embed.weight is \[\d+, 64\] by the config but \[\d+, 32\] stored"
     with pytest.raises(LmforgeError, match=shapes):
-        load(run, "last", "cpu", "fp32", weights=False)
+        load(run, "last", "cpu", dtype="fp32", weights=False)
 
 
 def rope_run(run: Path, d_model: int) -> Path:
@@ -122,7 +122,7 @@ def test_the_rope_tables_a_config_asks_for_are_bounded_by_the_weights_or_1_gib(
     run = rope_run(tmp_path / "run", d_model=256)
     path = forge_config(run, model_change(block_size=1 << 20, n_head=1))
     with pytest.raises(LmforgeError) as error:
-        load(run, "last", "cpu", "fp32")
+        load(run, "last", "cpu", dtype="fp32")
     assert str(error.value) == (
         f"{path}: config.toml asks for 2.0 GiB beyond the stored weights (rotary.cos is [1048576, 256]), "
         "more than the 1.0 GiB allowed (the size of model.safetensors, or 1 GiB if that is less)"
@@ -144,10 +144,10 @@ def test_a_lora_checkpoint_is_checked_with_its_adapters_and_loads_merged(tmp_pat
         tokenizer_file=tmp_path / "tokenizer.json",
         val_loss=None,
     )
-    assert type(load(tmp_path / "run", "last", "cpu", "fp32").model) is GPT
+    assert type(load(tmp_path / "run", "last", "cpu", dtype="fp32").model) is GPT
     path = forge_config(tmp_path / "run", lambda c: replace(c, lora=replace(c.lora, rank=8)))
     with pytest.raises(LmforgeError) as error:
-        load(tmp_path / "run", "last", "cpu", "fp32")
+        load(tmp_path / "run", "last", "cpu", dtype="fp32")
     misfit = f"{path}: config.toml does not fit model.safetensors"
     assert str(error.value).startswith(f"{misfit}: base_model.model."), error.value
     assert "lora_A.default.weight is [8, 16] by the config but [4, 16] stored" in str(error.value)
@@ -161,4 +161,4 @@ def test_unreadable_weights_with_an_updated_sha256_are_a_one_line_error(tmp_path
     meta["sha256"]["model.safetensors"] = file_sha256(path / "model.safetensors")
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(LmforgeError, match=r"model.safetensors cannot be read \(.*header too large"):
-        load(run, "last", "cpu", "fp32")
+        load(run, "last", "cpu", dtype="fp32")

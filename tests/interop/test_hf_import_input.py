@@ -33,7 +33,7 @@ def hf_folder(folder: Path, sharded: bool = False) -> Path:
     torch.manual_seed(0)
     state = {k: v.detach() for k, v in GPT(LLAMA).state_dict().items()}
     save_shards(to_hf(state, LLAMA, "llama"), folder, 4_000 if sharded else 10**9)
-    (folder / "config.json").write_text(json.dumps(hf_config(LLAMA, "llama", None, "float32")))
+    (folder / "config.json").write_text(json.dumps(hf_config(LLAMA, "llama", None, dtype="float32")))
     byte_tokenizer().save(str(folder / "tokenizer.json"))
     return folder
 
@@ -127,7 +127,7 @@ def test_read_hf_weights_reads_only_regular_files_in_the_folder(tmp_path: Path) 
 
 
 def llama_config(**changes: object) -> dict:
-    config = hf_config(LLAMA, "llama", None, "float32")
+    config = hf_config(LLAMA, "llama", None, dtype="float32")
     for key, value in changes.items():
         if value is None:
             config.pop(key, None)

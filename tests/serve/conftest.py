@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sampler(tiny_run: Path) -> InferenceSession:
-    return load(tiny_run, "last", "cpu", "fp32")
+    return load(tiny_run, "last", "cpu", dtype="fp32")
 
 
 class LiveServer:

@@ -17,7 +17,7 @@ def test_choice_log_probs_are_the_sum_over_the_choice_tokens() -> None:
         ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=32, vocab_size=tokenizer.get_vocab_size())
     ).eval()
     prompt, choices = "Review: good\nSentiment:", [" no", " yes"]
-    scores = choice_log_probs(model, tokenizer, prompt, choices, torch.device("cpu"))
+    scores = choice_log_probs(model, tokenizer, prompt, choices=choices, device=torch.device("cpu"))
     for choice, score in zip(choices, scores):
         ids = tokenizer.encode(prompt + choice).ids
         logits, _ = model(torch.tensor([ids[:-1]]))

@@ -103,7 +103,9 @@ class Chat:
             raise
         reply = ""
         try:
-            for piece in self.session.complete(ids, self.options, self.generator, self.end_of_turn):
+            for piece in self.session.complete(
+                ids, self.options, self.generator, end_of_turn=self.end_of_turn
+            ):
                 reply += piece  # a chat reply: no blank before it (TextRules.reply)
                 self.say(piece)
         except KeyboardInterrupt:

@@ -103,7 +103,7 @@ class Checkpointer:
             raise LmforgeError("--resume and --overwrite exclude each other")
         if resume:
             return newest_intact_checkpoint(run_dir)
-        check_out(run_dir, "run", overwrite, inputs, hint=RESUME_HINT)
+        check_out(run_dir, "run", overwrite, inputs=inputs, hint=RESUME_HINT)
         return None
 
     def restore_weights(

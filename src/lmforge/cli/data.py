@@ -132,10 +132,10 @@ def _tasks_prepare(args: argparse.Namespace) -> int:
         args.task,
         out.path,
         Path(args.data_dir) if args.data_dir else None,
-        out.overwrite,
-        args.val_fraction,
-        args.seed,
-        CorpusSource(args.corpus, args.examples) if args.corpus else None,
+        overwrite=out.overwrite,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        corpus=CorpusSource(args.corpus, args.examples) if args.corpus else None,
     )
     print(prepared.summary(args.task, args.out))
     return 0

@@ -83,7 +83,7 @@ def run_audit(args: argparse.Namespace) -> int:
         MODEL_SOURCE.build(args),
         Path(args.data) if args.data else None,
         Path(args.canaries) if args.canaries else None,
-        options,
+        options=options,
     )
     print(report.json_line() if args.json else report.text())
     return 0

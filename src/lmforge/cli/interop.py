@@ -25,9 +25,9 @@ def run_export(args: argparse.Namespace) -> int:
         Path(args.target),
         out.path,
         args.checkpoint,
-        args.dtype,
-        shard_bytes(args.max_shard_size_gb),
-        out.overwrite,
+        dtype=args.dtype,
+        max_shard_bytes=shard_bytes(args.max_shard_size_gb),
+        overwrite=out.overwrite,
     )
     print(
         f"exported {args.target} to {folder} (load with transformers' AutoModelForCausalLM.from_pretrained)"

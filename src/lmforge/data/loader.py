@@ -74,7 +74,7 @@ class PreparedData:
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> RandomWindows:
         """Random windows of the train split, endlessly, in an order fixed by `seed`."""
-        return RandomWindows(self.train, block_size, batch_size, seed)
+        return RandomWindows(self.train, block_size, batch_size, seed=seed)
 
     def eval_batches(self, block_size: int, batch_size: int) -> Iterator[Batch]:
         """The val split in non-overlapping windows, every token once as a target."""
@@ -147,7 +147,7 @@ class RandomWindows(SeededBatches):
     checkpoint unchanged, so a resumed run draws exactly the batches it would have drawn.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int) -> None:
         if len(tokens) <= block_size:
             raise LmforgeError(
                 f"block_size {block_size} needs more than {block_size} tokens, the split has {len(tokens)}"
@@ -179,7 +179,7 @@ class PoissonWindows(SeededBatches):
     same distribution), so a step costs the batch, not the corpus. Resumable like `RandomWindows`.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int) -> None:
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, *, seed: int) -> None:
         self.tokens, self.block_size = tokens, block_size
         self.windows = len(tokens) // (block_size + 1)
         if batch_size > self.windows:

@@ -184,6 +184,7 @@ def prepare(
     input: str,
     out: Path | str,
     tokenizer: str,
+    *,
     vocab_size: int | None = None,
     val_fraction: float = 0.1,
     seed: int = 0,
@@ -205,42 +206,135 @@ def prepare(
     membership inference (OUT/membership.json).
     """
     out = Path(out)
-    _check_arguments(tokenizer, vocab_size, val_fraction, invalid_utf8, unknown_chars)
+    _check_arguments(
+        tokenizer, vocab_size, val_fraction, invalid_utf8=invalid_utf8, unknown_chars=unknown_chars
+    )
     # Checked before the slow passes, then again with every file of the corpus (a named dataset's too).
     tokenizer_file = [] if tokenizer in tok.BUILTIN_KINDS else [Path(tokenizer)]
-    check_out(out, "data", overwrite, [p for p in (Path(input), *tokenizer_file) if p.exists()])
+    check_out(out, "data", overwrite, inputs=[p for p in (Path(input), *tokenizer_file) if p.exists()])
     user_tokenizer, coverage = _user_tokenizer(tokenizer, unknown_chars, canaries)
     corpus = open_corpus(input, invalid_utf8)
-    inputs = [*corpus.files, *tokenizer_file]
     privacy = _Privacy(scrub_pii, canaries, check_holdout_lines(holdout_lines))
+    return _prepare_corpus(
+        input,
+        corpus,
+        out,
+        tokenizer=tokenizer,
+        vocab_size=vocab_size,
+        user_tokenizer=user_tokenizer,
+        coverage=coverage,
+        privacy=privacy,
+        val_fraction=val_fraction,
+        seed=seed,
+        overwrite=overwrite,
+        progress=progress,
+        inputs=[*corpus.files, *tokenizer_file],
+    )
 
+
+def _prepare_corpus(
+    input: str,
+    corpus: Corpus,
+    out: Path,
+    *,
+    tokenizer: str,
+    vocab_size: int | None,
+    user_tokenizer: Tokenizer | None,
+    coverage: tok.TextCoverage | None,
+    privacy: _Privacy,
+    val_fraction: float,
+    seed: int,
+    overwrite: bool,
+    progress: bool,
+    inputs: list[Path],
+) -> PrepareReport:
+    """The two passes over an opened corpus, into a staging folder that becomes `out`."""
     start = time.perf_counter()
-    scan, tokenizer_obj = _first_pass(corpus, input, tokenizer, vocab_size, user_tokenizer, progress, privacy)
+    scan, tokenizer_obj = _first_pass(
+        corpus,
+        input,
+        tokenizer,
+        vocab_size=vocab_size,
+        user_tokenizer=user_tokenizer,
+        progress=progress,
+        privacy=privacy,
+    )
     scan_seconds = time.perf_counter() - start
-    layout = _plan_layout(scan, tokenizer_obj, val_fraction, seed, corpus.given_split)
+    layout = _plan_layout(scan, tokenizer_obj, val_fraction, seed=seed, given_split=corpus.given_split)
     privacy.plan(scan, layout, seed)
-    with staged_folder(out, "data", overwrite, inputs) as staging:
-        with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
-            splits = {"train": _Split(train_file), "val": _Split(val_file)}
-            _encode(corpus, tokenizer_obj, layout, splits, scan.text_bytes, progress, coverage, privacy)
-        if splits["train"].tokens == 0 or splits["val"].tokens == 0:
-            raise LmforgeError(
-                f"{input}: too small to give a non-empty train and val split "
-                f"({splits['train'].tokens} train, {splits['val'].tokens} val tokens "
-                f"with --val-fraction {val_fraction})"
-            )
-        tokenizer_obj.save(str(staging / "tokenizer.json"))
-        meta = _meta(corpus, scan, tokenizer, tokenizer_obj, layout, splits, val_fraction, seed)
-        privacy.write(staging, meta)
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    if coverage is not None and coverage.report():
-        logger.warning(coverage.report())
+    with staged_folder(out, "data", overwrite, inputs=inputs) as staging:
+        meta = _write_prepared(
+            staging,
+            input,
+            corpus,
+            scan=scan,
+            tokenizer=tokenizer,
+            tokenizer_obj=tokenizer_obj,
+            layout=layout,
+            coverage=coverage,
+            privacy=privacy,
+            progress=progress,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
     report = PrepareReport(meta, scan.text_bytes, scan_seconds, time.perf_counter() - start - scan_seconds)
-    return replace(report, summary=_summary(report, corpus, tokenizer, out, privacy))
+    return replace(report, summary=_summary(report, corpus, tokenizer, out=out, privacy=privacy))
 
 
-def _summary(report: PrepareReport, corpus: Corpus, tokenizer: str, out: Path, privacy: _Privacy) -> str:
+def _write_prepared(
+    staging: Path,
+    input: str,
+    corpus: Corpus,
+    *,
+    scan: _Scan,
+    tokenizer: str,
+    tokenizer_obj: Tokenizer,
+    layout: _Layout,
+    coverage: tok.TextCoverage | None,
+    privacy: _Privacy,
+    progress: bool,
+    val_fraction: float,
+    seed: int,
+) -> dict:
+    """The second pass into the staging folder: the two shards, tokenizer.json, the privacy files and
+    meta.json; returns the meta. Text the tokenizer could not represent is reported as a warning."""
+    with open(staging / "train.bin", "wb") as train_file, open(staging / "val.bin", "wb") as val_file:
+        splits = {"train": _Split(train_file), "val": _Split(val_file)}
+        _encode(
+            corpus,
+            tokenizer_obj,
+            layout,
+            splits=splits,
+            total_bytes=scan.text_bytes,
+            progress=progress,
+            coverage=coverage,
+            privacy=privacy,
+        )
+    if splits["train"].tokens == 0 or splits["val"].tokens == 0:
+        raise LmforgeError(
+            f"{input}: too small to give a non-empty train and val split "
+            f"({splits['train'].tokens} train, {splits['val'].tokens} val tokens "
+            f"with --val-fraction {val_fraction})"
+        )
+    tokenizer_obj.save(str(staging / "tokenizer.json"))
+    meta = _meta(
+        corpus,
+        scan,
+        tokenizer,
+        tokenizer_obj=tokenizer_obj,
+        layout=layout,
+        splits=splits,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    privacy.write(staging, meta)
+    (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if coverage is not None and coverage.report():
+        logger.warning(coverage.report())  # what the tokenizer could not represent, said once
+    return meta
+
+
+def _summary(report: PrepareReport, corpus: Corpus, tokenizer: str, *, out: Path, privacy: _Privacy) -> str:
     meta = report.meta
     return (
         f"prepared {corpus.source}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
@@ -255,6 +349,7 @@ def _first_pass(
     corpus: Corpus,
     input: str,
     tokenizer: str,
+    *,
     vocab_size: int | None,
     user_tokenizer: Tokenizer | None,
     progress: bool,
@@ -264,7 +359,7 @@ def _first_pass(
     scan = _Scan()
     if privacy.canaries is not None:
         scan.alphabet.update(canary_alphabet())  # a char vocabulary holds every secret of the format
-    chunks = _scan(corpus, scan, tokenizer == "char", progress, privacy)
+    chunks = _scan(corpus, scan, tokenizer == "char", progress=progress, privacy=privacy)
     if tokenizer == "bpe":
         tokenizer_obj = tok.train_bpe(chunks, vocab_size or DEFAULT_BPE_VOCAB)
     else:
@@ -286,7 +381,7 @@ def _first_pass(
 
 
 def _plan_layout(
-    scan: _Scan, tokenizer: Tokenizer, val_fraction: float, seed: int, given_split: bool = False
+    scan: _Scan, tokenizer: Tokenizer, val_fraction: float, *, seed: int, given_split: bool = False
 ) -> _Layout:
     """The shards' dtype and the train/val split (the corpus's own, when it comes split), from the
     first pass and the tokenizer."""
@@ -308,6 +403,7 @@ def _meta(
     corpus: Corpus,
     scan: _Scan,
     tokenizer: str,
+    *,
     tokenizer_obj: Tokenizer,
     layout: _Layout,
     splits: dict[str, _Split],
@@ -338,7 +434,7 @@ def _meta(
 
 
 def _check_arguments(
-    tokenizer: str, vocab_size: int | None, val_fraction: float, invalid_utf8: str, unknown_chars: str
+    tokenizer: str, vocab_size: int | None, val_fraction: float, *, invalid_utf8: str, unknown_chars: str
 ) -> None:
     if vocab_size is not None and tokenizer != "bpe":
         raise LmforgeError("--vocab-size applies only to --tokenizer bpe")
@@ -355,7 +451,7 @@ def _check_arguments(
 
 
 def _scan(
-    corpus: Corpus, scan: _Scan, collect_alphabet: bool, progress: bool, privacy: _Privacy
+    corpus: Corpus, scan: _Scan, collect_alphabet: bool, *, progress: bool, privacy: _Privacy
 ) -> Iterator[str]:
     """First pass: yield every chunk (for BPE training) while filling in `scan`."""
     with progress_bar(
@@ -398,6 +494,7 @@ def _encode(
     corpus: Corpus,
     tokenizer: Tokenizer,
     layout: _Layout,
+    *,
     splits: dict[str, _Split],
     total_bytes: int,
     progress: bool,
@@ -416,7 +513,7 @@ def _encode(
     privacy = privacy or _Privacy()
     changes_train = privacy.inserter is not None or privacy.holdout is not None
     with progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="encode", enabled=progress) as bar:
-        writer = _ShardWriter(tokenizer, layout.dtype, layout.eot, splits, bar, coverage)
+        writer = _ShardWriter(tokenizer, layout.dtype, layout.eot, splits=splits, bar=bar, coverage=coverage)
         index = -1
         position = 0  # characters of the corpus before this chunk
         for document in privacy.documents(corpus):
@@ -425,7 +522,9 @@ def _encode(
                 if seen == 0:
                     index += 1
                 in_val = None if is_val is None else bool(is_val[index])
-                pieces = _pieces(chunk, position, in_val, split_char, document, seen)
+                pieces = _pieces(
+                    chunk, position, in_val, split_char=split_char, document=document, offset=seen
+                )
                 if changes_train:
                     pieces = [
                         replace(p, text=privacy.train_text(p.text)) if p.split == "train" else p
@@ -455,7 +554,7 @@ class _Piece:
 
 
 def _pieces(
-    chunk: str, position: int, in_val: bool | None, split_char: int | None, document: Document, offset: int
+    chunk: str, position: int, in_val: bool | None, *, split_char: int | None, document: Document, offset: int
 ) -> list[_Piece]:
     """The pieces of a chunk that starts at character `position` of the corpus and `offset` of its document.
 
@@ -484,6 +583,7 @@ class _ShardWriter:
         tokenizer: Tokenizer,
         dtype: np.dtype,
         eot: int | None,
+        *,
         splits: dict[str, _Split],
         bar: ProgressBar,
         coverage: tok.TextCoverage | None = None,

@@ -151,7 +151,7 @@ def parse_answer_span(record: object) -> AnswerSpan:
 
 
 def tokenize_spans(
-    spans: list[AnswerSpan], tokenizer: Tokenizer, max_tokens: int, where: Path
+    spans: list[AnswerSpan], tokenizer: Tokenizer, max_tokens: int, *, where: Path
 ) -> list[Example]:
     """The prompts' tokens, the answer's marked as trained; a prompt over `max_tokens` loses its start,
     and an example whose answer was in the part cut off is dropped (both counted)."""
@@ -184,7 +184,7 @@ def tokenize_spans(
 
 
 def tokenize_examples(
-    examples: list[list[Segment]], tokenizer: Tokenizer, max_tokens: int, where: Path
+    examples: list[list[Segment]], tokenizer: Tokenizer, max_tokens: int, *, where: Path
 ) -> list[Example]:
     """Tokenize each segment apart (as `lmforge chat` does); over-long examples lose their start, counted."""
     out, truncated = [], 0
@@ -266,6 +266,7 @@ class ExampleBatches:
         examples: list[Example],
         batch_size: int,
         seed: int,
+        *,
         max_length: int | None = None,
         collate: Callable[[list[Example], int | None], Batch] = collate,
     ) -> None:
@@ -332,6 +333,7 @@ class SFTData:
         directory: Path,
         tokenizer_file: Path,
         block_size: int,
+        *,
         on_bad_line: str = "error",
         eval_only: bool = False,
         chat_template: ChatTemplate | None = None,
@@ -346,22 +348,24 @@ class SFTData:
         self.chat_template = chat_template or ChatTemplate.default(tokenizer)
         self.vocab_size = vocab_size(tokenizer)
         self.train = (
-            [] if eval_only else self._read(directory / "train.jsonl", tokenizer, block_size, on_bad_line)
+            []
+            if eval_only
+            else self._read(directory / "train.jsonl", tokenizer, block_size, on_bad_line=on_bad_line)
         )
         if not (directory / "val.jsonl").is_file() and (directory / "eval.jsonl").is_file():
             raise LmforgeError(
                 f"{directory / 'val.jsonl'}: not found; fine-tuning selects checkpoints on val.jsonl, "
                 "never on the scored eval.jsonl (`lmforge tasks prepare` writes both)"
             )
-        self.val = self._read(directory / "val.jsonl", tokenizer, block_size, on_bad_line)
+        self.val = self._read(directory / "val.jsonl", tokenizer, block_size, on_bad_line=on_bad_line)
 
-    def _read(self, path: Path, tokenizer: Tokenizer, block_size: int, on_bad_line: str) -> list[Example]:
+    def _read(self, path: Path, tokenizer: Tokenizer, block_size: int, *, on_bad_line: str) -> list[Example]:
         if self.spans:
             return tokenize_spans(
-                read_records(path, on_bad_line, parse_answer_span), tokenizer, block_size, path
+                read_records(path, on_bad_line, parse_answer_span), tokenizer, block_size, where=path
             )
         examples = read_examples(path, on_bad_line, self.chat_template)
-        return tokenize_examples(examples, tokenizer, block_size + 1, path)
+        return tokenize_examples(examples, tokenizer, block_size + 1, where=path)
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
         """The train examples, reshuffled every epoch, padded to at most `block_size`."""

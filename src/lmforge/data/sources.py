@@ -181,7 +181,7 @@ def _download(dataset: NamedDataset, target: Path) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            _fetch(dataset, out, time.monotonic() + timeout, timeout)
+            _fetch(dataset, out, time.monotonic() + timeout, timeout=timeout)
         actual = file_sha256(tmp)
         if actual != dataset.sha256:
             raise LmforgeError(
@@ -197,7 +197,7 @@ def _download(dataset: NamedDataset, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _fetch(dataset: NamedDataset, out: BinaryIO, deadline: float, timeout: float) -> None:
+def _fetch(dataset: NamedDataset, out: BinaryIO, deadline: float, *, timeout: float) -> None:
     """Copy the response into `out`, never past the pinned size nor the deadline."""
     received = 0
     with urllib.request.urlopen(dataset.url, timeout=min(60.0, timeout)) as response:
@@ -295,7 +295,7 @@ class Corpus:
             if path.suffix in JSONL_SUFFIXES:
                 yield from _jsonl_documents(path, self.invalid_utf8)
             elif self.document_end is not None:
-                yield from _separated_documents(path, self.invalid_utf8, self.document_end, split)
+                yield from _separated_documents(path, self.invalid_utf8, self.document_end, split=split)
             else:
                 yield Document(_text_chunks(path, self.invalid_utf8), path, split=split)
 
@@ -371,7 +371,7 @@ def _open_binary(path: Path) -> BinaryIO:
 
 
 def _separated_documents(
-    path: Path, invalid_utf8: str, end_line: str, split: str | None
+    path: Path, invalid_utf8: str, end_line: str, *, split: str | None
 ) -> Iterator[Document]:
     """The documents of a file in which the line `end_line` follows each document.
 

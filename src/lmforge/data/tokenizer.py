@@ -119,7 +119,7 @@ def vocab_size(tokenizer: Tokenizer) -> int:
 
 
 def check_same_tokenizer(
-    data_dir: Path, data_tokenizer: Path, checkpoint_tokenizer: Path, source: str
+    data_dir: Path, data_tokenizer: Path, checkpoint_tokenizer: Path, *, source: str
 ) -> None:
     """Refuse data encoded with another tokenizer than the model's (`source` names the model's origin).
 

@@ -134,7 +134,7 @@ def exposure_from_fit(loss: float, alternatives: np.ndarray, space: int) -> floa
 
 @torch.no_grad()
 def sequence_losses(
-    model: torch.nn.Module, rows: list[list[int]], score_from: int, device: torch.device, batch_size: int
+    model: torch.nn.Module, rows: list[list[int]], score_from: int, *, device: torch.device, batch_size: int
 ) -> np.ndarray:
     """Per row, the summed loss (nats) of its tokens from position `score_from` on, each predicted from
     those before it. Rows may differ in length (they are padded; padding is not scored)."""
@@ -155,7 +155,7 @@ def sequence_losses(
 
 
 def canary_exposures(
-    model: torch.nn.Module, tokenizer, canaries: CanarySet, options: AuditOptions, device: torch.device
+    model: torch.nn.Module, tokenizer, canaries: CanarySet, *, options: AuditOptions, device: torch.device
 ) -> list[CanaryExposure]:
     """Each canary's exposure among `options.alternatives` random secrets of its format."""
     rng = np.random.default_rng([options.seed, 1])
@@ -166,7 +166,7 @@ def canary_exposures(
     rows = [tokenizer.encode("\n" + canaries.text(s), add_special_tokens=False).ids for s in secrets]
     if max(map(len, rows)) > model.config.block_size + 1:
         raise LmforgeError(f"a canary is longer than the model's block_size ({model.config.block_size})")
-    losses = sequence_losses(model, rows, 1, device, options.batch_size)
+    losses = sequence_losses(model, rows, 1, device=device, batch_size=options.batch_size)
     alternatives = losses[: options.alternatives]
     return [
         CanaryExposure(
@@ -180,7 +180,7 @@ def canary_exposures(
     ]
 
 
-def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generator) -> np.ndarray:
+def _windows(tokens: np.ndarray, count: int, length: int, *, rng: np.random.Generator) -> np.ndarray:
     """`count` random windows of `length` tokens, int64 [count, length]."""
     starts = rng.integers(0, len(tokens) - length + 1, size=count)
     return np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts])
@@ -188,7 +188,7 @@ def _windows(tokens: np.ndarray, count: int, length: int, rng: np.random.Generat
 
 @torch.no_grad()
 def _greedy_matches(
-    model: torch.nn.Module, windows: np.ndarray, prefix_tokens: int, batch_size: int, device: torch.device
+    model: torch.nn.Module, windows: np.ndarray, prefix_tokens: int, *, batch_size: int, device: torch.device
 ) -> np.ndarray:
     """bool [N, k]: where the greedy continuation of each window's prefix equals its next tokens."""
     matches = []
@@ -201,19 +201,27 @@ def _greedy_matches(
 
 
 def memorisation(
-    model: torch.nn.Module, data: PreparedData, options: AuditOptions, device: torch.device
+    model: torch.nn.Module, data: PreparedData, options: AuditOptions, *, device: torch.device
 ) -> Memorisation:
     """Share of train and val prefixes whose greedy continuation reproduces the next k tokens."""
     rng = np.random.default_rng([options.seed, 2])
     length = options.prefix_tokens + options.k
     result = {}
     for split, tokens in (("train", data.train), ("val", data.val)):
-        windows = _windows(tokens, options.prefixes, length, rng)
-        match = _greedy_matches(model, windows, options.prefix_tokens, options.batch_size, device)
+        windows = _windows(tokens, options.prefixes, length, rng=rng)
+        match = _greedy_matches(
+            model, windows, options.prefix_tokens, batch_size=options.batch_size, device=device
+        )
         result[split] = (float(match.all(axis=1).mean()), float(match.mean()))
     (train_exact, train_tokens), (val_exact, val_tokens) = result["train"], result["val"]
     return Memorisation(
-        options.prefixes, options.prefix_tokens, options.k, train_exact, val_exact, train_tokens, val_tokens
+        prefixes=options.prefixes,
+        prefix_tokens=options.prefix_tokens,
+        k=options.k,
+        train_exact=train_exact,
+        val_exact=val_exact,
+        train_token_match=train_tokens,
+        val_token_match=val_tokens,
     )
 
 
@@ -221,6 +229,7 @@ def membership(
     model: torch.nn.Module,
     tokenizer,
     lines: MembershipLines,
+    *,
     options: AuditOptions,
     device: torch.device,
 ) -> Membership:
@@ -236,7 +245,7 @@ def membership(
         encoded = tokenizer.encode_batch(["\n" + text for text in chosen], add_special_tokens=False)
         rows = [e.ids[: block_size + 1] for e in encoded]
         scored = np.array([len(row) - 1 for row in rows], dtype=np.float64)
-        losses[side] = sequence_losses(model, rows, 1, device, options.batch_size) / scored
+        losses[side] = sequence_losses(model, rows, 1, device=device, batch_size=options.batch_size) / scored
     auc = roc_auc(-losses["members"], -losses["held_out"])  # lower loss scores higher as a member
     return Membership(count, auc, float(losses["members"].mean()), float(losses["held_out"].mean()))
 
@@ -365,6 +374,7 @@ def audit_checkpoint(
     source: ModelSource,
     data: Path | None,
     canaries_file: Path | None,
+    *,
     options: AuditOptions,
 ) -> AuditReport:
     """Load the checkpoint of `source` and measure exposure, memorisation and membership on
@@ -375,7 +385,7 @@ def audit_checkpoint(
     data_dir = Path(data or session.config.data.dir)
     prepared = PreparedData.open(data_dir)
     check_same_tokenizer(
-        data_dir, prepared.tokenizer_file, session.tokenizer_file, f"checkpoint {session.checkpoint}"
+        data_dir, prepared.tokenizer_file, session.tokenizer_file, source=f"checkpoint {session.checkpoint}"
     )
     options = options.fitted(session.config.model.block_size)
     check_data(options, prepared)
@@ -384,11 +394,21 @@ def audit_checkpoint(
     with session.autocast():
         exposures = None
         if canaries is not None:
-            exposures = canary_exposures(model, tokenizer, canaries, options, device)
-        memorised = memorisation(model, prepared, options, device)
-        members = None if lines is None else membership(model, tokenizer, lines, options, device)
+            exposures = canary_exposures(model, tokenizer, canaries, options=options, device=device)
+        memorised = memorisation(model, prepared, options, device=device)
+        members = (
+            None if lines is None else membership(model, tokenizer, lines, options=options, device=device)
+        )
     fmt = None if canaries is None else canaries.text("D" * canaries.digits)
     space = None if canaries is None else 10**canaries.digits
     return AuditReport(
-        session.checkpoint, session.step, data_dir, options, fmt, space, exposures, memorised, members
+        checkpoint=session.checkpoint,
+        step=session.step,
+        data_dir=data_dir,
+        options=options,
+        canary_format=fmt,
+        space=space,
+        canaries=exposures,
+        memorisation=memorised,
+        membership=members,
     )

@@ -93,12 +93,12 @@ def evaluate_checkpoint(
             task,
             session.model,
             session.tokenizer,
-            data_dir,
-            session.device,
-            limit,
-            beam_size,
-            max_new_tokens,
-            calibrate,
+            data_dir=data_dir,
+            device=session.device,
+            limit=limit,
+            beam_size=beam_size,
+            max_new_tokens=max_new_tokens,
+            calibrate=calibrate,
         )
     lines = result.pop("predictions", None)
     if predictions is not None:
@@ -158,12 +158,12 @@ def _lm_loss(session: InferenceSession, data_dir: Path, batch_size: int) -> LMEv
     else:
         data = PreparedData.open(data_dir)
         check_same_tokenizer(
-            data_dir, data.tokenizer_file, session.tokenizer_file, f"checkpoint {session.checkpoint}"
+            data_dir, data.tokenizer_file, session.tokenizer_file, source=f"checkpoint {session.checkpoint}"
         )
     return evaluate_lm(
         session.model,
         data.eval_batches(architecture.block_size, batch_size),
         session.device,
-        session.autocast(),
-        data.bytes_per_token("val"),
+        autocast=session.autocast(),
+        bytes_per_token=data.bytes_per_token("val"),
     )

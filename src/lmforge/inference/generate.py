@@ -13,6 +13,7 @@ def sample_next(
     logits: torch.Tensor,
     temperature: float,
     top_k: int | None,
+    *,
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
@@ -37,6 +38,7 @@ def generate(
     model: GPT,
     prompt: torch.Tensor,
     max_new_tokens: int,
+    *,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -53,7 +55,7 @@ def generate(
     cache = KVCache.allocate(model, prompt.size(0), block_size)
     logits, _ = model(tokens, cache=cache)
     for _ in range(max_new_tokens):
-        next_token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        next_token = sample_next(logits[:, -1], temperature, top_k, top_p=top_p, generator=generator)
         yield next_token[:, 0]
         if stop_token is not None and bool((next_token == stop_token).all()):
             return
@@ -71,6 +73,7 @@ def beam_search(
     model: GPT,
     prompt: torch.Tensor,
     beam_size: int,
+    *,
     max_new_tokens: int,
     stop_tokens: set[int],
     length_penalty: float = 1.0,

@@ -43,6 +43,7 @@ def evaluate_lm(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
+    *,
     autocast: contextlib.AbstractContextManager | None = None,
     bytes_per_token: float | None = None,
     rank: int = 0,

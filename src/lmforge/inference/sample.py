@@ -28,13 +28,14 @@ def stream_samples(
     ids = session.prompt_ids(prompt)
     # One generator for all samples: each continues the random stream of the one before.
     generator = torch.Generator(device=session.device).manual_seed(seed)
-    return _samples(session, prompt, ids, options, generator, num_samples)
+    return _samples(session, prompt, ids, options=options, generator=generator, num_samples=num_samples)
 
 
 def _samples(
     session: InferenceSession,
     prompt: str,
     prompt_ids: list[int],
+    *,
     options: SamplingOptions,
     generator: torch.Generator,
     num_samples: int,

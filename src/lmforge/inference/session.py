@@ -40,7 +40,9 @@ class ModelSource:
 
     def load(self, *, weights: bool = True, any_head: bool = False) -> InferenceSession:
         """The session of this checkpoint (see `load`)."""
-        return load(self.target, self.checkpoint, self.device, self.dtype, weights=weights, any_head=any_head)
+        return load(
+            self.target, self.checkpoint, self.device, dtype=self.dtype, weights=weights, any_head=any_head
+        )
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,7 @@ class InferenceSession:
         prompt_ids: list[int],
         options: SamplingOptions,
         generator: torch.Generator,
+        *,
         end_of_turn: str = "",
     ) -> Iterator[str]:
         """The continuation of `prompt_ids` as text pieces, each as soon as it decodes to whole
@@ -102,10 +105,10 @@ class InferenceSession:
                     self.model,
                     prompt,
                     options.max_new_tokens,
-                    options.temperature,
-                    options.top_k,
-                    options.top_p,
-                    generator,
+                    temperature=options.temperature,
+                    top_k=options.top_k,
+                    top_p=options.top_p,
+                    generator=generator,
                     stop_token=decoder.eot,
                 ):
                     if piece := decoder.feed(int(token[0])):
@@ -122,8 +125,8 @@ def load(
     target: Path,
     checkpoint: str = "best",
     device: str = "auto",
-    dtype: str = "auto",
     *,
+    dtype: str = "auto",
     weights: bool = True,
     any_head: bool = False,
 ) -> InferenceSession:
@@ -150,5 +153,12 @@ def load(
     tokenizer = load_tokenizer(found.tokenizer_file)
     template = ChatTemplate.of_checkpoint(found.path, tokenizer)
     return InferenceSession(
-        model, tokenizer, template, torch_device, resolved, found.path, found.step, found.config
+        model=model,
+        tokenizer=tokenizer,
+        template=template,
+        device=torch_device,
+        dtype=resolved,
+        checkpoint=found.path,
+        step=found.step,
+        config=found.config,
     )

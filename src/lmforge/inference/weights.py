@@ -78,6 +78,7 @@ class _NoInitOnMeta(TorchFunctionMode):
     """`torch.nn.init` does nothing to meta tensors: they hold no values, and PyTorch would set them
     through Python reference code that imports torch._dynamo (seconds, on a command's first load)."""
 
+    # PyTorch calls this with four positional arguments: its signature is fixed
     def __torch_function__(
         self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None
     ) -> object:

@@ -119,12 +119,12 @@ def _gpt2_to_hf(state: Tensors, m: ModelConfig) -> Tensors:
 def _llama_to_hf(state: Tensors, m: ModelConfig, family: str) -> Tensors:
     out = {"model.embed_tokens.weight": state["embed.weight"]}
     for i in range(m.n_layer):
-        out.update(_llama_layer_to_hf(state, m, family, f"blocks.{i}.", f"model.layers.{i}."))
+        out.update(_llama_layer_to_hf(state, m, family, b=f"blocks.{i}.", p=f"model.layers.{i}."))
     out["model.norm.weight"] = state["norm.weight"]
     return out
 
 
-def _llama_layer_to_hf(state: Tensors, m: ModelConfig, family: str, b: str, p: str) -> Tensors:
+def _llama_layer_to_hf(state: Tensors, m: ModelConfig, family: str, *, b: str, p: str) -> Tensors:
     """One block: lmforge's fused qkv and gate+up matrices become Llama's separate projections."""
     hd = m.d_model // m.n_head
     q_size, kv_size = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
@@ -157,7 +157,7 @@ def _llama_layer_to_hf(state: Tensors, m: ModelConfig, family: str, b: str, p: s
     return out
 
 
-def hf_config(m: ModelConfig, family: str, eot_id: int | None, dtype: str) -> dict:
+def hf_config(m: ModelConfig, family: str, eot_id: int | None, *, dtype: str) -> dict:
     """The config.json of `family` that describes this model exactly."""
     common = {
         "vocab_size": m.vocab_size,
@@ -363,7 +363,7 @@ def model_config_from_hf(config: dict, origin: str) -> ModelConfig:
     return m
 
 
-def _present(config: dict, key: str, origin: str, default: object) -> object:
+def _present(config: dict, key: str, origin: str, *, default: object) -> object:
     """config[key]; `default` when the key is missing or null (an error when it is _REQUIRED)."""
     value = config.get(key)
     if value is None:
@@ -373,24 +373,24 @@ def _present(config: dict, key: str, origin: str, default: object) -> object:
     return value
 
 
-def _int(config: dict, key: str, origin: str, default: object = _REQUIRED) -> int:
+def _int(config: dict, key: str, origin: str, *, default: object = _REQUIRED) -> int:
     """A positive integer (JSON has no other kind of count or size)."""
-    value = _present(config, key, origin, default)
+    value = _present(config, key, origin, default=default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise LmforgeError(f"{origin}: {key} must be an integer >= 1; got {value!r}")
     return value
 
 
-def _float(config: dict, key: str, origin: str, default: object = _REQUIRED, label: str = "") -> float:
+def _float(config: dict, key: str, origin: str, *, default: object = _REQUIRED, label: str = "") -> float:
     """A finite number > 0 (every float lmforge reads from config.json is an epsilon or a base)."""
-    value = _present(config, key, origin, default)
+    value = _present(config, key, origin, default=default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise LmforgeError(f"{origin}: {label}{key} must be a finite number > 0; got {value!r}")
     return float(value)
 
 
-def _bool(config: dict, key: str, origin: str, default: bool) -> bool:
-    value = _present(config, key, origin, default)
+def _bool(config: dict, key: str, origin: str, *, default: bool) -> bool:
+    value = _present(config, key, origin, default=default)
     if not isinstance(value, bool):
         raise LmforgeError(f"{origin}: {key} must be true or false; got {value!r}")
     return value
@@ -403,16 +403,16 @@ def _need(condition: bool, origin: str, message: str) -> None:
 
 def _gpt2_model_config(config: dict, origin: str) -> ModelConfig:
     _need(
-        not _bool(config, "scale_attn_by_inverse_layer_idx", origin, False),
+        not _bool(config, "scale_attn_by_inverse_layer_idx", origin, default=False),
         origin,
         "scale_attn_by_inverse_layer_idx is not supported",
     )
     _need(
-        _bool(config, "scale_attn_weights", origin, True),
+        _bool(config, "scale_attn_weights", origin, default=True),
         origin,
         "scale_attn_weights = false is not supported",
     )
-    activation = _present(config, "activation_function", origin, "gelu_new")
+    activation = _present(config, "activation_function", origin, default="gelu_new")
     _need(
         activation in ("gelu", "gelu_new", "gelu_pytorch_tanh"),
         origin,
@@ -427,10 +427,10 @@ def _gpt2_model_config(config: dict, origin: str) -> ModelConfig:
         vocab_size=_int(config, "vocab_size", origin),
         position="learned",
         norm="layernorm",
-        norm_eps=_float(config, "layer_norm_epsilon", origin, 1e-5),
+        norm_eps=_float(config, "layer_norm_epsilon", origin, default=1e-5),
         mlp="gelu" if activation == "gelu" else "gelu_tanh",
-        mlp_hidden=_int(config, "n_inner", origin, 4 * d),
-        tie_embeddings=_bool(config, "tie_word_embeddings", origin, True),
+        mlp_hidden=_int(config, "n_inner", origin, default=4 * d),
+        tie_embeddings=_bool(config, "tie_word_embeddings", origin, default=True),
         bias=True,
         dropout=0.0,
     )
@@ -438,7 +438,7 @@ def _gpt2_model_config(config: dict, origin: str) -> ModelConfig:
 
 def _llama_model_config(config: dict, kind: str, origin: str) -> ModelConfig:
     """Llama, Mistral, Qwen2 and Qwen3: RoPE, RMSNorm, SwiGLU, grouped-query attention."""
-    hidden_act = _present(config, "hidden_act", origin, "silu")
+    hidden_act = _present(config, "hidden_act", origin, default="silu")
     _need(hidden_act == "silu", origin, f"hidden_act {hidden_act!r} is not supported (silu only)")
     n_head, d = _int(config, "num_attention_heads", origin), _int(config, "hidden_size", origin)
     if config.get("head_dim") is not None:  # else hidden_size / heads, checked by validate
@@ -449,34 +449,34 @@ def _llama_model_config(config: dict, kind: str, origin: str) -> ModelConfig:
             f"head_dim {head_dim} x {n_head} heads != hidden_size {d} is not supported",
         )
     block_size = _int(config, "max_position_embeddings", origin)
-    _check_full_attention(config, kind, block_size, origin)
+    _check_full_attention(config, kind, block_size, origin=origin)
     return ModelConfig(
         n_layer=_int(config, "num_hidden_layers", origin),
         n_head=n_head,
-        n_kv_head=_int(config, "num_key_value_heads", origin, n_head),
+        n_kv_head=_int(config, "num_key_value_heads", origin, default=n_head),
         d_model=d,
         block_size=block_size,
         vocab_size=_int(config, "vocab_size", origin),
         position="rope",
         rope_theta=_rope_theta(config, origin),
         norm="rmsnorm",
-        norm_eps=_float(config, "rms_norm_eps", origin, 1e-6),
+        norm_eps=_float(config, "rms_norm_eps", origin, default=1e-6),
         mlp="swiglu",
         mlp_hidden=_int(config, "intermediate_size", origin),
         qk_norm=kind == "qwen3",
-        tie_embeddings=_bool(config, "tie_word_embeddings", origin, False),
+        tie_embeddings=_bool(config, "tie_word_embeddings", origin, default=False),
         bias=True,
         dropout=0.0,
     )
 
 
-def _check_full_attention(config: dict, kind: str, block_size: int, origin: str) -> None:
+def _check_full_attention(config: dict, kind: str, block_size: int, *, origin: str) -> None:
     """Refuse sliding-window attention, unless the window spans the whole context (then it is full)."""
     window = None if config.get("sliding_window") is None else _int(config, "sliding_window", origin)
     if window is not None and window >= block_size:
         return
     uses_window = window is not None and (
-        kind == "mistral" or _bool(config, "use_sliding_window", origin, False)
+        kind == "mistral" or _bool(config, "use_sliding_window", origin, default=False)
     )
     layer_types = config.get("layer_types") or []  # transformers 5: one attention kind per layer
     sliding_layers = not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types)
@@ -511,7 +511,9 @@ def _rope_theta(config: dict, origin: str) -> float:
         origin,
         f"rope_parameters.partial_rotary_factor {factor!r} is not supported (RoPE on every channel only)",
     )
-    theta = _float(params, "rope_theta", origin, legacy or HF_DEFAULT_ROPE_THETA, label="rope_parameters.")
+    theta = _float(
+        params, "rope_theta", origin, default=legacy or HF_DEFAULT_ROPE_THETA, label="rope_parameters."
+    )
     _need(
         legacy is None or legacy == theta,
         origin,
@@ -520,7 +522,7 @@ def _rope_theta(config: dict, origin: str) -> float:
     return theta
 
 
-def from_hf(tensors: Tensors, m: ModelConfig, kind: str, origin: str) -> tuple[Tensors, ModelConfig]:
+def from_hf(tensors: Tensors, m: ModelConfig, kind: str, *, origin: str) -> tuple[Tensors, ModelConfig]:
     """HF tensors → lmforge state dict, and `m` with bias False when the folder has no non-zero bias."""
     family = "gpt2" if kind == "gpt2" else ("qwen3" if kind == "qwen3" else "llama")
     tensors = _canonical_names(tensors, family)
@@ -610,12 +612,12 @@ def _gpt2_from_hf(take: _Taker, m: ModelConfig) -> Tensors:
 def _llama_from_hf(take: _Taker, m: ModelConfig, family: str) -> Tensors:
     state = {"embed.weight": take("model.embed_tokens.weight")}
     for i in range(m.n_layer):
-        state.update(_llama_layer_from_hf(take, m, family, f"blocks.{i}.", f"model.layers.{i}."))
+        state.update(_llama_layer_from_hf(take, m, family, b=f"blocks.{i}.", p=f"model.layers.{i}."))
     state["norm.weight"] = take("model.norm.weight")
     return state
 
 
-def _llama_layer_from_hf(take: _Taker, m: ModelConfig, family: str, b: str, p: str) -> Tensors:
+def _llama_layer_from_hf(take: _Taker, m: ModelConfig, family: str, *, b: str, p: str) -> Tensors:
     """One block: Llama's separate projections fused into lmforge's qkv and gate+up matrices."""
     d, hd = m.d_model, m.d_model // m.n_head
     q_size, kv_size = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
@@ -648,6 +650,7 @@ def export_checkpoint(
     target: Path,
     out: Path,
     which: str = "best",
+    *,
     dtype: str = "fp32",
     max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
@@ -658,19 +661,20 @@ def export_checkpoint(
     from lmforge.runtime import DTYPES
 
     inputs = [target] if which in ("best", "last") else [target, Path(which)]
-    check_out(out, "export", overwrite, inputs)
-    session = load(target, which, "cpu", dtype)  # its dtype (auto resolved) is that of the files written
+    check_out(out, "export", overwrite, inputs=inputs)
+    # its dtype (auto resolved) is that of the files written
+    session = load(target, which, "cpu", dtype=dtype)
     m = session.config.model
     family = hf_family(m)  # refuse before writing anything
     state = {k: v.detach() for k, v in session.model.state_dict().items()}
     torch_dtype = DTYPES[session.dtype]
     tensors = {k: v.to(torch_dtype).contiguous() for k, v in to_hf(state, m, family).items()}
     eot = eot_id(session.tokenizer)
-    with staged_folder(out, "export", overwrite, [*inputs, session.checkpoint]) as staging:
+    with staged_folder(out, "export", overwrite, inputs=[*inputs, session.checkpoint]) as staging:
         files = save_shards(tensors, staging, max_shard_bytes)
         _write_json(
             staging / "config.json",
-            hf_config(m, family, eot, str(torch_dtype).removeprefix("torch.")),
+            hf_config(m, family, eot, dtype=str(torch_dtype).removeprefix("torch.")),
         )
         _write_json(
             staging / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False}
@@ -696,8 +700,8 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
         if (folder / name).exists() or (folder / name).is_symlink():
             folder_file(folder, name, str(folder))
     template = ChatTemplate.find(folder)  # None: lmforge's default serves `chat` and fine-tuning
-    check_out(out, "import", overwrite, [folder])
-    state, m = from_hf(read_hf_weights(folder), m, hf["model_type"], str(folder))
+    check_out(out, "import", overwrite, inputs=[folder])
+    state, m = from_hf(read_hf_weights(folder), m, hf["model_type"], origin=str(folder))
     model = GPT(m)
     try:
         model.load_state_dict(state, strict=True)
@@ -705,7 +709,7 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
         raise LmforgeError(
             f"{folder}: tensors do not fit config.json ({str(exc).splitlines()[-1].strip()})"
         ) from None
-    with staged_folder(out, "import", overwrite, [folder]) as staging:
+    with staged_folder(out, "import", overwrite, inputs=[folder]) as staging:
         config = Config(model=m)
         (staging / "config.toml").write_text(config.to_toml())
         shutil.copyfile(folder / "tokenizer.json", staging / "tokenizer.json")
@@ -746,9 +750,10 @@ def _model_card(session: InferenceSession, family: str, files: list[str]) -> str
         json.loads(data_meta.read_text()).get("source") if data_meta and data_meta.is_file() else "unknown"
     )
     val = f"{meta['val_loss']:.4f}" if meta.get("val_loss") is not None else "not evaluated at this step"
+    architecture = hf_config(config.model, family, None, dtype="float32")["architectures"][0]
     return (
         f"# lmforge model ({family})\n\nTrained with lmforge and exported as a "
-        f"standard `transformers` {hf_config(config.model, family, None, 'float32')['architectures'][0]}.\n\n"
+        f"standard `transformers` {architecture}.\n\n"
         f"- training data: {source} (prepared in `{config.data.dir or 'n/a'}`)\n"
         f"- steps: {session.step}\n- validation loss at this checkpoint: {val}\n"
         f"- parameters: {session.model.num_params():,}\n- weights: {', '.join(files)}\n"

@@ -142,7 +142,7 @@ class KVCache:
         return CacheStep(self, positions, end, mask, torch.arange(positions.size(0), device=device)[:, None])
 
     def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, step: CacheStep
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, *, step: CacheStep
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys and values k, v (B, n_kv_head, T, head_dim) of `layer` at the step's
         positions. Returns the keys and values of every position so far (B, n_kv_head, end, head_dim)."""
@@ -192,6 +192,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: RotaryTables | None,
         cached: CacheStep | None,
+        *,
         visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """visible: (B, 1, 1, T), the keys that bidirectional attention may see (not padding)."""
@@ -209,7 +210,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         mask = visible
         if cached is not None:  # k, v: (B, n_kv_head, every position so far, head_dim)
-            k, v = cached.cache.update(self.layer, k, v, cached)
+            k, v = cached.cache.update(self.layer, k, v, step=cached)
             mask = cached.mask
         if self.capture is not None:
             self.capture(q, k, v)
@@ -285,9 +286,10 @@ class Block(nn.Module):
         x: torch.Tensor,
         rope: RotaryTables | None,
         cached: CacheStep | None,
+        *,
         visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, cached, visible))
+        x = x + self.drop(self.attn(self.norm1(x), rope, cached, visible=visible))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -350,6 +352,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        *,
         only_targets: bool = False,
         matched: torch.Tensor | None = None,
     ) -> HeadOutput:
@@ -379,13 +382,13 @@ class GPT(nn.Module):
         cached = cache.step(T, idx.device) if cache is not None else None
         if (end := cached.end if cached is not None else T) > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
-        x = self.drop(self.embed_inputs(idx, cached, targets, matched))  # (B, T, d_model)
+        x = self.drop(self.embed_inputs(idx, cached, targets, matched=matched))  # (B, T, d_model)
         rope = None
         if self.rotary is not None:
             rope = self.rotary.tables(cached.positions if cached is not None else 0, T)
         visible = self.visible_keys(targets)
         for block in self.blocks:
-            x = block(x, rope, cached, visible)
+            x = block(x, rope, cached, visible=visible)
         if cache is not None:
             cache.advance(T)
         return x
@@ -406,6 +409,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         cached: CacheStep | None,
         targets: torch.Tensor | None,
+        *,
         matched: torch.Tensor | None,
     ) -> torch.Tensor:
         """The first residual stream (B, T, d_model): token embeddings, plus learned positions and

@@ -56,7 +56,7 @@ def plot_runs(run_dirs: list[Path], x: str = "step"):
     axes = fig.subplots(2, 2).flatten()
     for index, (run_dir, name) in enumerate(zip(run_dirs, names)):
         metrics = read_metrics(run_dir)
-        _draw_run(axes, metrics, x_values(run_dir, metrics, x), name, f"C{index % 10}")
+        _draw_run(axes, metrics, x_values(run_dir, metrics, x), name=name, colour=f"C{index % 10}")
     for ax, (_, title, log) in zip(axes, PANELS):
         ax.set_title(title)
         ax.set_xlabel(X_LABELS[x])
@@ -76,7 +76,7 @@ def _log_scale(ax) -> None:
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
-def _draw_run(axes, metrics: Metrics, xs: dict[int, float], name: str, colour: str) -> None:
+def _draw_run(axes, metrics: Metrics, xs: dict[int, float], *, name: str, colour: str) -> None:
     for ax, (key, _, _) in zip(axes, PANELS):
         points = [(xs[e["step"]], e[key]) for e in metrics.steps if key in e]
         label = f"{name} train" if key == "loss" else name

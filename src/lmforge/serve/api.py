@@ -200,7 +200,7 @@ class Served:
                 404,
                 f"the model {name!r} does not exist; this server serves {self.model_name!r}",
                 "model",
-                "model_not_found",
+                code="model_not_found",
                 kind="not_found_error",
             )
 
@@ -209,6 +209,7 @@ class Served:
         request: Request,
         body: ChatRequest | CompletionRequest,
         prompts: list[list[int]],
+        *,
         max_tokens: list[int],
     ) -> JSONResponse | StreamingResponse:
         """Run n choices of each prompt (of at most `max_tokens` tokens, one count per prompt) and
@@ -224,7 +225,7 @@ class Served:
         prompt_tokens = sum(len(prompt) for prompt in prompts)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return CancellingStream(self._events(shape, generation, prompt_tokens, usage), generation)
+            return CancellingStream(self._events(shape, generation, prompt_tokens, usage=usage), generation)
         watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
         try:
             collected = await _collect(generation)
@@ -250,7 +251,7 @@ class Served:
             )
 
     async def _events(
-        self, shape: ResponseShape, generation: Generation, prompt_tokens: int, usage: bool
+        self, shape: ResponseShape, generation: Generation, prompt_tokens: int, *, usage: bool
     ) -> AsyncIterator[str]:
         """The stream: a chunk per piece of text, a last chunk per choice with its finish_reason,
         the usage if asked for, then [DONE]. A client that leaves cancels the generation."""
@@ -414,16 +415,16 @@ def _host_name(header: bytes) -> str:
 
 
 def _make_engine(
-    sampler: InferenceSession, max_batch: int, max_queue: int, own_process: bool, threads: int | None
+    sampler: InferenceSession, max_batch: int, max_queue: int, *, own_process: bool, threads: int | None
 ) -> Engine | EngineProcess:
     if not own_process:
         return Engine(sampler, max_batch, max_queue)
     block_size = sampler.model.config.block_size
-    return EngineProcess(sampler.source, block_size, max_batch, max_queue, threads)
+    return EngineProcess(sampler.source, block_size, max_batch, max_queue=max_queue, threads=threads)
 
 
 def _add_generation_routes(
-    app: FastAPI, served: Served, sampler: InferenceSession, template: ChatTemplate, block_size: int
+    app: FastAPI, served: Served, sampler: InferenceSession, *, template: ChatTemplate, block_size: int
 ) -> None:
     """POST /v1/completions and /v1/chat/completions: a prompt and max_tokens past the context are refused."""
 
@@ -436,7 +437,7 @@ def _add_generation_routes(
             check_context(prompt, block_size, "prompt")
         fit = dict(default=COMPLETION_MAX_TOKENS, param="prompt", field="max_tokens")
         max_tokens = [fit_max_tokens(prompt, block_size, body.max_tokens, **fit) for prompt in prompts]
-        return await served.respond(request, body, prompts, max_tokens)
+        return await served.respond(request, body, prompts, max_tokens=max_tokens)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatRequest, request: Request) -> JSONResponse | StreamingResponse:
@@ -448,7 +449,7 @@ def _add_generation_routes(
         max_tokens = fit_max_tokens(
             prompt, block_size, requested, default=None, param="messages", field=given_in
         )
-        return await served.respond(request, body, [prompt], [max_tokens])
+        return await served.respond(request, body, [prompt], max_tokens=[max_tokens])
 
 
 def create_app(
@@ -466,7 +467,7 @@ def create_app(
     `engine_process`, else a thread) runs while the app does. Without `api_key`, only requests to this
     machine (loopback names, or `host`) are answered: a web page cannot reach it by a name of its own."""
     block_size = sampler.model.config.block_size
-    engine = _make_engine(sampler, max_batch, max_queue, engine_process, threads)
+    engine = _make_engine(sampler, max_batch, max_queue, own_process=engine_process, threads=threads)
     template = sampler.template
     served = Served(sampler, engine, template, model_name)
     playground = files("lmforge.serve").joinpath("playground.html").read_text(encoding="utf-8")
@@ -491,5 +492,5 @@ def create_app(
         card = {"id": model_name, "object": "model", "created": served.created, "owned_by": "lmforge"}
         return {"object": "list", "data": [card | {"max_model_len": block_size}]}
 
-    _add_generation_routes(app, served, sampler, template, block_size)
+    _add_generation_routes(app, served, sampler, template=template, block_size=block_size)
     return app

@@ -199,14 +199,20 @@ class Engine:
         """Choose the next token of each of `rows` from its logits (len(rows), V), report it, and
         free the rows that are done."""
         jobs = [self.active[row] for row in rows]
-        greedy = sample_next(logits, 0.0, None, None, None).view(-1).tolist()  # one op for every greedy row
+        greedy = (
+            sample_next(logits, 0.0, None, top_p=None, generator=None).view(-1).tolist()
+        )  # one op for every greedy row
         finished = []
         for i, (row, job) in enumerate(zip(rows, jobs)):
             p = job.params
             token = (
                 greedy[i]
                 if p.temperature == 0
-                else int(sample_next(logits[i : i + 1], p.temperature, p.top_k, p.top_p, job.generator))
+                else int(
+                    sample_next(
+                        logits[i : i + 1], p.temperature, p.top_k, top_p=p.top_p, generator=job.generator
+                    )
+                )
             )
             job.last, job.tokens = token, job.tokens + 1
             text = job.decoder.feed(token)

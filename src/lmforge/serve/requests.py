@@ -34,6 +34,7 @@ class ApiError(Exception):
         status: int,
         message: str,
         param: str | None = None,
+        *,
         code: str | None = None,
         kind: str = "invalid_request_error",
         headers: dict[str, str] | None = None,
@@ -192,7 +193,7 @@ def check_context(prompt: list[int], block_size: int, param: str) -> None:
             413,
             f"the prompt is {len(prompt)} tokens; this model's context is {block_size} tokens",
             param,
-            "context_length_exceeded",
+            code="context_length_exceeded",
         )
 
 
@@ -211,7 +212,7 @@ def fit_max_tokens(
             f"{start}you requested {len(prompt) + requested} tokens ({len(prompt)} in the {param}, "
             f"{requested} for the completion). Please reduce the length of the {param} or the completion.",
             field,
-            "context_length_exceeded",
+            code="context_length_exceeded",
         )
     if requested is None and room < 1:
         raise ApiError(
@@ -219,7 +220,7 @@ def fit_max_tokens(
             f"{start}your {param} resulted in {len(prompt)} tokens, which leaves no room for the completion. "
             f"Please reduce the length of the {param}.",
             param,
-            "context_length_exceeded",
+            code="context_length_exceeded",
         )
     if requested is not None:
         return requested

@@ -52,6 +52,7 @@ class EngineProcess:
         source: ModelSource,
         block_size: int,
         max_batch: int = 8,
+        *,
         max_queue: int = 64,
         threads: int | None = None,
     ) -> None:
@@ -61,7 +62,8 @@ class EngineProcess:
         self.updates, update_writer = context.Pipe(duplex=False)
         self.process = context.Process(
             target=_child_main,
-            args=(command_reader, update_writer, source, max_batch, threads),
+            args=(command_reader, update_writer, source),
+            kwargs={"max_batch": max_batch, "threads": threads},
             name="lmforge-engine",
             daemon=True,
         )
@@ -160,6 +162,7 @@ def _child_main(
     commands: Connection,
     updates: Connection,
     source: ModelSource,
+    *,
     max_batch: int,
     threads: int | None,
 ) -> None:

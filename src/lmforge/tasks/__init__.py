@@ -59,7 +59,7 @@ class PreparedTask:
 
 
 def carve_validation(
-    examples: Iterable[dict], fraction: float, seed: int, group: str | None = None
+    examples: Iterable[dict], fraction: float, seed: int, *, group: str | None = None
 ) -> tuple[list[dict], list[dict]]:
     """(train, val): a seeded choice of `fraction` of the examples (at least one) as val, in file order.
 
@@ -86,7 +86,7 @@ class CorpusSource:
 
 
 def _with_validation(
-    task: Task, root: Path | None, fraction: float, seed: int, source: CorpusSource | None
+    task: Task, root: Path | None, fraction: float, *, seed: int, source: CorpusSource | None
 ) -> tuple[dict[str, Iterable[dict]], str]:
     """The task's splits in file order train, val, eval: val is the dataset's own, else carved from train."""
     splits = task.corpus_splits(source.corpus, source.examples, seed) if source else task.splits(root)
@@ -94,7 +94,7 @@ def _with_validation(
         return {"train": splits["train"], "val": splits["val"], "eval": splits["eval"]}, (
             "the dataset's validation split"
         )
-    train, val = carve_validation(splits["train"], fraction, seed, task.val_group)
+    train, val = carve_validation(splits["train"], fraction, seed, group=task.val_group)
     per = f" by {task.val_group}" if task.val_group else ""
     return {"train": train, "val": val, "eval": splits["eval"]}, f"{fraction:g} of train{per}, seed {seed}"
 
@@ -103,6 +103,7 @@ def prepare_task(
     name: str,
     out: Path,
     source_dir: Path | None = None,
+    *,
     overwrite: bool = False,
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
@@ -128,8 +129,8 @@ def prepare_task(
     inputs = [Path(corpus.corpus)] if corpus and Path(corpus.corpus).exists() else [root]
     counts = {}
     try:
-        with staged_folder(out, "tasks", overwrite, [p for p in inputs if p is not None]) as staging:
-            splits, val_from = _with_validation(TASKS[name], root, val_fraction, seed, corpus)
+        with staged_folder(out, "tasks", overwrite, inputs=[p for p in inputs if p is not None]) as staging:
+            splits, val_from = _with_validation(TASKS[name], root, val_fraction, seed=seed, source=corpus)
             for split, examples in splits.items():
                 with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as f:
                     counts[split] = 0
@@ -153,6 +154,7 @@ def evaluate_task(
     task: str,
     model: torch.nn.Module,
     tokenizer: Tokenizer,
+    *,
     data_dir: Path,
     device: torch.device,
     limit: int | None = None,
@@ -173,7 +175,15 @@ def evaluate_task(
             )
         if beam_size > 1:
             raise LmforgeError("--beam-size does not apply to a span model (it decodes nothing)")
-    run = EvalRun(model, tokenizer, device, data_dir, beam_size, max_new_tokens, calibrate)
+    run = EvalRun(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        data_dir=data_dir,
+        beam_size=beam_size,
+        max_new_tokens=max_new_tokens,
+        calibrate=calibrate,
+    )
     records = read_eval(run.eval_file, limit)
     require_fields(records, TASKS[task].fields, run.eval_file)
     header = {"task": task, "examples": len(records), "data": str(run.eval_file)}

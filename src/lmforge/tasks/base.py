@@ -60,7 +60,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, room: int) -> list[int]:
 
 
 def choice_log_probs(
-    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, choices: list[str], device: torch.device
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, *, choices: list[str], device: torch.device
 ) -> list[float]:
     """Sum of log-probabilities of each choice's tokens after the prompt."""
     import torch
@@ -87,6 +87,7 @@ def decode(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
     prompt: str,
+    *,
     max_new_tokens: int,
     beam_size: int,
     device: torch.device,
@@ -101,12 +102,18 @@ def decode(
         t for t in (eot_id(tokenizer), *tokenizer.encode("\n", add_special_tokens=False).ids) if t is not None
     }
     context = encode_prompt(tokenizer, prompt, model.config.block_size - max_new_tokens)
-    tokens = beam_search(model, torch.tensor([context], device=device), beam_size, max_new_tokens, stops)
+    tokens = beam_search(
+        model,
+        torch.tensor([context], device=device),
+        beam_size,
+        max_new_tokens=max_new_tokens,
+        stop_tokens=stops,
+    )
     return tokenizer.decode(tokens).strip()
 
 
 def extract_span(
-    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, max_tokens: int, device: torch.device
+    model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, *, max_tokens: int, device: torch.device
 ) -> str:
     """The span of the prompt that a span head scores highest (start score + end score), at most
     `max_tokens` tokens long, as the prompt's own text; a long prompt loses its start first."""
@@ -129,7 +136,7 @@ def extract_span(
     return prompt[offsets[start][0] : offsets[end][1]].strip()
 
 
-def prediction_line(number: int, record: dict, references: dict, prediction: object, score: dict) -> dict:
+def prediction_line(number: int, record: dict, references: dict, *, prediction: object, score: dict) -> dict:
     """One line of `lmforge eval --predictions`: the example's id (its own, else its line number in the
     scored file, from 1), prompt, reference(s), the model's prediction and the example's scores."""
     return {
@@ -158,7 +165,7 @@ class EvalRun:
         return self.data_dir / "eval.jsonl"
 
     def choice_log_probs(self, prompt: str, choices: list[str]) -> list[float]:
-        return choice_log_probs(self.model, self.tokenizer, prompt, choices, self.device)
+        return choice_log_probs(self.model, self.tokenizer, prompt, choices=choices, device=self.device)
 
     @property
     def extractive(self) -> bool:
@@ -173,8 +180,17 @@ class EvalRun:
 
     def decode(self, prompt: str) -> str:
         if self.extractive:
-            return extract_span(self.model, self.tokenizer, prompt, self.max_new_tokens, self.device)
-        return decode(self.model, self.tokenizer, prompt, self.max_new_tokens, self.beam_size, self.device)
+            return extract_span(
+                self.model, self.tokenizer, prompt, max_tokens=self.max_new_tokens, device=self.device
+            )
+        return decode(
+            self.model,
+            self.tokenizer,
+            prompt,
+            max_new_tokens=self.max_new_tokens,
+            beam_size=self.beam_size,
+            device=self.device,
+        )
 
 
 class Task(ABC):
@@ -258,7 +274,7 @@ class DecodingTask(Task):
             "baseline": self.scores(self.baseline_outputs(records), records),
             "baseline_name": self.baseline_name,
             "predictions": [
-                prediction_line(i, r, self.references(r), o, s)
+                prediction_line(i, r, self.references(r), prediction=o, score=s)
                 for i, (r, o, s) in enumerate(zip(records, outputs, per_example), start=1)
             ],
         }

@@ -144,7 +144,7 @@ class _Sample:
     seed: int
     kept: list[tuple[float, int, dict]]
 
-    def offer(self, key: float, number: int, paragraph: str, example_id: str) -> None:
+    def offer(self, key: float, number: int, paragraph: str, *, example_id: str) -> None:
         if len(self.kept) == self.size and (self.size == 0 or key <= self.kept[0][0]):
             return
         if not 0 < len(paragraph) <= MAX_PARAGRAPH_CHARS:
@@ -177,7 +177,7 @@ def draw_examples(corpus: str, examples: int, seed: int) -> tuple[list[dict], li
         sample = samples["val" if document.split == "val" else "train"]
         for paragraph_no, paragraph in enumerate(paragraphs(document), start=1):
             number += 1
-            sample.offer(keys.random(), number, paragraph, f"{document_no}.{paragraph_no}")
+            sample.offer(keys.random(), number, paragraph, example_id=f"{document_no}.{paragraph_no}")
     return samples["train"].examples(), samples["val"].examples() if source.given_split else None
 
 

@@ -91,8 +91,8 @@ class SST2(Task):
                     i,
                     r,
                     {"reference": SST2_LABELS[r["label"]]},
-                    SST2_LABELS[p],
-                    {"accuracy": float(p == r["label"])},
+                    prediction=SST2_LABELS[p],
+                    score={"accuracy": float(p == r["label"])},
                 )
                 for i, (r, p) in enumerate(zip(records, predictions), start=1)
             ],

@@ -122,8 +122,8 @@ class Run:
             self.state.module,
             batches,
             self.device,
-            self.amp,
-            self.data.bytes_per_token("val"),
+            autocast=self.amp,
+            bytes_per_token=self.data.bytes_per_token("val"),
             rank=self.dist.rank,
             world=self.dist.world,
         )
@@ -296,7 +296,7 @@ def open_data(
             Path(config.data.dir),
             Path(tokenizer),
             model.block_size,
-            config.data.on_bad_line,
+            on_bad_line=config.data.on_bad_line,
             chat_template=chat_template,
             head=model.head,
         )
@@ -337,11 +337,11 @@ def check_compatible(
     """The data's tokenizer is the source checkpoint's; a resumed run keeps its architecture."""
     if init_from is not None:
         source = f"train.init_from {init_from}"
-        check_same_tokenizer(data.dir, data.tokenizer_file, init_from / "tokenizer.json", source)
+        check_same_tokenizer(data.dir, data.tokenizer_file, init_from / "tokenizer.json", source=source)
     if resume_from is not None:
         check_same_architecture(ckpt.load_config_of(resume_from).model, config.model, resume_from)
         source = f"checkpoint {resume_from}"
-        check_same_tokenizer(data.dir, data.tokenizer_file, resume_from / "tokenizer.json", source)
+        check_same_tokenizer(data.dir, data.tokenizer_file, resume_from / "tokenizer.json", source=source)
 
 
 def check_same_architecture(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:

@@ -124,7 +124,9 @@ def train_loop(run: Run) -> TrainSummary:
                 break
             if run.dist.any(stop.received is not None):  # all ranks stop at the same step
                 saved = checkpointer.on_stop(progress.step)
-                raise TrainingInterrupted(stop.received or signal.SIGTERM, progress.step, saved, run.run_dir)
+                raise TrainingInterrupted(
+                    stop.received or signal.SIGTERM, progress.step, saved, run_dir=run.run_dir
+                )
     if last_eval_step != progress.step:  # a resumed run that had already finished
         last_eval = run.evaluate()
     return summarize(run, last_eval, checkpointer.finish(progress.step, last_eval.loss))

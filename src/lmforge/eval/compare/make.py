@@ -46,7 +46,7 @@ class Answerer:
         turns = [{"role": "user", "content": prompt}]
         chat = Chat(self.session, options, generator, io.StringIO(), Conversation(turns=turns))
         ids = chat.prompt_ids()
-        return "".join(self.session.complete(ids, options, generator, chat.end_of_turn)).strip()
+        return "".join(self.session.complete(ids, options, generator, end_of_turn=chat.end_of_turn)).strip()
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,12 @@ def make_sheet(
     prompts = read_prompts(prompts_file)
     runs = (sources[0].target, sources[1].target)
     inputs = (*runs, prompts_file)
-    check_out(out, "compare", overwrite, inputs)
+    check_out(out, "compare", overwrite, inputs=inputs)
     answerers = [Answerer(source.load(), chat) for source in sources]
     options = replace(options, max_new_tokens=answer_length(answerers, options.max_new_tokens, chat))
     device, dtype = sources[0].device, sources[0].dtype  # as asked for both runs, recorded in the key
     answers = [
-        _answers(answerers, runs, prompts_file, p, options, _prompt_seed(seed, i))
+        _answers(answerers, runs, prompts_file, prompt=p, options=options, seed=_prompt_seed(seed, i))
         for i, p in enumerate(progress_bar(prompts, desc="answering", unit="prompt", leave=False))
     ]
     entries = _entries(prompts, answers, seed)
@@ -105,7 +105,7 @@ def make_sheet(
         "shown_order": order,  # the prompts' indexes as the sheet shows them, top to bottom
         "prompts": entries,
     }
-    with staged_folder(out, "compare", overwrite, inputs) as folder:
+    with staged_folder(out, "compare", overwrite, inputs=inputs) as folder:
         (folder / SHEET).write_text(sheet_html(sheet_id, items), encoding="utf-8")
         (folder / KEY).write_text(json.dumps(key, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return SheetReport(out, sheet_id, len(prompts))
@@ -157,6 +157,7 @@ def _answers(
     answerers: list[Answerer],
     runs: tuple[Path, Path],
     prompts_file: Path,
+    *,
     prompt: Prompt,
     options: SamplingOptions,
     seed: int,

@@ -125,7 +125,15 @@ def tally(folder: Path, judgments_file: Path) -> Tally:
         )
     if not outcomes:
         raise LmforgeError(f"{judgments_file}: no prompt is judged yet (every choice is null)")
-    return Tally(sheet_id, runs, len(entries), counts["RUN_A"], counts["RUN_B"], counts["tie"], outcomes)
+    return Tally(
+        sheet_id=sheet_id,
+        runs=runs,
+        total=len(entries),
+        wins=counts["RUN_A"],
+        losses=counts["RUN_B"],
+        ties=counts["tie"],
+        outcomes=outcomes,
+    )
 
 
 def read_judgments(path: Path, sheet_id: str, total: int) -> dict[int, str]:

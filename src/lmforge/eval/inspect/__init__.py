@@ -84,7 +84,7 @@ def inspect_checkpoint(
     check_out(out, "inspect", overwrite, inputs=(source.target,))
     session = source.load()
     ids = prompt_tokens(session, prompt)
-    result = trace(session.model, ids, top_k, session.autocast())
+    result = trace(session.model, ids, top_k, autocast=session.autocast())
 
     def decode(token: int) -> str:
         return session.tokenizer.decode([token], skip_special_tokens=False)
@@ -102,14 +102,14 @@ def inspect_checkpoint(
         "top_k": top_k,
     }
     with staged_folder(out, "inspect", overwrite, inputs=(source.target,)) as folder:
-        summary["files"] = write_files(folder, result, decode, f"surprisal: {session.checkpoint}")
+        summary["files"] = write_files(folder, result, decode, title=f"surprisal: {session.checkpoint}")
         (folder / SUMMARY).write_text(
             json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
     return InspectReport(out, summary, lens_table(result, decode))
 
 
-def write_files(folder: Path, result: Trace, decode: Decode, title: str) -> list[str]:
+def write_files(folder: Path, result: Trace, decode: Decode, *, title: str) -> list[str]:
     """Every output file of one inspection into `folder`; returns their names (the summary's too)."""
     from lmforge.eval.inspect import plots  # matplotlib: only when pictures are drawn
 
@@ -117,11 +117,16 @@ def write_files(folder: Path, result: Trace, decode: Decode, title: str) -> list
     names = []
     for layer, probs in enumerate(result.attention):
         names.append(f"attention_layer{layer}.png")
-        plots.attention_grid(probs, labels, layer, folder / names[-1])
+        plots.attention_grid(probs, labels, layer, path=folder / names[-1])
     top1 = [[token_label(decode(int(i))) for i in row[:-1]] for row in result.lens.ids[..., 0]]
     vocab = result.logits.size(-1)
     plots.lens_heatmap(
-        result.lens.ranks, top1, lens_layer_names(result), labels, vocab, folder / "logit_lens.png"
+        result.lens.ranks,
+        top1,
+        lens_layer_names(result),
+        labels=labels,
+        vocab=vocab,
+        path=folder / "logit_lens.png",
     )
     (folder / "logit_lens.tsv").write_text(lens_tsv(result, decode), encoding="utf-8")
     (folder / "surprisal.html").write_text(surprisal_html(result, decode, title), encoding="utf-8")

@@ -31,7 +31,7 @@ def _label_axis(ax, axis: str, labels: list[str]) -> None:
     getattr(ax, f"set_{axis}ticklabels")(names, rotation=90 if axis == "x" else 0)
 
 
-def attention_grid(probs: torch.Tensor, labels: list[str], layer: int, path: Path) -> None:
+def attention_grid(probs: torch.Tensor, labels: list[str], layer: int, *, path: Path) -> None:
     """probs: (H, T, T) of one layer; a panel per head, queries down, keys across."""
     heads, T = probs.size(0), probs.size(-1)
     cols = math.ceil(math.sqrt(heads))  # a square-ish grid of panels
@@ -55,7 +55,7 @@ def attention_grid(probs: torch.Tensor, labels: list[str], layer: int, path: Pat
 
 
 def lens_heatmap(
-    ranks: torch.Tensor, top1: list[list[str]], rows: list[str], labels: list[str], vocab: int, path: Path
+    ranks: torch.Tensor, top1: list[list[str]], rows: list[str], *, labels: list[str], vocab: int, path: Path
 ) -> None:
     """ranks: (L + 1, T - 1) rank of the prompt's next token per lens row and position (0: top);
     top1: each cell's likeliest token, written in the cell when there is room."""

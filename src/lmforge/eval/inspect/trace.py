@@ -129,7 +129,7 @@ class Trace:
 
 @torch.no_grad()
 def trace(
-    model: GPT, ids: list[int], k: int = 5, autocast: contextlib.AbstractContextManager | None = None
+    model: GPT, ids: list[int], k: int = 5, *, autocast: contextlib.AbstractContextManager | None = None
 ) -> Trace:
     """Run `ids` (at most block_size tokens) through `model` once and read out everything `Trace`
     holds, with the `k` likeliest next tokens per lens row and position."""
