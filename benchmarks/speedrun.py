@@ -6,6 +6,12 @@ step and the full-split val loss at which the target was reached. By default it 
 nanoGPT's CPU recipe and lmforge's speedrun recipe in the same invocation and prints the
 ratio, since this machine's speed drifts between runs.
 
+Every run gets the same evaluation and checkpoint schedule (`SAME_SCHEDULE`: one full-split
+eval and one checkpoint, both at the end), whatever its config says, so that no side pays for
+more evals or checkpoints than the other. Every config after the first (the reference) whose
+train.dtype resolves to something other than fp32 runs a second time in fp32, and both ratios
+are printed: how much of the speed-up is bf16's.
+
     .venv/bin/python benchmarks/speedrun.py                       # both configs, target 1.90
     .venv/bin/python benchmarks/speedrun.py --configs configs/speedrun-shakespeare-char-cpu.toml \\
         --set optim.muon_lr=0.03                                  # try a variation
@@ -25,6 +31,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = REPO / "configs" / "nanogpt-shakespeare-char-cpu.toml"
 SPEEDRUN = REPO / "configs" / "speedrun-shakespeare-char-cpu.toml"
+
+# Overrides every run gets alike. nanoGPT's recipe evaluates the whole val split and checkpoints
+# every 500 steps, the speedrun recipe once at the end: left as configured, the baseline would pay
+# for three more of each. Only the final eval decides whether the target was reached.
+SAME_SCHEDULE = {
+    "train.eval_interval": "0",  # evaluate only at the end
+    "train.checkpoint_interval": "0",  # checkpoint only at the end
+    "train.eval_batch_size": "128",  # the same number of eval batches over the same split
+}
 
 
 def machine() -> dict:
@@ -73,8 +88,10 @@ def ensure_data(data_dir: Path) -> None:
         )
 
 
-def run(config: Path, data_dir: Path, target: float, overrides: list[str], scratch: Path) -> dict:
-    out = scratch / config.stem
+def run(config: Path, data_dir: Path, target: float, overrides: list[str], out: Path) -> dict:
+    """One `lmforge train` process; its wall time, final eval, resolved dtype and schedule."""
+    from lmforge.config import load_config
+
     args = [
         sys.executable,
         "-m",
@@ -91,7 +108,7 @@ def run(config: Path, data_dir: Path, target: float, overrides: list[str], scrat
         "--set",
         "log.progress=false",
     ]
-    for item in overrides:
+    for item in [*overrides, *(f"{key}={value}" for key, value in SAME_SCHEDULE.items())]:
         args += ["--set", item]
     start = time.perf_counter()
     result = subprocess.run(args, capture_output=True, text=True)
@@ -102,8 +119,11 @@ def run(config: Path, data_dir: Path, target: float, overrides: list[str], scrat
     evals = [e for e in entries if "val_loss" in e]
     steps = [e for e in entries if "loss" in e]
     final = evals[-1]
+    train = load_config(out / "config.toml").train  # the run's own: train.dtype resolved
     return {
         "config": config.name,
+        "dtype": train.dtype,
+        "schedule": {key: getattr(train, key.removeprefix("train.")) for key in SAME_SCHEDULE},
         "wall_s": wall,
         "reached": final["val_loss"] <= target,
         "step": final["step"],
@@ -111,6 +131,59 @@ def run(config: Path, data_dir: Path, target: float, overrides: list[str], scrat
         "evals": [(e["step"], round(e["val_loss"], 4)) for e in evals],
         "train_s": steps[-1]["elapsed_s"],
     }
+
+
+def label(result: dict) -> str:
+    return f"{result['config']} ({result['dtype']})"
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """Each run's wall time over the reference's (the first run), where both reached the target."""
+    reference = results[0]
+    return [
+        {"run": label(r), "reference": label(reference), "ratio": r["wall_s"] / reference["wall_s"]}
+        for r in results[1:]
+        if r["reached"] and reference["reached"]
+    ]
+
+
+def precision_gains(results: list[dict]) -> list[dict]:
+    """For each config run in a low precision and in fp32: how many times faster the low precision was."""
+    fp32 = {r["config"]: r for r in results[1:] if r["dtype"] == "fp32"}
+    return [
+        {"config": r["config"], "dtype": r["dtype"], "speedup": fp32[r["config"]]["wall_s"] / r["wall_s"]}
+        for r in results[1:]
+        if r["dtype"] != "fp32" and r["config"] in fp32
+    ]
+
+
+def schedule_override(items: list[str]) -> str | None:
+    return next((item for item in items if item.partition("=")[0].strip() in SAME_SCHEDULE), None)
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    """Each config in turn; after the first, a config that resolves to bf16 runs again in fp32."""
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for i, config in enumerate(args.configs):
+            overrides = [] if config.resolve() == BASELINE else args.set
+            out = Path(scratch) / f"{i}-{config.stem}"
+            results.append(run(config, args.data.resolve(), args.target, overrides, out))
+            report(results[-1])
+            if i > 0 and results[-1]["dtype"] != "fp32" and not args.no_fp32:
+                fp32 = [*overrides, "train.dtype=fp32"]
+                results.append(run(config, args.data.resolve(), args.target, fp32, out))
+                report(results[-1])
+    return results
+
+
+def report(r: dict) -> None:
+    status = "reached" if r["reached"] else "NOT reached"
+    print(
+        f"{label(r)}: {status} val loss {r['val_loss']:.4f} at step {r['step']} in {r['wall_s']:.1f} s "
+        f"wall (training loop {r['train_s']:.1f} s); evals {r['evals']}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -123,8 +196,13 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], help="override for every config but the baseline"
     )
+    parser.add_argument(
+        "--no-fp32", action="store_true", help="skip the fp32 rerun of configs that resolve to bf16"
+    )
     parser.add_argument("--json", type=Path, help="also write the machine and the results to this file")
     args = parser.parse_args()
+    if clash := schedule_override(args.set):
+        parser.error(f"--set {clash}: every run gets the same schedule ({SAME_SCHEDULE})")
 
     os.environ.setdefault("LMFORGE_DATA_DIR", str(REPO.parent / "shared" / "data"))
     ensure_data(args.data)
@@ -135,28 +213,18 @@ def main() -> None:
         f"torch {cpu['torch']}; target val loss {args.target}",
         flush=True,
     )
-    results = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for config in args.configs:
-            overrides = [] if config.resolve() == BASELINE else args.set
-            r = run(config, args.data.resolve(), args.target, overrides, Path(scratch))
-            results.append(r)
-            status = "reached" if r["reached"] else "NOT reached"
-            print(
-                f"{r['config']}: {status} val loss {r['val_loss']:.4f} at step {r['step']} "
-                f"in {r['wall_s']:.1f} s "
-                f"wall (training loop {r['train_s']:.1f} s); evals {r['evals']}",
-                flush=True,
-            )
-    ratio = None
-    if len(results) == 2 and all(r["reached"] for r in results):
-        ratio = results[1]["wall_s"] / results[0]["wall_s"]
+    results = run_all(args)
+    compared = ratios(results)
+    for c in compared:
+        print(f"ratio {c['run']} / {c['reference']}: {c['ratio']:.3f} ({1 / c['ratio']:.2f}x faster)")
+    gains = precision_gains(results)
+    for g in gains:
         print(
-            f"ratio {results[1]['config']} / {results[0]['config']}: {ratio:.3f} "
-            f"({results[0]['wall_s'] / results[1]['wall_s']:.2f}x faster)"
+            f"{g['dtype']} alone: {g['config']} runs {g['speedup']:.2f}x faster in {g['dtype']} than in fp32"
         )
     if args.json:
-        record = {"machine": cpu, "results": results, "ratio": ratio}
+        record = {"machine": cpu, "schedule": SAME_SCHEDULE, "results": results}
+        record |= {"ratios": compared, "precision_gains": gains}
         args.json.write_text(json.dumps(record, indent=1) + "\n")
 
 

@@ -101,38 +101,59 @@ def test_train_estimate_and_the_throughput_benchmark_count_the_same_flops_per_to
 
 
 @pytest.mark.slow
-def test_speedrun_reports_time_to_target_and_ratio(char_data: Path, tmp_path: Path) -> None:
-    configs = []
-    for name, lr in [("slow", "1e-3"), ("fast", "3e-3")]:
-        path = tmp_path / f"{name}.toml"
-        path.write_text(f"[optim]\nlr = {lr}\n")
-        configs.append(str(path))
-    overrides = sum((["--set", item] for item in TINY if not item.startswith("optim.lr")), [])
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "speedrun.py"),
-            "--configs",
-            *configs,
-            "--target",
-            "3.5",
-            "--data",
-            str(char_data),
-            "--json",
-            str(tmp_path / "speedrun.json"),
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
+def test_speedrun_gives_every_run_one_schedule_and_reruns_bf16_in_fp32(
+    char_data: Path, tmp_path: Path
+) -> None:
+    # The two configs ask for different eval and checkpoint schedules; the script overrides both alike.
+    slow, fast = tmp_path / "slow.toml", tmp_path / "fast.toml"
+    slow.write_text(
+        '[optim]\nlr = 1e-3\n[train]\ndtype = "fp32"\neval_interval = 10\ncheckpoint_interval = 10\n'
+        "eval_batch_size = 16\n"
     )
+    fast.write_text('[optim]\nlr = 3e-3\n[train]\ndtype = "bf16"\neval_interval = 0\n')
+    schedule_keys = ("optim.lr", "train.eval_interval", "train.checkpoint_interval", "train.eval_batch_size")
+    overrides = sum((["--set", item] for item in TINY if not item.startswith(schedule_keys)), [])
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "speedrun.py"),
+        "--configs",
+        str(slow),
+        str(fast),
+        "--target",
+        "3.5",
+        "--data",
+        str(char_data),
+        "--json",
+        str(tmp_path / "speedrun.json"),
+    ]
+    result = subprocess.run([*command, *overrides], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("CPU ") and "native bf16:" in lines[0]
-    assert lines[1].startswith("slow.toml: reached val loss") and lines[2].startswith("fast.toml: reached")
-    assert lines[3].startswith("ratio fast.toml / slow.toml:")
+    assert lines[1].startswith("slow.toml (fp32): reached val loss")
+    assert lines[2].startswith("fast.toml (bf16): reached") and lines[3].startswith(
+        "fast.toml (fp32): reached"
+    )
+    assert lines[4].startswith("ratio fast.toml (bf16) / slow.toml (fp32):")
+    assert lines[5].startswith("ratio fast.toml (fp32) / slow.toml (fp32):")
+    assert lines[6].startswith("bf16 alone: fast.toml runs") and "faster in bf16 than in fp32" in lines[6]
     record = json.loads((tmp_path / "speedrun.json").read_text())
     assert record["machine"]["capability"] and isinstance(record["machine"]["native_bf16"], bool)
-    assert [r["config"] for r in record["results"]] == ["slow.toml", "fast.toml"] and record["ratio"] > 0
+    runs = record["results"]
+    assert [(r["config"], r["dtype"]) for r in runs] == [
+        ("slow.toml", "fp32"),
+        ("fast.toml", "bf16"),
+        ("fast.toml", "fp32"),
+    ]
+    same = {"train.eval_interval": 0, "train.checkpoint_interval": 0, "train.eval_batch_size": 128}
+    assert all(r["schedule"] == same for r in runs)
+    assert all([step for step, _ in r["evals"]] == [40] for r in runs)  # one eval, at the end
+    assert [c["ratio"] for c in record["ratios"]] == [r["wall_s"] / runs[0]["wall_s"] for r in runs[1:]]
+    [gain] = record["precision_gains"]
+    assert gain["config"] == "fast.toml" and gain["speedup"] == runs[2]["wall_s"] / runs[1]["wall_s"]
+
+    refused = subprocess.run([*command, "--set", "train.eval_interval=5"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "every run gets the same schedule" in refused.stderr
 
 
 @pytest.mark.slow
