@@ -60,10 +60,19 @@ class ModelConfig:
     n_head: int = 4  # query heads; d_model must be divisible by it
     n_kv_head: int | None = None  # < n_head for GQA, 1 for MQA; None means n_head
     d_model: int = 128  # width of the residual stream and of the embeddings
+    head_dim: int | None = None  # channels of each attention head; None: d_model / n_head (Qwen3-0.6B: more)
     block_size: int = 64  # context length in tokens: the longest sequence the model takes
     vocab_size: int | None = None  # None: taken from the prepared data
     position: Literal["learned", "rope"] = "learned"  # learned embeddings (GPT-2) or rotary (Llama)
     rope_theta: float = 10000.0  # rope: base of the rotation frequencies
+    # rope: how the frequencies are scaled for a longer context, as Hugging Face's rope_type: none (plain
+    # RoPE), linear (every frequency / rope_factor), dynamic (NTK-aware, which changes nothing up to
+    # block_size) or llama3 (Llama 3.1's: long wavelengths / rope_factor, short ones kept, a blend between)
+    rope_scaling: Literal["none", "linear", "dynamic", "llama3"] = "none"
+    rope_factor: float = 1.0  # linear, dynamic, llama3: the scaling factor
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_context / this are scaled
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_context / this are kept
+    rope_original_context: int | None = None  # llama3: the context of pretraining before the scaling
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # of every block and before the head
     norm_eps: float = 1e-5  # added to the variance in every norm, for stability
     mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"  # gelu_tanh: GPT-2's approximation
@@ -72,9 +81,11 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3)
     tie_embeddings: bool = True  # the head reuses the input embedding's weights
     bias: bool = True  # biases in the blocks' Linear layers and LayerNorms (the head never has one)
+    qkv_bias: bool = False  # biases on the attention's q, k, v projection even without bias (Qwen2)
     dropout: float = 0.0  # probability, on embeddings, residual branches and attention; 0: none
     zero_init_residual: bool = False  # start attention and MLP output projections at zero
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None: no cap
+    sliding_window: int | None = None  # each position attends to the last N only (Mistral); None: all
     # lm: next-token logits. span: start and end scores per position, for answers that are a span of
     # the prompt (extractive QA, as BERT's SQuAD head); fine-tuned from an lm checkpoint with init_from
     head: Literal["lm", "span"] = "lm"
@@ -343,6 +354,11 @@ def _coerce(value: Any, kind: Any, origin: str, *, key: str) -> Any:
     raise TypeError(f"unsupported config type {kind} for {key}")  # a programming error, not user input
 
 
+def head_size(m: ModelConfig) -> int:
+    """Channels of each attention head: model.head_dim, else d_model / n_head."""
+    return m.head_dim or m.d_model // m.n_head
+
+
 # Raises LmforgeError("{origin}: {key} {message}") unless the condition holds.
 Need = Callable[[bool, str, str], None]
 
@@ -412,8 +428,9 @@ def _validate_model(m: ModelConfig, need: Need) -> None:
         f"must be at most {MAX_VOCAB_SIZE:,}",
     )
     need(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    need(m.head_dim is None or m.head_dim > 0, "model.head_dim", "must be positive")
     need(
-        m.d_model % m.n_head == 0,
+        m.head_dim is not None or m.d_model % m.n_head == 0,
         "model.d_model",
         f"({m.d_model}) must be divisible by model.n_head ({m.n_head})",
     )
@@ -425,12 +442,45 @@ def _validate_model(m: ModelConfig, need: Need) -> None:
             f"({m.n_head}) must be divisible by model.n_kv_head ({m.n_kv_head})",
         )
     if m.position == "rope":
-        need((m.d_model // m.n_head) % 2 == 0, "model.d_model", "/ n_head must be even for rope")
+        need(
+            head_size(m) % 2 == 0,
+            "model.head_dim" if m.head_dim else "model.d_model",
+            "must be even for rope" if m.head_dim else "/ n_head must be even for rope",
+        )
     need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive")
     need(m.mlp_hidden is None or m.mlp_hidden > 0, "model.mlp_hidden", "must be positive")
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     need(m.norm_eps > 0, "model.norm_eps", "must be positive")
     need(m.logit_softcap is None or m.logit_softcap > 0, "model.logit_softcap", "must be positive")
+    need(m.sliding_window is None or m.sliding_window > 0, "model.sliding_window", "must be positive")
+    need(
+        m.sliding_window is None or m.attention == "causal",
+        "model.sliding_window",
+        'needs model.attention = "causal"',
+    )
+    _validate_rope_scaling(m, need)
+
+
+def _validate_rope_scaling(m: ModelConfig, need: Need) -> None:
+    need(m.rope_factor >= 1, "model.rope_factor", "must be at least 1")
+    need(
+        m.rope_original_context is None or m.rope_original_context > 0,
+        "model.rope_original_context",
+        "must be positive",
+    )
+    need(
+        m.rope_scaling == "none" or m.position == "rope",
+        "model.rope_scaling",
+        'needs model.position = "rope"',
+    )
+    if m.rope_scaling != "llama3":
+        return
+    need(m.rope_original_context is not None, "model.rope_original_context", "must be set for llama3")
+    need(
+        0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+        "model.rope_low_freq_factor",
+        "must be positive and below model.rope_high_freq_factor",
+    )
 
 
 def _validate_optim(o: OptimConfig, need: Need) -> None:

@@ -153,10 +153,13 @@ def llama_config(**changes: object) -> dict:
         (llama_config(rms_norm_eps=0), "rms_norm_eps must be a finite number > 0; got 0"),
         (llama_config(hidden_act=["silu"]), "hidden_act ['silu'] is not supported"),
         (llama_config(rope_theta=math.inf), "rope_theta must be a finite number > 0; got inf"),
-        (llama_config(head_dim=5), "head_dim 5 x 2 heads != hidden_size 16"),
+        (llama_config(head_dim=5), "model.head_dim must be even for rope"),
         (llama_config(num_key_value_heads=3, head_dim=None), "model.n_head (2) must be divisible by"),
         (llama_config(sliding_window="big", use_sliding_window=True), "sliding_window must be an integer"),
-        (llama_config(layer_types=["full_attention", "sliding_attention"]), "sliding-window attention"),
+        (
+            llama_config(layer_types=["full_attention", "sliding_attention"]),
+            "mixes attention kinds across layers",
+        ),
         ({"model_type": ["llama"]}, "model_type ['llama'] is not supported"),
         (
             {
@@ -202,25 +205,30 @@ def test_rope_theta_is_read_from_transformers_5_rope_parameters() -> None:
 @pytest.mark.parametrize(
     ("rope", "message"),
     [
-        (
-            {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0},
-            "rope_type 'llama3' is not supported",
-        ),
-        ({"rope_type": "yarn", "rope_theta": 10000.0}, "rope_type 'yarn' is not supported"),
+        ({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}, "missing key low_freq_factor"),
+        ({"rope_type": "yarn", "rope_theta": 10000.0}, "rope type 'yarn' is not supported"),
+        ({"rope_type": "longrope", "factor": 2.0}, "rope type 'longrope' is not supported"),
+        ({"type": "su", "factor": 2.0}, "rope type 'su' is not supported"),
+        ({"rope_type": "linear", "factor": 2.0, "attention_factor": 1.0}, "rope_parameters.attention_factor"),
+        ({"rope_type": "dynamic", "factor": 0.5}, "model.rope_factor must be at least 1"),
         ({"rope_type": "default", "rope_theta": "5e5"}, "rope_parameters.rope_theta must be a finite number"),
         ({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"full_attention": {"rope_type": "default"}}, "rope_parameters.full_attention is not supported"),
         ("default", "rope_parameters must be an object"),
     ],
 )
-def test_rope_parameters_other_than_default_rope_are_refused(rope: object, message: str) -> None:
+def test_rope_parameters_lmforge_does_not_compute_exactly_are_refused_by_name(
+    rope: object, message: str
+) -> None:
     with pytest.raises(LmforgeError, match=message.replace("(", r"\(")):
         model_config_from_hf(llama_config(rope_theta=None, rope_parameters=rope), "config.json")
 
 
 def test_two_different_rope_thetas_are_refused() -> None:
     config = llama_config(rope_theta=10000.0, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
-    with pytest.raises(LmforgeError, match="rope_theta 10000.0 disagrees with rope_parameters.rope_theta"):
+    with pytest.raises(
+        LmforgeError, match="rope_parameters.rope_theta 500000.0 disagrees with rope_theta 10000.0"
+    ):
         model_config_from_hf(config, "config.json")
 
 

@@ -5,7 +5,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.model import GPT, KVCache
-from lmforge.model.gpt import Attention, Rotary
+from lmforge.model.gpt import Attention, Rotary, rope_frequencies
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -43,7 +43,7 @@ def test_attention_matches_the_formula(options: dict) -> None:
     torch.manual_seed(0)
     config = tiny(**options)
     attn = Attention(config, layer=0).eval()
-    rotary = Rotary(8, 16, 10000.0) if config.position == "rope" else None
+    rotary = Rotary(rope_frequencies(config), 16) if config.position == "rope" else None
     x = torch.randn(3, 10, 32)
     # Recompute the same projections by hand and apply the formula per head.
     n_kv = config.n_kv_head or 4

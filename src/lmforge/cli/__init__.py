@@ -40,6 +40,7 @@ VERBS: dict[str, tuple[AddParser, Run]] = {
     "compare": (evaluate.add_compare, evaluate.run_compare),
     "export": (interop.add_export, interop.run_export),
     "import": (interop.add_import, interop.run_import),
+    "download": (interop.add_download, interop.run_download),
     "tasks": (data.add_tasks, data.run_tasks),
     "plot": (report.add_plot, report.run_plot),
     "runs": (report.add_runs, report.run_runs),

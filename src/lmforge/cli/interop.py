@@ -39,7 +39,8 @@ def add_export(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
     p = verbs.add_parser(
         name,
         help="write a checkpoint as a Hugging Face transformers folder",
-        description="Export a checkpoint as a standard transformers model folder (Llama, Qwen3 or GPT-2).",
+        description="Export a checkpoint as a standard transformers model folder (Llama, Qwen2, Qwen3, "
+        "Mistral or GPT-2).",
     )
     MODEL_SOURCE.add(p, device=False)  # the weights are converted, not run
     OUTPUT.add(p)
@@ -51,19 +52,70 @@ def add_export(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
 
 def run_import(args: argparse.Namespace) -> int:
     from lmforge.interop.hf import import_folder
+    from lmforge.interop.hub import cached_snapshot, is_repo_id
 
     out = OUTPUT.build(args)
-    folder = import_folder(Path(args.hf_dir), out.path, out.overwrite)
-    print(f'imported {args.hf_dir} into {folder} (sample, eval, or train with train.init_from = "{folder}")')
+    source = args.hf_dir
+    if is_repo_id(source):  # through the local Hub cache only: offline, never a download
+        folder = cached_snapshot(source, args.revision)
+    elif args.revision is not None:
+        raise LmforgeError(f"--revision is for a repo id (ORG/NAME), not the folder {source}")
+    else:
+        folder = Path(source)
+    run = import_folder(folder, out.path, out.overwrite)
+    print(f'imported {source} ({folder}) into {run} (sample, eval, or train with train.init_from = "{run}")')
     return 0
 
 
 def add_import(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
     p = verbs.add_parser(
         name,
-        help="turn a local Hugging Face model folder into an lmforge run",
-        description="Import a local transformers folder (Llama, Mistral, Qwen2, Qwen3, GPT-2).",
+        help="turn a Hugging Face model (a local folder or a downloaded repo id) into an lmforge run",
+        description="Import a transformers model: Llama 3.x, SmolLM2, Mistral, Qwen2/2.5, Qwen3, Phi-3 or "
+        "GPT-2, from a local folder, a Hub cache snapshot, or a repo id already in the local Hub cache.",
     )
-    p.add_argument("hf_dir", help="a local folder with config.json, weights and tokenizer.json")
+    p.add_argument(
+        "hf_dir",
+        metavar="SOURCE",
+        help="a folder with config.json, safetensors weights and tokenizer.json, or a repo id ORG/NAME "
+        "fetched by `lmforge download` (read from the local Hub cache, offline)",
+    )
+    p.add_argument(
+        "--revision", help="with a repo id: the branch, tag or commit in the cache (default: main)"
+    )
     OUTPUT.add(p, out_help="run folder to create")
+    return p
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from lmforge.interop.hub import download
+
+    if args.out == "":  # not the working folder by accident
+        raise LmforgeError("--out is empty: give a folder")
+    result = download(args.repo_id, args.revision, out=Path(args.out) if args.out else None)
+    files = f"{len(result.files)} files"
+    print(
+        f"downloaded {result.repo_id} at commit {result.commit} ({files}) to {result.folder}"
+        f" (then: lmforge import {args.out or result.repo_id} --out RUN)"
+    )
+    return 0
+
+
+def add_download(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
+    p = verbs.add_parser(
+        name,
+        help="fetch a model's weights, configs and tokenizer from the Hugging Face Hub",
+        description="Download what lmforge reads of a Hub model repository (safetensors, config.json, "
+        "generation_config.json, tokenizer files). Resumes an interrupted download; a gated model "
+        "needs HF_TOKEN.",
+    )
+    p.add_argument("repo_id", help="the repository, ORG/NAME (e.g. HuggingFaceTB/SmolLM2-135M)")
+    p.add_argument(
+        "--revision", help="a branch, tag or commit (default: main); the commit fetched is printed"
+    )
+    p.add_argument(
+        "--out",
+        help="a folder to put the files in, with lmforge-download.json naming the commit "
+        "(default: the Hugging Face cache, which `lmforge import ORG/NAME` reads)",
+    )
     return p

@@ -25,9 +25,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import Config, ModelConfig, validate
+from lmforge.config import Config, ModelConfig, head_size, validate
 from lmforge.data.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
 from lmforge.errors import LmforgeError
+from lmforge.interop.hub import cache_blobs
 from lmforge.jsonl import loads
 from lmforge.model.gpt import mlp_hidden_size
 from lmforge.staging import check_out, staged_folder
@@ -43,35 +44,55 @@ Tensors = dict[str, torch.Tensor]
 
 
 def hf_family(m: ModelConfig) -> str:
-    """The HF family that expresses this architecture exactly: llama, qwen3 or gpt2."""
+    """The HF family that expresses this architecture exactly: llama, qwen2, qwen3, mistral or gpt2."""
 
     def refuse(option: str, value: object, need: str) -> LmforgeError:
         return LmforgeError(f"model.{option} = {value!r} has no standard Hugging Face architecture ({need})")
 
     if m.logit_softcap is not None:
-        raise refuse("logit_softcap", m.logit_softcap, "Llama, Qwen3 and GPT-2 have no logit soft-capping")
+        raise refuse("logit_softcap", m.logit_softcap, "Llama, Qwen and GPT-2 have no logit soft-capping")
     if m.position == "rope":
-        need = "RoPE models export as Llama/Qwen3, which need norm = rmsnorm and mlp = swiglu"
-        if m.norm != "rmsnorm":
-            raise refuse("norm", m.norm, need)
-        if m.mlp != "swiglu":
-            raise refuse("mlp", m.mlp, need)
-        if m.qk_norm and m.bias:
-            raise refuse("bias", m.bias, "Qwen3, the QK-norm architecture, has no MLP biases")
-        return "qwen3" if m.qk_norm else "llama"
+        return _rope_family(m, refuse)
     need = (
         "learned positions export as GPT-2, which needs norm = layernorm, mlp = gelu or gelu_tanh, "
-        "no GQA, no QK-norm"
+        "no GQA, no QK-norm, no sliding window"
     )
     if m.norm != "layernorm":
         raise refuse("norm", m.norm, need)
     if m.mlp not in ("gelu", "gelu_tanh"):
         raise refuse("mlp", m.mlp, need)
-    if m.n_kv_head not in (None, m.n_head):
-        raise refuse("n_kv_head", m.n_kv_head, need)
-    if m.qk_norm:
-        raise refuse("qk_norm", m.qk_norm, need)
+    for option, plain in [
+        ("n_kv_head", (None, m.n_head)),
+        ("qk_norm", (False,)),
+        ("sliding_window", (None,)),
+    ]:
+        if getattr(m, option) not in plain:
+            raise refuse(option, getattr(m, option), need)
+    if m.head_dim not in (None, m.d_model // m.n_head):
+        raise refuse("head_dim", m.head_dim, need)
     return "gpt2"
+
+
+def _rope_family(m: ModelConfig, refuse: Callable[[str, object, str], LmforgeError]) -> str:
+    """Qwen3 for QK-norm, Qwen2 for biases on q, k, v only, Mistral for a sliding window, else Llama."""
+    need = "RoPE models export as Llama/Qwen/Mistral, which need norm = rmsnorm and mlp = swiglu"
+    if m.norm != "rmsnorm":
+        raise refuse("norm", m.norm, need)
+    if m.mlp != "swiglu":
+        raise refuse("mlp", m.mlp, need)
+    if m.qk_norm and m.bias:
+        raise refuse("bias", m.bias, "Qwen3, the QK-norm architecture, has no MLP biases")
+    qkv_only = m.qkv_bias and not m.bias
+    if m.sliding_window is not None:
+        for option, value in [("qk_norm", m.qk_norm), ("bias", m.bias), ("qkv_bias", qkv_only)]:
+            if value:
+                raise refuse(
+                    option, value, "Mistral, the sliding-window architecture, has no biases or QK-norm"
+                )
+        return "mistral"
+    if m.qk_norm and qkv_only:
+        raise refuse("qkv_bias", m.qkv_bias, "Qwen3 has biases on o_proj too where it has them on q, k, v")
+    return "qwen3" if m.qk_norm else "qwen2" if qkv_only else "llama"
 
 
 # (lmforge, GPT-2) names of each block's norms and linears; GPT-2's linears are Conv1D, stored [in, out]
@@ -126,7 +147,7 @@ def _llama_to_hf(state: Tensors, m: ModelConfig, family: str) -> Tensors:
 
 def _llama_layer_to_hf(state: Tensors, m: ModelConfig, family: str, *, b: str, p: str) -> Tensors:
     """One block: lmforge's fused qkv and gate+up matrices become Llama's separate projections."""
-    hd = m.d_model // m.n_head
+    hd = head_size(m)
     q_size, kv_size = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
     hidden = mlp_hidden_size(m)
     out: Tensors = {}
@@ -141,7 +162,7 @@ def _llama_layer_to_hf(state: Tensors, m: ModelConfig, family: str, *, b: str, p
         ("v_proj", q_size + kv_size, kv_size),
     ]:
         out[p + f"self_attn.{part}.weight"] = state[b + "attn.qkv.weight"][start : start + size].contiguous()
-        if m.bias:
+        if m.bias or m.qkv_bias:
             out[p + f"self_attn.{part}.bias"] = state[b + "attn.qkv.bias"][start : start + size].contiguous()
     gate, up = state[b + "mlp.up.weight"].split(hidden)
     out[p + "mlp.gate_proj.weight"] = gate.contiguous()
@@ -187,28 +208,54 @@ def hf_config(m: ModelConfig, family: str, eot_id: int | None, *, dtype: str) ->
             **common,
         }
     config = {
-        "architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"],
+        "architectures": [ARCHITECTURES[family]],
         "model_type": family,
         "hidden_size": m.d_model,
         "intermediate_size": mlp_hidden_size(m),
         "num_hidden_layers": m.n_layer,
         "num_attention_heads": m.n_head,
         "num_key_value_heads": m.n_kv_head or m.n_head,
-        "head_dim": m.d_model // m.n_head,
+        "head_dim": head_size(m),
         "max_position_embeddings": m.block_size,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
+        "rope_scaling": _rope_scaling(m),
         "hidden_act": "silu",
-        "attention_bias": m.bias,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         **common,
     }
     if family == "llama":
-        config["mlp_bias"] = m.bias
-    else:
+        config.update(attention_bias=m.bias, mlp_bias=m.bias)
+    elif family == "mistral":
+        config["sliding_window"] = m.sliding_window
+    else:  # Qwen2 and Qwen3: full attention on every layer
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layer)
+        if family == "qwen3":
+            config["attention_bias"] = m.bias
     return config
+
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
+
+
+def _rope_scaling(m: ModelConfig) -> dict | None:
+    """config.json's rope_scaling for model.rope_scaling, which transformers 4 and 5 both read."""
+    if m.rope_scaling == "none":
+        return None
+    scaling = {"rope_type": m.rope_scaling, "factor": m.rope_factor}
+    if m.rope_scaling == "llama3":
+        scaling |= {
+            "low_freq_factor": m.rope_low_freq_factor,
+            "high_freq_factor": m.rope_high_freq_factor,
+            "original_max_position_embeddings": m.rope_original_context,
+        }
+    return scaling
 
 
 def save_shards(tensors: Tensors, out: Path, max_shard_bytes: int) -> list[str]:
@@ -253,7 +300,7 @@ def tokenizer_files(eot_id: int | None, block_size: int, template: ChatTemplate)
 
 # ----------------------------------------------------------------------------- import
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # transformers' default rope_theta for Llama, Mistral, Qwen2 and Qwen3 alike, used when config.json names
 # none: then lmforge builds the model transformers itself would load from the folder.
@@ -289,12 +336,15 @@ def folder_file(folder: Path, name: str, origin: str) -> Path:
     """`folder / name`, once it is known to be a regular file inside the folder, links resolved.
 
     Names come from files of the folder (an index), so `../x`, an absolute path or a link out of the
-    folder must not reach the rest of the disk; a FIFO or device would block or never end.
+    folder must not reach the rest of the disk; a FIFO or device would block or never end. In a Hub
+    cache snapshot, links into the same cache repository's `blobs/` are how the files are stored.
     """
     path = folder / name
     resolved = path.resolve()
-    if not resolved.is_relative_to(folder.resolve()):
-        raise LmforgeError(f"{origin}: {name} resolves to {resolved}, outside the folder {folder}")
+    blobs = cache_blobs(folder)
+    if not resolved.is_relative_to(folder.resolve()) and not (blobs and resolved.is_relative_to(blobs)):
+        where = f"the folder {folder}" + (f" and its cache's {blobs}" if blobs else "")
+        raise LmforgeError(f"{origin}: {name} resolves to {resolved}, outside {where}")
     if not resolved.exists():
         raise LmforgeError(f"{origin}: {name}: not found")
     if not stat.S_ISREG(resolved.stat().st_mode):
@@ -437,93 +487,152 @@ def _gpt2_model_config(config: dict, origin: str) -> ModelConfig:
 
 
 def _llama_model_config(config: dict, kind: str, origin: str) -> ModelConfig:
-    """Llama, Mistral, Qwen2 and Qwen3: RoPE, RMSNorm, SwiGLU, grouped-query attention."""
+    """Llama (and SmolLM2), Mistral, Qwen2, Qwen3 and Phi-3: RoPE, RMSNorm, SwiGLU, grouped-query
+    attention; Qwen2's biases on q, k and v; Qwen3's QK-norm."""
     hidden_act = _present(config, "hidden_act", origin, default="silu")
     _need(hidden_act == "silu", origin, f"hidden_act {hidden_act!r} is not supported (silu only)")
     n_head, d = _int(config, "num_attention_heads", origin), _int(config, "hidden_size", origin)
-    if config.get("head_dim") is not None:  # else hidden_size / heads, checked by validate
-        head_dim = _int(config, "head_dim", origin)
-        _need(
-            head_dim * n_head == d,
-            origin,
-            f"head_dim {head_dim} x {n_head} heads != hidden_size {d} is not supported",
-        )
+    head_dim = None if config.get("head_dim") is None else _int(config, "head_dim", origin)
     block_size = _int(config, "max_position_embeddings", origin)
-    _check_full_attention(config, kind, block_size, origin=origin)
     return ModelConfig(
         n_layer=_int(config, "num_hidden_layers", origin),
         n_head=n_head,
         n_kv_head=_int(config, "num_key_value_heads", origin, default=n_head),
         d_model=d,
+        head_dim=None if head_dim is None or head_dim * n_head == d else head_dim,
         block_size=block_size,
         vocab_size=_int(config, "vocab_size", origin),
         position="rope",
-        rope_theta=_rope_theta(config, origin),
+        **_rope_fields(config, kind, origin),
+        sliding_window=_sliding_window(config, kind, block_size, origin=origin),
         norm="rmsnorm",
         norm_eps=_float(config, "rms_norm_eps", origin, default=1e-6),
         mlp="swiglu",
         mlp_hidden=_int(config, "intermediate_size", origin),
         qk_norm=kind == "qwen3",
+        qkv_bias=kind == "qwen2",  # Qwen2 always has them; `from_hf` drops other biases that are all zero
         tie_embeddings=_bool(config, "tie_word_embeddings", origin, default=False),
         bias=True,
         dropout=0.0,
     )
 
 
-def _check_full_attention(config: dict, kind: str, block_size: int, *, origin: str) -> None:
-    """Refuse sliding-window attention, unless the window spans the whole context (then it is full)."""
-    window = None if config.get("sliding_window") is None else _int(config, "sliding_window", origin)
-    if window is not None and window >= block_size:
-        return
-    uses_window = window is not None and (
-        kind == "mistral" or _bool(config, "use_sliding_window", origin, default=False)
-    )
-    layer_types = config.get("layer_types") or []  # transformers 5: one attention kind per layer
-    sliding_layers = not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types)
-    _need(not uses_window and not sliding_layers, origin, "sliding-window attention is not supported")
+# The families whose attention reads `sliding_window` on every layer (Llama's ignores the key; Qwen's
+# read it only with use_sliding_window, on the layers from max_window_layers on)
+WINDOW_ON_EVERY_LAYER = ("mistral", "phi3")
 
 
-def _rope_theta(config: dict, origin: str) -> float:
-    """RoPE's base: from `rope_parameters` (transformers 5) or top-level `rope_theta` (earlier
-    versions); both present must agree. Any scaling (a rope_type other than default) is refused."""
-    _need(config.get("rope_scaling") is None, origin, "rope_scaling is not supported")
-    legacy = None if config.get("rope_theta") is None else _float(config, "rope_theta", origin)
-    params = config.get("rope_parameters")
-    if params is None:
-        return HF_DEFAULT_ROPE_THETA if legacy is None else legacy
-    if not isinstance(params, dict):
-        raise LmforgeError(f"{origin}: rope_parameters must be an object; got {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
+def _sliding_window(config: dict, kind: str, block_size: int, *, origin: str) -> int | None:
+    """The window every layer attends within, or None for full attention (also when the window spans
+    the whole context); a window on some layers only is refused."""
+    # a config.json without the key gets transformers' default: Mistral's is 4096
+    window = config.get("sliding_window", 4096 if kind == "mistral" else None)
+    window = None if window is None else _int({"sliding_window": window}, "sliding_window", origin)
+    layer_types = config.get("layer_types")  # transformers 5: one attention kind per layer
+    if layer_types is not None:
+        _need(
+            isinstance(layer_types, list) and len(set(map(str, layer_types))) == 1,
+            origin,
+            f"layer_types {layer_types!r} mixes attention kinds across layers (not supported)",
+        )
+        _need(
+            layer_types[0] in ("full_attention", "sliding_attention"),
+            origin,
+            f"layer_types {layer_types[0]!r} is not supported",
+        )
+    if kind in WINDOW_ON_EVERY_LAYER:
+        used = window is not None and layer_types != ["full_attention"] * len(layer_types or [])
+    elif kind in ("qwen2", "qwen3") and _bool(config, "use_sliding_window", origin, default=False):
+        first = _present(config, "max_window_layers", origin, default=0)
+        _need(first == 0, origin, f"use_sliding_window with max_window_layers {first!r} is not supported")
+        used = window is not None
+    else:
+        used = False
+    return window if used and window < block_size else None
+
+
+# the keys each supported rope type takes, beside rope_type (or type), rope_theta and partial_rotary_factor
+ROPE_TYPES = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _rope_parameters(config: dict, origin: str) -> dict:
+    """RoPE's settings in either spelling: `rope_parameters` (transformers 5), or the top-level
+    `rope_theta` and `rope_scaling` of earlier versions; a key both give must agree."""
+    merged: dict = {}
+    named: dict[str, str] = {}  # key → where merged's value was given, for the error
+    for source, params in [
+        ("rope_theta", {"rope_theta": config["rope_theta"]} if config.get("rope_theta") is not None else {}),
+        ("rope_scaling", config.get("rope_scaling") or {}),
+        ("rope_parameters", config.get("rope_parameters") or {}),
+    ]:
+        if not isinstance(params, dict):
+            raise LmforgeError(f"{origin}: {source} must be an object; got {params!r}")
+        params = dict(params)
+        if "type" in params:  # the older name of rope_type
+            params.setdefault("rope_type", params.pop("type"))
+        for key, value in params.items():
+            _need(
+                merged.get(key, value) == value,
+                origin,
+                f"{source}.{key} {value!r} disagrees with {named.get(key)} {merged.get(key)!r}",
+            )
+            merged[key] = value
+            named[key] = key if source == "rope_theta" else f"{source}.{key}"
+    return merged
+
+
+def _rope_fields(config: dict, kind: str, origin: str) -> dict:
+    """ModelConfig's rope_* fields; a rope type or key lmforge does not compute exactly is refused by name."""
+    params = _rope_parameters(config, origin)
+    rope_type = params.get("rope_type", "default")
     _need(
-        rope_type == "default",
+        rope_type in ROPE_TYPES,
         origin,
-        f"rope_parameters.rope_type {rope_type!r} is not supported (plain RoPE only, no scaling)",
+        f"rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})",
     )
     for key in params:
         _need(
-            key in ("rope_type", "type", "rope_theta", "partial_rotary_factor"),
+            key in ("rope_type", "rope_theta", "partial_rotary_factor", *ROPE_TYPES[rope_type]),
             origin,
-            f"rope_parameters.{key} is not supported",
+            f"rope_parameters.{key} is not supported with rope type {rope_type!r}",
         )
-    factor = params.get("partial_rotary_factor", 1.0)
-    _need(
-        factor == 1 and not isinstance(factor, bool),
-        origin,
-        f"rope_parameters.partial_rotary_factor {factor!r} is not supported (RoPE on every channel only)",
-    )
-    theta = _float(
-        params, "rope_theta", origin, default=legacy or HF_DEFAULT_ROPE_THETA, label="rope_parameters."
-    )
-    _need(
-        legacy is None or legacy == theta,
-        origin,
-        f"rope_theta {legacy} disagrees with rope_parameters.rope_theta {theta}",
-    )
-    return theta
+    for where, factor in [
+        ("rope_parameters.", params.get("partial_rotary_factor", 1.0)),
+        ("", config.get("partial_rotary_factor", 1.0)),
+    ]:
+        _need(
+            factor == 1 and not isinstance(factor, bool),
+            origin,
+            f"{where}partial_rotary_factor {factor!r} is not supported (RoPE on every channel only)",
+        )
+    fields = {
+        "rope_theta": _float(
+            params, "rope_theta", origin, default=HF_DEFAULT_ROPE_THETA, label="rope_parameters."
+        )
+    }
+    if rope_type == "default":
+        return fields
+    fields |= {
+        "rope_scaling": rope_type,
+        "rope_factor": _float(params, "factor", origin, label="rope_parameters."),
+    }
+    if rope_type == "llama3":
+        fields |= {
+            "rope_low_freq_factor": _float(params, "low_freq_factor", origin, label="rope_parameters."),
+            "rope_high_freq_factor": _float(params, "high_freq_factor", origin, label="rope_parameters."),
+            "rope_original_context": _int(params, "original_max_position_embeddings", origin),
+        }
+    return fields
 
 
 def from_hf(tensors: Tensors, m: ModelConfig, kind: str, *, origin: str) -> tuple[Tensors, ModelConfig]:
-    """HF tensors → lmforge state dict, and `m` with bias False when the folder has no non-zero bias."""
+    """HF tensors → lmforge state dict, and `m` with bias False when the folder has no non-zero bias
+    (but Qwen2's q, k, v biases, which its architecture always has)."""
     family = "gpt2" if kind == "gpt2" else ("qwen3" if kind == "qwen3" else "llama")
     tensors = _canonical_names(tensors, family)
     layers = _layer_count(tensors)
@@ -532,8 +641,10 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, *, origin: str) -> tupl
         origin,
         f"config.json has {m.n_layer} layers, the weights {layers}",
     )
-    take = _Taker(tensors)
-    try:  # a tensor of the wrong shape fails in torch.cat or .t() before load_state_dict can name it
+    try:  # a tensor of the wrong shape fails in torch.cat, split or .t() before load_state_dict can name it
+        if kind == "phi3":
+            tensors = _unfuse_phi3(tensors, m)
+        take = _Taker(tensors)
         state = _gpt2_from_hf(take, m) if family == "gpt2" else _llama_from_hf(take, m, family)
     except RuntimeError as exc:
         raise LmforgeError(f"{origin}: tensors do not fit config.json ({str(exc).splitlines()[0]})") from None
@@ -545,12 +656,36 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, *, origin: str) -> tupl
         missing = take.missing
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise LmforgeError(f"{origin}: missing tensors {shown}")
-    biases = [k for k in state if k.endswith(".bias")]
+    # biases the architecture has even where they are zero: Qwen2's on q, k and v
+    kept = [k for k in state if m.qkv_bias and k.endswith("attn.qkv.bias")]
+    biases = [k for k in state if k.endswith(".bias") and k not in kept]
     m = dataclasses.replace(m, bias=any(bool(state[k].any()) for k in biases))
-    if not m.bias:
+    if m.bias:
+        m = dataclasses.replace(m, qkv_bias=False)  # bias covers them
+    else:
         for k in biases:
             del state[k]
     return state, m
+
+
+def _unfuse_phi3(tensors: Tensors, m: ModelConfig) -> Tensors:
+    """Phi-3's fused qkv_proj and gate_up_proj under Llama's names (q, k, v rows in that order; gate
+    rows before up rows, as Phi-3's MLP chunks them), for the one Llama path to read."""
+    hd = head_size(m)
+    sizes = [m.n_head * hd, (m.n_kv_head or m.n_head) * hd, (m.n_kv_head or m.n_head) * hd]
+    out: Tensors = {}
+    for name, tensor in tensors.items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            prefix = name.removesuffix("qkv_proj.weight")
+            for part, rows in zip(("q_proj", "k_proj", "v_proj"), tensor.split(sizes)):
+                out[f"{prefix}{part}.weight"] = rows
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            prefix = name.removesuffix("gate_up_proj.weight")
+            gate, up = tensor.split(m.mlp_hidden)
+            out[f"{prefix}gate_proj.weight"], out[f"{prefix}up_proj.weight"] = gate, up
+        else:
+            out[name] = tensor
+    return out
 
 
 def _canonical_names(tensors: Tensors, family: str) -> Tensors:
@@ -619,7 +754,7 @@ def _llama_from_hf(take: _Taker, m: ModelConfig, family: str) -> Tensors:
 
 def _llama_layer_from_hf(take: _Taker, m: ModelConfig, family: str, *, b: str, p: str) -> Tensors:
     """One block: Llama's separate projections fused into lmforge's qkv and gate+up matrices."""
-    d, hd = m.d_model, m.d_model // m.n_head
+    d, hd = m.d_model, head_size(m)
     q_size, kv_size = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
     hidden = m.mlp_hidden
     state = {

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, head_size
 from lmforge.model.heads import HEADS, Head, HeadOutput, LMHead, head_attribute, word_matches
 from lmforge.targets import IGNORE_INDEX
 
@@ -48,14 +48,37 @@ def mlp_hidden_size(config: ModelConfig) -> int:
     return 4 * config.d_model
 
 
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """(head_dim / 2,): RoPE's angle per position of each pair of channels, scaled by
+    config.rope_scaling as Hugging Face's rope_type of the same name scales it."""
+    head_dim = head_size(config)
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if config.rope_scaling == "linear":  # positions / factor, the same as frequencies / factor
+        return inv_freq / config.rope_factor
+    if config.rope_scaling != "llama3":  # dynamic NTK only rescales past block_size, which no input reaches
+        return inv_freq
+    # Llama 3.1: wavelengths longer than the original context / low_freq_factor are stretched by the
+    # factor, those shorter than it / high_freq_factor kept, and the ones between blended smoothly
+    context, low, high = (
+        config.rope_original_context,
+        config.rope_low_freq_factor,
+        config.rope_high_freq_factor,
+    )
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / low, inv_freq / config.rope_factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / config.rope_factor + smooth * scaled
+    between = ~(wavelength < context / high) & ~(wavelength > context / low)
+    return torch.where(between, blended, scaled)
+
+
 class Rotary(nn.Module):
     """Rotary position embedding in the rotate-half layout (GPT-NeoX, Llama): channel i of
     the first half pairs with channel i of the second half, rotated by a position-dependent angle."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
+    def __init__(self, inv_freq: torch.Tensor, max_len: int) -> None:
+        """inv_freq (head_dim / 2,): one frequency per pair of channels (`rope_frequencies`)."""
         super().__init__()
-        # (head_dim / 2,): one frequency per pair of channels
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         # (max_len, head_dim): channels i and i + head_dim / 2 rotate by the same angle
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq).repeat(1, 2)
         self.register_buffer("cos", angles.cos(), persistent=False)
@@ -122,7 +145,7 @@ class KVCache:
         c = model.config
         kv_heads = c.n_kv_head or c.n_head
         param = next(model.parameters())
-        shape = (batch_size, kv_heads, max_len, c.d_model // c.n_head)  # (B, n_kv_head, max_len, head_dim)
+        shape = (batch_size, kv_heads, max_len, head_size(c))  # (B, n_kv_head, max_len, head_dim)
         make = lambda: torch.zeros(shape, dtype=param.dtype, device=param.device)  # noqa: E731
         return cls([make() for _ in range(c.n_layer)], [make() for _ in range(c.n_layer)])
 
@@ -163,6 +186,24 @@ class KVCache:
             self.longest += T
 
 
+def windowed(
+    cached: CacheStep | None, visible: torch.Tensor | None, *, T: int, window: int, device: torch.device
+) -> tuple[CacheStep | None, torch.Tensor | None]:
+    """The step and mask of sliding-window attention: query q sees keys k with q - window < k <= q
+    (Mistral's, as transformers masks it). Unchanged while every key lies within the window."""
+    end = cached.end if cached is not None else T
+    if end <= window:
+        return cached, visible
+    queries = cached.positions if cached is not None else 0  # the first new position, or each row's (B, T)
+    if isinstance(queries, int):
+        queries = torch.arange(queries, queries + T, device=device)  # (T,)
+    keys = torch.arange(end, device=device)
+    mask = (keys <= queries[..., None]) & (keys > queries[..., None] - window)  # (T, end) or (B, T, end)
+    if cached is None:
+        return None, mask
+    return cached._replace(mask=mask if mask.dim() == 2 else mask[:, None]), visible
+
+
 class Attention(nn.Module):
     """Self-attention, causal unless config.attention says otherwise, with one fused qkv projection;
     fewer key/value heads for GQA."""
@@ -172,11 +213,13 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
-        self.head_dim = config.d_model // config.n_head
+        self.head_dim = head_size(config)
         self.qkv = nn.Linear(
-            config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias
+            config.d_model,
+            (self.n_head + 2 * self.n_kv_head) * self.head_dim,
+            bias=config.bias or config.qkv_bias,
         )
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.proj.residual = True  # scaled init
         self.q_norm = HeadNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
         self.k_norm = HeadNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
@@ -227,7 +270,7 @@ class Attention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
                 enable_gqa=self.n_kv_head != self.n_head,
             )  # (B, n_head, T, head_dim)
-        # heads side by side again: (B, T, n_head * head_dim) = (B, T, d_model)
+        # heads side by side again: (B, T, n_head * head_dim), d_model unless model.head_dim says otherwise
         return self.proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
 
 
@@ -306,9 +349,7 @@ class GPT(nn.Module):
             nn.Embedding(config.block_size, config.d_model) if config.position == "learned" else None
         )
         self.rotary = (
-            Rotary(config.d_model // config.n_head, config.block_size, config.rope_theta)
-            if config.position == "rope"
-            else None
+            Rotary(rope_frequencies(config), config.block_size) if config.position == "rope" else None
         )
         # True under differential privacy: position ids per sequence, [B, T] rather than [T] broadcast,
         # so that the per-sample gradient hooks of pos_embed see each sequence's own rows
@@ -387,6 +428,10 @@ class GPT(nn.Module):
         if self.rotary is not None:
             rope = self.rotary.tables(cached.positions if cached is not None else 0, T)
         visible = self.visible_keys(targets)
+        if self.config.sliding_window is not None:
+            cached, visible = windowed(
+                cached, visible, T=T, window=self.config.sliding_window, device=idx.device
+            )
         for block in self.blocks:
             x = block(x, rope, cached, visible=visible)
         if cache is not None:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import Config, ModelConfig, load_config
+from lmforge.config import Config, ModelConfig, head_size, load_config
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, attention_flops, mlp_hidden_size
 from lmforge.runtime import DEVICE_PEAK_FLOPS, Peak, device_peak, format_flops, resolve_dtype
@@ -110,7 +110,7 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
     """
     c = compute_bytes(dtype)
     d, H = model.d_model, model.n_head
-    Hkv, hd = model.n_kv_head or H, model.d_model // H
+    Hkv, hd = model.n_kv_head or H, head_size(model)
     F = mlp_hidden_size(model)
     qkv, qk = (H + 2 * Hkv) * hd, (H + Hkv) * hd
     fp32_attention = cpu and dtype != "fp32"
@@ -169,9 +169,7 @@ def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, *, 
     )
     rope_tables = 0
     if model.position == "rope" and dtype != "fp32":  # cos and sin cast per call: q and k in each block
-        rope_tables = (
-            model.n_layer * 4 * compute_bytes(dtype) * model.block_size * (model.d_model // model.n_head)
-        )
+        rope_tables = model.n_layer * 4 * compute_bytes(dtype) * model.block_size * head_size(model)
     return per_token * tokens + rope_tables
 
 
