@@ -275,3 +275,28 @@ def test_the_imported_chat_template_is_the_one_lmforge_chat_renders(tmp_path: Pa
     import_folder(tmp_path / "hf", tmp_path / "run")
     template = ChatTemplate.find(ckpt.list_checkpoints(tmp_path / "run")[-1].path)
     assert template is not None and template.source == CHATML
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen3-0.6B", "microsoft/Phi-3-mini-4k-instruct"])
+def test_an_imported_family_fine_tunes_with_lora_and_exports_merged(cli, tmp_path: Path, name: str) -> None:
+    published_model(name, tmp_path / "hf")
+    assert cli("import", tmp_path / "hf", "--out", tmp_path / "imported")[0] == 0
+    (tmp_path / "text.txt").write_text("To be, or not to be: that is the question.\n" * 40)
+    code, _, err = cli(
+        "prepare", tmp_path / "text.txt", "--tokenizer", "byte", "--out", tmp_path / "data", "-q"
+    )
+    assert code == 0, err
+    (tmp_path / "lora.toml").write_text(
+        f'[data]\ndir = "{tmp_path / "data"}"\n[train]\ninit_from = "{tmp_path / "imported"}"\n'
+        'max_steps = 2\nbatch_size = 2\neval_interval = 0\ndevice = "cpu"\ndtype = "fp32"\n'
+        "[optim]\nlr = 0.05\n[schedule]\nwarmup_steps = 0\n[lora]\nrank = 2\n[log]\nprogress = false\n"
+    )
+    code, _, err = cli("train", tmp_path / "lora.toml", "--out", tmp_path / "tuned")
+    assert code == 0, err
+    tuned = load(tmp_path / "tuned", "last", "cpu", dtype="fp32").model  # adapters merged
+    start = load(tmp_path / "imported", "last", "cpu", dtype="fp32").model
+    idx = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(8))
+    assert (logits(tuned, idx) - logits(start, idx)).abs().max().item() > 1e-4  # the adapters learned
+    export_checkpoint(tmp_path / "tuned", tmp_path / "back")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert (logits(back, idx) - logits(tuned, idx)).abs().max().item() < 1e-4

@@ -25,6 +25,7 @@ OPTIONS = [
     },
     {"n_kv_head": 2, "mlp": "relu2"},
     {"n_kv_head": 1, "position": "rope"},
+    {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "sliding_window": 4},
 ]
 
 
@@ -258,12 +259,15 @@ def test_relu_squared_backward_matches_autograd() -> None:
     torch.testing.assert_close(ReLUSquared.apply(x), torch.relu(x) ** 2)
 
 
-@pytest.mark.parametrize("position", ["rope", "learned"])
-def test_cache_rows_at_their_own_lengths_give_each_sequence_its_logits_alone(position: str) -> None:
+@pytest.mark.parametrize(("position", "window"), [("rope", None), ("learned", None), ("rope", 3)])
+def test_cache_rows_at_their_own_lengths_give_each_sequence_its_logits_alone(
+    position: str, window: int | None
+) -> None:
     torch.manual_seed(0)
     config = ModelConfig(
-        n_layer=2, n_head=2, n_kv_head=1, d_model=32, block_size=32, vocab_size=50, position=position
-    )
+        n_layer=2, n_head=2, n_kv_head=1, d_model=32, block_size=32, vocab_size=50, position=position,
+        sliding_window=window,
+    )  # fmt: skip
     model = GPT(config).eval()
     prompts = [torch.randint(50, (1, length)) for length in (3, 7, 5)]
     with torch.inference_mode():
@@ -358,3 +362,15 @@ def test_a_span_heads_weights_train_with_adamw_and_an_unused_lm_head_is_frozen()
     assert not model.head.weight.requires_grad  # never used: no optimizer state, nothing for DDP to wait on
     embeddings = {id(p) for p in split_parameters(model)["embeddings"]}
     assert id(model.span_head.weight) in embeddings  # an output head: AdamW, never Muon's orthogonal updates
+
+
+def test_a_sliding_window_hides_every_token_older_than_the_window() -> None:
+    """Window 4 over 2 layers: position t depends on tokens t-6 .. t only (3 back per layer)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(position="rope", norm="rmsnorm", mlp="swiglu", sliding_window=4)).eval()
+    idx = torch.randint(0, 50, (1, 16))
+    changed = idx.clone()
+    changed[0, 0] = (idx[0, 0] + 1) % 50
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.equal(a[:, 7:], b[:, 7:])
+    assert not torch.allclose(a[:, 6], b[:, 6])  # token 0 still reaches position 6 through layer 1

@@ -146,7 +146,7 @@ def _hub_errors(repo_id: str, revision: str | None, *, offline: bool = False) ->
         message = "not found on the Hub (or private: set HF_TOKEN)"
     except errors.RevisionNotFoundError:
         message = "has no such revision"
-    except errors.IncompleteSnapshotError:
+    except getattr(errors, "IncompleteSnapshotError", ()):  # huggingface_hub 2 and later
         message = "is only partly in the local Hugging Face cache (run `lmforge download` again to finish it)"
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
         message = (
