@@ -98,7 +98,7 @@ SHRUNK = {
     "microsoft/Phi-3-mini-4k-instruct": {"hidden_size": 64, "num_attention_heads": 8,
                                          "num_key_value_heads": 8, "intermediate_size": 170},
 }  # fmt: skip
-VOCAB = 256  # the byte tokenizer's; token ids past it become its last id
+VOCAB = 264  # the byte tokenizer and its added chat tokens, rounded up; ids past it become its last id
 # The architecture each family exports as: the simplest standard one that computes the same function
 EXPORTED_AS = {
     "meta-llama/Llama-3.2-1B": "LlamaForCausalLM",
@@ -281,17 +281,16 @@ def test_the_imported_chat_template_is_the_one_lmforge_chat_renders(tmp_path: Pa
 def test_an_imported_family_fine_tunes_with_lora_and_exports_merged(cli, tmp_path: Path, name: str) -> None:
     published_model(name, tmp_path / "hf")
     assert cli("import", tmp_path / "hf", "--out", tmp_path / "imported")[0] == 0
-    (tmp_path / "text.txt").write_text("To be, or not to be: that is the question.\n" * 40)
-    code, _, err = cli(
-        "prepare", tmp_path / "text.txt", "--tokenizer", "byte", "--out", tmp_path / "data", "-q"
-    )
-    assert code == 0, err
-    (tmp_path / "lora.toml").write_text(
-        f'[data]\ndir = "{tmp_path / "data"}"\n[train]\ninit_from = "{tmp_path / "imported"}"\n'
-        'max_steps = 2\nbatch_size = 2\neval_interval = 0\ndevice = "cpu"\ndtype = "fp32"\n'
-        "[optim]\nlr = 0.05\n[schedule]\nwarmup_steps = 0\n[lora]\nrank = 2\n[log]\nprogress = false\n"
-    )
-    code, _, err = cli("train", tmp_path / "lora.toml", "--out", tmp_path / "tuned")
+    (tmp_path / "sft").mkdir()
+    for split in ("train", "val"):
+        rows = [{"prompt": f"Q{i}: to be? ", "completion": "or not to be."} for i in range(8)]
+        (tmp_path / "sft" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = [
+        f"data.dir={tmp_path / 'sft'}", f"train.init_from={tmp_path / 'imported'}", "train.max_steps=2",
+        "train.batch_size=2", "train.eval_interval=0", "train.device=cpu", "train.dtype=fp32",
+        "optim.lr=0.05", "schedule.warmup_steps=0", "lora.rank=2", "log.progress=false",
+    ]  # fmt: skip
+    code, _, err = cli("finetune", "--out", tmp_path / "tuned", *sum((["--set", s] for s in settings), []))
     assert code == 0, err
     tuned = load(tmp_path / "tuned", "last", "cpu", dtype="fp32").model  # adapters merged
     start = load(tmp_path / "imported", "last", "cpu", dtype="fp32").model
