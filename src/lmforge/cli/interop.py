@@ -63,7 +63,8 @@ def run_import(args: argparse.Namespace) -> int:
     else:
         folder = Path(source)
     run = import_folder(folder, out.path, out.overwrite)
-    print(f'imported {source} ({folder}) into {run} (sample, eval, or train with train.init_from = "{run}")')
+    origin = source if folder == Path(source) else f"{source} ({folder})"  # a repo id: its snapshot too
+    print(f'imported {origin} into {run} (sample, eval, or train with train.init_from = "{run}")')
     return 0
 
 
