@@ -33,6 +33,7 @@ ARCHITECTURES = {
         "n_kv_head": 1,
         "logit_softcap": 5.0,
     },
+    "sliding-window-6": {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "sliding_window": 6},
 }
 
 
@@ -89,7 +90,11 @@ def test_attention_rows_sum_to_one_and_no_query_sees_a_later_token(name: str) ->
         torch.testing.assert_close(probs.sum(-1), torch.ones(4, 20), atol=1e-6, rtol=0)
         assert torch.all(probs.triu(diagonal=1) == 0)
         assert torch.all(probs[:, 0, 0] == 1)  # the first token can only look at itself
-        assert probs[:, torch.ones(20, 20, dtype=torch.bool).tril()].min() > 0  # and the past is not masked
+        past = torch.ones(20, 20, dtype=torch.bool).tril()
+        if (window := ARCHITECTURES[name].get("sliding_window")) is not None:  # only the last `window` keys
+            assert torch.all(probs[:, past.tril(diagonal=-window)] == 0)
+            past &= ~past.tril(diagonal=-window)
+        assert probs[:, past].min() > 0  # and the (visible) past is not masked
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -100,7 +105,8 @@ def test_captured_probabilities_times_v_reproduce_each_attention_modules_output(
     assert len(seen.qkv) == len(seen.attention_out) == 2
     for layer, ((q, k, v), actual) in enumerate(zip(seen.qkv, seen.attention_out)):
         with torch.no_grad():
-            rebuilt = attention_output(model.blocks[layer].attn, attention_probabilities(q, k), v)
+            probs = attention_probabilities(q, k, model.config.sliding_window)
+            rebuilt = attention_output(model.blocks[layer].attn, probs, v)
         torch.testing.assert_close(rebuilt, actual, atol=1e-5, rtol=1e-5)
     assert trace(model, ids).attention_error < 1e-5
 
