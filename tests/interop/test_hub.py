@@ -99,8 +99,8 @@ def test_import_of_a_repo_id_reads_the_local_cache_offline(cli, hub_cache: Path,
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["other-org/absent"], "other-org/absent: is not in the local Hugging Face cache (run `lmforge"),
-        ([REPO, "--revision", "v2"], f"{REPO} at revision v2: is not in the local Hugging Face cache"),
+        (["other-org/absent"], "other-org/absent: no such folder, nor a repo in the local Hugging Face"),
+        ([REPO, "--revision", "v2"], f"{REPO} at revision v2: no such folder, nor a repo in the local"),
     ],
 )  # fmt: skip
 def test_import_of_a_repo_id_missing_from_the_cache_is_one_line(

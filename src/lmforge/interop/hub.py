@@ -78,14 +78,14 @@ def download(repo_id: str, revision: str | None = None, *, out: Path | None = No
                 f"{repo_id}: no safetensors weights at the top of the repository "
                 "(lmforge downloads safetensors only, never pickled .bin files)"
             )
+        if out is not None:  # first, so that an interrupted download is known as one and resumes
+            out.mkdir(parents=True, exist_ok=True)
+            record = {"repo_id": repo_id, "revision": revision or "main", "commit": commit, "files": files}
+            (out / DOWNLOAD_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         folder = snapshot_download(
             repo_id, revision=commit, allow_patterns=files, local_dir=str(out) if out is not None else None
         )
-    result = Download(Path(folder), repo_id, commit, tuple(files))
-    if out is not None:
-        record = {"repo_id": repo_id, "revision": revision or "main", "commit": commit, "files": files}
-        (out / DOWNLOAD_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    return result
+    return Download(Path(folder), repo_id, commit, tuple(files))
 
 
 def _check_download_folder(out: Path, repo_id: str) -> None:
@@ -149,8 +149,9 @@ def _hub_errors(repo_id: str, revision: str | None, *, offline: bool = False) ->
     except getattr(errors, "IncompleteSnapshotError", ()):  # huggingface_hub 2 and later
         message = "is only partly in the local Hugging Face cache (run `lmforge download` again to finish it)"
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
+        fetch = f"`lmforge download {repo_id}` fetches it"
         message = (
-            "is not in the local Hugging Face cache (run `lmforge download` first)"
+            f"no such folder, nor a repo in the local Hugging Face cache ({fetch})"
             if offline
             else "cannot be downloaded: the Hub is unreachable or HF_HUB_OFFLINE is set"
         )
