@@ -1,12 +1,16 @@
 """Hugging Face interop: lmforge checkpoints ⇄ standard `transformers` model folders.
 
 Architectures (no custom code on either side):
-    RoPE + RMSNorm + SwiGLU             ⇄ LlamaForCausalLM (also read: Mistral, Qwen2)
-    RoPE + RMSNorm + SwiGLU + QK-norm   ⇄ Qwen3ForCausalLM
-    learned positions + LayerNorm + GELU ⇄ GPT2LMHeadModel
-Any other option combination is refused by name rather than written as a folder that would
-load with wrong outputs. Nothing here imports `transformers`: the files are written and read
-directly, so export and import work without the `hf` extra (the tests check them with it).
+    RoPE + RMSNorm + SwiGLU                ⇄ LlamaForCausalLM (Llama 3.x with its rope_scaling, SmolLM2)
+        + biases on q, k, v only           ⇄ Qwen2ForCausalLM (Qwen2, Qwen2.5)
+        + QK-norm                          ⇄ Qwen3ForCausalLM
+        + a sliding window on every layer  ⇄ MistralForCausalLM (also read: Phi3ForCausalLM, whose
+                                             fused qkv and gate/up are lmforge's own layout)
+    learned positions + LayerNorm + GELU   ⇄ GPT2LMHeadModel
+Any other option combination, and any config.json field lmforge would only approximate, is refused
+by name rather than written or read as a model with wrong outputs. Nothing here imports
+`transformers`: the files are written and read directly, so export and import work without the `hf`
+extra (the tests check them with it).
 """
 
 from __future__ import annotations
