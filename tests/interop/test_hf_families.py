@@ -299,3 +299,26 @@ def test_an_imported_family_fine_tunes_with_lora_and_exports_merged(cli, tmp_pat
     export_checkpoint(tmp_path / "tuned", tmp_path / "back")
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     assert (logits(back, idx) - logits(tuned, idx)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize(
+    "scaling", [{"rope_type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0}]
+)
+def test_linear_and_dynamic_rope_scaling_import_and_export_exactly(
+    cli, tmp_path: Path, scaling: dict
+) -> None:
+    config = shrunk_config("HuggingFaceTB/SmolLM2-135M") | {
+        "max_position_embeddings": 64,
+        "rope_scaling": scaling,
+    }
+    published_model("HuggingFaceTB/SmolLM2-135M", tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()  # with the scaling
+    assert cli("import", tmp_path / "hf", "--out", tmp_path / "run")[0] == 0
+    ours = load(tmp_path / "run", "last", "cpu", dtype="fp32").model
+    idx = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(9))
+    assert (logits(ours, idx) - logits(hf, idx)).abs().max().item() < 1e-4
+    export_checkpoint(tmp_path / "run", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["rope_scaling"] == scaling
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert (logits(back, idx) - logits(hf, idx)).abs().max().item() < 1e-4
