@@ -164,6 +164,20 @@ def config_reference() -> str:
     return "\n".join(parts)
 
 
+VENV_NOTE = (
+    "*Commands on this page run in the project's virtual environment: `source .venv/bin/activate` first "
+    "(after `make demo` or `make install`), or write `.venv/bin/lmforge` for `lmforge`.*\n"
+)
+
+
+def with_venv_note(markdown: str) -> str:
+    """A page that shows `lmforge` commands says, under its title, where that command comes from."""
+    if not re.search(r"^```bash\n(?:[^`]*\n)?lmforge ", markdown, re.M):
+        return markdown
+    title, sep, rest = markdown.partition("\n")
+    return f"{title}{sep}\n{VENV_NOTE}{rest}" if title.startswith("# ") else markdown
+
+
 LINK = re.compile(r"\]\(([^)#\s]+)(#[^)]*)?\)")
 
 
@@ -176,6 +190,11 @@ def record_files() -> list[tuple[str, Path]]:
         if "://" not in target and not target.startswith("..") and path.is_file():
             found.append((target, path))
     return found
+
+
+def on_page_markdown(markdown, page, config, files):  # noqa: ANN001, ANN201  (MkDocs hook)
+    """Every page with `lmforge` commands gets the note on the virtual environment."""
+    return with_venv_note(markdown)
 
 
 def on_files(files, config):  # noqa: ANN001, ANN201  (MkDocs hook)

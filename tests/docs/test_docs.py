@@ -224,3 +224,12 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     for page in ("reference/cli/index.html", "reference/config/index.html", "results/record/index.html"):
         assert (tmp_path / "site" / page).is_file(), page
+
+
+def test_a_page_with_lmforge_commands_says_where_the_command_comes_from() -> None:
+    generator = load_generator()
+    page = "# lmforge sample\n\nGenerate text.\n\n```bash\nlmforge sample RUN\n```\n"
+    noted = generator.with_venv_note(page)
+    assert noted.startswith("# lmforge sample\n\n*Commands on this page run in the project's virtual")
+    assert "source .venv/bin/activate" in noted and "`.venv/bin/lmforge`" in noted
+    assert generator.with_venv_note("# Results\n\nNo commands.\n") == "# Results\n\nNo commands.\n"
