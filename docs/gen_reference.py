@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ast
 import io
+import json
 import os
 import re
 import sys
@@ -120,6 +121,29 @@ def _field_comment(node: ast.AnnAssign, comments: dict[int, str], lines: list[st
     return " ".join(above + trailing)
 
 
+def _toml_type(annotation: ast.expr) -> str:
+    """A field's type as a TOML writer sees it: `Literal['a', 'b']` is `"a" | "b"`."""
+    text = ast.unparse(annotation)
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Literal":
+        return " | ".join(json.dumps(v) for v in ast.literal_eval(annotation.slice))
+    if text == "TrainDtype":
+        return '"auto" | "fp32" | "bf16" | "fp16"'
+    return text
+
+
+def _toml_default(value: ast.expr | None) -> str:
+    """A field's default as TOML writes it (`true`, `"rope"`, `[0.9, 0.95]`); None is `unset`."""
+    if value is None:
+        return "required"
+    try:
+        literal = ast.literal_eval(value)
+    except ValueError:  # field(default_factory=...): a section
+        return ast.unparse(value)
+    if literal is None:
+        return "unset"
+    return json.dumps(list(literal) if isinstance(literal, tuple) else literal)
+
+
 def config_fields() -> dict[str, tuple[str, list[tuple[str, str, str, str]]]]:
     """Section -> (its docstring, [(key, type, default, comment)]), read from config.py's source.
 
@@ -137,8 +161,7 @@ def config_fields() -> dict[str, tuple[str, list[tuple[str, str, str, str]]]]:
             comment = _field_comment(node, comments, lines)
             if not comment:
                 missing.append(name)
-            default = ast.unparse(node.value) if node.value is not None else "(required)"
-            rows.append((node.target.id, ast.unparse(node.annotation), default, comment))
+            rows.append((node.target.id, _toml_type(node.annotation), _toml_default(node.value), comment))
         sections[section.target.id] = (ast.get_docstring(cls) or "", rows)
     if missing:
         raise ValueError(f"{CONFIG_PY}: config fields without a comment: {', '.join(missing)}")
