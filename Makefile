@@ -10,7 +10,7 @@ export LMFORGE_DATA_DIR ?= $(SHARED_DATA)
 endif
 DEMO_OUT ?= out
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format docs clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,9 +39,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The documentation site (mkdocs.yml, docs/) into site/; --strict: a broken link, an anchor that is not
+# there or a page left out of the nav fails the build (tests/docs/test_docs.py builds it too).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache site

@@ -1,0 +1,112 @@
+"""`lmforge` at toy size: what the docs' runnable blocks call when tests/docs/test_docs.py runs them.
+
+The blocks are the commands a reader types. This stand-in runs the real CLI (`lmforge.cli.main`) with
+the same arguments plus settings that make each command take seconds:
+
+- train / finetune: a one-layer, 32-wide model, 4 sequences a batch, and every step count (steps,
+  eval and checkpoint intervals, warmup) divided by STEP_DIVISOR, so that the ratios between them,
+  and a `--resume` to more steps, still mean what they say. A key the block sets itself keeps its
+  value, except the step counts, which are divided too.
+- sample, chat, compare, eval --task, audit: fewer tokens, examples and samples.
+
+Usage: python toy_lmforge.py ARGS... (the arguments of `lmforge`). With LMFORGE_DOCS_FIXTURES=1 the
+named datasets are pinned to the small copies in tests/fixtures/data, as tests/conftest.py pins them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parents[2]
+STEP_DIVISOR = 400
+STEP_KEYS = ("train.max_steps", "train.eval_interval", "train.checkpoint_interval", "schedule.warmup_steps")
+TOY_MODEL = {"model.n_layer": "1", "model.d_model": "32", "model.n_head": "2", "train.batch_size": "4"}
+CONFIG_DEFAULTS = {"train.max_steps": 2000, "train.eval_interval": 250, "train.checkpoint_interval": 500}
+TOY_FLAGS = {  # appended: argparse keeps the last value of a repeated option
+    "sample": ["--max-new-tokens", "16", "--num-samples", "1"],
+    "chat": ["--max-new-tokens", "16"],
+    "compare": ["--max-new-tokens", "8"],
+    "audit": ["--alternatives", "50", "--prefixes", "4", "--sequences", "8"],
+}
+
+
+def _toy_steps(value: str) -> str:
+    steps = int(value)
+    return str(steps and max(1, math.ceil(steps / STEP_DIVISOR)))  # 0 (off) stays 0
+
+
+def _given_sets(args: list[str]) -> dict[str, str]:
+    return dict(a.split("=", 1) for a, prev in zip(args, [""] + args) if prev == "--set" and "=" in a)
+
+
+def _config_steps(args: list[str], verb_at: int) -> dict[str, str]:
+    """The step counts of the config file the command names (the defaults where it names none)."""
+    steps = {k: str(v) for k, v in CONFIG_DEFAULTS.items()}
+    rest = args[verb_at + 1 :]
+    if rest and rest[0].endswith(".toml") and Path(rest[0]).is_file():
+        raw = tomllib.loads(Path(rest[0]).read_text())
+        for key in STEP_KEYS:
+            section, name = key.split(".")
+            if name in raw.get(section, {}):
+                steps[key] = str(raw[section][name])
+    return steps
+
+
+def toy_training(args: list[str], verb_at: int) -> list[str]:
+    """train/finetune's arguments with the toy model and every step count divided."""
+    given = _given_sets(args)
+    out = []
+    for arg, prev in zip(args, [""] + args):
+        key, _, value = arg.partition("=")
+        out.append(f"{key}={_toy_steps(value)}" if prev == "--set" and key in STEP_KEYS else arg)
+    resuming = "--resume" in args
+    settings = {} if resuming else {**TOY_MODEL, **_config_steps(args, verb_at)}
+    for key, value in settings.items():
+        if key not in given:
+            out += ["--set", f"{key}={_toy_steps(value) if key in STEP_KEYS else value}"]
+    return out
+
+
+def toy_args(args: list[str]) -> list[str]:
+    verbs = [i for i, a in enumerate(args) if not a.startswith("-")]
+    if not verbs:
+        return args
+    verb = args[verbs[0]]
+    if verb in ("train", "finetune"):
+        return toy_training(args, verbs[0])
+    if verb == "eval" and "--task" in args:
+        return args + ["--limit", "8", "--max-new-tokens", "8"]
+    return args + TOY_FLAGS.get(verb, [])
+
+
+def main() -> int:
+    sys.path.insert(0, str(REPO / "src"))
+    if os.environ.get("LMFORGE_DOCS_FIXTURES") == "1":
+        from lmforge.data import sources
+
+        fixtures = REPO / "tests" / "fixtures" / "data"
+        for name, parts in list(sources.NAMED_DATASETS.items()):
+            sources.NAMED_DATASETS[name] = tuple(
+                replace(
+                    p,
+                    sha256=sources.file_sha256(fixtures / p.name / p.filename),
+                    size=(fixtures / p.name / p.filename).stat().st_size,
+                )
+                for p in parts
+            )
+    from lmforge.cli import main as lmforge_main
+
+    return lmforge_main(toy_args(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
