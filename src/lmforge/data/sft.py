@@ -174,7 +174,8 @@ class RecordParser:
 
     def _alpaca(self, record: dict) -> list[Segment]:
         # a table (CSV, Parquet, a Hugging Face dataset) holds None where a record has no input
-        instruction, given, output = record.get("instruction"), record.get("input") or "", record.get("output")
+        instruction, output = record.get("instruction"), record.get("output")
+        given = record.get("input") or ""
         if not all(isinstance(v, str) for v in (instruction, given, output)):
             raise ValueError("expected string fields 'instruction' and 'output' (and 'input', if any)")
         template = ALPACA_PROMPT if given.strip() else ALPACA_PROMPT_NO_INPUT
