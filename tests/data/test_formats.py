@@ -196,7 +196,7 @@ def test_a_hugging_face_dataset_folder_and_its_saved_copy_are_read(tmp_path: Pat
     datasets.load_dataset(str(folder), split="train").save_to_disk(str(tmp_path / "saved"))
     saved = SFTData(Path(), tok, 512, data=DataConfig(hf=str(tmp_path / "saved"), val_fraction=0.25))
     assert len(saved.train) + len(saved.val) == 4
-    with pytest.raises(LmforgeError, match=r"data.hf '.*hf' \(split 'test'\): cannot load"):
+    with pytest.raises(LmforgeError, match=r"Hugging Face dataset '.*hf' \(split 'test'\): cannot load"):
         SFTData(Path(), tok, 512, data=DataConfig(hf=str(folder), hf_split="test"))
 
 

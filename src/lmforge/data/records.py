@@ -40,16 +40,18 @@ def file_type(path: Path) -> str | None:
     return FILE_TYPES.get(path.suffix.lower())
 
 
-def read_rows(path: Path, *, invalid_utf8: str = "error") -> Iterator[Row]:
-    """The records of a .jsonl, .json, .csv, .tsv or .parquet file, in file order."""
-    kind = file_type(path)
+def read_rows(path: Path, *, invalid_utf8: str = "error", kind: str | None = None) -> Iterator[Row]:
+    """The records of a .jsonl, .json, .csv, .tsv or .parquet file (or a file of `kind`), in file order."""
+    kind = kind or file_type(path)
     if kind is None:
         raise LmforgeError(f"{path}: unknown file type {path.suffix!r} (expected {', '.join(FILE_TYPES)})")
     if not path.is_file():
         raise LmforgeError(f"{path}: not found")
-    readers = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows, "tsv": _csv_rows}
     if kind == "parquet":
         return _parquet_rows(path)
+    if kind == "tsv":
+        return _csv_rows(path, invalid_utf8=invalid_utf8, delimiter="\t")
+    readers = {"jsonl": _jsonl_rows, "json": _json_rows, "csv": _csv_rows}
     return readers[kind](path, invalid_utf8=invalid_utf8)
 
 
@@ -98,9 +100,8 @@ def _read_text(path: Path, invalid_utf8: str) -> str:
         raise LmforgeError(f"{path}: invalid UTF-8 at byte {exc.start}") from None
 
 
-def _csv_rows(path: Path, *, invalid_utf8: str) -> Iterator[Row]:
-    """Rows of a CSV (.csv) or tab-separated (.tsv) file with a header line, as {column: text}."""
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+def _csv_rows(path: Path, *, invalid_utf8: str, delimiter: str = ",") -> Iterator[Row]:
+    """Rows of a CSV (or, with delimiter tab, TSV) file with a header line, as {column: text}."""
     csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))  # a long prompt is one field
     errors = "replace" if invalid_utf8 == "replace" else "strict"
     with open(path, encoding="utf-8", errors=errors, newline="") as f:
@@ -165,11 +166,11 @@ def open_hf(name: str, *, split: str, config: str = "", streaming: bool = False)
                 str(local) if local.is_dir() else name, config or None, split=split, streaming=streaming
             )
     except KeyError:
-        raise LmforgeError(f"data.hf {name!r}: no split {split!r} (data.hf_split)") from None
+        raise LmforgeError(f"Hugging Face dataset {name!r}: no split {split!r}") from None
     except Exception as exc:  # datasets raises many kinds: not found, offline, bad config or split
         reason = " ".join(str(exc).split())[:300]
         raise LmforgeError(
-            f"data.hf {name!r} (split {split!r}): cannot load ({type(exc).__name__}: {reason})"
+            f"Hugging Face dataset {name!r} (split {split!r}): cannot load ({type(exc).__name__}: {reason})"
         ) from None
     return dataset
 
