@@ -200,9 +200,8 @@ def prepare(
 ) -> PrepareReport:
     """Tokenize INPUT into OUT/{train,val}.bin, OUT/tokenizer.json and OUT/meta.json.
 
-    INPUT is a file, a folder, a named dataset or hf:NAME (a Hugging Face dataset, streamed);
-    `input_format` says how its files are read (`sources.INPUT_FORMATS`; auto: by suffix, refusing
-    unknown ones) and `text_column` which column of record files holds the text (default "text").
+    INPUT: a file, a folder, a named dataset or hf:NAME (streamed); `input_format` says how its files
+    are read (`sources.INPUT_FORMATS`), `text_column` which column of records is the text.
 
     `unknown_chars` says what becomes of text a user's tokenizer.json cannot represent: "error"
     (the default), "replace" (with its unknown token) or "skip". Built-in tokenizers represent all text.

@@ -359,7 +359,10 @@ def open_corpus(
         raise LmforgeError(f"{spec}: no such file or folder")
     else:
         known = ", ".join(sorted(NAMED_DATASETS))
-        raise LmforgeError(f"{spec!r} is neither a file, a folder, hf:NAME nor a known dataset ({known})")
+        raise LmforgeError(
+            f"{spec!r} is neither a file, a folder nor a known dataset ({known}); "
+            "a Hugging Face dataset is hf:NAME"
+        )
     if sum(f.stat().st_size for f in files) == 0:
         raise LmforgeError(f"{spec}: input is empty")
     return Corpus(
