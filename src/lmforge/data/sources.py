@@ -289,8 +289,9 @@ class Corpus:
 
     @property
     def total_bytes(self) -> int | None:
-        """Size of all files on disk, for progress bars; None when gzipped (the text is larger)."""
-        if any(f.suffix == ".gz" for f in self.files):
+        """Size of all files on disk, for progress bars; None when gzipped (the text is larger) or streamed
+        (hf:NAME)."""
+        if not self.files or any(f.suffix == ".gz" for f in self.files):
             return None
         return sum(f.stat().st_size for f in self.files)
 
