@@ -218,3 +218,21 @@ def test_a_hub_dataset_loads_offline_from_the_cache(tmp_path: Path, monkeypatch)
     data = SFTData(Path(), tokenizer_file(tmp_path), 512, data=DataConfig(hf="lmforge-tests/tiny-chat"))
     assert len(data.train) + len(data.val) == 3 and "(messages)" in data.summary
     assert datasets.config.HF_HUB_OFFLINE
+
+
+def test_the_data_keys_are_typed_validated_and_set_from_the_command_line(tmp_path: Path) -> None:
+    from lmforge.config import load_config
+
+    config = load_config(None, ["data.kind=sft", "data.columns.prompt=question", "data.pack=true"])
+    assert config.data.columns == ColumnsConfig(prompt="question") and config.data.pack
+    (tmp_path / "run.toml").write_text(config.to_toml())
+    assert load_config(tmp_path / "run.toml") == config  # [data.columns] round-trips through TOML
+    for override, message in [
+        ("data.val_fraction=1.5", "data.val_fraction must be in (0, 1)"),
+        ("data.format=xml", "data.format must be one of auto, prompt_completion, messages, alpaca, sharegpt"),
+        ("data.columns.answer=x", "unknown key data.columns.answer"),
+        ("data.kind=tokens", 'data.pack applies to data.kind = "sft"'),
+        ("model.head=span", 'data.pack needs model.head = "lm"'),
+    ]:
+        with pytest.raises(LmforgeError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            load_config(None, ["data.kind=sft", "data.pack=true", override])
