@@ -180,8 +180,9 @@ def test_an_unknown_file_type_is_refused(tmp_path: Path) -> None:
         SFTData(tmp_path / "data.xml", tokenizer_file(tmp_path), 32)
 
 
-def test_a_hugging_face_dataset_folder_and_its_saved_copy_are_read(tmp_path: Path) -> None:
+def test_a_hugging_face_dataset_folder_and_its_saved_copy_are_read(tmp_path: Path, monkeypatch) -> None:
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # not the user's cache
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "train.jsonl").write_text((FIXTURES / "alpaca.jsonl").read_text())

@@ -37,8 +37,9 @@ def test_every_record_format_gives_the_same_shards(tmp_path: Path) -> None:
     assert prepared(tmp_path, tmp_path / "docs.parquet") == reference
 
 
-def test_a_hugging_face_dataset_is_streamed_record_by_record(tmp_path: Path) -> None:
-    pytest.importorskip("datasets")
+def test_a_hugging_face_dataset_is_streamed_record_by_record(tmp_path: Path, monkeypatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path.parent / "hf-cache")
     folder = tmp_path / "hf"
     folder.mkdir()
     (folder / "train.jsonl").write_text((PRETRAIN / "docs.jsonl").read_text())
