@@ -100,3 +100,18 @@ def test_the_cli_reads_a_csv_column(cli, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "o" / "meta.json").read_text())["documents"] == 3
     code, _, err = cli("prepare", PRETRAIN / "docs.csv", "--out", tmp_path / "p", "--tokenizer", "char", "-q")
     assert code == 1 and err.count("\n") == 1 and "--text-column" in err
+
+
+def test_hf_input_names_dataset_config_and_split_and_is_opened_as_a_stream(
+    tmp_path: Path, monkeypatch
+) -> None:
+    datasets = pytest.importorskip("datasets")
+    from lmforge.data.records import open_hf
+    from lmforge.data.sources import HFSource
+
+    assert HFSource.parse("hf:org/name:cfg@validation") == HFSource("org/name", "validation", "cfg")
+    assert HFSource.parse("hf:org/name") == HFSource("org/name", "train", "")
+    (tmp_path / "train.jsonl").write_text((PRETRAIN / "docs.jsonl").read_text())
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    stream = open_hf(str(tmp_path), split="train", streaming=True)
+    assert isinstance(stream, datasets.IterableDataset)  # records are read as they are used, never all held
