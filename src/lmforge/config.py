@@ -38,18 +38,46 @@ TrainDtype = Literal["auto", "fp32", "bf16", "fp16"]
 WANDB_PROJECT_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in a project name
 
 
+# The shapes of fine-tuning records that data.format names; "auto" detects each record's from its keys.
+SFTFormat = Literal["auto", "prompt_completion", "messages", "alpaca", "sharegpt"]
+
+
+@dataclass(frozen=True)
+class ColumnsConfig:
+    """[data.columns]: which columns (or JSON keys) of fine-tuning data hold what; "": the format's own."""
+
+    prompt: str = ""  # the prompt's column (default "prompt")
+    completion: str = ""  # the completion's column (default "completion")
+    messages: str = ""  # a column of chat messages, {role, content} or ShareGPT's {from, value}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """[data]: what to train on."""
 
-    # tokens: a folder written by `lmforge prepare`; sft: a folder with train.jsonl and val.jsonl
+    # tokens: a folder written by `lmforge prepare`. sft: a folder with train.* (and val.*) files of
+    # .jsonl, .json, .csv, .tsv or .parquet, or a single such file
     dir: str = ""
-    kind: Literal["tokens", "sft"] = "tokens"  # tokens: pretraining shards; sft: JSONL, prompt masked
+    kind: Literal["tokens", "sft"] = "tokens"  # tokens: pretraining shards; sft: examples, prompt masked
     tokenizer: str = ""  # sft: a tokenizer.json (default: train.init_from's)
-    on_bad_line: Literal["error", "skip"] = "error"  # sft: a malformed JSONL line fails, or is skipped
+    on_bad_line: Literal["error", "skip"] = "error"  # sft: a malformed record fails, or is skipped
     # a Jinja chat template file (renders `messages` data; saved with the checkpoints for `lmforge chat`
     # and `export`); "": the one of the checkpoint the run starts from, else lmforge's default
     chat_template: str = ""
+    # sft: the shape of the records: prompt_completion, messages (OpenAI), alpaca (instruction, input,
+    # output: rendered with Alpaca's prompt), sharegpt (conversations of from/value); auto: by their keys
+    format: SFTFormat = "auto"
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)  # [data.columns]: sft column mapping
+    hf: str = ""  # sft: a Hugging Face dataset (hub id "org/name" or a local folder) instead of data.dir
+    hf_split: str = "train"  # sft: the split of data.hf trained on
+    hf_config: str = ""  # sft: the configuration (subset) of data.hf; "": its default
+    hf_val_split: str = ""  # sft: a split of data.hf to validate on; "": carved from train
+    # sft: share of the train examples held out for validation when no val file (or split) is given
+    val_fraction: float = 0.1
+    val_seed: int = 0  # sft: seed of the choice of those examples (independent of train.seed)
+    # sft: fill each block with several examples; attention stays within an example and positions
+    # restart at each, so every example's loss is the unpacked one's
+    pack: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,14 +275,7 @@ def load_config(path: Path | str | None, overrides: list[str] = (), origin: str 
         except (ValueError, OSError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
             raise LmforgeError(f"{path}: not valid TOML ({exc})") from None
     for override in overrides:
-        key, value = _parse_override(override)
-        section, _, name = key.partition(".")
-        if not name or "." in name:
-            raise LmforgeError(f"--set {override}: expected SECTION.KEY=VALUE, e.g. model.n_layer=6")
-        table = raw.setdefault(section, {})
-        if not isinstance(table, dict):
-            raise LmforgeError(f"--set {override}: {section} is not a section")
-        table[name] = value
+        _apply_override(raw, override)
     config = _build(Config, raw, origin, prefix="")
     validate(config, origin)
     return config
@@ -270,6 +291,20 @@ def _parse_toml(text: str) -> dict[str, Any]:
         raise
     except ValueError:  # int(): more digits than the interpreter converts
         raise ValueError("a number has too many digits") from None
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    """Set SECTION.KEY (or SECTION.TABLE.KEY, e.g. data.columns.prompt) of `raw` to the override's value."""
+    key, value = _parse_override(override)
+    *tables, name = key.split(".")
+    if not tables or not all(tables) or not name or len(tables) > 2:
+        raise LmforgeError(f"--set {override}: expected SECTION.KEY=VALUE, e.g. model.n_layer=6")
+    table = raw
+    for part in tables:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise LmforgeError(f"--set {override}: {part} is not a section")
+    table[name] = value
 
 
 def _parse_override(override: str) -> tuple[str, Any]:
@@ -384,6 +419,7 @@ def validate(config: Config, origin: str) -> None:
     )
     _validate_lora(config.lora, need)
     _validate_privacy(config, need)
+    _validate_data(config, need)
     if config.model.head == "span":
         need(
             config.data.kind == "sft",
@@ -528,6 +564,28 @@ def _validate_parallel(config: Config, need: Need) -> None:
             config.optim.name != "muon",
             "optim.name",
             'muon is not supported with parallel.strategy = "fsdp"; use ddp',
+        )
+
+
+def _validate_data(config: Config, need: Need) -> None:
+    """[data]'s fine-tuning keys: meaningful values, and only where fine-tuning data reads them."""
+    d = config.data
+    need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "must be in (0, 1)")
+    need(0 <= d.val_seed < SEED_LIMIT, "data.val_seed", "must be in [0, 2**32)")
+    need(not (d.hf and d.dir), "data.hf", "and data.dir exclude each other (one names the data)")
+    need(d.hf_split != "", "data.hf_split", "must name a split, e.g. train")
+    if d.kind == "tokens":
+        for key in ("hf", "pack"):
+            need(
+                not getattr(d, key),
+                f"data.{key}",
+                'applies to data.kind = "sft" (use `lmforge prepare` for tokens)',
+            )
+    if d.pack:
+        need(
+            config.model.head == "lm",
+            "data.pack",
+            'needs model.head = "lm" (a span head reads one prompt per row)',
         )
 
 

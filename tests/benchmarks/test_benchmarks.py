@@ -314,3 +314,36 @@ def test_sst2_detokenize_writes_reviews_as_prose(tmp_path: Path) -> None:
         [sys.executable, str(script), str(source), str(tmp_path / "out")], capture_output=True, text=True
     )
     assert again.returncode == 2 and f"{tmp_path / 'out'} exists" in again.stderr.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_packing_benchmark_reports_both_sets_and_both_modes(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "packing.json"
+    tiny = ["--examples", "60", "--seconds", "0.2", "--warmup", "1", "--repeats", "1", "--n-layer", "1"]
+    tiny += [
+        "--d-model",
+        "32",
+        "--n-head",
+        "2",
+        "--block-size",
+        "64",
+        "--vocab-size",
+        "300",
+        "--batch-size",
+        "4",
+    ]
+    printed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "packing.py"), *tiny, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "sst2:" in printed and "instruct:" in printed and "real tokens/s" in printed
+    results = {r["set"]: r for r in json.loads(out.read_text())["results"]}
+    for result in results.values():
+        assert result["packed"]["real_tokens"] > 0 and result["unpacked"]["real_tokens"] > 0
+    assert results["sst2"]["packed"]["fill"] > results["sst2"]["unpacked"]["fill"]  # short examples fill rows
+    assert (
+        results["instruct"]["summary"].startswith("fine-tuning data:")
+        and "(alpaca)" in results["instruct"]["summary"]
+    )

@@ -201,7 +201,10 @@ def test_invalid_utf8_is_an_error_unless_replaced(cli, tmp_path: Path) -> None:
             "'nosuchdataset' is neither a file, a folder nor a known dataset",
         ),
         (["{empty}", "--tokenizer", "char"], "input is empty"),
-        (["{emptydir}", "--tokenizer", "char"], "no .txt, .md, .raw, .text, .jsonl files"),
+        (
+            ["{emptydir}", "--tokenizer", "char"],
+            "no .txt, .md, .raw, .text, .jsonl, .json, .csv, .tsv, .parquet files",
+        ),
         (["{tiny}", "--tokenizer", "char"], "too small to give a non-empty train and val split"),
         (["{text}", "--tokenizer", "bpe", "--vocab-size", "100"], "--vocab-size must be at least 257"),
         (

@@ -148,10 +148,10 @@ def test_example_batches_resume_exactly() -> None:
     assert a.epoch >= 2
 
 
-def test_sft_data_needs_both_files(tmp_path: Path) -> None:
+def test_one_train_example_cannot_be_split_into_train_and_val(tmp_path: Path) -> None:
     char_tokenizer(ALPHABET).save(str(tmp_path / "tok.json"))
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a:", "completion": " b"}])
-    with pytest.raises(LmforgeError, match="val.jsonl: not found"):
+    with pytest.raises(LmforgeError, match="train.jsonl: one example is too few to hold out a validation"):
         SFTData(tmp_path, tmp_path / "tok.json", 32)
 
 

@@ -343,5 +343,11 @@ def test_a_per_row_loss_weighs_each_ranks_rows_alike() -> None:
     """Token losses weigh a rank by its scored tokens; a span head's per-example mean by its rows."""
     y = torch.tensor([[1, 2, 3, IGNORE_INDEX], [1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
     x = torch.zeros_like(y)
-    assert Distributed("ddp", rank=0, world=2).shard(x, y)[2] == 3 * 2 / 4
-    assert Distributed("ddp", rank=0, world=2).shard(x, y, per_row=True)[2] == 1.0
+    assert Distributed("ddp", rank=0, world=2).shard((x, y))[1] == 3 * 2 / 4
+    assert Distributed("ddp", rank=0, world=2).shard((x, y), per_row=True)[1] == 1.0
+
+
+def test_a_packed_batch_is_sharded_with_its_documents() -> None:
+    x, y, documents = (torch.arange(8).view(4, 2) + k for k in range(3))
+    (mx, my, md), _ = Distributed("ddp", rank=1, world=2).shard((x, y, documents))
+    assert torch.equal(md, documents[2:]) and torch.equal(mx, x[2:]) and torch.equal(my, y[2:])

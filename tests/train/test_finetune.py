@@ -274,3 +274,22 @@ def test_finetune_on_messages_saves_its_chat_template_and_runs_from_it_inherit_i
     code, _, err = cli(*finetune_args(data, tmp_path / "plain", *short))
     assert code == 0, err
     assert ChatTemplate.find(ckpt.list_checkpoints(tmp_path / "plain")[-1].path).is_default
+
+
+def test_packed_finetune_reports_its_data_learns_and_resumes_exactly(
+    cli, sst2_small: Path, tmp_path: Path
+) -> None:
+    """data.pack through the one training loop: fewer, fuller rows; an exact resume (fp32)."""
+    args = ("data.pack=true", "train.max_steps=20", "train.checkpoint_interval=5", PIN_FP32)
+    code, out, err = cli(*finetune_args(sst2_small, tmp_path / "run", *args))
+    assert code == 0, err
+    assert (
+        f"fine-tuning data: 300 train examples from {sst2_small / 'train.jsonl'} (prompt_completion)" in out
+    )
+    assert "100 val from" in out and "packed (data.pack)" in out
+    steps, evals = read_metrics(tmp_path / "run")
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0 and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    resumed = copy_up_to(tmp_path / "run", tmp_path / "resumed", 15)
+    code, out, err = cli(*finetune_args(sst2_small, resumed, *args), "--resume")
+    assert code == 0, err
+    assert_same_steps(resumed, tmp_path / "run")

@@ -38,6 +38,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         scrub_pii=parse_kinds(args.scrub_pii),
         canaries=check_spec(args.canaries, args.canary_repeats, args.seed),
         holdout_lines=args.holdout_lines,
+        input_format=args.format,
+        text_column=args.text_column,
     )
     print(report.summary, file=sys.stderr)  # the result, on stderr as always, even under -q
     return 0
@@ -51,8 +53,21 @@ def add_prepare(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "input",
-        help="a text file, a folder (.txt/.md/.raw/.jsonl, recursive) or a dataset name "
-        "(tinyshakespeare, gutenberg, wikitext-2)",
+        help="a file, a folder (.txt/.md/.raw/.text and .jsonl/.json/.csv/.tsv/.parquet, recursive), a "
+        "dataset name (tinyshakespeare, gutenberg, wikitext-2) or hf:ORG/NAME[:CONFIG][@SPLIT], a Hugging "
+        "Face dataset (or hf:PATH, a local one) streamed record by record",
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        metavar="{auto,text,jsonl,json,csv,tsv,parquet}",  # checked by `prepare` (sources.INPUT_FORMATS)
+        help="how to read the files: auto (by suffix; other types are an error), text (each file one "
+        "document), or records of jsonl, json, csv, tsv or parquet (each record one document)",
+    )
+    p.add_argument(
+        "--text-column",
+        metavar="NAME",
+        help="the column (JSON key) of records that holds the text (default: text)",
     )
     OUTPUT.add(p)
     p.add_argument(

@@ -26,7 +26,7 @@ from lmforge.data import tokenizer as tok
 from lmforge.data.canaries import CanaryInserter, CanarySpec, canary_alphabet, save_canaries
 from lmforge.data.membership import MIN_LINE_CHARS, LineHoldout, check_holdout_lines, eligible_lines
 from lmforge.data.pii import Scrubber, count_summary
-from lmforge.data.sources import Corpus, Document, open_corpus
+from lmforge.data.sources import INPUT_FORMATS, Corpus, Document, open_corpus
 from lmforge.errors import LmforgeError
 from lmforge.progress import ProgressBar, progress_bar
 from lmforge.staging import check_out, staged_folder
@@ -195,8 +195,13 @@ def prepare(
     scrub_pii: tuple[str, ...] = (),
     canaries: CanarySpec | None = None,
     holdout_lines: int | None = None,
+    input_format: str = "auto",
+    text_column: str | None = None,
 ) -> PrepareReport:
     """Tokenize INPUT into OUT/{train,val}.bin, OUT/tokenizer.json and OUT/meta.json.
+
+    INPUT: a file, a folder, a named dataset or hf:NAME (streamed); `input_format` says how its files
+    are read (`sources.INPUT_FORMATS`), `text_column` which column of records is the text.
 
     `unknown_chars` says what becomes of text a user's tokenizer.json cannot represent: "error"
     (the default), "replace" (with its unknown token) or "skip". Built-in tokenizers represent all text.
@@ -207,13 +212,18 @@ def prepare(
     """
     out = Path(out)
     _check_arguments(
-        tokenizer, vocab_size, val_fraction, invalid_utf8=invalid_utf8, unknown_chars=unknown_chars
+        tokenizer,
+        vocab_size,
+        val_fraction,
+        invalid_utf8=invalid_utf8,
+        unknown_chars=unknown_chars,
+        input_format=input_format,
     )
     # Checked before the slow passes, then again with every file of the corpus (a named dataset's too).
     tokenizer_file = [] if tokenizer in tok.BUILTIN_KINDS else [Path(tokenizer)]
     check_out(out, "data", overwrite, inputs=[p for p in (Path(input), *tokenizer_file) if p.exists()])
     user_tokenizer, coverage = _user_tokenizer(tokenizer, unknown_chars, canaries)
-    corpus = open_corpus(input, invalid_utf8)
+    corpus = open_corpus(input, invalid_utf8, input_format=input_format, text_column=text_column)
     privacy = _Privacy(scrub_pii, canaries, check_holdout_lines(holdout_lines))
     return _prepare_corpus(
         input,
@@ -434,12 +444,20 @@ def _meta(
 
 
 def _check_arguments(
-    tokenizer: str, vocab_size: int | None, val_fraction: float, *, invalid_utf8: str, unknown_chars: str
+    tokenizer: str,
+    vocab_size: int | None,
+    val_fraction: float,
+    *,
+    invalid_utf8: str,
+    unknown_chars: str,
+    input_format: str = "auto",
 ) -> None:
     if vocab_size is not None and tokenizer != "bpe":
         raise LmforgeError("--vocab-size applies only to --tokenizer bpe")
     if not 0.0 < val_fraction < 1.0:
         raise LmforgeError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if input_format not in INPUT_FORMATS:
+        raise LmforgeError(f"--format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
     if invalid_utf8 not in ("error", "replace"):
         raise LmforgeError(f"--invalid-utf8 must be 'error' or 'replace', got {invalid_utf8!r}")
     if unknown_chars not in tok.UNKNOWN_CHARS:

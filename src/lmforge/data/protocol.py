@@ -17,6 +17,9 @@ import torch
 # (x, y): int64 input ids and target ids of the same shape (batch, length); a target of
 # IGNORE_INDEX does not count in the loss.
 Batch = tuple[torch.Tensor, torch.Tensor]
+# (x, y, documents): a batch of packed rows (data.pack), several examples per row; `documents` (batch,
+# length) gives the index in its row of the example each position belongs to, -1 on padding.
+PackedBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @runtime_checkable

@@ -14,8 +14,11 @@ targets mark where the answer starts and ends there (`collate_spans`).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +26,7 @@ from typing import Any, TypeVar
 import torch
 from tokenizers import Tokenizer
 
+from lmforge.config import ColumnsConfig, DataConfig
 from lmforge.data.chat_template import (
     DEFAULT_CHAT_TEMPLATE,
     ChatTemplate,
@@ -30,10 +34,11 @@ from lmforge.data.chat_template import (
     check_messages,
     encode_segments,
 )
-from lmforge.data.protocol import Batch
+from lmforge.data.protocol import Batch, PackedBatch
+from lmforge.data.records import FILE_TYPES, Row, file_type, hf_rows, read_rows
 from lmforge.data.tokenizer import load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
-from lmforge.jsonl import decode_line, loads, read_lines
+from lmforge.jsonl import loads
 from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
 from lmforge.words import question_matches, whole_words
 
@@ -69,52 +74,172 @@ def render_messages(messages: object, template: ChatTemplate) -> list[Segment]:
     return template.segments(messages)
 
 
-def read_examples(path: Path, on_bad_line: str, template: ChatTemplate | None = None) -> list[list[Segment]]:
-    """The examples of a JSONL file as segments; bad lines raise or are skipped with a count.
+# Stanford Alpaca's prompts (tatsu-lab/stanford_alpaca, train.py), the completion the `output` that
+# follows "### Response:" directly, as there: a model tuned on them is prompted with the same text.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+# ShareGPT's speakers (`from`) as chat roles; "gpt" and "human" are ShareGPT's own, the rest aliases.
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
+
+
+@dataclass(frozen=True)
+class RecordShape:
+    """How records are read: their format (data.format; "auto": each record's from its keys) and the
+    columns that hold the prompt, the completion or the messages (data.columns)."""
+
+    format: str = "auto"
+    columns: ColumnsConfig = ColumnsConfig()
+
+    def format_of(self, record: dict) -> str:
+        """The format of `record`: the one named, else a mapped column's, else found by its keys."""
+        if self.format != "auto":
+            return self.format
+        if self.columns.messages:
+            return "messages"
+        if self.columns.prompt or self.columns.completion:
+            return "prompt_completion"
+        for fmt, keys in (
+            ("messages", {"messages"}),
+            ("sharegpt", {"conversations"}),
+            ("alpaca", {"instruction", "output"}),
+            ("prompt_completion", {"prompt"}),
+            ("prompt_completion", {"completion"}),
+        ):
+            if keys <= record.keys():
+                return fmt
+        found = ", ".join(repr(k) for k in list(record)[:8]) or "none"
+        raise ValueError(
+            "no known format: expected 'prompt'/'completion', 'messages', 'conversations' (ShareGPT) or "
+            f"'instruction'/'output' (Alpaca); found {found} (map columns with data.columns.*)"
+        )
+
+
+class RecordParser:
+    """Records to segments, by their format (`RecordShape`); counts the formats it has read."""
+
+    def __init__(self, template: ChatTemplate, shape: RecordShape | None = None) -> None:
+        self.template, self.shape = template, shape or RecordShape()
+        self.formats: Counter[str] = Counter()
+
+    def __call__(self, record: object) -> list[Segment]:
+        if not isinstance(record, dict):
+            raise ValueError("expected a JSON object")
+        fmt = self.shape.format_of(record)
+        segments = getattr(self, f"_{fmt}")(record)
+        if not "".join(s.text for s in segments if s.assistant).strip():
+            raise ValueError("empty completion")
+        self.formats[fmt] += 1
+        return segments
+
+    def describe(self) -> str:
+        """The formats read, e.g. "alpaca" or "messages 3, prompt_completion 5"."""
+        if len(self.formats) == 1:
+            return next(iter(self.formats))
+        return ", ".join(f"{fmt} {n:,}" for fmt, n in sorted(self.formats.items()))
+
+    def _prompt_completion(self, record: dict) -> list[Segment]:
+        names = self.shape.columns.prompt or "prompt", self.shape.columns.completion or "completion"
+        prompt, completion = (record.get(name) for name in names)
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            extra = "" if self.shape.columns.prompt or self.shape.columns.completion else " (or 'messages')"
+            raise ValueError(f"expected string fields {names[0]!r} and {names[1]!r}{extra}")
+        return prompt_completion(prompt, completion, self.template.special_tokens.get("eos_token", ""))
+
+    def _messages(self, record: dict) -> list[Segment]:
+        name = self.shape.columns.messages or "messages"
+        if name not in record:
+            raise ValueError(f"expected a field {name!r} of chat messages")
+        return render_messages(chat_messages(record[name], name), self.template)
+
+    def _sharegpt(self, record: dict) -> list[Segment]:
+        name = self.shape.columns.messages or "conversations"
+        if name not in record:
+            raise ValueError(f"expected a field {name!r} of ShareGPT turns (from, value)")
+        return render_messages(chat_messages(record[name], name), self.template)
+
+    def _alpaca(self, record: dict) -> list[Segment]:
+        # a table (CSV, Parquet, a Hugging Face dataset) holds None where a record has no input
+        instruction, output = record.get("instruction"), record.get("output")
+        given = record.get("input") or ""
+        if not all(isinstance(v, str) for v in (instruction, given, output)):
+            raise ValueError("expected string fields 'instruction' and 'output' (and 'input', if any)")
+        template = ALPACA_PROMPT if given.strip() else ALPACA_PROMPT_NO_INPUT
+        prompt = template.format(instruction=instruction, input=given)
+        return prompt_completion(prompt, output, self.template.special_tokens.get("eos_token", ""))
+
+
+def chat_messages(value: object, name: str) -> object:
+    """A column of chat messages as {role, content} dicts: JSON text (a CSV cell) is decoded, and
+    ShareGPT turns ({from, value}) are renamed; anything else is left for `check_messages` to judge."""
+    if isinstance(value, str):
+        try:
+            value = loads(value)
+        except ValueError:
+            raise ValueError(f"{name!r} holds text that is not a JSON list of messages") from None
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "from" in m for m in value):
+        turns = []
+        for m in value:
+            role = SHAREGPT_ROLES.get(m.get("from"))
+            if role is None:
+                known = ", ".join(SHAREGPT_ROLES)
+                raise ValueError(f"{name!r}: unknown speaker {m.get('from')!r} (known: {known})")
+            turns.append({"role": role, "content": m.get("value")})
+        return turns
+    return value
+
+
+def read_examples(
+    path: Path, on_bad_line: str, template: ChatTemplate | None = None, *, shape: RecordShape | None = None
+) -> list[list[Segment]]:
+    """The examples of a record file (.jsonl, .json, .csv, .tsv, .parquet) as segments; bad records
+    raise or are skipped with a count.
 
     `template` renders `messages` lines and gives the eos_token that ends a completion
     (default: DEFAULT_CHAT_TEMPLATE without special tokens)."""
-    template = template or ChatTemplate(DEFAULT_CHAT_TEMPLATE)
-    return read_records(path, on_bad_line, lambda record: _parse_example(record, template))
+    parser = RecordParser(template or ChatTemplate(DEFAULT_CHAT_TEMPLATE), shape)
+    return read_records(path, on_bad_line, parser)
 
 
 def read_records(path: Path, on_bad_line: str, parse: Callable[[object], T]) -> list[T]:
-    """`parse` applied to each JSON line of a file; a line it refuses (ValueError) raises or is
+    """`parse` applied to each record of a file; a record it refuses (ValueError) raises or is
     skipped with a count."""
-    if not path.is_file():
-        raise LmforgeError(f"{path}: not found")
+    return parse_rows(read_rows(path), on_bad_line, parse, where=path)
+
+
+def parse_rows(
+    rows: Iterable[Row], on_bad_line: str, parse: Callable[[object], T], *, where: object
+) -> list[T]:
+    """`parse` applied to each row's record; a bad one raises naming its place, or is skipped with a count."""
     examples, skipped = [], 0
-    for line_no, raw in read_lines(path):
-        if not raw.strip():
-            continue
+    for row in rows:
         try:
-            examples.append(parse(loads(decode_line(raw))))
+            examples.append(parse(row.load()))
         except ValueError as exc:  # JSONDecodeError and invalid UTF-8 included
             if on_bad_line != "skip":
                 raise LmforgeError(
-                    f'{path}:{line_no}: {exc} (set data.on_bad_line = "skip" to skip such lines)'
+                    f'{row.where}: {exc} (set data.on_bad_line = "skip" to skip such records)'
                 ) from None
             skipped += 1
     if skipped:
-        logger.warning(f"{path}: skipped {skipped} bad line(s)")
+        logger.warning(f"{where}: skipped {skipped} bad line(s)")
     if not examples:
-        raise LmforgeError(f"{path}: no examples")
+        raise LmforgeError(f"{where}: no examples")
     return examples
-
-
-def _parse_example(record: object, template: ChatTemplate) -> list[Segment]:
-    if not isinstance(record, dict):
-        raise ValueError("expected a JSON object")
-    if "messages" in record:
-        segments = render_messages(record["messages"], template)
-    else:
-        prompt, completion = record.get("prompt"), record.get("completion")
-        if not isinstance(prompt, str) or not isinstance(completion, str):
-            raise ValueError("expected string fields 'prompt' and 'completion' (or 'messages')")
-        segments = prompt_completion(prompt, completion, template.special_tokens.get("eos_token", ""))
-    if not "".join(s.text for s in segments if s.assistant).strip():
-        raise ValueError("empty completion")
-    return segments
 
 
 @dataclass(frozen=True)
@@ -217,13 +342,55 @@ def collate(examples: list[Example], max_length: int | None = None) -> Batch:
     x = torch.zeros(len(examples), length, dtype=torch.long)
     y = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
-        ids = torch.tensor(e.ids, dtype=torch.long)
-        n = len(e.ids) - 1
-        x[row, :n] = ids[:-1]
-        y[row, :n] = ids[1:]
-        ignored = ~torch.tensor(e.trained[1:], dtype=torch.bool)  # position t predicts token t + 1
-        y[row, :n][ignored] = IGNORE_INDEX
+        _place(e, x[row], y[row], start=0)
     return x, y
+
+
+def _place(e: Example, x: torch.Tensor, y: torch.Tensor, *, start: int) -> int:
+    """Write example `e`'s inputs and targets into rows x, y from position `start`; returns its length."""
+    ids = torch.tensor(e.ids, dtype=torch.long)
+    n = len(e.ids) - 1
+    x[start : start + n] = ids[:-1]
+    target = ids[1:].clone()
+    target[~torch.tensor(e.trained[1:], dtype=torch.bool)] = IGNORE_INDEX  # position t predicts token t + 1
+    y[start : start + n] = target
+    return n
+
+
+def collate_packed(rows: list[list[Example]], max_length: int | None = None) -> PackedBatch:
+    """Rows of several examples each, end to end: the inputs and targets of `collate`, example by
+    example, and `documents`, the index in its row of the example each position belongs to (-1 on
+    padding); the model keeps attention within an example and restarts its positions (`GPT.forward`)."""
+    length = padded_length(max(sum(len(e.ids) - 1 for e in row) for row in rows), max_length)
+    x = torch.zeros(len(rows), length, dtype=torch.long)
+    y = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    documents = torch.full((len(rows), length), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for k, e in enumerate(row):
+            n = _place(e, x[r], y[r], start=start)
+            documents[r, start : start + n] = k
+            start += n
+    return x, y, documents
+
+
+def pack_rows(indices: list[int], sizes: list[int], capacity: int) -> list[list[int]]:
+    """Examples `indices` (of `sizes` positions each) packed into rows of `capacity` positions, best fit
+    decreasing: longest first, each into the fullest row that still has room for it."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: bisect finds the tightest fit
+    for i in sorted(indices, key=lambda i: -sizes[i]):
+        k = bisect.bisect_left(free, (sizes[i], -1))
+        if k == len(free):
+            rows.append([i])
+            room, row = capacity - sizes[i], len(rows) - 1
+        else:
+            room, row = free.pop(k)
+            rows[row].append(i)
+            room -= sizes[i]
+        if room > 0:
+            bisect.insort(free, (room, row))
+    return rows
 
 
 def collate_spans(examples: list[Example], max_length: int | None = None) -> Batch:
@@ -256,7 +423,9 @@ class ExampleBatches:
 
     Each epoch's random order is cut into pools of BUCKET_BATCHES batches; a pool is sorted by
     length and split into batches, and the batches are shuffled, so a batch holds examples of
-    similar length (little padding) while the epoch stays random.
+    similar length (little padding) while the epoch stays random. With `pack`, a pool's examples are
+    instead packed into rows of `max_length` positions (`pack_rows`), the rows shuffled, and a batch
+    is `batch_size` rows (`collate_packed`).
     """
 
     BUCKET_BATCHES = 50
@@ -269,64 +438,174 @@ class ExampleBatches:
         *,
         max_length: int | None = None,
         collate: Callable[[list[Example], int | None], Batch] = collate,
+        pack: bool = False,
     ) -> None:
+        if pack and max_length is None:
+            raise ValueError("packing needs max_length, the positions of a row")
         self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
-        self.collate = collate
+        self.collate, self.pack = collate, pack
         self.lengths = torch.tensor([len(e.ids) for e in examples])
         self.generator = torch.Generator().manual_seed(seed)
+        # packed: row r is examples order[bounds[r]:bounds[r + 1]]; else row r is example order[r]
+        self.bounds: torch.Tensor | None = None
         self.order = self._epoch_order()
         self.position, self.epoch = 0, 0
 
     def _epoch_order(self) -> torch.Tensor:
         order = torch.randperm(len(self.examples), generator=self.generator)
         pool = self.BUCKET_BATCHES * self.batch_size
+        if self.pack:
+            return self._packed_order(order.split(pool))
         pools = [chunk[self.lengths[chunk].argsort(stable=True)] for chunk in order.split(pool)]
         batches = torch.cat(pools).split(self.batch_size)
         shuffled = torch.randperm(len(batches), generator=self.generator)
         return torch.cat([batches[i] for i in shuffled.tolist()])
 
+    def _packed_order(self, pools: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The epoch's rows, packed pool by pool and shuffled; sets `bounds`."""
+        sizes = (self.lengths - 1).tolist()  # positions: an example of n ids has n - 1 targets
+        rows = [row for chunk in pools for row in pack_rows(chunk.tolist(), sizes, self.max_length)]
+        rows = [rows[i] for i in torch.randperm(len(rows), generator=self.generator).tolist()]
+        self.bounds = torch.tensor([0, *itertools.accumulate(len(row) for row in rows)])
+        return torch.tensor([i for row in rows for i in row], dtype=torch.long)
+
+    @property
+    def rows(self) -> int:
+        """Rows in this epoch: examples, or packed rows."""
+        return len(self.order) if self.bounds is None else len(self.bounds) - 1
+
     def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> Batch | PackedBatch:
         chosen = []
         while len(chosen) < self.batch_size:
-            if self.position == len(self.order):
+            if self.position == self.rows:
                 self.order = self._epoch_order()
                 self.position, self.epoch = 0, self.epoch + 1
-            chosen.append(self.examples[int(self.order[self.position])])
+            if self.bounds is None:
+                chosen.append(self.examples[int(self.order[self.position])])
+            else:
+                members = self.order[self.bounds[self.position] : self.bounds[self.position + 1]]
+                chosen.append([self.examples[i] for i in members.tolist()])
             self.position += 1
+        if self.pack:
+            return collate_packed(chosen, self.max_length)
         return self.collate(chosen, self.max_length)
 
     def state_dict(self) -> dict[str, Any]:
         """The generator, this epoch's order and the position in it: enough to resume exactly."""
-        return {
+        state = {
             "generator": self.generator.get_state(),
             "order": self.order,
             "position": self.position,
             "epoch": self.epoch,
         }
+        if self.bounds is not None:
+            state["bounds"] = self.bounds
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a `state_dict`."""
+        if ("bounds" in state) != self.pack:
+            raise LmforgeError("the checkpoint's batches were drawn with another data.pack; resume with it")
         self.generator.set_state(state["generator"])
         self.order, self.position, self.epoch = state["order"], int(state["position"]), int(state["epoch"])
+        self.bounds = state.get("bounds")
+
+
+@dataclass(frozen=True)
+class RecordSource:
+    """Where one split's records come from: a name for messages, and the rows."""
+
+    name: str
+    rows: Callable[[], Iterable[Row]]
+
+
+def record_sources(directory: Path, data: DataConfig) -> tuple[RecordSource, RecordSource | None]:
+    """The train records and the val records (None: carve them from train) of data.hf, of a single
+    file, or of a folder's train.* and val.* files."""
+    if data.hf:
+        train = RecordSource(
+            f"{data.hf}[{data.hf_split}]",
+            lambda: hf_rows(data.hf, split=data.hf_split, config=data.hf_config),
+        )
+        if not data.hf_val_split:
+            return train, None
+        return train, RecordSource(
+            f"{data.hf}[{data.hf_val_split}]",
+            lambda: hf_rows(data.hf, split=data.hf_val_split, config=data.hf_config),
+        )
+    if directory.is_file():
+        if file_type(directory) is None:
+            raise LmforgeError(
+                f"{directory}: unknown file type {directory.suffix!r} for fine-tuning data "
+                f"(expected {', '.join(FILE_TYPES)})"
+            )
+        return RecordSource(str(directory), lambda: read_rows(directory)), None
+    if not directory.is_dir():
+        raise LmforgeError(f"{directory}: not found (data.dir: a folder with train.* files, or one file)")
+    train, val = _split_file(directory, "train"), _split_file(directory, "val")
+    if train is None:
+        raise LmforgeError(f"{directory}: no train file ({', '.join('train' + ext for ext in FILE_TYPES)})")
+    scored = _split_file(directory, "eval")
+    if val is None and scored is not None:
+        raise LmforgeError(
+            f"{directory}: no val file; fine-tuning selects checkpoints on val.*, never on the scored "
+            f"{scored.name} (`lmforge tasks prepare` writes both)"
+        )
+    return RecordSource(str(train), lambda: read_rows(train)), (
+        None if val is None else RecordSource(str(val), lambda: read_rows(val))
+    )
+
+
+def is_fine_tuning_data(path: Path) -> bool:
+    """Whether `path` holds fine-tuning records (a record file, or a folder with train.* or val.* ones)
+    rather than the token shards of `lmforge prepare`."""
+    if path.is_file():
+        return file_type(path) is not None
+    return not (path / "meta.json").is_file() and any(
+        (path / f"{split}{ext}").is_file() for split in ("train", "val") for ext in FILE_TYPES
+    )
+
+
+def _split_file(directory: Path, split: str) -> Path | None:
+    """The one `split`.EXT record file of a folder, if any."""
+    found = [directory / f"{split}{ext}" for ext in FILE_TYPES if (directory / f"{split}{ext}").is_file()]
+    if len(found) > 1:
+        raise LmforgeError(f"{directory}: both {found[0].name} and {found[1].name}; keep one {split} file")
+    return found[0] if found else None
+
+
+def carve_val(examples: list[T], fraction: float, seed: int, *, where: str) -> tuple[list[T], list[T]]:
+    """A seeded choice of round(fraction x n) examples (at least one) as val, the rest train, both in
+    their original order."""
+    if len(examples) < 2:
+        raise LmforgeError(f"{where}: one example is too few to hold out a validation split (add a val file)")
+    n_val = min(max(1, round(len(examples) * fraction)), len(examples) - 1)
+    chosen = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed))[:n_val]
+    is_val = set(chosen.tolist())
+    train = [e for i, e in enumerate(examples) if i not in is_val]
+    return train, [e for i, e in enumerate(examples) if i in is_val]
 
 
 class SFTData:
-    """`train.jsonl` and `val.jsonl` of a folder, tokenized with a given tokenizer.json.
+    """Fine-tuning examples, tokenized with a given tokenizer.json: a folder's train.* and val.* files
+    (JSONL, JSON, CSV, TSV or Parquet), a single file, or a Hugging Face dataset (data.hf).
 
-    Satisfies `TrainingData` (lmforge.data.protocol); val.jsonl is its held-out "val" split, on which
-    checkpoints are chosen and early stopping decides. The scored split (eval.jsonl) is never read
-    here: only `lmforge eval --task` reads it.
+    Satisfies `TrainingData` (lmforge.data.protocol); the val examples (val.*, data.hf_val_split, else
+    carved from train by data.val_fraction and data.val_seed) are its held-out "val" split, on which
+    checkpoints are chosen and early stopping decides. The scored split (eval.*) is never read here:
+    only `lmforge eval --task` reads it. `summary` says what was read, in which format.
     """
 
     dir: Path
     tokenizer_file: Path
     chat_template: ChatTemplate  # renders `messages` lines; saved with the run's checkpoints
     vocab_size: int
-    train: list[Example]  # empty when opened eval_only
+    train: list[Example]  # empty when opened eval_only (unless val is carved from train)
     val: list[Example]
+    summary: str  # one line: the sources, the examples of each split and their format
 
     def __init__(
         self,
@@ -338,44 +617,59 @@ class SFTData:
         eval_only: bool = False,
         chat_template: ChatTemplate | None = None,
         head: str = "lm",
+        data: DataConfig | None = None,
     ) -> None:
-        self.dir, self.tokenizer_file = directory, tokenizer_file
+        data = data or DataConfig()
+        self.dir, self.tokenizer_file = Path(data.hf) if data.hf else directory, tokenizer_file
         # the batch rule of the model's head (model.head): a span head's locates each completion in its
         # prompt (`tokenize_spans`, `collate_spans`)
-        self.spans = head == "span"
+        self.spans, self.pack = head == "span", data.pack
         self.collate = collate_spans if self.spans else collate
         tokenizer = load_tokenizer(tokenizer_file)
         self.chat_template = chat_template or ChatTemplate.default(tokenizer)
         self.vocab_size = vocab_size(tokenizer)
+        parser = RecordParser(self.chat_template, RecordShape(data.format, data.columns))
+        parse = parse_answer_span if self.spans else parser
+        train_source, val_source = record_sources(directory, data)
+        train = [] if eval_only and val_source else self._records(train_source, parse, on_bad_line)
+        if val_source is None:
+            train, val = carve_val(train, data.val_fraction, data.val_seed, where=train_source.name)
+            held_out = (
+                f"carved from train (data.val_fraction {data.val_fraction:g}, data.val_seed {data.val_seed})"
+            )
+        else:
+            val, held_out = self._records(val_source, parse, on_bad_line), f"from {val_source.name}"
         self.train = (
-            []
-            if eval_only
-            else self._read(directory / "train.jsonl", tokenizer, block_size, on_bad_line=on_bad_line)
+            [] if eval_only else self._tokenize(train, tokenizer, block_size, where=train_source.name)
         )
-        if not (directory / "val.jsonl").is_file() and (directory / "eval.jsonl").is_file():
-            raise LmforgeError(
-                f"{directory / 'val.jsonl'}: not found; fine-tuning selects checkpoints on val.jsonl, "
-                "never on the scored eval.jsonl (`lmforge tasks prepare` writes both)"
-            )
-        self.val = self._read(directory / "val.jsonl", tokenizer, block_size, on_bad_line=on_bad_line)
+        self.val = self._tokenize(val, tokenizer, block_size, where=(val_source or train_source).name)
+        formats = "prompt_completion spans" if self.spans else parser.describe()
+        self.summary = (
+            f"fine-tuning data: {len(self.train):,} train examples from {train_source.name} ({formats}), "
+            f"{len(self.val):,} val {held_out}{'; packed (data.pack)' if self.pack else ''}"
+        )
 
-    def _read(self, path: Path, tokenizer: Tokenizer, block_size: int, *, on_bad_line: str) -> list[Example]:
+    @staticmethod
+    def _records(source: RecordSource, parse: Callable[[object], T], on_bad_line: str) -> list[T]:
+        return parse_rows(source.rows(), on_bad_line, parse, where=source.name)
+
+    def _tokenize(self, records: list, tokenizer: Tokenizer, block_size: int, *, where: str) -> list[Example]:
         if self.spans:
-            return tokenize_spans(
-                read_records(path, on_bad_line, parse_answer_span), tokenizer, block_size, where=path
-            )
-        examples = read_examples(path, on_bad_line, self.chat_template)
-        return tokenize_examples(examples, tokenizer, block_size + 1, where=path)
+            return tokenize_spans(records, tokenizer, block_size, where=where)
+        return tokenize_examples(records, tokenizer, block_size + 1, where=where)
 
     def train_batches(self, block_size: int, batch_size: int, seed: int) -> ExampleBatches:
-        """The train examples, reshuffled every epoch, padded to at most `block_size`."""
-        return ExampleBatches(self.train, batch_size, seed, max_length=block_size, collate=self.collate)
+        """The train examples, reshuffled every epoch, padded to at most `block_size`, or packed into
+        rows of `block_size` positions (data.pack)."""
+        return ExampleBatches(
+            self.train, batch_size, seed, max_length=block_size, collate=self.collate, pack=self.pack
+        )
 
     def bytes_per_token(self, split: str = "val") -> float | None:
         """Always None: completion bytes are not tracked, so fine-tuning data has no bits-per-byte."""
         return None
 
     def eval_batches(self, block_size: int, batch_size: int) -> Iterator[Batch]:
-        """The val examples in file order, `batch_size` at a time."""
+        """The val examples in file order, `batch_size` at a time (never packed: one example per row)."""
         for start in range(0, len(self.val), batch_size):
             yield self.collate(self.val[start : start + batch_size], block_size)

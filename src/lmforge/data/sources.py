@@ -1,8 +1,10 @@
 """Where text comes from: files, folders and named datasets, read as a stream of documents.
 
 A corpus is a sorted list of files. Each `.txt`/`.md`/`.raw`/`.text` file is one document;
-each line of a `.jsonl` file is one document (its `text` field); a named dataset may hold many
-documents per file, each ended by a separator line, and may come split into train and val files.
+each record of a `.jsonl`, `.json`, `.csv`, `.tsv` or `.parquet` file is one document (its `text`
+column, or the one `--text-column` names), as is each record of a Hugging Face dataset streamed with
+`hf:NAME`; a named dataset may hold many documents per file, each ended by a separator line, and may
+come split into train and val files. Any other file type is refused unless `--format` says how to read it.
 Documents are read in chunks of about `CHUNK_BYTES`, cut after a newline where possible (gzipped
 files are decompressed on the fly), so memory stays bounded whatever the size of a file.
 """
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from lmforge.data.records import FILE_TYPES, Row, hf_rows, read_rows
 from lmforge.errors import LmforgeError
 from lmforge.files import cache_dir, file_sha256
 from lmforge.jsonl import decode_line, loads, read_lines
@@ -37,6 +40,11 @@ DEFAULT_DOWNLOAD_TIMEOUT_S = 600.0  # a whole download; TinyShakespeare (1 MB) n
 DOWNLOAD_BLOCK_BYTES = 1 << 16
 TEXT_SUFFIXES = (".txt", ".md", ".raw", ".text")
 JSONL_SUFFIXES = (".jsonl",)
+RECORD_SUFFIXES = tuple(FILE_TYPES)  # one document per record: .jsonl, .json, .csv, .tsv, .parquet
+# How `prepare --format` reads INPUT: auto (by each file's suffix), text, or one record file type
+INPUT_FORMATS = ("auto", "text", *FILE_TYPES.values())
+HF_PREFIX = "hf:"  # INPUT "hf:org/name" (or hf:PATH): a Hugging Face dataset, streamed
+DEFAULT_TEXT_COLUMN = "text"
 
 
 @dataclass(frozen=True)
@@ -247,12 +255,15 @@ class Document:
     path: Path
     line: int | None = None  # for a document of a .jsonl file: its line
     split: str | None = None  # "train"/"val" when the corpus comes split
+    label: str | None = None  # a record's place ("file:line", "file: row N"), for messages
 
     def __iter__(self) -> Iterator[str]:
         return self.chunks
 
     def where(self, offset: int) -> tuple[str, str]:
         """(file, position) of character `offset` of the document, for messages."""
+        if self.label is not None:
+            return self.label, f"at character {offset:,} of its text"
         if self.line is None:
             return str(self.path), f"at character {offset:,}"
         return f"{self.path}:{self.line}", f"at character {offset:,} of its text"
@@ -267,6 +278,9 @@ class Corpus:
     invalid_utf8: str = "error"  # "error" or "replace"
     file_splits: tuple[str | None, ...] = ()  # per file, for a corpus that comes split: "train" or "val"
     document_end: str | None = None  # a line that ends each document inside a file (named datasets)
+    format: str = "auto"  # how each file is read (INPUT_FORMATS); auto: by its suffix
+    text_column: str = DEFAULT_TEXT_COLUMN  # the column of record files that holds the text
+    hf: HFSource | None = None  # a Hugging Face dataset, streamed (no files)
 
     @property
     def given_split(self) -> bool:
@@ -275,13 +289,17 @@ class Corpus:
 
     @property
     def total_bytes(self) -> int | None:
-        """Size of all files on disk, for progress bars; None when gzipped (the text is larger)."""
-        if any(f.suffix == ".gz" for f in self.files):
+        """Size of all files on disk, for progress bars; None when gzipped (the text is larger) or streamed
+        (hf:NAME)."""
+        if not self.files or any(f.suffix == ".gz" for f in self.files):
             return None
         return sum(f.stat().st_size for f in self.files)
 
-    def sha256(self) -> str:
-        """sha256 of a single file; for several, of the list of (relative path, file sha256)."""
+    def sha256(self) -> str | None:
+        """sha256 of a single file; for several, of the list of (relative path, file sha256); None for a
+        Hugging Face dataset (its files are the library's)."""
+        if not self.files:
+            return None
         if len(self.files) == 1:
             return file_sha256(self.files[0])
         root = Path(os.path.commonpath([f.parent for f in self.files]))
@@ -290,25 +308,47 @@ class Corpus:
 
     def documents(self) -> Iterator[Document]:
         """Yield each document, an iterable of non-empty text chunks."""
+        if self.hf is not None:
+            yield from _record_documents(self.hf.rows(), self.text_column, where=self.source)
+            return
         splits = self.file_splits or (None,) * len(self.files)
         for path, split in zip(self.files, splits):
-            if path.suffix in JSONL_SUFFIXES:
+            kind = self.format if self.format != "auto" else input_kind(path)
+            if kind == "jsonl" and self.text_column == DEFAULT_TEXT_COLUMN:
                 yield from _jsonl_documents(path, self.invalid_utf8)
+            elif kind != "text":
+                rows = read_rows(path, invalid_utf8=self.invalid_utf8, kind=kind)
+                yield from _record_documents(rows, self.text_column, where=path)
             elif self.document_end is not None:
                 yield from _separated_documents(path, self.invalid_utf8, self.document_end, split=split)
             else:
                 yield Document(_text_chunks(path, self.invalid_utf8), path, split=split)
 
 
-def open_corpus(spec: str, invalid_utf8: str = "error") -> Corpus:
-    """Turn the INPUT argument (file, folder or dataset name) into a Corpus."""
+def open_corpus(
+    spec: str, invalid_utf8: str = "error", *, input_format: str = "auto", text_column: str | None = None
+) -> Corpus:
+    """Turn the INPUT argument (file, folder, dataset name or hf:NAME) into a Corpus; `input_format`
+    (prepare's --format) says how to read its files, `text_column` which column of records is the text."""
+    column = text_column or DEFAULT_TEXT_COLUMN
     path = Path(spec).expanduser()
+    if spec.startswith(HF_PREFIX):
+        return Corpus(spec, (), invalid_utf8, text_column=column, hf=HFSource.parse(spec))
     if path.is_file():
+        if input_format == "auto":
+            input_kind(path, refuse=True)
         files: tuple[Path, ...] = (path.resolve(),)
         source = str(path.resolve())
     elif path.is_dir():
-        suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
-        files = tuple(sorted(p.resolve() for p in path.rglob("*") if p.is_file() and p.suffix in suffixes))
+        suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
+        files = tuple(
+            sorted(
+                p.resolve()
+                for p in path.rglob("*")
+                if p.is_file()
+                and (p.suffix in suffixes if input_format == "auto" else _of_format(p, input_format))
+            )
+        )
         if not files:
             raise LmforgeError(f"{path}: no {', '.join(suffixes)} files in this folder")
         source = str(path.resolve())
@@ -320,10 +360,80 @@ def open_corpus(spec: str, invalid_utf8: str = "error") -> Corpus:
         raise LmforgeError(f"{spec}: no such file or folder")
     else:
         known = ", ".join(sorted(NAMED_DATASETS))
-        raise LmforgeError(f"{spec!r} is neither a file, a folder nor a known dataset ({known})")
+        raise LmforgeError(
+            f"{spec!r} is neither a file, a folder nor a known dataset ({known}); "
+            "a Hugging Face dataset is hf:NAME"
+        )
     if sum(f.stat().st_size for f in files) == 0:
         raise LmforgeError(f"{spec}: input is empty")
-    return Corpus(source=source, files=files, invalid_utf8=invalid_utf8)
+    return Corpus(
+        source=source, files=files, invalid_utf8=invalid_utf8, format=input_format, text_column=column
+    )
+
+
+def _of_format(path: Path, input_format: str) -> bool:
+    """Whether a folder's file is read under --format: text reads text files, a record type its own."""
+    if input_format == "text":
+        return path.suffix in TEXT_SUFFIXES
+    return FILE_TYPES.get(path.suffix.lower()) == input_format
+
+
+def input_kind(path: Path, *, refuse: bool = False) -> str:
+    """How a file is read by its suffix: "text" (also gzipped text, e.g. .txt.gz) or a record file type.
+    A file of another type (a .gz of records included) is an error naming --format."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    if path.suffix.lower() in FILE_TYPES:
+        return FILE_TYPES[path.suffix.lower()]
+    if path.suffix in TEXT_SUFFIXES or (suffixes[-1:] == [".gz"] and suffixes[0] in TEXT_SUFFIXES):
+        return "text"
+    if suffixes[-1:] == [".gz"] and suffixes[0] in FILE_TYPES:
+        raise LmforgeError(
+            f"{path}: compressed {suffixes[0]} records are not read; decompress the file (or give "
+            "--format text to read it as plain text)"
+        )
+    kinds = "|".join(INPUT_FORMATS[1:])
+    raise LmforgeError(
+        f"{path}: unknown file type {path.suffix or '(none)'!r}; give --format {kinds} to say how to read "
+        "it (records take --text-column)"
+    )
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """INPUT hf:NAME[:CONFIG][@SPLIT]: a Hugging Face dataset (hub id or local folder), streamed."""
+
+    name: str
+    split: str = "train"
+    config: str = ""
+
+    @classmethod
+    def parse(cls, spec: str) -> HFSource:
+        rest, _, split = spec[len(HF_PREFIX) :].partition("@")
+        name, _, config = rest.partition(":")
+        if not name:
+            raise LmforgeError(f"{spec}: expected hf:ORG/NAME, hf:ORG/NAME:CONFIG or hf:ORG/NAME@SPLIT")
+        return cls(name, split or "train", config)
+
+    def rows(self) -> Iterator[Row]:
+        """The split's records, one at a time (streamed: memory stays bounded)."""
+        return hf_rows(self.name, split=self.split, config=self.config, streaming=True)
+
+
+def _record_documents(rows: Iterator[Row], column: str, *, where: object) -> Iterator[Document]:
+    """One document per record: its `column` text (an empty text is no document)."""
+    for row in rows:
+        try:
+            record = row.load()
+        except ValueError as exc:
+            raise LmforgeError(f"{row.where}: {exc}") from None
+        text = record.get(column) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            found = ", ".join(repr(k) for k in list(record)[:8]) if isinstance(record, dict) else "no columns"
+            raise LmforgeError(
+                f"{row.where}: no text column {column!r} (name it with --text-column; found {found})"
+            )
+        if text:
+            yield Document(iter((text,)), Path(str(where)), split=None, label=row.where)
 
 
 def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.data.loader import PreparedData
-from lmforge.data.sft import SFTData
+from lmforge.data.sft import SFTData, is_fine_tuning_data
 from lmforge.data.tokenizer import check_same_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.inference import InferenceSession, ModelSource
@@ -140,8 +141,9 @@ def write_predictions(path: Path, lines: list[dict]) -> None:
 
 def _lm_loss(session: InferenceSession, data_dir: Path, batch_size: int) -> LMEval:
     architecture = session.config.model
-    if (data_dir / "val.jsonl").is_file() and not (data_dir / "meta.json").is_file():
-        # Fine-tuning data: the loss of val.jsonl's completions, with the checkpoint's own tokenizer.
+    if is_fine_tuning_data(data_dir):
+        # Fine-tuning data: the loss of the val examples' completions, with the checkpoint's own
+        # tokenizer, read as the run read its data (data.format, data.columns, the val split's seed)
         data = SFTData(
             data_dir,
             session.tokenizer_file,
@@ -149,6 +151,7 @@ def _lm_loss(session: InferenceSession, data_dir: Path, batch_size: int) -> LMEv
             eval_only=True,
             chat_template=session.template,
             head=architecture.head,
+            data=dataclasses.replace(session.config.data, dir=str(data_dir), hf="", pack=False),
         )
     elif architecture.head != "lm":
         raise LmforgeError(

@@ -238,7 +238,9 @@ class Attention(nn.Module):
         *,
         visible: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """visible: (B, 1, 1, T), the keys that bidirectional attention may see (not padding)."""
+        """visible: the keys each query may see, broadcast to (B, heads, T, T): for bidirectional
+        attention (B, 1, 1, T), all but padding; for packed rows (B, 1, T, T), causal within each example.
+        None: plain causal (or, for bidirectional attention, full) attention."""
         B, T, _ = x.shape  # (B, T, d_model)
         # q: (B, T, n_head, head_dim); k, v: (B, T, n_kv_head, head_dim)
         q, k, v = (
@@ -396,6 +398,7 @@ class GPT(nn.Module):
         *,
         only_targets: bool = False,
         matched: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
     ) -> HeadOutput:
         """idx: [B, T] token ids. Returns the head's (logits, loss), the loss None without `targets`:
         next-token logits [B, T, V] and their mean cross-entropy, or with a span head start and end
@@ -403,8 +406,12 @@ class GPT(nn.Module):
 
         `matched` [B, T] (bool) marks the context tokens whose word the question holds, the input of
         a model.word_match model when there are no targets; in training their SPAN_MATCH flags say it.
+
+        `documents` [B, T] (int) makes each row several sequences packed end to end (data.pack): the
+        index of the sequence each position belongs to. Attention stays within a sequence and positions
+        restart at each, so every sequence is computed as it would be alone.
         """
-        x = self.residual_stream(idx, targets, cache=cache, matched=matched)  # (B, T, d_model)
+        x = self.residual_stream(idx, targets, cache=cache, matched=matched, documents=documents)
         # the head picks the positions it scores, and reads them through the final norm
         return self.output_head.output(x, targets, norm=self.norm, only_targets=only_targets)
 
@@ -415,23 +422,31 @@ class GPT(nn.Module):
         *,
         cache: KVCache | None = None,
         matched: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The body's output (B, T, d_model): the embeddings through every block, before the final norm.
         A span model's targets mark the padding that bidirectional attention must not see, and the
-        word-match input."""
+        word-match input; `documents` the packed sequences of each row (see `forward`)."""
         T = idx.size(1)
         cached = cache.step(T, idx.device) if cache is not None else None
         if (end := cached.end if cached is not None else T) > self.config.block_size:
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
-        x = self.drop(self.embed_inputs(idx, cached, targets, matched=matched))  # (B, T, d_model)
+        if documents is not None and cached is not None:
+            raise ValueError("packed sequences (documents) are for training; a KV cache holds one per row")
+        positions = cached.positions if cached is not None else 0
+        if documents is not None:
+            positions = document_positions(documents)  # (B, T): each sequence's own, from 0
+        x = self.drop(self.embed_inputs(idx, positions, targets, matched=matched))  # (B, T, d_model)
         rope = None
         if self.rotary is not None:
-            rope = self.rotary.tables(cached.positions if cached is not None else 0, T)
-        visible = self.visible_keys(targets)
+            rope = self.rotary.tables(positions, T)
+        visible = self.visible_keys(targets) if documents is None else document_mask(documents)
         if self.config.sliding_window is not None:
-            cached, visible = windowed(
-                cached, visible, T=T, window=self.config.sliding_window, device=idx.device
+            cached, in_window = windowed(
+                cached, None, T=T, window=self.config.sliding_window, device=idx.device
             )
+            if in_window is not None:  # no cache: the window is a mask of its own, with the documents'
+                visible = in_window if visible is None else visible & in_window
         for block in self.blocks:
             x = block(x, rope, cached, visible=visible)
         if cache is not None:
@@ -452,16 +467,16 @@ class GPT(nn.Module):
     def embed_inputs(
         self,
         idx: torch.Tensor,
-        cached: CacheStep | None,
+        positions: int | torch.Tensor,
         targets: torch.Tensor | None,
         *,
         matched: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The first residual stream (B, T, d_model): token embeddings, plus learned positions and
-        the word-match vector where the model has them."""
+        """The first residual stream (B, T, d_model): token embeddings, plus learned positions (those
+        from the int `positions` on, or each row's own (B, T)) and the word-match vector where the
+        model has them."""
         x = self.embed(idx)  # (B, T, d_model)
         if self.pos_embed is not None:  # (T, d_model) broadcast over the batch, or (B, T, d_model)
-            positions = cached.positions if cached is not None else 0
             if isinstance(positions, int):
                 positions = torch.arange(positions, positions + idx.size(1), device=idx.device)  # (T,)
             if self.per_sample_positions and positions.dim() == 1:
@@ -512,6 +527,22 @@ class GPT(nn.Module):
             head_flops = 0
         attention = 3 * attention_flops(self.config, seq_len) * tokens  # backward: twice the forward
         return per_token * tokens + head_flops + attention
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T): each position's offset from the start of its packed sequence (`documents` (B, T))."""
+    t = torch.arange(documents.size(1), device=documents.device).expand_as(documents)  # (B, T)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values  # minus the last start at or before t
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T): query t sees key s <= t of its own packed sequence only; broadcast over heads.
+    A query always sees itself, so no row of the mask is empty (padding is a sequence of its own)."""
+    same = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
+    T = documents.size(1)
+    return (same & torch.ones(T, T, dtype=torch.bool, device=documents.device).tril())[:, None]
 
 
 def attention_flops(model: ModelConfig, seq_len: int) -> int:

@@ -54,23 +54,26 @@ class Distributed:
         return self.rank == 0
 
     def shard(
-        self, x: torch.Tensor, y: torch.Tensor, *, per_row: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """This rank's rows of a global micro-batch, and the factor that turns its mean loss into
-        its part of the global mean (x world, as gradients are averaged over ranks).
+        self, batch: tuple[torch.Tensor, ...], *, per_row: bool = False
+    ) -> tuple[tuple[torch.Tensor, ...], float]:
+        """This rank's rows of a global micro-batch (x, y, and a packed batch's documents), and the
+        factor that turns its mean loss into its part of the global mean (x world, as gradients are
+        averaged over ranks).
 
         The factor is (this rank's scored targets x world) / (all scored targets): exactly 1 for
         token windows; padded fine-tuning batches score different numbers of tokens per row. A
         loss that is a mean `per_row` (a span head's) weighs every rank's equal share of rows alike.
         """
         if self.world == 1:
-            return x, y, 1.0
-        rows = x.size(0) // self.world
+            return batch, 1.0
+        y = batch[1]
+        rows = y.size(0) // self.world
         mine = slice(self.rank * rows, (self.rank + 1) * rows)
+        shard = tuple(t[mine] for t in batch)
         if per_row:
-            return x[mine], y[mine], 1.0
+            return shard, 1.0
         scored, total = int((y[mine] != IGNORE_INDEX).sum()), int((y != IGNORE_INDEX).sum())
-        return x[mine], y[mine], scored * self.world / max(total, 1)
+        return shard, scored * self.world / max(total, 1)
 
     @contextlib.contextmanager
     def gradient_sync(self, model: nn.Module, enabled: bool) -> Iterator[None]:

@@ -282,7 +282,7 @@ def open_data(
 ) -> TrainingData:
     """Open the configured data, checking that it holds more than model.block_size tokens."""
     model = config.model
-    if not config.data.dir:
+    if not config.data.dir and not (config.data.kind == "sft" and config.data.hf):
         raise LmforgeError(
             "data.dir is not set (a folder written by `lmforge prepare` or `lmforge tasks prepare`)"
         )
@@ -299,6 +299,7 @@ def open_data(
             on_bad_line=config.data.on_bad_line,
             chat_template=chat_template,
             head=model.head,
+            data=config.data,
         )
     else:
         data = _open_tokens(config.data.dir, model.block_size)

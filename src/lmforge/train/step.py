@@ -77,16 +77,19 @@ class Stepper:
         tokens, flops = 0, 0.0
         accum, only_targets = self.settings.grad_accum_steps, self.settings.only_targets
         for micro in range(accum):
-            x, y = next(batches)
+            batch = next(batches)  # (x, y), or (x, y, documents) of packed rows (data.pack)
+            x, y = batch[0], batch[1]
             tokens += x.numel()  # padded fine-tuning batches vary in length
             if self.count_flops is not None:  # counted on the host batch: no device sync
                 rows = head_rows(y, self.dist.world) if only_targets else None
                 flops += self.count_flops(x.size(0), x.size(1), rows)
-            x, y, share = self.dist.shard(x, y, per_row=self.settings.loss_per_row)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            batch, share = self.dist.shard(batch, per_row=self.settings.loss_per_row)
+            x, y, *packed = (t.to(self.device, non_blocking=True) for t in batch)
+            # passed only when packed, so the usual call (and a compiled graph of it) stays as it was
+            documents = {"documents": packed[0]} if packed else {}
             with self.dist.gradient_sync(self.model, micro == accum - 1):
                 with self.amp:
-                    _, loss = self.forward(x, y, only_targets=only_targets)
+                    _, loss = self.forward(x, y, only_targets=only_targets, **documents)
                 if share != 1.0:  # this rank's part of the global mean (see Distributed.shard)
                     loss = loss * share
                 self.scaler.scale(loss / accum).backward()

@@ -108,6 +108,8 @@ def train_loop(run: Run) -> TrainSummary:
             f"training on {run.device} in {t.dtype}, {run.state.module.num_params():,} parameters; "
             f"{run.peak.name} against {format_flops(run.peak.flops)} ({run.peak.source})"
         )
+        if summary := getattr(run.data, "summary", None):  # fine-tuning data: what was read, in which format
+            monitor.say(summary)
         while progress.step < t.max_steps:
             monitor.step(train_step(run, guard))
             val_loss = None
