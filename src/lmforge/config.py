@@ -59,17 +59,40 @@ class ModelConfig:
     n_layer: int = 4  # Transformer blocks
     n_head: int = 4  # query heads; d_model must be divisible by it
     n_kv_head: int | None = None  # < n_head for GQA, 1 for MQA; None means n_head
+    # channels of each attention head; None: d_model / n_head (Gemma's heads are wider: 256)
+    head_dim: int | None = None
     d_model: int = 128  # width of the residual stream and of the embeddings
     block_size: int = 64  # context length in tokens: the longest sequence the model takes
     vocab_size: int | None = None  # None: taken from the prepared data
     position: Literal["learned", "rope"] = "learned"  # learned embeddings (GPT-2) or rotary (Llama)
     rope_theta: float = 10000.0  # rope: base of the rotation frequencies
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # of every block and before the head
+    rope_local_theta: float | None = None  # rope: base of the sliding-window layers; None: rope_theta
+    # rope: positions divided by this in the layers that use rope_theta (linear scaling, as Gemma 3's
+    # larger models do on their global layers); 1: none
+    rope_linear_factor: float = 1.0
+    # of every block and before the head; rmsnorm1p: RMSNorm scaling by (1 + weight), computed in fp32
+    # whatever the activations' dtype, its weight starting at 0 (Gemma)
+    norm: Literal["layernorm", "rmsnorm", "rmsnorm1p"] = "layernorm"
     norm_eps: float = 1e-5  # added to the variance in every norm, for stability
-    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"  # gelu_tanh: GPT-2's approximation
-    # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
+    # gelu_tanh: GPT-2's approximation; geglu: gelu_tanh(gate) x up, gated as swiglu is (Gemma)
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "geglu", "relu2"] = "gelu"
+    # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu, geglu)
     mlp_hidden: int | None = None
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3)
+    # a norm also on each attention and MLP output, before it joins the residual stream (Gemma 2, 3)
+    post_norms: bool = False
+    embed_scale: bool = False  # token embeddings times sqrt(d_model), in their own dtype (Gemma)
+    # attention scores scaled by 1 / sqrt(this) rather than 1 / sqrt(head_dim); None: head_dim
+    # (Gemma's query_pre_attn_scalar)
+    attn_scale_dim: int | None = None
+    # attention scores = cap * tanh(scores / cap) before the softmax (Gemma 2); None: no cap. Set,
+    # attention runs on explicit matrices, not the fused kernel: slower, memory quadratic in length
+    attn_softcap: float | None = None
+    # local attention: each query sees only the latest this many positions, its own included; None: all
+    sliding_window: int | None = None
+    # with sliding_window: every Nth layer (the Nth, 2Nth, ...) still sees every position, as Gemma 2
+    # (2) and Gemma 3 (6) alternate local and global layers; 0: every layer is local
+    global_every: int = 0
     tie_embeddings: bool = True  # the head reuses the input embedding's weights
     bias: bool = True  # biases in the blocks' Linear layers and LayerNorms (the head never has one)
     dropout: float = 0.0  # probability, on embeddings, residual branches and attention; 0: none
@@ -413,9 +436,9 @@ def _validate_model(m: ModelConfig, need: Need) -> None:
     )
     need(m.rope_theta > 0, "model.rope_theta", "must be positive")
     need(
-        m.d_model % m.n_head == 0,
+        m.head_dim is not None or m.d_model % m.n_head == 0,
         "model.d_model",
-        f"({m.d_model}) must be divisible by model.n_head ({m.n_head})",
+        f"({m.d_model}) must be divisible by model.n_head ({m.n_head}) unless model.head_dim is set",
     )
     if m.n_kv_head is not None:
         need(m.n_kv_head > 0, "model.n_kv_head", "must be positive")
@@ -424,13 +447,38 @@ def _validate_model(m: ModelConfig, need: Need) -> None:
             "model.n_head",
             f"({m.n_head}) must be divisible by model.n_kv_head ({m.n_kv_head})",
         )
-    if m.position == "rope":
+    if m.position == "rope" and m.head_dim is None:
         need((m.d_model // m.n_head) % 2 == 0, "model.d_model", "/ n_head must be even for rope")
+    if m.position == "rope" and m.head_dim is not None:
+        need(m.head_dim % 2 == 0, "model.head_dim", "must be even for rope")
     need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", "must be positive")
     need(m.mlp_hidden is None or m.mlp_hidden > 0, "model.mlp_hidden", "must be positive")
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     need(m.norm_eps > 0, "model.norm_eps", "must be positive")
     need(m.logit_softcap is None or m.logit_softcap > 0, "model.logit_softcap", "must be positive")
+    _validate_attention(m, need)
+
+
+def _validate_attention(m: ModelConfig, need: Need) -> None:
+    """The options of attention's heads, scores, positions and layers (head_dim and after)."""
+    if m.head_dim is not None:
+        need(m.head_dim > 0, "model.head_dim", "must be positive")
+    for key in ("rope_local_theta", "attn_scale_dim", "attn_softcap", "sliding_window"):
+        need(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key}", "must be positive")
+    need(m.rope_linear_factor >= 1, "model.rope_linear_factor", "must be >= 1 (1: no scaling)")
+    need(m.global_every >= 0, "model.global_every", "must be >= 0 (0: every layer is local)")
+    if m.position != "rope":
+        for key, unset in (("rope_local_theta", None), ("rope_linear_factor", 1.0)):
+            need(getattr(m, key) == unset, f"model.{key}", 'needs model.position = "rope"')
+    if m.sliding_window is None:
+        need(m.global_every == 0, "model.global_every", "needs model.sliding_window")
+        need(m.rope_local_theta is None, "model.rope_local_theta", "needs model.sliding_window")
+    else:
+        need(
+            m.attention == "causal",
+            "model.sliding_window",
+            'needs model.attention = "causal" (a window of the positions before each query)',
+        )
 
 
 def _validate_optim(o: OptimConfig, need: Need) -> None:
