@@ -86,7 +86,7 @@ def model_config(config: dict, origin: str) -> ModelConfig:
         return read_int(config, key, origin, default=DEFAULTS[kind][key])
 
     n_layer = size("num_hidden_layers")
-    window, global_every = _layers(config, kind, n_layer, origin)
+    window, global_every = _layers(config, kind, n_layer=n_layer, origin=origin)
     theta, local_theta, factor = _rope(config, kind, origin)
     return ModelConfig(
         n_layer=n_layer,
@@ -108,8 +108,8 @@ def model_config(config: dict, origin: str) -> ModelConfig:
         post_norms=True,
         embed_scale=True,
         attn_scale_dim=size("query_pre_attn_scalar"),
-        attn_softcap=_cap(config, "attn_logit_softcapping", kind, origin),
-        logit_softcap=_cap(config, "final_logit_softcapping", kind, origin),
+        attn_softcap=_cap(config, "attn_logit_softcapping", kind=kind, origin=origin),
+        logit_softcap=_cap(config, "final_logit_softcapping", kind=kind, origin=origin),
         sliding_window=window,
         global_every=global_every,
         tie_embeddings=read_bool(config, "tie_word_embeddings", origin, default=True),
@@ -144,13 +144,13 @@ def _check_fixed(config: dict, kind: str, origin: str) -> None:
         )
 
 
-def _cap(config: dict, key: str, kind: str, origin: str) -> float | None:
+def _cap(config: dict, key: str, *, kind: str, origin: str) -> float | None:
     """A soft-cap: null is none, a missing key transformers' default."""
     value = config[key] if key in config else DEFAULTS[kind][key]
     return None if value is None else read_float({key: value}, key, origin)
 
 
-def _layers(config: dict, kind: str, n_layer: int, origin: str) -> tuple[int | None, int]:
+def _layers(config: dict, kind: str, *, n_layer: int, origin: str) -> tuple[int | None, int]:
     """(sliding_window, global_every) from `layer_types` (transformers 5) or the period of the global
     layers (Gemma 3's sliding_window_pattern; 2 in Gemma 2). (None, 0) when every layer is global."""
     layer_types = config.get("layer_types")
@@ -315,23 +315,28 @@ def gemma_family(m: ModelConfig) -> str | None:
         ("attention", m.attention == "causal"),
         ("bias", not m.bias),
     ]:
-        _fit(m, name, fits, need_all)
+        _fit(m, name, fits=fits, reason=need_all)
     if m.qk_norm:
-        _fit(m, "attn_softcap", m.attn_softcap is None, "Gemma 3, the QK-norm Gemma, has no attention cap")
+        _fit(
+            m,
+            "attn_softcap",
+            fits=m.attn_softcap is None,
+            reason="Gemma 3, the QK-norm Gemma, has no attention cap",
+        )
         _fit(
             m,
             "rope_local_theta",
-            m.rope_local_theta is not None or m.rope_linear_factor == 1 or m.sliding_window is None,
-            "Gemma 3's local layers never scale RoPE: give them their own base beside rope_linear_factor",
+            fits=m.rope_local_theta is not None or m.rope_linear_factor == 1 or m.sliding_window is None,
+            reason="Gemma 3's local layers never scale RoPE: give them a base of their own beside it",
         )
         return "gemma3_text"
     gemma2 = "Gemma 2, the Gemma without QK-norm, has one RoPE base and no scaling"
-    _fit(m, "rope_local_theta", m.rope_local_theta is None, gemma2)
-    _fit(m, "rope_linear_factor", m.rope_linear_factor == 1, gemma2)
+    _fit(m, "rope_local_theta", fits=m.rope_local_theta is None, reason=gemma2)
+    _fit(m, "rope_linear_factor", fits=m.rope_linear_factor == 1, reason=gemma2)
     return "gemma2"
 
 
-def _fit(m: ModelConfig, option: str, fits: bool, reason: str) -> None:
+def _fit(m: ModelConfig, option: str, *, fits: bool, reason: str) -> None:
     if not fits:
         value = getattr(m, option)
         raise LmforgeError(f"model.{option} = {value!r} has no standard Hugging Face architecture ({reason})")

@@ -90,7 +90,7 @@ class Rotary(nn.Module):
     """Rotary position embedding in the rotate-half layout (GPT-NeoX, Llama): channel i of
     the first half pairs with channel i of the second half, rotated by a position-dependent angle."""
 
-    def __init__(self, head_dim: int, max_len: int, theta: float, linear_factor: float = 1.0) -> None:
+    def __init__(self, head_dim: int, max_len: int, theta: float, *, linear_factor: float = 1.0) -> None:
         super().__init__()
         # (head_dim / 2,): one frequency per pair of channels; linear scaling divides them all (as
         # transformers does, rather than the positions, so that the angles round alike)
@@ -264,10 +264,10 @@ class Attention(nn.Module):
         if self.capture is not None:
             self.capture(q, k, v)
         # heads side by side again: (B, T, n_head * head_dim)
-        return self.proj(self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+        return self.proj(self.attend(q, k, v, mask=mask).transpose(1, 2).reshape(B, T, -1))
 
     def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None
     ) -> torch.Tensor:
         """softmax(scores) v, (B, n_head, T, head_dim) in q's dtype: SDPA's fused kernel, or explicit
         matrices when the scores are soft-capped."""
@@ -428,7 +428,12 @@ class GPT(nn.Module):
         )
         rope = config.position == "rope"
         self.rotary = (
-            Rotary(head_size(config), config.block_size, config.rope_theta, config.rope_linear_factor)
+            Rotary(
+                head_size(config),
+                config.block_size,
+                config.rope_theta,
+                linear_factor=config.rope_linear_factor,
+            )
             if rope
             else None
         )
