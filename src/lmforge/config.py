@@ -88,7 +88,7 @@ class ModelConfig:
     n_head: int = 4  # query heads; d_model must be divisible by it
     n_kv_head: int | None = None  # < n_head for GQA, 1 for MQA; None means n_head
     d_model: int = 128  # width of the residual stream and of the embeddings
-    head_dim: int | None = None  # channels of each attention head; None: d_model / n_head (Qwen3-0.6B: more)
+    head_dim: int | None = None  # channels of each attention head; None: d_model / n_head (Qwen3/Gemma: more)
     block_size: int = 64  # context length in tokens: the longest sequence the model takes
     vocab_size: int | None = None  # None: taken from the prepared data
     position: Literal["learned", "rope"] = "learned"  # learned embeddings (GPT-2) or rotary (Llama)
@@ -101,19 +101,39 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths above rope_original_context / this are scaled
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_context / this are kept
     rope_original_context: int | None = None  # llama3: the context of pretraining before the scaling
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # of every block and before the head
+    # rope: base of the sliding-window layers, which then take plain RoPE (rope_scaling applies to the
+    # layers that use rope_theta); None: rope_theta everywhere
+    rope_local_theta: float | None = None
+    # of every block and before the head; rmsnorm1p: RMSNorm scaling by (1 + weight), computed in fp32
+    # whatever the activations' dtype, its weight starting at 0 (Gemma)
+    norm: Literal["layernorm", "rmsnorm", "rmsnorm1p"] = "layernorm"
     norm_eps: float = 1e-5  # added to the variance in every norm, for stability
-    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu2"] = "gelu"  # gelu_tanh: GPT-2's approximation
-    # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu)
+    # gelu_tanh: GPT-2's approximation; geglu: gelu_tanh(gate) x up, gated as swiglu is (Gemma)
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "geglu", "relu2"] = "gelu"
+    # None: 4 * d_model (gelu, relu2) or 8/3 * d_model rounded up to 64 (swiglu, geglu)
     mlp_hidden: int | None = None
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention (Qwen3)
+    # a norm also on each attention and MLP output, before it joins the residual stream (Gemma 2, 3)
+    post_norms: bool = False
+    embed_scale: bool = False  # token embeddings times sqrt(d_model), in their own dtype (Gemma)
+    # attention scores scaled by 1 / sqrt(this) rather than 1 / sqrt(head_dim); None: head_dim
+    # (Gemma's query_pre_attn_scalar)
+    attn_scale_dim: int | None = None
+    # attention scores = cap * tanh(scores / cap) before the softmax (Gemma 2); None: no cap. Set,
+    # attention runs on explicit matrices, not the fused kernel: slower, memory quadratic in length
+    attn_softcap: float | None = None
+    # local attention (Mistral, Phi-3, Gemma): each query sees only the latest this many positions, its own
+    # included; None: all
+    sliding_window: int | None = None
+    # with sliding_window: every Nth layer (the Nth, 2Nth, ...) still sees every position, as Gemma 2
+    # (2) and Gemma 3 (6) alternate local and global layers; 0: every layer is local
+    global_every: int = 0
     tie_embeddings: bool = True  # the head reuses the input embedding's weights
     bias: bool = True  # biases in the blocks' Linear layers and LayerNorms (the head never has one)
     qkv_bias: bool = False  # biases on the attention's q, k, v projection even without bias (Qwen2)
     dropout: float = 0.0  # probability, on embeddings, residual branches and attention; 0: none
     zero_init_residual: bool = False  # start attention and MLP output projections at zero
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None: no cap
-    sliding_window: int | None = None  # each position attends to the last N only (Mistral); None: all
     # lm: next-token logits. span: start and end scores per position, for answers that are a span of
     # the prompt (extractive QA, as BERT's SQuAD head); fine-tuned from an lm checkpoint with init_from
     head: Literal["lm", "span"] = "lm"
@@ -468,7 +488,7 @@ def _validate_model(m: ModelConfig, need: Need) -> None:
     need(
         m.head_dim is not None or m.d_model % m.n_head == 0,
         "model.d_model",
-        f"({m.d_model}) must be divisible by model.n_head ({m.n_head})",
+        f"({m.d_model}) must be divisible by model.n_head ({m.n_head}) unless model.head_dim is set",
     )
     if m.n_kv_head is not None:
         need(m.n_kv_head > 0, "model.n_kv_head", "must be positive")
@@ -488,13 +508,13 @@ def _validate_model(m: ModelConfig, need: Need) -> None:
     need(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     need(m.norm_eps > 0, "model.norm_eps", "must be positive")
     need(m.logit_softcap is None or m.logit_softcap > 0, "model.logit_softcap", "must be positive")
-    need(m.sliding_window is None or m.sliding_window > 0, "model.sliding_window", "must be positive")
     need(
         m.sliding_window is None or m.attention == "causal",
         "model.sliding_window",
-        'needs model.attention = "causal"',
+        'needs model.attention = "causal" (a window of the positions before each query)',
     )
     _validate_rope_scaling(m, need)
+    _validate_attention(m, need)
 
 
 def _validate_rope_scaling(m: ModelConfig, need: Need) -> None:
@@ -517,6 +537,21 @@ def _validate_rope_scaling(m: ModelConfig, need: Need) -> None:
         "model.rope_low_freq_factor",
         "must be positive and below model.rope_high_freq_factor",
     )
+
+
+def _validate_attention(m: ModelConfig, need: Need) -> None:
+    """The options of attention's scores, positions and layers (Gemma's and the sliding window's)."""
+    for key in ("rope_local_theta", "attn_scale_dim", "attn_softcap", "sliding_window"):
+        need(getattr(m, key) is None or getattr(m, key) > 0, f"model.{key}", "must be positive")
+    need(m.global_every >= 0, "model.global_every", "must be >= 0 (0: every layer is local)")
+    need(
+        m.rope_local_theta is None or m.position == "rope",
+        "model.rope_local_theta",
+        'needs model.position = "rope"',
+    )
+    if m.sliding_window is None:
+        need(m.global_every == 0, "model.global_every", "needs model.sliding_window")
+        need(m.rope_local_theta is None, "model.rope_local_theta", "needs model.sliding_window")
 
 
 def _validate_optim(o: OptimConfig, need: Need) -> None:

@@ -111,6 +111,29 @@ def test_captured_probabilities_times_v_reproduce_each_attention_modules_output(
     assert trace(model, ids).attention_error < 1e-5
 
 
+def test_a_gemma_models_probabilities_use_its_scale_soft_cap_and_window() -> None:
+    gemma = {
+        "position": "rope",
+        "norm": "rmsnorm1p",
+        "mlp": "geglu",
+        "qk_norm": True,
+        "post_norms": True,
+        "embed_scale": True,
+        "head_dim": 16,
+        "attn_scale_dim": 20,
+        "attn_softcap": 2.0,
+        "sliding_window": 6,
+        "global_every": 2,
+        "bias": False,
+    }
+    model, ids = tiny_model(**gemma), prompt()  # 20 tokens, a window of 6 in the first layer
+    result = trace(model, ids)
+    assert result.attention_error < 1e-5
+    first = result.attention[0]  # (H, T, T)
+    assert torch.all(first[:, 10, :5] == 0) and torch.all(first[:, 10, 5:11] > 0)
+    assert torch.all(result.attention[1][:, 10, :11] > 0)  # the global layer sees everything before
+
+
 def test_under_bf16_autocast_the_probabilities_stay_fp32_and_close_to_the_modules_output() -> None:
     model, ids = tiny_model(**ARCHITECTURES["llama-gqa"]), prompt()
     result = trace(model, ids, autocast=torch.autocast("cpu", dtype=torch.bfloat16))

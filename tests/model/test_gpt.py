@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.model import GPT, KVCache
+from lmforge.model import GPT, KVCache, gpt
 from lmforge.model.gpt import Attention, Rotary, rope_frequencies
 
 
@@ -26,6 +26,25 @@ OPTIONS = [
     {"n_kv_head": 2, "mlp": "relu2"},
     {"n_kv_head": 1, "position": "rope"},
     {"position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "sliding_window": 4},
+    GEMMA := {  # Gemma 2's and 3's options together; the window is shorter than the tests' sequences
+        "position": "rope",
+        "norm": "rmsnorm1p",
+        "mlp": "geglu",
+        "qk_norm": True,
+        "post_norms": True,
+        "embed_scale": True,
+        "n_kv_head": 2,
+        "head_dim": 12,
+        "attn_scale_dim": 20,
+        "attn_softcap": 3.0,
+        "logit_softcap": 30.0,
+        "sliding_window": 4,
+        "global_every": 2,
+        "rope_local_theta": 100.0,
+        "rope_scaling": "linear",
+        "rope_factor": 2.0,
+        "bias": False,
+    },
 ]
 
 
@@ -152,7 +171,7 @@ def masked_half(model: GPT, batch: int, seq_len: int) -> int:
     """The score-matrix FLOPs (forward and backward) above the causal diagonal, which the MATH
     backend computes and masks, and the causal kernels training runs skip: 6·L·d·T per token."""
     config = model.config
-    return 6 * config.n_layer * config.d_model * seq_len * batch * seq_len
+    return 6 * config.n_layer * config.n_head * gpt.head_size(config) * seq_len * batch * seq_len
 
 
 @pytest.mark.parametrize("options", [*OPTIONS, {"attention": "bidirectional"}])
@@ -374,3 +393,48 @@ def test_a_sliding_window_hides_every_token_older_than_the_window() -> None:
     a, b = model(idx)[0], model(changed)[0]
     assert torch.equal(a[:, 7:], b[:, 7:])
     assert not torch.allclose(a[:, 6], b[:, 6])  # token 0 still reaches position 6 through layer 1
+
+
+def test_gemma_attention_matches_the_formula() -> None:
+    """Scores scaled by attn_scale_dim, soft-capped, within the window in a local layer."""
+    torch.manual_seed(0)
+    config = tiny(**GEMMA)
+    local = Attention(config, layer=0).eval()
+    assert local.window == 4 and Attention(config, layer=1).window is None  # layer 2 (of 1, 2) is global
+    x = torch.randn(2, 10, 32)
+    q, k, v = local.qkv(x).split([4 * 12, 2 * 12, 2 * 12], dim=-1)
+    q, k, v = (t.view(2, 10, -1, 12) for t in (q, k, v))
+    q, k = local.q_norm(q).transpose(1, 2), local.k_norm(k).transpose(1, 2)  # no RoPE: rope=None
+    k, v = k.repeat_interleave(2, dim=1), v.transpose(1, 2).repeat_interleave(2, dim=1)
+    scores = 3.0 * torch.tanh(q @ k.transpose(-2, -1) / math.sqrt(20) / 3.0)  # (2, 4, 10, 10)
+    distance = torch.arange(10)[:, None] - torch.arange(10)  # query - key
+    scores = scores.masked_fill((distance < 0) | (distance >= 4), float("-inf"))
+    expected = local.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, 48))
+    window = gpt.window_mask(0, 10, end=10, window=4, device=torch.device("cpu"))
+    torch.testing.assert_close(local(x, None, None, window=window), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_local_layer_never_sees_beyond_its_window_and_a_global_layer_does() -> None:
+    torch.manual_seed(0)
+    idx = torch.randint(0, 50, (1, 12))
+    changed = idx.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % 50  # seen by positions 2..5 through a window of 4
+    for global_every, reaches_the_end in [(0, False), (2, True)]:
+        model = GPT(
+            tiny(**(GEMMA | {"n_layer": 1 if global_every == 0 else 2, "global_every": global_every}))
+        )
+        a, _ = model.eval()(idx)
+        b, _ = model(changed)
+        assert not torch.allclose(a[:, 2:6], b[:, 2:6])
+        assert torch.allclose(a[:, 6:], b[:, 6:]) != reaches_the_end
+
+
+def test_rmsnorm1p_scales_by_one_plus_its_weight_in_fp32() -> None:
+    norm = gpt.make_norm(tiny(norm="rmsnorm1p"), 32)
+    assert torch.equal(norm.weight, torch.zeros(32))  # starts as the identity scale
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-0.5, 0.5, 32))
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    expected = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)) * (1 + norm.weight)
+    assert norm(x).dtype == torch.bfloat16
+    torch.testing.assert_close(norm(x), expected.to(torch.bfloat16), rtol=0, atol=0)

@@ -6,6 +6,7 @@ Architectures (no custom code on either side):
         + QK-norm                          ⇄ Qwen3ForCausalLM
         + a sliding window on every layer  ⇄ MistralForCausalLM (also read: Phi3ForCausalLM, whose
                                              fused qkv and gate/up are lmforge's own layout)
+    Gemma's options (gemma.py)             ⇄ Gemma2ForCausalLM, Gemma3ForCausalLM (text)
     learned positions + LayerNorm + GELU   ⇄ GPT2LMHeadModel
 Any other option combination, and any config.json field lmforge would only approximate, is refused
 by name rather than written or read as a model with wrong outputs. Nothing here imports
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import shutil
 import stat
@@ -32,7 +32,13 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import Config, ModelConfig, head_size, validate
 from lmforge.data.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
 from lmforge.errors import LmforgeError
+from lmforge.interop import gemma
 from lmforge.interop.hub import cache_blobs
+from lmforge.interop.keys import need as _need
+from lmforge.interop.keys import present as _present
+from lmforge.interop.keys import read_bool as _bool
+from lmforge.interop.keys import read_float as _float
+from lmforge.interop.keys import read_int as _int
 from lmforge.jsonl import loads
 from lmforge.model.gpt import mlp_hidden_size
 from lmforge.staging import check_out, staged_folder
@@ -48,11 +54,14 @@ Tensors = dict[str, torch.Tensor]
 
 
 def hf_family(m: ModelConfig) -> str:
-    """The HF family that expresses this architecture exactly: llama, qwen2, qwen3, mistral or gpt2."""
+    """The HF family that expresses this architecture exactly: llama, qwen2, qwen3, mistral, gpt2,
+    gemma2 or gemma3_text."""
 
     def refuse(option: str, value: object, need: str) -> LmforgeError:
         return LmforgeError(f"model.{option} = {value!r} has no standard Hugging Face architecture ({need})")
 
+    if (family := gemma.gemma_family(m)) is not None:
+        return family
     if m.logit_softcap is not None:
         raise refuse("logit_softcap", m.logit_softcap, "Llama, Qwen and GPT-2 have no logit soft-capping")
     if m.position == "rope":
@@ -111,7 +120,10 @@ GPT2_LINEARS = [
 
 def to_hf(state: Tensors, m: ModelConfig, family: str) -> Tensors:
     """lmforge state dict → HF tensor names and layouts (biases lmforge lacks become zeros)."""
-    out = _gpt2_to_hf(state, m) if family == "gpt2" else _llama_to_hf(state, m, family)
+    if family in gemma.MODEL_TYPES:
+        out = gemma.to_hf(state, m)
+    else:
+        out = _gpt2_to_hf(state, m) if family == "gpt2" else _llama_to_hf(state, m, family)
     if not m.tie_embeddings:
         out["lm_head.weight"] = state["head.weight"]
     return out
@@ -184,6 +196,8 @@ def _llama_layer_to_hf(state: Tensors, m: ModelConfig, family: str, *, b: str, p
 
 def hf_config(m: ModelConfig, family: str, eot_id: int | None, *, dtype: str) -> dict:
     """The config.json of `family` that describes this model exactly."""
+    if family in gemma.MODEL_TYPES:
+        return gemma.hf_config(m, family, eot_id, dtype=dtype)
     common = {
         "vocab_size": m.vocab_size,
         "tie_word_embeddings": m.tie_embeddings,
@@ -304,12 +318,11 @@ def tokenizer_files(eot_id: int | None, block_size: int, template: ChatTemplate)
 
 # ----------------------------------------------------------------------------- import
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", *gemma.MODEL_TYPES)
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # transformers' default rope_theta for Llama, Mistral, Qwen2 and Qwen3 alike, used when config.json names
 # none: then lmforge builds the model transformers itself would load from the folder.
 HF_DEFAULT_ROPE_THETA = 10000.0
-_REQUIRED = object()  # the default of a config.json key that must be present
 LAYER_NAME = re.compile(r"(?:model\.layers|transformer\.h)\.(\d+)\.")
 
 
@@ -408,6 +421,10 @@ def model_config_from_hf(config: dict, origin: str) -> ModelConfig:
     if not isinstance(config, dict):
         raise LmforgeError(f"{origin}: expected a JSON object")
     kind = config.get("model_type")
+    if kind in (*gemma.MODEL_TYPES, gemma.MULTIMODAL):
+        m = gemma.model_config(config, origin)
+        validate(Config(model=m), origin)
+        return m
     if kind not in SUPPORTED:
         raise LmforgeError(
             f"{origin}: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})"
@@ -415,44 +432,6 @@ def model_config_from_hf(config: dict, origin: str) -> ModelConfig:
     m = _gpt2_model_config(config, origin) if kind == "gpt2" else _llama_model_config(config, kind, origin)
     validate(Config(model=m), origin)
     return m
-
-
-def _present(config: dict, key: str, origin: str, *, default: object) -> object:
-    """config[key]; `default` when the key is missing or null (an error when it is _REQUIRED)."""
-    value = config.get(key)
-    if value is None:
-        if default is _REQUIRED:
-            raise LmforgeError(f"{origin}: missing key {key}")
-        return default
-    return value
-
-
-def _int(config: dict, key: str, origin: str, *, default: object = _REQUIRED) -> int:
-    """A positive integer (JSON has no other kind of count or size)."""
-    value = _present(config, key, origin, default=default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise LmforgeError(f"{origin}: {key} must be an integer >= 1; got {value!r}")
-    return value
-
-
-def _float(config: dict, key: str, origin: str, *, default: object = _REQUIRED, label: str = "") -> float:
-    """A finite number > 0 (every float lmforge reads from config.json is an epsilon or a base)."""
-    value = _present(config, key, origin, default=default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise LmforgeError(f"{origin}: {label}{key} must be a finite number > 0; got {value!r}")
-    return float(value)
-
-
-def _bool(config: dict, key: str, origin: str, *, default: bool) -> bool:
-    value = _present(config, key, origin, default=default)
-    if not isinstance(value, bool):
-        raise LmforgeError(f"{origin}: {key} must be true or false; got {value!r}")
-    return value
-
-
-def _need(condition: bool, origin: str, message: str) -> None:
-    if not condition:
-        raise LmforgeError(f"{origin}: {message}")
 
 
 def _gpt2_model_config(config: dict, origin: str) -> ModelConfig:
@@ -638,6 +617,8 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, *, origin: str) -> tupl
     """HF tensors → lmforge state dict, and `m` with bias False when the folder has no non-zero bias
     (but Qwen2's q, k, v biases, which its architecture always has)."""
     family = "gpt2" if kind == "gpt2" else ("qwen3" if kind == "qwen3" else "llama")
+    if kind in gemma.MODEL_TYPES:
+        family = kind
     tensors = _canonical_names(tensors, family)
     layers = _layer_count(tensors)
     _need(
@@ -649,7 +630,10 @@ def from_hf(tensors: Tensors, m: ModelConfig, kind: str, *, origin: str) -> tupl
         if kind == "phi3":
             tensors = _unfuse_phi3(tensors, m)
         take = _Taker(tensors)
-        state = _gpt2_from_hf(take, m) if family == "gpt2" else _llama_from_hf(take, m, family)
+        if family in gemma.MODEL_TYPES:
+            state = gemma.from_hf(take, m)
+        else:
+            state = _gpt2_from_hf(take, m) if family == "gpt2" else _llama_from_hf(take, m, family)
     except RuntimeError as exc:
         raise LmforgeError(f"{origin}: tensors do not fit config.json ({str(exc).splitlines()[0]})") from None
     if m.tie_embeddings:

@@ -1,8 +1,9 @@
 """A decoder-only Transformer, top to bottom in one file.
 
 GPT-2's architecture by default (learned positions, LayerNorm, GELU MLP, tied head), with
-the modern options behind config switches: RoPE, RMSNorm, SwiGLU / ReLU², grouped-query
-attention and QK-norm. The output heads (next-token logits, a span head) and their losses are
+the modern options behind config switches: RoPE, RMSNorm, SwiGLU / GeGLU / ReLU², grouped-query
+attention and QK-norm, and Gemma's: (1 + weight) norms, post-norms, scaled embeddings, attention
+soft-capping and sliding-window layers. The output heads (next-token logits, a span head) and their losses are
 in heads.py; parallelism, checkpointing and data live outside the model.
 """
 
@@ -27,7 +28,29 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     """The configured norm over the last `dim` channels."""
     if config.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=config.norm_eps)
+    if config.norm == "rmsnorm1p":
+        return OffsetRMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+class OffsetRMSNorm(nn.RMSNorm):
+    """Gemma's RMSNorm: x / rms(x) scaled by (1 + weight), computed in fp32 and cast back to x's
+    dtype. The weight starts at 0 (the identity scale); a bf16 weight near 0 keeps more precision
+    than one near 1, which is why Gemma stores the offset rather than the scale."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), self.normalized_shape, None, self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_head_norm(config: ModelConfig, head_dim: int) -> nn.Module:
+    """QK-norm over each head's channels: Gemma's (1 + weight) norm with model.norm = rmsnorm1p."""
+    if config.norm == "rmsnorm1p":
+        return OffsetRMSNorm(head_dim, eps=config.norm_eps)
+    return HeadNorm(head_dim, eps=config.norm_eps)
 
 
 class HeadNorm(nn.RMSNorm):
@@ -39,20 +62,34 @@ class HeadNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
+GATED_MLPS = ("swiglu", "geglu")  # activation(gate) x up: the up-projection is twice as wide
+
+
+def is_local_layer(config: ModelConfig, layer: int) -> bool:
+    """Whether block `layer` (from 0) attends within model.sliding_window rather than to everything."""
+    if config.sliding_window is None:
+        return False
+    return config.global_every == 0 or (layer + 1) % config.global_every != 0
+
+
 def mlp_hidden_size(config: ModelConfig) -> int:
     """Width of the MLP's hidden layer (of each half for SwiGLU)."""
     if config.mlp_hidden is not None:
         return config.mlp_hidden
-    if config.mlp == "swiglu":  # 8/3 d keeps the parameter count of a 4 d GELU MLP
+    if config.mlp in GATED_MLPS:  # 8/3 d keeps the parameter count of a 4 d GELU MLP
         return 64 * math.ceil(8 * config.d_model / 3 / 64)
     return 4 * config.d_model
 
 
-def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+def rope_frequencies(config: ModelConfig, *, theta: float | None = None) -> torch.Tensor:
     """(head_dim / 2,): RoPE's angle per position of each pair of channels, scaled by
-    config.rope_scaling as Hugging Face's rope_type of the same name scales it."""
+    config.rope_scaling as Hugging Face's rope_type of the same name scales it. With `theta` (the
+    sliding-window layers' own base, model.rope_local_theta) plain, unscaled RoPE at that base."""
     head_dim = head_size(config)
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    base = config.rope_theta if theta is None else theta
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if theta is not None:
+        return inv_freq
     if config.rope_scaling == "linear":  # positions / factor, the same as frequencies / factor
         return inv_freq / config.rope_factor
     if config.rope_scaling != "llama3":  # dynamic NTK only rescales past block_size, which no input reaches
@@ -186,27 +223,9 @@ class KVCache:
             self.longest += T
 
 
-def windowed(
-    cached: CacheStep | None, visible: torch.Tensor | None, *, T: int, window: int, device: torch.device
-) -> tuple[CacheStep | None, torch.Tensor | None]:
-    """The step and mask of sliding-window attention: query q sees keys k with q - window < k <= q
-    (Mistral's, as transformers masks it). Unchanged while every key lies within the window."""
-    end = cached.end if cached is not None else T
-    if end <= window:
-        return cached, visible
-    queries = cached.positions if cached is not None else 0  # the first new position, or each row's (B, T)
-    if isinstance(queries, int):
-        queries = torch.arange(queries, queries + T, device=device)  # (T,)
-    keys = torch.arange(end, device=device)
-    mask = (keys <= queries[..., None]) & (keys > queries[..., None] - window)  # (T, end) or (B, T, end)
-    if cached is None:
-        return None, mask
-    return cached._replace(mask=mask if mask.dim() == 2 else mask[:, None]), visible
-
-
 class Attention(nn.Module):
     """Self-attention, causal unless config.attention says otherwise, with one fused qkv projection;
-    fewer key/value heads for GQA."""
+    fewer key/value heads for GQA; within model.sliding_window in the layers `is_local_layer` names."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -221,10 +240,14 @@ class Attention(nn.Module):
         )
         self.proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=config.bias)
         self.proj.residual = True  # scaled init
-        self.q_norm = HeadNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
-        self.k_norm = HeadNorm(self.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.q_norm = make_head_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_head_norm(config, self.head_dim) if config.qk_norm else None
         self.dropout = config.dropout
         self.causal = config.attention == "causal"
+        # None: SDPA's own 1 / sqrt(head_dim)
+        self.scale = None if config.attn_scale_dim is None else config.attn_scale_dim**-0.5
+        self.softcap = config.attn_softcap
+        self.window = config.sliding_window if is_local_layer(config, layer) else None
         # Off (None) except under `lmforge inspect`: called with the q, k, v that attention
         # uses (after QK-norm, RoPE and the cache; k, v with n_kv_head heads), so that the
         # probabilities, which the fused kernel never returns, can be computed from them.
@@ -237,10 +260,12 @@ class Attention(nn.Module):
         cached: CacheStep | None,
         *,
         visible: torch.Tensor | None = None,
+        window: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """visible: the keys each query may see, broadcast to (B, heads, T, T): for bidirectional
         attention (B, 1, 1, T), all but padding; for packed rows (B, 1, T, T), causal within each example.
-        None: plain causal (or, for bidirectional attention, full) attention."""
+        None: plain causal (or, for bidirectional attention, full) attention. window: the keys a local
+        layer's queries see (`window_mask`), None where its window hides none."""
         B, T, _ = x.shape  # (B, T, d_model)
         # q: (B, T, n_head, head_dim); k, v: (B, T, n_kv_head, head_dim)
         q, k, v = (
@@ -257,23 +282,86 @@ class Attention(nn.Module):
         if cached is not None:  # k, v: (B, n_kv_head, every position so far, head_dim)
             k, v = cached.cache.update(self.layer, k, v, step=cached)
             mask = cached.mask
+        if window is not None:  # with the cache's rows or the packed examples' own mask
+            mask = window if mask is None else mask & window
         if self.capture is not None:
             self.capture(q, k, v)
+        # heads side by side again: (B, T, n_head * head_dim)
+        return self.proj(self.attend(q, k, v, mask=mask).transpose(1, 2).reshape(B, T, -1))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """softmax(scores) v, (B, n_head, T, head_dim) in q's dtype: SDPA's fused kernel, or explicit
+        matrices when the scores are soft-capped."""
         dtype, fp32_attention = q.dtype, q.device.type == "cpu" and q.dtype == torch.bfloat16
         if fp32_attention:  # PyTorch's CPU flash-attention backward is ~4x slower in bf16 than in fp32
             q, k, v = q.float(), k.float(), v.float()
+        dropout = self.dropout if self.training else 0.0
         with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=self.causal and mask is None and T > 1,
-                dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=self.n_kv_head != self.n_head,
-            )  # (B, n_head, T, head_dim)
-        # heads side by side again: (B, T, n_head * head_dim), d_model unless model.head_dim says otherwise
-        return self.proj(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
+            if self.softcap is not None:
+                capped = dict(cap=self.softcap, scale=self.scale, causal=self.causal, dropout=dropout)
+                y = capped_attention(q, k, v, mask=mask, **capped)
+            else:
+                y = F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=self.causal and mask is None and q.size(2) > 1,
+                    dropout_p=dropout,
+                    scale=self.scale,
+                    enable_gqa=self.n_kv_head != self.n_head,
+                )  # (B, n_head, T, head_dim)
+        return y.to(dtype)
+
+
+def capped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None,
+    cap: float,
+    scale: float | None,
+    causal: bool = True,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Attention with soft-capped scores, cap * tanh(scores / cap), before the softmax (Gemma 2).
+    SDPA has no such step, so the score matrix is made explicitly, as transformers' eager path does.
+
+    q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, S, head_dim), the last T keys the queries' own
+    positions; mask: True where a query sees a key (None: every key, or every earlier one if causal).
+    Returns (B, n_head, T, head_dim).
+    """
+    groups = q.size(1) // k.size(1)  # GQA: query head h reads kv head h // groups
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, n_head, S, hd)
+    scores = (q @ k.transpose(-2, -1)) * (q.size(-1) ** -0.5 if scale is None else scale)  # (B, n_head, T, S)
+    scores = torch.tanh(scores / cap) * cap
+    T, S = scores.shape[-2:]
+    if mask is None and causal and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return F.dropout(probs, p=dropout) @ v if dropout else probs @ v
+
+
+def window_mask(
+    positions: int | torch.Tensor, T: int, *, end: int, window: int, device: torch.device
+) -> torch.Tensor | None:
+    """Which keys 0 .. end-1 each of T new queries sees within a sliding `window` (its own position and
+    the window - 1 before it): (T, end) for queries at positions.. positions+T-1, (B, 1, T, end) for
+    per-row positions (B, T). None when no query is `window` positions in, so the window hides nothing."""
+    if end <= window:
+        return None
+    if isinstance(positions, int):
+        queries = torch.arange(positions, positions + T, device=device)[:, None]  # (T, 1)
+    else:
+        queries = positions[..., None]  # (B, T, 1)
+    keys = torch.arange(end, device=device)
+    mask = (keys <= queries) & (keys > queries - window)  # (T, end) or (B, T, end)
+    return mask if isinstance(positions, int) else mask[:, None]
 
 
 class ReLUSquared(torch.autograd.Function):
@@ -293,21 +381,22 @@ class ReLUSquared(torch.autograd.Function):
 
 
 class MLP(nn.Module):
-    """Up-projection, activation (GELU, SwiGLU or ReLU²), down-projection."""
+    """Up-projection, activation (GELU, SwiGLU, GeGLU or ReLU²), down-projection."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden = mlp_hidden_size(config)
         self.kind = config.mlp
-        self.up = nn.Linear(config.d_model, (2 if config.mlp == "swiglu" else 1) * hidden, bias=config.bias)
+        gated = config.mlp in GATED_MLPS
+        self.up = nn.Linear(config.d_model, (2 if gated else 1) * hidden, bias=config.bias)
         self.down = nn.Linear(hidden, config.d_model, bias=config.bias)
         self.down.residual = True  # scaled init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)  # (B, T, hidden), swiglu: (B, T, 2 * hidden)
-        if self.kind == "swiglu":
+        h = self.up(x)  # (B, T, hidden), swiglu and geglu: (B, T, 2 * hidden)
+        if self.kind in GATED_MLPS:
             gate, value = h.chunk(2, dim=-1)  # (B, T, hidden) each
-            h = F.silu(gate) * value
+            h = (F.silu(gate) if self.kind == "swiglu" else F.gelu(gate, approximate="tanh")) * value
         elif self.kind == "relu2":
             h = ReLUSquared.apply(h)
         else:
@@ -316,7 +405,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """A pre-norm Transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """A pre-norm Transformer block: x + attention(norm(x)), then x + mlp(norm(x)); with
+    model.post_norms, x + norm(attention(norm(x))) and x + norm(mlp(norm(x))) (Gemma 2, 3)."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -324,6 +414,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.norm2 = make_norm(config, config.d_model)
         self.mlp = MLP(config)
+        self.post_attn_norm = make_norm(config, config.d_model) if config.post_norms else None
+        self.post_mlp_norm = make_norm(config, config.d_model) if config.post_norms else None
         self.drop = nn.Dropout(config.dropout)
 
     def forward(
@@ -333,9 +425,16 @@ class Block(nn.Module):
         cached: CacheStep | None,
         *,
         visible: torch.Tensor | None = None,
+        window: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, cached, visible=visible))
-        return x + self.drop(self.mlp(self.norm2(x)))
+        h = self.attn(self.norm1(x), rope, cached, visible=visible, window=window)  # (B, T, d_model)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + self.drop(h)
+        h = self.mlp(self.norm2(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + self.drop(h)
 
 
 class GPT(nn.Module):
@@ -350,8 +449,13 @@ class GPT(nn.Module):
         self.pos_embed = (
             nn.Embedding(config.block_size, config.d_model) if config.position == "learned" else None
         )
-        self.rotary = (
-            Rotary(rope_frequencies(config), config.block_size) if config.position == "rope" else None
+        rope = config.position == "rope"
+        self.rotary = Rotary(rope_frequencies(config), config.block_size) if rope else None
+        # the sliding-window layers' own positions (Gemma 3: a base of 10,000 against 1,000,000), unscaled
+        self.local_rotary = (
+            Rotary(rope_frequencies(config, theta=config.rope_local_theta), config.block_size)
+            if rope and config.rope_local_theta is not None
+            else None
         )
         # True under differential privacy: position ids per sequence, [B, T] rather than [T] broadcast,
         # so that the per-sample gradient hooks of pos_embed see each sequence's own rows
@@ -433,22 +537,21 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {end} tokens exceeds block_size {self.config.block_size}")
         if documents is not None and cached is not None:
             raise ValueError("packed sequences (documents) are for training; a KV cache holds one per row")
-        positions = cached.positions if cached is not None else 0
+        in_row = at = cached.positions if cached is not None else 0  # where the T new tokens sit in the row
         if documents is not None:
-            positions = document_positions(documents)  # (B, T): each sequence's own, from 0
-        x = self.drop(self.embed_inputs(idx, positions, targets, matched=matched))  # (B, T, d_model)
-        rope = None
-        if self.rotary is not None:
-            rope = self.rotary.tables(positions, T)
-        visible = self.visible_keys(targets) if documents is None else document_mask(documents)
+            at = document_positions(documents)  # (B, T): each sequence's own, from 0
+        x = self.drop(self.embed_inputs(idx, at, targets, matched=matched))  # (B, T, d_model)
+        rope = self.rotary.tables(at, T) if self.rotary is not None else None
+        local_rope = self.local_rotary.tables(at, T) if self.local_rotary is not None else rope
+        window = None
         if self.config.sliding_window is not None:
-            cached, in_window = windowed(
-                cached, None, T=T, window=self.config.sliding_window, device=idx.device
-            )
-            if in_window is not None:  # no cache: the window is a mask of its own, with the documents'
-                visible = in_window if visible is None else visible & in_window
+            window = window_mask(in_row, T, end=end, window=self.config.sliding_window, device=idx.device)
+        visible = self.visible_keys(targets) if documents is None else document_mask(documents)
         for block in self.blocks:
-            x = block(x, rope, cached, visible=visible)
+            if block.attn.window is None:
+                x = block(x, rope, cached, visible=visible)
+            else:
+                x = block(x, local_rope, cached, visible=visible, window=window)
         if cache is not None:
             cache.advance(T)
         return x
@@ -476,6 +579,8 @@ class GPT(nn.Module):
         from the int `positions` on, or each row's own (B, T)) and the word-match vector where the
         model has them."""
         x = self.embed(idx)  # (B, T, d_model)
+        if self.config.embed_scale:  # sqrt(d_model) rounded to the embeddings' dtype, as transformers does
+            x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype, device=x.device)
         if self.pos_embed is not None:  # (T, d_model) broadcast over the batch, or (B, T, d_model)
             if isinstance(positions, int):
                 positions = torch.arange(positions, positions + idx.size(1), device=idx.device)  # (T,)
@@ -548,10 +653,11 @@ def document_mask(documents: torch.Tensor) -> torch.Tensor:
 def attention_flops(model: ModelConfig, seq_len: int) -> int:
     """Forward FLOPs per token of every layer's attention products at `seq_len`-token sequences.
 
-    QK^T and PV cost 2·d·T each per token over the whole T x T score matrix, which bidirectional
-    attention computes. Causal attention counts half, what its kernels execute: flash attention and
-    SDPA's causal kernels skip the score blocks above the diagonal. PaLM's 12·L·d·T (fwd + bwd)
-    counts the full matrix, and so do SDPA's MATH backend and torch's FlopCounterMode.
+    QK^T and PV cost 2·d·T each per token (d = n_head x head_dim, the heads' channels) over the whole
+    T x T score matrix, which bidirectional attention computes. Causal attention counts half, what its
+    kernels execute: flash attention and SDPA's causal kernels skip the score blocks above the
+    diagonal. PaLM's 12·L·d·T (fwd + bwd) counts the full matrix, and so do SDPA's MATH backend and
+    torch's FlopCounterMode.
     """
-    full = 4 * model.n_layer * model.d_model * seq_len
+    full = 4 * model.n_layer * model.n_head * head_size(model) * seq_len
     return full // 2 if model.attention == "causal" else full

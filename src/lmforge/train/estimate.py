@@ -35,7 +35,7 @@ from torch import nn
 
 from lmforge.config import Config, ModelConfig, head_size, load_config
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import GPT, attention_flops, mlp_hidden_size
+from lmforge.model.gpt import GATED_MLPS, GPT, attention_flops, mlp_hidden_size
 from lmforge.runtime import DEVICE_PEAK_FLOPS, Peak, device_peak, format_flops, resolve_dtype
 from lmforge.train.optim import split_parameters
 
@@ -134,7 +134,9 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         attn += a * qk + FP32 * (H + Hkv)
         if fp32_attention:
             attn += FP32 * qk  # autocast runs rms_norm in fp32: it saves fp32 casts of q and k
-    mlp = (4 if model.mlp == "swiglu" else 2) * F * c  # gelu/relu²: input, output; swiglu: up, silu, product
+    mlp = (
+        (4 if model.mlp in GATED_MLPS else 2) * F * c
+    )  # gelu/relu²: input, output; swiglu: up, silu, product
     dropout = 2 * c * d if model.dropout > 0 else 0  # masks of the two residual branches
     return 2 * _norm_saved(model, c) + attn + mlp + dropout
 
@@ -204,7 +206,7 @@ def activation_bytes(
     c, d, F = compute_bytes(dtype), model.d_model, mlp_hidden_size(model)
     block = block_activation_bytes(model, dtype, cpu)
     saved, held, transient = outside_activation_bytes(model, dtype, micro_batch)
-    backward = c * ((2 if model.mlp == "swiglu" else 1) * F) + 2 * FP32 * d
+    backward = c * ((2 if model.mlp in GATED_MLPS else 1) * F) + 2 * FP32 * d
     if checkpointing:
         per_block, working = FP32 * d * tokens, (held + block + backward) * tokens
         start = model.n_layer * per_block + (saved + held + transient) * tokens

@@ -22,23 +22,31 @@ import torch.nn.functional as F
 from lmforge.model.gpt import GPT
 
 
-def attention_probabilities(q: torch.Tensor, k: torch.Tensor, window: int | None = None) -> torch.Tensor:
+def attention_probabilities(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> torch.Tensor:
     """softmax(q kᵀ / sqrt(head_dim)) under the causal mask, in fp32: what
-    `F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)` computes inside; with a
-    sliding `window` (model.sliding_window), each query sees its last `window` keys only.
+    `F.scaled_dot_product_attention(is_causal=True, enable_gqa=...)` computes inside. A layer's own
+    `scale`, soft-cap and sliding `window` (`Attention.scale`, `.softcap`, `.window`) where it has them.
 
     q: (B, n_head, T, head_dim); k: (B, n_kv_head, S, head_dim), S >= T (the last T keys are the
     queries' own positions). Returns (B, n_head, T, S); every row sums to one.
     """
     k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)  # GQA: query head h reads kv head h // group
-    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, n_head, T, S)
+    scale = 1 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = q.float() @ k.float().transpose(-2, -1) * scale  # (B, n_head, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     T, S = scores.shape[-2:]
-    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    if (
-        window is not None
-    ):  # keys older than the window: query i (at position S - T + i) sees > i + S - T - window
-        causal &= ~torch.ones_like(causal).tril(diagonal=S - T - window)
-    return scores.masked_fill(~causal, -math.inf).softmax(dim=-1)
+    seen = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if window is not None:  # and no further back than window - 1 positions
+        seen &= ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T - window)
+    return scores.masked_fill(~seen, -math.inf).softmax(dim=-1)
 
 
 def attention_output(attention: torch.nn.Module, probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -146,7 +154,10 @@ def trace(
             lens = Lens.of((row[0] for row in logit_lens(model, seen.residual)), ids, k)
         attention, error = [], 0.0
         for layer, (q, key, v) in enumerate(seen.qkv):  # fp32 maths: autocast would redo it in bf16
-            probs = attention_probabilities(q, key, model.config.sliding_window)  # (1, H, T, T)
+            attn = model.blocks[layer].attn
+            probs = attention_probabilities(
+                q, key, scale=attn.scale, softcap=attn.softcap, window=attn.window
+            )
             rebuilt = attention_output(model.blocks[layer].attn, probs, v)
             error = max(error, (rebuilt.float() - seen.attention_out[layer].float()).abs().max().item())
             attention.append(probs[0].cpu())
