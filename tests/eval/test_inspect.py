@@ -105,7 +105,7 @@ def test_captured_probabilities_times_v_reproduce_each_attention_modules_output(
     assert len(seen.qkv) == len(seen.attention_out) == 2
     for layer, ((q, k, v), actual) in enumerate(zip(seen.qkv, seen.attention_out)):
         with torch.no_grad():
-            probs = attention_probabilities(q, k, model.config.sliding_window)
+            probs = attention_probabilities(q, k, window=model.blocks[layer].attn.window)
             rebuilt = attention_output(model.blocks[layer].attn, probs, v)
         torch.testing.assert_close(rebuilt, actual, atol=1e-5, rtol=1e-5)
     assert trace(model, ids).attention_error < 1e-5
