@@ -52,10 +52,12 @@ class PreparedTask:
 
     counts: dict[str, int]
     val_from: str  # e.g. "5% of train, seed 0" or "the dataset's validation split"
+    train_from: str | None = None  # where the dataset offers a choice: which files train came from
 
     def summary(self, name: str, out: Path) -> str:
         counts = ", ".join(f"{n:,} {split}" for split, n in self.counts.items())
-        return f"{name}: {counts} examples (val: {self.val_from}; eval is the scored split) -> {out}"
+        train = f"train: {self.train_from}; " if self.train_from else ""
+        return f"{name}: {counts} examples ({train}val: {self.val_from}; eval is the scored split) -> {out}"
 
 
 def carve_validation(
@@ -87,16 +89,18 @@ class CorpusSource:
 
 def _with_validation(
     task: Task, root: Path | None, fraction: float, *, seed: int, source: CorpusSource | None
-) -> tuple[dict[str, Iterable[dict]], str]:
-    """The task's splits in file order train, val, eval: val is the dataset's own, else carved from train."""
+) -> tuple[dict[str, Iterable[dict]], PreparedTask]:
+    """The task's splits in file order train, val, eval (val is the dataset's own, else carved from
+    train), and a PreparedTask without counts that says where val and train came from."""
     splits = task.corpus_splits(source.corpus, source.examples, seed) if source else task.splits(root)
+    train_from = splits.get("train_from")
     if "val" in splits:
-        return {"train": splits["train"], "val": splits["val"], "eval": splits["eval"]}, (
-            "the dataset's validation split"
-        )
+        files = {"train": splits["train"], "val": splits["val"], "eval": splits["eval"]}
+        return files, PreparedTask({}, "the dataset's validation split", train_from)
     train, val = carve_validation(splits["train"], fraction, seed, group=task.val_group)
     per = f" by {task.val_group}" if task.val_group else ""
-    return {"train": train, "val": val, "eval": splits["eval"]}, f"{fraction:g} of train{per}, seed {seed}"
+    about = PreparedTask({}, f"{fraction:g} of train{per}, seed {seed}", train_from)
+    return {"train": train, "val": val, "eval": splits["eval"]}, about
 
 
 def prepare_task(
@@ -123,14 +127,12 @@ def prepare_task(
     if not 0.0 < val_fraction < 1.0:
         raise LmforgeError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     _check_corpus(TASKS[name], corpus)
-    root = source_dir or data_dir()
-    if root is None and corpus is None:
-        raise LmforgeError("set $LMFORGE_DATA_DIR (or --data-dir) to the folder holding the shared datasets")
-    inputs = [Path(corpus.corpus)] if corpus and Path(corpus.corpus).exists() else [root]
+    root = source_dir  # None: $LMFORGE_DATA_DIR, then the cache, then a download (data.sources)
+    inputs = [Path(corpus.corpus)] if corpus and Path(corpus.corpus).exists() else [root or data_dir()]
     counts = {}
     try:
         with staged_folder(out, "tasks", overwrite, inputs=[p for p in inputs if p is not None]) as staging:
-            splits, val_from = _with_validation(TASKS[name], root, val_fraction, seed=seed, source=corpus)
+            splits, about = _with_validation(TASKS[name], root, val_fraction, seed=seed, source=corpus)
             for split, examples in splits.items():
                 with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as f:
                     counts[split] = 0
@@ -139,7 +141,31 @@ def prepare_task(
                         counts[split] += 1
     except FileNotFoundError as exc:
         raise LmforgeError(f"{exc.filename}: not found (is the data folder {root} complete?)") from None
-    return PreparedTask(counts, val_from)
+    return PreparedTask(counts, about.val_from, about.train_from)
+
+
+def write_task_text(
+    name: str, out: Path, *, root: Path | None = None, prepared: Path | None = None, overwrite: bool = False
+) -> int:
+    """`lmforge tasks text`: write the text a task's recipe trains its tokenizer on to the file `out`
+    (whole or not at all); the number of characters written."""
+    if name not in TASKS:
+        raise LmforgeError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+    if out.exists() and not overwrite:
+        raise LmforgeError(f"{out} exists (use --overwrite to replace it)")
+    if out.is_dir():
+        raise LmforgeError(f"{out} is a folder; give a file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    written = 0
+    try:
+        with open(partial, "w", encoding="utf-8", newline="") as f:
+            for piece in TASKS[name].tokenizer_text(root, prepared):
+                written += f.write(piece)
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return written
 
 
 def _check_corpus(task: Task, corpus: CorpusSource | None) -> None:

@@ -219,15 +219,22 @@ class Task(ABC):
         """Whether `lmforge tasks prepare` can write this task's files (the task overrides `splits`)."""
         return type(self).splits is not Task.splits or self.from_corpus
 
-    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
-        """The shared dataset under `root` as JSONL records per split: "train", "eval" (the scored
-        split) and, where the dataset has its own validation split, "val" (else `prepare_task`
-        carves one from train).
+    def splits(self, root: Path | None) -> dict[str, Iterable[dict]]:
+        """The task's dataset as JSONL records per split: "train", "eval" (the scored split) and,
+        where the dataset has its own validation split, "val" (else `prepare_task` carves one from
+        train); optionally "train_from", a str saying where train came from. Files are read from
+        `root` (default `$LMFORGE_DATA_DIR`), the cache, or downloaded (`data.sources.task_file`).
 
         Prompts end where the model's answer starts; completions begin with a space so that
         BPE tokenizers see a word boundary.
         """
         raise LmforgeError(f"task {self.name!r} has no built-in dataset")
+
+    def tokenizer_text(self, root: Path | None, prepared: Path | None) -> Iterable[str]:
+        """`lmforge tasks text`: the text the task's recipe trains its tokenizer (or first stage) on, in
+        pieces to be written one after another. `prepared`: a folder `tasks prepare` wrote, for a text
+        made from its train.jsonl."""
+        raise LmforgeError(f"task {self.name!r} has no tokenizer text")
 
     def corpus_splits(self, corpus: str, examples: int | None, seed: int) -> dict[str, Iterable[dict]]:
         """A `from_corpus` task's records per split, as `splits`, made from `corpus` (a named dataset,
