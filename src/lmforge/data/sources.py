@@ -129,7 +129,7 @@ MULTI30K_URL = (  # the official repository, at the commit the shared copy comes
 SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"  # the official SQuAD site
 
 
-def _pinned(folder: str, filename: str, sha256: str, size: int, *, url: str | None) -> NamedDataset:
+def _pinned(folder: str, filename: str, sha256: str, *, size: int, url: str | None) -> NamedDataset:
     return NamedDataset(name=folder, filename=filename, url=url and url + filename, sha256=sha256, size=size)
 
 
@@ -137,14 +137,14 @@ def _pinned(folder: str, filename: str, sha256: str, size: int, *, url: str | No
 # the cache, else downloaded (each folder's SOURCE.md in the shared data gives these values).
 TASK_DATASETS: dict[str, tuple[NamedDataset, ...]] = {
     "sst2": tuple(
-        _pinned("sst2", name, sha, size, url=SST2_URL)
+        _pinned("sst2", name, sha, size=size, url=SST2_URL)
         for name, sha, size in (
             ("train.tsv", "5c47819a1d04cfabc7afcc79a919c97b0b367101ad42d3ff148d67bf501384c2", 3_806_075),
             ("dev.tsv", "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0", 94_931),
         )
     ),
     "multi30k": tuple(
-        _pinned("multi30k", name, sha, size, url=MULTI30K_URL)
+        _pinned("multi30k", name, sha, size=size, url=MULTI30K_URL)
         for name, sha, size in (
             ("train.en.gz", "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f", 568_929),
             ("train.de.gz", "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6", 637_044),
@@ -168,14 +168,14 @@ TASK_DATASETS: dict[str, tuple[NamedDataset, ...]] = {
             "squad-v1.1",
             "dev-v1.1.json",
             "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9",
-            4_854_279,
+            size=4_854_279,
             url=SQUAD_URL,
         ),
         _pinned(
             "squad-v1.1",
             "dev-v1.1.json.gz",
             "5ef5752d50566ab538501116de1508326eefb6bf70026def7915309f30822727",
-            1_033_885,
+            size=1_033_885,
             url=None,
         ),
         # Not in the shared folder; its pin is the one ParlAI and the LFS pointer in
@@ -184,7 +184,7 @@ TASK_DATASETS: dict[str, tuple[NamedDataset, ...]] = {
             "squad-v1.1",
             "train-v1.1.json",
             "3527663986b8295af4f7fcdff1ba1ff3f72d07d61a20f487cb238a6ef92fd955",
-            30_288_272,
+            size=30_288_272,
             url=SQUAD_URL,
         ),
     ),
@@ -194,7 +194,7 @@ TASK_DATASETS: dict[str, tuple[NamedDataset, ...]] = {
             "crows-pairs",
             "crows_pairs_anonymized.csv",
             "dfb36986ce0502abbaf7055b9176da3d08d48e07df1251991b5dfbcbceab9d0c",
-            437_764,
+            size=437_764,
             url="https://raw.githubusercontent.com/nyu-mll/crows-pairs/8aaac11c485473159ec9328a65253a5be9a479dc/data/",
         ),
     ),
