@@ -181,14 +181,15 @@ def evaluate_task(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
     *,
-    data_dir: Path,
+    data_dir: Path | None,
     device: torch.device,
     limit: int | None = None,
     beam_size: int = 1,
     max_new_tokens: int | None = None,
     calibrate: bool = False,
 ) -> dict:
-    """{"task", "examples", "model": {metric: value}, "baseline": {metric: value}, "baseline_name", ...}."""
+    """{"task", "examples", "data", "model": {metric: value}, ...}: most tasks score DATA_DIR/eval.jsonl
+    beside a baseline ("baseline", "baseline_name"); an `own_dataset` task scores its dataset file."""
     if task not in TASKS:
         raise LmforgeError(f"unknown task {task!r} (known: {', '.join(TASKS)}, lm)")
     max_new_tokens = answer_cap(max_new_tokens, model.config.block_size)
@@ -201,6 +202,11 @@ def evaluate_task(
             )
         if beam_size > 1:
             raise LmforgeError("--beam-size does not apply to a span model (it decodes nothing)")
+    if TASKS[task].own_dataset:
+        scored, records = TASKS[task].eval_records(data_dir, limit)
+        data_dir = scored.parent
+    elif data_dir is None:
+        raise LmforgeError(f"task {task!r} needs --data: the checkpoint's config has no data.dir")
     run = EvalRun(
         model=model,
         tokenizer=tokenizer,
@@ -210,9 +216,10 @@ def evaluate_task(
         max_new_tokens=max_new_tokens,
         calibrate=calibrate,
     )
-    records = read_eval(run.eval_file, limit)
-    require_fields(records, TASKS[task].fields, run.eval_file)
-    header = {"task": task, "examples": len(records), "data": str(run.eval_file)}
+    if not TASKS[task].own_dataset:
+        scored, records = run.eval_file, read_eval(run.eval_file, limit)
+        require_fields(records, TASKS[task].fields, scored)
+    header = {"task": task, "examples": len(records), "data": str(scored)}
     return {**header, **TASKS[task].evaluate(run, records)}
 
 
@@ -230,7 +237,10 @@ def answer_cap(requested: int | None, block_size: int) -> int:
 
 
 def format_table(result: dict) -> str:
-    """`evaluate_task`'s result as a table: each metric of the model beside the baseline's."""
+    """`evaluate_task`'s result as a table: the task's own, else each metric of the model beside the
+    baseline's."""
+    if (own := TASKS[result["task"]].format_result(result)) is not None:
+        return own
     lines = [
         f"{result['task']}: {result['examples']} examples from {result['data']}"
         + (f", {result['decoding']} decoding" if "decoding" in result else ""),

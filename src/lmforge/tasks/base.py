@@ -167,6 +167,12 @@ class EvalRun:
     def choice_log_probs(self, prompt: str, choices: list[str]) -> list[float]:
         return choice_log_probs(self.model, self.tokenizer, prompt, choices=choices, device=self.device)
 
+    def sentence_log_likelihood(self, text: str) -> float:
+        """The log-likelihood of a whole text after `<|endoftext|>` (see tasks.crows_pairs)."""
+        from lmforge.tasks.crows_pairs import sentence_log_likelihood
+
+        return sentence_log_likelihood(self.model, self.tokenizer, text, device=self.device)
+
     @property
     def extractive(self) -> bool:
         """Whether the model has a span head: it answers with a span of the prompt, not by decoding."""
@@ -213,6 +219,8 @@ class Task(ABC):
     from_corpus: ClassVar[bool] = False
     # Its choices can be scored against a content-free input (`lmforge eval --calibrate`).
     calibrates: ClassVar[bool] = False
+    # Scored on its own dataset file (`eval_records`), found or downloaded, not on a prepared eval.jsonl.
+    own_dataset: ClassVar[bool] = False
 
     @property
     def has_dataset(self) -> bool:
@@ -229,6 +237,15 @@ class Task(ABC):
         BPE tokenizers see a word boundary.
         """
         raise LmforgeError(f"task {self.name!r} has no built-in dataset")
+
+    def eval_records(self, data: Path | None, limit: int | None) -> tuple[Path, list[dict]]:
+        """An `own_dataset` task's scored file (`data`, else its pinned dataset) and its first `limit`
+        records."""
+        raise LmforgeError(f"task {self.name!r} is scored on a prepared eval.jsonl")
+
+    def format_result(self, result: dict) -> str | None:
+        """The task's own table for `lmforge eval`; None: the model-beside-baseline table."""
+        return None
 
     def tokenizer_text(self, root: Path | None, prepared: Path | None) -> Iterable[str]:
         """`lmforge tasks text`: the text the task's recipe trains its tokenizer (or first stage) on, in
