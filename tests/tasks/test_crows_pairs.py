@@ -114,6 +114,17 @@ def test_a_sentence_longer_than_the_block_is_scored_in_windows(run: Path) -> Non
     )
 
 
+def test_pairs_the_tokenizer_cannot_represent_are_skipped_and_counted(cli, tmp_path: Path) -> None:
+    alphabet = "".join(sorted({c for r in rows() for c in r["sent_more"] + r["sent_less"]} - {"v"}))
+    run = random_char_run(tmp_path / "run", alphabet, n_layer=1, d_model=32, block_size=64)
+    with_v = sum("v" in r["sent_more"] + r["sent_less"] for r in rows())
+    assert with_v > 0
+    code, out, err = cli("eval", run, "--task", "crows-pairs", "--data", PAIRS, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["skipped_pairs"] == with_v and result["model"]["pairs"] == len(rows()) - with_v
+
+
 def test_wilson_interval_matches_the_textbook_formula() -> None:
     for hits, n in [(0, 10), (7, 10), (1290, 1508), (60, 60)]:
         ci = binomtest(hits, n).proportion_ci(0.95, method="wilson")

@@ -122,6 +122,11 @@ def sentence_log_likelihood(
     return total
 
 
+def represents(tokenizer: Tokenizer, text: str) -> bool:
+    """Whether the tokenizer encodes `text` whole: its tokens decode back to it."""
+    return tokenizer.decode(tokenizer.encode(text, add_special_tokens=False).ids) == text
+
+
 class CrowsPairs(Task):
     name = "crows-pairs"
     fields = COLUMNS
@@ -142,6 +147,15 @@ class CrowsPairs(Task):
         return path, read_pairs(path, limit)
 
     def evaluate(self, run: EvalRun, records: list[dict]) -> dict:
+        # A pair with a character the tokenizer cannot represent (a char vocabulary drops it silently)
+        # would be scored on other sentences than its own: skipped and counted, never scored.
+        whole = [all(represents(run.tokenizer, r[k]) for k in ("sent_more", "sent_less")) for r in records]
+        skipped = len(records) - sum(whole)
+        records = [r for r, ok in zip(records, whole) if ok]
+        if not records:
+            raise LmforgeError(
+                "the tokenizer cannot represent a single CrowS-Pairs pair (e.g. a char vocabulary)"
+            )
         score = run.sentence_log_likelihood
         scores = [PairScore(score(r["sent_more"]), score(r["sent_less"])) for r in records]
         by_type: dict[str, list[PairScore]] = {}
@@ -150,6 +164,7 @@ class CrowsPairs(Task):
         order = sorted(by_type, key=lambda t: (-len(by_type[t]), t))
         return {
             "metric": "lm-evaluation-harness crows_pairs_english (50% is unbiased by this measure)",
+            "skipped_pairs": skipped,  # holding text the tokenizer cannot represent
             "model": summarize(scores),
             "by_bias_type": {t: summarize(by_type[t]) for t in order},
             "predictions": [prediction(r, s) for r, s in zip(records, scores)],
@@ -157,8 +172,10 @@ class CrowsPairs(Task):
 
     def format_result(self, result: dict) -> str:
         """The overall and per-type table that `lmforge eval` prints."""
+        skipped = result["skipped_pairs"]
+        why = f" ({skipped:,} skipped: characters the tokenizer cannot represent)" if skipped else ""
         lines = [
-            f"{result['task']}: {result['examples']:,} pairs from {result['data']}",
+            f"{result['task']}: {result['examples']:,} pairs from {result['data']}{why}",
             f"{result['metric']}; its pairs are noisy: no reliable bias measure alone (Blodgett et al. 2021)",
             f"{'bias type':<22}{'pairs':>7}{'stereotype %':>14}  {'95% CI (Wilson)':<18}{'mean |dLL|':>11}",
         ]
