@@ -14,8 +14,9 @@ from tests.conftest import snapshot
 def test_the_registry_lists_every_task_module_and_the_cli_offers_its_tasks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert list(TASKS) == ["sst2", "multi30k", "squad", "generate", "cloze"]
-    # generate has no built-in dataset; cloze is made from a corpus (--from)
+    assert list(TASKS) == ["sst2", "multi30k", "squad", "generate", "cloze", "crows-pairs"]
+    # generate has no built-in dataset; cloze is made from a corpus (--from); crows-pairs is scored on
+    # its own dataset file, with nothing to prepare
     assert tasks_with_datasets() == ("sst2", "multi30k", "squad", "cloze")
 
     class Toy(Task):
