@@ -8,8 +8,9 @@
 set -euo pipefail
 OUT=${1:-out/crows-pairs}
 LMFORGE=${LMFORGE:-lmforge}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a small model on a busy machine: one thread is faster
 STEPS=${STEPS:-300}
-FT_STEPS=${FT_STEPS:-60}
+FT_STEPS=${FT_STEPS:-300}
 SMALL=(--set model.n_layer=2 --set model.d_model=64 --set model.block_size=64 --set train.batch_size=8
        --set train.eval_interval=0 --set train.checkpoint_interval=0 --set log.progress=false)
 $LMFORGE prepare wikitext-2 --tokenizer bpe --vocab-size 4096 --out "$OUT/data/wikitext2-bpe" --overwrite -q
