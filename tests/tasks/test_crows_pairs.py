@@ -14,7 +14,8 @@ from scipy.stats import binomtest
 
 from lmforge.errors import LmforgeError
 from lmforge.inference import ModelSource
-from lmforge.tasks.crows_pairs import read_pairs, sentence_log_likelihood, wilson_interval
+from lmforge.tasks.base import sentence_log_likelihood
+from lmforge.tasks.crows_pairs import read_pairs, wilson_interval
 from tests.conftest import FIXTURE_DATA, random_char_run
 
 PAIRS = FIXTURE_DATA / "crows-pairs" / "crows_pairs_anonymized.csv"

@@ -83,6 +83,30 @@ def choice_log_probs(
     return scores
 
 
+def sentence_log_likelihood(
+    model: torch.nn.Module, tokenizer: Tokenizer, text: str, *, device: torch.device
+) -> float:
+    """Sum of log p(token | <|endoftext|>, earlier tokens) over the sentence's tokens; a sentence longer
+    than the block is scored in consecutive windows, each conditioned on the token before it, as the
+    harness's rolling windows do. Without <|endoftext|> the first token has no context: not scored."""
+    import torch
+
+    from lmforge.data.tokenizer import eot_id
+
+    start = eot_id(tokenizer)
+    ids = ([start] if start is not None else []) + tokenizer.encode(text, add_special_tokens=False).ids
+    block, total, first = model.config.block_size, 0.0, 1  # ids[first:] are the tokens still to score
+    with torch.inference_mode():
+        while first < len(ids):
+            end = min(len(ids), first + block)  # score ids[first:end] from ids[end-1-block : end-1]
+            window = torch.tensor([ids[max(0, end - 1 - block) : end - 1]], device=device)
+            log_probs = torch.log_softmax(model(window)[0][0].float(), dim=-1)  # (T, vocab)
+            targets = torch.tensor(ids[first:end], device=device)
+            total += log_probs[-len(targets) :].gather(1, targets[:, None]).sum().item()
+            first = end
+    return total
+
+
 def decode(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -168,9 +192,7 @@ class EvalRun:
         return choice_log_probs(self.model, self.tokenizer, prompt, choices=choices, device=self.device)
 
     def sentence_log_likelihood(self, text: str) -> float:
-        """The log-likelihood of a whole text after `<|endoftext|>` (see tasks.crows_pairs)."""
-        from lmforge.tasks.crows_pairs import sentence_log_likelihood
-
+        """The log-likelihood of a whole text after `<|endoftext|>` (see `sentence_log_likelihood`)."""
         return sentence_log_likelihood(self.model, self.tokenizer, text, device=self.device)
 
     @property
