@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/lmforge prepare tinyshakespeare --tokenizer char --out $(DEMO_OUT)/data/shakespeare-char --overwrite
-	$(BIN)/lmforge train configs/shakespeare-char.toml --set data.dir=$(DEMO_OUT)/data/shakespeare-char \
+	$(BIN)/lmforge train shakespeare-char --set data.dir=$(DEMO_OUT)/data/shakespeare-char \
 		--out $(DEMO_OUT)/runs/shakespeare-char --overwrite
 	$(BIN)/lmforge sample $(DEMO_OUT)/runs/shakespeare-char --num-samples 2 --max-new-tokens 400
 	@echo "next: $(BIN)/lmforge chat $(DEMO_OUT)/runs/shakespeare-char, or" \

@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO / "configs" / "shakespeare-char.toml"
+RECIPES_DIR = REPO / "src" / "lmforge" / "recipes"  # the packaged recipes
+SHAKESPEARE = RECIPES_DIR / "shakespeare-char.toml"
 GELU = "model.mlp=gelu"  # the demo's MLP when RESULTS.md was measured (SwiGLU since, so that it exports)
 # name: (config file, overrides); sizes span ~0.8M to ~60M parameters and three architectures
 CONFIGS: dict[str, tuple[Path, list[str]]] = {

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-MODEL = [  # configs/shakespeare-char.toml made smaller, as benchmarks/audit_canaries.sh does
+MODEL = [  # the shakespeare-char recipe made smaller, as benchmarks/audit_canaries.sh does
     "model.n_layer=2",
     "model.d_model=64",
     "model.block_size=64",
@@ -47,7 +47,7 @@ def train(data: Path, run: Path, steps: int, epsilon: float) -> dict:
     sets = [*MODEL, f"data.dir={data}", f"train.max_steps={steps}", "schedule.warmup_steps=30"]
     if epsilon != float("inf"):
         sets.append(f"privacy.target_epsilon={epsilon}")
-    args = ["train", "configs/shakespeare-char.toml", "--out", str(run), "--overwrite"]
+    args = ["train", "shakespeare-char", "--out", str(run), "--overwrite"]
     start = time.perf_counter()
     lmforge(*args, *[f"--set={s}" for s in sets])
     wall = time.perf_counter() - start

@@ -11,7 +11,7 @@ every phase of both once. Reported: the median over rounds of tokens/s (all stre
 of the median time to first token; then lmforge / transformers at one stream and lmforge's 8-stream
 / 1-stream ratio, each the median of the rounds' own ratios, with their range.
 
-Without --run, the model is the demo's architecture (configs/shakespeare-char.toml: Llama-style,
+Without --run, the model is the demo's architecture (the shakespeare-char recipe: Llama-style,
 4 layers, d_model 128, 128-token context) with random weights and a char vocabulary without
 <|endoftext|>, so that every request runs its full length; speed does not depend on the weights.
 

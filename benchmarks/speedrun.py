@@ -13,7 +13,8 @@ train.dtype resolves to something other than fp32 runs a second time in fp32, an
 are printed: how much of the speed-up is bf16's.
 
     .venv/bin/python benchmarks/speedrun.py                       # both configs, target 1.90
-    .venv/bin/python benchmarks/speedrun.py --configs configs/speedrun-shakespeare-char-cpu.toml \\
+    .venv/bin/python benchmarks/speedrun.py \\
+        --configs src/lmforge/recipes/speedrun-shakespeare-char-cpu.toml \\
         --set optim.muon_lr=0.03                                  # try a variation
 """
 
@@ -29,8 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE = REPO / "configs" / "nanogpt-shakespeare-char-cpu.toml"
-SPEEDRUN = REPO / "configs" / "speedrun-shakespeare-char-cpu.toml"
+RECIPES_DIR = REPO / "src" / "lmforge" / "recipes"  # the packaged recipes
+BASELINE = RECIPES_DIR / "nanogpt-shakespeare-char-cpu.toml"
+SPEEDRUN = RECIPES_DIR / "speedrun-shakespeare-char-cpu.toml"
 
 # Overrides every run gets alike. nanoGPT's recipe evaluates the whole val split and checkpoints
 # every 500 steps, the speedrun recipe once at the end: left as configured, the baseline would pay

@@ -9,7 +9,8 @@ use (a fraction of measured matmul peak); above 100% a measurement error, not an
 
     .venv/bin/python benchmarks/throughput.py                      # nanoGPT recipe: fp32 / bf16 / compile
     .venv/bin/python benchmarks/throughput.py --sweep --plot out/throughput.png   # d_model x block_size
-    .venv/bin/python benchmarks/throughput.py --config configs/speedrun-shakespeare-char-cpu.toml --modes bf16
+    .venv/bin/python benchmarks/throughput.py \\
+        --config src/lmforge/recipes/speedrun-shakespeare-char-cpu.toml --modes bf16
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
     from lmforge.runtime import Peak
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "nanogpt-shakespeare-char-cpu.toml"
+RECIPES_DIR = REPO / "src" / "lmforge" / "recipes"  # the packaged recipes
+DEFAULT_CONFIG = RECIPES_DIR / "nanogpt-shakespeare-char-cpu.toml"
 MODES = {
     "fp32": ["train.dtype=fp32"],
     "bf16": ["train.dtype=bf16"],

@@ -46,16 +46,28 @@ def find_datasets() -> Datasets:
 DATASETS = find_datasets()
 
 
-@functools.cache
-def fixture_pins() -> dict[str, tuple]:
-    """NAMED_DATASETS with each part pinned to its small copy's sha256 and size."""
+def pinned_to(root: Path, part: object) -> object:
+    """A NamedDataset pinned to its copy under `root` (sha256 and size), where `root` holds one."""
     from lmforge.data import sources
 
-    def pinned(part: sources.NamedDataset) -> sources.NamedDataset:
-        path = FIXTURE_DATA / part.name / part.filename
-        return replace(part, sha256=sources.file_sha256(path), size=path.stat().st_size)
+    path = root / part.name / part.filename
+    if not path.is_file():
+        return part
+    return replace(part, sha256=sources.file_sha256(path), size=path.stat().st_size)
 
-    return {name: tuple(map(pinned, parts)) for name, parts in sources.NAMED_DATASETS.items()}
+
+@functools.cache
+def fixture_pins() -> dict[str, dict[str, tuple]]:
+    """NAMED_DATASETS and TASK_DATASETS with each part pinned to its small copy's sha256 and size."""
+    from lmforge.data import sources
+
+    return {
+        registry: {name: tuple(pinned_to(FIXTURE_DATA, p) for p in parts) for name, parts in pins.items()}
+        for registry, pins in (
+            ("NAMED_DATASETS", sources.NAMED_DATASETS),
+            ("TASK_DATASETS", sources.TASK_DATASETS),
+        )
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -68,8 +80,9 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
     if not DATASETS.real:
         from lmforge.data import sources
 
-        for name, parts in fixture_pins().items():
-            monkeypatch.setitem(sources.NAMED_DATASETS, name, parts)
+        for registry, pins in fixture_pins().items():
+            for name, parts in pins.items():
+                monkeypatch.setitem(getattr(sources, registry), name, parts)
 
 
 @pytest.fixture

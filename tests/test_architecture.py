@@ -61,6 +61,7 @@ BASE = (
     "lmforge.run_folder",
     "lmforge.output",
     "lmforge.progress",
+    "lmforge.recipes",
 )
 COMMAND_LINE = ("lmforge.cli", "lmforge.__main__")
 LAYERS: list[tuple[str | tuple[str, ...], ...]] = [

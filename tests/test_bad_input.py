@@ -185,7 +185,7 @@ def test_usage_errors_print_the_verbs_usage_once_then_one_error_line(
 
 
 def test_an_error_quoting_a_line_break_stays_on_one_line(cli) -> None:
-    code, _, err = cli("estimate", "configs/shakespeare-char.toml", "--set", "model.n\nlayer=4")
+    code, _, err = cli("estimate", "shakespeare-char", "--set", "model.n\nlayer=4")
     assert_one_line_error(code, err, "estimate", "unknown key model.n\\nlayer")
 
 

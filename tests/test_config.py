@@ -5,8 +5,9 @@ import pytest
 
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.errors import LmforgeError
+from lmforge.recipes import RECIPES_DIR
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = RECIPES_DIR
 
 
 def test_defaults_and_file_and_overrides(tmp_path: Path) -> None:
@@ -52,7 +53,7 @@ def test_a_loaded_config_is_frozen_and_changes_by_copy() -> None:
     assert copy.model.n_layer == 2 and config.model.n_layer == 6
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.toml")))
+@pytest.mark.parametrize("name", sorted(p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*.toml")))
 def test_shipped_configs_load(name: str) -> None:
     load_config(CONFIGS / name)
 

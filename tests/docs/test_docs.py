@@ -58,9 +58,9 @@ def test_the_docs_mark_runnable_blocks_on_every_verb_page_that_can_run_offline()
 
 
 def _toy_workspace(tmp_path: Path) -> dict[str, str]:
-    """A folder to run the blocks in, as a clone's root: configs/ and docs/, `lmforge` and
+    """A folder to run the blocks in, as a clone's root: src/, docs/ and tests/ (fixtures), `lmforge` and
     `.venv/bin/lmforge` at toy size; the environment to run them with."""
-    for name in ("configs", "docs"):
+    for name in ("src", "docs", "tests"):
         (tmp_path / name).symlink_to(REPO / name)
     shim = f'#!/bin/sh\nexec "{sys.executable}" "{TOY_LMFORGE}" "$@"\n'
     for folder in (tmp_path / "bin", tmp_path / ".venv" / "bin"):

@@ -22,6 +22,7 @@ from lmforge.inference import load  # noqa: E402
 from lmforge.inference.generate import generate  # noqa: E402
 from lmforge.interop.hf import export_checkpoint, import_folder  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
+from lmforge.recipes import recipe  # noqa: E402
 from tests.conftest import TINY, snapshot  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -474,8 +475,8 @@ def test_a_trained_run_exports_and_loads_in_transformers_with_the_same_logits(
 def test_the_demo_configs_model_exports_and_loads_in_transformers_with_the_same_logits(
     tmp_path: Path,
 ) -> None:
-    """`make demo`, `lmforge export`, then transformers: no change to configs/shakespeare-char.toml."""
-    demo = load_config(Path(__file__).resolve().parents[2] / "configs" / "shakespeare-char.toml").model
+    """`make demo`, `lmforge export`, then transformers: no change to the shakespeare-char recipe."""
+    demo = load_config(recipe("shakespeare-char").path).model
     options = {k: v for k, v in dataclasses.asdict(demo).items() if v is not None}
     run = lmforge_run(tmp_path, char_tokenizer(TEXT), **options)  # the demo's architecture, its vocabulary
     out = export_checkpoint(run, tmp_path / "hf")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY, use_gutenberg
+from tests.conftest import TINY, use_gutenberg
 from tests.tasks.conftest import CLOZE_BOOK, lines
 
 QUESTIONS = [
@@ -86,13 +86,13 @@ def smaller(*settings: str) -> list[str]:
 def test_base_recipe_then_cloze_then_the_squad_recipe_from_the_base(
     cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """configs/base-gutenberg.toml pretrains, `tasks prepare cloze` makes questions from the same corpus,
-    configs/tasks/squad.toml fine-tunes the base on them (its architecture comes from the base)."""
+    """Recipe base-gutenberg pretrains, `tasks prepare cloze` makes questions from the same corpus,
+    recipe tasks/squad fine-tunes the base on them (its architecture comes from the base)."""
     use_gutenberg(monkeypatch, tmp_path / "shared", {"train": [CLOZE_BOOK] * 3, "val": [CLOZE_BOOK]})
     code, _, err = cli("prepare", "gutenberg", "--tokenizer", "bpe", "--vocab-size", "300",
                        "--out", tmp_path / "data", "-q")  # fmt: skip
     assert code == 0, err
-    code, _, err = cli("train", REPO / "configs" / "base-gutenberg.toml", "--out", tmp_path / "base",
+    code, _, err = cli("train", "base-gutenberg", "--out", tmp_path / "base",
                        *smaller(f"data.dir={tmp_path / 'data'}", "model.block_size=128"))  # fmt: skip
     assert code == 0, err
     code, out, err = cli("eval", tmp_path / "base", "--json")
@@ -102,17 +102,13 @@ def test_base_recipe_then_cloze_then_the_squad_recipe_from_the_base(
     code, _, err = cli("tasks", "prepare", "cloze", "--from", "gutenberg", "--out", tmp_path / "cloze")
     assert code == 0, err
     from_base = smaller(f"data.dir={tmp_path / 'cloze'}", f"train.init_from={tmp_path / 'base'}")
-    code, _, err = cli(
-        "finetune", REPO / "configs" / "tasks" / "squad.toml", "--out", tmp_path / "tuned", *from_base
-    )
+    code, _, err = cli("finetune", "tasks/squad", "--out", tmp_path / "tuned", *from_base)
     assert code == 0, err
     code, out, err = cli("eval", tmp_path / "tuned", "--task", "cloze", "--json", "--max-new-tokens", "4")
     assert code == 0, err
     assert json.loads(out)["examples"] == len(lines(tmp_path / "cloze" / "eval.jsonl"))
-    # configs/tasks/squad-span.toml: the same questions answered by a span head on the base
-    code, _, err = cli(
-        "finetune", REPO / "configs" / "tasks" / "squad-span.toml", "--out", tmp_path / "span", *from_base
-    )
+    # recipe tasks/squad-span: the same questions answered by a span head on the base
+    code, _, err = cli("finetune", "tasks/squad-span", "--out", tmp_path / "span", *from_base)
     assert code == 0, err
     code, out, err = cli("eval", tmp_path / "span", "--task", "cloze", "--json", "--max-new-tokens", "4")
     assert code == 0, err

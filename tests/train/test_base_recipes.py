@@ -1,4 +1,4 @@
-"""The base-model recipes (configs/base-gutenberg*.toml): what they promise about their shape, and
+"""The base-model recipes (base-gutenberg*): what they promise about their shape, and
 that the GPU recipe trains as written, at toy size, on CPU."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 
 from lmforge.config import load_config
 from lmforge.interop.hf import hf_family
-from tests.conftest import REPO
+from lmforge.recipes import RECIPES_DIR
 
-CONFIGS = REPO / "configs"
+CONFIGS = RECIPES_DIR
 
 
 @pytest.mark.parametrize("name", ["base-gutenberg.toml", "base-gutenberg-gpu.toml"])

@@ -15,6 +15,7 @@ from lmforge.config import Config, load_config
 from lmforge.data.tokenizer import byte_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.inference import load
+from lmforge.recipes import RECIPES_DIR
 from lmforge.train.run import prepare_run_dir
 from lmforge.train.trainer import train
 from tests.conftest import BF16_EPS, PIN_FP32, TINY, snapshot
@@ -452,7 +453,7 @@ def test_stop_at_val_loss_ends_the_run_early(config_file: Path, tmp_path: Path) 
 
 
 def test_speedrun_recipe_loads_and_trains(char_data: Path, tmp_path: Path) -> None:
-    configs = Path(__file__).resolve().parents[2] / "configs"
+    configs = RECIPES_DIR
     config = load_config(
         configs / "speedrun-shakespeare-char-cpu.toml",
         [f"data.dir={char_data}", "train.max_steps=6", "log.progress=false", "train.eval_interval=3"],

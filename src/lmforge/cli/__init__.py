@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from lmforge import __version__
-from lmforge.cli import data, evaluate, generate, interop, report, train
+from lmforge.cli import data, evaluate, generate, interop, recipes, report, train
 from lmforge.cli.options import THREADS, Subparsers
 from lmforge.errors import LmforgeError
 from lmforge.output import command_output
@@ -44,6 +44,7 @@ VERBS: dict[str, tuple[AddParser, Run]] = {
     "tasks": (data.add_tasks, data.run_tasks),
     "plot": (report.add_plot, report.run_plot),
     "runs": (report.add_runs, report.run_runs),
+    "recipes": (recipes.add_recipes, recipes.run_recipes),
 }
 
 

@@ -133,8 +133,38 @@ def _add_privacy_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
-    """`lmforge tasks ACTION`: prepare is the one action so far."""
-    return {"prepare": _tasks_prepare}[args.action](args)
+    """`lmforge tasks ACTION`: prepare a task's files, or write the text its tokenizer trains on."""
+    return {"prepare": _tasks_prepare, "text": _tasks_text}[args.action](args)
+
+
+def _tasks_text(args: argparse.Namespace) -> int:
+    from lmforge.tasks import write_task_text
+
+    written = write_task_text(
+        args.task,
+        Path(args.out),
+        root=Path(args.data_dir) if args.data_dir else None,
+        prepared=Path(args.prepared) if args.prepared else None,
+        overwrite=args.overwrite,
+    )
+    print(f"{args.task}: {written:,} characters of tokenizer text -> {args.out}")
+    return 0
+
+
+def _add_tasks_text(actions: Subparsers) -> None:
+    t = actions.add_parser(
+        "text",
+        help="write the text a task recipe trains its tokenizer on",
+        description="Write the plain text a task's recipe trains its BPE tokenizer (or, for squad, its "
+        "first stage) on, for `lmforge prepare FILE`: sst2, the training sentences and the prompt's "
+        "words; multi30k, the English and German training sentences and the prompt's words; squad, the "
+        "prompts and answers of a prepared folder's train.jsonl.",
+    )
+    t.add_argument("task", choices=("sst2", "multi30k", "squad"))
+    t.add_argument("--out", required=True, help="the text file to write")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    t.add_argument("--prepared", metavar="DIR", help="squad: the folder `tasks prepare squad` wrote")
+    t.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
 
 
 def _tasks_prepare(args: argparse.Namespace) -> int:
@@ -188,5 +218,10 @@ def add_tasks(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
         type=positive_int,
         help="cloze: at most N examples over train, val and eval (default 20000), a seeded uniform sample",
     )
-    q.add_argument("--data-dir", help="folder of the shared datasets (default $LMFORGE_DATA_DIR)")
+    q.add_argument(
+        "--data-dir",
+        help="folder of the datasets (default $LMFORGE_DATA_DIR; a file not there comes from the cache, "
+        "else is downloaded and checked against its pinned sha256)",
+    )
+    _add_tasks_text(actions)
     return p

@@ -19,6 +19,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 speaks for the job
     out = OUTPUT.build(args)
+    if args.print_config:
+        return _print_config(args, out.path)
     try:
         summary = train_command(
             args.config, args.set, out=out.path, resume=args.resume, overwrite=out.overwrite
@@ -29,6 +31,17 @@ def run_train(args: argparse.Namespace) -> int:
         return 128 + stop.signum if stop.signum in (signal.SIGINT, signal.SIGTERM) else 1
     if main_rank:
         print(summary.describe())
+    return 0
+
+
+def _print_config(args: argparse.Namespace, out: str | None) -> int:
+    """--print-config: the config the run would use, as TOML that `lmforge train` reads back."""
+    from lmforge.train.trainer import command_config
+
+    config, path = command_config(args.config, args.set, out=out, resume=args.resume)
+    overrides = "".join(f" --set {o}" for o in args.set)
+    print(f"# resolved from {path or 'the defaults'}{overrides}")
+    print(config.to_toml(), end="")
     return 0
 
 
@@ -68,7 +81,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "config",
         nargs="?",
-        help="TOML config (default: RUN_DIR/config.toml with --resume, else the defaults)",
+        help="TOML config file, or a recipe name (`lmforge recipes` lists them) "
+        "(default: RUN_DIR/config.toml with --resume, else the defaults)",
     )
     _add_set_option(p)
     OUTPUT.add(
@@ -78,6 +92,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         overwrite_help="replace a run folder that lmforge wrote and start over",
     )
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (recipe or file, defaults, --set) as TOML and exit",
+    )
 
 
 def run_estimate(args: argparse.Namespace) -> int:
@@ -111,7 +130,7 @@ def add_estimate(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
         "per token, per-device memory for no parallelism / DDP / FSDP with and without "
         "activation checkpointing, and the time for the token budget at a given MFU.",
     )
-    p.add_argument("config", help="TOML config (as for `lmforge train`)")
+    p.add_argument("config", help="TOML config file or recipe name (as for `lmforge train`)")
     _add_set_option(p)
     p.add_argument("--devices", default="1", help="number of devices (default 1)")
     p.add_argument(

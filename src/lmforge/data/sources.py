@@ -127,35 +127,145 @@ NAMED_DATASETS: dict[str, tuple[NamedDataset, ...]] = {
 }
 
 
+SST2_URL = (  # GLUE's SST-2 TSVs as committed to a public repository (GLUE's own SST-2.zip has no pin)
+    "https://raw.githubusercontent.com/brunnurs/binary-classification-bert/"
+    "35e1628db50472679176dd31b992534a3866a86e/data/SST2/"
+)
+MULTI30K_URL = (  # the official repository, at the commit the shared copy comes from
+    "https://raw.githubusercontent.com/multi30k/dataset/a3d2e0d26b56f3846f66a952536ffed4e401d05a/data/task1/raw/"
+)
+SQUAD_URL = "https://rajpurkar.github.io/SQuAD-explorer/dataset/"  # the official SQuAD site
+
+
+def _pinned(folder: str, filename: str, sha256: str, *, size: int, url: str | None) -> NamedDataset:
+    return NamedDataset(name=folder, filename=filename, url=url and url + filename, sha256=sha256, size=size)
+
+
+# The files `lmforge tasks prepare` reads, by folder: looked for in $LMFORGE_DATA_DIR/FOLDER, then
+# the cache, else downloaded (each folder's SOURCE.md in the shared data gives these values).
+TASK_DATASETS: dict[str, tuple[NamedDataset, ...]] = {
+    "sst2": tuple(
+        _pinned("sst2", name, sha, size=size, url=SST2_URL)
+        for name, sha, size in (
+            ("train.tsv", "5c47819a1d04cfabc7afcc79a919c97b0b367101ad42d3ff148d67bf501384c2", 3_806_075),
+            ("dev.tsv", "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0", 94_931),
+        )
+    ),
+    "multi30k": tuple(
+        _pinned("multi30k", name, sha, size=size, url=MULTI30K_URL)
+        for name, sha, size in (
+            ("train.en.gz", "d79cfa999dd4c51d2cb42499b6796d5a882c3a8a961923c25a898c90f8bbd56f", 568_929),
+            ("train.de.gz", "726e39b2fa9eb9ffb6dc763fb35a179f80fae06ffc5d28b6ace5faa883de28a6", 637_044),
+            ("val.en.gz", "14f7d25ddd868909a9213e361768460edcacdd6ab9d1e77b92560dc10c10dc28", 21_650),
+            ("val.de.gz", "f0cba2f995189cf5770f29a8a9a537a3ad3f51657ad873405082ff6863a5e75a", 24_681),
+            (
+                "test_2016_flickr.en.gz",
+                "611d361c6334bc7246101d48097c13cf5c4413c5befc793cc629934359d532d9",
+                21_077,
+            ),
+            (
+                "test_2016_flickr.de.gz",
+                "9204244e408ccb38d2a55cfcd344df15005fc42a07a6e55ca6c52b6ababb8cc8",
+                22_890,
+            ),
+        )
+    ),
+    "squad-v1.1": (
+        # The official files; the shared folder holds dev gzipped (`gzip -9 -n`), which counts too.
+        _pinned(
+            "squad-v1.1",
+            "dev-v1.1.json",
+            "95aa6a52d5d6a735563366753ca50492a658031da74f301ac5238b03966972c9",
+            size=4_854_279,
+            url=SQUAD_URL,
+        ),
+        _pinned(
+            "squad-v1.1",
+            "dev-v1.1.json.gz",
+            "5ef5752d50566ab538501116de1508326eefb6bf70026def7915309f30822727",
+            size=1_033_885,
+            url=None,
+        ),
+        # Not in the shared folder; its pin is the one ParlAI and the LFS pointer in
+        # github.com/salmedina/SQuAD give (their dev-v1.1.json pin is the one above).
+        _pinned(
+            "squad-v1.1",
+            "train-v1.1.json",
+            "3527663986b8295af4f7fcdff1ba1ff3f72d07d61a20f487cb238a6ef92fd955",
+            size=30_288_272,
+            url=SQUAD_URL,
+        ),
+    ),
+    # CrowS-Pairs (`lmforge eval --task crows-pairs`), from the authors' repository at a fixed commit.
+    "crows-pairs": (
+        _pinned(
+            "crows-pairs",
+            "crows_pairs_anonymized.csv",
+            "dfb36986ce0502abbaf7055b9176da3d08d48e07df1251991b5dfbcbceab9d0c",
+            size=437_764,
+            url="https://raw.githubusercontent.com/nyu-mll/crows-pairs/8aaac11c485473159ec9328a65253a5be9a479dc/data/",
+        ),
+    ),
+}
+
+
+def task_dataset(folder: str, filename: str) -> NamedDataset:
+    """The pin of one file of TASK_DATASETS."""
+    return next(d for d in TASK_DATASETS[folder] if d.filename == filename)
+
+
+def task_file(folder: str, filename: str, *same_content: str, root: Path | None = None) -> Path:
+    """A task's file (or the same content under another name), found or downloaded, verified."""
+    others = [task_dataset(folder, name) for name in same_content]
+    return resolve_named_dataset(task_dataset(folder, filename), *others, root=root)
+
+
 def data_dir() -> Path | None:
     """The folder of local named datasets (`$LMFORGE_DATA_DIR`), if set."""
     value = os.environ.get("LMFORGE_DATA_DIR")
     return Path(value) if value else None
 
 
-def resolve_named_dataset(dataset: NamedDataset) -> Path:
-    """Find a named dataset in the data dir, then the cache, else download and verify it."""
-    local = data_dir()
-    if local is not None and (local / dataset.name / dataset.filename).is_file():
-        path = local / dataset.name / dataset.filename
-        _verify(path, dataset)
-        return path
-    cached = cache_dir() / "datasets" / dataset.name / dataset.filename
-    if cached.is_file():
-        _verify(cached, dataset)
-        return cached
-    if dataset.url is None:
+def cached_path(dataset: NamedDataset) -> Path:
+    """Where a download of the pinned file is kept."""
+    return cache_dir() / "datasets" / dataset.name / dataset.filename
+
+
+def local_copy(dataset: NamedDataset, root: Path | None = None) -> Path | None:
+    """The verified copy of a pinned file in `root` (default `$LMFORGE_DATA_DIR`), else in the cache;
+    None when neither holds it. A copy whose sha256 differs from the pin is an error, never skipped."""
+    root = root if root is not None else data_dir()
+    places = ([root / dataset.name / dataset.filename] if root is not None else []) + [cached_path(dataset)]
+    for path in places:
+        if path.is_file():
+            _verify(path, dataset)
+            return path
+    return None
+
+
+def resolve_named_dataset(
+    dataset: NamedDataset, *same_content: NamedDataset, root: Path | None = None
+) -> Path:
+    """Find a pinned file in `root` (default `$LMFORGE_DATA_DIR`), then the cache, else download and
+    verify it. `same_content`: the same data stored otherwise (e.g. gzipped), also looked for locally;
+    the first candidate with a public URL is the one downloaded."""
+    candidates = (dataset, *same_content)
+    for candidate in candidates:
+        if (found := local_copy(candidate, root)) is not None:
+            return found
+    where = f"{root or '$LMFORGE_DATA_DIR'}/{dataset.name} or {cached_path(dataset).parent}"
+    downloadable = next((c for c in candidates if c.url is not None), None)
+    if downloadable is None:
         raise LmforgeError(
-            f"dataset {dataset.name!r}: {dataset.filename} is not in $LMFORGE_DATA_DIR/{dataset.name} "
-            f"or {cached.parent}, and it has no public download"
+            f"dataset {dataset.name!r}: {dataset.filename} is not in {where}, and it has no public download"
         )
     if os.environ.get("LMFORGE_OFFLINE") == "1":
         raise LmforgeError(
-            f"dataset {dataset.name!r} is not in $LMFORGE_DATA_DIR or {cached.parent} "
+            f"dataset {dataset.name!r}: {downloadable.filename} is not in {where} "
             "and LMFORGE_OFFLINE=1 forbids downloading it"
         )
-    _download(dataset, cached)
-    return cached
+    _download(downloadable, cached_path(downloadable))
+    return cached_path(downloadable)
 
 
 def _verify(path: Path, dataset: NamedDataset) -> None:
@@ -164,6 +274,10 @@ def _verify(path: Path, dataset: NamedDataset) -> None:
         raise LmforgeError(
             f"{path}: sha256 {actual} does not match the pinned {dataset.sha256} of {dataset.name!r}"
         )
+
+
+class DownloadError(LmforgeError):
+    """The network failed a download (not a file that arrived with the wrong size or sha256)."""
 
 
 def download_timeout() -> float:
@@ -198,7 +312,7 @@ def _download(dataset: NamedDataset, target: Path) -> None:
             )
         os.replace(tmp, target)
     except (OSError, http.client.HTTPException) as exc:  # IncompleteRead is an HTTPException, not OSError
-        raise LmforgeError(
+        raise DownloadError(
             f"could not download {dataset.name!r} from {dataset.url}: {type(exc).__name__}: {exc}"
         ) from None
     finally:

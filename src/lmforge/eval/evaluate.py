@@ -15,7 +15,7 @@ from lmforge.data.tokenizer import check_same_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.inference import InferenceSession, ModelSource
 from lmforge.inference.loss import LMEval, evaluate_lm
-from lmforge.tasks import evaluate_task, format_table
+from lmforge.tasks import TASKS, evaluate_task, format_table
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,15 @@ def evaluate_checkpoint(
             raise LmforgeError("--predictions needs a --task (the lm loss has no per-example answers)")
         check_predictions_file(predictions)
     session = source.load(any_head=True)
-    if not (data or session.config.data.dir):
-        raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
-    data_dir = Path(data or session.config.data.dir)
     if task == "lm":
+        if not (data or session.config.data.dir):
+            raise LmforgeError("--data is required: the checkpoint's config has no data.dir")
+        data_dir = Path(data or session.config.data.dir)
         return LMReport(session.checkpoint, session.step, data_dir, _lm_loss(session, data_dir, batch_size))
+    if TASKS[task].own_dataset:  # scored on its own dataset: --data only to point at another copy
+        data_dir = data
+    else:
+        data_dir = Path(data or session.config.data.dir) if (data or session.config.data.dir) else None
     with session.autocast():
         result = evaluate_task(
             task,

@@ -52,10 +52,12 @@ class PreparedTask:
 
     counts: dict[str, int]
     val_from: str  # e.g. "5% of train, seed 0" or "the dataset's validation split"
+    train_from: str | None = None  # where the dataset offers a choice: which files train came from
 
     def summary(self, name: str, out: Path) -> str:
         counts = ", ".join(f"{n:,} {split}" for split, n in self.counts.items())
-        return f"{name}: {counts} examples (val: {self.val_from}; eval is the scored split) -> {out}"
+        train = f"train: {self.train_from}; " if self.train_from else ""
+        return f"{name}: {counts} examples ({train}val: {self.val_from}; eval is the scored split) -> {out}"
 
 
 def carve_validation(
@@ -87,16 +89,18 @@ class CorpusSource:
 
 def _with_validation(
     task: Task, root: Path | None, fraction: float, *, seed: int, source: CorpusSource | None
-) -> tuple[dict[str, Iterable[dict]], str]:
-    """The task's splits in file order train, val, eval: val is the dataset's own, else carved from train."""
+) -> tuple[dict[str, Iterable[dict]], PreparedTask]:
+    """The task's splits in file order train, val, eval (val is the dataset's own, else carved from
+    train), and a PreparedTask without counts that says where val and train came from."""
     splits = task.corpus_splits(source.corpus, source.examples, seed) if source else task.splits(root)
+    train_from = splits.get("train_from")
     if "val" in splits:
-        return {"train": splits["train"], "val": splits["val"], "eval": splits["eval"]}, (
-            "the dataset's validation split"
-        )
+        files = {"train": splits["train"], "val": splits["val"], "eval": splits["eval"]}
+        return files, PreparedTask({}, "the dataset's validation split", train_from)
     train, val = carve_validation(splits["train"], fraction, seed, group=task.val_group)
     per = f" by {task.val_group}" if task.val_group else ""
-    return {"train": train, "val": val, "eval": splits["eval"]}, f"{fraction:g} of train{per}, seed {seed}"
+    about = PreparedTask({}, f"{fraction:g} of train{per}, seed {seed}", train_from)
+    return {"train": train, "val": val, "eval": splits["eval"]}, about
 
 
 def prepare_task(
@@ -123,14 +127,12 @@ def prepare_task(
     if not 0.0 < val_fraction < 1.0:
         raise LmforgeError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     _check_corpus(TASKS[name], corpus)
-    root = source_dir or data_dir()
-    if root is None and corpus is None:
-        raise LmforgeError("set $LMFORGE_DATA_DIR (or --data-dir) to the folder holding the shared datasets")
-    inputs = [Path(corpus.corpus)] if corpus and Path(corpus.corpus).exists() else [root]
+    root = source_dir  # None: $LMFORGE_DATA_DIR, then the cache, then a download (data.sources)
+    inputs = [Path(corpus.corpus)] if corpus and Path(corpus.corpus).exists() else [root or data_dir()]
     counts = {}
     try:
         with staged_folder(out, "tasks", overwrite, inputs=[p for p in inputs if p is not None]) as staging:
-            splits, val_from = _with_validation(TASKS[name], root, val_fraction, seed=seed, source=corpus)
+            splits, about = _with_validation(TASKS[name], root, val_fraction, seed=seed, source=corpus)
             for split, examples in splits.items():
                 with open(staging / f"{split}.jsonl", "w", encoding="utf-8") as f:
                     counts[split] = 0
@@ -139,7 +141,31 @@ def prepare_task(
                         counts[split] += 1
     except FileNotFoundError as exc:
         raise LmforgeError(f"{exc.filename}: not found (is the data folder {root} complete?)") from None
-    return PreparedTask(counts, val_from)
+    return PreparedTask(counts, about.val_from, about.train_from)
+
+
+def write_task_text(
+    name: str, out: Path, *, root: Path | None = None, prepared: Path | None = None, overwrite: bool = False
+) -> int:
+    """`lmforge tasks text`: write the text a task's recipe trains its tokenizer on to the file `out`
+    (whole or not at all); the number of characters written."""
+    if name not in TASKS:
+        raise LmforgeError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+    if out.exists() and not overwrite:
+        raise LmforgeError(f"{out} exists (use --overwrite to replace it)")
+    if out.is_dir():
+        raise LmforgeError(f"{out} is a folder; give a file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    written = 0
+    try:
+        with open(partial, "w", encoding="utf-8", newline="") as f:
+            for piece in TASKS[name].tokenizer_text(root, prepared):
+                written += f.write(piece)
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return written
 
 
 def _check_corpus(task: Task, corpus: CorpusSource | None) -> None:
@@ -155,14 +181,15 @@ def evaluate_task(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
     *,
-    data_dir: Path,
+    data_dir: Path | None,
     device: torch.device,
     limit: int | None = None,
     beam_size: int = 1,
     max_new_tokens: int | None = None,
     calibrate: bool = False,
 ) -> dict:
-    """{"task", "examples", "model": {metric: value}, "baseline": {metric: value}, "baseline_name", ...}."""
+    """{"task", "examples", "data", "model": {metric: value}, ...}: most tasks score DATA_DIR/eval.jsonl
+    beside a baseline ("baseline", "baseline_name"); an `own_dataset` task scores its dataset file."""
     if task not in TASKS:
         raise LmforgeError(f"unknown task {task!r} (known: {', '.join(TASKS)}, lm)")
     max_new_tokens = answer_cap(max_new_tokens, model.config.block_size)
@@ -175,6 +202,11 @@ def evaluate_task(
             )
         if beam_size > 1:
             raise LmforgeError("--beam-size does not apply to a span model (it decodes nothing)")
+    if TASKS[task].own_dataset:
+        scored, records = TASKS[task].eval_records(data_dir, limit)
+        data_dir = scored.parent
+    elif data_dir is None:
+        raise LmforgeError(f"task {task!r} needs --data: the checkpoint's config has no data.dir")
     run = EvalRun(
         model=model,
         tokenizer=tokenizer,
@@ -184,9 +216,10 @@ def evaluate_task(
         max_new_tokens=max_new_tokens,
         calibrate=calibrate,
     )
-    records = read_eval(run.eval_file, limit)
-    require_fields(records, TASKS[task].fields, run.eval_file)
-    header = {"task": task, "examples": len(records), "data": str(run.eval_file)}
+    if not TASKS[task].own_dataset:
+        scored, records = run.eval_file, read_eval(run.eval_file, limit)
+        require_fields(records, TASKS[task].fields, scored)
+    header = {"task": task, "examples": len(records), "data": str(scored)}
     return {**header, **TASKS[task].evaluate(run, records)}
 
 
@@ -204,7 +237,10 @@ def answer_cap(requested: int | None, block_size: int) -> int:
 
 
 def format_table(result: dict) -> str:
-    """`evaluate_task`'s result as a table: each metric of the model beside the baseline's."""
+    """`evaluate_task`'s result as a table: the task's own, else each metric of the model beside the
+    baseline's."""
+    if (own := TASKS[result["task"]].format_result(result)) is not None:
+        return own
     lines = [
         f"{result['task']}: {result['examples']} examples from {result['data']}"
         + (f", {result['decoding']} decoding" if "decoding" in result else ""),

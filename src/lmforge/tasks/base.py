@@ -83,6 +83,30 @@ def choice_log_probs(
     return scores
 
 
+def sentence_log_likelihood(
+    model: torch.nn.Module, tokenizer: Tokenizer, text: str, *, device: torch.device
+) -> float:
+    """Sum of log p(token | <|endoftext|>, earlier tokens) over the sentence's tokens; a sentence longer
+    than the block is scored in consecutive windows, each conditioned on the token before it, as the
+    harness's rolling windows do. Without <|endoftext|> the first token has no context: not scored."""
+    import torch
+
+    from lmforge.data.tokenizer import eot_id
+
+    start = eot_id(tokenizer)
+    ids = ([start] if start is not None else []) + tokenizer.encode(text, add_special_tokens=False).ids
+    block, total, first = model.config.block_size, 0.0, 1  # ids[first:] are the tokens still to score
+    with torch.inference_mode():
+        while first < len(ids):
+            end = min(len(ids), first + block)  # score ids[first:end] from ids[end-1-block : end-1]
+            window = torch.tensor([ids[max(0, end - 1 - block) : end - 1]], device=device)
+            log_probs = torch.log_softmax(model(window)[0][0].float(), dim=-1)  # (T, vocab)
+            targets = torch.tensor(ids[first:end], device=device)
+            total += log_probs[-len(targets) :].gather(1, targets[:, None]).sum().item()
+            first = end
+    return total
+
+
 def decode(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
@@ -167,6 +191,10 @@ class EvalRun:
     def choice_log_probs(self, prompt: str, choices: list[str]) -> list[float]:
         return choice_log_probs(self.model, self.tokenizer, prompt, choices=choices, device=self.device)
 
+    def sentence_log_likelihood(self, text: str) -> float:
+        """The log-likelihood of a whole text after `<|endoftext|>` (see `sentence_log_likelihood`)."""
+        return sentence_log_likelihood(self.model, self.tokenizer, text, device=self.device)
+
     @property
     def extractive(self) -> bool:
         """Whether the model has a span head: it answers with a span of the prompt, not by decoding."""
@@ -213,21 +241,39 @@ class Task(ABC):
     from_corpus: ClassVar[bool] = False
     # Its choices can be scored against a content-free input (`lmforge eval --calibrate`).
     calibrates: ClassVar[bool] = False
+    # Scored on its own dataset file (`eval_records`), found or downloaded, not on a prepared eval.jsonl.
+    own_dataset: ClassVar[bool] = False
 
     @property
     def has_dataset(self) -> bool:
         """Whether `lmforge tasks prepare` can write this task's files (the task overrides `splits`)."""
         return type(self).splits is not Task.splits or self.from_corpus
 
-    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
-        """The shared dataset under `root` as JSONL records per split: "train", "eval" (the scored
-        split) and, where the dataset has its own validation split, "val" (else `prepare_task`
-        carves one from train).
+    def splits(self, root: Path | None) -> dict[str, Iterable[dict]]:
+        """The task's dataset as JSONL records per split: "train", "eval" (the scored split) and,
+        where the dataset has its own validation split, "val" (else `prepare_task` carves one from
+        train); optionally "train_from", a str saying where train came from. Files are read from
+        `root` (default `$LMFORGE_DATA_DIR`), the cache, or downloaded (`data.sources.task_file`).
 
         Prompts end where the model's answer starts; completions begin with a space so that
         BPE tokenizers see a word boundary.
         """
         raise LmforgeError(f"task {self.name!r} has no built-in dataset")
+
+    def eval_records(self, data: Path | None, limit: int | None) -> tuple[Path, list[dict]]:
+        """An `own_dataset` task's scored file (`data`, else its pinned dataset) and its first `limit`
+        records."""
+        raise LmforgeError(f"task {self.name!r} is scored on a prepared eval.jsonl")
+
+    def format_result(self, result: dict) -> str | None:
+        """The task's own table for `lmforge eval`; None: the model-beside-baseline table."""
+        return None
+
+    def tokenizer_text(self, root: Path | None, prepared: Path | None) -> Iterable[str]:
+        """`lmforge tasks text`: the text the task's recipe trains its tokenizer (or first stage) on, in
+        pieces to be written one after another. `prepared`: a folder `tasks prepare` wrote, for a text
+        made from its train.jsonl."""
+        raise LmforgeError(f"task {self.name!r} has no tokenizer text")
 
     def corpus_splits(self, corpus: str, examples: int | None, seed: int) -> dict[str, Iterable[dict]]:
         """A `from_corpus` task's records per split, as `splits`, made from `corpus` (a named dataset,

@@ -187,7 +187,7 @@ class Cloze(Squad):
     from_corpus = True
     val_group = None  # examples come one per paragraph, chosen one by one
 
-    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
+    def splits(self, root: Path | None) -> dict[str, Iterable[dict]]:
         raise LmforgeError("cloze questions are made from a corpus: give --from CORPUS")
 
     def corpus_splits(self, corpus: str, examples: int | None, seed: int) -> dict[str, Iterable[dict]]:

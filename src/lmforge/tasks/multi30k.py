@@ -17,8 +17,11 @@ def translation_prompt(english: str) -> str:
     return f"English: {english.strip()}\nGerman:"
 
 
-def _parallel(root: Path, split: str) -> Iterator[dict]:
-    en_path, de_path = root / "multi30k" / f"{split}.en.gz", root / "multi30k" / f"{split}.de.gz"
+def _parallel(root: Path | None, split: str) -> Iterator[dict]:
+    from lmforge.data.sources import task_file  # lmforge.data imports torch: not at import time
+
+    en_path = task_file("multi30k", f"{split}.en.gz", root=root)
+    de_path = task_file("multi30k", f"{split}.de.gz", root=root)
     with gzip.open(en_path, "rt", encoding="utf-8") as en, gzip.open(de_path, "rt", encoding="utf-8") as de:
         for line_no, (source, target) in enumerate(zip(en, de, strict=True), start=1):
             source, target = source.strip(), target.strip()
@@ -38,13 +41,24 @@ class Multi30k(DecodingTask):
     listing_order = 2
     baseline_name = "copy the source sentence"
 
-    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
+    def splits(self, root: Path | None) -> dict[str, Iterable[dict]]:
         """Multi30k en→de: train for training, val for checkpoint selection, test_2016_flickr scored."""
         return {
             "train": _parallel(root, "train"),
             "val": _parallel(root, "val"),
             "eval": _parallel(root, "test_2016_flickr"),
         }
+
+    def tokenizer_text(self, root: Path | None, prepared: Path | None) -> Iterator[str]:
+        """The English then the German training sentences, one a line, then the prompt's words."""
+        from lmforge.data.sources import task_file
+
+        for language in ("en", "de"):
+            with gzip.open(
+                task_file("multi30k", f"train.{language}.gz", root=root), "rt", encoding="utf-8"
+            ) as f:
+                yield from (line.strip() + "\n" for line in f)
+        yield "English: \nGerman:\n"
 
     def scores(self, outputs: list[str], records: list[dict]) -> dict:
         return metrics.translation_scores(outputs, [r["reference"] for r in records])

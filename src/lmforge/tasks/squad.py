@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from lmforge.errors import LmforgeError
 from lmforge.tasks import metrics
 from lmforge.tasks.base import DecodingTask
 
+logger = logging.getLogger(__name__)
 CONTEXT_LABEL = "\nContext: "
 
 
@@ -54,6 +57,34 @@ def _examples(articles: list[dict]) -> Iterator[dict]:
                 }
 
 
+OFFICIAL = "train-v1.1.json; eval: the whole dev-v1.1.json"
+DEV_HALF = "the first half of dev-v1.1.json's articles (train-v1.1.json not found); eval: the other half"
+
+
+def _articles(path: Path) -> list[dict]:
+    with (
+        gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as f
+    ):
+        return json.load(f)["data"]
+
+
+def _official_train(root: Path | None) -> Path | None:
+    """train-v1.1.json found locally, else downloaded; None offline (LMFORGE_OFFLINE=1) or when the
+    network fails (then a warning says so). A copy with the wrong sha256 is an error, not a fallback."""
+    import os
+
+    from lmforge.data.sources import DownloadError, local_copy, task_dataset, task_file
+
+    pinned = task_dataset("squad-v1.1", "train-v1.1.json")
+    if (found := local_copy(pinned, root)) is not None or os.environ.get("LMFORGE_OFFLINE") == "1":
+        return found
+    try:
+        return task_file("squad-v1.1", "train-v1.1.json", root=root)
+    except DownloadError as exc:
+        logger.warning(f"{exc}; training on half of the dev articles instead")
+        return None
+
+
 class Squad(DecodingTask):
     name = "squad"
     fields = ("prompt", "answers")
@@ -61,13 +92,29 @@ class Squad(DecodingTask):
     baseline_name = "the context's first sentence"
     val_group = "title"  # val.jsonl holds whole articles of the train half
 
-    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
-        """SQuAD v1.1 dev, split by article: the first half of the articles trains, the rest evaluates."""
-        path = root / "squad-v1.1" / "dev-v1.1.json.gz"
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            articles = json.load(f)["data"]
-        half = len(articles) // 2
-        return {"train": _examples(articles[:half]), "eval": _examples(articles[half:])}
+    def splits(self, root: Path | None) -> dict[str, Iterable[dict]]:
+        """The official train-v1.1.json trains and the whole dev set evaluates, where train-v1.1.json
+        is found or can be downloaded; else SQuAD v1.1 dev split by article: the first half of the
+        articles trains, the rest evaluates. "train_from" says which."""
+        from lmforge.data.sources import task_file
+
+        dev = _articles(task_file("squad-v1.1", "dev-v1.1.json", "dev-v1.1.json.gz", root=root))
+        train = _official_train(root)
+        if train is not None:
+            return {"train": _examples(_articles(train)), "eval": _examples(dev), "train_from": OFFICIAL}
+        half = len(dev) // 2
+        return {"train": _examples(dev[:half]), "eval": _examples(dev[half:]), "train_from": DEV_HALF}
+
+    def tokenizer_text(self, root: Path | None, prepared: Path | None) -> Iterator[str]:
+        """Stage 1 of the from-scratch recipe: each train.jsonl example of `prepared` (prompt and
+        answer), separated by blank lines."""
+        from lmforge.tasks.base import read_eval
+
+        if prepared is None:
+            raise LmforgeError("squad's text is made from a prepared task folder: give --prepared DIR")
+        for i, record in enumerate(read_eval(prepared / "train.jsonl", None)):
+            yield ("\n\n" if i else "") + record["prompt"] + record["completion"]
+        yield "\n"
 
     def scores(self, outputs: list[str], records: list[dict]) -> dict:
         return metrics.squad_scores(outputs, [r["answers"] for r in records])

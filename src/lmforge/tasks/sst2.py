@@ -67,12 +67,22 @@ class SST2(Task):
     listing_order = 1
     calibrates = True
 
-    def splits(self, root: Path) -> dict[str, Iterable[dict]]:
+    def splits(self, root: Path | None) -> dict[str, Iterable[dict]]:
         """GLUE SST-2: train.tsv for training, dev.tsv (labelled) for evaluation."""
+        from lmforge.data.sources import task_file  # lmforge.data imports torch: not at import time
+
         return {
-            "train": _sst2_examples(root / "sst2" / "train.tsv"),
-            "eval": _sst2_examples(root / "sst2" / "dev.tsv"),
+            "train": _sst2_examples(task_file("sst2", "train.tsv", root=root)),
+            "eval": _sst2_examples(task_file("sst2", "dev.tsv", root=root)),
         }
+
+    def tokenizer_text(self, root: Path | None, prepared: Path | None) -> Iterator[str]:
+        """Every train.tsv sentence on its own line, then the words the prompts and labels add."""
+        from lmforge.data.sources import task_file
+
+        for row in _read_tsv(task_file("sst2", "train.tsv", root=root)):
+            yield row["sentence"].strip() + "\n"
+        yield sst2_prompt("") + " " + " ".join(reversed(SST2_LABELS)) + "\n"  # "... positive negative"
 
     def evaluate(self, run: EvalRun, records: list[dict]) -> dict:
         labels = [r["label"] for r in records]

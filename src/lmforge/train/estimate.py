@@ -36,6 +36,7 @@ from torch import nn
 from lmforge.config import Config, ModelConfig, head_size, load_config
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GATED_MLPS, GPT, attention_flops, mlp_hidden_size
+from lmforge.recipes import config_path
 from lmforge.runtime import DEVICE_PEAK_FLOPS, Peak, device_peak, format_flops, resolve_dtype
 from lmforge.train.optim import split_parameters
 
@@ -522,7 +523,7 @@ def format_table(e: Estimate) -> str:
 
 def estimate_report(config_file: str, overrides: list[str], as_json: bool = False, **options: object) -> str:
     """`lmforge estimate`: what it prints for a config file with overrides (`options`: see `estimate`)."""
-    config = load_config(config_file, overrides)
+    config = load_config(config_path(config_file), overrides, origin=config_file)
     result = estimate(config, **options)
     if as_json:
         return json.dumps({"config": config_file, **result.as_dict()})

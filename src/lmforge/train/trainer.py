@@ -18,6 +18,7 @@ from types import FrameType
 from lmforge.config import Config, TrainConfig, load_config
 from lmforge.errors import LmforgeError, TrainingInterrupted
 from lmforge.inference.loss import LMEval
+from lmforge.recipes import config_path
 from lmforge.runtime import Peak, format_flops
 from lmforge.staging import locked
 from lmforge.train import distributed, loggers
@@ -51,20 +52,31 @@ class TrainSummary:
         )
 
 
+def command_config(
+    config_file: str | None, overrides: list[str], *, out: str | None, resume: bool
+) -> tuple[Config, Path | None]:
+    """The config of `lmforge train`/`finetune` (and its file): CONFIG (a file, else a packaged recipe
+    of that name), or the run's own with --resume, or the defaults with the overrides."""
+    if config_file is not None:
+        path: Path | None = config_path(config_file)
+    elif out:
+        path = Path(out) / "config.toml" if resume else None
+    else:
+        raise LmforgeError(
+            "give a CONFIG file or recipe, or --out RUN_DIR (with --set overrides or --resume)"
+        )
+    origin = config_file if config_file is not None else str(path or "--set")
+    return load_config(path, overrides, origin=origin), path
+
+
 def train_command(
     config_file: str | None, overrides: list[str], *, out: str | None, resume: bool, overwrite: bool
 ) -> TrainSummary:
-    """`lmforge train` and `finetune`: the config is CONFIG, or the run's own with --resume, or the
-    defaults with the overrides; the run folder is --out, or runs/CONFIG_NAME."""
-    if config_file is not None:
-        config_path: Path | None = Path(config_file)
-    elif out:
-        config_path = Path(out) / "config.toml" if resume else None
-    else:
-        raise LmforgeError("give a CONFIG file, or --out RUN_DIR (with --set overrides or --resume)")
-    config = load_config(config_path, overrides, origin=str(config_path or "--set"))
-    run_dir = Path(out) if out else Path("runs") / config_path.stem
-    return train(config, run_dir, resume=resume, overwrite=overwrite, config_file=config_path)
+    """`lmforge train` and `finetune`: the config as `command_config` finds it; the run folder is
+    --out, or runs/CONFIG_NAME."""
+    config, path = command_config(config_file, overrides, out=out, resume=resume)
+    run_dir = Path(out) if out else Path("runs") / path.stem
+    return train(config, run_dir, resume=resume, overwrite=overwrite, config_file=path)
 
 
 def train(
