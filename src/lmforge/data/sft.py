@@ -51,6 +51,11 @@ class Example:
     matched: list[bool] | None = None  # span examples, per id: a context word the question holds
 
     @property
+    def length(self) -> int:
+        """Tokens in the example: what `ExampleBatches` groups batches by."""
+        return len(self.ids)
+
+    @property
     def prompt_tokens(self) -> int:
         """How many leading ids come before the first answer token."""
         return self.trained.index(True) if True in self.trained else len(self.ids)
@@ -263,7 +268,7 @@ class ExampleBatches:
 
     def __init__(
         self,
-        examples: list[Example],
+        examples: list[Example],  # or anything with a `length` that `collate` takes (preference pairs)
         batch_size: int,
         seed: int,
         *,
@@ -272,7 +277,7 @@ class ExampleBatches:
     ) -> None:
         self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
         self.collate = collate
-        self.lengths = torch.tensor([len(e.ids) for e in examples])
+        self.lengths = torch.tensor([e.length for e in examples])
         self.generator = torch.Generator().manual_seed(seed)
         self.order = self._epoch_order()
         self.position, self.epoch = 0, 0
