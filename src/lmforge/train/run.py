@@ -172,7 +172,7 @@ def build_run(
     check_compatible(config, data, init_from=init_from, resume_from=resume_from)
     amp = autocast(device, t.dtype)
     module = build_model(config, init_from, device)
-    objective = build_objective(config, module, device)
+    objective = build_objective(config, module, device)  # before `restore` sets every RNG state
     if isinstance(
         data, (SFTData, PreferenceData)
     ):  # fine-tuned with a template (perhaps the default): saved, to chat in
@@ -197,17 +197,8 @@ def build_run(
         resumed_at = None if resume_from is None else state.progress.step
         prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at=resumed_at)
     dist.barrier()
-    return Run.assemble(
-        config,
-        run_dir,
-        dist=dist,
-        device=device,
-        data=data,
-        amp=amp,
-        state=state,
-        checkpointer=checkpointer,
-        objective=objective,
-    )
+    parts = dict(dist=dist, device=device, data=data, amp=amp, state=state, checkpointer=checkpointer)
+    return Run.assemble(config, run_dir, objective=objective, **parts)
 
 
 def new_training_state(
