@@ -318,3 +318,21 @@ def test_a_batch_of_pairs_keeps_each_pair_in_two_adjacent_rows() -> None:
     assert x.size(0) == 4
     assert x[:, 0].tolist() == [1, 1, 6, 6]  # chosen, rejected of pair 0, then of pair 1
     assert y[0, :3].tolist() == [IGNORE_INDEX, 3, 4] and y[1, :2].tolist() == [IGNORE_INDEX, 5]
+
+
+def test_plot_adds_the_preference_panels_with_train_and_val(cli, pairs: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from lmforge.report.plot import plot_runs
+
+    assert cli(*tune_args(pairs, tmp_path / "run", "train.max_steps=6", "train.eval_interval=3"))[0] == 0
+    fig = plot_runs([tmp_path / "run"])
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles[4:] == [
+        "reward margin (chosen - rejected)",
+        "preference accuracy",
+        "KL to the reference (nats)",
+    ]
+    steps, evals = read_metrics(tmp_path / "run")
+    train_line, val_line = fig.axes[4].get_lines()
+    assert list(train_line.get_ydata()) == [e["reward_margin"] for e in steps]
+    assert list(val_line.get_ydata()) == [e["val_reward_margin"] for e in evals]
