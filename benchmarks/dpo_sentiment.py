@@ -251,8 +251,8 @@ def run_experiment(args) -> list[dict]:
     tuning, report = read_prompts(
         args.sst2, tuning=args.tuning_prompts, report=args.report_prompts, seed=args.seed
     )
-    reference = load_model(args.policy)
-    tokenizer = Tokenizer.from_file(str(args.policy / "tokenizer.json"))
+    session = inference.load(args.policy, "last", "cpu", dtype="fp32")
+    reference, tokenizer = session.model, session.tokenizer
     judge = inference.load(args.judge, "best", "cpu", dtype="fp32").model
     ctx = {"tokenizer": tokenizer, "report": report, "judge": judge, "reference": reference}
     ctx["max_new"] = args.max_new_tokens
