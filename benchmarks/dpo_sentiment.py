@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import random
@@ -120,19 +121,22 @@ def sequence_kl(policy, reference, tokenizer: Tokenizer, prompts: list[str], sam
 
 
 def write_pairs(folder: Path, prompts: list[str], samples: Samples, scores: list[list[float]]) -> int:
-    """TRL-format pairs of the two samples per tuning prompt, the more positive chosen; the last tenth
-    of the prompts is val.jsonl. Returns the number of ties left out."""
+    """TRL-format pairs of every two samples of a tuning prompt, the more positive chosen; the pairs of
+    the last tenth of the prompts are val.jsonl. Returns the number of ties left out."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines, ties = [], 0
-    for prompt, (a, b), (ra, rb) in zip(prompts, samples.texts, scores):
-        if ra == rb or a == b:
-            ties += 1
-            continue
-        chosen, rejected = (a, b) if ra > rb else (b, a)
-        lines.append({"prompt": prompt, "chosen": chosen + "\n", "rejected": rejected + "\n"})
-    cut = len(lines) - len(lines) // 10
-    for name, part in [("train", lines[:cut]), ("val", lines[cut:])]:
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
+    per_prompt, ties = [], 0
+    for prompt, texts, rewards_ in zip(prompts, samples.texts, scores):
+        lines = []
+        for (a, ra), (b, rb) in itertools.combinations(zip(texts, rewards_), 2):
+            if ra == rb or a == b:
+                ties += 1
+                continue
+            chosen, rejected = (a, b) if ra > rb else (b, a)
+            lines.append({"prompt": prompt, "chosen": chosen + "\n", "rejected": rejected + "\n"})
+        per_prompt.append(lines)
+    cut = len(per_prompt) - len(per_prompt) // 10  # val prompts apart from train prompts
+    for name, part in [("train", per_prompt[:cut]), ("val", per_prompt[cut:])]:
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for lines in part for p in lines))
     return ties
 
 
@@ -222,7 +226,14 @@ def main() -> None:
     parser.add_argument("--report-prompts", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.5, 2.0])
-    parser.add_argument("--simpo-beta", type=float, default=2.0)
+    parser.add_argument("--simpo-beta", type=float, default=2.0, help="0: no SimPO run")
+    parser.add_argument(
+        "--pair-samples",
+        type=int,
+        default=2,
+        help="samples per tuning prompt, every two of them a pair (2: the issue's setting; the paper's IMDb "
+        "experiment drew 4, 6 pairs per prompt)",
+    )
     parser.add_argument("--best-of", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each DPO/SimPO run")
     parser.add_argument("--lr", type=float, default=3e-4)
@@ -256,16 +267,17 @@ def run_experiment(args) -> list[dict]:
     judge = inference.load(args.judge, "best", "cpu", dtype="fp32").model
     ctx = {"tokenizer": tokenizer, "report": report, "judge": judge, "reference": reference}
     ctx["max_new"] = args.max_new_tokens
-    pair_samples = sample(reference, tokenizer, tuning, n=2, max_new=args.max_new_tokens, seed=args.seed + 1)
-    ties = write_pairs(
-        args.out / "pairs", tuning, pair_samples, rewards(judge, tokenizer, tuning, pair_samples.texts)
-    )
-    print(f"{len(tuning) - ties} preference pairs ({ties} ties left out) -> {args.out / 'pairs'}", flush=True)
+    k = args.pair_samples
+    pair_samples = sample(reference, tokenizer, tuning, n=k, max_new=args.max_new_tokens, seed=args.seed + 1)
+    pair_rewards = rewards(judge, tokenizer, tuning, pair_samples.texts)
+    ties = write_pairs(args.out / "pairs", tuning, pair_samples, pair_rewards)
+    pairs = len(tuning) * k * (k - 1) // 2 - ties
+    print(f"{pairs} preference pairs ({ties} ties left out) -> {args.out / 'pairs'}", flush=True)
     rows = [evaluate_policy("reference", reference, ctx, args.seed + 2) | {"group": "reference"}]
     rows += [
         r | {"group": "best-of-N (judge as oracle)"} for r in best_of_n(ctx, args.best_of, args.seed + 3)
     ]
-    methods = [("dpo", beta) for beta in args.betas] + [("simpo", args.simpo_beta)]
+    methods = [("dpo", beta) for beta in args.betas] + [("simpo", args.simpo_beta)] * (args.simpo_beta > 0)
     for objective, beta in methods:
         run = tune(
             args.policy,
