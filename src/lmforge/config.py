@@ -196,6 +196,24 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms
     # recompute each block's activations in backward: less memory, ~1/3 more compute
     activation_checkpointing: bool = False
+    # lm: next-token cross-entropy (pretraining, fine-tuning). dpo: Direct Preference Optimization on
+    # prompt/chosen/rejected JSONL against the frozen starting weights (train.init_from); simpo: SimPO,
+    # its reference-free variant (length-normalised log-probabilities, a target margin); see [preference]
+    objective: Literal["lm", "dpo", "simpo"] = "lm"
+
+
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """[preference]: the loss of train.objective = "dpo" or "simpo" (DPO: Rafailov et al. 2023; SimPO:
+    Meng et al. 2024), on pairs of completions of one prompt, the chosen one preferred."""
+
+    # the strength of the pull: dpo's KL penalty (0.1 typical; smaller drifts further from the
+    # reference); simpo's reward scale (2.0-2.5 in its paper)
+    beta: float = 0.1
+    # dpo: sigmoid (the paper's -log sigmoid(beta * margin)), hinge (max(0, 1 - beta * margin)) or ipo
+    # (IPO's squared loss on the per-token margin, target 1 / (2 beta)), as TRL's DPOTrainer loss_type
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    simpo_gamma: float = 0.5  # simpo: target reward margin gamma (its paper's gamma / beta: 0.3-0.5 x beta)
 
 
 @dataclass(frozen=True)
@@ -261,6 +279,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # [schedule]: learning rate
     train: TrainConfig = field(default_factory=TrainConfig)  # [train]: the loop, its length and dtype
     lora: LoraConfig = field(default_factory=LoraConfig)  # [lora]: low-rank adapters; rank 0: off
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # [preference]: dpo/simpo loss
     parallel: ParallelConfig = field(default_factory=ParallelConfig)  # [parallel]: data parallel devices
     log: LogConfig = field(default_factory=LogConfig)  # [log]: progress output, TensorBoard, W&B
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)  # [privacy]: DP-SGD; off by default
@@ -440,6 +459,7 @@ def validate(config: Config, origin: str) -> None:
     _validate_lora(config.lora, need)
     _validate_privacy(config, need)
     _validate_data(config, need)
+    _validate_preference(config, need)
     if config.model.head == "span":
         need(
             config.data.kind == "sft",
@@ -632,6 +652,31 @@ def _validate_lora(lora: LoraConfig, need: Need) -> None:
         set(lora.targets) <= known,
         "lora.targets",
         f"must name layers among {', '.join(sorted(known))}",
+    )
+
+
+def _validate_preference(config: Config, need: Need) -> None:
+    """[preference]'s values, and what a preference objective needs of the rest."""
+    p, objective = config.preference, config.train.objective
+    need(p.beta > 0, "preference.beta", "must be positive")
+    need(p.simpo_gamma >= 0, "preference.simpo_gamma", "must be >= 0")
+    if objective == "lm":
+        return
+    need(
+        config.data.kind == "sft",
+        "data.kind",
+        f'must be "sft" with train.objective = "{objective}" (a folder of prompt/chosen/rejected JSONL)',
+    )
+    need(config.model.head == "lm", "model.head", f'must be "lm" with train.objective = "{objective}"')
+    need(not config.privacy.enabled, "privacy", f'is not supported with train.objective = "{objective}"')
+    need(not config.data.pack, "data.pack", f'is not supported with train.objective = "{objective}" (pairs)')
+    need(
+        not config.data.hf, "data.hf", f'is not supported with train.objective = "{objective}" (JSONL pairs)'
+    )
+    need(
+        objective != "dpo" or config.train.init_from != "",
+        "train.init_from",
+        'must name the checkpoint to tune with train.objective = "dpo" (its weights are the reference)',
     )
 
 

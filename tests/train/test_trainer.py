@@ -422,8 +422,8 @@ def test_grad_accumulation_matches_a_bigger_batch() -> None:
             device=torch.device("cpu"),
             settings=StepSettings(grad_accum_steps=accum, grad_clip=0.0),
         )
-        loss, norm, tokens, _ = stepper.gradients(iter(batches))
-        results.append((loss, norm, tokens, [p.grad.clone() for p in model.parameters()]))
+        done = stepper.gradients(iter(batches))
+        results.append((done.loss, done.grad_norm, done.tokens, [p.grad.clone() for p in model.parameters()]))
     (loss1, norm1, tokens1, grads1), (loss2, norm2, tokens2, grads2) = results
     assert tokens1 == tokens2 == 128
     assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)

@@ -165,11 +165,22 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.tally:
         if args.runs or args.prompts or args.out:
             args.parser.error("--tally DIR JUDGMENTS takes no runs, --prompts or --out")
-        from lmforge.eval.compare import tally
+        from lmforge.eval.compare import check_preferences_out, tally, write_preferences
 
-        result = tally(Path(args.tally[0]), Path(args.tally[1]))
-        print(json.dumps(result.as_dict(), ensure_ascii=False) if args.json else result.text())
+        folder, judgments = Path(args.tally[0]), Path(args.tally[1])
+        preferences = Path(args.preferences) if args.preferences else None
+        if preferences is not None:
+            check_preferences_out(preferences, inputs=(folder, judgments), overwrite=args.overwrite)
+        result = tally(folder, judgments)
+        written = None if preferences is None else write_preferences(result, folder, preferences)
+        if args.json:
+            extra = {} if written is None else {"preferences": dict(written.as_dict())}
+            print(json.dumps(result.as_dict() | extra, ensure_ascii=False))
+        else:
+            print(result.text() + ("" if written is None else "\n" + written.describe()))
         return 0
+    if args.preferences:
+        args.parser.error("--preferences OUT.jsonl goes with --tally DIR JUDGMENTS")
     if len(args.runs) != 2 or not args.prompts or not args.out:
         args.parser.error("give two runs, --prompts FILE and --out DIR (or --tally DIR JUDGMENTS)")
     from lmforge.eval.compare import make_sheet
@@ -209,6 +220,12 @@ def add_compare(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
         "--tally", nargs=2, metavar=("DIR", "JUDGMENTS"), help="un-blind a downloaded judgments.json"
     )
     p.add_argument("--json", action="store_true", help="--tally: print one JSON object")
+    p.add_argument(
+        "--preferences",
+        metavar="OUT.jsonl",
+        help="--tally: also write each prompt one run won as a preference pair (prompt, chosen, rejected, "
+        "and which run wrote each) for train.objective = dpo; ties are dropped and counted",
+    )
     MODEL_SOURCE.add(p, target=False)
     p.add_argument(
         "--chat",

@@ -56,6 +56,11 @@ class Example:
     matched: list[bool] | None = None  # span examples, per id: a context word the question holds
 
     @property
+    def length(self) -> int:
+        """Tokens in the example: what `ExampleBatches` groups batches by."""
+        return len(self.ids)
+
+    @property
     def prompt_tokens(self) -> int:
         """How many leading ids come before the first answer token."""
         return self.trained.index(True) if True in self.trained else len(self.ids)
@@ -432,7 +437,7 @@ class ExampleBatches:
 
     def __init__(
         self,
-        examples: list[Example],
+        examples: list[Example],  # or anything with a `length` that `collate` takes (preference pairs)
         batch_size: int,
         seed: int,
         *,
@@ -444,7 +449,7 @@ class ExampleBatches:
             raise ValueError("packing needs max_length, the positions of a row")
         self.examples, self.batch_size, self.max_length = examples, batch_size, max_length
         self.collate, self.pack = collate, pack
-        self.lengths = torch.tensor([len(e.ids) for e in examples])
+        self.lengths = torch.tensor([e.length for e in examples])
         self.generator = torch.Generator().manual_seed(seed)
         # packed: row r is examples order[bounds[r]:bounds[r + 1]]; else row r is example order[r]
         self.bounds: torch.Tensor | None = None

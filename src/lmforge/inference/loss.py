@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,9 +16,12 @@ from lmforge.model.heads import LMHead
 class LMEval:
     """The loss of a model over a whole split, and what follows from it."""
 
-    loss: float  # mean cross-entropy per target token, in nats
-    tokens: int  # target tokens scored
+    loss: float  # mean cross-entropy per target token, in nats (per_token False: an objective's mean loss)
+    tokens: int  # target tokens scored (per_token False: examples scored)
     bytes_per_token: float | None  # UTF-8 bytes per token of the split, when known
+    # an objective's own val metrics (a preference objective's rewards and accuracy), logged as val_<name>
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_token: bool = True  # False: `loss` is not a cross-entropy per token, so it has no perplexity
 
     @property
     def ppl(self) -> float:
@@ -32,10 +35,12 @@ class LMEval:
 
     def as_dict(self) -> dict:
         """The metrics as logged and printed: val_loss, val_ppl, tokens, and bpb when known."""
-        result = {"val_loss": self.loss, "val_ppl": self.ppl, "tokens": self.tokens}
+        result = {"val_loss": self.loss, "tokens": self.tokens}
+        if self.per_token:
+            result["val_ppl"] = self.ppl
         if self.bpb is not None:
             result["bpb"] = self.bpb
-        return result
+        return result | {f"val_{name}": value for name, value in self.metrics.items()}
 
 
 @torch.no_grad()

@@ -1,7 +1,9 @@
 """`lmforge plot`: the curves of one or more runs, overlaid, from their `metrics.jsonl`.
 
 Four panels: train and val loss, learning rate, grad norm and tokens/s, against the step, the
-tokens trained on or the wall time. Loss and grad norm are drawn on a log scale, where the
+tokens trained on or the wall time; a run with a preference objective (train.objective = dpo or simpo)
+adds its reward margin, preference accuracy and KL to the reference, train and val.
+Loss and grad norm are drawn on a log scale, where the
 interesting part (late, small changes) would otherwise be a flat line. matplotlib is imported
 here only, and only its `Figure`: no pyplot, so no display is needed.
 """
@@ -21,6 +23,11 @@ PANELS = (  # (metrics key, title, log scale)
     ("lr", "learning rate", False),
     ("grad_norm", "grad norm (before clipping)", True),
     ("tokens_per_s", "tokens/s", False),
+)
+PREFERENCE_PANELS = (  # drawn when a run logs them (train/objective.py)
+    ("reward_margin", "reward margin (chosen - rejected)", False),
+    ("preference_accuracy", "preference accuracy", False),
+    ("kl_to_reference", "KL to the reference (nats)", False),
 )
 
 
@@ -52,12 +59,18 @@ def plot_runs(run_dirs: list[Path], x: str = "step"):
         names = [str(d) for d in run_dirs]  # the legend needs a distinct name per run
     else:
         names = [d.name for d in run_dirs]
-    fig = _figure(figsize=(11, 7.5))
-    axes = fig.subplots(2, 2).flatten()
-    for index, (run_dir, name) in enumerate(zip(run_dirs, names)):
-        metrics = read_metrics(run_dir)
-        _draw_run(axes, metrics, x_values(run_dir, metrics, x), name=name, colour=f"C{index % 10}")
-    for ax, (_, title, log) in zip(axes, PANELS):
+    all_metrics = [read_metrics(run_dir) for run_dir in run_dirs]
+    preference = any("reward_margin" in e for m in all_metrics for e in m.steps)
+    panels = PANELS + PREFERENCE_PANELS if preference else PANELS
+    rows = -(-len(panels) // 2)
+    fig = _figure(figsize=(11, 3.75 * rows))
+    axes = fig.subplots(rows, 2).flatten()
+    for ax in axes[len(panels) :]:
+        ax.remove()
+    for index, (run_dir, name, metrics) in enumerate(zip(run_dirs, names, all_metrics)):
+        xs = x_values(run_dir, metrics, x)
+        _draw_run(axes, metrics, xs, panels=panels, name=name, colour=f"C{index % 10}")
+    for ax, (_, title, log) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel(X_LABELS[x])
         ax.grid(True, alpha=0.3)
@@ -76,15 +89,19 @@ def _log_scale(ax) -> None:
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
-def _draw_run(axes, metrics: Metrics, xs: dict[int, float], *, name: str, colour: str) -> None:
-    for ax, (key, _, _) in zip(axes, PANELS):
+def _draw_run(axes, metrics: Metrics, xs: dict[int, float], *, panels: tuple, name: str, colour: str) -> None:
+    """Each panel's train curve, and its val points dashed where the evals log `val_<key>` (the loss's
+    always, so that the legend pairs every run's train and val)."""
+    for ax, (key, _, _) in zip(axes, panels):
         points = [(xs[e["step"]], e[key]) for e in metrics.steps if key in e]
         label = f"{name} train" if key == "loss" else name
         ax.plot([p[0] for p in points], [p[1] for p in points], color=colour, linewidth=1, label=label)
-    evals = [(xs[e["step"]], e["val_loss"]) for e in metrics.evals if e["step"] in xs]
-    axes[0].plot(
-        [p[0] for p in evals], [p[1] for p in evals], "o--", color=colour, markersize=4, label=f"{name} val"
-    )
+        evals = [
+            (xs[e["step"]], e[f"val_{key}"]) for e in metrics.evals if e["step"] in xs and f"val_{key}" in e
+        ]
+        if key == "loss" or evals:
+            xs_, ys_ = [p[0] for p in evals], [p[1] for p in evals]
+            ax.plot(xs_, ys_, "o--", color=colour, markersize=4, label=f"{name} val")
 
 
 def save_plot(run_dirs: list[Path], out: Path, x: str = "step") -> Path:

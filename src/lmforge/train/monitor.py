@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmforge.inference.loss import LMEval
@@ -34,6 +34,7 @@ class StepResult:
     seconds: float
     elapsed_s: float  # since the run began, resumed runs included
     skipped: bool  # a non-finite loss: the update was not applied
+    stats: dict[str, float] = field(default_factory=dict)  # the objective's own (train/objective.py)
 
 
 class MetricsLog:
@@ -103,6 +104,7 @@ class Monitor:
             **self.peak.entry(flops_per_s),  # mfu or matmul_peak_fraction (over_peak above 1), peak_flops
             "elapsed_s": result.elapsed_s,
             "tokens": result.tokens_seen,
+            **result.stats,  # a preference objective's rewards, accuracy and KL
         }
         if result.skipped:
             entry["skipped"] = True
@@ -121,15 +123,20 @@ class Monitor:
 
     def eval(self, step: int, result: LMEval, *, privacy: dict | None = None) -> None:
         """An eval's line in metrics.jsonl; with `privacy` (a run with [privacy]) the epsilon spent."""
-        entry = {"step": step, "val_loss": result.loss, "val_ppl": result.ppl}
+        entry = {"step": step, "val_loss": result.loss}
+        if result.per_token:  # a preference loss has no perplexity
+            entry["val_ppl"] = result.ppl
         if result.bpb is not None:
             entry["val_bpb"] = result.bpb
+        entry |= {f"val_{name}": value for name, value in result.metrics.items()}
         if privacy is not None:
             entry["epsilon"], entry["delta"] = privacy["epsilon"], privacy["delta"]
         self._write(entry)
+        ppl = f", ppl {result.ppl:.2f}" if result.per_token else ""
         bpb = f", {result.bpb:.3f} bpb" if result.bpb else ""
+        bpb += "".join(f", {name} {value:.4g}" for name, value in result.metrics.items())
         dp = f", epsilon {privacy['epsilon']:.3f} (delta {privacy['delta']:g})" if privacy is not None else ""
-        self.say(f"step {step}: val loss {result.loss:.4f}, ppl {result.ppl:.2f}{bpb}{dp}")
+        self.say(f"step {step}: val loss {result.loss:.4f}{ppl}{bpb}{dp}")
 
     def _write(self, entry: dict) -> None:
         self.metrics.write(entry)

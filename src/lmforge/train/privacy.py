@@ -179,7 +179,7 @@ class PrivateStepper(Stepper):
             self.privacy.mark_empty_batch()
         self.privacy.optimizer.pre_step()  # clip, sum, add noise, / expected batch; the accountant steps
         grad_norm = distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm)
-        return Gradients(loss=loss, grad_norm=grad_norm.item(), tokens=x.numel(), flops=flops)
+        return Gradients(loss=loss, grad_norm=grad_norm.item(), tokens=x.numel(), flops=flops, stats={})
 
     def update(self, apply: bool = True) -> None:
         super().update(apply)

@@ -25,6 +25,7 @@ from lmforge.checkpoint import Checkpointer, TrainingState
 from lmforge.config import Config, ModelConfig
 from lmforge.data.chat_template import ChatTemplate
 from lmforge.data.loader import PreparedData
+from lmforge.data.preference import PreferenceData
 from lmforge.data.protocol import TrainingData
 from lmforge.data.sft import SFTData
 from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
@@ -39,6 +40,14 @@ from lmforge.staging import LOCK_FILE, MARKER, write_marker
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 from lmforge.train.monitor import MetricsLog
+from lmforge.train.objective import (
+    Objective,
+    PreferenceLoss,
+    TargetLogits,
+    adapters_off,
+    evaluate_preferences,
+    frozen_reference,
+)
 from lmforge.train.optim import build_optimizers
 from lmforge.train.step import Stepper, StepSettings
 
@@ -83,8 +92,9 @@ class Run:
         amp: contextlib.AbstractContextManager,
         state: TrainingState,
         checkpointer: Checkpointer,
+        objective: Objective | None = None,
     ) -> Run:
-        stepper = build_stepper(config, state, amp=amp, device=device, dist=dist)
+        stepper = build_stepper(config, state, amp=amp, device=device, dist=dist, objective=objective)
         peak = device_peak(device, config.train.dtype).times(dist.world)  # MFU of the whole job
         clock_start = time.perf_counter() - state.progress.elapsed_s
         run = cls(
@@ -116,8 +126,13 @@ class Run:
         return None if self.state.privacy is None else self.state.privacy.report()
 
     def evaluate(self) -> LMEval:
-        """The val loss; each rank scores a share of the batches and all get the same result."""
+        """The val loss; each rank scores a share of the batches and all get the same result (a
+        preference objective's: its loss and statistics over the val pairs)."""
         batches = self.data.eval_batches(self.config.model.block_size, self.config.train.eval_batch_size)
+        if isinstance(self.stepper.objective, PreferenceLoss):
+            return evaluate_preferences(
+                self.state.module, self.stepper.objective, batches, device=self.device, autocast=self.amp
+            )
         return evaluate_lm(
             self.state.module,
             batches,
@@ -152,12 +167,15 @@ def build_run(
     if init_from is not None:  # the run takes its architecture
         config = dataclasses.replace(config, model=ckpt.init_model_config(init_from, config.model))
     chat_template = run_chat_template(config, resume_from or init_from)
-    data = open_data(config, init_from, chat_template)
+    data = open_data(config, init_from or resume_from, chat_template)  # the tokenizer of either
     config = with_vocab_size(config, data)
     check_compatible(config, data, init_from=init_from, resume_from=resume_from)
     amp = autocast(device, t.dtype)
     module = build_model(config, init_from, device)
-    if isinstance(data, SFTData):  # fine-tuned with a template (perhaps the default): saved, to chat in
+    objective = build_objective(config, module, device)  # before `restore` sets every RNG state
+    if isinstance(
+        data, (SFTData, PreferenceData)
+    ):  # fine-tuned with a template (perhaps the default): saved, to chat in
         chat_template = data.chat_template
     checkpointer = Checkpointer(
         run_dir, config, tokenizer_file=data.tokenizer_file, sharded=dist.enabled, chat_template=chat_template
@@ -179,9 +197,8 @@ def build_run(
         resumed_at = None if resume_from is None else state.progress.step
         prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at=resumed_at)
     dist.barrier()
-    return Run.assemble(
-        config, run_dir, dist=dist, device=device, data=data, amp=amp, state=state, checkpointer=checkpointer
-    )
+    parts = dict(dist=dist, device=device, data=data, amp=amp, state=state, checkpointer=checkpointer)
+    return Run.assemble(config, run_dir, objective=objective, **parts)
 
 
 def new_training_state(
@@ -211,8 +228,10 @@ def build_stepper(
     amp: contextlib.AbstractContextManager,
     device: torch.device,
     dist: Distributed,
+    objective: Objective | None = None,
 ) -> Stepper:
-    """The run's `Stepper` (a `PrivateStepper` with [privacy]), set as `config` says."""
+    """The run's `Stepper` (a `PrivateStepper` with [privacy]), set as `config` says; `objective`:
+    what it minimises (None: the model's own loss)."""
     settings = StepSettings(
         grad_accum_steps=config.train.grad_accum_steps,
         grad_clip=config.optim.grad_clip,
@@ -229,8 +248,25 @@ def build_stepper(
         count_flops=state.module.training_flops,
     )
     if state.privacy is None:
-        return Stepper(state.wrapped, state.optimizers, **parts)
+        return Stepper(state.wrapped, state.optimizers, objective=objective, **parts)
     return privacy_module().PrivateStepper(state.wrapped, state.optimizers, privacy=state.privacy, **parts)
+
+
+def build_objective(config: Config, module: nn.Module, device: torch.device) -> Objective | None:
+    """train.objective's loss: None for "lm" (the model's own), else a `PreferenceLoss`; dpo's reference
+    is the weights the run started from (train.init_from's, on resume too): the LoRA model with its
+    adapters off, or a frozen copy loaded from train.init_from."""
+    objective = config.train.objective
+    if objective == "lm":
+        return None
+    reference: TargetLogits | None = None
+    if objective == "dpo":
+        if config.lora.rank > 0:
+            reference = adapters_off(module)
+        else:
+            init_from = resolve_init_from(config)
+            reference = frozen_reference(inference.load(init_from, "best", str(device), any_head=True).model)
+    return PreferenceLoss(config.preference, reference)
 
 
 def privacy_module() -> types.ModuleType:
@@ -286,24 +322,30 @@ def open_data(
         raise LmforgeError(
             "data.dir is not set (a folder written by `lmforge prepare` or `lmforge tasks prepare`)"
         )
-    if config.data.kind == "sft":
-        tokenizer = config.data.tokenizer or (str(init_from / "tokenizer.json") if init_from else "")
-        if not tokenizer:
-            raise LmforgeError(
-                "data.tokenizer is not set (fine-tuning data needs a tokenizer.json or train.init_from)"
-            )
-        data: TrainingData = SFTData(
+    if config.data.kind == "tokens":
+        return _open_tokens(config.data.dir, model.block_size)
+    tokenizer = config.data.tokenizer or (str(init_from / "tokenizer.json") if init_from else "")
+    if not tokenizer:
+        raise LmforgeError(
+            "data.tokenizer is not set (fine-tuning data needs a tokenizer.json or train.init_from)"
+        )
+    if config.train.objective != "lm":  # dpo, simpo: prompt/chosen/rejected pairs
+        return PreferenceData(
             Path(config.data.dir),
             Path(tokenizer),
             model.block_size,
             on_bad_line=config.data.on_bad_line,
             chat_template=chat_template,
-            head=model.head,
-            data=config.data,
         )
-    else:
-        data = _open_tokens(config.data.dir, model.block_size)
-    return data
+    return SFTData(
+        Path(config.data.dir),
+        Path(tokenizer),
+        model.block_size,
+        on_bad_line=config.data.on_bad_line,
+        chat_template=chat_template,
+        head=model.head,
+        data=config.data,
+    )
 
 
 def with_vocab_size(config: Config, data: TrainingData) -> Config:

@@ -15,6 +15,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.heads import head_rows
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
+from lmforge.train.objective import LanguageModelLoss, Objective
 
 MAX_CONSECUTIVE_SKIPS = 10  # train.on_nan = "skip": this many non-finite losses in a row stop the run
 
@@ -26,6 +27,7 @@ class Gradients(NamedTuple):
     grad_norm: float  # global gradient norm before clipping
     tokens: int  # input tokens, padding included
     flops: float  # matmul FLOPs of the forward and backward passes actually run
+    stats: dict[str, float]  # the objective's own figures (train/objective.py), means of the global batch
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,11 @@ class Stepper:
         settings: StepSettings = StepSettings(),
         dist: Distributed | None = None,
         count_flops: Callable[[int, int, int | None], float] | None = None,
+        objective: Objective | None = None,
     ) -> None:
         self.model, self.optimizers, self.scaler, self.amp = model, optimizers, scaler, amp
+        # what is minimised (train.objective); default: the model's own loss, as `settings` say
+        self.objective = objective or LanguageModelLoss(settings.only_targets, settings.loss_per_row)
         self.device, self.settings = device, settings
         self.forward = torch.compile(model) if settings.compile else model
         self.max_grad_norm = settings.grad_clip or math.inf  # inf: measure the norm, never clip
@@ -74,6 +79,7 @@ class Stepper:
     def gradients(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> Gradients:
         """Accumulate the gradients of one update; unscale and clip them."""
         loss_sum = torch.zeros((), device=self.device)
+        stat_sums: dict[str, torch.Tensor] = {}
         tokens, flops = 0, 0.0
         accum, only_targets = self.settings.grad_accum_steps, self.settings.only_targets
         for micro in range(accum):
@@ -83,22 +89,26 @@ class Stepper:
             if self.count_flops is not None:  # counted on the host batch: no device sync
                 rows = head_rows(y, self.dist.world) if only_targets else None
                 flops += self.count_flops(x.size(0), x.size(1), rows)
-            batch, share = self.dist.shard(batch, per_row=self.settings.loss_per_row)
+            batch, share = self.dist.shard(batch, per_row=self.objective.per_row_loss)
             x, y, *packed = (t.to(self.device, non_blocking=True) for t in batch)
-            # passed only when packed, so the usual call (and a compiled graph of it) stays as it was
-            documents = {"documents": packed[0]} if packed else {}
+            # packed rows (data.pack) take their documents to every forward; the usual call (and a
+            # compiled graph of it) stays as it was
+            forward = functools.partial(self.forward, documents=packed[0]) if packed else self.forward
             with self.dist.gradient_sync(self.model, micro == accum - 1):
                 with self.amp:
-                    _, loss = self.forward(x, y, only_targets=only_targets, **documents)
+                    loss, stats = self.objective(forward, x, y)
                 if share != 1.0:  # this rank's part of the global mean (see Distributed.shard)
                     loss = loss * share
                 self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
+            for name, value in stats.items():  # per-row means over equal shares: averaged like the loss
+                stat_sums[name] = stat_sums.get(name, 0.0) + value
         for optimizer in self.optimizers:
             self.scaler.unscale_(optimizer)
         grad_norm = distributed.clip_grad_norm(self.model.parameters(), self.max_grad_norm)
         loss = self.dist.mean(loss_sum).item() / accum
-        return Gradients(loss=loss, grad_norm=grad_norm.item(), tokens=tokens, flops=flops)
+        stats = {name: self.dist.mean(value).item() / accum for name, value in stat_sums.items()}
+        return Gradients(loss=loss, grad_norm=grad_norm.item(), tokens=tokens, flops=flops, stats=stats)
 
     def update(self, apply: bool = True) -> None:
         """Step the optimizers (unless told to skip this batch) and clear the gradients."""

@@ -44,10 +44,14 @@ class TrainSummary:
         """The one line `lmforge train` prints at the end."""
         result = self.final_eval
         bpb = f", {result.bpb:.3f} bpb" if result and result.bpb else ""
+        if result.per_token:
+            details = f"ppl {result.ppl:.2f}{bpb}"
+        else:  # an objective's own metrics (a preference loss has no perplexity)
+            details = ", ".join(f"{name} {value:.4g}" for name, value in result.metrics.items())
         return (
             f"done: {self.steps} steps in {self.elapsed_s:.1f} s, {self.tokens_per_s:,.0f} tokens/s, "
             f"{self.peak.describe(self.flops_per_s)}; "
-            f"val loss {result.loss:.4f} (ppl {result.ppl:.2f}{bpb}); "
+            f"val loss {result.loss:.4f} ({details}); "
             f"checkpoint {self.checkpoint}{'' if self.epsilon is None else f'; epsilon {self.epsilon:.3f}'}"
         )
 
@@ -186,6 +190,7 @@ def train_step(run: Run, guard: NonFiniteGuard) -> StepResult:
         seconds=seconds,
         elapsed_s=run.elapsed(),
         skipped=not apply,
+        stats=done.stats,
     )
 
 
