@@ -90,7 +90,8 @@ class FrozenLinear(nn.Module):
         return dequantize(self.weight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _FrozenLinearFunction.apply(x, self.weight, self.bias)
+        y = _FrozenLinearFunction.apply(x, self.weight)
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # in the autocast dtype, as F.linear
 
     def extra_repr(self) -> str:
         return (
@@ -102,25 +103,15 @@ class FrozenLinear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
-    # nn.Module's own hook: its signature is fixed
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list,
-        unexpected_keys: list,
-        error_msgs: list,
-    ) -> None:
-        """Load the bias as usual; the weight stays as quantized, once it is checked to be the stored one."""
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *hook_args: Any) -> None:
+        """Load the bias as usual; the weight stays as quantized, once it is checked to be the stored one.
+        (nn.Module's hook; `hook_args`: local_metadata, strict, missing_keys, unexpected_keys, error_msgs.)"""
         key = prefix + "weight"
         rest = {k: v for k, v in state_dict.items() if k != key}
-        super()._load_from_state_dict(
-            rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+        super()._load_from_state_dict(rest, prefix, *hook_args)
         if key not in state_dict:
             return  # reported missing by nn.Module
+        missing_keys = hook_args[2]
         missing_keys.remove(key)
         expected = self.dequantized()
         stored = state_dict[key]
@@ -132,21 +123,21 @@ class FrozenLinear(nn.Module):
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
-    """y = x W^T + b with W dequantized on the fly, in forward and again in backward (torchao's
+    """y = x W^T with W dequantized on the fly, in forward and again in backward (torchao's
     `linear_nf4` does the same for NF4 alone). Under autocast W is dequantized straight to the
     autocast dtype; only x gets a gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight)
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return F.linear(x, dequantize(weight, dtype), bias)
+        return F.linear(x, dequantize(weight, dtype))
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
         (weight,) = ctx.saved_tensors
-        return grad_out @ dequantize(weight, grad_out.dtype), None, None
+        return grad_out @ dequantize(weight, grad_out.dtype), None
 
 
 def quantize(weight: torch.Tensor, base_dtype: str, *, name: str) -> torch.Tensor:
