@@ -20,6 +20,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import hf_family
 from lmforge.model.gpt import mlp_hidden_size
+from lmforge.model.lora import import_peft
 from lmforge.staging import check_out, staged_folder
 
 Tensors = dict[str, torch.Tensor]
@@ -28,10 +29,7 @@ WRAPPED = "base_model.model."  # the prefix of peft's wrapper, in lmforge's chec
 
 def export_adapter(target: Path, out: Path, which: str = "best", *, overwrite: bool = False) -> Path:
     """Write the LoRA adapters of checkpoint `which` of `target` to `out` in PEFT's format."""
-    try:
-        import peft
-    except ImportError:
-        raise LmforgeError("--adapter-only needs peft: pip install 'lmforge[lora]'") from None
+    peft = import_peft("--adapter-only")
     checkpoint = open_checkpoint(target, which)
     config = checkpoint.config
     if config.lora.rank == 0:

@@ -16,11 +16,13 @@ first did, bit for bit, and checks that they dequantize to the stored base.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import types
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,12 +36,21 @@ NF4_BLOCK = 64  # QLoRA's: elements per absmax block of an NF4 matrix
 NF4_SCALER_BLOCK = 256  # QLoRA's: block scales per block of the second (int8) quantization
 
 
+def import_peft(why: str = "lora.rank > 0") -> types.ModuleType:
+    """peft, or a one-line error saying that `why` needs it. peft imports torchao where it is
+    installed, and that import warns about CUDA kernels a CPU build cannot load: done quietly first."""
+    _torchao()
+    try:
+        with _quiet_torchao():
+            import peft
+    except ImportError:
+        raise LmforgeError(f"{why} needs peft: pip install 'lmforge[lora]'") from None
+    return peft
+
+
 def apply_lora(model: torch.nn.Module, config: LoraConfig) -> torch.nn.Module:
     """Freeze `model` and add rank-`config.rank` adapters to the Linear layers named in `targets`."""
-    try:
-        import peft
-    except ImportError:
-        raise LmforgeError("lora.rank > 0 needs peft: pip install 'lmforge[lora]'") from None
+    peft = import_peft()
     lora = peft.LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
@@ -145,6 +156,8 @@ def quantize(weight: torch.Tensor, base_dtype: str, *, name: str) -> torch.Tenso
     if base_dtype == "bf16":
         return weight.to(torch.bfloat16)
     torchao = _torchao()
+    if torchao is None:
+        raise LmforgeError(f"lora.base_dtype = {base_dtype!r} needs torchao: pip install 'lmforge[lora]'")
     if base_dtype == "int8":
         return torchao.Int8Tensor.from_hp(weight, granularity=torchao.PerRow())
     if weight.numel() % NF4_BLOCK:
@@ -165,19 +178,29 @@ def dequantize(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.dequantize(dtype)  # torchao's Int8Tensor
 
 
-@functools.cache
-def _torchao() -> types.SimpleNamespace:
-    """The parts of torchao used here, imported on first use (int8 and nf4 only)."""
-    # torchao logs a warning for each CUDA-only kernel library that a CPU build of torch cannot load
-    logger = logging.getLogger("torchao")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+@contextlib.contextmanager
+def _quiet_torchao() -> Iterator[None]:
+    """Importing torchao logs a warning for each CUDA-only kernel library that a CPU build of torch
+    cannot load, and torch one for each of torchao's enums it registers: neither is the user's concern."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@functools.cache
+def _torchao() -> types.SimpleNamespace | None:
+    """The parts of torchao used here, imported once; None where it is not installed."""
+    try:
+        with _quiet_torchao():
             from torchao.quantization import Int8Tensor, PerRow, to_nf4
     except ImportError:
-        raise LmforgeError("lora.base_dtype int8 and nf4 need torchao: pip install 'lmforge[lora]'") from None
-    finally:
-        logger.setLevel(level)
+        return None
     return types.SimpleNamespace(Int8Tensor=Int8Tensor, PerRow=PerRow, to_nf4=to_nf4)
