@@ -298,7 +298,9 @@ def lora_memory(
     optimizer = optimizer_bytes(config, params) / params.total * counts.adapters
     # each adapter saves its rank-r intermediate; frozen weights need no saved inputs for their gradients:
     # the head's input, and rms_norm's input·rstd (fused layernorm saves the same either way)
-    unsaved = c * m.d_model + (FP32 * m.d_model * (2 * m.n_layer + 1) if m.norm == "rmsnorm" else 0)
+    # (with checkpointing only the block being recomputed saves its norms')
+    norms = (3 if ac else 2 * m.n_layer + 1) if m.norm == "rmsnorm" else 0
+    unsaved = c * m.d_model + FP32 * m.d_model * norms
     activations = full.activations + (c * counts.rank * counts.adapted - unsaved) * tokens
     if base_dtype == "fp32":
         buffers = full.buffers  # autocast's bf16 copies of every Linear, saved for backward
