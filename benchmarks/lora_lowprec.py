@@ -11,7 +11,7 @@ that creates AdamW's moments), measured in another fresh process: on CUDA
 weight's inner tensors counted) plus the highest running sum of `torch.profiler`'s allocation events
 during it (tensor memory only; RSS keeps what the allocator once held).
 
-    .venv/bin/python benchmarks/lora_lowprec.py                      # CPU, ~5 min on 2 cores
+    .venv/bin/python benchmarks/lora_lowprec.py                      # CPU: d_model 256, 4 layers, 12 steps
     .venv/bin/python benchmarks/lora_lowprec.py --device cuda --d-model 2048 --n-layer 16 --steps 50
 """
 
@@ -190,11 +190,11 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda (default cpu)")
     parser.add_argument("--dtype", default="auto", help="train.dtype (default auto)")
-    parser.add_argument("--d-model", type=int, default=512)
-    parser.add_argument("--n-layer", type=int, default=8)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--only", nargs="+", choices=BASE_DTYPES, default=list(BASE_DTYPES))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -211,7 +211,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         imported = make_model(args, root)
-        (root / "text.txt").write_text(text.read_text()[:300_000])
+        (root / "text.txt").write_text(text.read_text()[:100_000])
         prepare(str(root / "text.txt"), root / "data", tokenizer="byte", progress=False)
         for base_dtype in args.only:
             rows[base_dtype] = {
