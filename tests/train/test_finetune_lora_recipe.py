@@ -33,6 +33,7 @@ def test_the_recipe_is_qlora_on_chat_data_with_fine_tuning_settings() -> None:
     assert [header.index(step) for step in steps] == sorted(header.index(step) for step in steps)
 
 
+@pytest.mark.slow
 def test_the_recipe_fine_tunes_an_imported_model_at_toy_size(cli, tmp_path: Path) -> None:
     hf = save_hf(random_hf_model("llama"), tmp_path / "hf")
     assert cli("import", hf, "--out", tmp_path / "imported")[0] == 0

@@ -35,6 +35,7 @@ def lora_args(data: Path, out: Path, base_dtype: str, *extra: str) -> list[str]:
     return ["train", "--out", out, "--set", f"data.dir={data}", *sum((["--set", s] for s in settings), [])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base_dtype", ["int8", "nf4"])
 def test_low_precision_lora_resumes_with_the_losses_of_an_uninterrupted_run(
     cli, char_data: Path, tmp_path: Path, base_dtype: str
