@@ -6,7 +6,7 @@ sampling, DPO at several beta values and SimPO.
   in two disjoint sets: tuning prompts (preference pairs, DPO's val pairs) and report prompts (every
   number reported; no setting was chosen on them).
 - Policy: the reference, a language model of SST-2 sentences (benchmarks/dpo_sentiment/policy.toml).
-- Judge, standing in for a person: an SST-2 classifier fine-tuned by configs/tasks/sst2.toml; the reward
+- Judge, standing in for a person: an SST-2 classifier fine-tuned by the tasks/sst2 recipe; the reward
   of a text is its probability of " positive" against " negative" after the task's prompt.
 - Preference pairs: two samples of the reference per tuning prompt, the one the judge finds more
   positive chosen.

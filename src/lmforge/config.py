@@ -224,6 +224,10 @@ class LoraConfig:
     alpha: float = 16.0  # the adapters' update is scaled by alpha / rank
     dropout: float = 0.0  # probability, on the adapters' input; 0: none
     targets: tuple[str, ...] = ("qkv", "proj", "up", "down")  # Linear layers of the model's blocks
+    # precision in which the frozen Linear matrices of the blocks are held while the adapters train (in
+    # full precision): fp32 as loaded; bf16; int8 (per row) or nf4 (QLoRA's 4-bit NormalFloat), both
+    # torchao's (extra: lora). Checkpoints store that base dequantized, so everything else reads them as usual
+    base_dtype: Literal["fp32", "bf16", "int8", "nf4"] = "fp32"
 
 
 @dataclass(frozen=True)
@@ -456,7 +460,7 @@ def validate(config: Config, origin: str) -> None:
         "log.wandb_project",
         f"must be a non-empty name without any of {WANDB_PROJECT_FORBIDDEN}",
     )
-    _validate_lora(config.lora, need)
+    _validate_lora(config, need)
     _validate_privacy(config, need)
     _validate_data(config, need)
     _validate_preference(config, need)
@@ -644,8 +648,19 @@ def _validate_data(config: Config, need: Need) -> None:
         )
 
 
-def _validate_lora(lora: LoraConfig, need: Need) -> None:
+def _validate_lora(config: Config, need: Need) -> None:
+    lora = config.lora
     need(lora.rank >= 0, "lora.rank", "must be >= 0 (0 disables LoRA)")
+    if lora.base_dtype != "fp32":  # a low-precision base is frozen: only adapters may train on it
+        need(lora.rank > 0, "lora.base_dtype", f"= {lora.base_dtype!r} needs lora.rank > 0 (a frozen base)")
+        need(
+            config.parallel.strategy == "none",
+            "lora.base_dtype",
+            f'= {lora.base_dtype!r} runs in one process: parallel.strategy must be "none"',
+        )
+        need(
+            not config.train.compile, "lora.base_dtype", f"= {lora.base_dtype!r} needs train.compile = false"
+        )
     need(0.0 <= lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
     known = {"qkv", "proj", "up", "down"}
     need(

@@ -21,6 +21,15 @@ def run_export(args: argparse.Namespace) -> int:
     from lmforge.interop.hf import export_checkpoint
 
     out = OUTPUT.build(args)
+    if args.adapter_only:
+        from lmforge.interop.peft_adapter import export_adapter
+
+        folder = export_adapter(Path(args.target), out.path, args.checkpoint, overwrite=out.overwrite)
+        print(
+            f"exported the LoRA adapters of {args.target} to {folder} "
+            "(load with peft's PeftModel.from_pretrained onto the original model)"
+        )
+        return 0
     folder = export_checkpoint(
         Path(args.target),
         out.path,
@@ -46,6 +55,12 @@ def add_export(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
     OUTPUT.add(p)
     p.add_argument(
         "--max-shard-size-gb", type=positive_float, default=5.0, help="shard the weights above this size"
+    )
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="a LoRA run: write its adapters alone in PEFT's format (adapter_config.json and "
+        "adapter_model.safetensors) instead of the merged model",
     )
     return p
 

@@ -106,7 +106,15 @@ def run_estimate(args: argparse.Namespace) -> int:
     mfu = _parse_number(args.mfu, "--mfu", float)
     tokens = None if args.tokens is None else _parse_number(args.tokens, "--tokens", float)
     peak = None if args.peak_flops is None else _parse_number(args.peak_flops, "--peak-flops", float)
-    options = dict(devices=devices, device_type=args.device_type, mfu=mfu, tokens=tokens, peak_flops=peak)
+    seq_len = None if args.seq_len is None else _parse_number(args.seq_len, "--seq-len", int)
+    options = dict(
+        devices=devices,
+        device_type=args.device_type,
+        mfu=mfu,
+        tokens=tokens,
+        peak_flops=peak,
+        seq_len=seq_len,
+    )
     print(estimate_report(args.config, args.set, args.json, **options))
     return 0
 
@@ -128,9 +136,14 @@ def add_estimate(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
         help="parameters, FLOPs, memory per device and training time of a config",
         description="Estimate a training run before starting it: exact parameter count, FLOPs "
         "per token, per-device memory for no parallelism / DDP / FSDP with and without "
-        "activation checkpointing, and the time for the token budget at a given MFU.",
+        "activation checkpointing, the time for the token budget at a given MFU, and full fine-tuning "
+        "against LoRA on an fp32, bf16, int8 or nf4 base.",
     )
-    p.add_argument("config", help="TOML config file or recipe name (as for `lmforge train`)")
+    p.add_argument(
+        "config",
+        help="TOML config or recipe name (as for `lmforge train`), or a run or checkpoint folder to "
+        "fine-tune (e.g. from `lmforge import`: its train.init_from)",
+    )
     _add_set_option(p)
     p.add_argument("--devices", default="1", help="number of devices (default 1)")
     p.add_argument(
@@ -144,5 +157,6 @@ def add_estimate(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
         "--tokens", help="token budget (default: max_steps x batch_size x grad_accum_steps x block_size)"
     )
     p.add_argument("--peak-flops", help="peak FLOP/s of one device, instead of the device type's")
+    p.add_argument("--seq-len", help="tokens per training sequence (default: model.block_size)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p

@@ -12,6 +12,13 @@ memory, any size). Memory is a model of what one training step holds at its peak
 - buffers: bf16 weight copies under autocast, DDP's gradient buckets, FSDP's unsharded
   (all-gathered) parameters and gradients.
 
+Fine-tuning on one device (`finetune` in the result) compares full fine-tuning with LoRA on a
+base held in fp32, bf16, int8 or nf4 (`lora.base_dtype`): the frozen block matrices take their
+precision's bytes (int8 adds an fp32 scale per row; nf4 an int8 scale per 64 weights and an fp32
+factor per 256 scales); gradients and optimizer state are the adapters' alone; the activations are
+full training's plus each adapter's rank-r input. A low-precision base saves its low-precision
+matrices for backward, not autocast's bf16 copies, and dequantizes one matrix at a time.
+
 DDP replicates everything; FSDP (FSDP2, each block then the root) divides weights,
 gradients and optimizer state by the number of devices. With `grad_accum_steps` = 1 and
 gradients freed after each update, gradients and activations are never all alive together:
@@ -33,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import Config, ModelConfig, head_size, load_config
+from lmforge.config import Config, LoraConfig, ModelConfig, head_size, load_config
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GATED_MLPS, GPT, attention_flops, mlp_hidden_size
 from lmforge.recipes import config_path
@@ -45,6 +52,9 @@ INDEX = 8  # int64 token ids
 STRATEGIES = ("none", "ddp", "fsdp")
 DEVICE_TYPES = ("cpu", *DEVICE_PEAK_FLOPS)
 CHINCHILLA_TOKENS_PER_PARAM = 20
+# bytes per frozen block weight by lora.base_dtype, scales included but int8's (one fp32 per row)
+BASE_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
+FINETUNE_LORA_RANK = 16  # the rank of the LoRA rows when the config sets none (lora.rank = 0)
 
 
 @dataclass(frozen=True)
@@ -231,6 +241,78 @@ def optimizer_bytes(config: Config, params: ParamCounts) -> float:
 
 
 @dataclass(frozen=True)
+class LoraCounts:
+    """What LoRA changes in a model, from the model itself (on the meta device)."""
+
+    rank: int
+    adapters: int  # trainable parameters: rank x (in + out) per adapted Linear
+    adapted: int  # adapted Linear layers, each saving its rank-r intermediate
+    frozen: int  # weights of the blocks' Linear matrices: what lora.base_dtype stores
+    frozen_biases: int
+    rows: int  # output rows of those matrices: int8's per-row scales
+    last: int  # weights of the last of them (mlp.down): the first that backward dequantizes
+    flops_per_token: float  # training: no weight gradients for the frozen matrices, 6 per adapter weight
+
+
+def count_lora(model: ModelConfig, lora: LoraConfig, params: ParamCounts) -> LoraCounts:
+    """Count what LoRA with `lora`'s rank and targets adapts and freezes in `model`."""
+    with torch.device("meta"):
+        gpt = GPT(dataclasses.replace(model, n_layer=1))
+    linears = [(name, m) for name, m in gpt.blocks[0].named_modules() if isinstance(m, nn.Linear)]
+    adapted = [m for name, m in linears if name.rpartition(".")[2] in lora.targets]
+    adapters = model.n_layer * sum(lora.rank * (m.in_features + m.out_features) for m in adapted)
+    frozen = model.n_layer * sum(m.weight.numel() for _, m in linears)
+    return LoraCounts(
+        rank=lora.rank,
+        adapters=adapters,
+        adapted=model.n_layer * len(adapted),
+        frozen=frozen,
+        frozen_biases=model.n_layer * sum(m.bias.numel() for _, m in linears if m.bias is not None),
+        rows=model.n_layer * sum(m.out_features for _, m in linears),
+        last=linears[-1][1].weight.numel(),
+        flops_per_token=params.flops_per_token - 2 * frozen + 6 * adapters,
+    )
+
+
+def dequantize_bytes(base_dtype: str, c: int) -> float:
+    """Bytes per weight that dequantizing a matrix holds at once, into the compute dtype (`c` bytes):
+    bf16 a cast; int8 its values scaled in fp32, then the cast; torchao's NF4 two int64 code indices
+    per byte, their fp32 values, scaled, stacked (20 bytes), then the cast."""
+    cast = c if c != FP32 else 0
+    if base_dtype == "bf16":
+        return float(c)
+    return (FP32 if base_dtype == "int8" else 20.0) + cast
+
+
+def lora_memory(
+    config: Config, params: ParamCounts, counts: LoraCounts, *, base_dtype: str, cpu: bool
+) -> Memory:
+    """Memory of one LoRA training step on one device, its frozen block matrices in `base_dtype`
+    (activation checkpointing as train.activation_checkpointing)."""
+    m, t = config.model, config.train
+    ac = t.activation_checkpointing
+    full = memory(config, params, "none", devices=1, checkpointing=ac, cpu=cpu)
+    c, tokens = compute_bytes(t.dtype), t.batch_size * m.block_size
+    base = BASE_BYTES[base_dtype] * counts.frozen + (FP32 * counts.rows if base_dtype == "int8" else 0)
+    weights = FP32 * (params.total - counts.frozen + counts.adapters) + base
+    gradients = FP32 * counts.adapters
+    optimizer = optimizer_bytes(config, params) / params.total * counts.adapters
+    # each adapter saves its rank-r intermediate; frozen weights need no saved inputs for their gradients:
+    # the head's input, and rms_norm's input·rstd (fused layernorm saves the same either way)
+    # (with checkpointing only the block being recomputed saves its norms')
+    norms = (3 if ac else 2 * m.n_layer + 1) if m.norm == "rmsnorm" else 0
+    unsaved = c * m.d_model + FP32 * m.d_model * norms
+    activations = full.activations + (c * counts.rank * counts.adapted - unsaved) * tokens
+    if base_dtype == "fp32":
+        buffers = full.buffers  # autocast's bf16 copies of every Linear, saved for backward
+    else:  # autocast copies the head; backward starts by dequantizing the last block's mlp.down
+        head = params.linear - counts.frozen - counts.frozen_biases
+        buffers = (2.0 * head if t.dtype != "fp32" else 0.0) + dequantize_bytes(base_dtype, c) * counts.last
+    peak = weights + optimizer + buffers + activations + gradients
+    return Memory(weights, gradients, optimizer, activations, buffers, peak)
+
+
+@dataclass(frozen=True)
 class Memory:
     """Bytes per device; `peak` is not the plain sum when gradients and activations don't coexist."""
 
@@ -338,6 +420,10 @@ class Estimate:
     budget_seconds_ac: float
     chinchilla_tokens: float
     chinchilla_seconds: float
+    # one device, no parallelism: "full", then "lora fp32", "lora bf16", "lora int8", "lora nf4"
+    finetune: dict[str, Memory] = dataclasses.field(default_factory=dict)
+    finetune_seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # the budget's time
+    lora_rank: int = 0  # of the LoRA rows: lora.rank, else FINETUNE_LORA_RANK
     notes: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
@@ -353,10 +439,12 @@ def estimate(
     mfu: float = 0.4,
     tokens: float | None = None,
     peak_flops: float | None = None,
+    seq_len: int | None = None,
 ) -> Estimate:
-    """Estimate a run of `config` on `devices` devices of `device_type`; see the module docstring."""
+    """Estimate a run of `config` on `devices` devices of `device_type`, its sequences `seq_len`
+    tokens long (default model.block_size); see the module docstring."""
     _check_arguments(devices, device_type, mfu, tokens=tokens, peak_flops=peak_flops)
-    config, notes = _settle(config, device_type)
+    config, notes = _settle(config, device_type, seq_len)
     params = count_parameters(config.model)
     t, cpu = config.train, device_type == "cpu"
     table = {}
@@ -371,6 +459,9 @@ def estimate(
         tokens, params.flops_per_token, devices=devices, peak_flops=peak.flops, mfu=mfu
     )
     chinchilla = float(CHINCHILLA_TOKENS_PER_PARAM * params.total)
+    finetune, finetune_seconds, rank = _finetune_table(
+        config, params, tokens=tokens, seconds=seconds, cpu=cpu
+    )
     return Estimate(
         params=params,
         model=config.model,
@@ -394,8 +485,29 @@ def estimate(
         chinchilla_seconds=training_seconds(
             chinchilla, params.flops_per_token, devices=devices, peak_flops=peak.flops, mfu=mfu
         ),
+        finetune=finetune,
+        finetune_seconds=finetune_seconds,
+        lora_rank=rank,
         notes=tuple(notes),
     )
+
+
+def _finetune_table(
+    config: Config, params: ParamCounts, *, tokens: float, seconds: float, cpu: bool
+) -> tuple[dict[str, Memory], dict[str, float], int]:
+    """Full fine-tuning and LoRA on each base precision, on one device: memory and the budget's time
+    (LoRA's FLOPs in proportion to full training's), and the LoRA rank they assume."""
+    lora = config.lora if config.lora.rank > 0 else dataclasses.replace(config.lora, rank=FINETUNE_LORA_RANK)
+    counts = count_lora(config.model, lora, params)
+    ac = config.train.activation_checkpointing
+    table = {"full": memory(config, params, "none", devices=1, checkpointing=ac, cpu=cpu)}
+    if ac:  # one more forward of the blocks
+        seconds *= 1 + params.recompute_flops_per_token / params.flops_per_token
+    times = {"full": seconds}
+    for base_dtype in BASE_BYTES:
+        table[f"lora {base_dtype}"] = lora_memory(config, params, counts, base_dtype=base_dtype, cpu=cpu)
+        times[f"lora {base_dtype}"] = seconds * counts.flops_per_token / params.flops_per_token
+    return table, times, lora.rank
 
 
 def _check_arguments(
@@ -413,9 +525,9 @@ def _check_arguments(
         raise LmforgeError(f"--peak-flops must be positive, got {peak_flops}")
 
 
-def _settle(config: Config, device_type: str) -> tuple[Config, list[str]]:
-    """A copy of `config` with the model `train` would build and the dtype it would run in on
-    `device_type`; and notes on what the estimate assumes."""
+def _settle(config: Config, device_type: str, seq_len: int | None = None) -> tuple[Config, list[str]]:
+    """A copy of `config` with the model `train` would build (sequences of `seq_len` tokens if given)
+    and the dtype it would run in on `device_type`; and notes on what the estimate assumes."""
     notes, model = [], config.model
     if config.train.init_from:
         from lmforge import checkpoint as ckpt
@@ -423,11 +535,12 @@ def _settle(config: Config, device_type: str) -> tuple[Config, list[str]]:
         source = ckpt.resolve_checkpoint(Path(config.train.init_from), "best")
         model = ckpt.init_model_config(source, model)
         notes.append(f"architecture of train.init_from {source}")
+    if seq_len is not None:
+        if seq_len < 1:
+            raise LmforgeError(f"--seq-len must be a positive number of tokens, got {seq_len}")
+        model = dataclasses.replace(model, block_size=seq_len)
     if config.lora.rank > 0:
-        notes.append(
-            "lora.rank > 0 is not modelled: gradients and optimizer state are those of full training "
-            "(an upper bound)"
-        )
+        notes.append("the strategy table is full training's; LoRA's memory is in the fine-tuning table")
     vocab_size = resolve_vocab_size(dataclasses.replace(config, model=model))
     dtype = "fp32" if config.privacy.enabled else config.train.dtype  # as the trainer: DP-SGD runs in fp32
     if dtype == "auto":  # what the trainer would pick: the listed GPUs all have bf16
@@ -516,14 +629,38 @@ def format_table(e: Estimate) -> str:
         f" ({format_duration(e.budget_seconds_ac)} with activation checkpointing)",
         f"  Chinchilla  {e.chinchilla_tokens:,.0f} tokens ({CHINCHILLA_TOKENS_PER_PARAM} per parameter): "
         f"{format_duration(e.chinchilla_seconds)}",
+        "",
+        *format_finetune(e),
         *(f"note: {note}" for note in e.notes),
     ]
     return "\n".join(lines)
 
 
+def format_finetune(e: Estimate) -> list[str]:
+    """The fine-tuning table: full and LoRA (rank e.lora_rank) on each base precision, one device."""
+    lines = [f"fine-tuning, 1 device {''.join(f'{k:>12}' for k in e.finetune)}"]
+    for row in ("weights", "gradients", "optimizer", "activations", "buffers", "peak"):
+        lines.append(
+            f"{row:<22}" + "".join(f"{format_bytes(getattr(m, row)):>12}" for m in e.finetune.values())
+        )
+    lines.append(
+        f"{'budget time':<22}" + "".join(f"{format_duration(s):>12}" for s in e.finetune_seconds.values())
+    )
+    lines += [
+        f"lora X: rank-{e.lora_rank} adapters (lora.targets), the base held in X (lora.base_dtype);",
+        "activation checkpointing as train.activation_checkpointing; no FLOPs for frozen weights' gradients.",
+        "",
+    ]
+    return lines
+
+
 def estimate_report(config_file: str, overrides: list[str], as_json: bool = False, **options: object) -> str:
     """`lmforge estimate`: what it prints for a config file with overrides (`options`: see `estimate`)."""
-    config = load_config(config_path(config_file), overrides, origin=config_file)
+    folder = Path(config_file)
+    if folder.is_dir():  # a run or checkpoint folder (e.g. from `lmforge import`): fine-tune it
+        config = load_config(None, [f"train.init_from={folder}", *overrides], origin=config_file)
+    else:
+        config = load_config(config_path(config_file), overrides, origin=config_file)
     result = estimate(config, **options)
     if as_json:
         return json.dumps({"config": config_file, **result.as_dict()})

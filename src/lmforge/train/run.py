@@ -33,7 +33,7 @@ from lmforge.errors import LmforgeError
 from lmforge.inference.loss import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import HEADS, TASK_LAYERS
-from lmforge.model.lora import apply_lora
+from lmforge.model.lora import apply_lora, lower_base_precision
 from lmforge.report.metrics import METRICS_FILE
 from lmforge.runtime import Peak, autocast, device_peak, resolve_dtype, seed_everything
 from lmforge.staging import LOCK_FILE, MARKER, write_marker
@@ -415,7 +415,8 @@ def build_model(config: Config, init_from: Path | None, device: torch.device) ->
             | {k: v for k, v in own.items() if k.startswith(run_owns) and k not in source}
         )
     if config.lora.rank > 0:
-        module = apply_lora(module, config.lora)
+        # a resume quantizes these source weights again, as here: quantizing is deterministic
+        module = lower_base_precision(apply_lora(module, config.lora), config.lora.base_dtype)
     return module
 
 
