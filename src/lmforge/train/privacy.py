@@ -40,12 +40,12 @@ from torch import nn
 from lmforge.config import Config, PrivacyConfig
 from lmforge.data.loader import PoissonWindows, PreparedData
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import HeadNorm
+from lmforge.model.gpt import HeadNorm, RMSNorm
 from lmforge.model.heads import LMHead
 from lmforge.train import distributed
 from lmforge.train.step import Gradients, Stepper
 
-register_grad_sampler(HeadNorm)(compute_rms_norm_grad_sample)  # the same math as nn.RMSNorm's
+register_grad_sampler([RMSNorm, HeadNorm])(compute_rms_norm_grad_sample)  # nn.RMSNorm's math, fused on CPU
 register_grad_sampler(LMHead)(compute_linear_grad_sample)  # an nn.Linear (its forward is Linear's)
 # The embeddings' inputs are token ids, so their backward hooks see only output gradients, which is
 # all Opacus needs; torch warns about it at every backward.
