@@ -2,9 +2,10 @@
 
 Two streaming passes keep memory bounded whatever the corpus size: the first counts
 documents and characters (and trains the BPE or collects the char alphabet), the second
-encodes chunks in parallel batches (`encode_batch` uses every core) and appends the ids to
-the shards. Everything is written into a temporary sibling folder that replaces `--out` only
-when it is complete, so a failed run never damages existing work.
+encodes chunks in parallel batches (`encode_batch_fast` uses every core, in a worker thread while
+the next batch is read) and appends the ids to the shards. Everything is written into a temporary
+sibling folder that replaces `--out` only when it is complete, so a failed run never damages
+existing work.
 """
 
 from __future__ import annotations
