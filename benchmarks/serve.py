@@ -103,10 +103,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(run: Path, checkpoint: str, port: int, threads: int | None) -> subprocess.Popen:
+def start_server(
+    run: Path, checkpoint: str, port: int, threads: int | None, *, device: str = "cpu", dtype: str = "fp32"
+) -> subprocess.Popen:
     command = [sys.executable, "-m", "lmforge", "serve", str(run), "--checkpoint", checkpoint]
     command += ["--threads", str(threads)] if threads else []
-    server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench", "--device", "cpu"])
+    command += ["--device", device, "--dtype", dtype]
+    server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench"])
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -190,7 +193,7 @@ def transformers_phase(
     ttfts, tokens, first_ids = [], 0, None
     started = time.perf_counter()
     for r in range(requests):
-        batch = torch.tensor([prompts[(k + r) % len(prompts)] for k in range(streams)])
+        batch = torch.tensor([prompts[(k + r) % len(prompts)] for k in range(streams)], device=model.device)
         streamer = FirstToken() if streams == 1 else None  # transformers streams only batches of 1
         begun = time.perf_counter()
         with torch.inference_mode():
@@ -233,6 +236,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU threads of both (default: each its own default)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument("--device", default="cpu", help="where both run: cpu (default) or cuda")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="both models' weights")
     return p.parse_args()
 
 
@@ -261,10 +266,11 @@ def main() -> None:
         f"{args.requests} requests per stream"
     )
     port = free_port()
-    server = start_server(run, args.checkpoint, port, args.threads)
+    server = start_server(run, args.checkpoint, port, args.threads, device=args.device, dtype=args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(scratch / "hf", dtype=torch.float32).eval()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(scratch / "hf", dtype=dtype).to(args.device).eval()
     url = f"http://127.0.0.1:{port}"
     ours: dict[int, list[dict]] = {s: [] for s in args.streams}
     theirs: dict[int, list[dict]] = {s: [] for s in args.streams}

@@ -37,6 +37,8 @@ POSITIONAL_ALLOWED = {
     ("lmforge.data.chat_template", "_compile.tojson"),
     # PyTorch calls a TorchFunctionMode with (func, types, args, kwargs), by position
     ("lmforge.inference.weights", "_NoInitOnMeta.__torch_function__"),
+    # autograd.Function.apply hands (ctx, *inputs) to forward by position
+    ("lmforge.model.gpt", "_FusedRMSNorm.forward"),
 }
 TRAINING = "lmforge.train"
 MAY_IMPORT_TRAINING = ("lmforge.train", "lmforge.cli", "lmforge.__main__")

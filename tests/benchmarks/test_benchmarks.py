@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import types
@@ -347,3 +348,41 @@ def test_packing_benchmark_reports_both_sets_and_both_modes(shared_data: Path, t
         results["instruct"]["summary"].startswith("fine-tuning data:")
         and "(alpaca)" in results["instruct"]["summary"]
     )
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu-check"
+    env = {**os.environ, "PYTHON": sys.executable}  # LMFORGE_DATA_DIR: the fixtures' copies (conftest)
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), "--tiny", "--train-seconds", "240", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert "GPU: no CUDA device" in summary
+    assert "1. training step: fp32" in summary and "tok/s" in summary
+    assert "lmforge / transformers at 1 stream:" in summary and "lmforge 8 streams / 1:" in summary
+    assert "greedy text of the first request identical: yes" in summary
+    train = next(line for line in summary.splitlines() if line.startswith("3. train on"))
+    # 6 steps, or fewer where a loaded machine runs past the time limit (exit 124, stopped by SIGTERM)
+    assert ("(exit 0;" in train and "6 steps" in train) or "(exit 124;" in train
+    assert "tokens/s" in train
+    assert json.loads((out / "serve.json").read_text())["greedy_identical"] is True
+
+
+def test_gpu_check_refuses_without_a_gpu_unless_tiny(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the full check would run")
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "no CUDA device here: nothing measured" in (tmp_path / "o" / "summary.txt").read_text()

@@ -1,4 +1,7 @@
+import hashlib
+import importlib
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -357,3 +360,45 @@ def test_a_folder_named_like_a_tokenizer_kind_does_not_replace_it(
     code, _, err = cli("prepare", "text.txt", *options)
     assert code == 0, err
     assert json.loads((tmp_path / "data" / "meta.json").read_text())["tokenizer"] == "bpe"
+
+
+# sha256 of the shards written before `prepare` encoded with `encode_batch_fast` in a worker thread
+# (and skipped the round-trip check for byte-level BPEs): the output must not change by a byte.
+PINNED = {
+    ("bpe", "train.bin"): "12c8e0c9872fc06d4eaf58f1cbe78583cdfe458c08fdd46164367ec73e0ea00a",
+    ("bpe", "val.bin"): "497272e24835c57e88631c59819c2526243a93bcef5b7a8f40e39b0a062ce6da",
+    ("bpe", "tokenizer.json"): "6c948b7dfcab877355bc232f54273b584d6a0bc4a9564c0f1d923d7d99a3bce4",
+    ("again", "train.bin"): "f2d17733a6f10c7ce342a7184f4de6eeccc69a37e8a3625047b6001d370e2fb4",
+    ("again", "val.bin"): "cea5e49dbe12de24fb66acb0f6c13b61337f6436ff0c1fe9e6fc583a82d98c19",
+}
+
+
+@pytest.mark.parametrize("batch_chars", [4 << 20, 10_000])  # one batch; many, pipelined
+def test_output_is_byte_identical_to_the_pinned_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_chars: int
+) -> None:
+    monkeypatch.setattr(importlib.import_module("lmforge.data.prepare"), "BATCH_CHARS", batch_chars)
+    fixtures = Path(__file__).parents[1] / "fixtures" / "data"  # the small copies, whatever DATASETS is
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for source, name in [
+        ("tinyshakespeare/input.txt", "a.txt"),
+        ("wikitext-2/wiki.valid.raw", "b.txt"),
+        ("wikitext-2/wiki.test.raw", "c.txt"),
+    ]:
+        shutil.copy(fixtures / source, corpus / name)
+    # three documents, one held out, with a BPE trained on them; then the first file alone, split
+    # at its tail, encoded with that tokenizer.json (a user's tokenizer: the coverage path)
+    prepare(str(corpus), tmp_path / "bpe", "bpe", vocab_size=400, val_fraction=0.34, progress=False)
+    user_tokenizer = str(tmp_path / "bpe" / "tokenizer.json")
+    prepare(str(corpus / "a.txt"), tmp_path / "again", user_tokenizer, progress=False)
+    for (out, name), digest in PINNED.items():
+        assert hashlib.sha256((tmp_path / out / name).read_bytes()).hexdigest() == digest, f"{out}/{name}"
+
+
+def test_an_encoding_error_in_the_worker_is_the_commands_error(tmp_path: Path) -> None:
+    char_tokenizer("abc\n").save(str(tmp_path / "abc.json"))
+    (tmp_path / "in.txt").write_text("abc\n" * 100 + "abd\n")
+    with pytest.raises(LmforgeError, match="character 'd'"):
+        prepare(str(tmp_path / "in.txt"), tmp_path / "out", str(tmp_path / "abc.json"), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from tokenizers import AddedToken, normalizers, pre_tokenizers
 
 from lmforge.data import tokenizer as tok
 from lmforge.errors import LmforgeError
@@ -71,3 +72,19 @@ def test_a_tokenizer_with_ids_beyond_any_model_vocabulary_is_refused(tmp_path: P
     Tokenizer(models.WordLevel({"a": 0, "b": 2**24}, unk_token="a")).save(str(tmp_path / "sparse.json"))
     with pytest.raises(LmforgeError, match="ids up to 16,777,216, more than a model's vocabulary may hold"):
         tok.load_tokenizer(tmp_path / "sparse.json")
+
+
+def test_byte_level_bpes_represent_all_text_and_others_are_checked() -> None:
+    bpe = tok.train_bpe([SAMPLE * 3], 300)
+    assert tok.represents_all_text(bpe) and tok.represents_all_text(tok.byte_tokenizer())
+    assert bpe.decode(bpe.encode(SAMPLE + tok.EOT).ids, skip_special_tokens=False) == SAMPLE + tok.EOT
+    assert not tok.represents_all_text(tok.char_tokenizer(SAMPLE))  # lacks every other character
+    lowered = tok.train_bpe([SAMPLE], 300)
+    lowered.normalizer = normalizers.Lowercase()  # rewrites text: "H" comes back "h"
+    assert not tok.represents_all_text(lowered)
+    stripping = tok.train_bpe([SAMPLE], 300)
+    stripping.add_tokens([AddedToken("<sep>", rstrip=True)])  # eats the spaces after it
+    assert not tok.represents_all_text(stripping)
+    prefixed = tok.train_bpe([SAMPLE], 300)
+    prefixed.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    assert not tok.represents_all_text(prefixed)

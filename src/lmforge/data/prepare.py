@@ -2,9 +2,10 @@
 
 Two streaming passes keep memory bounded whatever the corpus size: the first counts
 documents and characters (and trains the BPE or collects the char alphabet), the second
-encodes chunks in parallel batches (`encode_batch` uses every core) and appends the ids to
-the shards. Everything is written into a temporary sibling folder that replaces `--out` only
-when it is complete, so a failed run never damages existing work.
+encodes chunks in parallel batches (`encode_batch_fast` uses every core, in a worker thread while
+the next batch is read) and appends the ids to the shards. Everything is written into a temporary
+sibling folder that replaces `--out` only when it is complete, so a failed run never damages
+existing work.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import time
 from array import array
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -530,8 +532,10 @@ def _encode(
     is_val, split_char = layout.is_val, layout.split_char
     privacy = privacy or _Privacy()
     changes_train = privacy.inserter is not None or privacy.holdout is not None
-    with progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="encode", enabled=progress) as bar:
-        writer = _ShardWriter(tokenizer, layout.dtype, layout.eot, splits=splits, bar=bar, coverage=coverage)
+    with (
+        progress_bar(total=total_bytes, unit="B", unit_scale=True, desc="encode", enabled=progress) as bar,
+        _ShardWriter(tokenizer, layout.dtype, layout.eot, splits=splits, bar=bar, coverage=coverage) as out,
+    ):
         index = -1
         position = 0  # characters of the corpus before this chunk
         for document in privacy.documents(corpus):
@@ -548,13 +552,13 @@ def _encode(
                         replace(p, text=privacy.train_text(p.text)) if p.split == "train" else p
                         for p in pieces
                     ]
-                writer.add(pieces, len(chunk))
+                out.add(pieces, len(chunk))
                 seen += len(chunk)
                 position += len(chunk)
             if seen and layout.eot is not None:
                 in_val = is_val[index] if is_val is not None else position > split_char
-                writer.end_document("val" if in_val else "train")
-        writer.flush()
+                out.end_document("val" if in_val else "train")
+        out.flush()
 
 
 @dataclass(frozen=True)
@@ -593,8 +597,13 @@ def _pieces(
 
 
 class _ShardWriter:
-    """Collects pieces of text and encodes them a batch at a time (`encode_batch` uses every
-    core), appending the ids to each split's shard in the order the pieces came."""
+    """Collects pieces of text and encodes them a batch at a time (`encode_batch_fast` uses every
+    core), appending the ids to each split's shard in the order the pieces came.
+
+    A batch is encoded in a worker thread while the next one is read (the tokenizer releases the
+    GIL): reading, decoding gzip and this bookkeeping overlap with the encoding. At most two batches
+    are in memory, the one encoding and the one filling.
+    """
 
     def __init__(
         self,
@@ -610,43 +619,69 @@ class _ShardWriter:
         self.coverage = coverage
         self.batch: list[_Piece] = []
         self.batch_chars = 0
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare-encode")
+        self.pending: Future[dict[str, np.ndarray]] | None = None
 
     def add(self, pieces: list[_Piece], chars: int) -> None:
         """Queue the pieces of one chunk of `chars` characters; encode once a batch is full."""
         self.batch.extend(pieces)
         self.batch_chars += chars
         if self.batch_chars >= BATCH_CHARS:
-            self.flush()
+            self._submit()
 
     def end_document(self, split: str) -> None:
         self.batch.append(_Piece(split, None))
 
     def flush(self) -> None:
-        """Encode the queued texts and append every id, <|endoftext|> included, to its shard."""
-        texts = [piece for piece in self.batch if piece.text is not None]
+        """Encode what is queued and write every batch still pending."""
+        self._submit()
+        self._write_pending()
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.worker.shutdown(wait=True, cancel_futures=True)  # after an error too: no thread left behind
+
+    def _submit(self) -> None:
+        """Write the batch encoded meanwhile, then hand the queued one to the worker."""
+        self._write_pending()
+        if self.batch:
+            self.pending = self.worker.submit(self._encode_batch, self.batch)
+        self.batch = []
+        self.batch_chars = 0
+
+    def _write_pending(self) -> None:
+        if self.pending is not None:
+            ids, self.pending = self.pending.result(), None
+            for name, values in ids.items():
+                values.tofile(self.splits[name].file)
+                self.splits[name].tokens += len(values)
+
+    def _encode_batch(self, batch: list[_Piece]) -> dict[str, np.ndarray]:
+        """The ids of one batch for each split, <|endoftext|> included, in the pieces' order."""
+        texts = [piece for piece in batch if piece.text is not None]
         encoded = iter(self._encode(texts))
-        ids: dict[str, list[int]] = {"train": [], "val": []}
-        for piece in self.batch:
+        ids: dict[str, list[np.ndarray]] = {"train": [], "val": []}
+        eot = np.asarray([] if self.eot is None else [self.eot], dtype=self.dtype)
+        for piece in batch:
             if piece.text is None:
-                ids[piece.split].append(self.eot)
+                ids[piece.split].append(eot)
             else:
-                ids[piece.split].extend(next(encoded))
+                ids[piece.split].append(np.asarray(next(encoded), dtype=self.dtype))
                 size = len(piece.text.encode("utf-8"))
                 self.splits[piece.split].text_bytes += size
                 self.bar.update(size)
-        for name, values in ids.items():
-            np.asarray(values, dtype=self.dtype).tofile(self.splits[name].file)
-            self.splits[name].tokens += len(values)
-        self.batch.clear()
-        self.batch_chars = 0
+        return {name: np.concatenate(arrays or [eot[:0]]) for name, arrays in ids.items()}
 
     def _encode(self, pieces: list[_Piece]) -> list[list[int]]:
         """The ids of each piece. With a coverage check, each piece's ids are decoded and compared
         with its text (in batch, in parallel, like the encoding); only a piece that differs is looked
-        at character by character."""
+        at character by character. A tokenizer that represents all text by construction (a byte-level
+        BPE) needs no check."""
         texts = [piece.text for piece in pieces]
-        ids = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
-        if self.coverage is not None:
+        ids = [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        if self.coverage is not None and not self.coverage.all_text:
             decoded = self.tokenizer.decode_batch(ids, skip_special_tokens=False)
             for k, (piece, text) in enumerate(zip(pieces, decoded)):
                 if text != piece.text:

@@ -143,6 +143,32 @@ def unk_token(tokenizer: Tokenizer) -> str | None:
     return token if isinstance(token, str) and tokenizer.token_to_id(token) is not None else None
 
 
+def represents_all_text(tokenizer: Tokenizer) -> bool:
+    """Whether decode(encode(text)) == text holds for every text by the tokenizer's construction, so
+    that checking it text by text is wasted work: a byte-level BPE (GPT-2's kind, and `bpe`'s and
+    `byte`'s here) with nothing that adds, drops or rewrites text. Conservative: False when unsure.
+
+    Needs no normalizer, truncation or padding; a ByteLevel pre-tokenizer without a prefix space and
+    a ByteLevel decoder; a BPE holding every one of the 256 byte symbols, without word affixes; and
+    added tokens that strip nothing and are printable ASCII, which the byte decoder gives back as is.
+    """
+    spec = json.loads(tokenizer.to_str())
+    pre, decoder, model = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}, spec.get("model") or {}
+    if spec.get("normalizer") or spec.get("truncation") or spec.get("padding"):
+        return False
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or decoder.get("type") != "ByteLevel":
+        return False
+    affixes = model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+    if model.get("type") != "BPE" or affixes:
+        return False
+    if not set(_bytes_to_unicode().values()) <= set(model.get("vocab") or {}):
+        return False
+    return all(
+        not token.get("lstrip") and not token.get("rstrip") and all("!" <= c <= "~" for c in token["content"])
+        for token in spec.get("added_tokens") or []
+    )
+
+
 class TextCoverage:
     """Which characters a tokenizer represents, and how to encode text that has others.
 
@@ -155,6 +181,7 @@ class TextCoverage:
     def __init__(self, tokenizer: Tokenizer, policy: str, name: str) -> None:
         self.tokenizer, self.policy, self.name = tokenizer, policy, name
         self.unk = unk_token(tokenizer)
+        self.all_text = represents_all_text(tokenizer)  # then no text needs checking
         if policy == "replace" and self.unk is None:
             raise LmforgeError(f"{name} has no unknown token; use --unknown-chars skip to drop what it lacks")
         self._known: dict[str, bool] = {}

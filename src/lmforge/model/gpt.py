@@ -27,10 +27,64 @@ from lmforge.targets import IGNORE_INDEX
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     """The configured norm over the last `dim` channels."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=config.norm_eps)
+        return RMSNorm(dim, eps=config.norm_eps)
     if config.norm == "rmsnorm1p":
         return OffsetRMSNorm(dim, eps=config.norm_eps)
     return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
+
+
+class _FusedRMSNorm(torch.autograd.Function):
+    """RMSNorm over the last dimension in a few whole-tensor passes each way, computed in fp32.
+
+    PyTorch's CPU `rms_norm` is a chain of small ops (pow, mean, add, rsqrt, mul, mul), each a pass
+    over the tensor, and autograd saves three tensors and runs their backward one by one: forward
+    plus backward costs several times `layer_norm`'s. Here the forward is one reduction and one
+    scaling pass, and the backward reuses layer_norm's fused kernel: given a zero mean and the
+    RMS's reciprocal it computes x·rstd, the weight's gradient and the input's gradient except
+    for one term (the derivative of the mean it would subtract), added back with a matrix-vector
+    product. Saves only the input and one fp32 number per row.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        d = x.shape[-1]
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+        with torch.autocast("cpu", enabled=False):  # fp32 inside; the output in x's dtype, as autocast's
+            # (..., 1): 1 / sqrt(mean(x²) + eps), the norm in one pass (no x² tensor)
+            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
+            rstd = norm.square_().div_(d).add_(eps).rsqrt_()
+            ctx.save_for_backward(x, rstd, weight)
+            return (x * rstd).mul_(weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+        x, rstd, weight = ctx.saved_tensors
+        d, acc = x.shape[-1], rstd.dtype
+        xa, ga, wa = x.to(acc).contiguous(), grad.to(acc).contiguous(), weight.to(acc)
+        with torch.autocast("cpu", enabled=False):
+            grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
+                ga, xa, [d], torch.zeros_like(rstd), rstd, wa, None, [True, ctx.needs_input_grad[1], False]
+            )
+            # layer_norm's backward subtracts rstd·mean(g·w) (the mean-centring's derivative): add it back
+            grad_x.add_((ga @ wa).unsqueeze(-1).mul_(rstd).div_(d))
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """`nn.RMSNorm` (same parameters and state dict) whose CPU forward and backward are
+    `_FusedRMSNorm`'s. Elsewhere, and under `torch.compile` (which fuses the reference itself),
+    `F.rms_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = x.is_cpu and self.weight is not None and len(self.normalized_shape) == 1
+        if not fused or torch.compiler.is_compiling():
+            return F.rms_norm(x, self.normalized_shape, self._weight(x), self.eps)
+        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
+        return _FusedRMSNorm.apply(x, self._weight(x), eps)
+
+    def _weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        return self.weight
 
 
 class OffsetRMSNorm(nn.RMSNorm):
@@ -53,13 +107,13 @@ def make_head_norm(config: ModelConfig, head_dim: int) -> nn.Module:
     return HeadNorm(head_dim, eps=config.norm_eps)
 
 
-class HeadNorm(nn.RMSNorm):
+class HeadNorm(RMSNorm):
     """QK-norm: RMSNorm over each head's channels, its weight cast to the input's dtype (under
     autocast, mixed dtypes miss the fused kernel). A module rather than a bare `F.rms_norm`, so
     that hooks see it (per-sample gradients for differential privacy)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+    def _weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.weight is None else self.weight.to(x.dtype)
 
 
 GATED_MLPS = ("swiglu", "geglu")  # activation(gate) x up: the up-projection is twice as wide

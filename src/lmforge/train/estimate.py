@@ -107,7 +107,7 @@ def _norm_saved(model: ModelConfig, c: int) -> float:
     d = model.d_model
     if model.norm == "layernorm":  # fused kernel: input, mean, rstd
         return FP32 * d + 2 * FP32 + c * d
-    return FP32 * d + FP32 + FP32 * d + c * d  # rms_norm: input, rstd, input·rstd (for the weight's grad)
+    return FP32 * d + FP32 + c * d  # the fused RMSNorm (model/gpt.py): input, rstd
 
 
 def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
@@ -130,8 +130,6 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         # CPU flash attention has no dropout: the math path saves q, k, v (k and v repeated to n_head),
         # per head T x T softmax output, dropout mask and dropped probabilities (fp32); proj's input is a copy
         attn = a * 3 * d + 3 * FP32 * H * model.block_size + c * d
-        if model.qk_norm and not fp32_attention:
-            attn += c * qkv  # rms_norm's saved inputs are views of the qkv output
     elif fp32_attention:
         # fp32 copies of q, k, v; SDPA's fp32 output and log-sum-exp; proj's bf16 copy of the output
         attn = FP32 * qkv + FP32 * d + FP32 * H + c * d
@@ -141,10 +139,10 @@ def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
         attn = c * qkv + FP32 * H + c * d
         if model.position == "rope" or model.qk_norm:
             attn += c * qk
-    if model.qk_norm:  # rms_norm on q and k saves q·rstd, k·rstd and the rstds (in fp32 on CPU under bf16)
-        attn += a * qk + FP32 * (H + Hkv)
-        if fp32_attention:
-            attn += FP32 * qk  # autocast runs rms_norm in fp32: it saves fp32 casts of q and k
+    if model.qk_norm:  # the fused RMSNorm on q and k saves its inputs and an fp32 rstd per head
+        attn += FP32 * (H + Hkv)
+        if fp32_attention or (cpu and model.dropout > 0):
+            attn += c * qkv  # its inputs are views of the qkv output (the flash path saves it anyway)
     mlp = (
         (4 if model.mlp in GATED_MLPS else 2) * F * c
     )  # gelu/relu²: input, output; swiglu: up, silu, product

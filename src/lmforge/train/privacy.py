@@ -40,12 +40,12 @@ from torch import nn
 from lmforge.config import Config, PrivacyConfig
 from lmforge.data.loader import PoissonWindows, PreparedData
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import HeadNorm, OffsetRMSNorm
+from lmforge.model.gpt import HeadNorm, OffsetRMSNorm, RMSNorm
 from lmforge.model.heads import LMHead
 from lmforge.train import distributed
 from lmforge.train.step import Gradients, Stepper
 
-register_grad_sampler(HeadNorm)(compute_rms_norm_grad_sample)  # the same math as nn.RMSNorm's
+register_grad_sampler([RMSNorm, HeadNorm])(compute_rms_norm_grad_sample)  # nn.RMSNorm's math, fused on CPU
 # d/dw of normed * (1 + w) is normed, as d/dw of normed * w: the same per-sample gradient (Gemma's norm)
 register_grad_sampler(OffsetRMSNorm)(compute_rms_norm_grad_sample)
 register_grad_sampler(LMHead)(compute_linear_grad_sample)  # an nn.Linear (its forward is Linear's)

@@ -1,0 +1,110 @@
+"""The fused CPU RMSNorm (`lmforge.model.gpt.RMSNorm`) against PyTorch's reference `F.rms_norm`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.model.gpt import HeadNorm, RMSNorm, _FusedRMSNorm
+from tests.conftest import BF16_EPS
+
+
+def _forward_backward(norm, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor):
+    """Output, input gradient and weight gradient of `norm(x, weight)` for the upstream `grad`."""
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    y = norm(x, weight)
+    y.backward(grad)
+    return y.detach(), x.grad, weight.grad
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, 1e-5)
+
+
+def _fused(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _FusedRMSNorm.apply(x, weight, 1e-5)
+
+
+def test_gradients_pass_gradcheck_in_fp64() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_fused, (x, weight))
+
+
+def test_gradcheck_on_a_non_contiguous_view_like_the_qk_norm_input() -> None:
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 4, 3, 6, dtype=torch.float64, requires_grad=True)
+    q = qkv[:, :, 1]  # a strided view, as q and k are views of the qkv projection
+    weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert not q.is_contiguous()
+    assert torch.autograd.gradcheck(_fused, (q, weight))
+
+
+def test_matches_the_reference_in_fp32() -> None:
+    torch.manual_seed(0)
+    x, weight, grad = torch.randn(4, 16, 64), torch.randn(64), torch.randn(4, 16, 64)
+    fused, reference = (_forward_backward(f, x, weight, grad) for f in (_fused, _reference))
+    for got, want in zip(fused, reference):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_matches_the_reference_in_bf16() -> None:
+    torch.manual_seed(0)
+    x, weight, grad = (torch.randn(*shape).bfloat16() for shape in ((4, 16, 64), (64,), (4, 16, 64)))
+    exact = _forward_backward(_reference, x.double(), weight.double(), grad.double())
+    for got, want, ideal in zip(
+        _forward_backward(_fused, x, weight, grad), _forward_backward(_reference, x, weight, grad), exact
+    ):
+        assert got.dtype == want.dtype == torch.bfloat16
+        # both round the fp32 result to bf16 once: within two bf16 roundings of the exact value,
+        # relative to the tensor's scale (the weight's gradient sums 64 rows, so it gets more)
+        scale = ideal.abs().max().item()
+        assert (got.double() - ideal).abs().max().item() <= 4 * BF16_EPS * scale
+        assert (want.double() - ideal).abs().max().item() <= 4 * BF16_EPS * scale
+
+
+def test_module_matches_nn_rmsnorm_under_bf16_autocast() -> None:
+    torch.manual_seed(0)
+    fused, reference = RMSNorm(32, eps=1e-5), torch.nn.RMSNorm(32, eps=1e-5)
+    with torch.no_grad():
+        fused.weight.normal_()
+    reference.load_state_dict(fused.state_dict())  # the same parameters, the same state dict
+    x = torch.randn(2, 8, 32)
+    outputs, grads = [], []
+    for module in (fused, reference):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            y = module(xi)
+        y.square().sum().backward()
+        outputs.append(y)
+        grads.append((xi.grad, module.weight.grad))
+    assert outputs[0].dtype == outputs[1].dtype == torch.float32  # autocast runs rms_norm in fp32
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
+
+
+def test_head_norm_casts_its_weight_to_a_bf16_input() -> None:
+    norm = HeadNorm(8, eps=1e-5)
+    x = torch.randn(2, 3, 4, 8, dtype=torch.bfloat16)
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    with torch.autocast("cpu", torch.bfloat16):  # attention's inputs stay bf16, as with F.rms_norm
+        assert norm(x).dtype == F.rms_norm(x, (8,), norm.weight.bfloat16(), 1e-5).dtype == torch.bfloat16
+    reference = F.rms_norm(x, (8,), norm.weight.bfloat16(), 1e-5)
+    torch.testing.assert_close(y, reference, rtol=0, atol=2 * BF16_EPS * 4)  # |y| < 4: two bf16 roundings
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_saves_only_the_input_and_one_number_per_row(requires_grad: bool) -> None:
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    norm = RMSNorm(64, eps=1e-5)
+    norm.weight.requires_grad_(requires_grad)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        norm(x)
+    assert [tuple(t.shape) for t in saved] == [(4, 16, 64), (4, 16, 1), (64,)]
+    assert saved[0] is x  # the input itself, not a copy
