@@ -228,7 +228,8 @@ def on_files(files, config):  # noqa: ANN001, ANN201  (MkDocs hook)
         "verbs/index.md": verbs_index(),
         "reference/cli.md": cli_reference(),
         "reference/config.md": config_reference(),
-        "results/record.md": (ROOT / "benchmarks" / "RESULTS.md").read_text(),
+        # its links into docs/ (pictures) point at the same files in the site, whose root docs/ is
+        "results/record.md": (ROOT / "benchmarks" / "RESULTS.md").read_text().replace("](../docs/", "](../"),
         "changelog.md": (ROOT / "CHANGELOG.md").read_text(),
     }
     for uri, content in pages.items():

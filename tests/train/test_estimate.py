@@ -232,7 +232,7 @@ def test_a_cpu_estimate_takes_trainings_peak_the_best_measured_on_this_machine()
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["missing.toml"], "missing.toml: config file not found"),
+        (["missing.toml"], "missing.toml: no such config file, nor a recipe of that name"),
         (["{cfg}", "--mfu", "0"], "--mfu must be in (0, 1], got 0.0"),
         (["{cfg}", "--mfu", "2"], "--mfu must be in (0, 1], got 2.0"),
         (["{cfg}", "--mfu", "fast"], "--mfu expects a number, got 'fast'"),
