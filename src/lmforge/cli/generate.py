@@ -96,6 +96,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host,
         engine_process=True,
         threads=THREADS.build(args) or default_threads(),
+        compile=args.compile,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
@@ -154,5 +155,12 @@ def add_serve(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
         type=positive_int,
         default=64,
         help="requests waiting for a slot before more are refused with 503 (default 64)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step with torch.compile before serving (needs a C++ compiler on a "
+        "CPU; start-up takes a minute or more; faster per token on small models: "
+        "docs/guides/serve-speed.md)",
     )
     return p
