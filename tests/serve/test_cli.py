@@ -27,3 +27,11 @@ def test_an_empty_api_key_is_a_one_line_error_not_an_open_server(
 def test_a_bad_port_is_a_usage_error(cli, capsys, tmp_path: Path, port: str) -> None:
     code, err = usage_error(cli, capsys, "serve", tmp_path / "no-run", f"--port={port}")
     assert code == 2 and err.splitlines()[-1].startswith("lmforge serve: error: argument --port: ")
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(
+    cli, monkeypatch: pytest.MonkeyPatch, tiny_run: Path, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CXX", str(tmp_path / "no-compiler"))  # inductor's compiler on a CPU
+    code, _, err = cli("serve", tiny_run, "--compile", "--device", "cpu")
+    assert_one_line_error(code, err, "serve", "--compile needs a C++ compiler")

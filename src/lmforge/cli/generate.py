@@ -82,10 +82,13 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LmforgeError(
             f"serve needs the serve extra ({exc.name} is missing): pip install 'lmforge[serve]'"
         ) from None
+    from lmforge.serve.engine import check_compiler
     from lmforge.serve.worker import default_threads
 
     # the engine's process loads the weights; this one needs the tokenizer and configuration only
     session = MODEL_SOURCE.build(args).load(weights=False)
+    if args.compile:  # here, in one line, rather than from the engine's process as the app starts
+        check_compiler(session.device)
     name = args.model_name or Path(args.target).resolve().name
     app = create_app(
         session,

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.inference import InferenceSession
 from lmforge.inference.generate import sample_next
 from lmforge.inference.sampling import TextDecoder, TextRules
@@ -319,6 +320,18 @@ class StaticKVCache(KVCache):
 
     def advance(self, T: int) -> None:
         self.length += T  # in place: `length` is a view of the engine's lengths
+
+
+def check_compiler(device: torch.device) -> None:
+    """LmforgeError unless torch.compile can build kernels for `device`: on a CPU, inductor writes C++."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler, whose message names what it tried
+        raise LmforgeError(f"--compile needs a C++ compiler: {str(exc).splitlines()[0]}") from None
 
 
 def check_fit(jobs: Sequence[Job], block_size: int, max_queue: int) -> None:
