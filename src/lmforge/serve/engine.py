@@ -174,6 +174,7 @@ class Engine:
         finally:  # closed, or killed by what no request caused: refuse new jobs, fail those in hand
             with self.changed:
                 self.ended = True
+            self.warm.set()  # start() must not wait for a thread that died before it was ready
             self._fail_all()
 
     def _wait_for_work(self) -> bool:
