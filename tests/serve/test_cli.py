@@ -32,6 +32,8 @@ def test_a_bad_port_is_a_usage_error(cli, capsys, tmp_path: Path, port: str) -> 
 def test_compile_without_a_cpp_compiler_is_a_one_line_error(
     cli, monkeypatch: pytest.MonkeyPatch, tiny_run: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setenv("CXX", str(tmp_path / "no-compiler"))  # inductor's compiler on a CPU
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.cpp, "cxx", (str(tmp_path / "no-compiler"),))  # inductor's C++ compilers
     code, _, err = cli("serve", tiny_run, "--compile", "--device", "cpu")
     assert_one_line_error(code, err, "serve", "--compile needs a C++ compiler")

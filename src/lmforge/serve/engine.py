@@ -15,11 +15,13 @@ background thread, which reports each request's progress through its callback; `
 client gone) frees the slot at the next step. Once that thread has ended (closed, or killed by a
 bug), nothing more is accepted (EngineStopped).
 
-With `compile`, the decode step (not the prefill) runs through `torch.compile`, on a cache whose
-shapes never change (`StaticKVCache`: every step attends over the whole context, the keys past
-each row's length masked), so that one graph serves every step: at the demo's size it fuses the
-small per-layer ops (rotary, norms, the cache write) that dominate an eager step. It is compiled
-while the engine starts, for one row and for several, so that no request waits for it.
+With `compile`, the decode step of a single active row (not the prefill) runs through
+`torch.compile`, on a cache whose shapes never change (`StaticKVCache`: every step attends over the
+whole context, the keys past the row's length masked), so that one graph serves every such step: it
+fuses the small per-layer ops (rotary, norms, the cache write) that dominate an eager step of a
+small model. It is compiled while the engine starts, so that no request waits for it. Several rows
+decode eagerly: a graph with a varying number of rows was 1.3x faster than eager at the demo's size
+but 2.3x slower at 6 layers of width 384 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class Engine:
     max_queue: int = 64
     active: list[Job] = field(default_factory=list)  # row i of the cache is active[i]
     waiting: deque[Job] = field(default_factory=deque)
-    compile: bool = False  # decode steps through torch.compile (compiled as the engine starts)
+    compile: bool = False  # one row's decode step through torch.compile (compiled as the engine starts)
 
     def __post_init__(self) -> None:
         model = self.sampler.model
@@ -211,7 +213,10 @@ class Engine:
         tokens = torch.tensor([[job.last] for job in self.active], device=self.sampler.device)  # (n, 1)
         longest = max(job.length for job in self.active)  # known here: the cache need not ask the device
         lengths = self.lengths[:n]  # advanced in place by the forward
-        logits = self.compiled(tokens, lengths) if self.compiled else self._decode(tokens, lengths, longest)
+        if self.compiled is not None and n == 1:
+            logits = self.compiled(tokens, lengths)
+        else:
+            logits = self._decode(tokens, lengths, longest)
         for job in self.active:
             job.length += 1
         self._advance(logits, list(range(n)))
@@ -225,24 +230,22 @@ class Engine:
         return logits[:, -1]
 
     def _decode_static(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """`_decode` on shapes that do not change from step to step, for torch.compile (a Python int
-        argument such as `longest` would be a constant of the graph: a recompile at every step)."""
-        n = tokens.size(0)
-        keys, values = [k[:n] for k in self.cache.keys], [v[:n] for v in self.cache.values]
+        """`_decode` of one row on shapes that do not change from step to step, for torch.compile (a
+        Python int argument such as `longest` would be a constant of the graph: a recompile at every
+        step)."""
+        keys, values = self.rows[1]
         logits, _ = self.sampler.model(tokens, cache=StaticKVCache(keys, values, lengths))
         return logits[:, -1]
 
     def _warm_up(self) -> bool:
-        """With `compile`, compile the decode step for one row, then for a varying number of rows,
-        before any request comes; False if that failed. It writes to cache rows 0 and 1 at position 0,
-        which a request's prefill overwrites before it reads them."""
+        """With `compile`, compile the one-row decode step before any request comes; False if that
+        failed. It writes to cache row 0 at position 0, which a request's prefill overwrites before
+        it reads it."""
         try:
-            for n in range(1, min(2, self.max_batch) + 1) if self.compiled else ():
-                tokens = torch.zeros(n, 1, dtype=torch.long, device=self.sampler.device)
-                if n > 1:
-                    torch._dynamo.mark_dynamic(tokens, 0)  # one graph for 2 .. max_batch rows
-                self.compiled(tokens, self.lengths[:n])  # a view of self.lengths, as at every step (a guard)
-            self.lengths.zero_()
+            if self.compiled is not None:
+                tokens = torch.zeros(1, 1, dtype=torch.long, device=self.sampler.device)
+                self.compiled(tokens, self.lengths[:1])  # a view of self.lengths, as at every step (a guard)
+                self.lengths.zero_()
             return True
         except Exception as exc:  # reported by start()
             self.warm_up_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
