@@ -162,8 +162,7 @@ def add_serve(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decode step with torch.compile before serving (needs a C++ compiler on a "
-        "CPU; start-up takes a minute or more; faster per token on small models: "
-        "docs/guides/serve-speed.md)",
+        help="compile the decode step of a request decoding alone with torch.compile before serving "
+        "(needs a C++ compiler on a CPU; start-up takes a minute or more; docs/guides/serve-speed.md)",
     )
     return p
