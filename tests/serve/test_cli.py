@@ -29,11 +29,10 @@ def test_a_bad_port_is_a_usage_error(cli, capsys, tmp_path: Path, port: str) -> 
     assert code == 2 and err.splitlines()[-1].startswith("lmforge serve: error: argument --port: ")
 
 
-def test_compile_without_a_cpp_compiler_is_a_one_line_error(
-    cli, monkeypatch: pytest.MonkeyPatch, tiny_run: Path, tmp_path: Path
-) -> None:
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(cli, tiny_run: Path, tmp_path: Path) -> None:
     from torch._inductor import config
 
-    monkeypatch.setattr(config.cpp, "cxx", (str(tmp_path / "no-compiler"),))  # inductor's C++ compilers
-    code, _, err = cli("serve", tiny_run, "--compile", "--device", "cpu")
+    # inductor's C++ compilers to try; its own patch, which restores the entry (monkeypatch deletes it)
+    with config.patch({"cpp.cxx": (str(tmp_path / "no-compiler"),)}):
+        code, _, err = cli("serve", tiny_run, "--compile", "--device", "cpu")
     assert_one_line_error(code, err, "serve", "--compile needs a C++ compiler")
