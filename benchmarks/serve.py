@@ -278,7 +278,10 @@ def main() -> None:
                 port,
             )
         ours, theirs = measure(
-            args, {v: f"http://127.0.0.1:{port}" for v, (_, port) in servers.items()}, scratch, prompts
+            args,
+            {v: f"http://127.0.0.1:{port}" for v, (_, port) in servers.items()},
+            scratch=scratch,
+            prompts=prompts,
         )
     finally:
         for server, _ in servers.values():
@@ -288,7 +291,7 @@ def main() -> None:
 
 
 def measure(
-    args: argparse.Namespace, urls: dict[str, str], scratch: Path, prompts: list[list[int]]
+    args: argparse.Namespace, urls: dict[str, str], *, scratch: Path, prompts: list[list[int]]
 ) -> tuple[dict, dict]:
     """Every round runs each variant of lmforge serve, then transformers, at each stream count."""
     from transformers import AutoModelForCausalLM
