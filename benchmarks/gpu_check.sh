@@ -7,7 +7,7 @@
 #      matmul peak, and the line says so): benchmarks/throughput.py on random tokens.
 #   2. tokens/s of `lmforge serve` at 1 and 8 streams against transformers `generate` (batch of 8),
 #      the same model at that shape, bf16 on the GPU: benchmarks/serve.py --device cuda.
-#   3. `lmforge train configs/base-gutenberg-gpu.toml` for --train-seconds (default 300: five minutes,
+#   3. `lmforge train base-gutenberg-gpu` for --train-seconds (default 300: five minutes,
 #      compile included), stopped by SIGTERM (the trainer stops between steps), then its tokens/s and
 #      MFU (median of the logged steps after the first two) from metrics.jsonl.
 # Needs: the venv (.venv/bin/python, or $PYTHON) with lmforge installed; no network. Data for step 3:
@@ -88,14 +88,14 @@ else
 fi
 
 echo "== 1. MFU, GPT-2-small shape, bf16 + torch.compile ($(elapsed))"
-CONFIG=configs/base-gutenberg-gpu.toml
+CONFIG=src/lmforge/recipes/base-gutenberg-gpu.toml
 "$PY" benchmarks/throughput.py --config "$CONFIG" "${THROUGHPUT[@]}" | tee "$OUT/throughput.txt"
 note "1. training step: $(grep -E 'tok/s' "$OUT/throughput.txt" | head -1 | sed 's/  */ /g')"
 
 echo "== 2. lmforge serve vs transformers, 1 and 8 streams ($(elapsed))"
 "$PY" benchmarks/serve.py "${SERVE[@]}" --json "$OUT/serve.json" | tee "$OUT/serve.txt"
 note "2. serve: $(grep -E '^(lmforge serve|transformers) ' "$OUT/serve.txt" | sed 's/  */ /g' | paste -sd ';' -)"
-note "   $(grep -E 'lmforge / transformers|streams /|greedy text' "$OUT/serve.txt" | paste -sd ';' -)"
+note "   $(grep -E 'transformers at|streams /|greedy text' "$OUT/serve.txt" | paste -sd ';' -)"
 
 echo "== 3. lmforge train $CONFIG for $TRAIN_SECONDS s ($(elapsed))"
 DATA=""

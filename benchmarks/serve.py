@@ -7,15 +7,17 @@ AutoModelForCausalLM and decoded with `generate` (a batch of 8 for 8 streams). S
 ids), same lengths, greedy; `--threads N` puts both on N CPU threads, else each takes its default
 (transformers PyTorch's, one per core; `lmforge serve` one per core but one). This machine's speed
 drifts by tens of percent within minutes, so the two alternate: each of `--rounds` rounds runs
-every phase of both once. Reported: the median over rounds of tokens/s (all streams together) and
-of the median time to first token; then lmforge / transformers at one stream and lmforge's 8-stream
-/ 1-stream ratio, each the median of the rounds' own ratios, with their range.
+every phase of both once. `lmforge serve` runs twice, side by side: eager and with `--compile` (its
+decode step through torch.compile; `--variants` picks). Reported: the median over rounds of tokens/s
+(all streams together), the time to first token (median and 90th percentile over every request of
+every round), then lmforge / transformers at one stream and at 8, and lmforge's 8-stream / 1-stream
+ratio, each the median of the rounds' own ratios, with their range; the CPU and its load.
 
 Without --run, the model is the demo's architecture (the shakespeare-char recipe: Llama-style,
 4 layers, d_model 128, 128-token context) with random weights and a char vocabulary without
 <|endoftext|>, so that every request runs its full length; speed does not depend on the weights.
 
-    .venv/bin/python benchmarks/serve.py                       # the demo's size
+    .venv/bin/python benchmarks/serve.py                       # the demo's size, eager and compiled
     .venv/bin/python benchmarks/serve.py --threads 1           # both on one thread
     .venv/bin/python benchmarks/serve.py --run out/runs/shakespeare-char --prompt-tokens 32
 """
@@ -103,14 +105,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+VARIANTS = {"eager": [], "compiled": ["--compile"]}  # `lmforge serve`'s flags for each
+
+
 def start_server(
-    run: Path, checkpoint: str, port: int, threads: int | None, *, device: str = "cpu", dtype: str = "fp32"
+    run: Path, checkpoint: str, port: int, *, threads: int | None, flags: list[str], device: str, dtype: str
 ) -> subprocess.Popen:
-    command = [sys.executable, "-m", "lmforge", "serve", str(run), "--checkpoint", checkpoint]
+    command = [sys.executable, "-m", "lmforge", "serve", str(run), "--checkpoint", checkpoint, *flags]
     command += ["--threads", str(threads)] if threads else []
     command += ["--device", device, "--dtype", dtype]
     server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench"])
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # --compile compiles before it answers: minutes on a busy machine
     while time.monotonic() < deadline:
         try:
             httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).raise_for_status()
@@ -120,7 +125,7 @@ def start_server(
                 raise SystemExit("lmforge serve exited before it answered") from None
             time.sleep(0.2)
     server.kill()
-    raise SystemExit("lmforge serve did not answer within 120 s")
+    raise SystemExit("lmforge serve did not answer within 600 s")
 
 
 def stream_once(http: httpx.Client, url: str, prompt: list[int], new_tokens: int) -> tuple[float, int, str]:
@@ -166,7 +171,7 @@ def lmforge_phase(url: str, prompts: list[list[int]], streams: int, requests: in
     return {
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
-        "ttft_ms": 1000 * statistics.median(r[0] for r in results),
+        "ttfts_ms": [1000 * r[0] for r in results],
         "text": results[0][2] if streams == 1 else None,
     }
 
@@ -214,7 +219,7 @@ def transformers_phase(
     return {
         "tokens": tokens,
         "tokens_per_s": tokens / wall,
-        "ttft_ms": 1000 * statistics.median(ttfts) if ttfts else None,
+        "ttfts_ms": [1000 * t for t in ttfts],
         "ids": first_ids,
     }
 
@@ -235,6 +240,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5, help="times each phase runs, alternating")
     p.add_argument("--threads", type=int, help="CPU threads of both (default: each its own default)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    p.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="lmforge serve's runs"
+    )
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--device", default="cpu", help="where both run: cpu (default) or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="both models' weights")
@@ -243,8 +251,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from transformers import AutoModelForCausalLM
-
     from lmforge.interop.hf import export_checkpoint
 
     scratch = Path(tempfile.mkdtemp(prefix="lmforge-serve-bench-"))
@@ -265,26 +271,57 @@ def main() -> None:
         f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, "
         f"{args.requests} requests per stream"
     )
-    port = free_port()
-    server = start_server(run, args.checkpoint, port, args.threads, device=args.device, dtype=args.dtype)
+    servers = {}
+    try:
+        for variant in args.variants:  # started one at a time: a compile gets the CPU to itself
+            port = free_port()
+            flags = VARIANTS[variant]
+            servers[variant] = (
+                start_server(
+                    run,
+                    args.checkpoint,
+                    port,
+                    threads=args.threads,
+                    flags=flags,
+                    device=args.device,
+                    dtype=args.dtype,
+                ),
+                port,
+            )
+        ours, theirs = measure(
+            args,
+            {v: f"http://127.0.0.1:{port}" for v, (_, port) in servers.items()},
+            scratch=scratch,
+            prompts=prompts,
+        )
+    finally:
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait()
+    report(args, info, ours, theirs, run)
+
+
+def measure(
+    args: argparse.Namespace, urls: dict[str, str], *, scratch: Path, prompts: list[list[int]]
+) -> tuple[dict, dict]:
+    """Every round runs each variant of lmforge serve, then transformers, at each stream count."""
+    from transformers import AutoModelForCausalLM
+
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(scratch / "hf", dtype=dtype).to(args.device).eval()
-    url = f"http://127.0.0.1:{port}"
-    ours: dict[int, list[dict]] = {s: [] for s in args.streams}
+    ours: dict[str, dict[int, list[dict]]] = {v: {s: [] for s in args.streams} for v in urls}
     theirs: dict[int, list[dict]] = {s: [] for s in args.streams}
-    try:
-        stream_once(httpx.Client(timeout=600), url, prompts[0], 4)  # warm-up
-        transformers_phase(model, prompts, 1, 1, 4)
-        for _ in range(args.rounds):
-            for s in args.streams:
-                ours[s].append(lmforge_phase(url, prompts, s, args.requests, args.new_tokens))
-                theirs[s].append(transformers_phase(model, prompts, s, args.requests, args.new_tokens))
-    finally:
-        server.terminate()
-        server.wait()
-    report(args, info, ours, theirs, run)
+    for url in urls.values():  # warm-up
+        stream_once(httpx.Client(timeout=600), url, prompts[0], 4)
+    transformers_phase(model, prompts, 1, 1, 4)
+    for _ in range(args.rounds):
+        for s in args.streams:
+            for variant, url in urls.items():
+                ours[variant][s].append(lmforge_phase(url, prompts, s, args.requests, args.new_tokens))
+            theirs[s].append(transformers_phase(model, prompts, s, args.requests, args.new_tokens))
+    return ours, theirs
 
 
 def median_of(results: list[dict], key: str) -> float | None:
@@ -292,49 +329,63 @@ def median_of(results: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
+def ttft(results: list[dict]) -> str:
+    """Median / 90th percentile of the time to first token over every request of every round."""
+    values = sorted(t for r in results for t in r["ttfts_ms"])
+    if not values:
+        return "-"
+    p90 = values[min(len(values) - 1, round(0.9 * (len(values) - 1)))]
+    return f"{statistics.median(values):.1f} / {p90:.1f}"
+
+
 def ratios(top: list[dict], bottom: list[dict]) -> list[float]:
     """Each round's tokens/s of `top` over that of `bottom`."""
     return [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(top, bottom)]
+
+
+def spread(name: str, values: list[float]) -> str:
+    return f"{name}: {statistics.median(values):.2f}x (rounds {min(values):.2f}-{max(values):.2f})"
 
 
 def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: Path) -> None:
     threads = args.threads or torch.get_num_threads()
     served = args.threads or default_threads()  # `lmforge serve`'s
     print(f"{args.rounds} rounds, CPU threads: lmforge serve {served}, transformers {threads}")
-    print(f"{'':14}{'streams':>8}{'tokens':>8}{'tokens/s':>11}{'TTFT ms':>10}   (medians over rounds)")
-    for name, results in (("lmforge serve", ours), ("transformers", theirs)):
+    print(f"{'':24}{'streams':>8}{'tokens':>8}{'tokens/s':>11}   TTFT ms median / p90")
+    rows = [(f"lmforge serve ({v})", results) for v, results in ours.items()]
+    for name, results in (*rows, ("transformers", theirs)):
         for s, rounds in results.items():
-            ttft = median_of(rounds, "ttft_ms")
-            tokens = rounds[0]["tokens"]
             speed = median_of(rounds, "tokens_per_s")
-            print(f"{name:14}{s:>8}{tokens:>8}{speed:>11.1f}{f'{ttft:.1f}' if ttft is not None else '-':>10}")
+            print(f"{name:24}{s:>8}{rounds[0]['tokens']:>8}{speed:>11.1f}   {ttft(rounds)}")
     one, many = min(args.streams), max(args.streams)
-    single, scaling = ratios(ours[one], theirs[one]), ratios(ours[many], ours[one])
-    print(
-        f"lmforge / transformers at {one} stream: {statistics.median(single):.2f}x "
-        f"(rounds {min(single):.2f}-{max(single):.2f})"
-    )
-    print(
-        f"lmforge {many} streams / {one}: {statistics.median(scaling):.2f}x "
-        f"(rounds {min(scaling):.2f}-{max(scaling):.2f})"
-    )
+    record = {"machine": info, "threads": {"lmforge": served, "transformers": threads}}
     tokenizer = load(run, args.checkpoint, "cpu", dtype="fp32").tokenizer
-    same = ours[one][0]["text"] == tokenizer.decode(theirs[one][0]["ids"])
-    print(f"greedy text of the first request identical: {'yes' if same else 'no'}")
-    info["load_1min_end"] = os.getloadavg()[0]
-    print(f"load at the end {info['load_1min_end']:.2f}")
-    if args.json:
-        strip = lambda r: {k: v for k, v in r.items() if k not in ("text", "ids")}  # noqa: E731
-        record = {
-            "machine": info,
-            "threads": {"lmforge": served, "transformers": threads},
-            "lmforge": {s: [strip(r) for r in rounds] for s, rounds in ours.items()},
-            "transformers": {s: [strip(r) for r in rounds] for s, rounds in theirs.items()},
+    expected = tokenizer.decode(theirs[one][0]["ids"])
+    for variant, results in ours.items():
+        single, batched = ratios(results[one], theirs[one]), ratios(results[many], theirs[many])
+        scaling = ratios(results[many], results[one])
+        print(spread(f"{variant} / transformers at {one} stream", single))
+        print(spread(f"{variant} / transformers at {many} streams", batched))
+        print(spread(f"{variant} {many} streams / {one}", scaling))
+        same = results[one][0]["text"] == expected
+        print(f"{variant}: first request's greedy text identical to transformers': {'yes' if same else 'no'}")
+        record[variant] = {
+            "rounds": {s: [strip(r) for r in rounds] for s, rounds in results.items()},
             "single_stream_ratios": single,
+            "many_stream_ratios": batched,
             "scaling": scaling,
             "greedy_identical": same,
         }
+    info["load_1min_end"] = os.getloadavg()[0]
+    print(f"load at the end {info['load_1min_end']:.2f}")
+    if args.json:
+        record["transformers"] = {s: [strip(r) for r in rounds] for s, rounds in theirs.items()}
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def strip(result: dict) -> dict:
+    """A phase's figures without its text."""
+    return {k: v for k, v in result.items() if k not in ("text", "ids")}
 
 
 if __name__ == "__main__":

@@ -60,13 +60,16 @@ def test_the_docs_mark_runnable_blocks_on_every_verb_page_that_can_run_offline()
 def _toy_workspace(tmp_path: Path) -> dict[str, str]:
     """A folder to run the blocks in, as a clone's root: src/, docs/ and tests/ (fixtures), `lmforge` and
     `.venv/bin/lmforge` at toy size; the environment to run them with."""
-    for name in ("src", "docs", "tests"):
+    for name in ("src", "docs", "tests", "benchmarks"):
         (tmp_path / name).symlink_to(REPO / name)
     shim = f'#!/bin/sh\nexec "{sys.executable}" "{TOY_LMFORGE}" "$@"\n'
     for folder in (tmp_path / "bin", tmp_path / ".venv" / "bin"):
         folder.mkdir(parents=True)
         (folder / "lmforge").write_text(shim)
         (folder / "lmforge").chmod(0o755)
+    python = tmp_path / ".venv" / "bin" / "python"  # `.venv/bin/python` in a block: this interpreter
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     env = dict(os.environ)
     env.update(
         PATH=f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}",

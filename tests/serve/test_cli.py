@@ -27,3 +27,12 @@ def test_an_empty_api_key_is_a_one_line_error_not_an_open_server(
 def test_a_bad_port_is_a_usage_error(cli, capsys, tmp_path: Path, port: str) -> None:
     code, err = usage_error(cli, capsys, "serve", tmp_path / "no-run", f"--port={port}")
     assert code == 2 and err.splitlines()[-1].startswith("lmforge serve: error: argument --port: ")
+
+
+def test_compile_without_a_cpp_compiler_is_a_one_line_error(cli, tiny_run: Path, tmp_path: Path) -> None:
+    from torch._inductor import config
+
+    # inductor's C++ compilers to try; its own patch, which restores the entry (monkeypatch deletes it)
+    with config.patch({"cpp.cxx": (str(tmp_path / "no-compiler"),)}):
+        code, _, err = cli("serve", tiny_run, "--compile", "--device", "cpu")
+    assert_one_line_error(code, err, "serve", "--compile needs a C++ compiler")

@@ -187,3 +187,25 @@ def test_sampling_with_a_seed_is_the_same_batched_or_alone(sampler: InferenceSes
         alone.close()
         together.close()
     assert batched == solo and len({text for text, _, _ in solo}) == 4
+
+
+@pytest.mark.slow  # compiles the decode step: about a minute on a busy 2-core machine
+def test_a_compiled_decode_step_writes_the_eager_text_and_never_recompiles(sampler: InferenceSession) -> None:
+    from torch._dynamo.utils import counters
+
+    texts = ("to be", "or not to be, that", "a", "the question: whether", "x")
+    prompts = [sampler.prompt_ids(text) for text in texts]
+    params = [dataclasses.replace(GREEDY, max_tokens=n) for n in (3, 12, 5, 9, 7)]  # 4 rows, then 1 alone
+    eager = Engine(sampler, max_batch=4).start()
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = Engine(sampler, max_batch=4, compile=True).start()  # returns once compiled
+    try:
+        expected = run_jobs(eager, prompts, params)
+        assert run_jobs(compiled, prompts, params) == expected
+        assert run_jobs(compiled, prompts[1:2], params[1]) == expected[1:2]  # one row alone
+        assert counters["stats"]["unique_graphs"] - graphs == 1  # one row's step, none after start
+    finally:
+        eager.close()
+        compiled.close()
+    options = SamplingOptions(max_new_tokens=12, temperature=0.0, top_k=None, top_p=None)
+    assert "".join(sampler.complete(prompts[1], options, torch.Generator())) == expected[1][0]

@@ -82,10 +82,13 @@ def run_serve(args: argparse.Namespace) -> int:
         raise LmforgeError(
             f"serve needs the serve extra ({exc.name} is missing): pip install 'lmforge[serve]'"
         ) from None
+    from lmforge.serve.engine import check_compiler
     from lmforge.serve.worker import default_threads
 
     # the engine's process loads the weights; this one needs the tokenizer and configuration only
     session = MODEL_SOURCE.build(args).load(weights=False)
+    if args.compile:  # here, in one line, rather than from the engine's process as the app starts
+        check_compiler(session.device)
     name = args.model_name or Path(args.target).resolve().name
     app = create_app(
         session,
@@ -96,6 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
         host=args.host,
         engine_process=True,
         threads=THREADS.build(args) or default_threads(),
+        compile=args.compile,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
@@ -154,5 +158,11 @@ def add_serve(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
         type=positive_int,
         default=64,
         help="requests waiting for a slot before more are refused with 503 (default 64)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step of a request decoding alone with torch.compile before serving "
+        "(needs a C++ compiler on a CPU; start-up takes a minute or more; docs/guides/serve-speed.md)",
     )
     return p

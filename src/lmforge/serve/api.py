@@ -415,12 +415,20 @@ def _host_name(header: bytes) -> str:
 
 
 def _make_engine(
-    sampler: InferenceSession, max_batch: int, max_queue: int, *, own_process: bool, threads: int | None
+    sampler: InferenceSession,
+    max_batch: int,
+    max_queue: int,
+    *,
+    own_process: bool,
+    threads: int | None,
+    compile: bool,
 ) -> Engine | EngineProcess:
     if not own_process:
-        return Engine(sampler, max_batch, max_queue)
+        return Engine(sampler, max_batch, max_queue, compile=compile)
     block_size = sampler.model.config.block_size
-    return EngineProcess(sampler.source, block_size, max_batch, max_queue=max_queue, threads=threads)
+    return EngineProcess(
+        sampler.source, block_size, max_batch, max_queue=max_queue, threads=threads, compile=compile
+    )
 
 
 def _add_generation_routes(
@@ -462,12 +470,16 @@ def create_app(
     host: str = "127.0.0.1",
     engine_process: bool = False,
     threads: int | None = None,
+    compile: bool = False,
 ) -> FastAPI:
     """The server's app; its engine (`app.state.engine`: a child process on `threads` CPU threads with
-    `engine_process`, else a thread) runs while the app does. Without `api_key`, only requests to this
-    machine (loopback names, or `host`) are answered: a web page cannot reach it by a name of its own."""
+    `engine_process`, else a thread; its decode step compiled with `compile`) runs while the app does.
+    Without `api_key`, only requests to this machine (loopback names, or `host`) are answered: a web
+    page cannot reach it by a name of its own."""
     block_size = sampler.model.config.block_size
-    engine = _make_engine(sampler, max_batch, max_queue, own_process=engine_process, threads=threads)
+    engine = _make_engine(
+        sampler, max_batch, max_queue, own_process=engine_process, threads=threads, compile=compile
+    )
     template = sampler.template
     served = Served(sampler, engine, template, model_name)
     playground = files("lmforge.serve").joinpath("playground.html").read_text(encoding="utf-8")

@@ -14,6 +14,14 @@ into text by `TextDecoder`: the rules of `lmforge sample` and `lmforge chat`. Ev
 background thread, which reports each request's progress through its callback; `Job.cancel` (a
 client gone) frees the slot at the next step. Once that thread has ended (closed, or killed by a
 bug), nothing more is accepted (EngineStopped).
+
+With `compile`, the decode step of a single active row (not the prefill) runs through
+`torch.compile`, on a cache whose shapes never change (`StaticKVCache`: every step attends over the
+whole context, the keys past the row's length masked), so that one graph serves every such step: it
+fuses the small per-layer ops (rotary, norms, the cache write) that dominate an eager step of a
+small model. It is compiled while the engine starts, so that no request waits for it. Several rows
+decode eagerly: a graph with a varying number of rows was 1.3x faster than eager at the demo's size
+but 2.3x slower at 6 layers of width 384 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -27,10 +35,11 @@ from typing import NamedTuple
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.inference import InferenceSession
 from lmforge.inference.generate import sample_next
 from lmforge.inference.sampling import TextDecoder, TextRules
-from lmforge.model.gpt import KVCache
+from lmforge.model.gpt import CacheStep, KVCache, token_positions
 
 STOP, LENGTH, ERROR = "stop", "length", "error"  # why a request ended: OpenAI's finish_reason, and ours
 
@@ -95,19 +104,33 @@ class Engine:
     max_queue: int = 64
     active: list[Job] = field(default_factory=list)  # row i of the cache is active[i]
     waiting: deque[Job] = field(default_factory=deque)
+    compile: bool = False  # one row's decode step through torch.compile (compiled as the engine starts)
 
     def __post_init__(self) -> None:
         model = self.sampler.model
         self.block_size = model.config.block_size
         self.cache = KVCache.allocate(model, self.max_batch, self.block_size)
         self.lengths = torch.zeros(self.max_batch, dtype=torch.long, device=self.sampler.device)
+        # the first n rows of every layer's keys and values, sliced once rather than at every step
+        self.rows = [
+            ([k[:n] for k in self.cache.keys], [v[:n] for v in self.cache.values])
+            for n in range(self.max_batch + 1)
+        ]
+        self.compiled = torch.compile(self._decode_static) if self.compile else None
         self.changed = threading.Condition()
         self.stopping = False  # close() was called
         self.ended = False  # the thread has ended: nothing more is accepted
         self.thread = threading.Thread(target=self._run, name="lmforge-engine", daemon=True)
+        self.warm = threading.Event()  # set once the thread is ready for work (compiled, with `compile`)
+        self.warm_up_error: str | None = None
 
     def start(self) -> Engine:
+        """Start the thread; with `compile`, return once the decode step is compiled (EngineStopped
+        if it could not be, e.g. without a C++ compiler)."""
         self.thread.start()
+        self.warm.wait()
+        if self.warm_up_error is not None:
+            raise EngineStopped(f"could not compile the decode step: {self.warm_up_error}")
         return self
 
     def close(self) -> None:
@@ -140,6 +163,8 @@ class Engine:
     def _run(self) -> None:
         try:
             with torch.inference_mode(), self.sampler.autocast():
+                if not self._warm_up():
+                    return
                 while self._wait_for_work():
                     try:
                         self._admit()
@@ -151,6 +176,7 @@ class Engine:
         finally:  # closed, or killed by what no request caused: refuse new jobs, fail those in hand
             with self.changed:
                 self.ended = True
+            self.warm.set()  # start() must not wait for a thread that died before it was ready
             self._fail_all()
 
     def _wait_for_work(self) -> bool:
@@ -186,14 +212,46 @@ class Engine:
         n = len(self.active)
         tokens = torch.tensor([[job.last] for job in self.active], device=self.sampler.device)  # (n, 1)
         longest = max(job.length for job in self.active)  # known here: the cache need not ask the device
-        view = KVCache(
-            [k[:n] for k in self.cache.keys], [v[:n] for v in self.cache.values], self.lengths[:n], longest
-        )
-        logits, _ = self.sampler.model(tokens, cache=view)  # (n, 1, V)
-        self.lengths[:n] = view.length
+        lengths = self.lengths[:n]  # advanced in place by the forward
+        if self.compiled is not None and n == 1:
+            logits = self.compiled(tokens, lengths)
+        else:
+            logits = self._decode(tokens, lengths, longest)
         for job in self.active:
             job.length += 1
-        self._advance(logits[:, -1], list(range(n)))
+        self._advance(logits, list(range(n)))
+
+    def _decode(self, tokens: torch.Tensor, lengths: torch.Tensor, longest: int) -> torch.Tensor:
+        """The next-token logits (n, V) of `tokens` (n, 1), row i's fed at position lengths[i]; the
+        forward adds it to the first n rows of the cache and advances `lengths` (a view of
+        self.lengths) in place."""
+        keys, values = self.rows[tokens.size(0)]
+        logits, _ = self.sampler.model(tokens, cache=KVCache(keys, values, lengths, longest))
+        return logits[:, -1]
+
+    def _decode_static(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """`_decode` of one row on shapes that do not change from step to step, for torch.compile (a
+        Python int argument such as `longest` would be a constant of the graph: a recompile at every
+        step)."""
+        keys, values = self.rows[1]
+        logits, _ = self.sampler.model(tokens, cache=StaticKVCache(keys, values, lengths))
+        return logits[:, -1]
+
+    def _warm_up(self) -> bool:
+        """With `compile`, compile the one-row decode step before any request comes; False if that
+        failed. It writes to cache row 0 at position 0, which a request's prefill overwrites before
+        it reads it."""
+        try:
+            if self.compiled is not None:
+                tokens = torch.zeros(1, 1, dtype=torch.long, device=self.sampler.device)
+                self.compiled(tokens, self.lengths[:1])  # a view of self.lengths, as at every step (a guard)
+                self.lengths.zero_()
+            return True
+        except Exception as exc:  # reported by start()
+            self.warm_up_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return False
+        finally:
+            self.warm.set()
 
     def _advance(self, logits: torch.Tensor, rows: list[int]) -> None:
         """Choose the next token of each of `rows` from its logits (len(rows), V), report it, and
@@ -249,6 +307,35 @@ class Engine:
             self.waiting.clear()
         for job in jobs:
             deliver(job, Update("", ERROR, job.tokens))
+
+
+class StaticKVCache(KVCache):
+    """A per-row cache whose every forward attends over all max_len positions, those past each row's
+    length masked: the shapes of a decode step never change, so a compiled step never recompiles.
+    The masked keys weigh exactly zero; only the float rounding of the sums may differ from eager's."""
+
+    def step(self, T: int, device: torch.device) -> CacheStep:
+        positions = token_positions(self.length, T)  # (B, T)
+        end = self.keys[0].size(2)  # max_len
+        # (B, 1, T, max_len), broadcast over heads: row b's query t sees keys 0 .. length[b] + t only
+        mask = (torch.arange(end, device=device) <= positions[..., None])[:, None]
+        rows = torch.arange(positions.size(0), device=device)[:, None]  # (B, 1)
+        return CacheStep(self, positions, end, mask, rows)
+
+    def advance(self, T: int) -> None:
+        self.length += T  # in place: `length` is a view of the engine's lengths
+
+
+def check_compiler(device: torch.device) -> None:
+    """LmforgeError unless torch.compile can build kernels for `device`: on a CPU, inductor writes C++."""
+    if device.type != "cpu":
+        return
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # InvalidCxxCompiler, whose message names what it tried
+        raise LmforgeError(f"--compile needs a C++ compiler: {str(exc).splitlines()[0]}") from None
 
 
 def check_fit(jobs: Sequence[Job], block_size: int, max_queue: int) -> None:

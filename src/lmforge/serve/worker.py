@@ -55,6 +55,7 @@ class EngineProcess:
         *,
         max_queue: int = 64,
         threads: int | None = None,
+        compile: bool = False,
     ) -> None:
         self.block_size, self.max_batch, self.max_queue = block_size, max_batch, max_queue
         context = multiprocessing.get_context("spawn")  # a fork would copy the parent's threads' locks
@@ -63,7 +64,7 @@ class EngineProcess:
         self.process = context.Process(
             target=_child_main,
             args=(command_reader, update_writer, source),
-            kwargs={"max_batch": max_batch, "threads": threads},
+            kwargs={"max_batch": max_batch, "threads": threads, "compile": compile},
             name="lmforge-engine",
             daemon=True,
         )
@@ -74,7 +75,8 @@ class EngineProcess:
         self.reader = threading.Thread(target=self._read_updates, name="lmforge-engine-updates", daemon=True)
 
     def start(self) -> EngineProcess:
-        """Start the child and wait until its model is loaded; its error, if any, is raised here."""
+        """Start the child and wait until its model is loaded (and its decode step compiled, with
+        `compile`); its error, if any, is raised here."""
         self.process.start()
         if not self.updates.poll(START_TIMEOUT_S):
             self.process.kill()
@@ -165,6 +167,7 @@ def _child_main(
     *,
     max_batch: int,
     threads: int | None,
+    compile: bool,
 ) -> None:
     """The child: load the checkpoint, then run an Engine on the commands until "close"."""
     import torch
@@ -188,7 +191,11 @@ def _child_main(
 
         return Job(prompt, params, report)
 
-    engine = Engine(sampler, max_batch, max_queue=2**31).start()  # the parent bounds the queue
+    try:  # the parent bounds the queue
+        engine = Engine(sampler, max_batch, max_queue=2**31, compile=compile).start()
+    except EngineStopped as exc:
+        updates.send(("error", str(exc)))
+        return
     updates.send(("ready", ""))
     while True:
         kind, payload = commands.recv()
