@@ -49,7 +49,8 @@ def test_every_module_logger_is_named_after_its_module_under_lmforge() -> None:
         for call in calls_of(tree, "logging.getLogger")
     ]
     assert ("output.py", "LOGGER_NAME") in named  # the one logger the others are children of
-    children = [argument for path, argument in named if path != "output.py"]
+    # model/lora.py quiets torchao's and torch's own loggers while torchao imports: not lmforge's
+    children = [argument for path, argument in named if path not in ("output.py", "model/lora.py")]
     assert len(children) >= 8 and set(children) == {"__name__"}, named
     for name in ("lmforge.data.prepare", "lmforge.train.monitor"):
         module = importlib.import_module(name)
