@@ -77,26 +77,17 @@ CONFIGS: dict[str, tuple[Path, list[str]]] = {
 }
 
 
-def _live_bytes(tensors: list) -> int:
-    """Bytes of the distinct storages behind `tensors`."""
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
 def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dict:
     """Peak tensor bytes of a steady-state training step, next to the estimate for it."""
-    import gc
-
     import numpy as np
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from lmforge.config import load_config
     from lmforge.data.loader import RandomWindows
     from lmforge.model import GPT
     from lmforge.runtime import autocast, resolve_dtype
     from lmforge.train.distributed import apply_activation_checkpointing
-    from lmforge.train.estimate import count_parameters, memory
+    from lmforge.train.estimate import count_parameters, measured_step_peak, memory, resident_bytes
     from lmforge.train.optim import build_optimizers
     from lmforge.train.run import with_dtype
     from lmforge.train.step import Stepper, StepSettings
@@ -127,22 +118,10 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     model.train()
     stepper.gradients(batches)  # a first step creates AdamW's moments
     stepper.update()
-    gc.collect()
-    state = [v for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
-    baseline = _live_bytes([*model.parameters(), *model.buffers(), *state])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        stepper.gradients(batches)
-        stepper.update()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    running = highest = 0
-    for _, nbytes in events:
-        running += nbytes
-        highest = max(highest, running)
+    baseline = resident_bytes(stepper)
+    measured = measured_step_peak(stepper, batches)
     params = count_parameters(m)
     est = memory(config, params, "none", devices=1, checkpointing=checkpointing, cpu=True)
-    measured = baseline + highest
     return {
         "params": params.total,
         "dtype": t.dtype,

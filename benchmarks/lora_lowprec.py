@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import platform
@@ -100,26 +99,16 @@ def train(args: argparse.Namespace, root: Path, imported: Path, data: Path, base
     }
 
 
-def tensor_bytes(tensors: list) -> int:
-    """Bytes of the distinct storages behind `tensors`, a quantized tensor's inner tensors counted."""
-    storages: dict[int, int] = {}
-    for tensor in tensors:
-        names = tensor.__tensor_flatten__()[0] if hasattr(tensor, "__tensor_flatten__") else None
-        for part in [getattr(tensor, name) for name in names] if names else [tensor]:
-            storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
-    return sum(storages.values())
-
-
 def peak_memory(spec: dict) -> dict:
     """One steady training step of the run's model (built as `lmforge train` builds it): peak bytes."""
     import numpy as np
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from lmforge.checkpoint import init_model_config, resolve_checkpoint
     from lmforge.config import load_config
     from lmforge.data.loader import RandomWindows
     from lmforge.runtime import autocast, resolve_device, resolve_dtype
+    from lmforge.train.estimate import measured_step_peak, tensor_bytes
     from lmforge.train.optim import build_optimizers
     from lmforge.train.run import build_model, with_dtype
     from lmforge.train.step import Stepper, StepSettings
@@ -147,8 +136,6 @@ def peak_memory(spec: dict) -> dict:
     model.train()
     stepper.gradients(batches)
     stepper.update()
-    gc.collect()
-    state = [v for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
     weights = tensor_bytes([*model.parameters(), *model.buffers()])
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -157,18 +144,7 @@ def peak_memory(spec: dict) -> dict:
         stepper.update()
         torch.cuda.synchronize()
         return {"peak": torch.cuda.max_memory_allocated(), "weights": weights}
-    baseline = weights + tensor_bytes(state)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        stepper.gradients(batches)
-        stepper.update()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    running = highest = 0
-    for _, nbytes in events:
-        running += nbytes
-        highest = max(highest, running)
-    return {"peak": baseline + highest, "weights": weights}
+    return {"peak": measured_step_peak(stepper, batches), "weights": weights}
 
 
 def measure_memory(args: argparse.Namespace, imported: Path, data: Path, base_dtype: str) -> dict:

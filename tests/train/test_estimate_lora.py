@@ -3,14 +3,12 @@ measured peak on CPU, and on a model from `lmforge import`."""
 
 from __future__ import annotations
 
-import gc
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 pytest.importorskip("peft")
 pytest.importorskip("torchao")
@@ -20,7 +18,13 @@ from lmforge.data.loader import RandomWindows  # noqa: E402
 from lmforge.model import GPT  # noqa: E402
 from lmforge.model.lora import apply_lora, lower_base_precision  # noqa: E402
 from lmforge.runtime import autocast  # noqa: E402
-from lmforge.train.estimate import count_lora, count_parameters, estimate, lora_memory  # noqa: E402
+from lmforge.train.estimate import (  # noqa: E402
+    count_lora,
+    count_parameters,
+    estimate,
+    lora_memory,
+    measured_step_peak,
+)
 from lmforge.train.optim import build_optimizers  # noqa: E402
 from lmforge.train.step import Stepper, StepSettings  # noqa: E402
 
@@ -38,16 +42,6 @@ MODEL = [
     "train.dtype=fp32",
     "lora.rank=8",
 ]
-
-
-def tensor_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind `tensors`, a quantized tensor's inner tensors counted."""
-    storages: dict[int, int] = {}
-    for tensor in tensors:
-        names = tensor.__tensor_flatten__()[0] if hasattr(tensor, "__tensor_flatten__") else None
-        for part in [getattr(tensor, name) for name in names] if names else [tensor]:
-            storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
-    return sum(storages.values())
 
 
 def measured_peak(config: Config) -> int:
@@ -71,20 +65,7 @@ def measured_peak(config: Config) -> int:
     model.train()
     stepper.gradients(batches)  # a first step creates AdamW's moments
     stepper.update()
-    gc.collect()
-    state = [v for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
-    baseline = tensor_bytes([*model.parameters(), *model.buffers(), *state])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        stepper.gradients(batches)
-        stepper.update()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    running = highest = 0
-    for _, nbytes in events:
-        running += nbytes
-        highest = max(highest, running)
-    return baseline + highest
+    return measured_step_peak(stepper, batches)
 
 
 @pytest.mark.parametrize("base_dtype", ["fp32", "bf16", "int8", "nf4"])

@@ -32,13 +32,16 @@ live through the next forward and add to all of these.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 from lmforge.config import Config, LoraConfig, ModelConfig, head_size, load_config
 from lmforge.errors import LmforgeError
@@ -46,6 +49,7 @@ from lmforge.model.gpt import GATED_MLPS, GPT, attention_flops, mlp_hidden_size
 from lmforge.recipes import config_path
 from lmforge.runtime import DEVICE_PEAK_FLOPS, Peak, device_peak, format_flops, resolve_dtype
 from lmforge.train.optim import split_parameters
+from lmforge.train.step import Stepper
 
 FP32 = 4  # bytes
 INDEX = 8  # int64 token ids
@@ -665,3 +669,42 @@ def estimate_report(config_file: str, overrides: list[str], as_json: bool = Fals
     m = result.model
     header = f"{config_file}: {m.n_layer} layers, d_model {m.d_model}, vocab {m.vocab_size}"
     return f"{header}\n{format_table(result)}"
+
+
+# ------------------------------------------------------------------ measured, to check the estimate
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors`, a quantized tensor's inner tensors counted."""
+    storages: dict[int, int] = {}
+    for tensor in tensors:
+        names = tensor.__tensor_flatten__()[0] if hasattr(tensor, "__tensor_flatten__") else None
+        for part in [getattr(tensor, name) for name in names] if names else [tensor]:
+            storages[part.untyped_storage().data_ptr()] = part.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def resident_bytes(stepper: Stepper) -> int:
+    """Bytes of what a training step keeps between steps: weights, buffers and optimizer state."""
+    model, optimizers = stepper.model, stepper.optimizers
+    state = [v for o in optimizers for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
+    return tensor_bytes([*model.parameters(), *model.buffers(), *state])
+
+
+def measured_step_peak(stepper: Stepper, batches: Iterator) -> int:
+    """Peak tensor bytes of one CPU training step: the weights, buffers and optimizer state alive
+    before it, plus the highest running sum of the profiler's allocations and frees during it. Run a
+    step first, so that the optimizer's state exists (a steady step, as `memory` estimates)."""
+    gc.collect()
+    baseline = resident_bytes(stepper)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        stepper.gradients(batches)
+        stepper.update()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    running = highest = 0
+    for _, nbytes in events:
+        running += nbytes
+        highest = max(highest, running)
+    return baseline + highest
