@@ -14,6 +14,7 @@ import torch
 
 from lmforge.cli import main
 from lmforge.data import prepare
+from tests.fixtures.pinned import fixture_pins
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
@@ -44,30 +45,7 @@ def find_datasets() -> Datasets:
 
 
 DATASETS = find_datasets()
-
-
-def pinned_to(root: Path, part: object) -> object:
-    """A NamedDataset pinned to its copy under `root` (sha256 and size), where `root` holds one."""
-    from lmforge.data import sources
-
-    path = root / part.name / part.filename
-    if not path.is_file():
-        return part
-    return replace(part, sha256=sources.file_sha256(path), size=path.stat().st_size)
-
-
-@functools.cache
-def fixture_pins() -> dict[str, dict[str, tuple]]:
-    """NAMED_DATASETS and TASK_DATASETS with each part pinned to its small copy's sha256 and size."""
-    from lmforge.data import sources
-
-    return {
-        registry: {name: tuple(pinned_to(FIXTURE_DATA, p) for p in parts) for name, parts in pins.items()}
-        for registry, pins in (
-            ("NAMED_DATASETS", sources.NAMED_DATASETS),
-            ("TASK_DATASETS", sources.TASK_DATASETS),
-        )
-    }
+cached_fixture_pins = functools.cache(fixture_pins)  # hashing the copies once per process
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +58,7 @@ def offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFa
     if not DATASETS.real:
         from lmforge.data import sources
 
-        for registry, pins in fixture_pins().items():
+        for registry, pins in cached_fixture_pins().items():
             for name, parts in pins.items():
                 monkeypatch.setitem(getattr(sources, registry), name, parts)
 
@@ -248,7 +226,6 @@ def use_gutenberg(
     monkeypatch: pytest.MonkeyPatch, root: Path, books: dict[str, list[str]]
 ) -> dict[str, list[str]]:
     """Make `books` the `gutenberg` dataset: written under `root` ($LMFORGE_DATA_DIR), hashes pinned."""
-    from dataclasses import replace
 
     from lmforge.data import sources
 

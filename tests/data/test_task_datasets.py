@@ -15,7 +15,8 @@ import pytest
 from lmforge.data import sources
 from lmforge.errors import LmforgeError
 from lmforge.tasks import prepare_task, write_task_text
-from tests.conftest import DATASETS, pinned_to
+from tests.conftest import DATASETS
+from tests.fixtures.pinned import pinned_to
 from tests.tasks.conftest import lines
 
 ROWS = "sentence\tlabel\na fine film \t1\na dull film \t0\nsharp and funny \t1\n"
@@ -89,15 +90,14 @@ def test_offline_a_missing_task_file_is_a_one_line_error(cli, upstream: Path, mo
 
 
 def test_every_task_file_of_the_shared_folder_matches_its_pin(shared_data: Path) -> None:
-    if not DATASETS.real:
-        pytest.skip("the small copies are pinned to themselves")
-    found = 0
+    found = 0  # (the small copies, where the shared folder is missing, are pinned to themselves)
     for parts in sources.TASK_DATASETS.values():
         for part in parts:
             if (shared_data / part.name / part.filename).is_file():
                 assert sources.local_copy(part, shared_data) == shared_data / part.name / part.filename
                 found += 1
-    assert found == 10  # all but SQuAD's dev-v1.1.json (the folder holds it gzipped) and train-v1.1.json
+    # all but SQuAD's dev-v1.1.json (the folder holds it gzipped) and train-v1.1.json; fewer small copies
+    assert found == 10 if DATASETS.real else found > 0
 
 
 def squad_files(root: Path, *, train: bool) -> dict[str, object]:

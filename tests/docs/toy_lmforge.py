@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -91,18 +90,10 @@ def toy_args(args: list[str]) -> list[str]:
 def main() -> int:
     sys.path.insert(0, str(REPO / "src"))
     if os.environ.get("LMFORGE_DOCS_FIXTURES") == "1":
-        from lmforge.data import sources
+        sys.path.insert(0, str(REPO / "tests" / "fixtures"))
+        from pinned import pin_to_fixtures
 
-        fixtures = REPO / "tests" / "fixtures" / "data"
-        for name, parts in list(sources.NAMED_DATASETS.items()):
-            sources.NAMED_DATASETS[name] = tuple(
-                replace(
-                    p,
-                    sha256=sources.file_sha256(fixtures / p.name / p.filename),
-                    size=(fixtures / p.name / p.filename).stat().st_size,
-                )
-                for p in parts
-            )
+        pin_to_fixtures()
     from lmforge.cli import main as lmforge_main
 
     return lmforge_main(toy_args(sys.argv[1:]))

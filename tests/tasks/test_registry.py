@@ -48,7 +48,7 @@ def test_task_errors(cli, tmp_path: Path) -> None:
 def fake_sst2_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """A tiny stand-in for the shared SST-2 files, pinned to its own hashes."""
     from lmforge.data import sources
-    from tests.conftest import pinned_to
+    from tests.fixtures.pinned import pinned_to
 
     root = tmp_path / "shared"
     (root / "sst2").mkdir(parents=True)
