@@ -20,7 +20,10 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args: object, cwd: Path, env: dict[str, str] | None = None) -> str:
-    """Run a command; its output, or a failure that shows it."""
+    """Run a command; its output, or a failure that shows it. Never with PYTHONPATH: a checkout on it
+    (or its egg-info) would stand in for the wheel, in pip's view as in Python's."""
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     done = subprocess.run(
         [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
