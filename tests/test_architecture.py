@@ -58,6 +58,7 @@ BASE = (
     "lmforge.runtime",
     "lmforge.staging",
     "lmforge.words",
+    "lmforge.stats",
     "lmforge.targets",
     "lmforge.files",
     "lmforge.run_folder",

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmforge.errors import LmforgeError
+from lmforge.stats import Z95, wilson_interval
 from lmforge.tasks.base import EvalRun, Task
 
 if TYPE_CHECKING:
@@ -27,17 +28,6 @@ if TYPE_CHECKING:
 
 DATA_FILE = "crows_pairs_anonymized.csv"
 COLUMNS = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
-Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial share (better than mean +- z*se near 0, 1 and small n)."""
-    if n == 0:
-        return (math.nan, math.nan)
-    share = successes / n
-    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 @dataclass(frozen=True)
@@ -65,7 +55,7 @@ def summarize(scores: list[PairScore]) -> dict:
     diffs = [s.difference for s in scores]
     mean = sum(diffs) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else math.nan
-    half = Z_95 * sd / math.sqrt(n)
+    half = Z95 * sd / math.sqrt(n)
     return {
         "pairs": n,
         "pct_stereotype": 100 * hits / n,

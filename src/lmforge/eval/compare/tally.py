@@ -13,25 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from statistics import NormalDist
 
 from lmforge.errors import LmforgeError
 from lmforge.eval.compare.make import KEY, MODELS
 from lmforge.eval.compare.sheet import CHOICES
 from lmforge.jsonl import loads
-
-Z95 = NormalDist().inv_cdf(0.975)  # 1.959963984540054
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion `successes / n` (successes may be fractional)."""
-    if n <= 0:
-        raise ValueError("the Wilson interval needs n >= 1")
-    p = successes / n
-    z2 = z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+from lmforge.stats import wilson_interval
 
 
 def sign_test(wins: int, losses: int) -> float:
