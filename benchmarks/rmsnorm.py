@@ -1,15 +1,15 @@
 """Forward + backward time of lmforge's fused CPU RMSNorm against PyTorch's `rms_norm` and `layer_norm`.
 
-All three run interleaved in one process (each round times every candidate once; the best of the
-rounds is kept, so other jobs on the machine inflate the figures less than a mean would), at the
-shapes that matter: a block's (16, 512, 256), the speedrun's block (32, 64, 128) and its QK-norm
-(32, 64, 4, 32), whose input is a strided view of the qkv projection's output as in attention. fp32,
-and, where the CPU has native bf16 (or LMFORGE_NATIVE_BF16=1), like a bf16 training step: under bf16
-autocast, the block norms fed the fp32 residual stream, the QK-norm a bf16 qkv output. With one
-thread the clock is the thread's CPU time (a descheduled round costs nothing); with more, wall time.
-Then the single aten ops both norms are made of, timed the same way at the first shape: the fused
-norm's passes over memory against layer_norm's one fused kernel each way. Prints the CPU, the load
-and each ratio to layer_norm.
+All three run interleaved in one process (each round times every candidate once, in a shuffled
+order; the best of the rounds is kept, so other jobs on the machine inflate the figures less than a
+mean would), at the shapes that matter: a block's (16, 512, 256), the speedrun's block (32, 64, 128)
+and its QK-norm (32, 64, 4, 32), whose input is a strided view of the qkv projection's output as in
+attention. fp32, and, where the CPU has native bf16 (or LMFORGE_NATIVE_BF16=1), like a bf16
+training step: under bf16 autocast, the block norms fed the fp32 residual stream, the QK-norm a bf16
+qkv output. With one thread the clock is the thread's CPU time (a descheduled round costs nothing);
+with more, wall time. Then the single aten ops both norms are made of, timed the same way at the
+first shape: the fused norm's passes over memory against layer_norm's one fused kernel each way.
+Prints the CPU, the load and each ratio to layer_norm.
 
     .venv/bin/python benchmarks/rmsnorm.py --threads 1         # the three shapes, 30 rounds
     .venv/bin/python benchmarks/rmsnorm.py --shape 16 512 256  # one block shape
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import time
 from collections.abc import Callable
 
@@ -91,8 +92,13 @@ def best_times(shape: tuple[int, ...], *, qk: bool, bf16: bool, rounds: int) -> 
     grads = {dtype: torch.randn(*shape, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
     cast = torch.autocast("cpu", torch.bfloat16) if bf16 else contextlib.nullcontext()
     best = dict.fromkeys(norms, float("inf"))
+    order, shuffle = list(norms), random.Random(0).shuffle
     for round in range(rounds + 2):  # two warm-up rounds
-        for name, norm in norms.items():
+        # a new order each round: whatever runs right after PyTorch's rms_norm (which allocates and
+        # frees many whole-tensor temporaries) measured 1.3-1.5x slower, the fused norm and layer_norm alike
+        shuffle(order)
+        for name in order:
+            norm = norms[name]
             start = now()
             with cast:
                 y = norm(x)
@@ -125,11 +131,13 @@ def op_times(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
         "fused bwd 2: grad @ weight (read grad)": lambda: torch.mv(grad.view(-1, d), weight),
         "fused bwd 3: dx += rstd·mean (read, write dx)": lambda: out.add_(rstd),
     }
-    best = dict.fromkeys(ops, float("inf"))
+    best, results = dict.fromkeys(ops, float("inf")), {}
     for round in range(rounds + 2):
         for name, op in ops.items():
             start = now()
-            op()
+            # the previous result is freed after the new one is made: freed at once, a whole-tensor
+            # result can make malloc hand the memory back and page-fault it in again every round
+            results[name] = op()
             if round >= 2:
                 best[name] = min(best[name], now() - start)
     return best
