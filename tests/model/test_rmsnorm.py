@@ -52,6 +52,20 @@ def test_gradients_for_a_non_contiguous_upstream_gradient() -> None:
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("trains", ["input", "weight"])
+def test_computes_only_the_gradient_asked_for(trains: str) -> None:
+    torch.manual_seed(0)
+    x, weight, grad = torch.randn(4, 16, 64), torch.randn(64), torch.randn(4, 16, 64)
+    grads = []
+    for norm in (_fused, _reference):
+        xi = x.clone().requires_grad_(trains == "input")
+        wi = weight.clone().requires_grad_(trains == "weight")
+        norm(xi, wi).backward(grad)
+        grads.append(xi.grad if trains == "input" else wi.grad)
+        assert (wi.grad if trains == "input" else xi.grad) is None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
 def test_matches_the_reference_in_fp32() -> None:
     torch.manual_seed(0)
     x, weight, grad = torch.randn(4, 16, 64), torch.randn(64), torch.randn(4, 16, 64)

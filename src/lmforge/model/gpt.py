@@ -62,18 +62,20 @@ class _FusedRMSNorm(torch.autograd.Function):
         return torch.mul(torch.mul(x, rstd), weight, out=out)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, rstd, weight = ctx.saved_tensors
         d, acc = x.shape[-1], rstd.dtype
         ga = grad.to(acc).contiguous()  # the same tensor if it already is both
         xa, wa = x.to(acc), weight.to(acc)
         grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
-            ga, xa, [d], torch.zeros_like(rstd), rstd, wa, None, [True, ctx.needs_input_grad[1], False]
+            ga, xa, [d], torch.zeros_like(rstd), rstd, wa, None, [*ctx.needs_input_grad[:2], False]
         )
-        # layer_norm's backward subtracts rstd·mean(g·w) (the mean-centring's derivative): add it back
-        grad_x.add_(torch.mv(ga.view(-1, d), wa).view(rstd.shape).mul_(rstd).div_(d))
-        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_x.to(x.dtype), grad_weight, None
+        if grad_x is not None:
+            # layer_norm's backward subtracts rstd·mean(g·w) (the mean-centring's derivative): add it back
+            grad_x = grad_x.add_(torch.mv(ga.view(-1, d), wa).view(rstd.shape).mul_(rstd).div_(d)).to(x.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_x, grad_weight, None
 
 
 class RMSNorm(nn.RMSNorm):
