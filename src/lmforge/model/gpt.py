@@ -44,7 +44,8 @@ class _FusedRMSNorm(torch.autograd.Function):
     gradient and the input's gradient except for one term (the derivative of the mean it would
     subtract), added back with a matrix-vector product and one broadcast add. Saves only the input
     and one fp32 number per row. No op here is on autocast's lists, so no autocast guard (entering
-    one costs ~10 µs, a tenth of a small norm); the tests run it under autocast.
+    one costs ~10 µs, a few percent of a speedrun-sized norm); the tests run it under autocast.
+    Still 1.4-1.7x layer_norm's time, whose kernels make one pass each way (benchmarks/RESULTS.md).
     """
 
     @staticmethod
