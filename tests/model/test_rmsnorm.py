@@ -43,6 +43,29 @@ def test_gradcheck_on_a_non_contiguous_view_like_the_qk_norm_input() -> None:
     assert torch.autograd.gradcheck(_fused, (q, weight))
 
 
+def test_gradients_for_a_non_contiguous_upstream_gradient() -> None:
+    torch.manual_seed(0)
+    x, weight = torch.randn(3, 4, 8), torch.randn(8)
+    grad = torch.randn(8, 4, 3).permute(2, 1, 0)  # (3, 4, 8), strided as a transpose's gradient is
+    assert not grad.is_contiguous()
+    fused, reference = (_forward_backward(f, x, weight, grad) for f in (_fused, _reference))
+    torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trains", ["input", "weight"])
+def test_computes_only_the_gradient_asked_for(trains: str) -> None:
+    torch.manual_seed(0)
+    x, weight, grad = torch.randn(4, 16, 64), torch.randn(64), torch.randn(4, 16, 64)
+    grads = []
+    for norm in (_fused, _reference):
+        xi = x.clone().requires_grad_(trains == "input")
+        wi = weight.clone().requires_grad_(trains == "weight")
+        norm(xi, wi).backward(grad)
+        grads.append(xi.grad if trains == "input" else wi.grad)
+        assert (wi.grad if trains == "input" else xi.grad) is None
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
 def test_matches_the_reference_in_fp32() -> None:
     torch.manual_seed(0)
     x, weight, grad = torch.randn(4, 16, 64), torch.randn(64), torch.randn(4, 16, 64)
@@ -67,7 +90,10 @@ def test_matches_the_reference_in_bf16() -> None:
         assert (want.double() - ideal).abs().max().item() <= 4 * BF16_EPS * scale
 
 
-def test_module_matches_nn_rmsnorm_under_bf16_autocast() -> None:
+@pytest.mark.parametrize("backward_under_autocast", [False, True])
+def test_module_matches_nn_rmsnorm_under_bf16_autocast(backward_under_autocast: bool) -> None:
+    # the fused norm runs without an autocast guard: none of its ops may be one autocast recasts,
+    # in the forward or in a backward called inside the autocast region
     torch.manual_seed(0)
     fused, reference = RMSNorm(32, eps=1e-5), torch.nn.RMSNorm(32, eps=1e-5)
     with torch.no_grad():
@@ -79,7 +105,10 @@ def test_module_matches_nn_rmsnorm_under_bf16_autocast() -> None:
         xi = x.clone().requires_grad_()
         with torch.autocast("cpu", torch.bfloat16):
             y = module(xi)
-        y.square().sum().backward()
+            if backward_under_autocast:
+                y.square().sum().backward()
+        if not backward_under_autocast:
+            y.square().sum().backward()
         outputs.append(y)
         grads.append((xi.grad, module.weight.grad))
     assert outputs[0].dtype == outputs[1].dtype == torch.float32  # autocast runs rms_norm in fp32
@@ -96,6 +125,33 @@ def test_head_norm_casts_its_weight_to_a_bf16_input() -> None:
         assert norm(x).dtype == F.rms_norm(x, (8,), norm.weight.bfloat16(), 1e-5).dtype == torch.bfloat16
     reference = F.rms_norm(x, (8,), norm.weight.bfloat16(), 1e-5)
     torch.testing.assert_close(y, reference, rtol=0, atol=2 * BF16_EPS * 4)  # |y| < 4: two bf16 roundings
+
+
+def test_head_norm_on_a_bf16_qkv_view_matches_the_reference_under_autocast() -> None:
+    # the QK-norm's input in a bf16 step: a strided bf16 view of the qkv projection's output
+    torch.manual_seed(0)
+    norm = HeadNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    qkv = torch.randn(2, 5, 9, 16).bfloat16()  # (B, T, 3 x 3 heads, head_dim)
+    grad = torch.randn(2, 5, 3, 16).bfloat16()
+    results = []
+    for run in (norm, lambda q: F.rms_norm(q.double(), (16,), norm.weight.double(), 1e-5)):
+        source = qkv.detach().double() if run is not norm else qkv.detach()
+        source.requires_grad_()
+        norm.weight.grad = None
+        with torch.autocast("cpu", torch.bfloat16):
+            y = run(source[:, :, 3:6])
+        y.backward(grad.to(y.dtype))
+        results.append((y.detach(), source.grad, norm.weight.grad))
+    (y, grad_qkv, grad_weight), (y_exact, grad_qkv_exact, grad_weight_exact) = results
+    assert y.dtype == grad_qkv.dtype == torch.bfloat16 and grad_weight.dtype == torch.float32
+    assert grad_qkv[:, :, :3].abs().max() == grad_qkv[:, :, 6:].abs().max() == 0  # only q's rows
+    for got, exact in ((y, y_exact), (grad_qkv, grad_qkv_exact), (grad_weight, grad_weight_exact)):
+        # one bf16 rounding of an fp32 result (the weight's gradient: of 30 rows of bf16 products),
+        # relative to the tensor's scale
+        scale = exact.abs().max().item()
+        assert (got.double() - exact).abs().max().item() <= 4 * BF16_EPS * scale
 
 
 @pytest.mark.parametrize("requires_grad", [False, True])

@@ -38,37 +38,45 @@ class _FusedRMSNorm(torch.autograd.Function):
 
     PyTorch's CPU `rms_norm` is a chain of small ops (pow, mean, add, rsqrt, mul, mul), each a pass
     over the tensor, and autograd saves three tensors and runs their backward one by one: forward
-    plus backward costs several times `layer_norm`'s. Here the forward is one reduction and one
-    scaling pass, and the backward reuses layer_norm's fused kernel: given a zero mean and the
-    RMS's reciprocal it computes x·rstd, the weight's gradient and the input's gradient except
-    for one term (the derivative of the mean it would subtract), added back with a matrix-vector
-    product. Saves only the input and one fp32 number per row.
+    plus backward costs several times `layer_norm`'s. Here the forward is one reduction and two
+    scaling passes (by the RMS's reciprocal, by the weight), and the backward reuses layer_norm's
+    fused kernel: given a zero mean and the RMS's reciprocal it computes x·rstd, the weight's
+    gradient and the input's gradient except for one term (the derivative of the mean it would
+    subtract), added back with a matrix-vector product and one broadcast add. Saves only the input
+    and one fp32 number per row. No op here is on autocast's lists, so no autocast guard (entering
+    one costs ~10 µs, a few percent of a speedrun-sized norm); the tests run it under autocast.
+    Still 1.4-1.7x layer_norm's time, whose kernels make one pass each way (benchmarks/RESULTS.md).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         d = x.shape[-1]
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
-        with torch.autocast("cpu", enabled=False):  # fp32 inside; the output in x's dtype, as autocast's
-            # (..., 1): 1 / sqrt(mean(x²) + eps), the norm in one pass (no x² tensor)
-            norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
-            rstd = norm.square_().div_(d).add_(eps).rsqrt_()
-            ctx.save_for_backward(x, rstd, weight)
-            return (x * rstd).mul_(weight).to(x.dtype)
+        # (..., 1): 1 / sqrt(mean(x²) + eps), the norm in one pass (no x² tensor)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
+        rstd = norm.square_().div_(d).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, rstd, weight)
+        if x.dtype == weight.dtype == acc:
+            return torch.mul(x, rstd).mul_(weight)
+        # bf16: the products in fp32, rounded once into the output (no separate cast pass)
+        out = torch.empty(x.shape, dtype=x.dtype)
+        return torch.mul(torch.mul(x, rstd), weight, out=out)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, rstd, weight = ctx.saved_tensors
         d, acc = x.shape[-1], rstd.dtype
-        xa, ga, wa = x.to(acc).contiguous(), grad.to(acc).contiguous(), weight.to(acc)
-        with torch.autocast("cpu", enabled=False):
-            grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
-                ga, xa, [d], torch.zeros_like(rstd), rstd, wa, None, [True, ctx.needs_input_grad[1], False]
-            )
+        ga = grad.to(acc).contiguous()  # the same tensor if it already is both
+        xa, wa = x.to(acc), weight.to(acc)
+        grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
+            ga, xa, [d], torch.zeros_like(rstd), rstd, wa, None, [*ctx.needs_input_grad[:2], False]
+        )
+        if grad_x is not None:
             # layer_norm's backward subtracts rstd·mean(g·w) (the mean-centring's derivative): add it back
-            grad_x.add_((ga @ wa).unsqueeze(-1).mul_(rstd).div_(d))
-        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
-        return grad_x.to(x.dtype), grad_weight, None
+            grad_x = grad_x.add_(torch.mv(ga.view(-1, d), wa).view(rstd.shape).mul_(rstd).div_(d)).to(x.dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_x, grad_weight, None
 
 
 class RMSNorm(nn.RMSNorm):
