@@ -105,6 +105,9 @@ class Engine:
     active: list[Job] = field(default_factory=list)  # row i of the cache is active[i]
     waiting: deque[Job] = field(default_factory=deque)
     compile: bool = False  # decode steps through torch.compile, a graph per bucket of rows, built at start
+    # called from the engine's thread after each step's updates (and after a failure's): a caller that
+    # passes updates on elsewhere can send each step's as one message
+    after_step: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         model = self.sampler.model
@@ -184,11 +187,17 @@ class Engine:
                     except Exception:  # a bug, not a request's fault: fail the requests, keep serving
                         traceback.print_exc()
                         self._fail_all()
+                    self._end_step()
         finally:  # closed, or killed by what no request caused: refuse new jobs, fail those in hand
             with self.changed:
                 self.ended = True
             self.warm.set()  # start() must not wait for a thread that died before it was ready
             self._fail_all()
+            self._end_step()
+
+    def _end_step(self) -> None:
+        if self.after_step is not None:
+            self.after_step()
 
     def _wait_for_work(self) -> bool:
         """Sleep until a job waits or runs; False once the engine is closing."""
