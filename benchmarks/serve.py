@@ -8,10 +8,12 @@ ids), same lengths, greedy; `--threads N` puts both on N CPU threads, else each 
 (transformers PyTorch's, one per core; `lmforge serve` one per core but one). This machine's speed
 drifts by tens of percent within minutes, so the two alternate: each of `--rounds` rounds runs
 every phase of both once. `lmforge serve` runs twice, side by side: eager and with `--compile` (its
-decode step through torch.compile; `--variants` picks). Reported: the median over rounds of tokens/s
-(all streams together), the time to first token (median and 90th percentile over every request of
-every round), then lmforge / transformers at one stream and at 8, and lmforge's 8-stream / 1-stream
-ratio, each the median of the rounds' own ratios, with their range; the CPU and its load.
+decode steps through torch.compile, a graph per bucket of rows; `--variants` picks), each started
+with an empty compile cache, so that its start-up time, printed, is a first start's. Reported: the
+median over rounds of tokens/s (all streams together), the time to first token (median and 90th
+percentile over every request of every round), then lmforge / transformers at one stream and at 8,
+and lmforge's 8-stream / 1-stream ratio, each the median of the rounds' own ratios, with their
+range; the CPU and its load.
 
 Without --run, the model is the demo's architecture (the shakespeare-char recipe: Llama-style,
 4 layers, d_model 128, 128-token context) with random weights and a char vocabulary without
@@ -109,12 +111,23 @@ VARIANTS = {"eager": [], "compiled": ["--compile"]}  # `lmforge serve`'s flags f
 
 
 def start_server(
-    run: Path, checkpoint: str, port: int, *, threads: int | None, flags: list[str], device: str, dtype: str
+    run: Path,
+    checkpoint: str,
+    port: int,
+    *,
+    threads: int | None,
+    flags: list[str],
+    device: str,
+    dtype: str,
+    compile_cache: Path,
 ) -> subprocess.Popen:
+    """`lmforge serve` on `port`, once it answers; torch.compile's on-disk cache in `compile_cache` (a
+    fresh folder: the start-up is a first start's, every graph compiled)."""
     command = [sys.executable, "-m", "lmforge", "serve", str(run), "--checkpoint", checkpoint, *flags]
     command += ["--threads", str(threads)] if threads else []
     command += ["--device", device, "--dtype", dtype]
-    server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench"])
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(compile_cache)}
+    server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench"], env=env)
     deadline = time.monotonic() + 600  # --compile compiles before it answers: minutes on a busy machine
     while time.monotonic() < deadline:
         try:
@@ -271,11 +284,12 @@ def main() -> None:
         f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, "
         f"{args.requests} requests per stream"
     )
-    servers = {}
+    servers, startup = {}, {}
     try:
         for variant in args.variants:  # started one at a time: a compile gets the CPU to itself
             port = free_port()
             flags = VARIANTS[variant]
+            started = time.perf_counter()
             servers[variant] = (
                 start_server(
                     run,
@@ -285,9 +299,12 @@ def main() -> None:
                     flags=flags,
                     device=args.device,
                     dtype=args.dtype,
+                    compile_cache=scratch / f"inductor-{variant}",
                 ),
                 port,
             )
+            startup[variant] = time.perf_counter() - started
+            print(f"lmforge serve ({variant}) answered {startup[variant]:.1f} s after its start", flush=True)
         ours, theirs = measure(
             args,
             {v: f"http://127.0.0.1:{port}" for v, (_, port) in servers.items()},
@@ -298,7 +315,7 @@ def main() -> None:
         for server, _ in servers.values():
             server.terminate()
             server.wait()
-    report(args, info, ours, theirs, run)
+    report(args, info, ours, theirs, run, startup=startup)
 
 
 def measure(
@@ -347,7 +364,9 @@ def spread(name: str, values: list[float]) -> str:
     return f"{name}: {statistics.median(values):.2f}x (rounds {min(values):.2f}-{max(values):.2f})"
 
 
-def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: Path) -> None:
+def report(
+    args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: Path, *, startup: dict[str, float]
+) -> None:
     threads = args.threads or torch.get_num_threads()
     served = args.threads or default_threads()  # `lmforge serve`'s
     print(f"{args.rounds} rounds, CPU threads: lmforge serve {served}, transformers {threads}")
@@ -358,7 +377,8 @@ def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: 
             speed = median_of(rounds, "tokens_per_s")
             print(f"{name:24}{s:>8}{rounds[0]['tokens']:>8}{speed:>11.1f}   {ttft(rounds)}")
     one, many = min(args.streams), max(args.streams)
-    record = {"machine": info, "threads": {"lmforge": served, "transformers": threads}}
+    record = {"machine": info, "threads": {"lmforge": served, "transformers": threads}, "startup_s": startup}
+    print("first start-up (nothing cached): " + ", ".join(f"{v} {t:.1f} s" for v, t in startup.items()))
     tokenizer = load(run, args.checkpoint, "cpu", dtype="fp32").tokenizer
     expected = tokenizer.decode(theirs[one][0]["ids"])
     for variant, results in ours.items():
