@@ -15,13 +15,15 @@ background thread, which reports each request's progress through its callback; `
 client gone) frees the slot at the next step. Once that thread has ended (closed, or killed by a
 bug), nothing more is accepted (EngineStopped).
 
-With `compile`, the decode step of a single active row (not the prefill) runs through
-`torch.compile`, on a cache whose shapes never change (`StaticKVCache`: every step attends over the
-whole context, the keys past the row's length masked), so that one graph serves every such step: it
-fuses the small per-layer ops (rotary, norms, the cache write) that dominate an eager step of a
-small model. It is compiled while the engine starts, so that no request waits for it. Several rows
-decode eagerly: a graph with a varying number of rows was 1.3x faster than eager at the demo's size
-but 2.3x slower at 6 layers of width 384 (benchmarks/RESULTS.md).
+With `compile`, decode steps (not the prefill) run through `torch.compile`, one graph per bucket of
+rows (`decode_buckets`: 1, 2, 4, 8 for 8 slots): n active rows decode in the smallest bucket that holds
+them, the free slots' rows padding it (each decodes a token of its own at position 0, which no request
+reads). The number of rows is a constant of each graph, so every graph fuses the small per-layer ops
+(rotary, norms, the cache write) that dominate an eager step of a small model; the number of keys
+attended over (the longest row's length + 1) is the graphs' one dynamic size, so that a step reads
+only the keys in use, not the whole context. Every graph is compiled while the engine starts, so that
+no request waits for one and none is compiled later. One graph with a varying number of rows was 1.3x
+faster than eager at the demo's size but 2.3x slower at 6 layers of width 384 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
