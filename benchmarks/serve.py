@@ -21,6 +21,7 @@ Without --run, the model is the demo's architecture (the shakespeare-char recipe
 
     .venv/bin/python benchmarks/serve.py                       # the demo's size, eager and compiled
     .venv/bin/python benchmarks/serve.py --threads 1           # both on one thread
+    .venv/bin/python benchmarks/serve.py --threads 1 --engine-only   # the engine alone, no HTTP
     .venv/bin/python benchmarks/serve.py --run out/runs/shakespeare-char --prompt-tokens 32
 """
 
