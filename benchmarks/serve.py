@@ -8,10 +8,12 @@ ids), same lengths, greedy; `--threads N` puts both on N CPU threads, else each 
 (transformers PyTorch's, one per core; `lmforge serve` one per core but one). This machine's speed
 drifts by tens of percent within minutes, so the two alternate: each of `--rounds` rounds runs
 every phase of both once. `lmforge serve` runs twice, side by side: eager and with `--compile` (its
-decode step through torch.compile; `--variants` picks). Reported: the median over rounds of tokens/s
-(all streams together), the time to first token (median and 90th percentile over every request of
-every round), then lmforge / transformers at one stream and at 8, and lmforge's 8-stream / 1-stream
-ratio, each the median of the rounds' own ratios, with their range; the CPU and its load.
+decode steps through torch.compile, a graph per bucket of rows; `--variants` picks), each started
+with an empty compile cache, so that its start-up time, printed, is a first start's. Reported: the
+median over rounds of tokens/s (all streams together), the time to first token (median and 90th
+percentile over every request of every round), then lmforge / transformers at one stream and at 8,
+and lmforge's 8-stream / 1-stream ratio, each the median of the rounds' own ratios, with their
+range; the CPU and its load.
 
 Without --run, the model is the demo's architecture (the shakespeare-char recipe: Llama-style,
 4 layers, d_model 128, 128-token context) with random weights and a char vocabulary without
@@ -19,12 +21,14 @@ Without --run, the model is the demo's architecture (the shakespeare-char recipe
 
     .venv/bin/python benchmarks/serve.py                       # the demo's size, eager and compiled
     .venv/bin/python benchmarks/serve.py --threads 1           # both on one thread
+    .venv/bin/python benchmarks/serve.py --threads 1 --engine-only   # the engine alone, no HTTP
     .venv/bin/python benchmarks/serve.py --run out/runs/shakespeare-char --prompt-tokens 32
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -34,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -109,12 +114,23 @@ VARIANTS = {"eager": [], "compiled": ["--compile"]}  # `lmforge serve`'s flags f
 
 
 def start_server(
-    run: Path, checkpoint: str, port: int, *, threads: int | None, flags: list[str], device: str, dtype: str
+    run: Path,
+    checkpoint: str,
+    port: int,
+    *,
+    threads: int | None,
+    flags: list[str],
+    device: str,
+    dtype: str,
+    compile_cache: Path,
 ) -> subprocess.Popen:
+    """`lmforge serve` on `port`, once it answers; torch.compile's on-disk cache in `compile_cache` (a
+    fresh folder: the start-up is a first start's, every graph compiled)."""
     command = [sys.executable, "-m", "lmforge", "serve", str(run), "--checkpoint", checkpoint, *flags]
     command += ["--threads", str(threads)] if threads else []
     command += ["--device", device, "--dtype", dtype]
-    server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench"])
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(compile_cache)}
+    server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench"], env=env)
     deadline = time.monotonic() + 600  # --compile compiles before it answers: minutes on a busy machine
     while time.monotonic() < deadline:
         try:
@@ -173,6 +189,50 @@ def lmforge_phase(url: str, prompts: list[list[int]], streams: int, requests: in
         "tokens_per_s": tokens / wall,
         "ttfts_ms": [1000 * r[0] for r in results],
         "text": results[0][2] if streams == 1 else None,
+    }
+
+
+def engine_phase(
+    engine: object, prompts: list[list[int]], streams: int, requests: int, new_tokens: int
+) -> dict:
+    """`lmforge serve`'s engine in this process, without HTTP: `streams` chains of `requests` requests,
+    each chain's next request submitted as its last one finishes."""
+    from lmforge.serve.engine import Job, Params, Update
+
+    params = Params(max_tokens=new_tokens, temperature=0.0, top_p=None, seed=0)
+    chains_done = threading.Semaphore(0)
+    ttfts, tokens, texts = [], [], {}
+
+    def submit(k: int, r: int) -> None:
+        begun, first, text = time.perf_counter(), [], []
+
+        def on_update(update: Update) -> None:  # called from the engine's thread
+            if not first:
+                first.append(time.perf_counter() - begun)
+            text.append(update.text)
+            if update.finish_reason is None:
+                return
+            ttfts.append(first[0])
+            tokens.append(update.completion_tokens)
+            texts[k, r] = "".join(text)
+            if r + 1 < requests:
+                submit(k, r + 1)
+            else:
+                chains_done.release()
+
+        engine.submit([Job(prompts[(k + r) % len(prompts)], params, on_update)])
+
+    started = time.perf_counter()
+    for k in range(streams):
+        submit(k, 0)
+    for _ in range(streams):
+        chains_done.acquire()
+    wall = time.perf_counter() - started
+    return {
+        "tokens": sum(tokens),
+        "tokens_per_s": sum(tokens) / wall,
+        "ttfts_ms": [1000 * t for t in ttfts],
+        "text": texts[0, 0] if streams == 1 else None,
     }
 
 
@@ -243,6 +303,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="lmforge serve's runs"
     )
+    p.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="run lmforge serve's engine in this process, without HTTP (its decoding alone)",
+    )
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--device", default="cpu", help="where both run: cpu (default) or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="both models' weights")
@@ -271,55 +336,94 @@ def main() -> None:
         f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, greedy, "
         f"{args.requests} requests per stream"
     )
-    servers = {}
+    if args.engine_only:
+        ours, theirs, startup = measure_engines(args, run, scratch=scratch, prompts=prompts)
+    else:
+        ours, theirs, startup = measure_servers(args, run, scratch=scratch, prompts=prompts)
+    report(args, info, ours, theirs, run, startup=startup)
+
+
+def measure_servers(
+    args: argparse.Namespace, run: Path, *, scratch: Path, prompts: list[list[int]]
+) -> tuple[dict, dict, dict[str, float]]:
+    """Each variant as `lmforge serve`, driven over HTTP; its start-up time in seconds."""
+    servers, startup = {}, {}
     try:
         for variant in args.variants:  # started one at a time: a compile gets the CPU to itself
             port = free_port()
-            flags = VARIANTS[variant]
-            servers[variant] = (
-                start_server(
-                    run,
-                    args.checkpoint,
-                    port,
-                    threads=args.threads,
-                    flags=flags,
-                    device=args.device,
-                    dtype=args.dtype,
-                ),
+            started = time.perf_counter()
+            server = start_server(
+                run,
+                args.checkpoint,
                 port,
+                threads=args.threads,
+                flags=VARIANTS[variant],
+                device=args.device,
+                dtype=args.dtype,
+                compile_cache=scratch / f"inductor-{variant}",
             )
-        ours, theirs = measure(
-            args,
-            {v: f"http://127.0.0.1:{port}" for v, (_, port) in servers.items()},
-            scratch=scratch,
-            prompts=prompts,
-        )
+            servers[variant] = (server, port)
+            startup[variant] = time.perf_counter() - started
+            print(f"lmforge serve ({variant}) answered {startup[variant]:.1f} s after its start", flush=True)
+        runners = {
+            variant: functools.partial(lmforge_phase, f"http://127.0.0.1:{port}")
+            for variant, (_, port) in servers.items()
+        }
+        return (*measure(args, runners, scratch=scratch, prompts=prompts), startup)
     finally:
         for server, _ in servers.values():
             server.terminate()
             server.wait()
-    report(args, info, ours, theirs, run)
+
+
+def measure_engines(
+    args: argparse.Namespace, run: Path, *, scratch: Path, prompts: list[list[int]]
+) -> tuple[dict, dict, dict[str, float]]:
+    """Each variant as `lmforge serve`'s engine in this process (no HTTP); its start-up time in
+    seconds (torch.compile's on-disk cache as it is: a first start only if it holds nothing)."""
+    from lmforge.serve.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sampler = load(run, args.checkpoint, args.device, dtype=args.dtype)
+    engines, startup = {}, {}
+    try:
+        for variant in args.variants:
+            started = time.perf_counter()
+            engines[variant] = Engine(sampler, max(args.streams), compile=variant == "compiled").start()
+            startup[variant] = time.perf_counter() - started
+            print(f"engine ({variant}) ready {startup[variant]:.1f} s after its start", flush=True)
+        runners = {variant: functools.partial(engine_phase, engine) for variant, engine in engines.items()}
+        return (*measure(args, runners, scratch=scratch, prompts=prompts), startup)
+    finally:
+        for engine in engines.values():
+            engine.close()
 
 
 def measure(
-    args: argparse.Namespace, urls: dict[str, str], *, scratch: Path, prompts: list[list[int]]
+    args: argparse.Namespace,
+    runners: dict[str, Callable[..., dict]],
+    *,
+    scratch: Path,
+    prompts: list[list[int]],
 ) -> tuple[dict, dict]:
-    """Every round runs each variant of lmforge serve, then transformers, at each stream count."""
+    """Every round runs each variant of lmforge serve (`runners[variant](prompts, streams, requests,
+    new_tokens)`), then transformers, at each stream count."""
     from transformers import AutoModelForCausalLM
 
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(scratch / "hf", dtype=dtype).to(args.device).eval()
-    ours: dict[str, dict[int, list[dict]]] = {v: {s: [] for s in args.streams} for v in urls}
+    ours: dict[str, dict[int, list[dict]]] = {v: {s: [] for s in args.streams} for v in runners}
     theirs: dict[int, list[dict]] = {s: [] for s in args.streams}
-    for url in urls.values():  # warm-up
-        stream_once(httpx.Client(timeout=600), url, prompts[0], 4)
+    for run_phase in runners.values():  # warm-up
+        run_phase(prompts, 1, 1, 4)
     transformers_phase(model, prompts, 1, 1, 4)
     for _ in range(args.rounds):
         for s in args.streams:
-            for variant, url in urls.items():
-                ours[variant][s].append(lmforge_phase(url, prompts, s, args.requests, args.new_tokens))
+            for variant, run_phase in runners.items():
+                ours[variant][s].append(run_phase(prompts, s, args.requests, args.new_tokens))
             theirs[s].append(transformers_phase(model, prompts, s, args.requests, args.new_tokens))
     return ours, theirs
 
@@ -347,10 +451,14 @@ def spread(name: str, values: list[float]) -> str:
     return f"{name}: {statistics.median(values):.2f}x (rounds {min(values):.2f}-{max(values):.2f})"
 
 
-def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: Path) -> None:
+def report(
+    args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: Path, *, startup: dict[str, float]
+) -> None:
     threads = args.threads or torch.get_num_threads()
     served = args.threads or default_threads()  # `lmforge serve`'s
     print(f"{args.rounds} rounds, CPU threads: lmforge serve {served}, transformers {threads}")
+    if args.engine_only:
+        print("lmforge serve: its engine in this process, no HTTP")
     print(f"{'':24}{'streams':>8}{'tokens':>8}{'tokens/s':>11}   TTFT ms median / p90")
     rows = [(f"lmforge serve ({v})", results) for v, results in ours.items()]
     for name, results in (*rows, ("transformers", theirs)):
@@ -358,7 +466,8 @@ def report(args: argparse.Namespace, info: dict, ours: dict, theirs: dict, run: 
             speed = median_of(rounds, "tokens_per_s")
             print(f"{name:24}{s:>8}{rounds[0]['tokens']:>8}{speed:>11.1f}   {ttft(rounds)}")
     one, many = min(args.streams), max(args.streams)
-    record = {"machine": info, "threads": {"lmforge": served, "transformers": threads}}
+    record = {"machine": info, "threads": {"lmforge": served, "transformers": threads}, "startup_s": startup}
+    print("start-up: " + ", ".join(f"{v} {t:.1f} s" for v, t in startup.items()))
     tokenizer = load(run, args.checkpoint, "cpu", dtype="fp32").tokenizer
     expected = tokenizer.decode(theirs[one][0]["ids"])
     for variant, results in ours.items():

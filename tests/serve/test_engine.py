@@ -12,7 +12,17 @@ import torch
 
 from lmforge.inference import InferenceSession
 from lmforge.inference.sampling import SamplingOptions, TextRules
-from lmforge.serve.engine import LENGTH, STOP, Engine, EngineStopped, Job, Params, QueueFull, Update
+from lmforge.serve.engine import (
+    LENGTH,
+    STOP,
+    Engine,
+    EngineStopped,
+    Job,
+    Params,
+    QueueFull,
+    Update,
+    decode_buckets,
+)
 
 
 class SlowModel(torch.nn.Module):
@@ -189,23 +199,35 @@ def test_sampling_with_a_seed_is_the_same_batched_or_alone(sampler: InferenceSes
     assert batched == solo and len({text for text, _, _ in solo}) == 4
 
 
-@pytest.mark.slow  # compiles the decode step: about a minute on a busy 2-core machine
-def test_a_compiled_decode_step_writes_the_eager_text_and_never_recompiles(sampler: InferenceSession) -> None:
+@pytest.mark.slow  # compiles 3 decode graphs: 80 s on a busy 2-core machine, seconds once cached
+def test_compiled_decode_steps_write_the_eager_text_at_every_batch_size_and_never_recompile(
+    sampler: InferenceSession,
+) -> None:
     from torch._dynamo.utils import counters
 
     texts = ("to be", "or not to be, that", "a", "the question: whether", "x")
     prompts = [sampler.prompt_ids(text) for text in texts]
-    params = [dataclasses.replace(GREEDY, max_tokens=n) for n in (3, 12, 5, 9, 7)]  # 4 rows, then 1 alone
+    # 4 rows, then 3 (padded to the bucket of 4), 2 and 1 as they finish at staggered steps
+    params = [dataclasses.replace(GREEDY, max_tokens=n) for n in (3, 12, 5, 9, 7)]
     eager = Engine(sampler, max_batch=4).start()
     graphs = counters["stats"]["unique_graphs"]
     compiled = Engine(sampler, max_batch=4, compile=True).start()  # returns once compiled
     try:
+        assert compiled.buckets == [1, 2, 4]
+        assert counters["stats"]["unique_graphs"] - graphs == 3  # a graph per bucket, all at start
         expected = run_jobs(eager, prompts, params)
         assert run_jobs(compiled, prompts, params) == expected
         assert run_jobs(compiled, prompts[1:2], params[1]) == expected[1:2]  # one row alone
-        assert counters["stats"]["unique_graphs"] - graphs == 1  # one row's step, none after start
+        assert run_jobs(compiled, prompts[:2], params[:2]) == expected[:2]  # two rows
+        assert counters["stats"]["unique_graphs"] - graphs == 3  # no recompile after start
     finally:
         eager.close()
         compiled.close()
     options = SamplingOptions(max_new_tokens=12, temperature=0.0, top_k=None, top_p=None)
     assert "".join(sampler.complete(prompts[1], options, torch.Generator())) == expected[1][0]
+
+
+def test_decode_buckets_are_powers_of_two_up_to_the_batch() -> None:
+    assert decode_buckets(8) == [1, 2, 4, 8]
+    assert decode_buckets(6) == [1, 2, 4, 6]
+    assert decode_buckets(1) == [1]

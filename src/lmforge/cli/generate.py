@@ -162,7 +162,8 @@ def add_serve(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="compile the decode step of a request decoding alone with torch.compile before serving "
-        "(needs a C++ compiler on a CPU; start-up takes a minute or more; docs/guides/serve-speed.md)",
+        help="compile the decode steps with torch.compile before serving, a graph per bucket of 1, 2, 4, "
+        "8 ... requests (needs a C++ compiler on a CPU; a first start-up takes minutes on a small "
+        "machine, later ones reuse the compile cache; docs/guides/serve-speed.md)",
     )
     return p

@@ -15,13 +15,15 @@ background thread, which reports each request's progress through its callback; `
 client gone) frees the slot at the next step. Once that thread has ended (closed, or killed by a
 bug), nothing more is accepted (EngineStopped).
 
-With `compile`, the decode step of a single active row (not the prefill) runs through
-`torch.compile`, on a cache whose shapes never change (`StaticKVCache`: every step attends over the
-whole context, the keys past the row's length masked), so that one graph serves every such step: it
-fuses the small per-layer ops (rotary, norms, the cache write) that dominate an eager step of a
-small model. It is compiled while the engine starts, so that no request waits for it. Several rows
-decode eagerly: a graph with a varying number of rows was 1.3x faster than eager at the demo's size
-but 2.3x slower at 6 layers of width 384 (benchmarks/RESULTS.md).
+With `compile`, decode steps (not the prefill) run through `torch.compile`, one graph per bucket of
+rows (`decode_buckets`: 1, 2, 4, 8 for 8 slots): n active rows decode in the smallest bucket that holds
+them, the free slots' rows padding it (each decodes a token of its own at position 0, which no request
+reads). The number of rows is a constant of each graph, so every graph fuses the small per-layer ops
+(rotary, norms, the cache write) that dominate an eager step of a small model; the number of keys
+attended over (the longest row's length + 1) is the graphs' one dynamic size, so that a step reads
+only the keys in use, not the whole context. Every graph is compiled while the engine starts, so that
+no request waits for one and none is compiled later. One graph with a varying number of rows was 1.3x
+faster than eager at the demo's size but 2.3x slower at 6 layers of width 384 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from lmforge.errors import LmforgeError
 from lmforge.inference import InferenceSession
 from lmforge.inference.generate import sample_next
 from lmforge.inference.sampling import TextDecoder, TextRules
-from lmforge.model.gpt import CacheStep, KVCache, token_positions
+from lmforge.model.gpt import KVCache
 
 STOP, LENGTH, ERROR = "stop", "length", "error"  # why a request ended: OpenAI's finish_reason, and ours
 
@@ -104,19 +106,33 @@ class Engine:
     max_queue: int = 64
     active: list[Job] = field(default_factory=list)  # row i of the cache is active[i]
     waiting: deque[Job] = field(default_factory=deque)
-    compile: bool = False  # one row's decode step through torch.compile (compiled as the engine starts)
+    compile: bool = False  # decode steps through torch.compile, a graph per bucket of rows, built at start
+    # called from the engine's thread after each step's updates (and after a failure's): a caller that
+    # passes updates on elsewhere can send each step's as one message
+    after_step: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         model = self.sampler.model
         self.block_size = model.config.block_size
-        self.cache = KVCache.allocate(model, self.max_batch, self.block_size)
+        # compiled, one position more than any row uses: a graph slices the keys to a symbolic length,
+        # which may then never equal the cache's (else dynamo guards against it: a recompile there)
+        self.cache = KVCache.allocate(model, self.max_batch, self.block_size + self.compile)
         self.lengths = torch.zeros(self.max_batch, dtype=torch.long, device=self.sampler.device)
         # the first n rows of every layer's keys and values, sliced once rather than at every step
         self.rows = [
             ([k[:n] for k in self.cache.keys], [v[:n] for v in self.cache.values])
             for n in range(self.max_batch + 1)
         ]
-        self.compiled = torch.compile(self._decode_static) if self.compile else None
+        # with `compile`, one graph per row count in `buckets`, each on shapes that never change
+        # (dynamic=False: a graph with a varying number of rows was the slower one, see the docstring)
+        self.buckets = decode_buckets(self.max_batch) if self.compile else []
+        self.compiled = torch.compile(self._decode_bucket, dynamic=False) if self.compile else None
+        # the compiled step's one dynamic size, the keys it attends over, comes as the length of a slice of
+        # this (a Python int would be a constant of the graph: a recompile at every step)
+        self.key_span = torch.empty(self.block_size + 1, device=self.sampler.device)
+        if self.compile:  # the buckets are graphs of one function: dynamo's limit must not send one to eager
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 8 * len(self.buckets))
         self.changed = threading.Condition()
         self.stopping = False  # close() was called
         self.ended = False  # the thread has ended: nothing more is accepted
@@ -173,11 +189,17 @@ class Engine:
                     except Exception:  # a bug, not a request's fault: fail the requests, keep serving
                         traceback.print_exc()
                         self._fail_all()
+                    self._end_step()
         finally:  # closed, or killed by what no request caused: refuse new jobs, fail those in hand
             with self.changed:
                 self.ended = True
             self.warm.set()  # start() must not wait for a thread that died before it was ready
             self._fail_all()
+            self._end_step()
+
+    def _end_step(self) -> None:
+        if self.after_step is not None:
+            self.after_step()
 
     def _wait_for_work(self) -> bool:
         """Sleep until a job waits or runs; False once the engine is closing."""
@@ -210,16 +232,42 @@ class Engine:
     def _step(self) -> None:
         """One token for every active row, decoded together."""
         n = len(self.active)
-        tokens = torch.tensor([[job.last] for job in self.active], device=self.sampler.device)  # (n, 1)
-        longest = max(job.length for job in self.active)  # known here: the cache need not ask the device
-        lengths = self.lengths[:n]  # advanced in place by the forward
-        if self.compiled is not None and n == 1:
-            logits = self.compiled(tokens, lengths)
+        last = [[job.last] for job in self.active]
+        if self.compiled is not None:
+            logits = self._step_compiled(last)
         else:
-            logits = self._decode(tokens, lengths, longest)
+            tokens = torch.tensor(last, device=self.sampler.device)  # (n, 1)
+            longest = max(job.length for job in self.active)  # known here: the cache need not ask the device
+            logits = self._decode(tokens, self.lengths[:n], longest)  # lengths advanced in place
         for job in self.active:
             job.length += 1
         self._advance(logits, list(range(n)))
+
+    def _step_compiled(self, last: list[list[int]]) -> torch.Tensor:
+        """The logits (n, V) of the n active rows' `last` tokens through the graph of the smallest
+        bucket that holds them. The rows past n (free slots) are padding: each decodes a token 0 at
+        position 0 of its own row, which no request reads (a prefill writes a slot before it is used)."""
+        n = len(last)
+        bucket = next(size for size in self.buckets if size >= n)
+        if bucket > n:
+            self.lengths[n:bucket] = 0  # padding rows stay at position 0, however many steps they pad
+            last = last + [[0]] * (bucket - n)
+        tokens = torch.tensor(last, device=self.sampler.device)  # (bucket, 1)
+        longest = max(job.length for job in self.active)
+        # Only the guards that tell the buckets' graphs apart (the rows' shapes) are checked: the rest
+        # (weights, cache, dtypes) never change after start-up, and checking them all cost ~0.1 ms, a
+        # tenth of a one-row step at the demo's size. The flag's documented use: every graph compiled
+        # in a warm-up, none needed after (the tests count them).
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            logits = self.compiled(tokens, self.lengths[:bucket], self._keys_in_use(longest + 1))
+        return logits[:n]
+
+    def _keys_in_use(self, end: int) -> torch.Tensor:
+        """A tensor of `end` elements, the number of keys the compiled step attends over, marked as
+        the graph's dynamic size (2 .. block_size: dynamo always specializes 0 and 1)."""
+        keys = self.key_span[:end]
+        torch._dynamo.mark_dynamic(keys, 0, min=2, max=self.block_size)
+        return keys
 
     def _decode(self, tokens: torch.Tensor, lengths: torch.Tensor, longest: int) -> torch.Tensor:
         """The next-token logits (n, V) of `tokens` (n, 1), row i's fed at position lengths[i]; the
@@ -229,22 +277,21 @@ class Engine:
         logits, _ = self.sampler.model(tokens, cache=KVCache(keys, values, lengths, longest))
         return logits[:, -1]
 
-    def _decode_static(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """`_decode` of one row on shapes that do not change from step to step, for torch.compile (a
-        Python int argument such as `longest` would be a constant of the graph: a recompile at every
-        step)."""
-        keys, values = self.rows[1]
-        logits, _ = self.sampler.model(tokens, cache=StaticKVCache(keys, values, lengths))
-        return logits[:, -1]
+    def _decode_bucket(self, tokens: torch.Tensor, lengths: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """`_decode` for torch.compile, attending over keys.size(0) positions: the number of rows is a
+        constant of the graph (one graph per bucket), the number of keys a dynamic size."""
+        return self._decode(tokens, lengths, keys.size(0) - 1)
 
     def _warm_up(self) -> bool:
-        """With `compile`, compile the one-row decode step before any request comes; False if that
-        failed. It writes to cache row 0 at position 0, which a request's prefill overwrites before
-        it reads it."""
+        """With `compile`, compile the decode step of every bucket before any request comes; False if
+        that failed. It writes to the cache rows at position 0, which a request's prefill overwrites
+        before it reads them."""
         try:
-            if self.compiled is not None:
-                tokens = torch.zeros(1, 1, dtype=torch.long, device=self.sampler.device)
-                self.compiled(tokens, self.lengths[:1])  # a view of self.lengths, as at every step (a guard)
+            for bucket in self.buckets:
+                tokens = torch.zeros(bucket, 1, dtype=torch.long, device=self.sampler.device)
+                self.lengths[:bucket] = 1  # a step from one token in every row, as at a decode's first step
+                # lengths a view of self.lengths, as at every step (a guard)
+                self.compiled(tokens, self.lengths[:bucket], self._keys_in_use(2))
                 self.lengths.zero_()
             return True
         except Exception as exc:  # reported by start()
@@ -309,23 +356,6 @@ class Engine:
             deliver(job, Update("", ERROR, job.tokens))
 
 
-class StaticKVCache(KVCache):
-    """A per-row cache whose every forward attends over all max_len positions, those past each row's
-    length masked: the shapes of a decode step never change, so a compiled step never recompiles.
-    The masked keys weigh exactly zero; only the float rounding of the sums may differ from eager's."""
-
-    def step(self, T: int, device: torch.device) -> CacheStep:
-        positions = token_positions(self.length, T)  # (B, T)
-        end = self.keys[0].size(2)  # max_len
-        # (B, 1, T, max_len), broadcast over heads: row b's query t sees keys 0 .. length[b] + t only
-        mask = (torch.arange(end, device=device) <= positions[..., None])[:, None]
-        rows = torch.arange(positions.size(0), device=device)[:, None]  # (B, 1)
-        return CacheStep(self, positions, end, mask, rows)
-
-    def advance(self, T: int) -> None:
-        self.length += T  # in place: `length` is a view of the engine's lengths
-
-
 def check_compiler(device: torch.device) -> None:
     """LmforgeError unless torch.compile can build kernels for `device`: on a CPU, inductor writes C++."""
     if device.type != "cpu":
@@ -336,6 +366,12 @@ def check_compiler(device: torch.device) -> None:
         get_cpp_compiler()
     except Exception as exc:  # InvalidCxxCompiler, whose message names what it tried
         raise LmforgeError(f"--compile needs a C++ compiler: {str(exc).splitlines()[0]}") from None
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """The row counts that a compiled engine has a graph for: the powers of two below `max_batch`,
+    then `max_batch` (1, 2, 4, 8 for 8): n active rows run in the smallest that holds them."""
+    return [*(1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch), max_batch]
 
 
 def check_fit(jobs: Sequence[Job], block_size: int, max_queue: int) -> None:
