@@ -27,9 +27,8 @@ from speedrun import REPO, SPEEDRUN, ensure_data, run
 VAL_TOKENS = 111_540  # TinyShakespeare-char's val split
 
 
-def tuning_split(data_dir: Path, tune_tokens: int) -> Path:
-    """`data_dir`-tune beside `data_dir`: its train split less the last `tune_tokens`, which are the val."""
-    out = data_dir.with_name(f"{data_dir.name}-tune")
+def tuning_split(data_dir: Path, tune_tokens: int, out: Path) -> Path:
+    """A prepared folder `out`: `data_dir`'s train split less its last `tune_tokens`, which are the val."""
     meta = json.loads((data_dir / "meta.json").read_text())
     train = np.memmap(data_dir / "train.bin", dtype=meta["dtype"], mode="r")
     done = out / "meta.json"
@@ -55,6 +54,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=SPEEDRUN)
     parser.add_argument("--data", type=Path, default=REPO / "out" / "data" / "shakespeare-char")
     parser.add_argument("--tune-tokens", type=int, default=VAL_TOKENS)
+    parser.add_argument("--split-dir", type=Path, help="where the tuning split goes (default: DATA-tune)")
     parser.add_argument(
         "--try", dest="tries", action="append", default=[], help='overrides, e.g. "train.max_steps=115"'
     )
@@ -63,7 +63,8 @@ def main() -> None:
 
     os.environ.setdefault("LMFORGE_DATA_DIR", str(REPO.parent / "shared" / "data"))
     ensure_data(args.data)
-    split = tuning_split(args.data.resolve(), args.tune_tokens)
+    data = args.data.resolve()
+    split = tuning_split(data, args.tune_tokens, args.split_dir or data.with_name(f"{data.name}-tune"))
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = "1"  # the `lmforge train` processes inherit it
     print(f"tuning split {split}; load {os.getloadavg()[0]:.1f}", flush=True)
