@@ -4,11 +4,13 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +161,31 @@ def test_speedrun_gives_every_run_one_schedule_and_reruns_bf16_in_fp32(
 
     refused = subprocess.run([*command, "--set", "train.eval_interval=5"], capture_output=True, text=True)
     assert refused.returncode == 2 and "every run gets the same schedule" in refused.stderr
+
+
+@pytest.mark.slow
+def test_speedrun_tune_holds_out_the_end_of_train_and_never_reads_val(
+    char_data: Path, tmp_path: Path
+) -> None:
+    data, split = tmp_path / "data", tmp_path / "tune"
+    shutil.copytree(char_data, data)
+    (data / "val.bin").write_bytes(b"")  # unreadable as a split: a run that opened it would fail
+    config = tmp_path / "tiny.toml"
+    config.write_text("[optim]\nlr = 3e-3\n[train]\nmax_steps = 4\n")
+    tries = ["model.n_layer=2 model.n_head=2 model.d_model=32 model.block_size=32 train.batch_size=8"]
+    tries.append(tries[0] + " train.max_steps=2")
+    command = [sys.executable, str(BENCHMARKS / "speedrun_tune.py"), "--config", str(config)]
+    command += ["--data", str(data), "--tune-tokens", "5000", "--split-dir", str(split), "--jobs", "2"]
+    command += sum((["--try", t] for t in tries), [])
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    train = np.fromfile(char_data / "train.bin", dtype=np.uint16)
+    assert np.array_equal(np.fromfile(split / "train.bin", dtype=np.uint16), train[:-5000])
+    assert np.array_equal(np.fromfile(split / "val.bin", dtype=np.uint16), train[-5000:])
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"tuning split {split}")
+    assert lines[1].startswith("tuning loss ") and "at step 4 " in lines[1] and lines[1].endswith(tries[0])
+    assert "at step 2 " in lines[2] and lines[2].endswith("train.max_steps=2")
 
 
 @pytest.mark.slow

@@ -278,6 +278,18 @@ def test_relu_squared_backward_matches_autograd() -> None:
     torch.testing.assert_close(ReLUSquared.apply(x), torch.relu(x) ** 2)
 
 
+def test_relu_squared_mlp_without_autograd_matches_the_training_path() -> None:
+    torch.manual_seed(0)
+    mlp = gpt.MLP(tiny(mlp="relu2"))
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():  # the in-place path
+        evaluated = mlp(x)
+    trained = mlp(x)  # ReLUSquared, with a graph
+    assert trained.requires_grad and not evaluated.requires_grad
+    torch.testing.assert_close(evaluated, trained.detach())
+    torch.testing.assert_close(evaluated, mlp.down(torch.relu(mlp.up(x)) ** 2).detach())
+
+
 @pytest.mark.parametrize(("position", "window"), [("rope", None), ("learned", None), ("rope", 3)])
 def test_cache_rows_at_their_own_lengths_give_each_sequence_its_logits_alone(
     position: str, window: int | None
