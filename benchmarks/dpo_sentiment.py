@@ -233,8 +233,8 @@ def figure(rows: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", type=Path, required=True, help="the reference policy's run")
-    parser.add_argument("--judge", type=Path, required=True, help="the SST-2 classifier's run")
+    parser.add_argument("--policy", type=Path, help="the reference policy's run")
+    parser.add_argument("--judge", type=Path, help="the SST-2 classifier's run")
     parser.add_argument("--sst2", type=Path, default=Path("../shared/data/sst2/train.tsv"))
     parser.add_argument("--out", type=Path, required=True, help="work folder: pairs, runs, results.json")
     parser.add_argument("--figure", type=Path, help="the reward-KL picture (PNG)")
@@ -266,22 +266,54 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: these tiny models gain nothing from more)"
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="only report: the rows of these work folders' results.json (one experiment's methods run by "
+        "several processes with the same prompts and seeds) in --out/results.json and --figure",
+    )
     args = parser.parse_args()
+    if args.merge:
+        rows = merge(args.merge)
+        write_results(args, rows, {"merged": [str(folder) for folder in args.merge]})
+        return
+    if args.policy is None or args.judge is None:
+        parser.error("--policy and --judge are required (unless --merge)")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     rows = run_experiment(args)
-    if args.select_lrs:
-        return
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
-    results["wall_s"] = time.perf_counter() - start
+    if not args.select_lrs:
+        write_results(args, rows, {"wall_s": time.perf_counter() - start})
+
+
+def write_results(args, rows: list[dict], extra: dict) -> None:
+    """results.json (the arguments, the rows and `extra`), the table on stdout, and the figure."""
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows} | extra
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'policy':24} {'reward':>7} {'KL':>7}")
     for row in rows:
         print(f"{row['policy']:24} {row['reward']:7.4f} {row['kl']:7.3f}")
-    print(f"wall time {results['wall_s']:.0f} s -> {args.out / 'results.json'}")
+    wall = f"wall time {extra['wall_s']:.0f} s " if "wall_s" in extra else ""
+    print(f"{wall}-> {args.out / 'results.json'}")
     if args.figure:
         figure(rows, args.figure)
+
+
+def merge(folders: list[Path]) -> list[dict]:
+    """The rows of several results.json, each policy once; a policy in two of them (the reference and
+    best-of-N, which every process measures) must have the same numbers in both."""
+    merged: dict[str, dict] = {}
+    for folder in folders:
+        for row in json.loads((folder / "results.json").read_text())["rows"]:
+            seen = merged.setdefault(row["policy"], row)
+            if (seen["reward"], seen["kl"]) != (row["reward"], row["kl"]):
+                raise SystemExit(
+                    f"{folder}: {row['policy']} differs from the other folders' (other prompts or seeds?)"
+                )
+    return list(merged.values())
 
 
 def pairs_from_reference(

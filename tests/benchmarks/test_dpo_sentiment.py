@@ -50,3 +50,11 @@ def test_dpo_sentiment_reports_reward_and_kl_of_every_policy(tmp_path: Path) -> 
     pairs = (tmp_path / "out" / "pairs" / "train.jsonl").read_text().splitlines()
     assert {"prompt", "chosen", "rejected"} <= json.loads(pairs[0]).keys()
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "reference" in result.stdout
+    # methods run by several processes: one table of the rows, each policy once
+    merged = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "dpo_sentiment.py"), "--merge", str(tmp_path / "out"),
+         str(tmp_path / "out"), "--out", str(tmp_path / "merged")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.loads((tmp_path / "merged" / "results.json").read_text())["rows"] == rows
