@@ -276,7 +276,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         rows = merge(args.merge)
-        write_results(args, rows, {"merged": [str(folder) for folder in args.merge]})
+        runs = {str(f): json.loads((f / "results.json").read_text()) for f in args.merge}
+        merged = {folder: {"args": r["args"], "wall_s": r.get("wall_s")} for folder, r in runs.items()}
+        write_results(args, rows, {"merged": merged})
         return
     if args.policy is None or args.judge is None:
         parser.error("--policy and --judge are required (unless --merge)")
