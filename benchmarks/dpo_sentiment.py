@@ -11,7 +11,8 @@ sampling, DPO at several beta values and SimPO.
 - Judge, standing in for a person: an SST-2 classifier fine-tuned by the tasks/sst2 recipe, with its own
   tokenizer (the reward is computed from text); the reward of a text is its probability of " positive"
   against " negative" after the task's prompt.
-- Preference pairs: two samples of the reference per tuning prompt, the one the judge finds more
+- Preference pairs: --pair-samples samples of the reference per tuning prompt (2, the issue's, by
+  default; the paper's IMDb experiment drew 4), every two of them a pair, the one the judge finds more
   positive chosen.
 - Reward: the judge's mean positive probability over SAMPLES samples per report prompt.
   KL: KL(policy || reference) of whole samples, estimated on the policy's own samples as the sum over
