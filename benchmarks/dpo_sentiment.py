@@ -5,10 +5,14 @@ sampling, DPO at several beta values and SimPO.
 - Prompts: the first PREFIX_WORDS words of SST-2 training sentences (of at least MIN_WORDS words), split
   in two disjoint sets: tuning prompts (preference pairs, DPO's val pairs) and report prompts (every
   number reported; no setting was chosen on them).
-- Policy: the reference, a language model of SST-2 sentences (benchmarks/dpo_sentiment/policy.toml).
-- Judge, standing in for a person: an SST-2 classifier fine-tuned by the tasks/sst2 recipe; the reward
-  of a text is its probability of " positive" against " negative" after the task's prompt.
-- Preference pairs: two samples of the reference per tuning prompt, the one the judge finds more
+- Policy: the reference, a language model of SST-2 sentences (one per line): any lm run, e.g. the
+  Gutenberg base fine-tuned on them, or the small stand-in of benchmarks/dpo_sentiment/policy.toml. Its
+  best checkpoint, the one `train.init_from` starts the DPO runs from.
+- Judge, standing in for a person: an SST-2 classifier fine-tuned by the tasks/sst2 recipe, with its own
+  tokenizer (the reward is computed from text); the reward of a text is its probability of " positive"
+  against " negative" after the task's prompt.
+- Preference pairs: --pair-samples samples of the reference per tuning prompt (2, the issue's, by
+  default; the paper's IMDb experiment drew 4), every two of them a pair, the one the judge finds more
   positive chosen.
 - Reward: the judge's mean positive probability over SAMPLES samples per report prompt.
   KL: KL(policy || reference) of whole samples, estimated on the policy's own samples as the sum over
@@ -16,6 +20,9 @@ sampling, DPO at several beta values and SimPO.
   sum log pi / ref, with the expectation over each token taken exactly: unbiased, lower variance).
   Best-of-N picks the most positive of N reference samples by the judge itself (an oracle here, as the
   judge is the reward); its KL is the standard log N - (N - 1) / N.
+- Choosing the DPO settings without the report prompts: `--select-lrs` runs DPO at each learning rate
+  (and each beta) on the tuning prompts' pairs and prints the val pairs' loss and preference accuracy,
+  then stops; the pairs are kept (pairs/meta.json) and reused by the full run with the same settings.
 
     python benchmarks/dpo_sentiment.py --policy runs/dpo-sentiment/policy --judge runs/dpo-sentiment/judge \\
         --out runs/dpo-sentiment/bench --figure docs/guides/dpo-reward-kl.png
@@ -39,6 +46,7 @@ from tokenizers import Tokenizer
 from lmforge import checkpoint as ckpt
 from lmforge import inference
 from lmforge.config import load_config
+from lmforge.data.tokenizer import eot_id
 from lmforge.inference.generate import generate
 from lmforge.tasks.base import choice_log_probs
 from lmforge.tasks.sst2 import LABEL_CHOICES, sst2_prompt
@@ -72,26 +80,27 @@ def read_prompts(sst2_train: Path, *, tuning: int, report: int, seed: int) -> tu
 def sample(model, tokenizer: Tokenizer, prompts: list[str], *, n: int, max_new: int, seed: int) -> Samples:
     """`n` samples per prompt at temperature 1, each cut after its first newline (one sentence)."""
     generator = torch.Generator().manual_seed(seed)
+    stop = eot_id(tokenizer)
     ids: list[list[list[int]]] = []
     for prompt in prompts:
         prompt_ids = tokenizer.encode(prompt, add_special_tokens=False).ids
         batch = torch.tensor([prompt_ids] * n)
         steps = torch.stack(list(generate(model, batch, max_new, generator=generator)), dim=1)  # (n, new)
-        ids.append([cut_at_newline(tokenizer, row) for row in steps.tolist()])
+        ids.append([cut_at_newline(tokenizer, row, stop=stop) for row in steps.tolist()])
     texts = [[tokenizer.decode(s).split("\n")[0] for s in per_prompt] for per_prompt in ids]
     return Samples(ids, texts)
 
 
-def cut_at_newline(tokenizer: Tokenizer, ids: list[int]) -> list[int]:
-    """`ids` up to and including the first token whose text holds a newline (or <|endoftext|>)."""
+def cut_at_newline(tokenizer: Tokenizer, ids: list[int], *, stop: int | None) -> list[int]:
+    """`ids` up to and including the first token whose text holds a newline, or the `stop` token."""
     for i, token in enumerate(ids):
-        if token == 0 or "\n" in tokenizer.decode([token]):
+        if token == stop or "\n" in tokenizer.decode([token]):
             return ids[: i + 1]
     return ids
 
 
 def rewards(judge, tokenizer: Tokenizer, prompts: list[str], texts: list[list[str]]) -> list[list[float]]:
-    """The judge's probability that each prompt + completion is positive."""
+    """The judge's probability that each prompt + completion is positive (`tokenizer`: the judge's)."""
     out = []
     for prompt, completions in zip(prompts, texts):
         row = []
@@ -140,7 +149,7 @@ def write_pairs(folder: Path, prompts: list[str], samples: Samples, scores: list
     return ties
 
 
-def tune(policy: Path, pairs: Path, out: Path, *, objective: str, beta: float, args) -> Path:
+def tune(policy: Path, pairs: Path, out: Path, *, objective: str, beta: float, lr: float, args) -> Path:
     """A DPO or SimPO run from the reference on the pairs; every setting fixed beforehand."""
     overrides = [
         f"data.dir={pairs}",
@@ -149,12 +158,13 @@ def tune(policy: Path, pairs: Path, out: Path, *, objective: str, beta: float, a
         f"train.objective={objective}",
         f"preference.beta={beta}",
         f"train.max_steps={args.steps}",
-        "train.batch_size=16",
+        f"train.batch_size={args.batch_size}",
         f"train.eval_interval={args.steps // 2}",
         f"train.checkpoint_interval={args.steps // 2}",
         "train.keep_checkpoints=2",
         "train.device=cpu",
-        f"optim.lr={args.lr}",
+        f"optim.lr={lr}",
+        f"lora.rank={args.lora_rank}",
         "optim.weight_decay=0.0",
         "schedule.warmup_steps=10",
         "schedule.min_lr=0.0",
@@ -165,11 +175,18 @@ def tune(policy: Path, pairs: Path, out: Path, *, objective: str, beta: float, a
     return out
 
 
+def val_metrics(run: Path) -> dict[int, dict]:
+    """The val pairs' metrics of a tuned run at each evaluation, by step (its metrics.jsonl)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    evals = [entry for entry in map(json.loads, filter(None, lines)) if "val_loss" in entry]
+    return {e["step"]: {k: v for k, v in e.items() if k.startswith("val_")} for e in evals}
+
+
 def evaluate_policy(name: str, model, ctx: dict, seed: int) -> dict:
     """Reward and KL of a policy on the report prompts."""
     tokenizer, prompts = ctx["tokenizer"], ctx["report"]
     samples = sample(model, tokenizer, prompts, n=SAMPLES, max_new=ctx["max_new"], seed=seed)
-    scores = rewards(ctx["judge"], tokenizer, prompts, samples.texts)
+    scores = rewards(ctx["judge"], ctx["judge_tokenizer"], prompts, samples.texts)
     reward = sum(map(sum, scores)) / sum(map(len, scores))
     kl = sequence_kl(model, ctx["reference"], tokenizer, prompts, samples)
     example = f"{prompts[0]}{samples.texts[0][0]}"
@@ -180,7 +197,7 @@ def best_of_n(ctx: dict, ns: list[int], seed: int) -> list[dict]:
     """Best-of-N from the reference, for each N: the most positive of N samples, by the judge."""
     tokenizer, prompts = ctx["tokenizer"], ctx["report"]
     samples = sample(ctx["reference"], tokenizer, prompts, n=max(ns), max_new=ctx["max_new"], seed=seed)
-    scores = rewards(ctx["judge"], tokenizer, prompts, samples.texts)
+    scores = rewards(ctx["judge"], ctx["judge_tokenizer"], prompts, samples.texts)
     rows = []
     for n in ns:
         reward = sum(max(per_prompt[:n]) for per_prompt in scores) / len(scores)
@@ -217,8 +234,8 @@ def figure(rows: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", type=Path, required=True, help="the reference policy's run")
-    parser.add_argument("--judge", type=Path, required=True, help="the SST-2 classifier's run")
+    parser.add_argument("--policy", type=Path, help="the reference policy's run")
+    parser.add_argument("--judge", type=Path, help="the SST-2 classifier's run")
     parser.add_argument("--sst2", type=Path, default=Path("../shared/data/sst2/train.tsv"))
     parser.add_argument("--out", type=Path, required=True, help="work folder: pairs, runs, results.json")
     parser.add_argument("--figure", type=Path, help="the reward-KL picture (PNG)")
@@ -237,24 +254,118 @@ def main() -> None:
     parser.add_argument("--best-of", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps of each DPO/SimPO run")
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per optimizer step")
+    parser.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tune")
+    parser.add_argument(
+        "--select-lrs",
+        type=float,
+        nargs="+",
+        help="only choose: DPO at each of these lr (and each beta) on the tuning pairs; prints the val "
+        "pairs' loss and preference accuracy (selection.json) and measures nothing on the report prompts",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: these tiny models gain nothing from more)"
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="only report: the rows of these work folders' results.json (one experiment's methods run by "
+        "several processes with the same prompts and seeds) in --out/results.json and --figure",
+    )
     args = parser.parse_args()
+    if args.merge:
+        rows = merge(args.merge)
+        runs = {str(f): json.loads((f / "results.json").read_text()) for f in args.merge}
+        merged = {folder: {"args": r["args"], "wall_s": r.get("wall_s")} for folder, r in runs.items()}
+        write_results(args, rows, {"merged": merged})
+        return
+    if args.policy is None or args.judge is None:
+        parser.error("--policy and --judge are required (unless --merge)")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     rows = run_experiment(args)
-    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
-    results["wall_s"] = time.perf_counter() - start
+    if not args.select_lrs:
+        write_results(args, rows, {"wall_s": time.perf_counter() - start})
+
+
+def write_results(args, rows: list[dict], extra: dict) -> None:
+    """results.json (the arguments, the rows and `extra`), the table on stdout, and the figure."""
+    results = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows} | extra
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"{'policy':24} {'reward':>7} {'KL':>7}")
     for row in rows:
         print(f"{row['policy']:24} {row['reward']:7.4f} {row['kl']:7.3f}")
-    print(f"wall time {results['wall_s']:.0f} s -> {args.out / 'results.json'}")
+    wall = f"wall time {extra['wall_s']:.0f} s " if "wall_s" in extra else ""
+    print(f"{wall}-> {args.out / 'results.json'}")
     if args.figure:
         figure(rows, args.figure)
+
+
+def merge(folders: list[Path]) -> list[dict]:
+    """The rows of several results.json, each policy once; a policy in two of them (the reference and
+    best-of-N, which every process measures) must have the same numbers in both."""
+    merged: dict[str, dict] = {}
+    for folder in folders:
+        for row in json.loads((folder / "results.json").read_text())["rows"]:
+            seen = merged.setdefault(row["policy"], row)
+            if (seen["reward"], seen["kl"]) != (row["reward"], row["kl"]):
+                raise SystemExit(
+                    f"{folder}: {row['policy']} differs from the other folders' (other prompts or seeds?)"
+                )
+    return list(merged.values())
+
+
+def pairs_from_reference(
+    args, reference, tokenizer: Tokenizer, judge, judge_tokenizer: Tokenizer, tuning: list[str]
+) -> int:
+    """The tuning prompts' preference pairs in out/pairs, made once: a later run with the same prompts,
+    policy, judge and sampling reuses them (pairs/meta.json says what made them). Returns their number."""
+    folder = args.out / "pairs"
+    made_by = {
+        key: str(getattr(args, key))
+        for key in ["policy", "judge", "sst2", "tuning_prompts", "pair_samples", "max_new_tokens", "seed"]
+    }
+    meta_file = folder / "meta.json"
+    if meta_file.exists() and json.loads(meta_file.read_text())["made_by"] == made_by:
+        meta = json.loads(meta_file.read_text())
+        print(
+            f"{meta['pairs']} preference pairs ({meta['ties']} ties left out), reused: {folder}", flush=True
+        )
+        return meta["pairs"]
+    k = args.pair_samples
+    pair_samples = sample(reference, tokenizer, tuning, n=k, max_new=args.max_new_tokens, seed=args.seed + 1)
+    pair_rewards = rewards(judge, judge_tokenizer, tuning, pair_samples.texts)
+    ties = write_pairs(folder, tuning, pair_samples, pair_rewards)
+    pairs = len(tuning) * k * (k - 1) // 2 - ties
+    meta_file.write_text(json.dumps({"made_by": made_by, "pairs": pairs, "ties": ties}, indent=1) + "\n")
+    print(f"{pairs} preference pairs ({ties} ties left out) -> {folder}", flush=True)
+    return pairs
+
+
+def select_lr(args) -> None:
+    """DPO at each lr of --select-lrs and each beta on the tuning pairs; the val pairs' metrics of each."""
+    table = []
+    for lr, beta in itertools.product(args.select_lrs, args.betas):
+        run = tune(
+            args.policy, args.out / "pairs", args.out / f"select-lr{lr:g}-beta{beta:g}",
+            objective="dpo", beta=beta, lr=lr, args=args,
+        )  # fmt: skip
+        for step, metrics in val_metrics(run).items():
+            table.append({"lr": lr, "beta": beta, "step": step} | metrics)
+    (args.out / "selection.json").write_text(json.dumps(table, indent=1) + "\n")
+    print(f"{'lr':>8} {'beta':>5} {'step':>5} {'val loss':>9} {'val acc':>8} {'margin':>7} {'KL':>7}")
+    for r in table:
+        accuracy, margin, kl = (
+            r.get(f"val_{k}", math.nan) for k in ["preference_accuracy", "reward_margin", "kl_to_reference"]
+        )
+        print(
+            f"{r['lr']:8.0e} {r['beta']:5g} {r['step']:5d} {r['val_loss']:9.4f} "
+            f"{accuracy:8.4f} {margin:7.3f} {kl:7.3f}"
+        )
 
 
 def run_experiment(args) -> list[dict]:
@@ -262,17 +373,17 @@ def run_experiment(args) -> list[dict]:
     tuning, report = read_prompts(
         args.sst2, tuning=args.tuning_prompts, report=args.report_prompts, seed=args.seed
     )
-    session = inference.load(args.policy, "last", "cpu", dtype="fp32")
+    # "best": the checkpoint train.init_from resolves, so the reference is the weights DPO starts from
+    session = inference.load(args.policy, "best", "cpu", dtype="fp32")
     reference, tokenizer = session.model, session.tokenizer
-    judge = inference.load(args.judge, "best", "cpu", dtype="fp32").model
-    ctx = {"tokenizer": tokenizer, "report": report, "judge": judge, "reference": reference}
-    ctx["max_new"] = args.max_new_tokens
-    k = args.pair_samples
-    pair_samples = sample(reference, tokenizer, tuning, n=k, max_new=args.max_new_tokens, seed=args.seed + 1)
-    pair_rewards = rewards(judge, tokenizer, tuning, pair_samples.texts)
-    ties = write_pairs(args.out / "pairs", tuning, pair_samples, pair_rewards)
-    pairs = len(tuning) * k * (k - 1) // 2 - ties
-    print(f"{pairs} preference pairs ({ties} ties left out) -> {args.out / 'pairs'}", flush=True)
+    judge_session = inference.load(args.judge, "best", "cpu", dtype="fp32")
+    judge, judge_tokenizer = judge_session.model, judge_session.tokenizer
+    pairs_from_reference(args, reference, tokenizer, judge, judge_tokenizer, tuning)
+    if args.select_lrs:
+        select_lr(args)
+        return []
+    ctx = {"tokenizer": tokenizer, "report": report, "judge": judge, "judge_tokenizer": judge_tokenizer}
+    ctx |= {"reference": reference, "max_new": args.max_new_tokens}
     rows = [evaluate_policy("reference", reference, ctx, args.seed + 2) | {"group": "reference"}]
     rows += [
         r | {"group": "best-of-N (judge as oracle)"} for r in best_of_n(ctx, args.best_of, args.seed + 3)
@@ -285,11 +396,14 @@ def run_experiment(args) -> list[dict]:
             args.out / f"{objective}-beta{beta:g}",
             objective=objective,
             beta=beta,
+            lr=args.lr,
             args=args,
         )
+        val = val_metrics(run)
         for checkpoint in ckpt.list_checkpoints(run):
             name = f"{objective} beta={beta:g} step {checkpoint.step}"
             row = evaluate_policy(name, load_model(checkpoint.path), ctx, args.seed + 2)
+            row |= {"val": val.get(checkpoint.step, {})}  # the tuning prompts' val pairs, for the record
             rows.append(
                 row | {"group": f"{objective.upper() if objective == 'dpo' else 'SimPO'} beta={beta:g}"}
             )
