@@ -12,11 +12,17 @@ first step stays in the allocator and is reused, so RSS barely moves.)
 
     .venv/bin/python benchmarks/estimate_memory.py                 # the default configurations, AC off and on
     .venv/bin/python benchmarks/estimate_memory.py --only tiny --json
+    .venv/bin/python benchmarks/estimate_memory.py --only lora-fp32 lora-bf16 lora-int8 lora-nf4
+
+The `lora-*` configurations train rank-8 adapters (`lora.rank`) on a frozen base held in fp32, bf16,
+int8 or nf4 (`lora.base_dtype`), as the trainer does, against `lora_memory`'s estimate (the
+fine-tuning table's LoRA columns).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -75,6 +81,23 @@ CONFIGS: dict[str, tuple[Path, list[str]]] = {
         ],
     ),  # Llama style, GQA: 63M
 }
+# the LoRA test's model (tests/train/test_estimate_lora.py): Llama style, 2 x 256, 1.7M
+LORA_MODEL = [
+    "model.vocab_size=512",
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.d_model=256",
+    "model.block_size=64",
+    "model.position=rope",
+    "model.norm=rmsnorm",
+    "model.mlp=swiglu",
+    "model.bias=false",
+    "train.batch_size=4",
+    "train.dtype=fp32",
+    "lora.rank=8",
+]
+for base_dtype in ("fp32", "bf16", "int8", "nf4"):
+    CONFIGS[f"lora-{base_dtype}"] = (SHAKESPEARE, [*LORA_MODEL, f"lora.base_dtype={base_dtype}"])
 
 
 def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dict:
@@ -85,9 +108,17 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     from lmforge.config import load_config
     from lmforge.data.loader import RandomWindows
     from lmforge.model import GPT
+    from lmforge.model.lora import apply_lora, lower_base_precision
     from lmforge.runtime import autocast, resolve_dtype
     from lmforge.train.distributed import apply_activation_checkpointing
-    from lmforge.train.estimate import count_parameters, measured_step_peak, memory, resident_bytes
+    from lmforge.train.estimate import (
+        count_lora,
+        count_parameters,
+        lora_memory,
+        measured_step_peak,
+        memory,
+        resident_bytes,
+    )
     from lmforge.train.optim import build_optimizers
     from lmforge.train.run import with_dtype
     from lmforge.train.step import Stepper, StepSettings
@@ -95,6 +126,8 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     config = load_config(config_path, [*overrides, "train.device=cpu"])
     device = torch.device("cpu")
     config = with_dtype(config, resolve_dtype(config.train.dtype, device))  # what the trainer would run
+    train = dataclasses.replace(config.train, activation_checkpointing=checkpointing)
+    config = dataclasses.replace(config, train=train)  # for lora_memory, which reads it there
     m, t = config.model, config.train
     torch.manual_seed(0)
     tokens = (
@@ -104,6 +137,9 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     )
     batches = RandomWindows(tokens, m.block_size, t.batch_size, seed=0)
     model = GPT(m)
+    lora = config.lora.rank > 0
+    if lora:  # as the trainer: adapters, then the base in its precision, then checkpointing
+        model = lower_base_precision(apply_lora(model, config.lora), config.lora.base_dtype)
     if checkpointing:  # what train.activation_checkpointing does: per block, non-reentrant
         apply_activation_checkpointing(model)
     optimizers = build_optimizers(model, config.optim)
@@ -121,7 +157,11 @@ def measure(config_path: Path, overrides: list[str], checkpointing: bool) -> dic
     baseline = resident_bytes(stepper)
     measured = measured_step_peak(stepper, batches)
     params = count_parameters(m)
-    est = memory(config, params, "none", devices=1, checkpointing=checkpointing, cpu=True)
+    if lora:
+        counts = count_lora(m, config.lora, params)
+        est = lora_memory(config, params, counts, base_dtype=config.lora.base_dtype, cpu=True)
+    else:
+        est = memory(config, params, "none", devices=1, checkpointing=checkpointing, cpu=True)
     return {
         "params": params.total,
         "dtype": t.dtype,
@@ -147,6 +187,25 @@ def run_child(name: str, checkpointing: bool) -> dict:
     return {"config": name, **row}
 
 
+def machine_line() -> str:
+    """The CPU, torch and the load average, for the record beside the figures."""
+    import datetime
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{now}; {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; load average {load}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,6 +225,7 @@ def main() -> None:
         return
     mib = 2**20
     if not args.json:
+        print(machine_line())
         print(
             f"{'config':<12}{'params':>12}{'dtype':>6}{'AC':>5}{'estimate MiB':>14}{'measured MiB':>14}"
             f"{'ratio':>7}"

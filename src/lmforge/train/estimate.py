@@ -7,8 +7,9 @@ memory, any size). Memory is a model of what one training step holds at its peak
 - optimizer state: AdamW 2 fp32 moments, SGD 1 momentum buffer (none without momentum),
   Muon 1 momentum buffer for the hidden matrices plus AdamW's 2 for the rest;
 - activations: what autograd saves in this model's forward (derived op by op below and
-  checked against `saved_tensors_hooks` in the tests), the logits the caller holds, and
-  the cross-entropy backward's two vocab-sized gradients;
+  checked to the byte against `saved_tensors_hooks` in the tests), and the cross-entropy
+  backward's two vocab-sized gradients (the logits themselves are freed with the forward: the
+  objective keeps only the loss, and log_softmax saves its own output);
 - buffers: bf16 weight copies under autocast, DDP's gradient buckets, FSDP's unsharded
   (all-gathered) parameters and gradients.
 
@@ -16,8 +17,10 @@ Fine-tuning on one device (`finetune` in the result) compares full fine-tuning w
 base held in fp32, bf16, int8 or nf4 (`lora.base_dtype`): the frozen block matrices take their
 precision's bytes (int8 adds an fp32 scale per row; nf4 an int8 scale per 64 weights and an fp32
 factor per 256 scales); gradients and optimizer state are the adapters' alone; the activations are
-full training's plus each adapter's rank-r input. A low-precision base saves its low-precision
-matrices for backward, not autocast's bf16 copies, and dequantizes one matrix at a time.
+what autograd saves around a frozen model: no inputs of frozen matrices (the head's, the
+embeddings' ids), nothing in the first block before an adapter (the embedding output needs no
+gradient), each adapter's input and rank-r intermediate. A low-precision base saves its
+low-precision matrices for backward, not autocast's bf16 copies, and dequantizes one matrix at a time.
 
 DDP replicates everything; FSDP (FSDP2, each block then the root) divides weights,
 gradients and optimizer state by the number of devices. With `grad_accum_steps` = 1 and
@@ -47,7 +50,7 @@ from lmforge.config import Config, LoraConfig, ModelConfig, head_size, load_conf
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GATED_MLPS, GPT, attention_flops, mlp_hidden_size
 from lmforge.recipes import config_path
-from lmforge.runtime import DEVICE_PEAK_FLOPS, Peak, device_peak, format_flops, resolve_dtype
+from lmforge.runtime import DEVICE_PEAK_FLOPS, Peak, autocast, device_peak, format_flops, resolve_dtype
 from lmforge.train.optim import split_parameters
 from lmforge.train.step import Stepper
 
@@ -106,86 +109,142 @@ def compute_bytes(dtype: str) -> int:
     return FP32 if dtype == "fp32" else 2
 
 
-def _norm_saved(model: ModelConfig, c: int) -> float:
-    """Bytes per token a norm keeps: its fp32 input and statistics, its output cast for the next linear."""
-    d = model.d_model
-    if model.norm == "layernorm":  # fused kernel: input, mean, rstd
-        return FP32 * d + 2 * FP32 + c * d
-    return FP32 * d + FP32 + c * d  # the fused RMSNorm (model/gpt.py): input, rstd
+def _norm_saved(model: ModelConfig) -> float:
+    """Bytes per token a norm saves: its fp32 input and statistics (fused layer_norm: mean and rstd;
+    the fused RMSNorm of model/gpt.py: rstd). The linear after it saves its output, counted there."""
+    statistics = 2 if model.norm == "layernorm" else 1
+    return FP32 * model.d_model + statistics * FP32
 
 
-def block_activation_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
-    """Bytes per token that autograd saves in one block's training forward.
+def _trains(lora: LoraConfig | None, linear: str) -> bool:
+    """Whether the blocks' Linear `linear` (qkv, proj, up, down) learns: every one in full training, and
+    LoRA's targets through their adapters. Only a learning Linear saves its input (for its weight's
+    gradient); a frozen one needs just its weight to pass the gradient on."""
+    return lora is None or linear in lora.targets
 
-    The residual stream stays fp32 under autocast (fp32 embedding plus bf16 branches); the
-    linears save their input in the compute dtype. SDPA saves q, k, v, its output and the
-    log-sum-exp; q and k are views of the qkv output unless rope/QK-norm made new tensors,
-    and v keeps the whole qkv output alive. On CPU in bf16 the model runs attention in fp32,
-    so SDPA saves fp32 copies of q, k, v and its output, and the proj linear a bf16 copy.
-    """
+
+def _attention_saved(model: ModelConfig, dtype: str, cpu: bool) -> tuple[float, bool]:
+    """Bytes per token the attention between qkv and proj saves when its input needs a gradient, and
+    whether proj's input is SDPA's saved output itself (a view of it) rather than a copy.
+
+    SDPA saves q, k, v, its output and the log-sum-exp; q and k are views of the qkv output unless
+    rope/QK-norm made new tensors, and v keeps the whole qkv output alive. On CPU in bf16 the model
+    runs attention in fp32, so SDPA saves fp32 copies of q, k, v and its output."""
     c = compute_bytes(dtype)
     d, H = model.d_model, model.n_head
     Hkv, hd = model.n_kv_head or H, head_size(model)
-    F = mlp_hidden_size(model)
     qkv, qk = (H + 2 * Hkv) * hd, (H + Hkv) * hd
     fp32_attention = cpu and dtype != "fp32"
     a = FP32 if fp32_attention else c  # dtype of SDPA's inputs and output
     if cpu and model.dropout > 0:
         # CPU flash attention has no dropout: the math path saves q, k, v (k and v repeated to n_head),
-        # per head T x T softmax output, dropout mask and dropped probabilities (fp32); proj's input is a copy
-        attn = a * 3 * d + 3 * FP32 * H * model.block_size + c * d
-    elif fp32_attention:
-        # fp32 copies of q, k, v; SDPA's fp32 output and log-sum-exp; proj's bf16 copy of the output
-        attn = FP32 * qkv + FP32 * d + FP32 * H + c * d
+        # per head T x T softmax output, dropout mask and dropped probabilities (fp32)
+        saved, proj_reads_output = a * 3 * d + 3 * FP32 * H * model.block_size, False
+    elif fp32_attention:  # fp32 copies of q, k, v; SDPA's fp32 output and log-sum-exp
+        saved, proj_reads_output = FP32 * qkv + FP32 * d + FP32 * H, False
     else:
         # v keeps the whole qkv output alive; rope or QK-norm feed SDPA new q and k, laid out [B, T, H, hd]
         # as the qkv output is, so SDPA's output is too and proj's input is a view of it
-        attn = c * qkv + FP32 * H + c * d
+        saved, proj_reads_output = c * qkv + FP32 * H + c * d, True
         if model.position == "rope" or model.qk_norm:
-            attn += c * qk
+            saved += c * qk
     if model.qk_norm:  # the fused RMSNorm on q and k saves its inputs and an fp32 rstd per head
-        attn += FP32 * (H + Hkv)
-        if fp32_attention or (cpu and model.dropout > 0):
-            attn += c * qkv  # its inputs are views of the qkv output (the flash path saves it anyway)
-    mlp = (
-        (4 if model.mlp in GATED_MLPS else 2) * F * c
-    )  # gelu/relu²: input, output; swiglu: up, silu, product
-    dropout = 2 * c * d if model.dropout > 0 else 0  # masks of the two residual branches
-    return 2 * _norm_saved(model, c) + attn + mlp + dropout
+        saved += FP32 * (H + Hkv)
+        if not proj_reads_output:
+            saved += c * qkv  # its inputs are views of the qkv output (the flash path saves it anyway)
+    return saved, proj_reads_output
 
 
-def outside_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int) -> tuple[float, float, float]:
-    """Bytes per token outside the blocks:
-    (saved by autograd, held logits, cross-entropy backward transients).
+def _block_saved(
+    model: ModelConfig, dtype: str, cpu: bool, *, lora: LoraConfig | None, input_grad: bool
+) -> tuple[float, bool]:
+    """Bytes per token autograd saves in one block's training forward, and whether the block's output
+    needs a gradient. `input_grad`: whether its input (the residual stream) needs one; under LoRA the
+    first block's does not (the embedding is frozen), so autograd records nothing there before the
+    first adapter. The residual stream stays fp32 under autocast (fp32 embedding plus bf16 branches);
+    a learning Linear saves its input in the compute dtype.
 
-    Saved: token ids and targets, the embedding dropout mask, the final norm, and
-    log_softmax's fp32 output (vocab-sized). The caller holds the logits through backward;
-    the backward of nll_loss and log_softmax each make an fp32 vocab-sized gradient.
+    A LoRA adapter saves its input through its A matrix, its rank-r intermediate through B, and with
+    lora.dropout > 0 the fp32 dropout mask (where the input needs a gradient) and the dropped input,
+    which A saves instead of the input. peft casts a bf16 input to fp32 before A (which autocast casts
+    back): proj's adapter then saves a copy of SDPA's output, not the output itself (on a GPU; the CPU
+    runs attention in fp32, and proj's input is a copy anyway)."""
+    c, d, F = compute_bytes(dtype), model.d_model, mlp_hidden_size(model)
+    width = {"qkv": d, "proj": d, "up": d, "down": F}
+    needs_grad = {"qkv": input_grad}  # whether each Linear's input needs a gradient
+    saved = _norm_saved(model) if input_grad else 0.0
+    attention, proj_reads_output = _attention_saved(model, dtype, cpu)
+    needs_grad["proj"] = input_grad or _trains(lora, "qkv")
+    if needs_grad["proj"]:
+        saved += attention
+    adapter_copies = lora is not None and (lora.dropout > 0 or dtype != "fp32")
+    proj_input_counted = needs_grad["proj"] and proj_reads_output and not adapter_copies
+    attention_out_grad = needs_grad["proj"] or _trains(lora, "proj")
+    needs_grad["up"] = input_grad or attention_out_grad
+    if needs_grad["up"]:
+        saved += _norm_saved(model)
+    needs_grad["down"] = needs_grad["up"] or _trains(lora, "up")
+    if needs_grad["down"]:  # gelu/relu²: its input; swiglu: up (both halves), silu
+        saved += (3 if model.mlp in GATED_MLPS else 1) * F * c
+    mlp_out_grad = needs_grad["down"] or _trains(lora, "down")
+    if model.dropout > 0:  # masks of the two residual branches, in the branch's dtype
+        saved += c * d * (int(attention_out_grad) + int(mlp_out_grad))
+    for linear in width:  # the inputs of the learning Linears (proj's may be SDPA's output, counted)
+        if _trains(lora, linear) and not (linear == "proj" and proj_input_counted):
+            saved += c * width[linear]
+    for linear in lora.targets if lora is not None else ():
+        saved += c * lora.rank
+        if lora.dropout > 0 and needs_grad[linear]:
+            saved += FP32 * width[linear]
+    return saved, needs_grad["up"] or mlp_out_grad
+
+
+def block_activation_bytes(
+    model: ModelConfig, dtype: str, cpu: bool, *, lora: LoraConfig | None = None
+) -> float:
+    """Bytes per token that autograd saves in one block's training forward, in full training or with
+    `lora`'s adapters (a block after the first: its input needs a gradient either way)."""
+    return _block_saved(model, dtype, cpu, lora=lora, input_grad=True)[0]
+
+
+def outside_activation_bytes(
+    model: ModelConfig, dtype: str, micro_batch: int, *, lora: LoraConfig | None = None
+) -> tuple[float, float]:
+    """Bytes per token outside the blocks: (saved by autograd, cross-entropy backward transients).
+
+    Saved: the targets, the final norm, and log_softmax's fp32 output (vocab-sized); when the
+    embeddings and head learn (full training, not LoRA), also the token ids, the embedding dropout
+    mask and the head's input. The backward of nll_loss and log_softmax each make an fp32
+    vocab-sized gradient.
     """
     c, V, d = compute_bytes(dtype), model.vocab_size, model.d_model
-    saved = 2 * INDEX + _norm_saved(model, c) + FP32 * V
-    if model.position == "learned":
-        saved += INDEX / micro_batch  # the positions 0..T-1, once per sequence
-    if model.dropout > 0:
-        saved += FP32 * d
-    held = c * V
-    if model.logit_softcap is not None:  # tanh saves its fp32 output; the held logits are fp32 too
+    saved = INDEX + _norm_saved(model) + FP32 * V
+    if lora is None:  # the embeddings' ids (and positions), their dropout mask, the head's input
+        saved += INDEX + c * d
+        if model.position == "learned":
+            saved += INDEX / micro_batch  # the positions 0..T-1, once per sequence
+        if model.dropout > 0:
+            saved += FP32 * d
+    if model.logit_softcap is not None:  # tanh saves its fp32 output
         saved += FP32 * V
-        held = FP32 * V
-    return saved, held, 2 * FP32 * V
+    return saved, 2 * FP32 * V
 
 
-def saved_activation_bytes(model: ModelConfig, dtype: str, micro_batch: int, *, cpu: bool) -> float:
-    """Bytes autograd saves in a training forward of `micro_batch` sequences of block_size tokens."""
+def saved_activation_bytes(
+    model: ModelConfig, dtype: str, micro_batch: int, *, cpu: bool, lora: LoraConfig | None = None
+) -> float:
+    """Bytes autograd saves in a training forward of `micro_batch` sequences of block_size tokens,
+    in full training or with `lora`'s adapters on a frozen model."""
     tokens = micro_batch * model.block_size
-    per_token = (
-        model.n_layer * block_activation_bytes(model, dtype, cpu)
-        + outside_activation_bytes(model, dtype, micro_batch)[0]
-    )
+    first, _ = _block_saved(model, dtype, cpu, lora=lora, input_grad=lora is None)
+    block = block_activation_bytes(model, dtype, cpu, lora=lora)
+    outside = outside_activation_bytes(model, dtype, micro_batch, lora=lora)[0]
+    per_token = first + (model.n_layer - 1) * block + outside
     rope_tables = 0
     if model.position == "rope" and dtype != "fp32":  # cos and sin cast per call: q and k in each block
-        rope_tables = model.n_layer * 4 * compute_bytes(dtype) * model.block_size * head_size(model)
-    return per_token * tokens + rope_tables
+        attention_blocks = model.n_layer - (0 if lora is None or _trains(lora, "qkv") else 1)
+        rope_tables = attention_blocks * 4 * compute_bytes(dtype) * model.block_size * head_size(model)
+    return per_token * tokens + rope_tables + FP32  # nll_loss's total weight, one fp32 scalar
 
 
 @dataclass(frozen=True)
@@ -194,8 +253,8 @@ class Activations:
 
     `peak`: the highest, at the start of backward or in the last block's.
     While backward works through block i (L down to 1),
-    `i * per_block + working` are alive: what the blocks not yet done keep, plus the held
-    logits and the working set of the block in progress.
+    `i * per_block + working` are alive: what the blocks not yet done keep, plus the working
+    set of the block in progress (under LoRA the first block keeps less than `per_block`).
     """
 
     peak: float
@@ -204,31 +263,38 @@ class Activations:
 
 
 def activation_bytes(
-    model: ModelConfig, dtype: str, micro_batch: int, *, cpu: bool, checkpointing: bool
+    model: ModelConfig,
+    dtype: str,
+    micro_batch: int,
+    *,
+    cpu: bool,
+    checkpointing: bool,
+    lora: LoraConfig | None = None,
 ) -> Activations:
-    """Activation bytes of `micro_batch` sequences of block_size tokens,
-    with or without per-block checkpointing.
+    """Activation bytes of `micro_batch` sequences of block_size tokens, with or without per-block
+    checkpointing, in full training or with `lora`'s adapters on a frozen model.
 
-    Without checkpointing the peak is at the start of backward: every saved tensor, the held
-    logits and the cross-entropy's two vocab-sized gradients. With it, each block keeps only
+    Without checkpointing the peak is at the start of backward: every saved tensor and the
+    cross-entropy's two vocab-sized gradients. With it, each block keeps only
     its fp32 input; backward recomputes one block at a time, after the cross-entropy is done.
     A block's backward also holds one gradient of the MLP's up-projection output (the saved
     tensors it replaces are freed as it goes) and two of the residual stream.
     """
     tokens = micro_batch * model.block_size
     c, d, F = compute_bytes(dtype), model.d_model, mlp_hidden_size(model)
-    block = block_activation_bytes(model, dtype, cpu)
-    saved, held, transient = outside_activation_bytes(model, dtype, micro_batch)
+    block = block_activation_bytes(model, dtype, cpu, lora=lora)
+    saved, transient = outside_activation_bytes(model, dtype, micro_batch, lora=lora)
     backward = c * ((2 if model.mlp in GATED_MLPS else 1) * F) + 2 * FP32 * d
     if checkpointing:
-        per_block, working = FP32 * d * tokens, (held + block + backward) * tokens
-        start = model.n_layer * per_block + (saved + held + transient) * tokens
+        per_block, working = FP32 * d * tokens, (block + backward) * tokens
+        blocks = model.n_layer * per_block
+        start = blocks + (saved + transient) * tokens
     else:
-        per_block, working = block * tokens, (held + backward) * tokens
-        start = saved_activation_bytes(model, dtype, micro_batch, cpu=cpu) + (held + transient) * tokens
-    return Activations(
-        peak=max(start, model.n_layer * per_block + working), per_block=per_block, working=working
-    )
+        per_block, working = block * tokens, backward * tokens
+        saved_bytes = saved_activation_bytes(model, dtype, micro_batch, cpu=cpu, lora=lora)
+        blocks = saved_bytes - saved * tokens  # every block's (LoRA's first keeps less), rope's tables
+        start = saved_bytes + transient * tokens
+    return Activations(peak=max(start, blocks + working), per_block=per_block, working=working)
 
 
 def optimizer_bytes(config: Config, params: ParamCounts) -> float:
@@ -294,17 +360,13 @@ def lora_memory(
     m, t = config.model, config.train
     ac = t.activation_checkpointing
     full = memory(config, params, "none", devices=1, checkpointing=ac, cpu=cpu)
-    c, tokens = compute_bytes(t.dtype), t.batch_size * m.block_size
+    c = compute_bytes(t.dtype)
     base = BASE_BYTES[base_dtype] * counts.frozen + (FP32 * counts.rows if base_dtype == "int8" else 0)
     weights = FP32 * (params.total - counts.frozen + counts.adapters) + base
     gradients = FP32 * counts.adapters
     optimizer = optimizer_bytes(config, params) / params.total * counts.adapters
-    # each adapter saves its rank-r intermediate; frozen weights need no saved inputs for their gradients:
-    # the head's input, and rms_norm's input·rstd (fused layernorm saves the same either way)
-    # (with checkpointing only the block being recomputed saves its norms')
-    norms = (3 if ac else 2 * m.n_layer + 1) if m.norm == "rmsnorm" else 0
-    unsaved = c * m.d_model + FP32 * m.d_model * norms
-    activations = full.activations + (c * counts.rank * counts.adapted - unsaved) * tokens
+    lora = dataclasses.replace(config.lora, rank=counts.rank)
+    activations = activation_bytes(m, t.dtype, t.batch_size, cpu=cpu, checkpointing=ac, lora=lora).peak
     if base_dtype == "fp32":
         buffers = full.buffers  # autocast's bf16 copies of every Linear, saved for backward
     else:  # autocast copies the head; backward starts by dequantizing the last block's mlp.down
@@ -708,3 +770,52 @@ def measured_step_peak(stepper: Stepper, batches: Iterator) -> int:
         running += nbytes
         highest = max(highest, running)
     return baseline + highest
+
+
+def _storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages behind `tensor`: its own, or a quantized tensor's inner tensors' (recursively)."""
+    if not hasattr(tensor, "__tensor_flatten__"):
+        return [tensor.untyped_storage()]
+    return [s for name in tensor.__tensor_flatten__()[0] for s in _storages(getattr(tensor, name))]
+
+
+def _is_weight_copy(tensor: torch.Tensor, frozen: list[torch.Tensor]) -> bool:
+    """Whether `tensor` is autocast's lower-precision copy of a parameter (maybe transposed): a buffer,
+    not an activation. A learning parameter's copy leads back to its AccumulateGrad through t() and
+    casts; a frozen one's has no history, so it is told by its values."""
+    fn = tensor.grad_fn
+    while fn is not None and fn.name() in ("TBackward0", "ToCopyBackward0"):
+        fn = next((f for f, _ in fn.next_functions if f is not None), None)
+        if fn is not None and fn.name() == "torch::autograd::AccumulateGrad":
+            return True
+    if tensor.grad_fn is not None or tensor.dim() not in (1, 2):
+        return False
+    for weight in frozen:
+        if weight.dtype == tensor.dtype or weight.numel() != tensor.numel():
+            continue
+        for view in (tensor, tensor.mT) if tensor.dim() == 2 else (tensor,):
+            if view.shape == weight.shape and torch.equal(view, weight.to(tensor.dtype)):
+                return True
+    return False
+
+
+def measured_saved_bytes(model: nn.Module, tokens: torch.Tensor, dtype: str) -> int:
+    """Bytes of the distinct storages that autograd saves in one training forward of `model` (a GPT,
+    LoRA-wrapped or not) on CPU in `dtype`, on `tokens` [B, T] as input and targets: what
+    `saved_activation_bytes` estimates. Parameters, buffers and autocast's copies of parameters are
+    left out (the estimate's weights and buffers)."""
+    resident = [*model.parameters(), *model.buffers()]
+    skip = {s.data_ptr() for t in resident for s in _storages(t)}
+    frozen = [p for p in model.parameters() if not p.requires_grad and not hasattr(p, "__tensor_flatten__")]
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages = [s for s in _storages(tensor) if s.data_ptr() not in skip]
+        if storages and not _is_weight_copy(tensor, frozen):
+            saved.update((s.data_ptr(), s.nbytes()) for s in storages)
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(torch.device("cpu"), dtype):
+        model(tokens, tokens.clone())
+    return sum(saved.values())
