@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 
 from lmforge.errors import LmforgeError
@@ -180,31 +180,11 @@ def _child_main(
     except Exception as exc:  # reported to the parent, which refuses to serve
         updates.send(("error", f"the decoding process could not load {source.target}: {exc}"))
         return
-    jobs: dict[int, Job] = {}  # sent by the parent and not yet finished
-    lock = threading.Lock()  # over `jobs`: the engine's thread finishes jobs, this one adds them
-    # the updates of the engine's current step, sent together once it ends: a pipe write per step
-    # rather than per request (each wakes the reader, and cost the engine ~0.1 ms on a busy machine)
-    pending: list[tuple[int, Update]] = []
-
-    def job(key: int, prompt: list[int], params: Params) -> Job:
-        def report(update: Update) -> None:  # called from the engine's thread
-            if update.finish_reason is not None:
-                with lock:
-                    jobs.pop(key, None)
-            pending.append((key, update))
-
-        return Job(prompt, params, report)
-
-    def send_step() -> None:  # called from the engine's thread, after every step
-        if pending:
-            try:
-                updates.send(pending.copy())
-            except OSError:  # the parent is gone: so is the commands pipe's far end, which ends this process
-                pass
-            pending.clear()
-
+    child_jobs = _ChildJobs(updates)
     try:  # the parent bounds the queue
-        engine = Engine(sampler, max_batch, max_queue=2**31, compile=compile, after_step=send_step).start()
+        engine = Engine(
+            sampler, max_batch, max_queue=2**31, compile=compile, after_step=child_jobs.send_step
+        ).start()
     except EngineStopped as exc:
         updates.send(("error", str(exc)))
         return
@@ -214,16 +194,53 @@ def _child_main(
         if kind == "close":
             break
         if kind == "cancel":
-            with lock:
-                cancelled = jobs.pop(payload, None)
-            if cancelled is not None:
-                cancelled.cancel()
+            child_jobs.cancel(payload)
             continue
-        submitted = {key: job(key, prompt, params) for key, prompt, params in payload}
-        with lock:
-            jobs.update(submitted)
         try:
-            engine.submit(list(submitted.values()))
+            engine.submit(child_jobs.add(payload))
         except EngineStopped:  # its thread has died: once this process ends, the parent fails the jobs
             break
     engine.close()
+
+
+class _ChildJobs:
+    """The child's jobs by the parent's key, and their updates: each engine step's are sent to the
+    parent together once the step ends, a pipe write per step rather than per request (each wakes
+    the reader, and cost the engine ~0.1 ms on a busy machine)."""
+
+    def __init__(self, updates: Connection) -> None:
+        self.updates = updates
+        self.jobs: dict[int, Job] = {}  # sent by the parent and not yet finished
+        self.lock = threading.Lock()  # over `jobs`: the engine's thread finishes jobs, the child's adds them
+        self.pending: list[tuple[int, Update]] = []  # the updates of the engine's current step
+
+    def add(self, payload: list[tuple[int, list[int], Params]]) -> list[Job]:
+        """Jobs for the parent's (key, prompt, params) triples, recorded until they finish."""
+        submitted = {key: Job(prompt, params, self._reporter(key)) for key, prompt, params in payload}
+        with self.lock:
+            self.jobs.update(submitted)
+        return list(submitted.values())
+
+    def cancel(self, key: int) -> None:
+        with self.lock:
+            cancelled = self.jobs.pop(key, None)
+        if cancelled is not None:
+            cancelled.cancel()
+
+    def send_step(self) -> None:
+        """Send the step's updates as one message; called from the engine's thread after each step."""
+        if self.pending:
+            try:
+                self.updates.send(self.pending.copy())
+            except OSError:  # the parent is gone: so is the commands pipe's far end, which ends this process
+                pass
+            self.pending.clear()
+
+    def _reporter(self, key: int) -> Callable[[Update], None]:
+        def report(update: Update) -> None:  # called from the engine's thread
+            if update.finish_reason is not None:
+                with self.lock:
+                    self.jobs.pop(key, None)
+            self.pending.append((key, update))
+
+        return report
