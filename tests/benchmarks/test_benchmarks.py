@@ -401,15 +401,17 @@ def test_gpu_check_dry_run_exercises_every_step_on_cpu(tmp_path: Path) -> None:
     summary = (out / "summary.txt").read_text()
     assert "GPU: no CUDA device" in summary
     assert "1. training step: fp32" in summary and "tok/s" in summary
-    for variant in ("eager", "compiled"):  # `lmforge serve` as it is, and with --compile
-        assert f"{variant} / transformers at 1 stream:" in summary and f"{variant} 8 streams / 1:" in summary
-        assert f"{variant}: first request's greedy text identical to transformers': yes" in summary
+    # `lmforge serve` as it is; --tiny leaves out --compile (its graphs cost ~25 s to build here, and
+    # the serve benchmark's own test runs it at this size)
+    assert "eager / transformers at 1 stream:" in summary and "eager 8 streams / 1:" in summary
+    assert "eager: first request's greedy text identical to transformers': yes" in summary
+    assert "compiled / transformers" not in summary
     train = next(line for line in summary.splitlines() if line.startswith("3. train on"))
     # 6 steps, or fewer where a loaded machine runs past the time limit (exit 124, stopped by SIGTERM)
     assert ("(exit 0;" in train and "6 steps" in train) or "(exit 124;" in train
     assert "tokens/s" in train
     served = json.loads((out / "serve.json").read_text())
-    assert served["eager"]["greedy_identical"] is True and served["compiled"]["greedy_identical"] is True
+    assert served["eager"]["greedy_identical"] is True and "compiled" not in served
 
 
 def test_gpu_check_refuses_without_a_gpu_unless_tiny(tmp_path: Path) -> None:
