@@ -357,7 +357,8 @@ def measure_servers(
                 args.checkpoint,
                 port,
                 threads=args.threads,
-                flags=VARIANTS[variant],
+                # as many rows as the most streams, as the engine-only runs: no graph goes unused
+                flags=[*VARIANTS[variant], "--max-batch", str(max(args.streams))],
                 device=args.device,
                 dtype=args.dtype,
                 compile_cache=scratch / f"inductor-{variant}",
