@@ -95,7 +95,10 @@ def test_the_word_match_input_shows_a_span_model_the_words_the_question_names(cl
     """Found only by matching the question's word in the context: marked for the model (training
     and `lmforge eval`), it is a matter of pointing one word further."""
     data = write_task(tmp_path / "follower", follower_record)
-    code, _, err = cli("finetune", "--out", tmp_path / "run", *span_run(data, "model.word_match=true"))
+    # fp32: the 90% bound was set in fp32; bf16 training reached 77.5-87.5% here (emulated bf16, a
+    # no-native-bf16 Xeon under LMFORGE_NATIVE_BF16=1), the kernels' rounding deciding a few answers
+    settings = span_run(data, "model.word_match=true", PIN_FP32)
+    code, _, err = cli("finetune", "--out", tmp_path / "run", *settings)
     assert code == 0, err
     code, out, err = cli("eval", tmp_path / "run", "--task", "squad", "--json")
     assert code == 0, err
