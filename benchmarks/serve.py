@@ -73,30 +73,30 @@ def machine() -> dict:
     }
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` and of its children, all threads (Linux's /proc;
+def cpu_seconds(pid: int, *, children: bool = True) -> float | None:
+    """User + system CPU seconds of process `pid`, all threads, and of its children's (Linux's /proc;
     None elsewhere). Tokens/s on a shared machine move with the other jobs; CPU per token moves less."""
     try:
-        children = [
-            int(child)
-            for task in Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()
-        ]
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        kids = [
+            int(kid)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for kid in (task / "children").read_text().split()
+        ]
     except OSError:
         return None
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    return own + sum(cpu_seconds(child) or 0.0 for child in children)
+    return own + sum(cpu_seconds(kid) or 0.0 for kid in kids if children)
 
 
-def with_cpu(run_phase: Callable[..., dict], roles: dict[str, int]) -> Callable[..., dict]:
-    """`run_phase` that also reports the CPU microseconds per token of each role's process (its
-    children included): `roles` maps a name ("server", "clients", ...) to a pid."""
+def with_cpu(run_phase: Callable[..., dict], roles: dict[str, tuple[int, bool]]) -> Callable[..., dict]:
+    """`run_phase` that also reports the CPU microseconds per token of each role: `roles` maps a name
+    ("server", "clients", ...) to a pid and whether its children count."""
 
     def measured(*args: object) -> dict:
-        before = {role: cpu_seconds(pid) for role, pid in roles.items()}
+        before = {role: cpu_seconds(pid, children=kids) for role, (pid, kids) in roles.items()}
         result = run_phase(*args)
-        after = {role: cpu_seconds(pid) for role, pid in roles.items()}
+        after = {role: cpu_seconds(pid, children=kids) for role, (pid, kids) in roles.items()}
         result["cpu_us_per_token"] = {
             role: 1e6 * (after[role] - before[role]) / result["tokens"]
             for role in roles
@@ -407,10 +407,9 @@ def measure_servers(
             servers[variant] = (server, port)
             startup[variant] = time.perf_counter() - started
             print(f"lmforge serve ({variant}) answered {startup[variant]:.1f} s after its start", flush=True)
-        runners = {  # the server: its HTTP process and the engine's; the clients: this process's threads
+        runners = {
             variant: with_cpu(
-                functools.partial(lmforge_phase, f"http://127.0.0.1:{port}"),
-                {"server": server.pid, "clients": os.getpid()},
+                functools.partial(lmforge_phase, f"http://127.0.0.1:{port}"), server_roles(server.pid)
             )
             for variant, (server, port) in servers.items()
         }
@@ -419,6 +418,12 @@ def measure_servers(
         for server, _ in servers.values():
             server.terminate()
             server.wait()
+
+
+def server_roles(pid: int) -> dict[str, tuple[int, bool]]:
+    """What `with_cpu` reports of `lmforge serve` at `pid`: the server (its HTTP process and the
+    engine's), the HTTP process alone, and the clients (this process's threads)."""
+    return {"server": (pid, True), "of which HTTP": (pid, False), "clients": (os.getpid(), False)}
 
 
 def measure_engines(
@@ -439,7 +444,7 @@ def measure_engines(
             startup[variant] = time.perf_counter() - started
             print(f"engine ({variant}) ready {startup[variant]:.1f} s after its start", flush=True)
         runners = {
-            variant: with_cpu(functools.partial(engine_phase, engine), {"engine": os.getpid()})
+            variant: with_cpu(functools.partial(engine_phase, engine), {"engine": (os.getpid(), False)})
             for variant, engine in engines.items()
         }
         return (*measure(args, runners, scratch=scratch, prompts=prompts), startup)
@@ -473,7 +478,7 @@ def measure(
             for variant, run_phase in runners.items():
                 ours[variant][s].append(run_phase(prompts, s, args.requests, args.new_tokens))
             theirs[s].append(
-                with_cpu(transformers_phase, {"transformers": os.getpid()})(
+                with_cpu(transformers_phase, {"transformers": (os.getpid(), False)})(
                     model, prompts, s, args.requests, args.new_tokens
                 )
             )
