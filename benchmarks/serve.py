@@ -80,13 +80,13 @@ def cpu_seconds(pid: int, *, children: bool = True) -> float | None:
         fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         kids = [
             int(kid)
-            for task in Path(f"/proc/{pid}/task").iterdir()
+            for task in (Path(f"/proc/{pid}/task").iterdir() if children else ())
             for kid in (task / "children").read_text().split()
         ]
     except OSError:
         return None
     own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    return own + sum(cpu_seconds(kid) or 0.0 for kid in kids if children)
+    return own + sum(cpu_seconds(kid) or 0.0 for kid in kids)
 
 
 def with_cpu(run_phase: Callable[..., dict], roles: dict[str, tuple[int, bool]]) -> Callable[..., dict]:

@@ -167,9 +167,8 @@ class ResponseShape:
     def text_event(self, model: str, index: int) -> Callable[[str], str]:
         """The stream event of a piece of choice `index`'s text, as `_sse` writes its chunk, from a
         template made once: a stream sends one per token, and encoding the whole chunk each time took
-        4-9 us, the template 1. The text is the chunk's last string (after it only
-        null fields), so the template is cut at the placeholder's last occurrence, whatever the
-        model's name holds."""
+        4-9 us, the template 1. The text is the chunk's last string (only nulls follow it), so the
+        template is cut at the placeholder's last occurrence, whatever the model's name holds."""
         placeholder = "\x00"
         event = _sse(self.envelope(model, True, choices=[self.delta(index, placeholder)]))
         head, _, tail = event.rpartition(json.dumps(placeholder))
