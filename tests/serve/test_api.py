@@ -16,7 +16,7 @@ import torch
 from lmforge.data.chat_template import ChatTemplate, encode_segments
 from lmforge.inference import InferenceSession
 from lmforge.inference.sampling import SamplingOptions
-from lmforge.serve.api import _merge_updates
+from lmforge.serve.api import ResponseShape, _merge_updates, _sse
 from lmforge.serve.engine import Update
 from tests.serve.conftest import MODEL, LiveServer, serve
 from tests.serve.test_engine import slow
@@ -393,3 +393,16 @@ def test_updates_a_client_has_not_read_yet_merge_per_choice_in_order() -> None:
     # a finished choice takes nothing after it, and the end (None) is never merged away
     assert _merge_updates([(0, Update("a", None, 1)), (0, a3)]) == [(0, Update("ac", "stop", 3))]
     assert _merge_updates([(0, a3), (0, a1), None, None]) == [(0, a3), (0, a1), None, None]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_a_text_event_is_the_chunk_json_would_write_whatever_the_text_or_model_name(chat: bool) -> None:
+    shape = ResponseShape(chat=chat)
+    for model in ["tiny", "\x00", 'a "quoted" \\ name']:  # the template's placeholder itself, too
+        events = [shape.text_event(model, i) for i in range(2)]
+        for text in ["a", "\x00", '"', "\\", "\n\t", "caf\u00e9 \u2603 \U0001f600"]:
+            for i in range(2):
+                event = events[i](text)
+                assert event == _sse(shape.envelope(model, True, choices=[shape.delta(i, text)]))
+                choice = json.loads(event.removeprefix("data: "))["choices"][0]
+                assert (choice["index"], choice["delta"]["content"] if chat else choice["text"]) == (i, text)

@@ -164,6 +164,16 @@ class ResponseShape:
         delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
+    def text_event(self, model: str, index: int) -> Callable[[str], str]:
+        """The stream event of a piece of choice `index`'s text, as `_sse` writes its chunk, from a
+        template made once: a stream sends one per token, and encoding the whole chunk each time took
+        4-9 us, the template 1. The text is the chunk's last string (only nulls follow it), so the
+        template is cut at the placeholder's last occurrence, whatever the model's name holds."""
+        placeholder = "\x00"
+        event = _sse(self.envelope(model, True, choices=[self.delta(index, placeholder)]))
+        head, _, tail = event.rpartition(json.dumps(placeholder))
+        return lambda text: head + json.dumps(text, ensure_ascii=False) + tail
+
     def envelope(self, model: str, chunk: bool, **fields: object) -> dict:
         kind = "chat.completion" if self.chat else "text_completion"
         return {
@@ -260,6 +270,7 @@ class Served:
             return _sse(shape.envelope(self.model_name, True, choices=list(choices), **extra))
 
         tokens = [0] * len(generation.jobs)
+        text_events = [shape.text_event(self.model_name, i) for i in range(len(generation.jobs))]
         try:
             if shape.chat:
                 for i in range(len(generation.jobs)):
@@ -272,7 +283,7 @@ class Served:
                     return
                 tokens[i] = update.completion_tokens
                 if update.text:
-                    yield chunk(shape.delta(i, update.text))
+                    yield text_events[i](update.text)
                 if update.finish_reason:
                     yield chunk(shape.delta(i, "", update.finish_reason))
             if usage:
