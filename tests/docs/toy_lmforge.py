@@ -11,12 +11,19 @@ the same arguments plus settings that make each command take seconds:
 
 Usage: python toy_lmforge.py ARGS... (the arguments of `lmforge`). With LMFORGE_DOCS_FIXTURES=1 the
 named datasets are pinned to the small copies in tests/fixtures/data, as tests/conftest.py pins them.
+
+`python toy_lmforge.py --fork-server PATH` imports torch and every module of lmforge (peft and
+torchao too) once and serves calls on the unix socket PATH (tests/docs/forkserver.py); with
+LMFORGE_TOY_FORK_SERVER=PATH in its environment, `python toy_lmforge.py ARGS...` runs as a forked
+child of that server instead of importing them itself: the same command, seconds sooner.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -87,8 +94,12 @@ def toy_args(args: list[str]) -> list[str]:
     return args + TOY_FLAGS.get(verb, [])
 
 
-def main() -> int:
-    sys.path.insert(0, str(REPO / "src"))
+FORK_SERVER_ENV = "LMFORGE_TOY_FORK_SERVER"  # the socket of a running fork server: calls go there
+FORK_SERVER_FLAG = "--fork-server"
+
+
+def run_cli(argv: list[str]) -> int:
+    """`lmforge ARGS...` at toy size, in this process."""
     if os.environ.get("LMFORGE_DOCS_FIXTURES") == "1":
         sys.path.insert(0, str(REPO / "tests" / "fixtures"))
         from pinned import pin_to_fixtures
@@ -96,7 +107,41 @@ def main() -> int:
         pin_to_fixtures()
     from lmforge.cli import main as lmforge_main
 
-    return lmforge_main(toy_args(sys.argv[1:]))
+    return lmforge_main(toy_args(argv))
+
+
+def run_forked(argv: list[str]) -> int:
+    """`run_cli` in a child of the fork server, which has torch's thread count from the server's
+    OMP_NUM_THREADS (read once, at load): this call's, as a process of its own would."""
+    if threads := os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(threads))
+    return run_cli(argv)
+
+
+def preload() -> None:
+    """Import what any verb imports, so that the fork server's children need not: every module of
+    lmforge, and peft (with transformers and torchao) as LoRA imports it. No tensor op runs here."""
+    import lmforge
+    from lmforge.model.lora import import_peft
+
+    for module in pkgutil.walk_packages(lmforge.__path__, "lmforge."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    import_peft()
+
+
+def main() -> int:
+    sys.path.insert(0, str(REPO / "src"))
+    import forkserver  # beside this file, on sys.path as the script's folder
+
+    if sys.argv[1:2] == [FORK_SERVER_FLAG]:
+        preload()
+        forkserver.serve(sys.argv[2], run_forked)
+    if server := os.environ.get(FORK_SERVER_ENV):
+        return forkserver.call(server, sys.argv[1:])
+    return run_cli(sys.argv[1:])
 
 
 if __name__ == "__main__":
