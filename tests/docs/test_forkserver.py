@@ -16,7 +16,7 @@ import pytest
 
 HERE = Path(__file__).parent
 SERVER = """
-import os, sys, time
+import os, signal, sys, time
 sys.path.insert(0, {here!r})
 import forkserver
 
@@ -30,7 +30,8 @@ def run(argv):
         sys.exit(rest[0])
     if verb == "raise":
         raise ValueError("boom")
-    if verb == "sleep":  # writes its pid, then waits to be killed
+    if verb == "sleep":  # writes its pid, then waits for a signal: SIGTERM ends it with exit 7
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
         with open(rest[0], "w") as f:
             f.write(str(os.getpid()))
         time.sleep(60)
@@ -103,13 +104,17 @@ def _gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
-def test_a_signal_to_the_caller_ends_the_call_and_the_caller_dies_of_it(
-    client: list[str], tmp_path: Path
-) -> None:
+def test_a_signal_to_the_caller_reaches_the_call(client: list[str], tmp_path: Path) -> None:
     caller, worker = _started(client, tmp_path / "pid")
     caller.send_signal(signal.SIGTERM)
-    assert caller.wait(timeout=60) == -signal.SIGTERM
+    assert caller.wait(timeout=60) == 7  # the call's handler of SIGTERM: exit 7
     assert _gone(worker)
+
+
+def test_a_call_killed_by_a_signal_kills_its_caller_with_it(client: list[str], tmp_path: Path) -> None:
+    caller, worker = _started(client, tmp_path / "pid")
+    os.kill(worker, signal.SIGHUP)
+    assert caller.wait(timeout=60) == -signal.SIGHUP
 
 
 def test_a_caller_that_dies_takes_its_call_with_it(client: list[str], tmp_path: Path) -> None:
