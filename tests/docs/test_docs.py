@@ -17,7 +17,7 @@ import pytest
 
 from lmforge.cli import VERBS
 from tests.conftest import DATASETS, REPO
-from tests.docs.toy_lmforge import FORK_SERVER_ENV, FORK_SERVER_FLAG
+from tests.docs.toy_lmforge import FORK_SERVER_ENV, FORK_SERVER_FLAG, PYTHON_FLAG
 
 DOCS = REPO / "docs"
 MKDOCS_YML = REPO / "mkdocs.yml"
@@ -72,7 +72,7 @@ def _toy_workspace(tmp_path: Path) -> dict[str, str]:
         (folder / "lmforge").write_text(shim)
         (folder / "lmforge").chmod(0o755)
     python = tmp_path / ".venv" / "bin" / "python"  # `.venv/bin/python` in a block: this interpreter
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{TOY_LMFORGE}" {PYTHON_FLAG} "$0" "$@"\n')
     python.chmod(0o755)
     env = dict(os.environ)
     env.update(
