@@ -7,11 +7,11 @@ process does instead: it passes its arguments, working directory, environment an
 and stderr (the descriptors themselves, SCM_RIGHTS) and returns the exit status of a forked child
 that set all of them up and ran `run(argv)`. The child is the command's process in all but its
 imports: its own pid, descriptors, cwd and `os.environ`; what it writes goes where the caller's
-output goes. What a fork cannot give it, and so the server must not do before forking: start a
-thread (torch's OpenMP pool starts with the first parallel op, so no tensor op runs in the server),
-or read the environment into a module constant (lmforge reads its LMFORGE_* variables when it uses
-them). The environment variables that the C runtime or libraries read once, at load (OMP_NUM_THREADS,
-PYTHONHASHSEED, ...), are the server's: the child sets torch's threads from OMP_NUM_THREADS itself.
+output goes. So the server must do nothing before forking that a fork does not copy: start a thread
+(torch's OpenMP pool starts with the first parallel op, so no tensor op runs in the server), or read
+the environment into a module constant (lmforge reads its LMFORGE_* variables when it uses them).
+What the C runtime and libraries read once, at load (OMP_NUM_THREADS, PYTHONHASHSEED, ...), is the
+server's: a `run` sets what differs itself (tests/docs/toy_lmforge.py sets torch's thread count).
 
 Signals: SIGINT, SIGTERM and SIGHUP sent to the caller are passed on to the child; if the caller
 dies, the child is killed. A child killed by a signal makes the caller die of the same signal.

@@ -169,7 +169,7 @@ def main() -> int:
 
     if sys.argv[1:2] == [FORK_SERVER_FLAG]:
         preload()
-        forkserver.serve(sys.argv[2], run_forked)
+        forkserver.serve(sys.argv[2], run_forked)  # until SIGTERM
     server = os.environ.get(FORK_SERVER_ENV)
     if sys.argv[1:2] == [PYTHON_FLAG]:
         shim, *python = sys.argv[2:]
