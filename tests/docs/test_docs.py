@@ -90,7 +90,11 @@ def _toy_workspace(tmp_path: Path) -> dict[str, str]:
 @contextlib.contextmanager
 def fork_server(env: dict[str, str], *, cwd: Path) -> Iterator[dict[str, str]]:
     """toy_lmforge.py's fork server, started with `env` in `cwd`: `env` with its socket, so that each
-    `lmforge` of a block runs as a forked child of it (no `import torch` of its own)."""
+    `lmforge` of a block runs as a forked child of it (no `import torch` of its own). Where there is
+    no pidfd (not Linux), `env` itself: each command a process of its own, minutes slower."""
+    if not hasattr(os, "pidfd_open"):
+        yield env
+        return
     with tempfile.TemporaryDirectory(prefix="lmforge-docs-") as folder:  # a short path: sockets' limit
         socket_path, log = Path(folder) / "socket", Path(folder) / "server.log"
         with open(log, "wb") as stderr:
