@@ -9,7 +9,8 @@ ids), same lengths, greedy; `--threads N` puts both on N CPU threads, else each 
 drifts by tens of percent within minutes, so the two alternate: each of `--rounds` rounds runs
 every phase of both once. `lmforge serve` runs twice, side by side: eager and with `--compile` (its
 decode steps through torch.compile, a graph per bucket of rows; `--variants` picks), each started
-with an empty compile cache, so that its start-up time, printed, is a first start's. Reported: the
+with an empty compile cache, so that its start-up time, printed, is a first start's (`--compile-cache
+shared`: torch's own cache, where graphs compiled before are found again). Reported: the
 median over rounds of tokens/s (all streams together), the time to first token (median and 90th
 percentile over every request of every round), then lmforge / transformers at one stream and at 8,
 and lmforge's 8-stream / 1-stream ratio, each the median of the rounds' own ratios, with their
@@ -158,14 +159,14 @@ def start_server(
     flags: list[str],
     device: str,
     dtype: str,
-    compile_cache: Path,
+    compile_cache: Path | None,
 ) -> subprocess.Popen:
     """`lmforge serve` on `port`, once it answers; torch.compile's on-disk cache in `compile_cache` (a
-    fresh folder: the start-up is a first start's, every graph compiled)."""
+    fresh folder: the start-up is a first start's, every graph compiled), or torch's own with None."""
     command = [sys.executable, "-m", "lmforge", "serve", str(run), "--checkpoint", checkpoint, *flags]
     command += ["--threads", str(threads)] if threads else []
     command += ["--device", device, "--dtype", dtype]
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(compile_cache)}
+    env = {**os.environ, **({"TORCHINDUCTOR_CACHE_DIR": str(compile_cache)} if compile_cache else {})}
     server = subprocess.Popen([*command, "--port", str(port), "--model-name", "bench"], env=env)
     deadline = time.monotonic() + 600  # --compile compiles before it answers: minutes on a busy machine
     while time.monotonic() < deadline:
@@ -349,6 +350,14 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="run lmforge serve's engine in this process, without HTTP (its decoding alone)",
     )
+    p.add_argument(
+        "--compile-cache",
+        choices=["empty", "shared"],
+        default="empty",
+        help="torch.compile's on-disk cache of each server: an empty folder (default: the start-up is a "
+        "first start's) or torch's own (TORCHINDUCTOR_CACHE_DIR or its default), where graphs compiled "
+        "before are found again (the tests' choice: the start-up they print is not a first start's)",
+    )
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("--device", default="cpu", help="where both run: cpu (default) or cuda")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="both models' weights")
@@ -402,7 +411,7 @@ def measure_servers(
                 flags=[*VARIANTS[variant], "--max-batch", str(max(args.streams))],
                 device=args.device,
                 dtype=args.dtype,
-                compile_cache=scratch / f"inductor-{variant}",
+                compile_cache=scratch / f"inductor-{variant}" if args.compile_cache == "empty" else None,
             )
             servers[variant] = (server, port)
             startup[variant] = time.perf_counter() - started
@@ -533,7 +542,9 @@ def report(
             print(f"{name:24}{s:>8}{rounds[0]['tokens']:>8}{speed:>11.1f}   {ttft(rounds):<24}{cpu(rounds)}")
     one, many = min(args.streams), max(args.streams)
     record = {"machine": info, "threads": {"lmforge": served, "transformers": threads}, "startup_s": startup}
-    print("start-up: " + ", ".join(f"{v} {t:.1f} s" for v, t in startup.items()))
+    cache = "" if args.compile_cache == "empty" else " (torch.compile's shared cache: not a first start)"
+    print("start-up: " + ", ".join(f"{v} {t:.1f} s" for v, t in startup.items()) + cache)
+    record["compile_cache"] = args.compile_cache
     tokenizer = load(run, args.checkpoint, "cpu", dtype="fp32").tokenizer
     expected = tokenizer.decode(theirs[one][0]["ids"])
     for variant, results in ours.items():

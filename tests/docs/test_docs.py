@@ -3,17 +3,21 @@ builds with `mkdocs build --strict`, and the generated references cover the code
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lmforge.cli import VERBS
 from tests.conftest import DATASETS, REPO
+from tests.docs.toy_lmforge import FORK_SERVER_ENV, FORK_SERVER_FLAG, PYTHON_FLAG
 
 DOCS = REPO / "docs"
 MKDOCS_YML = REPO / "mkdocs.yml"
@@ -68,7 +72,7 @@ def _toy_workspace(tmp_path: Path) -> dict[str, str]:
         (folder / "lmforge").write_text(shim)
         (folder / "lmforge").chmod(0o755)
     python = tmp_path / ".venv" / "bin" / "python"  # `.venv/bin/python` in a block: this interpreter
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{TOY_LMFORGE}" {PYTHON_FLAG} "$0" "$@"\n')
     python.chmod(0o755)
     env = dict(os.environ)
     env.update(
@@ -83,22 +87,51 @@ def _toy_workspace(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def fork_server(env: dict[str, str], *, cwd: Path) -> Iterator[dict[str, str]]:
+    """toy_lmforge.py's fork server, started with `env` in `cwd`: `env` with its socket, so that each
+    `lmforge` of a block runs as a forked child of it (no `import torch` of its own). Where there is
+    no pidfd (not Linux), `env` itself: each command a process of its own, minutes slower."""
+    if not hasattr(os, "pidfd_open"):
+        yield env
+        return
+    with tempfile.TemporaryDirectory(prefix="lmforge-docs-") as folder:  # a short path: sockets' limit
+        socket_path, log = Path(folder) / "socket", Path(folder) / "server.log"
+        with open(log, "wb") as stderr:
+            server = subprocess.Popen(
+                [sys.executable, str(TOY_LMFORGE), FORK_SERVER_FLAG, str(socket_path)],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+            )
+        try:
+            ready = server.stdout.readline()  # a line once it listens; EOF if it died first
+            assert ready, f"the fork server did not start:\n{log.read_text()[-3000:]}"
+            yield {**env, FORK_SERVER_ENV: str(socket_path)}
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+            server.stdout.close()
+
+
 @pytest.mark.slow
 def test_every_runnable_block_runs_at_toy_size(tmp_path: Path) -> None:
     """Each `<!-- run -->` block, in the order a reader meets them (getting started first), in one
     folder, so a page can use what an earlier one made; a failure names the page and line."""
-    env = _toy_workspace(tmp_path)
-    for where, commands in runnable_blocks():
-        done = subprocess.run(
-            ["bash", "-e", "-o", "pipefail", "-c", commands],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=BLOCK_TIMEOUT_S,
-            stdin=subprocess.DEVNULL,
-        )
-        assert done.returncode == 0, f"{where}: exit {done.returncode}\n{commands}\n{done.stderr[-3000:]}"
+    with fork_server(_toy_workspace(tmp_path), cwd=tmp_path) as env:
+        for where, commands in runnable_blocks():
+            done = subprocess.run(
+                ["bash", "-e", "-o", "pipefail", "-c", commands],
+                cwd=tmp_path,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=BLOCK_TIMEOUT_S,
+                stdin=subprocess.DEVNULL,
+            )
+            assert done.returncode == 0, f"{where}: exit {done.returncode}\n{commands}\n{done.stderr[-3000:]}"
 
 
 def command_lines(text: str) -> list[str]:
