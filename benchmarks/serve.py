@@ -366,9 +366,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="lmforge-serve-bench-") as scratch:  # model, export, caches
+        measure_and_report(args, Path(scratch))
+
+
+def measure_and_report(args: argparse.Namespace, scratch: Path) -> None:
+    """Both sides at every stream count, then the report; `scratch` holds what the run makes."""
     from lmforge.interop.hf import export_checkpoint
 
-    scratch = Path(tempfile.mkdtemp(prefix="lmforge-serve-bench-"))
     run = (
         Path(args.run)
         if args.run
