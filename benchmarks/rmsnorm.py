@@ -1,15 +1,17 @@
-"""Forward + backward time of lmforge's fused CPU RMSNorm against PyTorch's `rms_norm` and `layer_norm`.
+"""Forward + backward time of lmforge's CPU RMSNorm against PyTorch's `rms_norm` and `layer_norm`.
 
-All three run interleaved in one process (each round times every candidate once, in a shuffled
-order; the best of the rounds is kept, so other jobs on the machine inflate the figures less than a
-mean would), at the shapes that matter: a block's (16, 512, 256), the speedrun's block (32, 64, 128)
-and its QK-norm (32, 64, 4, 32), whose input is a strided view of the qkv projection's output as in
-attention. fp32, and, where the CPU has native bf16 (or LMFORGE_NATIVE_BF16=1), like a bf16
-training step: under bf16 autocast, the block norms fed the fp32 residual stream, the QK-norm a bf16
-qkv output. With one thread the clock is the thread's CPU time (a descheduled round costs nothing);
-with more, wall time. Then the single aten ops both norms are made of, timed the same way at the
-first shape: the fused norm's passes over memory against layer_norm's one fused kernel each way.
-Prints the CPU, the load and each ratio to layer_norm.
+lmforge's norm has two paths: its compiled kernel (`lmforge.model.cpu_kernels`, built with the
+system's C compiler) and the aten passes it falls back to without one. All four run interleaved in
+one process (each round times every candidate once, in a shuffled order; the best of the rounds is
+kept, so other jobs on the machine inflate the figures less than a mean would), at the shapes that
+matter: a block's (16, 512, 256), the speedrun's block (32, 64, 128) and its QK-norm (32, 64, 4,
+32), whose input is a strided view of the qkv projection's output as in attention. fp32, and, where
+the CPU has native bf16 (or LMFORGE_NATIVE_BF16=1), like a bf16 training step: under bf16 autocast,
+the block norms fed the fp32 residual stream, the QK-norm a bf16 qkv output. With one thread the
+clock is the thread's CPU time (a descheduled round costs nothing); with more, wall time. Then the
+single calls the norms are made of, timed the same way at the first shape: the aten passes over
+memory, the kernel's one call each way, and layer_norm's two kernels. Prints the CPU, the load and
+each ratio to layer_norm.
 
     .venv/bin/python benchmarks/rmsnorm.py --threads 1         # the three shapes, 30 rounds
     .venv/bin/python benchmarks/rmsnorm.py --shape 16 512 256  # one block shape
@@ -27,7 +29,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from lmforge.model.gpt import HeadNorm, RMSNorm
+from lmforge.model import cpu_kernels
+from lmforge.model.gpt import HeadNorm, RMSNorm, _FusedRMSNorm
 from lmforge.runtime import native_bf16
 
 SHAPES = {  # name: (shape, whether the input is a strided q view of a qkv output)
@@ -65,13 +68,19 @@ def candidates(d: int, *, qk: bool) -> dict[str, Callable[[torch.Tensor], torch.
     fused = HeadNorm(d, eps=1e-5) if qk else RMSNorm(d, eps=1e-5)
     reference = torch.nn.RMSNorm(d, eps=1e-5)
     layer_norm = torch.nn.LayerNorm(d, eps=1e-5)
-    if qk:
-        return {
-            "layer_norm": layer_norm,
-            "rms_norm (PyTorch)": lambda x: F.rms_norm(x, (d,), reference.weight.to(x.dtype), 1e-5),
-            "rms_norm (lmforge fused)": fused,
-        }
-    return {"layer_norm": layer_norm, "rms_norm (PyTorch)": reference, "rms_norm (lmforge fused)": fused}
+    passes = torch.nn.RMSNorm(d, eps=1e-5)
+
+    def aten_passes(x: torch.Tensor) -> torch.Tensor:  # the fallback without a C compiler
+        return _FusedRMSNorm.apply(x, passes.weight.to(x.dtype) if qk else passes.weight, 1e-5, False)
+
+    return {
+        "layer_norm": layer_norm,
+        "rms_norm (PyTorch)": (
+            (lambda x: F.rms_norm(x, (d,), reference.weight.to(x.dtype), 1e-5)) if qk else reference
+        ),
+        "lmforge aten passes": aten_passes,
+        "lmforge kernel": fused,
+    }
 
 
 def norm_input(shape: tuple[int, ...], *, qk: bool, bf16: bool) -> torch.Tensor:
@@ -110,7 +119,8 @@ def best_times(shape: tuple[int, ...], *, qk: bool, bf16: bool, rounds: int) -> 
 
 
 def op_times(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
-    """Best seconds of each aten op of the fused norm and of layer_norm, fp32, interleaved."""
+    """Best seconds of each call of the norms (layer_norm's kernels, the aten passes, lmforge's
+    kernel with its Python wrapper), fp32, interleaved."""
     d, aten, now = shape[-1], torch.ops.aten, clock()
     x, grad, weight, bias = torch.randn(*shape), torch.randn(*shape), torch.randn(d), torch.randn(d)
     rstd, zero = torch.rand(*shape[:-1], 1) + 0.5, torch.zeros(*shape[:-1], 1)
@@ -120,16 +130,20 @@ def op_times(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
         "layer_norm backward (dx, dweight, dbias)": lambda: aten.native_layer_norm_backward(
             grad, x, [d], zero, rstd, weight, bias, [True, True, True]
         ),
-        "fused fwd 1: vector_norm (read x)": lambda: torch.linalg.vector_norm(
+        "passes fwd 1: vector_norm (read x)": lambda: torch.linalg.vector_norm(
             x, dim=-1, keepdim=True, dtype=torch.float32
         ),
-        "fused fwd 2: x * rstd (read x, write y)": lambda: torch.mul(x, rstd, out=out),
-        "fused fwd 3: y *= weight (read, write y)": lambda: out.mul_(weight),
-        "fused bwd 1: layer_norm backward (dx, dweight)": lambda: aten.native_layer_norm_backward(
+        "passes fwd 2: x * rstd (read x, write y)": lambda: torch.mul(x, rstd, out=out),
+        "passes fwd 3: y *= weight (read, write y)": lambda: out.mul_(weight),
+        "passes bwd 1: layer_norm backward (dx, dweight)": lambda: aten.native_layer_norm_backward(
             grad, x, [d], zero, rstd, weight, None, [True, True, False]
         ),
-        "fused bwd 2: grad @ weight (read grad)": lambda: torch.mv(grad.view(-1, d), weight),
-        "fused bwd 3: dx += rstd·mean (read, write dx)": lambda: out.add_(rstd),
+        "passes bwd 2: grad @ weight (read grad)": lambda: torch.mv(grad.view(-1, d), weight),
+        "passes bwd 3: dx += rstd·mean (read, write dx)": lambda: out.add_(rstd),
+        "kernel fwd (read x, write y)": lambda: cpu_kernels.rms_norm_forward(x, weight, 1e-5),
+        "kernel bwd (read x, grad, write dx)": lambda: cpu_kernels.rms_norm_backward(
+            grad, x, weight, rstd=rstd, wanted=(True, True)
+        ),
     }
     best, results = dict.fromkeys(ops, float("inf")), {}
     for round in range(rounds + 2):
@@ -145,15 +159,17 @@ def op_times(shape: tuple[int, ...], rounds: int) -> dict[str, float]:
 
 def print_ops(shape: tuple[int, ...], rounds: int) -> None:
     best = op_times(shape, rounds)
-    names = list(best)
-    layer_norm = best[names[0]] + best[names[1]]
-    fused = sum(best[n] for n in names[2:])
-    print(f"single ops, fp32 {shape} (best of {rounds}):")
+    print(f"single calls, fp32 {shape} (best of {rounds}):")
     for name, seconds in best.items():
         print(f"  {name:<48} {seconds * 1e3:7.3f} ms")
+    total = {
+        prefix: sum(seconds for name, seconds in best.items() if name.startswith(prefix))
+        for prefix in ("layer_norm", "passes", "kernel")
+    }
     print(
-        f"  sum: layer_norm {layer_norm * 1e3:.3f} ms, fused {fused * 1e3:.3f} ms"
-        f" = {fused / layer_norm:.2f}x (the kernels alone, no autograd or Python)"
+        f"  sum: layer_norm {total['layer_norm'] * 1e3:.3f} ms, aten passes {total['passes'] * 1e3:.3f} ms"
+        f" = {total['passes'] / total['layer_norm']:.2f}x, kernel {total['kernel'] * 1e3:.3f} ms"
+        f" = {total['kernel'] / total['layer_norm']:.2f}x (no autograd)"
     )
 
 
@@ -169,6 +185,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     clock_name = "thread CPU time" if torch.get_num_threads() == 1 else "wall time"
     print(f"{cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads, {clock_name}")
+    if cpu_kernels.library() is None:
+        raise SystemExit("rmsnorm.py: lmforge's CPU kernel did not build (a C compiler is needed)")
     print(f"load average before: {load()}")
     shapes = {"--shape": (tuple(args.shape), False)} if args.shape else SHAPES
     dtypes = ["fp32", "bf16"] if native_bf16(torch.device("cpu")) else ["fp32"]

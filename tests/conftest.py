@@ -22,6 +22,10 @@ DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
 # suite runs on them where the shared folder is missing, so a clone alone tests everything.
 FIXTURE_DATA = REPO / "tests" / "fixtures" / "data"
 
+# lmforge's compiled CPU kernels are built once for the whole run and its subprocesses, not once
+# per test: each test has its own LMFORGE_CACHE_DIR (below), where they would otherwise be kept
+os.environ.setdefault("LMFORGE_KERNEL_CACHE_DIR", str(REPO / ".pytest_cache" / "lmforge-kernels"))
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n N runs N workers, one per core: each computes with one thread (its subprocesses
     # too), or the workers' thread pools would fight over the cores and stall every small op.

@@ -66,6 +66,19 @@ def test_an_installed_wheel_lists_its_recipes_and_runs_the_demo(tmp_path: Path) 
     work.mkdir()
     where = run(venv / "bin" / "python", "-c", "import lmforge; print(lmforge.__file__)", cwd=work, env=env)
     assert Path(where.strip()).is_relative_to(venv), where
+    # the CPU kernels' C source ships in the wheel and builds where a compiler is
+    kernels = "from lmforge.model import cpu_kernels as k; print(k.SOURCE.is_file(), k.library() is not None)"
+    built = run(
+        venv / "bin" / "python",
+        "-c",
+        kernels,
+        cwd=work,
+        env={**env, "LMFORGE_KERNEL_CACHE_DIR": str(tmp_path / "kernels")},
+    )
+    assert built.split() == [
+        "True",
+        str(shutil.which("cc") is not None or shutil.which("gcc") is not None),
+    ], built
     lmforge = venv / "bin" / "lmforge"
     listing = run(lmforge, "recipes", cwd=work, env=env)
     assert "shakespeare-char" in listing and "tasks/sst2" in listing

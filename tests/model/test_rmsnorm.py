@@ -1,4 +1,8 @@
-"""The fused CPU RMSNorm (`lmforge.model.gpt.RMSNorm`) against PyTorch's reference `F.rms_norm`."""
+"""The fused CPU RMSNorm (`lmforge.model.gpt.RMSNorm`) against PyTorch's reference `F.rms_norm`.
+
+Every test runs on both of its paths: the compiled kernel (`lmforge.model.cpu_kernels`) and the
+aten passes it falls back to (`LMFORGE_CPU_KERNELS=0`, no C compiler, fp64 for gradcheck).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.model import cpu_kernels
 from lmforge.model.gpt import HeadNorm, RMSNorm, _FusedRMSNorm
 from tests.conftest import BF16_EPS
+
+
+@pytest.fixture(autouse=True, params=["kernel", "aten"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The norm's path for the test: the compiled kernel (required wherever a C compiler is), or aten."""
+    if request.param == "aten":
+        monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
+    elif cpu_kernels.library() is None:
+        assert cpu_kernels._compiler() is None, "a C compiler is here, yet the kernel did not build"
+        pytest.skip("no C compiler: the aten path only")
+    return request.param
 
 
 def _forward_backward(norm, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor):
@@ -24,7 +40,7 @@ def _reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _fused(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _FusedRMSNorm.apply(x, weight, 1e-5)
+    return _FusedRMSNorm.apply(x, weight, 1e-5, cpu_kernels.rms_norm_usable(x, weight))
 
 
 def test_gradients_pass_gradcheck_in_fp64() -> None:
@@ -164,3 +180,77 @@ def test_saves_only_the_input_and_one_number_per_row(requires_grad: bool) -> Non
         norm(x)
     assert [tuple(t.shape) for t in saved] == [(4, 16, 64), (4, 16, 1), (64,)]
     assert saved[0] is x  # the input itself, not a copy
+
+
+def _exact(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor):
+    """The reference's output and gradients computed in fp64 from the same values."""
+    return _forward_backward(_reference, x.double(), weight.double(), grad.double())
+
+
+@pytest.mark.parametrize("width", [1, 7, 33, 256])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matches_fp64_at_any_width_and_thread_count(width: int, threads: int) -> None:
+    # widths that are not a multiple of a vector register, and enough rows (> 32768 elements) that
+    # two threads split them and add their halves of the weight's gradient
+    torch.manual_seed(0)
+    rows = 40000 // width + 3
+    x, weight, grad = torch.randn(rows, width), torch.randn(width), torch.randn(rows, width)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _forward_backward(_fused, x, weight, grad)
+    finally:
+        torch.set_num_threads(before)
+    for value, exact in zip(got, _exact(x, weight, grad)):
+        assert value.dtype == torch.float32
+        torch.testing.assert_close(value.double(), exact, rtol=2e-5, atol=2e-5 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda t: t[:, :, 2:4],  # heads of a fused qkv output: two strided leading dimensions
+        lambda t: t[:, 1:, :3].transpose(0, 1),  # leading dimensions that fold into none: copied
+        lambda t: t[1, :, 5],  # one leading dimension, strided
+    ],
+)
+def test_strided_inputs_match_fp64(view) -> None:
+    torch.manual_seed(0)
+    qkv = torch.randn(3, 6, 9, 20)
+    weight = torch.randn(20)
+    x = view(qkv)
+    assert not x.is_contiguous()
+    grad = torch.randn(x.shape)
+    for value, exact in zip(_forward_backward(_fused, x, weight, grad), _exact(x, weight, grad)):
+        torch.testing.assert_close(value.double(), exact, rtol=2e-5, atol=2e-5 * exact.abs().max().item())
+
+
+def test_inference_skips_autograd_and_gives_the_same_output() -> None:
+    torch.manual_seed(0)
+    norm, x = RMSNorm(48, eps=1e-5), torch.randn(2, 1, 48)
+    with torch.no_grad():
+        norm.weight.normal_()
+        y = norm(x)
+    assert y.grad_fn is None
+    with torch.inference_mode():
+        torch.testing.assert_close(norm(x), y, rtol=0, atol=0)
+    torch.testing.assert_close(y, F.rms_norm(x, (48,), norm.weight.detach(), 1e-5), rtol=1e-5, atol=1e-5)
+
+
+def test_row_layout_folds_leading_dimensions() -> None:
+    qkv = torch.empty(2, 5, 9, 16)
+    assert cpu_kernels.row_layout(qkv) == (90, 90, 0, 16)  # contiguous: one strided level
+    assert cpu_kernels.row_layout(qkv[:, :, 3:6]) == (30, 3, 144, 16)  # (B·T) x heads
+    assert cpu_kernels.row_layout(qkv[:, :, 3]) == (10, 10, 0, 144)
+    assert cpu_kernels.row_layout(qkv.transpose(0, 1)[:, :, :2]) is None  # three strided levels
+    assert cpu_kernels.row_layout(qkv.transpose(2, 3)) is None  # the last dimension strided
+
+
+def test_bf16_results_are_the_fp32_results_rounded_to_nearest_even() -> None:
+    # a bf16 input computes in fp32 and rounds once, as PyTorch's .bfloat16() rounds (ties to even)
+    torch.manual_seed(0)
+    x, weight, grad = (torch.randn(*shape).bfloat16() for shape in ((64, 96), (96,), (64, 96)))
+    y16, dx16, _ = _forward_backward(_fused, x, weight, grad)
+    y32, dx32, _ = _forward_backward(_fused, x.float(), weight.float(), grad.float())
+    assert torch.equal(y16, y32.bfloat16())
+    assert torch.equal(dx16, dx32.bfloat16())

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig, head_size
+from lmforge.model import cpu_kernels
 from lmforge.model.heads import HEADS, Head, HeadOutput, LMHead, head_attribute, word_matches
 from lmforge.targets import IGNORE_INDEX
 
@@ -34,49 +35,65 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 class _FusedRMSNorm(torch.autograd.Function):
-    """RMSNorm over the last dimension in a few whole-tensor passes each way, computed in fp32.
+    """RMSNorm over the last dimension on the CPU, computed in fp32: lmforge's compiled kernel
+    (`cpu_kernels`, one pass over the data each way, no slower than `layer_norm`), else a few
+    whole-tensor aten passes.
 
     PyTorch's CPU `rms_norm` is a chain of small ops (pow, mean, add, rsqrt, mul, mul), each a pass
     over the tensor, and autograd saves three tensors and runs their backward one by one: forward
-    plus backward costs several times `layer_norm`'s. Here the forward is one reduction and two
-    scaling passes (by the RMS's reciprocal, by the weight), and the backward reuses layer_norm's
-    fused kernel: given a zero mean and the RMS's reciprocal it computes x·rstd, the weight's
-    gradient and the input's gradient except for one term (the derivative of the mean it would
-    subtract), added back with a matrix-vector product and one broadcast add. Saves only the input
-    and one fp32 number per row. No op here is on autocast's lists, so no autocast guard (entering
-    one costs ~10 µs, a few percent of a speedrun-sized norm); the tests run it under autocast.
-    Still 1.4-1.7x layer_norm's time, whose kernels make one pass each way (benchmarks/RESULTS.md).
+    plus backward costs several times `layer_norm`'s. Both paths here save only the input and one
+    fp32 number per row. The fallback's forward is one reduction and two scaling passes; its
+    backward reuses layer_norm's fused kernel, which given a zero mean and the RMS's reciprocal
+    computes everything but one term (the derivative of the mean it would subtract), added back
+    with a matrix-vector product and one broadcast add: 1.2-1.8x layer_norm (benchmarks/RESULTS.md).
+    No op here is on autocast's lists, so no autocast guard (entering one costs ~10 µs, a few
+    percent of a speedrun-sized norm); the tests run it under autocast.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        d = x.shape[-1]
-        acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for gradcheck
-        # (..., 1): 1 / sqrt(mean(x²) + eps), the norm in one pass (no x² tensor)
-        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
-        rstd = norm.square_().div_(d).add_(eps).rsqrt_()
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, compiled: bool) -> torch.Tensor:
+        """`compiled`: the compiled kernel (`cpu_kernels.rms_norm_usable`), else aten passes."""
+        ctx.compiled = compiled
+        if compiled:
+            y, rstd, x = cpu_kernels.rms_norm_forward(x, weight, eps)
+        else:
+            y, rstd = _rms_norm_passes(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
-        if x.dtype == weight.dtype == acc:
-            return torch.mul(x, rstd).mul_(weight)
-        # bf16: the products in fp32, rounded once into the output (no separate cast pass)
-        out = torch.empty(x.shape, dtype=x.dtype)
-        return torch.mul(torch.mul(x, rstd), weight, out=out)
+        return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, rstd, weight = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[:2]
+        if ctx.compiled:
+            return (*cpu_kernels.rms_norm_backward(grad, x, weight, rstd=rstd, wanted=wanted), None, None)
         d, acc = x.shape[-1], rstd.dtype
         ga = grad.to(acc).contiguous()  # the same tensor if it already is both
         xa, wa = x.to(acc), weight.to(acc)
         grad_x, grad_weight, _ = torch.ops.aten.native_layer_norm_backward(
-            ga, xa, [d], torch.zeros_like(rstd), rstd, wa, None, [*ctx.needs_input_grad[:2], False]
+            ga, xa, [d], torch.zeros_like(rstd), rstd, wa, None, [*wanted, False]
         )
         if grad_x is not None:
             # layer_norm's backward subtracts rstd·mean(g·w) (the mean-centring's derivative): add it back
             grad_x = grad_x.add_(torch.mv(ga.view(-1, d), wa).view(rstd.shape).mul_(rstd).div_(d)).to(x.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_x, grad_weight, None
+        return grad_x, grad_weight, None, None
+
+
+def _rms_norm_passes(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd (..., 1)): RMSNorm in aten ops, one reduction and two scaling passes, in fp32 (fp64
+    for gradcheck)."""
+    d = x.shape[-1]
+    acc = torch.promote_types(x.dtype, torch.float32)
+    # (..., 1): 1 / sqrt(mean(x²) + eps), the norm in one pass (no x² tensor)
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=acc)
+    rstd = norm.square_().div_(d).add_(eps).rsqrt_()
+    if x.dtype == weight.dtype == acc:
+        return torch.mul(x, rstd).mul_(weight), rstd
+    # bf16: the products in fp32, rounded once into the output (no separate cast pass)
+    out = torch.empty(x.shape, dtype=x.dtype)
+    return torch.mul(torch.mul(x, rstd), weight, out=out), rstd
 
 
 class RMSNorm(nn.RMSNorm):
@@ -89,7 +106,12 @@ class RMSNorm(nn.RMSNorm):
         if not fused or torch.compiler.is_compiling():
             return F.rms_norm(x, self.normalized_shape, self._weight(x), self.eps)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
-        return _FusedRMSNorm.apply(x, self._weight(x), eps)
+        weight = self._weight(x)
+        compiled = cpu_kernels.rms_norm_usable(x, weight)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return _FusedRMSNorm.apply(x, weight, eps, compiled)
+        # inference (a decode step is a few rows): no autograd.Function, ~10 µs less per norm
+        return (cpu_kernels.rms_norm_forward if compiled else _rms_norm_passes)(x, weight, eps)[0]
 
     def _weight(self, x: torch.Tensor) -> torch.Tensor | None:
         return self.weight

@@ -1,0 +1,61 @@
+"""Building and loading lmforge's compiled CPU kernels (`lmforge.model.cpu_kernels`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.model import cpu_kernels
+from lmforge.model.gpt import RMSNorm
+
+
+@pytest.fixture
+def fresh_library(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """`cpu_kernels.library()` built anew into an empty kernel cache, then forgotten again."""
+    monkeypatch.setenv("LMFORGE_KERNEL_CACHE_DIR", str(tmp_path / "kernels"))
+    cpu_kernels.library.cache_clear()
+    yield tmp_path / "kernels"
+    cpu_kernels.library.cache_clear()
+
+
+def test_builds_once_into_the_kernel_cache(fresh_library) -> None:
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    assert cpu_kernels.library() is not None
+    built = list(fresh_library.iterdir())
+    assert [p.suffix for p in built] == [".so"]  # no partial file left behind
+    cpu_kernels.library.cache_clear()
+    modified = built[0].stat().st_mtime_ns
+    assert cpu_kernels.library() is not None
+    assert built[0].stat().st_mtime_ns == modified  # loaded from the cache, not rebuilt
+
+
+def test_a_failing_compiler_warns_and_the_norm_falls_back(fresh_library, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("CC", "false")  # a compiler that exits 1
+    with caplog.at_level("WARNING", logger="lmforge"):
+        assert cpu_kernels.library() is None
+    assert "the CPU RMSNorm kernel did not build" in caplog.text
+    assert not fresh_library.exists() or not any(fresh_library.iterdir())
+    norm, x = RMSNorm(16, eps=1e-5), torch.randn(3, 16, requires_grad=True)
+    assert not cpu_kernels.rms_norm_usable(x, norm.weight)
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (16,), norm.weight, 1e-5))
+
+
+def test_turned_off_by_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
+    assert not cpu_kernels.rms_norm_usable(torch.randn(2, 8), torch.ones(8))
+
+
+def test_dtypes_the_kernel_does_not_handle_fall_back() -> None:
+    weight = torch.ones(8)
+    for dtype in (torch.float64, torch.float16):
+        assert not cpu_kernels.rms_norm_usable(torch.randn(2, 8, dtype=dtype), weight)
+
+
+def test_its_threads_are_pytorchs_own() -> None:
+    # the library links libgomp.so.1 by soname: the loader hands it the copy PyTorch loaded, so the
+    # process has one OpenMP runtime and the kernels may use all of torch's threads
+    if cpu_kernels.library() is None:
+        pytest.skip("no C compiler")
+    assert cpu_kernels.one_openmp_runtime()
