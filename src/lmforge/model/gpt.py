@@ -62,6 +62,7 @@ class _FusedRMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernel's backward builds no graph of its own
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, rstd, weight = ctx.saved_tensors
         wanted = ctx.needs_input_grad[:2]
