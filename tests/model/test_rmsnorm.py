@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import cpu_kernels
-from lmforge.model.gpt import HeadNorm, RMSNorm, _FusedRMSNorm
+from lmforge.model.gpt import HeadNorm, OffsetRMSNorm, RMSNorm, _FusedRMSNorm
 from tests.conftest import BF16_EPS
 
 
@@ -254,3 +254,29 @@ def test_bf16_results_are_the_fp32_results_rounded_to_nearest_even() -> None:
     y32, dx32, _ = _forward_backward(_fused, x.float(), weight.float(), grad.float())
     assert torch.equal(y16, y32.bfloat16())
     assert torch.equal(dx16, dx32.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_offset_norm_matches_its_fp32_formula(dtype: torch.dtype) -> None:
+    # Gemma's norm: F.rms_norm in fp32, scaled by 1 + weight in fp32, cast back to x's dtype once
+    torch.manual_seed(0)
+    norm = OffsetRMSNorm(24, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(0, 0.2)
+    x, grad = torch.randn(3, 5, 24).to(dtype), torch.randn(3, 5, 24).to(dtype)
+
+    def formula(t: torch.Tensor) -> torch.Tensor:
+        return (F.rms_norm(t.float(), (24,), None, 1e-6) * (1.0 + norm.weight.float())).to(t.dtype)
+
+    results = []
+    for run in (norm, formula):
+        xi = x.clone().requires_grad_()
+        norm.weight.grad = None
+        y = run(xi)
+        y.backward(grad)
+        results.append((y.detach(), xi.grad, norm.weight.grad))
+    # the same fp32 values rounded once: equal in fp32 to rounding, and bf16 within one rounding
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0, "atol": 8 * BF16_EPS}
+    for got, want in zip(*results):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tolerance)

@@ -118,17 +118,27 @@ class RMSNorm(nn.RMSNorm):
         return self.weight
 
 
-class OffsetRMSNorm(nn.RMSNorm):
+class OffsetRMSNorm(RMSNorm):
     """Gemma's RMSNorm: x / rms(x) scaled by (1 + weight), computed in fp32 and cast back to x's
     dtype. The weight starts at 0 (the identity scale); a bf16 weight near 0 keeps more precision
-    than one near 1, which is why Gemma stores the offset rather than the scale."""
+    than one near 1, which is why Gemma stores the offset rather than the scale. On the CPU, the
+    fused norm with the scale 1 + weight in fp32 (it computes in fp32 and rounds once)."""
+
+    def __init__(self, dim: int, *, eps: float | None = None) -> None:
+        # eps None: F.rms_norm's default for the fp32 input below, whatever x's dtype
+        super().__init__(dim, eps=torch.finfo(torch.float32).eps if eps is None else eps)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cpu and not torch.compiler.is_compiling():
+            return super().forward(x)
         normed = F.rms_norm(x.float(), self.normalized_shape, None, self.eps)
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
+
+    def _weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        return 1.0 + self.weight.float()
 
 
 def make_head_norm(config: ModelConfig, head_dim: int) -> nn.Module:
