@@ -59,3 +59,9 @@ def test_its_threads_are_pytorchs_own() -> None:
     if cpu_kernels.library() is None:
         pytest.skip("no C compiler")
     assert cpu_kernels.one_openmp_runtime()
+
+
+def test_a_weight_of_another_width_is_not_the_kernels() -> None:
+    # the kernel reads one weight per channel of x: a shorter weight would be read past its end
+    for weight in (torch.ones(8), torch.ones(32), torch.ones(1), torch.ones(2, 16)):
+        assert not cpu_kernels.rms_norm_usable(torch.randn(2, 16), weight)

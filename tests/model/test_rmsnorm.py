@@ -280,3 +280,13 @@ def test_gemma_offset_norm_matches_its_fp32_formula(dtype: torch.dtype) -> None:
     for got, want in zip(*results):
         assert got.dtype == want.dtype
         torch.testing.assert_close(got, want, **tolerance)
+
+
+@pytest.mark.parametrize("width", [1, 4, 16])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_an_input_of_the_wrong_width_raises_as_nn_rmsnorm_does(width: int, requires_grad: bool) -> None:
+    # the kernel reads x.shape[-1] weights: a wider input must not read past the weight's 8
+    norm = RMSNorm(8, eps=1e-5)
+    x = torch.randn(3, width, requires_grad=requires_grad)
+    with pytest.raises(RuntimeError, match="normalized_shape"):
+        norm(x)

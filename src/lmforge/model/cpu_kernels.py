@@ -142,9 +142,11 @@ def rms_norm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         enabled()
         and x.is_cpu
+        and weight.is_cpu
         and x.dtype in KERNEL_DTYPES
         and weight.dtype in KERNEL_DTYPES
         and weight.is_contiguous()
+        and weight.shape == x.shape[-1:]  # the kernel reads d weights: fewer would read past them
         and 0 < x.shape[-1] <= MAX_WIDTH
         and library() is not None
     )

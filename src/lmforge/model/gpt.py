@@ -103,7 +103,8 @@ class RMSNorm(nn.RMSNorm):
     `F.rms_norm`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = x.is_cpu and self.weight is not None and len(self.normalized_shape) == 1
+        # an input of the wrong width goes to F.rms_norm, which raises PyTorch's own error
+        fused = x.is_cpu and self.weight is not None and x.shape[-1:] == self.normalized_shape
         if not fused or torch.compiler.is_compiling():
             return F.rms_norm(x, self.normalized_shape, self._weight(x), self.eps)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
