@@ -290,3 +290,14 @@ def test_an_input_of_the_wrong_width_raises_as_nn_rmsnorm_does(width: int, requi
     x = torch.randn(3, width, requires_grad=requires_grad)
     with pytest.raises(RuntimeError, match="normalized_shape"):
         norm(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eps_none_is_nn_rmsnorms_default(dtype: torch.dtype) -> None:
+    # F.rms_norm's default epsilon is its compute type's: fp32's for a bf16 input, not bf16's 2^-7,
+    # which would swamp mean(x²) of a small input
+    torch.manual_seed(0)
+    fused, reference = RMSNorm(32).to(dtype), torch.nn.RMSNorm(32).to(dtype)
+    x = (torch.randn(4, 32) * 1e-3).to(dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x).float(), reference(x).float(), rtol=0, atol=4 * BF16_EPS)

@@ -107,7 +107,9 @@ class RMSNorm(nn.RMSNorm):
         fused = x.is_cpu and self.weight is not None and x.shape[-1:] == self.normalized_shape
         if not fused or torch.compiler.is_compiling():
             return F.rms_norm(x, self.normalized_shape, self._weight(x), self.eps)
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps  # nn.RMSNorm's default
+        eps = self.eps
+        if eps is None:  # nn.RMSNorm's default: the epsilon of F.rms_norm's compute type (fp32 for bf16)
+            eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
         weight = self._weight(x)
         compiled = cpu_kernels.rms_norm_usable(x, weight)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
