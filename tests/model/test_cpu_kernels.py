@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,3 +68,27 @@ def test_a_weight_of_another_width_is_not_the_kernels() -> None:
     # the kernel reads one weight per channel of x: a shorter weight would be read past its end
     for weight in (torch.ones(8), torch.ones(32), torch.ones(1), torch.ones(2, 16)):
         assert not cpu_kernels.rms_norm_usable(torch.randn(2, 16), weight)
+
+
+def test_threads_building_at_once_each_get_the_library(fresh_library, caplog) -> None:
+    # functools.cache does not hold back a second caller while the first builds: threads of one
+    # process (a server's) must not share a partial file, or one's rename takes the other's build
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    with caplog.at_level("WARNING", logger="lmforge"), ThreadPoolExecutor(4) as pool:
+        libraries = list(pool.map(lambda _: cpu_kernels.library.__wrapped__(), range(4)))
+    assert all(lib is not None for lib in libraries), caplog.text
+    assert [p.suffix for p in fresh_library.iterdir()] == [".so"]
+
+
+def test_a_compiler_command_with_arguments_builds_its_own_library(fresh_library, monkeypatch) -> None:
+    # CC may be a command line (`ccache gcc`, `gcc -m64`), and the compiler is part of the cache key
+    compiler = cpu_kernels._compiler()
+    if compiler is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("CC", shlex.join(compiler))
+    assert cpu_kernels.library() is not None
+    cpu_kernels.library.cache_clear()
+    monkeypatch.setenv("CC", shlex.join(["env", "LC_ALL=C", *compiler]))
+    assert cpu_kernels.library() is not None
+    assert len(list(fresh_library.iterdir())) == 2

@@ -15,8 +15,10 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import torch
@@ -54,15 +56,21 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _compiler() -> list[str] | None:
+    """The C compiler's command: `$CC` split as a shell splits it (`ccache gcc`), else cc, gcc or
+    clang; None if there is none. A `$CC` with unbalanced quotes raises ValueError."""
+    if value := os.environ.get("CC", "").strip():
+        return shlex.split(value)
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return [found] if found else None
 
 
-def _build(compiler: str, target: Path) -> None:
-    """Compile SOURCE into `target`, atomically: processes building at once each rename their own."""
+def _build(compiler: list[str], target: Path) -> None:
+    """Compile SOURCE into `target`, atomically: processes, and threads of one process (the cache
+    of `library` holds none back while another builds), each rename their own partial file."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    command = [compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"]
+    partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    command = [*compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
         partial.replace(target)
@@ -74,18 +82,20 @@ def _build(compiler: str, target: Path) -> None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, built if the cache lacks them; None where they cannot be: no C
     compiler, not Linux, or a failed build (warned once)."""
-    compiler = _compiler()
-    if compiler is None or platform.system() != "Linux":
+    if platform.system() != "Linux":
         return None
     try:
+        compiler = _compiler()
+        if compiler is None:
+            return None
         key = hashlib.sha256(
-            b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), _cpu_flags().encode()])
+            b"\0".join([SOURCE.read_bytes(), shlex.join([*compiler, *FLAGS]).encode(), _cpu_flags().encode()])
         )
         target = kernel_cache_dir() / f"rmsnorm-{key.hexdigest()[:16]}.so"
         if not target.is_file():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as e:
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
         logger.warning(f"the CPU RMSNorm kernel did not build, PyTorch ops instead: {detail.strip()[:300]}")
         return None
