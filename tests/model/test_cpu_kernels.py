@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +96,34 @@ def test_a_compiler_command_with_arguments_builds_its_own_library(fresh_library,
     monkeypatch.setenv("CC", shlex.join(["env", "LC_ALL=C", *compiler]))
     assert cpu_kernels.library() is not None
     assert len(list(fresh_library.iterdir())) == 2
+
+
+SMALL_STACKS = """
+import threading, torch
+from lmforge.model import cpu_kernels
+from lmforge.model.gpt import RMSNorm
+assert cpu_kernels.library() is not None
+torch.set_num_threads(2)
+norm, x = RMSNorm(cpu_kernels.MAX_WIDTH), torch.randn(8, cpu_kernels.MAX_WIDTH, requires_grad=True)
+def step():
+    norm(x).sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(norm.weight.grad).all()
+threading.stack_size(64 * 1024)  # Python's own minimum is 32 KiB
+thread = threading.Thread(target=step)
+thread.start()
+thread.join()
+print("ok", norm.weight.grad.shape[0])
+"""
+
+
+def test_the_widest_rows_run_on_small_thread_stacks() -> None:
+    # a 16384-wide fp32 row is 64 KiB: the kernel's threads, the calling one and OpenMP's, may have
+    # stacks smaller than that (threading.stack_size, OMP_STACKSIZE); it crashed when it kept the row there
+    if cpu_kernels.library() is None:
+        pytest.skip("no C compiler")
+    env = {**os.environ, "OMP_STACKSIZE": "16K", "PYTHONPATH": str(Path(cpu_kernels.__file__).parents[2])}
+    done = subprocess.run(
+        [sys.executable, "-c", SMALL_STACKS], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok", str(cpu_kernels.MAX_WIDTH)]

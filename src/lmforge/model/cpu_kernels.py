@@ -30,7 +30,7 @@ SOURCE = Path(__file__).with_name("rmsnorm.c")
 # libgomp.so.1, which resolves to the copy PyTorch's CPU build already loaded: one thread pool
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-MAX_WIDTH = 16384  # three fp32 rows live on each thread's stack
+MAX_WIDTH = 16384  # each thread copies the weight into an fp32 row of this many
 PARALLEL_MIN_ELEMENTS = 32768  # below this, one thread: waking the others costs more than it saves
 
 
@@ -122,7 +122,7 @@ def library() -> ctypes.CDLL | None:
         ptr,
         ptr,
     ]
-    lib.lmforge_rms_norm_forward.restype = lib.lmforge_rms_norm_backward.restype = None
+    lib.lmforge_rms_norm_forward.restype = lib.lmforge_rms_norm_backward.restype = ctypes.c_int
     return lib
 
 
@@ -193,11 +193,13 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     assert layout is not None
     y = torch.empty(x.shape, dtype=x.dtype)
     rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)  # one per row, in row order
-    library().lmforge_rms_norm_forward(
+    failed = library().lmforge_rms_norm_forward(
         _threads(x), *layout, x.shape[-1],
         x.data_ptr(), x.dtype == torch.bfloat16, weight.data_ptr(), weight.dtype == torch.bfloat16,
         eps, y.data_ptr(), rstd.data_ptr(),
     )  # fmt: skip
+    if failed:
+        raise MemoryError("the CPU RMSNorm kernel could not allocate its weight row")
     return y, rstd, x
 
 
@@ -217,10 +219,12 @@ def rms_norm_backward(
     threads = _threads(x)
     dx = torch.empty(x.shape, dtype=x.dtype) if wanted[0] else None
     dweight = torch.zeros(threads, x.shape[-1], dtype=torch.float32) if wanted[1] else None
-    library().lmforge_rms_norm_backward(
+    failed = library().lmforge_rms_norm_backward(
         threads, *layout, x.shape[-1],
         x.data_ptr(), x.dtype == torch.bfloat16, weight.data_ptr(), weight.dtype == torch.bfloat16,
         grad.data_ptr(), rstd.data_ptr(),
         None if dx is None else dx.data_ptr(), None if dweight is None else dweight.data_ptr(),
     )  # fmt: skip
+    if failed:
+        raise MemoryError("the CPU RMSNorm kernel could not allocate its weight row")
     return dx, None if dweight is None else dweight.sum(0).to(weight.dtype)

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef uint16_t bf16;
@@ -48,9 +49,15 @@ static inline int64_t row_offset(const rms_job *job, int64_t r) {
     return (r / job->inner) * job->outer_stride + (r % job->inner) * job->inner_stride;
 }
 
-static void load_weight(const rms_job *job, float *w) {
-    for (int64_t c = 0; c < job->d; c++)
-        w[c] = job->weight_bf16 ? from_bf16(((const bf16 *)job->weight)[c]) : ((const float *)job->weight)[c];
+/* The weight in fp32, a copy for the calling thread, on the heap: a row as wide as MAX_WIDTH is
+ * 64 KiB, more than a small thread stack holds (OMP_STACKSIZE, Python's threading.stack_size).
+ * NULL when out of memory. */
+static float *load_weight(const rms_job *job) {
+    float *w = malloc((size_t)job->d * sizeof *w);
+    if (w)
+        for (int64_t c = 0; c < job->d; c++)
+            w[c] = job->weight_bf16 ? from_bf16(((const bf16 *)job->weight)[c]) : ((const float *)job->weight)[c];
+    return w;
 }
 
 static inline float from_fp32(float v) { return v; }
@@ -94,10 +101,10 @@ static inline float to_fp32(float v) { return v; }
 ROW_KERNELS(float, from_fp32, to_fp32)
 ROW_KERNELS(bf16, from_bf16, to_bf16)
 
-static void forward_rows(const rms_job *job, int64_t begin, int64_t end) {
+static int forward_rows(const rms_job *job, int64_t begin, int64_t end) {
     const int64_t d = job->d;
-    float w[d];
-    load_weight(job, w);
+    float *w = load_weight(job);
+    if (!w) return 1;
     for (int64_t r = begin; r < end; r++) {
         const int64_t at = row_offset(job, r);
         if (job->x_bf16)
@@ -105,12 +112,14 @@ static void forward_rows(const rms_job *job, int64_t begin, int64_t end) {
         else
             job->rstd[r] = forward_row_float((const float *)job->x + at, (float *)job->y + r * d, w, d, job->eps);
     }
+    free(w);
+    return 0;
 }
 
-static void backward_rows(const rms_job *job, int64_t begin, int64_t end, float *dweight) {
+static int backward_rows(const rms_job *job, int64_t begin, int64_t end, float *dweight) {
     const int64_t d = job->d;
-    float w[d];
-    load_weight(job, w);
+    float *w = load_weight(job);
+    if (!w) return 1;
     for (int64_t r = begin; r < end; r++) {
         const int64_t at = row_offset(job, r);
         if (job->x_bf16)
@@ -120,35 +129,41 @@ static void backward_rows(const rms_job *job, int64_t begin, int64_t end, float 
             backward_row_float((const float *)job->x + at, (const float *)job->grad + r * d, w, job->rstd[r], d,
                                job->dx ? (float *)job->dx + r * d : NULL, dweight);
     }
+    free(w);
+    return 0;
 }
 
-/* Rows split evenly over `threads` (1: no parallel region at all). */
-static void run(const rms_job *job, int threads, int backward) {
+/* Rows split evenly over `threads` (1: no parallel region at all). Nonzero: out of memory. */
+static int run(const rms_job *job, int threads, int backward) {
     if (threads > job->rows) threads = job->rows > 1 ? (int)job->rows : 1;
-#pragma omp parallel num_threads(threads) if (threads > 1)
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(|| : failed)
     {
         const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
         const int64_t begin = job->rows * t / n, end = job->rows * (t + 1) / n;
         if (backward)
-            backward_rows(job, begin, end, job->dweight ? job->dweight + t * job->d : NULL);
+            failed = backward_rows(job, begin, end, job->dweight ? job->dweight + t * job->d : NULL);
         else
-            forward_rows(job, begin, end);
+            failed = forward_rows(job, begin, end);
     }
+    return failed;
 }
 
-void lmforge_rms_norm_forward(int threads, int64_t rows, int64_t inner, int64_t outer_stride,
+/* Both return 0, or nonzero when out of memory (the results are then incomplete). */
+int lmforge_rms_norm_forward(int threads, int64_t rows, int64_t inner, int64_t outer_stride,
                               int64_t inner_stride, int64_t d, const void *x, int x_bf16,
                               const void *weight, int weight_bf16, float eps, void *y, float *rstd) {
     rms_job job = {rows, inner, outer_stride, inner_stride, d, x, weight, NULL, x_bf16, weight_bf16,
                    eps, y, NULL, rstd, NULL};
-    run(&job, threads, 0);
+    return run(&job, threads, 0);
 }
 
-void lmforge_rms_norm_backward(int threads, int64_t rows, int64_t inner, int64_t outer_stride,
+int lmforge_rms_norm_backward(int threads, int64_t rows, int64_t inner, int64_t outer_stride,
                                int64_t inner_stride, int64_t d, const void *x, int x_bf16,
                                const void *weight, int weight_bf16, const void *grad,
                                const float *rstd, void *dx, float *dweight) {
     rms_job job = {rows, inner, outer_stride, inner_stride, d, x, weight, grad, x_bf16, weight_bf16,
                    0.f, NULL, dx, (float *)rstd, dweight};
-    run(&job, threads, 1);
+    if (!dx && !dweight) return 0; /* neither wanted: nothing to compute */
+    return run(&job, threads, 1);
 }
