@@ -127,3 +127,24 @@ def test_the_widest_rows_run_on_small_thread_stacks() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["ok", str(cpu_kernels.MAX_WIDTH)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_its_address(dtype: torch.dtype) -> None:
+    # the same row at any alignment gives the same bits (no loop peeled to align the vector loads,
+    # which would regroup the sums): results are the same run to run, whatever the allocator returns
+    if cpu_kernels.library() is None:
+        pytest.skip("no C compiler")
+    torch.manual_seed(0)
+    width = 1003
+    row, weight, grad = torch.randn(width).to(dtype), torch.randn(width), torch.randn(1, width).to(dtype)
+    results = []
+    for offset in range(17):
+        x = torch.zeros(offset + width, dtype=dtype)[offset:].view(1, width)
+        x.copy_(row)
+        y, rstd, saved = cpu_kernels.rms_norm_forward(x, weight, 1e-5)
+        results.append(
+            (y, rstd, *cpu_kernels.rms_norm_backward(grad, saved, weight, rstd=rstd, wanted=(True, True)))
+        )
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], result))
