@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -148,3 +149,24 @@ def test_a_rows_result_does_not_depend_on_its_address(dtype: torch.dtype) -> Non
         )
     for result in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], result))
+
+
+def test_a_library_others_may_write_is_not_loaded(fresh_library, caplog) -> None:
+    # in a cache folder others can write (LMFORGE_KERNEL_CACHE_DIR=/tmp/...), a library with the
+    # predictable name could be anyone's code: it is refused, with one warning, and the norm falls back
+    if cpu_kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    assert cpu_kernels.library() is not None
+    assert stat.S_IMODE(fresh_library.stat().st_mode) & 0o022 == 0  # built private, whatever the umask
+    (built,) = fresh_library.iterdir()
+    for path, mode in ((fresh_library, 0o777), (built, 0o777)):
+        original = stat.S_IMODE(path.stat().st_mode)
+        path.chmod(mode)
+        cpu_kernels.library.cache_clear()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="lmforge"):
+            assert cpu_kernels.library() is None
+        assert "not private to this user" in caplog.text
+        path.chmod(original)
+    cpu_kernels.library.cache_clear()
+    assert cpu_kernels.library() is not None

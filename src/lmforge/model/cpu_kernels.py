@@ -68,14 +68,24 @@ def _compiler() -> list[str] | None:
 def _build(compiler: list[str], target: Path) -> None:
     """Compile SOURCE into `target`, atomically: processes, and threads of one process (the cache
     of `library` holds none back while another builds), each rename their own partial file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # not group-writable: `_check_private`
     partial = target.with_name(f"{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     command = [*compiler, *FLAGS, str(SOURCE), "-o", str(partial), "-lm"]
     try:
         subprocess.run(command, check=True, capture_output=True, text=True, timeout=300)
+        partial.chmod(0o755)  # whatever the umask: `_check_private`
         partial.replace(target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _check_private(target: Path) -> None:
+    """Raise PermissionError unless `target` and its folder are this user's and no one else may write
+    them: a library another user could put there would run their code in this process."""
+    for path in (target.parent, target):
+        status = path.stat()
+        if status.st_uid != os.getuid() or status.st_mode & 0o022:
+            raise PermissionError(f"{path} is not private to this user (another may write it): not loaded")
 
 
 @functools.cache
@@ -94,10 +104,13 @@ def library() -> ctypes.CDLL | None:
         target = kernel_cache_dir() / f"rmsnorm-{key.hexdigest()[:16]}.so"
         if not target.is_file():
             _build(compiler, target)
+        _check_private(target)
         lib = ctypes.CDLL(str(target))
     except (OSError, ValueError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", None) or str(e)
-        logger.warning(f"the CPU RMSNorm kernel did not build, PyTorch ops instead: {detail.strip()[:300]}")
+        logger.warning(
+            f"the CPU RMSNorm kernel did not build or load, PyTorch ops instead: {detail.strip()[:300]}"
+        )
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     layout = [ctypes.c_int, i64, i64, i64, i64, i64]
