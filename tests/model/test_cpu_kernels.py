@@ -73,6 +73,8 @@ def test_a_weight_of_another_width_is_not_the_kernels() -> None:
     # the kernel reads one weight per channel of x: a shorter weight would be read past its end
     for weight in (torch.ones(8), torch.ones(32), torch.ones(1), torch.ones(2, 16)):
         assert not cpu_kernels.rms_norm_usable(torch.randn(2, 16), weight)
+    # nor one off the CPU (a model built on the meta device): its data pointer is no CPU memory
+    assert not cpu_kernels.rms_norm_usable(torch.randn(2, 16), torch.ones(16, device="meta"))
 
 
 def test_threads_building_at_once_each_get_the_library(fresh_library, caplog) -> None:
