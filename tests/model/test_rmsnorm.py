@@ -301,3 +301,17 @@ def test_eps_none_is_nn_rmsnorms_default(dtype: torch.dtype) -> None:
     x = (torch.randn(4, 32) * 1e-3).to(dtype)
     with torch.no_grad():
         torch.testing.assert_close(fused(x).float(), reference(x).float(), rtol=0, atol=4 * BF16_EPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_and_inf_spread_as_in_the_reference(dtype: torch.dtype) -> None:
+    # a row with a NaN is NaN; a row with an infinity has rms = inf: NaN there, 0 elsewhere
+    torch.manual_seed(0)
+    x, weight, grad = torch.randn(4, 16).to(dtype), torch.randn(16).to(dtype), torch.randn(4, 16).to(dtype)
+    x[0, 3], x[1, 2], x[2, 0] = float("nan"), float("inf"), -float("inf")
+    for got, want in zip(
+        _forward_backward(_fused, x, weight, grad), _forward_backward(_reference, x, weight, grad)
+    ):
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        finite = want.isfinite()
+        torch.testing.assert_close(got[finite], want[finite], rtol=1e-2, atol=1e-2)
