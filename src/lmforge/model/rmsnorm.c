@@ -101,28 +101,18 @@ static inline float to_fp32(float v) { return v; }
 ROW_KERNELS(float, from_fp32, to_fp32)
 ROW_KERNELS(bf16, from_bf16, to_bf16)
 
-static int forward_rows(const rms_job *job, int64_t begin, int64_t end) {
+/* Rows begin..end, forward, or backward adding into this thread's `dweight` row (or NULL). */
+static int rows(const rms_job *job, int64_t begin, int64_t end, int backward, float *dweight) {
     const int64_t d = job->d;
     float *w = load_weight(job);
     if (!w) return 1;
     for (int64_t r = begin; r < end; r++) {
         const int64_t at = row_offset(job, r);
-        if (job->x_bf16)
+        if (!backward && job->x_bf16)
             job->rstd[r] = forward_row_bf16((const bf16 *)job->x + at, (bf16 *)job->y + r * d, w, d, job->eps);
-        else
+        else if (!backward)
             job->rstd[r] = forward_row_float((const float *)job->x + at, (float *)job->y + r * d, w, d, job->eps);
-    }
-    free(w);
-    return 0;
-}
-
-static int backward_rows(const rms_job *job, int64_t begin, int64_t end, float *dweight) {
-    const int64_t d = job->d;
-    float *w = load_weight(job);
-    if (!w) return 1;
-    for (int64_t r = begin; r < end; r++) {
-        const int64_t at = row_offset(job, r);
-        if (job->x_bf16)
+        else if (job->x_bf16)
             backward_row_bf16((const bf16 *)job->x + at, (const bf16 *)job->grad + r * d, w, job->rstd[r], d,
                               job->dx ? (bf16 *)job->dx + r * d : NULL, dweight);
         else
@@ -141,10 +131,7 @@ static int run(const rms_job *job, int threads, int backward) {
     {
         const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
         const int64_t begin = job->rows * t / n, end = job->rows * (t + 1) / n;
-        if (backward)
-            failed = backward_rows(job, begin, end, job->dweight ? job->dweight + t * job->d : NULL);
-        else
-            failed = forward_rows(job, begin, end);
+        failed = rows(job, begin, end, backward, job->dweight ? job->dweight + t * job->d : NULL);
     }
     return failed;
 }
