@@ -22,6 +22,7 @@ from lmforge.serve.engine import (
     QueueFull,
     Update,
     decode_buckets,
+    prefill_groups,
 )
 
 
@@ -62,6 +63,47 @@ def collect(updates: queue.Queue[Update]) -> tuple[str, str, int]:
 
 
 GREEDY = Params(max_tokens=20, temperature=0.0, top_p=None, seed=0)
+
+
+class CountingModel(torch.nn.Module):
+    """A model that records the shape of each forward's tokens."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.config, self.shapes = model, model.config, []
+
+    def forward(self, idx: torch.Tensor, *args: object, **kwargs: object) -> object:
+        self.shapes.append(tuple(idx.shape))
+        return self.model(idx, *args, **kwargs)
+
+
+def test_requests_waiting_together_are_prefilled_in_one_forward_and_decode_as_alone(
+    sampler: InferenceSession,
+) -> None:
+    counting = CountingModel(sampler.model)
+    engine = Engine(dataclasses.replace(sampler, model=counting), max_batch=4)  # not started: they wait
+    prompts = [sampler.prompt_ids(text) for text in ("to be", "or no", "a", "the question: whether")]
+    received: list[queue.Queue[Update]] = [queue.Queue() for _ in prompts]
+    engine.submit([Job(prompt, GREEDY, received[i].put) for i, prompt in enumerate(prompts)])
+    engine.start()
+    try:
+        together = [collect(updates) for updates in received]
+    finally:
+        engine.close()
+    # "to be", "or no" and "a" (5, 5, 1 tokens) in one padded forward; 21 tokens are not padded to for 1
+    assert [shape for shape in counting.shapes if shape[1] > 1] == [(3, 5), (1, 21)]
+    alone = Engine(sampler, max_batch=1).start()
+    try:
+        assert together == [run_jobs(alone, [prompt], GREEDY)[0] for prompt in prompts]
+    finally:
+        alone.close()
+
+
+def test_prefill_groups_pad_each_prompt_to_at_most_twice_the_tokens_they_hold() -> None:
+    assert prefill_groups([16] * 8) == [list(range(8))]
+    assert prefill_groups([5, 21, 1, 5]) == [[2, 0, 3], [1]]  # 3 x 5 = 15 <= 2 x 11; 4 x 21 > 2 x 32
+    assert prefill_groups([100, 1, 1, 1]) == [[1, 2, 3], [0]]
+    assert prefill_groups([]) == []
 
 
 def test_a_request_decodes_the_same_alone_or_batched_with_others_of_other_lengths(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import threading
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,19 @@ from lmforge.inference import InferenceSession
 from lmforge.inference.generate import sample_next
 from lmforge.inference.sampling import TextDecoder, TextRules
 from lmforge.model.gpt import KVCache
+
+# inductor's options for the decode graphs. The weights never change once the engine runs, so they are
+# constants of the graphs (`freezing`), which lets inductor lay them out once for its own matrix kernels
+# (its CPP GEMM template, chosen by timing against aten's where it applies): at a few rows the
+# library's GEMM repacks every weight at every call. A one-row step took 0.42x the time, an 8-row one
+# 0.44x (benchmarks/RESULTS.md); the cost is a longer compile and a second copy of the weights.
+DECODE_GRAPH_OPTIONS = {
+    "freezing": True,
+    "max_autotune_gemm": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",  # aten's where the template does not apply (no AVX2, a dtype)
+    "autotune_num_choices_displayed": 0,  # the timings are inductor's business, not the server's log
+    "max_autotune_report_choices_stats": False,
+}
 
 STOP, LENGTH, ERROR = "stop", "length", "error"  # why a request ended: OpenAI's finish_reason, and ours
 
@@ -209,25 +223,38 @@ class Engine:
             return not self.stopping
 
     def _admit(self) -> None:
-        """Prefill waiting jobs into free slots, each alone, and choose their first tokens."""
-        while len(self.active) < self.max_batch:
-            with self.changed:
-                if not self.waiting:
-                    return
-                job = self.waiting.popleft()
-            if job.cancelled:
-                continue
-            row = len(self.active)
-            view = KVCache(
-                [k[row : row + 1] for k in self.cache.keys], [v[row : row + 1] for v in self.cache.values]
-            )
-            prompt = torch.tensor([job.prompt], dtype=torch.long, device=self.sampler.device)
-            logits, _ = self.sampler.model(prompt, cache=view)  # (1, T, V)
+        """Prefill the waiting jobs that free slots can take and choose their first tokens: prompts of
+        near lengths in one forward (`prefill_groups`), as the requests of clients that finished
+        together arrive together (eight 16-token prompts of the demo's model: 3.2x one, not 8x)."""
+        jobs = []
+        with self.changed:
+            while self.waiting and len(self.active) + len(jobs) < self.max_batch:
+                if not (job := self.waiting.popleft()).cancelled:
+                    jobs.append(job)
+        for group in prefill_groups([len(job.prompt) for job in jobs]):
+            self._prefill([jobs[i] for i in group])
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` together into the next free rows, each prompt from position 0 of its own row,
+        right-padded to the longest. A shorter prompt's padding comes after its tokens, so causal
+        attention keeps it out of them; its keys lie past the row's length, hidden from every decode
+        step until the row's own tokens overwrite them."""
+        first, longest = len(self.active), max(len(job.prompt) for job in jobs)
+        rows = list(range(first, first + len(jobs)))
+        view = KVCache(
+            [k[first : first + len(jobs)] for k in self.cache.keys],
+            [v[first : first + len(jobs)] for v in self.cache.values],
+        )
+        padded = [job.prompt + [0] * (longest - len(job.prompt)) for job in jobs]
+        prompts = torch.tensor(padded, dtype=torch.long, device=self.sampler.device)  # (n, longest)
+        logits, _ = self.sampler.model(prompts, cache=view)  # (n, longest, V)
+        ends = torch.tensor([len(job.prompt) - 1 for job in jobs], device=self.sampler.device)
+        for row, job in zip(rows, jobs):
             self.lengths[row] = job.length = len(job.prompt)
             job.decoder = TextDecoder(self.sampler.tokenizer, job.params.text)
             job.generator = torch.Generator(device=self.sampler.device).manual_seed(job.params.seed)
             self.active.append(job)
-            self._advance(logits[:, -1], [row])
+        self._advance(logits[torch.arange(len(jobs)), ends], rows)  # each prompt's last position
 
     def _step(self) -> None:
         """One token for every active row, decoded together."""
@@ -287,12 +314,17 @@ class Engine:
         that failed. It writes to the cache rows at position 0, which a request's prefill overwrites
         before it reads them."""
         try:
-            for bucket in self.buckets:
-                tokens = torch.zeros(bucket, 1, dtype=torch.long, device=self.sampler.device)
-                self.lengths[:bucket] = 1  # a step from one token in every row, as at a decode's first step
-                # lengths a view of self.lengths, as at every step (a guard)
-                self.compiled(tokens, self.lengths[:bucket], self._keys_in_use(2))
-                self.lengths.zero_()
+            # a graph is compiled at its first call, under inductor's config of that moment (torch.compile's
+            # `options` do not reach freezing)
+            with torch._inductor.config.patch(DECODE_GRAPH_OPTIONS), warnings.catch_warnings():
+                # inductor's own GEMM timing calls a deprecated storage API; not the server's to report
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+                for bucket in self.buckets:
+                    tokens = torch.zeros(bucket, 1, dtype=torch.long, device=self.sampler.device)
+                    self.lengths[:bucket] = 1  # one token in every row, as at a decode's first step
+                    # lengths a view of self.lengths, as at every step (a guard)
+                    self.compiled(tokens, self.lengths[:bucket], self._keys_in_use(2))
+                    self.lengths.zero_()
             return True
         except Exception as exc:  # reported by start()
             self.warm_up_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -372,6 +404,22 @@ def decode_buckets(max_batch: int) -> list[int]:
     """The row counts that a compiled engine has a graph for: the powers of two below `max_batch`,
     then `max_batch` (1, 2, 4, 8 for 8): n active rows run in the smallest that holds them."""
     return [*(1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch), max_batch]
+
+
+def prefill_groups(lengths: Sequence[int], *, waste: float = 2.0) -> list[list[int]]:
+    """The indices of prompts of `lengths` grouped for prefills together: by length, each group's
+    padded size (its longest x its count) at most `waste` x the tokens it holds, so that one long
+    prompt does not make short ones pay its length."""
+    groups: list[list[int]] = []
+    held = 0  # tokens in the last group
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # a group's last is its longest
+        if groups and lengths[i] * (len(groups[-1]) + 1) <= waste * (held + lengths[i]):
+            groups[-1].append(i)
+            held += lengths[i]
+        else:
+            groups.append([i])
+            held = lengths[i]
+    return groups
 
 
 def check_fit(jobs: Sequence[Job], block_size: int, max_queue: int) -> None:
