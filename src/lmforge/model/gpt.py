@@ -405,8 +405,8 @@ def single_query_compiled(q: torch.Tensor) -> bool:
     """Whether attention of `q` (B, n_head, T, head_dim) is a decode step (one query per row) traced
     by torch.compile on a CPU: there explicit products beat SDPA. Inductor turns each product of a
     single query into a reduction that it fuses with the mask and the softmax, while SDPA's CPU flash
-    kernel runs one small block per row and head: 8 rows cost it 10x one row at the demo's size
-    against 1.5x for the fused reductions (benchmarks/RESULTS.md)."""
+    kernel runs one small block per row and head: at the demo's size 11 us a layer at one row, 28 at
+    8 rows, which grew more than the matrix products did (benchmarks/RESULTS.md)."""
     return q.size(2) == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()
 
 

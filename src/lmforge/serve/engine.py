@@ -1,8 +1,9 @@
 """The decoding engine of `lmforge serve`: concurrent requests decoded together, a token per step.
 
 A fixed number of slots (`max_batch`) share one KV cache whose rows hold sequences of different
-lengths (`KVCache.length` per row). A request is prefilled alone, straight into a free slot's row
-(its own positions from 0), and its first token is chosen at once; then all active slots decode
+lengths (`KVCache.length` per row). A request is prefilled straight into a free slot's row (its own
+positions from 0; requests waiting together in one forward, `prefill_groups`), and its first token is
+chosen at once; then all active slots decode
 together, one token each per forward, every row at its own position and attending only to its own
 keys, so that no request sees another's tokens. Active rows are kept first in the cache (a
 finished row is filled with the last one), so a step computes only the rows in use.
@@ -24,6 +25,7 @@ attended over (the longest row's length + 1) is the graphs' one dynamic size, so
 only the keys in use, not the whole context. Every graph is compiled while the engine starts, so that
 no request waits for one and none is compiled later. One graph with a varying number of rows was 1.3x
 faster than eager at the demo's size but 2.3x slower at 6 layers of width 384 (benchmarks/RESULTS.md).
+The weights are constants of the graphs (`DECODE_GRAPH_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ from lmforge.inference.sampling import TextDecoder, TextRules
 from lmforge.model.gpt import KVCache
 
 # inductor's options for the decode graphs. The weights never change once the engine runs, so they are
-# constants of the graphs (`freezing`), which lets inductor lay them out once for its own matrix kernels
-# (its CPP GEMM template, chosen by timing against aten's where it applies): at a few rows the
-# library's GEMM repacks every weight at every call. A one-row step took 0.42x the time, an 8-row one
-# 0.44x (benchmarks/RESULTS.md); the cost is a longer compile and a second copy of the weights.
+# constants of the graphs (`freezing`), which lets inductor pack them once for its own matrix kernels (its
+# CPP GEMM template, timed against aten's where it applies): at a few rows aten's GEMM (MKL, slow on
+# AMD CPUs) paid more per call than the products cost. With the attention of `single_query_compiled`,
+# the demo's one-row step fell from 223 to 137 us and its 8-row step from 502 to 342 us; 6 x 384's from
+# 3.3 to 1.2 ms and 6.4 to 4.6 ms (benchmarks/RESULTS.md). The price: a first start 2-3x longer (each
+# GEMM timed) and the packed copies of the weights beside the model's own.
 DECODE_GRAPH_OPTIONS = {
     "freezing": True,
     "max_autotune_gemm": True,
