@@ -48,8 +48,8 @@ from lmforge.model.gpt import KVCache
 
 # inductor's options for the decode graphs. The weights never change once the engine runs, so they are
 # constants of the graphs (`freezing`), which lets inductor pack them once for its own matrix kernels (its
-# CPP GEMM template, timed against aten's where it applies): at a few rows aten's GEMM (MKL, slow on
-# AMD CPUs) paid more per call than the products cost. With the attention of `single_query_compiled`,
+# CPP GEMM template, timed against aten's where it applies): at a few rows aten's (MKL's, on a 2-core
+# EPYC) took 4-8x as long at one row and 1.4-2.7x at 8. With the attention of `single_query_compiled`,
 # the demo's one-row step fell from 223 to 137 us and its 8-row step from 502 to 342 us; 6 x 384's from
 # 3.3 to 1.2 ms and 6.4 to 4.6 ms (benchmarks/RESULTS.md). The price: a first start 2-3x longer (each
 # GEMM timed) and the packed copies of the weights beside the model's own.
