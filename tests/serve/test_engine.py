@@ -99,6 +99,30 @@ def test_requests_waiting_together_are_prefilled_in_one_forward_and_decode_as_al
         alone.close()
 
 
+class FailingPrefill(CountingModel):
+    """A model whose prefills (more than one token) raise: a bug, as the engine sees it."""
+
+    def forward(self, idx: torch.Tensor, *args: object, **kwargs: object) -> object:
+        if idx.size(1) > 1:
+            raise RuntimeError("a bug in the prefill")
+        return super().forward(idx, *args, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_requests_whose_prefill_fails_end_with_an_error_instead_of_waiting_forever(
+    sampler: InferenceSession,
+) -> None:
+    engine = Engine(dataclasses.replace(sampler, model=FailingPrefill(sampler.model)), max_batch=4)
+    prompts = [sampler.prompt_ids(text) for text in ("to be", "a", "or not to be, that is")]
+    received: list[queue.Queue[Update]] = [queue.Queue() for _ in prompts]
+    engine.submit([Job(prompt, GREEDY, received[i].put) for i, prompt in enumerate(prompts)])
+    engine.start()
+    try:
+        assert [collect(updates)[1] for updates in received] == ["error"] * 3
+    finally:
+        engine.close()
+
+
 def test_prefill_groups_pad_each_prompt_to_at_most_twice_the_tokens_they_hold() -> None:
     assert prefill_groups([16] * 8) == [list(range(8))]
     assert prefill_groups([5, 21, 1, 5]) == [[2, 0, 3], [1]]  # 3 x 5 = 15 <= 2 x 11; 4 x 21 > 2 x 32

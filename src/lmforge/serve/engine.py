@@ -235,8 +235,13 @@ class Engine:
             while self.waiting and len(self.active) + len(jobs) < self.max_batch:
                 if not (job := self.waiting.popleft()).cancelled:
                     jobs.append(job)
-        for group in prefill_groups([len(job.prompt) for job in jobs]):
-            self._prefill([jobs[i] for i in group])
+        try:
+            for group in prefill_groups([len(job.prompt) for job in jobs]):
+                self._prefill([jobs[i] for i in group])
+        except Exception:  # those not in a slot yet go back to the queue, where _run's failure finds them
+            with self.changed:
+                self.waiting.extendleft(reversed([job for job in jobs if job not in self.active]))
+            raise
 
     def _prefill(self, jobs: list[Job]) -> None:
         """Prefill `jobs` together into the next free rows, each prompt from position 0 of its own row,
