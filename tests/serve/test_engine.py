@@ -6,13 +6,15 @@ import dataclasses
 import queue
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from lmforge.inference import InferenceSession
+from lmforge.inference import InferenceSession, load
 from lmforge.inference.sampling import SamplingOptions, TextRules
 from lmforge.serve.engine import (
+    ERROR,
     LENGTH,
     STOP,
     Engine,
@@ -149,6 +151,22 @@ def test_a_request_decodes_the_same_alone_or_batched_with_others_of_other_length
     options = SamplingOptions(max_new_tokens=20, temperature=0.0, top_k=None, top_p=None)
     for prompt, (text, _, _) in zip(prompts, solo):
         assert "".join(sampler.complete(prompt, options, torch.Generator())) == text
+
+
+def test_a_bf16_session_decodes_rows_batched_as_alone(tiny_run: Path) -> None:
+    """Under bf16 autocast the keys are bf16 and the cache holds the weights' fp32: a batched step's
+    per-row write must cast them, as the slice writes of a prefill do."""
+    sampler = load(tiny_run, "last", "cpu", dtype="bf16")
+    prompts = [sampler.prompt_ids(text) for text in ("to be", "or not to be, that", "a")]
+    alone = Engine(sampler, max_batch=1).start()
+    together = Engine(sampler, max_batch=4).start()
+    try:
+        solo = [run_jobs(alone, [prompt], GREEDY)[0] for prompt in prompts]
+        batched = run_jobs(together, prompts, GREEDY)
+    finally:
+        alone.close()
+        together.close()
+    assert ERROR not in [reason for _, reason, _ in batched] and batched == solo
 
 
 def test_finish_reasons_stop_length_and_the_context(sampler: InferenceSession) -> None:

@@ -296,9 +296,11 @@ class KVCache:
             self.keys[layer][:, :, start : start + T] = k
             self.values[layer][:, :, start : start + T] = v
         else:
-            # indexing rows and positions puts them first: (B, T, n_kv_head, head_dim)
-            self.keys[layer][step.rows, :, step.positions] = k.transpose(1, 2)
-            self.values[layer][step.rows, :, step.positions] = v.transpose(1, 2)
+            # indexing rows and positions puts them first: (B, T, n_kv_head, head_dim); unlike a slice's
+            # copy, an index_put does not cast (bf16 under autocast into a cache of the weights' fp32)
+            dtype = self.keys[layer].dtype
+            self.keys[layer][step.rows, :, step.positions] = k.transpose(1, 2).to(dtype)
+            self.values[layer][step.rows, :, step.positions] = v.transpose(1, 2).to(dtype)
         return self.keys[layer][:, :, : step.end], self.values[layer][:, :, : step.end]
 
     def advance(self, T: int) -> None:
