@@ -46,13 +46,13 @@ from lmforge.inference.generate import sample_next
 from lmforge.inference.sampling import TextDecoder, TextRules
 from lmforge.model.gpt import KVCache
 
-# inductor's options for the decode graphs. The weights never change once the engine runs, so they are
-# constants of the graphs (`freezing`), which lets inductor pack them once for its own matrix kernels (its
-# CPP GEMM template, timed against aten's where it applies): at a few rows aten's (MKL's, on a 2-core
-# EPYC) took 4-8x as long at one row and 1.4-2.7x at 8. With the attention of `single_query_compiled`,
-# the demo's one-row step fell from 223 to 137 us and its 8-row step from 502 to 342 us; 6 x 384's from
-# 3.3 to 1.2 ms and 6.4 to 4.6 ms (benchmarks/RESULTS.md). The price: a first start 2-3x longer (each
-# GEMM timed) and the packed copies of the weights beside the model's own.
+# inductor's options for the decode graphs on a CPU. The weights never change once the engine runs, so
+# they are constants of the graphs (`freezing`), which lets inductor pack them once for its own matrix
+# kernels (its CPP GEMM template, timed against aten's where it applies): at a few rows aten's (MKL's,
+# on a 2-core EPYC) took 4-8x as long at one row and 1.4-2.7x at 8. With the attention of
+# `single_query_compiled`, the demo's one-row step fell from 223 to 137 us and its 8-row step from 502
+# to 342 us; 6 x 384's from 3.3 to 1.2 ms and 6.4 to 4.6 ms (benchmarks/RESULTS.md). The price: a first
+# start 2-3x longer (each GEMM timed) and the packed copies of the weights beside the model's own.
 DECODE_GRAPH_OPTIONS = {
     "freezing": True,
     "max_autotune_gemm": True,
@@ -325,7 +325,9 @@ class Engine:
         try:
             # a graph is compiled at its first call, under inductor's config of that moment (torch.compile's
             # `options` do not reach freezing)
-            with torch._inductor.config.patch(DECODE_GRAPH_OPTIONS), warnings.catch_warnings():
+            # the CPU's options (on CUDA: inductor's defaults, as before them)
+            options = DECODE_GRAPH_OPTIONS if self.sampler.device.type == "cpu" else {}
+            with torch._inductor.config.patch(options), warnings.catch_warnings():
                 # inductor's own GEMM timing calls a deprecated storage API; not the server's to report
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
                 for bucket in self.buckets:
