@@ -450,3 +450,20 @@ def test_rmsnorm1p_scales_by_one_plus_its_weight_in_fp32() -> None:
     expected = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)) * (1 + norm.weight)
     assert norm(x).dtype == torch.bfloat16
     torch.testing.assert_close(norm(x), expected.to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_explicit_attention_of_one_query_per_row_equals_sdpa_with_per_row_masks(n_kv_head: int) -> None:
+    """The compiled decode step's attention (`single_query_compiled`) against SDPA's: one query per row,
+    each row seeing its own number of keys, grouped-query heads too."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 1, 8)  # (B, n_head, 1, head_dim)
+    k, v = torch.randn(3, n_kv_head, 9, 8), torch.randn(3, n_kv_head, 9, 8)
+    lengths = torch.tensor([2, 8, 5])  # row b's query is at position lengths[b]: it sees keys 0 .. lengths[b]
+    mask = (torch.arange(9) <= lengths[:, None, None])[:, None]  # (B, 1, 1, S)
+    for row, length in enumerate(lengths.tolist()):
+        k[row, :, length + 1 :] = 1e4  # past each row's own keys: garbage that must stay unseen
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = gpt.explicit_attention(q, k, v, mask=mask, cap=None, scale=None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not gpt.single_query_compiled(q)  # eager steps keep SDPA

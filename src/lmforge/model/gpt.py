@@ -309,9 +309,11 @@ class KVCache:
             self.keys[layer][:, :, start : start + T] = k
             self.values[layer][:, :, start : start + T] = v
         else:
-            # indexing rows and positions puts them first: (B, T, n_kv_head, head_dim)
-            self.keys[layer][step.rows, :, step.positions] = k.transpose(1, 2)
-            self.values[layer][step.rows, :, step.positions] = v.transpose(1, 2)
+            # indexing rows and positions puts them first: (B, T, n_kv_head, head_dim); unlike a slice's
+            # copy, an index_put does not cast (bf16 under autocast into a cache of the weights' fp32)
+            dtype = self.keys[layer].dtype
+            self.keys[layer][step.rows, :, step.positions] = k.transpose(1, 2).to(dtype)
+            self.values[layer][step.rows, :, step.positions] = v.transpose(1, 2).to(dtype)
         return self.keys[layer][:, :, : step.end], self.values[layer][:, :, : step.end]
 
     def advance(self, T: int) -> None:
@@ -397,9 +399,9 @@ class Attention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         dropout = self.dropout if self.training else 0.0
         with torch.autocast("cpu", enabled=False) if fp32_attention else contextlib.nullcontext():
-            if self.softcap is not None:
-                capped = dict(cap=self.softcap, scale=self.scale, causal=self.causal, dropout=dropout)
-                y = capped_attention(q, k, v, mask=mask, **capped)
+            if self.softcap is not None or single_query_compiled(q):
+                explicit = dict(cap=self.softcap, scale=self.scale, causal=self.causal, dropout=dropout)
+                y = explicit_attention(q, k, v, mask=mask, **explicit)
             else:
                 y = F.scaled_dot_product_attention(
                     q,
@@ -414,19 +416,29 @@ class Attention(nn.Module):
         return y.to(dtype)
 
 
-def capped_attention(
+def single_query_compiled(q: torch.Tensor) -> bool:
+    """Whether attention of `q` (B, n_head, T, head_dim) is a decode step (one query per row) traced
+    by torch.compile on a CPU: there explicit products beat SDPA. Inductor turns each product of a
+    single query into a reduction that it fuses with the mask and the softmax, while SDPA's CPU flash
+    kernel runs one small block per row and head: at the demo's size 11 us a layer at one row, 28 at
+    8 rows, which grew more than the matrix products did (benchmarks/RESULTS.md)."""
+    return q.size(2) == 1 and q.device.type == "cpu" and torch.compiler.is_compiling()
+
+
+def explicit_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     *,
     mask: torch.Tensor | None,
-    cap: float,
+    cap: float | None,
     scale: float | None,
     causal: bool = True,
     dropout: float = 0.0,
 ) -> torch.Tensor:
-    """Attention with soft-capped scores, cap * tanh(scores / cap), before the softmax (Gemma 2).
-    SDPA has no such step, so the score matrix is made explicitly, as transformers' eager path does.
+    """Attention with the score matrix made explicitly, as transformers' eager path does; with `cap`,
+    soft-capped scores, cap * tanh(scores / cap), before the softmax (Gemma 2), which SDPA has no
+    step for.
 
     q: (B, n_head, T, head_dim); k, v: (B, n_kv_head, S, head_dim), the last T keys the queries' own
     positions; mask: True where a query sees a key (None: every key, or every earlier one if causal).
@@ -435,7 +447,8 @@ def capped_attention(
     groups = q.size(1) // k.size(1)  # GQA: query head h reads kv head h // groups
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, n_head, S, hd)
     scores = (q @ k.transpose(-2, -1)) * (q.size(-1) ** -0.5 if scale is None else scale)  # (B, n_head, T, S)
-    scores = torch.tanh(scores / cap) * cap
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
     T, S = scores.shape[-2:]
     if mask is None and causal and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)

@@ -1,8 +1,9 @@
 """The decoding engine of `lmforge serve`: concurrent requests decoded together, a token per step.
 
 A fixed number of slots (`max_batch`) share one KV cache whose rows hold sequences of different
-lengths (`KVCache.length` per row). A request is prefilled alone, straight into a free slot's row
-(its own positions from 0), and its first token is chosen at once; then all active slots decode
+lengths (`KVCache.length` per row). A request is prefilled straight into a free slot's row (its own
+positions from 0; requests waiting together in one forward, `prefill_groups`), and its first token is
+chosen at once; then all active slots decode
 together, one token each per forward, every row at its own position and attending only to its own
 keys, so that no request sees another's tokens. Active rows are kept first in the cache (a
 finished row is filled with the last one), so a step computes only the rows in use.
@@ -24,12 +25,14 @@ attended over (the longest row's length + 1) is the graphs' one dynamic size, so
 only the keys in use, not the whole context. Every graph is compiled while the engine starts, so that
 no request waits for one and none is compiled later. One graph with a varying number of rows was 1.3x
 faster than eager at the demo's size but 2.3x slower at 6 layers of width 384 (benchmarks/RESULTS.md).
+The weights are constants of the graphs (`DECODE_GRAPH_OPTIONS`).
 """
 
 from __future__ import annotations
 
 import threading
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +45,21 @@ from lmforge.inference import InferenceSession
 from lmforge.inference.generate import sample_next
 from lmforge.inference.sampling import TextDecoder, TextRules
 from lmforge.model.gpt import KVCache
+
+# inductor's options for the decode graphs on a CPU. The weights never change once the engine runs, so
+# they are constants of the graphs (`freezing`), which lets inductor pack them once for its own matrix
+# kernels (its CPP GEMM template, timed against aten's where it applies): at a few rows aten's (MKL's,
+# on a 2-core EPYC) took 4-8x as long at one row and 1.4-2.7x at 8. With the attention of
+# `single_query_compiled`, the demo's one-row step fell from 223 to 137 us and its 8-row step from 502
+# to 342 us; 6 x 384's from 3.3 to 1.2 ms and 6.4 to 4.6 ms (benchmarks/RESULTS.md). The price: a first
+# start 2-3x longer (each GEMM timed) and the packed copies of the weights beside the model's own.
+DECODE_GRAPH_OPTIONS = {
+    "freezing": True,
+    "max_autotune_gemm": True,
+    "max_autotune_gemm_backends": "CPP,ATEN",  # aten's where the template does not apply (no AVX2, a dtype)
+    "autotune_num_choices_displayed": 0,  # the timings are inductor's business, not the server's log
+    "max_autotune_report_choices_stats": False,
+}
 
 STOP, LENGTH, ERROR = "stop", "length", "error"  # why a request ended: OpenAI's finish_reason, and ours
 
@@ -209,25 +227,43 @@ class Engine:
             return not self.stopping
 
     def _admit(self) -> None:
-        """Prefill waiting jobs into free slots, each alone, and choose their first tokens."""
-        while len(self.active) < self.max_batch:
+        """Prefill the waiting jobs that free slots can take and choose their first tokens: prompts of
+        near lengths in one forward (`prefill_groups`), as the requests of clients that finished
+        together arrive together (eight 16-token prompts of the demo's model: 3.2x one, not 8x)."""
+        jobs = []
+        with self.changed:
+            while self.waiting and len(self.active) + len(jobs) < self.max_batch:
+                if not (job := self.waiting.popleft()).cancelled:
+                    jobs.append(job)
+        try:
+            for group in prefill_groups([len(job.prompt) for job in jobs]):
+                self._prefill([jobs[i] for i in group])
+        except Exception:  # those not in a slot yet go back to the queue, where _run's failure finds them
             with self.changed:
-                if not self.waiting:
-                    return
-                job = self.waiting.popleft()
-            if job.cancelled:
-                continue
-            row = len(self.active)
-            view = KVCache(
-                [k[row : row + 1] for k in self.cache.keys], [v[row : row + 1] for v in self.cache.values]
-            )
-            prompt = torch.tensor([job.prompt], dtype=torch.long, device=self.sampler.device)
-            logits, _ = self.sampler.model(prompt, cache=view)  # (1, T, V)
+                self.waiting.extendleft(reversed([job for job in jobs if job not in self.active]))
+            raise
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` together into the next free rows, each prompt from position 0 of its own row,
+        right-padded to the longest. A shorter prompt's padding comes after its tokens, so causal
+        attention keeps it out of them; its keys lie past the row's length, hidden from every decode
+        step until the row's own tokens overwrite them."""
+        first, longest = len(self.active), max(len(job.prompt) for job in jobs)
+        rows = list(range(first, first + len(jobs)))
+        view = KVCache(
+            [k[first : first + len(jobs)] for k in self.cache.keys],
+            [v[first : first + len(jobs)] for v in self.cache.values],
+        )
+        padded = [job.prompt + [0] * (longest - len(job.prompt)) for job in jobs]
+        prompts = torch.tensor(padded, dtype=torch.long, device=self.sampler.device)  # (n, longest)
+        logits, _ = self.sampler.model(prompts, cache=view)  # (n, longest, V)
+        ends = torch.tensor([len(job.prompt) - 1 for job in jobs], device=self.sampler.device)
+        for row, job in zip(rows, jobs):
             self.lengths[row] = job.length = len(job.prompt)
             job.decoder = TextDecoder(self.sampler.tokenizer, job.params.text)
             job.generator = torch.Generator(device=self.sampler.device).manual_seed(job.params.seed)
             self.active.append(job)
-            self._advance(logits[:, -1], [row])
+        self._advance(logits[torch.arange(len(jobs)), ends], rows)  # each prompt's last position
 
     def _step(self) -> None:
         """One token for every active row, decoded together."""
@@ -287,12 +323,19 @@ class Engine:
         that failed. It writes to the cache rows at position 0, which a request's prefill overwrites
         before it reads them."""
         try:
-            for bucket in self.buckets:
-                tokens = torch.zeros(bucket, 1, dtype=torch.long, device=self.sampler.device)
-                self.lengths[:bucket] = 1  # a step from one token in every row, as at a decode's first step
-                # lengths a view of self.lengths, as at every step (a guard)
-                self.compiled(tokens, self.lengths[:bucket], self._keys_in_use(2))
-                self.lengths.zero_()
+            # a graph is compiled at its first call, under inductor's config of that moment (torch.compile's
+            # `options` do not reach freezing)
+            # the CPU's options (on CUDA: inductor's defaults, as before them)
+            options = DECODE_GRAPH_OPTIONS if self.sampler.device.type == "cpu" else {}
+            with torch._inductor.config.patch(options), warnings.catch_warnings():
+                # inductor's own GEMM timing calls a deprecated storage API; not the server's to report
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+                for bucket in self.buckets:
+                    tokens = torch.zeros(bucket, 1, dtype=torch.long, device=self.sampler.device)
+                    self.lengths[:bucket] = 1  # one token in every row, as at a decode's first step
+                    # lengths a view of self.lengths, as at every step (a guard)
+                    self.compiled(tokens, self.lengths[:bucket], self._keys_in_use(2))
+                    self.lengths.zero_()
             return True
         except Exception as exc:  # reported by start()
             self.warm_up_error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -372,6 +415,22 @@ def decode_buckets(max_batch: int) -> list[int]:
     """The row counts that a compiled engine has a graph for: the powers of two below `max_batch`,
     then `max_batch` (1, 2, 4, 8 for 8): n active rows run in the smallest that holds them."""
     return [*(1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch), max_batch]
+
+
+def prefill_groups(lengths: Sequence[int], *, waste: float = 2.0) -> list[list[int]]:
+    """The indices of prompts of `lengths` grouped for prefills together: by length, each group's
+    padded size (its longest x its count) at most `waste` x the tokens it holds, so that one long
+    prompt does not make short ones pay its length."""
+    groups: list[list[int]] = []
+    held = 0  # tokens in the last group
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):  # a group's last is its longest
+        if groups and lengths[i] * (len(groups[-1]) + 1) <= waste * (held + lengths[i]):
+            groups[-1].append(i)
+            held += lengths[i]
+        else:
+            groups.append([i])
+            held = lengths[i]
+    return groups
 
 
 def check_fit(jobs: Sequence[Job], block_size: int, max_queue: int) -> None:
