@@ -147,7 +147,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-VARIANTS = {"eager": [], "compiled": ["--compile"]}  # `lmforge serve`'s flags for each
+# `lmforge serve`'s flags for each; "tuned" (inductor's GEMMs timed at start) only when asked for
+VARIANTS = {"eager": [], "compiled": ["--compile"], "tuned": ["--compile", "--max-autotune"]}
 
 
 def start_server(
@@ -343,7 +344,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU threads of both (default: each its own default)")
     p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
     p.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="lmforge serve's runs"
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=["eager", "compiled"],
+        help="lmforge serve's runs",
     )
     p.add_argument(
         "--engine-only",
@@ -454,7 +459,9 @@ def measure_engines(
     try:
         for variant in args.variants:
             started = time.perf_counter()
-            engines[variant] = Engine(sampler, max(args.streams), compile=variant == "compiled").start()
+            engines[variant] = Engine(
+                sampler, max(args.streams), compile=variant != "eager", max_autotune=variant == "tuned"
+            ).start()
             startup[variant] = time.perf_counter() - started
             print(f"engine ({variant}) ready {startup[variant]:.1f} s after its start", flush=True)
         runners = {

@@ -36,3 +36,10 @@ def test_compile_without_a_cpp_compiler_is_a_one_line_error(cli, tiny_run: Path,
     with config.patch({"cpp.cxx": (str(tmp_path / "no-compiler"),)}):
         code, _, err = cli("serve", tiny_run, "--compile", "--device", "cpu")
     assert_one_line_error(code, err, "serve", "--compile needs a C++ compiler")
+
+
+def test_max_autotune_without_compile_is_a_one_line_error(cli, tiny_run: Path) -> None:
+    code, _, err = cli("serve", tiny_run, "--max-autotune", "--device", "cpu")
+    assert_one_line_error(
+        code, err, "serve", "--max-autotune tunes the compiled decode steps: it needs --compile"
+    )

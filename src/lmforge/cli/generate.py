@@ -87,6 +87,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     # the engine's process loads the weights; this one needs the tokenizer and configuration only
     session = MODEL_SOURCE.build(args).load(weights=False)
+    if args.max_autotune and not args.compile:
+        raise LmforgeError("--max-autotune tunes the compiled decode steps: it needs --compile")
     if args.compile:  # here, in one line, rather than from the engine's process as the app starts
         check_compiler(session.device)
     name = args.model_name or Path(args.target).resolve().name
@@ -100,6 +102,7 @@ def run_serve(args: argparse.Namespace) -> int:
         engine_process=True,
         threads=THREADS.build(args) or default_threads(),
         compile=args.compile,
+        max_autotune=args.max_autotune,
     )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(
@@ -165,5 +168,11 @@ def add_serve(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
         help="compile the decode steps with torch.compile before serving, a graph per bucket of 1, 2, 4, "
         "8 ... requests (needs a C++ compiler on a CPU; a first start-up takes minutes on a small "
         "machine, later ones reuse the compile cache; docs/guides/serve-speed.md)",
+    )
+    p.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="with --compile on a CPU: freeze the weights into the decode graphs and time inductor's GEMM "
+        "kernels against aten's for every shape (faster decode steps; a first start 2-3x as long)",
     )
     return p

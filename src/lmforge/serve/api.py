@@ -433,12 +433,19 @@ def _make_engine(
     own_process: bool,
     threads: int | None,
     compile: bool,
+    max_autotune: bool,
 ) -> Engine | EngineProcess:
     if not own_process:
-        return Engine(sampler, max_batch, max_queue, compile=compile)
+        return Engine(sampler, max_batch, max_queue, compile=compile, max_autotune=max_autotune)
     block_size = sampler.model.config.block_size
     return EngineProcess(
-        sampler.source, block_size, max_batch, max_queue=max_queue, threads=threads, compile=compile
+        sampler.source,
+        block_size,
+        max_batch,
+        max_queue=max_queue,
+        threads=threads,
+        compile=compile,
+        max_autotune=max_autotune,
     )
 
 
@@ -482,14 +489,22 @@ def create_app(
     engine_process: bool = False,
     threads: int | None = None,
     compile: bool = False,
+    max_autotune: bool = False,
 ) -> FastAPI:
     """The server's app; its engine (`app.state.engine`: a child process on `threads` CPU threads with
-    `engine_process`, else a thread; its decode step compiled with `compile`) runs while the app does.
+    `engine_process`, else a thread; its decode step compiled with `compile`, its GEMMs tuned with
+    `max_autotune`) runs while the app does.
     Without `api_key`, only requests to this machine (loopback names, or `host`) are answered: a web
     page cannot reach it by a name of its own."""
     block_size = sampler.model.config.block_size
     engine = _make_engine(
-        sampler, max_batch, max_queue, own_process=engine_process, threads=threads, compile=compile
+        sampler,
+        max_batch,
+        max_queue,
+        own_process=engine_process,
+        threads=threads,
+        compile=compile,
+        max_autotune=max_autotune,
     )
     template = sampler.template
     served = Served(sampler, engine, template, model_name)

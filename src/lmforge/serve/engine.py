@@ -25,7 +25,7 @@ attended over (the longest row's length + 1) is the graphs' one dynamic size, so
 only the keys in use, not the whole context. Every graph is compiled while the engine starts, so that
 no request waits for one and none is compiled later. One graph with a varying number of rows was 1.3x
 faster than eager at the demo's size but 2.3x slower at 6 layers of width 384 (benchmarks/RESULTS.md).
-The weights are constants of the graphs (`DECODE_GRAPH_OPTIONS`).
+With `max_autotune` the weights are constants of the graphs (`DECODE_GRAPH_OPTIONS`).
 """
 
 from __future__ import annotations
@@ -46,13 +46,14 @@ from lmforge.inference.generate import sample_next
 from lmforge.inference.sampling import TextDecoder, TextRules
 from lmforge.model.gpt import KVCache
 
-# inductor's options for the decode graphs on a CPU. The weights never change once the engine runs, so
-# they are constants of the graphs (`freezing`), which lets inductor pack them once for its own matrix
-# kernels (its CPP GEMM template, timed against aten's where it applies): at a few rows aten's (MKL's,
-# on a 2-core EPYC) took 4-8x as long at one row and 1.4-2.7x at 8. With the attention of
-# `single_query_compiled`, the demo's one-row step fell from 223 to 137 us and its 8-row step from 502
-# to 342 us; 6 x 384's from 3.3 to 1.2 ms and 6.4 to 4.6 ms (benchmarks/RESULTS.md). The price: a first
-# start 2-3x longer (each GEMM timed) and the packed copies of the weights beside the model's own.
+# inductor's options for the decode graphs on a CPU with `max_autotune`. The weights never change once
+# the engine runs, so they are constants of the graphs (`freezing`), which lets inductor pack them once
+# for its own matrix kernels (its CPP GEMM template, timed against aten's where it applies): at a few
+# rows aten's (MKL's, on a 2-core EPYC) took 4-8x as long at one row and 1.4-2.7x at 8. With the
+# attention of `single_query_compiled`, the demo's one-row step fell from 223 to 137 us and its 8-row
+# step from 502 to 342 us; 6 x 384's from 3.3 to 1.2 ms and 6.4 to 4.6 ms (benchmarks/RESULTS.md). The
+# price: a first start 2-3x longer (each GEMM timed) and the packed copies of the weights beside the
+# model's own.
 DECODE_GRAPH_OPTIONS = {
     "freezing": True,
     "max_autotune_gemm": True,
@@ -125,6 +126,9 @@ class Engine:
     active: list[Job] = field(default_factory=list)  # row i of the cache is active[i]
     waiting: deque[Job] = field(default_factory=deque)
     compile: bool = False  # decode steps through torch.compile, a graph per bucket of rows, built at start
+    # with `compile` on a CPU: DECODE_GRAPH_OPTIONS, the weights frozen into the graphs and inductor's GEMM
+    # kernels timed against aten's (faster steps, a first start 2-3x as long)
+    max_autotune: bool = False
     # called from the engine's thread after each step's updates (and after a failure's): a caller that
     # passes updates on elsewhere can send each step's as one message
     after_step: Callable[[], None] | None = None
@@ -326,7 +330,7 @@ class Engine:
             # a graph is compiled at its first call, under inductor's config of that moment (torch.compile's
             # `options` do not reach freezing)
             # the CPU's options (on CUDA: inductor's defaults, as before them)
-            options = DECODE_GRAPH_OPTIONS if self.sampler.device.type == "cpu" else {}
+            options = DECODE_GRAPH_OPTIONS if self.max_autotune and self.sampler.device.type == "cpu" else {}
             with torch._inductor.config.patch(options), warnings.catch_warnings():
                 # inductor's own GEMM timing calls a deprecated storage API; not the server's to report
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated")

@@ -56,6 +56,7 @@ class EngineProcess:
         max_queue: int = 64,
         threads: int | None = None,
         compile: bool = False,
+        max_autotune: bool = False,
     ) -> None:
         self.block_size, self.max_batch, self.max_queue = block_size, max_batch, max_queue
         context = multiprocessing.get_context("spawn")  # a fork would copy the parent's threads' locks
@@ -64,7 +65,12 @@ class EngineProcess:
         self.process = context.Process(
             target=_child_main,
             args=(command_reader, update_writer, source),
-            kwargs={"max_batch": max_batch, "threads": threads, "compile": compile},
+            kwargs={
+                "max_batch": max_batch,
+                "threads": threads,
+                "compile": compile,
+                "max_autotune": max_autotune,
+            },
             name="lmforge-engine",
             daemon=True,
         )
@@ -169,6 +175,7 @@ def _child_main(
     max_batch: int,
     threads: int | None,
     compile: bool,
+    max_autotune: bool,
 ) -> None:
     """The child: load the checkpoint, then run an Engine on the commands until "close"."""
     import torch
@@ -183,7 +190,12 @@ def _child_main(
     child_jobs = _ChildJobs(updates)
     try:  # the parent bounds the queue
         engine = Engine(
-            sampler, max_batch, max_queue=2**31, compile=compile, after_step=child_jobs.send_step
+            sampler,
+            max_batch,
+            max_queue=2**31,
+            compile=compile,
+            max_autotune=max_autotune,
+            after_step=child_jobs.send_step,
         ).start()
     except EngineStopped as exc:
         updates.send(("error", str(exc)))
