@@ -132,20 +132,25 @@ def test_prefill_groups_pad_each_prompt_to_at_most_twice_the_tokens_they_hold() 
     assert prefill_groups([]) == []
 
 
+def alone_and_batched(sampler: InferenceSession, prompts: list[list[int]]) -> tuple[list, list]:
+    """Greedy (text, finish_reason, tokens) of each prompt decoded alone, then all decoded together."""
+    alone = Engine(sampler, max_batch=1).start()
+    together = Engine(sampler, max_batch=4).start()
+    try:
+        solo = [run_jobs(alone, [prompt], GREEDY)[0] for prompt in prompts]
+        return solo, run_jobs(together, prompts, GREEDY)
+    finally:
+        alone.close()
+        together.close()
+
+
 def test_a_request_decodes_the_same_alone_or_batched_with_others_of_other_lengths(
     sampler: InferenceSession,
 ) -> None:
     prompts = [
         sampler.prompt_ids(text) for text in ("to be", "or not to be, that", "a", "the question: whether")
     ]
-    alone = Engine(sampler, max_batch=1).start()
-    together = Engine(sampler, max_batch=4).start()
-    try:
-        solo = [run_jobs(alone, [prompt], GREEDY)[0] for prompt in prompts]
-        batched = run_jobs(together, prompts, GREEDY)
-    finally:
-        alone.close()
-        together.close()
+    solo, batched = alone_and_batched(sampler, prompts)
     assert batched == solo
     # and both are what `lmforge sample` (generate() with its own KV cache) writes
     options = SamplingOptions(max_new_tokens=20, temperature=0.0, top_k=None, top_p=None)
@@ -158,14 +163,7 @@ def test_a_bf16_session_decodes_rows_batched_as_alone(tiny_run: Path) -> None:
     per-row write must cast them, as the slice writes of a prefill do."""
     sampler = load(tiny_run, "last", "cpu", dtype="bf16")
     prompts = [sampler.prompt_ids(text) for text in ("to be", "or not to be, that", "a")]
-    alone = Engine(sampler, max_batch=1).start()
-    together = Engine(sampler, max_batch=4).start()
-    try:
-        solo = [run_jobs(alone, [prompt], GREEDY)[0] for prompt in prompts]
-        batched = run_jobs(together, prompts, GREEDY)
-    finally:
-        alone.close()
-        together.close()
+    solo, batched = alone_and_batched(sampler, prompts)
     assert ERROR not in [reason for _, reason, _ in batched] and batched == solo
 
 
