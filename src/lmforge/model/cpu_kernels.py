@@ -202,7 +202,8 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     read (x itself, or a contiguous copy of a layout it cannot address), for the backward."""
     layout = row_layout(x)
     if layout is None:
-        x, layout = x.contiguous(), row_layout(x.contiguous())
+        x = x.contiguous()
+        layout = row_layout(x)
     assert layout is not None
     y = torch.empty(x.shape, dtype=x.dtype)
     rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)  # one per row, in row order

@@ -45,7 +45,7 @@ class _FusedRMSNorm(torch.autograd.Function):
     fp32 number per row. The fallback's forward is one reduction and two scaling passes; its
     backward reuses layer_norm's fused kernel, which given a zero mean and the RMS's reciprocal
     computes everything but one term (the derivative of the mean it would subtract), added back
-    with a matrix-vector product and one broadcast add: 1.2-1.8x layer_norm (benchmarks/RESULTS.md).
+    with a matrix-vector product and one broadcast add: 1.0-2.0x layer_norm (benchmarks/RESULTS.md).
     No op here is on autocast's lists, so no autocast guard (entering one costs ~10 µs, a few
     percent of a speedrun-sized norm); the tests run it under autocast.
     """
@@ -106,7 +106,7 @@ class RMSNorm(nn.RMSNorm):
         # an input of the wrong width goes to F.rms_norm, which raises PyTorch's own error
         fused = x.is_cpu and self.weight is not None and x.shape[-1:] == self.normalized_shape
         if not fused or torch.compiler.is_compiling():
-            return F.rms_norm(x, self.normalized_shape, self._weight(x), self.eps)
+            return self._reference(x)
         eps = self.eps
         if eps is None:  # nn.RMSNorm's default: the epsilon of F.rms_norm's compute type (fp32 for bf16)
             eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
@@ -119,6 +119,10 @@ class RMSNorm(nn.RMSNorm):
 
     def _weight(self, x: torch.Tensor) -> torch.Tensor | None:
         return self.weight
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm in PyTorch's ops: on a GPU, under torch.compile, or for an input it cannot take."""
+        return F.rms_norm(x, self.normalized_shape, self._weight(x), self.eps)
 
 
 class OffsetRMSNorm(RMSNorm):
@@ -134,9 +138,7 @@ class OffsetRMSNorm(RMSNorm):
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cpu and not torch.compiler.is_compiling():
-            return super().forward(x)
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), self.normalized_shape, None, self.eps)
         return (normed * (1.0 + self.weight.float())).to(x.dtype)
 
@@ -153,8 +155,9 @@ def make_head_norm(config: ModelConfig, head_dim: int) -> nn.Module:
 
 class HeadNorm(RMSNorm):
     """QK-norm: RMSNorm over each head's channels, its weight cast to the input's dtype (under
-    autocast, mixed dtypes miss the fused kernel). A module rather than a bare `F.rms_norm`, so
-    that hooks see it (per-sample gradients for differential privacy)."""
+    autocast, mixed dtypes miss PyTorch's fused kernels; the CPU kernel gives the same result). A
+    module rather than a bare `F.rms_norm`, so that hooks see it (per-sample gradients for
+    differential privacy)."""
 
     def _weight(self, x: torch.Tensor) -> torch.Tensor | None:
         return None if self.weight is None else self.weight.to(x.dtype)

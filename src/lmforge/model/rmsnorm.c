@@ -102,7 +102,7 @@ ROW_KERNELS(float, from_fp32, to_fp32)
 ROW_KERNELS(bf16, from_bf16, to_bf16)
 
 /* Rows begin..end, forward, or backward adding into this thread's `dweight` row (or NULL). */
-static int rows(const rms_job *job, int64_t begin, int64_t end, int backward, float *dweight) {
+static int run_rows(const rms_job *job, int64_t begin, int64_t end, int backward, float *dweight) {
     const int64_t d = job->d;
     float *w = load_weight(job);
     if (!w) return 1;
@@ -131,7 +131,7 @@ static int run(const rms_job *job, int threads, int backward) {
     {
         const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
         const int64_t begin = job->rows * t / n, end = job->rows * (t + 1) / n;
-        failed = rows(job, begin, end, backward, job->dweight ? job->dweight + t * job->d : NULL);
+        failed = run_rows(job, begin, end, backward, job->dweight ? job->dweight + t * job->d : NULL);
     }
     return failed;
 }
