@@ -46,12 +46,69 @@ VARIANTS = [
     ],
 ]
 
+GEMMA2 = [  # Gemma 2's shape: every option it has
+    "model.position=rope",
+    "model.norm=rmsnorm1p",
+    "model.post_norms=true",
+    "model.embed_scale=true",
+    "model.mlp=geglu",
+    "model.attn_softcap=50.0",
+    "model.logit_softcap=30.0",
+    "model.sliding_window=8",
+    "model.global_every=2",
+    "model.head_dim=32",
+    "model.n_kv_head=2",
+    "model.bias=false",
+]
+QWEN3 = [
+    "model.position=rope",
+    "model.norm=rmsnorm",
+    "model.qk_norm=true",
+    "model.head_dim=32",
+    "model.n_kv_head=2",
+    "model.mlp=swiglu",
+    "model.bias=false",
+    "model.tie_embeddings=false",
+]
+# the architecture options beyond VARIANTS, alone and mixed, each saving something of its own
+OPTIONS = {
+    "rmsnorm1p": ["model.norm=rmsnorm1p"],
+    "rmsnorm1p-qk_norm": ["model.norm=rmsnorm1p", "model.qk_norm=true"],
+    "post_norms": ["model.norm=rmsnorm", "model.post_norms=true"],
+    "layernorm-post_norms-dropout": ["model.post_norms=true", "model.dropout=0.1"],
+    "embed_scale": ["model.embed_scale=true"],
+    "attn_softcap": ["model.position=rope", "model.attn_softcap=50.0"],
+    "attn_softcap-qk_norm-gqa-dropout": [
+        "model.attn_softcap=50.0",
+        "model.qk_norm=true",
+        "model.n_kv_head=2",
+        "model.dropout=0.1",
+    ],
+    "sliding_window": ["model.position=rope", "model.sliding_window=8"],
+    "global_every": ["model.position=rope", "model.sliding_window=8", "model.global_every=2"],
+    "rope_local_theta": [
+        "model.position=rope",
+        "model.sliding_window=8",
+        "model.global_every=2",
+        "model.rope_local_theta=10000",
+        "model.rope_theta=1000000",
+    ],
+    "head_dim": ["model.head_dim=32"],
+    "head_dim-gqa-dropout": ["model.head_dim=32", "model.n_kv_head=2", "model.dropout=0.1"],
+    "gemma2": GEMMA2,
+    "gemma2-dropout": [*GEMMA2, "model.dropout=0.1"],
+    "qwen3": QWEN3,
+}
+
+# VARIANTS and OPTIONS by name: every architecture the estimate is checked on
+ARCHITECTURES = {**{f"variant{i}": v for i, v in enumerate(VARIANTS)}, **OPTIONS}
+
 
 def config_of(*overrides: str):
     return load_config(None, [*SMALL, *overrides])
 
 
-@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("overrides", ARCHITECTURES.values(), ids=ARCHITECTURES)
 def test_parameter_count_and_flops_are_the_models(overrides: list[str]) -> None:
     m = config_of(*overrides).model
     model = GPT(m)
@@ -70,7 +127,7 @@ def test_parameter_count_of_a_huge_model_costs_nothing() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("overrides", ARCHITECTURES.values(), ids=ARCHITECTURES)
 def test_saved_activations_match_what_autograd_saves_to_the_byte(overrides: list[str], dtype: str) -> None:
     m = config_of(*overrides).model
     tokens = torch.randint(0, m.vocab_size, (3, m.block_size))
