@@ -127,8 +127,9 @@ def _norm_saved(model: ModelConfig, input_bytes: int = FP32, *, cpu: bool = True
     mean and rstd; the fused RMSNorm of model/gpt.py: rstd); per call Gemma's scale 1 + weight, a new
     fp32 tensor that the fused norm saves. The input is the fp32 residual stream, or in a post-norm
     the branch's output (`input_bytes`: the compute dtype), which CUDA's autocast casts to fp32 for
-    layer_norm (the CPU's keeps it). Norms elsewhere are assumed to save what the CPU's fused ones do.
-    The linear after a norm saves its output, counted there."""
+    layer_norm (the CPU's keeps it). On a GPU the other norms are assumed to save what the CPU's fused
+    ones do (F.rms_norm there, and Gemma's reference norm, may save more). The linear after a norm
+    saves its output, counted there."""
     layernorm = model.norm == "layernorm"
     if layernorm and not cpu:
         input_bytes = FP32
@@ -179,8 +180,9 @@ def _attention_saved(model: ModelConfig, dtype: str, cpu: bool, *, local: bool) 
     CPU in bf16 the model runs attention in fp32, so SDPA saves fp32 copies of q, k, v and its output.
     Soft-capped scores take explicit matrices (`_explicit_attention_saved`), which save the causal or
     window mask inverted, one byte per element per call. In bf16 rope casts its cos and sin tables
-    for q and for k on every call. A GPU is assumed to save what its flash or memory-efficient kernel
-    saves on the CPU in fp32 (the window's mask included), in the compute dtype."""
+    for q and for k on every call. On a GPU, SDPA (flash or memory-efficient) is assumed to save in
+    the compute dtype what the CPU's saves in fp32, a window's mask included, with dropout inside the
+    kernel; the explicit matrices are the same as on the CPU, in the compute dtype."""
     c, H, T = compute_bytes(dtype), model.n_head, model.block_size
     Hkv, hd = model.n_kv_head or H, head_size(model)
     qkv, qk, heads = (H + 2 * Hkv) * hd, (H + Hkv) * hd, H * hd
