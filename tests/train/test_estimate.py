@@ -7,23 +7,29 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from lmforge.config import load_config
+from lmforge.config import Config, load_config
+from lmforge.data.loader import RandomWindows
 from lmforge.model.gpt import GPT
+from lmforge.runtime import autocast
+from lmforge.train.distributed import apply_activation_checkpointing
 from lmforge.train.estimate import (
     FP32,
     activation_bytes,
     count_parameters,
     estimate,
     measured_saved_bytes,
+    measured_step_peak,
     memory,
     optimizer_bytes,
     saved_activation_bytes,
     training_seconds,
 )
-from lmforge.train.optim import split_parameters
+from lmforge.train.optim import build_optimizers, split_parameters
+from lmforge.train.step import Stepper, StepSettings
 
 SMALL = [
     "model.vocab_size=96",
@@ -309,3 +315,39 @@ def test_init_from_gives_the_checkpoints_architecture(cli, char_data: Path, tmp_
     trained = load_config(tmp_path / "run" / "config.toml").model
     assert json.loads(out)["params"]["total"] == GPT(trained).num_params()
     assert "architecture of train.init_from" in json.loads(out)["notes"][0]
+
+
+def measured_peak(config: Config, *, checkpointing: bool) -> int:
+    """Peak tensor bytes of a steady full-training step on CPU (as benchmarks/estimate_memory.py)."""
+    m, t = config.model, config.train
+    torch.manual_seed(0)
+    model = GPT(m)
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=4 * m.block_size * t.batch_size)
+    stepper = Stepper(
+        model,
+        build_optimizers(model, config.optim),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        amp=autocast(torch.device("cpu"), t.dtype),
+        device=torch.device("cpu"),
+        settings=StepSettings(grad_accum_steps=1, grad_clip=config.optim.grad_clip),
+    )
+    batches = RandomWindows(tokens.astype(np.uint32), m.block_size, t.batch_size, seed=0)
+    model.train()
+    stepper.gradients(batches)  # a first step creates AdamW's moments
+    stepper.update()
+    return measured_step_peak(stepper, batches)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_soft_capped_attentions_peak_holds_its_t_by_t_gradients(checkpointing: bool) -> None:
+    # 256 positions: the score matrices outweigh the rest of a block, and the step's peak is in the
+    # softmax's backward, with two T x T gradients alive (0.80-0.93 of the measured peak without them)
+    config = config_of("model.attn_softcap=50.0", "model.block_size=256", "train.batch_size=2")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, dtype="fp32"))
+    estimated = memory(
+        config, count_parameters(config.model), "none", devices=1, checkpointing=checkpointing, cpu=True
+    )
+    measured = measured_peak(config, checkpointing=checkpointing)
+    assert estimated.peak == pytest.approx(measured, rel=0.10), (estimated.peak, measured)

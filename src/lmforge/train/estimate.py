@@ -343,6 +343,33 @@ class Activations:
     working: float
 
 
+def _attention_backward_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
+    """Bytes per token that attention's backward holds at its peak beyond what the block saved. With
+    explicit score matrices (soft-capping; the CPU's math path under dropout) the gradients of the
+    probabilities and of the scores, T x T per head each, are alive together; under dropout the
+    dropped probabilities are freed first, so one more. Measured on CPU: the step's peak is in the
+    softmax's (or the dropout's) backward. A fused kernel works through the scores in tiles: none."""
+    if model.attn_softcap is None and not (cpu and model.dropout > 0):
+        return 0.0
+    a = FP32 if cpu else compute_bytes(dtype)  # the scores' dtype
+    return (1 if model.dropout > 0 else 2) * a * model.n_head * model.block_size
+
+
+def _mlp_half_saved(model: ModelConfig, dtype: str, cpu: bool, *, lora: LoraConfig | None) -> float:
+    """Bytes per token that a block (after the first) saves after attention and frees before
+    attention's backward: the second norm's, the MLP activation's, the learning MLP Linears' inputs,
+    the post-norms', the residual branches' dropout masks."""
+    c = compute_bytes(dtype)
+    saved = _norm_saved(model).per_token + _mlp_saved(model, dtype)
+    saved += c * model.d_model if _trains(lora, "up") else 0
+    saved += c * mlp_hidden_size(model) if _trains(lora, "down") else 0
+    if model.post_norms:
+        saved += 2 * _norm_saved(model, c, cpu=cpu).per_token
+    if model.dropout > 0:
+        saved += 2 * _branch_bytes(model, dtype, cpu) * model.d_model
+    return saved
+
+
 def activation_bytes(
     model: ModelConfig,
     dtype: str,
@@ -357,16 +384,19 @@ def activation_bytes(
 
     Without checkpointing the peak is at the start of backward: every saved tensor and the
     cross-entropy's two vocab-sized gradients. With it, each block keeps only
-    its fp32 input; backward recomputes one block at a time, after the cross-entropy is done.
-    A block's backward also holds one gradient of the MLP's up-projection output (the saved
-    tensors it replaces are freed as it goes) and two of the residual stream.
+    its fp32 input (post-norms or not); backward recomputes one block at a time, after the
+    cross-entropy is done. A block's backward also holds two gradients of the residual stream, and
+    one of the MLP's up-projection output (the saved tensors it replaces are freed as it goes) or,
+    later, attention's T x T gradients (`_attention_backward_bytes`).
     """
     tokens = micro_batch * model.block_size
     c, d, F = compute_bytes(dtype), model.d_model, mlp_hidden_size(model)
     block = block_activation_bytes(model, dtype, micro_batch, cpu=cpu, lora=lora)
     saved, transient = outside_activation_bytes(model, dtype, lora=lora)
-    backward = c * ((2 if model.mlp in GATED_MLPS else 1) * F) + 2 * FP32 * d
-    if checkpointing:  # a block keeps its fp32 input, post-norms or not
+    mlp = c * ((2 if model.mlp in GATED_MLPS else 1) * F)
+    attention = _attention_backward_bytes(model, dtype, cpu) - _mlp_half_saved(model, dtype, cpu, lora=lora)
+    backward = max(mlp, attention) + 2 * FP32 * d
+    if checkpointing:
         per_block, working = FP32 * d * tokens, block + backward * tokens
         blocks = model.n_layer * per_block
         start = blocks + (saved + transient) * tokens + _outside_fixed(model, lora)
