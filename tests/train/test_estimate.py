@@ -7,23 +7,29 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from lmforge.config import load_config
+from lmforge.config import Config, load_config
+from lmforge.data.loader import RandomWindows
 from lmforge.model.gpt import GPT
+from lmforge.runtime import autocast
+from lmforge.train.distributed import apply_activation_checkpointing
 from lmforge.train.estimate import (
     FP32,
     activation_bytes,
     count_parameters,
     estimate,
     measured_saved_bytes,
+    measured_step_peak,
     memory,
     optimizer_bytes,
     saved_activation_bytes,
     training_seconds,
 )
-from lmforge.train.optim import split_parameters
+from lmforge.train.optim import build_optimizers, split_parameters
+from lmforge.train.step import Stepper, StepSettings
 
 SMALL = [
     "model.vocab_size=96",
@@ -46,12 +52,69 @@ VARIANTS = [
     ],
 ]
 
+GEMMA2 = [  # Gemma 2's shape: every option it has
+    "model.position=rope",
+    "model.norm=rmsnorm1p",
+    "model.post_norms=true",
+    "model.embed_scale=true",
+    "model.mlp=geglu",
+    "model.attn_softcap=50.0",
+    "model.logit_softcap=30.0",
+    "model.sliding_window=8",
+    "model.global_every=2",
+    "model.head_dim=32",
+    "model.n_kv_head=2",
+    "model.bias=false",
+]
+QWEN3 = [
+    "model.position=rope",
+    "model.norm=rmsnorm",
+    "model.qk_norm=true",
+    "model.head_dim=32",
+    "model.n_kv_head=2",
+    "model.mlp=swiglu",
+    "model.bias=false",
+    "model.tie_embeddings=false",
+]
+# the architecture options beyond VARIANTS, alone and mixed, each saving something of its own
+OPTIONS = {
+    "rmsnorm1p": ["model.norm=rmsnorm1p"],
+    "rmsnorm1p-qk_norm": ["model.norm=rmsnorm1p", "model.qk_norm=true"],
+    "post_norms": ["model.norm=rmsnorm", "model.post_norms=true"],
+    "layernorm-post_norms-dropout": ["model.post_norms=true", "model.dropout=0.1"],
+    "embed_scale": ["model.embed_scale=true"],
+    "attn_softcap": ["model.position=rope", "model.attn_softcap=50.0"],
+    "attn_softcap-qk_norm-gqa-dropout": [
+        "model.attn_softcap=50.0",
+        "model.qk_norm=true",
+        "model.n_kv_head=2",
+        "model.dropout=0.1",
+    ],
+    "sliding_window": ["model.position=rope", "model.sliding_window=8"],
+    "global_every": ["model.position=rope", "model.sliding_window=8", "model.global_every=2"],
+    "rope_local_theta": [
+        "model.position=rope",
+        "model.sliding_window=8",
+        "model.global_every=2",
+        "model.rope_local_theta=10000",
+        "model.rope_theta=1000000",
+    ],
+    "head_dim": ["model.head_dim=32"],
+    "head_dim-gqa-dropout": ["model.head_dim=32", "model.n_kv_head=2", "model.dropout=0.1"],
+    "gemma2": GEMMA2,
+    "gemma2-dropout": [*GEMMA2, "model.dropout=0.1"],
+    "qwen3": QWEN3,
+}
+
+# VARIANTS and OPTIONS by name: every architecture the estimate is checked on
+ARCHITECTURES = {**{f"variant{i}": v for i, v in enumerate(VARIANTS)}, **OPTIONS}
+
 
 def config_of(*overrides: str):
     return load_config(None, [*SMALL, *overrides])
 
 
-@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("overrides", ARCHITECTURES.values(), ids=ARCHITECTURES)
 def test_parameter_count_and_flops_are_the_models(overrides: list[str]) -> None:
     m = config_of(*overrides).model
     model = GPT(m)
@@ -70,7 +133,7 @@ def test_parameter_count_of_a_huge_model_costs_nothing() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("overrides", ARCHITECTURES.values(), ids=ARCHITECTURES)
 def test_saved_activations_match_what_autograd_saves_to_the_byte(overrides: list[str], dtype: str) -> None:
     m = config_of(*overrides).model
     tokens = torch.randint(0, m.vocab_size, (3, m.block_size))
@@ -252,3 +315,39 @@ def test_init_from_gives_the_checkpoints_architecture(cli, char_data: Path, tmp_
     trained = load_config(tmp_path / "run" / "config.toml").model
     assert json.loads(out)["params"]["total"] == GPT(trained).num_params()
     assert "architecture of train.init_from" in json.loads(out)["notes"][0]
+
+
+def measured_peak(config: Config, *, checkpointing: bool) -> int:
+    """Peak tensor bytes of a steady full-training step on CPU (as benchmarks/estimate_memory.py)."""
+    m, t = config.model, config.train
+    torch.manual_seed(0)
+    model = GPT(m)
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=4 * m.block_size * t.batch_size)
+    stepper = Stepper(
+        model,
+        build_optimizers(model, config.optim),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        amp=autocast(torch.device("cpu"), t.dtype),
+        device=torch.device("cpu"),
+        settings=StepSettings(grad_accum_steps=1, grad_clip=config.optim.grad_clip),
+    )
+    batches = RandomWindows(tokens.astype(np.uint32), m.block_size, t.batch_size, seed=0)
+    model.train()
+    stepper.gradients(batches)  # a first step creates AdamW's moments
+    stepper.update()
+    return measured_step_peak(stepper, batches)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_soft_capped_attentions_peak_holds_its_t_by_t_gradients(checkpointing: bool) -> None:
+    # 256 positions: the score matrices outweigh the rest of a block, and the step's peak is in the
+    # softmax's backward, with two T x T gradients alive (0.80-0.93 of the measured peak without them)
+    config = config_of("model.attn_softcap=50.0", "model.block_size=256", "train.batch_size=2")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, dtype="fp32"))
+    estimated = memory(
+        config, count_parameters(config.model), "none", devices=1, checkpointing=checkpointing, cpu=True
+    )
+    measured = measured_peak(config, checkpointing=checkpointing)
+    assert estimated.peak == pytest.approx(measured, rel=0.10), (estimated.peak, measured)

@@ -29,7 +29,7 @@ from lmforge.train.estimate import (  # noqa: E402
 )
 from lmforge.train.optim import build_optimizers  # noqa: E402
 from lmforge.train.step import Stepper, StepSettings  # noqa: E402
-from tests.train.test_estimate import SMALL, VARIANTS  # noqa: E402
+from tests.train.test_estimate import OPTIONS, SMALL, VARIANTS  # noqa: E402
 
 MODEL = [
     "model.vocab_size=512",
@@ -81,8 +81,16 @@ LORAS = {
 }
 
 
+# the VARIANTS, and the options whose tensors LoRA changes most: proj's wider input (head_dim), the
+# post-norms of branches a frozen Linear ends, and Gemma 2's and Qwen3's mixes
+LORA_ARCHITECTURES = {
+    **{f"variant{i}": v for i, v in enumerate(VARIANTS)},
+    **{name: OPTIONS[name] for name in ("head_dim", "post_norms", "gemma2", "qwen3")},
+}
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("overrides", VARIANTS)
+@pytest.mark.parametrize("overrides", LORA_ARCHITECTURES.values(), ids=LORA_ARCHITECTURES)
 @pytest.mark.parametrize("lora", LORAS)
 def test_lora_saved_activations_match_what_autograd_saves_to_the_byte(
     lora: str, overrides: list[str], dtype: str

@@ -41,6 +41,7 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lmforge.config import Config, LoraConfig, ModelConfig, head_size, load_config
 from lmforge.errors import LmforgeError
-from lmforge.model.gpt import GATED_MLPS, GPT, attention_flops, mlp_hidden_size
+from lmforge.model.gpt import GATED_MLPS, GPT, attention_flops, is_local_layer, mlp_hidden_size
 from lmforge.recipes import config_path
 from lmforge.runtime import DEVICE_PEAK_FLOPS, Peak, autocast, device_peak, format_flops, resolve_dtype
 from lmforge.train.optim import split_parameters
@@ -109,11 +110,38 @@ def compute_bytes(dtype: str) -> int:
     return FP32 if dtype == "fp32" else 2
 
 
-def _norm_saved(model: ModelConfig) -> float:
-    """Bytes per token a norm saves: its fp32 input and statistics (fused layer_norm: mean and rstd;
-    the fused RMSNorm of model/gpt.py: rstd). The linear after it saves its output, counted there."""
-    statistics = 2 if model.norm == "layernorm" else 1
-    return FP32 * model.d_model + statistics * FP32
+class _Saved(NamedTuple):
+    """Bytes autograd saves in part of a training forward: per token, and per forward whatever the
+    micro-batch (tensors the size of a weight, a rope table or the T x T scores: one copy per call)."""
+
+    per_token: float = 0.0
+    fixed: float = 0.0
+
+    def plus(self, other: _Saved, times: int = 1) -> _Saved:
+        """This and `times` x `other`."""
+        return _Saved(self.per_token + times * other.per_token, self.fixed + times * other.fixed)
+
+
+def _norm_saved(model: ModelConfig, input_bytes: int = FP32, *, cpu: bool = True) -> _Saved:
+    """What a norm over d_model channels saves: per token its input and statistics (fused layer_norm:
+    mean and rstd; the fused RMSNorm of model/gpt.py: rstd); per call Gemma's scale 1 + weight, a new
+    fp32 tensor that the fused norm saves. The input is the fp32 residual stream, or in a post-norm
+    the branch's output (`input_bytes`: the compute dtype), which CUDA's autocast casts to fp32 for
+    layer_norm (the CPU's keeps it). On a GPU the other norms are assumed to save what the CPU's fused
+    ones do (F.rms_norm there, and Gemma's reference norm, may save more). The linear after a norm
+    saves its output, counted there."""
+    layernorm = model.norm == "layernorm"
+    if layernorm and not cpu:
+        input_bytes = FP32
+    statistics = 2 if layernorm else 1
+    scale = FP32 * model.d_model if model.norm == "rmsnorm1p" else 0
+    return _Saved(input_bytes * model.d_model + statistics * FP32, scale)
+
+
+def _branch_bytes(model: ModelConfig, dtype: str, cpu: bool) -> int:
+    """Bytes per element of a residual branch's output (attention's, the MLP's) where it joins the
+    stream: the compute dtype, or fp32 after a LayerNorm post-norm under CUDA's autocast."""
+    return FP32 if model.post_norms and model.norm == "layernorm" and not cpu else compute_bytes(dtype)
 
 
 def _trains(lora: LoraConfig | None, linear: str) -> bool:
@@ -123,111 +151,168 @@ def _trains(lora: LoraConfig | None, linear: str) -> bool:
     return lora is None or linear in lora.targets
 
 
-def _attention_saved(model: ModelConfig, dtype: str, cpu: bool) -> tuple[float, bool]:
-    """Bytes per token the attention between qkv and proj saves when its input needs a gradient, and
-    whether proj's input is SDPA's saved output itself (a view of it) rather than a copy.
+def _explicit_attention_saved(model: ModelConfig, dtype: str, cpu: bool) -> float:
+    """Bytes per token that `explicit_attention` (soft-capped scores, any device) saves: matmul's
+    copy of q and repeat_interleave's of k and v (n_head heads each), tanh's output (the capped
+    scores), softmax's fp32 output, and the probabilities as the product with v takes them: cast back
+    to a bf16 q's dtype (a GPU's; the CPU runs attention in fp32) or, under dropout, dropped, with the
+    dropout's mask (the CPU's a tensor of the scores' dtype, the fused kernel's one byte). The inverted
+    mask is per call (`_attention_saved`); proj's input, a copy, is counted with the Linears."""
+    a = FP32 if cpu else compute_bytes(dtype)  # the dtype of q, k, v and the scores
+    heads, scores = model.n_head * head_size(model), model.n_head * model.block_size
+    saved = 3 * a * heads + a * scores + FP32 * scores
+    if model.dropout > 0:
+        saved += (a if cpu else 1) * scores + a * scores
+    elif a != FP32:
+        saved += a * scores
+    return saved
 
-    SDPA saves q, k, v, its output and the log-sum-exp; q and k are views of the qkv output unless
-    rope/QK-norm made new tensors, and v keeps the whole qkv output alive. On CPU in bf16 the model
-    runs attention in fp32, so SDPA saves fp32 copies of q, k, v and its output."""
-    c = compute_bytes(dtype)
-    d, H = model.d_model, model.n_head
+
+def _attention_saved(model: ModelConfig, dtype: str, cpu: bool, *, local: bool) -> tuple[_Saved, bool]:
+    """What the attention between qkv and proj saves when its input needs a gradient (in a sliding-window
+    layer if `local`), and whether proj's input is SDPA's saved output itself (a view of it) rather
+    than a copy.
+
+    SDPA saves q, k, v, its output (n_head x head_dim wide, not necessarily d_model) and the
+    log-sum-exp; q and k are views of the qkv output unless rope/QK-norm made new tensors, and v keeps
+    the whole qkv output alive. Given a window's boolean mask, SDPA saves it turned into additive
+    scores in q's dtype (T x T, per call; the CPU's math path, under dropout, adds it unsaved). On
+    CPU in bf16 the model runs attention in fp32, so SDPA saves fp32 copies of q, k, v and its output.
+    Soft-capped scores take explicit matrices (`_explicit_attention_saved`), which save the causal or
+    window mask inverted, one byte per element per call. In bf16 rope casts its cos and sin tables
+    for q and for k on every call. On a GPU, SDPA (flash or memory-efficient) is assumed to save in
+    the compute dtype what the CPU's saves in fp32, a window's mask included, with dropout inside the
+    kernel; the explicit matrices are the same as on the CPU, in the compute dtype."""
+    c, H, T = compute_bytes(dtype), model.n_head, model.block_size
     Hkv, hd = model.n_kv_head or H, head_size(model)
-    qkv, qk = (H + 2 * Hkv) * hd, (H + Hkv) * hd
+    qkv, qk, heads = (H + 2 * Hkv) * hd, (H + Hkv) * hd, H * hd
     fp32_attention = cpu and dtype != "fp32"
     a = FP32 if fp32_attention else c  # dtype of SDPA's inputs and output
-    if cpu and model.dropout > 0:
+    fixed = 0.0
+    if model.attn_softcap is not None:
+        saved, proj_reads_output, fixed = _explicit_attention_saved(model, dtype, cpu), False, T * T
+    elif cpu and model.dropout > 0:
         # CPU flash attention has no dropout: the math path saves q, k, v (k and v repeated to n_head),
         # per head T x T softmax output, dropout mask and dropped probabilities (fp32)
-        saved, proj_reads_output = a * 3 * d + 3 * FP32 * H * model.block_size, False
-    elif fp32_attention:  # fp32 copies of q, k, v; SDPA's fp32 output and log-sum-exp
-        saved, proj_reads_output = FP32 * qkv + FP32 * d + FP32 * H, False
+        saved, proj_reads_output = a * 3 * heads + 3 * FP32 * H * T, False
     else:
-        # v keeps the whole qkv output alive; rope or QK-norm feed SDPA new q and k, laid out [B, T, H, hd]
-        # as the qkv output is, so SDPA's output is too and proj's input is a view of it
-        saved, proj_reads_output = c * qkv + FP32 * H + c * d, True
-        if model.position == "rope" or model.qk_norm:
-            saved += c * qk
+        if fp32_attention:  # fp32 copies of q, k, v; SDPA's fp32 output and log-sum-exp
+            saved, proj_reads_output = FP32 * qkv + FP32 * heads + FP32 * H, False
+        else:
+            # v keeps the whole qkv output alive; rope or QK-norm feed SDPA new q and k, laid out
+            # [B, T, H, hd] as the qkv output is, so SDPA's output is too and proj's input is a view of it
+            saved, proj_reads_output = c * qkv + FP32 * H + c * heads, True
+            if model.position == "rope" or model.qk_norm:
+                saved += c * qk
+        if local and model.sliding_window is not None and T > model.sliding_window:
+            fixed = a * T * T
     if model.qk_norm:  # the fused RMSNorm on q and k saves its inputs and an fp32 rstd per head
         saved += FP32 * (H + Hkv)
         if not proj_reads_output:
             saved += c * qkv  # its inputs are views of the qkv output (the flash path saves it anyway)
-    return saved, proj_reads_output
+        if model.norm == "rmsnorm1p":  # Gemma's head norms: their fp32 1 + weight, per call
+            fixed += 2 * FP32 * hd
+    if model.position == "rope" and dtype != "fp32":
+        fixed += 4 * c * T * hd
+    return _Saved(saved, fixed), proj_reads_output
+
+
+def _mlp_saved(model: ModelConfig, dtype: str) -> float:
+    """Bytes per token the MLP's activation saves: gelu/relu²: its input; swiglu/geglu: up (both
+    halves) and the activated gate."""
+    return (3 if model.mlp in GATED_MLPS else 1) * mlp_hidden_size(model) * compute_bytes(dtype)
 
 
 def _block_saved(
-    model: ModelConfig, dtype: str, cpu: bool, *, lora: LoraConfig | None, input_grad: bool
-) -> tuple[float, bool]:
-    """Bytes per token autograd saves in one block's training forward, and whether the block's output
-    needs a gradient. `input_grad`: whether its input (the residual stream) needs one; under LoRA the
-    first block's does not (the embedding is frozen), so autograd records nothing there before the
-    first adapter. The residual stream stays fp32 under autocast (fp32 embedding plus bf16 branches);
-    a learning Linear saves its input in the compute dtype.
+    model: ModelConfig, dtype: str, cpu: bool, *, layer: int, lora: LoraConfig | None, input_grad: bool
+) -> tuple[_Saved, bool]:
+    """What autograd saves in block `layer`'s training forward, and whether the block's output needs a
+    gradient. `input_grad`: whether its input (the residual stream) needs one; under LoRA the first
+    block's does not (the embedding is frozen), so autograd records nothing there before the first
+    adapter. The residual stream stays fp32 under autocast (fp32 embedding plus bf16 branches); a
+    learning Linear saves its input in the compute dtype; a post-norm saves its branch's output.
 
     A LoRA adapter saves its input through its A matrix, its rank-r intermediate through B, and with
     lora.dropout > 0 the fp32 dropout mask (where the input needs a gradient) and the dropped input,
     which A saves instead of the input. peft casts a bf16 input to fp32 before A (which autocast casts
     back): proj's adapter then saves a copy of SDPA's output, not the output itself (on a GPU; the CPU
     runs attention in fp32, and proj's input is a copy anyway)."""
-    c, d, F = compute_bytes(dtype), model.d_model, mlp_hidden_size(model)
-    width = {"qkv": d, "proj": d, "up": d, "down": F}
+    c, d, branch = compute_bytes(dtype), model.d_model, _branch_bytes(model, dtype, cpu)
+    width = {"qkv": d, "proj": model.n_head * head_size(model), "up": d, "down": mlp_hidden_size(model)}
     needs_grad = {"qkv": input_grad}  # whether each Linear's input needs a gradient
-    saved = _norm_saved(model) if input_grad else 0.0
-    attention, proj_reads_output = _attention_saved(model, dtype, cpu)
+    saved = _norm_saved(model) if input_grad else _Saved()
+    attention, proj_reads_output = _attention_saved(model, dtype, cpu, local=is_local_layer(model, layer))
     needs_grad["proj"] = input_grad or _trains(lora, "qkv")
     if needs_grad["proj"]:
-        saved += attention
+        saved = saved.plus(attention)
     adapter_copies = lora is not None and (lora.dropout > 0 or dtype != "fp32")
     proj_input_counted = needs_grad["proj"] and proj_reads_output and not adapter_copies
     attention_out_grad = needs_grad["proj"] or _trains(lora, "proj")
     needs_grad["up"] = input_grad or attention_out_grad
     if needs_grad["up"]:
-        saved += _norm_saved(model)
+        saved = saved.plus(_norm_saved(model))
     needs_grad["down"] = needs_grad["up"] or _trains(lora, "up")
-    if needs_grad["down"]:  # gelu/relu²: its input; swiglu: up (both halves), silu
-        saved += (3 if model.mlp in GATED_MLPS else 1) * F * c
+    if needs_grad["down"]:
+        saved = saved.plus(_Saved(_mlp_saved(model, dtype)))
     mlp_out_grad = needs_grad["down"] or _trains(lora, "down")
-    if model.dropout > 0:  # masks of the two residual branches, in the branch's dtype
-        saved += c * d * (int(attention_out_grad) + int(mlp_out_grad))
+    branches = int(attention_out_grad) + int(mlp_out_grad)  # residual branches whose output needs a gradient
+    if model.post_norms:
+        saved = saved.plus(_norm_saved(model, c, cpu=cpu), branches)
+    if model.dropout > 0:  # masks of the residual branches, in the branch's dtype
+        saved = saved.plus(_Saved(branch * d), branches)
     for linear in width:  # the inputs of the learning Linears (proj's may be SDPA's output, counted)
         if _trains(lora, linear) and not (linear == "proj" and proj_input_counted):
-            saved += c * width[linear]
+            saved = saved.plus(_Saved(c * width[linear]))
     for linear in lora.targets if lora is not None else ():
-        saved += c * lora.rank
+        saved = saved.plus(_Saved(c * lora.rank))
         if lora.dropout > 0 and needs_grad[linear]:
-            saved += FP32 * width[linear]
+            saved = saved.plus(_Saved(FP32 * width[linear]))
     return saved, needs_grad["up"] or mlp_out_grad
 
 
 def block_activation_bytes(
-    model: ModelConfig, dtype: str, cpu: bool, *, lora: LoraConfig | None = None
+    model: ModelConfig, dtype: str, micro_batch: int, *, cpu: bool, lora: LoraConfig | None = None
 ) -> float:
-    """Bytes per token that autograd saves in one block's training forward, in full training or with
-    `lora`'s adapters (a block after the first: its input needs a gradient either way)."""
-    return _block_saved(model, dtype, cpu, lora=lora, input_grad=True)[0]
+    """Bytes that autograd saves in the training forward of one block (the largest: a sliding-window
+    layer saves its mask) over `micro_batch` sequences, in full training or with `lora`'s adapters (a
+    block after the first: its input needs a gradient either way)."""
+    tokens = micro_batch * model.block_size
+    blocks = (
+        _block_saved(model, dtype, cpu, layer=i, lora=lora, input_grad=True)[0] for i in range(model.n_layer)
+    )
+    return max(b.per_token * tokens + b.fixed for b in blocks)
 
 
 def outside_activation_bytes(
-    model: ModelConfig, dtype: str, micro_batch: int, *, lora: LoraConfig | None = None
+    model: ModelConfig, dtype: str, *, lora: LoraConfig | None = None
 ) -> tuple[float, float]:
     """Bytes per token outside the blocks: (saved by autograd, cross-entropy backward transients).
 
     Saved: the targets, the final norm, and log_softmax's fp32 output (vocab-sized); when the
     embeddings and head learn (full training, not LoRA), also the token ids, the embedding dropout
     mask and the head's input. The backward of nll_loss and log_softmax each make an fp32
-    vocab-sized gradient.
+    vocab-sized gradient. Per forward (`_outside_fixed`): a few tensors whatever the micro-batch.
     """
     c, V, d = compute_bytes(dtype), model.vocab_size, model.d_model
-    saved = INDEX + _norm_saved(model) + FP32 * V
-    if lora is None:  # the embeddings' ids (and positions), their dropout mask, the head's input
+    saved = INDEX + _norm_saved(model).per_token + FP32 * V
+    if lora is None:  # the embeddings' ids, their dropout mask, the head's input
         saved += INDEX + c * d
-        if model.position == "learned":
-            saved += INDEX / micro_batch  # the positions 0..T-1, once per sequence
         if model.dropout > 0:
             saved += FP32 * d
     if model.logit_softcap is not None:  # tanh saves its fp32 output
         saved += FP32 * V
     return saved, 2 * FP32 * V
+
+
+def _outside_fixed(model: ModelConfig, lora: LoraConfig | None) -> float:
+    """Bytes saved once per forward outside the blocks: nll_loss's total weight (an fp32 scalar), the
+    final norm's per-call tensors, and where the embeddings learn the learned positions' ids 0..T-1
+    (int64, broadcast over the batch) and model.embed_scale's fp32 scalar sqrt(d_model)."""
+    saved = FP32 + _norm_saved(model).fixed
+    if lora is None:
+        saved += INDEX * model.block_size if model.position == "learned" else 0
+        saved += FP32 if model.embed_scale else 0
+    return saved
 
 
 def saved_activation_bytes(
@@ -236,15 +321,11 @@ def saved_activation_bytes(
     """Bytes autograd saves in a training forward of `micro_batch` sequences of block_size tokens,
     in full training or with `lora`'s adapters on a frozen model."""
     tokens = micro_batch * model.block_size
-    first, _ = _block_saved(model, dtype, cpu, lora=lora, input_grad=lora is None)
-    block = block_activation_bytes(model, dtype, cpu, lora=lora)
-    outside = outside_activation_bytes(model, dtype, micro_batch, lora=lora)[0]
-    per_token = first + (model.n_layer - 1) * block + outside
-    rope_tables = 0
-    if model.position == "rope" and dtype != "fp32":  # cos and sin cast per call: q and k in each block
-        attention_blocks = model.n_layer - (0 if lora is None or _trains(lora, "qkv") else 1)
-        rope_tables = attention_blocks * 4 * compute_bytes(dtype) * model.block_size * head_size(model)
-    return per_token * tokens + rope_tables + FP32  # nll_loss's total weight, one fp32 scalar
+    saved = _Saved(outside_activation_bytes(model, dtype, lora=lora)[0], _outside_fixed(model, lora))
+    for layer in range(model.n_layer):
+        input_grad = lora is None or layer > 0
+        saved = saved.plus(_block_saved(model, dtype, cpu, layer=layer, lora=lora, input_grad=input_grad)[0])
+    return saved.per_token * tokens + saved.fixed
 
 
 @dataclass(frozen=True)
@@ -262,6 +343,33 @@ class Activations:
     working: float
 
 
+def _attention_backward_bytes(model: ModelConfig, dtype: str, cpu: bool) -> float:
+    """Bytes per token that attention's backward holds at its peak beyond what the block saved. With
+    explicit score matrices (soft-capping; the CPU's math path under dropout) the gradients of the
+    probabilities and of the scores, T x T per head each, are alive together; under dropout the
+    dropped probabilities are freed first, so one more. Measured on CPU: the step's peak is in the
+    softmax's (or the dropout's) backward. A fused kernel works through the scores in tiles: none."""
+    if model.attn_softcap is None and not (cpu and model.dropout > 0):
+        return 0.0
+    a = FP32 if cpu else compute_bytes(dtype)  # the scores' dtype
+    return (1 if model.dropout > 0 else 2) * a * model.n_head * model.block_size
+
+
+def _mlp_half_saved(model: ModelConfig, dtype: str, cpu: bool, *, lora: LoraConfig | None) -> float:
+    """Bytes per token that a block (after the first) saves after attention and frees before
+    attention's backward: the second norm's, the MLP activation's, the learning MLP Linears' inputs,
+    the post-norms', the residual branches' dropout masks."""
+    c = compute_bytes(dtype)
+    saved = _norm_saved(model).per_token + _mlp_saved(model, dtype)
+    saved += c * model.d_model if _trains(lora, "up") else 0
+    saved += c * mlp_hidden_size(model) if _trains(lora, "down") else 0
+    if model.post_norms:
+        saved += 2 * _norm_saved(model, c, cpu=cpu).per_token
+    if model.dropout > 0:
+        saved += 2 * _branch_bytes(model, dtype, cpu) * model.d_model
+    return saved
+
+
 def activation_bytes(
     model: ModelConfig,
     dtype: str,
@@ -276,23 +384,28 @@ def activation_bytes(
 
     Without checkpointing the peak is at the start of backward: every saved tensor and the
     cross-entropy's two vocab-sized gradients. With it, each block keeps only
-    its fp32 input; backward recomputes one block at a time, after the cross-entropy is done.
-    A block's backward also holds one gradient of the MLP's up-projection output (the saved
-    tensors it replaces are freed as it goes) and two of the residual stream.
+    its fp32 input (post-norms or not); backward recomputes one block at a time, after the
+    cross-entropy is done. A block's backward also holds two gradients of the residual stream, and
+    one of the MLP's up-projection output (the saved tensors it replaces are freed as it goes) or,
+    later, attention's T x T gradients (`_attention_backward_bytes`).
     """
     tokens = micro_batch * model.block_size
     c, d, F = compute_bytes(dtype), model.d_model, mlp_hidden_size(model)
-    block = block_activation_bytes(model, dtype, cpu, lora=lora)
-    saved, transient = outside_activation_bytes(model, dtype, micro_batch, lora=lora)
-    backward = c * ((2 if model.mlp in GATED_MLPS else 1) * F) + 2 * FP32 * d
+    block = block_activation_bytes(model, dtype, micro_batch, cpu=cpu, lora=lora)
+    saved, transient = outside_activation_bytes(model, dtype, lora=lora)
+    mlp = c * ((2 if model.mlp in GATED_MLPS else 1) * F)
+    attention = _attention_backward_bytes(model, dtype, cpu) - _mlp_half_saved(model, dtype, cpu, lora=lora)
+    backward = max(mlp, attention) + 2 * FP32 * d
     if checkpointing:
-        per_block, working = FP32 * d * tokens, (block + backward) * tokens
+        per_block, working = FP32 * d * tokens, block + backward * tokens
         blocks = model.n_layer * per_block
-        start = blocks + (saved + transient) * tokens
+        start = blocks + (saved + transient) * tokens + _outside_fixed(model, lora)
     else:
-        per_block, working = block * tokens, backward * tokens
+        per_block, working = block, backward * tokens
         saved_bytes = saved_activation_bytes(model, dtype, micro_batch, cpu=cpu, lora=lora)
-        blocks = saved_bytes - saved * tokens  # every block's (LoRA's first keeps less), rope's tables
+        blocks = (
+            saved_bytes - saved * tokens
+        )  # every block's (LoRA's first keeps less), their per-call tensors
         start = saved_bytes + transient * tokens
     return Activations(peak=max(start, blocks + working), per_block=per_block, working=working)
 
