@@ -20,7 +20,11 @@ def sample_next(
     """Pick one token per row of `logits` [B, V]; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # From the largest logit down, so that a tiny temperature cannot overflow to inf (inf - inf: NaN
+    # probabilities); below float32's smallest normal number the division would be by 0: as T -> 0,
+    # sampling tends to the argmax (a tie shared at random), which the smallest one already gives.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
