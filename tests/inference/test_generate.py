@@ -70,3 +70,10 @@ def test_a_tiny_temperature_picks_the_likeliest_token_not_nan() -> None:
     g = torch.Generator().manual_seed(0)
     for temperature in (1e-40, 1e-300, 5e-324):
         assert sample_next(SKEWED, temperature, None, top_p=None, generator=g).view(-1).tolist() == LIKELIEST
+
+
+def test_a_tiny_top_p_keeps_the_likeliest_token() -> None:
+    """A top_p that float32 rounds to 0 dropped every token, and multinomial refused the NaNs."""
+    g = torch.Generator().manual_seed(0)
+    for top_p in (1e-300, 1e-46):
+        assert sample_next(SKEWED, 2.0, None, top_p=top_p, generator=g).view(-1).tolist() == LIKELIEST
