@@ -155,6 +155,7 @@ BAD_FIELDS = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"seed": 2**70}, "seed"),
     ({"logprobs": 3}, "logprobs"),
+    ({"logprobs": 0}, "logprobs"),  # a completion's 0 asks for the chosen tokens' logprobs
     ({"frobnicate": True}, "frobnicate"),
     ({"prompt": [10**9]}, "prompt"),
     ({"prompt": "caf\u00e9"}, "prompt"),
