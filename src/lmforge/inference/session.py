@@ -96,7 +96,7 @@ class InferenceSession:
         template's `end_of_turn`, the text is a chat reply (`TextRules.chat_reply`): it ends before
         the end of turn (special tokens count as text), with no blank before it."""
         rules = TextRules.chat_reply(end_of_turn) if end_of_turn else TextRules()
-        decoder = TextDecoder(self.tokenizer, rules)
+        decoder = TextDecoder(self.tokenizer, rules, context=prompt_ids)
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
 
         def pieces() -> Iterator[str]:
