@@ -193,6 +193,15 @@ def test_chat_message_errors_name_the_field(server: LiveServer) -> None:
     assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
 
 
+def test_messages_that_render_to_no_tokens_are_400_not_500(sampler: InferenceSession) -> None:
+    """A template that writes only the contents (a base model's) turns an empty message into no prompt."""
+    raw = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with serve(dataclasses.replace(sampler, template=raw)) as live:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": ""}], "max_tokens": 2}
+        response = httpx.post(f"{live.url}/v1/chat/completions", json=body)
+    assert (response.status_code, response.json()["error"]["param"]) == (400, "messages")
+
+
 def test_a_prompt_longer_than_the_context_is_413(server: LiveServer) -> None:
     with pytest.raises(openai.APIStatusError) as raised:
         client(server).completions.create(model=MODEL, prompt="a" * 65)

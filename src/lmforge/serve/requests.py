@@ -191,6 +191,8 @@ class ChatRequest(_Sampling):
             raise ApiError(
                 400, "'messages' have characters this model's tokenizer cannot represent", "messages"
             )
+        if not encoded.ids:  # a template that writes only the contents, and empty ones
+            raise ApiError(400, "'messages' render to no tokens with this model's chat template", "messages")
         return encoded.ids
 
 
