@@ -45,6 +45,9 @@ def test_a_prompt_outside_the_tokenizer_is_refused() -> None:
     assert session.prompt_ids("ba") == session.tokenizer.encode("ba").ids
     with pytest.raises(LmforgeError, match="cannot represent"):
         session.prompt_ids("abc")
+    # a lone surrogate (undecodable bytes in argv or stdin, "\\ud800" in JSON): no tokenizer takes it
+    with pytest.raises(LmforgeError, match="cannot represent"):
+        session.prompt_ids("a\udcff")
 
 
 def test_a_session_holds_the_checkpoint_its_tokenizer_template_and_precision(tmp_path: Path) -> None:

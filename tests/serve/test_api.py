@@ -161,6 +161,8 @@ BAD_FIELDS = [
     ({"prompt": "caf\u00e9"}, "prompt"),
 ]
 
+_SURROGATE_MESSAGE = '"messages": [{"role": "user", "content": "a\\udcffb"}]'
+
 
 @pytest.mark.parametrize(("fields", "param"), BAD_FIELDS)
 def test_a_bad_field_is_400_with_openais_error_body(server: LiveServer, fields: dict, param: str) -> None:
@@ -200,6 +202,19 @@ def test_messages_that_render_to_no_tokens_are_400_not_500(sampler: InferenceSes
         body = {"model": MODEL, "messages": [{"role": "user", "content": ""}], "max_tokens": 2}
         response = httpx.post(f"{live.url}/v1/chat/completions", json=body)
     assert (response.status_code, response.json()["error"]["param"]) == (400, "messages")
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [("completions", '"prompt": "a\\ud800"', "prompt"), ("chat/completions", _SURROGATE_MESSAGE, "messages")],
+)
+def test_a_lone_surrogate_is_400_not_500(server: LiveServer, path: str, fields: str, param: str) -> None:
+    """Valid JSON ("\\ud800" is an escape JSON allows) whose text no tokenizer takes."""
+    body = f'{{"model": "{MODEL}", "max_tokens": 2, {fields}}}'.encode()
+    response = httpx.post(
+        f"{server.url}/v1/{path}", content=body, headers={"content-type": "application/json"}
+    )
+    assert (response.status_code, response.json()["error"]["param"]) == (400, param)
 
 
 def test_a_prompt_longer_than_the_context_is_413(server: LiveServer) -> None:

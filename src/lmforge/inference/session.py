@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from lmforge.checkpoint import open_checkpoint
 from lmforge.config import Config
 from lmforge.data.chat_template import ChatTemplate
-from lmforge.data.tokenizer import eot_id, load_tokenizer
+from lmforge.data.tokenizer import eot_id, load_tokenizer, tokenizable
 from lmforge.errors import LmforgeError
 from lmforge.inference.generate import generate
 from lmforge.inference.sampling import SamplingOptions, TextDecoder, TextRules
@@ -75,7 +75,7 @@ class InferenceSession:
         """The prompt's tokens; with no prompt, the start of a document: <|endoftext|>, else a
         newline, else token 0. A prompt the tokenizer cannot represent exactly is refused."""
         if prompt:
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids if tokenizable(prompt) else []
             if self.tokenizer.decode(ids, skip_special_tokens=False) != prompt:
                 raise LmforgeError("--prompt has characters that this model's tokenizer cannot represent")
             return ids
