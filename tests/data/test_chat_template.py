@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Segment
+from lmforge.data.chat_template import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Segment, encode_segments
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 
@@ -120,3 +120,13 @@ def test_a_template_that_renders_earlier_turns_differently_cannot_be_trained_on(
 def test_bad_or_unsafe_templates_are_one_line_errors(source: str, message: str) -> None:
     with pytest.raises(LmforgeError, match=message):
         ChatTemplate(source).render(MESSAGES)
+
+
+def test_a_lone_surrogate_is_text_the_tokenizer_cannot_represent_not_a_crash() -> None:
+    """Undecodable bytes read by `chat` (surrogate escapes) or "\\ud800" in a JSON message: the
+    tokenizer refuses such a str outright (TypeError); the conversation is not exact instead."""
+    tokenizer = char_tokenizer("abc:\n ")
+    ok, bad = encode_segments(
+        tokenizer, [[Segment("a: b", False)], [Segment("a\udcff", False), Segment("b", True)]]
+    )
+    assert ok.exact and not bad.exact

@@ -58,3 +58,22 @@ def test_beam_search_of_width_one_is_greedy_and_wider_beams_score_higher() -> No
     )  # stops at once
     unused = next(t for t in range(50) if t not in greedy)
     assert beam_search(model, prompt, beam_size=1, max_new_tokens=8, stop_tokens={unused}) == greedy
+
+
+LIKELIEST = [2, 1]  # the argmax of each row of SKEWED
+SKEWED = torch.tensor([[0.0, 1.0, 3.0, 2.0], [-5.0, 4.0, 1.0, 0.0]])
+
+
+def test_a_tiny_temperature_picks_the_likeliest_token_not_nan() -> None:
+    """logits / 1e-40 overflowed to inf (inf - inf: NaN probabilities), and a temperature below
+    float32's smallest number divided by 0: multinomial refused both."""
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1e-40, 1e-300, 5e-324):
+        assert sample_next(SKEWED, temperature, None, top_p=None, generator=g).view(-1).tolist() == LIKELIEST
+
+
+def test_a_tiny_top_p_keeps_the_likeliest_token() -> None:
+    """A top_p that float32 rounds to 0 dropped every token, and multinomial refused the NaNs."""
+    g = torch.Generator().manual_seed(0)
+    for top_p in (1e-300, 1e-46):
+        assert sample_next(SKEWED, 2.0, None, top_p=top_p, generator=g).view(-1).tolist() == LIKELIEST

@@ -1,5 +1,7 @@
 """`lmforge sample`: continuations of a prompt, streamed."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -31,3 +33,16 @@ def test_stream_samples_takes_its_sampling_as_one_sampling_options(tmp_path: Pat
     first, second = text[:-1].split(f"\n{SAMPLE_SEPARATOR}\n")
     assert first == second  # greedy: both samples are the same continuation of the prompt
     assert first.startswith("ab") and len(first) <= len("ab") + 3
+
+
+def test_a_reader_that_stops_reading_ends_sample_as_sigpipe_would_without_a_traceback(tmp_path: Path) -> None:
+    """`lmforge sample RUN | head -c 1`: the next write finds the pipe closed (BrokenPipeError)."""
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    command = [sys.executable, "-m", "lmforge", "sample", str(run), "--max-new-tokens", "500"]
+    sample = subprocess.Popen(
+        [*command, "--num-samples", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert sample.stdout.read(1)
+    sample.stdout.close()
+    errors = sample.stderr.read().decode()
+    assert (sample.wait(timeout=60), errors) == (141, "")  # 128 + SIGPIPE, as `yes | head` ends

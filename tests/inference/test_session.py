@@ -11,8 +11,11 @@ from lmforge.data.chat_template import ChatTemplate
 from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.inference import InferenceSession, ModelSource, load
+from lmforge.inference.generate import generate
+from lmforge.inference.sampling import SamplingOptions
 from lmforge.model import GPT
 from tests.conftest import random_char_run
+from tests.inference.test_sampling import sentencepiece_tokenizer
 
 
 def session_for(tokenizer: Tokenizer) -> InferenceSession:
@@ -42,6 +45,9 @@ def test_a_prompt_outside_the_tokenizer_is_refused() -> None:
     assert session.prompt_ids("ba") == session.tokenizer.encode("ba").ids
     with pytest.raises(LmforgeError, match="cannot represent"):
         session.prompt_ids("abc")
+    # a lone surrogate (undecodable bytes in argv or stdin, "\\ud800" in JSON): no tokenizer takes it
+    with pytest.raises(LmforgeError, match="cannot represent"):
+        session.prompt_ids("a\udcff")
 
 
 def test_a_session_holds_the_checkpoint_its_tokenizer_template_and_precision(tmp_path: Path) -> None:
@@ -74,3 +80,26 @@ def test_a_session_without_weights_has_the_checkpoints_config_and_tokenizer_and_
     assert light.model.config == full.model.config and light.checkpoint == full.checkpoint
     assert all(p.is_meta for p in light.model.parameters())
     assert light.prompt_ids("ab") == full.prompt_ids("ab")
+
+
+def sentencepiece_session() -> tuple[InferenceSession, list[int], str]:
+    """A session of Llama 2's tokenizer scheme whose greedy continuation of "The capital is" begins
+    with a word, whose space SentencePiece's decoder strips at the start of a text; and that
+    continuation's text as the whole text decodes it (the prompt's text cut off)."""
+    tokenizer = sentencepiece_tokenizer()
+    prompt = [2, 3, 4]  # The capital is
+    for seed in range(50):
+        torch.manual_seed(seed)
+        session = session_for(tokenizer)
+        ids = [int(t) for t in generate(session.model, torch.tensor([prompt]), 4, temperature=0)]
+        if ids[0] in (2, 3, 4, 5):  # a word ("▁The" ... "▁Paris")
+            whole = tokenizer.decode(prompt + ids)
+            return session, prompt, whole[len(tokenizer.decode(prompt)) :]
+    raise AssertionError("no seed gave a continuation that begins with a word")
+
+
+def test_a_completion_keeps_the_space_before_its_first_word() -> None:
+    session, prompt, expected = sentencepiece_session()
+    options = SamplingOptions(max_new_tokens=4, temperature=0.0, top_k=None, top_p=None)
+    assert expected.startswith(" ")
+    assert "".join(session.complete(prompt, options, torch.Generator())) == expected

@@ -155,10 +155,13 @@ BAD_FIELDS = [
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"seed": 2**70}, "seed"),
     ({"logprobs": 3}, "logprobs"),
+    ({"logprobs": 0}, "logprobs"),  # a completion's 0 asks for the chosen tokens' logprobs
     ({"frobnicate": True}, "frobnicate"),
     ({"prompt": [10**9]}, "prompt"),
     ({"prompt": "caf\u00e9"}, "prompt"),
 ]
+
+_SURROGATE_MESSAGE = '"messages": [{"role": "user", "content": "a\\udcffb"}]'
 
 
 @pytest.mark.parametrize(("fields", "param"), BAD_FIELDS)
@@ -190,6 +193,28 @@ def test_chat_message_errors_name_the_field(server: LiveServer) -> None:
     assert role["param"] == "messages.0.role"
     other = httpx.post(url, json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]})
     assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+
+
+def test_messages_that_render_to_no_tokens_are_400_not_500(sampler: InferenceSession) -> None:
+    """A template that writes only the contents (a base model's) turns an empty message into no prompt."""
+    raw = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with serve(dataclasses.replace(sampler, template=raw)) as live:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": ""}], "max_tokens": 2}
+        response = httpx.post(f"{live.url}/v1/chat/completions", json=body)
+    assert (response.status_code, response.json()["error"]["param"]) == (400, "messages")
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [("completions", '"prompt": "a\\ud800"', "prompt"), ("chat/completions", _SURROGATE_MESSAGE, "messages")],
+)
+def test_a_lone_surrogate_is_400_not_500(server: LiveServer, path: str, fields: str, param: str) -> None:
+    """Valid JSON ("\\ud800" is an escape JSON allows) whose text no tokenizer takes."""
+    body = f'{{"model": "{MODEL}", "max_tokens": 2, {fields}}}'.encode()
+    response = httpx.post(
+        f"{server.url}/v1/{path}", content=body, headers={"content-type": "application/json"}
+    )
+    assert (response.status_code, response.json()["error"]["param"]) == (400, param)
 
 
 def test_a_prompt_longer_than_the_context_is_413(server: LiveServer) -> None:

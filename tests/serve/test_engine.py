@@ -26,6 +26,7 @@ from lmforge.serve.engine import (
     decode_buckets,
     prefill_groups,
 )
+from tests.inference.test_session import sentencepiece_session
 
 
 class SlowModel(torch.nn.Module):
@@ -183,6 +184,17 @@ def test_finish_reasons_stop_length_and_the_context(sampler: InferenceSession) -
         assert (reason, tokens) == (LENGTH, 5)  # the 5th token is chosen but never needs feeding
     finally:
         engine.close()
+
+
+def test_a_completion_keeps_the_space_before_its_first_word() -> None:
+    """Decoded after its prompt, not as the start of a text (SentencePiece's decoders strip that space)."""
+    session, prompt, expected = sentencepiece_session()
+    engine = Engine(session, max_batch=2).start()
+    try:
+        ((text, _, _),) = run_jobs(engine, [prompt], dataclasses.replace(GREEDY, max_tokens=4))
+    finally:
+        engine.close()
+    assert text == expected and text.startswith(" ")
 
 
 def test_a_cancelled_request_frees_its_slot_for_a_waiting_one(sampler: InferenceSession) -> None:

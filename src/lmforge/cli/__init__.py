@@ -22,6 +22,7 @@ from lmforge.output import command_output
 
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: how a shell reports a writer whose reader left (`yes | head`)
 
 AddParser = Callable[[Subparsers, str], argparse.ArgumentParser]  # adds verb NAME's parser, returns it
 Run = Callable[[argparse.Namespace], int]  # runs the verb: the exit status
@@ -133,6 +134,10 @@ def _run(args: argparse.Namespace) -> int:
         return _exit(f"lmforge {args.verb}: error{where}: {exc}", EXIT_USER_ERROR, world)
     except KeyboardInterrupt:
         return _exit(f"lmforge {args.verb}: interrupted{where}", EXIT_INTERRUPTED, world)
+    except BrokenPipeError:  # `lmforge sample RUN | head`: the reader has gone, nothing to tell it
+        # Python flushes stdout once more at exit, which would fail again: it goes to /dev/null instead
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as exc:
         if world > 1 and _is_collective_failure(
             exc

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from tokenizers import Tokenizer
 
-from lmforge.data.tokenizer import EOT
+from lmforge.data.tokenizer import EOT, tokenizable
 from lmforge.errors import LmforgeError
 from lmforge.jsonl import loads
 
@@ -200,7 +200,9 @@ class Encoded(NamedTuple):
 def encode_segments(tokenizer: Tokenizer, conversations: list[list[Segment]]) -> list[Encoded]:
     """Each conversation's segments tokenized one by one and joined (all in one batch)."""
     flat = [s for segments in conversations for s in segments]
-    encodings = tokenizer.encode_batch([s.text for s in flat], add_special_tokens=False)
+    # text no tokenizer takes is encoded as nothing: its conversation is then not exact
+    texts = [s.text if tokenizable(s.text) else "" for s in flat]
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     out, k = [], 0
     for segments in conversations:
         ids: list[int] = []

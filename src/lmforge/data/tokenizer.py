@@ -105,6 +105,16 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     return tokenizer
 
 
+def tokenizable(text: str) -> bool:
+    """Whether a tokenizer takes `text` at all: it refuses (TypeError) a str with a lone surrogate,
+    which undecodable bytes in argv or stdin become (surrogate escapes), as does "\\ud800" in JSON."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def eot_id(tokenizer: Tokenizer) -> int | None:
     """The id of `<|endoftext|>`, or None when the tokenizer has no such token."""
     return tokenizer.token_to_id(EOT)

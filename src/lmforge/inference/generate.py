@@ -20,7 +20,11 @@ def sample_next(
     """Pick one token per row of `logits` [B, V]; temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # From the largest logit down, so that a tiny temperature cannot overflow to inf (inf - inf: NaN
+    # probabilities); below float32's smallest normal number the division would be by 0: as T -> 0,
+    # sampling tends to the argmax (a tie shared at random), which the smallest one already gives.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(logits.dtype).tiny)
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -28,6 +32,7 @@ def sample_next(
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keep the smallest set reaching top_p
+        drop[:, 0] = False  # and the likeliest token always (a top_p that float32 rounds to 0 kept none)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator)

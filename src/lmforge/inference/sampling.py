@@ -48,6 +48,9 @@ class TextRules:
         return cls((*stops, end_of_turn) if end_of_turn else tuple(stops), special_tokens=True, reply=True)
 
 
+CONTEXT_TOKENS = 8  # the prompt's last tokens that a TextDecoder reads before the continuation
+
+
 class StopScanner:
     """Text fed a piece at a time and released up to the first of `stops`, which may span pieces:
     text that could begin a stop is held back until it cannot, so nothing of a stop is ever
@@ -92,12 +95,25 @@ class TextDecoder:
     """Generated token ids turned into text as they come, one token at a time: a token's text is
     released as soon as it decodes to whole characters. <|endoftext|> ends the text, and so does
     any of the `rules`' stops, nothing of which is released. The one decoder of `sample`, `chat`
-    and `serve`."""
+    and `serve`.
 
-    def __init__(self, tokenizer: Tokenizer, rules: TextRules = TextRules()) -> None:
+    `context` (the prompt's ids) is decoded first and its text left out, so that each token reads as
+    it does after the prompt: SentencePiece's decoders (Llama 2, Mistral, Phi-3) strip the space of
+    a text's first word, which alone made "The capital is" + "▁Paris" "The capital isParis"."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, rules: TextRules = TextRules(), *, context: Sequence[int] = ()
+    ) -> None:
         self.tokenizer = tokenizer
         self.eot = eot_id(tokenizer)
-        self.stream = DecodeStream(skip_special_tokens=not rules.special_tokens)
+        skip_special_tokens = not rules.special_tokens
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        tail = list(context[-CONTEXT_TOKENS:])
+        # a prompt that ends inside a character (or with U+FFFD) would leave its bytes in the stream,
+        # to come out with the first token's text: such a continuation is decoded on its own
+        if tail and not tokenizer.decode(tail, skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+            for token in tail:
+                self.stream.step(tokenizer, token)
         self.scanner = StopScanner(rules.stops, reply=rules.reply)
         self.done = False  # <|endoftext|> or a stop was reached: feed no more
 

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from lmforge.checkpoint import open_checkpoint
 from lmforge.config import Config
 from lmforge.data.chat_template import ChatTemplate
-from lmforge.data.tokenizer import eot_id, load_tokenizer
+from lmforge.data.tokenizer import eot_id, load_tokenizer, tokenizable
 from lmforge.errors import LmforgeError
 from lmforge.inference.generate import generate
 from lmforge.inference.sampling import SamplingOptions, TextDecoder, TextRules
@@ -75,7 +75,7 @@ class InferenceSession:
         """The prompt's tokens; with no prompt, the start of a document: <|endoftext|>, else a
         newline, else token 0. A prompt the tokenizer cannot represent exactly is refused."""
         if prompt:
-            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids if tokenizable(prompt) else []
             if self.tokenizer.decode(ids, skip_special_tokens=False) != prompt:
                 raise LmforgeError("--prompt has characters that this model's tokenizer cannot represent")
             return ids
@@ -96,7 +96,7 @@ class InferenceSession:
         template's `end_of_turn`, the text is a chat reply (`TextRules.chat_reply`): it ends before
         the end of turn (special tokens count as text), with no blank before it."""
         rules = TextRules.chat_reply(end_of_turn) if end_of_turn else TextRules()
-        decoder = TextDecoder(self.tokenizer, rules)
+        decoder = TextDecoder(self.tokenizer, rules, context=prompt_ids)
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
 
         def pieces() -> Iterator[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from lmforge.config import SEED_LIMIT
 from lmforge.data.chat_template import ChatTemplate, encode_segments
@@ -24,6 +24,14 @@ from lmforge.serve.engine import Params
 MAX_STOPS = 4  # OpenAI's limit on `stop`
 MAX_CHOICES = 16  # `n`
 INT64 = 2**63  # `seed` is any 64-bit integer, as OpenAI's; it is reduced modulo SEED_LIMIT
+
+
+def _a_bool(value: object) -> object:
+    """`logprobs` as a boolean: Literal[False] alone takes 0 too (0 == False), and a completion's
+    `logprobs: 0` asks for the chosen tokens' log-probabilities, which lmforge does not return."""
+    if not isinstance(value, bool):
+        raise ValueError("lmforge does not return log-probabilities: leave it out, or give false")
+    return value
 
 
 class ApiError(Exception):
@@ -71,7 +79,7 @@ class _Sampling(_Strict):
     presence_penalty: Literal[0] | None = None
     frequency_penalty: Literal[0] | None = None
     logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
-    logprobs: Literal[False] | None = None
+    logprobs: Annotated[Literal[False], BeforeValidator(_a_bool)] | None = None
 
     def stops(self) -> tuple[str, ...]:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -183,6 +191,8 @@ class ChatRequest(_Sampling):
             raise ApiError(
                 400, "'messages' have characters this model's tokenizer cannot represent", "messages"
             )
+        if not encoded.ids:  # a template that writes only the contents, and empty ones
+            raise ApiError(400, "'messages' render to no tokens with this model's chat template", "messages")
         return encoded.ids
 
 
