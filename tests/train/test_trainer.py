@@ -539,3 +539,22 @@ def test_build_run_resolves_a_copy_of_the_config_and_leaves_the_callers_as_it_wa
         assert run.config.model.n_layer == architecture
         assert run.config.model.vocab_size == (64 if init_from else 59)  # the source's, else the data's
         assert load_config(tmp_path / f"run{architecture}" / "config.toml") == run.config  # as saved
+
+
+SHORT = ["train.max_steps=4", "train.eval_interval=2", "train.checkpoint_interval=2"]
+
+
+def test_resume_with_another_optimizer_is_refused_and_leaves_the_run_as_it_was(
+    cli, config_file: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    assert run_train(cli, config_file, run, *SHORT)[0] == 0
+    before = snapshot(run)
+    for optimizer in ("sgd", "muon"):
+        more = ["--set", "train.max_steps=6", "--set", f"optim.name={optimizer}"]
+        code, _, err = cli("train", "--out", run, "--resume", *more)
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"optim.name: 'adamw' in the checkpoint, {optimizer!r} in the config" in err
+        assert snapshot(run) == before  # the run's config.toml still names AdamW
+    code, _, err = cli("train", "--out", run, "--resume", "--set", "train.max_steps=6")
+    assert code == 0, err

@@ -382,7 +382,13 @@ def check_compatible(
         source = f"train.init_from {init_from}"
         check_same_tokenizer(data.dir, data.tokenizer_file, init_from / "tokenizer.json", source=source)
     if resume_from is not None:
-        check_same_architecture(ckpt.load_config_of(resume_from).model, config.model, resume_from)
+        saved = ckpt.load_config_of(resume_from)
+        check_same_architecture(saved.model, config.model, resume_from)
+        if saved.optim.name != config.optim.name:  # its state (moments, groups) is another optimizer's
+            raise LmforgeError(
+                f"{resume_from}: checkpoint of another optimizer (optim.name: {saved.optim.name!r} in the "
+                f"checkpoint, {config.optim.name!r} in the config)"
+            )
         source = f"checkpoint {resume_from}"
         check_same_tokenizer(data.dir, data.tokenizer_file, resume_from / "tokenizer.json", source=source)
 
