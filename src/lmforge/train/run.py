@@ -48,7 +48,7 @@ from lmforge.train.objective import (
     evaluate_preferences,
     frozen_reference,
 )
-from lmforge.train.optim import build_optimizers
+from lmforge.train.optim import apply_settings, build_optimizers
 from lmforge.train.step import Stepper, StepSettings
 
 
@@ -190,6 +190,8 @@ def build_run(
     state = new_training_state(config, module, wrapped, data=data, device=device)
     dist.barrier()  # every rank has checked the run folder before rank 0 changes it
     checkpointer.restore(state)
+    if resume_from is not None:  # the config's lr, weight decay, ... over those the checkpoint saved
+        apply_settings(state.optimizers, module, config.optim)
     progress = state.progress
     if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
         progress.flops_done = progress.tokens_seen * module.flops_per_token()
