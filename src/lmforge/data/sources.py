@@ -451,13 +451,13 @@ def open_corpus(
     if path.is_file():
         if input_format == "auto":
             input_kind(path, refuse=True)
-        files: tuple[Path, ...] = (path.resolve(),)
-        source = str(path.resolve())
+        files: tuple[Path, ...] = (_absolute(path),)
+        source = str(files[0])
     elif path.is_dir():
         suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
         files = tuple(
             sorted(
-                p.resolve()
+                _absolute(p)
                 for p in path.rglob("*")
                 if p.is_file()
                 and (p.suffix in suffixes if input_format == "auto" else _of_format(p, input_format))
@@ -465,7 +465,7 @@ def open_corpus(
         )
         if not files:
             raise LmforgeError(f"{path}: no {', '.join(suffixes)} files in this folder")
-        source = str(path.resolve())
+        source = str(_absolute(path))
     elif spec in NAMED_DATASETS:
         parts = NAMED_DATASETS[spec]
         files = tuple(resolve_named_dataset(part) for part in parts)
@@ -483,6 +483,12 @@ def open_corpus(
     return Corpus(
         source=source, files=files, invalid_utf8=invalid_utf8, format=input_format, text_column=column
     )
+
+
+def _absolute(path: Path) -> Path:
+    """`path` made absolute without following links: a linked file (a Hugging Face cache snapshot's
+    `train.txt`, a link to a blob named by its hash) is read by its own name's suffix."""
+    return Path(os.path.abspath(path))
 
 
 def _of_format(path: Path, input_format: str) -> bool:
