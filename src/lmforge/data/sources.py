@@ -557,11 +557,16 @@ def _record_documents(rows: Iterator[Row], column: str, *, where: object) -> Ite
 
 
 def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
-    """Decode a file in chunks, each cut after its last newline when it has one."""
+    """Decode a file in chunks, each cut after its last newline when it has one. A UTF-8 byte order
+    mark at its start is no character of the text (Windows editors write one)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     consumed = 0
     carry = ""
     with _open_binary(path) as f:
+        if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:
+            consumed = len(codecs.BOM_UTF8)
+        else:
+            f.seek(0)
         while True:
             raw = f.read(CHUNK_BYTES)
             final = not raw
