@@ -371,8 +371,7 @@ def _open_tokens(directory: str, block_size: int) -> PreparedData:
         raise LmforgeError(
             f"model.block_size {block_size} is larger than the train split ({len(data.train)} tokens)"
         )
-    if len(data.val) < 2:
-        raise LmforgeError(f"{data.dir}: the val split needs at least 2 tokens to evaluate")
+    data.check_evaluable()  # before training, not at its first eval
     return data
 
 
