@@ -424,3 +424,18 @@ def test_a_linked_file_is_read_by_its_own_name_not_its_targets(cli, tmp_path: Pa
     code, _, err = cli("prepare", snapshot, "--tokenizer", "char", "--out", tmp_path / "folder", "-q")
     assert code == 0, err
     assert json.loads((tmp_path / "folder" / "meta.json").read_text())["documents"] == 21
+
+
+def test_a_folder_reads_its_gzipped_text_files_as_a_file_argument_does(tmp_path: Path) -> None:
+    import gzip
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a plain document\n")
+    with gzip.open(folder / "b.txt.gz", "wt") as f:
+        f.write("a gzipped document\n")
+    prepare(str(folder), tmp_path / "out", tokenizer="byte", progress=False, val_fraction=0.34)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["documents"] == 2
+    text = decode_split(tmp_path / "out", "train") + decode_split(tmp_path / "out", "val")
+    assert sorted(text.splitlines()) == ["a gzipped document", "a plain document"]

@@ -454,17 +454,13 @@ def open_corpus(
         files: tuple[Path, ...] = (_absolute(path),)
         source = str(files[0])
     elif path.is_dir():
-        suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
         files = tuple(
-            sorted(
-                _absolute(p)
-                for p in path.rglob("*")
-                if p.is_file()
-                and (p.suffix in suffixes if input_format == "auto" else _of_format(p, input_format))
-            )
+            sorted(_absolute(p) for p in path.rglob("*") if p.is_file() and _of_format(p, input_format))
         )
         if not files:
-            raise LmforgeError(f"{path}: no {', '.join(suffixes)} files in this folder")
+            raise LmforgeError(
+                f"{path}: no {', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)} files in this folder"
+            )
         source = str(_absolute(path))
     elif spec in NAMED_DATASETS:
         parts = NAMED_DATASETS[spec]
@@ -492,10 +488,18 @@ def _absolute(path: Path) -> Path:
 
 
 def _of_format(path: Path, input_format: str) -> bool:
-    """Whether a folder's file is read under --format: text reads text files, a record type its own."""
-    if input_format == "text":
-        return path.suffix in TEXT_SUFFIXES
-    return FILE_TYPES.get(path.suffix.lower()) == input_format
+    """Whether a folder's file is read under --format: auto reads text and record files, text reads text
+    files (gzipped too), a record type its own."""
+    if input_format in ("auto", "text") and _is_text(path):
+        return True
+    kind = FILE_TYPES.get(path.suffix.lower())
+    return kind is not None and input_format in ("auto", kind)
+
+
+def _is_text(path: Path) -> bool:
+    """Whether `path` is a plain text file by its suffix, also gzipped (`.txt.gz`)."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    return path.suffix in TEXT_SUFFIXES or (suffixes[-1:] == [".gz"] and suffixes[0] in TEXT_SUFFIXES)
 
 
 def input_kind(path: Path, *, refuse: bool = False) -> str:
@@ -504,7 +508,7 @@ def input_kind(path: Path, *, refuse: bool = False) -> str:
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     if path.suffix.lower() in FILE_TYPES:
         return FILE_TYPES[path.suffix.lower()]
-    if path.suffix in TEXT_SUFFIXES or (suffixes[-1:] == [".gz"] and suffixes[0] in TEXT_SUFFIXES):
+    if _is_text(path):
         return "text"
     if suffixes[-1:] == [".gz"] and suffixes[0] in FILE_TYPES:
         raise LmforgeError(
