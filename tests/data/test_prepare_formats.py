@@ -133,3 +133,15 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path) -> None:
     (tmp_path / "plain.txt").write_text(text)
     (tmp_path / "marked.txt").write_bytes(BOM + text.encode())
     assert prepared(tmp_path, tmp_path / "marked.txt") == prepared(tmp_path, tmp_path / "plain.txt")
+
+
+def test_a_record_whose_text_is_not_a_string_says_so_rather_than_that_the_column_is_missing(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "docs.json").write_text('[{"text": "a document"}, {"text": null}, {"text": 7}]')
+    with pytest.raises(LmforgeError, match=r"docs.json:1: column 'text' holds null, not a string$"):
+        prepare(str(tmp_path / "docs.json"), tmp_path / "out", "char", progress=False)
+    pq, pa = pytest.importorskip("pyarrow.parquet"), pytest.importorskip("pyarrow")
+    pq.write_table(pa.table({"text": ["a document", None]}), tmp_path / "docs.parquet")
+    with pytest.raises(LmforgeError, match=r"docs.parquet: row 2: column 'text' holds null, not a string$"):
+        prepare(str(tmp_path / "docs.parquet"), tmp_path / "out", "char", progress=False)

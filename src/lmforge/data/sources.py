@@ -551,6 +551,9 @@ def _record_documents(rows: Iterator[Row], column: str, *, where: object) -> Ite
         except ValueError as exc:
             raise LmforgeError(f"{row.where}: {exc}") from None
         text = record.get(column) if isinstance(record, dict) else None
+        if isinstance(record, dict) and column in record and not isinstance(text, str):
+            held = "null" if text is None else type(text).__name__  # e.g. a Parquet column's missing value
+            raise LmforgeError(f"{row.where}: column {column!r} holds {held}, not a string")
         if not isinstance(text, str):
             found = ", ".join(repr(k) for k in list(record)[:8]) if isinstance(record, dict) else "no columns"
             raise LmforgeError(
