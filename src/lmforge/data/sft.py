@@ -518,7 +518,7 @@ class ExampleBatches:
         if drawn_from != len(self.examples):  # its indices would name other examples, or none
             raise LmforgeError(
                 f"the checkpoint's batches were drawn from {drawn_from} train examples, the data has "
-                f"{len(self.examples)}: resume with the data.dir the run trained on"
+                f"{len(self.examples)}: resume with the data (data.dir, data.val_fraction) the run trained on"
             )
         self.generator.set_state(state["generator"])
         self.order, self.position, self.epoch = state["order"], int(state["position"]), int(state["epoch"])
