@@ -38,6 +38,13 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
     assert load_config(path) == config
 
 
+def test_a_config_file_saved_with_a_utf8_byte_order_mark_loads(tmp_path: Path) -> None:
+    """Windows Notepad starts a UTF-8 file with a byte order mark: no part of the TOML."""
+    path = tmp_path / "notepad.toml"
+    path.write_bytes(b"\xef\xbb\xbf[model]\nn_layer = 3\n")
+    assert load_config(path).model.n_layer == 3
+
+
 def test_a_loaded_config_is_frozen_and_changes_by_copy() -> None:
     config = load_config(None, ["model.n_layer=6"])
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,24 @@ def test_train_out_dot_is_refused(
     code, _, err = cli("train", "--out", ".", "--overwrite", *sets)
     assert code == 1 and "is the working folder" in err and err.count("\n") == 1
     assert snapshot(work) == before and sorted(os.listdir(work)) == ["notes.txt", "thesis"]
+
+
+def test_a_staging_folder_left_by_a_killed_process_is_removed_by_the_next_save_beside_it(
+    tmp_path: Path,
+) -> None:
+    """kill -9 during `prepare` leaves its hidden staging folder (a corpus's shards, perhaps GBs); the
+    next output written into the same parent removes it, but never one that a live process is filling."""
+    left = tmp_path / ".tmp-data-k1ll3d"  # as staged() names it, with no process behind it
+    left.mkdir()
+    (left / "train.bin").write_bytes(b"\0" * 1000)
+    two_minutes_ago = (time.time() - 120, time.time() - 120)
+    os.utime(left, two_minutes_ago)
+    with staged_folder(tmp_path / "data", "data", overwrite=False) as live:
+        (live / "train.bin").write_bytes(b"\1")
+        os.utime(live, two_minutes_ago)  # a long prepare: only its lock says it is in use
+        with staged_folder(tmp_path / "export", "export", overwrite=False):
+            pass
+        assert not left.exists()
+        assert live.is_dir()  # the enclosing save's own staging folder, in use
+    assert (tmp_path / "data" / "train.bin").read_bytes() == b"\1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "export"]

@@ -314,7 +314,7 @@ def load_config(path: Path | str | None, overrides: list[str] = (), origin: str 
         if not path.is_file():
             raise LmforgeError(f"{path}: config file not found")
         try:
-            raw = _parse_toml(path.read_text())
+            raw = _parse_toml(path.read_text(encoding="utf-8-sig"))  # -sig: Notepad's byte order mark
         except (ValueError, OSError) as exc:  # TOMLDecodeError and UnicodeDecodeError are ValueErrors
             raise LmforgeError(f"{path}: not valid TOML ({exc})") from None
     for override in overrides:

@@ -9,6 +9,7 @@ newlines cannot be read whole into memory. Nothing here imports torch: the CLI l
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,13 +51,16 @@ def read_lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, 
     """(line number from 1, raw line) of a file, read one bounded line at a time.
 
     A line longer than `max_bytes` (default MAX_LINE_BYTES, read at call time so tests can lower
-    it) is an LmforgeError naming the file and line; memory never holds more than that.
+    it) is an LmforgeError naming the file and line; memory never holds more than that. A UTF-8 byte
+    order mark before the first line (Windows editors write one) is dropped, as utf-8-sig does.
     """
     limit = MAX_LINE_BYTES if max_bytes is None else max_bytes
     with open(path, "rb") as f:
         line_no = 0
         while line := f.readline(limit + 1):
             line_no += 1
+            if line_no == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8) :]
             if len(line) > limit and not line.endswith(b"\n"):  # more than `limit` bytes before the newline
                 raise LmforgeError(f"{path}:{line_no}: line longer than {limit:,} bytes (is it JSON Lines?)")
             yield line_no, line

@@ -3,7 +3,8 @@
 Every folder lmforge writes goes through `staged`: prepared data, task files, exports, imports,
 run folders and each checkpoint. A kill at any moment leaves either the previous folder or the
 new one, never a mix; what is left of an unfinished staging folder is hidden (`.tmp-NAME-*`) and
-removed by the next save into the same parent.
+removed by the next save into the same parent. A staging folder is locked (flock on the folder)
+while its process fills it, so that a save beside it never removes one in use.
 
 Every user-named output folder also carries a marker (`.lmforge`: its kind and lmforge's version),
 written inside the staging folder so that it arrives with the folder. `check_out` is the one rule
@@ -21,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +46,7 @@ KIND_NAMES: dict[str, str] = {
     "compare": "comparison sheet",
 }
 REPLACE_HINT = "pass --overwrite to replace it"
+STALE_AFTER_S = 60.0  # a staging folder younger than this is never taken for one left behind
 LOCK_FILE = ".lock"  # in a folder that one process at a time may write (a training run's)
 
 
@@ -135,7 +138,9 @@ def staged(final: Path, durable: bool = False) -> Iterator[Path]:
     survives a power loss too (checkpoints); outputs that can be rebuilt skip the cost.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(final.parent)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{STAGING_PREFIX}{final.name}-"))
+    in_use = _lock_folder(staging)  # released when this process ends, however it ends
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the folder's mode
@@ -150,6 +155,7 @@ def staged(final: Path, durable: bool = False) -> Iterator[Path]:
             _fsync(final.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(in_use)
 
 
 @contextmanager
@@ -162,10 +168,42 @@ def staged_folder(out: Path, kind: Kind, overwrite: bool, *, inputs: Iterable[Pa
         yield staging
 
 
-def remove_stale_staging(parent: Path) -> None:
-    """Delete staging folders left by a process killed while writing."""
+def remove_stale_staging(parent: Path, *, owned: bool = False) -> None:
+    """Delete staging folders left by processes killed while writing. In a folder that one process
+    at a time writes (`owned`: a run's checkpoints, under the run's lock) that is every one; elsewhere
+    only those that no process holds locked, made over a minute ago (where folders cannot be locked,
+    NFS for one, none: a live one cannot be told apart)."""
     for stale in parent.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if owned or _abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _abandoned(staging: Path) -> bool:
+    """Whether no process holds `staging` locked, and it is old enough to have been locked by now
+    (between mkdtemp and flock a live folder is unlocked for a moment)."""
+    try:
+        fd = os.open(staging, os.O_RDONLY)
+    except OSError:  # removed meanwhile, or not a folder
+        return False
+    try:
+        if time.time() - os.fstat(fd).st_mtime < STALE_AFTER_S:
+            return False
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True  # the lock goes with the fd; rmtree follows at once
+    except OSError:  # held by its process (BlockingIOError), or no locks on this file system
+        return False
+    finally:
+        os.close(fd)
+
+
+def _lock_folder(folder: Path) -> int:
+    """Open `folder` and hold an exclusive flock on it (where the file system has locks); the fd."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # a file system without locks: the folder is then never removed as stale
+        pass
+    return fd
 
 
 @contextmanager

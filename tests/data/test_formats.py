@@ -52,6 +52,13 @@ def test_a_json_array_reads_as_the_same_records_in_jsonl() -> None:
     assert read("alpaca.json") == read("alpaca.jsonl")  # an absent 'input' is an empty one
 
 
+def test_records_after_a_utf8_byte_order_mark_read_as_without_it(tmp_path: Path) -> None:
+    for name in ("alpaca.jsonl", "qa.csv"):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + (FIXTURES / name).read_bytes())
+        shape = {"columns": QA} if name.endswith(".csv") else {}
+        assert read(tmp_path / name, **shape) == read(name, **shape), name
+
+
 def test_sharegpt_conversations_are_chat_messages() -> None:
     assert read("sharegpt.jsonl") == read("messages.jsonl")
     assert read("messages.jsonl")[0] == [

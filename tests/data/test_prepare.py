@@ -402,3 +402,40 @@ def test_an_encoding_error_in_the_worker_is_the_commands_error(tmp_path: Path) -
     with pytest.raises(LmforgeError, match="character 'd'"):
         prepare(str(tmp_path / "in.txt"), tmp_path / "out", str(tmp_path / "abc.json"), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_linked_file_is_read_by_its_own_name_not_its_targets(cli, tmp_path: Path) -> None:
+    """A Hugging Face cache snapshot links `train.txt` to a blob named by its hash: the link's suffix
+    says how to read it, alone or in a folder."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    (blobs / "9f86d081884c7d65").write_text("text kept in a blob\n" * 20)
+    (blobs / "60303ae22b998861").write_text('{"text": "a record in a blob"}\n' * 20)
+    (snapshot / "train.txt").symlink_to(blobs / "9f86d081884c7d65")
+    (snapshot / "records.jsonl").symlink_to(blobs / "60303ae22b998861")
+    code, _, err = cli(
+        "prepare", snapshot / "train.txt", "--tokenizer", "byte", "--out", tmp_path / "one", "-q"
+    )
+    assert code == 0, err
+    assert decode_split(tmp_path / "one", "train") + decode_split(tmp_path / "one", "val") == (
+        "text kept in a blob\n" * 20
+    )
+    code, _, err = cli("prepare", snapshot, "--tokenizer", "char", "--out", tmp_path / "folder", "-q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "folder" / "meta.json").read_text())["documents"] == 21
+
+
+def test_a_folder_reads_its_gzipped_text_files_as_a_file_argument_does(tmp_path: Path) -> None:
+    import gzip
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a plain document\n")
+    with gzip.open(folder / "b.txt.gz", "wt") as f:
+        f.write("a gzipped document\n")
+    prepare(str(folder), tmp_path / "out", tokenizer="byte", progress=False, val_fraction=0.34)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["documents"] == 2
+    text = decode_split(tmp_path / "out", "train") + decode_split(tmp_path / "out", "val")
+    assert sorted(text.splitlines()) == ["a gzipped document", "a plain document"]

@@ -115,3 +115,33 @@ def test_hf_input_names_dataset_config_and_split_and_is_opened_as_a_stream(
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
     stream = open_hf(str(tmp_path), split="train", streaming=True)
     assert isinstance(stream, datasets.IterableDataset)  # records are read as they are used, never all held
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_text(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" and Windows editors start a file with a byte order mark, which Python's
+    utf-8-sig, pandas and Hugging Face datasets drop: it is no character of the text, nor of a key."""
+    for name, column in (("docs.jsonl", None), ("docs.csv", "body"), ("docs.json", "body")):
+        marked = tmp_path / "marked" / name
+        marked.parent.mkdir(exist_ok=True)
+        marked.write_bytes(BOM + (PRETRAIN / name).read_bytes())
+        reference = prepared(tmp_path, PRETRAIN / name, text_column=column)
+        assert prepared(tmp_path, marked, text_column=column) == reference, name
+    text = "A text file that a Windows editor saved.\n" * 10
+    (tmp_path / "plain.txt").write_text(text)
+    (tmp_path / "marked.txt").write_bytes(BOM + text.encode())
+    assert prepared(tmp_path, tmp_path / "marked.txt") == prepared(tmp_path, tmp_path / "plain.txt")
+
+
+def test_a_record_whose_text_is_not_a_string_says_so_rather_than_that_the_column_is_missing(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "docs.json").write_text('[{"text": "a document"}, {"text": null}, {"text": 7}]')
+    with pytest.raises(LmforgeError, match=r"docs.json:1: column 'text' holds null, not a string$"):
+        prepare(str(tmp_path / "docs.json"), tmp_path / "out", "char", progress=False)
+    pq, pa = pytest.importorskip("pyarrow.parquet"), pytest.importorskip("pyarrow")
+    pq.write_table(pa.table({"text": ["a document", None]}), tmp_path / "docs.parquet")
+    with pytest.raises(LmforgeError, match=r"docs.parquet: row 2: column 'text' holds null, not a string$"):
+        prepare(str(tmp_path / "docs.parquet"), tmp_path / "out", "char", progress=False)

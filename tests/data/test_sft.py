@@ -148,6 +148,20 @@ def test_example_batches_resume_exactly() -> None:
     assert a.epoch >= 2
 
 
+@pytest.mark.parametrize("now", [3, 9])
+def test_example_batches_refuse_the_state_of_another_number_of_examples(now: int) -> None:
+    """A fine-tune resumed with another data.dir: the saved order indexes the examples it was drawn
+    from, and read against others it failed with an IndexError (or dropped examples unseen)."""
+    tokenizer = char_tokenizer(ALPHABET)
+    pairs = [(f"q{'a' * i}:", " b") for i in range(9)]
+    saved = ExampleBatches(tokenize_pairs(pairs[:6], tokenizer, 50, Path("x")), 2, seed=1)
+    next(saved)
+    other = ExampleBatches(tokenize_pairs(pairs[:now], tokenizer, 50, Path("x")), 2, seed=1)
+    message = f"the checkpoint's batches were drawn from 6 train examples, the data has {now}"
+    with pytest.raises(LmforgeError, match=message):
+        other.load_state_dict(saved.state_dict())
+
+
 def test_one_train_example_cannot_be_split_into_train_and_val(tmp_path: Path) -> None:
     char_tokenizer(ALPHABET).save(str(tmp_path / "tok.json"))
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a:", "completion": " b"}])

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from lmforge.eval.evaluate import LMReport, TaskReport
 from lmforge.inference.loss import LMEval
+from tests.conftest import random_char_run
 
 
 def test_lm_report_as_json_and_as_text() -> None:
@@ -40,3 +41,17 @@ def test_task_report_is_the_result_as_json_or_a_table() -> None:
     assert report.json_line() == json.dumps(result)
     assert report.text().splitlines()[0] == "sst2: 2 examples from d/eval.jsonl"
     assert report.text().splitlines()[2] == f"{'accuracy':<16}{1.0:>12.4f}{0.5:>12.4f}"
+
+
+def test_data_whose_val_split_has_no_target_is_a_one_line_error(cli, tmp_path: Path) -> None:
+    """One val token has no next token to predict: nothing to score, as training refuses it too."""
+    run = random_char_run(tmp_path / "run", "abc", n_layer=1, d_model=16, block_size=8)
+    (tmp_path / "text.txt").write_text("ab")
+    data = tmp_path / "data"
+    code, _, err = cli(
+        "prepare", tmp_path / "text.txt", "--tokenizer", run, "--out", data, "--val-fraction", "0.5"
+    )
+    assert code == 0 and json.loads((data / "meta.json").read_text())["val_tokens"] == 1, err
+    code, out, err = cli("eval", run, "--data", data)
+    assert code == 1 and out == ""
+    assert err == f"lmforge eval: error: {data}: the val split needs at least 2 tokens to evaluate\n"

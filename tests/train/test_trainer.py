@@ -539,3 +539,50 @@ def test_build_run_resolves_a_copy_of_the_config_and_leaves_the_callers_as_it_wa
         assert run.config.model.n_layer == architecture
         assert run.config.model.vocab_size == (64 if init_from else 59)  # the source's, else the data's
         assert load_config(tmp_path / f"run{architecture}" / "config.toml") == run.config  # as saved
+
+
+SHORT = ["train.max_steps=4", "train.eval_interval=2", "train.checkpoint_interval=2"]
+
+
+def test_resume_with_another_optimizer_is_refused_and_leaves_the_run_as_it_was(
+    cli, config_file: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    assert run_train(cli, config_file, run, *SHORT)[0] == 0
+    before = snapshot(run)
+    for optimizer in ("sgd", "muon"):
+        more = ["--set", "train.max_steps=6", "--set", f"optim.name={optimizer}"]
+        code, _, err = cli("train", "--out", run, "--resume", *more)
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+        assert f"optim.name: 'adamw' in the checkpoint, {optimizer!r} in the config" in err
+        assert snapshot(run) == before  # the run's config.toml still names AdamW
+    code, _, err = cli("train", "--out", run, "--resume", "--set", "train.max_steps=6")
+    assert code == 0, err
+
+
+def test_a_resumed_run_trains_with_the_optimizer_settings_of_its_config(
+    cli, config_file: Path, tmp_path: Path
+) -> None:
+    """The hyperparameters a checkpoint's optimizer state carries give way to the config's, which the
+    run logs and saves: a resume with another peak lr or weight decay trains with them."""
+    from lmforge.train.distributed import Distributed
+    from lmforge.train.run import build_run
+
+    run = tmp_path / "run"
+    assert run_train(cli, config_file, run, *SHORT)[0] == 0
+    changed = [
+        "optim.lr=1e-4",
+        "schedule.min_lr=1e-5",
+        "optim.weight_decay=0.01",
+        "optim.betas=[0.8,0.9]",
+        "optim.eps=1e-6",
+    ]
+    config = load_config(run / "config.toml", ["train.max_steps=6", *changed])
+    resumed = build_run(config, run, dist=Distributed(), device=torch.device("cpu"), resume=True)
+    assert resumed.progress.step == 4
+    (adamw,) = resumed.state.optimizers
+    assert adamw.state  # the moments came from the checkpoint
+    assert {g["initial_lr"] for g in adamw.param_groups} == {1e-4}
+    assert {g["betas"] for g in adamw.param_groups} == {(0.8, 0.9)}
+    assert {g["eps"] for g in adamw.param_groups} == {1e-6}
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.01, 0.0, 0.0]  # matrices only

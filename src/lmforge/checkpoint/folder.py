@@ -206,7 +206,7 @@ def prune_checkpoints(run_dir: Path, keep_last: int, newest_step: int | None = N
     for c in checkpoints:
         if c.path not in keep:
             shutil.rmtree(c.path, ignore_errors=True)
-    remove_stale_staging(run_dir / CHECKPOINTS)
+    remove_stale_staging(run_dir / CHECKPOINTS, owned=True)
 
 
 def resolve_checkpoint(target: Path, which: str = "best") -> Path:

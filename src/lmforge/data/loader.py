@@ -76,8 +76,14 @@ class PreparedData:
         """Random windows of the train split, endlessly, in an order fixed by `seed`."""
         return RandomWindows(self.train, block_size, batch_size, seed=seed)
 
+    def check_evaluable(self) -> None:
+        """A val split of one token has no target to score: an error naming the folder."""
+        if len(self.val) < 2:
+            raise LmforgeError(f"{self.dir}: the val split needs at least 2 tokens to evaluate")
+
     def eval_batches(self, block_size: int, batch_size: int) -> Iterator[Batch]:
         """The val split in non-overlapping windows, every token once as a target."""
+        self.check_evaluable()
         return eval_windows(self.val, block_size, batch_size)
 
     @property

@@ -10,6 +10,7 @@ line or a batch at a time (JSON arrays whole: they have no record boundaries bef
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -95,7 +96,8 @@ def _read_text(path: Path, invalid_utf8: str) -> str:
     if path.stat().st_size > 4 * MAX_LINE_BYTES:
         raise LmforgeError(f"{path}: a JSON array this large is read whole; convert it to .jsonl")
     try:
-        return path.read_bytes().decode("utf-8", errors="replace" if invalid_utf8 == "replace" else "strict")
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a byte order mark is no JSON
+        return data.decode("utf-8", errors="replace" if invalid_utf8 == "replace" else "strict")
     except UnicodeDecodeError as exc:
         raise LmforgeError(f"{path}: invalid UTF-8 at byte {exc.start}") from None
 
@@ -104,7 +106,8 @@ def _csv_rows(path: Path, *, invalid_utf8: str, delimiter: str = ",") -> Iterato
     """Rows of a CSV (or, with delimiter tab, TSV) file with a header line, as {column: text}."""
     csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))  # a long prompt is one field
     errors = "replace" if invalid_utf8 == "replace" else "strict"
-    with open(path, encoding="utf-8", errors=errors, newline="") as f:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte order mark, no part of the first column's name
+    with open(path, encoding="utf-8-sig", errors=errors, newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader, None)

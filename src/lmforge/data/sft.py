@@ -514,6 +514,12 @@ class ExampleBatches:
         """Continue from a `state_dict`."""
         if ("bounds" in state) != self.pack:
             raise LmforgeError("the checkpoint's batches were drawn with another data.pack; resume with it")
+        drawn_from = len(state["order"])  # an epoch's order holds each example once, packed or not
+        if drawn_from != len(self.examples):  # its indices would name other examples, or none
+            raise LmforgeError(
+                f"the checkpoint's batches were drawn from {drawn_from} train examples, the data has "
+                f"{len(self.examples)}: resume with the data (data.dir, data.val_fraction) the run trained on"
+            )
         self.generator.set_state(state["generator"])
         self.order, self.position, self.epoch = state["order"], int(state["position"]), int(state["epoch"])
         self.bounds = state.get("bounds")

@@ -451,21 +451,17 @@ def open_corpus(
     if path.is_file():
         if input_format == "auto":
             input_kind(path, refuse=True)
-        files: tuple[Path, ...] = (path.resolve(),)
-        source = str(path.resolve())
+        files: tuple[Path, ...] = (_absolute(path),)
+        source = str(files[0])
     elif path.is_dir():
-        suffixes = TEXT_SUFFIXES + RECORD_SUFFIXES
         files = tuple(
-            sorted(
-                p.resolve()
-                for p in path.rglob("*")
-                if p.is_file()
-                and (p.suffix in suffixes if input_format == "auto" else _of_format(p, input_format))
-            )
+            sorted(_absolute(p) for p in path.rglob("*") if p.is_file() and _of_format(p, input_format))
         )
         if not files:
-            raise LmforgeError(f"{path}: no {', '.join(suffixes)} files in this folder")
-        source = str(path.resolve())
+            raise LmforgeError(
+                f"{path}: no {', '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)} files in this folder"
+            )
+        source = str(_absolute(path))
     elif spec in NAMED_DATASETS:
         parts = NAMED_DATASETS[spec]
         files = tuple(resolve_named_dataset(part) for part in parts)
@@ -485,11 +481,25 @@ def open_corpus(
     )
 
 
+def _absolute(path: Path) -> Path:
+    """`path` made absolute without following links: a linked file (a Hugging Face cache snapshot's
+    `train.txt`, a link to a blob named by its hash) is read by its own name's suffix."""
+    return Path(os.path.abspath(path))
+
+
 def _of_format(path: Path, input_format: str) -> bool:
-    """Whether a folder's file is read under --format: text reads text files, a record type its own."""
-    if input_format == "text":
-        return path.suffix in TEXT_SUFFIXES
-    return FILE_TYPES.get(path.suffix.lower()) == input_format
+    """Whether a folder's file is read under --format: auto reads text and record files, text reads text
+    files (gzipped too), a record type its own."""
+    if input_format in ("auto", "text") and _is_text(path):
+        return True
+    kind = FILE_TYPES.get(path.suffix.lower())
+    return kind is not None and input_format in ("auto", kind)
+
+
+def _is_text(path: Path) -> bool:
+    """Whether `path` is a plain text file by its suffix, also gzipped (`.txt.gz`)."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    return path.suffix in TEXT_SUFFIXES or (suffixes[-1:] == [".gz"] and suffixes[0] in TEXT_SUFFIXES)
 
 
 def input_kind(path: Path, *, refuse: bool = False) -> str:
@@ -498,7 +508,7 @@ def input_kind(path: Path, *, refuse: bool = False) -> str:
     suffixes = [s.lower() for s in path.suffixes[-2:]]
     if path.suffix.lower() in FILE_TYPES:
         return FILE_TYPES[path.suffix.lower()]
-    if path.suffix in TEXT_SUFFIXES or (suffixes[-1:] == [".gz"] and suffixes[0] in TEXT_SUFFIXES):
+    if _is_text(path):
         return "text"
     if suffixes[-1:] == [".gz"] and suffixes[0] in FILE_TYPES:
         raise LmforgeError(
@@ -541,6 +551,9 @@ def _record_documents(rows: Iterator[Row], column: str, *, where: object) -> Ite
         except ValueError as exc:
             raise LmforgeError(f"{row.where}: {exc}") from None
         text = record.get(column) if isinstance(record, dict) else None
+        if isinstance(record, dict) and column in record and not isinstance(text, str):
+            held = "null" if text is None else type(text).__name__  # e.g. a Parquet column's missing value
+            raise LmforgeError(f"{row.where}: column {column!r} holds {held}, not a string")
         if not isinstance(text, str):
             found = ", ".join(repr(k) for k in list(record)[:8]) if isinstance(record, dict) else "no columns"
             raise LmforgeError(
@@ -551,11 +564,16 @@ def _record_documents(rows: Iterator[Row], column: str, *, where: object) -> Ite
 
 
 def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
-    """Decode a file in chunks, each cut after its last newline when it has one."""
+    """Decode a file in chunks, each cut after its last newline when it has one. A UTF-8 byte order
+    mark at its start is no character of the text (Windows editors write one)."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     consumed = 0
     carry = ""
     with _open_binary(path) as f:
+        if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:
+            consumed = len(codecs.BOM_UTF8)
+        else:
+            f.seek(0)
         while True:
             raw = f.read(CHUNK_BYTES)
             final = not raw

@@ -152,6 +152,17 @@ def build_optimizers(model: nn.Module, config: OptimConfig) -> list[torch.optim.
     return optimizers
 
 
+def apply_settings(optimizers: list[torch.optim.Optimizer], model: nn.Module, config: OptimConfig) -> None:
+    """Give `optimizers` (restored from a checkpoint) the hyperparameters `config` builds them with.
+
+    `load_state_dict` restores each group's hyperparameters with the moments, so a resume with another
+    peak lr, weight decay, betas or eps would otherwise keep the old ones while the run logs and saves
+    the new. The groups are those of `build_optimizers`, so fresh ones give the values."""
+    for restored, built in zip(optimizers, build_optimizers(model, config), strict=True):
+        for group, fresh in zip(restored.param_groups, built.param_groups, strict=True):
+            group.update({key: value for key, value in fresh.items() if key != "params"})
+
+
 def set_lr_factor(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
     for optimizer in optimizers:
         for group in optimizer.param_groups:

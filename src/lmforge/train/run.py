@@ -48,7 +48,7 @@ from lmforge.train.objective import (
     evaluate_preferences,
     frozen_reference,
 )
-from lmforge.train.optim import build_optimizers
+from lmforge.train.optim import apply_settings, build_optimizers
 from lmforge.train.step import Stepper, StepSettings
 
 
@@ -190,6 +190,8 @@ def build_run(
     state = new_training_state(config, module, wrapped, data=data, device=device)
     dist.barrier()  # every rank has checked the run folder before rank 0 changes it
     checkpointer.restore(state)
+    if resume_from is not None:  # the config's lr, weight decay, ... over those the checkpoint saved
+        apply_settings(state.optimizers, module, config.optim)
     progress = state.progress
     if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
         progress.flops_done = progress.tokens_seen * module.flops_per_token()
@@ -369,8 +371,7 @@ def _open_tokens(directory: str, block_size: int) -> PreparedData:
         raise LmforgeError(
             f"model.block_size {block_size} is larger than the train split ({len(data.train)} tokens)"
         )
-    if len(data.val) < 2:
-        raise LmforgeError(f"{data.dir}: the val split needs at least 2 tokens to evaluate")
+    data.check_evaluable()  # before training, not at its first eval
     return data
 
 
@@ -382,7 +383,13 @@ def check_compatible(
         source = f"train.init_from {init_from}"
         check_same_tokenizer(data.dir, data.tokenizer_file, init_from / "tokenizer.json", source=source)
     if resume_from is not None:
-        check_same_architecture(ckpt.load_config_of(resume_from).model, config.model, resume_from)
+        saved = ckpt.load_config_of(resume_from)
+        check_same_architecture(saved.model, config.model, resume_from)
+        if saved.optim.name != config.optim.name:  # its state (moments, groups) is another optimizer's
+            raise LmforgeError(
+                f"{resume_from}: checkpoint of another optimizer (optim.name: {saved.optim.name!r} in the "
+                f"checkpoint, {config.optim.name!r} in the config)"
+            )
         source = f"checkpoint {resume_from}"
         check_same_tokenizer(data.dir, data.tokenizer_file, resume_from / "tokenizer.json", source=source)
 
