@@ -25,6 +25,17 @@ def test_generate_greedy_matches_argmax_of_full_forward() -> None:
     assert torch.equal(produced[:, :12], tokens[:, 4:])
 
 
+def test_generate_ends_once_every_row_reaches_one_of_its_stop_tokens() -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny()).eval()
+    prompt = torch.randint(0, 50, (1, 4))
+    free = [int(t) for t in generate(model, prompt, max_new_tokens=12, temperature=0)]
+    at = free.index(free[3])  # where the fourth token first appears
+    unused = next(t for t in range(50) if t not in free)
+    stopped = [int(t) for t in generate(model, prompt, 12, temperature=0, stop_tokens={unused, free[at]})]
+    assert stopped == free[: at + 1] and len(stopped) < len(free)  # the stop token is yielded, no more
+
+
 def test_sampling_filters() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
     g = torch.Generator().manual_seed(0)

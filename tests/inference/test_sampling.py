@@ -44,10 +44,18 @@ def test_a_continuation_keeps_the_space_before_its_first_word() -> None:
     decoded alone it was the start of a text, its space stripped ("The capital isParis")."""
     tokenizer = sentencepiece_tokenizer()
     prompt = [2, 3, 4]  # The capital is
-    assert decoded(TextDecoder(tokenizer, context=prompt), [5, 6]) == " Paris."
+    assert decoded(TextDecoder(tokenizer, end_ids=(), context=prompt), [5, 6]) == " Paris."
     assert tokenizer.decode([*prompt, 5, 6]) == "The capital is Paris."
     # after a special token (the start of a document), the first word has no space before it
-    assert decoded(TextDecoder(tokenizer, context=[1]), [5, 6]) == "Paris."
+    assert decoded(TextDecoder(tokenizer, end_ids=(), context=[1]), [5, 6]) == "Paris."
+
+
+def test_any_of_the_end_ids_ends_the_text_and_none_of_it_is_shown() -> None:
+    tokenizer = sentencepiece_tokenizer()
+    for end in (1, 6):
+        decoder = TextDecoder(tokenizer, end_ids=(1, 6), context=[2, 3, 4])
+        assert (decoder.feed(5), decoder.done, decoder.feed(end), decoder.done) == (" Paris", False, "", True)
+    assert decoded(TextDecoder(tokenizer, end_ids=(), context=[2, 3, 4]), [5, 6]) == " Paris."
 
 
 def test_the_prompts_bytes_never_reach_the_continuation() -> None:
@@ -55,5 +63,5 @@ def test_the_prompts_bytes_never_reach_the_continuation() -> None:
     nothing to the continuation's text."""
     tokenizer = byte_tokenizer()
     ids = list("日本 a".encode())
-    assert decoded(TextDecoder(tokenizer, context=ids[1:6]), ids[6:]) == " a"
-    assert decoded(TextDecoder(tokenizer, context=[0x97, 0x97]), list(b"ab")) == "ab"
+    assert decoded(TextDecoder(tokenizer, end_ids=(), context=ids[1:6]), ids[6:]) == " a"
+    assert decoded(TextDecoder(tokenizer, end_ids=(), context=[0x97, 0x97]), list(b"ab")) == "ab"

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer
 
 from lmforge.config import Config, ModelConfig
 from lmforge.data.chat_template import ChatTemplate
-from lmforge.data.tokenizer import EOT, char_tokenizer
+from lmforge.data.tokenizer import EOT, GENERATION_CONFIG, char_tokenizer, end_ids
 from lmforge.errors import LmforgeError
 from lmforge.inference import InferenceSession, ModelSource, load
 from lmforge.inference.generate import generate
@@ -29,6 +29,7 @@ def session_for(tokenizer: Tokenizer) -> InferenceSession:
         checkpoint=Path("unsaved"),
         step=0,
         config=Config(model=config),
+        end_ids=end_ids(tokenizer),
     )
 
 
@@ -59,6 +60,14 @@ def test_a_session_holds_the_checkpoint_its_tokenizer_template_and_precision(tmp
     assert session.device == torch.device("cpu") and session.dtype == "fp32"
     assert ModelSource(run, "last", "cpu", "fp32").load().checkpoint == session.checkpoint
     assert session.source.load().step == 1  # what a child process loads: the same checkpoint
+
+
+def test_a_native_run_ends_a_completion_at_endoftext_and_records_no_end_ids(tmp_path: Path) -> None:
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    session = load(run, "last", "cpu", dtype="fp32")
+    assert session.end_ids == (session.tokenizer.token_to_id(EOT),)
+    assert not (session.checkpoint / GENERATION_CONFIG).exists()  # only an imported model's are written
+    assert end_ids(char_tokenizer("ab")) == ()  # no <|endoftext|>: a completion runs to its length
 
 
 @pytest.mark.parametrize("native", ["0", "1"])

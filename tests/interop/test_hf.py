@@ -299,6 +299,9 @@ def test_train_init_from_an_imported_model(cli, tmp_path: Path) -> None:
     start = load(tmp_path / "imported", "last", "cpu").model.state_dict()
     tuned = load(tmp_path / "tuned", "last", "cpu").model.state_dict()
     assert all(torch.allclose(start[k], tuned[k], atol=1e-6) for k in start)
+    # the imported model's end id (LlamaConfig's eos_token_id 2) carries over to the fine-tuned run
+    assert load(tmp_path / "imported", "last", "cpu").end_ids == (2,)
+    assert load(tmp_path / "tuned", "last", "cpu").end_ids == (2,)
     code, _, err = cli(
         "train", "--out", tmp_path / "imported", "--resume", "--set", f"data.dir={tmp_path / 'data'}"
     )

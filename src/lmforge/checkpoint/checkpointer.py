@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -81,9 +81,11 @@ class Checkpointer:
         sharded: bool = False,
         clock: Callable[[], float] | None = None,
         chat_template: ChatTemplate | None = None,
+        end_ids: Sequence[int] = (),
     ) -> None:
         self.run_dir, self.config, self.tokenizer_file = run_dir, config, tokenizer_file
         self.chat_template = chat_template  # saved with every checkpoint
+        self.end_ids = tuple(end_ids)  # likewise: the ids that end a completion, if not <|endoftext|>
         self.sharded = sharded
         self.clock = clock  # the run's elapsed seconds, saved with each checkpoint
         self.state: TrainingState | None = None
@@ -203,6 +205,7 @@ class Checkpointer:
             sharded=sharded,
             extra_meta=extra_meta,
             chat_template=self.chat_template,
+            end_ids=self.end_ids,
         )
         if sharded is None or is_main_process():
             prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints, newest_step=step)

@@ -7,6 +7,8 @@
         tokenizer.json      so the checkpoint alone can encode and decode
         tokenizer_config.json  the chat template (and its bos/eos tokens) that `messages` data was
                             rendered with and `lmforge chat` talks with; absent in older checkpoints
+        generation_config.json  the ids that end a completion (`eos_token_id`) when they are not
+                            <|endoftext|>: an imported model's own; absent in native runs
         meta.json           step, val_loss and the sha256 of every file above
         train_state/        distributed runs only: model and optimizer shards written by DCP
                             (torch.distributed.checkpoint), loadable at any world size; state.pt
@@ -23,9 +25,10 @@ import contextlib
 import dataclasses
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -43,13 +46,22 @@ from lmforge.checkpoint.sharded import (
 )
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.data.chat_template import TOKENIZER_CONFIG, ChatTemplate
+from lmforge.data.tokenizer import GENERATION_CONFIG, write_end_ids
 from lmforge.errors import LmforgeError
 from lmforge.files import file_sha256
 from lmforge.run_folder import CHECKPOINTS, PREFIX, CheckpointInfo, checkpoint_path, list_checkpoints
 from lmforge.staging import disk_full, remove_stale_staging, staged
 
 FILES = ("model.safetensors", "state.pt", "config.toml", "tokenizer.json")
-OPTIONAL_FILES = (TOKENIZER_CONFIG,)
+OPTIONAL_FILES = (TOKENIZER_CONFIG, GENERATION_CONFIG)
+
+
+class _TokenizerFacts(NamedTuple):
+    """What a checkpoint saves beside its weights to read and write text like its model."""
+
+    file: Path  # tokenizer.json
+    chat_template: ChatTemplate | None
+    end_ids: tuple[int, ...]  # recorded only where they are not <|endoftext|> (an imported model's)
 
 
 class _Weights:
@@ -91,8 +103,10 @@ def save_checkpoint(
     sharded: ShardedModel | None = None,
     extra_meta: dict[str, Any] | None = None,
     chat_template: ChatTemplate | None = None,
+    end_ids: Sequence[int] = (),
 ) -> Path:
-    """Write checkpoint `step` atomically and return its folder (with `chat_template`, if given).
+    """Write checkpoint `step` atomically and return its folder (with `chat_template` and the `end_ids`
+    that end a completion, if given; without them a completion ends at <|endoftext|>).
 
     With `sharded` (a distributed run) every rank calls this: all ranks write their DCP shards
     into rank 0's staging folder and gather the full weights to rank 0, which writes the other
@@ -102,7 +116,7 @@ def save_checkpoint(
     """
     final = checkpoint_path(run_dir, step)
     try:
-        tokenizer = (tokenizer_file, chat_template)
+        tokenizer = _TokenizerFacts(tokenizer_file, chat_template, tuple(end_ids))
         _save_staged(
             final,
             step,
@@ -133,7 +147,7 @@ def _save_staged(
     *,
     state: dict[str, Any],
     config: Config,
-    tokenizer: tuple[Path, ChatTemplate | None],
+    tokenizer: _TokenizerFacts,
     val_loss: float | None,
     sharded: ShardedModel | None,
     extra_meta: dict[str, Any] | None,
@@ -167,18 +181,19 @@ def _write_files(
     *,
     state: dict[str, Any],
     config: Config,
-    tokenizer: tuple[Path, ChatTemplate | None],
+    tokenizer: _TokenizerFacts,
     val_loss: float | None,
     extra_meta: dict[str, Any] | None = None,
 ) -> None:
-    tokenizer_file, chat_template = tokenizer
     save_model(weights, str(folder / "model.safetensors"))
     with open(folder / "state.pt", "wb") as file:  # a Python file: a full disk raises OSError(ENOSPC)
         torch.save(state, file)
     (folder / "config.toml").write_text(config.to_toml())
-    shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
-    if chat_template is not None:
-        chat_template.save(folder)
+    shutil.copyfile(tokenizer.file, folder / "tokenizer.json")
+    if tokenizer.chat_template is not None:
+        tokenizer.chat_template.save(folder)
+    if tokenizer.end_ids:
+        write_end_ids(folder, tokenizer.end_ids)
     names = (*FILES, *_optional_files(folder), *_sharded_files(folder))
     sha256 = {name: file_sha256(folder / name) for name in names}
     meta = {"step": step, "val_loss": val_loss, **(extra_meta or {}), "sha256": sha256}

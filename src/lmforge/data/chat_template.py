@@ -115,7 +115,7 @@ class ChatTemplate:
         """The template of a checkpoint or Hugging Face folder: `chat_template.jinja`, else the
         `chat_template` of `tokenizer_config.json` (a string, or a list of named ones: `default`)."""
         config = _read_json(folder / TOKENIZER_CONFIG)
-        specials = {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
+        specials = _special_tokens(config)
         if (folder / CHAT_TEMPLATE_FILE).is_file():
             try:
                 source = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
@@ -214,6 +214,15 @@ def encode_segments(tokenizer: Tokenizer, conversations: list[list[Segment]]) ->
         text = "".join(s.text for s in segments)
         out.append(Encoded(ids, assistant, tokenizer.decode(ids, skip_special_tokens=False) == text))
     return out
+
+
+def special_tokens_of(folder: Path) -> dict[str, str]:
+    """The bos_token and eos_token texts of `folder`'s tokenizer_config.json, those it names."""
+    return _special_tokens(_read_json(folder / TOKENIZER_CONFIG))
+
+
+def _special_tokens(config: dict) -> dict[str, str]:
+    return {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
 
 
 def _eot_specials(tokenizer: Tokenizer) -> dict[str, str]:

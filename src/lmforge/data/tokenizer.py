@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -18,6 +18,9 @@ from lmforge.config import MAX_VOCAB_SIZE
 from lmforge.errors import LmforgeError
 
 EOT = "<|endoftext|>"
+# A checkpoint's own end-of-text ids, as Hugging Face's generation_config.json spells them (`eos_token_id`,
+# an int or a list): written by `import` for a model whose end is not <|endoftext|> (Llama, Mistral, Gemma)
+GENERATION_CONFIG = "generation_config.json"
 BUILTIN_KINDS = ("char", "byte", "bpe")
 
 
@@ -118,6 +121,37 @@ def tokenizable(text: str) -> bool:
 def eot_id(tokenizer: Tokenizer) -> int | None:
     """The id of `<|endoftext|>`, or None when the tokenizer has no such token."""
     return tokenizer.token_to_id(EOT)
+
+
+def end_ids(tokenizer: Tokenizer, recorded: Sequence[int] = ()) -> tuple[int, ...]:
+    """The ids that end a completion: those `recorded` with a checkpoint (`read_end_ids`), else
+    <|endoftext|>, else none (a completion then runs to its length)."""
+    if recorded:
+        return tuple(recorded)
+    eot = eot_id(tokenizer)
+    return () if eot is None else (eot,)
+
+
+def read_end_ids(folder: Path) -> tuple[int, ...]:
+    """The end ids recorded in `folder`'s generation_config.json; () when it has none (a native run)."""
+    path = folder / GENERATION_CONFIG
+    if not path.is_file():
+        return ()
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
+    ids = content.get("eos_token_id") if isinstance(content, dict) else None
+    ids = [ids] if isinstance(ids, int) else ids
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise LmforgeError(f"{path}: eos_token_id must be an int or a list of ints")
+    return tuple(ids)
+
+
+def write_end_ids(folder: Path, ids: Sequence[int]) -> None:
+    """generation_config.json in `folder` with `ids` as its eos_token_id (read back by `read_end_ids`)."""
+    content = {"eos_token_id": list(ids)}
+    (folder / GENERATION_CONFIG).write_text(json.dumps(content, indent=2) + "\n")
 
 
 def vocab_size(tokenizer: Tokenizer) -> int:

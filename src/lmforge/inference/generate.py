@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import torch
 
@@ -48,21 +48,23 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-    stop_token: int | None = None,
+    stop_tokens: Collection[int] = (),
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B] one step at a time, continuing `prompt` [B, T].
 
     The prompt is processed once into the KV cache; each later step feeds only the new
     token. When the context reaches block_size the cache is rebuilt from the last half.
+    It ends early once every row's token is one of `stop_tokens` (that token is yielded).
     """
     block_size = model.config.block_size
     tokens = prompt[:, -block_size:]
     cache = KVCache.allocate(model, prompt.size(0), block_size)
+    stops = torch.tensor(sorted(stop_tokens), device=prompt.device) if stop_tokens else None
     logits, _ = model(tokens, cache=cache)
     for _ in range(max_new_tokens):
         next_token = sample_next(logits[:, -1], temperature, top_k, top_p=top_p, generator=generator)
         yield next_token[:, 0]
-        if stop_token is not None and bool((next_token == stop_token).all()):
+        if stops is not None and bool(torch.isin(next_token, stops).all()):
             return
         tokens = torch.cat([tokens, next_token], dim=1)
         if cache.length == block_size:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from lmforge.data.tokenizer import eot_id
 from lmforge.errors import LmforgeError
 
 
@@ -93,19 +92,24 @@ class StopScanner:
 
 class TextDecoder:
     """Generated token ids turned into text as they come, one token at a time: a token's text is
-    released as soon as it decodes to whole characters. <|endoftext|> ends the text, and so does
-    any of the `rules`' stops, nothing of which is released. The one decoder of `sample`, `chat`
-    and `serve`.
+    released as soon as it decodes to whole characters. Any of `end_ids` (the session's: the model's
+    end-of-text tokens) ends the text, and so does any of the `rules`' stops, nothing of which is
+    released. The one decoder of `sample`, `chat` and `serve`.
 
     `context` (the prompt's ids) is decoded first and its text left out, so that each token reads as
     it does after the prompt: SentencePiece's decoders (Llama 2, Mistral, Phi-3) strip the space of
     a text's first word, which alone made "The capital is" + "▁Paris" "The capital isParis"."""
 
     def __init__(
-        self, tokenizer: Tokenizer, rules: TextRules = TextRules(), *, context: Sequence[int] = ()
+        self,
+        tokenizer: Tokenizer,
+        rules: TextRules = TextRules(),
+        *,
+        end_ids: Sequence[int],
+        context: Sequence[int] = (),
     ) -> None:
         self.tokenizer = tokenizer
-        self.eot = eot_id(tokenizer)
+        self.end_ids = frozenset(end_ids)
         skip_special_tokens = not rules.special_tokens
         self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         tail = list(context[-CONTEXT_TOKENS:])
@@ -115,11 +119,11 @@ class TextDecoder:
             for token in tail:
                 self.stream.step(tokenizer, token)
         self.scanner = StopScanner(rules.stops, reply=rules.reply)
-        self.done = False  # <|endoftext|> or a stop was reached: feed no more
+        self.done = False  # an end id or a stop was reached: feed no more
 
     def feed(self, token: int) -> str:
         """The text that `token` adds (possibly none, e.g. the first byte of a character)."""
-        if token == self.eot:
+        if token in self.end_ids:
             self.done = True
             return self.scanner.finish()
         piece = self.stream.step(self.tokenizer, token)

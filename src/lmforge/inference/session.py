@@ -19,7 +19,7 @@ from tokenizers import Tokenizer
 from lmforge.checkpoint import open_checkpoint
 from lmforge.config import Config
 from lmforge.data.chat_template import ChatTemplate
-from lmforge.data.tokenizer import eot_id, load_tokenizer, tokenizable
+from lmforge.data.tokenizer import end_ids, eot_id, load_tokenizer, read_end_ids, tokenizable
 from lmforge.errors import LmforgeError
 from lmforge.inference.generate import generate
 from lmforge.inference.sampling import SamplingOptions, TextDecoder, TextRules
@@ -57,6 +57,8 @@ class InferenceSession:
     checkpoint: Path  # the checkpoint folder it was loaded from
     step: int
     config: Config  # the run config saved with the checkpoint
+    end_ids: tuple[int, ...]  # the tokens that end a completion: the checkpoint's own (an imported
+    # model's eos_token_id, `data.tokenizer.read_end_ids`), else <|endoftext|>, else none
 
     @property
     def tokenizer_file(self) -> Path:
@@ -73,7 +75,9 @@ class InferenceSession:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens; with no prompt, the start of a document: <|endoftext|>, else a
-        newline, else token 0. A prompt the tokenizer cannot represent exactly is refused."""
+        newline, else token 0 (an imported model's end ids are not used here: a Llama's
+        <|end_of_text|> was never a document's start). A prompt the tokenizer cannot represent
+        exactly is refused."""
         if prompt:
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids if tokenizable(prompt) else []
             if self.tokenizer.decode(ids, skip_special_tokens=False) != prompt:
@@ -92,11 +96,11 @@ class InferenceSession:
         end_of_turn: str = "",
     ) -> Iterator[str]:
         """The continuation of `prompt_ids` as text pieces, each as soon as it decodes to whole
-        characters; it ends at <|endoftext|> or after `options.max_new_tokens` tokens. Given a chat
+        characters; it ends at one of `end_ids` or after `options.max_new_tokens` tokens. Given a chat
         template's `end_of_turn`, the text is a chat reply (`TextRules.chat_reply`): it ends before
         the end of turn (special tokens count as text), with no blank before it."""
         rules = TextRules.chat_reply(end_of_turn) if end_of_turn else TextRules()
-        decoder = TextDecoder(self.tokenizer, rules, context=prompt_ids)
+        decoder = TextDecoder(self.tokenizer, rules, end_ids=self.end_ids, context=prompt_ids)
         prompt = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
 
         def pieces() -> Iterator[str]:
@@ -109,7 +113,7 @@ class InferenceSession:
                     top_k=options.top_k,
                     top_p=options.top_p,
                     generator=generator,
-                    stop_token=decoder.eot,
+                    stop_tokens=decoder.end_ids,
                 ):
                     if piece := decoder.feed(int(token[0])):
                         yield piece
@@ -161,4 +165,5 @@ def load(
         checkpoint=found.path,
         step=found.step,
         config=found.config,
+        end_ids=end_ids(tokenizer, read_end_ids(found.path)),
     )

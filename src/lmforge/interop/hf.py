@@ -30,7 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import Config, ModelConfig, head_size, validate
-from lmforge.data.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate
+from lmforge.data.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate, special_tokens_of
+from lmforge.data.tokenizer import GENERATION_CONFIG
 from lmforge.errors import LmforgeError
 from lmforge.interop import gemma
 from lmforge.interop.hub import cache_blobs
@@ -330,14 +331,7 @@ def read_hf_config(folder: Path) -> dict:
     """config.json of an HF folder as a JSON object, with one-line errors for anything else."""
     if not (folder / "config.json").exists():
         raise LmforgeError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    path = folder_file(folder, "config.json", str(folder))
-    try:
-        config = loads(path.read_text())
-    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise LmforgeError(f"{path}: expected a JSON object")
-    return config
+    return _json_object(folder_file(folder, "config.json", str(folder)))
 
 
 def check_hf_tokenizer(folder: Path) -> None:
@@ -347,6 +341,43 @@ def check_hf_tokenizer(folder: Path) -> None:
     if not (folder / "tokenizer.json").exists():
         raise LmforgeError(f"{folder}: no tokenizer.json (lmforge needs the fast-tokenizer file)")
     load_tokenizer(folder_file(folder, "tokenizer.json", str(folder)))
+
+
+def hf_end_ids(folder: Path, config: dict, vocab_size: int) -> tuple[int, ...]:
+    """The ids that end the folder's model's completions, where transformers' `generate` finds them:
+    generation_config.json's eos_token_id (an int or a list), else config.json's, else the id of
+    tokenizer_config.json's eos_token in tokenizer.json; () where none names one."""
+    from lmforge.data.tokenizer import load_tokenizer
+
+    generation = folder / GENERATION_CONFIG
+    for origin, content in [(generation, _json_object(generation)), (folder / "config.json", config)]:
+        named = content.get("eos_token_id")
+        if named is None or named == []:
+            continue
+        ids = [named] if isinstance(named, int) else named
+        if not isinstance(ids, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+        ):
+            raise LmforgeError(f"{origin}: eos_token_id must be a token id or a list of them; got {named!r}")
+        # an id past the vocabulary is never generated, so never ends anything: transformers' GPT-2
+        # config says 50256 at any vocab_size
+        return tuple(dict.fromkeys(i for i in ids if i < vocab_size))  # in order, once each
+    text = special_tokens_of(folder).get("eos_token")
+    found = load_tokenizer(folder / "tokenizer.json").token_to_id(text) if text is not None else None
+    return (found,) if found is not None and found < vocab_size else ()
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON object file of an HF folder; {} when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        content = loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise LmforgeError(f"{path}: expected a JSON object")
+    return content
 
 
 def folder_file(folder: Path, name: str, origin: str) -> Path:
@@ -793,15 +824,16 @@ def export_checkpoint(
     torch_dtype = DTYPES[session.dtype]
     tensors = {k: v.to(torch_dtype).contiguous() for k, v in to_hf(state, m, family).items()}
     eot = eot_id(session.tokenizer)
+    # the session's end ids (an imported model's own, else <|endoftext|>): what `generate` stops at
+    ends = session.end_ids
+    special_ids = {"bos_token_id": eot, "eos_token_id": ends[0] if len(ends) == 1 else list(ends) or None}
     with staged_folder(out, "export", overwrite, inputs=[*inputs, session.checkpoint]) as staging:
         files = save_shards(tensors, staging, max_shard_bytes)
         _write_json(
             staging / "config.json",
-            hf_config(m, family, eot, dtype=str(torch_dtype).removeprefix("torch.")),
+            hf_config(m, family, eot, dtype=str(torch_dtype).removeprefix("torch.")) | special_ids,
         )
-        _write_json(
-            staging / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "do_sample": False}
-        )
+        _write_json(staging / GENERATION_CONFIG, {**special_ids, "do_sample": False})
         shutil.copyfile(session.tokenizer_file, staging / "tokenizer.json")
         # the chat template that `lmforge chat` would use
         for name, content in tokenizer_files(eot, m.block_size, session.template).items():
@@ -819,10 +851,11 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
     hf = read_hf_config(folder)
     m = model_config_from_hf(hf, str(folder / "config.json"))
     check_hf_tokenizer(folder)
-    for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE):  # read below: regular files inside the folder only
-        if (folder / name).exists() or (folder / name).is_symlink():
+    for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, GENERATION_CONFIG):  # read below: regular files
+        if (folder / name).exists() or (folder / name).is_symlink():  # inside the folder only
             folder_file(folder, name, str(folder))
     template = ChatTemplate.find(folder)  # None: lmforge's default serves `chat` and fine-tuning
+    end_ids = hf_end_ids(folder, hf, m.vocab_size)  # (): a completion ends at <|endoftext|>, if any
     check_out(out, "import", overwrite, inputs=[folder])
     state, m = from_hf(read_hf_weights(folder), m, hf["model_type"], origin=str(folder))
     model = GPT(m)
@@ -845,6 +878,7 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
             tokenizer_file=folder / "tokenizer.json",
             val_loss=None,
             chat_template=template,
+            end_ids=end_ids,
         )
     return out
 

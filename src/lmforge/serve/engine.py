@@ -264,7 +264,9 @@ class Engine:
         ends = torch.tensor([len(job.prompt) - 1 for job in jobs], device=self.sampler.device)
         for row, job in zip(rows, jobs):
             self.lengths[row] = job.length = len(job.prompt)
-            job.decoder = TextDecoder(self.sampler.tokenizer, job.params.text, context=job.prompt)
+            job.decoder = TextDecoder(
+                self.sampler.tokenizer, job.params.text, end_ids=self.sampler.end_ids, context=job.prompt
+            )
             job.generator = torch.Generator(device=self.sampler.device).manual_seed(job.params.seed)
             self.active.append(job)
         self._advance(logits[torch.arange(len(jobs)), ends], rows)  # each prompt's last position

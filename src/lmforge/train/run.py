@@ -28,7 +28,7 @@ from lmforge.data.loader import PreparedData
 from lmforge.data.preference import PreferenceData
 from lmforge.data.protocol import TrainingData
 from lmforge.data.sft import SFTData
-from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer
+from lmforge.data.tokenizer import check_same_tokenizer, load_tokenizer, read_end_ids
 from lmforge.errors import LmforgeError
 from lmforge.inference.loss import LMEval, evaluate_lm
 from lmforge.model.gpt import GPT
@@ -173,12 +173,16 @@ def build_run(
     amp = autocast(device, t.dtype)
     module = build_model(config, init_from, device)
     objective = build_objective(config, module, device)  # before `restore` sets every RNG state
-    if isinstance(
-        data, (SFTData, PreferenceData)
-    ):  # fine-tuned with a template (perhaps the default): saved, to chat in
+    if isinstance(data, (SFTData, PreferenceData)):  # fine-tuned: its template (maybe the default) is saved
         chat_template = data.chat_template
+    source = resume_from or init_from  # a model imported with its own end ids keeps them
     checkpointer = Checkpointer(
-        run_dir, config, tokenizer_file=data.tokenizer_file, sharded=dist.enabled, chat_template=chat_template
+        run_dir,
+        config,
+        tokenizer_file=data.tokenizer_file,
+        sharded=dist.enabled,
+        chat_template=chat_template,
+        end_ids=read_end_ids(source) if source is not None else (),
     )
     if resume_from is not None:
         checkpointer.restore_weights(

@@ -1,0 +1,134 @@
+"""An imported model's completions end at its own end-of-text tokens (generation_config.json's
+eos_token_id), in `sample` and in `serve`, where transformers' `generate` ends them; export writes
+them back."""
+
+from __future__ import annotations
+
+import json
+import queue
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from tokenizers import Tokenizer, decoders, models  # noqa: E402
+
+from lmforge.data.tokenizer import GENERATION_CONFIG, char_tokenizer, read_end_ids  # noqa: E402
+from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.inference import load  # noqa: E402
+from lmforge.interop.hf import export_checkpoint, hf_end_ids, import_folder  # noqa: E402
+from lmforge.serve.engine import STOP, Engine, Job, Params, Update  # noqa: E402
+from tests.interop.test_hf import random_hf_model  # noqa: E402
+
+PROMPT = [10, 20, 30, 40]
+END = "</s>"
+
+
+def char_vocab_tokenizer(end_id: int) -> Tokenizer:
+    """256 ids, one character each (U+0100 + id), except `end_id`: the special token </s>."""
+    vocab = {chr(0x100 + i): i for i in range(256) if i != end_id} | {END: end_id}
+    tokenizer = Tokenizer(models.BPE(vocab, []))
+    tokenizer.decoder = decoders.Fuse()  # the characters joined as they are (no blank between tokens)
+    tokenizer.add_special_tokens([END])  # already in the vocabulary: keeps its id
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, list[int]]:
+    """A tiny Llama saved with its end ids [unused, E], E a token its greedy continuation of PROMPT
+    reaches; the folder, the text transformers' `generate` gives (stopped at E), and the end ids."""
+    folder = tmp_path_factory.mktemp("llama") / "hf"
+    hf = random_hf_model("llama")
+    hf.generation_config.eos_token_id = hf.generation_config.pad_token_id = None
+    prompt = torch.tensor([PROMPT])
+    free = hf.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
+    continuation = free[0, len(PROMPT) :].tolist()
+    end = next(t for i, t in enumerate(continuation) if i >= 3 and t not in continuation[:i])
+    unused = next(t for t in range(256) if t not in continuation + PROMPT)
+    ends = [unused, end]
+    hf.generation_config.eos_token_id = ends
+    hf.save_pretrained(folder)
+    char_vocab_tokenizer(end).save(str(folder / "tokenizer.json"))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), eos_token=END
+    )
+    tokenizer.save_pretrained(folder)
+    stopped = hf.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert stopped[0, -1].item() == end and stopped.size(1) < free.size(1)  # generate stopped there
+    return folder, tokenizer.decode(stopped[0, len(PROMPT) :], skip_special_tokens=True), ends
+
+
+def test_an_imported_model_stops_at_its_end_token_in_sample_as_transformers_does(
+    cli, tmp_path: Path, llama: tuple[Path, str, list[int]]
+) -> None:
+    folder, expected, ends = llama
+    assert cli("import", folder, "--out", tmp_path / "run")[0] == 0
+    assert read_end_ids(tmp_path / "run" / "checkpoints" / "step-0000000") == tuple(ends)
+    prompt = "".join(chr(0x100 + i) for i in PROMPT)
+    code, out, err = cli(
+        "sample", tmp_path / "run", "--prompt", prompt, "--max-new-tokens", "12", "--temperature", "0"
+    )
+    assert code == 0, err
+    assert out == prompt + expected + "\n"
+
+
+def test_an_imported_model_stops_at_its_end_token_in_serve_with_finish_reason_stop(
+    tmp_path: Path, llama: tuple[Path, str, list[int]]
+) -> None:
+    folder, expected, _ = llama
+    session = load(import_folder(folder, tmp_path / "run"), "last", "cpu", dtype="fp32")
+    updates: queue.Queue[Update] = queue.Queue()
+    engine = Engine(session, max_batch=1).start()
+    try:
+        engine.submit([Job(PROMPT, Params(max_tokens=12, temperature=0.0, top_p=None, seed=0), updates.put)])
+        text, update = "", Update("", None, 0)
+        while update.finish_reason is None:
+            update = updates.get(timeout=30)
+            text += update.text
+    finally:
+        engine.close()
+    assert (text, update.finish_reason) == (expected, STOP)
+    assert update.completion_tokens == len(expected) + 1  # the end token counts, as OpenAI's usage does
+
+
+def test_export_writes_the_imported_end_ids_and_a_round_trip_keeps_them(
+    tmp_path: Path, llama: tuple[Path, str, list[int]]
+) -> None:
+    folder, _, ends = llama
+    export_checkpoint(import_folder(folder, tmp_path / "run"), tmp_path / "back")
+    assert json.loads((tmp_path / "back" / GENERATION_CONFIG).read_text())["eos_token_id"] == ends
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["eos_token_id"] == ends
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "back").eos_token_id == ends
+    assert load(import_folder(tmp_path / "back", tmp_path / "again"), "last", "cpu").end_ids == tuple(ends)
+
+
+def hf_folder(folder: Path, *, generation: object = None, config: object = None, eos_token: str = "") -> Path:
+    """A folder with what hf_end_ids reads: tokenizer.json (specials <|endoftext|> and </s>), and
+    generation_config.json, config.json's eos_token_id and tokenizer_config.json where given."""
+    folder.mkdir()
+    char_tokenizer("abc", specials=["<|endoftext|>", END]).save(str(folder / "tokenizer.json"))
+    if generation is not None:
+        (folder / GENERATION_CONFIG).write_text(json.dumps({"eos_token_id": generation}))
+    if eos_token:
+        (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": eos_token}}))
+    return folder
+
+
+def test_the_end_ids_come_from_generation_config_else_config_else_the_tokenizers_eos_token(
+    tmp_path: Path,
+) -> None:
+    both = hf_folder(tmp_path / "both", generation=[4, 3, 4], eos_token=END)
+    assert hf_end_ids(both, {"eos_token_id": 0}, 5) == (4, 3)  # in order, once each
+    assert hf_end_ids(hf_folder(tmp_path / "config", eos_token=END), {"eos_token_id": 3}, 5) == (3,)
+    assert hf_end_ids(hf_folder(tmp_path / "tokenizer", eos_token=END), {}, 5) == (4,)
+    assert hf_end_ids(hf_folder(tmp_path / "none"), {"eos_token_id": None}, 5) == ()
+    # an id past the vocabulary can never be generated (transformers' GPT-2 config says 50256 at any size)
+    assert hf_end_ids(hf_folder(tmp_path / "past", generation=[2, 50256]), {}, 5) == (2,)
+
+
+@pytest.mark.parametrize("ids", [-1, [1, -2], "2", [True], {"id": 1}, 1.0])
+def test_an_end_id_that_is_not_a_token_id_is_refused(tmp_path: Path, ids: object) -> None:
+    with pytest.raises(LmforgeError, match="eos_token_id must be a token id or a list of them"):
+        hf_end_ids(hf_folder(tmp_path / "bad", generation=ids), {}, 5)
