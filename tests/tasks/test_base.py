@@ -1,4 +1,4 @@
-"""The helpers tasks share: scoring choices by their log-probabilities."""
+"""The helpers tasks share: scoring choices by their log-probabilities, decoding an answer."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import char_tokenizer
 from lmforge.model import GPT
-from lmforge.tasks.base import choice_log_probs
+from lmforge.tasks.base import choice_log_probs, decode
 from tests.tasks.conftest import TEXT
 
 
@@ -25,3 +25,17 @@ def test_choice_log_probs_are_the_sum_over_the_choice_tokens() -> None:
             -len(choice) :
         ]
         assert score == pytest.approx(expected.sum().item(), rel=1e-5)
+
+
+def test_a_decoded_answer_ends_at_one_of_the_models_end_ids() -> None:
+    tokenizer = char_tokenizer(TEXT.replace("\n", ""))  # no newline and no <|endoftext|>: nothing ends it
+    torch.manual_seed(0)
+    model = GPT(
+        ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=32, vocab_size=tokenizer.get_vocab_size())
+    ).eval()
+    cpu = torch.device("cpu")
+    free = decode(model, tokenizer, "Review: good", max_new_tokens=8, beam_size=1, device=cpu)
+    assert len(free) == 8
+    end = tokenizer.token_to_id(free[3])
+    ended = decode(model, tokenizer, "Review: good", max_new_tokens=8, beam_size=1, device=cpu, end_ids=[end])
+    assert ended == free[: free.index(free[3])]  # up to the first end token, which is left out

@@ -104,6 +104,7 @@ def evaluate_checkpoint(
             beam_size=beam_size,
             max_new_tokens=max_new_tokens,
             calibrate=calibrate,
+            end_ids=session.end_ids,
         )
     lines = result.pop("predictions", None)
     if predictions is not None:

@@ -11,7 +11,7 @@ import importlib
 import json
 import pkgutil
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -187,9 +187,11 @@ def evaluate_task(
     beam_size: int = 1,
     max_new_tokens: int | None = None,
     calibrate: bool = False,
+    end_ids: Sequence[int] = (),
 ) -> dict:
     """{"task", "examples", "data", "model": {metric: value}, ...}: most tasks score DATA_DIR/eval.jsonl
-    beside a baseline ("baseline", "baseline_name"); an `own_dataset` task scores its dataset file."""
+    beside a baseline ("baseline", "baseline_name"); an `own_dataset` task scores its dataset file.
+    A decoded answer ends at a newline or one of `end_ids` (the session's), else <|endoftext|>."""
     if task not in TASKS:
         raise LmforgeError(f"unknown task {task!r} (known: {', '.join(TASKS)}, lm)")
     max_new_tokens = answer_cap(max_new_tokens, model.config.block_size)
@@ -215,6 +217,7 @@ def evaluate_task(
         beam_size=beam_size,
         max_new_tokens=max_new_tokens,
         calibrate=calibrate,
+        end_ids=tuple(end_ids),
     )
     if not TASKS[task].own_dataset:
         scored, records = run.eval_file, read_eval(run.eval_file, limit)

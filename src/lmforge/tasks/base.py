@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -115,16 +115,16 @@ def decode(
     max_new_tokens: int,
     beam_size: int,
     device: torch.device,
+    end_ids: Sequence[int] = (),
 ) -> str:
-    """A completion that ends at <|endoftext|> or a newline (both end a completion in the task files)."""
+    """A completion that ends at a newline or the model's end of text: one of `end_ids` (an imported
+    model's own), else <|endoftext|> (either ends a completion in the task files)."""
     import torch
 
-    from lmforge.data.tokenizer import eot_id
+    from lmforge.data.tokenizer import end_ids as model_end_ids
     from lmforge.inference.generate import beam_search
 
-    stops = {
-        t for t in (eot_id(tokenizer), *tokenizer.encode("\n", add_special_tokens=False).ids) if t is not None
-    }
+    stops = {*model_end_ids(tokenizer, end_ids), *tokenizer.encode("\n", add_special_tokens=False).ids}
     context = encode_prompt(tokenizer, prompt, model.config.block_size - max_new_tokens)
     tokens = beam_search(
         model,
@@ -183,6 +183,7 @@ class EvalRun:
     beam_size: int = 1
     max_new_tokens: int = 64
     calibrate: bool = False  # tasks that score choices: against a content-free input (`Task.calibrates`)
+    end_ids: tuple[int, ...] = ()  # the tokens that end a decoded answer (the session's), else <|endoftext|>
 
     @property
     def eval_file(self) -> Path:
@@ -218,6 +219,7 @@ class EvalRun:
             max_new_tokens=self.max_new_tokens,
             beam_size=self.beam_size,
             device=self.device,
+            end_ids=self.end_ids,
         )
 
 
