@@ -7,8 +7,8 @@
         tokenizer.json      so the checkpoint alone can encode and decode
         tokenizer_config.json  the chat template (and its bos/eos tokens) that `messages` data was
                             rendered with and `lmforge chat` talks with; absent in older checkpoints
-        generation_config.json  the ids that end a completion (`eos_token_id`) when they are not
-                            <|endoftext|>: an imported model's own; absent in native runs
+        generation_config.json  the ids that end a completion (`eos_token_id`): an imported model's
+                            own; absent in native runs, whose completions end at <|endoftext|>
         meta.json           step, val_loss and the sha256 of every file above
         train_state/        distributed runs only: model and optimizer shards written by DCP
                             (torch.distributed.checkpoint), loadable at any world size; state.pt
@@ -61,7 +61,7 @@ class _TokenizerFacts(NamedTuple):
 
     file: Path  # tokenizer.json
     chat_template: ChatTemplate | None
-    end_ids: tuple[int, ...]  # recorded only where they are not <|endoftext|> (an imported model's)
+    end_ids: tuple[int, ...]  # an imported model's eos_token_id; () in a native run: <|endoftext|> ends it
 
 
 class _Weights:

@@ -19,7 +19,7 @@ from lmforge.errors import LmforgeError
 
 EOT = "<|endoftext|>"
 # A checkpoint's own end-of-text ids, as Hugging Face's generation_config.json spells them (`eos_token_id`,
-# an int or a list): written by `import` for a model whose end is not <|endoftext|> (Llama, Mistral, Gemma)
+# an int or a list), written by `import`; a checkpoint without one ends completions at <|endoftext|>
 GENERATION_CONFIG = "generation_config.json"
 BUILTIN_KINDS = ("char", "byte", "bpe")
 

@@ -75,9 +75,8 @@ class InferenceSession:
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt's tokens; with no prompt, the start of a document: <|endoftext|>, else a
-        newline, else token 0 (an imported model's end ids are not used here: a Llama's
-        <|end_of_text|> was never a document's start). A prompt the tokenizer cannot represent
-        exactly is refused."""
+        newline, else token 0, for an imported model too (its bos_token is not recorded). A prompt
+        the tokenizer cannot represent exactly is refused."""
         if prompt:
             ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids if tokenizable(prompt) else []
             if self.tokenizer.decode(ids, skip_special_tokens=False) != prompt:
