@@ -166,7 +166,7 @@ def build_run(
     init_from = None if resume_from is not None else resolve_init_from(config)
     if init_from is not None:  # the run takes its architecture
         config = dataclasses.replace(config, model=ckpt.init_model_config(init_from, config.model))
-    chat_template = run_chat_template(config, resume_from or init_from)
+    chat_template = run_chat_template(config, source := resume_from or init_from)  # its template, end ids
     data = open_data(config, init_from or resume_from, chat_template)  # the tokenizer of either
     config = with_vocab_size(config, data)
     check_compatible(config, data, init_from=init_from, resume_from=resume_from)
@@ -175,14 +175,13 @@ def build_run(
     objective = build_objective(config, module, device)  # before `restore` sets every RNG state
     if isinstance(data, (SFTData, PreferenceData)):  # fine-tuned: its template (maybe the default) is saved
         chat_template = data.chat_template
-    source = resume_from or init_from  # a model imported with its own end ids keeps them
     checkpointer = Checkpointer(
         run_dir,
         config,
         tokenizer_file=data.tokenizer_file,
         sharded=dist.enabled,
         chat_template=chat_template,
-        end_ids=read_end_ids(source) if source is not None else (),
+        end_ids=read_end_ids(source) if source is not None else (),  # an imported model's carry over
     )
     if resume_from is not None:
         checkpointer.restore_weights(
