@@ -439,3 +439,17 @@ def test_a_folder_reads_its_gzipped_text_files_as_a_file_argument_does(tmp_path:
     assert meta["documents"] == 2
     text = decode_split(tmp_path / "out", "train") + decode_split(tmp_path / "out", "val")
     assert sorted(text.splitlines()) == ["a gzipped document", "a plain document"]
+
+
+def test_a_gzipped_text_file_with_an_upper_case_suffix_is_decompressed(tmp_path: Path) -> None:
+    """`.txt.GZ` is taken for gzipped text (the suffix rule ignores case), so it must be read as such:
+    it was read as raw bytes, an 'invalid UTF-8' error (or, with --invalid-utf8 replace, garbage)."""
+    import gzip
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with gzip.open(folder / "b.txt.GZ", "wt") as f:
+        f.write("a gzipped document\n" * 4)
+    prepare(str(folder), tmp_path / "out", tokenizer="byte", progress=False)
+    text = decode_split(tmp_path / "out", "train") + decode_split(tmp_path / "out", "val")
+    assert text == "a gzipped document\n" * 4

@@ -405,7 +405,7 @@ class Corpus:
     def total_bytes(self) -> int | None:
         """Size of all files on disk, for progress bars; None when gzipped (the text is larger) or streamed
         (hf:NAME)."""
-        if not self.files or any(f.suffix == ".gz" for f in self.files):
+        if not self.files or any(f.suffix.lower() == ".gz" for f in self.files):
             return None
         return sum(f.stat().st_size for f in self.files)
 
@@ -609,7 +609,7 @@ def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
 
 def _open_binary(path: Path) -> BinaryIO:
     """The file's bytes; a `.gz` file's decompressed as it is read (never whole on disk or in memory)."""
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # .GZ as `_is_text`
 
 
 def _separated_documents(
