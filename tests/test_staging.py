@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.staging import MARKER, check_out, folder_kind, staged_folder, write_marker
+from lmforge.staging import MARKER, check_out, folder_kind, remove_stale_staging, staged_folder, write_marker
 from tests.conftest import TINY, snapshot
 
 
@@ -185,22 +185,45 @@ def test_train_out_dot_is_refused(
     assert snapshot(work) == before and sorted(os.listdir(work)) == ["notes.txt", "thesis"]
 
 
-def test_a_staging_folder_left_by_a_killed_process_is_removed_by_the_next_save_beside_it(
+def test_a_staging_folder_left_by_a_killed_process_is_removed_by_the_next_save_of_that_output(
     tmp_path: Path,
 ) -> None:
     """kill -9 during `prepare` leaves its hidden staging folder (a corpus's shards, perhaps GBs); the
-    next output written into the same parent removes it, but never one that a live process is filling."""
+    next save of the same output removes it, but never one that a live process is filling."""
+    two_minutes_ago = (time.time() - 120, time.time() - 120)
     left = tmp_path / ".tmp-data-k1ll3d"  # as staged() names it, with no process behind it
     left.mkdir()
     (left / "train.bin").write_bytes(b"\0" * 1000)
-    two_minutes_ago = (time.time() - 120, time.time() - 120)
     os.utime(left, two_minutes_ago)
     with staged_folder(tmp_path / "data", "data", overwrite=False) as live:
         (live / "train.bin").write_bytes(b"\1")
         os.utime(live, two_minutes_ago)  # a long prepare: only its lock says it is in use
-        with staged_folder(tmp_path / "export", "export", overwrite=False):
-            pass
+        remove_stale_staging(tmp_path, name="data")  # what another save of "data" does first
         assert not left.exists()
-        assert live.is_dir()  # the enclosing save's own staging folder, in use
+        assert live.is_dir()
     assert (tmp_path / "data" / "train.bin").read_bytes() == b"\1"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "export"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_a_save_leaves_hidden_folders_that_are_not_its_own_leftovers(tmp_path: Path) -> None:
+    """Another output's leftovers, a hidden folder of the user's, and a retired output that is the
+    only copy left (a replace killed between its two renames) all survive a save beside them."""
+    two_minutes_ago = (time.time() - 120, time.time() - 120)
+    kept = [".tmp-data-k1ll3d", ".tmp-mine", ".tmp-export-old-4242", ".tmp-data-2-old-77"]
+    for name in kept:
+        (tmp_path / name).mkdir()
+        os.utime(tmp_path / name, two_minutes_ago)
+    with staged_folder(tmp_path / "export", "export", overwrite=False):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "export"])
+    with staged_folder(tmp_path / "export", "export", overwrite=True):  # "export" exists now:
+        pass  # the retired copy is superseded
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".tmp-data-2-old-77",
+        ".tmp-data-k1ll3d",
+        ".tmp-mine",
+        "export",
+    ]
+    with staged_folder(tmp_path / "data", "data", overwrite=False):  # its leftover goes; "data-2"'s
+        pass  # retired copy stays while "data-2" is missing
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-data-2-old-77", ".tmp-mine", "data", "export"]

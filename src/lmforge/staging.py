@@ -3,8 +3,8 @@
 Every folder lmforge writes goes through `staged`: prepared data, task files, exports, imports,
 run folders and each checkpoint. A kill at any moment leaves either the previous folder or the
 new one, never a mix; what is left of an unfinished staging folder is hidden (`.tmp-NAME-*`) and
-removed by the next save into the same parent. A staging folder is locked (flock on the folder)
-while its process fills it, so that a save beside it never removes one in use.
+removed by the next save of the same NAME. A staging folder is locked (flock on the folder) while
+its process fills it, so that a save beside it never removes one in use.
 
 Every user-named output folder also carries a marker (`.lmforge`: its kind and lmforge's version),
 written inside the staging folder so that it arrives with the folder. `check_out` is the one rule
@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -33,6 +35,9 @@ from lmforge.errors import LmforgeError
 
 logger = logging.getLogger(__name__)
 STAGING_PREFIX = ".tmp-"
+RETIRED = re.compile(
+    re.escape(STAGING_PREFIX) + r"(.+)-old-\d+"
+)  # `_replace`'s name for the output it replaces
 MARKER = ".lmforge"  # hidden: HF loaders, globbing and `prepare` of a folder all pass it by
 
 Kind = Literal["run", "data", "tasks", "export", "import", "inspect", "compare"]
@@ -138,7 +143,7 @@ def staged(final: Path, durable: bool = False) -> Iterator[Path]:
     survives a power loss too (checkpoints); outputs that can be rebuilt skip the cost.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(final.parent)
+    remove_stale_staging(final.parent, name=final.name)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{STAGING_PREFIX}{final.name}-"))
     in_use = _lock_folder(staging)  # released when this process ends, however it ends
     umask = os.umask(0)
@@ -168,12 +173,19 @@ def staged_folder(out: Path, kind: Kind, overwrite: bool, *, inputs: Iterable[Pa
         yield staging
 
 
-def remove_stale_staging(parent: Path, *, owned: bool = False) -> None:
+def remove_stale_staging(parent: Path, *, name: str | None = None, owned: bool = False) -> None:
     """Delete staging folders left by processes killed while writing. In a folder that one process
-    at a time writes (`owned`: a run's checkpoints, under the run's lock) that is every one; elsewhere
-    only those that no process holds locked, made over a minute ago (where folders cannot be locked,
-    NFS for one, none: a live one cannot be told apart)."""
-    for stale in parent.glob(f"{STAGING_PREFIX}*"):
+    at a time writes (`owned`: a run's checkpoints, under the run's lock) that is every one. Elsewhere
+    only output `name`'s (`.tmp-NAME-*`: a hidden folder of the user's or another tool's is not
+    lmforge's to delete), and of those only the ones no process holds locked, made over a minute ago
+    (where folders cannot be locked, NFS for one, none: a live one cannot be told apart). A retired
+    output (`_replace` killed between its two renames) is the only copy of it while the output is
+    missing: it is kept then."""
+    pattern = f"{STAGING_PREFIX}*" if name is None else f"{STAGING_PREFIX}{glob.escape(name)}-*"
+    for stale in parent.glob(pattern):
+        retired = RETIRED.fullmatch(stale.name)
+        if retired and not (parent / retired.group(1)).exists():
+            continue
         if owned or _abandoned(stale):
             shutil.rmtree(stale, ignore_errors=True)
 
