@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,6 +78,10 @@ def test_resumed_run_continues_tensorboard_and_wandb_without_duplicate_steps(
     # As if killed before its final save: steps 11-15 are logged, the last checkpoint is step 10.
     shutil.rmtree(run / "checkpoints" / "step-0000015")
     first_id = json.loads((run / loggers.WANDB_RUN_FILE).read_text())["id"]
+    # W&B names an offline session's folder by the second it starts: a resumed session in the same
+    # second as the first gets a "-1" folder, and W&B then sometimes writes none of its history (seen
+    # with wandb 0.31 in a loop of two offline sessions; a real resume is never that quick)
+    time.sleep(1.05 - time.time() % 1)
     code, _, err = cli("train", "--out", run, "--resume", "--set", "train.max_steps=20")
     assert code == 0, err
     steps, evals = read_metrics(run)
@@ -93,8 +97,7 @@ def test_resumed_run_continues_tensorboard_and_wandb_without_duplicate_steps(
 
     history = wandb_history(run)
     sessions = sorted(run.glob("wandb/offline-run-*"))
-    # one W&B run; a session started in the same second as the one before gets W&B's "-1" suffix
-    assert len(sessions) == 2 and all(re.search(rf"-{first_id}(-\d+)?$", p.name) for p in sessions)
+    assert len(sessions) == 2 and all(p.name.endswith(f"-{first_id}") for p in sessions)  # one W&B run
     train_rows = [row for row in history if "train/loss" in row]
     assert [row["_step"] for row in train_rows] == list(range(1, 21))  # 11-15 kept from session one
     for row, entry in zip(train_rows, steps):
