@@ -141,10 +141,23 @@ def read_end_ids(folder: Path) -> tuple[int, ...]:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
-    ids = content.get("eos_token_id") if isinstance(content, dict) else None
-    ids = [ids] if isinstance(ids, int) else ids
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-        raise LmforgeError(f"{path}: eos_token_id must be an int or a list of ints")
+    if not isinstance(content, dict):
+        raise LmforgeError(f"{path}: expected a JSON object")
+    return parse_end_ids(content.get("eos_token_id"), path)
+
+
+def parse_end_ids(named: object, origin: Path) -> tuple[int, ...]:
+    """An `eos_token_id` as Hugging Face writes it (a token id, a list of them, or null) as ids;
+    a one-line error naming `origin` for anything else."""
+    if named is None:
+        return ()
+    ids = [named] if isinstance(named, int) else named
+    if (
+        isinstance(named, bool)
+        or not isinstance(ids, list)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+    ):
+        raise LmforgeError(f"{origin}: eos_token_id must be a token id or a list of them; got {named!r}")
     return tuple(ids)
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import Config, ModelConfig, head_size, validate
 from lmforge.data.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate, special_tokens_of
-from lmforge.data.tokenizer import GENERATION_CONFIG
+from lmforge.data.tokenizer import GENERATION_CONFIG, parse_end_ids
 from lmforge.errors import LmforgeError
 from lmforge.interop import gemma
 from lmforge.interop.hub import cache_blobs
@@ -351,14 +351,9 @@ def hf_end_ids(folder: Path, config: dict, vocab_size: int) -> tuple[int, ...]:
 
     generation = folder / GENERATION_CONFIG
     for origin, content in [(generation, _json_object(generation)), (folder / "config.json", config)]:
-        named = content.get("eos_token_id")
-        if named is None or named == []:
+        ids = parse_end_ids(content.get("eos_token_id"), origin)
+        if not ids:
             continue
-        ids = [named] if isinstance(named, int) else named
-        if not isinstance(ids, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
-        ):
-            raise LmforgeError(f"{origin}: eos_token_id must be a token id or a list of them; got {named!r}")
         # an id past the vocabulary is never generated, so never ends anything: transformers' GPT-2
         # config says 50256 at any vocab_size
         return tuple(dict.fromkeys(i for i in ids if i < vocab_size))  # in order, once each
