@@ -29,9 +29,10 @@ def add_recipes(verbs: Subparsers, name: str) -> argparse.ArgumentParser:
         name,
         help="list, show or copy the packaged recipes (configs for train and finetune)",
         description="The recipes shipped with lmforge: `lmforge train NAME` / `lmforge finetune NAME` "
-        "run one by name. Without an action, list them: name and the first line of each header.",
+        "run one by name. `list` (or no action) lists them: name and the first line of each header.",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", help="list them (the default)", description="List the recipes.")
     show = actions.add_parser("show", help="print a recipe", description="Print recipe NAME's TOML.")
     show.add_argument("name", help="a recipe name, e.g. shakespeare-char or tasks/sst2")
     copy = actions.add_parser(
