@@ -218,3 +218,12 @@ def test_chat_refuses_bad_options_before_it_starts(cli, run_dir: Path, args: lis
     code, out, err = cli("chat", run_dir, *args)
     assert_one_line_error(code, err, "chat", message)
     assert out == ""
+
+
+def test_a_batch_too_big_for_memory_is_one_line_naming_what_to_lower(
+    cli, char_data: Path, tmp_path: Path
+) -> None:
+    # 10**12 windows: the batch's indices alone are 8 TB, which no allocator hands out
+    sets = [f"data.dir={char_data}", *TINY, "train.max_steps=1", "train.batch_size=1000000000000"]
+    code, _, err = cli("train", "--out", tmp_path / "run", *[arg for item in sets for arg in ("--set", item)])
+    assert_one_line_error(code, err, "train", "out of memory", "train.batch_size", "lmforge estimate")

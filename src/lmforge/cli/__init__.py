@@ -139,6 +139,12 @@ def _run(args: argparse.Namespace) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Exception as exc:
+        if _is_out_of_memory(exc):
+            return _exit(
+                f"lmforge {args.verb}: error{where}: {_out_of_memory_message(args.verb, exc)}",
+                EXIT_USER_ERROR,
+                world,
+            )
         if world > 1 and _is_collective_failure(
             exc
         ):  # another rank died first; its message is the one that counts
@@ -150,6 +156,27 @@ def _run(args: argparse.Namespace) -> int:
                 world,
             )
         raise
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """numpy's and Python's MemoryError, torch's OutOfMemoryError (CUDA) and its CPU allocator's failure."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(exc)
+
+
+def _out_of_memory_message(verb: str, exc: BaseException) -> str:
+    """One line: what did not fit, and what to lower."""
+    detail = " ".join(str(exc).split())
+    detail = detail[detail.find("DefaultCPUAllocator") :] if "DefaultCPUAllocator" in detail else detail
+    if verb in ("train", "finetune"):
+        advice = (
+            "lower train.batch_size (train.grad_accum_steps keeps the tokens per step) or model.block_size; "
+            "`lmforge estimate CONFIG` gives a config's memory"
+        )
+    else:
+        advice = "lower the batch size or the length of the input"
+    return f"out of memory ({detail[:300] or type(exc).__name__}): {advice}"
 
 
 def _is_collective_failure(exc: Exception) -> bool:
