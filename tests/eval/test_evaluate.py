@@ -55,3 +55,18 @@ def test_data_whose_val_split_has_no_target_is_a_one_line_error(cli, tmp_path: P
     code, out, err = cli("eval", run, "--data", data)
     assert code == 1 and out == ""
     assert err == f"lmforge eval: error: {data}: the val split needs at least 2 tokens to evaluate\n"
+
+
+def test_task_options_given_to_the_lm_loss_are_a_one_line_error(cli, tmp_path: Path) -> None:
+    """--limit would suggest a loss over N examples; the lm loss is over the whole val split."""
+    run = random_char_run(tmp_path / "run", "abc", n_layer=1, d_model=16, block_size=8)
+    for options, named in [
+        (["--limit", "3"], "--limit applies"),
+        (["--beam-size", "2", "--calibrate"], "--beam-size, --calibrate apply"),
+        (["--max-new-tokens", "4"], "--max-new-tokens applies"),
+        (["--predictions", tmp_path / "p.jsonl"], "--predictions applies"),
+    ]:
+        code, out, err = cli("eval", run, "--data", tmp_path / "none", *options)
+        assert code == 1 and out == "" and err.count("\n") == 1, err
+        assert err.startswith(f"lmforge eval: error: {named} to a --task"), err
+    assert not (tmp_path / "p.jsonl").exists()

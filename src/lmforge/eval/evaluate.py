@@ -79,9 +79,20 @@ def evaluate_checkpoint(
     None: what fits the model),
     with one JSON line per example written to `predictions` when given; `calibrate` scores label
     choices against a content-free input (sst2)."""
+    if task == "lm":  # options of tasks, which the lm loss would otherwise ignore in silence
+        given = {
+            "--predictions": predictions is not None,
+            "--limit": limit is not None,
+            "--beam-size": beam_size != 1,
+            "--max-new-tokens": max_new_tokens is not None,
+            "--calibrate": calibrate,
+        }
+        if wrong := [flag for flag, was_given in given.items() if was_given]:
+            raise LmforgeError(
+                f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to a --task; "
+                "the lm loss is over the whole val split and decodes nothing"
+            )
     if predictions is not None:
-        if task == "lm":
-            raise LmforgeError("--predictions needs a --task (the lm loss has no per-example answers)")
         check_predictions_file(predictions)
     session = source.load(any_head=True)
     if task == "lm":
