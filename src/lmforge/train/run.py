@@ -198,12 +198,17 @@ def build_run(
     progress = state.progress
     if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
         progress.flops_done = progress.tokens_seen * module.flops_per_token()
-    if dist.is_main:
-        resumed_at = None if resume_from is None else state.progress.step
+    resumed_at = None if resume_from is None else progress.step
+    if dist.is_main and not finished(config, resumed_at):  # a finished run's folder stays as it is
         prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at=resumed_at)
     dist.barrier()
     parts = dict(dist=dist, device=device, data=data, amp=amp, state=state, checkpointer=checkpointer)
     return Run.assemble(config, run_dir, objective=objective, **parts)
+
+
+def finished(config: Config, resumed_at: int | None) -> bool:
+    """Whether a resumed run has already done train.max_steps (the total, not steps to add) or more."""
+    return resumed_at is not None and resumed_at >= config.train.max_steps
 
 
 def new_training_state(
