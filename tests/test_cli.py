@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,25 @@ def test_the_output_group_builds_the_folder_and_whether_to_overwrite_it() -> Non
 
 def test_the_verb_table_names_every_verb_in_the_order_help_lists_them() -> None:
     assert list(verb_parsers(build_parser())) == list(VERBS)
+
+
+BREAK_ANOTHER_PIPE = """
+import argparse, os, sys
+from lmforge.cli import _run
+
+def write_to_a_pipe_nobody_reads(args):
+    print("before", flush=True)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.write(write_end, b"x")  # BrokenPipeError: the pipe's reader has gone, stdout's has not
+
+sys.exit(_run(argparse.Namespace(verb="serve", run=write_to_a_pipe_nobody_reads)))
+"""
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_error_not_a_quiet_exit_141() -> None:
+    """Exit 141 without a word is for `lmforge ... | head` alone (tests/inference/test_sample.py): a
+    pipe, socket or child process that breaks under a verb is a failure, reported as any other."""
+    result = subprocess.run([sys.executable, "-c", BREAK_ANOTHER_PIPE], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout == "before\n"
+    assert "BrokenPipeError" in result.stderr

@@ -46,3 +46,14 @@ def test_a_reader_that_stops_reading_ends_sample_as_sigpipe_would_without_a_trac
     sample.stdout.close()
     errors = sample.stderr.read().decode()
     assert (sample.wait(timeout=60), errors) == (141, "")  # 128 + SIGPIPE, as `yes | head` ends
+
+
+def test_a_prompt_longer_than_the_context_is_cropped_to_its_end_and_said_once(cli, tmp_path: Path) -> None:
+    """nanoGPT crops a long prompt too; `sample` says so, once, on stderr (and samples as before)."""
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    prompt = "ab" * 15
+    code, out, err = cli("sample", run, "--prompt", prompt, "--max-new-tokens", "3", "--num-samples", "2")
+    assert code == 0 and out.startswith(prompt)
+    assert err == "warning: the prompt is 30 tokens; the model sees its last 16 (model.block_size)\n"
+    code, _, err = cli("sample", run, "--prompt", prompt[:16], "--max-new-tokens", "3")
+    assert code == 0 and err == ""

@@ -20,7 +20,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT
 from lmforge.targets import IGNORE_INDEX
 from lmforge.train.objective import PreferenceLoss, frozen_reference, sequence_logps, simpo_losses
-from tests.conftest import PIN_FP32, TINY, random_char_run
+from tests.conftest import PIN_FP32, TINY, random_char_run, snapshot
 from tests.train.conftest import read_metrics
 from tests.train.test_distributed import torchrun
 from tests.train.test_finetune import assert_same_steps, copy_up_to
@@ -84,6 +84,28 @@ def test_dpo_resumes_exactly(cli, pairs: Path, tmp_path: Path) -> None:
     assert_same_steps(resumed, tmp_path / "run")
     steps, ref_steps = read_metrics(resumed)[0], read_metrics(tmp_path / "run")[0]
     assert [[e[k] for k in STATS] for e in steps] == [[e[k] for k in STATS] for e in ref_steps]
+
+
+def test_dpo_resume_with_another_reference_or_objective_is_refused_and_writes_nothing(
+    cli, pairs: Path, tmp_path: Path
+) -> None:
+    """dpo's reference is train.init_from's weights: another one on resume would change the loss
+    midway, as would another objective; both are refused as another optim.name is."""
+    run, base = tmp_path / "run", pairs / "base"
+    assert cli(*tune_args(pairs, run, "train.max_steps=6"))[0] == 0
+    other = random_char_run(tmp_path / "other", ALPHABET, n_layer=2, d_model=32, block_size=64, seed=1)
+    before = snapshot(run)
+    changes = [
+        (f"train.init_from={other}", f"train.init_from: '{base}' in the checkpoint, '{other}' in the config"),
+        ("train.objective=simpo", "train.objective: 'dpo' in the checkpoint, 'simpo' in the config"),
+    ]
+    for change, message in changes:
+        code, _, err = cli(
+            "finetune", "--out", run, "--resume", "--set", change, "--set", "train.max_steps=12"
+        )
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert message in err
+        assert snapshot(run) == before
 
 
 def test_dpo_with_lora_takes_the_model_with_adapters_off_as_reference(

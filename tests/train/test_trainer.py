@@ -560,6 +560,26 @@ def test_resume_with_another_optimizer_is_refused_and_leaves_the_run_as_it_was(
     assert code == 0, err
 
 
+def test_resume_at_or_past_max_steps_has_nothing_to_do_and_writes_nothing(
+    cli, config_file: Path, tmp_path: Path
+) -> None:
+    """train.max_steps is the run's total: a resume whose max_steps the run has reached (or passed)
+    trains nothing, says so, exits 0 as HF Trainer and litgpt do, and leaves every file as it was
+    (its config.toml still holds the max_steps it trained to)."""
+    run = tmp_path / "run"
+    assert run_train(cli, config_file, run, *SHORT, "log.tensorboard=true")[0] == 0
+    before = snapshot(run)
+    for max_steps in (2, 4):
+        code, out, err = cli("train", "--out", run, "--resume", "--set", f"train.max_steps={max_steps}")
+        assert code == 0, err
+        assert snapshot(run) == before, max_steps
+        assert f"nothing to do: the run has done 4 steps (train.max_steps = {max_steps})" in out
+        assert "done: 4 steps" in out
+    code, _, err = cli("train", "--out", run, "--resume", "--set", "train.max_steps=6")
+    assert code == 0, err
+    assert load_config(run / "config.toml").train.max_steps == 6
+
+
 def test_a_resumed_run_trains_with_the_optimizer_settings_of_its_config(
     cli, config_file: Path, tmp_path: Path
 ) -> None:

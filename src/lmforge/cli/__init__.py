@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -134,8 +135,11 @@ def _run(args: argparse.Namespace) -> int:
         return _exit(f"lmforge {args.verb}: error{where}: {exc}", EXIT_USER_ERROR, world)
     except KeyboardInterrupt:
         return _exit(f"lmforge {args.verb}: interrupted{where}", EXIT_INTERRUPTED, world)
-    except BrokenPipeError:  # `lmforge sample RUN | head`: the reader has gone, nothing to tell it
-        # Python flushes stdout once more at exit, which would fail again: it goes to /dev/null instead
+    except BrokenPipeError:
+        if not _stdout_reader_gone():  # another pipe, a socket, a child process: a real failure
+            raise
+        # `lmforge sample RUN | head`: the reader has gone, nothing to tell it. Python flushes stdout
+        # once more at exit, which would fail again: it goes to /dev/null instead
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except Exception as exc:
@@ -177,6 +181,19 @@ def _out_of_memory_message(verb: str, exc: BaseException) -> str:
     else:
         advice = "lower the batch size or the length of the input"
     return f"out of memory ({detail[:300] or type(exc).__name__}): {advice}"
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reader has gone: polled, it reports an error (a
+    pipe) or a hang-up (a socket), while a stdout that is a file, a terminal or a live pipe reports
+    neither."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a file (a test's capture)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _is_collective_failure(exc: Exception) -> bool:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
 
 from lmforge.inference.sampling import SamplingOptions
 from lmforge.inference.session import InferenceSession, ModelSource
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_SEPARATOR = "---------------"  # a line of its own between two samples
 
@@ -26,6 +29,11 @@ def stream_samples(
     options were checked when made)."""
     session = source.load()
     ids = session.prompt_ids(prompt)
+    block_size = session.config.model.block_size
+    if len(ids) > block_size:  # generate() crops it, as nanoGPT does: not silently
+        logger.warning(
+            f"the prompt is {len(ids)} tokens; the model sees its last {block_size} (model.block_size)"
+        )
     # One generator for all samples: each continues the random stream of the one before.
     generator = torch.Generator(device=session.device).manual_seed(seed)
     return _samples(session, prompt, ids, options=options, generator=generator, num_samples=num_samples)

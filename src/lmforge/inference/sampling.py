@@ -54,40 +54,67 @@ class StopScanner:
     """Text fed a piece at a time and released up to the first of `stops`, which may span pieces:
     text that could begin a stop is held back until it cannot, so nothing of a stop is ever
     released. With `reply`, leading whitespace is dropped: a chat reply shows no blank before it,
-    and a whitespace stop (`\n`) ends it only once it has begun."""
+    and a whitespace stop (`\n`) ends it only once it has begun.
+
+    Each stop is matched as Knuth-Morris-Pratt does, one new character at a time, from how much of
+    it the text so far ends with: a piece costs work in its own length, never in the length of the
+    text before it or of a stop that text half matches (searching the held text for each stop and
+    each of its beginnings, at every piece, cost a long stop the square of its length per token)."""
 
     def __init__(self, stops: Sequence[str], *, reply: bool = False) -> None:
         self.stops = tuple(stop for stop in stops if stop)
-        self.held = ""  # text that may be the start of a stop
+        self.fallbacks = [_fallbacks(stop) for stop in self.stops]
+        self.matched = [0] * len(self.stops)  # of each stop: how much the text so far ends with
+        self.held = ""  # text that may be the start of a stop: its longest `matched`
         self.begun = not reply  # text has been released (a reply drops whitespace until then)
         self.stopped = False  # a stop was found: feed no more
 
     def feed(self, piece: str) -> str:
         """The text that `piece` makes safe to release (possibly none)."""
         held = self.held + piece
-        if not self.begun:
-            held = held.lstrip()
+        if not self.begun:  # nothing is held before a reply begins: all of `held` is new
+            held = piece = held.lstrip()
             self.begun = bool(held)
-        found = [at for stop in self.stops if (at := held.find(stop)) >= 0]
-        if found:
+        new = len(held) - len(piece)
+        ends = [self._match(i, held, new) for i in range(len(self.stops))]
+        starts = [end - len(stop) for end, stop in zip(ends, self.stops) if end is not None]
+        if starts:
             self.stopped, self.held = True, ""
-            return held[: min(found)]
-        keep = max(
-            (
-                n
-                for stop in self.stops
-                for n in range(min(len(stop) - 1, len(held)), 0, -1)
-                if stop.startswith(held[-n:])
-            ),
-            default=0,
-        )
+            return held[: min(starts)]
+        keep = max(self.matched, default=0)
         self.held = held[len(held) - keep :]
         return held[: len(held) - keep]
+
+    def _match(self, i: int, text: str, start: int) -> int | None:
+        """Stop `i` matched on through `text[start:]`: the end of its first whole match, if any."""
+        stop, fallbacks, matched = self.stops[i], self.fallbacks[i], self.matched[i]
+        for at in range(start, len(text)):
+            char = text[at]
+            while matched and stop[matched] != char:
+                matched = fallbacks[matched - 1]
+            if stop[matched] == char:
+                matched += 1
+            if matched == len(stop):
+                return at + 1
+        self.matched[i] = matched
+        return None
 
     def finish(self) -> str:
         """The text held back, released when no more comes: it began a stop that never completed."""
         held, self.held = self.held, ""
         return held
+
+
+def _fallbacks(stop: str) -> list[int]:
+    """KMP's failure function: for each n, the longest proper beginning of stop[:n + 1] that it ends with."""
+    fallbacks, matched = [0] * len(stop), 0
+    for at in range(1, len(stop)):
+        while matched and stop[matched] != stop[at]:
+            matched = fallbacks[matched - 1]
+        if stop[matched] == stop[at]:
+            matched += 1
+        fallbacks[at] = matched
+    return fallbacks
 
 
 class TextDecoder:

@@ -198,12 +198,17 @@ def build_run(
     progress = state.progress
     if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
         progress.flops_done = progress.tokens_seen * module.flops_per_token()
-    if dist.is_main:
-        resumed_at = None if resume_from is None else state.progress.step
+    resumed_at = None if resume_from is None else progress.step
+    if dist.is_main and not finished(config, resumed_at):  # a finished run's folder stays as it is
         prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at=resumed_at)
     dist.barrier()
     parts = dict(dist=dist, device=device, data=data, amp=amp, state=state, checkpointer=checkpointer)
     return Run.assemble(config, run_dir, objective=objective, **parts)
+
+
+def finished(config: Config, resumed_at: int | None) -> bool:
+    """Whether a resumed run has already done train.max_steps (the total, not steps to add) or more."""
+    return resumed_at is not None and resumed_at >= config.train.max_steps
 
 
 def new_training_state(
@@ -388,13 +393,29 @@ def check_compatible(
     if resume_from is not None:
         saved = ckpt.load_config_of(resume_from)
         check_same_architecture(saved.model, config.model, resume_from)
-        if saved.optim.name != config.optim.name:  # its state (moments, groups) is another optimizer's
-            raise LmforgeError(
-                f"{resume_from}: checkpoint of another optimizer (optim.name: {saved.optim.name!r} in the "
-                f"checkpoint, {config.optim.name!r} in the config)"
-            )
+        check_kept_settings(saved, config, resume_from)
         source = f"checkpoint {resume_from}"
         check_same_tokenizer(data.dir, data.tokenizer_file, resume_from / "tokenizer.json", source=source)
+
+
+# Settings a resumed run keeps, each with what a checkpoint of another value is: the saved optimizer
+# state (moments, groups) is optim.name's; the loss is train.objective's and, for dpo, also that of
+# its reference, train.init_from's weights. Another value would silently change the run midway.
+KEPT_ON_RESUME = {"optim.name": "another optimizer", "train.objective": "another objective"}
+KEPT_ON_DPO_RESUME = {"train.init_from": "another DPO reference model"}
+
+
+def check_kept_settings(saved: Config, config: Config, resume_from: Path) -> None:
+    """Refuse a resume whose config changes a setting of `KEPT_ON_RESUME` (or `KEPT_ON_DPO_RESUME`)."""
+    kept = KEPT_ON_RESUME | (KEPT_ON_DPO_RESUME if config.train.objective == "dpo" else {})
+    for key, other in kept.items():
+        section, name = key.split(".")
+        old, new = getattr(getattr(saved, section), name), getattr(getattr(config, section), name)
+        if old != new:
+            raise LmforgeError(
+                f"{resume_from}: checkpoint of {other} "
+                f"({key}: {old!r} in the checkpoint, {new!r} in the config)"
+            )
 
 
 def check_same_architecture(saved: ModelConfig, wanted: ModelConfig, where: Path) -> None:

@@ -9,6 +9,7 @@ every RNG state and the loop counters.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from dataclasses import dataclass
@@ -18,15 +19,18 @@ from types import FrameType
 from lmforge.config import Config, TrainConfig, load_config
 from lmforge.errors import LmforgeError, TrainingInterrupted
 from lmforge.inference.loss import LMEval
+from lmforge.output import ON_STDOUT
 from lmforge.recipes import config_path
 from lmforge.runtime import Peak, format_flops
 from lmforge.staging import locked
 from lmforge.train import distributed, loggers
 from lmforge.train.monitor import Monitor, StepResult
 from lmforge.train.optim import set_lr_factor
-from lmforge.train.run import Run, build_run
+from lmforge.train.run import Run, build_run, finished
 from lmforge.train.schedule import lr_factor
 from lmforge.train.step import NonFiniteGuard
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,10 @@ def train(
 def train_loop(run: Run) -> TrainSummary:
     """Step, log, evaluate, checkpoint; stop at max_steps, at a target val loss, or on a signal."""
     t, progress, checkpointer = run.config.train, run.progress, run.checkpointer
+    if finished(run.config, progress.step):  # resumed at or past its end: its folder is left as it was
+        return summarize_finished(run)
     guard = NonFiniteGuard(t.on_nan, run.state.scaler.is_enabled())
-    last_eval, last_eval_step = None, -1
+    last_eval = None
     run.state.wrapped.train()
     with open_monitor(run) as monitor, StopSignals() as stop:
         monitor.say(
@@ -130,7 +136,7 @@ def train_loop(run: Run) -> TrainSummary:
             monitor.step(train_step(run, guard))
             val_loss = None
             if evaluation_due(t, progress.step):
-                last_eval, last_eval_step = run.evaluate(), progress.step
+                last_eval = run.evaluate()
                 val_loss = last_eval.loss
                 monitor.eval(progress.step, last_eval, privacy=run.privacy_report())
             reached = target_reached(t, val_loss)
@@ -145,9 +151,20 @@ def train_loop(run: Run) -> TrainSummary:
                 raise TrainingInterrupted(
                     stop.received or signal.SIGTERM, progress.step, saved, run_dir=run.run_dir
                 )
-    if last_eval_step != progress.step:  # a resumed run that had already finished
-        last_eval = run.evaluate()
     return summarize(run, last_eval, checkpointer.finish(progress.step, last_eval.loss))
+
+
+def summarize_finished(run: Run) -> TrainSummary:
+    """A resume with nothing to train: say so, and sum up the checkpoint it resumed from (evaluated
+    again, since the log's last eval may be of another step); writes nothing."""
+    if run.dist.is_main:
+        logger.info(
+            f"nothing to do: the run has done {run.progress.step} steps "
+            f"(train.max_steps = {run.config.train.max_steps}); train.max_steps counts every step "
+            f"of the run: raise it to train on",
+            extra=ON_STDOUT,
+        )
+    return summarize(run, run.evaluate(), run.checkpointer.latest)
 
 
 def evaluation_due(t: TrainConfig, step: int) -> bool:
