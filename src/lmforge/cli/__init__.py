@@ -191,6 +191,8 @@ def _stdout_reader_gone() -> bool:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # replaced by an object without a file (a test's capture)
         return False
+    if not hasattr(select, "poll"):  # Windows: no way to ask, so take the common case
+        return True
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
