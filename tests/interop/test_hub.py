@@ -168,10 +168,30 @@ def test_download_fetches_only_the_top_level_files_lmforge_reads() -> None:
     ]  # fmt: skip
 
 
-def test_download_without_the_hub_is_a_one_line_error(cli, hub_cache: Path, tmp_path: Path) -> None:
+def test_download_without_the_hub_is_a_one_line_error(
+    cli, hub_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LMFORGE_OFFLINE", raising=False)  # huggingface_hub's own offline mode answers
     code, _, err = cli("download", REPO, "--out", tmp_path / "dl")
     assert code == 1 and err.count("\n") == 1, err
     assert f"{REPO}: cannot be downloaded: the Hub is unreachable or HF_HUB_OFFLINE is set" in err
+
+
+def test_download_under_lmforge_offline_is_refused_before_any_request(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LMFORGE_OFFLINE=1 forbids downloads, as it does for named datasets: no request is made at all
+    (huggingface_hub's own offline switch is left off here, so a request would be tried)."""
+    monkeypatch.setenv("LMFORGE_OFFLINE", "1")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("a request was made")
+    )
+    code, _, err = cli("download", REPO, "--out", tmp_path / "dl")
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{REPO}: LMFORGE_OFFLINE=1 forbids downloading" in err
+    assert not (tmp_path / "dl").exists()
 
 
 @pytest.mark.parametrize(

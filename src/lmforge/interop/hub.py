@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ def download(repo_id: str, revision: str | None = None, *, out: Path | None = No
         raise LmforgeError(f"{repo_id!r} is not a Hugging Face repo id (expected ORG/NAME)")
     if out is not None:
         _check_download_folder(out, repo_id)
+    if os.environ.get("LMFORGE_OFFLINE") == "1":  # as for named datasets: no network at all
+        raise LmforgeError(
+            f"{repo_id}: LMFORGE_OFFLINE=1 forbids downloading "
+            f"(`lmforge import {repo_id}` reads a model already in the Hugging Face cache)"
+        )
     with _hub_errors(repo_id, revision):
         info = HfApi().model_info(repo_id, revision=revision)
         commit = info.sha
