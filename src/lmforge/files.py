@@ -1,7 +1,10 @@
-"""Files on disk that several layers share: the hash that verifies a file, and the cache folder.
+"""Files on disk that several layers share: the hash that verifies a file, the cache folder, and
+how a file's suffix is read.
 
 Data verifies its downloads and checkpoints verify their files with the same `file_sha256`; the
-datasets and the matmul peaks that `runtime` measures are kept under the same `cache_dir`.
+datasets and the matmul peaks that `runtime` measures are kept under the same `cache_dir`. Every
+suffix that says how a file is read (`.txt`, `.jsonl`, `.gz`, ...) is matched without case, through
+`file_suffix` and `gzipped_suffix`: `NOTES.TXT` is a text file as `notes.txt` is.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+
+GZIP_SUFFIX = ".gz"
 
 
 def cache_dir() -> Path:
@@ -25,3 +30,14 @@ def file_sha256(path: Path) -> str:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_suffix(path: Path) -> str:
+    """`path`'s last suffix in lower case (`.TXT` -> `.txt`): what decides how a file is read."""
+    return path.suffix.lower()
+
+
+def gzipped_suffix(path: Path) -> str | None:
+    """The suffix of the file that a gzipped file holds (`.txt` of `notes.TXT.GZ`), lower case; None
+    when `path` is not gzipped."""
+    return file_suffix(Path(path.stem)) if file_suffix(path) == GZIP_SUFFIX else None

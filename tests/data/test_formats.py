@@ -179,6 +179,16 @@ def test_a_folder_reads_its_train_and_val_files_of_any_type(tmp_path: Path) -> N
         SFTData(tmp_path / "two", tokenizer_file(tmp_path), 32)
 
 
+def test_a_folders_train_and_val_files_may_have_upper_case_suffixes(tmp_path: Path) -> None:
+    folder = tmp_path / "upper"
+    folder.mkdir()
+    for name in ("train.jsonl", "val.jsonl"):
+        (folder / name.replace(".jsonl", ".JSONL")).write_bytes((FIXTURES / "folder" / name).read_bytes())
+    data = SFTData(folder, tokenizer_file(tmp_path), 512)
+    assert (len(data.train), len(data.val)) == (4, 1)
+    assert f"4 train examples from {folder / 'train.JSONL'} (alpaca)" in data.summary
+
+
 def test_an_unknown_file_type_is_refused(tmp_path: Path) -> None:
     (tmp_path / "data.xml").write_text("<a/>")
     with pytest.raises(

@@ -453,3 +453,25 @@ def test_a_gzipped_text_file_with_an_upper_case_suffix_is_decompressed(tmp_path:
     prepare(str(folder), tmp_path / "out", tokenizer="byte", progress=False)
     text = decode_split(tmp_path / "out", "train") + decode_split(tmp_path / "out", "val")
     assert text == "a gzipped document\n" * 4
+
+
+def test_every_suffix_is_matched_whatever_its_case(tmp_path: Path, cli) -> None:
+    """`.TXT`, `.Md`, `.TXT.GZ`, `.JSONL`, `.Csv`: read as their lower-case names are, in a folder
+    and alone."""
+    import gzip
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.TXT").write_text("plain text\n")
+    (folder / "b.Md").write_text("markdown\n")
+    with gzip.open(folder / "c.TXT.GZ", "wt") as f:
+        f.write("gzipped text\n")
+    (folder / "d.JSONL").write_text('{"text": "a record"}\n')
+    (folder / "e.Csv").write_text("text\na row\n")
+    prepare(str(folder), tmp_path / "out", tokenizer="byte", progress=False, val_fraction=0.2)
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["documents"] == 5
+    text = decode_split(tmp_path / "out", "train") + decode_split(tmp_path / "out", "val")
+    for line in ["plain text", "markdown", "gzipped text", "a record", "a row"]:
+        assert line in text
+    code, _, err = cli("prepare", folder / "a.TXT", "--tokenizer", "byte", "--out", tmp_path / "one", "-q")
+    assert code == 0, err

@@ -96,6 +96,8 @@ def test_prompts_are_lines_of_text_or_jsonl_prompts(tmp_path: Path) -> None:
     ]
     (tmp_path / "p.jsonl").write_text('{"prompt": "two\\nlines"}\n\n{"prompt": "x", "id": 7}\n')
     assert [(p.text, p.line) for p in read_prompts(tmp_path / "p.jsonl")] == [("two\nlines", 1), ("x", 3)]
+    (tmp_path / "p.jsonl").rename(tmp_path / "P.JSONL")  # the suffix in any case
+    assert [(p.text, p.line) for p in read_prompts(tmp_path / "P.JSONL")] == [("two\nlines", 1), ("x", 3)]
 
 
 @pytest.mark.parametrize(

@@ -284,6 +284,17 @@ def test_inspect_command_writes_the_models_numbers_to_every_file(cli, tmp_path: 
     assert "pos" in out and "L1" in out and f"{len(ids)} tokens" in out
 
 
+def test_a_top_k_past_the_vocabulary_lists_every_token_and_the_summary_says_so(cli, tmp_path: Path) -> None:
+    """As `sample --top-k` takes a k past the vocabulary for all of it."""
+    run, vocab = char_run(tmp_path), char_tokenizer(TEXT).get_vocab_size()
+    out = tmp_path / "inspect"
+    code, _, err = cli("inspect", run, "--prompt", "To be", "--out", out, "--top-k", vocab + 100)
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["top_k"] == vocab
+    top = json.loads((out / "topk.json").read_text())
+    assert {len(position["next"]) for position in top} == {vocab}
+
+
 def test_inspect_works_on_an_imported_hugging_face_model(cli, tmp_path: Path) -> None:
     """Attention probabilities and logits equal transformers' own (eager attention returns them)."""
     pytest.importorskip("transformers")

@@ -14,6 +14,7 @@ from lmforge.cli import main
 from lmforge.report.metrics import read_metrics
 from lmforge.report.plot import plot_runs
 from lmforge.report.runs import list_runs
+from lmforge.staging import write_marker
 from tests.conftest import TINY
 
 SHORT = [*TINY, "train.max_steps=20"]
@@ -88,6 +89,45 @@ def test_a_run_holding_its_lock_is_running(runs: Path) -> None:
         holder.kill()
         holder.wait()
     assert {r.name: r.status for r in list_runs(runs)}["cut"] == "interrupted"
+
+
+def test_a_run_that_cannot_be_read_is_listed_as_unreadable(runs: Path, cli, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    shutil.copytree(runs / "done", root / "done")
+    killed = root / "killed"  # killed between its marker and its config.toml (train.run.prepare_run_dir)
+    killed.mkdir()
+    write_marker(killed, "run")
+    stale = root / "stale"  # a config that no longer loads
+    shutil.copytree(runs / "done", stale)
+    (stale / "config.toml").write_text("[train]\nmax_step = 20\n")
+    code, out, err = cli("runs", root)
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:]}
+    assert rows["done"][-1] == "finished"
+    assert rows["killed"][1:] == ["-", "-", "-", "-", "unreadable"]
+    assert rows["stale"][1:] == ["-", "-", "-", "-", "unreadable"]
+    warnings = err.splitlines()
+    assert len(warnings) == 2, err
+    assert warnings[0].startswith(f"warning: {killed} has no config.toml: ")
+    assert warnings[1].startswith(f"warning: {stale / 'config.toml'}: unknown key train.max_step ")
+    assert all(line.endswith("; listed as unreadable") for line in warnings)
+    code, out, _ = cli("runs", root, "--json", "--sort", "val_loss")
+    assert code == 0
+    listed = {r["name"]: r for r in json.loads(out)}
+    assert listed["done"]["status"] == "finished" and listed["done"]["max_steps"] == 20
+    assert listed["killed"] == {
+        "name": "killed",
+        "path": str(killed),
+        "step": None,
+        "max_steps": None,
+        "best_val_loss": None,
+        "tokens": None,
+        "elapsed_s": None,
+        "status": "unreadable",
+    }
+    code, _, err = cli("runs", killed)  # the one run asked for: an error
+    assert code == 1 and err.startswith(f"lmforge runs: error: {killed} has no config.toml: ")
+    assert len(err.splitlines()) == 1
 
 
 def test_plot_draws_every_curve_from_the_metrics(runs: Path) -> None:

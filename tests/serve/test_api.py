@@ -183,6 +183,31 @@ def test_a_malformed_body_is_400(server: LiveServer, body: bytes) -> None:
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", None, "application/x-www-form-urlencoded"])
+def test_a_body_not_sent_as_json_is_415_saying_so(server: LiveServer, content_type: str | None) -> None:
+    """Refused as OpenAI and vLLM refuse it, not read as JSON anyway: a web page may POST text/plain
+    to a server on this machine without the browser asking first (no CORS preflight)."""
+    body = json.dumps({"model": MODEL, "prompt": "ab", "max_tokens": 2}).encode()
+    headers = {"content-type": content_type} if content_type else {}
+    response = httpx.post(f"{server.url}/v1/completions", content=body, headers=headers)
+    assert response.status_code == 415
+    assert response.json()["error"] == {
+        "message": f"Content-Type must be application/json, got {content_type or 'none'}",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "unsupported_content_type",
+    }
+
+
+def test_a_json_content_type_with_parameters_or_capitals_is_json(server: LiveServer) -> None:
+    body = json.dumps({"model": MODEL, "prompt": "ab", "max_tokens": 2}).encode()
+    for content_type in ["application/json; charset=utf-8", "Application/JSON"]:
+        response = httpx.post(
+            f"{server.url}/v1/completions", content=body, headers={"content-type": content_type}
+        )
+        assert response.status_code == 200, response.text
+
+
 def test_chat_message_errors_name_the_field(server: LiveServer) -> None:
     url = f"{server.url}/v1/chat/completions"
     missing = httpx.post(url, json={"model": MODEL, "messages": [{"role": "user"}]}).json()["error"]

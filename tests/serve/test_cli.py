@@ -1,9 +1,17 @@
-"""`lmforge serve`'s bad arguments: one line of error, before any model is loaded."""
+"""`lmforge serve` from the command line: bad arguments are one line of error, before any model is
+loaded; the address it prints is the one it listens on."""
 
 from __future__ import annotations
 
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.test_bad_input import assert_one_line_error, usage_error
@@ -43,3 +51,46 @@ def test_max_autotune_without_compile_is_a_one_line_error(cli, tiny_run: Path) -
     assert_one_line_error(
         code, err, "serve", "--max-autotune tunes the compiled decode steps: it needs --compile"
     )
+
+
+def test_a_port_in_use_is_a_one_line_error_and_nothing_said_of_serving(cli, tiny_run: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = cli("serve", tiny_run, "--port", port, "--device", "cpu")
+    assert out == ""
+    assert_one_line_error(code, err, "serve", f"cannot listen on 127.0.0.1:{port}: Address already in use")
+
+
+def test_an_address_not_of_this_machine_is_a_one_line_error(cli, tiny_run: Path) -> None:
+    code, _, err = cli("serve", tiny_run, "--host", "192.0.2.1", "--port", "0", "--device", "cpu")
+    assert_one_line_error(code, err, "serve", "cannot listen on 192.0.2.1:0: Cannot assign requested address")
+
+
+def test_port_0_prints_the_port_it_listens_on(tiny_run: Path) -> None:
+    command = [sys.executable, "-m", "lmforge", "serve", tiny_run, "--port", "0", "--model-name", "tiny"]
+    command = [*map(str, command), "--device", "cpu", "--threads", "1"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        found = re.search(
+            r" at http://127\.0\.0\.1:(\d+)/ \(playground\) and http://127\.0\.0\.1:(\d+)/v1 ", line
+        )
+        assert found and found[1] == found[2] and found[1] != "0", line
+        deadline = time.monotonic() + 120  # listening already; answering once the engine has loaded
+        while True:
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{found[1]}/v1/models", timeout=10)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
+                time.sleep(0.1)
+        assert answer.status_code == 200 and answer.json()["data"][0]["id"] == "tiny"
+        server.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+        server.wait()
+        server.stdout.close()
+        server.stderr.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from lmforge.cli.options import MODEL_SOURCE, SAMPLING, THREADS, Subparsers, pos
 from lmforge.errors import LmforgeError
 
 API_KEY_ENV = "LMFORGE_API_KEY"  # serve's API key when --api-key is not given
+LISTEN_BACKLOG = 2048  # serve's queue of connections not yet accepted: uvicorn's default
+STARTUP_FAILURE = 3  # serve's exit status when the app did not start (its error logged): uvicorn.run's
 
 
 def run_sample(args: argparse.Namespace) -> int:
@@ -104,16 +107,41 @@ def run_serve(args: argparse.Namespace) -> int:
         compile=args.compile,
         max_autotune=args.max_autotune,
     )
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(
-        f"serving {session.checkpoint} as {name!r} at http://{host}:{args.port}/ (playground) and "
-        f"http://{host}:{args.port}/v1 (OpenAI API); Ctrl-C stops",
-        flush=True,
-    )
-    if api_key is None and args.host not in LOOPBACK_HOSTS:
-        print("warning: reachable beyond this machine without --api-key", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0
+    with _listen(args.host, args.port) as sock:
+        url = f"http://{_address(args.host, sock.getsockname()[1])}"
+        print(
+            f"serving {session.checkpoint} as {name!r} at {url}/ (playground) and {url}/v1 (OpenAI API); "
+            "Ctrl-C stops",
+            flush=True,
+        )
+        if api_key is None and args.host not in LOOPBACK_HOSTS:
+            print("warning: reachable beyond this machine without --api-key", file=sys.stderr)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        try:
+            server.run(sockets=[sock])
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down cleanly, then raised it again
+            pass
+    return 0 if server.started else STARTUP_FAILURE
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to HOST:PORT, as uvicorn binds one (IPv6 where the host has a colon), listening:
+    so that what serve prints is the address it has, and what keeps it from having it is one line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:  # socket.gaierror too: a host name that does not resolve
+        sock.close()
+        raise LmforgeError(f"cannot listen on {_address(host, port)}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _address(host: str, port: int) -> str:
+    """HOST:PORT as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _api_key(given: str | None) -> str | None:

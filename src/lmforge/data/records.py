@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.files import file_suffix
 from lmforge.jsonl import MAX_LINE_BYTES, decode_line, loads, read_lines
 
 # Record files by suffix; the suffix decides how a file is read.
@@ -38,7 +39,7 @@ class Row:
 
 def file_type(path: Path) -> str | None:
     """The record file type of `path` by its suffix (jsonl, json, csv, tsv, parquet), else None."""
-    return FILE_TYPES.get(path.suffix.lower())
+    return FILE_TYPES.get(file_suffix(path))
 
 
 def read_rows(path: Path, *, invalid_utf8: str = "error", kind: str | None = None) -> Iterator[Row]:

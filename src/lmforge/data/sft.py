@@ -38,6 +38,7 @@ from lmforge.data.protocol import Batch, PackedBatch
 from lmforge.data.records import FILE_TYPES, Row, file_type, hf_rows, read_rows
 from lmforge.data.tokenizer import load_tokenizer, vocab_size
 from lmforge.errors import LmforgeError
+from lmforge.files import file_suffix
 from lmforge.jsonl import loads
 from lmforge.targets import IGNORE_INDEX, SPAN_END, SPAN_MATCH, SPAN_OTHER, SPAN_START
 from lmforge.words import question_matches, whole_words
@@ -575,14 +576,21 @@ def is_fine_tuning_data(path: Path) -> bool:
     rather than the token shards of `lmforge prepare`."""
     if path.is_file():
         return file_type(path) is not None
-    return not (path / "meta.json").is_file() and any(
-        (path / f"{split}{ext}").is_file() for split in ("train", "val") for ext in FILE_TYPES
-    )
+    return not (path / "meta.json").is_file() and any(_split_files(path, split) for split in ("train", "val"))
+
+
+def _split_files(directory: Path, split: str) -> list[Path]:
+    """The `split`.EXT record files of a folder (EXT in any case: `train.JSONL` too), in FILE_TYPES' order."""
+    if not directory.is_dir():
+        return []
+    named = [p for p in directory.iterdir() if p.stem == split and file_type(p) is not None and p.is_file()]
+    order = list(FILE_TYPES)
+    return sorted(named, key=lambda p: (order.index(file_suffix(p)), p.name))
 
 
 def _split_file(directory: Path, split: str) -> Path | None:
     """The one `split`.EXT record file of a folder, if any."""
-    found = [directory / f"{split}{ext}" for ext in FILE_TYPES if (directory / f"{split}{ext}").is_file()]
+    found = _split_files(directory, split)
     if len(found) > 1:
         raise LmforgeError(f"{directory}: both {found[0].name} and {found[1].name}; keep one {split} file")
     return found[0] if found else None

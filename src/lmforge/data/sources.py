@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from lmforge.data.records import FILE_TYPES, Row, hf_rows, read_rows
+from lmforge.data.records import FILE_TYPES, Row, file_type, hf_rows, read_rows
 from lmforge.errors import LmforgeError
-from lmforge.files import cache_dir, file_sha256
+from lmforge.files import cache_dir, file_sha256, file_suffix, gzipped_suffix
 from lmforge.jsonl import decode_line, loads, read_lines
 
 logger = logging.getLogger(__name__)
@@ -405,7 +405,7 @@ class Corpus:
     def total_bytes(self) -> int | None:
         """Size of all files on disk, for progress bars; None when gzipped (the text is larger) or streamed
         (hf:NAME)."""
-        if not self.files or any(f.suffix.lower() == ".gz" for f in self.files):
+        if not self.files or any(gzipped_suffix(f) is not None for f in self.files):
             return None
         return sum(f.stat().st_size for f in self.files)
 
@@ -492,27 +492,25 @@ def _of_format(path: Path, input_format: str) -> bool:
     files (gzipped too), a record type its own."""
     if input_format in ("auto", "text") and _is_text(path):
         return True
-    kind = FILE_TYPES.get(path.suffix.lower())
+    kind = file_type(path)
     return kind is not None and input_format in ("auto", kind)
 
 
 def _is_text(path: Path) -> bool:
     """Whether `path` is a plain text file by its suffix, also gzipped (`.txt.gz`)."""
-    suffixes = [s.lower() for s in path.suffixes[-2:]]
-    return path.suffix in TEXT_SUFFIXES or (suffixes[-1:] == [".gz"] and suffixes[0] in TEXT_SUFFIXES)
+    return file_suffix(path) in TEXT_SUFFIXES or gzipped_suffix(path) in TEXT_SUFFIXES
 
 
 def input_kind(path: Path, *, refuse: bool = False) -> str:
     """How a file is read by its suffix: "text" (also gzipped text, e.g. .txt.gz) or a record file type.
     A file of another type (a .gz of records included) is an error naming --format."""
-    suffixes = [s.lower() for s in path.suffixes[-2:]]
-    if path.suffix.lower() in FILE_TYPES:
-        return FILE_TYPES[path.suffix.lower()]
+    if (kind := file_type(path)) is not None:
+        return kind
     if _is_text(path):
         return "text"
-    if suffixes[-1:] == [".gz"] and suffixes[0] in FILE_TYPES:
+    if (inner := gzipped_suffix(path)) in FILE_TYPES:
         raise LmforgeError(
-            f"{path}: compressed {suffixes[0]} records are not read; decompress the file (or give "
+            f"{path}: compressed {inner} records are not read; decompress the file (or give "
             "--format text to read it as plain text)"
         )
     kinds = "|".join(INPUT_FORMATS[1:])
@@ -609,7 +607,7 @@ def _text_chunks(path: Path, invalid_utf8: str) -> Iterator[str]:
 
 def _open_binary(path: Path) -> BinaryIO:
     """The file's bytes; a `.gz` file's decompressed as it is read (never whole on disk or in memory)."""
-    return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")  # .GZ as `_is_text`
+    return gzip.open(path, "rb") if gzipped_suffix(path) is not None else open(path, "rb")
 
 
 def _separated_documents(

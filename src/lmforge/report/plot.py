@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.files import file_suffix
 from lmforge.report import X_AXES
 from lmforge.report.metrics import Metrics, read_metrics
 from lmforge.report.runs import run_config, tokens_per_step
@@ -109,7 +110,7 @@ def save_plot(run_dirs: list[Path], out: Path, x: str = "step") -> Path:
     if not out.parent.is_dir():
         raise LmforgeError(f"--out {out}: folder {out.parent} does not exist")
     formats = _figure().canvas.get_supported_filetypes()
-    if out.suffix.lstrip(".").lower() not in formats:
+    if file_suffix(out).lstrip(".") not in formats:
         raise LmforgeError(f"--out {out}: give a file name ending in one of .{', .'.join(sorted(formats))}")
     plot_runs(run_dirs, x).savefig(out, dpi=80)
     return out

@@ -2,12 +2,15 @@
 
 The status of a run: `running` while a process holds its lock (`staging.is_locked`), `finished`
 when its newest checkpoint is at train.max_steps or at an eval that reached train.stop_at_val_loss,
-and `interrupted` otherwise (stopped by a signal, killed, or failed).
+and `interrupted` otherwise (stopped by a signal, killed, or failed). In a listing of several runs,
+one whose files cannot be read (no config.toml yet, a config that no longer loads, a garbled log) is
+`unreadable`, with a warning that says why, so that it does not hide the others.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,17 +21,22 @@ from lmforge.report.metrics import METRICS_FILE, Metrics, read_metrics
 from lmforge.run_folder import list_checkpoints
 from lmforge.staging import folder_kind, is_locked
 
+logger = logging.getLogger(__name__)
+UNREADABLE = "unreadable"  # the status of a run whose files cannot be read
+SORT_FIELDS = dict(zip(SORT_KEYS, ("name", "step", "best_val_loss", "elapsed_s")))  # --sort -> field
+
 
 @dataclass(frozen=True)
 class RunSummary:
     name: str
     path: str
-    step: int  # the last step logged
-    max_steps: int  # train.max_steps of its config
-    best_val_loss: float | None  # the lowest val loss logged
-    tokens: int  # input tokens trained on
-    elapsed_s: float  # wall time of the run, every session included
-    status: str  # finished / interrupted / running
+    # each of these is None for an unreadable run
+    step: int | None  # the last step logged
+    max_steps: int | None  # train.max_steps of its config
+    best_val_loss: float | None  # the lowest val loss logged (None too before the first eval)
+    tokens: int | None  # input tokens trained on
+    elapsed_s: float | None  # wall time of the run, every session included
+    status: str  # finished / interrupted / running / unreadable
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
@@ -71,7 +79,7 @@ def run_status(run_dir: Path, config: Config, metrics: Metrics) -> str:
 def run_config(run_dir: Path) -> Config:
     path = run_dir / "config.toml"
     if not path.is_file():
-        raise LmforgeError(f"{run_dir} has no config.toml: not a training run folder")
+        raise LmforgeError(f"{run_dir} has no config.toml: not a training run folder, or one killed early")
     return load_config(path)
 
 
@@ -91,13 +99,24 @@ def list_runs(folder: Path, sort: str = "name") -> list[RunSummary]:
     """The runs in FOLDER sorted by name, steps done, best val loss (runs without one last) or wall time."""
     if sort not in SORT_KEYS:
         raise LmforgeError(f"--sort must be one of {', '.join(SORT_KEYS)}, got {sort!r}")
-    keys = {
-        "name": lambda r: r.name,
-        "step": lambda r: r.step,
-        "val_loss": lambda r: (r.best_val_loss is None, r.best_val_loss or 0.0),
-        "time": lambda r: r.elapsed_s,
-    }
-    return sorted((summarize_run(p) for p in find_runs(folder)), key=keys[sort])
+    runs = find_runs(folder)
+    if runs == [folder]:  # the one run asked for: what keeps it from being read is an error
+        summaries = [summarize_run(folder)]
+    else:
+        summaries = [summarize_or_flag(run_dir) for run_dir in runs]
+    field = SORT_FIELDS[sort]
+    # what is unknown (an unreadable run's figures, a run's val loss before its first eval) sorts last
+    return sorted(summaries, key=lambda r: (getattr(r, field) is None, getattr(r, field) or 0))
+
+
+def summarize_or_flag(run_dir: Path) -> RunSummary:
+    """The summary of one of several runs: an `unreadable` one, and a warning, where it cannot be read."""
+    try:
+        return summarize_run(run_dir)
+    except LmforgeError as exc:
+        logger.warning(f"{exc}; listed as {UNREADABLE}")
+        unknown = dict.fromkeys(("step", "max_steps", "best_val_loss", "tokens", "elapsed_s"))
+        return RunSummary(name=run_dir.name, path=str(run_dir), **unknown, status=UNREADABLE)
 
 
 def runs_report(folder: Path, sort: str = "name", as_json: bool = False) -> str:
@@ -111,6 +130,9 @@ def runs_report(folder: Path, sort: str = "name", as_json: bool = False) -> str:
 def format_table(runs: list[RunSummary]) -> str:
     rows = [("run", "steps", "best val", "tokens", "time", "status")]
     for r in runs:
+        if r.status == UNREADABLE:
+            rows.append((r.name, "-", "-", "-", "-", r.status))
+            continue
         best = "-" if r.best_val_loss is None else f"{r.best_val_loss:.4f}"
         steps = f"{r.step:,}/{r.max_steps:,}"
         rows.append((r.name, steps, best, human_count(r.tokens), human_time(r.elapsed_s), r.status))

@@ -317,8 +317,9 @@ class BodyTooLarge(HTTPException):
 
 class Guard:
     """ASGI middleware before everything: the Host names answered (when `hosts` is given), then for
-    the API the key (when set) and the size of the body, refused as soon as its Content-Length says
-    so or its bytes so far go past the limit. Every refusal is an OpenAI error body."""
+    the API the key (when set), the size of the body, refused as soon as its Content-Length says
+    so or its bytes so far go past the limit, and a POST's Content-Type (JSON). Every refusal is an
+    OpenAI error body."""
 
     def __init__(self, app: ASGIApp, api_key: str | None, hosts: set[str] | None) -> None:
         self.app, self.api_key, self.hosts = app, api_key, hosts
@@ -345,7 +346,21 @@ class Guard:
             return await _error_response(error)(scope, receive, send)
         if int(headers.get(b"content-length", b"0") or 0) > MAX_BODY_BYTES:
             return await _error_response(_body_too_large())(scope, receive, send)
+        if scope["method"] == "POST" and (error := _not_json(headers.get(b"content-type"))) is not None:
+            return await _error_response(error)(scope, receive, send)
         await self.app(scope, _counting(receive), send)
+
+
+def _not_json(content_type: bytes | None) -> ApiError | None:
+    """415 for a body not sent as JSON (OpenAI and vLLM refuse it too) rather than read as JSON anyway: a
+    web page may POST text/plain to this machine without the browser asking first (no CORS preflight)."""
+    media_type = (content_type or b"").split(b";", 1)[0].strip().lower()
+    if media_type == b"application/json":
+        return None
+    given = content_type.decode("latin-1") if content_type else "none"
+    return ApiError(
+        415, f"Content-Type must be application/json, got {given}", code="unsupported_content_type"
+    )
 
 
 def _counting(receive: Receive) -> Receive:

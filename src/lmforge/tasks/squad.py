@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.files import gzipped_suffix
 from lmforge.tasks import metrics
 from lmforge.tasks.base import DecodingTask
 
@@ -62,9 +63,8 @@ DEV_HALF = "the first half of dev-v1.1.json's articles (train-v1.1.json not foun
 
 
 def _articles(path: Path) -> list[dict]:
-    with (
-        gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as f
-    ):
+    gzipped = gzipped_suffix(path) is not None
+    with gzip.open(path, "rt", encoding="utf-8") if gzipped else open(path, encoding="utf-8") as f:
         return json.load(f)["data"]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from lmforge.errors import LmforgeError
+from lmforge.files import file_suffix
 from lmforge.jsonl import decode_line, loads, read_lines
 
 
@@ -24,7 +25,7 @@ def read_prompts(path: Path) -> list[Prompt]:
     """Every prompt of `path`, in file order; at least one."""
     if not path.is_file():
         raise LmforgeError(f"--prompts {path}: no such file")
-    jsonl = path.suffix == ".jsonl"
+    jsonl = file_suffix(path) == ".jsonl"
     prompts = []
     try:
         for line_no, raw in read_lines(path):

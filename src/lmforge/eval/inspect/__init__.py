@@ -99,7 +99,7 @@ def inspect_checkpoint(
         "mean_loss": float(result.surprisal.mean()),
         "mean_surprisal_bits": float(result.surprisal.mean()) / math.log(2),
         "attention_max_error": result.attention_error,
-        "top_k": top_k,
+        "top_k": result.top_k()[1].size(-1),  # what topk.json lists: --top-k, or the whole vocabulary
     }
     with staged_folder(out, "inspect", overwrite, inputs=(source.target,)) as folder:
         summary["files"] = write_files(folder, result, decode, title=f"surprisal: {session.checkpoint}")
