@@ -132,3 +132,19 @@ def test_the_end_ids_come_from_generation_config_else_config_else_the_tokenizers
 def test_an_end_id_that_is_not_a_token_id_is_refused(tmp_path: Path, ids: object) -> None:
     with pytest.raises(LmforgeError, match="eos_token_id must be a token id or a list of them"):
         hf_end_ids(hf_folder(tmp_path / "bad", generation=ids), {}, 5)
+
+
+def test_export_of_an_imported_model_without_a_chat_template_keeps_its_eos_token_for_transformers(
+    tmp_path: Path, llama: tuple[Path, str, list[int]]
+) -> None:
+    folder, _, ends = llama
+    export_checkpoint(import_folder(folder, tmp_path / "run"), tmp_path / "back")
+    original = transformers.AutoTokenizer.from_pretrained(folder)
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert original.chat_template is None  # the case: a base model, lmforge's default template exported
+    assert (original.eos_token, original.eos_token_id) == (END, ends[1])  # not the first end id
+    assert (exported.eos_token, exported.eos_token_id) == (END, ends[1])
+    # lmforge's default template, which ends a reply with that eos_token, renders alike in both
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
+    rendered = load(tmp_path / "run", "last", "cpu").template.render(chat)
+    assert exported.apply_chat_template(chat, tokenize=False) == rendered == f"user: hi\nassistant: ho{END}\n"

@@ -60,8 +60,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[InferenceSession
     stopped = hf.generate(prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt))
     assert stopped[0, -1].item() == end  # generate stopped there
     expected = tokenizer.decode(stopped[0, prompt.size(1) :], skip_special_tokens=True)
-    # a chat reply shows no blank before it and ends at the default template's end of turn (\n) too:
-    # the reply must be the same text for the test to see the end token, not those, end it
+    # a chat reply shows no blank before it: the same text, for the test to see the end token end it
     assert expected == expected.strip() and expected
     session = load(import_folder(root / "hf", root / "run"), "last", "cpu", dtype="fp32")
     return session, expected

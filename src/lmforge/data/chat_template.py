@@ -96,9 +96,10 @@ class ChatTemplate:
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token when known
 
     @classmethod
-    def default(cls, tokenizer: Tokenizer) -> ChatTemplate:
-        """DEFAULT_CHAT_TEMPLATE, with <|endoftext|> as bos and eos when the tokenizer has it."""
-        return cls(DEFAULT_CHAT_TEMPLATE, _eot_specials(tokenizer))
+    def default(cls, tokenizer: Tokenizer, special_tokens: dict[str, str] | None = None) -> ChatTemplate:
+        """DEFAULT_CHAT_TEMPLATE, with <|endoftext|> as bos and eos when the tokenizer has it, and the
+        model's own bos and eos tokens where `special_tokens` names them (an imported model's)."""
+        return cls(DEFAULT_CHAT_TEMPLATE, _eot_specials(tokenizer) | (special_tokens or {}))
 
     @classmethod
     def from_file(cls, path: Path, tokenizer: Tokenizer) -> ChatTemplate:
