@@ -148,3 +148,22 @@ def test_export_of_an_imported_model_without_a_chat_template_keeps_its_eos_token
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
     rendered = load(tmp_path / "run", "last", "cpu").template.render(chat)
     assert exported.apply_chat_template(chat, tokenize=False) == rendered == f"user: hi\nassistant: ho{END}\n"
+
+
+def test_a_chat_template_file_for_a_run_from_an_imported_model_gets_the_models_eos_token(
+    tmp_path: Path, llama: tuple[Path, str, list[int]]
+) -> None:
+    from lmforge.config import Config, DataConfig
+    from lmforge.train.run import run_chat_template
+
+    folder, _, _ = llama
+    checkpoint = import_folder(folder, tmp_path / "run") / "checkpoints" / "step-0000000"
+    template_file = tmp_path / "turns.jinja"  # as Mistral's and Llama 2's: each reply closed by eos_token
+    template_file.write_text(
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    config = Config(data=DataConfig(chat_template=str(template_file)))
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
+    # fine-tuning renders its messages so: the model learns to end a reply with its end token
+    assert run_chat_template(config, checkpoint).render(chat) == f"hiho{END}"

@@ -102,14 +102,17 @@ class ChatTemplate:
         return cls(DEFAULT_CHAT_TEMPLATE, _eot_specials(tokenizer) | (special_tokens or {}))
 
     @classmethod
-    def from_file(cls, path: Path, tokenizer: Tokenizer) -> ChatTemplate:
-        """A `.jinja` file (`data.chat_template`), checked to compile."""
+    def from_file(
+        cls, path: Path, tokenizer: Tokenizer, special_tokens: dict[str, str] | None = None
+    ) -> ChatTemplate:
+        """A `.jinja` file (`data.chat_template`), checked to compile, with the special tokens that
+        `default` gives."""
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, ValueError) as exc:
             raise LmforgeError(f"data.chat_template: cannot read {path} ({exc})") from None
         _compile(source)
-        return cls(source, _eot_specials(tokenizer))
+        return cls(source, _eot_specials(tokenizer) | (special_tokens or {}))
 
     @classmethod
     def find(cls, folder: Path) -> ChatTemplate | None:
