@@ -167,3 +167,24 @@ def test_a_chat_template_file_for_a_run_from_an_imported_model_gets_the_models_e
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
     # fine-tuning renders its messages so: the model learns to end a reply with its end token
     assert run_chat_template(config, checkpoint).render(chat) == f"hiho{END}"
+
+
+def test_fine_tuning_an_imported_base_model_trains_it_to_end_a_completion_with_its_end_token(
+    tmp_path: Path, llama: tuple[Path, str, list[int]]
+) -> None:
+    from lmforge.config import Config
+    from lmforge.data.sft import SFTData
+    from lmforge.train.run import run_chat_template
+
+    folder, _, ends = llama
+    checkpoint = import_folder(folder, tmp_path / "run") / "checkpoints" / "step-0000000"
+    a, b = [chr(0x100 + i) for i in range(256) if i not in ends][:2]
+    (tmp_path / "data").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "data" / f"{split}.jsonl").write_text(
+            json.dumps({"prompt": a * 3, "completion": b * 2}) + "\n"
+        )
+    template = run_chat_template(Config(), checkpoint)  # a run from the import: its template
+    (example,) = SFTData(tmp_path / "data", checkpoint / "tokenizer.json", 32, chat_template=template).train
+    assert example.ids[3:] == [ord(b) - 0x100] * 2 + [ends[1]]  # the completion, then </s>
+    assert example.trained == [False] * 3 + [True] * 3  # all trained on
