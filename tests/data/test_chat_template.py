@@ -75,6 +75,19 @@ def test_the_default_template_is_role_colon_content_lines_with_eot_after_each_re
     assert ChatTemplate.default(char_tokenizer("ab")).special_tokens == {}  # no EOT: replies end with \n
 
 
+def test_the_default_template_takes_a_models_own_special_tokens_that_its_tokenizer_has() -> None:
+    tokenizer = char_tokenizer("ab", specials=[EOT, "<s>", "</s>"])
+    own = {"bos_token": "<s>", "eos_token": "</s>"}  # an imported model's tokenizer_config.json
+    assert ChatTemplate.default(tokenizer, own).special_tokens == own
+    assert ChatTemplate.default(tokenizer, own).end_of_turn() == "</s>"
+    # a token the tokenizer lacks would be trained on as plain characters: <|endoftext|> stays
+    assert ChatTemplate.default(tokenizer, {"eos_token": "<eos>"}).special_tokens == {
+        "bos_token": EOT,
+        "eos_token": EOT,
+    }
+    assert ChatTemplate.default(char_tokenizer("ab"), {"eos_token": "<eos>"}).special_tokens == {}
+
+
 def test_segments_cut_the_text_at_every_reply_and_its_end_of_turn() -> None:
     messages = [*MESSAGES[:3], {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Done."}]
     template = ChatTemplate(CHATML, {})

@@ -132,3 +132,59 @@ def test_the_end_ids_come_from_generation_config_else_config_else_the_tokenizers
 def test_an_end_id_that_is_not_a_token_id_is_refused(tmp_path: Path, ids: object) -> None:
     with pytest.raises(LmforgeError, match="eos_token_id must be a token id or a list of them"):
         hf_end_ids(hf_folder(tmp_path / "bad", generation=ids), {}, 5)
+
+
+def test_export_of_an_imported_model_without_a_chat_template_keeps_its_eos_token_for_transformers(
+    tmp_path: Path, llama: tuple[Path, str, list[int]]
+) -> None:
+    folder, _, ends = llama
+    export_checkpoint(import_folder(folder, tmp_path / "run"), tmp_path / "back")
+    original = transformers.AutoTokenizer.from_pretrained(folder)
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert original.chat_template is None  # the case: a base model, lmforge's default template exported
+    assert (original.eos_token, original.eos_token_id) == (END, ends[1])  # not the first end id
+    assert (exported.eos_token, exported.eos_token_id) == (END, ends[1])
+    # lmforge's default template, which ends a reply with that eos_token, renders alike in both
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
+    rendered = load(tmp_path / "run", "last", "cpu").template.render(chat)
+    assert exported.apply_chat_template(chat, tokenize=False) == rendered == f"user: hi\nassistant: ho{END}\n"
+
+
+def test_a_chat_template_file_for_a_run_from_an_imported_model_gets_the_models_eos_token(
+    tmp_path: Path, llama: tuple[Path, str, list[int]]
+) -> None:
+    from lmforge.config import Config, DataConfig
+    from lmforge.train.run import run_chat_template
+
+    folder, _, _ = llama
+    checkpoint = import_folder(folder, tmp_path / "run") / "checkpoints" / "step-0000000"
+    template_file = tmp_path / "turns.jinja"  # as Mistral's and Llama 2's: each reply closed by eos_token
+    template_file.write_text(
+        "{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    config = Config(data=DataConfig(chat_template=str(template_file)))
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]
+    # fine-tuning renders its messages so: the model learns to end a reply with its end token
+    assert run_chat_template(config, checkpoint).render(chat) == f"hiho{END}"
+
+
+def test_fine_tuning_an_imported_base_model_trains_it_to_end_a_completion_with_its_end_token(
+    tmp_path: Path, llama: tuple[Path, str, list[int]]
+) -> None:
+    from lmforge.config import Config
+    from lmforge.data.sft import SFTData
+    from lmforge.train.run import run_chat_template
+
+    folder, _, ends = llama
+    checkpoint = import_folder(folder, tmp_path / "run") / "checkpoints" / "step-0000000"
+    a, b = [chr(0x100 + i) for i in range(256) if i not in ends][:2]
+    (tmp_path / "data").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "data" / f"{split}.jsonl").write_text(
+            json.dumps({"prompt": a * 3, "completion": b * 2}) + "\n"
+        )
+    template = run_chat_template(Config(), checkpoint)  # a run from the import: its template
+    (example,) = SFTData(tmp_path / "data", checkpoint / "tokenizer.json", 32, chat_template=template).train
+    assert example.ids[3:] == [ord(b) - 0x100] * 2 + [ends[1]]  # the completion, then </s>
+    assert example.trained == [False] * 3 + [True] * 3  # all trained on

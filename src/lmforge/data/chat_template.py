@@ -96,19 +96,22 @@ class ChatTemplate:
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token when known
 
     @classmethod
-    def default(cls, tokenizer: Tokenizer) -> ChatTemplate:
-        """DEFAULT_CHAT_TEMPLATE, with <|endoftext|> as bos and eos when the tokenizer has it."""
-        return cls(DEFAULT_CHAT_TEMPLATE, _eot_specials(tokenizer))
+    def default(cls, tokenizer: Tokenizer, special_tokens: dict[str, str] | None = None) -> ChatTemplate:
+        """DEFAULT_CHAT_TEMPLATE with the model's special tokens (`_model_specials`)."""
+        return cls(DEFAULT_CHAT_TEMPLATE, _model_specials(tokenizer, special_tokens))
 
     @classmethod
-    def from_file(cls, path: Path, tokenizer: Tokenizer) -> ChatTemplate:
-        """A `.jinja` file (`data.chat_template`), checked to compile."""
+    def from_file(
+        cls, path: Path, tokenizer: Tokenizer, special_tokens: dict[str, str] | None = None
+    ) -> ChatTemplate:
+        """A `.jinja` file (`data.chat_template`), checked to compile, with the model's special
+        tokens (`_model_specials`)."""
         try:
             source = path.read_text(encoding="utf-8")
         except (OSError, ValueError) as exc:
             raise LmforgeError(f"data.chat_template: cannot read {path} ({exc})") from None
         _compile(source)
-        return cls(source, _eot_specials(tokenizer))
+        return cls(source, _model_specials(tokenizer, special_tokens))
 
     @classmethod
     def find(cls, folder: Path) -> ChatTemplate | None:
@@ -225,8 +228,13 @@ def _special_tokens(config: dict) -> dict[str, str]:
     return {k: t for k in SPECIAL_TOKENS if (t := _token_text(config.get(k))) is not None}
 
 
-def _eot_specials(tokenizer: Tokenizer) -> dict[str, str]:
-    return {"bos_token": EOT, "eos_token": EOT} if tokenizer.token_to_id(EOT) is not None else {}
+def _model_specials(tokenizer: Tokenizer, special_tokens: dict[str, str] | None) -> dict[str, str]:
+    """<|endoftext|> as bos and eos when the tokenizer has it, but the model's own bos and eos where
+    `special_tokens` names them (an imported model's tokenizer_config.json) and the tokenizer has
+    them: a token it lacks would be read, and trained on, as plain characters."""
+    eot = {"bos_token": EOT, "eos_token": EOT} if tokenizer.token_to_id(EOT) is not None else {}
+    own = {k: t for k, t in (special_tokens or {}).items() if tokenizer.token_to_id(t) is not None}
+    return eot | own
 
 
 def _token_text(token: object) -> str | None:

@@ -45,6 +45,8 @@ from lmforge.model.gpt import mlp_hidden_size
 from lmforge.staging import check_out, staged_folder
 
 if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
     from lmforge.inference import InferenceSession
 
 EOT = "<|endoftext|>"
@@ -334,13 +336,14 @@ def read_hf_config(folder: Path) -> dict:
     return _json_object(folder_file(folder, "config.json", str(folder)))
 
 
-def check_hf_tokenizer(folder: Path) -> None:
-    """The folder's tokenizer.json exists, lies inside it and loads (what the imported run will use)."""
+def read_hf_tokenizer(folder: Path) -> Tokenizer:
+    """The folder's tokenizer.json (what the imported run will use), once it is known to exist, lie
+    inside the folder and load."""
     from lmforge.data.tokenizer import load_tokenizer
 
     if not (folder / "tokenizer.json").exists():
         raise LmforgeError(f"{folder}: no tokenizer.json (lmforge needs the fast-tokenizer file)")
-    load_tokenizer(folder_file(folder, "tokenizer.json", str(folder)))
+    return load_tokenizer(folder_file(folder, "tokenizer.json", str(folder)))
 
 
 def hf_end_ids(folder: Path, config: dict, vocab_size: int) -> tuple[int, ...]:
@@ -845,11 +848,13 @@ def import_folder(folder: Path, out: Path, overwrite: bool = False) -> Path:
 
     hf = read_hf_config(folder)
     m = model_config_from_hf(hf, str(folder / "config.json"))
-    check_hf_tokenizer(folder)
+    tokenizer = read_hf_tokenizer(folder)
     for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, GENERATION_CONFIG):  # read below: regular files
         if (folder / name).exists() or (folder / name).is_symlink():  # inside the folder only
             folder_file(folder, name, str(folder))
-    template = ChatTemplate.find(folder)  # None: lmforge's default serves `chat` and fine-tuning
+    # without a template of its own, lmforge's default with the model's own special tokens: its turns
+    # then end with the eos_token, and export gives that back to transformers' tokenizer
+    template = ChatTemplate.find(folder) or ChatTemplate.default(tokenizer, special_tokens_of(folder))
     end_ids = hf_end_ids(folder, hf, m.vocab_size)  # (): a completion ends at <|endoftext|>, if any
     check_out(out, "import", overwrite, inputs=[folder])
     state, m = from_hf(read_hf_weights(folder), m, hf["model_type"], origin=str(folder))

@@ -23,7 +23,7 @@ from lmforge import checkpoint as ckpt
 from lmforge import inference
 from lmforge.checkpoint import Checkpointer, TrainingState
 from lmforge.config import Config, ModelConfig
-from lmforge.data.chat_template import ChatTemplate
+from lmforge.data.chat_template import ChatTemplate, special_tokens_of
 from lmforge.data.loader import PreparedData
 from lmforge.data.preference import PreferenceData
 from lmforge.data.protocol import TrainingData
@@ -313,13 +313,15 @@ def resolve_init_from(config: Config) -> Path | None:
 
 def run_chat_template(config: Config, source: Path | None) -> ChatTemplate | None:
     """The run's chat template: data.chat_template's file, else that of the checkpoint the run
-    starts from (resumes from), else None: fine-tuning data and `lmforge chat` use the default."""
+    starts from (resumes from), else None: fine-tuning data and `lmforge chat` use the default.
+    A file gets the bos and eos tokens of that checkpoint's template (an imported model's own)."""
     if config.data.chat_template:
         default = (
             source / "tokenizer.json" if source is not None else Path(config.data.dir) / "tokenizer.json"
         )
         tokenizer = load_tokenizer(config.data.tokenizer or default)
-        return ChatTemplate.from_file(Path(config.data.chat_template), tokenizer)
+        specials = special_tokens_of(source) if source is not None else None
+        return ChatTemplate.from_file(Path(config.data.chat_template), tokenizer, specials)
     return ChatTemplate.find(source) if source is not None else None
 
 
