@@ -80,18 +80,15 @@ def evaluate_checkpoint(
     with one JSON line per example written to `predictions` when given; `calibrate` scores label
     choices against a content-free input (sst2)."""
     if task == "lm":  # options of tasks, which the lm loss would otherwise ignore in silence
-        given = {
-            "--predictions": predictions is not None,
-            "--limit": limit is not None,
-            "--beam-size": beam_size != 1,
-            "--max-new-tokens": max_new_tokens is not None,
-            "--calibrate": calibrate,
-        }
-        if wrong := [flag for flag, was_given in given.items() if was_given]:
-            raise LmforgeError(
-                f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to a --task; "
-                "the lm loss is over the whole val split and decodes nothing"
-            )
+        _refuse_given(
+            {
+                "--predictions": predictions is not None,
+                "--limit": limit is not None,
+                "--beam-size": beam_size != 1,
+                "--max-new-tokens": max_new_tokens is not None,
+                "--calibrate": calibrate,
+            }
+        )
     if predictions is not None:
         check_predictions_file(predictions)
     session = source.load(any_head=True)
@@ -123,6 +120,15 @@ def evaluate_checkpoint(
             raise LmforgeError(f"task {task!r} does not report per-example predictions")
         write_predictions(predictions, lines)
     return TaskReport({**result, "checkpoint": str(session.checkpoint), "step": session.step})
+
+
+def _refuse_given(flags: dict[str, bool]) -> None:
+    """A one-line error naming the task options given to the lm loss."""
+    if wrong := [flag for flag, given in flags.items() if given]:
+        raise LmforgeError(
+            f"{', '.join(wrong)} {'applies' if len(wrong) == 1 else 'apply'} to a --task; "
+            "the lm loss is over the whole val split and decodes nothing"
+        )
 
 
 def check_predictions_file(path: Path) -> None:
