@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lmforge.errors import LmforgeError
 from tests.test_bad_input import assert_one_line_error, usage_error
 
 
@@ -94,3 +95,36 @@ def test_port_0_prints_the_port_it_listens_on(tiny_run: Path) -> None:
         server.wait()
         server.stdout.close()
         server.stderr.close()
+
+
+def test_a_name_of_two_addresses_is_served_on_both_at_one_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--host localhost` where localhost is 127.0.0.1 and ::1 (this machine's /etc/hosts may list only
+    one, so the resolver's answer is given): one listening socket each, port 0 the same on both."""
+    from lmforge.cli.generate import _listen
+
+    both = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 0, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),  # resolvers repeat some
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: both)
+    sockets = _listen("localhost", 0)
+    try:
+        assert [s.family for s in sockets] == [socket.AF_INET6, socket.AF_INET]
+        port = sockets[0].getsockname()[1]
+        assert port != 0 and sockets[1].getsockname()[1] == port
+        for family, address in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+            with socket.socket(family) as client:  # not create_connection: it would ask getaddrinfo
+                client.settimeout(5)
+                client.connect((address, port))
+    finally:
+        for s in sockets:
+            s.close()
+    with socket.socket() as taken:  # the second address in use: the first's socket is closed again
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LmforgeError, match=rf"cannot listen on localhost:{port}: Address already in use"):
+            _listen("localhost", port)
+        with socket.socket(socket.AF_INET6) as probe:  # ::1 at that port is free again
+            probe.bind(("::1", port))

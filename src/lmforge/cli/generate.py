@@ -107,8 +107,9 @@ def run_serve(args: argparse.Namespace) -> int:
         compile=args.compile,
         max_autotune=args.max_autotune,
     )
-    with _listen(args.host, args.port) as sock:
-        url = f"http://{_address(args.host, sock.getsockname()[1])}"
+    sockets = _listen(args.host, args.port)
+    try:
+        url = f"http://{_address(args.host, sockets[0].getsockname()[1])}"
         print(
             f"serving {session.checkpoint} as {name!r} at {url}/ (playground) and {url}/v1 (OpenAI API); "
             "Ctrl-C stops",
@@ -118,25 +119,39 @@ def run_serve(args: argparse.Namespace) -> int:
             print("warning: reachable beyond this machine without --api-key", file=sys.stderr)
         server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         try:
-            server.run(sockets=[sock])
+            server.run(sockets=sockets)
         except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down cleanly, then raised it again
             pass
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0 if server.started else STARTUP_FAILURE
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to HOST:PORT, as uvicorn binds one (IPv6 where the host has a colon), listening:
-    so that what serve prints is the address it has, and what keeps it from having it is one line."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def _listen(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address HOST resolves to (`localhost`: 127.0.0.1 and ::1), as
+    asyncio's server binds them, all on one port (port 0: the one the first got): so that what serve
+    prints is the address it has, and what keeps it from having it is one line."""
     try:
-        sock.bind((host, port))
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:  # socket.gaierror too: a host name that does not resolve
-        sock.close()
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:  # a host name that does not resolve
         raise LmforgeError(f"cannot listen on {_address(host, port)}: {exc.strerror or exc}") from None
-    return sock
+    sockets: list[socket.socket] = []
+    found = list(dict.fromkeys(found))  # getaddrinfo may repeat an address
+    try:
+        for family, kind, proto, _, address in found:
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and len(found) > 1:  # the IPv4 address has its own socket
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((address[0], sockets[0].getsockname()[1] if len(sockets) > 1 else port, *address[2:]))
+            sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise LmforgeError(f"cannot listen on {_address(host, port)}: {exc.strerror or exc}") from None
+    return sockets
 
 
 def _address(host: str, port: int) -> str:
