@@ -242,15 +242,16 @@ def test_a_lone_surrogate_is_400_not_500(server: LiveServer, path: str, fields: 
     assert (response.status_code, response.json()["error"]["param"]) == (400, param)
 
 
-def test_a_prompt_longer_than_the_context_is_413(server: LiveServer) -> None:
-    with pytest.raises(openai.APIStatusError) as raised:
+def test_a_prompt_longer_than_the_context_is_400_context_length_exceeded(server: LiveServer) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
         client(server).completions.create(model=MODEL, prompt="a" * 65)
-    assert raised.value.status_code == 413 and raised.value.body["code"] == "context_length_exceeded"
+    assert raised.value.status_code == 400 and raised.value.body["code"] == "context_length_exceeded"
+    assert "maximum context length is 64 tokens. However, your prompt resulted in 65" in raised.value.message
     chat = httpx.post(
         f"{server.url}/v1/chat/completions",
         json={"model": MODEL, "messages": [{"role": "user", "content": "a" * 64}]},
     )
-    assert chat.status_code == 413 and chat.json()["error"]["param"] == "messages"
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "messages"
 
 
 def test_a_prompt_and_max_tokens_past_the_context_are_400_not_cut(server: LiveServer) -> None:

@@ -4,9 +4,9 @@
 Every request's choices run as jobs of the one decoding engine (`engine.py`; `lmforge serve` runs
 it in a child process, `worker.py`); their text comes back here through the event loop. Every
 failure is answered with OpenAI's error body
-{"error": {"message", "type", "param", "code"}}: 400 for a bad field or body (or a prompt and
-`max_tokens` that do not fit in the context together), 401 for a wrong API key, 404 for another
-model's name, 413 for a prompt longer than the context or a body over MAX_BODY_BYTES, 503 with
+{"error": {"message", "type", "param", "code"}}: 400 for a bad field or body (or a prompt, or a
+prompt and `max_tokens`, that does not fit in the context), 401 for a wrong API key, 404 for another
+model's name, 413 for a body over MAX_BODY_BYTES, 503 with
 Retry-After when the queue is full (503 without it once the engine has stopped). A client that goes
 away cancels its jobs, which frees their slots. Without an API key, only requests addressed to this
 machine's own names are served (no DNS rebinding from a web page).

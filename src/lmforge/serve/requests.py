@@ -197,11 +197,12 @@ class ChatRequest(_Sampling):
 
 
 def check_context(prompt: list[int], block_size: int, param: str) -> None:
-    """A prompt longer than the model's context is refused with 413."""
+    """A prompt longer than the model's context is refused with 400, as OpenAI and vLLM refuse it."""
     if len(prompt) > block_size:
         raise ApiError(
-            413,
-            f"the prompt is {len(prompt)} tokens; this model's context is {block_size} tokens",
+            400,
+            f"This model's maximum context length is {block_size} tokens. However, your {param} resulted "
+            f"in {len(prompt)} tokens. Please reduce the length of the {param}.",
             param,
             code="context_length_exceeded",
         )
