@@ -188,3 +188,27 @@ def test_fine_tuning_an_imported_base_model_trains_it_to_end_a_completion_with_i
     (example,) = SFTData(tmp_path / "data", checkpoint / "tokenizer.json", 32, chat_template=template).train
     assert example.ids[3:] == [ord(b) - 0x100] * 2 + [ends[1]]  # the completion, then </s>
     assert example.trained == [False] * 3 + [True] * 3  # all trained on
+
+
+def test_export_names_the_imported_models_own_bos_token_id(tmp_path: Path) -> None:
+    """A model whose tokenizer begins with <s> (Llama 2, Mistral) exports bos_token_id = <s>'s id, which
+    `generate` without inputs starts from; it was <|endoftext|>'s (None where there is none)."""
+    folder = tmp_path / "hf"
+    hf = random_hf_model("llama")
+    bos, eos = 1, 2
+    hf.config.bos_token_id = hf.generation_config.bos_token_id = bos
+    hf.config.eos_token_id = hf.generation_config.eos_token_id = eos
+    hf.save_pretrained(folder)
+    vocab = {chr(0x100 + i): i for i in range(256) if i not in (bos, eos)} | {"<s>": bos, END: eos}
+    tokenizer = Tokenizer(models.BPE(vocab, []))
+    tokenizer.add_special_tokens(["<s>", END])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(folder / "tokenizer.json"), bos_token="<s>", eos_token=END
+    ).save_pretrained(folder)
+    export_checkpoint(import_folder(folder, tmp_path / "run"), tmp_path / "back")
+    for name in ("config.json", GENERATION_CONFIG):
+        written = json.loads((tmp_path / "back" / name).read_text())
+        assert (written["bos_token_id"], written["eos_token_id"]) == (bos, eos), name
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert (exported.bos_token, exported.bos_token_id) == ("<s>", bos)

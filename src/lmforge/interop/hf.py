@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import Config, ModelConfig, head_size, validate
 from lmforge.data.chat_template import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, ChatTemplate, special_tokens_of
-from lmforge.data.tokenizer import GENERATION_CONFIG, parse_end_ids
+from lmforge.data.tokenizer import EOT, GENERATION_CONFIG, parse_end_ids
 from lmforge.errors import LmforgeError
 from lmforge.interop import gemma
 from lmforge.interop.hub import cache_blobs
@@ -49,7 +49,6 @@ if TYPE_CHECKING:
 
     from lmforge.inference import InferenceSession
 
-EOT = "<|endoftext|>"
 Tensors = dict[str, torch.Tensor]
 
 
@@ -824,7 +823,13 @@ def export_checkpoint(
     eot = eot_id(session.tokenizer)
     # the session's end ids (an imported model's own, else <|endoftext|>): what `generate` stops at
     ends = session.end_ids
-    special_ids = {"bos_token_id": eot, "eos_token_id": ends[0] if len(ends) == 1 else list(ends) or None}
+    # the bos token the exported tokenizer names (an imported model's own, e.g. <s>), else <|endoftext|>
+    bos_text = session.template.special_tokens.get("bos_token")
+    bos = session.tokenizer.token_to_id(bos_text) if bos_text is not None else None
+    special_ids = {
+        "bos_token_id": eot if bos is None else bos,
+        "eos_token_id": ends[0] if len(ends) == 1 else list(ends) or None,
+    }
     with staged_folder(out, "export", overwrite, inputs=[*inputs, session.checkpoint]) as staging:
         files = save_shards(tensors, staging, max_shard_bytes)
         _write_json(
