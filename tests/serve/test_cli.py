@@ -128,3 +128,30 @@ def test_a_name_of_two_addresses_is_served_on_both_at_one_port(monkeypatch: pyte
             _listen("localhost", port)
         with socket.socket(socket.AF_INET6) as probe:  # ::1 at that port is free again
             probe.bind(("::1", port))
+
+
+def test_an_address_of_a_name_this_machine_lacks_is_skipped_as_asyncio_skips_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--host localhost` where /etc/hosts lists ::1 but IPv6 is off (a container): ::1 cannot be
+    bound (EADDRNOTAVAIL), and serve listens on 127.0.0.1 alone, as uvicorn's asyncio server did
+    (bpo-30945). 2001:db8::1 (documentation-only) stands for that ::1."""
+    from lmforge.cli.generate import _listen
+
+    answer = [
+        (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::1", 0, 0, 0)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0)),
+    ]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answer)
+    sockets = _listen("localhost", 0)
+    try:
+        assert [s.getsockname()[0] for s in sockets] == ["127.0.0.1"]
+        with socket.socket() as client:
+            client.settimeout(5)
+            client.connect(("127.0.0.1", sockets[0].getsockname()[1]))
+    finally:
+        for s in sockets:
+            s.close()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answer[:1])  # none it has
+    with pytest.raises(LmforgeError, match=r"cannot listen on localhost:0: Cannot assign requested address"):
+        _listen("localhost", 0)

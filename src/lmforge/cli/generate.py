@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import socket
 import sys
@@ -131,22 +132,39 @@ def run_serve(args: argparse.Namespace) -> int:
 def _listen(host: str, port: int) -> list[socket.socket]:
     """Listening sockets on every address HOST resolves to (`localhost`: 127.0.0.1 and ::1), as
     asyncio's server binds them, all on one port (port 0: the one the first got): so that what serve
-    prints is the address it has, and what keeps it from having it is one line."""
+    prints is the address it has, and what keeps it from having it is one line. An address this
+    machine lacks (::1 with IPv6 off) is skipped, as asyncio skips it, while another one is bound."""
     try:
         found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:  # a host name that does not resolve
         raise LmforgeError(f"cannot listen on {_address(host, port)}: {exc.strerror or exc}") from None
     sockets: list[socket.socket] = []
     found = list(dict.fromkeys(found))  # getaddrinfo may repeat an address
+    missing: OSError | None = None  # why the last address skipped could not be had
     try:
         for family, kind, proto, _, address in found:
-            sock = socket.socket(family, kind, proto)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError as exc:  # a family the kernel lacks (IPv6 not built in)
+                missing = exc
+                continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and len(found) > 1:  # the IPv4 address has its own socket
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((address[0], sockets[0].getsockname()[1] if len(sockets) > 1 else port, *address[2:]))
+            try:
+                sock.bind(
+                    (address[0], sockets[0].getsockname()[1] if len(sockets) > 1 else port, *address[2:])
+                )
+            except OSError as exc:
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise
+                missing = exc
+                sockets.pop().close()
+                continue
             sock.listen(LISTEN_BACKLOG)
+        if not sockets:
+            raise missing or OSError(errno.EADDRNOTAVAIL, "no address to bind")
     except OSError as exc:
         for sock in sockets:
             sock.close()
