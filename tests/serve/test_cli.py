@@ -155,3 +155,18 @@ def test_an_address_of_a_name_this_machine_lacks_is_skipped_as_asyncio_skips_it(
     monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answer[:1])  # none it has
     with pytest.raises(LmforgeError, match=r"cannot listen on localhost:0: Cannot assign requested address"):
         _listen("localhost", 0)
+
+
+def test_the_ipv6_wildcard_is_ipv6_only_as_asyncio_binds_it() -> None:
+    """`--host ::` listens on IPv6 alone, as uvicorn's asyncio server did (IPV6_V6ONLY on every IPv6
+    socket): not also on every IPv4 address, where 0.0.0.0 would be asked for."""
+    from lmforge.cli.generate import _listen
+
+    (sock,) = _listen("::", 0)
+    try:
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.settimeout(5)
+            client.connect(("127.0.0.1", sock.getsockname()[1]))
+    finally:
+        sock.close()

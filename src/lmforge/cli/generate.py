@@ -150,7 +150,7 @@ def _listen(host: str, port: int) -> list[socket.socket]:
                 continue
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and len(found) > 1:  # the IPv4 address has its own socket
+            if family == socket.AF_INET6:  # as asyncio: `::` is not also every IPv4 address
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(
