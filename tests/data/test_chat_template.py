@@ -128,6 +128,9 @@ def test_a_template_that_renders_earlier_turns_differently_cannot_be_trained_on(
         ("{{ raise_exception('no system role') }}", "chat template: no system role"),
         ("{{ messages.__class__.__mro__ }}", "chat template: access to attribute '__class__'"),
         ("{{ messages.append(1) }}", "chat template: .*unsafe"),
+        # Python's own errors in a template's expressions, which jinja passes on as they are
+        ("{{ messages[0]['content'] + 1 }}", "chat template: TypeError: can only concatenate str"),
+        ("{{ 1 / 0 }}", "chat template: ZeroDivisionError: division by zero"),
     ],
 )
 def test_bad_or_unsafe_templates_are_one_line_errors(source: str, message: str) -> None:

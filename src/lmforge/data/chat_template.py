@@ -155,12 +155,15 @@ class ChatTemplate:
         """The conversation as text, as transformers' `apply_chat_template(..., tokenize=False)`."""
         import jinja2
 
+        compiled = _compile(self.source)
         try:
-            return _compile(self.source).render(
+            return compiled.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
             )
         except jinja2.exceptions.TemplateError as exc:  # raise_exception(...) included
             raise LmforgeError(f"chat template: {exc}") from None
+        except Exception as exc:  # the template's own Python errors (a str + an int, a division by 0)
+            raise LmforgeError(f"chat template: {type(exc).__name__}: {exc}") from None
 
     def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[Segment]:
         """The rendered conversation cut at each assistant reply: a reply's segment runs from the
