@@ -146,3 +146,15 @@ def test_a_lone_surrogate_is_text_the_tokenizer_cannot_represent_not_a_crash() -
         tokenizer, [[Segment("a: b", False)], [Segment("a\udcff", False), Segment("b", True)]]
     )
     assert ok.exact and not bad.exact
+
+
+def test_a_template_files_byte_order_mark_is_no_text_of_the_conversation(tmp_path) -> None:
+    """Notepad's "UTF-8" saves a BOM first: it is no part of the template (it was rendered, and
+    trained on, at the start of every example)."""
+    source = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (tmp_path / "chat.jinja").write_bytes(b"\xef\xbb\xbf" + source.encode())
+    (tmp_path / "chat_template.jinja").write_bytes(b"\xef\xbb\xbf" + source.encode())
+    tokenizer = char_tokenizer("abcdefghijklmnopqrstuvwxyz: \n", specials=[EOT])
+    for template in ChatTemplate.from_file(tmp_path / "chat.jinja", tokenizer), ChatTemplate.find(tmp_path):
+        assert template.source == source
+        assert template.render(MESSAGES[:2]) == ChatTemplate(source).render(MESSAGES[:2])

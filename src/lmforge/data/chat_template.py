@@ -107,7 +107,7 @@ class ChatTemplate:
         """A `.jinja` file (`data.chat_template`), checked to compile, with the model's special
         tokens (`_model_specials`)."""
         try:
-            source = path.read_text(encoding="utf-8")
+            source = _read_template(path)
         except (OSError, ValueError) as exc:
             raise LmforgeError(f"data.chat_template: cannot read {path} ({exc})") from None
         _compile(source)
@@ -121,7 +121,7 @@ class ChatTemplate:
         specials = _special_tokens(config)
         if (folder / CHAT_TEMPLATE_FILE).is_file():
             try:
-                source = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+                source = _read_template(folder / CHAT_TEMPLATE_FILE)
             except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
                 raise LmforgeError(f"{folder / CHAT_TEMPLATE_FILE}: unreadable ({exc})") from None
         else:
@@ -220,6 +220,12 @@ def encode_segments(tokenizer: Tokenizer, conversations: list[list[Segment]]) ->
         text = "".join(s.text for s in segments)
         out.append(Encoded(ids, assistant, tokenizer.decode(ids, skip_special_tokens=False) == text))
     return out
+
+
+def _read_template(path: Path) -> str:
+    """A template file's text; a UTF-8 byte order mark (Notepad's) is no part of it, or it would be
+    rendered at the start of every conversation."""
+    return path.read_text(encoding="utf-8").removeprefix("\ufeff")
 
 
 def special_tokens_of(folder: Path) -> dict[str, str]:
