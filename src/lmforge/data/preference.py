@@ -66,7 +66,10 @@ def parse_pair(record: object, template: ChatTemplate) -> tuple[list[Segment], l
         if prompt is None:  # TRL's implicit prompt: the turns both conversations share
             shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
             if shared is None:
-                raise ValueError("'chosen' and 'rejected' are the same conversation")
+                if len(chosen) == len(rejected):
+                    raise ValueError("'chosen' and 'rejected' are the same conversation")
+                longer, shorter = ("chosen", "rejected") if len(chosen) > len(rejected) else SIDES[::-1]
+                raise ValueError(f"{longer!r} continues {shorter!r}: they differ in no turn both have")
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         head = check_messages(prompt)
         pair = tuple(
