@@ -24,7 +24,9 @@ from lmforge.data.protocol import Batch
 from lmforge.data.sft import (
     Example,
     ExampleBatches,
+    answer_ends,
     collate,
+    empty_answer,
     prompt_completion,
     read_records,
     render_messages,
@@ -75,8 +77,9 @@ def parse_pair(record: object, template: ChatTemplate) -> tuple[list[Segment], l
         pair = tuple(
             _completion_only(render_messages(head + side, template), head) for side in (chosen, rejected)
         )
+    ends = answer_ends(template)
     for side, segments in zip(SIDES, pair):
-        if not "".join(s.text for s in segments if s.assistant).strip():
+        if empty_answer(segments, ends):
             raise ValueError(f"empty {side} completion")
     return pair
 
