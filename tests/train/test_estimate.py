@@ -400,5 +400,6 @@ def test_a_preference_steps_peak_counts_both_sides_of_each_pair_and_dpos_referen
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, objective=objective))
     estimated = estimate(config, peak_flops=1e12)
     assert estimated.micro_batch == 8  # 4 pairs: 8 sequences
+    assert "batch_size 4 x 2 sides" in estimated.budget_source
     ratio = estimated.memory["none"].peak / measured_preference_peak(config)
     assert low <= ratio <= high, ratio  # before: 0.74 (simpo) and 0.58 (dpo), half the rows and no reference

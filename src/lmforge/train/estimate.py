@@ -763,8 +763,12 @@ def _token_budget(tokens: float | None, config: Config) -> tuple[float, str]:
         return tokens, "--tokens"
     t = config.train
     tokens = float(t.max_steps * t.batch_size * t.grad_accum_steps * config.model.block_size)
+    # a preference objective's batch_size counts pairs; `_settle` made it the sequences, twice as many
+    batch = (
+        f"batch_size {t.batch_size}" if t.objective == "lm" else f"batch_size {t.batch_size // 2} x 2 sides"
+    )
     budget = (
-        f"train.max_steps {t.max_steps} x batch_size {t.batch_size} x grad_accum_steps "
+        f"train.max_steps {t.max_steps} x {batch} x grad_accum_steps "
         f"{t.grad_accum_steps} x block_size {config.model.block_size}"
     )
     return tokens, budget
