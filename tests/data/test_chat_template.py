@@ -128,6 +128,9 @@ def test_a_template_that_renders_earlier_turns_differently_cannot_be_trained_on(
         ("{{ raise_exception('no system role') }}", "chat template: no system role"),
         ("{{ messages.__class__.__mro__ }}", "chat template: access to attribute '__class__'"),
         ("{{ messages.append(1) }}", "chat template: .*unsafe"),
+        # Python's own errors in a template's expressions, which jinja passes on as they are
+        ("{{ messages[0]['content'] + 1 }}", "chat template: TypeError: can only concatenate str"),
+        ("{{ 1 / 0 }}", "chat template: ZeroDivisionError: division by zero"),
     ],
 )
 def test_bad_or_unsafe_templates_are_one_line_errors(source: str, message: str) -> None:
@@ -143,3 +146,54 @@ def test_a_lone_surrogate_is_text_the_tokenizer_cannot_represent_not_a_crash() -
         tokenizer, [[Segment("a: b", False)], [Segment("a\udcff", False), Segment("b", True)]]
     )
     assert ok.exact and not bad.exact
+
+
+def test_a_template_files_byte_order_mark_is_no_text_of_the_conversation(tmp_path) -> None:
+    """Notepad's "UTF-8" saves a BOM first: it is no part of the template (it was rendered, and
+    trained on, at the start of every example)."""
+    source = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    (tmp_path / "chat.jinja").write_bytes(b"\xef\xbb\xbf" + source.encode())
+    (tmp_path / "chat_template.jinja").write_bytes(b"\xef\xbb\xbf" + source.encode())
+    tokenizer = char_tokenizer("abcdefghijklmnopqrstuvwxyz: \n", specials=[EOT])
+    for template in ChatTemplate.from_file(tmp_path / "chat.jinja", tokenizer), ChatTemplate.find(tmp_path):
+        assert template.source == source
+        assert template.render(MESSAGES[:2]) == ChatTemplate(source).render(MESSAGES[:2])
+
+
+def sentencepiece_style(scheme: str):
+    """A byte-fallback BPE whose pieces, as SentencePiece's, never cross a "▁", and that puts a "▁"
+    before a text's first word: Llama 2's way (a Prepend normalizer: Mistral, Phi-3) or the newer
+    Metaspace pre-tokenizer's (prepend_scheme first)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="first", split=True)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzACFQR#?:.▁\n")
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"], initial_alphabet=alphabet)
+    tokenizer.train_from_iterator(["Q: the capital of France?\nA: Paris. ### Response: blue"] * 20, trainer)
+    if scheme == "prepend":
+        tokenizer.pre_tokenizer = None
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tokenizer.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+    return tokenizer
+
+
+@pytest.mark.parametrize("scheme", ["prepend", "metaspace"])
+def test_segments_after_the_first_continue_the_text_without_sentencepieces_dummy_prefix(scheme: str) -> None:
+    """Each segment was encoded as the start of a text, so a Llama 2-style tokenizer put an extra "▁"
+    before every reply: no example was exact, and fine-tuning an imported Mistral or Phi-3 refused all."""
+    tokenizer = sentencepiece_style(scheme)
+    for prompt, completion in [("Q: the capital of France?\nA:", " Paris."), ("### Response:", "blue")]:
+        (encoded,) = encode_segments(tokenizer, [[Segment(prompt, False), Segment(completion, True)]])
+        assert encoded.exact
+        assert tokenizer.decode(encoded.ids) == prompt + completion
+        reply = [i for i, trained in zip(encoded.ids, encoded.assistant) if trained]
+        assert tokenizer.decode(encoded.ids[: len(encoded.ids) - len(reply)]) == prompt
+    whole = tokenizer.encode("Q: the capital of France?\nA: Paris.", add_special_tokens=False).ids
+    (split,) = encode_segments(
+        tokenizer, [[Segment("Q: the capital of France?\nA:", False), Segment(" Paris.", True)]]
+    )
+    assert split.ids == whole  # a reply that starts a word is tokenized as in the whole text

@@ -218,6 +218,20 @@ def test_a_hugging_face_dataset_folder_and_its_saved_copy_are_read(tmp_path: Pat
         SFTData(Path(), tok, 512, data=DataConfig(hf=str(folder), hf_split="test"))
 
 
+def test_a_saved_single_split_is_not_read_again_as_another_split(tmp_path: Path) -> None:
+    """A folder that `Dataset.save_to_disk` wrote holds one split: asked for data.hf_val_split, it
+    answered with the train examples again, so checkpoints were chosen on the data trained on."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": f"q{i}?", "completion": f" a{i}"} for i in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    tok = tokenizer_file(tmp_path)
+    data = SFTData(Path(), tok, 512, data=DataConfig(hf=str(tmp_path / "saved"), val_fraction=0.25))
+    assert (len(data.train), len(data.val)) == (3, 1)  # the one split is the train split
+    config = DataConfig(hf=str(tmp_path / "saved"), hf_val_split="validation")
+    with pytest.raises(LmforgeError, match=r"saved.*: one split \('train'\) .*no split 'validation'"):
+        SFTData(Path(), tok, 512, data=config)
+
+
 def test_a_hub_dataset_loads_offline_from_the_cache(tmp_path: Path, monkeypatch) -> None:
     """What `load_dataset("org/name")` cached is read again with LMFORGE_OFFLINE=1 and no network."""
     datasets = pytest.importorskip("datasets")

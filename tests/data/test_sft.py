@@ -121,6 +121,23 @@ def test_bad_lines_are_errors_or_counted_skips(tmp_path: Path, capsys, line, mes
     assert "skipped 1 bad line(s)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt": "p", "completion": " "},
+        {"instruction": "say it", "output": ""},
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
+    ],
+)
+def test_an_empty_completion_is_an_error_where_an_end_of_text_would_close_it(tmp_path: Path, record) -> None:
+    """With <|endoftext|> in the tokenizer the trained text of an empty completion is that token
+    alone: it was taken (a model taught to answer nothing), where without it the line was refused."""
+    template = ChatTemplate.default(char_tokenizer(ALPHABET, specials=[EOT]))
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": " b"}, record])
+    with pytest.raises(LmforgeError, match="bad.jsonl:2: empty completion"):
+        read_examples(path, "error", template)
+
+
 def test_long_examples_are_truncated_with_a_count(capsys) -> None:
     tokenizer = char_tokenizer(ALPHABET)
     (example,) = tokenize_pairs([("x" * 50 + ":", " answer")], tokenizer, 20, Path("f.jsonl"))

@@ -166,6 +166,10 @@ def random_hf_model(kind: str):
         "qwen3": lambda: transformers.Qwen3Config(
             num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, **common
         ),
+        # heads wider than hidden_size / num_attention_heads, as Qwen3's and Gemma's (128 against 64)
+        "qwen3-wide-heads": lambda: transformers.Qwen3Config(
+            num_key_value_heads=2, head_dim=16, tie_word_embeddings=False, **common
+        ),
         "gpt2": lambda: transformers.GPT2Config(
             vocab_size=256, n_layer=2, n_head=4, n_embd=32, n_positions=32
         ),

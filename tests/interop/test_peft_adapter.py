@@ -43,6 +43,7 @@ def lora_run(root: Path, kind: str, targets: tuple[str, ...]) -> Path:
     [
         ("llama", ("qkv", "proj", "up", "down")),
         ("qwen2", ("qkv", "up")),
+        ("qwen3-wide-heads", ("qkv", "proj")),
         ("gpt2", ("qkv", "proj", "up", "down")),
     ],
 )

@@ -67,3 +67,21 @@ def test_checkpoint_holds_the_dequantized_base_and_loads_merged_with_the_trained
     idx = torch.randint(0, config.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # fp32: merging adds B @ A * scale to the dequantized base, a rounding apart
         torch.testing.assert_close(merged(idx)[0], trained.eval()(idx)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_low_precision_lora_from_train_init_from_resumes_exactly(
+    cli, char_data: Path, tmp_path: Path
+) -> None:
+    """QLoRA's usual case, a pretrained base: the resume quantizes train.init_from's weights again (it
+    quantized the seeded random ones, which are not the stored base, and refused every resume)."""
+    base = ["train.max_steps=2", "train.checkpoint_interval=2", "train.eval_interval=2"]
+    code, _, err = cli(*lora_args(char_data, tmp_path / "base", "fp32", *base, "lora.rank=0"))
+    assert code == 0, err
+    tuned = ["train.max_steps=4", "train.checkpoint_interval=2", "train.eval_interval=2"]
+    tuned.append(f"train.init_from={tmp_path / 'base'}")
+    code, _, err = cli(*lora_args(char_data, tmp_path / "run", "int8", *tuned))
+    assert code == 0, err
+    resumed = copy_up_to(tmp_path / "run", tmp_path / "resumed", 2)
+    code, _, err = cli(*lora_args(char_data, resumed, "int8", *tuned), "--resume")
+    assert code == 0, err
+    assert_same_steps(resumed, tmp_path / "run")

@@ -185,6 +185,11 @@ def test_pairs_in_trl_standard_and_conversational_formats() -> None:
             | {"rejected": [{"role": "assistant", "content": "x"}]},
             "the same conversation",
         ),
+        (  # not the same conversation, as it was called: the rejected one goes on
+            {"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+            | {"rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 2},
+            "'rejected' continues 'chosen': they differ in no turn both have",
+        ),
     ],
 )
 def test_bad_pairs_say_what_is_wrong(record: dict, message: str) -> None:

@@ -15,6 +15,7 @@ transformers' newer `chat_template.jinja`; a checkpoint without one gets DEFAULT
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -107,7 +108,7 @@ class ChatTemplate:
         """A `.jinja` file (`data.chat_template`), checked to compile, with the model's special
         tokens (`_model_specials`)."""
         try:
-            source = path.read_text(encoding="utf-8")
+            source = _read_template(path)
         except (OSError, ValueError) as exc:
             raise LmforgeError(f"data.chat_template: cannot read {path} ({exc})") from None
         _compile(source)
@@ -121,7 +122,7 @@ class ChatTemplate:
         specials = _special_tokens(config)
         if (folder / CHAT_TEMPLATE_FILE).is_file():
             try:
-                source = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+                source = _read_template(folder / CHAT_TEMPLATE_FILE)
             except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
                 raise LmforgeError(f"{folder / CHAT_TEMPLATE_FILE}: unreadable ({exc})") from None
         else:
@@ -155,12 +156,15 @@ class ChatTemplate:
         """The conversation as text, as transformers' `apply_chat_template(..., tokenize=False)`."""
         import jinja2
 
+        compiled = _compile(self.source)
         try:
-            return _compile(self.source).render(
+            return compiled.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
             )
         except jinja2.exceptions.TemplateError as exc:  # raise_exception(...) included
             raise LmforgeError(f"chat template: {exc}") from None
+        except Exception as exc:  # the template's own Python errors (a str + an int, a division by 0)
+            raise LmforgeError(f"chat template: {type(exc).__name__}: {exc}") from None
 
     def segments(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[Segment]:
         """The rendered conversation cut at each assistant reply: a reply's segment runs from the
@@ -201,11 +205,15 @@ class Encoded(NamedTuple):
 
 
 def encode_segments(tokenizer: Tokenizer, conversations: list[list[Segment]]) -> list[Encoded]:
-    """Each conversation's segments tokenized one by one and joined (all in one batch)."""
-    flat = [s for segments in conversations for s in segments]
+    """Each conversation's segments tokenized one by one and joined (all in one batch); the segments
+    after a conversation's first continue its text (`continuation`)."""
     # text no tokenizer takes is encoded as nothing: its conversation is then not exact
-    texts = [s.text if tokenizable(s.text) else "" for s in flat]
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    texts = [[s.text if tokenizable(s.text) else "" for s in segments] for segments in conversations]
+    firsts = iter(tokenizer.encode_batch([t[0] for t in texts if t], add_special_tokens=False))
+    rests = iter(
+        continuation(tokenizer).encode_batch([x for t in texts for x in t[1:]], add_special_tokens=False)
+    )
+    encodings = [next(firsts if i == 0 else rests) for t in texts for i in range(len(t))]  # in segment order
     out, k = [], 0
     for segments in conversations:
         ids: list[int] = []
@@ -217,6 +225,43 @@ def encode_segments(tokenizer: Tokenizer, conversations: list[list[Segment]]) ->
         text = "".join(s.text for s in segments)
         out.append(Encoded(ids, assistant, tokenizer.decode(ids, skip_special_tokens=False) == text))
     return out
+
+
+def _read_template(path: Path) -> str:
+    """A template file's text; a UTF-8 byte order mark (Notepad's) is no part of it, or it would be
+    rendered at the start of every conversation."""
+    return path.read_text(encoding="utf-8").removeprefix("\ufeff")
+
+
+# made once per tokenizer object (its JSON is megabytes: not parsed per chat turn or request)
+_CONTINUATIONS: weakref.WeakKeyDictionary[Tokenizer, Tokenizer | None] = weakref.WeakKeyDictionary()
+
+
+def continuation(tokenizer: Tokenizer) -> Tokenizer:
+    """`tokenizer` for text that continues a text: without SentencePiece's dummy prefix, the "▁" that
+    Llama 2-style tokenizers (Mistral, Phi-3: a Prepend normalizer; newer files: a Metaspace
+    pre-tokenizer) put before the start of every text they encode. `tokenizer` itself where it has none."""
+    if tokenizer not in _CONTINUATIONS:
+        parsed = json.loads(tokenizer.to_str())
+        changed = [_drop_prefix(parsed.get(part)) for part in ("normalizer", "pre_tokenizer")]
+        _CONTINUATIONS[tokenizer] = Tokenizer.from_str(json.dumps(parsed)) if any(changed) else None
+    return _CONTINUATIONS[tokenizer] or tokenizer
+
+
+def _drop_prefix(component: dict | None) -> bool:
+    """Turn off the dummy prefix of a normalizer or pre-tokenizer (JSON), in place; whether it had one."""
+    if not isinstance(component, dict):
+        return False
+    if component.get("type") == "Metaspace" and component.get("prepend_scheme", "always") != "never":
+        component["prepend_scheme"] = "never"
+        component.pop("add_prefix_space", None)  # tokenizers < 0.14's name of it
+        return True
+    parts = component.get("normalizers") or component.get("pretokenizers") or []
+    kept = [p for p in parts if not (p.get("type") == "Prepend" and p.get("prepend") == "▁")]
+    dropped = len(kept) < len(parts)
+    if dropped:
+        component["normalizers" if "normalizers" in component else "pretokenizers"] = kept
+    return any([_drop_prefix(p) for p in kept]) or dropped
 
 
 def special_tokens_of(folder: Path) -> dict[str, str]:

@@ -24,7 +24,9 @@ from lmforge.data.protocol import Batch
 from lmforge.data.sft import (
     Example,
     ExampleBatches,
+    answer_ends,
     collate,
+    empty_answer,
     prompt_completion,
     read_records,
     render_messages,
@@ -66,14 +68,18 @@ def parse_pair(record: object, template: ChatTemplate) -> tuple[list[Segment], l
         if prompt is None:  # TRL's implicit prompt: the turns both conversations share
             shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), None)
             if shared is None:
-                raise ValueError("'chosen' and 'rejected' are the same conversation")
+                if len(chosen) == len(rejected):
+                    raise ValueError("'chosen' and 'rejected' are the same conversation")
+                longer, shorter = ("chosen", "rejected") if len(chosen) > len(rejected) else SIDES[::-1]
+                raise ValueError(f"{longer!r} continues {shorter!r}: they differ in no turn both have")
             prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
         head = check_messages(prompt)
         pair = tuple(
             _completion_only(render_messages(head + side, template), head) for side in (chosen, rejected)
         )
+    ends = answer_ends(template)
     for side, segments in zip(SIDES, pair):
-        if not "".join(s.text for s in segments if s.assistant).strip():
+        if empty_answer(segments, ends):
             raise ValueError(f"empty {side} completion")
     return pair
 

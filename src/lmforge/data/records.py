@@ -161,10 +161,14 @@ def open_hf(name: str, *, split: str, config: str = "", streaming: bool = False)
     if os.environ.get("LMFORGE_OFFLINE") == "1":
         datasets.config.HF_HUB_OFFLINE = True  # the hub's files come from the cache, or not at all
     local = Path(name).expanduser()
+    saved_split = None  # a save_to_disk folder of one Dataset: the split it is
     try:
         if (local / "state.json").is_file() or (local / "dataset_dict.json").is_file():
             dataset = datasets.load_from_disk(str(local))
-            dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+            if isinstance(dataset, datasets.DatasetDict):
+                dataset = dataset[split]
+            else:  # the split it was loaded as, else the train split (`load_dataset` names a lone one so)
+                saved_split = str(dataset.split) if dataset.split is not None else "train"
         else:
             dataset = datasets.load_dataset(
                 str(local) if local.is_dir() else name, config or None, split=split, streaming=streaming
@@ -176,6 +180,11 @@ def open_hf(name: str, *, split: str, config: str = "", streaming: bool = False)
         raise LmforgeError(
             f"Hugging Face dataset {name!r} (split {split!r}): cannot load ({type(exc).__name__}: {reason})"
         ) from None
+    if saved_split not in (None, split):  # else it would be read again as another split, e.g. validation
+        raise LmforgeError(
+            f"Hugging Face dataset {name!r}: one split ({saved_split!r}) saved with save_to_disk, "
+            f"no split {split!r}"
+        )
     return dataset
 
 

@@ -72,6 +72,23 @@ def prompt_completion(prompt: str, completion: str, eos_token: str = "") -> list
     return [Segment(prompt, False), Segment(completion + eos_token, True)]
 
 
+def answer_ends(template: ChatTemplate) -> tuple[str, ...]:
+    """What `template` closes an answer with (its end of turn, its eos_token): no answer by itself."""
+    try:
+        end_of_turn = template.end_of_turn()
+    except LmforgeError:  # a template that refuses the probe conversation (say, without a system turn)
+        end_of_turn = ""
+    return tuple(t for t in (end_of_turn, template.special_tokens.get("eos_token", "")) if t)
+
+
+def empty_answer(segments: list[Segment], ends: tuple[str, ...]) -> bool:
+    """Whether the trained segments hold nothing but whitespace and the `answer_ends` that close them."""
+    text = "".join(s.text for s in segments if s.assistant)
+    for end in ends:
+        text = text.replace(end, "")
+    return not text.strip()
+
+
 def render_messages(messages: object, template: ChatTemplate) -> list[Segment]:
     """Chat `messages` rendered with `template`; the last message must be the assistant's."""
     messages = check_messages(messages)
@@ -140,6 +157,7 @@ class RecordParser:
 
     def __init__(self, template: ChatTemplate, shape: RecordShape | None = None) -> None:
         self.template, self.shape = template, shape or RecordShape()
+        self.ends = answer_ends(template)
         self.formats: Counter[str] = Counter()
 
     def __call__(self, record: object) -> list[Segment]:
@@ -147,7 +165,7 @@ class RecordParser:
             raise ValueError("expected a JSON object")
         fmt = self.shape.format_of(record)
         segments = getattr(self, f"_{fmt}")(record)
-        if not "".join(s.text for s in segments if s.assistant).strip():
+        if empty_answer(segments, self.ends):  # an end of text alone would teach it to answer nothing
             raise ValueError("empty completion")
         self.formats[fmt] += 1
         return segments

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.checkpoint import open_checkpoint
-from lmforge.config import ModelConfig
+from lmforge.config import ModelConfig, head_size
 from lmforge.errors import LmforgeError
 from lmforge.interop.hf import hf_family
 from lmforge.model.gpt import mlp_hidden_size
@@ -83,7 +83,7 @@ def _hf_parts(layer: str, m: ModelConfig, family: str) -> list[tuple[str, slice]
         return [(f"transformer.h.{index}.{names[linear]}", everything)]
     p = f"model.layers.{index}."
     if linear == "qkv":
-        hd = m.d_model // m.n_head
+        hd = head_size(m)  # Qwen3's and Gemma's heads are wider than d_model / n_head
         q, kv = m.n_head * hd, (m.n_kv_head or m.n_head) * hd
         return [
             (p + "self_attn.q_proj", slice(0, q)),

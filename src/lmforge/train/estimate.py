@@ -527,6 +527,8 @@ def memory(
         buffers = float(2 * linear if t.dtype != "fp32" else 0)
         if strategy == "ddp":
             buffers += FP32 * params.total  # gradient buckets (gradient_as_bucket_view=False, the default)
+    if t.objective == "dpo":  # the frozen reference: a whole fp32 copy on every device (run.build_objective)
+        weights += FP32 * params.total
     # backward frees activations block by block while it allocates the gradients: the peak is at its start,
     # or while it does the last block (L), with the root's gradients, or the first, with all of them
     last = m.n_layer * acts.per_block + acts.working
@@ -535,6 +537,9 @@ def memory(
         dynamic = max(acts.peak, last + gradients * params.root / params.total, first + gradients)
     else:  # the previous micro-batches' gradients are alive throughout
         dynamic = gradients + acts.peak
+    # dpo: the reference's forward runs while the policy's activations are saved, a block's tensors at a time
+    if t.objective == "dpo":
+        dynamic = max(dynamic, acts.peak + block_activation_bytes(m, t.dtype, micro_batch, cpu=cpu))
     peak = weights + optimizer + buffers + dynamic
     return Memory(
         weights=weights,
@@ -719,12 +724,25 @@ def _settle(config: Config, device_type: str, seq_len: int | None = None) -> tup
     if config.lora.rank > 0:
         notes.append("the strategy table is full training's; LoRA's memory is in the fine-tuning table")
     vocab_size = resolve_vocab_size(dataclasses.replace(config, model=model))
-    dtype = "fp32" if config.privacy.enabled else config.train.dtype  # as the trainer: DP-SGD runs in fp32
+    train = config.train
+    if train.objective != "lm":  # a batch of n pairs is 2n sequences, chosen and rejected (data.preference)
+        train = dataclasses.replace(train, batch_size=2 * train.batch_size)
+        reference = (
+            "; dpo's frozen reference: an fp32 copy in full training, its forward's memory counted as a "
+            "block's saved tensors (an upper bound), its FLOPs not in the times"
+            if train.objective == "dpo"
+            else ""
+        )
+        notes.append(
+            f"train.objective {train.objective}: a micro-batch of {config.train.batch_size} pairs is "
+            f"{train.batch_size} sequences{reference}"
+        )
+    dtype = "fp32" if config.privacy.enabled else train.dtype  # as the trainer: DP-SGD runs in fp32
     if dtype == "auto":  # what the trainer would pick: the listed GPUs all have bf16
         dtype = resolve_dtype("auto", torch.device("cpu")) if device_type == "cpu" else "bf16"
         notes.append(f"train.dtype auto is {dtype} on {device_type}")
     model = dataclasses.replace(model, vocab_size=vocab_size)
-    train = dataclasses.replace(config.train, dtype=dtype)
+    train = dataclasses.replace(train, dtype=dtype)
     return dataclasses.replace(config, model=model, train=train), notes
 
 
@@ -745,8 +763,12 @@ def _token_budget(tokens: float | None, config: Config) -> tuple[float, str]:
         return tokens, "--tokens"
     t = config.train
     tokens = float(t.max_steps * t.batch_size * t.grad_accum_steps * config.model.block_size)
+    # a preference objective's batch_size counts pairs; `_settle` made it the sequences, twice as many
+    batch = (
+        f"batch_size {t.batch_size}" if t.objective == "lm" else f"batch_size {t.batch_size // 2} x 2 sides"
+    )
     budget = (
-        f"train.max_steps {t.max_steps} x batch_size {t.batch_size} x grad_accum_steps "
+        f"train.max_steps {t.max_steps} x {batch} x grad_accum_steps "
         f"{t.grad_accum_steps} x block_size {config.model.block_size}"
     )
     return tokens, budget

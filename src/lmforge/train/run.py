@@ -171,7 +171,7 @@ def build_run(
     config = with_vocab_size(config, data)
     check_compatible(config, data, init_from=init_from, resume_from=resume_from)
     amp = autocast(device, t.dtype)
-    module = build_model(config, init_from, device)
+    module = build_model(config, init_from, device, resuming=resume_from is not None)
     objective = build_objective(config, module, device)  # before `restore` sets every RNG state
     if isinstance(data, (SFTData, PreferenceData)):  # fine-tuned: its template (maybe the default) is saved
         chat_template = data.chat_template
@@ -432,10 +432,16 @@ def check_same_architecture(saved: ModelConfig, wanted: ModelConfig, where: Path
         raise LmforgeError(f"{where}: checkpoint of another architecture ({'; '.join(diffs)})")
 
 
-def build_model(config: Config, init_from: Path | None, device: torch.device) -> nn.Module:
-    """The seeded model, with train.init_from's weights and LoRA adapters when configured."""
+def build_model(
+    config: Config, init_from: Path | None, device: torch.device, *, resuming: bool = False
+) -> nn.Module:
+    """The seeded model, with train.init_from's weights and LoRA adapters when configured. A resumed
+    run's weights come from its checkpoint, but a low-precision LoRA base is quantized from
+    train.init_from's weights again (the checkpoint holds it dequantized, `lora.FrozenLinear`)."""
     if config.train.deterministic != torch.are_deterministic_algorithms_enabled():  # imports dynamo: ~1 s
         torch.use_deterministic_algorithms(config.train.deterministic)
+    if resuming and config.lora.rank > 0 and config.lora.base_dtype != "fp32":
+        init_from = resolve_init_from(config)
     seed_everything(config.train.seed)  # the same on every rank: identical initial weights and batches
     module: nn.Module = GPT(config.model).to(device)
     if init_from is not None:  # through the inference loader, so a LoRA source arrives merged
