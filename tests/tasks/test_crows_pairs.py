@@ -142,3 +142,15 @@ def test_a_file_without_crows_pairs_columns_is_a_one_line_error(cli, run: Path, 
         header = PAIRS.read_text().splitlines()[0]
         (tmp_path / "empty.csv").write_text(header + "\n")
         read_pairs(tmp_path / "empty.csv", None)
+
+
+def test_json_stays_json_when_a_bias_type_has_a_single_pair(cli, run: Path) -> None:
+    def no_nan(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    code, out, err = cli("eval", run, "--task", "crows-pairs", "--data", PAIRS, "--limit", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out, parse_constant=no_nan)  # strict JSON: jq and JSON.parse refuse NaN
+    # one pair has no standard error: no interval, rather than [NaN, NaN]
+    assert result["model"]["pairs"] == 1 and result["model"]["likelihood_diff_ci95"] is None
+    assert result["model"]["likelihood_diff"] >= 0
