@@ -95,6 +95,16 @@ def test_streaming_gives_the_text_of_one_pass_wherever_the_chunks_are_cut() -> N
         assert len(scrubber._carry) == 0
 
 
+@pytest.mark.parametrize("number", ["4111 1111 1111 1111", "020 7946 0958"])
+def test_a_long_line_cut_after_a_number_keeps_the_digits_that_follow_in_view(number: str) -> None:
+    # One pass: the digit after the space makes the number the head of a longer one, so it stays.
+    # A long line is cut at a space 64 characters from its end: here right before that digit.
+    line = "x" * 200 + f" {number} 2" + "y" * 100
+    assert Scrubber().scrub(line) == line
+    scrubber = Scrubber(max_carry=300)
+    assert "".join(scrubber.stream([line[i : i + 10] for i in range(0, len(line), 10)])) == line
+
+
 def test_labelled_set_precision_and_recall() -> None:
     spec = importlib.util.spec_from_file_location("pii_scrub", BENCHMARK)
     bench = importlib.util.module_from_spec(spec)

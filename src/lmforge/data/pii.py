@@ -196,11 +196,14 @@ class Scrubber:
         self._context = ""
         return self._scrub_next(text)
 
-    def _scrub_next(self, text: str) -> str:
-        """Scrub the next piece of a document: the patterns see the end of the piece before."""
+    def _scrub_next(self, text: str, following: str = "") -> str:
+        """Scrub the next piece of a document: the patterns see the end of the piece before and, for
+        their lookaheads, `following`, the text after a piece cut inside a line (no match crosses it)."""
         whole = self._context + text
         pieces, last = [], len(self._context)
-        for found in find_pii(whole, self.kinds, start=last):
+        for found in find_pii(whole + following, self.kinds, start=last):
+            if found.start >= len(whole):
+                break
             pieces += [whole[last : found.start], PLACEHOLDERS[found.kind]]
             self.counts[found.kind] += 1
             last = found.end
@@ -212,10 +215,13 @@ class Scrubber:
         """Scrub the complete lines of what came so far; keep the last, unfinished line for later."""
         buffer = self._carry + chunk
         cut = buffer.rfind("\n") + 1  # no kind matches across a line break
-        if cut == 0 and len(buffer) > self.max_carry:
-            cut = self._safe_cut(buffer)
+        if cut > 0 or len(buffer) <= self.max_carry:
+            self._carry = buffer[cut:]
+            return self._scrub_next(buffer[:cut])
+        cut = self._safe_cut(buffer)  # at least 64 characters from the end, at a space: few more
         self._carry = buffer[cut:]
-        return self._scrub_next(buffer[:cut])
+        # "0958 2..." is no phone number in one pass: the lookaheads must see past the cut
+        return self._scrub_next(buffer[:cut], following=self._carry)
 
     def finish(self) -> str:
         """Scrub and return what was kept back (the end of a document)."""
