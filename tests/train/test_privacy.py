@@ -37,6 +37,8 @@ def private_config(config_file: Path, *extra: str) -> Config:
 ARCHITECTURES = {  # together: every kind of parameter the model can have
     "llama-like": dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=1),
     "gpt2-like": dict(position="learned", norm="layernorm", mlp="gelu", bias=True),
+    # nanoGPT's bias = False: LayerNorm without a bias (Opacus's own sampler assumes one)
+    "nanogpt-bias-free": dict(position="learned", norm="layernorm", mlp="gelu", bias=False),
     "speedrun-like": dict(
         position="rope",
         norm="rmsnorm",
