@@ -236,7 +236,11 @@ def test_bad_audit_options_are_one_line_errors(cli, overfit_run: Path, args: lis
 
 @pytest.mark.parametrize(
     ("fmt", "message"),
-    [({"prefix": "my PIN is ", "digits": 20, "separator": " "}, "digits must be between 1 and 18, got 20")],
+    [
+        ({"prefix": "my PIN is ", "digits": 20, "separator": " "}, "digits must be between 1 and 18, got 20"),
+        # a char vocabulary drops the unknown character: the secrets scored would be other text
+        ({"prefix": "my PIN № ", "digits": 6, "separator": " "}, "the model's tokenizer cannot represent"),
+    ],
 )
 def test_a_canaries_file_the_audit_cannot_score_is_a_one_line_error(
     cli, overfit_run: Path, tmp_path: Path, fmt: dict, message: str
