@@ -43,6 +43,7 @@ NEAR_MISSES = [
     "costs $1,234.56 or 12.50 13.75",
     "ISBN 978-3-16-148410-0",
     "std::vector<int> and a::b and x :: y",
+    "as 243:256::81/64:4/3::243 in an old proportion (a : b :: c : d)",  # Gutenberg's arithmetic books
     "scores 12 34 56 and the year 1999",
 ]
 

@@ -99,8 +99,11 @@ def _iban_end(match: re.Match) -> int | None:
 
 def _ip_end(match: re.Match) -> int | None:
     text = match.group()
-    if ":" in text and text != "::1" and sum(c not in ":." for c in text) < 4:
-        return None  # "::" and "a::b" in text are punctuation and code more often than addresses
+    if ":" in text and text != "::1":
+        if sum(c not in ":." for c in text) < 4:
+            return None  # "::" and "a::b" in text are punctuation and code more often than addresses
+        if "." not in text and all(g.isdigit() and len(g) < 4 for g in text.split(":") if g):
+            return None  # "243:256::81", a proportion (a : b :: c : d): no hex letter, no 4-digit group
     try:
         ipaddress.ip_address(text)
     except ValueError:
