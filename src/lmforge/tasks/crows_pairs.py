@@ -85,6 +85,8 @@ def read_pairs(path: Path, limit: int | None) -> list[dict]:
                     break
     except UnicodeDecodeError:
         raise LmforgeError(f"{path}: not UTF-8") from None
+    except csv.Error as exc:  # e.g. a field past the csv module's 128 KiB limit
+        raise LmforgeError(f"{path}: not valid CSV near line {reader.line_num + 1} ({exc})") from None
     if not rows:
         raise LmforgeError(f"{path}: no pairs")
     return rows
