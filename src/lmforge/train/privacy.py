@@ -146,6 +146,12 @@ class Privacy:
         return {"accountant": dict(self.accountant.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["accountant"].get("mechanism")
+        if saved != self.accountant.mechanism():  # Opacus refuses the history with a ValueError
+            raise LmforgeError(
+                f"privacy.accountant = {self.settings.accountant!r} cannot resume a checkpoint whose "
+                f"accountant is {saved!r}: resume with privacy.accountant = {saved!r}"
+            )
         self.accountant.load_state_dict(state["accountant"])
 
     def mark_empty_batch(self) -> None:
