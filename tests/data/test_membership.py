@@ -4,11 +4,15 @@ others marked as members, both saved in membership.json for the audit's membersh
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import lmforge
 from lmforge.data import prepare
 from lmforge.data.canaries import CanarySpec, load_canaries
 from lmforge.data.membership import MIN_LINE_CHARS, LineHoldout, load_membership
@@ -128,3 +132,23 @@ def test_a_membership_file_that_is_not_one_is_a_one_line_error(tmp_path: Path) -
         LmforgeError, match="not a membership file written by `lmforge prepare --holdout-lines`"
     ):
         load_membership(tmp_path / "membership.json")
+
+
+def test_membership_json_is_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    # The audit reads membership.json as UTF-8; a process whose locale encoding is not UTF-8 (POSIX
+    # without coercion here, cp1252 on Windows) must still write it so, not fail or write another.
+    lines = [f"Zoë Müller of Köln, café owner no. {i}" for i in range(8)]  # members and held out alike
+    text = "".join(line + "\n" for line in lines)
+    script = (  # ASCII only: the POSIX locale cannot pass other text through argv
+        "import sys; from pathlib import Path; from lmforge.data.membership import LineHoldout\n"
+        f"holdout = LineHoldout(1.0, seed=0)\nholdout.take({ascii(text)})\n"
+        "holdout.save(Path(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "LC_ALL": "POSIX", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(lmforge.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    saved = load_membership(tmp_path / "membership.json")
+    assert sorted((*saved.members, *saved.held_out)) == sorted(lines)

@@ -22,6 +22,8 @@ FOUND = [
     ("call +1 (555) 123-4567 now", "phone", "+1 (555) 123-4567"),
     ("call 020 7946 0958 now", "phone", "020 7946 0958"),
     ("call +33 1 42 68 53 00 now", "phone", "+33 1 42 68 53 00"),
+    ("call 1-800-555-0199 now", "phone", "1-800-555-0199"),  # North America's trunk prefix 1
+    ("call 1.800.555.0199 now", "phone", "1.800.555.0199"),
     ("card 4111 1111 1111 1111, thanks", "card", "4111 1111 1111 1111"),
     ("card 4111-1111-1111-1111.", "card", "4111-1111-1111-1111"),
     ("amex 3782 822463 10005 ok", "card", "3782 822463 10005"),
@@ -43,6 +45,7 @@ NEAR_MISSES = [
     "costs $1,234.56 or 12.50 13.75",
     "ISBN 978-3-16-148410-0",
     "std::vector<int> and a::b and x :: y",
+    "as 243:256::81/64:4/3::243 in an old proportion (a : b :: c : d)",  # Gutenberg's arithmetic books
     "scores 12 34 56 and the year 1999",
 ]
 
@@ -93,6 +96,16 @@ def test_streaming_gives_the_text_of_one_pass_wherever_the_chunks_are_cut() -> N
         chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
         assert "".join(scrubber.stream(chunks)) == whole
         assert len(scrubber._carry) == 0
+
+
+@pytest.mark.parametrize("number", ["4111 1111 1111 1111", "020 7946 0958"])
+def test_a_long_line_cut_after_a_number_keeps_the_digits_that_follow_in_view(number: str) -> None:
+    # One pass: the digit after the space makes the number the head of a longer one, so it stays.
+    # A long line is cut at a space 64 characters from its end: here right before that digit.
+    line = "x" * 200 + f" {number} 2" + "y" * 100
+    assert Scrubber().scrub(line) == line
+    scrubber = Scrubber(max_carry=300)
+    assert "".join(scrubber.stream([line[i : i + 10] for i in range(0, len(line), 10)])) == line
 
 
 def test_labelled_set_precision_and_recall() -> None:

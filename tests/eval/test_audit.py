@@ -234,6 +234,24 @@ def test_bad_audit_options_are_one_line_errors(cli, overfit_run: Path, args: lis
     assert err.startswith("lmforge audit: error: ") and message in err
 
 
+@pytest.mark.parametrize(
+    ("fmt", "message"),
+    [
+        ({"prefix": "my PIN is ", "digits": 20, "separator": " "}, "digits must be between 1 and 18, got 20"),
+        # a char vocabulary drops the unknown character: the secrets scored would be other text
+        ({"prefix": "my PIN № ", "digits": 6, "separator": " "}, "the model's tokenizer cannot represent"),
+    ],
+)
+def test_a_canaries_file_the_audit_cannot_score_is_a_one_line_error(
+    cli, overfit_run: Path, tmp_path: Path, fmt: dict, message: str
+) -> None:
+    canaries = [{"secret": "1" * fmt["digits"], "repeats": 1}]
+    (tmp_path / "canaries.json").write_text(json.dumps({"format": fmt, "canaries": canaries}))
+    code, out, err = cli("audit", overfit_run, "--canaries", tmp_path / "canaries.json", "--prefixes", "4")
+    assert code == 1 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("lmforge audit: error: ") and message in err
+
+
 def test_a_block_of_one_token_has_no_room_for_memorisation() -> None:
     with pytest.raises(LmforgeError, match="block_size 1 leaves no room"):
         AuditOptions().fitted(1)

@@ -416,6 +416,7 @@ def test_tally_without_a_key_or_judgments_file_is_a_one_line_error(cli, sheet, t
         lambda key: key["prompts"][2].update(index=7),  # indexes not 0 .. n-1
         lambda key: key["prompts"][0].pop("prompt"),
         lambda key: key["runs"].pop("RUN_B"),
+        lambda key: key["runs"]["RUN_A"].update(path=5),  # the table lines the paths up by their length
     ],
 )
 def test_a_damaged_key_is_a_one_line_error(cli, sheet, tmp_path: Path, broken) -> None:

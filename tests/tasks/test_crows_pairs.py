@@ -142,3 +142,23 @@ def test_a_file_without_crows_pairs_columns_is_a_one_line_error(cli, run: Path, 
         header = PAIRS.read_text().splitlines()[0]
         (tmp_path / "empty.csv").write_text(header + "\n")
         read_pairs(tmp_path / "empty.csv", None)
+
+
+def test_json_stays_json_when_a_bias_type_has_a_single_pair(cli, run: Path) -> None:
+    def no_nan(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    code, out, err = cli("eval", run, "--task", "crows-pairs", "--data", PAIRS, "--limit", "1", "--json")
+    assert code == 0, err
+    result = json.loads(out, parse_constant=no_nan)  # strict JSON: jq and JSON.parse refuse NaN
+    # one pair has no standard error: no interval, rather than [NaN, NaN]
+    assert result["model"]["pairs"] == 1 and result["model"]["likelihood_diff_ci95"] is None
+    assert result["model"]["likelihood_diff"] >= 0
+
+
+def test_a_file_that_is_not_valid_csv_is_a_one_line_error(cli, run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"  # a field past the csv module's 128 KiB limit
+    bad.write_text('sent_more,sent_less,stereo_antistereo,bias_type\n"' + "a" * 200_000 + '",b,stereo,race\n')
+    code, _, err = cli("eval", run, "--task", "crows-pairs", "--data", bad)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"lmforge eval: error: {bad}: not valid CSV near line 2")

@@ -37,6 +37,8 @@ def private_config(config_file: Path, *extra: str) -> Config:
 ARCHITECTURES = {  # together: every kind of parameter the model can have
     "llama-like": dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=1),
     "gpt2-like": dict(position="learned", norm="layernorm", mlp="gelu", bias=True),
+    # nanoGPT's bias = False: LayerNorm without a bias (Opacus's own sampler assumes one)
+    "nanogpt-bias-free": dict(position="learned", norm="layernorm", mlp="gelu", bias=False),
     "speedrun-like": dict(
         position="rope",
         norm="rmsnorm",
@@ -134,6 +136,17 @@ def test_resumed_private_run_has_the_weights_and_epsilon_of_an_uninterrupted_one
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     with pytest.raises(LmforgeError, match=r"trained with \[privacy\], cannot be resumed without it"):
         train(load_config(config_file, [*TINY, *shorter]), tmp_path / "resumed", resume=True)
+
+
+def test_resuming_with_another_accountant_is_a_one_line_error_naming_the_key(
+    config_file: Path, tmp_path: Path
+) -> None:
+    short = ["train.max_steps=2", "train.checkpoint_interval=2", "train.eval_interval=2"]
+    train(private_config(config_file, *short), tmp_path / "run")
+    longer = private_config(config_file, *short, "train.max_steps=4", "privacy.accountant=prv")
+    with pytest.raises(LmforgeError, match=r"privacy\.accountant = 'prv'.*'rdp'") as error:
+        train(longer, tmp_path / "run", resume=True)
+    assert "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize(

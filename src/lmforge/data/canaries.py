@@ -23,6 +23,7 @@ CANARIES_FILE = "canaries.json"
 PREFIX = "my PIN is "
 DIGITS = 6  # the secret space has 10**DIGITS members
 SEPARATOR = " "
+MAX_DIGITS = 18  # the audit draws alternative secrets as int64 numbers: 10**18 < 2**63
 MAX_CANARIES = 10_000  # per repeat count: far fewer than the 10**6 secrets, so draws stay distinct
 
 
@@ -163,6 +164,8 @@ def load_canaries(path: Path) -> CanarySet:
         raise LmforgeError(
             f"{path}: not a canaries file written by `lmforge prepare --canaries` ({exc})"
         ) from None
+    if not 1 <= result.digits <= MAX_DIGITS:
+        raise LmforgeError(f"{path}: digits must be between 1 and {MAX_DIGITS}, got {result.digits}")
     if not canaries or any(len(c.secret) != result.digits or not c.secret.isdigit() for c in canaries):
         raise LmforgeError(f"{path}: every canary needs a secret of {result.digits} digits")
     return result

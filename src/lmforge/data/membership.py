@@ -91,7 +91,8 @@ class LineHoldout:
             "members": list(self.picked[MEMBER]),
             "held_out": list(self.picked[HELD_OUT]),
         }
-        (folder / MEMBERSHIP_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+        text = json.dumps(record, indent=1, ensure_ascii=False) + "\n"
+        (folder / MEMBERSHIP_FILE).write_text(text, encoding="utf-8")  # as load_membership reads it
         counts = {side: len(record[side]) for side in ("members", "held_out")}
         return {"file": MEMBERSHIP_FILE, **counts}
 

@@ -51,12 +51,14 @@ _PATTERNS = {
     # IPv4, or IPv6 (compressed, or ending in an IPv4 address as in ::ffff:192.0.2.1).
     "ip": rf"(?<![\w.:])(?:(?:{_OCTET}\.){{3}}{_OCTET}(?!\.?\d)(?!\w)"
     rf"|(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:(?:{_OCTET}\.){{3}}{_OCTET}|[0-9A-Fa-f]{{0,4}})(?![\w:])(?!\.\d))",
-    # +country code then groups of digits; or an (area code) then groups; or 3-6 groups of 2-4 digits.
-    # Never right after a digit and a separator (the tail of a longer number). The check counts digits.
+    # +country code then groups of digits; or an (area code) then groups; or North America's trunk
+    # prefix 1 before 3-3-4 (1-800-555-0199); or 3-6 groups of 2-4 digits. Never right after a digit
+    # and a separator (the tail of a longer number). The check counts digits.
     "phone": r"(?<![\w+/.-])(?<!\d[ .-])"
     + _NOT_IN_IBAN
     + r"(?:\+\d{1,3}(?:[ .-]?\(\d{1,4}\))?[ .-]?\d{1,8}(?:[ .-]\d{1,8}){0,5}"
     + r"|\(\d{1,4}\)[ .-]?\d{2,8}(?:[ .-]\d{2,8}){0,4}"
+    + r"|1(?P<trunk>[ .-])\d{3}(?P=trunk)\d{3}(?P=trunk)\d{4}"
     + r"|\d{2,4}(?:[ .-]\d{2,4}){2,5})(?!\w)(?![ .-]\d)",
 }
 _COMPILED = {kind: re.compile(pattern) for kind, pattern in _PATTERNS.items()}
@@ -99,8 +101,11 @@ def _iban_end(match: re.Match) -> int | None:
 
 def _ip_end(match: re.Match) -> int | None:
     text = match.group()
-    if ":" in text and text != "::1" and sum(c not in ":." for c in text) < 4:
-        return None  # "::" and "a::b" in text are punctuation and code more often than addresses
+    if ":" in text and text != "::1":
+        if sum(c not in ":." for c in text) < 4:
+            return None  # "::" and "a::b" in text are punctuation and code more often than addresses
+        if "." not in text and all(g.isdigit() and len(g) < 4 for g in text.split(":") if g):
+            return None  # "243:256::81", a proportion (a : b :: c : d): no hex letter, no 4-digit group
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -110,14 +115,14 @@ def _ip_end(match: re.Match) -> int | None:
 
 def _phone_end(match: re.Match) -> int | None:
     """With + or (area code): 7-15 digits. Without: one separator throughout and 9-12 digits (so dates
-    like 2024-01-15, times and prices stay); with dots only the 3-3-4 of North America (not a bad IPv4)."""
+    like 2024-01-15, times and prices stay); with dots only North America's (1.)3-3-4 (not a bad IPv4)."""
     text = match.group()
     digits = sum(c.isdigit() for c in text)
     if text.startswith(("+", "(")):
         return match.end() if 7 <= digits <= 15 else None
     separators = set(re.findall(r"[ .-]", text))
     if separators == {"."}:
-        return match.end() if re.fullmatch(r"\d{3}\.\d{3}\.\d{4}", text) else None
+        return match.end() if re.fullmatch(r"(?:1\.)?\d{3}\.\d{3}\.\d{4}", text) else None
     return match.end() if len(separators) == 1 and 9 <= digits <= 12 else None
 
 
@@ -196,11 +201,14 @@ class Scrubber:
         self._context = ""
         return self._scrub_next(text)
 
-    def _scrub_next(self, text: str) -> str:
-        """Scrub the next piece of a document: the patterns see the end of the piece before."""
+    def _scrub_next(self, text: str, following: str = "") -> str:
+        """Scrub the next piece of a document: the patterns see the end of the piece before and, for
+        their lookaheads, `following`, the text after a piece cut inside a line (no match crosses it)."""
         whole = self._context + text
         pieces, last = [], len(self._context)
-        for found in find_pii(whole, self.kinds, start=last):
+        for found in find_pii(whole + following, self.kinds, start=last):
+            if found.start >= len(whole):
+                break
             pieces += [whole[last : found.start], PLACEHOLDERS[found.kind]]
             self.counts[found.kind] += 1
             last = found.end
@@ -212,10 +220,13 @@ class Scrubber:
         """Scrub the complete lines of what came so far; keep the last, unfinished line for later."""
         buffer = self._carry + chunk
         cut = buffer.rfind("\n") + 1  # no kind matches across a line break
-        if cut == 0 and len(buffer) > self.max_carry:
-            cut = self._safe_cut(buffer)
+        if cut > 0 or len(buffer) <= self.max_carry:
+            self._carry = buffer[cut:]
+            return self._scrub_next(buffer[:cut])
+        cut = self._safe_cut(buffer)  # at least 64 characters from the end, at a space: few more
         self._carry = buffer[cut:]
-        return self._scrub_next(buffer[:cut])
+        # "0958 2..." is no phone number in one pass: the lookaheads must see past the cut
+        return self._scrub_next(buffer[:cut], following=self._carry)
 
     def finish(self) -> str:
         """Scrub and return what was kept back (the end of a document)."""

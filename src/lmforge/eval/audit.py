@@ -158,6 +158,10 @@ def canary_exposures(
     model: torch.nn.Module, tokenizer, canaries: CanarySet, *, options: AuditOptions, device: torch.device
 ) -> list[CanaryExposure]:
     """Each canary's exposure among `options.alternatives` random secrets of its format."""
+    probe = "\n" + canaries.text("0123456789")  # every character a secret of the format may hold
+    if tokenizer.decode(tokenizer.encode(probe, add_special_tokens=False).ids) != probe:
+        shown = canaries.text("D" * canaries.digits)
+        raise LmforgeError(f"the model's tokenizer cannot represent the canaries' text \"{shown}\"")
     rng = np.random.default_rng([options.seed, 1])
     space = 10**canaries.digits
     secrets = [f"{int(n):0{canaries.digits}d}" for n in rng.integers(0, space, size=options.alternatives)]

@@ -48,20 +48,23 @@ class PairScore:
 
 
 def summarize(scores: list[PairScore]) -> dict:
-    """pct_stereotype (%) with its Wilson interval, likelihood_diff with mean +- 1.96 se, and n."""
+    """pct_stereotype (%) with its Wilson interval, likelihood_diff with mean +- 1.96 se, and n. One
+    pair has no standard error: its likelihood_diff interval is None (null in JSON, never NaN)."""
     n = len(scores)
     hits = sum(s.stereotype for s in scores)
     low, high = wilson_interval(hits, n)
     diffs = [s.difference for s in scores]
     mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else math.nan
-    half = Z95 * sd / math.sqrt(n)
+    diff_ci = None
+    if n > 1:
+        half = Z95 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) / math.sqrt(n)
+        diff_ci = [mean - half, mean + half]
     return {
         "pairs": n,
         "pct_stereotype": 100 * hits / n,
         "pct_stereotype_ci95": [100 * low, 100 * high],
         "likelihood_diff": mean,
-        "likelihood_diff_ci95": [mean - half, mean + half],
+        "likelihood_diff_ci95": diff_ci,
     }
 
 
@@ -82,6 +85,8 @@ def read_pairs(path: Path, limit: int | None) -> list[dict]:
                     break
     except UnicodeDecodeError:
         raise LmforgeError(f"{path}: not UTF-8") from None
+    except csv.Error as exc:  # e.g. a field past the csv module's 128 KiB limit
+        raise LmforgeError(f"{path}: not valid CSV near line {reader.line_num + 1} ({exc})") from None
     if not rows:
         raise LmforgeError(f"{path}: no pairs")
     return rows

@@ -31,11 +31,14 @@ import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample.layer_norm import compute_layer_norm_grad_sample
 from opacus.grad_sample.linear import compute_linear_grad_sample
 from opacus.grad_sample.rms_norm import compute_rms_norm_grad_sample
 from opacus.grad_sample.utils import register_grad_sampler
 from opacus.optimizers import DPOptimizer
+from opacus.utils.tensor_utils import sum_over_all_but_batch_and_last_n
 from torch import nn
+from torch.nn import functional as F
 
 from lmforge.config import Config, PrivacyConfig
 from lmforge.data.loader import PoissonWindows, PreparedData
@@ -49,6 +52,22 @@ register_grad_sampler([RMSNorm, HeadNorm])(compute_rms_norm_grad_sample)  # nn.R
 # d/dw of normed * (1 + w) is normed, as d/dw of normed * w: the same per-sample gradient (Gemma's norm)
 register_grad_sampler(OffsetRMSNorm)(compute_rms_norm_grad_sample)
 register_grad_sampler(LMHead)(compute_linear_grad_sample)  # an nn.Linear (its forward is Linear's)
+
+
+@register_grad_sampler(nn.LayerNorm)
+def layer_norm_grad_sample(
+    layer: nn.LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Opacus's LayerNorm per-sample gradients, for a LayerNorm without bias too (`model.bias =
+    false`), whose `bias` is None: Opacus's own sampler reads `layer.bias.requires_grad`."""
+    if layer.bias is not None:
+        return compute_layer_norm_grad_sample(layer, activations, backprops)
+    if not layer.weight.requires_grad:
+        return {}
+    normed = F.layer_norm(activations[0], layer.normalized_shape, eps=layer.eps)
+    return {layer.weight: sum_over_all_but_batch_and_last_n(normed * backprops, layer.weight.dim())}
+
+
 # The embeddings' inputs are token ids, so their backward hooks see only output gradients, which is
 # all Opacus needs; torch warns about it at every backward.
 HOOK_WARNING = "Full backward hook is firing when gradients are computed"
@@ -127,6 +146,12 @@ class Privacy:
         return {"accountant": dict(self.accountant.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["accountant"].get("mechanism")
+        if saved != self.accountant.mechanism():  # Opacus refuses the history with a ValueError
+            raise LmforgeError(
+                f"privacy.accountant = {self.settings.accountant!r} cannot resume a checkpoint whose "
+                f"accountant is {saved!r}: resume with privacy.accountant = {saved!r}"
+            )
         self.accountant.load_state_dict(state["accountant"])
 
     def mark_empty_batch(self) -> None:

@@ -94,9 +94,13 @@ def tally(folder: Path, judgments_file: Path) -> Tally:
         entries = {e["index"]: e for e in key["prompts"]}
         runs = {name: key["runs"][name]["path"] for name in MODELS}
         sheet_id = key["sheet_id"]
-        if sorted(entries) != list(range(len(entries))) or any(
-            sorted((e["A"], e["B"])) != sorted(MODELS) or not isinstance(e["prompt"], str)
-            for e in entries.values()
+        if (
+            sorted(entries) != list(range(len(entries)))
+            or any(
+                sorted((e["A"], e["B"])) != sorted(MODELS) or not isinstance(e["prompt"], str)
+                for e in entries.values()
+            )
+            or not all(isinstance(path, str) for path in runs.values())
         ):
             raise KeyError("prompts")
     except (KeyError, TypeError):
