@@ -162,3 +162,12 @@ def test_a_file_that_is_not_valid_csv_is_a_one_line_error(cli, run: Path, tmp_pa
     code, _, err = cli("eval", run, "--task", "crows-pairs", "--data", bad)
     assert code == 1 and err.count("\n") == 1, err
     assert err.startswith(f"lmforge eval: error: {bad}: not valid CSV near line 2")
+
+
+def test_a_byte_order_mark_is_no_part_of_the_first_columns_name(tmp_path: Path) -> None:
+    """Excel's "CSV UTF-8" starts with a byte order mark: the ids (the unnamed first column) stay."""
+    lines = PAIRS.read_text(encoding="utf-8").splitlines(keepends=True)
+    renumbered = lines[0] + "".join(f"10{line}" for line in lines[1:6])  # ids 100..104, not row numbers
+    marked = tmp_path / "marked.csv"
+    marked.write_bytes(b"\xef\xbb\xbf" + renumbered.encode())
+    assert [row["id"] for row in read_pairs(marked, None)] == ["100", "101", "102", "103", "104"]

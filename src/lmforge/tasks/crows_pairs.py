@@ -71,7 +71,8 @@ def summarize(scores: list[PairScore]) -> dict:
 def read_pairs(path: Path, limit: int | None) -> list[dict]:
     """The rows of a CrowS-Pairs CSV (its own columns), the first `limit` of them."""
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: a byte order mark (Excel's "CSV UTF-8") is no part of the first column's name
+        with open(path, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
