@@ -203,6 +203,18 @@ def test_resume_one_process_in_two(reference: Path, tmp_path: Path, first: str, 
     assert_same_losses(run, reference)
 
 
+def test_plain_sgd_resumes_in_a_data_parallel_run(reference: Path, tmp_path: Path) -> None:
+    """SGD without momentum keeps no per-parameter state: a single-process checkpoint of it resumes
+    under ddp (DCP's full-state loader found no tensor in such a state and failed an assertion)."""
+    plain_sgd = ("optim.name=sgd", "optim.momentum=0")
+    uninterrupted, run = tmp_path / "uninterrupted", tmp_path / "run"
+    train_in_process(config_of(reference), uninterrupted, *plain_sgd)
+    shutil.copytree(uninterrupted, run)
+    keep_checkpoints_up_to(run, 4)
+    train_in_process(config_of(reference), run, *plain_sgd, "parallel.strategy=ddp", resume=True)
+    assert_same_losses(run, uninterrupted)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
