@@ -215,6 +215,26 @@ def test_plain_sgd_resumes_in_a_data_parallel_run(reference: Path, tmp_path: Pat
     assert_same_losses(run, uninterrupted)
 
 
+@pytest.mark.parametrize(("first", "momenta"), [("ddp", (0, 0.9)), ("none", (0.9, 0))])
+def test_a_data_parallel_resume_may_change_the_momentum(
+    reference: Path, tmp_path: Path, first: str, momenta: tuple[float, float]
+) -> None:
+    """optim's momenta may change on resume (docs/verbs/train.md): a DCP checkpoint of plain SGD resumed
+    with momentum, and a single-process one with momentum resumed under ddp without, continue as a
+    single-process resume does (the restored state's shape was the new config's: the one refused
+    for a missing momentum buffer, the other failed an assertion)."""
+    sgd = "optim.name=sgd"
+    before, after = (f"optim.momentum={m}" for m in momenta)
+    expected, run = tmp_path / "expected", tmp_path / "run"
+    train_in_process(config_of(reference), expected, sgd, before)
+    train_in_process(config_of(reference), run, sgd, before, f"parallel.strategy={first}")
+    for folder in (expected, run):
+        keep_checkpoints_up_to(folder, 4)
+    train_in_process(config_of(reference), expected, sgd, after, resume=True)
+    train_in_process(config_of(reference), run, sgd, after, "parallel.strategy=ddp", resume=True)
+    assert_same_losses(run, expected)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
