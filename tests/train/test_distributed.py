@@ -19,6 +19,7 @@ import torch
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import ModelConfig, load_config
+from lmforge.data import prepare
 from lmforge.errors import LmforgeError
 from lmforge.inference import load
 from lmforge.model.gpt import GPT
@@ -308,6 +309,39 @@ def test_an_error_on_one_rank_ends_the_job(reference: Path, tmp_path: Path) -> N
     assert "lmforge train: error (rank 1 of 2): disk on fire" in ours
     assert all(line.count("\n") == 0 and len(line) < 300 for line in ours)
     assert not any(line.startswith("[rank") for line in result.stderr.splitlines())  # no worker traceback
+
+
+OTHER_DATA_ON_RANK_1 = """
+import os, sys
+from lmforge.cli import main
+args = sys.argv[1:]
+if os.environ["RANK"] == "1":  # this process's copy of the data is another corpus (another machine's disk)
+    args = [*args, "--set", "data.dir={other}"]
+sys.exit(main(args))
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_with_other_data_ends_the_job_with_one_line(reference: Path, tmp_path: Path) -> None:
+    """Rank 1 reads a corpus of another alphabet, so builds a model of another vocabulary: one line
+    naming the difference (FSDP aborted rank 1 in its first all-gather without saying why; DDP
+    printed a traceback)."""
+    (tmp_path / "other.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    prepare(str(tmp_path / "other.txt"), tmp_path / "other", tokenizer="char", progress=False)
+    script = tmp_path / "other_data.py"
+    script.write_text(OTHER_DATA_ON_RANK_1.format(other=tmp_path / "other"))
+    result = torchrun(
+        script, "train", config_of(reference), "--out", tmp_path / "run", *overrides("parallel.strategy=fsdp")
+    )
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("lmforge train:")]
+    assert any(
+        "(rank 1 of 2): the processes built different models: model.vocab_size is 28 on rank 1, 59 on rank 0"
+        in line
+        for line in ours
+    ), result.stderr
+    assert not any(line.startswith("[rank") for line in result.stderr.splitlines())  # no traceback
+    assert "terminate called" not in result.stderr
 
 
 def test_activation_checkpointing_gives_the_same_gradients() -> None:
