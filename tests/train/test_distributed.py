@@ -19,6 +19,7 @@ import torch
 
 from lmforge import checkpoint as ckpt
 from lmforge.config import ModelConfig, load_config
+from lmforge.data import prepare
 from lmforge.errors import LmforgeError
 from lmforge.inference import load
 from lmforge.model.gpt import GPT
@@ -172,6 +173,25 @@ def test_two_processes_match_one_in_bf16(reference: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
+def test_fsdp_saves_an_untied_model_whose_vocabulary_is_not_divisible_by_the_processes(
+    reference: Path, tmp_path: Path
+) -> None:
+    """The char vocabulary (59) splits unevenly over 2 ranks: the gathered embedding and head are views
+    into padded buffers, which safetensors refused to save (a traceback at the first checkpoint)."""
+    untied = ("model.tie_embeddings=false", "train.max_steps=2", "train.eval_interval=2")
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_in_process(config_of(reference), one, *untied)
+    result = torchrun(
+        "train", config_of(reference), "--out", two, *overrides(*untied, "parallel.strategy=fsdp")
+    )
+    assert result.returncode == 0, result.stderr
+    ours, theirs = (load(run, "last", "cpu").model.state_dict() for run in (two, one))
+    assert ours["embed.weight"].size(0) % 2 == 1 and "head.weight" in ours  # uneven, and untied
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
+
+
+@pytest.mark.slow
 def test_resume_two_processes_in_one(reference: Path, two_process_run, tmp_path: Path) -> None:
     """FSDP2 at 2 processes saved step 4; one plain process resumes: steps 5-8 as if uninterrupted."""
     source, result = two_process_run("fsdp")
@@ -201,6 +221,38 @@ def test_resume_one_process_in_two(reference: Path, tmp_path: Path, first: str, 
     )
     assert result.returncode == 0, result.stderr
     assert_same_losses(run, reference)
+
+
+def test_plain_sgd_resumes_in_a_data_parallel_run(reference: Path, tmp_path: Path) -> None:
+    """SGD without momentum keeps no per-parameter state: a single-process checkpoint of it resumes
+    under ddp (DCP's full-state loader found no tensor in such a state and failed an assertion)."""
+    plain_sgd = ("optim.name=sgd", "optim.momentum=0")
+    uninterrupted, run = tmp_path / "uninterrupted", tmp_path / "run"
+    train_in_process(config_of(reference), uninterrupted, *plain_sgd)
+    shutil.copytree(uninterrupted, run)
+    keep_checkpoints_up_to(run, 4)
+    train_in_process(config_of(reference), run, *plain_sgd, "parallel.strategy=ddp", resume=True)
+    assert_same_losses(run, uninterrupted)
+
+
+@pytest.mark.parametrize(("first", "momenta"), [("ddp", (0, 0.9)), ("none", (0.9, 0))])
+def test_a_data_parallel_resume_may_change_the_momentum(
+    reference: Path, tmp_path: Path, first: str, momenta: tuple[float, float]
+) -> None:
+    """optim's momenta may change on resume (docs/verbs/train.md): a DCP checkpoint of plain SGD resumed
+    with momentum, and a single-process one with momentum resumed under ddp without, continue as a
+    single-process resume does (the restored state's shape was the new config's: the one refused
+    for a missing momentum buffer, the other failed an assertion)."""
+    sgd = "optim.name=sgd"
+    before, after = (f"optim.momentum={m}" for m in momenta)
+    expected, run = tmp_path / "expected", tmp_path / "run"
+    train_in_process(config_of(reference), expected, sgd, before)
+    train_in_process(config_of(reference), run, sgd, before, f"parallel.strategy={first}")
+    for folder in (expected, run):
+        keep_checkpoints_up_to(folder, 4)
+    train_in_process(config_of(reference), expected, sgd, after, resume=True)
+    train_in_process(config_of(reference), run, sgd, after, "parallel.strategy=ddp", resume=True)
+    assert_same_losses(run, expected)
 
 
 def free_port() -> int:
@@ -276,6 +328,39 @@ def test_an_error_on_one_rank_ends_the_job(reference: Path, tmp_path: Path) -> N
     assert "lmforge train: error (rank 1 of 2): disk on fire" in ours
     assert all(line.count("\n") == 0 and len(line) < 300 for line in ours)
     assert not any(line.startswith("[rank") for line in result.stderr.splitlines())  # no worker traceback
+
+
+OTHER_DATA_ON_RANK_1 = """
+import os, sys
+from lmforge.cli import main
+args = sys.argv[1:]
+if os.environ["RANK"] == "1":  # this process's copy of the data is another corpus (another machine's disk)
+    args = [*args, "--set", "data.dir={other}"]
+sys.exit(main(args))
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_with_other_data_ends_the_job_with_one_line(reference: Path, tmp_path: Path) -> None:
+    """Rank 1 reads a corpus of another alphabet, so builds a model of another vocabulary: one line
+    naming the difference (FSDP aborted rank 1 in its first all-gather without saying why; DDP
+    printed a traceback)."""
+    (tmp_path / "other.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    prepare(str(tmp_path / "other.txt"), tmp_path / "other", tokenizer="char", progress=False)
+    script = tmp_path / "other_data.py"
+    script.write_text(OTHER_DATA_ON_RANK_1.format(other=tmp_path / "other"))
+    result = torchrun(
+        script, "train", config_of(reference), "--out", tmp_path / "run", *overrides("parallel.strategy=fsdp")
+    )
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("lmforge train:")]
+    assert any(
+        "(rank 1 of 2): the processes built different models: model.vocab_size is 28 on rank 1, 59 on rank 0"
+        in line
+        for line in ours
+    ), result.stderr
+    assert not any(line.startswith("[rank") for line in result.stderr.splitlines())  # no traceback
+    assert "terminate called" not in result.stderr
 
 
 def test_activation_checkpointing_gives_the_same_gradients() -> None:

@@ -93,7 +93,7 @@ class Checkpointer:
         self.latest: Path | None = None  # the newest checkpoint of this run, once there is one
         self.last_saved_step = -1
         self._saved: dict[str, Any] | None = None
-        self._full_optimizer_state: dict | None = None
+        self._full_optimizer_states: list[dict] | None = None  # one per optimizer
 
     @staticmethod
     def find_resume_point(
@@ -133,7 +133,7 @@ class Checkpointer:
         if has_optimizers and self.sharded:
             plain = build_optimizers(module)
             _load_optimizer_states(plain, self._saved["optimizers"])
-            self._full_optimizer_state = full_optimizer_state(module, plain)
+            self._full_optimizer_states = [full_optimizer_state(module, [optimizer]) for optimizer in plain]
 
     def restore(self, state: TrainingState) -> None:
         """Attach the run's objects; on a resume, give them their saved state (second half)."""
@@ -143,8 +143,8 @@ class Checkpointer:
         saved, path = self._saved, self.resume_from
         if has_sharded_state(path):
             load_shards(path / TRAIN_STATE, state.wrapped, state.optimizers)
-        elif self._full_optimizer_state is not None:
-            set_full_optimizer_state(state.wrapped, state.optimizers, self._full_optimizer_state)
+        elif self._full_optimizer_states is not None:
+            _shard_optimizer_states(state, self._full_optimizer_states, saved["optimizers"])
         else:
             _load_optimizer_states(state.optimizers, saved["optimizers"])
         _restore_privacy(state.privacy, saved.get("privacy"), path)
@@ -153,7 +153,7 @@ class Checkpointer:
         set_rng_state(saved["rng"])
         for name, value in saved["loop"].items():
             setattr(state.progress, name, value)
-        self._saved = self._full_optimizer_state = None
+        self._saved = self._full_optimizer_states = None
 
     def after_step(self, step: int, val_loss: float | None, *, last: bool) -> None:
         """Save when the step is periodic, the val loss a new best, or the run ends here (`last`)."""
@@ -242,6 +242,19 @@ def _restore_privacy(privacy: Any, saved: dict | None, path: Path) -> None:
         raise LmforgeError(f"{path}: trained {was} [privacy], cannot be resumed {now} it")
     if privacy is not None:
         privacy.load_state_dict(saved)
+
+
+def _shard_optimizer_states(state: TrainingState, full_states: list[dict], saved: list[dict]) -> None:
+    """A single-process checkpoint's optimizer states onto the parallelized model, optimizer by optimizer.
+
+    An optimizer without per-parameter state (SGD without momentum) has nothing to shard, and DCP's
+    full-state loader fails on one (it finds no tensor to tell the device by): it loads as it was saved.
+    """
+    for optimizer, full, saved_state in zip(state.optimizers, full_states, saved, strict=True):
+        if full["state"]:
+            set_full_optimizer_state(state.wrapped, [optimizer], full)
+        else:
+            optimizer.load_state_dict(saved_state)
 
 
 def _load_optimizer_states(optimizers: list[torch.optim.Optimizer], states: list[dict]) -> None:

@@ -117,13 +117,16 @@ def gather_full_weights(sharded: ShardedModel) -> dict[str, torch.Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(sharded.wrapped, options=options)
+    for name, tensor in weights.items():
+        # a gathered tensor may be a view into a larger buffer (a dim split unevenly over the ranks is
+        # padded): safetensors refuses to save a tensor that does not cover its storage
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            weights[name] = tensor.clone()
     if weights:  # gathering copies a tied weight once per name; safetensors stores shared tensors once
         names: dict[int, list[str]] = {}
         for name, param in sharded.module.named_parameters(remove_duplicate=False):
             names.setdefault(id(param), []).append(name.replace("_checkpoint_wrapped_module.", ""))
         for first, *aliases in names.values():
-            if aliases:  # own storage: a gathered tensor may be a view into a larger buffer
-                weights[first] = weights[first].clone()
             for alias in aliases:
                 weights[alias] = weights[first]
     return weights

@@ -17,6 +17,7 @@ resumes at another world size exactly where it stopped).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import inspect
 import os
@@ -202,6 +203,7 @@ def parallelize(
     root for the embeddings, final norm and head; with bf16 it computes in bf16 and reduces
     gradients in fp32. Every rank built the same initial weights from the same seed.
     """
+    check_same_model(model, dist_state, dtype=dtype)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if dist_state.strategy == "ddp":
@@ -228,6 +230,27 @@ def parallelize(
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def check_same_model(model: nn.Module, dist_state: Distributed, *, dtype: str) -> None:
+    """Refuse, on every rank, a job whose processes built different models: another config or data
+    on one machine (a vocabulary of another size, ...). DDP would stop that rank with a traceback,
+    and FSDP's first all-gather of mismatched sizes would abort it without a word."""
+    if dist_state.world == 1:
+        return
+    facts = {f"model.{key}": value for key, value in dataclasses.asdict(gpt_of(model).config).items()}
+    facts["train.dtype"] = dtype
+    facts["trainable parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    everyone: list[dict | None] = [None] * dist_state.world
+    dist.all_gather_object(everyone, facts)
+    first = everyone[0]
+    for rank, theirs in enumerate(everyone[1:], start=1):
+        for key, value in first.items():
+            if theirs.get(key) != value:
+                raise LmforgeError(
+                    f"the processes built different models: {key} is {theirs.get(key)!r} on rank {rank}, "
+                    f"{value!r} on rank 0; every process must read the same config and data"
+                )
 
 
 def clip_grad_norm(parameters: Iterator[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import shutil
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from lmforge import checkpoint as ckpt
 from lmforge import inference
@@ -183,14 +186,13 @@ def build_run(
         chat_template=chat_template,
         end_ids=read_end_ids(source) if source is not None else (),  # an imported model's carry over
     )
+    optimizers_of = optimizer_builder(config, resume_from)
     if resume_from is not None:
-        checkpointer.restore_weights(
-            resume_from, module, build_optimizers=lambda m: build_optimizers(m, config.optim)
-        )
+        checkpointer.restore_weights(resume_from, module, build_optimizers=optimizers_of)
     wrapped = distributed.parallelize(
         module, dist, device, dtype=t.dtype, activation_checkpointing=t.activation_checkpointing
     )
-    state = new_training_state(config, module, wrapped, data=data, device=device)
+    state = new_training_state(config, module, wrapped, data=data, device=device, optimizers_of=optimizers_of)
     dist.barrier()  # every rank has checked the run folder before rank 0 changes it
     checkpointer.restore(state)
     if resume_from is not None:  # the config's lr, weight decay, ... over those the checkpoint saved
@@ -211,12 +213,27 @@ def finished(config: Config, resumed_at: int | None) -> bool:
     return resumed_at is not None and resumed_at >= config.train.max_steps
 
 
+def optimizer_builder(config: Config, resume_from: Path | None) -> Callable[[nn.Module], list[Optimizer]]:
+    """How the run builds its optimizers: with the config's settings, a resumed run's with the
+    checkpoint's, as their saved state has their shape (SGD keeps a momentum buffer only with
+    momentum; DCP loads into the shape it is given); `apply_settings` then gives them the config's."""
+    optim = config.optim if resume_from is None else ckpt.load_config_of(resume_from).optim
+    return functools.partial(build_optimizers, config=optim)
+
+
 def new_training_state(
-    config: Config, module: nn.Module, wrapped: nn.Module, *, data: TrainingData, device: torch.device
+    config: Config,
+    module: nn.Module,
+    wrapped: nn.Module,
+    *,
+    data: TrainingData,
+    device: torch.device,
+    optimizers_of: Callable[[nn.Module], list[Optimizer]],
 ) -> TrainingState:
-    """The objects a checkpoint saves, as a new run starts them (a resume then restores them)."""
+    """The objects a checkpoint saves, as a new run starts them (a resume then restores them); the
+    optimizers as `optimizers_of` builds them (`optimizer_builder`)."""
     t = config.train
-    optimizers = build_optimizers(module, config.optim)
+    optimizers = optimizers_of(module)
     batches, privacy = data.train_batches(config.model.block_size, t.batch_size, seed=t.seed), None
     if config.privacy.enabled:  # per-sample gradients, Poisson batches, noisy updates, an accountant
         wrapped, batches, privacy = privacy_module().make_private(config, module, optimizers, data=data)
