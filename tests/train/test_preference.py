@@ -16,6 +16,7 @@ from lmforge.config import ModelConfig, PreferenceConfig, load_config
 from lmforge.data.chat_template import ChatTemplate
 from lmforge.data.preference import PreferencePair, collate_pairs, parse_pair
 from lmforge.data.sft import Example
+from lmforge.data.tokenizer import EOT, char_tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT
 from lmforge.targets import IGNORE_INDEX
@@ -195,6 +196,15 @@ def test_pairs_in_trl_standard_and_conversational_formats() -> None:
 def test_bad_pairs_say_what_is_wrong(record: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_pair(record, ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}"))
+
+
+def test_a_side_that_says_nothing_but_ends_is_a_response_a_pair_may_reject() -> None:
+    """A sampled response can be the end of text alone (benchmarks/dpo_sentiment.py samples such):
+    unlike a fine-tuning answer, it is a side of a pair, trained on as that end token."""
+    template = ChatTemplate.default(char_tokenizer("abc :\n", specials=[EOT]))
+    chosen, rejected = parse_pair({"prompt": "a", "chosen": " b", "rejected": ""}, template)
+    assert [s.text for s in chosen if s.assistant] == [f" b{EOT}"]
+    assert [s.text for s in rejected if s.assistant] == [EOT]
 
 
 def test_a_bad_line_names_file_and_line(cli, pairs: Path, tmp_path: Path) -> None:

@@ -24,9 +24,7 @@ from lmforge.data.protocol import Batch
 from lmforge.data.sft import (
     Example,
     ExampleBatches,
-    answer_ends,
     collate,
-    empty_answer,
     prompt_completion,
     read_records,
     render_messages,
@@ -77,9 +75,10 @@ def parse_pair(record: object, template: ChatTemplate) -> tuple[list[Segment], l
         pair = tuple(
             _completion_only(render_messages(head + side, template), head) for side in (chosen, rejected)
         )
-    ends = answer_ends(template)
+    # unlike a fine-tuning answer, a side may be the end of text alone: a sampled response that said
+    # nothing is one a preference can reject (or choose); a side without even that is no response
     for side, segments in zip(SIDES, pair):
-        if empty_answer(segments, ends):
+        if not "".join(s.text for s in segments if s.assistant).strip():
             raise ValueError(f"empty {side} completion")
     return pair
 
