@@ -403,3 +403,11 @@ def test_a_preference_steps_peak_counts_both_sides_of_each_pair_and_dpos_referen
     assert "batch_size 4 x 2 sides" in estimated.budget_source
     ratio = estimated.memory["none"].peak / measured_preference_peak(config)
     assert low <= ratio <= high, ratio  # before: 0.74 (simpo) and 0.58 (dpo), half the rows and no reference
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_noted_as_train_refuses_it() -> None:
+    """`train` under torchrun refuses batch_size 8 on 3 processes: the DDP/FSDP rows say so."""
+    config = load_config(None, ["model.vocab_size=96", "train.batch_size=8"])
+    (note,) = [n for n in estimate(config, devices=3, peak_flops=1e11).notes if "split" in n]
+    assert "train.batch_size 8 does not split over 3 devices" in note and "3 sequences a device" in note
+    assert not [n for n in estimate(config, devices=4, peak_flops=1e11).notes if "split" in n]

@@ -670,8 +670,19 @@ def estimate(
         finetune=finetune,
         finetune_seconds=finetune_seconds,
         lora_rank=rank,
-        notes=tuple(notes),
+        notes=(*notes, *_split_notes(t.batch_size, devices)),
     )
+
+
+def _split_notes(batch_size: int, devices: int) -> list[str]:
+    """Where the micro-batch does not split evenly: `train` under torchrun refuses such a run."""
+    if devices == 1 or batch_size % devices == 0:
+        return []
+    share = math.ceil(batch_size / devices)
+    return [
+        f"train.batch_size {batch_size} does not split over {devices} devices: `lmforge train` refuses "
+        f"it under DDP/FSDP (make it a multiple of {devices}); their rows take {share} sequences a device"
+    ]
 
 
 def _finetune_table(
