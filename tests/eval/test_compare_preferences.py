@@ -113,3 +113,13 @@ def test_preferences_without_tally_is_a_usage_error(cli, capsys) -> None:
         cli("compare", "a", "b", "--prompts", "p", "--out", "o", "--preferences", "x.jsonl")
     assert exit_info.value.code == 2
     assert "--preferences OUT.jsonl goes with --tally DIR JUDGMENTS" in capsys.readouterr().err
+
+
+def test_a_key_whose_sampling_is_not_an_object_is_a_one_line_error(cli, tmp_path: Path) -> None:
+    folder = sheet_folder(tmp_path, chat=False)
+    key = json.loads((folder / "key.json").read_text())
+    (folder / "key.json").write_text(json.dumps(key | {"sampling": "chat"}))
+    out = tmp_path / "pairs.jsonl"
+    code, _, err = cli("compare", "--tally", folder, judgments(tmp_path, ["A"]), "--preferences", out)
+    assert code == 1 and "'sampling' is not an object (a damaged key)" in err and err.count("\n") == 1, err
+    assert not out.exists()

@@ -51,7 +51,10 @@ class Preferences:
 def preference_pairs(result: Tally, key: dict) -> list[dict]:
     """A line per prompt that one run won: its answer chosen, the other's rejected, both runs named."""
     entries = {e["index"]: e for e in key["prompts"]}
-    chat = bool(key.get("sampling", {}).get("chat", False))
+    sampling = key.get("sampling", {})
+    if not isinstance(sampling, dict):  # the key is lmforge's; a hand-edited one is refused, not guessed
+        raise LmforgeError(f"{KEY}: 'sampling' is not an object (a damaged key)")
+    chat = bool(sampling.get("chat", False))
     pairs = []
     for outcome in result.outcomes:
         if outcome["winner"] == "tie":
