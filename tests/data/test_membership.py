@@ -127,11 +127,16 @@ def test_a_side_left_empty_by_chance_is_a_one_line_error(tmp_path: Path) -> None
 def test_a_membership_file_that_is_not_one_is_a_one_line_error(tmp_path: Path) -> None:
     from lmforge.errors import LmforgeError
 
-    (tmp_path / "membership.json").write_text('{"members": ["a line"]}')
-    with pytest.raises(
-        LmforgeError, match="not a membership file written by `lmforge prepare --holdout-lines`"
+    for content in (
+        '{"members": ["a line"]}',
+        '{"members": "a line", "held_out": ["another line"]}',  # a string is not its characters as lines
+        '{"members": ["a line"], "held_out": [7]}',
     ):
-        load_membership(tmp_path / "membership.json")
+        (tmp_path / "membership.json").write_text(content)
+        with pytest.raises(
+            LmforgeError, match="not a membership file written by `lmforge prepare --holdout-lines`"
+        ):
+            load_membership(tmp_path / "membership.json")
 
 
 def test_membership_json_is_utf8_whatever_the_locale(tmp_path: Path) -> None:

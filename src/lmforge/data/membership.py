@@ -109,7 +109,10 @@ def load_membership(path: Path) -> MembershipLines:
     """Read a membership.json written by `lmforge prepare --holdout-lines`."""
     try:
         record = loads(path.read_text(encoding="utf-8"))
-        lines = MembershipLines(tuple(map(str, record["members"])), tuple(map(str, record["held_out"])))
+        sides = [record[side] for side in ("members", "held_out")]
+        if not all(isinstance(side, list) and all(isinstance(x, str) for x in side) for side in sides):
+            raise TypeError("'members' and 'held_out' must be lists of lines")  # a string is no list of lines
+        lines = MembershipLines(tuple(sides[0]), tuple(sides[1]))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise LmforgeError(
             f"{path}: not a membership file written by `lmforge prepare --holdout-lines` ({exc})"
