@@ -179,6 +179,19 @@ def test_a_folder_reads_its_train_and_val_files_of_any_type(tmp_path: Path) -> N
         SFTData(tmp_path / "two", tokenizer_file(tmp_path), 32)
 
 
+def test_the_summary_names_the_train_files_formats_not_vals_too(tmp_path: Path) -> None:
+    """The formats given beside "N train examples from FILE" are that file's, not train's and val's."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) + "\n" for i in range(3))
+    )
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    (folder / "val.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    data = SFTData(folder, tokenizer_file(tmp_path), 512)
+    assert f"3 train examples from {folder / 'train.jsonl'} (prompt_completion), 1 val" in data.summary
+
+
 def test_a_folders_train_and_val_files_may_have_upper_case_suffixes(tmp_path: Path) -> None:
     folder = tmp_path / "upper"
     folder.mkdir()

@@ -669,6 +669,7 @@ class SFTData:
         parse = parse_answer_span if self.spans else parser
         train_source, val_source = record_sources(directory, data)
         train = [] if eval_only and val_source else self._records(train_source, parse, on_bad_line)
+        train_formats = parser.describe()  # before val's records are counted too
         if val_source is None:
             train, val = carve_val(train, data.val_fraction, data.val_seed, where=train_source.name)
             held_out = (
@@ -680,7 +681,7 @@ class SFTData:
             [] if eval_only else self._tokenize(train, tokenizer, block_size, where=train_source.name)
         )
         self.val = self._tokenize(val, tokenizer, block_size, where=(val_source or train_source).name)
-        formats = "prompt_completion spans" if self.spans else parser.describe()
+        formats = "prompt_completion spans" if self.spans else train_formats or parser.describe()
         self.summary = (
             f"fine-tuning data: {len(self.train):,} train examples from {train_source.name} ({formats}), "
             f"{len(self.val):,} val {held_out}{'; packed (data.pack)' if self.pack else ''}"
