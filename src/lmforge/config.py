@@ -151,7 +151,9 @@ class OptimConfig:
 
     name: Literal["adamw", "sgd", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
     lr: float = 1e-3  # peak learning rate (under muon, of the AdamW parameters)
-    weight_decay: float = 0.1  # decoupled, on matrices only (see decay_embeddings); 0: none
+    # on matrices only (see decay_embeddings); 0: none. Decoupled under adamw and muon; under sgd an L2
+    # term added to the gradient, as torch.optim.SGD does (so it goes through the momentum)
+    weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW's decay rates of the two moments
     eps: float = 1e-8  # AdamW's term added to the denominator
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
