@@ -184,7 +184,9 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches whose gradients add up to one update
     eval_interval: int = 250  # 0: evaluate only at the end
     eval_batch_size: int = 64  # sequences per evaluation batch
-    checkpoint_interval: int = 500  # 0: checkpoint only at the end
+    # steps between periodic checkpoints; 0: none. An eval with a new best val loss, the end of the run
+    # and a stop signal save one whatever this is
+    checkpoint_interval: int = 500
     keep_checkpoints: int = 2  # newest checkpoints kept, besides the best
     seed: int = 1337  # of the initial weights and of the batches drawn
     # auto: bf16 where the device computes it natively, else fp32; bf16/fp16 autocast over fp32
