@@ -151,7 +151,9 @@ class OptimConfig:
 
     name: Literal["adamw", "sgd", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
     lr: float = 1e-3  # peak learning rate (under muon, of the AdamW parameters)
-    weight_decay: float = 0.1  # decoupled, on matrices only (see decay_embeddings); 0: none
+    # on matrices only (see decay_embeddings); 0: none. Decoupled under adamw and muon; under sgd an L2
+    # term added to the gradient, as torch.optim.SGD does (so it goes through the momentum)
+    weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW's decay rates of the two moments
     eps: float = 1e-8  # AdamW's term added to the denominator
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
@@ -182,7 +184,9 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches whose gradients add up to one update
     eval_interval: int = 250  # 0: evaluate only at the end
     eval_batch_size: int = 64  # sequences per evaluation batch
-    checkpoint_interval: int = 500  # 0: checkpoint only at the end
+    # steps between periodic checkpoints; 0: none. An eval with a new best val loss, the end of the run
+    # and a stop signal save one whatever this is
+    checkpoint_interval: int = 500
     keep_checkpoints: int = 2  # newest checkpoints kept, besides the best
     seed: int = 1337  # of the initial weights and of the batches drawn
     # auto: bf16 where the device computes it natively, else fp32; bf16/fp16 autocast over fp32

@@ -399,33 +399,47 @@ def test_bf16_autocast_trains(config_file: Path, tmp_path: Path) -> None:
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5 and math.isfinite(summary.final_eval.loss)
 
 
-def test_grad_accumulation_matches_a_bigger_batch() -> None:
-    """Two micro-batches of 4 give the gradient and loss of one batch of 8 (equal-length windows)."""
+def accumulated(x: torch.Tensor, y: torch.Tensor, accum: int) -> tuple[float, float, int, list[torch.Tensor]]:
+    """Loss, grad norm, tokens and gradients of one update over (x, y) in `accum` equal micro-batches."""
     import contextlib
 
     from lmforge.config import ModelConfig
     from lmforge.model import GPT
     from lmforge.train.step import Stepper, StepSettings
 
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=16, vocab_size=30))
+    stepper = Stepper(
+        model,
+        [torch.optim.SGD(model.parameters(), lr=0.1)],
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        amp=contextlib.nullcontext(),
+        device=torch.device("cpu"),
+        settings=StepSettings(grad_accum_steps=accum, grad_clip=0.0),
+    )
+    done = stepper.gradients(iter(zip(x.chunk(accum), y.chunk(accum), strict=True)))
+    return done.loss, done.grad_norm, done.tokens, [p.grad.clone() for p in model.parameters()]
+
+
+def test_grad_accumulation_matches_a_bigger_batch() -> None:
+    """Two micro-batches of 4 give the gradient and loss of one batch of 8 (equal-length windows)."""
     torch.manual_seed(0)
     x, y = torch.randint(0, 30, (8, 16)), torch.randint(0, 30, (8, 16))
-    results = []
-    for accum, batches in [(1, [(x, y)]), (2, [(x[:4], y[:4]), (x[4:], y[4:])])]:
-        torch.manual_seed(1)
-        model = GPT(ModelConfig(n_layer=1, n_head=2, d_model=16, block_size=16, vocab_size=30))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        stepper = Stepper(
-            model,
-            [optimizer],
-            scaler=torch.amp.GradScaler("cpu", enabled=False),
-            amp=contextlib.nullcontext(),
-            device=torch.device("cpu"),
-            settings=StepSettings(grad_accum_steps=accum, grad_clip=0.0),
-        )
-        done = stepper.gradients(iter(batches))
-        results.append((done.loss, done.grad_norm, done.tokens, [p.grad.clone() for p in model.parameters()]))
-    (loss1, norm1, tokens1, grads1), (loss2, norm2, tokens2, grads2) = results
+    (loss1, norm1, tokens1, grads1), (loss2, norm2, tokens2, grads2) = (accumulated(x, y, n) for n in (1, 2))
     assert tokens1 == tokens2 == 128
+    assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads1, grads2))
+
+
+def test_grad_accumulation_of_padded_batches_weighs_every_target_alike() -> None:
+    """Fine-tuning micro-batches score different numbers of targets (padding, masked prompts): the
+    update is the mean over every target of the bigger batch, not the mean of the micro-batches' means."""
+    from lmforge.targets import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    x, y = torch.randint(0, 30, (8, 16)), torch.randint(0, 30, (8, 16))
+    y[:4, 2:] = IGNORE_INDEX  # the first micro-batch: 8 targets; the second: 64
+    (loss1, norm1, _, grads1), (loss2, norm2, _, grads2) = (accumulated(x, y, n) for n in (1, 2))
     assert loss2 == pytest.approx(loss1, rel=1e-5) and norm2 == pytest.approx(norm1, rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads1, grads2))
 

@@ -13,6 +13,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.model.heads import head_rows
+from lmforge.targets import IGNORE_INDEX
 from lmforge.train import distributed
 from lmforge.train.distributed import Distributed
 from lmforge.train.objective import LanguageModelLoss, Objective
@@ -82,14 +83,17 @@ class Stepper:
         stat_sums: dict[str, torch.Tensor] = {}
         tokens, flops = 0, 0.0
         accum, only_targets = self.settings.grad_accum_steps, self.settings.only_targets
-        for micro in range(accum):
-            batch = next(batches)  # (x, y), or (x, y, documents) of packed rows (data.pack)
+        # (x, y), or (x, y, documents) of packed rows (data.pack); all drawn first, to weigh them
+        micro_batches = [next(batches) for _ in range(accum)]
+        weights = micro_batch_weights([batch[1] for batch in micro_batches], self.objective.per_row_loss)
+        for micro, batch in enumerate(micro_batches):
             x, y = batch[0], batch[1]
             tokens += x.numel()  # padded fine-tuning batches vary in length
             if self.count_flops is not None:  # counted on the host batch: no device sync
                 rows = head_rows(y, self.dist.world) if only_targets else None
                 flops += self.count_flops(x.size(0), x.size(1), rows)
             batch, share = self.dist.shard(batch, per_row=self.objective.per_row_loss)
+            share *= weights[micro]
             x, y, *packed = (t.to(self.device, non_blocking=True) for t in batch)
             # packed rows (data.pack) take their documents to every forward; the usual call (and a
             # compiled graph of it) stays as it was
@@ -97,7 +101,7 @@ class Stepper:
             with self.dist.gradient_sync(self.model, micro == accum - 1):
                 with self.amp:
                     loss, stats = self.objective(forward, x, y)
-                if share != 1.0:  # this rank's part of the global mean (see Distributed.shard)
+                if share != 1.0:  # this rank's and micro-batch's part of the global mean
                     loss = loss * share
                 self.scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
@@ -118,6 +122,20 @@ class Stepper:
         self.scaler.update()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
+
+
+def micro_batch_weights(targets: list[torch.Tensor], per_row: bool) -> list[float]:
+    """Per micro-batch of one update, the factor that turns its mean loss into its part of the mean
+    over the whole accumulated batch: (its scored targets x micro-batches) / (all scored targets).
+
+    Exactly 1 for token windows; padded fine-tuning batches score different numbers of targets, and
+    a mean of their means would weigh a target of a short batch more. A loss that is a mean
+    `per_row` (a span head's, a preference pair's) weighs the equal micro-batches alike."""
+    if per_row or len(targets) == 1:
+        return [1.0] * len(targets)
+    scored = [int((y != IGNORE_INDEX).sum()) for y in targets]  # host tensors: no device sync
+    total = max(sum(scored), 1)
+    return [count * len(targets) / total for count in scored]
 
 
 class NonFiniteGuard:
