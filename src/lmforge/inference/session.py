@@ -39,7 +39,10 @@ class ModelSource:
     dtype: str = "auto"  # auto, fp32, bf16, fp16
 
     def load(self, *, weights: bool = True, any_head: bool = False) -> InferenceSession:
-        """The session of this checkpoint (see `load`)."""
+        """The session of this checkpoint (see `load`). fp16 is refused off CUDA before anything is
+        loaded or printed: its autocast runs on CUDA only (`runtime.autocast`)."""
+        if self.dtype == "fp16" and (device := resolve_device(self.device)).type != "cuda":
+            raise LmforgeError(f"--dtype fp16 runs on CUDA only, not on {device}; use bf16 or fp32")
         return load(
             self.target, self.checkpoint, self.device, dtype=self.dtype, weights=weights, any_head=any_head
         )
