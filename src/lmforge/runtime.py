@@ -28,15 +28,21 @@ DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
 NATIVE_BF16_ENV = "LMFORGE_NATIVE_BF16"
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU; an unavailable device is a clear error."""
+def resolve_device(name: str, *, option: str = "train.device") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; a name that is not a device lmforge runs on, or an
+    unavailable one, is a clear error naming `option` (train.device, or a verb's --device)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device string at all ("tpu", "cuda:x")
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise LmforgeError(f"{option} must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LmforgeError(f"train.device is {name!r} but CUDA is not available here")
+        raise LmforgeError(f"{option} is {name!r} but CUDA is not available here")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise LmforgeError(f"train.device is {name!r} but MPS is not available here")
+        raise LmforgeError(f"{option} is {name!r} but MPS is not available here")
     return device
 
 

@@ -25,6 +25,18 @@ def test_generate_greedy_matches_argmax_of_full_forward() -> None:
     assert torch.equal(produced[:, :12], tokens[:, 4:])
 
 
+def test_a_bigram_model_generates_past_its_one_token_context() -> None:
+    """block_size 1 (a bigram model): the context kept at a full cache is the newest token; keeping
+    block_size // 2 = 0 tokens sliced `[-0:]`, all of them, and the second step raised a ValueError."""
+    torch.manual_seed(0)
+    model = GPT(tiny(block_size=1)).eval()
+    produced = [int(t) for t in generate(model, torch.tensor([[7]]), max_new_tokens=5, temperature=0)]
+    tokens = [7]
+    for _ in range(5):  # each token from the one before it alone
+        tokens.append(int(model(torch.tensor([tokens[-1:]]))[0][0, -1].argmax()))
+    assert produced == tokens[1:]
+
+
 def test_generate_ends_once_every_row_reaches_one_of_its_stop_tokens() -> None:
     torch.manual_seed(0)
     model = GPT(tiny()).eval()

@@ -112,3 +112,26 @@ def test_a_completion_keeps_the_space_before_its_first_word() -> None:
     options = SamplingOptions(max_new_tokens=4, temperature=0.0, top_k=None, top_p=None)
     assert expected.startswith(" ")
     assert "".join(session.complete(prompt, options, torch.Generator())) == expected
+
+
+def test_fp16_off_cuda_is_refused_in_one_line_before_anything_runs(cli, tmp_path: Path) -> None:
+    """fp16 autocast runs on CUDA only: `sample` printed the prompt and then failed naming train.dtype,
+    `chat` answered every message with that error, and `serve`'s engine thread died with a traceback
+    while the server went on refusing every request."""
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    with pytest.raises(LmforgeError, match="--dtype fp16 runs on CUDA only, not on cpu"):
+        ModelSource(run, "last", "cpu", "fp16").load(weights=False)
+    for verb in (["sample", run, "--prompt", "ab"], ["chat", run], ["serve", run, "--port", "0"]):
+        code, out, err = cli(*verb, "--device", "cpu", "--dtype", "fp16")
+        assert (code, out) == (1, "") and err.count("\n") == 1 and "--dtype fp16" in err, verb
+
+
+def test_a_device_that_is_not_one_is_refused_in_one_line_naming_the_option(cli, tmp_path: Path) -> None:
+    """`--device tpu` raised torch's RuntimeError with a traceback; an unavailable one named train.device."""
+    run = random_char_run(tmp_path / "run", "ab\n", n_layer=1, d_model=16, block_size=16)
+    code, out, err = cli("sample", run, "--device", "tpu", "--prompt", "ab")
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert "--device must be auto, cpu, cuda, cuda:N or mps; got 'tpu'" in err
+    if not torch.cuda.is_available():
+        code, out, err = cli("inspect", run, "--device", "cuda", "--prompt", "ab", "--out", tmp_path / "out")
+        assert (code, out) == (1, "") and "--device is 'cuda' but CUDA is not available" in err

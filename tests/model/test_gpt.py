@@ -467,3 +467,30 @@ def test_explicit_attention_of_one_query_per_row_equals_sdpa_with_per_row_masks(
     got = gpt.explicit_attention(q, k, v, mask=mask, cap=None, scale=None)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert not gpt.single_query_compiled(q)  # eager steps keep SDPA
+
+
+def test_a_sliding_window_keeps_a_compiled_decode_steps_number_of_keys_dynamic() -> None:
+    """`serve --compile`'s decode step (serve/engine.py) attends over a dynamic number of keys, 2 ..
+    block_size: a window mask dropped while that number is within the window made dynamo specialize
+    the graph to it, and compiling refused the range (ConstraintViolationError)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(position="rope", sliding_window=3)).eval()
+    cache = KVCache.allocate(model, 1, 17)
+    lengths = torch.zeros(1, dtype=torch.long)
+
+    def decode(tokens: torch.Tensor, lengths: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return model(tokens, cache=KVCache(cache.keys, cache.values, lengths, keys.size(0) - 1))[0][:, -1]
+
+    compiled = torch.compile(decode, backend="eager", dynamic=False)  # dynamo's shapes; no kernels built
+    idx = torch.randint(0, 50, (1, 9))
+    span = torch.empty(17)
+    with torch.inference_mode():
+        model(idx[:, :1], cache=KVCache(cache.keys, cache.values))  # the prefill of one token
+        lengths += 1
+        steps = []
+        for t in range(1, 9):  # within the window, then past it
+            keys = span[: t + 1]
+            torch._dynamo.mark_dynamic(keys, 0, min=2, max=16)
+            steps.append(compiled(idx[:, t : t + 1], lengths, keys))
+        full, _ = model(idx)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 1:], rtol=1e-4, atol=1e-5)

@@ -53,7 +53,8 @@ def generate(
     """Yield the next token ids [B] one step at a time, continuing `prompt` [B, T].
 
     The prompt is processed once into the KV cache; each later step feeds only the new
-    token. When the context reaches block_size the cache is rebuilt from the last half.
+    token. When the context reaches block_size the cache is rebuilt from the last half (at least
+    the newest token).
     It ends early once every row's token is one of `stop_tokens` (that token is yielded).
     """
     block_size = model.config.block_size
@@ -68,7 +69,8 @@ def generate(
             return
         tokens = torch.cat([tokens, next_token], dim=1)
         if cache.length == block_size:
-            tokens = tokens[:, -(block_size // 2) :]
+            # at least the newest token: block_size 1 (a bigram model) keeps it, not `[-0:]`, everything
+            tokens = tokens[:, -max(block_size // 2, 1) :]
             cache.length = 0
             logits, _ = model(tokens, cache=cache)
         else:

@@ -39,7 +39,10 @@ class ModelSource:
     dtype: str = "auto"  # auto, fp32, bf16, fp16
 
     def load(self, *, weights: bool = True, any_head: bool = False) -> InferenceSession:
-        """The session of this checkpoint (see `load`)."""
+        """The session of this checkpoint (see `load`). fp16 is refused off CUDA before anything is
+        loaded or printed: its autocast runs on CUDA only (`runtime.autocast`)."""
+        if self.dtype == "fp16" and (device := resolve_device(self.device, option="--device")).type != "cuda":
+            raise LmforgeError(f"--dtype fp16 runs on CUDA only, not on {device}; use bf16 or fp32")
         return load(
             self.target, self.checkpoint, self.device, dtype=self.dtype, weights=weights, any_head=any_head
         )
@@ -140,7 +143,7 @@ def load(
     Without `weights` the model is built on the meta device and nothing is read into it: its
     configuration without its memory, for a process that never runs it (`serve`'s HTTP side). A span
     model (model.head = "span") generates no text: refused unless `any_head`."""
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(device, option="--device")
     if dtype != "auto" and dtype not in DTYPES:
         raise LmforgeError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     # An explicit dtype stands as asked (resolve_dtype's warning about emulated bf16 speaks to training)

@@ -466,8 +466,12 @@ def window_mask(
 ) -> torch.Tensor | None:
     """Which keys 0 .. end-1 each of T new queries sees within a sliding `window` (its own position and
     the window - 1 before it): (T, end) for queries at positions.. positions+T-1, (B, 1, T, end) for
-    per-row positions (B, T). None when no query is `window` positions in, so the window hides nothing."""
-    if end <= window:
+    per-row positions (B, T). None when no query is `window` positions in, so the window hides nothing;
+    per-row positions under torch.compile always get the mask: there `end` is the graph's dynamic
+    number of keys (serve's decode step), which comparing with the window would specialize the graph
+    to. (Those rows have a mask of their own anyway; a batch of whole sequences keeps SDPA's causal
+    kernel.)"""
+    if (isinstance(positions, int) or not torch.compiler.is_compiling()) and end <= window:
         return None
     if isinstance(positions, int):
         queries = torch.arange(positions, positions + T, device=device)[:, None]  # (T, 1)
