@@ -194,6 +194,33 @@ def test_the_flag_check_sees_commands_in_code_and_ignores_prose() -> None:
     assert lmforge_commands("lmforge train: error: log.tensorboard = true", parsers) == []
 
 
+SHOWN_DEFAULT = re.compile(r"\[(--[\w-]+)[ =]([a-z0-9][\w.]*)\]")  # `[--top-k 200]`, not `[--limit N]`
+
+
+def _same_value(shown: str, default: object) -> bool:
+    """Whether a value written in a page is the parser's default (`5` is `5.0`)."""
+    try:
+        return float(shown) == float(default)
+    except (TypeError, ValueError):
+        return shown == str(default)
+
+
+def test_the_defaults_a_verbs_usage_line_shows_are_its_parsers() -> None:
+    parsers = load_generator().verb_parsers()
+    wrong = []
+    for page in [*doc_pages(), REPO / "README.md"]:
+        for line in command_lines(page.read_text()):
+            for verb, _ in lmforge_commands(line, parsers):
+                defaults = {s: a.default for a in parsers[verb]._actions for s in a.option_strings}
+                for flag, shown in SHOWN_DEFAULT.findall(line):
+                    # a default of None is worked out when the verb runs: the page says how
+                    if defaults.get(flag) is not None and not _same_value(shown, defaults[flag]):
+                        wrong.append(
+                            f"{page.relative_to(REPO)}: lmforge {verb} [{flag} {shown}]: {defaults[flag]}"
+                        )
+    assert not wrong, "usage lines whose default is not the parser's:\n" + "\n".join(wrong)
+
+
 def test_every_verb_in_help_has_a_page_in_the_nav() -> None:
     nav = MKDOCS_YML.read_text()
     for verb in VERBS:
