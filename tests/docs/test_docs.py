@@ -4,18 +4,21 @@ builds with `mkdocs build --strict`, and the generated references cover the code
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lmforge.cli import VERBS
+from lmforge.config import Config
 from tests.conftest import DATASETS, REPO
 from tests.docs.toy_lmforge import FORK_SERVER_ENV, FORK_SERVER_FLAG, PYTHON_FLAG
 
@@ -219,6 +222,49 @@ def test_the_defaults_a_verbs_usage_line_shows_are_its_parsers() -> None:
                             f"{page.relative_to(REPO)}: lmforge {verb} [{flag} {shown}]: {defaults[flag]}"
                         )
     assert not wrong, "usage lines whose default is not the parser's:\n" + "\n".join(wrong)
+
+
+def config_keys() -> set[str]:
+    """Every `section.key` of the config (and `data.columns.prompt`, a table's keys)."""
+    sections = typing.get_type_hints(Config)
+    keys = set()
+    for section, cls in sections.items():
+        for name, kind in typing.get_type_hints(cls).items():
+            keys.add(f"{section}.{name}")
+            if dataclasses.is_dataclass(kind):
+                keys |= {f"{section}.{name}.{sub}" for sub in typing.get_type_hints(kind)}
+    return keys
+
+
+# a file (`train.jsonl`, `model.safetensors`) or a method (`model.generate`) is not a key
+NOT_A_KEY = re.compile(r"\.(jsonl|json|csv|tsv|txt|gz|bin|py|safetensors)$|^model\.generate$")
+
+
+def named_config_keys(text: str) -> list[str]:
+    """The `section.key` a page names: an inline span that is a key (or `key = value`), or a `--set`."""
+    sections = "|".join(typing.get_type_hints(Config))
+    key = rf"(?:{sections})\.[a-z_][\w.]*?"
+    spans = [m.group(1) for s in INLINE_CODE.findall(text) if (m := re.fullmatch(rf"({key})(?:\s*=.*)?", s))]
+    sets = re.findall(rf"--set[ =]['\"]?({key})=", text)
+    return [k for k in spans + sets if not NOT_A_KEY.search(k)]
+
+
+def test_every_config_key_the_docs_name_exists() -> None:
+    known = config_keys()
+    wrong = []
+    for page in [*doc_pages(), REPO / "README.md", REPO / "CHANGELOG.md"]:
+        wrong += [
+            f"{page.relative_to(REPO)}: {k}" for k in named_config_keys(page.read_text()) if k not in known
+        ]
+    assert not wrong, "config keys that config.py does not have:\n" + "\n".join(wrong)
+
+
+def test_the_key_check_sees_keys_in_spans_and_set_and_skips_files() -> None:
+    text = (
+        "`train.max_stepz = 5` or `--set optim.lrr=1`; `lmforge train --set model.n_layerz=2`; `train.jsonl`"
+    )
+    assert named_config_keys(text) == ["train.max_stepz", "optim.lrr", "model.n_layerz"]
+    assert "data.columns.prompt" in config_keys() and "train.max_steps" in config_keys()
 
 
 def test_every_verb_in_help_has_a_page_in_the_nav() -> None:
