@@ -143,7 +143,7 @@ def test_a_message_that_cannot_fit_is_refused_and_the_conversation_kept(tiny_run
         ("be BRIEF", "the system message has characters that this model's tokenizer cannot represent"),
         (
             "x" * 60,
-            "the system message is too long: 86 tokens of prompt + 8 for the reply leave no room for a message",
+            "the system message is too long: 86 tokens of prompt + 8 for the reply leave no room",
         ),
     ],
 )
