@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import VERBS
-from lmforge.config import Config
+from lmforge.config import Config, tomllib
 from tests.conftest import DATASETS, REPO
 from tests.docs.toy_lmforge import FORK_SERVER_ENV, FORK_SERVER_FLAG, PYTHON_FLAG
 
@@ -307,6 +307,13 @@ def test_the_environment_page_lists_every_variable_lmforge_reads() -> None:
     assert names, "no LMFORGE_ variable found in src/"
     missing = sorted(n for n in names if f"`{n}`" not in page)
     assert not missing, f"docs/reference/environment.md lacks {missing}"
+
+
+def test_the_faq_names_every_extra_of_the_package() -> None:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    answer = (DOCS / "faq.md").read_text().split("## Which extras do I need?")[1].split("\n## ")[0]
+    missing = sorted(e for e in extras if e != "dev" and f"`{e}`" not in answer)
+    assert not missing, f"docs/faq.md's extras answer lacks {missing}"
 
 
 @pytest.mark.slow
