@@ -282,6 +282,13 @@ def test_every_config_field_has_the_comment_the_reference_is_made_of() -> None:
     assert "**`train.max_steps`** (`int`, default `2000`)" in load_generator().config_reference()
 
 
+def test_the_config_reference_holds_every_config_key_nested_tables_too() -> None:
+    reference = load_generator().config_reference()
+    missing = sorted(k for k in config_keys() if f"**`{k}`**" not in reference)
+    assert not missing, f"the config reference lacks {missing}"
+    assert "default_factory" not in reference  # a table's default is its keys', not Python source
+
+
 def test_a_config_field_without_a_comment_fails_the_reference(tmp_path: Path) -> None:
     generator = load_generator()
     generator.CONFIG_PY = tmp_path / "config.py"
