@@ -300,6 +300,18 @@ def test_a_config_field_without_a_comment_fails_the_reference(tmp_path: Path) ->
         generator.config_fields()
 
 
+def test_a_nested_table_field_without_a_comment_fails_the_reference(tmp_path: Path) -> None:
+    generator = load_generator()
+    generator.CONFIG_PY = tmp_path / "config.py"
+    generator.CONFIG_PY.write_text(
+        "class Columns:\n    prompt: str = ''\n\n"
+        "class DataConfig:\n    columns: Columns = field(default_factory=Columns)  # [data.columns]\n\n"
+        "class Config:\n    data: DataConfig = DataConfig()  # [data]\n"
+    )
+    with pytest.raises(ValueError, match="without a comment: data.columns.prompt"):
+        generator.config_fields()
+
+
 def test_the_cli_reference_holds_every_verbs_help() -> None:
     reference = load_generator().cli_reference()
     for verb in [*VERBS, "tasks prepare"]:
