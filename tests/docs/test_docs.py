@@ -289,6 +289,16 @@ def test_the_config_reference_holds_every_config_key_nested_tables_too() -> None
     assert "default_factory" not in reference  # a table's default is its keys', not Python source
 
 
+def test_the_config_reference_spells_out_the_choices_of_a_type_alias() -> None:
+    """`data.format`'s type is `SFTFormat` in config.py: the reader needs its values."""
+    rows = [(s, row) for s, (_, rows) in load_generator().config_fields().items() for row in rows]
+    opaque = [f"{s}.{key}: {type_}" for s, (key, type_, *_) in rows if re.fullmatch(r"[A-Z]\w*", type_)]
+    assert not opaque, f"types the reference does not explain: {opaque}"
+    assert '(`"auto" | "prompt_completion" | "messages" | "alpaca" | "sharegpt"`' in (
+        load_generator().config_reference()
+    )
+
+
 def test_a_config_field_without_a_comment_fails_the_reference(tmp_path: Path) -> None:
     generator = load_generator()
     generator.CONFIG_PY = tmp_path / "config.py"
