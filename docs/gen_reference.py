@@ -122,14 +122,26 @@ def _field_comment(node: ast.AnnAssign, comments: dict[int, str], lines: list[st
     return " ".join(above + trailing)
 
 
-def _toml_type(annotation: ast.expr) -> str:
-    """A field's type as a TOML writer sees it: `Literal['a', 'b']` is `"a" | "b"`."""
-    text = ast.unparse(annotation)
+def _toml_type(annotation: ast.expr, aliases: dict[str, ast.expr]) -> str:
+    """A field's type as a TOML writer sees it: `Literal['a', 'b']` is `"a" | "b"`, and so is a
+    module-level alias of it (`SFTFormat = Literal[...]`)."""
+    annotation = aliases.get(ast.unparse(annotation), annotation)
     if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Literal":
         return " | ".join(json.dumps(v) for v in ast.literal_eval(annotation.slice))
-    if text == "TrainDtype":
-        return '"auto" | "fp32" | "bf16" | "fp16"'
-    return text
+    return ast.unparse(annotation)
+
+
+def _aliases(tree: ast.Module) -> dict[str, ast.expr]:
+    """Module-level `Name = Literal[...]` type aliases, by name."""
+    return {
+        node.targets[0].id: node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Subscript)
+        and ast.unparse(node.value.value) == "Literal"
+    }
 
 
 def _toml_default(value: ast.expr | None) -> str:
@@ -151,7 +163,9 @@ def config_fields() -> dict[str, tuple[str, list[tuple[str, str, str, str]]]]:
     Raises ValueError naming every field that has no comment: the comments are the reference."""
     source = CONFIG_PY.read_text()
     comments, lines = _comments(source), source.splitlines()
-    classes = {n.name: n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
+    tree = ast.parse(source)
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    aliases = _aliases(tree)
     sections: dict[str, tuple[str, list[tuple[str, str, str, str]]]] = {}
     missing: list[str] = []
 
@@ -164,7 +178,7 @@ def config_fields() -> dict[str, tuple[str, list[tuple[str, str, str, str]]]]:
                 missing.append(f"{section.target.id}.{key}")
             table = classes.get(ast.unparse(node.annotation))
             if table is None:
-                rows.append((key, _toml_type(node.annotation), _toml_default(node.value), comment))
+                rows.append((key, _toml_type(node.annotation, aliases), _toml_default(node.value), comment))
             else:
                 rows += [(key, TABLE, "", comment), *rows_of(table, f"{key}.")]
         return rows
