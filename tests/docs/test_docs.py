@@ -175,12 +175,30 @@ def lmforge_commands(line: str, parsers: dict) -> list[tuple[str, list[str]]]:
 def test_every_flag_the_docs_give_a_verb_exists_in_its_help() -> None:
     parsers = load_generator().verb_parsers()
     wrong = []
-    for page in [*doc_pages(), REPO / "README.md"]:
-        for line in command_lines(page.read_text()):
+    pages = {page: command_lines(page.read_text()) for page in [*doc_pages(), REPO / "README.md"]}
+    # a recipe's header comment holds the commands that prepare its data (`lmforge recipes show`)
+    pages |= {recipe: recipe_header_lines(recipe) for recipe in sorted(RECIPES.rglob("*.toml"))}
+    for page, lines in pages.items():
+        for line in lines:
             for verb, flags in lmforge_commands(line, parsers):
                 known = {s for action in parsers[verb]._actions for s in action.option_strings}
                 wrong += [f"{page.relative_to(REPO)}: lmforge {verb} {f}" for f in flags if f not in known]
     assert not wrong, "flags that --help does not list:\n" + "\n".join(wrong)
+
+
+RECIPES = REPO / "src" / "lmforge" / "recipes"
+
+
+def recipe_header_lines(recipe: Path) -> list[str]:
+    """The comment lines of a recipe, without their `#`."""
+    return [line.lstrip("#") for line in recipe.read_text().splitlines() if line.startswith("#")]
+
+
+def test_the_flag_check_reads_the_commands_in_a_recipes_header(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("# Prepare:\n#   lmforge prepare tinyshakespeare --tokenizer char --out x\n[data]\n")
+    line = recipe_header_lines(recipe)[1]
+    assert lmforge_commands(line, load_generator().verb_parsers()) == [("prepare", ["--tokenizer", "--out"])]
 
 
 def test_the_flag_check_sees_commands_in_code_and_ignores_prose() -> None:
