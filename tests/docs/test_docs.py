@@ -139,7 +139,8 @@ def test_every_runnable_block_runs_at_toy_size(tmp_path: Path) -> None:
 
 def command_lines(text: str) -> list[str]:
     """Every piece of code in a page (fenced blocks, inline spans), continuation lines joined."""
-    code = [m.group(1).replace("\\\n", " ") for m in FENCE.finditer(text)]
+    # a backslash continues a command; so does an indented line, as a usage line wraps in these pages
+    code = [re.sub(r"\n(?=[ \t])", " ", m.group(1).replace("\\\n", " ")) for m in FENCE.finditer(text)]
     outside = FENCE.sub("", text)
     return [line for chunk in code for line in chunk.splitlines()] + INLINE_CODE.findall(outside)
 
@@ -213,6 +214,8 @@ def test_the_flag_check_sees_commands_in_code_and_ignores_prose() -> None:
         ("eval", ["--json"])
     ]
     assert lmforge_commands("lmforge train: error: log.tensorboard = true", parsers) == []
+    wrapped = "```bash\nlmforge sample RUN [--top-k 200]\n    [--seed 1337]\nlmforge runs\n```\n"
+    assert command_lines(wrapped) == ["lmforge sample RUN [--top-k 200]     [--seed 1337]", "lmforge runs"]
 
 
 SHOWN_DEFAULT = re.compile(r"\[(--[\w-]+)[ =]([a-z0-9][\w.]*)\]")  # `[--top-k 200]`, not `[--limit N]`
