@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_PY = ROOT / "src" / "lmforge" / "config.py"
+TABLE = "table"  # the type of a config field that is a table of keys of its own ([data.columns])
 HELP_WIDTH = "100"  # columns argparse wraps the help at, whatever the terminal that builds the site
 
 
@@ -121,14 +122,26 @@ def _field_comment(node: ast.AnnAssign, comments: dict[int, str], lines: list[st
     return " ".join(above + trailing)
 
 
-def _toml_type(annotation: ast.expr) -> str:
-    """A field's type as a TOML writer sees it: `Literal['a', 'b']` is `"a" | "b"`."""
-    text = ast.unparse(annotation)
+def _toml_type(annotation: ast.expr, aliases: dict[str, ast.expr]) -> str:
+    """A field's type as a TOML writer sees it: `Literal['a', 'b']` is `"a" | "b"`, and so is a
+    module-level alias of it (`SFTFormat = Literal[...]`)."""
+    annotation = aliases.get(ast.unparse(annotation), annotation)
     if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Literal":
         return " | ".join(json.dumps(v) for v in ast.literal_eval(annotation.slice))
-    if text == "TrainDtype":
-        return '"auto" | "fp32" | "bf16" | "fp16"'
-    return text
+    return ast.unparse(annotation)
+
+
+def _aliases(tree: ast.Module) -> dict[str, ast.expr]:
+    """Module-level `Name = Literal[...]` type aliases, by name."""
+    return {
+        node.targets[0].id: node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and isinstance(node.value, ast.Subscript)
+        and ast.unparse(node.value.value) == "Literal"
+    }
 
 
 def _toml_default(value: ast.expr | None) -> str:
@@ -150,19 +163,29 @@ def config_fields() -> dict[str, tuple[str, list[tuple[str, str, str, str]]]]:
     Raises ValueError naming every field that has no comment: the comments are the reference."""
     source = CONFIG_PY.read_text()
     comments, lines = _comments(source), source.splitlines()
-    classes = {n.name: n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)}
+    tree = ast.parse(source)
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    aliases = _aliases(tree)
     sections: dict[str, tuple[str, list[tuple[str, str, str, str]]]] = {}
     missing: list[str] = []
-    for section in (f for f in classes["Config"].body if isinstance(f, ast.AnnAssign)):
-        cls = classes[ast.unparse(section.annotation)]
+
+    def rows_of(cls: ast.ClassDef, prefix: str) -> list[tuple[str, str, str, str]]:
+        """The rows of a table's fields, each nested table's own after its row (`columns.prompt`)."""
         rows = []
         for node in (f for f in cls.body if isinstance(f, ast.AnnAssign)):
-            name = f"{section.target.id}.{node.target.id}"
-            comment = _field_comment(node, comments, lines)
+            key, comment = f"{prefix}{node.target.id}", _field_comment(node, comments, lines)
             if not comment:
-                missing.append(name)
-            rows.append((node.target.id, _toml_type(node.annotation), _toml_default(node.value), comment))
-        sections[section.target.id] = (ast.get_docstring(cls) or "", rows)
+                missing.append(f"{section.target.id}.{key}")
+            table = classes.get(ast.unparse(node.annotation))
+            if table is None:
+                rows.append((key, _toml_type(node.annotation, aliases), _toml_default(node.value), comment))
+            else:
+                rows += [(key, TABLE, "", comment), *rows_of(table, f"{key}.")]
+        return rows
+
+    for section in (f for f in classes["Config"].body if isinstance(f, ast.AnnAssign)):
+        cls = classes[ast.unparse(section.annotation)]
+        sections[section.target.id] = (ast.get_docstring(cls) or "", rows_of(cls, ""))
     if missing:
         raise ValueError(f"{CONFIG_PY}: config fields without a comment: {', '.join(missing)}")
     return sections
@@ -182,7 +205,10 @@ def config_reference() -> str:
         if doc:
             parts.append(doc + "\n")
         for key, type_, default, comment in rows:
-            parts.append(f"- **`{section}.{key}`** (`{type_}`, default `{default}`): {comment}")
+            if type_ == TABLE:
+                parts.append(f"- **`{section}.{key}`** (a table: its keys follow): {comment}")
+            else:
+                parts.append(f"- **`{section}.{key}`** (`{type_}`, default `{default}`): {comment}")
         parts.append("")
     return "\n".join(parts)
 

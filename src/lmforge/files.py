@@ -20,7 +20,10 @@ def cache_dir() -> Path:
     """Where downloaded datasets are kept (`$LMFORGE_CACHE_DIR`, else the XDG cache)."""
     if value := os.environ.get("LMFORGE_CACHE_DIR"):
         return Path(value)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lmforge"
+    # the XDG rules: an empty or relative $XDG_CACHE_HOME is invalid and ignored, not a folder below
+    # wherever lmforge happens to run
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or "")
+    return (xdg if xdg.is_absolute() else Path.home() / ".cache") / "lmforge"
 
 
 def file_sha256(path: Path) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.chat.repl import PROMPT, Chat, Conversation, start_chat
+from lmforge.errors import LmforgeError
 from lmforge.inference import ModelSource
 from lmforge.inference.sampling import SamplingOptions, StopScanner
 from tests.conftest import random_char_run
@@ -134,6 +135,39 @@ def test_a_message_that_cannot_fit_is_refused_and_the_conversation_kept(tiny_run
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "yo"},
     ]
+
+
+@pytest.mark.parametrize(
+    ("system", "error"),
+    [
+        ("be BRIEF", "the system message has characters that this model's tokenizer cannot represent"),
+        (
+            "x" * 60,
+            "the system message is too long: 86 tokens of prompt + 8 for the reply leave no room",
+        ),
+    ],
+)
+def test_a_system_message_that_cannot_be_used_is_refused_when_set_and_the_chat_goes_on(
+    tiny_run: Path, system: str, error: str
+) -> None:
+    chat, out = in_process_chat(tiny_run)
+    chat.run(_lines("/system be brief", f"/system {system}", "hello", "/quit"))
+    assert f"error: {error}" in out.getvalue()
+    assert chat.conversation.system == "be brief"  # the earlier one stays
+    assert chat.conversation.turns[0] == {
+        "role": "user",
+        "content": "hello",
+    }  # and messages still get replies
+
+
+def test_a_system_message_option_that_cannot_be_used_stops_the_chat_before_it_starts(tiny_run: Path) -> None:
+    with pytest.raises(LmforgeError, match="^the system message has characters that this model's"):
+        start_chat(
+            ModelSource(tiny_run, "last", "cpu", "fp32"),
+            system="BE BRIEF",
+            options=SamplingOptions(max_new_tokens=8, temperature=0.0, top_k=None, top_p=None),
+            seed=0,
+        )
 
 
 def _lines(*lines: str):

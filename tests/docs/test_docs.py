@@ -4,18 +4,21 @@ builds with `mkdocs build --strict`, and the generated references cover the code
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lmforge.cli import VERBS
+from lmforge.config import Config, tomllib
 from tests.conftest import DATASETS, REPO
 from tests.docs.toy_lmforge import FORK_SERVER_ENV, FORK_SERVER_FLAG, PYTHON_FLAG
 
@@ -136,7 +139,8 @@ def test_every_runnable_block_runs_at_toy_size(tmp_path: Path) -> None:
 
 def command_lines(text: str) -> list[str]:
     """Every piece of code in a page (fenced blocks, inline spans), continuation lines joined."""
-    code = [m.group(1).replace("\\\n", " ") for m in FENCE.finditer(text)]
+    # a backslash continues a command; so does an indented line, as a usage line wraps in these pages
+    code = [re.sub(r"\n(?=[ \t])", " ", m.group(1).replace("\\\n", " ")) for m in FENCE.finditer(text)]
     outside = FENCE.sub("", text)
     return [line for chunk in code for line in chunk.splitlines()] + INLINE_CODE.findall(outside)
 
@@ -172,12 +176,30 @@ def lmforge_commands(line: str, parsers: dict) -> list[tuple[str, list[str]]]:
 def test_every_flag_the_docs_give_a_verb_exists_in_its_help() -> None:
     parsers = load_generator().verb_parsers()
     wrong = []
-    for page in [*doc_pages(), REPO / "README.md"]:
-        for line in command_lines(page.read_text()):
+    pages = {page: command_lines(page.read_text()) for page in [*doc_pages(), REPO / "README.md"]}
+    # a recipe's header comment holds the commands that prepare its data (`lmforge recipes show`)
+    pages |= {recipe: recipe_header_lines(recipe) for recipe in sorted(RECIPES.rglob("*.toml"))}
+    for page, lines in pages.items():
+        for line in lines:
             for verb, flags in lmforge_commands(line, parsers):
                 known = {s for action in parsers[verb]._actions for s in action.option_strings}
                 wrong += [f"{page.relative_to(REPO)}: lmforge {verb} {f}" for f in flags if f not in known]
     assert not wrong, "flags that --help does not list:\n" + "\n".join(wrong)
+
+
+RECIPES = REPO / "src" / "lmforge" / "recipes"
+
+
+def recipe_header_lines(recipe: Path) -> list[str]:
+    """The comment lines of a recipe, without their `#`."""
+    return [line.lstrip("#") for line in recipe.read_text().splitlines() if line.startswith("#")]
+
+
+def test_the_flag_check_reads_the_commands_in_a_recipes_header(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("# Prepare:\n#   lmforge prepare tinyshakespeare --tokenizer char --out x\n[data]\n")
+    line = recipe_header_lines(recipe)[1]
+    assert lmforge_commands(line, load_generator().verb_parsers()) == [("prepare", ["--tokenizer", "--out"])]
 
 
 def test_the_flag_check_sees_commands_in_code_and_ignores_prose() -> None:
@@ -192,6 +214,78 @@ def test_the_flag_check_sees_commands_in_code_and_ignores_prose() -> None:
         ("eval", ["--json"])
     ]
     assert lmforge_commands("lmforge train: error: log.tensorboard = true", parsers) == []
+    wrapped = "```bash\nlmforge sample RUN [--top-k 200]\n    [--seed 1337]\nlmforge runs\n```\n"
+    assert command_lines(wrapped) == ["lmforge sample RUN [--top-k 200]     [--seed 1337]", "lmforge runs"]
+
+
+SHOWN_DEFAULT = re.compile(r"\[(--[\w-]+)[ =]([a-z0-9][\w.]*)\]")  # `[--top-k 200]`, not `[--limit N]`
+
+
+def _same_value(shown: str, default: object) -> bool:
+    """Whether a value written in a page is the parser's default (`5` is `5.0`)."""
+    try:
+        return float(shown) == float(default)
+    except (TypeError, ValueError):
+        return shown == str(default)
+
+
+def test_the_defaults_a_verbs_usage_line_shows_are_its_parsers() -> None:
+    parsers = load_generator().verb_parsers()
+    wrong = []
+    for page in [*doc_pages(), REPO / "README.md"]:
+        for line in command_lines(page.read_text()):
+            for verb, _ in lmforge_commands(line, parsers):
+                defaults = {s: a.default for a in parsers[verb]._actions for s in a.option_strings}
+                for flag, shown in SHOWN_DEFAULT.findall(line):
+                    # a default of None is worked out when the verb runs: the page says how
+                    if defaults.get(flag) is not None and not _same_value(shown, defaults[flag]):
+                        wrong.append(
+                            f"{page.relative_to(REPO)}: lmforge {verb} [{flag} {shown}]: {defaults[flag]}"
+                        )
+    assert not wrong, "usage lines whose default is not the parser's:\n" + "\n".join(wrong)
+
+
+def config_keys() -> set[str]:
+    """Every `section.key` of the config (and `data.columns.prompt`, a table's keys)."""
+    sections = typing.get_type_hints(Config)
+    keys = set()
+    for section, cls in sections.items():
+        for name, kind in typing.get_type_hints(cls).items():
+            keys.add(f"{section}.{name}")
+            if dataclasses.is_dataclass(kind):
+                keys |= {f"{section}.{name}.{sub}" for sub in typing.get_type_hints(kind)}
+    return keys
+
+
+# a file (`train.jsonl`, `model.safetensors`) or a method (`model.generate`) is not a key
+NOT_A_KEY = re.compile(r"\.(jsonl|json|csv|tsv|txt|gz|bin|py|safetensors)$|^model\.generate$")
+
+
+def named_config_keys(text: str) -> list[str]:
+    """The `section.key` a page names: an inline span that is a key (or `key = value`), or a `--set`."""
+    sections = "|".join(typing.get_type_hints(Config))
+    key = rf"(?:{sections})\.[a-z_][\w.]*?"
+    spans = [m.group(1) for s in INLINE_CODE.findall(text) if (m := re.fullmatch(rf"({key})(?:\s*=.*)?", s))]
+    sets = re.findall(rf"--set[ =]['\"]?({key})=", text)
+    return [k for k in spans + sets if not NOT_A_KEY.search(k)]
+
+
+def test_every_config_key_the_docs_name_exists() -> None:
+    known = config_keys()
+    wrong = []
+    for page in [*doc_pages(), REPO / "README.md", REPO / "CHANGELOG.md"]:
+        wrong += [
+            f"{page.relative_to(REPO)}: {k}" for k in named_config_keys(page.read_text()) if k not in known
+        ]
+    assert not wrong, "config keys that config.py does not have:\n" + "\n".join(wrong)
+
+
+def test_the_key_check_sees_keys_in_spans_and_set_and_skips_files() -> None:
+    text = (
+        "`train.max_stepz = 5` or `--set optim.lrr=1`; `lmforge train --set model.n_layerz=2`; `train.jsonl`"
+    )
+    assert named_config_keys(text) == ["train.max_stepz", "optim.lrr", "model.n_layerz"]
+    assert "data.columns.prompt" in config_keys() and "train.max_steps" in config_keys()
 
 
 def test_every_verb_in_help_has_a_page_in_the_nav() -> None:
@@ -209,6 +303,23 @@ def test_every_config_field_has_the_comment_the_reference_is_made_of() -> None:
     assert "**`train.max_steps`** (`int`, default `2000`)" in load_generator().config_reference()
 
 
+def test_the_config_reference_holds_every_config_key_nested_tables_too() -> None:
+    reference = load_generator().config_reference()
+    missing = sorted(k for k in config_keys() if f"**`{k}`**" not in reference)
+    assert not missing, f"the config reference lacks {missing}"
+    assert "default_factory" not in reference  # a table's default is its keys', not Python source
+
+
+def test_the_config_reference_spells_out_the_choices_of_a_type_alias() -> None:
+    """`data.format`'s type is `SFTFormat` in config.py: the reader needs its values."""
+    rows = [(s, row) for s, (_, rows) in load_generator().config_fields().items() for row in rows]
+    opaque = [f"{s}.{key}: {type_}" for s, (key, type_, *_) in rows if re.fullmatch(r"[A-Z]\w*", type_)]
+    assert not opaque, f"types the reference does not explain: {opaque}"
+    assert '(`"auto" | "prompt_completion" | "messages" | "alpaca" | "sharegpt"`' in (
+        load_generator().config_reference()
+    )
+
+
 def test_a_config_field_without_a_comment_fails_the_reference(tmp_path: Path) -> None:
     generator = load_generator()
     generator.CONFIG_PY = tmp_path / "config.py"
@@ -217,6 +328,18 @@ def test_a_config_field_without_a_comment_fails_the_reference(tmp_path: Path) ->
         "class Config:\n    train: TrainConfig = TrainConfig()  # [train]\n"
     )
     with pytest.raises(ValueError, match="without a comment: train.seed"):
+        generator.config_fields()
+
+
+def test_a_nested_table_field_without_a_comment_fails_the_reference(tmp_path: Path) -> None:
+    generator = load_generator()
+    generator.CONFIG_PY = tmp_path / "config.py"
+    generator.CONFIG_PY.write_text(
+        "class Columns:\n    prompt: str = ''\n\n"
+        "class DataConfig:\n    columns: Columns = field(default_factory=Columns)  # [data.columns]\n\n"
+        "class Config:\n    data: DataConfig = DataConfig()  # [data]\n"
+    )
+    with pytest.raises(ValueError, match="without a comment: data.columns.prompt"):
         generator.config_fields()
 
 
@@ -234,6 +357,13 @@ def test_the_environment_page_lists_every_variable_lmforge_reads() -> None:
     assert names, "no LMFORGE_ variable found in src/"
     missing = sorted(n for n in names if f"`{n}`" not in page)
     assert not missing, f"docs/reference/environment.md lacks {missing}"
+
+
+def test_the_faq_names_every_extra_of_the_package() -> None:
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    answer = (DOCS / "faq.md").read_text().split("## Which extras do I need?")[1].split("\n## ")[0]
+    missing = sorted(e for e in extras if e != "dev" and f"`{e}`" not in answer)
+    assert not missing, f"docs/faq.md's extras answer lacks {missing}"
 
 
 @pytest.mark.slow

@@ -93,6 +93,28 @@ class Chat:
         self.conversation = trial
         return encoded.ids
 
+    def set_system(self, text: str) -> None:
+        """Make `text` the system message ("" removes it). One the tokenizer cannot represent, or that
+        leaves no room for a message and a reply, is refused (the one before stays): it would make
+        every message after it fail."""
+        if text:
+            # an empty user message: what the system message leaves of the context for the real ones
+            messages = [{"role": "system", "content": text}, {"role": "user", "content": ""}]
+            segments = self.session.template.segments(messages, add_generation_prompt=True)
+            (encoded,) = encode_segments(self.session.tokenizer, [segments])
+            if not encoded.exact:
+                raise LmforgeError(
+                    "the system message has characters that this model's tokenizer cannot represent"
+                )
+            room = self.session.model.config.block_size - self.options.max_new_tokens
+            if len(encoded.ids) >= room:
+                raise LmforgeError(
+                    f"the system message is too long: {len(encoded.ids)} tokens of prompt + "
+                    f"{self.options.max_new_tokens} for the reply leave no room for a message in the context "
+                    f"({self.session.model.config.block_size} tokens)"
+                )
+        self.conversation.system = text
+
     def reply_to(self, text: str) -> None:
         """Add the user's message, stream the reply and keep it in the conversation."""
         self.conversation.turns.append({"role": "user", "content": text})
@@ -123,7 +145,7 @@ class Chat:
             self.conversation.turns.clear()
             self.say("[conversation cleared]\n")
         elif name == "/system":
-            self.conversation.system = argument
+            self.set_system(argument)
             self.say(f"[system message {'set' if argument else 'removed'}]\n")
         elif name == "/temperature":
             self.options = dataclasses.replace(self.options, temperature=_temperature(argument))
@@ -168,7 +190,8 @@ def start_chat(source: ModelSource, *, system: str, options: SamplingOptions, se
     max_new = options.max_new_tokens or min(256, block_size // 2)
     sampling = dataclasses.replace(options, max_new_tokens=max_new)
     generator = torch.Generator(device=session.device).manual_seed(seed)
-    chat = Chat(session, sampling, generator, conversation=Conversation(system=system))
+    chat = Chat(session, sampling, generator)
+    chat.set_system(system)
     which_template = (
         "lmforge's default chat template" if session.template.is_default else "the checkpoint's chat template"
     )
