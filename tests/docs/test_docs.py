@@ -320,26 +320,29 @@ def test_the_config_reference_spells_out_the_choices_of_a_type_alias() -> None:
     )
 
 
-def test_a_config_field_without_a_comment_fails_the_reference(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("source", "uncommented"),
+    [
+        (
+            "class TrainConfig:\n    steps: int = 1  # how many\n    seed: int = 0\n\n"
+            "class Config:\n    train: TrainConfig = TrainConfig()  # [train]\n",
+            "train.seed",
+        ),
+        (  # a nested table's keys too
+            "class Columns:\n    prompt: str = ''\n\n"
+            "class DataConfig:\n    columns: Columns = field(default_factory=Columns)  # [data.columns]\n\n"
+            "class Config:\n    data: DataConfig = DataConfig()  # [data]\n",
+            "data.columns.prompt",
+        ),
+    ],
+)
+def test_a_config_field_without_a_comment_fails_the_reference(
+    tmp_path: Path, source: str, uncommented: str
+) -> None:
     generator = load_generator()
     generator.CONFIG_PY = tmp_path / "config.py"
-    generator.CONFIG_PY.write_text(
-        "class TrainConfig:\n    steps: int = 1  # how many\n    seed: int = 0\n\n"
-        "class Config:\n    train: TrainConfig = TrainConfig()  # [train]\n"
-    )
-    with pytest.raises(ValueError, match="without a comment: train.seed"):
-        generator.config_fields()
-
-
-def test_a_nested_table_field_without_a_comment_fails_the_reference(tmp_path: Path) -> None:
-    generator = load_generator()
-    generator.CONFIG_PY = tmp_path / "config.py"
-    generator.CONFIG_PY.write_text(
-        "class Columns:\n    prompt: str = ''\n\n"
-        "class DataConfig:\n    columns: Columns = field(default_factory=Columns)  # [data.columns]\n\n"
-        "class Config:\n    data: DataConfig = DataConfig()  # [data]\n"
-    )
-    with pytest.raises(ValueError, match="without a comment: data.columns.prompt"):
+    generator.CONFIG_PY.write_text(source)
+    with pytest.raises(ValueError, match=f"without a comment: {uncommented}"):
         generator.config_fields()
 
 

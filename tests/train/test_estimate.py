@@ -317,6 +317,19 @@ def test_init_from_gives_the_checkpoints_architecture(cli, char_data: Path, tmp_
     assert "architecture of train.init_from" in json.loads(out)["notes"][0]
 
 
+def cpu_stepper(model: GPT, config: Config, settings: StepSettings, objective=None) -> Stepper:
+    """The training loop's step on the CPU, in train.dtype, with config's optimizers."""
+    return Stepper(
+        model,
+        build_optimizers(model, config.optim),
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        amp=autocast(torch.device("cpu"), config.train.dtype),
+        device=torch.device("cpu"),
+        settings=settings,
+        objective=objective,
+    )
+
+
 def measured_peak(config: Config, *, checkpointing: bool) -> int:
     """Peak tensor bytes of a steady full-training step on CPU (as benchmarks/estimate_memory.py)."""
     m, t = config.model, config.train
@@ -325,14 +338,7 @@ def measured_peak(config: Config, *, checkpointing: bool) -> int:
     if checkpointing:
         apply_activation_checkpointing(model)
     tokens = np.random.default_rng(0).integers(0, m.vocab_size, size=4 * m.block_size * t.batch_size)
-    stepper = Stepper(
-        model,
-        build_optimizers(model, config.optim),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        amp=autocast(torch.device("cpu"), t.dtype),
-        device=torch.device("cpu"),
-        settings=StepSettings(grad_accum_steps=1, grad_clip=config.optim.grad_clip),
-    )
+    stepper = cpu_stepper(model, config, StepSettings(grad_accum_steps=1, grad_clip=config.optim.grad_clip))
     batches = RandomWindows(tokens.astype(np.uint32), m.block_size, t.batch_size, seed=0)
     model.train()
     stepper.gradients(batches)  # a first step creates AdamW's moments
@@ -374,14 +380,8 @@ def measured_preference_peak(config: Config) -> int:
             yield x, y
 
     objective = PreferenceLoss(config.preference, reference and frozen_reference(reference))
-    stepper = Stepper(
-        model,
-        build_optimizers(model, config.optim),
-        scaler=torch.amp.GradScaler("cpu", enabled=False),
-        amp=autocast(torch.device("cpu"), t.dtype),
-        device=torch.device("cpu"),
-        settings=StepSettings(only_targets=True, loss_per_row=True),
-        objective=objective,
+    stepper = cpu_stepper(
+        model, config, StepSettings(only_targets=True, loss_per_row=True), objective=objective
     )
     stepper.gradients(batches())  # a first step creates AdamW's moments
     stepper.update()
