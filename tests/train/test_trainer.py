@@ -466,6 +466,24 @@ def test_stop_at_val_loss_ends_the_run_early(config_file: Path, tmp_path: Path) 
     )
 
 
+def test_resume_of_a_run_that_reached_its_target_val_loss_has_nothing_to_do(
+    cli, config_file: Path, tmp_path: Path
+) -> None:
+    """A run that stopped at train.stop_at_val_loss is finished (`lmforge runs` says so): resumed
+    with that target it trains nothing and writes nothing; with a lower one it trains on."""
+    run = tmp_path / "run"
+    sets = [*TINY, "train.max_steps=200", "train.stop_at_val_loss=3.0", "log.progress=false"]
+    code, _, err = cli("train", config_file, "--out", run, *[a for s in sets for a in ("--set", s)])
+    assert code == 0, err
+    steps = ckpt.list_checkpoints(run)[-1].step
+    before = snapshot(run)
+    code, out, err = cli("train", "--out", run, "--resume")
+    assert code == 0 and snapshot(run) == before, err
+    assert f"<= train.stop_at_val_loss (3) at step {steps}: lower or unset it to train on" in out
+    code, _, err = cli("train", "--out", run, "--resume", "--set", "train.stop_at_val_loss=0.1")
+    assert code == 0 and ckpt.list_checkpoints(run)[-1].step > steps, err
+
+
 def test_speedrun_recipe_loads_and_trains(char_data: Path, tmp_path: Path) -> None:
     configs = RECIPES_DIR
     config = load_config(

@@ -201,16 +201,22 @@ def build_run(
     if progress.flops_done == 0 and progress.tokens_seen > 0:  # a checkpoint from before FLOPs were counted
         progress.flops_done = progress.tokens_seen * module.flops_per_token()
     resumed_at = None if resume_from is None else progress.step
-    if dist.is_main and not finished(config, resumed_at):  # a finished run's folder stays as it is
+    # a finished run's folder stays as it is
+    if dist.is_main and not finished(config, resumed_at, progress.best_val_loss):
         prepare_run_dir(run_dir, config, data.tokenizer_file, resumed_at=resumed_at)
     dist.barrier()
     parts = dict(dist=dist, device=device, data=data, amp=amp, state=state, checkpointer=checkpointer)
     return Run.assemble(config, run_dir, objective=objective, **parts)
 
 
-def finished(config: Config, resumed_at: int | None) -> bool:
-    """Whether a resumed run has already done train.max_steps (the total, not steps to add) or more."""
-    return resumed_at is not None and resumed_at >= config.train.max_steps
+def finished(config: Config, resumed_at: int | None, best_val_loss: float | None = None) -> bool:
+    """Whether a resumed run has already done train.max_steps (the total, not steps to add) or more,
+    or reached train.stop_at_val_loss (its best val loss at or below it: it stopped there)."""
+    if resumed_at is None:
+        return False
+    target = config.train.stop_at_val_loss
+    reached = target is not None and best_val_loss is not None and best_val_loss <= target
+    return resumed_at >= config.train.max_steps or reached
 
 
 def optimizer_builder(config: Config, resume_from: Path | None) -> Callable[[nn.Module], list[Optimizer]]:

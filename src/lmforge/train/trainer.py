@@ -120,7 +120,8 @@ def train(
 def train_loop(run: Run) -> TrainSummary:
     """Step, log, evaluate, checkpoint; stop at max_steps, at a target val loss, or on a signal."""
     t, progress, checkpointer = run.config.train, run.progress, run.checkpointer
-    if finished(run.config, progress.step):  # resumed at or past its end: its folder is left as it was
+    # resumed at its end (train.max_steps, or train.stop_at_val_loss reached): its folder stays as it was
+    if finished(run.config, progress.step, progress.best_val_loss):
         return summarize_finished(run)
     guard = NonFiniteGuard(t.on_nan, run.state.scaler.is_enabled())
     last_eval = None
@@ -157,13 +158,19 @@ def train_loop(run: Run) -> TrainSummary:
 def summarize_finished(run: Run) -> TrainSummary:
     """A resume with nothing to train: say so, and sum up the checkpoint it resumed from (evaluated
     again, since the log's last eval may be of another step); writes nothing."""
-    if run.dist.is_main:
-        logger.info(
-            f"nothing to do: the run has done {run.progress.step} steps "
-            f"(train.max_steps = {run.config.train.max_steps}); train.max_steps counts every step "
-            f"of the run: raise it to train on",
-            extra=ON_STDOUT,
+    t, progress = run.config.train, run.progress
+    if progress.step >= t.max_steps:
+        why = (
+            f"the run has done {progress.step} steps (train.max_steps = {t.max_steps}); "
+            "train.max_steps counts every step of the run: raise it to train on"
         )
+    else:
+        why = (
+            f"the run reached val loss {progress.best_val_loss:.4f} <= train.stop_at_val_loss "
+            f"({t.stop_at_val_loss:g}) at step {progress.step}: lower or unset it to train on"
+        )
+    if run.dist.is_main:
+        logger.info(f"nothing to do: {why}", extra=ON_STDOUT)
     return summarize(run, run.evaluate(), run.checkpointer.latest)
 
 
