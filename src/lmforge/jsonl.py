@@ -47,6 +47,20 @@ def loads(text: str) -> Any:
         raise JsonLimitError("JSON number has too many digits") from None
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object file (a Hugging Face folder's config, a checkpoint's generation_config.json);
+    {} when there is none; a one-line error naming the file for anything but a JSON object."""
+    if not path.is_file():
+        return {}
+    try:
+        content = loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise LmforgeError(f"{path}: expected a JSON object")
+    return content
+
+
 def read_lines(path: Path, max_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(line number from 1, raw line) of a file, read one bounded line at a time.
 

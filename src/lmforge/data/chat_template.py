@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 
 from lmforge.data.tokenizer import EOT, tokenizable
 from lmforge.errors import LmforgeError
-from lmforge.jsonl import loads
+from lmforge.jsonl import read_json_object
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.52 saves a single template
@@ -118,7 +118,7 @@ class ChatTemplate:
     def find(cls, folder: Path) -> ChatTemplate | None:
         """The template of a checkpoint or Hugging Face folder: `chat_template.jinja`, else the
         `chat_template` of `tokenizer_config.json` (a string, or a list of named ones: `default`)."""
-        config = _read_json(folder / TOKENIZER_CONFIG)
+        config = read_json_object(folder / TOKENIZER_CONFIG)
         specials = _special_tokens(config)
         if (folder / CHAT_TEMPLATE_FILE).is_file():
             try:
@@ -266,7 +266,7 @@ def _drop_prefix(component: dict | None) -> bool:
 
 def special_tokens_of(folder: Path) -> dict[str, str]:
     """The bos_token and eos_token texts of `folder`'s tokenizer_config.json, those it names."""
-    return _special_tokens(_read_json(folder / TOKENIZER_CONFIG))
+    return _special_tokens(read_json_object(folder / TOKENIZER_CONFIG))
 
 
 def _special_tokens(config: dict) -> dict[str, str]:
@@ -287,15 +287,3 @@ def _token_text(token: object) -> str | None:
     if isinstance(token, dict):
         token = token.get("content")
     return token if isinstance(token, str) else None
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        content = loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(content, dict):
-        raise LmforgeError(f"{path}: expected a JSON object")
-    return content

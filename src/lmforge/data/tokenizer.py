@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lmforge.config import MAX_VOCAB_SIZE
 from lmforge.errors import LmforgeError
+from lmforge.jsonl import read_json_object
 
 EOT = "<|endoftext|>"
 # A checkpoint's own end-of-text ids, as Hugging Face's generation_config.json spells them (`eos_token_id`,
@@ -135,15 +136,7 @@ def end_ids(tokenizer: Tokenizer, recorded: Sequence[int] = ()) -> tuple[int, ..
 def read_end_ids(folder: Path) -> tuple[int, ...]:
     """The end ids recorded in `folder`'s generation_config.json; () when it has none (a native run)."""
     path = folder / GENERATION_CONFIG
-    if not path.is_file():
-        return ()
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(content, dict):
-        raise LmforgeError(f"{path}: expected a JSON object")
-    return parse_end_ids(content.get("eos_token_id"), path)
+    return parse_end_ids(read_json_object(path).get("eos_token_id"), path)
 
 
 def parse_end_ids(named: object, origin: Path) -> tuple[int, ...]:

@@ -40,7 +40,7 @@ from lmforge.interop.keys import present as _present
 from lmforge.interop.keys import read_bool as _bool
 from lmforge.interop.keys import read_float as _float
 from lmforge.interop.keys import read_int as _int
-from lmforge.jsonl import loads
+from lmforge.jsonl import loads, read_json_object
 from lmforge.model.gpt import mlp_hidden_size
 from lmforge.staging import check_out, staged_folder
 
@@ -332,7 +332,7 @@ def read_hf_config(folder: Path) -> dict:
     """config.json of an HF folder as a JSON object, with one-line errors for anything else."""
     if not (folder / "config.json").exists():
         raise LmforgeError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    return _json_object(folder_file(folder, "config.json", str(folder)))
+    return read_json_object(folder_file(folder, "config.json", str(folder)))
 
 
 def read_hf_tokenizer(folder: Path) -> Tokenizer:
@@ -352,7 +352,7 @@ def hf_end_ids(folder: Path, config: dict, vocab_size: int) -> tuple[int, ...]:
     from lmforge.data.tokenizer import load_tokenizer
 
     generation = folder / GENERATION_CONFIG
-    for origin, content in [(generation, _json_object(generation)), (folder / "config.json", config)]:
+    for origin, content in [(generation, read_json_object(generation)), (folder / "config.json", config)]:
         ids = parse_end_ids(content.get("eos_token_id"), origin)
         if not ids:
             continue
@@ -362,19 +362,6 @@ def hf_end_ids(folder: Path, config: dict, vocab_size: int) -> tuple[int, ...]:
     text = special_tokens_of(folder).get("eos_token")
     found = load_tokenizer(folder / "tokenizer.json").token_to_id(text) if text is not None else None
     return (found,) if found is not None and found < vocab_size else ()
-
-
-def _json_object(path: Path) -> dict:
-    """A JSON object file of an HF folder; {} when there is none."""
-    if not path.is_file():
-        return {}
-    try:
-        content = loads(path.read_text())
-    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise LmforgeError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(content, dict):
-        raise LmforgeError(f"{path}: expected a JSON object")
-    return content
 
 
 def folder_file(folder: Path, name: str, origin: str) -> Path:
